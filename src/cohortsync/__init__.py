@@ -1,0 +1,3 @@
+"""
+cohortsync: keep user cohorts in sync with third-party destinations.
+"""

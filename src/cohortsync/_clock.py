@@ -1,0 +1,71 @@
+"""
+Where time comes from: the :class:`Clock` protocol and the system clock.
+
+Core code never reads the wall clock itself; it asks the clock it was given,
+which is what makes schedules testable with a fake clock.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Clock", "SystemClock", "require_aware"]
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """
+    A source of the current time.
+    """
+
+    def now(self) -> datetime:
+        """
+        Return the current instant as an aware UTC datetime.
+        """
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """
+        Block for *seconds* (a fake clock advances instead of blocking).
+        """
+        ...
+
+
+class SystemClock:
+    """
+    The real clock: UTC wall time and :func:`time.sleep`.
+    """
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+    def __repr__(self) -> str:
+        return "SystemClock()"
+
+
+def require_aware(value: datetime, name: str = "datetime") -> datetime:
+    """
+    Return *value* converted to UTC, or raise :class:`TypeError` if it is naive.
+
+    Naive datetimes are rejected everywhere in the public API because a naive
+    value means different instants on different hosts.
+    """
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name} must be a datetime, got {type(value).__name__}")
+    offset = value.utcoffset()
+    if offset is None:
+        raise TypeError(
+            f"{name} must be timezone-aware (got naive {value.isoformat()}); "
+            "use datetime(..., tzinfo=timezone.utc)"
+        )
+    if value.tzinfo is timezone.utc:
+        return value
+    return value.astimezone(timezone.utc)
+
+

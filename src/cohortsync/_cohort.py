@@ -1,0 +1,158 @@
+"""
+Cohorts and the membership sources that say who is in them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+from cohortsync import _validators as v
+from cohortsync.exceptions import ConfigurationError
+
+__all__ = [
+    "CallableSource",
+    "ChangeFeed",
+    "Changes",
+    "Cohort",
+    "CohortType",
+    "MembershipSource",
+    "StaticSource",
+]
+
+
+class CohortType(enum.Enum):
+    """
+    How a cohort is defined. Some types cannot sync in real time (see
+    :func:`cohortsync.check_eligibility`).
+    """
+
+    BEHAVIORAL = "behavioral"
+    STATIC = "static"
+    PREDICTIVE = "predictive"
+    COMPUTED = "computed"
+    FUNNEL = "funnel"
+    RETENTION = "retention"
+    STICKINESS = "stickiness"
+    NTH_TIME_EVENT = "nth_time_event"
+    EVENT_WITHIN = "event_within"
+    DISTINCT_INTERVAL = "distinct_interval"
+
+
+@runtime_checkable
+class MembershipSource(Protocol):
+    """
+    What the host implements to say who is in a cohort right now.
+
+    ``members()`` returns a full snapshot of member keys (non-empty strings).
+    It may be huge: it is iterated once per run and never materialised as a
+    list by cohortsync. A source that knows it yields keys in ascending order
+    sets ``sorted_keys = True``, which lets the engine diff in bounded memory.
+    """
+
+    def members(self) -> Iterable[str]: ...
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """
+    Optional incremental feed a :class:`MembershipSource` may also implement.
+
+    Real-time syncs use it, when present, to deliver in O(changes) per minute
+    instead of diffing the full snapshot.
+    """
+
+    def cursor(self) -> str:
+        """
+        Return an opaque position meaning "now": changes after it are not yet seen.
+        """
+        ...
+
+    def changes_since(self, cursor: str) -> Changes:
+        """
+        Return who entered and left after *cursor*, and the new cursor.
+        """
+        ...
+
+
+@attrs.frozen
+class Changes:
+    """
+    What a :class:`ChangeFeed` reports: members who entered and left since a cursor.
+    """
+
+    added: tuple[str, ...] = attrs.field(converter=tuple)
+    removed: tuple[str, ...] = attrs.field(converter=tuple)
+    cursor: str = attrs.field(validator=attrs.validators.instance_of(str))
+
+
+@attrs.frozen
+class CallableSource:
+    """
+    Adapts a zero-argument callable returning member keys to :class:`MembershipSource`.
+    """
+
+    func: Callable[[], Iterable[str]]
+    sorted_keys: bool = False
+
+    def members(self) -> Iterable[str]:
+        return self.func()
+
+
+@attrs.frozen
+class StaticSource:
+    """
+    A fixed set of member keys, for static (uploaded) cohorts, examples and tests.
+    """
+
+    keys: frozenset[str] = attrs.field(converter=frozenset)
+    sorted_keys: bool = True
+
+    def members(self) -> Iterable[str]:
+        return sorted(self.keys)
+
+
+def _to_source(value: object) -> MembershipSource | None:
+    if value is None or isinstance(value, MembershipSource):
+        return value
+    if callable(value):
+        return CallableSource(value)
+    raise ConfigurationError(
+        "source", value, "must be a MembershipSource or a callable returning member keys"
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Cohort:
+    """
+    A named set of users whose membership cohortsync keeps in sync.
+
+    Args:
+        id: Stable identifier, used to register and look the cohort up.
+        name: Human-readable name (sent to destinations that show it).
+        type: How the cohort is defined (a :class:`CohortType` or its value).
+        size: Known size, if the host knows it cheaply; eligibility uses it
+            (real-time needs <= 1,000,000 members). ``None`` means unknown.
+        source: Who is in the cohort now: a :class:`MembershipSource` or a
+            callable returning member keys. Not serialised: a cohort read back
+            from JSON has no source until the host registers one.
+    """
+
+    id: str = attrs.field(validator=v.identifier)
+    name: str = attrs.field(validator=attrs.validators.instance_of(str))
+    type: CohortType = attrs.field(
+        default=CohortType.BEHAVIORAL, converter=v.to_enum(CohortType, "type")
+    )
+    size: int | None = attrs.field(default=None, validator=v.optional_count(0))
+    source: MembershipSource | None = attrs.field(
+        default=None, converter=_to_source, eq=False, repr=False
+    )
+
+    def with_size(self, size: int | None) -> Cohort:
+        """
+        Return a copy with a new known *size*.
+        """
+        return attrs.evolve(self, size=size)

@@ -1,0 +1,94 @@
+"""
+cohortsync's own cattrs converter: every public value to plain JSON-ready data
+and back. The global converter is never touched, so a host's cattrs
+configuration and ours cannot interfere.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from functools import cache
+from typing import Any, TypeVar
+
+import cattrs
+from cattrs.gen import make_dict_unstructure_fn, override
+
+from cohortsync._clock import require_aware
+from cohortsync._cohort import Cohort
+from cohortsync._destination import IdentifierKind
+from cohortsync.exceptions import ConfigurationError
+
+__all__ = ["dumps", "loads", "make_converter"]
+
+T = TypeVar("T")
+
+
+def _structure_datetime(value: Any, _type: Any) -> datetime:
+    if isinstance(value, datetime):
+        return require_aware(value)
+    if not isinstance(value, str):
+        raise ConfigurationError("datetime", value, "must be an ISO-8601 string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigurationError("datetime", value, "is not ISO-8601") from None
+    return require_aware(parsed)
+
+
+def _structure_timedelta(value: Any, _type: Any) -> timedelta:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError("timedelta", value, "must be a number of seconds")
+    return timedelta(seconds=value)
+
+
+def make_converter() -> cattrs.Converter:
+    """
+    Build a converter that turns cohortsync values into JSON-compatible data
+    (datetimes as ISO-8601 UTC strings, timedeltas as seconds, enums as their
+    values, frozensets as sorted lists) and back, validating on the way in.
+    """
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_unstructure_hook(datetime, lambda d: require_aware(d).isoformat())
+    conv.register_structure_hook(datetime, _structure_datetime)
+    conv.register_unstructure_hook(timedelta, lambda d: d.total_seconds())
+    conv.register_structure_hook(timedelta, _structure_timedelta)
+    conv.register_unstructure_hook_func(
+        lambda t: t == frozenset[IdentifierKind], lambda s: sorted(k.value for k in s)
+    )
+    # A cohort's membership source is host code, not data: it is never serialised.
+    conv.register_unstructure_hook(
+        Cohort, make_dict_unstructure_fn(Cohort, conv, source=override(omit=True))
+    )
+    return conv
+
+
+@cache
+def _converter() -> cattrs.Converter:
+    return make_converter()
+
+
+def unstructure(value: object) -> Any:
+    return _converter().unstructure(value)
+
+
+def structure(data: Any, cls: type[T]) -> T:
+    """
+    Rebuild a *cls* from plain data; invalid data raises ``ConfigurationError``
+    (or a cattrs ``ClassValidationError`` grouping several).
+    """
+    return _converter().structure(data, cls)
+
+
+def dumps(value: object) -> str:
+    """
+    Serialise a cohortsync value to a JSON string.
+    """
+    return json.dumps(unstructure(value), sort_keys=True, separators=(",", ":"))
+
+
+def loads(text: str | bytes, cls: type[T]) -> T:
+    """
+    Parse a JSON string produced by :func:`dumps` back into a *cls*.
+    """
+    return structure(json.loads(text), cls)

@@ -1,0 +1,288 @@
+"""
+The destination side: what a destination can do (:class:`Capabilities`), what
+it is sent (:class:`Batch`), what it answers (:class:`DeliveryResult`), and the
+:class:`Destination` base class hosts subclass.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import ClassVar
+
+import attrs
+
+from cohortsync import _validators as v
+from cohortsync.exceptions import ConfigurationError
+
+__all__ = [
+    "Batch",
+    "Capabilities",
+    "DeliveryResult",
+    "Destination",
+    "Identifier",
+    "IdentifierKind",
+    "Member",
+    "Operation",
+    "RateLimit",
+    "Rejection",
+    "RunContext",
+]
+
+
+class IdentifierKind(enum.Enum):
+    """
+    The kinds of user identifier a destination may accept.
+    """
+
+    USER_ID = "user_id"
+    DEVICE_ID = "device_id"
+    ADVERTISING_ID = "advertising_id"
+    EMAIL = "email"
+    EMAIL_SHA256 = "email_sha256"
+    PHONE = "phone"
+    PHONE_SHA256 = "phone_sha256"
+
+
+def _kinds(value: Iterable[object] | None) -> frozenset[IdentifierKind] | None:
+    if value is None:
+        return None
+    return frozenset(v.to_enum(IdentifierKind, "accepted_identifiers")(k) for k in value)
+
+
+@attrs.frozen
+class RateLimit:
+    """
+    At most *requests* calls per *per_seconds*, shared by every sync to the same
+    destination in one process.
+    """
+
+    requests: int = attrs.field(validator=v.count(1))
+    per_seconds: float = attrs.field(validator=v.number(0.0, inclusive=False))
+
+    @property
+    def interval(self) -> float:
+        """
+        Seconds between two requests at the sustained rate.
+        """
+        return self.per_seconds / self.requests
+
+
+@attrs.frozen(kw_only=True)
+class Capabilities:
+    """
+    What a destination can do; eligibility and delivery read it.
+
+    Args:
+        name: Display name (catalog presets set it, e.g. ``"Facebook Ads"``).
+        supports_realtime: Whether real-time (every minute) syncs may target it.
+        supports_removals: Whether members can be removed. If not, members
+            who leave the cohort are not sent anywhere.
+        full_sync_only: The destination takes the whole membership every run
+            (files, some DSPs) instead of adds and removes.
+        max_batch_size: Most members per request.
+        max_parallel: Most requests in flight at once for one run.
+        rate_limit: Request rate the destination allows, or ``None``.
+        min_audience_size: Audiences smaller than this are not served by the
+            destination; a warning, not a blocker.
+        accepted_identifiers: Identifier kinds it accepts; ``None`` means any.
+        membership_ttl: Memberships expire at the destination after this long;
+            cohortsync re-sends the full audience before that.
+    """
+
+    name: str = attrs.field(default="custom", validator=attrs.validators.instance_of(str))
+    supports_realtime: bool = attrs.field(
+        default=True, validator=attrs.validators.instance_of(bool)
+    )
+    supports_removals: bool = attrs.field(
+        default=True, validator=attrs.validators.instance_of(bool)
+    )
+    full_sync_only: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    max_batch_size: int = attrs.field(default=1_000, validator=v.count(1))
+    max_parallel: int = attrs.field(default=1, validator=v.count(1))
+    rate_limit: RateLimit | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(RateLimit))
+    )
+    min_audience_size: int | None = attrs.field(default=None, validator=v.optional_count(0))
+    accepted_identifiers: frozenset[IdentifierKind] | None = attrs.field(
+        default=None, converter=_kinds
+    )
+    membership_ttl: timedelta | None = attrs.field(default=None, validator=v.positive_timedelta)
+
+    def accepts(self, kind: IdentifierKind) -> bool:
+        return self.accepted_identifiers is None or kind in self.accepted_identifiers
+
+    def evolve(self, **changes: object) -> Capabilities:
+        """
+        Return a copy with *changes*, so an adapter can start from a catalog preset.
+        """
+        return attrs.evolve(self, **changes)  # type: ignore[misc]
+
+
+@attrs.frozen
+class Identifier:
+    """
+    One identifier of a user as a destination knows it.
+    """
+
+    kind: IdentifierKind = attrs.field(converter=v.to_enum(IdentifierKind, "kind"))
+    value: str = attrs.field(repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.value, str) or not self.value:
+            raise ConfigurationError("value", self.value, "must be a non-empty str")
+
+
+@attrs.frozen
+class Member:
+    """
+    A cohort member as sent: its member key and the identifier mapped for the destination.
+    """
+
+    key: str
+    identifier: Identifier
+
+
+class Operation(enum.Enum):
+    """
+    What a batch asks the destination to do.
+
+    ``EXISTING`` is only sent to full-sync-only destinations: members that were
+    already in the audience and still are (S3's "existing" file).
+    """
+
+    ADD = "add"
+    REMOVE = "remove"
+    EXISTING = "existing"
+
+
+@attrs.frozen(kw_only=True)
+class RunContext:
+    """
+    What a destination learns about the run its batches belong to, in
+    :meth:`Destination.open` and :meth:`Destination.close`.
+    """
+
+    run_id: str
+    sync_id: str
+    generation: int
+    cohort_id: str
+    cohort_name: str
+    computed_at: datetime
+    full_sync: bool
+
+
+@attrs.frozen(kw_only=True)
+class Batch:
+    """
+    Members sent to a destination in one request.
+
+    The ``idempotency_key`` is a stable hash of sync, generation, operation and
+    content: a batch re-sent after a crash carries the same key, so a destination
+    that de-duplicates on it applies it once.
+    """
+
+    context: RunContext
+    operation: Operation
+    members: tuple[Member, ...]
+    sequence: int
+    idempotency_key: str
+
+    @property
+    def identifiers(self) -> list[str]:
+        """
+        The identifier values, in batch order: usually all a destination API needs.
+        """
+        return [m.identifier.value for m in self.members]
+
+    @property
+    def keys(self) -> list[str]:
+        return [m.key for m in self.members]
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __repr__(self) -> str:
+        # Never list member keys or identifiers: they are personal data.
+        return (
+            f"Batch(sync_id={self.context.sync_id!r}, operation={self.operation.value!r}, "
+            f"sequence={self.sequence}, size={len(self.members)}, "
+            f"idempotency_key={self.idempotency_key[:12]!r})"
+        )
+
+
+@attrs.frozen
+class Rejection:
+    """
+    One member the destination refused, and why.
+
+    Args:
+        identifier: The identifier value as sent in the batch.
+        reason: The destination's reason, recorded in the ledger.
+    """
+
+    identifier: str = attrs.field(repr=False)
+    reason: str
+
+
+@attrs.frozen
+class DeliveryResult:
+    """
+    A destination's answer to one batch: everything was accepted except ``rejected``.
+    """
+
+    rejected: tuple[Rejection, ...] = attrs.field(default=(), converter=tuple)
+
+    @classmethod
+    def ok(cls) -> DeliveryResult:
+        return _OK
+
+    @classmethod
+    def partial(cls, rejected: Iterable[Rejection]) -> DeliveryResult:
+        return cls(tuple(rejected))
+
+
+_OK = DeliveryResult()
+
+
+class Destination(ABC):
+    """
+    Base class for destination adapters: the only code a host writes per destination.
+
+    Implement :meth:`add` and :meth:`remove`; declare what the destination can do
+    in ``capabilities`` (start from a catalog preset with
+    ``cohortsync.catalog.FACEBOOK_ADS.evolve(...)``). Signal failures with the
+    errors in :mod:`cohortsync.exceptions` (``TransientError``,
+    ``RateLimitedError``, ``PermanentError``, ``BadDataError``,
+    ``AuthenticationError``); report refused members in the result.
+    """
+
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    @abstractmethod
+    def add(self, batch: Batch) -> DeliveryResult:
+        """
+        Add the batch's members to the remote audience (or, for ``Operation.EXISTING``
+        on full-sync-only destinations, confirm they are still in it).
+        """
+
+    @abstractmethod
+    def remove(self, batch: Batch) -> DeliveryResult:
+        """
+        Remove the batch's members from the remote audience.
+        """
+
+    def open(self, context: RunContext) -> None:  # noqa: B027 - optional hook
+        """
+        Called before a run sends its first batch: create the remote audience if needed.
+        """
+
+    def close(self, context: RunContext, *, succeeded: bool) -> None:  # noqa: B027
+        """
+        Called after a run's last batch (also when the run failed).
+        """
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.capabilities.name!r}>"

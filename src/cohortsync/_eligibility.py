@@ -1,0 +1,322 @@
+"""
+Whether a cohort may sync to a destination under a policy.
+
+Every rule runs every time and every reason is returned at once, each with a
+stable machine-readable ``code``, a message for people and the numbers
+involved: a UI can show all problems in one go and a program can branch on
+codes without parsing text.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+
+import attrs
+
+from cohortsync._cohort import Cohort, CohortType
+from cohortsync._destination import Capabilities, Destination, IdentifierKind
+from cohortsync._policy import Cadence, SyncPolicy
+from cohortsync._validators import to_enum
+
+to_kind = to_enum(IdentifierKind, "identifier_kinds")
+
+__all__ = [
+    "DEFAULT_RULES",
+    "REALTIME_MAX_MEMBERS",
+    "REALTIME_UNSUPPORTED_TYPES",
+    "Eligibility",
+    "EligibilityInput",
+    "Reason",
+    "ReasonCode",
+    "Rule",
+    "Ruleset",
+    "Severity",
+    "available_destinations",
+    "check_eligibility",
+]
+
+REALTIME_MAX_MEMBERS = 1_000_000
+"""Real-time syncs diff the full snapshot every minute: beyond this they cannot keep up."""
+
+REALTIME_UNSUPPORTED_TYPES = frozenset(
+    {
+        CohortType.FUNNEL,
+        CohortType.RETENTION,
+        CohortType.STICKINESS,
+        CohortType.NTH_TIME_EVENT,
+        CohortType.EVENT_WITHIN,
+        CohortType.DISTINCT_INTERVAL,
+    }
+)
+"""Cohort types whose membership cannot be recomputed every minute."""
+
+
+class Severity(enum.Enum):
+    BLOCKING = "blocking"
+    WARNING = "warning"
+
+
+class ReasonCode:
+    """
+    The stable codes of the default rules.
+    """
+
+    REALTIME_SIZE_LIMIT = "realtime_size_limit"
+    REALTIME_COHORT_TYPE = "realtime_cohort_type"
+    REALTIME_DESTINATION = "realtime_destination"
+    BELOW_MIN_AUDIENCE = "below_min_audience"
+    IDENTIFIER_INCOMPATIBLE = "identifier_incompatible"
+
+
+def _freeze(value: Mapping[str, object]) -> Mapping[str, object]:
+    return MappingProxyType(dict(value))
+
+
+@attrs.frozen
+class Reason:
+    """
+    One finding of an eligibility check.
+
+    Args:
+        code: Stable machine-readable code (see :class:`ReasonCode`).
+        message: Explanation for people.
+        severity: Blocking reasons prevent the sync; warnings are recorded.
+        details: The numbers and names involved (e.g. ``size`` and ``limit``).
+    """
+
+    code: str
+    message: str
+    severity: Severity = Severity.BLOCKING
+    details: Mapping[str, object] = attrs.field(factory=dict, converter=_freeze)
+
+    @property
+    def blocking(self) -> bool:
+        return self.severity is Severity.BLOCKING
+
+
+@attrs.frozen
+class Eligibility:
+    """
+    All reasons found by :func:`check_eligibility`.
+    """
+
+    reasons: tuple[Reason, ...] = attrs.field(converter=tuple)
+
+    @property
+    def eligible(self) -> bool:
+        """
+        No blocking reason was found (warnings may remain).
+        """
+        return not any(r.blocking for r in self.reasons)
+
+    @property
+    def blocking(self) -> tuple[Reason, ...]:
+        return tuple(r for r in self.reasons if r.blocking)
+
+    @property
+    def warnings(self) -> tuple[Reason, ...]:
+        return tuple(r for r in self.reasons if not r.blocking)
+
+    @property
+    def codes(self) -> frozenset[str]:
+        return frozenset(r.code for r in self.reasons)
+
+
+@attrs.frozen(kw_only=True)
+class EligibilityInput:
+    """
+    What a rule sees.
+
+    Args:
+        cohort: The cohort (``size`` may be ``None`` when unknown).
+        capabilities: The destination's capabilities.
+        policy: The sync's policy.
+        cadence: The cadence being checked (the policy's, unless a fallback
+            is being considered).
+        identifier_kinds: Kinds the sync's identifier mapping can produce, or
+            ``None`` to skip the compatibility check.
+    """
+
+    cohort: Cohort
+    capabilities: Capabilities
+    policy: SyncPolicy
+    cadence: Cadence
+    identifier_kinds: frozenset[IdentifierKind] | None
+
+
+Rule = Callable[[EligibilityInput], Iterable[Reason]]
+"""A rule returns the reasons it finds (none when it has nothing to say)."""
+
+
+def realtime_size(i: EligibilityInput) -> Iterable[Reason]:
+    size = i.cohort.size
+    if i.cadence is Cadence.REALTIME and size is not None and size > REALTIME_MAX_MEMBERS:
+        yield Reason(
+            ReasonCode.REALTIME_SIZE_LIMIT,
+            f"real-time sync supports cohorts of at most {REALTIME_MAX_MEMBERS:,} members; "
+            f"this one has {size:,}",
+            details={"size": size, "limit": REALTIME_MAX_MEMBERS},
+        )
+
+
+def realtime_cohort_type(i: EligibilityInput) -> Iterable[Reason]:
+    if i.cadence is Cadence.REALTIME and i.cohort.type in REALTIME_UNSUPPORTED_TYPES:
+        yield Reason(
+            ReasonCode.REALTIME_COHORT_TYPE,
+            f"real-time sync is not available for {i.cohort.type.value} cohorts",
+            details={"cohort_type": i.cohort.type.value},
+        )
+
+
+def realtime_destination(i: EligibilityInput) -> Iterable[Reason]:
+    if i.cadence is Cadence.REALTIME and not i.capabilities.supports_realtime:
+        yield Reason(
+            ReasonCode.REALTIME_DESTINATION,
+            f"{i.capabilities.name} does not support real-time sync",
+            details={"destination": i.capabilities.name},
+        )
+
+
+def min_audience(i: EligibilityInput) -> Iterable[Reason]:
+    floor = i.capabilities.min_audience_size
+    size = i.cohort.size
+    if floor is not None and size is not None and size < floor:
+        yield Reason(
+            ReasonCode.BELOW_MIN_AUDIENCE,
+            f"{i.capabilities.name} needs at least {floor:,} members to serve an audience; "
+            f"this cohort has {size:,}",
+            Severity.WARNING,
+            details={"size": size, "minimum": floor},
+        )
+
+
+def identifier_compatibility(i: EligibilityInput) -> Iterable[Reason]:
+    accepted = i.capabilities.accepted_identifiers
+    produced = i.identifier_kinds
+    if accepted is None or produced is None or produced & accepted:
+        return
+    yield Reason(
+        ReasonCode.IDENTIFIER_INCOMPATIBLE,
+        f"{i.capabilities.name} accepts {', '.join(sorted(k.value for k in accepted))}; "
+        f"the identifier mapping produces {', '.join(sorted(k.value for k in produced))}",
+        details={
+            "accepted": sorted(k.value for k in accepted),
+            "produced": sorted(k.value for k in produced),
+        },
+    )
+
+
+@attrs.frozen
+class Ruleset:
+    """
+    An ordered, named set of rules. Extend or override the defaults::
+
+        rules = DEFAULT_RULES.with_rule("no_weekend_realtime", my_rule)
+        rules = DEFAULT_RULES.without("realtime_size")
+    """
+
+    rules: Mapping[str, Rule] = attrs.field(converter=_freeze)
+
+    def with_rule(self, name: str, rule: Rule) -> Ruleset:
+        """
+        Return a ruleset with *rule* added, or replacing the rule of that *name*.
+        """
+        return Ruleset({**self.rules, name: rule})
+
+    def without(self, name: str) -> Ruleset:
+        """
+        Return a ruleset without the rule called *name*.
+
+        Raises:
+            KeyError: No rule of that name.
+        """
+        if name not in self.rules:
+            raise KeyError(f"no rule named {name!r}; rules: {', '.join(self.rules)}")
+        return Ruleset({k: r for k, r in self.rules.items() if k != name})
+
+    def check(self, i: EligibilityInput) -> Eligibility:
+        return Eligibility(tuple(reason for rule in self.rules.values() for reason in rule(i)))
+
+
+DEFAULT_RULES = Ruleset(
+    {
+        "realtime_size": realtime_size,
+        "realtime_cohort_type": realtime_cohort_type,
+        "realtime_destination": realtime_destination,
+        "min_audience": min_audience,
+        "identifier_compatibility": identifier_compatibility,
+    }
+)
+"""The rules from the product description."""
+
+
+def _capabilities(destination: Destination | Capabilities) -> Capabilities:
+    return destination if isinstance(destination, Capabilities) else destination.capabilities
+
+
+def check_eligibility(
+    cohort: Cohort,
+    destination: Destination | Capabilities,
+    policy: SyncPolicy,
+    *,
+    identifier_kinds: Iterable[IdentifierKind] | None = None,
+    rules: Ruleset = DEFAULT_RULES,
+    cadence: Cadence | None = None,
+) -> Eligibility:
+    """
+    Check whether *cohort* may sync to *destination* under *policy*.
+
+    Args:
+        cohort: The cohort; its known ``size`` is used by size rules.
+        destination: A destination adapter or its capabilities.
+        policy: The intended policy.
+        identifier_kinds: Kinds the sync's identifier mapping produces; ``None``
+            skips the identifier-compatibility rule.
+        rules: The ruleset (default: :data:`DEFAULT_RULES`).
+        cadence: Check this cadence instead of the policy's (used when a
+            real-time sync considers falling back to hourly).
+
+    Returns:
+        Every reason found; ``.eligible`` is true when none is blocking.
+    """
+    kinds = (
+        None
+        if identifier_kinds is None
+        else frozenset(to_kind(k) for k in identifier_kinds)
+    )
+    return rules.check(
+        EligibilityInput(
+            cohort=cohort,
+            capabilities=_capabilities(destination),
+            policy=policy,
+            cadence=cadence or policy.cadence,
+            identifier_kinds=kinds,
+        )
+    )
+
+
+def available_destinations(
+    cohort: Cohort,
+    policy: SyncPolicy,
+    *,
+    catalog: Mapping[str, Capabilities] | None = None,
+    identifier_kinds: Iterable[IdentifierKind] | None = None,
+    rules: Ruleset = DEFAULT_RULES,
+) -> list[str]:
+    """
+    The catalog keys of destinations *cohort* may sync to under *policy*
+    (the cadence you choose changes which destinations are available).
+    """
+    if catalog is None:
+        from cohortsync.catalog import PRESETS  # noqa: PLC0415 - the catalog imports us
+
+        catalog = PRESETS
+    return [
+        key
+        for key, caps in catalog.items()
+        if check_eligibility(
+            cohort, caps, policy, identifier_kinds=identifier_kinds, rules=rules
+        ).eligible
+    ]

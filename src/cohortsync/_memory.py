@@ -1,0 +1,332 @@
+"""
+The reference :class:`~cohortsync.Storage`: in memory, one process, thread-safe.
+
+It is the executable definition of the protocol's semantics: the SQL stores
+must behave exactly like it, which the contract suite checks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import secrets
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timedelta
+
+import attrs
+
+from cohortsync._clock import require_aware
+from cohortsync._destination import Identifier, Operation
+from cohortsync._storage import (
+    AppliedBatch,
+    Completion,
+    IssueKind,
+    Lease,
+    LedgerEntry,
+    MemberIssue,
+    SyncRecord,
+)
+from cohortsync._sync import SyncRun, SyncStatus
+from cohortsync.exceptions import (
+    ConfigurationError,
+    ConflictError,
+    DuplicateRunError,
+    LeaseLostError,
+    SyncNotFoundError,
+)
+
+__all__ = ["MemoryStorage"]
+
+
+@attrs.define
+class _Delivered:
+    """
+    One sync's delivered state: identifiers by key, plus a lazily sorted key list
+    for ascending iteration.
+    """
+
+    ids: dict[str, Identifier | None] = attrs.Factory(dict)
+    _sorted: list[str] | None = None
+
+    def sorted_keys(self) -> list[str]:
+        if self._sorted is None:
+            self._sorted = sorted(self.ids)
+        return self._sorted
+
+    def add(self, key: str, identifier: Identifier | None) -> None:
+        if key not in self.ids and self._sorted is not None:
+            bisect.insort(self._sorted, key)
+        self.ids[key] = identifier
+
+    def discard(self, key: str) -> None:
+        if self.ids.pop(key, _MISSING) is not _MISSING and self._sorted is not None:
+            i = bisect.bisect_left(self._sorted, key)
+            del self._sorted[i]
+
+
+_MISSING = object()
+
+
+@attrs.define
+class _Batch:
+    run_id: str
+    sequence: int
+    operation: Operation
+    idempotency_key: str
+    at: datetime
+
+
+@attrs.define
+class MemoryStorage:
+    """
+    Keeps everything in process memory. For tests, examples and single-process
+    hosts that can afford to lose state on restart.
+    """
+
+    _lock: threading.RLock = attrs.field(factory=threading.RLock, repr=False)
+    _syncs: dict[str, SyncRecord] = attrs.field(factory=dict, repr=False)
+    _slots: dict[tuple[int, int], int] = attrs.field(factory=dict, repr=False)
+    _delivered: dict[str, _Delivered] = attrs.field(factory=dict, repr=False)
+    _ledger: dict[tuple[str, str], LedgerEntry] = attrs.field(factory=dict, repr=False)
+    _runs: dict[tuple[str, datetime], SyncRun] = attrs.field(factory=dict, repr=False)
+    _batches: list[_Batch] = attrs.field(factory=list, repr=False)
+    _issues: dict[str, list[MemberIssue]] = attrs.field(factory=dict, repr=False)
+    _closed: bool = attrs.field(default=False, repr=False)
+
+    def __repr__(self) -> str:
+        return f"MemoryStorage(syncs={len(self._syncs)}, runs={len(self._runs)})"
+
+    # -- syncs ---------------------------------------------------------------
+
+    def create_sync(self, record: SyncRecord) -> None:
+        with self._lock:
+            if record.id in self._syncs:
+                raise ConfigurationError("id", record.id, "a sync with this id already exists")
+            self._syncs[record.id] = attrs.evolve(record, lease=None)
+
+    def get_sync(self, sync_id: str) -> SyncRecord:
+        with self._lock:
+            try:
+                return self._syncs[sync_id]
+            except KeyError:
+                raise SyncNotFoundError(sync_id) from None
+
+    def list_syncs(self) -> list[SyncRecord]:
+        with self._lock:
+            return [self._syncs[k] for k in sorted(self._syncs)]
+
+    def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
+        with self._lock:
+            current = self.get_sync(record.id)
+            if current.sync.generation != expected_generation:
+                raise ConflictError(record.id, expected_generation, current.sync.generation)
+            self._syncs[record.id] = attrs.evolve(record, lease=current.lease)
+
+    def delete_sync(self, sync_id: str) -> None:
+        with self._lock:
+            self._syncs.pop(sync_id, None)
+            self._delivered.pop(sync_id, None)
+            for k in [k for k in self._ledger if k[0] == sync_id]:
+                del self._ledger[k]
+
+    # -- slots ---------------------------------------------------------------
+
+    def allocate_slot(self, period: int, buckets: int, preferred: int) -> int:
+        with self._lock:
+            best = min(
+                range(buckets),
+                key=lambda b: (self._slots.get((period, b), 0), (b - preferred) % buckets),
+            )
+            self._slots[period, best] = self._slots.get((period, best), 0) + 1
+            return best
+
+    def release_slot(self, period: int, bucket: int) -> None:
+        with self._lock:
+            n = self._slots.get((period, bucket), 0)
+            if n > 0:
+                self._slots[period, bucket] = n - 1
+
+    # -- claims --------------------------------------------------------------
+
+    def claim_due(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Lease]:
+        now = require_aware(now, "now")
+        with self._lock:
+            due = sorted(
+                (
+                    r
+                    for r in self._syncs.values()
+                    if r.sync.status is SyncStatus.ACTIVE
+                    and r.next_due is not None
+                    and r.next_due <= now
+                    and (r.lease is None or r.lease.expires_at < now)
+                ),
+                key=lambda r: (r.next_due, r.id),
+            )[:limit]
+            leases = []
+            for r in due:
+                assert r.next_due is not None  # noqa: S101 - filtered above
+                lease = Lease(
+                    sync_id=r.id,
+                    generation=r.sync.generation,
+                    slot=r.next_due,
+                    trigger=r.next_trigger,
+                    owner=owner,
+                    token=secrets.token_hex(16),
+                    expires_at=now + lease_for,
+                )
+                self._syncs[r.id] = attrs.evolve(r, lease=lease)
+                leases.append(lease)
+            return leases
+
+    def _held(self, lease: Lease) -> SyncRecord:
+        r = self._syncs.get(lease.sync_id)
+        if r is None or r.lease is None or r.lease.token != lease.token:
+            raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
+        return r
+
+    def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
+        now = require_aware(now, "now")
+        with self._lock:
+            r = self._held(lease)
+            new = attrs.evolve(lease, expires_at=now + lease_for)
+            self._syncs[r.id] = attrs.evolve(r, lease=new)
+            return new
+
+    def release_lease(self, lease: Lease) -> None:
+        with self._lock:
+            r = self._held(lease)
+            self._syncs[r.id] = attrs.evolve(r, lease=None)
+
+    def complete_run(self, lease: Lease, completion: Completion) -> None:
+        with self._lock:
+            r = self._held(lease)
+            run = completion.run
+            if (run.sync_id, run.slot) in self._runs:
+                raise DuplicateRunError(run.sync_id, run.slot)
+            self._runs[run.sync_id, run.slot] = run
+            same_generation = r.sync.generation == lease.generation
+            changes: dict[str, object] = {"lease": None}
+            if same_generation and r.next_due == lease.slot:
+                changes["next_due"] = completion.next_due
+                changes["next_trigger"] = completion.next_trigger
+                changes["attempts"] = completion.attempts
+            if same_generation and completion.sync is not None:
+                changes["sync"] = completion.sync
+            if completion.feed_cursor is not None:
+                changes["feed_cursor"] = completion.feed_cursor
+            if completion.full_sync_done:
+                changes["full_resync"] = False
+                changes["last_full_sync_at"] = run.started_at
+            self._syncs[r.id] = attrs.evolve(r, **changes)  # type: ignore[arg-type]
+
+    # -- delivered state -----------------------------------------------------
+
+    def _state(self, sync_id: str) -> _Delivered:
+        return self._delivered.setdefault(sync_id, _Delivered())
+
+    def iter_delivered(self, sync_id: str) -> Iterator[str]:
+        with self._lock:
+            keys = list(self._state(sync_id).sorted_keys())
+        return iter(keys)
+
+    def count_delivered(self, sync_id: str) -> int:
+        with self._lock:
+            return len(self._state(sync_id).ids)
+
+    def filter_delivered(self, sync_id: str, keys: Iterable[str]) -> set[str]:
+        with self._lock:
+            ids = self._state(sync_id).ids
+            return {k for k in keys if k in ids}
+
+    def delivered_identifiers(self, sync_id: str, keys: Sequence[str]) -> dict[str, Identifier]:
+        from cohortsync._destination import IdentifierKind  # noqa: PLC0415 - avoid cycle noise
+
+        with self._lock:
+            ids = self._state(sync_id).ids
+            out: dict[str, Identifier] = {}
+            for k in keys:
+                if k in ids:
+                    ident = ids[k]
+                    out[k] = ident if ident is not None else Identifier(IdentifierKind.USER_ID, k)
+            return out
+
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> None:
+        with self._lock:
+            self._held(lease)
+            state = self._state(lease.sync_id)
+            for m in batch.added:
+                ident = m.identifier
+                identity = ident.value == m.key and ident.kind.value == "user_id"
+                state.add(m.key, None if identity else ident)
+                self._ledger.pop((lease.sync_id, m.key), None)
+            for key in batch.removed:
+                state.discard(key)
+                self._ledger.pop((lease.sync_id, key), None)
+            for key, reason in batch.rejected:
+                old = self._ledger.get((lease.sync_id, key))
+                attempts = (old.attempts if old else 0) + 1
+                self._ledger[lease.sync_id, key] = LedgerEntry(
+                    sync_id=lease.sync_id,
+                    key=key,
+                    reason=reason,
+                    attempts=attempts,
+                    dead=attempts >= batch.max_rejection_attempts,
+                    first_seen=old.first_seen if old else batch.at,
+                    last_seen=batch.at,
+                )
+            self._batches.append(
+                _Batch(batch.run_id, batch.sequence, batch.operation, batch.idempotency_key, batch.at)
+            )
+            if batch.rejected:
+                self._issues.setdefault(batch.run_id, []).extend(
+                    MemberIssue(run_id=batch.run_id, key=k, kind=IssueKind.REJECTED, reason=r)
+                    for k, r in batch.rejected
+                )
+
+    def record_issues(self, lease: Lease, issues: Sequence[MemberIssue]) -> None:
+        with self._lock:
+            self._held(lease)
+            for issue in issues:
+                self._issues.setdefault(issue.run_id, []).append(issue)
+
+    # -- ledger and history --------------------------------------------------
+
+    def ledger(self, sync_id: str) -> list[LedgerEntry]:
+        with self._lock:
+            return sorted(
+                (e for (s, _), e in self._ledger.items() if s == sync_id), key=lambda e: e.key
+            )
+
+    def dead_letters(self, sync_id: str) -> set[str]:
+        with self._lock:
+            return {k for (s, k), e in self._ledger.items() if s == sync_id and e.dead}
+
+    def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
+        with self._lock:
+            runs = sorted(
+                (r for (s, _), r in self._runs.items() if s == sync_id),
+                key=lambda r: (r.started_at, r.slot),
+                reverse=True,
+            )
+        return runs if limit is None else runs[:limit]
+
+    def run_issues(self, run_id: str) -> list[MemberIssue]:
+        with self._lock:
+            return sorted(self._issues.get(run_id, []), key=lambda i: (i.kind, i.key))
+
+    def purge_history(self, before: datetime) -> int:
+        before = require_aware(before, "before")
+        with self._lock:
+            old = [k for k, r in self._runs.items() if r.finished_at < before]
+            run_ids = {self._runs[k].id for k in old}
+            for k in old:
+                del self._runs[k]
+            for run_id in run_ids:
+                self._issues.pop(run_id, None)
+            self._batches = [b for b in self._batches if b.run_id not in run_ids]
+            return len(old)
+
+    def close(self) -> None:
+        self._closed = True

@@ -1,0 +1,209 @@
+"""
+How often a sync runs and how it behaves: :class:`SyncPolicy`.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import attrs
+
+from cohortsync import _validators as v
+from cohortsync.exceptions import ConfigurationError
+
+__all__ = [
+    "Cadence",
+    "MassRemovalGuard",
+    "OnDelete",
+    "OnIneligible",
+    "RetryPolicy",
+    "SyncPolicy",
+]
+
+
+class Cadence(enum.Enum):
+    """
+    How often a sync runs.
+    """
+
+    ONE_TIME = "one_time"
+    HOURLY = "hourly"
+    DAILY = "daily"
+    REALTIME = "realtime"
+
+    @property
+    def period(self) -> timedelta | None:
+        """
+        The length of one scheduling period, or ``None`` for one-time syncs.
+        """
+        return _PERIODS[self]
+
+
+_PERIODS = {
+    Cadence.ONE_TIME: None,
+    Cadence.HOURLY: timedelta(hours=1),
+    Cadence.DAILY: timedelta(days=1),
+    Cadence.REALTIME: timedelta(minutes=1),
+}
+
+
+class OnIneligible(enum.Enum):
+    """
+    What a real-time sync does when a run finds it no longer eligible (for
+    example, its cohort grew past 1,000,000 members).
+    """
+
+    FALLBACK_HOURLY = "fallback_hourly"
+    PAUSE = "pause"
+
+
+class OnDelete(enum.Enum):
+    """
+    What deleting a sync does to the destination.
+    """
+
+    LEAVE = "leave"
+    REMOVE_DELIVERED = "remove_delivered"
+
+
+@attrs.frozen(kw_only=True)
+class MassRemovalGuard:
+    """
+    Holds back removals that look like an accident.
+
+    A run is ``guarded`` (removals not sent, host asked to confirm) when the
+    source returned no members while the audience is not empty, or when it would
+    remove more than *max_share* of a delivered audience of at least
+    *min_audience* members.
+    """
+
+    enabled: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    max_share: float = attrs.field(default=0.5, validator=v.share)
+    min_audience: int = attrs.field(default=1_000, validator=v.count(0))
+
+    @classmethod
+    def disabled(cls) -> MassRemovalGuard:
+        return cls(enabled=False)
+
+    def trips(self, delivered: int, removing: int, source_empty: bool) -> bool:
+        """
+        Whether removing *removing* of *delivered* members must wait for confirmation.
+        """
+        if not self.enabled or removing == 0:
+            return False
+        if source_empty:
+            return True
+        return delivered >= self.min_audience and removing > self.max_share * delivered
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """
+    Exponential backoff with full jitter for transient delivery errors.
+
+    The defaults retry 8 times, waiting about 1, 2, 4, ... 128 seconds: the last
+    wait is past two minutes. Waits for a rate limit do not count as retries.
+    """
+
+    max_retries: int = attrs.field(default=8, validator=v.count(0))
+    initial: float = attrs.field(default=1.0, validator=v.number(0.0))
+    multiplier: float = attrs.field(default=2.0, validator=v.number(1.0))
+    max_delay: float = attrs.field(default=300.0, validator=v.number(0.0))
+    jitter: float = attrs.field(default=0.1, validator=v.share)
+
+    def delay(self, attempt: int, random: float) -> float:
+        """
+        The wait before retry number *attempt* (0-based), given *random* in [0, 1).
+        """
+        base = min(self.max_delay, self.initial * self.multiplier**attempt)
+        return base * (1.0 - self.jitter + 2 * self.jitter * random)
+
+
+def _check_timezone(inst: SyncPolicy, _attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    if inst.cadence is not Cadence.DAILY:
+        raise ConfigurationError("timezone", value, "only daily syncs take a time zone")
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError("timezone", value, "must be an IANA time zone name")
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigurationError("timezone", value, "unknown IANA time zone") from None
+
+
+@attrs.frozen(kw_only=True)
+class SyncPolicy:
+    """
+    A sync's cadence and behaviour. Build it with a named constructor:
+    :meth:`one_time`, :meth:`hourly`, :meth:`daily` or :meth:`realtime`.
+
+    Args:
+        cadence: How often the sync runs.
+        timezone: For daily syncs, an IANA zone whose local days the sync follows
+            (exactly one run per local day, across DST); ``None`` means UTC days.
+        send_removals: Whether members who left the cohort are removed at the
+            destination (ignored when the destination cannot remove).
+        guard: The mass-removal guard.
+        on_ineligible: What a real-time sync does when it stops being eligible.
+        on_delete: What deleting the sync does to the destination.
+        retry: Backoff for transient delivery errors.
+        one_time_attempts: How many times a failing one-time sync is tried
+            before the sync is ``failed``.
+        rejection_attempts: How many runs retry a member the destination
+            rejected before it becomes a dead letter.
+    """
+
+    cadence: Cadence = attrs.field(converter=v.to_enum(Cadence, "cadence"))
+    timezone: str | None = attrs.field(default=None, validator=_check_timezone)
+    send_removals: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    guard: MassRemovalGuard = attrs.field(
+        factory=MassRemovalGuard, validator=attrs.validators.instance_of(MassRemovalGuard)
+    )
+    on_ineligible: OnIneligible = attrs.field(
+        default=OnIneligible.FALLBACK_HOURLY, converter=v.to_enum(OnIneligible, "on_ineligible")
+    )
+    on_delete: OnDelete = attrs.field(
+        default=OnDelete.LEAVE, converter=v.to_enum(OnDelete, "on_delete")
+    )
+    retry: RetryPolicy = attrs.field(
+        factory=RetryPolicy, validator=attrs.validators.instance_of(RetryPolicy)
+    )
+    one_time_attempts: int = attrs.field(default=5, validator=v.count(1))
+    rejection_attempts: int = attrs.field(default=3, validator=v.count(1))
+
+    @classmethod
+    def one_time(cls, **options: Any) -> SyncPolicy:
+        """
+        Run once, as soon as possible; then the sync is ``completed``.
+        """
+        return cls(cadence=Cadence.ONE_TIME, **options)
+
+    @classmethod
+    def hourly(cls, **options: Any) -> SyncPolicy:
+        """
+        Run now, then once an hour at a slot cohortsync picks to spread load.
+        """
+        return cls(cadence=Cadence.HOURLY, **options)
+
+    @classmethod
+    def daily(cls, timezone: str | None = None, **options: Any) -> SyncPolicy:
+        """
+        Run now, then once a day (a local day of *timezone* if given) at a slot
+        cohortsync picks to spread load.
+        """
+        return cls(cadence=Cadence.DAILY, timezone=timezone, **options)
+
+    @classmethod
+    def realtime(cls, **options: Any) -> SyncPolicy:
+        """
+        Send the full cohort now, then check for changes every minute.
+        """
+        return cls(cadence=Cadence.REALTIME, **options)
+
+    @property
+    def period(self) -> timedelta | None:
+        return self.cadence.period

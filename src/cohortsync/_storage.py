@@ -1,0 +1,378 @@
+"""
+The storage protocol: everything cohortsync persists goes through :class:`Storage`.
+
+A host may implement it on its own database; ``cohortsync.testing.check_storage``
+verifies an implementation. Every time value is passed in by the caller (from
+its :class:`~cohortsync.Clock`): a store never reads its database's clock, so
+fake clocks work and hosts with skewed clocks agree on one timeline.
+
+Operations marked **atomic** must happen entirely or not at all, and must be
+safe when several processes call them on the same store at once. Leases are
+compare-and-set on their token: an operation that needs a lease fails with
+:class:`~cohortsync.exceptions.LeaseLostError` when the stored token differs
+(the lease expired and another worker claimed the sync, or it was released).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+from cohortsync import _validators as v
+from cohortsync._destination import Identifier, Member, Operation
+from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
+
+__all__ = [
+    "AppliedBatch",
+    "Completion",
+    "IssueKind",
+    "Lease",
+    "LedgerEntry",
+    "MemberIssue",
+    "Storage",
+    "SyncRecord",
+]
+
+
+@attrs.frozen(kw_only=True)
+class Lease:
+    """
+    Proof that a worker may run one slot of one sync until ``expires_at``.
+
+    ``slot`` is the scheduled instant being run (the sync's ``next_due`` when it
+    was claimed); the run record is unique on (sync, slot).
+    """
+
+    sync_id: str
+    generation: int
+    slot: datetime = attrs.field(converter=v.to_utc)
+    trigger: Trigger
+    owner: str
+    token: str = attrs.field(repr=lambda t: repr(t[:8] + "..."))
+    expires_at: datetime = attrs.field(converter=v.to_utc)
+
+
+@attrs.frozen(kw_only=True)
+class SyncRecord:
+    """
+    A sync's definition and its schedule state, as stored.
+
+    Args:
+        sync: The definition.
+        next_due: When it is next due, or ``None`` when nothing is scheduled.
+        next_trigger: What the next due run is (scheduled, manual, ...).
+        offset: The slot offset in seconds inside the period (stable until
+            the sync is updated).
+        slot_bucket: The allocator bucket the offset came from, or ``None``.
+        anchor: When the sync was created or last updated.
+        attempts: Consecutive failed attempts of the current slot.
+        full_resync: The next run sends the whole membership.
+        feed_cursor: The change-feed position delivered so far (real-time).
+        last_full_sync_at: When the whole audience was last sent (TTL refresh).
+        lease: The lease held on it, if any.
+    """
+
+    sync: Sync
+    next_due: datetime | None = attrs.field(converter=v.optional_to_utc)
+    next_trigger: Trigger = Trigger.SCHEDULED
+    offset: int = attrs.field(default=0, validator=v.count(0))
+    slot_bucket: int | None = None
+    anchor: datetime = attrs.field(converter=v.to_utc)
+    attempts: int = attrs.field(default=0, validator=v.count(0))
+    full_resync: bool = False
+    feed_cursor: str | None = None
+    last_full_sync_at: datetime | None = attrs.field(default=None, converter=v.optional_to_utc)
+    lease: Lease | None = None
+
+    @property
+    def id(self) -> str:
+        return self.sync.id
+
+
+@attrs.frozen(kw_only=True)
+class Completion:
+    """
+    What :meth:`Storage.complete_run` writes in one transaction.
+
+    Args:
+        run: The history record (unique per sync and slot).
+        next_due: The next due instant. Applied only if the sync's generation
+            and ``next_due`` are still what the lease saw: an update, pause or
+            "sync now" made during the run wins over the run's own advance.
+        next_trigger: What that next run will be.
+        sync: A replacement definition (same id and generation) carrying a
+            status or effective-cadence change, or ``None``. Applied only if the
+            generation still matches.
+        attempts: The new consecutive-failure count.
+        feed_cursor: The new change-feed cursor, or ``None`` to keep the stored one.
+        full_sync_done: The run delivered the whole audience: clears the
+            full-resync request and stamps ``last_full_sync_at``.
+    """
+
+    run: SyncRun
+    next_due: datetime | None = attrs.field(converter=v.optional_to_utc)
+    next_trigger: Trigger = Trigger.SCHEDULED
+    sync: Sync | None = None
+    attempts: int = 0
+    feed_cursor: str | None = None
+    full_sync_done: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class AppliedBatch:
+    """
+    One acknowledged batch, applied to the delivered state by
+    :meth:`Storage.apply_batch` in the same transaction that records it.
+
+    Args:
+        run_id: The run the batch belongs to.
+        sequence: Its position in the run.
+        operation: What was sent.
+        idempotency_key: The key it was sent with.
+        added: Members the destination now holds (acknowledged adds and
+            existing members).
+        removed: Member keys the destination no longer holds.
+        rejected: ``(member key, reason)`` the destination refused; they go to
+            the ledger and are not applied.
+        at: When it was acknowledged.
+        max_rejection_attempts: A member rejected this many times becomes a
+            dead letter.
+    """
+
+    run_id: str
+    sequence: int
+    operation: Operation
+    idempotency_key: str
+    added: tuple[Member, ...] = ()
+    removed: tuple[str, ...] = ()
+    rejected: tuple[tuple[str, str], ...] = ()
+    at: datetime = attrs.field(converter=v.to_utc)
+    max_rejection_attempts: int = 3
+
+
+@attrs.frozen(kw_only=True)
+class LedgerEntry:
+    """
+    A member a destination rejected: retried on later runs until ``attempts``
+    reaches the policy's bound, then a dead letter.
+    """
+
+    sync_id: str
+    key: str
+    reason: str
+    attempts: int
+    dead: bool
+    first_seen: datetime = attrs.field(converter=v.to_utc)
+    last_seen: datetime = attrs.field(converter=v.to_utc)
+
+
+class IssueKind:
+    """
+    Kinds of member-level issue a run records.
+    """
+
+    SKIPPED = "skipped"
+    REJECTED = "rejected"
+
+
+@attrs.frozen(kw_only=True)
+class MemberIssue:
+    """
+    A member a run could not deliver, and why (exported with the history).
+    """
+
+    run_id: str
+    key: str
+    kind: str
+    reason: str
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """
+    Everything cohortsync persists.
+
+    Implementations shipped: ``MemoryStorage`` (reference, tests),
+    ``cohortsync.sqlite.SQLiteStorage`` (embedded default) and
+    ``cohortsync.postgres.PostgresStorage`` (many hosts).
+    """
+
+    # -- sync definitions and schedule state ---------------------------------
+
+    def create_sync(self, record: SyncRecord) -> None:
+        """
+        Store a new sync. **Atomic.**
+
+        Raises:
+            ConfigurationError: A sync with that id exists.
+        """
+        ...
+
+    def get_sync(self, sync_id: str) -> SyncRecord:
+        """
+        Raises:
+            SyncNotFoundError: No such sync.
+        """
+        ...
+
+    def list_syncs(self) -> list[SyncRecord]:
+        """
+        Every stored sync, ordered by id.
+        """
+        ...
+
+    def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
+        """
+        Replace a sync's definition and schedule fields (never its lease).
+        **Atomic, compare-and-set** on the stored generation.
+
+        Raises:
+            SyncNotFoundError: No such sync.
+            ConflictError: The stored generation is not *expected_generation*.
+        """
+        ...
+
+    def delete_sync(self, sync_id: str) -> None:
+        """
+        Remove a sync, its delivered state and its ledger. History stays until
+        retention purges it. **Atomic.** Unknown ids are ignored.
+        """
+        ...
+
+    # -- slot allocation -----------------------------------------------------
+
+    def allocate_slot(self, period: int, buckets: int, preferred: int) -> int:
+        """
+        Pick the least occupied of *buckets* slot buckets of the *period*
+        (seconds), ties broken by the first bucket at or after *preferred*
+        (cyclically), and count one more sync in it. **Atomic.**
+        """
+        ...
+
+    def release_slot(self, period: int, bucket: int) -> None:
+        """
+        Count one sync less in *bucket* of *period* (never below zero). **Atomic.**
+        """
+        ...
+
+    # -- claims and leases ---------------------------------------------------
+
+    def claim_due(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Lease]:
+        """
+        Lease up to *limit* active syncs whose ``next_due <= now`` and that hold
+        no lease, or whose lease expired (``expires_at < now``), earliest due
+        first. **Atomic:** no two callers ever receive the same sync's slot while
+        its lease is valid. Each lease gets a fresh random token.
+        """
+        ...
+
+    def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
+        """
+        Move the lease's expiry to ``now + lease_for``. **Atomic, compare-and-set**
+        on the token.
+
+        Raises:
+            LeaseLostError: The caller no longer holds the lease.
+        """
+        ...
+
+    def complete_run(self, lease: Lease, completion: Completion) -> None:
+        """
+        Record the run, advance the schedule and release the lease, in one
+        transaction. **Atomic, compare-and-set** on the token.
+
+        Raises:
+            LeaseLostError: The caller no longer holds the lease (nothing is written).
+            DuplicateRunError: A run for (sync, slot) exists (nothing is written).
+        """
+        ...
+
+    def release_lease(self, lease: Lease) -> None:
+        """
+        Give a lease up without recording a run (the sync stays due).
+        **Compare-and-set**; releasing a lease that is no longer held raises
+        :class:`LeaseLostError`.
+        """
+        ...
+
+    # -- delivered state -----------------------------------------------------
+
+    def iter_delivered(self, sync_id: str) -> Iterator[str]:
+        """
+        Member keys the destination holds as far as cohortsync knows, in
+        ascending order (so a sorted source can be merge-diffed in bounded memory).
+        """
+        ...
+
+    def count_delivered(self, sync_id: str) -> int: ...
+
+    def filter_delivered(self, sync_id: str, keys: Iterable[str]) -> set[str]:
+        """
+        Which of *keys* are in the delivered state.
+        """
+        ...
+
+    def delivered_identifiers(self, sync_id: str, keys: Sequence[str]) -> dict[str, Identifier]:
+        """
+        The identifiers the given delivered members were sent with (removals are
+        sent with the identifier that was added, even if the mapping changed).
+        """
+        ...
+
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> None:
+        """
+        Apply one acknowledged batch to the delivered state, update the ledger,
+        record the batch and its rejected members. **Atomic, compare-and-set**
+        on the token: a stale worker can never move the state.
+
+        Raises:
+            LeaseLostError: The caller no longer holds the lease (nothing is written).
+        """
+        ...
+
+    def record_issues(self, lease: Lease, issues: Sequence[MemberIssue]) -> None:
+        """
+        Record member-level issues (e.g. skipped, unresolved mapping) of a run.
+        **Compare-and-set** on the token.
+        """
+        ...
+
+    # -- ledger and history ----------------------------------------------------
+
+    def ledger(self, sync_id: str) -> list[LedgerEntry]:
+        """
+        Rejected members of a sync, dead letters included, ordered by key.
+        """
+        ...
+
+    def dead_letters(self, sync_id: str) -> set[str]: ...
+
+    def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
+        """
+        Runs of a sync, newest first (by start time).
+        """
+        ...
+
+    def run_issues(self, run_id: str) -> list[MemberIssue]:
+        """
+        The member-level issues recorded for a run, ordered by kind then key.
+        """
+        ...
+
+    def purge_history(self, before: datetime) -> int:
+        """
+        Delete runs that finished before *before*, with their batches and
+        issues; return how many runs were deleted.
+        """
+        ...
+
+    def close(self) -> None:
+        """
+        Release connections. The store is unusable afterwards.
+        """
+        ...

@@ -1,0 +1,145 @@
+"""
+A sync (one cohort to one destination under one policy) and its run history records.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+import attrs
+
+from cohortsync import _validators as v
+from cohortsync._policy import Cadence, SyncPolicy
+
+__all__ = ["RunStatus", "Sync", "SyncRun", "SyncStatus", "Trigger"]
+
+
+class SyncStatus(enum.Enum):
+    """
+    Where a sync stands. Only ``active`` syncs are scheduled.
+    """
+
+    ACTIVE = "active"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    DELETED = "deleted"
+
+
+class Trigger(enum.Enum):
+    """
+    Why a run happened.
+    """
+
+    SCHEDULED = "scheduled"
+    REALTIME = "realtime"
+    ONE_TIME = "one_time"
+    MANUAL = "manual"
+    CATCH_UP = "catch_up"
+    TEARDOWN = "teardown"
+    """Removing what a deleted sync delivered (``OnDelete.REMOVE_DELIVERED``)."""
+
+
+class RunStatus(enum.Enum):
+    """
+    How a run ended. ``partial`` means some members were rejected or some
+    batches failed: it is never reported as ``succeeded``.
+    """
+
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    GUARDED = "guarded"
+
+
+@attrs.frozen(kw_only=True)
+class Sync:
+    """
+    One cohort synced to one destination under one policy.
+
+    Args:
+        id: The sync's id.
+        cohort_id: The registered cohort it reads.
+        destination_id: The registered destination it delivers to.
+        policy: Cadence and behaviour.
+        mapping_id: The registered identifier mapping, or ``None`` for the
+            identity mapping (the member key is a ``user_id``).
+        generation: Bumped on every update; batches and idempotency keys carry it.
+        status: Where the sync stands.
+        status_reason: Why it is paused or failed, for people.
+        effective_cadence: The cadence it runs at now: differs from the policy's
+            when a real-time sync fell back to hourly after becoming ineligible.
+        created_at: When it was created.
+        updated_at: When its definition or status last changed.
+    """
+
+    id: str = attrs.field(validator=v.identifier)
+    cohort_id: str = attrs.field(validator=v.identifier)
+    destination_id: str = attrs.field(validator=v.identifier)
+    policy: SyncPolicy = attrs.field(validator=attrs.validators.instance_of(SyncPolicy))
+    mapping_id: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(v.identifier)
+    )
+    generation: int = attrs.field(default=1, validator=v.count(1))
+    status: SyncStatus = attrs.field(
+        default=SyncStatus.ACTIVE, converter=v.to_enum(SyncStatus, "status")
+    )
+    status_reason: str | None = None
+    effective_cadence: Cadence | None = attrs.field(
+        default=None,
+        converter=attrs.converters.optional(v.to_enum(Cadence, "effective_cadence")),
+    )
+    created_at: datetime = attrs.field(converter=v.to_utc)
+    updated_at: datetime = attrs.field(converter=v.to_utc)
+
+    @property
+    def cadence(self) -> Cadence:
+        """
+        The cadence the sync runs at now.
+        """
+        return self.effective_cadence or self.policy.cadence
+
+
+@attrs.frozen(kw_only=True)
+class SyncRun:
+    """
+    One run in a sync's history.
+
+    Counts: ``added``/``removed`` are members the destination acknowledged;
+    ``skipped`` could not be mapped to an identifier the destination accepts;
+    ``rejected`` were refused by the destination (see the ledger).
+    """
+
+    id: str
+    sync_id: str
+    generation: int
+    trigger: Trigger = attrs.field(converter=v.to_enum(Trigger, "trigger"))
+    slot: datetime = attrs.field(converter=v.to_utc)
+    started_at: datetime = attrs.field(converter=v.to_utc)
+    finished_at: datetime = attrs.field(converter=v.to_utc)
+    status: RunStatus = attrs.field(converter=v.to_enum(RunStatus, "status"))
+    cadence: Cadence = attrs.field(converter=v.to_enum(Cadence, "cadence"))
+    added: int = attrs.field(default=0, validator=v.count(0))
+    removed: int = attrs.field(default=0, validator=v.count(0))
+    skipped: int = attrs.field(default=0, validator=v.count(0))
+    rejected: int = attrs.field(default=0, validator=v.count(0))
+    batches: int = attrs.field(default=0, validator=v.count(0))
+    retries: int = attrs.field(default=0, validator=v.count(0))
+    full_sync: bool = False
+    error_type: str | None = None
+    error_message: str | None = None
+    notes: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """Reason codes recorded on the run (e.g. ``realtime_size_limit``, ``below_min_audience``)."""
+
+    @property
+    def updated(self) -> int:
+        """
+        Members changed at the destination by this run.
+        """
+        return self.added + self.removed
+
+    @property
+    def duration(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()

@@ -1,0 +1,139 @@
+"""
+attrs validators and converters that raise :class:`ConfigurationError` naming
+the field and the value, so bad input never surfaces as a bare ``TypeError`` deep
+inside the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from enum import Enum
+from typing import Any, TypeVar
+
+import attrs
+
+from cohortsync._clock import require_aware
+from cohortsync.exceptions import ConfigurationError
+
+E = TypeVar("E", bound=Enum)
+
+MAX_ID_LENGTH = 200
+
+
+def check_id(field: str, value: object) -> str:
+    """
+    Return *value* if it is a usable identifier: a non-blank string of at most
+    200 characters without control characters.
+    """
+    if not isinstance(value, str):
+        raise ConfigurationError(field, value, f"must be a str, not {type(value).__name__}")
+    if not value.strip():
+        raise ConfigurationError(field, value, "must not be empty or blank")
+    if len(value) > MAX_ID_LENGTH:
+        raise ConfigurationError(field, value, f"must be at most {MAX_ID_LENGTH} characters")
+    if any(ord(c) < 32 for c in value):
+        raise ConfigurationError(field, value, "must not contain control characters")
+    return value
+
+
+def identifier(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    check_id(attribute.name, value)
+
+
+def check_count(field: str, value: object, *, minimum: int = 0) -> int:
+    """
+    Return *value* if it is an ``int`` (not a ``bool``) of at least *minimum*.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        shown = "NaN" if isinstance(value, float) and math.isnan(value) else type(value).__name__
+        raise ConfigurationError(field, value, f"must be an int, not {shown}")
+    if value < minimum:
+        raise ConfigurationError(field, value, f"must be >= {minimum}")
+    return value
+
+
+def count(minimum: int = 0) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    def validate(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        check_count(attribute.name, value, minimum=minimum)
+
+    return validate
+
+
+def optional_count(minimum: int = 0) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    def validate(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is not None:
+            check_count(attribute.name, value, minimum=minimum)
+
+    return validate
+
+
+def check_number(field: str, value: object, *, minimum: float, inclusive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(field, value, f"must be a number, not {type(value).__name__}")
+    if math.isnan(value) or math.isinf(value):
+        raise ConfigurationError(field, value, "must be a finite number")
+    if value < minimum or (not inclusive and value == minimum):
+        op = ">=" if inclusive else ">"
+        raise ConfigurationError(field, value, f"must be {op} {minimum}")
+    return float(value)
+
+
+def number(
+    minimum: float, *, inclusive: bool = True
+) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    def validate(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        check_number(attribute.name, value, minimum=minimum, inclusive=inclusive)
+
+    return validate
+
+
+def share(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    check_number(attribute.name, value, minimum=0.0)
+    if float(value) > 1.0:  # type: ignore[arg-type]
+        raise ConfigurationError(attribute.name, value, "must be a share between 0 and 1")
+
+
+def positive_timedelta(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, timedelta):
+        raise ConfigurationError(
+            attribute.name, value, f"must be a timedelta, not {type(value).__name__}"
+        )
+    if value <= timedelta(0):
+        raise ConfigurationError(attribute.name, value, "must be positive")
+
+
+def to_enum(enum: type[E], field: str) -> Callable[[object], E]:
+    """
+    Make a converter that accepts a member of *enum* or its value, and names the
+    allowed values when given anything else.
+    """
+
+    def convert(value: object) -> E:
+        if isinstance(value, enum):
+            return value
+        try:
+            return enum(value)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in enum)
+            raise ConfigurationError(
+                field, value, f"unknown {enum.__name__}; expected one of {allowed}"
+            ) from None
+
+    return convert
+
+
+def aware(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        require_aware(value, attribute.name)  # type: ignore[arg-type]
+
+
+def to_utc(value: datetime) -> datetime:
+    return require_aware(value)
+
+
+def optional_to_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else require_aware(value)

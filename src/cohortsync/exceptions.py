@@ -1,0 +1,271 @@
+"""
+Every error cohortsync raises, rooted at :class:`CohortSyncError`.
+
+Each leaf also subclasses the builtin that fits, so ``except ValueError``
+in host code keeps working, and carries structured attributes so callers
+never parse messages::
+
+    CohortSyncError
+    ├── ConfigurationError (ValueError)       bad value given to the public API
+    ├── NotFoundError (LookupError)
+    │   ├── SyncNotFoundError                 .sync_id
+    │   ├── CohortNotFoundError               .cohort_id
+    │   └── DestinationNotFoundError          .destination_id
+    ├── IneligibleSyncError (ValueError)      .reasons
+    ├── InvalidMemberError (ValueError)       .member, .reason
+    ├── SourceError (RuntimeError)            .cohort_id  (the membership source failed)
+    ├── LeaseError (RuntimeError)
+    │   └── LeaseLostError                    .sync_id, .owner, .token
+    ├── DuplicateRunError (RuntimeError)      .sync_id, .slot
+    ├── ConflictError (RuntimeError)          .sync_id, .expected, .found
+    ├── StorageError (RuntimeError)
+    │   ├── SchemaVersionError                .found, .supported
+    │   └── CorruptStoreError                 .detail
+    └── DeliveryError (RuntimeError)          raised by Destination adapters
+        ├── TransientError                    retried with backoff
+        │   └── RateLimitedError              .retry_after; does not use the retry budget
+        ├── PermanentError                    fails the run, state not advanced
+        │   └── BadDataError                  the batch is bisected to find bad members
+        └── AuthenticationError               pauses the sync
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cohortsync._eligibility import Reason
+
+__all__ = [
+    "AuthenticationError",
+    "BadDataError",
+    "CohortNotFoundError",
+    "CohortSyncError",
+    "ConfigurationError",
+    "ConflictError",
+    "CorruptStoreError",
+    "DeliveryError",
+    "DestinationNotFoundError",
+    "DuplicateRunError",
+    "IneligibleSyncError",
+    "InvalidMemberError",
+    "LeaseError",
+    "LeaseLostError",
+    "NotFoundError",
+    "PermanentError",
+    "RateLimitedError",
+    "SchemaVersionError",
+    "SourceError",
+    "StorageError",
+    "SyncNotFoundError",
+    "TransientError",
+]
+
+
+class CohortSyncError(Exception):
+    """
+    Root of every error raised by cohortsync.
+    """
+
+
+class ConfigurationError(CohortSyncError, ValueError):
+    """
+    A value given to the public API is invalid.
+
+    Attributes:
+        field: The name of the offending field or argument.
+        value: The offending value.
+    """
+
+    def __init__(self, field: str, value: object, message: str) -> None:
+        self.field = field
+        self.value = value
+        super().__init__(f"{field}={value!r}: {message}")
+
+
+class NotFoundError(CohortSyncError, LookupError):
+    """
+    Something was looked up by id and does not exist.
+    """
+
+
+class SyncNotFoundError(NotFoundError):
+    def __init__(self, sync_id: str) -> None:
+        self.sync_id = sync_id
+        super().__init__(f"no sync with id {sync_id!r}")
+
+
+class CohortNotFoundError(NotFoundError):
+    def __init__(self, cohort_id: str) -> None:
+        self.cohort_id = cohort_id
+        super().__init__(
+            f"no cohort registered with id {cohort_id!r}; call Scheduler.add_cohort() first"
+        )
+
+
+class DestinationNotFoundError(NotFoundError):
+    def __init__(self, destination_id: str) -> None:
+        self.destination_id = destination_id
+        super().__init__(
+            f"no destination registered with id {destination_id!r}; "
+            "call Scheduler.add_destination() first"
+        )
+
+
+class IneligibleSyncError(CohortSyncError, ValueError):
+    """
+    A sync was created or updated although eligibility found blocking reasons.
+
+    Attributes:
+        reasons: Every reason found, blocking and warnings alike.
+    """
+
+    def __init__(self, reasons: Sequence[Reason]) -> None:
+        self.reasons = tuple(reasons)
+        blocking = "; ".join(f"{r.code}: {r.message}" for r in self.reasons if r.blocking)
+        super().__init__(f"sync is not eligible: {blocking}")
+
+
+class InvalidMemberError(CohortSyncError, ValueError):
+    """
+    A membership source yielded something that is not a usable member key.
+    """
+
+    def __init__(self, member: object, reason: str) -> None:
+        self.member = member
+        self.reason = reason
+        shown = repr(member)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"invalid member key {shown}: {reason}")
+
+
+class SourceError(CohortSyncError, RuntimeError):
+    """
+    A cohort's membership source raised while being read; nothing was delivered
+    from the partial read.
+    """
+
+    def __init__(self, cohort_id: str, message: str) -> None:
+        self.cohort_id = cohort_id
+        super().__init__(f"membership source of cohort {cohort_id!r} failed: {message}")
+
+
+class LeaseError(CohortSyncError, RuntimeError):
+    """
+    Base for lease problems.
+    """
+
+
+class LeaseLostError(LeaseError):
+    """
+    The caller no longer holds the lease it tried to use (it expired and was
+    claimed by someone else, or it was already released).
+    """
+
+    def __init__(self, sync_id: str, owner: str, token: str) -> None:
+        self.sync_id = sync_id
+        self.owner = owner
+        self.token = token
+        super().__init__(
+            f"lease on sync {sync_id!r} held by {owner!r} (token {token[:8]}...) is no longer valid"
+        )
+
+
+class DuplicateRunError(CohortSyncError, RuntimeError):
+    """
+    A run record for this (sync, scheduled slot) already exists.
+    """
+
+    def __init__(self, sync_id: str, slot: datetime) -> None:
+        self.sync_id = sync_id
+        self.slot = slot
+        super().__init__(f"sync {sync_id!r} already has a run for slot {slot.isoformat()}")
+
+
+class ConflictError(CohortSyncError, RuntimeError):
+    """
+    A sync changed (its generation moved) between reading and writing it.
+    """
+
+    def __init__(self, sync_id: str, expected: int, found: int) -> None:
+        self.sync_id = sync_id
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"sync {sync_id!r} is at generation {found}, not {expected}: "
+            "it was changed concurrently; read it again"
+        )
+
+
+class StorageError(CohortSyncError, RuntimeError):
+    """
+    The store failed or holds something cohortsync cannot use.
+    """
+
+
+class SchemaVersionError(StorageError):
+    def __init__(self, found: int, supported: int) -> None:
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            f"store schema version {found} is newer than this cohortsync supports "
+            f"({supported}); upgrade cohortsync instead of downgrading the store"
+        )
+
+
+class CorruptStoreError(StorageError):
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"the store is corrupt or not a cohortsync store: {detail}")
+
+
+class DeliveryError(CohortSyncError, RuntimeError):
+    """
+    Raised by :class:`cohortsync.Destination` adapters to say how a call failed,
+    so the engine never has to guess from a message.
+    """
+
+
+class TransientError(DeliveryError):
+    """
+    Try again later (timeouts, 5xx). Retried with exponential backoff and jitter.
+
+    Attributes:
+        retry_after: Seconds the destination asked to wait, if it said.
+    """
+
+    def __init__(self, message: str = "transient failure", *, retry_after: float | None = None):
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class RateLimitedError(TransientError):
+    """
+    The destination said "too many requests". Waiting for it does not use up the
+    retry budget.
+    """
+
+    def __init__(self, message: str = "rate limited", *, retry_after: float | None = None):
+        super().__init__(message, retry_after=retry_after)
+
+
+class PermanentError(DeliveryError):
+    """
+    Retrying will not help: the run fails and the delivered state does not advance.
+    """
+
+
+class BadDataError(PermanentError):
+    """
+    An all-or-nothing batch was refused because of some of its members; the engine
+    bisects the batch to isolate them.
+    """
+
+
+class AuthenticationError(DeliveryError):
+    """
+    Credentials were refused. The sync is paused until the host fixes and resumes it.
+    """
