@@ -8,6 +8,7 @@ must behave exactly like it, which the contract suite checks.
 from __future__ import annotations
 
 import bisect
+import heapq
 import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -65,6 +66,58 @@ class _Delivered:
 
 
 _MISSING = object()
+_TICK = timedelta(microseconds=1)
+
+
+def _claimable_at(record: SyncRecord) -> datetime | None:
+    """
+    The first instant *record* may be claimed, or ``None`` if it is not scheduled.
+    """
+    if record.sync.status is not SyncStatus.ACTIVE or record.next_due is None:
+        return None
+    if record.lease is not None:
+        return max(record.next_due, record.lease.expires_at + _TICK)
+    return record.next_due
+
+
+@attrs.define
+class _Slots:
+    """
+    Occupancy of one period's buckets, indexed by level so the least occupied
+    bucket is found in O(log n) (100,000 syncs must allocate quickly).
+    """
+
+    buckets: int
+    counts: list[int]
+    levels: dict[int, list[int]]
+    low: int = 0
+
+    @classmethod
+    def empty(cls, buckets: int) -> _Slots:
+        return cls(buckets, [0] * buckets, {0: list(range(buckets))})
+
+    def _move(self, bucket: int, old: int, new: int) -> None:
+        level = self.levels[old]
+        del level[bisect.bisect_left(level, bucket)]
+        if not level:
+            del self.levels[old]
+        bisect.insort(self.levels.setdefault(new, []), bucket)
+        self.counts[bucket] = new
+
+    def allocate(self, preferred: int) -> int:
+        while self.low not in self.levels:
+            self.low += 1
+        level = self.levels[self.low]
+        i = bisect.bisect_left(level, preferred % self.buckets)
+        bucket = level[i] if i < len(level) else level[0]
+        self._move(bucket, self.low, self.low + 1)
+        return bucket
+
+    def release(self, bucket: int) -> None:
+        n = self.counts[bucket]
+        if n > 0:
+            self._move(bucket, n, n - 1)
+            self.low = min(self.low, n - 1)
 
 
 @attrs.define
@@ -85,7 +138,8 @@ class MemoryStorage:
 
     _lock: threading.RLock = attrs.field(factory=threading.RLock, repr=False)
     _syncs: dict[str, SyncRecord] = attrs.field(factory=dict, repr=False)
-    _slots: dict[tuple[int, int], int] = attrs.field(factory=dict, repr=False)
+    _slots: dict[int, _Slots] = attrs.field(factory=dict, repr=False)
+    _due: list[tuple[datetime, str]] = attrs.field(factory=list, repr=False)
     _delivered: dict[str, _Delivered] = attrs.field(factory=dict, repr=False)
     _ledger: dict[tuple[str, str], LedgerEntry] = attrs.field(factory=dict, repr=False)
     _runs: dict[tuple[str, datetime], SyncRun] = attrs.field(factory=dict, repr=False)
@@ -102,7 +156,7 @@ class MemoryStorage:
         with self._lock:
             if record.id in self._syncs:
                 raise ConfigurationError("id", record.id, "a sync with this id already exists")
-            self._syncs[record.id] = attrs.evolve(record, lease=None)
+            self._store(attrs.evolve(record, lease=None))
 
     def get_sync(self, sync_id: str) -> SyncRecord:
         with self._lock:
@@ -120,7 +174,7 @@ class MemoryStorage:
             current = self.get_sync(record.id)
             if current.sync.generation != expected_generation:
                 raise ConflictError(record.id, expected_generation, current.sync.generation)
-            self._syncs[record.id] = attrs.evolve(record, lease=current.lease)
+            self._store(attrs.evolve(record, lease=current.lease))
 
     def delete_sync(self, sync_id: str) -> None:
         with self._lock:
@@ -133,40 +187,58 @@ class MemoryStorage:
 
     def allocate_slot(self, period: int, buckets: int, preferred: int) -> int:
         with self._lock:
-            best = min(
-                range(buckets),
-                key=lambda b: (self._slots.get((period, b), 0), (b - preferred) % buckets),
-            )
-            self._slots[period, best] = self._slots.get((period, best), 0) + 1
-            return best
+            slots = self._slots.get(period)
+            if slots is None or slots.buckets != buckets:
+                slots = self._slots[period] = _Slots.empty(buckets)
+            return slots.allocate(preferred)
 
     def release_slot(self, period: int, bucket: int) -> None:
         with self._lock:
-            n = self._slots.get((period, bucket), 0)
-            if n > 0:
-                self._slots[period, bucket] = n - 1
+            slots = self._slots.get(period)
+            if slots is not None and 0 <= bucket < slots.buckets:
+                slots.release(bucket)
 
     # -- claims --------------------------------------------------------------
+
+    def _store(self, record: SyncRecord) -> None:
+        """
+        Save *record* and index when it can next be claimed. The heap holds
+        hints (possibly stale or duplicated); claims re-check the record.
+        """
+        self._syncs[record.id] = record
+        at = _claimable_at(record)
+        if at is not None:
+            heapq.heappush(self._due, (at, record.id))
 
     def claim_due(
         self, now: datetime, owner: str, lease_for: timedelta, limit: int
     ) -> list[Lease]:
         now = require_aware(now, "now")
         with self._lock:
-            due = sorted(
-                (
-                    r
-                    for r in self._syncs.values()
-                    if r.sync.status is SyncStatus.ACTIVE
-                    and r.next_due is not None
-                    and r.next_due <= now
-                    and (r.lease is None or r.lease.expires_at < now)
-                ),
-                key=lambda r: (r.next_due, r.id),
-            )[:limit]
+            due: list[SyncRecord] = []
+            later: list[tuple[datetime, str]] = []
+            seen: set[str] = set()
+            while self._due and self._due[0][0] <= now and len(due) < limit:
+                _, sync_id = heapq.heappop(self._due)
+                r = self._syncs.get(sync_id)
+                if r is None or sync_id in seen:
+                    continue
+                at = _claimable_at(r)
+                if at is None:
+                    continue
+                if at > now:
+                    later.append((at, sync_id))
+                    continue
+                seen.add(sync_id)
+                due.append(r)
+            for item in later:
+                heapq.heappush(self._due, item)
+            # The heap orders by claimable time; the protocol promises earliest
+            # *due* first, which differs only for expired leases.
+            due.sort(key=lambda r: (r.next_due, r.id))
             leases = []
             for r in due:
-                assert r.next_due is not None  # noqa: S101 - filtered above
+                assert r.next_due is not None  # noqa: S101 - _claimable_at checked it
                 lease = Lease(
                     sync_id=r.id,
                     generation=r.sync.generation,
@@ -176,7 +248,7 @@ class MemoryStorage:
                     token=secrets.token_hex(16),
                     expires_at=now + lease_for,
                 )
-                self._syncs[r.id] = attrs.evolve(r, lease=lease)
+                self._store(attrs.evolve(r, lease=lease))
                 leases.append(lease)
             return leases
 
@@ -191,13 +263,13 @@ class MemoryStorage:
         with self._lock:
             r = self._held(lease)
             new = attrs.evolve(lease, expires_at=now + lease_for)
-            self._syncs[r.id] = attrs.evolve(r, lease=new)
+            self._store(attrs.evolve(r, lease=new))
             return new
 
     def release_lease(self, lease: Lease) -> None:
         with self._lock:
             r = self._held(lease)
-            self._syncs[r.id] = attrs.evolve(r, lease=None)
+            self._store(attrs.evolve(r, lease=None))
 
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         with self._lock:
@@ -219,7 +291,7 @@ class MemoryStorage:
             if completion.full_sync_done:
                 changes["full_resync"] = False
                 changes["last_full_sync_at"] = run.started_at
-            self._syncs[r.id] = attrs.evolve(r, **changes)  # type: ignore[arg-type]
+            self._store(attrs.evolve(r, **changes))  # type: ignore[arg-type]
 
     # -- delivered state -----------------------------------------------------
 

@@ -73,6 +73,8 @@ class Sync:
             when a real-time sync fell back to hourly after becoming ineligible.
         created_at: When it was created.
         updated_at: When its definition or status last changed.
+        guard_released: The host confirmed removals the mass-removal guard
+            held back; the next run sends them, then this resets.
     """
 
     id: str = attrs.field(validator=v.identifier)
@@ -93,6 +95,8 @@ class Sync:
     )
     created_at: datetime = attrs.field(converter=v.to_utc)
     updated_at: datetime = attrs.field(converter=v.to_utc)
+    guard_released: bool = False
+    """The host confirmed held-back removals: the next run sends them despite the guard."""
 
     @property
     def cadence(self) -> Cadence:

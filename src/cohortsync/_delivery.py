@@ -1,0 +1,285 @@
+"""
+How batches reach a destination: idempotency keys, retries with backoff and
+jitter, rate limits shared across a process, bisection of bad batches, and
+bounded parallelism.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from datetime import datetime
+
+import attrs
+
+from cohortsync._clock import Clock
+from cohortsync._destination import (
+    Batch,
+    DeliveryResult,
+    Destination,
+    Member,
+    Operation,
+    RateLimit,
+    Rejection,
+    RunContext,
+)
+from cohortsync._policy import RetryPolicy
+from cohortsync.exceptions import (
+    AuthenticationError,
+    BadDataError,
+    DeliveryError,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+)
+
+__all__ = ["BatchSender", "RateLimiter", "idempotency_key"]
+
+log = logging.getLogger("cohortsync.delivery")
+
+MAX_RATE_LIMIT_WAITS = 1_000
+"""Rate-limit waits do not use the retry budget, but a destination that says
+"too many requests" forever must not hold a run forever either."""
+
+
+def idempotency_key(
+    sync_id: str, generation: int, operation: Operation, identifiers: Sequence[str]
+) -> str:
+    """
+    A stable hash of sync, generation, operation and batch content: the same
+    batch re-sent after a crash carries the same key, in any process.
+    """
+    h = hashlib.sha256()
+    h.update(f"{sync_id}\x1f{generation}\x1f{operation.value}\x1f".encode())
+    for value in identifiers:
+        h.update(value.encode("utf-8", "surrogatepass"))
+        h.update(b"\x1e")
+    return h.hexdigest()[:32]
+
+
+def make_batch(
+    context: RunContext, operation: Operation, members: Sequence[Member], sequence: int
+) -> Batch:
+    return Batch(
+        context=context,
+        operation=operation,
+        members=tuple(members),
+        sequence=sequence,
+        idempotency_key=idempotency_key(
+            context.sync_id,
+            context.generation,
+            operation,
+            [m.identifier.value for m in members],
+        ),
+    )
+
+
+class RateLimiter:
+    """
+    A token bucket on the injected clock: bursts up to ``requests``, then the
+    sustained rate. One per destination per process, shared by all its syncs.
+    """
+
+    def __init__(self, limit: RateLimit, clock: Clock) -> None:
+        self._limit = limit
+        self._clock = clock
+        self._rate = limit.requests / limit.per_seconds
+        self._tokens = float(limit.requests)
+        self._updated: datetime | None = None
+        self._lock = threading.Lock()
+
+    def reserve(self) -> float:
+        """
+        Take one request's token; return how long the caller must wait first.
+        """
+        with self._lock:
+            now = self._clock.now()
+            if self._updated is not None:
+                elapsed = max(0.0, (now - self._updated).total_seconds())
+                self._tokens = min(float(self._limit.requests), self._tokens + elapsed * self._rate)
+            self._updated = now
+            self._tokens -= 1.0
+            return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
+
+    def acquire(self) -> float:
+        """
+        Wait (on the clock) until a request may be sent; return the wait.
+        """
+        delay = self.reserve()
+        if delay > 0:
+            self._clock.sleep(delay)
+        return delay
+
+
+@attrs.define
+class Acked:
+    """
+    A (sub-)batch the destination answered, with its result.
+    """
+
+    batch: Batch
+    result: DeliveryResult
+
+
+@attrs.define
+class BatchSender:
+    """
+    Sends batches of one run to one destination.
+
+    Transient errors are retried with exponential backoff and jitter (the
+    destination's ``retry_after`` is honoured when longer); rate-limit answers
+    wait without using the retry budget; a :class:`BadDataError` splits the
+    batch in halves until the bad members are isolated and rejected; anything
+    else ends the run.
+    """
+
+    destination: Destination
+    retry: RetryPolicy
+    clock: Clock
+    limiter: RateLimiter | None
+    keep_alive: Callable[[], None]
+    rng: random.Random
+    retries: int = 0
+    _lock: threading.Lock = attrs.Factory(threading.Lock)
+
+    def _call(self, batch: Batch) -> DeliveryResult:
+        attempt = 0
+        rate_waits = 0
+        while True:
+            self.keep_alive()
+            if self.limiter is not None:
+                self.limiter.acquire()
+            try:
+                if batch.operation is Operation.REMOVE:
+                    result = self.destination.remove(batch)
+                else:
+                    result = self.destination.add(batch)
+            except RateLimitedError as e:
+                rate_waits += 1
+                if rate_waits > MAX_RATE_LIMIT_WAITS:
+                    raise
+                wait_for = e.retry_after
+                if wait_for is None:
+                    wait_for = self.retry.delay(min(rate_waits - 1, 6), self.rng.random())
+                log.info("rate limited on batch %s; waiting %.1fs", batch.sequence, wait_for)
+                self.clock.sleep(wait_for)
+                continue
+            except (TransientError, TimeoutError, ConnectionError) as e:
+                if attempt >= self.retry.max_retries:
+                    if isinstance(e, TransientError):
+                        raise
+                    raise TransientError(f"{type(e).__name__}: {e}") from e
+                delay = self.retry.delay(attempt, self.rng.random())
+                retry_after = getattr(e, "retry_after", None)
+                if retry_after is not None:
+                    delay = max(delay, retry_after)
+                attempt += 1
+                with self._lock:
+                    self.retries += 1
+                log.info(
+                    "transient error on batch %s (%s); retry %d in %.1fs",
+                    batch.sequence,
+                    type(e).__name__,
+                    attempt,
+                    delay,
+                )
+                self.clock.sleep(delay)
+                continue
+            except DeliveryError:
+                raise
+            except Exception as e:
+                # An adapter bug is not a reason to retry forever or to guess.
+                raise PermanentError(
+                    f"{type(self.destination).__name__} raised {type(e).__name__}: {e}"
+                ) from e
+            if not isinstance(result, DeliveryResult):
+                raise PermanentError(
+                    f"{type(self.destination).__name__}.{batch.operation.value}() returned "
+                    f"{type(result).__name__}, not DeliveryResult"
+                )
+            return result
+
+    def send(self, batch: Batch) -> list[Acked]:
+        """
+        Deliver *batch*, bisecting on :class:`BadDataError`; return every
+        acknowledged (sub-)batch in order.
+
+        Raises:
+            TransientError: Retries exhausted.
+            PermanentError: Not retryable; nothing of this batch is acknowledged.
+            AuthenticationError: Credentials refused.
+        """
+        try:
+            return [Acked(batch, self._call(batch))]
+        except BadDataError as e:
+            if len(batch.members) == 1:
+                member = batch.members[0]
+                rejection = Rejection(member.identifier.value, f"bad_data: {e}")
+                return [Acked(batch, DeliveryResult.partial([rejection]))]
+            half = len(batch.members) // 2
+            ctx = batch.context
+            left = make_batch(ctx, batch.operation, batch.members[:half], batch.sequence)
+            right = make_batch(ctx, batch.operation, batch.members[half:], batch.sequence)
+            return self.send(left) + self.send(right)
+
+    def send_all(
+        self,
+        batches: Iterator[Batch],
+        parallel: int,
+        on_acked: Callable[[Acked], None],
+    ) -> None:
+        """
+        Send *batches* with at most *parallel* in flight, calling *on_acked* in
+        this thread for each acknowledgement (so state is applied serially).
+
+        On the first failure, no new batch starts; batches already in flight
+        finish and are applied; then the failure is raised.
+        """
+        if parallel <= 1:
+            for batch in batches:
+                for acked in self.send(batch):
+                    on_acked(acked)
+            return
+        error: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cohortsync") as pool:
+            in_flight: set[Future[list[Acked]]] = set()
+            for batch in batches:
+                while len(in_flight) >= parallel:
+                    error = self._drain(in_flight, on_acked, error, block=True)
+                if error is not None:
+                    break
+                in_flight.add(pool.submit(self.send, batch))
+            while in_flight:
+                error = self._drain(in_flight, on_acked, error, block=True)
+        if error is not None:
+            raise error
+
+    @staticmethod
+    def _drain(
+        in_flight: set[Future[list[Acked]]],
+        on_acked: Callable[[Acked], None],
+        error: BaseException | None,
+        *,
+        block: bool,
+    ) -> BaseException | None:
+        done, _ = wait(in_flight, return_when=FIRST_COMPLETED if block else "ALL_COMPLETED")
+        for future in done:
+            in_flight.discard(future)
+            exc = future.exception()
+            if exc is not None:
+                error = error or exc
+                continue
+            for acked in future.result():
+                on_acked(acked)
+        return error
+
+
+def is_fatal_for_sync(error: BaseException) -> bool:
+    """
+    Errors that stop the sync (not just the run).
+    """
+    return isinstance(error, AuthenticationError)

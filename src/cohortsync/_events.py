@@ -1,0 +1,110 @@
+"""
+Typed events the scheduler emits to host listeners.
+
+A listener is any callable taking an :class:`Event`. Listeners run inline, in
+the worker that emits the event; an exception in a listener is logged and
+never breaks a run. Events carry ids and counts, never member keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+import attrs
+
+from cohortsync._destination import Operation
+from cohortsync._sync import SyncRun, SyncStatus, Trigger
+
+__all__ = [
+    "BatchDelivered",
+    "EligibilityChanged",
+    "Event",
+    "GuardTripped",
+    "Listener",
+    "RunFinished",
+    "RunStarted",
+    "SyncFailed",
+]
+
+log = logging.getLogger("cohortsync")
+
+
+@attrs.frozen(kw_only=True)
+class RunStarted:
+    sync_id: str
+    run_id: str
+    trigger: Trigger
+    slot: datetime
+    at: datetime
+
+
+@attrs.frozen(kw_only=True)
+class BatchDelivered:
+    sync_id: str
+    run_id: str
+    operation: Operation
+    sequence: int
+    size: int
+    rejected: int
+    idempotency_key: str
+
+
+@attrs.frozen(kw_only=True)
+class RunFinished:
+    run: SyncRun
+
+
+@attrs.frozen(kw_only=True)
+class SyncFailed:
+    """
+    A sync left the schedule: paused (authentication, ineligible) or failed
+    (one-time attempts exhausted).
+    """
+
+    sync_id: str
+    status: SyncStatus
+    reason: str
+    at: datetime
+
+
+@attrs.frozen(kw_only=True)
+class EligibilityChanged:
+    """
+    A run found the sync's eligibility changed (e.g. a real-time cohort grew past
+    the limit and the sync fell back to hourly, or came back).
+    """
+
+    sync_id: str
+    eligible: bool
+    codes: tuple[str, ...]
+    cadence: str
+    at: datetime
+
+
+@attrs.frozen(kw_only=True)
+class GuardTripped:
+    """
+    The mass-removal guard held back removals; confirm with
+    :meth:`Scheduler.confirm_removals`.
+    """
+
+    sync_id: str
+    run_id: str
+    delivered: int
+    removing: int
+    source_empty: bool
+    at: datetime
+
+
+Event = RunStarted | BatchDelivered | RunFinished | SyncFailed | EligibilityChanged | GuardTripped
+Listener = Callable[[Event], None]
+
+
+def emit(listeners: Sequence[Listener], event: Event) -> None:
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:
+            log.exception("event listener %r failed on %s", listener, type(event).__name__)

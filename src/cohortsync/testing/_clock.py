@@ -1,0 +1,132 @@
+"""
+Fake clocks: time that only moves when a test moves it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cohortsync._clock import require_aware
+
+__all__ = ["FakeClock", "SharedFakeClock"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _as_delta(value: timedelta | float) -> timedelta:
+    return value if isinstance(value, timedelta) else timedelta(seconds=value)
+
+
+class FakeClock:
+    """
+    A :class:`~cohortsync.Clock` for tests: aware UTC only, moves only when told.
+
+    ``sleep(s)`` advances the clock by *s* instead of blocking, so code that
+    waits (backoff, rate limits, ``run_forever``) runs in no real time.
+
+    Args:
+        start: The initial instant (aware). Defaults to 2030-01-01 00:00 UTC.
+    """
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._lock = threading.Lock()
+        self._now = require_aware(start, "start") if start else datetime(2030, 1, 1, tzinfo=timezone.utc)
+        self.slept: list[float] = []
+        """Every duration passed to :meth:`sleep`, in order."""
+
+    def now(self) -> datetime:
+        with self._lock:
+            return self._now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        if seconds > 0:
+            self.advance(seconds)
+
+    def advance(self, by: timedelta | float) -> datetime:
+        """
+        Move forward *by* (a timedelta or seconds) and return the new instant.
+
+        Raises:
+            ValueError: *by* is negative.
+        """
+        delta = _as_delta(by)
+        if delta < timedelta(0):
+            raise ValueError(f"cannot advance by a negative amount ({delta}); use set(..., backwards=True)")
+        with self._lock:
+            self._now += delta
+            return self._now
+
+    def set(self, when: datetime, *, backwards: bool = False) -> datetime:
+        """
+        Jump to *when* (aware). Going backwards raises unless *backwards* is true,
+        because real clocks rarely do and code under test should say when it
+        expects them to.
+        """
+        when = require_aware(when, "when")
+        with self._lock:
+            if when < self._now and not backwards:
+                raise ValueError(
+                    f"refusing to move the clock back from {self._now.isoformat()} to "
+                    f"{when.isoformat()}; pass backwards=True to simulate a clock step back"
+                )
+            self._now = when
+            return when
+
+    def __repr__(self) -> str:
+        return f"FakeClock({self.now().isoformat()})"
+
+
+class SharedFakeClock:
+    """
+    A fake clock several processes share through a small file, for multi-process
+    tests of host code: each process builds ``SharedFakeClock(path)`` on the same
+    path; any of them may move time and all see it.
+
+    Writes are atomic (write to a temporary file, then rename), so a reader
+    never sees a torn value.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], start: datetime | None = None) -> None:
+        self._path = Path(path)
+        if start is not None or not self._path.exists():
+            self._write(require_aware(start, "start") if start else datetime(2030, 1, 1, tzinfo=timezone.utc))
+
+    def _write(self, when: datetime) -> None:
+        micros = (when - _EPOCH) // timedelta(microseconds=1)
+        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_bytes(struct.pack("<q", micros))
+        tmp.replace(self._path)
+
+    def now(self) -> datetime:
+        (micros,) = struct.unpack("<q", self._path.read_bytes())
+        return _EPOCH + timedelta(microseconds=micros)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self.advance(seconds)
+
+    def advance(self, by: timedelta | float) -> datetime:
+        """
+        Move forward *by*. Not atomic across processes: let one process drive time.
+        """
+        delta = _as_delta(by)
+        if delta < timedelta(0):
+            raise ValueError(f"cannot advance by a negative amount ({delta})")
+        new = self.now() + delta
+        self._write(new)
+        return new
+
+    def set(self, when: datetime, *, backwards: bool = False) -> datetime:
+        when = require_aware(when, "when")
+        if when < self.now() and not backwards:
+            raise ValueError("refusing to move the shared clock backwards; pass backwards=True")
+        self._write(when)
+        return when
+
+    def __repr__(self) -> str:
+        return f"SharedFakeClock({str(self._path)!r}, now={self.now().isoformat()})"
