@@ -7,6 +7,7 @@ what to send, delivers the diffs safely and records every run.
 """
 
 from cohortsync import catalog, exceptions
+from cohortsync._advice import Recommendation, recommend
 from cohortsync._clock import Clock, SystemClock
 from cohortsync._cohort import (
     CallableSource,
@@ -135,6 +136,7 @@ __all__ = [
     "RateLimit",
     "Reason",
     "ReasonCode",
+    "Recommendation",
     "Rejection",
     "RetryPolicy",
     "Rule",
@@ -169,6 +171,7 @@ __all__ = [
     "make_converter",
     "normalize_email",
     "normalize_phone",
+    "recommend",
     "try_hash_email",
     "try_hash_phone",
     "try_normalize_email",

@@ -8,7 +8,7 @@ which is what makes schedules testable with a fake clock.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Protocol, runtime_checkable
 
 __all__ = ["Clock", "SystemClock", "require_aware"]
@@ -67,5 +67,3 @@ def require_aware(value: datetime, name: str = "datetime") -> datetime:
     if value.tzinfo is timezone.utc:
         return value
     return value.astimezone(timezone.utc)
-
-

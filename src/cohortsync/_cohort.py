@@ -84,8 +84,8 @@ class Changes:
     What a :class:`ChangeFeed` reports: members who entered and left since a cursor.
     """
 
-    added: tuple[str, ...] = attrs.field(converter=tuple)
-    removed: tuple[str, ...] = attrs.field(converter=tuple)
+    added: tuple[str, ...] = attrs.field(converter=v.to_tuple)
+    removed: tuple[str, ...] = attrs.field(converter=v.to_tuple)
     cursor: str = attrs.field(validator=attrs.validators.instance_of(str))
 
 
@@ -113,6 +113,10 @@ class StaticSource:
 
     def members(self) -> Iterable[str]:
         return sorted(self.keys)
+
+
+def _to_cohort_type(value: object) -> CohortType:
+    return v.to_enum(CohortType, "type")(value)
 
 
 def _to_source(value: object) -> MembershipSource | None:
@@ -143,9 +147,7 @@ class Cohort:
 
     id: str = attrs.field(validator=v.identifier)
     name: str = attrs.field(validator=attrs.validators.instance_of(str))
-    type: CohortType = attrs.field(
-        default=CohortType.BEHAVIORAL, converter=v.to_enum(CohortType, "type")
-    )
+    type: CohortType = attrs.field(default=CohortType.BEHAVIORAL, converter=_to_cohort_type)
     size: int | None = attrs.field(default=None, validator=v.optional_count(0))
     source: MembershipSource | None = attrs.field(
         default=None, converter=_to_source, eq=False, repr=False

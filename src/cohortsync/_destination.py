@@ -118,7 +118,11 @@ class Capabilities:
         """
         Return a copy with *changes*, so an adapter can start from a catalog preset.
         """
-        return attrs.evolve(self, **changes)  # type: ignore[misc]
+        return attrs.evolve(self, **changes)  # type: ignore[arg-type]
+
+
+def _to_kind(value: object) -> IdentifierKind:
+    return v.to_enum(IdentifierKind, "kind")(value)
 
 
 @attrs.frozen
@@ -127,7 +131,7 @@ class Identifier:
     One identifier of a user as a destination knows it.
     """
 
-    kind: IdentifierKind = attrs.field(converter=v.to_enum(IdentifierKind, "kind"))
+    kind: IdentifierKind = attrs.field(converter=_to_kind)
     value: str = attrs.field(repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -227,13 +231,17 @@ class Rejection:
     reason: str
 
 
+def _to_rejections(value: Iterable[Rejection]) -> tuple[Rejection, ...]:
+    return tuple(value)
+
+
 @attrs.frozen
 class DeliveryResult:
     """
     A destination's answer to one batch: everything was accepted except ``rejected``.
     """
 
-    rejected: tuple[Rejection, ...] = attrs.field(default=(), converter=tuple)
+    rejected: tuple[Rejection, ...] = attrs.field(default=(), converter=_to_rejections)
 
     @classmethod
     def ok(cls) -> DeliveryResult:

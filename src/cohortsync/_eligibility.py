@@ -96,13 +96,17 @@ class Reason:
         return self.severity is Severity.BLOCKING
 
 
+def _to_reasons(value: Iterable[Reason]) -> tuple[Reason, ...]:
+    return tuple(value)
+
+
 @attrs.frozen
 class Eligibility:
     """
     All reasons found by :func:`check_eligibility`.
     """
 
-    reasons: tuple[Reason, ...] = attrs.field(converter=tuple)
+    reasons: tuple[Reason, ...] = attrs.field(converter=_to_reasons)
 
     @property
     def eligible(self) -> bool:
@@ -281,11 +285,7 @@ def check_eligibility(
     Returns:
         Every reason found; ``.eligible`` is true when none is blocking.
     """
-    kinds = (
-        None
-        if identifier_kinds is None
-        else frozenset(to_kind(k) for k in identifier_kinds)
-    )
+    kinds = None if identifier_kinds is None else frozenset(to_kind(k) for k in identifier_kinds)
     return rules.check(
         EligibilityInput(
             cohort=cohort,

@@ -104,7 +104,12 @@ Listener = Callable[[Event], None]
 
 def emit(listeners: Sequence[Listener], event: Event) -> None:
     for listener in listeners:
-        try:
-            listener(event)
-        except Exception:
-            log.exception("event listener %r failed on %s", listener, type(event).__name__)
+        _call(listener, event)
+
+
+def _call(listener: Listener, event: Event) -> None:
+    # A host's listener must never break a run: log and carry on.
+    try:
+        listener(event)
+    except Exception:
+        log.exception("event listener %r failed on %s", listener, type(event).__name__)

@@ -50,6 +50,10 @@ _PERIODS = {
 }
 
 
+def _to_cadence(value: object) -> Cadence:
+    return v.to_enum(Cadence, "cadence")(value)
+
+
 class OnIneligible(enum.Enum):
     """
     What a real-time sync does when a run finds it no longer eligible (for
@@ -67,6 +71,14 @@ class OnDelete(enum.Enum):
 
     LEAVE = "leave"
     REMOVE_DELIVERED = "remove_delivered"
+
+
+def _to_on_ineligible(value: object) -> OnIneligible:
+    return v.to_enum(OnIneligible, "on_ineligible")(value)
+
+
+def _to_on_delete(value: object) -> OnDelete:
+    return v.to_enum(OnDelete, "on_delete")(value)
 
 
 @attrs.frozen(kw_only=True)
@@ -157,18 +169,16 @@ class SyncPolicy:
             rejected before it becomes a dead letter.
     """
 
-    cadence: Cadence = attrs.field(converter=v.to_enum(Cadence, "cadence"))
+    cadence: Cadence = attrs.field(converter=_to_cadence)
     timezone: str | None = attrs.field(default=None, validator=_check_timezone)
     send_removals: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     guard: MassRemovalGuard = attrs.field(
         factory=MassRemovalGuard, validator=attrs.validators.instance_of(MassRemovalGuard)
     )
     on_ineligible: OnIneligible = attrs.field(
-        default=OnIneligible.FALLBACK_HOURLY, converter=v.to_enum(OnIneligible, "on_ineligible")
+        default=OnIneligible.FALLBACK_HOURLY, converter=_to_on_ineligible
     )
-    on_delete: OnDelete = attrs.field(
-        default=OnDelete.LEAVE, converter=v.to_enum(OnDelete, "on_delete")
-    )
+    on_delete: OnDelete = attrs.field(default=OnDelete.LEAVE, converter=_to_on_delete)
     retry: RetryPolicy = attrs.field(
         factory=RetryPolicy, validator=attrs.validators.instance_of(RetryPolicy)
     )

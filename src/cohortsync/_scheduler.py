@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 import attrs
 
 from cohortsync import _schedule
+from cohortsync._advice import Recommendation, recommend
 from cohortsync._clock import Clock, SystemClock, require_aware
 from cohortsync._cohort import Cohort
 from cohortsync._converter import unstructure
@@ -179,7 +180,9 @@ class Scheduler:
         check_id("destination_id", destination_id)
         if not isinstance(destination, Destination):
             raise ConfigurationError(
-                "destination", destination, "must be an instance of a cohortsync.Destination subclass"
+                "destination",
+                destination,
+                "must be an instance of a cohortsync.Destination subclass",
             )
         self._destinations[destination_id] = destination
         return destination
@@ -312,7 +315,9 @@ class Scheduler:
             raise ConfigurationError("policy", policy, "must be a cohortsync.SyncPolicy")
         self._require_eligible(cohort_id, destination_id, policy, mapping_id)
         now = self._now()
-        sync_id = check_id("sync_id", sync_id) if sync_id is not None else f"sync-{secrets.token_hex(6)}"
+        sync_id = (
+            check_id("sync_id", sync_id) if sync_id is not None else f"sync-{secrets.token_hex(6)}"
+        )
         sync = Sync(
             id=sync_id,
             cohort_id=cohort_id,
@@ -485,7 +490,11 @@ class Scheduler:
                 slot_bucket=None,
             )
         return self._change(
-            sync_id, status=SyncStatus.DELETED, status_reason="deleted", next_due=None, slot_bucket=None
+            sync_id,
+            status=SyncStatus.DELETED,
+            status_reason="deleted",
+            next_due=None,
+            slot_bucket=None,
         )
 
     # -- when ------------------------------------------------------------------
@@ -619,7 +628,9 @@ class Scheduler:
                 try:
                     runs.append(execute(env, lease))
                 except LeaseLostError:
-                    log.warning("lost the lease on sync %s mid-run; another worker has it", lease.sync_id)
+                    log.warning(
+                        "lost the lease on sync %s mid-run; another worker has it", lease.sync_id
+                    )
             if repeat:
                 break
         return runs
@@ -689,6 +700,12 @@ class Scheduler:
                 ]
             out.append(row)
         return out
+
+    def recommend(self, sync_id: str) -> Recommendation | None:
+        """
+        Advice for a sync from its recent history (see :func:`cohortsync.recommend`).
+        """
+        return recommend(self.get_sync(sync_id), self.history(sync_id, limit=200))
 
     def close(self) -> None:
         self.storage.close()

@@ -23,7 +23,7 @@ import attrs
 
 from cohortsync import _validators as v
 from cohortsync._destination import Identifier, Member, Operation
-from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
+from cohortsync._sync import Sync, SyncRun, Trigger
 
 __all__ = [
     "AppliedBatch",
@@ -260,9 +260,7 @@ class Storage(Protocol):
 
     # -- claims and leases ---------------------------------------------------
 
-    def claim_due(
-        self, now: datetime, owner: str, lease_for: timedelta, limit: int
-    ) -> list[Lease]:
+    def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
         """
         Lease up to *limit* active syncs whose ``next_due <= now`` and that hold
         no lease, or whose lease expired (``expires_at < now``), earliest due

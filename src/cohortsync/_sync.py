@@ -54,6 +54,26 @@ class RunStatus(enum.Enum):
     GUARDED = "guarded"
 
 
+def _to_status(value: object) -> SyncStatus:
+    return v.to_enum(SyncStatus, "status")(value)
+
+
+def _to_optional_cadence(value: object) -> Cadence | None:
+    return None if value is None else v.to_enum(Cadence, "effective_cadence")(value)
+
+
+def _to_cadence(value: object) -> Cadence:
+    return v.to_enum(Cadence, "cadence")(value)
+
+
+def _to_trigger(value: object) -> Trigger:
+    return v.to_enum(Trigger, "trigger")(value)
+
+
+def _to_run_status(value: object) -> RunStatus:
+    return v.to_enum(RunStatus, "status")(value)
+
+
 @attrs.frozen(kw_only=True)
 class Sync:
     """
@@ -85,13 +105,11 @@ class Sync:
         default=None, validator=attrs.validators.optional(v.identifier)
     )
     generation: int = attrs.field(default=1, validator=v.count(1))
-    status: SyncStatus = attrs.field(
-        default=SyncStatus.ACTIVE, converter=v.to_enum(SyncStatus, "status")
-    )
+    status: SyncStatus = attrs.field(default=SyncStatus.ACTIVE, converter=_to_status)
     status_reason: str | None = None
     effective_cadence: Cadence | None = attrs.field(
         default=None,
-        converter=attrs.converters.optional(v.to_enum(Cadence, "effective_cadence")),
+        converter=_to_optional_cadence,
     )
     created_at: datetime = attrs.field(converter=v.to_utc)
     updated_at: datetime = attrs.field(converter=v.to_utc)
@@ -119,12 +137,12 @@ class SyncRun:
     id: str
     sync_id: str
     generation: int
-    trigger: Trigger = attrs.field(converter=v.to_enum(Trigger, "trigger"))
+    trigger: Trigger = attrs.field(converter=_to_trigger)
     slot: datetime = attrs.field(converter=v.to_utc)
     started_at: datetime = attrs.field(converter=v.to_utc)
     finished_at: datetime = attrs.field(converter=v.to_utc)
-    status: RunStatus = attrs.field(converter=v.to_enum(RunStatus, "status"))
-    cadence: Cadence = attrs.field(converter=v.to_enum(Cadence, "cadence"))
+    status: RunStatus = attrs.field(converter=_to_run_status)
+    cadence: Cadence = attrs.field(converter=_to_cadence)
     added: int = attrs.field(default=0, validator=v.count(0))
     removed: int = attrs.field(default=0, validator=v.count(0))
     skipped: int = attrs.field(default=0, validator=v.count(0))
@@ -134,7 +152,7 @@ class SyncRun:
     full_sync: bool = False
     error_type: str | None = None
     error_message: str | None = None
-    notes: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    notes: tuple[str, ...] = attrs.field(default=(), converter=v.to_tuple)
     """Reason codes recorded on the run (e.g. ``realtime_size_limit``, ``below_min_audience``)."""
 
     @property

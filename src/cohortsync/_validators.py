@@ -7,7 +7,7 @@ inside the engine.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any, TypeVar
@@ -18,6 +18,7 @@ from cohortsync._clock import require_aware
 from cohortsync.exceptions import ConfigurationError
 
 E = TypeVar("E", bound=Enum)
+T = TypeVar("T")
 
 MAX_ID_LENGTH = 200
 
@@ -33,13 +34,30 @@ def check_id(field: str, value: object) -> str:
         raise ConfigurationError(field, value, "must not be empty or blank")
     if len(value) > MAX_ID_LENGTH:
         raise ConfigurationError(field, value, f"must be at most {MAX_ID_LENGTH} characters")
-    if any(ord(c) < 32 for c in value):
+    # C0 controls, DEL and C1 controls: invisible in logs and UIs, and break CSV/HTTP headers.
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
         raise ConfigurationError(field, value, "must not contain control characters")
     return value
 
 
 def identifier(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
     check_id(attribute.name, value)
+
+
+def instance_of(*types: type) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    """
+    Like ``attrs.validators.instance_of``, but raising :class:`ConfigurationError`
+    naming the field, as every other validator here does.
+    """
+    expected = " or ".join(t.__name__ for t in types)
+
+    def validate(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, types):
+            raise ConfigurationError(
+                attribute.name, value, f"must be a {expected}, not {type(value).__name__}"
+            )
+
+    return validate
 
 
 def check_count(field: str, value: object, *, minimum: int = 0) -> int:
@@ -126,9 +144,27 @@ def to_enum(enum: type[E], field: str) -> Callable[[object], E]:
     return convert
 
 
+def to_tuple(value: Iterable[T]) -> tuple[T, ...]:
+    """
+    attrs converter: any iterable to a tuple (named, so type checkers follow it).
+    """
+    return tuple(value)
+
+
 def aware(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
         require_aware(value, attribute.name)  # type: ignore[arg-type]
+
+
+def utc_if_aware(value: datetime) -> datetime:
+    """
+    attrs converter paired with the :func:`aware` validator: converts aware
+    values to UTC and leaves anything else for the validator, whose
+    ``TypeError`` names the field.
+    """
+    if isinstance(value, datetime) and value.utcoffset() is not None:
+        return require_aware(value)
+    return value
 
 
 def to_utc(value: datetime) -> datetime:

@@ -58,7 +58,7 @@ GOOGLE_ADS = Capabilities(
     accepted_identifiers=_HASHED,
     membership_ttl=timedelta(days=540),
 )
-"""Customer Match: 10,000 per request (the API allows 100,000); memberships expire after 540 days."""
+"""Customer Match: 10,000 per request (the API allows 100,000); memberships last 540 days."""
 
 TWITTER_ADS = Capabilities(
     name="Twitter (X) Ads",
@@ -86,7 +86,9 @@ HUBSPOT = Capabilities(
 )
 QUALTRICS = Capabilities(name="Qualtrics", supports_realtime=False, supports_removals=False)
 ENTERPRET = Capabilities(name="Enterpret", supports_realtime=False, supports_removals=False)
-SALESFORCE_MARKETING_CLOUD = Capabilities(name="Salesforce Marketing Cloud", supports_realtime=False)
+SALESFORCE_MARKETING_CLOUD = Capabilities(
+    name="Salesforce Marketing Cloud", supports_realtime=False
+)
 AMAZON_S3 = Capabilities(
     name="Amazon S3", supports_realtime=False, full_sync_only=True, max_batch_size=1_000_000
 )

@@ -237,7 +237,9 @@ class TransientError(DeliveryError):
         retry_after: Seconds the destination asked to wait, if it said.
     """
 
-    def __init__(self, message: str = "transient failure", *, retry_after: float | None = None):
+    def __init__(
+        self, message: str = "transient failure", *, retry_after: float | None = None
+    ) -> None:
         self.retry_after = retry_after
         super().__init__(message)
 
@@ -248,7 +250,7 @@ class RateLimitedError(TransientError):
     retry budget.
     """
 
-    def __init__(self, message: str = "rate limited", *, retry_after: float | None = None):
+    def __init__(self, message: str = "rate limited", *, retry_after: float | None = None) -> None:
         super().__init__(message, retry_after=retry_after)
 
 

@@ -34,7 +34,9 @@ class FakeClock:
 
     def __init__(self, start: datetime | None = None) -> None:
         self._lock = threading.Lock()
-        self._now = require_aware(start, "start") if start else datetime(2030, 1, 1, tzinfo=timezone.utc)
+        self._now = (
+            require_aware(start, "start") if start else datetime(2030, 1, 1, tzinfo=timezone.utc)
+        )
         self.slept: list[float] = []
         """Every duration passed to :meth:`sleep`, in order."""
 
@@ -56,7 +58,9 @@ class FakeClock:
         """
         delta = _as_delta(by)
         if delta < timedelta(0):
-            raise ValueError(f"cannot advance by a negative amount ({delta}); use set(..., backwards=True)")
+            raise ValueError(
+                f"cannot advance by a negative amount ({delta}); use set(..., backwards=True)"
+            )
         with self._lock:
             self._now += delta
             return self._now
@@ -94,7 +98,11 @@ class SharedFakeClock:
     def __init__(self, path: str | os.PathLike[str], start: datetime | None = None) -> None:
         self._path = Path(path)
         if start is not None or not self._path.exists():
-            self._write(require_aware(start, "start") if start else datetime(2030, 1, 1, tzinfo=timezone.utc))
+            self._write(
+                require_aware(start, "start")
+                if start
+                else datetime(2030, 1, 1, tzinfo=timezone.utc)
+            )
 
     def _write(self, when: datetime) -> None:
         micros = (when - _EPOCH) // timedelta(microseconds=1)

@@ -19,6 +19,7 @@ from cohortsync._destination import (
     Destination,
     Operation,
     Rejection,
+    RunContext,
 )
 from cohortsync.exceptions import (
     AuthenticationError,
@@ -85,10 +86,10 @@ class RecordingDestination(Destination):
     def remove(self, batch: Batch) -> DeliveryResult:
         return self._handle(batch)
 
-    def open(self, context: object) -> None:
+    def open(self, context: RunContext) -> None:  # noqa: ARG002 - only counted
         self.opened += 1
 
-    def close(self, context: object, *, succeeded: bool) -> None:
+    def close(self, context: RunContext, *, succeeded: bool) -> None:  # noqa: ARG002
         self.closed += 1
 
     def _handle(self, batch: Batch) -> DeliveryResult:
@@ -197,7 +198,11 @@ class Fault:
 
     @classmethod
     def reject(
-        cls, share: float = 1.0, *, identifiers: Iterable[str] = (), reason: str = "rejected by test"
+        cls,
+        share: float = 1.0,
+        *,
+        identifiers: Iterable[str] = (),
+        reason: str = "rejected by test",
     ) -> Fault:
         return cls(
             kind=FaultKind.REJECT, share=share, identifiers=frozenset(identifiers), reason=reason

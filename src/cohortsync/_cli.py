@@ -1,0 +1,242 @@
+"""
+The ``cohortsync`` command line (standard library only).
+
+    cohortsync demo                      a simulated day of syncs, printed as history
+    cohortsync syncs --db FILE           the syncs in a store
+    cohortsync history SYNC --db FILE    a sync's runs, newest first
+    cohortsync upcoming --db FILE        runs due in the next hours
+    cohortsync check ...                 eligibility of a cohort for a destination
+    cohortsync worker --app mod:attr     run a host's scheduler until SIGINT/SIGTERM
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from cohortsync import catalog
+from cohortsync._clock import SystemClock
+from cohortsync._cohort import Cohort, CohortType
+from cohortsync._converter import unstructure
+from cohortsync._eligibility import check_eligibility
+from cohortsync._policy import Cadence, SyncPolicy
+from cohortsync._scheduler import Scheduler
+from cohortsync.exceptions import CohortSyncError
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+class _CliError(Exception):
+    """
+    A problem to report in one line, with a non-zero exit code.
+    """
+
+
+def _open_store(path: str) -> Scheduler:
+    from cohortsync.sqlite import SQLiteStorage  # noqa: PLC0415 - only for store commands
+
+    if not Path(path).is_file():
+        raise _CliError(f"no store at {path!r} (give an existing SQLite file with --db)")
+    return Scheduler(SQLiteStorage(path), clock=SystemClock())
+
+
+def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    from cohortsync._demo import run_demo  # noqa: PLC0415 - the demo pulls in the adapters
+
+    progress = False if args.no_progress else None
+    return run_demo(
+        directory=Path(args.dir) if args.dir else None,
+        hours=args.hours,
+        seed=args.seed,
+        progress=progress,
+        out=out,
+    )
+
+
+def _cmd_syncs(args: argparse.Namespace, out: TextIO) -> int:
+    scheduler = _open_store(args.db)
+    try:
+        rows = [
+            (s.id, s.cohort_id, s.destination_id, s.cadence.value, s.status.value, s.generation)
+            for s in scheduler.syncs()
+        ]
+        if args.json:
+            json.dump([unstructure(s) for s in scheduler.syncs()], out, indent=2)
+            out.write("\n")
+            return 0
+        print(f"{'sync':<24} {'cohort':<16} {'destination':<14} {'cadence':<9} {'status':<9} gen", file=out)
+        for row in rows:
+            print(f"{row[0]:<24} {row[1]:<16} {row[2]:<14} {row[3]:<9} {row[4]:<9} {row[5]}", file=out)
+        if not rows:
+            print("(no syncs)", file=out)
+    finally:
+        scheduler.close()
+    return 0
+
+
+def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
+    scheduler = _open_store(args.db)
+    try:
+        scheduler.get_sync(args.sync)
+        if args.json:
+            json.dump(scheduler.export_history(args.sync)[: args.limit], out, indent=2)
+            out.write("\n")
+            return 0
+        from cohortsync._demo import _table  # noqa: PLC0415 - shared table layout
+
+        for line in _table(scheduler.history(args.sync, args.limit)):
+            print(line, file=out)
+    finally:
+        scheduler.close()
+    return 0
+
+
+def _cmd_upcoming(args: argparse.Namespace, out: TextIO) -> int:
+    scheduler = _open_store(args.db)
+    try:
+        until = scheduler.clock.now() + timedelta(hours=args.hours)
+        upcoming = scheduler.upcoming(until)
+        for item in upcoming[: args.limit]:
+            print(f"{item.at:%Y-%m-%d %H:%M:%S} UTC  {item.sync_id:<24} {item.trigger.value}", file=out)
+        if len(upcoming) > args.limit:
+            print(f"... {len(upcoming) - args.limit} more", file=out)
+        if not upcoming:
+            print("(nothing due)", file=out)
+    finally:
+        scheduler.close()
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
+    cohort = Cohort(id="cohort", name="cohort", type=CohortType(args.cohort_type), size=args.size)
+    policy = SyncPolicy(cadence=Cadence(args.cadence))
+    caps = catalog.get(args.destination)
+    result = check_eligibility(
+        cohort, caps, policy, identifier_kinds=args.identifier or None
+    )
+    verdict = "eligible" if result.eligible else "NOT eligible"
+    print(f"{args.cohort_type} cohort ({args.size if args.size is not None else 'unknown'} members) "
+          f"-> {caps.name}, {args.cadence}: {verdict}", file=out)
+    for reason in result.reasons:
+        print(f"  [{reason.severity.value}] {reason.code}: {reason.message}", file=out)
+    return 0 if result.eligible else EXIT_ERROR
+
+
+def _load_app(spec: str) -> Scheduler:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise _CliError(f"--app must look like 'module:attribute', not {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise _CliError(f"cannot import {module_name!r}: {e}") from e
+    try:
+        target = getattr(module, attribute)
+    except AttributeError:
+        raise _CliError(f"module {module_name!r} has no attribute {attribute!r}") from None
+    app = target() if callable(target) and not isinstance(target, Scheduler) else target
+    if not isinstance(app, Scheduler):
+        raise _CliError(f"{spec} is a {type(app).__name__}, not a cohortsync.Scheduler")
+    return app
+
+
+def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
+    sys.path.insert(0, str(Path.cwd()))
+    scheduler = _load_app(args.app)
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        print(f"cohortsync worker: received signal {signum}, stopping after the current run", file=out)
+        stop.set()
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    print(f"cohortsync worker {scheduler.owner} started ({scheduler.storage!r})", file=out)
+    out.flush()
+    try:
+        scheduler.run_forever(stop, idle=args.idle)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        scheduler.close()
+    print("cohortsync worker stopped", file=out)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cohortsync", description="Keep user cohorts in sync with third-party destinations."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run a simulated day of syncs and print the history")
+    demo.add_argument("--dir", help="where to put the store and files (default: a new temp dir)")
+    demo.add_argument("--hours", type=int, default=24, help="simulated hours (default 24)")
+    demo.add_argument("--seed", type=int, default=7, help="random seed of the simulated users")
+    demo.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    demo.set_defaults(func=_cmd_demo)
+
+    syncs = sub.add_parser("syncs", help="list the syncs in a store")
+    syncs.add_argument("--db", required=True, help="the SQLite store")
+    syncs.add_argument("--json", action="store_true", help="print JSON")
+    syncs.set_defaults(func=_cmd_syncs)
+
+    history = sub.add_parser("history", help="show a sync's runs, newest first")
+    history.add_argument("sync", help="the sync id")
+    history.add_argument("--db", required=True, help="the SQLite store")
+    history.add_argument("--limit", type=int, default=20, help="most runs to show")
+    history.add_argument("--json", action="store_true", help="print JSON, with member issues")
+    history.set_defaults(func=_cmd_history)
+
+    upcoming = sub.add_parser("upcoming", help="list runs due in the next hours")
+    upcoming.add_argument("--db", required=True, help="the SQLite store")
+    upcoming.add_argument("--hours", type=float, default=24.0, help="how far ahead (default 24)")
+    upcoming.add_argument("--limit", type=int, default=50, help="most runs to list")
+    upcoming.set_defaults(func=_cmd_upcoming)
+
+    check = sub.add_parser("check", help="check eligibility against a catalog destination")
+    check.add_argument("--destination", required=True, choices=sorted(catalog.PRESETS))
+    check.add_argument("--cadence", required=True, choices=[c.value for c in Cadence])
+    check.add_argument("--cohort-type", default="behavioral", choices=[t.value for t in CohortType])
+    check.add_argument("--size", type=int, default=None, help="the cohort's member count")
+    check.add_argument(
+        "--identifier",
+        action="append",
+        help="an identifier kind the mapping produces (repeatable); omit to skip the check",
+    )
+    check.set_defaults(func=_cmd_check)
+
+    worker = sub.add_parser("worker", help="run a host scheduler until SIGINT/SIGTERM")
+    worker.add_argument("--app", required=True, help="module:attribute of a Scheduler (or factory)")
+    worker.add_argument("--idle", type=float, default=30.0, help="longest sleep between polls (s)")
+    worker.set_defaults(func=_cmd_worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """
+    Run the command line; return the exit code.
+    """
+    out = out or sys.stdout
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args, out)
+    except _CliError as e:
+        print(f"cohortsync: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CohortSyncError as e:
+        print(f"cohortsync: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return code

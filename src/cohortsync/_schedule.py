@@ -1,0 +1,401 @@
+"""
+Pure schedule math: when a sync is due next, and which slot an instant belongs to.
+
+Every recurring sync runs on an *absolute* slot grid: the instants
+``period start + offset`` for every period, where periods are aligned to the
+Unix epoch (hour boundaries, UTC midnights, minute boundaries) and the offset is
+fixed when the sync is created or updated. A daily sync in a named time zone
+uses one instant per *local* day instead (local midnight + offset of local wall
+time).
+
+Why absolute grids rather than "last run + period": the next run is computed
+from the grid and the time the previous run *finished*, never from when it
+started or how long it took. So run durations, restarts, late workers and clock
+jumps cannot make a sync drift away from its slot; a run that overlaps several
+slots simply coalesces them (the next run is the first slot strictly after it
+finished). And because the grid is a closed-form function of the offset, every
+function here is O(1) whatever the gap: a clock 200 years ahead costs the same
+as one a second ahead.
+
+Everything here is pure: no clock reads, no I/O, no state. The scheduler owns
+time and storage and calls in with the instants it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from datetime import date, datetime, timedelta, timezone
+from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
+
+from cohortsync._clock import require_aware
+from cohortsync._policy import Cadence, SyncPolicy
+from cohortsync.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+__all__ = [
+    "next_due",
+    "next_due_ts",
+    "period_seconds",
+    "slot_of",
+    "spread_ratio",
+    "stable_offset",
+]
+
+_UTC = timezone.utc
+_EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
+_DAY = 86_400
+_ONE_DAY = timedelta(days=1)
+# Bound once: next_due_ts is the hot path and a global lookup is cheaper than an
+# attribute lookup on every call.
+_floor = math.floor
+_from_ts = datetime.fromtimestamp
+
+_PERIOD_SECONDS: dict[Cadence, int | None] = {
+    cadence: None if cadence.period is None else int(cadence.period.total_seconds())
+    for cadence in Cadence
+}
+# Offsets must lie in [0, bound). One-time and real-time syncs are not spread
+# (real-time runs at *every* minute boundary), so their only valid offset is 0.
+_OFFSET_BOUND: dict[Cadence, int] = {
+    Cadence.ONE_TIME: 1,
+    Cadence.HOURLY: 3_600,
+    Cadence.DAILY: _DAY,
+    Cadence.REALTIME: 1,
+}
+# The UTC grid period of each recurring cadence (daily in a named zone excepted).
+_GRID_SECONDS: dict[Cadence, int] = {
+    Cadence.HOURLY: 3_600,
+    Cadence.DAILY: _DAY,
+    Cadence.REALTIME: 60,
+}
+# Domain separation: the slot offset of a key is uncorrelated with any other
+# hash of the same key (for example one used to shard syncs across workers).
+_OFFSET_PERSON = b"cohortsync.slot"
+
+
+def period_seconds(cadence: Cadence) -> int | None:
+    """
+    The length of one period of *cadence* in whole seconds.
+
+    The schedule math works on integers so that it is exact; this is the bridge
+    from :attr:`Cadence.period`.
+
+    Args:
+        cadence: The cadence.
+
+    Returns:
+        3600 for hourly, 86400 for daily, 60 for real-time, ``None`` for one-time
+        (which has no period).
+    """
+    return _PERIOD_SECONDS[cadence]
+
+
+def next_due_ts(period_seconds: int, offset: int, after_ts: float) -> int:
+    """
+    The first point of a UTC grid strictly after *after_ts*, in epoch seconds.
+
+    This is the integer core of :func:`next_due` for hourly, daily (UTC) and
+    real-time syncs, kept free of datetime objects so that the scheduler and the
+    benchmarks can compute millions of due times per second. Grid points are
+    whole seconds, so the first one after *after_ts* is also the first one after
+    ``floor(after_ts)``, which keeps the arithmetic exact for float input.
+
+    Args:
+        period_seconds: The grid period, a positive number of seconds.
+        offset: Where in each period the grid point lies, in
+            ``[0, period_seconds)``.
+        after_ts: Epoch seconds; the result is strictly greater.
+
+    Returns:
+        The smallest ``k * period_seconds + offset`` greater than *after_ts*.
+
+    Raises:
+        ConfigurationError: If *period_seconds* is not a positive ``int`` or
+            *offset* is not an ``int`` in range.
+    """
+    if (
+        type(offset) is not int
+        or type(period_seconds) is not int
+        or not 0 <= offset < period_seconds
+    ):
+        raise _bad_grid(period_seconds, offset)
+    floor = _floor(after_ts)
+    return floor - (floor - offset) % period_seconds + period_seconds
+
+
+def next_due(policy: SyncPolicy, anchor: datetime, offset: int, after: datetime) -> datetime | None:
+    """
+    When a sync is next due, strictly after *after*.
+
+    The scheduler runs a sync immediately at *anchor* (its creation or last
+    update) and then calls this with the instant the previous run *finished*.
+    Basing the answer on the slot grid rather than on the previous run is what
+    keeps a sync on "around the same time" forever: a slow run, or several slots
+    missed while it ran, only coalesce into the next slot after it.
+
+    Args:
+        policy: The sync's policy; its cadence and time zone select the grid.
+        anchor: When the sync was created or last updated. UTC grids do not
+            depend on it; it is validated so that every caller passes aware
+            datetimes, and keeps the signature stable for grids that might.
+        offset: The sync's slot offset in seconds: in ``[0, 3600)`` for hourly,
+            ``[0, 86400)`` for daily (of local wall time for a daily sync with a
+            time zone), and ``0`` for one-time and real-time syncs, which are not
+            spread.
+        after: The result is strictly later than this instant.
+
+    Returns:
+        An aware UTC datetime, or ``None`` for a one-time sync: its single run is
+        due at *anchor* and it has no next run.
+
+    Raises:
+        TypeError: If *anchor* or *after* is naive.
+        ConfigurationError: If *offset* is out of range for the cadence.
+    """
+    # Fast path: an exact UTC datetime needs no conversion; anything else (other
+    # zones, subclasses, naive values) goes through require_aware.
+    if type(anchor) is not datetime or anchor.tzinfo is not _UTC:
+        require_aware(anchor, "anchor")
+    if type(after) is not datetime or after.tzinfo is not _UTC:
+        after = require_aware(after, "after")
+    cadence = policy.cadence
+    if type(offset) is not int or not 0 <= offset < _OFFSET_BOUND[cadence]:
+        raise _bad_offset(cadence, offset)
+    if cadence is Cadence.ONE_TIME:
+        return None
+    if policy.timezone is not None:
+        return _next_local(ZoneInfo(policy.timezone), offset, after)
+    # Whole seconds from a timedelta are exact for any datetime; a float
+    # timestamp would round microseconds away far from the epoch.
+    delta = after - _EPOCH
+    due = next_due_ts(_GRID_SECONDS[cadence], offset, delta.days * _DAY + delta.seconds)
+    return _from_ts(due, _UTC)
+
+
+def slot_of(policy: SyncPolicy, when: datetime, *, offset: int) -> datetime:
+    """
+    The grid slot at or before *when*.
+
+    The scheduler uses it to name the slot a late or catch-up run belongs to
+    (a run record is unique per slot), and to tell a few seconds late (still the
+    due slot) from more than a period late (one catch-up run, then back on the
+    grid).
+
+    Args:
+        policy: The sync's policy; its cadence and time zone select the grid.
+        when: Any aware instant.
+        offset: The sync's slot offset, as for :func:`next_due`. The grid
+            depends on it, so it is required; it is keyword-only so that it is
+            not confused with the instant.
+
+    Returns:
+        The latest grid point not after *when*, as an aware UTC datetime.
+
+    Raises:
+        TypeError: If *when* is naive.
+        ConfigurationError: If the policy is one-time (it has no grid) or
+            *offset* is out of range for the cadence.
+    """
+    if type(when) is not datetime or when.tzinfo is not _UTC:
+        when = require_aware(when, "when")
+    cadence = policy.cadence
+    if type(offset) is not int or not 0 <= offset < _OFFSET_BOUND[cadence]:
+        raise _bad_offset(cadence, offset)
+    if cadence is Cadence.ONE_TIME:
+        raise ConfigurationError("cadence", cadence, "a one-time sync has no slot grid")
+    if policy.timezone is not None:
+        return _slot_local(ZoneInfo(policy.timezone), offset, when)
+    seconds = _exact_seconds(when)
+    return _from_ts(seconds - (seconds - offset) % _GRID_SECONDS[cadence], _UTC)
+
+
+def stable_offset(key: str, period_seconds: int) -> int:
+    """
+    A slot offset for *key*, the same in every process, spread over the period.
+
+    Offsets must survive restarts and agree between workers, so they come from
+    a cryptographic digest rather than :func:`hash`, which is salted per
+    process. A 64-bit digest makes the modulo bias negligible for any period.
+
+    Args:
+        key: What identifies the sync's schedule, for example its id.
+        period_seconds: The period to spread over, a positive number of
+            seconds.
+
+    Returns:
+        An ``int`` in ``[0, period_seconds)``.
+
+    Raises:
+        ConfigurationError: If *key* is not a ``str`` or *period_seconds* is not
+            a positive ``int``.
+    """
+    if not isinstance(key, str):
+        raise ConfigurationError("key", key, f"must be a str, not {type(key).__name__}")
+    _check_positive("period_seconds", period_seconds)
+    digest = hashlib.blake2b(
+        key.encode("utf-8", "surrogatepass"), digest_size=8, person=_OFFSET_PERSON
+    ).digest()
+    return int.from_bytes(digest, "big") % period_seconds
+
+
+def spread_ratio(offsets: Iterable[int], period_seconds: int, bucket_seconds: int = 60) -> float:
+    """
+    How uneven a set of slot offsets is: busiest bucket count / mean bucket count.
+
+    1.0 is perfectly flat load; the busiest minute is what sizes the workers,
+    so this is the number the spread goal is stated in.
+
+    Args:
+        offsets: Slot offsets, each in ``[0, period_seconds)``.
+        period_seconds: The period the offsets live in.
+        bucket_seconds: The bucket width; it must divide the period, since a
+            short last bucket would skew the mean.
+
+    Returns:
+        The ratio, at least 1.0.
+
+    Raises:
+        ConfigurationError: If *offsets* is empty or holds an offset out of
+            range, or the bucket does not divide the period.
+    """
+    _check_positive("period_seconds", period_seconds)
+    _check_positive("bucket_seconds", bucket_seconds)
+    if period_seconds % bucket_seconds:
+        raise ConfigurationError(
+            "bucket_seconds", bucket_seconds, f"must divide period_seconds={period_seconds}"
+        )
+    counts = [0] * (period_seconds // bucket_seconds)
+    total = 0
+    for offset in offsets:
+        if type(offset) is not int or not 0 <= offset < period_seconds:
+            raise ConfigurationError(
+                "offsets", offset, f"every offset must be an int in [0, {period_seconds})"
+            )
+        counts[offset // bucket_seconds] += 1
+        total += 1
+    if not total:
+        raise ConfigurationError("offsets", [], "must not be empty")
+    return max(counts) * len(counts) / total
+
+
+def _next_local(zone: ZoneInfo, offset: int, after: datetime) -> datetime:
+    """
+    The first slot of a local-day grid strictly after *after* (aware UTC).
+
+    Slots never go backwards as the local date advances, so the answer is the
+    slot of the local date of *after* or of a neighbour; no loop over the gap.
+
+    The next day's slot is always after *after*: it shows a wall time on a
+    later date, and if a backward jump repeats that wall time, the later fold
+    is taken, which comes after everything shown before the repeat. Earlier
+    days' slots can also be after *after*, but only when *after* falls before a
+    backward jump that repeats them: rare, and bounded by the longest jump in
+    the tz database (a whole day, in Alaska in 1867), so the walk back takes at
+    most one step, whatever the distance from the anchor.
+    """
+    day = after.astimezone(zone).date()
+    slot = _local_slot(zone, day, offset)
+    if slot <= after:
+        return _local_slot(zone, day + _ONE_DAY, offset)
+    while (earlier := _local_slot(zone, day - _ONE_DAY, offset)) > after:
+        day, slot = day - _ONE_DAY, earlier
+    return slot
+
+
+def _slot_local(zone: ZoneInfo, offset: int, when: datetime) -> datetime:
+    """
+    The last slot of a local-day grid at or before *when* (aware UTC).
+
+    The mirror image of :func:`_next_local`: the next day's slot is never at or
+    before *when*, and walking back takes one step, or two when *when* falls
+    before a backward jump of a whole day.
+    """
+    day = when.astimezone(zone).date()
+    slot = _local_slot(zone, day, offset)
+    while slot > when:
+        day -= _ONE_DAY
+        slot = _local_slot(zone, day, offset)
+    return slot
+
+
+def _local_slot(zone: ZoneInfo, day: date, offset: int) -> datetime:
+    """
+    The instant of *day*'s slot: *offset* seconds of wall time after local
+    midnight, as aware UTC.
+
+    A wall time repeated by a backward transition resolves to the later fold,
+    so the sync runs once, after the repeated hour has begun for the second
+    time. A wall time skipped by a forward transition resolves to the
+    transition itself, the first instant that exists after it: running early
+    would mean running before the local day's slot.
+    """
+    hours, rest = divmod(offset, 3_600)
+    minutes, seconds = divmod(rest, 60)
+    wall = datetime(day.year, day.month, day.day, hours, minutes, seconds, tzinfo=zone, fold=1)
+    instant = wall.astimezone(_UTC)
+    # Both sides carry the same tzinfo, so == compares wall clock readings: a
+    # mismatch means the wall time does not exist (it is in a gap).
+    if instant.astimezone(zone) == wall:
+        return instant
+    return _end_of_gap(zone, wall)
+
+
+def _end_of_gap(zone: ZoneInfo, wall: datetime) -> datetime:
+    """
+    The transition instant that skips over *wall*, which is in a gap.
+
+    zoneinfo does not expose its transitions, but it does resolve a gap's wall
+    time with the offsets either side of it (``fold`` picks which). The
+    transition lies between those two instants; bisecting on "has the wall
+    clock reached *wall* yet" finds it to the second in at most 17 steps, as no
+    gap is longer than a day: bounded, whatever the date.
+    """
+    # In a gap, fold=1 applies the offset from after the jump, which maps to an
+    # instant before it, and fold=0 the offset from before, which maps after it.
+    low = _exact_seconds(wall.replace(fold=1))
+    high = _exact_seconds(wall.replace(fold=0))
+    # Invariant: the wall clock reads earlier than *wall* at low, later at high.
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _from_ts(middle, zone) >= wall:
+            high = middle
+        else:
+            low = middle
+    return _from_ts(high, _UTC)
+
+
+def _exact_seconds(value: datetime) -> int:
+    delta = value - _EPOCH
+    return delta.days * _DAY + delta.seconds
+
+
+def _check_positive(field: str, value: object) -> None:
+    if type(value) is not int or value <= 0:
+        raise ConfigurationError(field, value, "must be a positive int number of seconds")
+
+
+def _bad_grid(period: object, offset: object) -> ConfigurationError:
+    if type(period) is not int or period <= 0:
+        return ConfigurationError("period_seconds", period, "must be a positive int")
+    return ConfigurationError(
+        "offset", offset, f"must be an int number of seconds in [0, {period})"
+    )
+
+
+def _bad_offset(cadence: Cadence, offset: object) -> ConfigurationError:
+    bound = _OFFSET_BOUND[cadence]
+    if bound == 1:
+        return ConfigurationError(
+            "offset",
+            offset,
+            f"{cadence.value} syncs are not spread over a period; their offset must be 0",
+        )
+    return ConfigurationError(
+        "offset",
+        offset,
+        f"must be an int number of seconds in [0, {bound}) for {cadence.value} syncs",
+    )

@@ -1,0 +1,367 @@
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cohortsync._destination import Identifier, IdentifierKind, Member
+from cohortsync._identifiers import (
+    IdentifierMapping,
+    hash_email,
+    hash_phone,
+    normalize_email,
+    normalize_phone,
+    try_hash_email,
+    try_hash_phone,
+    try_normalize_email,
+    try_normalize_phone,
+)
+from cohortsync.exceptions import ConfigurationError
+
+TEST_EMAIL_SHA256 = "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b"
+US_PHONE_SHA256 = "8a59780bb8cd2ba022bfa5ba2ea3b6e07af17a7d8b30c1f9b3390e36f69019e4"
+
+K = IdentifierKind
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+phone_noise = st.sampled_from(["", " ", "-", ".", "(", ")", "\t"])
+phones = st.builds(
+    lambda prefix, digits, noise: prefix + noise.join(digits),
+    st.sampled_from(["+", "00", "", "0"]),
+    st.text(alphabet="0123456789", min_size=0, max_size=18),
+    phone_noise,
+)
+hex_digests = st.text(alphabet="0123456789abcdefABCDEF", min_size=64, max_size=64)
+
+
+class TestNormalizeEmail:
+    def test_trims_and_lower_cases(self) -> None:
+        """Surrounding whitespace goes and letters are lower-cased, nothing else changes."""
+        assert "jane.doe+tag@example.com" == normalize_email("  Jane.Doe+Tag@Example.COM \n")
+
+    @pytest.mark.parametrize(
+        "value",
+        ["", "   ", "no-at-sign", "@example.com", "jane@", "ja ne@example.com", "a@" + "b" * 260],
+    )
+    def test_invalid_raises_and_try_returns_none(self, value: str) -> None:
+        """Unusable emails raise from the plain helper and give None from the try_ helper."""
+        with pytest.raises(ConfigurationError) as info:
+            normalize_email(value)
+
+        assert "email" == info.value.field
+        assert try_normalize_email(value) is None
+
+    def test_error_does_not_echo_the_address(self) -> None:
+        """Error messages leave the personal data out: they end up in logs."""
+        with pytest.raises(ConfigurationError, match="has no '@'") as info:
+            normalize_email("Private.Person.example.com")
+
+        assert "private" not in str(info.value).lower()
+
+    def test_non_str_is_invalid(self) -> None:
+        """A non-str is rejected as data, not with a TypeError from deep inside."""
+        assert try_normalize_email(42) is None  # type: ignore[arg-type]
+
+    @given(st.text())
+    def test_idempotent(self, value: str) -> None:
+        """Normalising a normalised email changes nothing."""
+        once = try_normalize_email(value)
+
+        if once is not None:
+            assert once == normalize_email(once)
+
+    @given(st.emails())
+    def test_valid_emails_normalise(self, value: str) -> None:
+        """Every syntactically valid email is accepted."""
+        assert value.lower() == normalize_email(value)
+
+
+class TestHashEmail:
+    def test_known_vector(self) -> None:
+        """The digest is SHA-256 of the normalised address, as ad networks compute it."""
+        assert TEST_EMAIL_SHA256 == hash_email(" Test@Example.com ")
+        assert sha256("test@example.com") == hash_email("TEST@example.com")
+
+    def test_already_hashed_passes_through_lower_cased(self) -> None:
+        """A digest is not hashed again, so hosts can mix raw and pre-hashed data."""
+        assert TEST_EMAIL_SHA256 == hash_email(f"  {TEST_EMAIL_SHA256.upper()}  ")
+
+    def test_invalid_raises_and_try_returns_none(self) -> None:
+        """Something that is neither an email nor a digest is refused."""
+        with pytest.raises(ConfigurationError):
+            hash_email("abc123")
+
+        assert try_hash_email("abc123") is None
+        assert try_hash_email("a" * 63) is None
+
+    @given(st.one_of(st.emails(), hex_digests, st.text()))
+    def test_idempotent(self, value: str) -> None:
+        """hash(hash(x)) == hash(x): re-hashing a digest returns it unchanged."""
+        once = try_hash_email(value)
+
+        if once is not None:
+            assert once == hash_email(once)
+            assert 64 == len(once)
+
+
+class TestNormalizePhone:
+    @pytest.mark.parametrize(
+        ("value", "country", "expected"),
+        [
+            ("+1 (555) 123-4567", None, "+15551234567"),
+            ("+1.555.123.4567", None, "+15551234567"),
+            ("0044 20 7946 0958", None, "+442079460958"),
+            ("+44 (0)20 7946 0958", None, "+442079460958"),
+            ("(555) 123-4567", "1", "+15551234567"),
+            ("(555) 123-4567", "+1", "+15551234567"),
+            ("020 7946 0958", "44", "+442079460958"),
+            ("06 1234 5678", "39", "+390612345678"),
+            ("1-555-123-4567", "1", "+15551234567"),
+            ("+1 555 123 4567", "1", "+15551234567"),
+        ],
+    )
+    def test_e164(self, value: str, country: str | None, expected: str) -> None:
+        """Separators go, 00 becomes +, national numbers get the default country code."""
+        assert expected == normalize_phone(value, country)
+        assert expected == try_normalize_phone(value, country)
+
+    @pytest.mark.parametrize(
+        ("value", "country", "reason"),
+        [
+            ("", None, "is empty"),
+            ("555 123 4567", None, "no country code"),
+            ("+1 555 CALL NOW", None, "digits"),
+            ("+1234567", None, "has 7 digits"),
+            ("+1234567890123456", None, "has 16 digits"),
+            ("+0123456789", None, "starting with 0"),
+            ("\uff11\uff12\uff13\uff14\uff15\uff16\uff17\uff18", "1", "digits"),
+        ],
+    )
+    def test_invalid(self, value: str, country: str | None, reason: str) -> None:
+        """Numbers that cannot be E.164 raise from the plain helper and give None from try_."""
+        with pytest.raises(ConfigurationError, match=reason) as info:
+            normalize_phone(value, country)
+
+        assert "phone" == info.value.field
+        assert try_normalize_phone(value, country) is None
+
+    @pytest.mark.parametrize("country", ["", "0", "1234", "+", "a1", "44 "])
+    def test_bad_default_country_code_raises_even_from_try(self, country: str) -> None:
+        """A bad default country code is a caller bug, so it is never silently None."""
+        with pytest.raises(ConfigurationError, match="default_country_code"):
+            try_normalize_phone("555 123 4567", country)
+
+    def test_limits_are_inclusive(self) -> None:
+        """E.164 allows 8 to 15 digits after the +."""
+        assert "+12345678" == normalize_phone("+12345678")
+        assert "+123456789012345" == normalize_phone("+123456789012345")
+
+    @given(phones, st.sampled_from([None, "1", "44", "39"]))
+    def test_idempotent(self, value: str, country: str | None) -> None:
+        """Normalising an E.164 number again returns it unchanged."""
+        once = try_normalize_phone(value, country)
+
+        if once is not None:
+            assert once == normalize_phone(once)
+            assert once == normalize_phone(once, country)
+
+
+class TestHashPhone:
+    def test_known_vector(self) -> None:
+        """The digest is SHA-256 of the E.164 string."""
+        assert US_PHONE_SHA256 == hash_phone("+1 (555) 123-4567")
+        assert sha256("+15551234567") == hash_phone("555-123-4567", "1")
+
+    def test_already_hashed_passes_through(self) -> None:
+        """A digest passes through lower-cased."""
+        assert US_PHONE_SHA256 == hash_phone(US_PHONE_SHA256.upper())
+
+    def test_invalid(self) -> None:
+        """A number without a country code cannot be hashed meaningfully."""
+        with pytest.raises(ConfigurationError, match="no country code"):
+            hash_phone("555 123 4567")
+
+        assert try_hash_phone("555 123 4567") is None
+
+    @given(st.one_of(phones, hex_digests))
+    def test_idempotent(self, value: str) -> None:
+        """hash(hash(x)) == hash(x)."""
+        once = try_hash_phone(value, "1")
+
+        if once is not None:
+            assert once == hash_phone(once)
+
+
+EMAILS = {"u1": "Jane@Example.com", "u2": "not-an-email"}
+PHONES = {"u2": "+1 555 123 4567", "u3": "555 123 4567"}
+
+
+def priority_mapping() -> IdentifierMapping:
+    return IdentifierMapping(
+        [
+            (K.EMAIL_SHA256, EMAILS.get),
+            (K.PHONE_SHA256, PHONES.get),
+            (K.USER_ID, lambda key: key if key.startswith("u") else None),
+        ]
+    )
+
+
+class TestIdentifierMapping:
+    def test_primary_wins(self) -> None:
+        """The first rule that yields a value is used, hashed for hashed kinds."""
+        assert Identifier(K.EMAIL_SHA256, sha256("jane@example.com")) == (
+            priority_mapping().resolve("u1")
+        )
+
+    def test_falls_back_past_missing_and_invalid_values(self) -> None:
+        """A missing or unusable value moves on to the next rule."""
+        mapping = priority_mapping()
+
+        assert Identifier(K.PHONE_SHA256, US_PHONE_SHA256) == mapping.resolve("u2")
+        assert Identifier(K.USER_ID, "u3") == mapping.resolve("u3")
+
+    def test_unresolved_is_none(self) -> None:
+        """A key no rule resolves gives None (the engine skips it as unresolved_mapping)."""
+        assert priority_mapping().resolve("x9") is None
+
+    def test_skips_kinds_the_destination_does_not_accept(self) -> None:
+        """Rules for kinds outside `accepted` are never consulted."""
+        consulted: list[str] = []
+
+        def emails(key: str) -> str:
+            consulted.append(key)
+            return "jane@example.com"
+
+        mapping = IdentifierMapping([(K.EMAIL_SHA256, emails), (K.USER_ID, str.upper)])
+
+        assert Identifier(K.USER_ID, "U1") == mapping.resolve("u1", frozenset({K.USER_ID}))
+        assert [] == consulted
+        assert mapping.resolve("u1", frozenset({K.DEVICE_ID})) is None
+
+    def test_accepted_none_means_any(self) -> None:
+        """Without a restriction the first rule applies."""
+        assert K.EMAIL_SHA256 == priority_mapping().resolve("u1", None).kind  # type: ignore[union-attr]
+
+    def test_plain_kinds_are_normalised(self) -> None:
+        """Raw email and phone kinds are sent normalised, other kinds as returned."""
+        mapping = IdentifierMapping(
+            [(K.EMAIL, EMAILS.get), (K.PHONE, PHONES.get), (K.DEVICE_ID, lambda _: " dev ")],
+            default_country_code="1",
+        )
+
+        assert Identifier(K.EMAIL, "jane@example.com") == mapping.resolve("u1")
+        assert Identifier(K.PHONE, "+15551234567") == mapping.resolve("u3")
+        assert Identifier(K.DEVICE_ID, " dev ") == mapping.resolve("zz")
+
+    def test_blank_values_are_missing(self) -> None:
+        """An empty or blank value is not an identifier."""
+        mapping = IdentifierMapping([(K.USER_ID, lambda _: "  "), (K.DEVICE_ID, lambda _: "")])
+
+        assert mapping.resolve("u1") is None
+
+    def test_identity(self) -> None:
+        """identity() uses the member key itself, as the given kind."""
+        assert Identifier(K.USER_ID, "u1") == IdentifierMapping.identity().resolve("u1")
+        assert Identifier(K.DEVICE_ID, "d") == (
+            IdentifierMapping.identity(K.DEVICE_ID).resolve("d")
+        )
+        assert IdentifierMapping.identity() == IdentifierMapping.identity()
+
+    def test_hashed_email(self) -> None:
+        """hashed_email() hashes what the lookup returns and passes digests through."""
+        lookup = {"a": "TEST@example.com", "b": TEST_EMAIL_SHA256.upper()}.get
+        mapping = IdentifierMapping.hashed_email(lookup)
+
+        assert Identifier(K.EMAIL_SHA256, TEST_EMAIL_SHA256) == mapping.resolve("a")
+        assert Identifier(K.EMAIL_SHA256, TEST_EMAIL_SHA256) == mapping.resolve("b")
+        assert mapping.resolve("c") is None
+
+    def test_hashed_phone_uses_default_country_code(self) -> None:
+        """hashed_phone() normalises national numbers with the given country code."""
+        mapping = IdentifierMapping.hashed_phone(PHONES.get, default_country_code="+1")
+
+        assert Identifier(K.PHONE_SHA256, US_PHONE_SHA256) == mapping.resolve("u3")
+        assert IdentifierMapping.hashed_phone(PHONES.get).resolve("u3") is None
+
+    def test_kinds(self) -> None:
+        """kinds lists every kind the mapping can produce."""
+        assert frozenset({K.EMAIL_SHA256, K.PHONE_SHA256, K.USER_ID}) == priority_mapping().kinds
+
+    def test_resolve_many(self) -> None:
+        """Bulk resolution keeps input order and reports unresolved keys."""
+        members, unresolved = priority_mapping().resolve_many(["u3", "x1", "u1", "x2"])
+
+        assert [
+            Member("u3", Identifier(K.USER_ID, "u3")),
+            Member("u1", Identifier(K.EMAIL_SHA256, sha256("jane@example.com"))),
+        ] == members
+        assert ["x1", "x2"] == unresolved
+
+    def test_resolve_many_with_accepted(self) -> None:
+        """Bulk resolution honours accepted kinds too."""
+        members, unresolved = priority_mapping().resolve_many(["u1", "u2"], {K.PHONE_SHA256})
+
+        assert [Member("u2", Identifier(K.PHONE_SHA256, US_PHONE_SHA256))] == members
+        assert ["u1"] == unresolved
+
+    def test_resolver_returning_non_str_is_a_clear_error(self) -> None:
+        """A buggy resolver is reported, naming the kind, instead of skipping members."""
+
+        def buggy(key: str) -> object:
+            return 42
+
+        mapping = IdentifierMapping([(K.USER_ID, buggy)])  # type: ignore[list-item]
+
+        with pytest.raises(ConfigurationError, match="returned int") as info:
+            mapping.resolve("u1")
+
+        assert "user_id" == info.value.value
+
+    def test_kinds_may_be_given_as_strings(self) -> None:
+        """Kinds convert from their values, as everywhere in the API."""
+        mapping = IdentifierMapping([("device_id", str.upper)])
+
+        assert frozenset({K.DEVICE_ID}) == mapping.kinds
+
+    @pytest.mark.parametrize(
+        ("rules", "match"),
+        [
+            ([], "at least one"),
+            ([(K.USER_ID, "not callable")], "callable"),
+            ([("phone_number", str.upper)], "unknown IdentifierKind"),
+            ([K.USER_ID], "pairs"),
+        ],
+    )
+    def test_invalid_rules(self, rules: list[object], match: str) -> None:
+        """Bad rules are refused at construction with a ConfigurationError."""
+        with pytest.raises(ConfigurationError, match=match):
+            IdentifierMapping(rules)  # type: ignore[arg-type]
+
+    def test_invalid_default_country_code(self) -> None:
+        """The default country code is validated up front."""
+        with pytest.raises(ConfigurationError, match="default_country_code"):
+            IdentifierMapping([(K.PHONE, str)], default_country_code="x")
+
+    def test_repr_hides_resolvers(self) -> None:
+        """The repr names the kinds only; resolvers may hold connections or secrets."""
+
+        class SecretLookup:
+            def __call__(self, key: str) -> str | None:
+                return None
+
+            def __repr__(self) -> str:
+                return "SecretLookup(password='hunter2')"
+
+        mapping = IdentifierMapping(
+            [(K.EMAIL_SHA256, SecretLookup()), (K.USER_ID, str)], default_country_code="44"
+        )
+
+        assert "IdentifierMapping(['email_sha256', 'user_id'], default_country_code='44')" == (
+            repr(mapping)
+        )

@@ -1,0 +1,446 @@
+"""
+The Scheduler: when syncs run, the sync life cycle, leases and missed runs.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import attrs
+import pytest
+
+import cohortsync as cs
+from cohortsync import exceptions
+from cohortsync._schedule import spread_ratio
+from cohortsync.testing import FakeClock, MemoryStorage, RecordingDestination
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+
+
+class Members:
+    """
+    A mutable membership source the tests change between runs.
+    """
+
+    def __init__(self, keys: set[str] | None = None) -> None:
+        self.keys = set(keys or {"u1", "u2", "u3"})
+        self.reads = 0
+
+    def members(self) -> list[str]:
+        self.reads += 1
+        return sorted(self.keys)
+
+
+@attrs.define
+class Env:
+    scheduler: cs.Scheduler
+    clock: FakeClock
+    storage: MemoryStorage
+    destination: RecordingDestination
+    source: Members
+
+    def create(self, policy: cs.SyncPolicy, sync_id: str = "s1") -> cs.Sync:
+        return self.scheduler.create_sync("c1", "dest", policy, sync_id=sync_id)
+
+    def runs(self, sync_id: str = "s1") -> list[cs.SyncRun]:
+        return list(reversed(self.scheduler.history(sync_id)))
+
+
+def make_env(clock: FakeClock, destination: RecordingDestination | None = None) -> Env:
+    storage = MemoryStorage()
+    scheduler = cs.Scheduler(storage, clock=clock, seed=0)
+    source = Members()
+    dest = destination or RecordingDestination()
+    scheduler.add_destination("dest", dest)
+    scheduler.add_cohort(cs.Cohort(id="c1", name="Cohort one", source=source))
+    return Env(scheduler, clock, storage, dest, source)
+
+
+@pytest.fixture
+def env(clock: FakeClock) -> Env:
+    return make_env(clock)
+
+
+def on_grid(when: datetime, period: timedelta, offset: int) -> bool:
+    seconds = int((when - datetime(1970, 1, 1, tzinfo=timezone.utc)).total_seconds())
+    return (seconds - offset) % int(period.total_seconds()) == 0
+
+
+class TestFirstRun:
+    def test_hourly_first_run_is_due_immediately(self, env: Env) -> None:
+        """An hourly sync's first run is due the moment it is created."""
+        env.create(cs.SyncPolicy.hourly())
+
+        assert env.clock.now() == env.scheduler.next_run("s1")
+        runs = env.scheduler.run_due()
+        assert [cs.Trigger.SCHEDULED] == [r.trigger for r in runs]
+        assert {"u1", "u2", "u3"} == env.destination.members
+
+    def test_second_run_lands_on_the_slot_within_one_period(self, env: Env) -> None:
+        """After the immediate first run the sync moves onto its slot, less than a period later."""
+        env.create(cs.SyncPolicy.hourly())
+        env.scheduler.run_due()
+        record = env.storage.get_sync("s1")
+
+        second = env.scheduler.next_run("s1")
+        assert second is not None
+        assert env.clock.now() < second <= env.clock.now() + HOUR
+        assert on_grid(second, HOUR, record.offset)
+
+    def test_daily_runs_stay_at_the_same_time_of_day(self, env: Env) -> None:
+        """Daily runs after the first keep one offset, exactly a day apart."""
+        env.create(cs.SyncPolicy.daily())
+        env.scheduler.run_due()
+        starts = []
+        for _ in range(5):
+            due = env.scheduler.next_run("s1")
+            assert due is not None
+            env.clock.set(due)
+            starts.append(env.scheduler.run_due()[0].started_at)
+
+        assert [DAY] * 4 == [b - a for a, b in zip(starts, starts[1:])]
+
+    def test_one_time_runs_once_then_completes(self, env: Env) -> None:
+        """A one-time sync runs once, as soon as possible, then is completed."""
+        env.create(cs.SyncPolicy.one_time())
+
+        runs = env.scheduler.run_due()
+        env.clock.advance(DAY * 3)
+
+        assert [cs.Trigger.ONE_TIME] == [r.trigger for r in runs]
+        assert [] == env.scheduler.run_due()
+        assert cs.SyncStatus.COMPLETED == env.scheduler.get_sync("s1").status
+        assert env.scheduler.next_run("s1") is None
+
+    def test_realtime_runs_every_minute_boundary(self, env: Env) -> None:
+        """A real-time sync runs now, then at every minute boundary."""
+        env.clock.set(env.clock.now() + timedelta(seconds=17))
+        env.create(cs.SyncPolicy.realtime())
+        env.scheduler.run_due()
+        slots = []
+        for _ in range(3):
+            due = env.scheduler.next_run("s1")
+            assert due is not None
+            slots.append(due)
+            env.clock.set(due)
+            env.scheduler.run_due()
+
+        assert [0, 0, 0] == [s.second for s in slots]
+        assert [timedelta(minutes=1)] * 2 == [b - a for a, b in zip(slots, slots[1:])]
+
+
+class TestSlotOffsets:
+    def test_offset_is_stable_until_the_sync_is_updated(self, env: Env) -> None:
+        """The slot offset survives runs and a new Scheduler, and changes on update."""
+        env.create(cs.SyncPolicy.hourly())
+        before = env.storage.get_sync("s1").offset
+        env.scheduler.run_due()
+        other = cs.Scheduler(env.storage, clock=env.clock)
+
+        assert before == env.storage.get_sync("s1").offset
+        other.add_cohort(env.scheduler.cohort("c1"))
+        other.add_destination("dest", env.destination)
+        updated = other.update_sync("s1", cs.SyncPolicy.daily())
+        assert 2 == updated.generation
+        assert env.clock.now() == other.next_run("s1")
+
+    def test_hash_offsets_are_the_same_in_any_scheduler(self, clock: FakeClock) -> None:
+        """With hash allocation, the same sync id gets the same offset everywhere."""
+        offsets = []
+        for _ in range(2):
+            e = make_env(clock)
+            e.scheduler.slot_allocation = "hash"
+            e.create(cs.SyncPolicy.daily(), sync_id="stable")
+            offsets.append(e.storage.get_sync("stable").offset)
+
+        assert offsets[0] == offsets[1]
+
+    def test_balanced_allocation_is_flat(self, env: Env) -> None:
+        """Balanced allocation puts as many syncs in each minute as in any other."""
+        for i in range(1_440 * 3):
+            env.create(cs.SyncPolicy.daily(), sync_id=f"d{i}")
+        offsets = [r.offset for r in env.storage.list_syncs()]
+
+        assert 1.0 == spread_ratio(offsets, 86_400)
+
+    def test_deleting_frees_the_slot(self, env: Env) -> None:
+        """A deleted sync's minute is the first one handed out again."""
+        for i in range(60):
+            env.create(cs.SyncPolicy.hourly(), sync_id=f"h{i}")
+        freed = env.storage.get_sync("h7").offset // 60
+        env.scheduler.delete_sync("h7")
+        env.create(cs.SyncPolicy.hourly(), sync_id="new")
+
+        assert freed == env.storage.get_sync("new").offset // 60
+
+
+class TestMissedAndLateRuns:
+    def test_three_days_down_gives_one_catch_up_then_the_grid(self, env: Env) -> None:
+        """After all workers were down three days, one catch-up run, then back on the slot grid."""
+        env.create(cs.SyncPolicy.hourly())
+        env.scheduler.run_due()
+        offset = env.storage.get_sync("s1").offset
+        env.clock.advance(DAY * 3)
+
+        runs = env.scheduler.run_due()
+        due = env.scheduler.next_run("s1")
+
+        assert [cs.Trigger.CATCH_UP] == [r.trigger for r in runs]
+        assert due is not None
+        assert on_grid(due, HOUR, offset)
+        assert env.clock.now() < due <= env.clock.now() + HOUR
+
+    def test_a_few_seconds_late_still_runs_the_slot(self, env: Env) -> None:
+        """A run started seconds after its slot runs that slot, not the next one."""
+        env.create(cs.SyncPolicy.hourly())
+        env.scheduler.run_due()
+        slot = env.scheduler.next_run("s1")
+        assert slot is not None
+        env.clock.set(slot + timedelta(seconds=7))
+
+        runs = env.scheduler.run_due()
+
+        assert [(cs.Trigger.SCHEDULED, slot)] == [(r.trigger, r.slot) for r in runs]
+
+    def test_an_overrun_coalesces_the_slots_it_overlapped(self, clock: FakeClock) -> None:
+        """A run longer than its period delays the next one; overlapped slots run once."""
+
+        class Slow(RecordingDestination):
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                clock.advance(HOUR * 2.5)
+                return super().add(batch)
+
+        e = make_env(clock, Slow())
+        e.create(cs.SyncPolicy.hourly())
+        first = e.scheduler.run_due()[0]
+        due = e.scheduler.next_run("s1")
+
+        assert due is not None
+        assert first.finished_at < due <= first.finished_at + HOUR
+
+    def test_clock_moving_backwards_runs_nothing_twice(self, env: Env) -> None:
+        """A clock stepping back does not re-run slots already recorded."""
+        env.create(cs.SyncPolicy.hourly())
+        env.scheduler.run_due()
+        env.clock.advance(HOUR * 2)
+        env.scheduler.run_due()
+        env.clock.set(env.clock.now() - HOUR * 3, backwards=True)
+
+        assert [] == env.scheduler.run_due()
+        assert 2 == len(env.runs())
+
+
+class TestLeases:
+    def test_a_crashed_workers_lease_expires_and_the_slot_runs_once(self, env: Env) -> None:
+        """A lease abandoned by a crashed worker makes the sync due again after expiry."""
+        env.create(cs.SyncPolicy.hourly())
+        (lease,) = env.storage.claim_due(env.clock.now(), "crashed", timedelta(minutes=5), 1)
+
+        assert [] == env.scheduler.run_due()
+        env.clock.advance(timedelta(minutes=5))
+        assert [] == env.scheduler.run_due()  # at expiry: still held
+        env.clock.advance(timedelta(seconds=1))
+        runs = env.scheduler.run_due()
+
+        assert [lease.slot] == [r.slot for r in runs]
+        with pytest.raises(exceptions.LeaseLostError):
+            env.storage.complete_run(
+                lease,
+                cs.Completion(run=attrs.evolve(runs[0], id="late"), next_due=None),
+            )
+        assert 1 == len(env.runs())
+
+    def test_a_run_never_happens_twice_for_one_slot(self, env: Env) -> None:
+        """Two schedulers on one store run each due slot exactly once."""
+        other = cs.Scheduler(env.storage, clock=env.clock, owner="other")
+        other.add_cohort(env.scheduler.cohort("c1"))
+        other.add_destination("dest", env.destination)
+        for i in range(20):
+            env.create(cs.SyncPolicy.hourly(), sync_id=f"s{i}")
+        ran = []
+        for _ in range(24):
+            ran += env.scheduler.run_due(limit=7) + other.run_due(limit=7)
+            ran += env.scheduler.run_due() + other.run_due()
+            env.clock.advance(HOUR)
+
+        slots = [(r.sync_id, r.slot) for r in ran]
+        assert len(slots) == len(set(slots))
+        assert 20 * 24 <= len(slots) <= 20 * 25
+
+
+class TestLifeCycle:
+    def test_pause_stops_and_resume_runs_now(self, env: Env) -> None:
+        """A paused sync is not run; resuming runs it immediately."""
+        env.create(cs.SyncPolicy.hourly())
+        env.scheduler.run_due()
+        env.scheduler.pause_sync("s1", "holiday")
+        env.clock.advance(DAY)
+
+        assert [] == env.scheduler.run_due()
+        assert env.scheduler.next_run("s1") is None
+        env.scheduler.resume_sync("s1")
+        assert [cs.Trigger.MANUAL] == [r.trigger for r in env.scheduler.run_due()]
+
+    def test_sync_now_runs_immediately_and_keeps_the_slot(self, env: Env) -> None:
+        """"Sync now" runs at once and then returns to the slot grid."""
+        env.create(cs.SyncPolicy.daily())
+        env.scheduler.run_due()
+        slot = env.scheduler.next_run("s1")
+        assert slot is not None
+        env.clock.set(slot - timedelta(seconds=30))
+        env.scheduler.sync_now("s1")
+
+        assert [cs.Trigger.MANUAL] == [r.trigger for r in env.scheduler.run_due()]
+        assert slot == env.scheduler.next_run("s1")
+
+    def test_update_bumps_generation_and_runs_now(self, env: Env) -> None:
+        """Updating a sync gives it a new generation and a run due now."""
+        env.create(cs.SyncPolicy.hourly())
+        env.scheduler.run_due()
+        env.clock.advance(timedelta(minutes=3))
+        env.scheduler.update_sync("s1", cs.SyncPolicy.daily())
+
+        runs = env.scheduler.run_due()
+        assert [2] == [r.generation for r in runs]
+        assert [cs.Cadence.DAILY] == [r.cadence for r in runs]
+
+    def test_update_to_an_ineligible_policy_changes_nothing(self, clock: FakeClock) -> None:
+        """An update refused by eligibility leaves the sync as it was."""
+        e = make_env(clock, RecordingDestination("facebook_ads"))
+        e.scheduler.add_mapping(
+            "hashed", cs.IdentifierMapping([(cs.IdentifierKind.EMAIL_SHA256, lambda k: k)])
+        )
+        e.scheduler.create_sync("c1", "dest", cs.SyncPolicy.hourly(), sync_id="s1", mapping_id="hashed")
+
+        with pytest.raises(exceptions.IneligibleSyncError) as info:
+            e.scheduler.update_sync("s1", cs.SyncPolicy.realtime())
+        assert {"realtime_destination"} == {r.code for r in info.value.reasons}
+        assert 1 == e.scheduler.get_sync("s1").generation
+
+    def test_delete_leaves_the_destination_by_default(self, env: Env) -> None:
+        """Deleting a sync stops it and leaves the destination as it is."""
+        env.create(cs.SyncPolicy.hourly())
+        env.scheduler.run_due()
+        env.scheduler.delete_sync("s1")
+        env.clock.advance(DAY)
+
+        assert [] == env.scheduler.run_due()
+        assert cs.SyncStatus.DELETED == env.scheduler.get_sync("s1").status
+        assert {"u1", "u2", "u3"} == env.destination.members
+
+    def test_deleted_syncs_cannot_be_resumed(self, env: Env) -> None:
+        """A deleted sync stays deleted."""
+        env.create(cs.SyncPolicy.hourly())
+        env.scheduler.delete_sync("s1")
+
+        with pytest.raises(exceptions.ConfigurationError):
+            env.scheduler.resume_sync("s1")
+
+
+class TestOneTimeRetries:
+    def test_a_failing_one_time_sync_is_retried_then_failed(self, clock: FakeClock) -> None:
+        """A one-time sync that keeps failing is retried with backoff, then marked failed."""
+        e = make_env(clock)
+
+        def broken() -> list[str]:
+            raise OSError("warehouse down")
+
+        e.scheduler.add_cohort(cs.Cohort(id="c1", name="Cohort one", source=broken))
+        e.create(cs.SyncPolicy.one_time(one_time_attempts=3))
+        dues = []
+        for _ in range(5):
+            e.scheduler.run_due()
+            due = e.scheduler.next_run("s1")
+            if due is None:
+                break
+            dues.append(due - clock.now())
+            clock.set(due)
+
+        statuses = [r.status for r in e.runs()]
+        assert [cs.RunStatus.FAILED] * 3 == statuses
+        assert cs.SyncStatus.FAILED == e.scheduler.get_sync("s1").status
+        assert dues[0] < dues[1]
+
+
+class TestQueries:
+    def test_upcoming_lists_every_run_until(self, env: Env) -> None:
+        """upcoming() lists the first immediate run and each hourly slot after."""
+        env.create(cs.SyncPolicy.hourly())
+        env.scheduler.run_due()
+
+        upcoming = env.scheduler.upcoming(env.clock.now() + timedelta(hours=5))
+
+        assert 5 == len(upcoming)
+        assert [HOUR] * 4 == [b.at - a.at for a, b in zip(upcoming, upcoming[1:])]
+
+    def test_preview_counts_without_sending(self, env: Env) -> None:
+        """preview() reports adds and removes and sends nothing."""
+        env.create(cs.SyncPolicy.hourly())
+        env.scheduler.run_due()
+        env.source.keys = {"u2", "u3", "u4", "u5"}
+        sent = len(env.destination.batches)
+
+        preview = env.scheduler.preview("s1")
+
+        assert (2, 1, 4, 3) == (preview.adds, preview.removes, preview.size, preview.delivered)
+        assert ("u4", "u5") == preview.sample_adds
+        assert sent == len(env.destination.batches)
+
+    def test_unknown_ids_raise_not_found(self, env: Env) -> None:
+        """Unknown sync, cohort and destination ids raise typed not-found errors."""
+        with pytest.raises(exceptions.SyncNotFoundError):
+            env.scheduler.next_run("nope")
+        with pytest.raises(exceptions.CohortNotFoundError):
+            env.scheduler.create_sync("nope", "dest", cs.SyncPolicy.hourly())
+        with pytest.raises(exceptions.DestinationNotFoundError):
+            env.scheduler.create_sync("c1", "nope", cs.SyncPolicy.hourly())
+
+    def test_naive_datetimes_are_rejected(self, env: Env) -> None:
+        """A naive datetime anywhere in the API is a TypeError."""
+        with pytest.raises(TypeError):
+            env.scheduler.upcoming(datetime(2030, 1, 1))  # noqa: DTZ001 - the point of the test
+        with pytest.raises(TypeError):
+            FakeClock(datetime(2030, 1, 1))  # noqa: DTZ001
+
+    def test_a_naive_clock_is_rejected(self, env: Env) -> None:
+        """A host clock returning naive datetimes is refused, not trusted."""
+
+        class NaiveClock:
+            def now(self) -> datetime:
+                return datetime(2030, 1, 1)  # noqa: DTZ001 - the point of the test
+
+            def sleep(self, seconds: float) -> None:
+                pass
+
+        scheduler = cs.Scheduler(MemoryStorage(), clock=NaiveClock())
+        with pytest.raises(TypeError):
+            scheduler.run_due()
+
+
+class TestRecommend:
+    def test_quiet_realtime_sync_is_advised_hourly(self, env: Env) -> None:
+        """A real-time sync whose runs mostly update nobody is advised to go hourly."""
+        env.create(cs.SyncPolicy.realtime())
+        for _ in range(40):
+            env.scheduler.run_due()
+            env.clock.advance(timedelta(minutes=1))
+
+        advice = env.scheduler.recommend("s1")
+
+        assert advice is not None
+        assert (cs.Cadence.HOURLY, 40, 39) == (
+            advice.suggested_cadence,
+            advice.runs_considered,
+            advice.zero_update_runs,
+        )
+
+    def test_busy_realtime_sync_gets_no_advice(self, env: Env) -> None:
+        """A real-time sync that changes most minutes is left alone."""
+        env.create(cs.SyncPolicy.realtime())
+        for i in range(40):
+            env.source.keys.add(f"n{i}")
+            env.scheduler.run_due()
+            env.clock.advance(timedelta(minutes=1))
+
+        assert env.scheduler.recommend("s1") is None

@@ -1,0 +1,567 @@
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
+
+import attrs
+import pytest
+
+from cohortsync._destination import (
+    Batch,
+    DeliveryResult,
+    Identifier,
+    IdentifierKind,
+    Member,
+    Operation,
+    Rejection,
+    RunContext,
+)
+from cohortsync._webhook import HttpResponse, HttpTransport, UrllibTransport, WebhookDestination
+from cohortsync.exceptions import (
+    AuthenticationError,
+    BadDataError,
+    ConfigurationError,
+    DeliveryError,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping
+
+SECRET = "Bearer s3cr3t-XYZ"  # noqa: S105 - a planted fake secret the tests hunt for
+QUERY_TOKEN = "tok3n-QQQ"  # noqa: S105 - same as SECRET
+FIXED_DATE = "Wed, 21 Oct 2015 07:28:00 GMT"
+COMPUTED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+
+CONTEXT = RunContext(
+    run_id="run-1",
+    sync_id="sync-1",
+    generation=3,
+    cohort_id="power-users",
+    cohort_name="Power users",
+    computed_at=COMPUTED_AT,
+    full_sync=False,
+)
+
+
+def make_batch(
+    users: list[str],
+    operation: Operation = Operation.ADD,
+    key: str = "idem-key-0001",
+    context: RunContext = CONTEXT,
+) -> Batch:
+    members = tuple(Member(u, Identifier(IdentifierKind.USER_ID, u)) for u in users)
+    return Batch(
+        context=context, operation=operation, members=members, sequence=0, idempotency_key=key
+    )
+
+
+@attrs.frozen
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+def reply(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    body: bytes = b"",
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    handler.send_response(status)
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def echo_request(handler: BaseHTTPRequestHandler, status: int) -> None:
+    """
+    A careless server that echoes the request, credentials included.
+    """
+    echoed = f"invalid payload; you sent {handler.path} with {dict(handler.headers.items())}"
+    reply(handler, status, echoed.encode())
+
+
+def rate_limited_with_date(handler: BaseHTTPRequestHandler) -> None:
+    # Make the response's Date header deterministic: Retry-After is 30 s after it.
+    handler.date_time_string = lambda timestamp=None: FIXED_DATE  # type: ignore[method-assign]
+    reply(handler, 429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:30 GMT"})
+
+
+def slow(handler: BaseHTTPRequestHandler) -> None:
+    # Never answer in time; the fixture releases us at teardown.
+    cast("Server", handler.server).release.wait(5)
+
+
+def rejecting(handler: BaseHTTPRequestHandler) -> None:
+    body = {
+        "rejected": [
+            {"user": "u2", "reason": "unknown user"},
+            {"user": "never-sent", "reason": "ignored"},
+            "u3",
+            {"user": "u2", "reason": "duplicate entry"},
+        ]
+    }
+    reply(handler, 200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+
+ROUTES: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {
+    "/ok": lambda h: reply(h, 204),
+    "/ok-not-json": lambda h: reply(h, 200, b"<html>thanks</html>"),
+    "/slow": slow,
+    "/500": lambda h: reply(h, 500),
+    "/503": lambda h: reply(h, 503, headers={"Retry-After": "12"}),
+    "/408": lambda h: reply(h, 408),
+    "/429-seconds": lambda h: reply(h, 429, headers={"Retry-After": "7"}),
+    "/429-date": rate_limited_with_date,
+    "/429-bare": lambda h: reply(h, 429),
+    "/401": lambda h: echo_request(h, 401),
+    "/403": lambda h: reply(h, 403),
+    "/400": lambda h: echo_request(h, 400),
+    "/422": lambda h: reply(h, 422),
+    "/413": lambda h: reply(h, 413),
+    "/404": lambda h: reply(h, 404),
+    "/redirect": lambda h: reply(h, 302, headers={"Location": "/ok"}),
+    "/rejected": rejecting,
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        server = cast("Server", self.server)
+        server.requests.append(
+            Recorded(path=self.path, headers=dict(self.headers.items()), body=json.loads(body))
+        )
+        ROUTES[urlsplit(self.path).path](self)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        """Keep test output quiet."""
+
+
+class Server(ThreadingHTTPServer):
+    # Join handler threads on close, so no thread outlives its test.
+    daemon_threads = False
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.requests: list[Recorded] = []
+        self.release = threading.Event()
+
+    def url(self, path: str) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}{path}"
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.release.set()
+        srv.shutdown()
+        srv.server_close()
+        thread.join()
+
+
+def destination(server: Server, path: str, **kwargs: Any) -> WebhookDestination:
+    return WebhookDestination(
+        server.url(path) + f"?token={QUERY_TOKEN}",
+        headers={"Authorization": SECRET},
+        timeout=kwargs.pop("timeout", 2.0),
+        **kwargs,
+    )
+
+
+class TestBody:
+    def test_add_posts_the_cohort_webhook_shape(self, server: Server) -> None:
+        """An add posts exactly the webhook fields, with in_cohort true."""
+        result = destination(server, "/ok").add(make_batch(["u1", "u2"]))
+
+        assert DeliveryResult.ok() == result
+        assert [
+            {
+                "cohort_id": "power-users",
+                "cohort_name": "Power users",
+                "in_cohort": True,
+                "computed_time": "2024-05-01T12:00:00+00:00",
+                "message_id": "idem-key-0001",
+                "users": ["u1", "u2"],
+            }
+        ] == [r.body for r in server.requests]
+
+    def test_remove_sends_in_cohort_false(self, server: Server) -> None:
+        """Removals are the same message with in_cohort false."""
+        destination(server, "/ok").remove(make_batch(["u9"], Operation.REMOVE, key="k-remove"))
+
+        (request,) = server.requests
+        assert False is request.body["in_cohort"]
+        assert "k-remove" == request.body["message_id"]
+        assert ["u9"] == request.body["users"]
+
+    def test_existing_counts_as_in_cohort(self, server: Server) -> None:
+        """EXISTING batches (full syncs) say in_cohort true."""
+        destination(server, "/ok").add(make_batch(["u1"], Operation.EXISTING))
+
+        assert True is server.requests[0].body["in_cohort"]
+
+    def test_computed_time_is_utc(self, server: Server) -> None:
+        """An aware non-UTC computed_at is sent converted to UTC."""
+        cet = timezone(timedelta(hours=2))
+        context = attrs.evolve(CONTEXT, computed_at=datetime(2024, 5, 1, 14, 30, tzinfo=cet))
+
+        destination(server, "/ok").add(make_batch(["u1"], context=context))
+
+        assert "2024-05-01T12:30:00+00:00" == server.requests[0].body["computed_time"]
+
+    def test_headers(self, server: Server) -> None:
+        """The idempotency key and JSON content type are sent with the host's headers."""
+        destination(server, "/ok").add(make_batch(["u1"]))
+
+        headers = {k.lower(): v for k, v in server.requests[0].headers.items()}
+        assert "idem-key-0001" == headers["idempotency-key"]
+        assert "application/json" == headers["content-type"]
+        assert SECRET == headers["authorization"]
+        assert f"/ok?token={QUERY_TOKEN}" == server.requests[0].path
+
+    def test_same_batch_same_message_id(self, server: Server) -> None:
+        """A re-sent batch carries the same message_id, so receivers can de-duplicate."""
+        dest = destination(server, "/ok")
+        batch = make_batch(["u1", "u2"])
+
+        dest.add(batch)
+        dest.add(batch)
+
+        first, second = server.requests
+        assert first.body == second.body
+        assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"]
+
+    def test_non_json_success_body_means_accepted(self, server: Server) -> None:
+        """A 2xx without the rejection JSON accepts the whole batch."""
+        assert DeliveryResult.ok() == destination(server, "/ok-not-json").add(make_batch(["u1"]))
+
+
+class TestResponses:
+    def test_rejections(self, server: Server) -> None:
+        """A 2xx may reject members; unknown users and repeats are ignored."""
+        result = destination(server, "/rejected").add(make_batch(["u1", "u2", "u3"]))
+
+        assert (
+            Rejection("u2", "unknown user"),
+            Rejection("u3", "rejected by webhook"),
+        ) == result.rejected
+
+    @pytest.mark.parametrize("path", ["/500", "/408"])
+    def test_server_errors_are_transient(self, server: Server, path: str) -> None:
+        """5xx and 408 are worth retrying."""
+        with pytest.raises(TransientError) as info:
+            destination(server, path).add(make_batch(["u1"]))
+
+        assert RateLimitedError is not type(info.value)
+        assert info.value.retry_after is None
+
+    def test_transient_honours_retry_after(self, server: Server) -> None:
+        """A 503 with Retry-After tells the engine how long to wait."""
+        with pytest.raises(TransientError, match="HTTP 503") as info:
+            destination(server, "/503").add(make_batch(["u1"]))
+
+        assert 12.0 == info.value.retry_after
+
+    def test_timeout_is_transient(self, server: Server) -> None:
+        """A server that does not answer in time gives a TransientError, quickly."""
+        with pytest.raises(TransientError, match="timed out"):
+            destination(server, "/slow", timeout=0.2).add(make_batch(["u1"]))
+
+    def test_connection_refused_is_transient(self) -> None:
+        """Nobody listening is a transient failure, not a crash."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+
+        with pytest.raises(TransientError, match="failed"):
+            WebhookDestination(f"http://127.0.0.1:{port}/hook").add(make_batch(["u1"]))
+
+    def test_rate_limited_seconds(self, server: Server) -> None:
+        """429 with Retry-After in seconds."""
+        with pytest.raises(RateLimitedError) as info:
+            destination(server, "/429-seconds").add(make_batch(["u1"]))
+
+        assert 7.0 == info.value.retry_after
+
+    def test_rate_limited_http_date(self, server: Server) -> None:
+        """429 with an HTTP-date, measured against the server's own Date header."""
+        with pytest.raises(RateLimitedError) as info:
+            destination(server, "/429-date").add(make_batch(["u1"]))
+
+        assert 30.0 == info.value.retry_after
+
+    def test_rate_limited_without_retry_after(self, server: Server) -> None:
+        """429 without a hint leaves the wait to the engine's backoff."""
+        with pytest.raises(RateLimitedError) as info:
+            destination(server, "/429-bare").add(make_batch(["u1"]))
+
+        assert info.value.retry_after is None
+
+    @pytest.mark.parametrize(
+        ("path", "error"),
+        [
+            ("/401", AuthenticationError),
+            ("/403", AuthenticationError),
+            ("/400", BadDataError),
+            ("/422", BadDataError),
+            ("/413", BadDataError),
+        ],
+    )
+    def test_client_errors(self, server: Server, path: str, error: type[Exception]) -> None:
+        """Credentials refused pause the sync; bad data is bisected by the engine."""
+        with pytest.raises(error, match=f"HTTP {path[1:]}"):
+            destination(server, path).add(make_batch(["u1"]))
+
+    @pytest.mark.parametrize("path", ["/404", "/redirect"])
+    def test_other_statuses_are_permanent(self, server: Server, path: str) -> None:
+        """Other 4xx, and redirects, fail the run without retrying."""
+        with pytest.raises(PermanentError) as info:
+            destination(server, path).add(make_batch(["u1"]))
+
+        assert BadDataError is not type(info.value)
+
+    def test_redirects_are_not_followed(self, server: Server) -> None:
+        """A redirect is not followed: it would replay credentials elsewhere."""
+        with pytest.raises(PermanentError, match="HTTP 302"):
+            destination(server, "/redirect").add(make_batch(["u1"]))
+
+        assert ["/redirect"] == [urlsplit(r.path).path for r in server.requests]
+
+    def test_error_detail_is_kept(self, server: Server) -> None:
+        """The start of an error body is in the message, for diagnosis."""
+        with pytest.raises(BadDataError, match="invalid payload"):
+            destination(server, "/400").add(make_batch(["u1"]))
+
+
+def raise_everything(dest: WebhookDestination) -> list[BaseException]:
+    raised: list[BaseException] = []
+    for path in ["/401", "/400", "/500", "/503", "/429-seconds", "/404", "/redirect", "/slow"]:
+        dest_for_path = WebhookDestination(
+            dest.url.replace("/ok", path),
+            headers={"Authorization": SECRET},
+            timeout=0.2,
+        )
+        with pytest.raises(DeliveryError) as info:
+            dest_for_path.add(make_batch(["u1"]))
+        raised.append(info.value)
+    return raised
+
+
+def chain(error: BaseException) -> Iterator[BaseException]:
+    seen: BaseException | None = error
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+class TestSecrets:
+    def test_repr_hides_headers_and_query(self, server: Server) -> None:
+        """The repr shows where it posts, not the credentials or the query string."""
+        dest = destination(server, "/ok")
+
+        assert f"WebhookDestination({server.url('/ok') + '?...'!r})" == repr(dest)
+
+    def test_never_in_errors_or_logs(
+        self, server: Server, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Neither the header secret nor the query token leak, even when the server echoes."""
+        caplog.set_level(logging.DEBUG)
+        dest = destination(server, "/ok")
+        dest.add(make_batch(["u1"]))
+
+        raised = raise_everything(dest)
+
+        texts = [repr(dest)]
+        for error in raised:
+            texts += [f"{e!s} {e!r}" for e in chain(error)]
+        texts += [r.getMessage() for r in caplog.records]
+        assert 8 == len(raised)
+        assert any(r.name.startswith("cohortsync") for r in caplog.records)
+        assert any("***" in t for t in texts)  # the echo really happened and was blanked
+        assert [] == [t for t in texts if "s3cr3t" in t or QUERY_TOKEN in t]
+
+    def test_bad_header_value_is_not_echoed(self) -> None:
+        """Refusing a header names it, never its value."""
+        with pytest.raises(ConfigurationError, match="Authorization") as info:
+            WebhookDestination("https://example.com", headers={"Authorization": "s3cr3t\r\nX: 1"})
+
+        assert "s3cr3t" not in str(info.value)
+
+    def test_url_credentials_are_refused_without_echo(self) -> None:
+        """Credentials in the URL are refused, and not repeated in the error."""
+        with pytest.raises(ConfigurationError, match="credentials") as info:
+            WebhookDestination("https://user:s3cr3t@example.com/hook")
+
+        assert "s3cr3t" not in str(info.value)
+
+
+@attrs.define
+class RecordingTransport:
+    """
+    A host-supplied transport: records calls and answers from a script.
+    """
+
+    response: HttpResponse
+    calls: list[tuple[str, bytes, dict[str, str], float]] = attrs.Factory(list)
+
+    def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+    ) -> HttpResponse:
+        self.calls.append((url, body, dict(headers), timeout))
+        return self.response
+
+
+@attrs.frozen
+class FixedClock:
+    at: datetime
+
+    def now(self) -> datetime:
+        return self.at
+
+    def sleep(self, seconds: float) -> None:
+        """Never needed here."""
+
+
+class TestCustomTransport:
+    def test_host_transport_is_used(self) -> None:
+        """A host's transport gets the URL, JSON body, headers and timeout."""
+        transport = RecordingTransport(HttpResponse(200))
+        dest = WebhookDestination(
+            "https://hooks.example.com/c?sig=1", transport=transport, timeout=3.5
+        )
+
+        assert DeliveryResult.ok() == dest.add(make_batch(["u1"]))
+
+        ((url, body, headers, timeout),) = transport.calls
+        assert "https://hooks.example.com/c?sig=1" == url
+        assert ["u1"] == json.loads(body)["users"]
+        assert "idem-key-0001" == headers["Idempotency-Key"]
+        assert 3.5 == timeout
+
+    def test_retry_after_lookup_ignores_case(self) -> None:
+        """Transports may spell header names any way."""
+        transport = RecordingTransport(HttpResponse(429, {"retry-after": " 3 "}))
+
+        with pytest.raises(RateLimitedError) as info:
+            WebhookDestination("https://x.example", transport=transport).add(make_batch(["u1"]))
+
+        assert 3.0 == info.value.retry_after
+
+    def test_http_date_without_date_header_uses_the_clock(self) -> None:
+        """Without a Date header the injected clock says what "now" is."""
+        transport = RecordingTransport(HttpResponse(503, {"Retry-After": FIXED_DATE}))
+        clock = FixedClock(datetime(2015, 10, 21, 7, 27, 0, tzinfo=timezone.utc))
+        dest = WebhookDestination("https://x.example", transport=transport, clock=clock)
+
+        with pytest.raises(TransientError) as info:
+            dest.add(make_batch(["u1"]))
+
+        assert 60.0 == info.value.retry_after
+
+    @pytest.mark.parametrize("value", ["soon", "-5", "nan"])
+    def test_unusable_retry_after_is_ignored(self, value: str) -> None:
+        """A Retry-After that is not a delay or a date is treated as absent."""
+        transport = RecordingTransport(HttpResponse(429, {"Retry-After": value}))
+
+        with pytest.raises(RateLimitedError) as info:
+            WebhookDestination("https://x.example", transport=transport).add(make_batch(["u1"]))
+
+        assert info.value.retry_after is None
+
+    def test_os_error_from_host_transport_is_transient(self) -> None:
+        """A transport that lets a socket error escape still yields a TransientError."""
+
+        class Broken:
+            def post(
+                self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+            ) -> HttpResponse:
+                raise ConnectionResetError("peer reset")
+
+        with pytest.raises(TransientError, match="peer reset"):
+            WebhookDestination("https://x.example", transport=Broken()).add(make_batch(["u1"]))
+
+    def test_default_transport_refuses_other_schemes(self) -> None:
+        """The stdlib transport never opens file: URLs, even when called directly."""
+        with pytest.raises(ConfigurationError, match="http or https"):
+            UrllibTransport().post("file:///etc/passwd", b"{}", {}, 1.0)
+
+    def test_protocol(self) -> None:
+        """Both the default and a host transport satisfy HttpTransport."""
+        assert isinstance(UrllibTransport(), HttpTransport)
+        assert isinstance(RecordingTransport(HttpResponse(200)), HttpTransport)
+
+    def test_response_repr_hides_headers_and_body(self) -> None:
+        """Response reprs never show cookies or echoed payloads."""
+        response = HttpResponse(200, {"Set-Cookie": "session=s3cr3t"}, b"s3cr3t")
+
+        assert "HttpResponse(status=200, body=<6 bytes>)" == repr(response)
+
+
+class TestConfiguration:
+    def test_capabilities(self) -> None:
+        """Real-time and removals supported; the batch size is per instance."""
+        default = WebhookDestination("https://x.example")
+        small = WebhookDestination("https://x.example", batch_size=50)
+
+        assert ("Webhook", True, True, 1_000) == (
+            default.capabilities.name,
+            default.capabilities.supports_realtime,
+            default.capabilities.supports_removals,
+            default.capabilities.max_batch_size,
+        )
+        assert 50 == small.capabilities.max_batch_size
+        assert 1_000 == default.capabilities.max_batch_size
+
+    @pytest.mark.parametrize(
+        ("kwargs", "field"),
+        [
+            ({"url": "ftp://x.example/hook"}, "url"),
+            ({"url": "x.example/hook"}, "url"),
+            ({"url": "https:///hook"}, "url"),
+            ({"url": "https://x.example:port/"}, "url"),
+            ({"url": "https://x.example/a b"}, "url"),
+            ({"url": 42}, "url"),
+            ({"timeout": 0}, "timeout"),
+            ({"timeout": -1.0}, "timeout"),
+            ({"timeout": float("nan")}, "timeout"),
+            ({"batch_size": 0}, "batch_size"),
+            ({"batch_size": 1.5}, "batch_size"),
+            ({"headers": {"Bad Name": "x"}}, "headers"),
+            ({"headers": {"X-Num": 1}}, "headers['X-Num']"),
+            ({"transport": object()}, "transport"),
+        ],
+    )
+    def test_invalid(self, kwargs: dict[str, Any], field: str) -> None:
+        """Every bad argument is a ConfigurationError naming it."""
+        arguments: dict[str, Any] = {"url": "https://x.example/hook", **kwargs}
+
+        with pytest.raises(ConfigurationError) as info:
+            WebhookDestination(**arguments)
+
+        assert field == info.value.field
+
+    def test_frozen(self) -> None:
+        """Settings cannot drift from the capabilities derived from them."""
+        dest = WebhookDestination("https://x.example")
+
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            dest.batch_size = 5  # type: ignore[misc]
