@@ -1,0 +1,1290 @@
+"""
+:class:`PostgresStorage`: the :class:`~cohortsync.Storage` for several workers on
+several hosts, on one PostgreSQL database (psycopg 3).
+
+Install it with the extra: ``pip install "cohortsync[postgres]"``. The core
+package never imports this module, so hosts without PostgreSQL need no driver.
+
+How it keeps several workers honest:
+
+- claims are one ``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)``
+  statement: two workers never lease the same slot, and neither waits for the
+  other's locked rows;
+- every lease operation is a compare-and-set on the lease token
+  (``WHERE lease_token = %s``), checked by its row count;
+- the run record is unique on (sync, slot), so a slot can be recorded once;
+- each acknowledged batch moves the delivered state in the same transaction
+  that records it, with array parameters (``unnest``) so a snapshot of a
+  million members is a few statements, not a million round trips.
+
+Every instant is passed in by the caller (its clock); the store never reads the
+server's ``now()``. Everything lives in one PostgreSQL schema (``cohortsync`` by
+default) that is created and migrated on first use, under an advisory lock so
+workers starting together do not race.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import threading
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+try:
+    import psycopg
+    from psycopg import errors as pg_errors
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict
+    from psycopg.pq import TransactionStatus
+    from psycopg.rows import tuple_row
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess
+    raise ImportError(
+        "cohortsync.postgres needs psycopg 3, which is not installed: "
+        'pip install "cohortsync[postgres]"'
+    ) from exc
+
+import cattrs
+
+from cohortsync._clock import require_aware
+from cohortsync._converter import dumps, loads
+from cohortsync._destination import Identifier, IdentifierKind
+from cohortsync._storage import (
+    AppliedBatch,
+    Completion,
+    IssueKind,
+    Lease,
+    LedgerEntry,
+    MemberIssue,
+    SyncRecord,
+)
+from cohortsync._sync import Sync, SyncRun, Trigger
+from cohortsync.exceptions import (
+    ConfigurationError,
+    ConflictError,
+    CorruptStoreError,
+    DuplicateRunError,
+    LeaseLostError,
+    SchemaVersionError,
+    StorageError,
+    SyncNotFoundError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from datetime import datetime, timedelta
+    from types import TracebackType
+
+    from typing_extensions import Self
+
+__all__ = ["SCHEMA_VERSION", "ConnectionPoolLike", "PostgresStorage", "mask_dsn"]
+
+_T = TypeVar("_T")
+
+_Connection = psycopg.Connection[Any]
+_Cursor = psycopg.Cursor[tuple[Any, ...]]
+
+SCHEMA_VERSION = 1
+"""The schema version this release creates and understands."""
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names silently.
+
+_CHUNK = 50_000
+"""Rows per array-parameter statement: big enough to amortise round trips,
+small enough to keep one statement's parameters to a few megabytes. Key arrays
+travel as binary parameters (``%b``), cheaper to build than text array literals
+whose every element needs quoting."""
+
+_PAGE = 10_000
+"""Keys per page when streaming the delivered state."""
+
+_MIGRATE = "migrating the schema"
+_APPLICATION = "cohortsync"
+
+_TABLES = ("meta", "syncs", "slot_buckets", "delivered", "ledger", "runs", "batches", "issues")
+
+# Each migration is a list of statements; ``{s}`` is the schema identifier.
+# Migrations are append-only: a released one is never edited.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE {s}.meta (key text PRIMARY KEY, value text NOT NULL)",
+        """
+        CREATE TABLE {s}.syncs (
+            id text COLLATE "C" PRIMARY KEY,
+            definition text NOT NULL,
+            generation bigint NOT NULL,
+            status text NOT NULL,
+            next_due timestamptz,
+            next_trigger text NOT NULL,
+            slot_offset integer NOT NULL,
+            slot_bucket integer,
+            anchor timestamptz NOT NULL,
+            attempts integer NOT NULL,
+            full_resync boolean NOT NULL,
+            feed_cursor text,
+            last_full_sync_at timestamptz,
+            lease_owner text,
+            lease_token text,
+            lease_expires timestamptz,
+            lease_slot timestamptz,
+            lease_generation bigint,
+            lease_trigger text,
+            CONSTRAINT syncs_lease_complete CHECK (
+                (lease_token IS NULL) = (lease_expires IS NULL)
+                AND (lease_token IS NULL) = (lease_slot IS NULL)
+            )
+        )
+        """,
+        # The claim query's access path: active syncs by due time.
+        "CREATE INDEX syncs_due ON {s}.syncs (next_due, id) WHERE status = 'active'",
+        """
+        CREATE TABLE {s}.slot_buckets (
+            period integer NOT NULL,
+            bucket integer NOT NULL,
+            syncs integer NOT NULL DEFAULT 0 CHECK (syncs >= 0),
+            PRIMARY KEY (period, bucket)
+        )
+        """,
+        # Byte-wise ("C") collation: keys stream in the order Python's sorted()
+        # gives, whatever the database's default collation is.
+        """
+        CREATE TABLE {s}.delivered (
+            sync_id text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            id_kind text,
+            id_value text,
+            PRIMARY KEY (sync_id, key),
+            CONSTRAINT delivered_identifier CHECK ((id_kind IS NULL) = (id_value IS NULL))
+        )
+        """,
+        """
+        CREATE TABLE {s}.ledger (
+            sync_id text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            reason text NOT NULL,
+            attempts integer NOT NULL,
+            dead boolean NOT NULL,
+            first_seen timestamptz NOT NULL,
+            last_seen timestamptz NOT NULL,
+            PRIMARY KEY (sync_id, key)
+        )
+        """,
+        """
+        CREATE TABLE {s}.runs (
+            sync_id text COLLATE "C" NOT NULL,
+            slot timestamptz NOT NULL,
+            id text NOT NULL,
+            generation bigint NOT NULL,
+            trigger text NOT NULL,
+            status text NOT NULL,
+            started_at timestamptz NOT NULL,
+            finished_at timestamptz NOT NULL,
+            record text NOT NULL,
+            CONSTRAINT runs_sync_slot PRIMARY KEY (sync_id, slot)
+        )
+        """,
+        "CREATE INDEX runs_id ON {s}.runs (id)",
+        "CREATE INDEX runs_history ON {s}.runs (sync_id, started_at DESC, slot DESC)",
+        "CREATE INDEX runs_finished ON {s}.runs (finished_at)",
+        """
+        CREATE TABLE {s}.batches (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            run_id text NOT NULL,
+            sequence integer NOT NULL,
+            operation text NOT NULL,
+            idempotency_key text NOT NULL,
+            at timestamptz NOT NULL
+        )
+        """,
+        "CREATE INDEX batches_run ON {s}.batches (run_id)",
+        """
+        CREATE TABLE {s}.issues (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            run_id text NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            kind text COLLATE "C" NOT NULL,
+            reason text NOT NULL
+        )
+        """,
+        "CREATE INDEX issues_run ON {s}.issues (run_id, kind, key)",
+    ),
+}
+
+_SYNC_COLUMNS = (
+    "id, definition, next_due, next_trigger, slot_offset, slot_bucket, anchor, attempts,"
+    " full_resync, feed_cursor, last_full_sync_at, lease_owner, lease_token, lease_expires,"
+    " lease_slot, lease_generation, lease_trigger"
+)
+
+_CLEAR_LEASE = (
+    "lease_owner = NULL, lease_token = NULL, lease_expires = NULL,"
+    " lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL"
+)
+
+
+class ConnectionPoolLike(Protocol):
+    """
+    What :meth:`PostgresStorage.from_pool` needs from a pool: a ``connection()``
+    context manager lending a psycopg connection, as ``psycopg_pool.ConnectionPool``
+    has. The pool stays the host's: the store never closes it.
+    """
+
+    def connection(self) -> AbstractContextManager[_Connection]: ...
+
+
+# -- secrets -------------------------------------------------------------------
+
+# libpq ends a URL's user:password at the first "@" before any "/".
+_URL_USERINFO = re.compile(r"^(?P<pre>[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)[^@/]*@")
+_URL_QUERY_PASSWORD = re.compile(r"(?P<pre>[?&]password=)[^&#]*", re.IGNORECASE)
+_KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def mask_dsn(dsn: str) -> str:
+    """
+    Return *dsn* (a URL or a ``key=value`` connection string) with its password
+    replaced by ``***``, for messages and ``repr``.
+    """
+    if "://" in dsn:
+        masked = _URL_USERINFO.sub(r"\g<pre>***@", dsn)
+        return _URL_QUERY_PASSWORD.sub(r"\g<pre>***", masked)
+    return _KV_PASSWORD.sub(r"\g<pre>***", dsn)
+
+
+def _scrub(message: str, secret: str | None) -> str:
+    if secret:
+        message = message.replace(secret, "***")
+    return message
+
+
+def _lock_key(*parts: object) -> int:
+    """
+    A stable signed 64-bit advisory-lock key (``hash()`` differs per process).
+    """
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _chunks(items: Sequence[_T], size: int = _CHUNK) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# -- connections -----------------------------------------------------------------
+
+
+class _Connections(Protocol):
+    def session(self) -> AbstractContextManager[_Connection]: ...
+
+    def close(self) -> None: ...
+
+
+class _PerThread:
+    """
+    One connection per thread, opened lazily from a factory, in autocommit mode
+    (multi-statement operations open explicit transactions). A connection found
+    broken is dropped, so the next call reconnects; connections of threads that
+    have ended are closed when another one is opened.
+    """
+
+    def __init__(self, factory: Callable[[], _Connection]) -> None:
+        self._factory = factory
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: list[tuple[threading.Thread, _Connection]] = []
+        self._closed = False
+
+    @contextmanager
+    def session(self) -> Iterator[_Connection]:
+        conn: _Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                self._discard(conn)
+            conn = self._connect()
+        try:
+            yield conn
+        finally:
+            # Interrupted mid-statement or mid-transaction: never reuse it.
+            if conn.broken or conn.info.transaction_status != TransactionStatus.IDLE:
+                self._discard(conn)
+
+    def _connect(self) -> _Connection:
+        with self._lock:
+            if self._closed:
+                raise StorageError("the PostgresStorage is closed")
+            ended = [c for t, c in self._open if not t.is_alive()]
+            self._open = [(t, c) for t, c in self._open if t.is_alive()]
+        for old in ended:
+            old.close()
+        conn = self._factory()
+        conn.autocommit = True
+        with self._lock:
+            self._open.append((threading.current_thread(), conn))
+        self._local.conn = conn
+        return conn
+
+    def _discard(self, conn: _Connection) -> None:
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with self._lock:
+            self._open = [(t, c) for t, c in self._open if c is not conn]
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._open = self._open, []
+        for _, conn in conns:
+            conn.close()
+
+
+class _Pooled:
+    """
+    Borrow a connection from the host's pool for each operation.
+    """
+
+    def __init__(self, pool: ConnectionPoolLike) -> None:
+        self._pool = pool
+        self._closed = False
+
+    def session(self) -> AbstractContextManager[_Connection]:
+        if self._closed:
+            raise StorageError("the PostgresStorage is closed")
+        return self._pool.connection()
+
+    def close(self) -> None:
+        self._closed = True
+
+
+# -- the store -------------------------------------------------------------------
+
+
+class PostgresStorage:
+    """
+    Everything cohortsync persists, in one PostgreSQL schema shared by any
+    number of worker processes on any number of hosts.
+
+    Args:
+        dsn: A libpq connection string or URL
+            (``postgresql://user:password@host:5432/db``). Each thread gets its
+            own connection, opened on first use and reopened after it breaks.
+        schema: The PostgreSQL schema holding cohortsync's tables; created and
+            migrated on construction when missing or older.
+        connect: Instead of *dsn*, a callable returning a new
+            ``psycopg.Connection`` (per thread, like *dsn*); the store owns and
+            closes what it returns.
+
+    Use :meth:`from_pool` to borrow connections from a pool the host owns.
+    Behind PgBouncer in transaction mode, pass ``connect=`` returning
+    connections made with ``prepare_threshold=None``: psycopg otherwise
+    prepares statements it sees repeatedly, which transaction pooling breaks.
+    The store's advisory locks are transaction-scoped, so they work there.
+
+    Raises:
+        StorageError: The server is unreachable, the credentials are refused,
+            the role may not create or use the schema, or the database is not
+            UTF-8. The message never contains the password.
+        SchemaVersionError: The schema was created by a newer cohortsync.
+        ConfigurationError: Neither or both of *dsn* and *connect*, or an
+            invalid schema name.
+    """
+
+    __slots__ = ("_connections", "_secret", "_shown", "_sql")
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        schema: str = "cohortsync",
+        connect: Callable[[], _Connection] | None = None,
+    ) -> None:
+        if (dsn is None) == (connect is None):
+            shown_dsn = mask_dsn(dsn) if isinstance(dsn, str) else dsn
+            raise ConfigurationError("dsn", shown_dsn, "give exactly one of dsn and connect=")
+        if dsn is not None:
+            factory, shown, secret = _dsn_factory(dsn)
+        else:
+            assert connect is not None  # noqa: S101 - narrowed by the check above
+            factory, shown, secret = connect, f"connect={connect!r}", None
+        self._setup(_PerThread(factory), schema, shown=shown, secret=secret)
+
+    @classmethod
+    def from_pool(cls, pool: ConnectionPoolLike, *, schema: str = "cohortsync") -> Self:
+        """
+        Build a store that borrows a connection from *pool* for each operation
+        (``psycopg_pool.ConnectionPool`` or anything with a ``connection()``
+        context manager). Closing the store leaves the pool open.
+
+        Raises:
+            StorageError: As for the constructor.
+            SchemaVersionError: As for the constructor.
+        """
+        store = cls.__new__(cls)
+        store._setup(_Pooled(pool), schema, shown=f"pool={pool!r}", secret=None)  # noqa: SLF001
+        return store
+
+    def _setup(
+        self, connections: _Connections, schema: str, *, shown: str, secret: str | None
+    ) -> None:
+        if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
+            raise ConfigurationError(
+                "schema", schema, "must match ^[a-z_][a-z0-9_]*$ (an unquoted PostgreSQL name)"
+            )
+        if len(schema) > _MAX_IDENTIFIER:
+            raise ConfigurationError("schema", schema, f"must be at most {_MAX_IDENTIFIER} bytes")
+        self._connections = connections
+        self._shown = shown
+        self._secret = secret
+        self._sql = _Queries(schema)
+        try:
+            self._migrate()
+        except BaseException:
+            connections.close()
+            raise
+
+    @property
+    def schema(self) -> str:
+        """
+        The PostgreSQL schema holding the tables.
+        """
+        return self._sql.schema
+
+    def __repr__(self) -> str:
+        return f"PostgresStorage({self._shown}, schema={self.schema!r})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """
+        Close the connections this store opened (a host's pool stays open).
+        """
+        self._connections.close()
+
+    # -- plumbing ----------------------------------------------------------------
+
+    @contextmanager
+    def _cursor(self, operation: str, *, transaction: bool = False) -> Iterator[_Cursor]:
+        """
+        A cursor on this thread's (or a borrowed) connection, inside a
+        transaction when asked; driver errors become :class:`StorageError`.
+        """
+        try:
+            with self._connections.session() as conn:
+                if transaction:
+                    with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+                        yield cur
+                else:
+                    with conn.cursor(row_factory=tuple_row) as cur:
+                        yield cur
+        except psycopg.Error as exc:
+            raise self._translate(operation, exc) from exc
+
+    def _translate(self, operation: str, exc: psycopg.Error) -> StorageError:
+        detail = _scrub(str(exc).strip() or type(exc).__name__, self._secret)
+        if isinstance(exc, pg_errors.InsufficientPrivilege) and operation == _MIGRATE:
+            return StorageError(
+                f"cannot create or migrate schema {self.schema!r} at {self._shown} ({detail}): "
+                "run cohortsync once as a role that may CREATE in the database (or as the "
+                "schema's owner), then grant this role USAGE on the schema and SELECT, "
+                "INSERT, UPDATE, DELETE on its tables"
+            )
+        if isinstance(exc, pg_errors.InsufficientPrivilege):
+            return StorageError(
+                f"{operation}: the PostgreSQL role lacks a privilege on schema "
+                f"{self.schema!r} ({detail}); grant USAGE on the schema and SELECT, INSERT, "
+                "UPDATE, DELETE on its tables, or connect as its owner"
+            )
+        if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return StorageError(
+                f"{operation}: lost or failed connection to PostgreSQL ({detail}); "
+                "nothing was committed by this call and the store reconnects on the next one"
+            )
+        state = f" [{exc.sqlstate}]" if exc.sqlstate else ""
+        return StorageError(f"{operation}: PostgreSQL error{state}: {detail}")
+
+    def _migrate(self) -> None:
+        q = self._sql
+        with self._cursor(f"opening the store at {self._shown}") as cur:
+            cur.execute("SELECT current_setting('server_encoding')")
+            encoding = _one(cur)[0]
+            found = self._schema_version(cur)
+        if encoding != "UTF8":
+            raise StorageError(
+                f"the database at {self._shown} uses encoding {encoding}; cohortsync needs UTF8"
+            )
+        if found != SCHEMA_VERSION:
+            with self._cursor(_MIGRATE, transaction=True) as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("migrate", q.schema),))
+                # CREATE SCHEMA needs CREATE on the database even with IF NOT EXISTS:
+                # a role given an existing schema must not need it.
+                cur.execute("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s", (q.schema,))
+                if cur.fetchone() is None:
+                    cur.execute(q("CREATE SCHEMA {s}"))
+                # Another worker may have migrated while this one waited for the lock.
+                found = self._schema_version(cur)
+                for version in range(found + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[version]:
+                        cur.execute(q(statement))
+                cur.execute(
+                    q(
+                        "INSERT INTO {s}.meta (key, value)"
+                        " VALUES ('application', %s), ('schema_version', %s)"
+                        " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                    ),
+                    (_APPLICATION, str(SCHEMA_VERSION)),
+                )
+        self._check_privileges()
+
+    def _schema_version(self, cur: _Cursor) -> int:
+        """
+        The schema's version: 0 when it is missing or empty.
+
+        Raises:
+            CorruptStoreError: The schema holds tables that are not cohortsync's
+                (nothing is written to it), or an unreadable version.
+            SchemaVersionError: The version is newer than this release's.
+        """
+        cur.execute(
+            "SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = %s ORDER BY tablename",
+            (self.schema,),
+        )
+        tables = [row[0] for row in cur.fetchall()]
+        if not tables:
+            return 0
+        foreign = CorruptStoreError(
+            f"schema {self.schema!r} holds tables that are not cohortsync's "
+            f"({', '.join(tables[:10])}); cohortsync only uses an empty or missing schema "
+            "or its own, so it never modifies someone else's data"
+        )
+        if "meta" not in tables:
+            raise foreign
+        cur.execute(
+            self._sql(
+                "SELECT key, value FROM {s}.meta WHERE key IN ('application', 'schema_version')"
+            )
+        )
+        meta: dict[str, str] = dict(cur.fetchall())
+        if meta.get("application") != _APPLICATION:
+            raise foreign
+        try:
+            version = int(meta["schema_version"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptStoreError(
+                f"{self.schema}.meta holds schema_version {meta.get('schema_version')!r}, "
+                "not an integer"
+            ) from None
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(version, SCHEMA_VERSION)
+        return version
+
+    def _check_privileges(self) -> None:
+        with self._cursor(f"opening the store at {self._shown}") as cur:
+            cur.execute("SELECT has_schema_privilege(%s, 'USAGE')", (self.schema,))
+            if not _one(cur)[0]:
+                raise StorageError(
+                    f"the PostgreSQL role at {self._shown} may not use schema {self.schema!r}: "
+                    "grant USAGE on it"
+                )
+            cur.execute(
+                "SELECT t FROM unnest(%s::text[]) AS t"
+                " WHERE NOT has_table_privilege(quote_ident(%s) || '.' || t,"
+                " 'SELECT, INSERT, UPDATE, DELETE')",
+                (list(_TABLES), self.schema),
+            )
+            missing = [row[0] for row in cur.fetchall()]
+        if missing:
+            raise StorageError(
+                f"the PostgreSQL role at {self._shown} lacks SELECT, INSERT, UPDATE or DELETE "
+                f"on {', '.join(f'{self.schema}.{t}' for t in missing)}"
+            )
+
+    def _record(self, row: Sequence[Any]) -> SyncRecord:
+        (
+            sync_id,
+            definition,
+            next_due,
+            next_trigger,
+            offset,
+            bucket,
+            anchor,
+            attempts,
+            full_resync,
+            feed_cursor,
+            last_full,
+            lease_owner,
+            lease_token,
+            lease_expires,
+            lease_slot,
+            lease_generation,
+            lease_trigger,
+        ) = row
+        try:
+            sync = loads(definition, Sync)
+            lease = None
+            if lease_token is not None:
+                lease = Lease(
+                    sync_id=sync_id,
+                    generation=lease_generation,
+                    slot=lease_slot,
+                    trigger=Trigger(lease_trigger),
+                    owner=lease_owner,
+                    token=lease_token,
+                    expires_at=lease_expires,
+                )
+            return SyncRecord(
+                sync=sync,
+                next_due=next_due,
+                next_trigger=Trigger(next_trigger),
+                offset=offset,
+                slot_bucket=bucket,
+                anchor=anchor,
+                attempts=attempts,
+                full_resync=full_resync,
+                feed_cursor=feed_cursor,
+                last_full_sync_at=last_full,
+                lease=lease,
+            )
+        except (ValueError, TypeError, cattrs.BaseValidationError) as exc:
+            raise CorruptStoreError(f"sync {sync_id!r} in {self.schema}.syncs: {exc}") from exc
+
+    def _load_run(self, record: str) -> SyncRun:
+        try:
+            return loads(record, SyncRun)
+        except (ValueError, TypeError, cattrs.BaseValidationError) as exc:
+            raise CorruptStoreError(f"run record in {self.schema}.runs: {exc}") from exc
+
+    @staticmethod
+    def _definition_params(record: SyncRecord) -> dict[str, Any]:
+        return {
+            "id": record.id,
+            "definition": dumps(record.sync),
+            "generation": record.sync.generation,
+            "status": record.sync.status.value,
+            "next_due": record.next_due,
+            "next_trigger": record.next_trigger.value,
+            "slot_offset": record.offset,
+            "slot_bucket": record.slot_bucket,
+            "anchor": record.anchor,
+            "attempts": record.attempts,
+            "full_resync": record.full_resync,
+            "feed_cursor": record.feed_cursor,
+            "last_full_sync_at": record.last_full_sync_at,
+        }
+
+    def _hold(self, cur: _Cursor, lease: Lease, lock: str) -> tuple[Any, ...]:
+        """
+        Lock the leased sync's row (``FOR UPDATE`` or ``FOR SHARE``) if the
+        lease is still held, else raise :class:`LeaseLostError`.
+        """
+        cur.execute(
+            self._sql(
+                "SELECT generation, next_due FROM {s}.syncs WHERE id = %s AND lease_token = %s"
+                " FOR UPDATE"
+                if lock == "update"
+                else "SELECT generation, next_due FROM {s}.syncs WHERE id = %s AND lease_token = %s"
+                " FOR SHARE"
+            ),
+            (lease.sync_id, lease.token),
+        )
+        row = cur.fetchone()
+        if row is None:
+            raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
+        return row
+
+    # -- sync definitions and schedule state -------------------------------------
+
+    def create_sync(self, record: SyncRecord) -> None:
+        with self._cursor("create_sync") as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.syncs (id, definition, generation, status, next_due,"
+                    " next_trigger, slot_offset, slot_bucket, anchor, attempts, full_resync,"
+                    " feed_cursor, last_full_sync_at) VALUES (%(id)s, %(definition)s,"
+                    " %(generation)s, %(status)s, %(next_due)s, %(next_trigger)s,"
+                    " %(slot_offset)s, %(slot_bucket)s, %(anchor)s, %(attempts)s,"
+                    " %(full_resync)s, %(feed_cursor)s, %(last_full_sync_at)s)"
+                    " ON CONFLICT (id) DO NOTHING"
+                ),
+                self._definition_params(record),
+            )
+            created = cur.rowcount == 1
+        if not created:
+            raise ConfigurationError("id", record.id, "a sync with this id already exists")
+
+    def get_sync(self, sync_id: str) -> SyncRecord:
+        with self._cursor("get_sync") as cur:
+            cur.execute(self._sql("SELECT {columns} FROM {s}.syncs WHERE id = %s"), (sync_id,))
+            row = cur.fetchone()
+        if row is None:
+            raise SyncNotFoundError(sync_id)
+        return self._record(row)
+
+    def list_syncs(self) -> list[SyncRecord]:
+        with self._cursor("list_syncs") as cur:
+            cur.execute(self._sql("SELECT {columns} FROM {s}.syncs ORDER BY id"))
+            rows = cur.fetchall()
+        return [self._record(row) for row in rows]
+
+    def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
+        params = self._definition_params(record)
+        params["expected"] = expected_generation
+        with self._cursor("save_sync") as cur:
+            cur.execute(
+                self._sql(
+                    "UPDATE {s}.syncs SET definition = %(definition)s,"
+                    " generation = %(generation)s, status = %(status)s,"
+                    " next_due = %(next_due)s, next_trigger = %(next_trigger)s,"
+                    " slot_offset = %(slot_offset)s, slot_bucket = %(slot_bucket)s,"
+                    " anchor = %(anchor)s, attempts = %(attempts)s,"
+                    " full_resync = %(full_resync)s, feed_cursor = %(feed_cursor)s,"
+                    " last_full_sync_at = %(last_full_sync_at)s"
+                    " WHERE id = %(id)s AND generation = %(expected)s"
+                ),
+                params,
+            )
+            if cur.rowcount == 1:
+                return
+            cur.execute(self._sql("SELECT generation FROM {s}.syncs WHERE id = %s"), (record.id,))
+            row = cur.fetchone()
+        if row is None:
+            raise SyncNotFoundError(record.id)
+        raise ConflictError(record.id, expected_generation, row[0])
+
+    def delete_sync(self, sync_id: str) -> None:
+        with self._cursor("delete_sync", transaction=True) as cur:
+            cur.execute(self._sql("DELETE FROM {s}.delivered WHERE sync_id = %s"), (sync_id,))
+            cur.execute(self._sql("DELETE FROM {s}.ledger WHERE sync_id = %s"), (sync_id,))
+            cur.execute(self._sql("DELETE FROM {s}.syncs WHERE id = %s"), (sync_id,))
+
+    # -- slot allocation -----------------------------------------------------------
+
+    def allocate_slot(self, period: int, buckets: int, preferred: int) -> int:
+        if buckets < 1:
+            raise ConfigurationError("buckets", buckets, "must be >= 1")
+        with self._cursor("allocate_slot", transaction=True) as cur:
+            # Serialise allocators of one period: each must see the others' counts.
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(%s)", (_lock_key("slots", self.schema, period),)
+            )
+            cur.execute(
+                self._sql(
+                    "SELECT bucket, syncs FROM {s}.slot_buckets"
+                    " WHERE period = %s AND bucket >= 0 AND bucket < %s"
+                ),
+                (period, buckets),
+            )
+            counts: dict[int, int] = dict(cur.fetchall())
+            best = min(range(buckets), key=lambda b: (counts.get(b, 0), (b - preferred) % buckets))
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.slot_buckets (period, bucket, syncs) VALUES (%s, %s, 1)"
+                    " ON CONFLICT (period, bucket)"
+                    " DO UPDATE SET syncs = {s}.slot_buckets.syncs + 1"
+                ),
+                (period, best),
+            )
+        return best
+
+    def release_slot(self, period: int, bucket: int) -> None:
+        with self._cursor("release_slot") as cur:
+            cur.execute(
+                self._sql(
+                    "UPDATE {s}.slot_buckets SET syncs = syncs - 1"
+                    " WHERE period = %s AND bucket = %s AND syncs > 0"
+                ),
+                (period, bucket),
+            )
+
+    # -- claims and leases ---------------------------------------------------------
+
+    def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
+        now = require_aware(now, "now")
+        if limit <= 0:
+            return []
+        expires = now + lease_for
+        tokens = [secrets.token_hex(16) for _ in range(limit)]
+        with self._cursor("claim_due") as cur:
+            # One statement: the locked candidates are leased before any other
+            # claimant can see them, and rows another claimant holds are skipped.
+            cur.execute(
+                self._sql(
+                    "WITH locked AS ("
+                    "  SELECT id, next_due FROM {s}.syncs"
+                    "  WHERE status = 'active' AND next_due <= %(now)s"
+                    "    AND (lease_token IS NULL OR lease_expires < %(now)s)"
+                    "  ORDER BY next_due, id LIMIT %(limit)s"
+                    "  FOR UPDATE SKIP LOCKED"
+                    "), numbered AS ("
+                    "  SELECT id, row_number() OVER (ORDER BY next_due, id) AS n FROM locked"
+                    ")"
+                    " UPDATE {s}.syncs AS s SET lease_owner = %(owner)s,"
+                    "  lease_token = (%(tokens)s::text[])[numbered.n],"
+                    "  lease_expires = %(expires)s, lease_slot = s.next_due,"
+                    "  lease_generation = s.generation, lease_trigger = s.next_trigger"
+                    " FROM numbered WHERE s.id = numbered.id"
+                    " RETURNING s.id, s.generation, s.next_due, s.next_trigger, s.lease_token"
+                ),
+                {
+                    "now": now,
+                    "limit": limit,
+                    "owner": owner,
+                    "tokens": tokens,
+                    "expires": expires,
+                },
+            )
+            rows = cur.fetchall()
+        leases = [
+            Lease(
+                sync_id=sync_id,
+                generation=generation,
+                slot=slot,
+                trigger=Trigger(trigger),
+                owner=owner,
+                token=token,
+                expires_at=expires,
+            )
+            for sync_id, generation, slot, trigger, token in rows
+        ]
+        leases.sort(key=lambda lease: (lease.slot, lease.sync_id))
+        return leases
+
+    def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
+        now = require_aware(now, "now")
+        expires = now + lease_for
+        with self._cursor("extend_lease") as cur:
+            cur.execute(
+                self._sql(
+                    "UPDATE {s}.syncs SET lease_expires = %s WHERE id = %s AND lease_token = %s"
+                ),
+                (expires, lease.sync_id, lease.token),
+            )
+            held = cur.rowcount == 1
+        if not held:
+            raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
+        return Lease(
+            sync_id=lease.sync_id,
+            generation=lease.generation,
+            slot=lease.slot,
+            trigger=lease.trigger,
+            owner=lease.owner,
+            token=lease.token,
+            expires_at=expires,
+        )
+
+    def release_lease(self, lease: Lease) -> None:
+        with self._cursor("release_lease") as cur:
+            cur.execute(
+                self._sql("UPDATE {s}.syncs SET {clear_lease} WHERE id = %s AND lease_token = %s"),
+                (lease.sync_id, lease.token),
+            )
+            held = cur.rowcount == 1
+        if not held:
+            raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
+
+    def complete_run(self, lease: Lease, completion: Completion) -> None:
+        run = completion.run
+        with self._cursor("complete_run", transaction=True) as cur:
+            generation, next_due = self._hold(cur, lease, "update")
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.runs (sync_id, slot, id, generation, trigger, status,"
+                    " started_at, finished_at, record) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT ON CONSTRAINT runs_sync_slot DO NOTHING"
+                ),
+                (
+                    run.sync_id,
+                    run.slot,
+                    run.id,
+                    run.generation,
+                    run.trigger.value,
+                    run.status.value,
+                    run.started_at,
+                    run.finished_at,
+                    dumps(run),
+                ),
+            )
+            if cur.rowcount != 1:
+                # Raising inside the transaction rolls it back: nothing is written.
+                raise DuplicateRunError(run.sync_id, run.slot)
+            changes: dict[str, Any] = {}
+            same_generation = generation == lease.generation
+            if same_generation and next_due == lease.slot:
+                changes["next_due"] = completion.next_due
+                changes["next_trigger"] = completion.next_trigger.value
+                changes["attempts"] = completion.attempts
+            if same_generation and completion.sync is not None:
+                changes["definition"] = dumps(completion.sync)
+                changes["generation"] = completion.sync.generation
+                changes["status"] = completion.sync.status.value
+            if completion.feed_cursor is not None:
+                changes["feed_cursor"] = completion.feed_cursor
+            if completion.full_sync_done:
+                changes["full_resync"] = False
+                changes["last_full_sync_at"] = run.started_at
+            assignments = [sql.SQL(_CLEAR_LEASE)] + [
+                sql.SQL("{} = %s").format(sql.Identifier(column)) for column in changes
+            ]
+            cur.execute(
+                sql.SQL("UPDATE {}.syncs SET {} WHERE id = %s").format(
+                    sql.Identifier(self.schema), sql.SQL(", ").join(assignments)
+                ),
+                [*changes.values(), lease.sync_id],
+            )
+
+    # -- delivered state -----------------------------------------------------------
+
+    def iter_delivered(self, sync_id: str) -> Iterator[str]:
+        """
+        Stream the delivered keys in ascending (byte-wise) order, a page of
+        10,000 at a time, so a million-member state never sits in memory.
+
+        The first page is read at call time; later pages are read as the
+        iterator advances (keyset pagination, no transaction held open), so a
+        change committed meanwhile beyond the current page may be seen.
+        """
+        first = self._delivered_page(sync_id, None)
+        return self._pages(sync_id, first)
+
+    def _pages(self, sync_id: str, page: list[str]) -> Iterator[str]:
+        while page:
+            yield from page
+            if len(page) < _PAGE:
+                return
+            page = self._delivered_page(sync_id, page[-1])
+
+    def _delivered_page(self, sync_id: str, after: str | None) -> list[str]:
+        with self._cursor("iter_delivered") as cur:
+            if after is None:
+                cur.execute(
+                    self._sql(
+                        "SELECT key FROM {s}.delivered WHERE sync_id = %s ORDER BY key LIMIT %s"
+                    ),
+                    (sync_id, _PAGE),
+                )
+            else:
+                cur.execute(
+                    self._sql(
+                        "SELECT key FROM {s}.delivered WHERE sync_id = %s AND key > %s"
+                        " ORDER BY key LIMIT %s"
+                    ),
+                    (sync_id, after, _PAGE),
+                )
+            return [row[0] for row in cur.fetchall()]
+
+    def count_delivered(self, sync_id: str) -> int:
+        with self._cursor("count_delivered") as cur:
+            cur.execute(
+                self._sql("SELECT count(*) FROM {s}.delivered WHERE sync_id = %s"), (sync_id,)
+            )
+            count: int = _one(cur)[0]
+        return count
+
+    def filter_delivered(self, sync_id: str, keys: Iterable[str]) -> set[str]:
+        wanted = list(keys)
+        found: set[str] = set()
+        if not wanted:
+            return found
+        with self._cursor("filter_delivered") as cur:
+            for chunk in _chunks(wanted):
+                cur.execute(
+                    self._sql(
+                        "SELECT key FROM {s}.delivered WHERE sync_id = %s AND key = ANY(%b::text[])"
+                    ),
+                    (sync_id, list(chunk)),
+                )
+                found.update(row[0] for row in cur.fetchall())
+        return found
+
+    def delivered_identifiers(self, sync_id: str, keys: Sequence[str]) -> dict[str, Identifier]:
+        stored: dict[str, tuple[str | None, str | None]] = {}
+        if keys:
+            with self._cursor("delivered_identifiers") as cur:
+                for chunk in _chunks(keys):
+                    cur.execute(
+                        self._sql(
+                            "SELECT key, id_kind, id_value FROM {s}.delivered"
+                            " WHERE sync_id = %s AND key = ANY(%b::text[])"
+                        ),
+                        (sync_id, list(chunk)),
+                    )
+                    stored.update((key, (kind, value)) for key, kind, value in cur.fetchall())
+        out: dict[str, Identifier] = {}
+        for key in keys:
+            if key in stored:
+                kind, value = stored[key]
+                out[key] = (
+                    Identifier(IdentifierKind.USER_ID, key)
+                    if kind is None or value is None
+                    else Identifier(IdentifierKind(kind), value)
+                )
+        return out
+
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> None:
+        sync_id = lease.sync_id
+        # Last identifier wins for a key added twice; an identity mapping
+        # (user_id equal to the key) is stored as NULL to keep rows small.
+        added: dict[str, tuple[str | None, str | None]] = {}
+        for member in batch.added:
+            ident = member.identifier
+            identity = ident.value == member.key and ident.kind is IdentifierKind.USER_ID
+            added[member.key] = (None, None) if identity else (ident.kind.value, ident.value)
+        removed = list(dict.fromkeys(batch.removed))
+        with self._cursor("apply_batch", transaction=True) as cur:
+            # FOR SHARE: parallel batches of one run may apply together, but no
+            # claimant can take the lease over until this transaction ends.
+            self._hold(cur, lease, "share")
+            keys = list(added)
+            for chunk in _chunks(keys):
+                idents = [added[k] for k in chunk]
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO {s}.delivered (sync_id, key, id_kind, id_value)"
+                        " SELECT %s, k, ik, iv FROM unnest(%b::text[], %b::text[], %b::text[])"
+                        " AS t(k, ik, iv)"
+                        " ON CONFLICT (sync_id, key) DO UPDATE"
+                        " SET id_kind = EXCLUDED.id_kind, id_value = EXCLUDED.id_value"
+                    ),
+                    (sync_id, list(chunk), [i[0] for i in idents], [i[1] for i in idents]),
+                )
+            for chunk in _chunks(removed):
+                cur.execute(
+                    self._sql(
+                        "DELETE FROM {s}.delivered WHERE sync_id = %s AND key = ANY(%b::text[])"
+                    ),
+                    (sync_id, list(chunk)),
+                )
+            if keys or removed:
+                cur.execute(
+                    self._sql("SELECT EXISTS (SELECT 1 FROM {s}.ledger WHERE sync_id = %s)"),
+                    (sync_id,),
+                )
+                if _one(cur)[0]:
+                    for chunk in _chunks([*keys, *removed]):
+                        cur.execute(
+                            self._sql(
+                                "DELETE FROM {s}.ledger"
+                                " WHERE sync_id = %s AND key = ANY(%b::text[])"
+                            ),
+                            (sync_id, list(chunk)),
+                        )
+            if batch.rejected:
+                self._reject(cur, sync_id, batch)
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.batches (run_id, sequence, operation, idempotency_key, at)"
+                    " VALUES (%s, %s, %s, %s, %s)"
+                ),
+                (
+                    batch.run_id,
+                    batch.sequence,
+                    batch.operation.value,
+                    batch.idempotency_key,
+                    batch.at,
+                ),
+            )
+
+    def _reject(self, cur: _Cursor, sync_id: str, batch: AppliedBatch) -> None:
+        # A key rejected n times in one batch counts n attempts, the last reason wins.
+        tally: dict[str, list[Any]] = {}
+        for key, reason in batch.rejected:
+            entry = tally.setdefault(key, [reason, 0])
+            entry[0] = reason
+            entry[1] += 1
+        keys = sorted(tally)  # one lock order for concurrent writers
+        cur.execute(
+            self._sql(
+                "INSERT INTO {s}.ledger AS l"
+                " (sync_id, key, reason, attempts, dead, first_seen, last_seen)"
+                " SELECT %(sync)s, k, r, n, n >= %(max)s, %(at)s, %(at)s"
+                " FROM unnest(%(keys)s::text[], %(reasons)s::text[], %(counts)s::int[])"
+                " AS t(k, r, n)"
+                " ON CONFLICT (sync_id, key) DO UPDATE SET reason = EXCLUDED.reason,"
+                " attempts = l.attempts + EXCLUDED.attempts,"
+                " dead = l.attempts + EXCLUDED.attempts >= %(max)s,"
+                " last_seen = EXCLUDED.last_seen"
+            ),
+            {
+                "sync": sync_id,
+                "max": batch.max_rejection_attempts,
+                "at": batch.at,
+                "keys": keys,
+                "reasons": [tally[k][0] for k in keys],
+                "counts": [tally[k][1] for k in keys],
+            },
+        )
+        self._insert_issues(
+            cur,
+            [(batch.run_id, key, IssueKind.REJECTED, reason) for key, reason in batch.rejected],
+        )
+
+    def _insert_issues(self, cur: _Cursor, issues: Sequence[tuple[str, str, str, str]]) -> None:
+        for chunk in _chunks(issues):
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.issues (run_id, key, kind, reason)"
+                    " SELECT run_id, key, kind, reason"
+                    " FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[])"
+                    " WITH ORDINALITY AS t(run_id, key, kind, reason, n) ORDER BY n"
+                ),
+                [list(column) for column in zip(*chunk, strict=True)],
+            )
+
+    def record_issues(self, lease: Lease, issues: Sequence[MemberIssue]) -> None:
+        with self._cursor("record_issues", transaction=True) as cur:
+            self._hold(cur, lease, "share")
+            self._insert_issues(cur, [(i.run_id, i.key, i.kind, i.reason) for i in issues])
+
+    # -- ledger and history --------------------------------------------------------
+
+    def ledger(self, sync_id: str) -> list[LedgerEntry]:
+        with self._cursor("ledger") as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT key, reason, attempts, dead, first_seen, last_seen FROM {s}.ledger"
+                    " WHERE sync_id = %s ORDER BY key"
+                ),
+                (sync_id,),
+            )
+            rows = cur.fetchall()
+        return [
+            LedgerEntry(
+                sync_id=sync_id,
+                key=key,
+                reason=reason,
+                attempts=attempts,
+                dead=dead,
+                first_seen=first_seen,
+                last_seen=last_seen,
+            )
+            for key, reason, attempts, dead, first_seen, last_seen in rows
+        ]
+
+    def dead_letters(self, sync_id: str) -> set[str]:
+        with self._cursor("dead_letters") as cur:
+            cur.execute(
+                self._sql("SELECT key FROM {s}.ledger WHERE sync_id = %s AND dead"), (sync_id,)
+            )
+            return {row[0] for row in cur.fetchall()}
+
+    def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
+        # A negative limit slices like a list (as the reference store does).
+        bound = limit if limit is not None and limit >= 0 else None
+        with self._cursor("history") as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT record FROM {s}.runs WHERE sync_id = %s"
+                    " ORDER BY started_at DESC, slot DESC LIMIT %s"
+                ),
+                (sync_id, bound),
+            )
+            runs = [self._load_run(row[0]) for row in cur.fetchall()]
+        return runs if limit is None or limit >= 0 else runs[:limit]
+
+    def run_issues(self, run_id: str) -> list[MemberIssue]:
+        with self._cursor("run_issues") as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT key, kind, reason FROM {s}.issues WHERE run_id = %s"
+                    " ORDER BY kind, key, id"
+                ),
+                (run_id,),
+            )
+            rows = cur.fetchall()
+        return [
+            MemberIssue(run_id=run_id, key=key, kind=kind, reason=reason)
+            for key, kind, reason in rows
+        ]
+
+    def purge_history(self, before: datetime) -> int:
+        before = require_aware(before, "before")
+        with self._cursor("purge_history") as cur:
+            cur.execute(
+                self._sql(
+                    "WITH gone AS (DELETE FROM {s}.runs WHERE finished_at < %s RETURNING id),"
+                    " b AS (DELETE FROM {s}.batches WHERE run_id IN (SELECT id FROM gone)),"
+                    " i AS (DELETE FROM {s}.issues WHERE run_id IN (SELECT id FROM gone))"
+                    " SELECT count(*) FROM gone"
+                ),
+                (before,),
+            )
+            purged: int = _one(cur)[0]
+        return purged
+
+
+class _Queries:
+    """
+    Renders SQL templates: ``{s}`` is the schema as a quoted identifier,
+    ``{columns}`` the sync columns a :class:`SyncRecord` is read from and
+    ``{clear_lease}`` the assignments that release a lease.
+    """
+
+    __slots__ = ("_cache", "_fragments", "schema")
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        self._fragments = {
+            "s": sql.Identifier(schema),
+            "columns": sql.SQL(_SYNC_COLUMNS),
+            "clear_lease": sql.SQL(_CLEAR_LEASE),
+        }
+        self._cache: dict[str, sql.Composed] = {}
+
+    def __call__(self, template: str) -> sql.Composed:
+        composed = self._cache.get(template)
+        if composed is None:
+            composed = sql.SQL(template).format(**self._fragments)
+            self._cache[template] = composed
+        return composed
+
+
+def _one(cur: _Cursor) -> tuple[Any, ...]:
+    row = cur.fetchone()
+    if row is None:  # pragma: no cover - aggregate queries always return a row
+        raise CorruptStoreError("a query that always returns a row returned none")
+    return row
+
+
+def _dsn_factory(dsn: str) -> tuple[Callable[[], _Connection], str, str | None]:
+    """
+    Parse *dsn* and return a connection factory, the DSN as shown in messages,
+    and the password to scrub from driver messages.
+    """
+    if not isinstance(dsn, str):
+        raise ConfigurationError("dsn", type(dsn).__name__, "must be a str")
+    shown = repr(mask_dsn(dsn))
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        # Neither the driver's message (it quotes the DSN) nor the DSN itself is
+        # shown: unparsed, its password cannot be told apart from the rest.
+        raise StorageError(
+            "invalid PostgreSQL DSN (not shown, it may hold a password): expected a libpq "
+            "connection string (host=... dbname=...) or a URL "
+            "(postgresql://user:password@host:port/db)"
+        ) from None
+    secret = params.get("password")
+    extra: dict[str, Any] = {"autocommit": True}
+    if "connect_timeout" not in params:
+        extra["connect_timeout"] = 10
+    if "application_name" not in params:
+        extra["application_name"] = "cohortsync"
+
+    def factory() -> _Connection:
+        try:
+            return psycopg.connect(dsn, **extra)
+        except psycopg.Error as exc:
+            detail = _scrub(str(exc).strip(), str(secret) if secret else None)
+            raise StorageError(f"cannot connect to PostgreSQL at {shown}: {detail}") from None
+
+    return factory, shown, str(secret) if secret else None
