@@ -13,8 +13,49 @@ from zoneinfo import ZoneInfo
 
 from hypothesis import strategies as st
 
-from cohortsync._policy import Cadence, SyncPolicy
+from cohortsync._advice import Recommendation
+from cohortsync._cohort import Changes, Cohort, CohortType, StaticSource
+from cohortsync._destination import (
+    Batch,
+    Capabilities,
+    DeliveryResult,
+    Identifier,
+    IdentifierKind,
+    Member,
+    Operation,
+    RateLimit,
+    Rejection,
+    RunContext,
+)
+from cohortsync._events import (
+    BatchDelivered,
+    EligibilityChanged,
+    Event,
+    GuardTripped,
+    RunFinished,
+    RunStarted,
+    SyncFailed,
+)
+from cohortsync._policy import (
+    Cadence,
+    MassRemovalGuard,
+    OnDelete,
+    OnIneligible,
+    RetryPolicy,
+    SyncPolicy,
+)
 from cohortsync._schedule import period_seconds
+from cohortsync._storage import (
+    AppliedBatch,
+    Completion,
+    IssueKind,
+    Lease,
+    LedgerEntry,
+    MemberIssue,
+    SyncRecord,
+)
+from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
+from cohortsync.testing import Fault
 
 UTC = timezone.utc
 
@@ -155,3 +196,401 @@ def schedules(
     """
     policy = draw(policies(cadences, timezones))
     return policy, draw(offsets(policy))
+
+
+# --- Domain values ----------------------------------------------------------
+#
+# One strategy per public value class, drawing only valid values (validators
+# are tested with hand-picked bad values in test_models.py). The converter
+# round-trip tests draw from these. Member keys come from member_keys() below.
+
+
+def ids() -> st.SearchStrategy[str]:
+    """
+    Valid identifiers: 1-200 characters, not blank, no control characters.
+    """
+    return st.text(st.characters(exclude_categories=["Cc", "Cs"]), min_size=1, max_size=200).filter(
+        str.strip
+    )
+
+
+def texts() -> st.SearchStrategy[str]:
+    """
+    Free text (names, reasons, messages), any printable or not.
+    """
+    return st.text(max_size=50)
+
+
+def counts(minimum: int = 0) -> st.SearchStrategy[int]:
+    return st.integers(min_value=minimum, max_value=10**12)
+
+
+def finite_floats(min_value: float, max_value: float) -> st.SearchStrategy[float]:
+    return st.floats(min_value, max_value, allow_nan=False, allow_infinity=False)
+
+
+def durations() -> st.SearchStrategy[timedelta]:
+    """
+    Positive durations up to ten years, to the microsecond.
+    """
+    return st.timedeltas(min_value=timedelta(microseconds=1), max_value=timedelta(days=3_650))
+
+
+def cohorts() -> st.SearchStrategy[Cohort]:
+    """
+    Cohorts with a membership source, which the converter must leave out.
+    """
+    return st.builds(
+        Cohort,
+        id=ids(),
+        name=texts(),
+        type=st.sampled_from(CohortType),
+        size=st.none() | counts(),
+        source=st.none() | st.builds(StaticSource, st.frozensets(member_keys(), max_size=3)),
+    )
+
+
+def rate_limits() -> st.SearchStrategy[RateLimit]:
+    return st.builds(
+        RateLimit,
+        requests=st.integers(1, 10**6),
+        per_seconds=finite_floats(1e-3, 1e6),
+    )
+
+
+def capabilities() -> st.SearchStrategy[Capabilities]:
+    return st.builds(
+        Capabilities,
+        name=texts(),
+        supports_realtime=st.booleans(),
+        supports_removals=st.booleans(),
+        full_sync_only=st.booleans(),
+        max_batch_size=st.integers(1, 10**6),
+        max_parallel=st.integers(1, 64),
+        rate_limit=st.none() | rate_limits(),
+        min_audience_size=st.none() | counts(),
+        accepted_identifiers=st.none() | st.frozensets(st.sampled_from(IdentifierKind)),
+        membership_ttl=st.none() | durations(),
+    )
+
+
+def guards() -> st.SearchStrategy[MassRemovalGuard]:
+    return st.builds(
+        MassRemovalGuard,
+        enabled=st.booleans(),
+        max_share=finite_floats(0.0, 1.0),
+        min_audience=counts(),
+    )
+
+
+def retry_policies() -> st.SearchStrategy[RetryPolicy]:
+    return st.builds(
+        RetryPolicy,
+        max_retries=st.integers(0, 100),
+        initial=finite_floats(0.0, 60.0),
+        multiplier=finite_floats(1.0, 10.0),
+        max_delay=finite_floats(0.0, 86_400.0),
+        jitter=finite_floats(0.0, 1.0),
+    )
+
+
+@st.composite
+def sync_policies(draw: st.DrawFn) -> SyncPolicy:
+    """
+    Policies of every cadence with every option drawn, unlike :func:`policies`
+    which varies only what the schedule reads.
+    """
+    cadence = draw(st.sampled_from(Cadence))
+    zone = draw(st.none() | st.sampled_from(TIMEZONES)) if cadence is Cadence.DAILY else None
+    return SyncPolicy(
+        cadence=cadence,
+        timezone=zone,
+        send_removals=draw(st.booleans()),
+        guard=draw(guards()),
+        on_ineligible=draw(st.sampled_from(OnIneligible)),
+        on_delete=draw(st.sampled_from(OnDelete)),
+        retry=draw(retry_policies()),
+        one_time_attempts=draw(st.integers(1, 100)),
+        rejection_attempts=draw(st.integers(1, 100)),
+    )
+
+
+def syncs() -> st.SearchStrategy[Sync]:
+    return st.builds(
+        Sync,
+        id=ids(),
+        cohort_id=ids(),
+        destination_id=ids(),
+        policy=sync_policies(),
+        mapping_id=st.none() | ids(),
+        generation=st.integers(1, 10**6),
+        status=st.sampled_from(SyncStatus),
+        status_reason=st.none() | texts(),
+        effective_cadence=st.none() | st.sampled_from(Cadence),
+        created_at=aware_datetimes(any_zone=True),
+        updated_at=aware_datetimes(any_zone=True),
+        guard_released=st.booleans(),
+    )
+
+
+def sync_runs() -> st.SearchStrategy[SyncRun]:
+    return st.builds(
+        SyncRun,
+        id=ids(),
+        sync_id=ids(),
+        generation=st.integers(1, 10**6),
+        trigger=st.sampled_from(Trigger),
+        slot=aware_datetimes(),
+        started_at=aware_datetimes(),
+        finished_at=aware_datetimes(any_zone=True),
+        status=st.sampled_from(RunStatus),
+        cadence=st.sampled_from(Cadence),
+        added=counts(),
+        removed=counts(),
+        skipped=counts(),
+        rejected=counts(),
+        batches=counts(),
+        retries=counts(),
+        full_sync=st.booleans(),
+        error_type=st.none() | texts(),
+        error_message=st.none() | texts(),
+        notes=st.lists(texts(), max_size=3).map(tuple),
+    )
+
+
+def identifiers() -> st.SearchStrategy[Identifier]:
+    return st.builds(Identifier, kind=st.sampled_from(IdentifierKind), value=member_keys())
+
+
+def members() -> st.SearchStrategy[Member]:
+    return st.builds(Member, key=member_keys(), identifier=identifiers())
+
+
+def rejections() -> st.SearchStrategy[Rejection]:
+    return st.builds(Rejection, identifier=member_keys(), reason=texts())
+
+
+def delivery_results() -> st.SearchStrategy[DeliveryResult]:
+    return st.builds(DeliveryResult, st.lists(rejections(), max_size=3).map(tuple))
+
+
+def changes() -> st.SearchStrategy[Changes]:
+    keys = st.lists(member_keys(), max_size=5).map(tuple)
+    return st.builds(Changes, added=keys, removed=keys, cursor=texts())
+
+
+def run_contexts() -> st.SearchStrategy[RunContext]:
+    return st.builds(
+        RunContext,
+        run_id=ids(),
+        sync_id=ids(),
+        generation=st.integers(1, 10**6),
+        cohort_id=ids(),
+        cohort_name=texts(),
+        computed_at=aware_datetimes(),
+        full_sync=st.booleans(),
+    )
+
+
+def batches() -> st.SearchStrategy[Batch]:
+    return st.builds(
+        Batch,
+        context=run_contexts(),
+        operation=st.sampled_from(Operation),
+        members=st.lists(members(), max_size=3).map(tuple),
+        sequence=counts(),
+        idempotency_key=st.text(min_size=1, max_size=64),
+    )
+
+
+def ledger_entries() -> st.SearchStrategy[LedgerEntry]:
+    return st.builds(
+        LedgerEntry,
+        sync_id=ids(),
+        key=member_keys(),
+        reason=texts(),
+        attempts=st.integers(1, 100),
+        dead=st.booleans(),
+        first_seen=aware_datetimes(),
+        last_seen=aware_datetimes(any_zone=True),
+    )
+
+
+def member_issues() -> st.SearchStrategy[MemberIssue]:
+    return st.builds(
+        MemberIssue,
+        run_id=ids(),
+        key=member_keys(),
+        kind=st.sampled_from((IssueKind.SKIPPED, IssueKind.REJECTED)),
+        reason=texts(),
+    )
+
+
+def leases() -> st.SearchStrategy[Lease]:
+    return st.builds(
+        Lease,
+        sync_id=ids(),
+        generation=st.integers(1, 10**6),
+        slot=aware_datetimes(),
+        trigger=st.sampled_from(Trigger),
+        owner=ids(),
+        token=st.text(min_size=1, max_size=64),
+        expires_at=aware_datetimes(any_zone=True),
+    )
+
+
+def sync_records() -> st.SearchStrategy[SyncRecord]:
+    return st.builds(
+        SyncRecord,
+        sync=syncs(),
+        next_due=st.none() | aware_datetimes(),
+        next_trigger=st.sampled_from(Trigger),
+        offset=st.integers(0, 86_399),
+        slot_bucket=st.none() | st.integers(0, 1_439),
+        anchor=aware_datetimes(),
+        attempts=st.integers(0, 100),
+        full_resync=st.booleans(),
+        feed_cursor=st.none() | texts(),
+        last_full_sync_at=st.none() | aware_datetimes(),
+        lease=st.none() | leases(),
+    )
+
+
+def completions() -> st.SearchStrategy[Completion]:
+    return st.builds(
+        Completion,
+        run=sync_runs(),
+        next_due=st.none() | aware_datetimes(),
+        next_trigger=st.sampled_from(Trigger),
+        sync=st.none() | syncs(),
+        attempts=st.integers(0, 100),
+        feed_cursor=st.none() | texts(),
+        full_sync_done=st.booleans(),
+    )
+
+
+def applied_batches() -> st.SearchStrategy[AppliedBatch]:
+    return st.builds(
+        AppliedBatch,
+        run_id=ids(),
+        sequence=counts(),
+        operation=st.sampled_from(Operation),
+        idempotency_key=st.text(min_size=1, max_size=64),
+        added=st.lists(members(), max_size=3).map(tuple),
+        removed=st.lists(member_keys(), max_size=3).map(tuple),
+        rejected=st.lists(st.tuples(member_keys(), texts()), max_size=3).map(tuple),
+        at=aware_datetimes(),
+        max_rejection_attempts=st.integers(1, 100),
+    )
+
+
+def recommendations() -> st.SearchStrategy[Recommendation]:
+    return st.builds(
+        Recommendation,
+        sync_id=ids(),
+        code=texts(),
+        message=texts(),
+        suggested_cadence=st.sampled_from(Cadence),
+        runs_considered=counts(),
+        zero_update_runs=counts(),
+        zero_update_share=finite_floats(0.0, 1.0),
+    )
+
+
+def events() -> st.SearchStrategy[Event]:
+    """
+    Every kind of scheduler event.
+    """
+    at = aware_datetimes()
+    return st.one_of(
+        st.builds(
+            RunStarted,
+            sync_id=ids(),
+            run_id=ids(),
+            trigger=st.sampled_from(Trigger),
+            slot=at,
+            at=at,
+        ),
+        st.builds(
+            BatchDelivered,
+            sync_id=ids(),
+            run_id=ids(),
+            operation=st.sampled_from(Operation),
+            sequence=counts(),
+            size=counts(),
+            rejected=counts(),
+            idempotency_key=texts(),
+        ),
+        st.builds(RunFinished, run=sync_runs()),
+        st.builds(
+            SyncFailed,
+            sync_id=ids(),
+            status=st.sampled_from(SyncStatus),
+            reason=texts(),
+            at=at,
+        ),
+        st.builds(
+            EligibilityChanged,
+            sync_id=ids(),
+            eligible=st.booleans(),
+            codes=st.lists(texts(), max_size=3).map(tuple),
+            cadence=st.sampled_from([c.value for c in Cadence]),
+            at=at,
+        ),
+        st.builds(
+            GuardTripped,
+            sync_id=ids(),
+            run_id=ids(),
+            delivered=counts(),
+            removing=counts(),
+            source_empty=st.booleans(),
+            at=at,
+        ),
+    )
+
+
+# --- Memberships and delivery -----------------------------------------------
+
+#: A small universe of member keys, so that random histories keep revisiting
+#: the same members (entering, leaving, coming back).
+MEMBER_UNIVERSE = tuple(f"m{i:03d}" for i in range(40))
+
+
+def member_sets(universe: tuple[str, ...] = MEMBER_UNIVERSE) -> st.SearchStrategy[frozenset[str]]:
+    """
+    One snapshot of a cohort: any subset of *universe*, the empty one included.
+    """
+    return st.frozensets(st.sampled_from(universe))
+
+
+def membership_histories(max_runs: int = 6) -> st.SearchStrategy[list[frozenset[str]]]:
+    """
+    A cohort's membership at each of 1 to *max_runs* runs.
+    """
+    return st.lists(member_sets(), min_size=1, max_size=max_runs)
+
+
+def member_keys(max_size: int = 6) -> st.SearchStrategy[str]:
+    """
+    Valid member keys: short non-empty strings of any printable characters, so
+    ordering is tested beyond ASCII (surrogates excluded: they cannot be stored).
+    """
+    return st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=max_size)
+
+
+def destination_faults() -> st.SearchStrategy[dict[Fault, float]]:
+    """
+    A mix of misbehaviours a destination shows at random, each with a
+    probability per call: timeouts, 5xx, 429 with ``Retry-After``, partial
+    rejections, permanent errors. Authentication errors are left out: they
+    pause the sync, which is tested on its own.
+    """
+    faults = (
+        Fault.timeout(),
+        Fault.server_error(),
+        Fault.server_error(retry_after=30.0),
+        Fault.rate_limited(retry_after=7.0),
+        Fault.reject(0.5),
+        Fault.permanent(),
+    )
+    return st.dictionaries(st.sampled_from(faults), st.floats(0.05, 0.4), min_size=1)

@@ -78,15 +78,30 @@ class ChangeFeed(Protocol):
         ...
 
 
+def _to_keys(field: str, value: Iterable[str]) -> tuple[str, ...]:
+    # A lone string is an iterable of characters: never what a feed means.
+    if isinstance(value, (str, bytes)):
+        raise ConfigurationError(field, value, "must be an iterable of member keys, not a str")
+    return tuple(value)
+
+
+def _to_added(value: Iterable[str]) -> tuple[str, ...]:
+    return _to_keys("added", value)
+
+
+def _to_removed(value: Iterable[str]) -> tuple[str, ...]:
+    return _to_keys("removed", value)
+
+
 @attrs.frozen
 class Changes:
     """
     What a :class:`ChangeFeed` reports: members who entered and left since a cursor.
     """
 
-    added: tuple[str, ...] = attrs.field(converter=v.to_tuple)
-    removed: tuple[str, ...] = attrs.field(converter=v.to_tuple)
-    cursor: str = attrs.field(validator=attrs.validators.instance_of(str))
+    added: tuple[str, ...] = attrs.field(converter=_to_added)
+    removed: tuple[str, ...] = attrs.field(converter=_to_removed)
+    cursor: str = attrs.field(validator=v.instance_of(str))
 
 
 @attrs.frozen
@@ -102,13 +117,19 @@ class CallableSource:
         return self.func()
 
 
+def _to_frozenset(value: Iterable[str]) -> frozenset[str]:
+    if isinstance(value, (str, bytes)):
+        raise ConfigurationError("keys", value, "must be an iterable of member keys, not a str")
+    return frozenset(value)
+
+
 @attrs.frozen
 class StaticSource:
     """
     A fixed set of member keys, for static (uploaded) cohorts, examples and tests.
     """
 
-    keys: frozenset[str] = attrs.field(converter=frozenset)
+    keys: frozenset[str] = attrs.field(converter=_to_frozenset)
     sorted_keys: bool = True
 
     def members(self) -> Iterable[str]:
@@ -146,7 +167,7 @@ class Cohort:
     """
 
     id: str = attrs.field(validator=v.identifier)
-    name: str = attrs.field(validator=attrs.validators.instance_of(str))
+    name: str = attrs.field(validator=v.instance_of(str))
     type: CohortType = attrs.field(default=CohortType.BEHAVIORAL, converter=_to_cohort_type)
     size: int | None = attrs.field(default=None, validator=v.optional_count(0))
     source: MembershipSource | None = attrs.field(

@@ -39,7 +39,34 @@ def _structure_datetime(value: Any, _type: Any) -> datetime:
 def _structure_timedelta(value: Any, _type: Any) -> timedelta:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigurationError("timedelta", value, "must be a number of seconds")
-    return timedelta(seconds=value)
+    try:
+        return timedelta(seconds=value)
+    except (ValueError, OverflowError):  # NaN, infinities, beyond timedelta.max
+        raise ConfigurationError("timedelta", value, "is not a representable duration") from None
+
+
+def _structure_bool(value: Any, _type: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError("bool", value, "must be true or false")
+    return value
+
+
+def _structure_int(value: Any, _type: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError("int", value, "must be an integer")
+    return value
+
+
+def _structure_float(value: Any, _type: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError("float", value, "must be a number")
+    return float(value)
+
+
+def _structure_str(value: Any, _type: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigurationError("str", value, "must be a string")
+    return value
 
 
 def make_converter() -> cattrs.Converter:
@@ -49,6 +76,12 @@ def make_converter() -> cattrs.Converter:
     values, frozensets as sorted lists) and back, validating on the way in.
     """
     conv = cattrs.Converter(forbid_extra_keys=True)
+    # cattrs' defaults call int()/bool()/str() on whatever they get, so a stored
+    # "false" would load as True and 1.9 as 1: corrupt data must fail loudly.
+    conv.register_structure_hook(bool, _structure_bool)
+    conv.register_structure_hook(int, _structure_int)
+    conv.register_structure_hook(float, _structure_float)
+    conv.register_structure_hook(str, _structure_str)
     conv.register_unstructure_hook(datetime, lambda d: require_aware(d).isoformat())
     conv.register_structure_hook(datetime, _structure_datetime)
     conv.register_unstructure_hook(timedelta, lambda d: d.total_seconds())

@@ -299,6 +299,12 @@ def _identity(key: str) -> str:
     return key
 
 
+_VERBATIM = frozenset(
+    {IdentifierKind.USER_ID, IdentifierKind.DEVICE_ID, IdentifierKind.ADVERTISING_ID}
+)
+"""Kinds whose values are sent as the resolver returns them (no normalising)."""
+
+
 def _to_rules(
     value: Iterable[tuple[IdentifierKind | str, Resolver]],
 ) -> tuple[tuple[IdentifierKind, Resolver], ...]:
@@ -423,6 +429,12 @@ class IdentifierMapping:
             nothing (to be recorded as skipped with ``unresolved_mapping``).
         """
         rules = self._active(accepted)
+        if len(rules) == 1 and rules[0][1] is _identity and rules[0][0] in _VERBATIM:
+            # The identity mapping: member keys are already validated
+            # non-empty strings, so skip the per-member checks.
+            kind = rules[0][0]
+            trusted = Identifier._trusted  # noqa: SLF001 - same package, hot path
+            return [Member(key, trusted(kind, key)) for key in keys], []
         members: list[Member] = []
         unresolved: list[str] = []
         for key in keys:

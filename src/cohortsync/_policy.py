@@ -92,7 +92,7 @@ class MassRemovalGuard:
     *min_audience* members.
     """
 
-    enabled: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    enabled: bool = attrs.field(default=True, validator=v.instance_of(bool))
     max_share: float = attrs.field(default=0.5, validator=v.share)
     min_audience: int = attrs.field(default=1_000, validator=v.count(0))
 
@@ -108,16 +108,22 @@ class MassRemovalGuard:
             return False
         if source_empty:
             return True
-        return delivered >= self.min_audience and removing > self.max_share * delivered
+        if delivered < self.min_audience:
+            return False
+        # Compare shares, not products: 0.29 * 3000 is 869.99..., which would
+        # trip on removing exactly 29 %, not "more than" it.
+        return delivered == 0 or removing / delivered > self.max_share
 
 
 @attrs.frozen(kw_only=True)
 class RetryPolicy:
     """
-    Exponential backoff with full jitter for transient delivery errors.
+    Exponential backoff with jitter for transient delivery errors.
 
-    The defaults retry 8 times, waiting about 1, 2, 4, ... 128 seconds: the last
-    wait is past two minutes. Waits for a rate limit do not count as retries.
+    The defaults retry 8 times, waiting 1, 2, 4, ... 128 seconds plus up to
+    10 % jitter: the last wait is past two minutes. Jitter only lengthens a
+    wait, so the nominal backoff is a floor (and ``max_delay`` a ceiling).
+    Waits for a rate limit do not count as retries.
     """
 
     max_retries: int = attrs.field(default=8, validator=v.count(0))
@@ -130,8 +136,11 @@ class RetryPolicy:
         """
         The wait before retry number *attempt* (0-based), given *random* in [0, 1).
         """
-        base = min(self.max_delay, self.initial * self.multiplier**attempt)
-        return base * (1.0 - self.jitter + 2 * self.jitter * random)
+        try:
+            base = self.initial * self.multiplier**attempt
+        except OverflowError:
+            base = self.max_delay
+        return min(self.max_delay, base * (1.0 + self.jitter * random))
 
 
 def _check_timezone(inst: SyncPolicy, _attribute: attrs.Attribute[Any], value: str | None) -> None:
@@ -171,17 +180,15 @@ class SyncPolicy:
 
     cadence: Cadence = attrs.field(converter=_to_cadence)
     timezone: str | None = attrs.field(default=None, validator=_check_timezone)
-    send_removals: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    send_removals: bool = attrs.field(default=True, validator=v.instance_of(bool))
     guard: MassRemovalGuard = attrs.field(
-        factory=MassRemovalGuard, validator=attrs.validators.instance_of(MassRemovalGuard)
+        factory=MassRemovalGuard, validator=v.instance_of(MassRemovalGuard)
     )
     on_ineligible: OnIneligible = attrs.field(
         default=OnIneligible.FALLBACK_HOURLY, converter=_to_on_ineligible
     )
     on_delete: OnDelete = attrs.field(default=OnDelete.LEAVE, converter=_to_on_delete)
-    retry: RetryPolicy = attrs.field(
-        factory=RetryPolicy, validator=attrs.validators.instance_of(RetryPolicy)
-    )
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy, validator=v.instance_of(RetryPolicy))
     one_time_attempts: int = attrs.field(default=5, validator=v.count(1))
     rejection_attempts: int = attrs.field(default=3, validator=v.count(1))
 

@@ -76,6 +76,10 @@ _GRID_SECONDS: dict[Cadence, int] = {
 # hash of the same key (for example one used to shard syncs across workers).
 _OFFSET_PERSON = b"cohortsync.slot"
 
+_RESULTS: dict[int, datetime] = {}
+_RESULTS_MAX = 4_096
+"""Recent grid instants as datetimes (immutable, so safe to share)."""
+
 
 def period_seconds(cadence: Cadence) -> int | None:
     """
@@ -170,10 +174,20 @@ def next_due(policy: SyncPolicy, anchor: datetime, offset: int, after: datetime)
     if policy.timezone is not None:
         return _next_local(ZoneInfo(policy.timezone), offset, after)
     # Whole seconds from a timedelta are exact for any datetime; a float
-    # timestamp would round microseconds away far from the epoch.
+    # timestamp would round microseconds away far from the epoch. This is
+    # next_due_ts inlined: the offset was checked above.
     delta = after - _EPOCH
-    due = next_due_ts(_GRID_SECONDS[cadence], offset, delta.days * _DAY + delta.seconds)
-    return _from_ts(due, _UTC)
+    floor = delta.days * _DAY + delta.seconds
+    period = _GRID_SECONDS[cadence]
+    due = floor - (floor - offset) % period + period
+    # Many syncs share slot instants (every real-time sync shares each minute),
+    # and building a datetime is most of the cost: reuse recent results.
+    cached = _RESULTS.get(due)
+    if cached is None:
+        if len(_RESULTS) >= _RESULTS_MAX:
+            _RESULTS.clear()
+        cached = _RESULTS[due] = _from_ts(due, _UTC)
+    return cached
 
 
 def slot_of(policy: SyncPolicy, when: datetime, *, offset: int) -> datetime:

@@ -5,6 +5,7 @@ A sync (one cohort to one destination under one policy) and its run history reco
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from datetime import datetime
 
 import attrs
@@ -74,6 +75,11 @@ def _to_run_status(value: object) -> RunStatus:
     return v.to_enum(RunStatus, "status")(value)
 
 
+def _to_notes(value: Iterable[str]) -> tuple[str, ...]:
+    # Not the generic v.to_tuple: mypy's attrs plugin cannot bind its type variable.
+    return tuple(value)
+
+
 @attrs.frozen(kw_only=True)
 class Sync:
     """
@@ -100,7 +106,7 @@ class Sync:
     id: str = attrs.field(validator=v.identifier)
     cohort_id: str = attrs.field(validator=v.identifier)
     destination_id: str = attrs.field(validator=v.identifier)
-    policy: SyncPolicy = attrs.field(validator=attrs.validators.instance_of(SyncPolicy))
+    policy: SyncPolicy = attrs.field(validator=v.instance_of(SyncPolicy))
     mapping_id: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(v.identifier)
     )
@@ -111,8 +117,8 @@ class Sync:
         default=None,
         converter=_to_optional_cadence,
     )
-    created_at: datetime = attrs.field(converter=v.to_utc)
-    updated_at: datetime = attrs.field(converter=v.to_utc)
+    created_at: datetime = attrs.field(converter=v.utc_if_aware, validator=v.aware_instant)
+    updated_at: datetime = attrs.field(converter=v.utc_if_aware, validator=v.aware_instant)
     guard_released: bool = False
     """The host confirmed held-back removals: the next run sends them despite the guard."""
 
@@ -138,9 +144,9 @@ class SyncRun:
     sync_id: str
     generation: int
     trigger: Trigger = attrs.field(converter=_to_trigger)
-    slot: datetime = attrs.field(converter=v.to_utc)
-    started_at: datetime = attrs.field(converter=v.to_utc)
-    finished_at: datetime = attrs.field(converter=v.to_utc)
+    slot: datetime = attrs.field(converter=v.utc_if_aware, validator=v.aware_instant)
+    started_at: datetime = attrs.field(converter=v.utc_if_aware, validator=v.aware_instant)
+    finished_at: datetime = attrs.field(converter=v.utc_if_aware, validator=v.aware_instant)
     status: RunStatus = attrs.field(converter=_to_run_status)
     cadence: Cadence = attrs.field(converter=_to_cadence)
     added: int = attrs.field(default=0, validator=v.count(0))
@@ -152,7 +158,7 @@ class SyncRun:
     full_sync: bool = False
     error_type: str | None = None
     error_message: str | None = None
-    notes: tuple[str, ...] = attrs.field(default=(), converter=v.to_tuple)
+    notes: tuple[str, ...] = attrs.field(default=(), converter=_to_notes)
     """Reason codes recorded on the run (e.g. ``realtime_size_limit``, ``below_min_audience``)."""
 
     @property

@@ -156,11 +156,18 @@ def aware(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None
         require_aware(value, attribute.name)  # type: ignore[arg-type]
 
 
+def aware_instant(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Require an aware datetime; the ``TypeError`` names the field and the value.
+    """
+    require_aware(value, attribute.name)  # type: ignore[arg-type]
+
+
 def utc_if_aware(value: datetime) -> datetime:
     """
-    attrs converter paired with the :func:`aware` validator: converts aware
-    values to UTC and leaves anything else for the validator, whose
-    ``TypeError`` names the field.
+    attrs converter paired with the :func:`aware_instant` validator: converts
+    aware values to UTC and leaves anything else for the validator, whose
+    ``TypeError`` names the field (a converter cannot know it).
     """
     if isinstance(value, datetime) and value.utcoffset() is not None:
         return require_aware(value)

@@ -1,0 +1,346 @@
+"""
+The library's own cattrs converter: every public value round-trips to JSON and
+plain data, bad data fails with a typed error, and the global converter is
+never touched.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import attrs
+import cattrs
+import pytest
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cohortsync
+import strategies as s
+from cohortsync import _converter
+from cohortsync.exceptions import ConfigurationError
+
+UTC = timezone.utc
+NOW = datetime(2030, 1, 1, 12, 30, tzinfo=UTC)
+
+#: Every public value class, with a strategy drawing valid instances of it.
+VALUES: dict[type[object], st.SearchStrategy[Any]] = {
+    cohortsync.Cohort: s.cohorts(),
+    cohortsync.RateLimit: s.rate_limits(),
+    cohortsync.Capabilities: s.capabilities(),
+    cohortsync.MassRemovalGuard: s.guards(),
+    cohortsync.RetryPolicy: s.retry_policies(),
+    cohortsync.SyncPolicy: s.sync_policies(),
+    cohortsync.Sync: s.syncs(),
+    cohortsync.SyncRun: s.sync_runs(),
+    cohortsync.Identifier: s.identifiers(),
+    cohortsync.Member: s.members(),
+    cohortsync.Rejection: s.rejections(),
+    cohortsync.DeliveryResult: s.delivery_results(),
+    cohortsync.Changes: s.changes(),
+    cohortsync.RunContext: s.run_contexts(),
+    cohortsync.Batch: s.batches(),
+    cohortsync.LedgerEntry: s.ledger_entries(),
+    cohortsync.MemberIssue: s.member_issues(),
+    cohortsync.Lease: s.leases(),
+    cohortsync.SyncRecord: s.sync_records(),
+    cohortsync.Completion: s.completions(),
+    cohortsync.AppliedBatch: s.applied_batches(),
+    cohortsync.Recommendation: s.recommendations(),
+}
+KINDS = sorted(VALUES, key=lambda cls: cls.__name__)
+
+
+def _sync() -> cohortsync.Sync:
+    return cohortsync.Sync(
+        id="s1",
+        cohort_id="c1",
+        destination_id="d1",
+        policy=cohortsync.SyncPolicy.daily("Europe/Berlin"),
+        created_at=NOW,
+        updated_at=NOW,
+    )
+
+
+def _only_cause(err: ClassValidationError) -> BaseException:
+    """
+    The single leaf error inside (possibly nested) cattrs validation groups.
+    """
+    leaf: BaseException = err
+    while isinstance(leaf, cattrs.BaseValidationError):
+        assert 1 == len(leaf.exceptions)
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
+class TestRoundTrip:
+    """Every public value survives JSON and plain data unchanged."""
+
+    @pytest.mark.parametrize("cls", KINDS, ids=lambda cls: cls.__name__)
+    def test_round_trip(self, cls: type[object]) -> None:
+        """dumps()/loads() and unstructure()/structure() give back an equal value."""
+
+        @given(VALUES[cls])
+        def check(value: object) -> None:
+            text = cohortsync.dumps(value)
+            data = _converter.unstructure(value)
+
+            assert value == cohortsync.loads(text, cls)
+            assert text == cohortsync.dumps(cohortsync.loads(text, cls))
+            assert value == _converter.structure(data, cls)
+            assert json.loads(text) == json.loads(json.dumps(data))
+
+        check()
+
+    @given(s.events())
+    def test_events(self, event: cohortsync.Event) -> None:
+        """Scheduler events round-trip too (structured by their concrete class)."""
+        assert event == cohortsync.loads(cohortsync.dumps(event), type(event))
+
+    @given(s.cohorts())
+    def test_cohort_source_is_omitted(self, cohort: cohortsync.Cohort) -> None:
+        """A cohort's membership source is host code: it is not serialised and comes back None."""
+        data = _converter.unstructure(cohort)
+        back = _converter.structure(data, cohortsync.Cohort)
+
+        assert {"id", "name", "type", "size"} == set(data)
+        assert back.source is None
+        assert (cohort.id, cohort.name, cohort.type, cohort.size) == (
+            back.id,
+            back.name,
+            back.type,
+            back.size,
+        )
+
+    @given(s.aware_datetimes(any_zone=True))
+    def test_datetimes_are_utc_iso_strings(self, when: datetime) -> None:
+        """Instants are stored as ISO-8601 UTC strings and come back aware UTC."""
+        text = _converter.unstructure(when)
+        back = _converter.structure(text, datetime)
+
+        assert text.endswith("+00:00")
+        assert when == back
+        assert UTC is back.tzinfo
+
+    def test_plain_shapes(self) -> None:
+        """Enums are their values, identifier kinds a sorted list, timedeltas seconds."""
+        data = _converter.unstructure(cohortsync.catalog.GOOGLE_ADS)
+
+        assert ["advertising_id", "email_sha256", "phone_sha256"] == data["accepted_identifiers"]
+        assert 540 * 86_400 == data["membership_ttl"]
+        assert "daily" == _converter.unstructure(cohortsync.SyncPolicy.daily())["cadence"]
+
+    def test_catalog_presets(self) -> None:
+        """Every catalog preset round-trips."""
+        for preset in cohortsync.catalog.PRESETS.values():
+            assert preset == cohortsync.loads(cohortsync.dumps(preset), cohortsync.Capabilities)
+
+
+class TestBadData:
+    """Invalid data fails with a typed error that says what is wrong, never a crash."""
+
+    def test_naive_datetime_string(self) -> None:
+        """A datetime without offset is refused: it means different instants on different hosts."""
+        data = {**_converter.unstructure(_sync()), "created_at": "2030-01-01T00:00:00"}
+
+        with pytest.raises(ClassValidationError) as info:
+            _converter.structure(data, cohortsync.Sync)
+
+        cause = _only_cause(info.value)
+        assert isinstance(cause, TypeError)
+        assert "timezone-aware" in str(cause)
+
+    def test_naive_datetime_alone(self) -> None:
+        """Structuring a lone naive datetime string is a TypeError."""
+        with pytest.raises(TypeError, match="timezone-aware"):
+            _converter.structure("2030-01-01T00:00:00", datetime)
+
+    def test_not_iso(self) -> None:
+        """A string that is not ISO-8601 is a ConfigurationError holding it."""
+        with pytest.raises(ConfigurationError) as info:
+            _converter.structure("next tuesday", datetime)
+
+        assert "next tuesday" == info.value.value
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [("status", "zombie"), ("effective_cadence", "weekly")],
+    )
+    def test_unknown_enum_value(self, field: str, value: str) -> None:
+        """An unknown enum value is a ValueError naming the value, inside a ClassValidationError."""
+        data = {**_converter.unstructure(_sync()), field: value}
+
+        with pytest.raises(ClassValidationError) as info:
+            _converter.structure(data, cohortsync.Sync)
+
+        cause = _only_cause(info.value)
+        assert isinstance(cause, ValueError)
+        assert repr(value) in str(cause)
+
+    def test_unknown_cadence_nested(self) -> None:
+        """An unknown cadence inside a nested policy is reported through both classes."""
+        data = _converter.unstructure(_sync())
+        data["policy"]["cadence"] = "weekly"
+
+        with pytest.raises(ClassValidationError, match="Sync") as info:
+            _converter.structure(data, cohortsync.Sync)
+
+        nested = info.value.exceptions[0]
+        assert isinstance(nested, ClassValidationError)
+        assert "SyncPolicy" in str(nested)
+        assert isinstance(_only_cause(info.value), ValueError)
+
+    def test_unknown_cohort_type(self) -> None:
+        """An unknown cohort type does not load."""
+        with pytest.raises(ClassValidationError) as info:
+            cohortsync.loads(
+                '{"id":"c","name":"n","type":"lifecycle","size":null}', cohortsync.Cohort
+            )
+
+        assert "'lifecycle'" in str(_only_cause(info.value))
+
+    def test_extra_keys_are_forbidden(self) -> None:
+        """An unknown key is an error, not silently dropped."""
+        data = {**_converter.unstructure(_sync()), "colour": "blue"}
+
+        with pytest.raises(ClassValidationError) as info:
+            _converter.structure(data, cohortsync.Sync)
+
+        cause = _only_cause(info.value)
+        assert isinstance(cause, ForbiddenExtraKeysError)
+        assert {"colour"} == cause.extra_fields
+
+    def test_extra_keys_nested(self) -> None:
+        """Extra keys are forbidden in nested values too."""
+        data = _converter.unstructure(_sync())
+        data["policy"]["guard"]["max_removals"] = 5
+
+        with pytest.raises(ClassValidationError) as info:
+            _converter.structure(data, cohortsync.Sync)
+
+        assert isinstance(_only_cause(info.value), ForbiddenExtraKeysError)
+
+    def test_missing_key(self) -> None:
+        """A missing required key is reported (as cattrs' KeyError naming it)."""
+        with pytest.raises(ClassValidationError) as info:
+            cohortsync.loads('{"id":"c"}', cohortsync.Cohort)
+
+        cause = _only_cause(info.value)
+        assert isinstance(cause, KeyError)
+        assert "name" in str(cause)
+
+    @pytest.mark.parametrize(
+        ("field", "value", "expected_field"),
+        [
+            ("size", -1, "size"),
+            ("size", "3", "int"),
+            ("size", True, "int"),
+            ("size", 2.5, "int"),
+            ("size", float("nan"), "int"),
+            ("id", "", "id"),
+            ("id", 7, "str"),
+            ("name", None, "str"),
+        ],
+    )
+    def test_invalid_cohort_fields(self, field: str, value: object, expected_field: str) -> None:
+        """Wrong values and wrong types are ConfigurationErrors, never coerced."""
+        data = {"id": "c", "name": "n", "type": "static", "size": 3, field: value}
+
+        with pytest.raises(ClassValidationError) as info:
+            _converter.structure(data, cohortsync.Cohort)
+
+        cause = _only_cause(info.value)
+        assert isinstance(cause, ConfigurationError)
+        assert expected_field == cause.field
+
+    @pytest.mark.parametrize("flag", ["false", 0, 1, None])
+    def test_bools_are_not_coerced(self, flag: object) -> None:
+        """A stored "false" must not load as True (cattrs' default would call bool())."""
+        data = {**_converter.unstructure(cohortsync.catalog.BRAZE), "supports_realtime": flag}
+
+        with pytest.raises(ClassValidationError) as info:
+            _converter.structure(data, cohortsync.Capabilities)
+
+        cause = _only_cause(info.value)
+        assert isinstance(cause, ConfigurationError)
+        assert flag == cause.value
+
+    @pytest.mark.parametrize("ttl", [-5, 0, "long", float("nan"), float("inf"), 1e20])
+    def test_bad_ttl(self, ttl: object) -> None:
+        """A TTL that is not a positive, representable number of seconds is refused."""
+        data = {**_converter.unstructure(cohortsync.catalog.BRAZE), "membership_ttl": ttl}
+
+        with pytest.raises(ClassValidationError) as info:
+            _converter.structure(data, cohortsync.Capabilities)
+
+        assert isinstance(_only_cause(info.value), ConfigurationError)
+
+    def test_unknown_identifier_kind(self) -> None:
+        """An unknown identifier kind in a capability list does not load."""
+        data = {**_converter.unstructure(cohortsync.catalog.BRAZE), "accepted_identifiers": ["fax"]}
+
+        with pytest.raises(ClassValidationError) as info:
+            _converter.structure(data, cohortsync.Capabilities)
+
+        assert isinstance(_only_cause(info.value), ValueError)
+
+    def test_invalid_policy_is_validated_on_load(self) -> None:
+        """attrs validators run on load: a time zone on an hourly policy is refused."""
+        data = {**_converter.unstructure(cohortsync.SyncPolicy.hourly()), "timezone": "UTC"}
+
+        with pytest.raises(ClassValidationError) as info:
+            _converter.structure(data, cohortsync.SyncPolicy)
+
+        cause = _only_cause(info.value)
+        assert isinstance(cause, ConfigurationError)
+        assert "timezone" == cause.field
+
+    def test_not_json(self) -> None:
+        """loads() of text that is not JSON raises json's decode error (a ValueError)."""
+        with pytest.raises(json.JSONDecodeError):
+            cohortsync.loads("{not json", cohortsync.Sync)
+
+
+class TestIsolation:
+    """Our converter is private: building it never changes cattrs' global one."""
+
+    def test_fresh_converter(self) -> None:
+        """make_converter() builds a new converter each call."""
+        first = cohortsync.make_converter()
+        second = cohortsync.make_converter()
+
+        assert first is not second
+        assert first is not cattrs.global_converter
+        assert "2030-01-01T12:30:00+00:00" == first.unstructure(NOW)
+
+    def test_global_converter_untouched(self) -> None:
+        """The global converter keeps cattrs' own behaviour for datetimes and cohorts."""
+        cohortsync.make_converter()
+        _converter.unstructure(_sync())
+
+        assert NOW == cattrs.global_converter.unstructure(NOW)
+        assert timedelta(days=1) == cattrs.global_converter.unstructure(timedelta(days=1))
+        cohort = cohortsync.Cohort(id="c", name="n", source=lambda: ["a"])
+        assert "source" in cattrs.global_converter.unstructure(cohort)
+
+    def test_global_converter_still_coerces(self) -> None:
+        """Our strict primitive hooks stay on our converter: the global one still calls int()."""
+        assert 3 == cattrs.global_converter.structure("3", int)
+        with pytest.raises(ConfigurationError):
+            cohortsync.make_converter().structure("3", int)
+
+    def test_fresh_converter_is_independent(self) -> None:
+        """A hook a host registers on one converter does not leak into another, or ours."""
+        mine = cohortsync.make_converter()
+        mine.register_unstructure_hook(datetime, lambda _d: "redacted")
+
+        assert "redacted" == mine.unstructure(NOW)
+        assert NOW.isoformat() == cohortsync.make_converter().unstructure(NOW)
+        assert f'"{NOW.isoformat()}"' == cohortsync.dumps(NOW)
+
+    def test_values_are_attrs_classes(self) -> None:
+        """Every class round-tripped here is an attrs class (what the converter relies on)."""
+        for cls in VALUES:
+            assert attrs.has(cls), cls

@@ -1,0 +1,305 @@
+"""
+The public surface: ``__all__`` sorted and complete, every public callable
+typed, ``py.typed`` shipped, and the exception tree as documented.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import inspect
+import re
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import cohortsync
+import cohortsync.exceptions
+import cohortsync.testing
+from cohortsync.exceptions import CohortSyncError
+
+MODULES = [cohortsync, cohortsync.testing, cohortsync.exceptions]
+MODULE_IDS = [m.__name__ for m in MODULES]
+
+
+def _is_constant(name: str) -> bool:
+    """
+    SCREAMING_SNAKE_CASE as ruff's RUF022 sees it: longer than one character
+    and no lower-case letter.
+    """
+    return len(name) > 1 and name.upper() == name and any(c.isalpha() for c in name)
+
+
+def _natural(name: str) -> list[tuple[int, int | str]]:
+    # Digits compare as numbers ("Q2" < "Q10"), like ruff's natural sort.
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
+
+
+def isort_key(name: str) -> tuple[int, list[tuple[int, int | str]]]:
+    """
+    The isort-style order of ruff's RUF022: constants, then CamelCase classes,
+    then everything else, each group in natural order.
+    """
+    if _is_constant(name):
+        group = 0
+    elif name[:1].isupper():
+        group = 1
+    else:
+        group = 2
+    return group, _natural(name)
+
+
+def _defined_names(module: types.ModuleType, *, reexports: bool = True) -> set[str]:
+    """
+    Public names a module binds at top level: its own classes, functions and
+    assignments and, with *reexports*, names imported from cohortsync; never
+    names imported from elsewhere (``datetime``, ``Sequence``, ``annotations``).
+    """
+    assert module.__file__ is not None
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif (
+            reexports
+            and isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("cohortsync")
+        ):
+            names.update(alias.asname or alias.name for alias in node.names)
+    return {
+        n
+        for n in names
+        if not n.startswith("_") and not isinstance(getattr(module, n, None), types.ModuleType)
+    }
+
+
+def _public_objects() -> Iterator[tuple[str, object]]:
+    for module in MODULES:
+        for name in module.__all__:
+            yield f"{module.__name__}.{name}", getattr(module, name)
+
+
+PUBLIC = list(_public_objects())
+
+
+def _methods(cls: type) -> Iterator[tuple[str, Callable[..., object]]]:
+    """
+    The public methods a class defines itself (and ``__init__``), as functions.
+    """
+    for name, attr in vars(cls).items():
+        if name.startswith("_") and name != "__init__":
+            continue
+        if isinstance(attr, (staticmethod, classmethod)):
+            func = attr.__func__
+        elif isinstance(attr, property):
+            if attr.fget is None:
+                continue
+            func = attr.fget
+        elif inspect.isfunction(attr):
+            func = attr
+        else:
+            continue
+        # Protocol classes get typing's placeholder __init__: not ours to annotate.
+        if func.__module__.startswith("cohortsync"):
+            yield name, func
+
+
+def _unannotated(func: Callable[..., object]) -> list[str]:
+    sig = inspect.signature(func)
+    missing = [
+        p.name
+        for i, p in enumerate(sig.parameters.values())
+        if p.annotation is inspect.Parameter.empty and not (i == 0 and p.name in ("self", "cls"))
+    ]
+    if sig.return_annotation is inspect.Signature.empty:
+        missing.append("return")
+    return missing
+
+
+class TestIsortKey:
+    """The sort key orders names the way ruff's RUF022 does."""
+
+    def test_groups(self) -> None:
+        """Constants, then classes, then functions and modules."""
+        names = ["check", "Sync", "DEFAULT_RULES", "catalog", "A", "Batch", "MAX_2"]
+
+        assert ["DEFAULT_RULES", "MAX_2", "A", "Batch", "Sync", "catalog", "check"] == sorted(
+            names, key=isort_key
+        )
+
+    def test_natural(self) -> None:
+        """Numbers inside names sort by value."""
+        assert ["v2", "v10"] == sorted(["v10", "v2"], key=isort_key)
+
+    def test_case_sensitive(self) -> None:
+        """Within a group, upper case sorts before lower case, as in ruff."""
+        assert ["IOError", "IdentifierKind"] == sorted(["IdentifierKind", "IOError"], key=isort_key)
+
+
+class TestAll:
+    """Each public module's __all__ is sorted, complete and resolvable."""
+
+    @pytest.mark.parametrize("module", MODULES, ids=MODULE_IDS)
+    def test_sorted(self, module: types.ModuleType) -> None:
+        """__all__ is in RUF022's isort-style order."""
+        assert sorted(module.__all__, key=isort_key) == list(module.__all__)
+
+    @pytest.mark.parametrize("module", MODULES, ids=MODULE_IDS)
+    def test_no_duplicates(self, module: types.ModuleType) -> None:
+        """No name is listed twice."""
+        assert len(set(module.__all__)) == len(module.__all__)
+
+    @pytest.mark.parametrize("module", MODULES, ids=MODULE_IDS)
+    def test_exists(self, module: types.ModuleType) -> None:
+        """Every name in __all__ exists."""
+        assert [] == [n for n in module.__all__ if not hasattr(module, n)]
+
+    @pytest.mark.parametrize("module", MODULES, ids=MODULE_IDS)
+    def test_complete_by_source(self, module: types.ModuleType) -> None:
+        """Every public name the module defines or re-exports is in __all__."""
+        assert set() == _defined_names(module) - set(module.__all__)
+
+    @pytest.mark.parametrize("module", MODULES, ids=MODULE_IDS)
+    def test_complete_at_runtime(self, module: types.ModuleType) -> None:
+        """No public cohortsync class or function is reachable but unlisted."""
+        unlisted = {
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_")
+            and (inspect.isclass(value) or inspect.isfunction(value))
+            and value.__module__.startswith("cohortsync")
+            and name not in module.__all__
+        }
+
+        assert set() == unlisted
+
+    def test_public_submodules(self) -> None:
+        """catalog and exceptions are the submodules the package itself exports."""
+        exported = {
+            n for n in cohortsync.__all__ if isinstance(getattr(cohortsync, n), types.ModuleType)
+        }
+
+        assert {"catalog", "exceptions"} == exported
+
+    def test_catalog(self) -> None:
+        """The catalog's __all__ is sorted and lists every preset and get()."""
+        catalog = cohortsync.catalog
+
+        assert sorted(catalog.__all__, key=isort_key) == list(catalog.__all__)
+        assert _defined_names(catalog, reexports=False) == set(catalog.__all__)
+
+
+class TestTyping:
+    """The package is typed for its users."""
+
+    def test_py_typed(self) -> None:
+        """py.typed ships inside the package directory."""
+        assert (Path(cohortsync.__file__).parent / "py.typed").is_file()
+
+    @pytest.mark.parametrize(("name", "obj"), PUBLIC, ids=[name for name, _ in PUBLIC])
+    def test_annotated(self, name: str, obj: object) -> None:
+        """Every public function and public method has all parameters and return annotated."""
+        if inspect.isfunction(obj):
+            functions: list[tuple[str, Callable[..., object]]] = [(name, obj)]
+        elif inspect.isclass(obj) and not issubclass(obj, enum.Enum):
+            functions = [(f"{name}.{m}", f) for m, f in _methods(obj)]
+        else:
+            functions = []  # constants, modules, type aliases, enums
+
+        missing = {f_name: gaps for f_name, func in functions if (gaps := _unannotated(func))}
+
+        assert {} == missing
+
+    def test_annotation_check_finds_gaps(self) -> None:
+        """The annotation check itself notices a missing annotation."""
+
+        def untyped(a, b: int):  # type: ignore[no-untyped-def] # noqa: ANN001, ANN202
+            return a
+
+        assert ["a", "return"] == _unannotated(untyped)
+
+
+def _exception_classes() -> list[type[BaseException]]:
+    module = cohortsync.exceptions
+    return [
+        obj
+        for name in module.__all__
+        if inspect.isclass(obj := getattr(module, name)) and issubclass(obj, BaseException)
+    ]
+
+
+class TestExceptions:
+    """Every error is a CohortSyncError and a fitting builtin, and the docstring draws them."""
+
+    def test_all_are_exceptions(self) -> None:
+        """cohortsync.exceptions exports nothing but exception classes."""
+        assert len(cohortsync.exceptions.__all__) == len(_exception_classes())
+
+    @pytest.mark.parametrize("exc", _exception_classes(), ids=lambda e: e.__name__)
+    def test_root(self, exc: type[BaseException]) -> None:
+        """Every exception subclasses the root CohortSyncError."""
+        assert issubclass(exc, CohortSyncError)
+
+    @pytest.mark.parametrize(
+        "exc",
+        [e for e in _exception_classes() if e is not CohortSyncError],
+        ids=lambda e: e.__name__,
+    )
+    def test_builtin(self, exc: type[BaseException]) -> None:
+        """Every leaf also subclasses the builtin that fits, so `except ValueError` works."""
+        assert issubclass(exc, (ValueError, LookupError, RuntimeError))
+
+    @pytest.mark.parametrize("exc", _exception_classes(), ids=lambda e: e.__name__)
+    def test_docstring_tree(self, exc: type[BaseException]) -> None:
+        """The module docstring's tree names every exception class."""
+        doc = cohortsync.exceptions.__doc__ or ""
+
+        assert re.search(rf"\b{exc.__name__}\b", doc)
+
+    @pytest.mark.parametrize(
+        ("exc", "builtin"),
+        [
+            ("ConfigurationError", ValueError),
+            ("IneligibleSyncError", ValueError),
+            ("InvalidMemberError", ValueError),
+            ("NotFoundError", LookupError),
+            ("SyncNotFoundError", LookupError),
+            ("CohortNotFoundError", LookupError),
+            ("DestinationNotFoundError", LookupError),
+            ("SourceError", RuntimeError),
+            ("LeaseLostError", RuntimeError),
+            ("DuplicateRunError", RuntimeError),
+            ("ConflictError", RuntimeError),
+            ("CorruptStoreError", RuntimeError),
+            ("DeliveryError", RuntimeError),
+            ("RateLimitedError", RuntimeError),
+        ],
+    )
+    def test_documented_builtin(self, exc: str, builtin: type[Exception]) -> None:
+        """The tree's builtins are the real ones."""
+        assert issubclass(getattr(cohortsync.exceptions, exc), builtin)
+
+    def test_structured_attributes(self) -> None:
+        """Leaves carry structured data, not just a message."""
+        exc = cohortsync.exceptions
+
+        assert 3.5 == exc.RateLimitedError(retry_after=3.5).retry_after
+        assert isinstance(exc.RateLimitedError(), exc.TransientError)
+        assert isinstance(exc.BadDataError("x"), exc.PermanentError)
+        assert "s1" == exc.SyncNotFoundError("s1").sync_id
+        lost = exc.LeaseLostError("s1", "worker-a", "0123456789")
+        assert ("s1", "worker-a", "0123456789") == (lost.sync_id, lost.owner, lost.token)
+        assert "0123456789" not in str(lost)
+        conflict = exc.ConflictError("s1", expected=2, found=3)
+        assert (2, 3) == (conflict.expected, conflict.found)
+        assert (5, 4) == (
+            exc.SchemaVersionError(5, 4).found,
+            exc.SchemaVersionError(5, 4).supported,
+        )

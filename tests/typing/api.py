@@ -1,0 +1,294 @@
+"""
+The public API as a host uses it, checked by mypy (``nox -s typing``) and never
+executed: a host-written Destination, Clock and Storage, and the types every
+call returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
+
+import cattrs
+from typing_extensions import assert_type
+
+import cohortsync
+from cohortsync import catalog, exceptions, testing
+
+# -- A host's destination ---------------------------------------------------
+
+
+class PushAudience(cohortsync.Destination):
+    """
+    A host adapter that starts from a catalog preset.
+    """
+
+    capabilities = cohortsync.catalog.BRAZE.evolve(max_batch_size=500)
+
+    def add(self, batch: cohortsync.Batch) -> cohortsync.DeliveryResult:
+        assert_type(batch.identifiers, list[str])
+        assert_type(batch.idempotency_key, str)
+        assert_type(batch.operation, cohortsync.Operation)
+        assert_type(batch.context.sync_id, str)
+        if not batch.identifiers:
+            raise exceptions.RateLimitedError(retry_after=1.5)
+        return cohortsync.DeliveryResult.ok()
+
+    def remove(self, batch: cohortsync.Batch) -> cohortsync.DeliveryResult:
+        rejected = [cohortsync.Rejection(value, "unknown user") for value in batch.identifiers]
+        return cohortsync.DeliveryResult.partial(rejected)
+
+    def open(self, context: cohortsync.RunContext) -> None:
+        assert_type(context.computed_at, datetime)
+
+    def close(self, context: cohortsync.RunContext, *, succeeded: bool) -> None:
+        pass
+
+
+assert_type(PushAudience.capabilities, cohortsync.Capabilities)
+assert_type(PushAudience().capabilities.max_batch_size, int)
+assert_type(PushAudience().capabilities.rate_limit, cohortsync.RateLimit | None)
+assert_type(catalog.get("facebook_ads"), cohortsync.Capabilities)
+assert_type(catalog.FACEBOOK_ADS.membership_ttl, timedelta | None)
+
+
+# -- A host's clock -----------------------------------------------------------
+
+
+class WallClock:
+    """
+    A host clock: any class with now() and sleep() is a Clock.
+    """
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+clock: cohortsync.Clock = WallClock()
+fake: cohortsync.Clock = testing.FakeClock(datetime(2030, 1, 1, tzinfo=timezone.utc))
+system: cohortsync.Clock = cohortsync.SystemClock()
+assert_type(clock.now(), datetime)
+
+
+# -- A host's storage ---------------------------------------------------------
+
+
+class DelegatingStorage:
+    """
+    A host store that forwards every protocol method to a MemoryStorage: it
+    satisfies cohortsync.Storage structurally, without subclassing it.
+    """
+
+    def __init__(self) -> None:
+        self._inner = cohortsync.MemoryStorage()
+
+    def create_sync(self, record: cohortsync.SyncRecord) -> None:
+        self._inner.create_sync(record)
+
+    def get_sync(self, sync_id: str) -> cohortsync.SyncRecord:
+        return self._inner.get_sync(sync_id)
+
+    def list_syncs(self) -> list[cohortsync.SyncRecord]:
+        return self._inner.list_syncs()
+
+    def save_sync(self, record: cohortsync.SyncRecord, *, expected_generation: int) -> None:
+        self._inner.save_sync(record, expected_generation=expected_generation)
+
+    def delete_sync(self, sync_id: str) -> None:
+        self._inner.delete_sync(sync_id)
+
+    def allocate_slot(self, period: int, buckets: int, preferred: int) -> int:
+        return self._inner.allocate_slot(period, buckets, preferred)
+
+    def release_slot(self, period: int, bucket: int) -> None:
+        self._inner.release_slot(period, bucket)
+
+    def claim_due(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[cohortsync.Lease]:
+        return self._inner.claim_due(now, owner, lease_for, limit)
+
+    def extend_lease(
+        self, lease: cohortsync.Lease, now: datetime, lease_for: timedelta
+    ) -> cohortsync.Lease:
+        return self._inner.extend_lease(lease, now, lease_for)
+
+    def complete_run(self, lease: cohortsync.Lease, completion: cohortsync.Completion) -> None:
+        self._inner.complete_run(lease, completion)
+
+    def release_lease(self, lease: cohortsync.Lease) -> None:
+        self._inner.release_lease(lease)
+
+    def iter_delivered(self, sync_id: str) -> Iterator[str]:
+        return self._inner.iter_delivered(sync_id)
+
+    def count_delivered(self, sync_id: str) -> int:
+        return self._inner.count_delivered(sync_id)
+
+    def filter_delivered(self, sync_id: str, keys: Iterable[str]) -> set[str]:
+        return self._inner.filter_delivered(sync_id, keys)
+
+    def delivered_identifiers(
+        self, sync_id: str, keys: Sequence[str]
+    ) -> dict[str, cohortsync.Identifier]:
+        return self._inner.delivered_identifiers(sync_id, keys)
+
+    def apply_batch(self, lease: cohortsync.Lease, batch: cohortsync.AppliedBatch) -> None:
+        self._inner.apply_batch(lease, batch)
+
+    def record_issues(
+        self, lease: cohortsync.Lease, issues: Sequence[cohortsync.MemberIssue]
+    ) -> None:
+        self._inner.record_issues(lease, issues)
+
+    def ledger(self, sync_id: str) -> list[cohortsync.LedgerEntry]:
+        return self._inner.ledger(sync_id)
+
+    def dead_letters(self, sync_id: str) -> set[str]:
+        return self._inner.dead_letters(sync_id)
+
+    def history(self, sync_id: str, limit: int | None = None) -> list[cohortsync.SyncRun]:
+        return self._inner.history(sync_id, limit)
+
+    def run_issues(self, run_id: str) -> list[cohortsync.MemberIssue]:
+        return self._inner.run_issues(run_id)
+
+    def purge_history(self, before: datetime) -> int:
+        return self._inner.purge_history(before)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+storage: cohortsync.Storage = DelegatingStorage()
+memory: cohortsync.Storage = cohortsync.MemoryStorage()
+
+
+# -- Cohorts, policies and eligibility ----------------------------------------
+
+
+def power_users() -> Iterable[str]:
+    return ["u1", "u2"]
+
+
+cohort = cohortsync.Cohort(
+    id="power-users",
+    name="Power users",
+    type=cohortsync.CohortType.BEHAVIORAL,
+    size=2,
+    source=power_users,
+)
+assert_type(cohort.size, int | None)
+assert_type(cohort.source, cohortsync.MembershipSource | None)
+assert_type(cohort.with_size(3), cohortsync.Cohort)
+static = cohortsync.Cohort(
+    id="vip", name="VIP", type=cohortsync.CohortType.STATIC, source=cohortsync.StaticSource(["a"])
+)
+
+assert_type(cohortsync.SyncPolicy.one_time(), cohortsync.SyncPolicy)
+assert_type(cohortsync.SyncPolicy.hourly(), cohortsync.SyncPolicy)
+assert_type(cohortsync.SyncPolicy.daily("Europe/Berlin"), cohortsync.SyncPolicy)
+assert_type(
+    cohortsync.SyncPolicy.realtime(on_ineligible=cohortsync.OnIneligible.PAUSE),
+    cohortsync.SyncPolicy,
+)
+guarded = cohortsync.SyncPolicy.hourly(guard=cohortsync.MassRemovalGuard(max_share=0.2))
+assert_type(guarded.cadence, cohortsync.Cadence)
+assert_type(guarded.timezone, str | None)
+assert_type(guarded.period, timedelta | None)
+assert_type(guarded.guard.trips(1_000, 600, source_empty=False), bool)
+assert_type(guarded.retry.delay(3, 0.5), float)
+
+eligibility = cohortsync.check_eligibility(
+    cohort,
+    PushAudience(),
+    cohortsync.SyncPolicy.realtime(),
+    identifier_kinds=[cohortsync.IdentifierKind.USER_ID],
+)
+assert_type(eligibility, cohortsync.Eligibility)
+assert_type(eligibility.eligible, bool)
+assert_type(eligibility.reasons, tuple[cohortsync.Reason, ...])
+assert_type(eligibility.codes, frozenset[str])
+assert_type(
+    cohortsync.check_eligibility(cohort, catalog.GOOGLE_ADS, cohortsync.SyncPolicy.daily()),
+    cohortsync.Eligibility,
+)
+assert_type(cohortsync.available_destinations(cohort, cohortsync.SyncPolicy.realtime()), list[str])
+
+
+def no_weekend_realtime(i: cohortsync.EligibilityInput) -> Iterable[cohortsync.Reason]:
+    if i.cadence is cohortsync.Cadence.REALTIME:
+        yield cohortsync.Reason("no_weekend_realtime", "not on weekends")
+
+
+rules = cohortsync.DEFAULT_RULES.with_rule("weekend", no_weekend_realtime).without("min_audience")
+assert_type(rules, cohortsync.Ruleset)
+
+
+# -- The scheduler -------------------------------------------------------------
+
+scheduler = cohortsync.Scheduler(storage, clock=clock, rules=rules)
+test_scheduler = cohortsync.Scheduler(cohortsync.MemoryStorage(), clock=testing.FakeClock(), seed=1)
+assert_type(scheduler.add_cohort(cohort), cohortsync.Cohort)
+assert_type(scheduler.add_destination("push", PushAudience()), cohortsync.Destination)
+assert_type(
+    scheduler.add_destination("rec", testing.RecordingDestination("braze")),
+    cohortsync.Destination,
+)
+
+sync = scheduler.create_sync("power-users", "push", cohortsync.SyncPolicy.hourly())
+assert_type(sync, cohortsync.Sync)
+assert_type(sync.id, str)
+assert_type(sync.generation, int)
+assert_type(sync.status, cohortsync.SyncStatus)
+assert_type(sync.cadence, cohortsync.Cadence)
+assert_type(scheduler.next_run(sync.id), datetime | None)
+assert_type(scheduler.pause_sync(sync.id), cohortsync.Sync)
+assert_type(scheduler.check("power-users", "push", sync.policy), cohortsync.Eligibility)
+
+runs = scheduler.run_due()
+assert_type(runs, list[cohortsync.SyncRun])
+for run in scheduler.history(sync.id):
+    assert_type(run, cohortsync.SyncRun)
+    assert_type(run.status, cohortsync.RunStatus)
+    assert_type(run.trigger, cohortsync.Trigger)
+    assert_type(run.added, int)
+    assert_type(run.updated, int)
+    assert_type(run.error_message, str | None)
+assert_type(scheduler.ledger(sync.id), list[cohortsync.LedgerEntry])
+assert_type(cohortsync.recommend(sync, runs), cohortsync.Recommendation | None)
+
+text = cohortsync.dumps(sync)
+assert_type(text, str)
+assert_type(cohortsync.loads(text, cohortsync.Sync), cohortsync.Sync)
+assert_type(cohortsync.make_converter(), cattrs.Converter)
+
+
+# -- Errors ---------------------------------------------------------------------
+
+try:
+    scheduler.create_sync("power-users", "push", cohortsync.SyncPolicy.realtime())
+except exceptions.IneligibleSyncError as err:
+    assert_type(err.reasons, tuple[cohortsync.Reason, ...])
+    for reason in err.reasons:
+        assert_type(reason.code, str)
+        assert_type(reason.blocking, bool)
+except exceptions.ConfigurationError as err:
+    assert_type(err.field, str)
+    assert_type(err.value, object)
+except exceptions.NotFoundError as err:
+    assert_type(err, exceptions.NotFoundError)
+
+try:
+    scheduler.get_sync("missing")
+except exceptions.SyncNotFoundError as err:
+    assert_type(err.sync_id, str)
+
+lost = exceptions.LeaseLostError("s1", "worker-a", "token")
+assert_type(lost.owner, str)
+assert_type(exceptions.TransientError(retry_after=2.0).retry_after, float | None)
+assert_type(exceptions.DuplicateRunError("s1", sync.created_at).slot, datetime)
