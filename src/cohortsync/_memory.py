@@ -145,6 +145,7 @@ class MemoryStorage:
     _syncs: dict[str, SyncRecord] = attrs.field(factory=dict, repr=False)
     _slots: dict[int, _Slots] = attrs.field(factory=dict, repr=False)
     _due: list[tuple[datetime, str]] = attrs.field(factory=list, repr=False)
+    _leased: set[str] = attrs.field(factory=set, repr=False)
     _delivered: dict[str, _Delivered] = attrs.field(factory=dict, repr=False)
     _ledger: dict[tuple[str, str], LedgerEntry] = attrs.field(factory=dict, repr=False)
     _runs: dict[tuple[str, datetime], SyncRun] = attrs.field(factory=dict, repr=False)
@@ -184,6 +185,7 @@ class MemoryStorage:
     def delete_sync(self, sync_id: str) -> None:
         with self._lock:
             self._syncs.pop(sync_id, None)
+            self._leased.discard(sync_id)
             self._delivered.pop(sync_id, None)
             for k in [k for k in self._ledger if k[0] == sync_id]:
                 del self._ledger[k]
@@ -211,6 +213,10 @@ class MemoryStorage:
         hints (possibly stale or duplicated); claims re-check the record.
         """
         self._syncs[record.id] = record
+        if record.lease is None:
+            self._leased.discard(record.id)
+        else:
+            self._leased.add(record.id)
         at = _claimable_at(record)
         if at is not None:
             heapq.heappush(self._due, (at, record.id))
@@ -219,8 +225,8 @@ class MemoryStorage:
         now = require_aware(now, "now")
         with self._lock:
             due: list[SyncRecord] = []
-            later: list[tuple[datetime, str]] = []
             seen: set[str] = set()
+            popped: set[str] = set()
             while self._due and self._due[0][0] <= now and len(due) < limit:
                 _, sync_id = heapq.heappop(self._due)
                 r = self._syncs.get(sync_id)
@@ -230,15 +236,29 @@ class MemoryStorage:
                 if at is None:
                     continue
                 if at > now:
-                    later.append((at, sync_id))
+                    # A stale hint: _store pushed one for the record's current
+                    # claimable time already. Re-pushing it would grow the heap
+                    # by one entry per run, and every claim would wade through them.
                     continue
                 seen.add(sync_id)
+                popped.add(sync_id)
                 due.append(r)
-            for item in later:
-                heapq.heappush(self._due, item)
             # The heap orders by claimable time; the protocol promises earliest
-            # *due* first, which differs only for expired leases.
+            # *due* first, which differs only for expired leases. Those can sit
+            # deeper in the heap than `limit` entries (their lease expired after
+            # others fell due), so every leased sync is considered too; leases
+            # are few (runs in flight), so this stays cheap.
+            for sync_id in self._leased - seen:
+                r = self._syncs[sync_id]
+                at = _claimable_at(r)
+                if at is not None and at <= now:
+                    due.append(r)
             due.sort(key=lambda r: (r.next_due, r.id))
+            for r in due[limit:]:
+                at = _claimable_at(r)
+                if r.id in popped and at is not None:  # put back the hints not taken
+                    heapq.heappush(self._due, (at, r.id))
+            due = due[: max(limit, 0)]
             leases = []
             for r in due:
                 assert r.next_due is not None  # noqa: S101 - _claimable_at checked it

@@ -1,0 +1,1267 @@
+"""
+The storage contract suite: :func:`check_storage` verifies any :class:`~cohortsync.Storage`.
+
+A host that writes its own store calls ``check_storage(make_storage)`` from its
+own tests; cohortsync runs the same checks on ``MemoryStorage`` and
+``SQLiteStorage``. The suite imports no test framework: a failed check raises
+:class:`AssertionError` naming the check and what differed, so it works under
+pytest, unittest or a plain script.
+
+``MemoryStorage`` is the reference: every expectation below is what it does.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
+
+import attrs
+
+from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
+from cohortsync._policy import Cadence, SyncPolicy
+from cohortsync._storage import (
+    AppliedBatch,
+    Completion,
+    IssueKind,
+    Lease,
+    LedgerEntry,
+    MemberIssue,
+    Storage,
+    SyncRecord,
+)
+from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
+from cohortsync.exceptions import (
+    ConfigurationError,
+    ConflictError,
+    DuplicateRunError,
+    LeaseLostError,
+    SyncNotFoundError,
+)
+
+__all__ = ["STORAGE_CHECKS", "StorageFactory", "check_storage"]
+
+StorageFactory = Callable[[], Storage]
+"""Returns a new, empty store each time it is called."""
+
+E = TypeVar("E", bound=BaseException)
+
+T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+US = timedelta(microseconds=1)
+MINUTE = timedelta(minutes=1)
+HOUR = timedelta(hours=1)
+LEASE = timedelta(seconds=60)
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _expect(expected: object, actual: object, what: str) -> None:
+    if expected != actual:
+        raise AssertionError(f"{what}: expected {expected!r}, got {actual!r}")
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise AssertionError(what)
+
+
+@contextmanager
+def _raises(exc_type: type[E], what: str) -> Iterator[list[E]]:
+    """
+    Like ``pytest.raises``, without pytest: the body must raise *exc_type*.
+    """
+    caught: list[E] = []
+    try:
+        yield caught
+    except exc_type as exc:
+        caught.append(exc)
+    except Exception as exc:
+        raise AssertionError(
+            f"{what}: expected {exc_type.__name__}, got {type(exc).__name__}: {exc}"
+        ) from exc
+    else:
+        raise AssertionError(f"{what}: expected {exc_type.__name__}, nothing was raised")
+
+
+@contextmanager
+def _open(make_storage: StorageFactory) -> Iterator[Storage]:
+    store = make_storage()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _sync(
+    sync_id: str = "s1",
+    *,
+    generation: int = 1,
+    status: SyncStatus = SyncStatus.ACTIVE,
+    **changes: Any,
+) -> Sync:
+    return Sync(
+        id=sync_id,
+        cohort_id="cohort",
+        destination_id="destination",
+        policy=SyncPolicy.hourly(),
+        generation=generation,
+        status=status,
+        created_at=T0,
+        updated_at=T0,
+        **changes,
+    )
+
+
+def _record(
+    sync_id: str = "s1",
+    *,
+    next_due: datetime | None = T0,
+    generation: int = 1,
+    status: SyncStatus = SyncStatus.ACTIVE,
+    **changes: Any,
+) -> SyncRecord:
+    return SyncRecord(
+        sync=_sync(sync_id, generation=generation, status=status),
+        next_due=next_due,
+        anchor=T0,
+        **changes,
+    )
+
+
+def _run(
+    lease: Lease,
+    *,
+    run_id: str | None = None,
+    started_at: datetime | None = None,
+    finished_at: datetime | None = None,
+    **changes: Any,
+) -> SyncRun:
+    started = started_at or lease.slot
+    fields: dict[str, Any] = {
+        "id": run_id or f"run-{lease.sync_id}-{lease.slot.isoformat()}",
+        "sync_id": lease.sync_id,
+        "generation": lease.generation,
+        "trigger": lease.trigger,
+        "slot": lease.slot,
+        "started_at": started,
+        "finished_at": finished_at or started + timedelta(seconds=5),
+        "status": RunStatus.SUCCEEDED,
+        "cadence": Cadence.HOURLY,
+    }
+    return SyncRun(**(fields | changes))
+
+
+def _completion(lease: Lease, next_due: datetime | None, **changes: Any) -> Completion:
+    run = changes.pop("run", None) or _run(lease)
+    return Completion(run=run, next_due=next_due, **changes)
+
+
+def _member(
+    key: str, kind: IdentifierKind = IdentifierKind.USER_ID, value: str | None = None
+) -> Member:
+    return Member(key=key, identifier=Identifier(kind, key if value is None else value))
+
+
+def _batch(
+    run_id: str = "run-1",
+    *,
+    added: tuple[Member, ...] = (),
+    removed: tuple[str, ...] = (),
+    rejected: tuple[tuple[str, str], ...] = (),
+    at: datetime = T0,
+    sequence: int = 0,
+    max_rejection_attempts: int = 3,
+) -> AppliedBatch:
+    return AppliedBatch(
+        run_id=run_id,
+        sequence=sequence,
+        operation=Operation.REMOVE if removed and not added else Operation.ADD,
+        idempotency_key=f"{run_id}-{sequence}",
+        added=added,
+        removed=removed,
+        rejected=rejected,
+        at=at,
+        max_rejection_attempts=max_rejection_attempts,
+    )
+
+
+def _claim_one(store: Storage, now: datetime, owner: str = "worker") -> Lease:
+    leases = store.claim_due(now, owner, LEASE, 1)
+    _expect(1, len(leases), f"number of leases claimed at {now.isoformat()}")
+    return leases[0]
+
+
+def _delivered(store: Storage, sync_id: str = "s1") -> list[str]:
+    return list(store.iter_delivered(sync_id))
+
+
+def _stale(lease: Lease) -> Lease:
+    return attrs.evolve(lease, token=f"stale-{lease.token}")
+
+
+# -- sync definitions ----------------------------------------------------------------
+
+
+def check_create_get_round_trip(make_storage: StorageFactory) -> None:
+    """
+    Every field of a record comes back as it was stored; a lease passed in is ignored.
+    """
+    sync = attrs.evolve(
+        _sync("round-trip"),
+        policy=SyncPolicy.daily("Europe/Paris", rejection_attempts=5),
+        mapping_id="email-mapping",
+        status=SyncStatus.PAUSED,
+        status_reason="paused by a person: 'why' \"quoted\"",
+        effective_cadence=Cadence.HOURLY,
+        generation=7,
+        created_at=T0 - timedelta(days=3, microseconds=17),
+        updated_at=T0 + timedelta(microseconds=123_456),
+    )
+    full = SyncRecord(
+        sync=sync,
+        next_due=T0 + timedelta(hours=2, microseconds=1),
+        next_trigger=Trigger.MANUAL,
+        offset=1234,
+        slot_bucket=20,
+        anchor=T0 - timedelta(days=3),
+        attempts=2,
+        full_resync=True,
+        feed_cursor="cursor-42",
+        last_full_sync_at=T0 - timedelta(days=1, microseconds=9),
+    )
+    bogus_lease = Lease(
+        sync_id="round-trip",
+        generation=7,
+        slot=T0,
+        trigger=Trigger.SCHEDULED,
+        owner="nobody",
+        token="0" * 32,
+        expires_at=T0 + HOUR,
+    )
+    minimal = _record("minimal", next_due=None)
+    with _open(make_storage) as store:
+        store.create_sync(attrs.evolve(full, lease=bogus_lease))
+        store.create_sync(minimal)
+        _expect(full, store.get_sync("round-trip"), "get_sync of a fully populated record")
+        _expect(minimal, store.get_sync("minimal"), "get_sync of a minimal record")
+        _expect(
+            [minimal, full],
+            store.list_syncs(),
+            "list_syncs (ordered by id: 'minimal' < 'round-trip')",
+        )
+
+
+def check_create_duplicate_refused(make_storage: StorageFactory) -> None:
+    """
+    Creating a sync whose id exists raises ConfigurationError and keeps the original.
+    """
+    with _open(make_storage) as store:
+        original = _record("dup")
+        store.create_sync(original)
+        with _raises(ConfigurationError, "create_sync with an existing id"):
+            store.create_sync(_record("dup", next_due=T0 + HOUR, generation=3))
+        _expect(original, store.get_sync("dup"), "the original record after a refused create")
+
+
+def check_not_found(make_storage: StorageFactory) -> None:
+    """
+    Reading or saving an unknown sync raises SyncNotFoundError; deleting one is a no-op.
+    """
+    with _open(make_storage) as store:
+        with _raises(SyncNotFoundError, "get_sync of an unknown id") as caught:
+            store.get_sync("missing")
+        _expect("missing", caught[0].sync_id, "SyncNotFoundError.sync_id")
+        with _raises(SyncNotFoundError, "save_sync of an unknown id"):
+            store.save_sync(_record("missing"), expected_generation=1)
+        store.delete_sync("missing")
+        _expect([], store.list_syncs(), "list_syncs of an empty store")
+        _expect([], _delivered(store, "missing"), "iter_delivered of an unknown sync")
+        _expect(0, store.count_delivered("missing"), "count_delivered of an unknown sync")
+        _expect([], store.history("missing"), "history of an unknown sync")
+        _expect([], store.ledger("missing"), "ledger of an unknown sync")
+        _expect(set(), store.dead_letters("missing"), "dead_letters of an unknown sync")
+        _expect([], store.run_issues("missing"), "run_issues of an unknown run")
+
+
+def check_list_syncs_ordered_by_id(make_storage: StorageFactory) -> None:
+    """
+    list_syncs returns every sync ordered by id, whatever the insertion order.
+    """
+    ids = ["b", "a", "C", "10", "9", "a-1"]
+    with _open(make_storage) as store:
+        for sync_id in ids:
+            store.create_sync(_record(sync_id))
+        _expect(sorted(ids), [r.id for r in store.list_syncs()], "ids from list_syncs")
+
+
+def check_save_sync_compare_and_set(make_storage: StorageFactory) -> None:
+    """
+    save_sync replaces the record only when the stored generation is the expected one.
+    """
+    with _open(make_storage) as store:
+        original = _record("cas")
+        store.create_sync(original)
+        updated = attrs.evolve(
+            original,
+            sync=attrs.evolve(original.sync, generation=2, status_reason="updated"),
+            next_due=T0 + 5 * MINUTE,
+            next_trigger=Trigger.MANUAL,
+            offset=99,
+            slot_bucket=3,
+            attempts=1,
+            full_resync=True,
+            feed_cursor="c",
+            last_full_sync_at=T0,
+        )
+        with _raises(ConflictError, "save_sync with a stale expected_generation") as caught:
+            store.save_sync(updated, expected_generation=2)
+        _expect((2, 1), (caught[0].expected, caught[0].found), "ConflictError (expected, found)")
+        _expect(original, store.get_sync("cas"), "record after a refused save")
+        store.save_sync(updated, expected_generation=1)
+        _expect(updated, store.get_sync("cas"), "record after a save")
+        with _raises(ConflictError, "save_sync expecting the generation that was replaced"):
+            store.save_sync(original, expected_generation=1)
+        _expect(updated, store.get_sync("cas"), "record after a second refused save")
+
+
+def check_save_sync_keeps_lease(make_storage: StorageFactory) -> None:
+    """
+    save_sync never changes the lease: neither clears it nor takes one from the record.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("leased"))
+        lease = _claim_one(store, T0)
+        moved = _record("leased", next_due=T0 + HOUR)
+        store.save_sync(moved, expected_generation=1)
+        _expect(lease, store.get_sync("leased").lease, "lease after save_sync without a lease")
+        foreign = attrs.evolve(lease, owner="impostor", token="0" * 32)
+        store.save_sync(attrs.evolve(moved, lease=foreign), expected_generation=1)
+        _expect(lease, store.get_sync("leased").lease, "lease after save_sync carrying another")
+        _expect(T0 + HOUR, store.get_sync("leased").next_due, "next_due after save_sync")
+        store.extend_lease(lease, T0, LEASE)  # still held: does not raise
+
+
+def check_delete_sync(make_storage: StorageFactory) -> None:
+    """
+    delete_sync removes the record, its delivered state and its ledger; history stays.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("gone"))
+        store.create_sync(_record("kept"))
+        leases = {lease.sync_id: lease for lease in store.claim_due(T0, "w", LEASE, 10)}
+        for sync_id, lease in leases.items():
+            run_id = f"run-{sync_id}"
+            store.apply_batch(
+                lease,
+                _batch(run_id, added=(_member("m1"), _member("m2")), rejected=(("bad", "no"),)),
+            )
+            store.record_issues(
+                lease, [MemberIssue(run_id=run_id, key="m3", kind=IssueKind.SKIPPED, reason="x")]
+            )
+            store.complete_run(lease, _completion(lease, T0 + HOUR, run=_run(lease, run_id=run_id)))
+        run = store.history("gone")
+        store.delete_sync("gone")
+        with _raises(SyncNotFoundError, "get_sync after delete_sync"):
+            store.get_sync("gone")
+        _expect(["kept"], [r.id for r in store.list_syncs()], "list_syncs after delete_sync")
+        _expect([], _delivered(store, "gone"), "delivered state of a deleted sync")
+        _expect(0, store.count_delivered("gone"), "count_delivered of a deleted sync")
+        _expect(set(), store.filter_delivered("gone", ["m1"]), "filter_delivered of a deleted sync")
+        _expect([], store.ledger("gone"), "ledger of a deleted sync")
+        _expect(run, store.history("gone"), "history of a deleted sync (kept until purged)")
+        _expect(2, len(store.run_issues("run-gone")), "issues of a deleted sync's run")
+        _expect(["m1", "m2"], _delivered(store, "kept"), "delivered state of another sync")
+        _expect(1, len(store.ledger("kept")), "ledger of another sync")
+        store.delete_sync("gone")  # a second delete is a no-op
+        store.create_sync(_record("gone", next_due=T0 + 2 * HOUR))
+        _expect([], _delivered(store, "gone"), "delivered state of a re-created sync")
+
+
+# -- slot allocation ------------------------------------------------------------------
+
+
+def check_allocate_slot_least_loaded_cyclic(make_storage: StorageFactory) -> None:
+    """
+    allocate_slot picks the least occupied bucket, ties going to the first at or after
+    preferred (cyclically); periods are counted separately.
+    """
+    with _open(make_storage) as store:
+        picks = [store.allocate_slot(3600, 4, 2) for _ in range(5)]
+        _expect([2, 3, 0, 1, 2], picks, "buckets picked with preferred=2")
+        _expect(2, store.allocate_slot(86_400, 4, 2), "first pick in another period")
+        store.release_slot(3600, 3)
+        _expect(3, store.allocate_slot(3600, 4, 0), "pick after releasing bucket 3")
+        _expect(3, store.allocate_slot(3600, 4, 3), "tie from preferred=3 goes to bucket 3 itself")
+        _expect(0, store.allocate_slot(3600, 4, 3), "tie wraps around to bucket 0")
+
+
+def check_allocate_slot_matches_model(make_storage: StorageFactory) -> None:
+    """
+    Over thousands of allocations and releases, every pick is the one the rule gives,
+    so load stays flat.
+    """
+    rng = random.Random(20_300_101)  # noqa: S311 - test data, not cryptography
+    buckets, period = 96, 900
+    with _open(make_storage) as store:
+        for _ in range(10 * buckets):
+            store.allocate_slot(period, buckets, rng.randrange(buckets))
+        # Without releases, least-loaded allocation fills every bucket evenly.
+        counts = [10] * buckets
+        for bucket in range(buckets):
+            _expect(bucket, store.allocate_slot(period, buckets, bucket), "pick after an even fill")
+            counts[bucket] += 1
+        for i in range(1500):
+            if i % 5 == 4:
+                bucket = rng.randrange(buckets)
+                store.release_slot(period, bucket)
+                counts[bucket] = max(0, counts[bucket] - 1)
+                continue
+            preferred = rng.randrange(buckets)
+            expected = min(range(buckets), key=lambda b: (counts[b], (b - preferred) % buckets))
+            got = store.allocate_slot(period, buckets, preferred)
+            _expect(expected, got, f"allocation {i} with preferred={preferred}")
+            counts[got] += 1
+
+
+def check_release_slot_never_below_zero(make_storage: StorageFactory) -> None:
+    """
+    Releasing an empty bucket leaves it at zero instead of making it preferred.
+    """
+    with _open(make_storage) as store:
+        store.release_slot(7200, 0)
+        store.release_slot(7200, 0)
+        _expect(1, store.allocate_slot(7200, 3, 1), "pick after releasing an empty bucket")
+        _expect(0, store.allocate_slot(7200, 3, 0), "bucket 0 counted as empty, not negative")
+        _expect(2, store.allocate_slot(7200, 3, 0), "remaining empty bucket")
+
+
+# -- claims ---------------------------------------------------------------------------
+
+
+def check_claim_only_active_and_due(make_storage: StorageFactory) -> None:
+    """
+    Only active syncs whose next_due is at or before now are claimed, with a complete lease.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("due-early", next_due=T0 - HOUR))
+        store.create_sync(_record("due-now", next_due=T0, next_trigger=Trigger.MANUAL))
+        store.create_sync(_record("future", next_due=T0 + US))
+        store.create_sync(_record("unscheduled", next_due=None))
+        for status in (
+            SyncStatus.PAUSED,
+            SyncStatus.COMPLETED,
+            SyncStatus.FAILED,
+            SyncStatus.DELETED,
+        ):
+            store.create_sync(_record(status.value, next_due=T0 - HOUR, status=status))
+        store.create_sync(_record("gen-3", next_due=T0 - MINUTE, generation=3))
+        leases = store.claim_due(T0, "worker-1", LEASE, 10)
+        _expect(
+            ["due-early", "gen-3", "due-now"],
+            [lease.sync_id for lease in leases],
+            "syncs claimed (earliest due first)",
+        )
+        early, gen3, now = leases
+        _expect(
+            Lease(
+                sync_id="due-early",
+                generation=1,
+                slot=T0 - HOUR,
+                trigger=Trigger.SCHEDULED,
+                owner="worker-1",
+                token=early.token,
+                expires_at=T0 + LEASE,
+            ),
+            early,
+            "lease fields",
+        )
+        _expect(3, gen3.generation, "lease generation")
+        _expect(Trigger.MANUAL, now.trigger, "lease trigger (the record's next_trigger)")
+        _expect(T0, now.slot, "lease slot (next_due == now is due)")
+        _require(
+            len({lease.token for lease in leases}) == 3 and all(len(x.token) >= 16 for x in leases),
+            f"lease tokens must be distinct and long: {[x.token for x in leases]}",
+        )
+        for lease in leases:
+            _expect(lease, store.get_sync(lease.sync_id).lease, f"stored lease of {lease.sync_id}")
+        _expect([], store.claim_due(T0, "worker-2", LEASE, 10), "second claim while leases held")
+        with _raises(TypeError, "claim_due with a naive datetime"):
+            store.claim_due(datetime(2030, 1, 1), "worker", LEASE, 1)  # noqa: DTZ001 - the point
+
+
+def check_claim_order_and_limit(make_storage: StorageFactory) -> None:
+    """
+    Claims honour limit and go earliest due first, ties by id.
+    """
+    with _open(make_storage) as store:
+        for sync_id, due in (("c", -1), ("a", -2), ("b", -2), ("d", -3), ("e", 1)):
+            store.create_sync(_record(sync_id, next_due=T0 + due * timedelta(seconds=1)))
+        first = store.claim_due(T0, "w", LEASE, 2)
+        second = store.claim_due(T0, "w", LEASE, 2)
+        third = store.claim_due(T0, "w", LEASE, 2)
+        _expect(["d", "a"], [x.sync_id for x in first], "first claim with limit=2")
+        _expect(["b", "c"], [x.sync_id for x in second], "second claim with limit=2")
+        _expect([], [x.sync_id for x in third], "third claim (only a future sync left)")
+        _expect([], store.claim_due(T0, "w", LEASE, 0), "claim with limit=0")
+
+
+def check_claim_order_with_expired_leases(make_storage: StorageFactory) -> None:
+    """
+    A sync whose lease expired is ordered by its due time, not by when its lease
+    expired: earliest due first still holds when limit cuts the list.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("crashed", next_due=T0 - 2 * HOUR))
+        stale = store.claim_due(T0 - 2 * HOUR, "crashed-worker", timedelta(minutes=110), 1)
+        _expect(["crashed"], [x.sync_id for x in stale], "claim of the soon-crashed worker")
+        store.create_sync(_record("fresh", next_due=T0 - 30 * MINUTE))
+        first = store.claim_due(T0, "w", LEASE, 1)
+        _expect(["crashed"], [x.sync_id for x in first], "claim with limit=1 (earliest due)")
+        _expect(T0 - 2 * HOUR, first[0].slot, "slot of the re-claimed sync")
+        second = store.claim_due(T0, "w", LEASE, 1)
+        _expect(["fresh"], [x.sync_id for x in second], "next claim")
+
+
+def check_lease_expiry_boundary(make_storage: StorageFactory) -> None:
+    """
+    At expires_at a lease still holds; one microsecond later the slot is claimable
+    again with a new token, and the old holder has lost it.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1", next_due=T0))
+        old = _claim_one(store, T0, "old")
+        _expect(T0 + LEASE, old.expires_at, "expires_at")
+        _expect([], store.claim_due(old.expires_at, "new", LEASE, 1), "claim AT expires_at")
+        new = _claim_one(store, old.expires_at + US, "new")
+        _expect(old.slot, new.slot, "slot of the re-claimed lease")
+        _expect("new", new.owner, "owner of the re-claimed lease")
+        _expect(old.expires_at + US + LEASE, new.expires_at, "expiry of the re-claimed lease")
+        _require(new.token != old.token, "a re-claimed lease must get a new token")
+        with _raises(LeaseLostError, "extend_lease by the expired holder"):
+            store.extend_lease(old, old.expires_at + US, LEASE)
+        with _raises(LeaseLostError, "apply_batch by the expired holder"):
+            store.apply_batch(old, _batch(added=(_member("m"),)))
+        with _raises(LeaseLostError, "record_issues by the expired holder"):
+            store.record_issues(old, [MemberIssue(run_id="r", key="k", kind="skipped", reason="")])
+        with _raises(LeaseLostError, "release_lease by the expired holder") as caught:
+            store.release_lease(old)
+        _expect(("s1", "old"), (caught[0].sync_id, caught[0].owner), "LeaseLostError fields")
+        _expect(new, store.get_sync("s1").lease, "the new holder keeps its lease")
+
+
+def check_concurrent_claims_are_exclusive(make_storage: StorageFactory) -> None:
+    """
+    Eight threads claiming at once on one shared store never receive the same sync
+    twice while its lease is valid, and together claim every due sync.
+
+    The store from ``make_storage()`` is shared by all threads, as the workers of
+    a web server share one: it must be safe to call from several threads.
+    """
+    threads, syncs, rounds = 8, 240, 3
+    with _open(make_storage) as store:
+        for i in range(syncs):
+            store.create_sync(_record(f"sync-{i:04d}", next_due=T0 + (i % 7) * US))
+        now = T0 + timedelta(seconds=1)
+        for round_no in range(rounds):
+            claimed = _claim_concurrently(store, now, threads)
+            seen: dict[str, int] = {}
+            for lease in claimed:
+                seen[lease.sync_id] = seen.get(lease.sync_id, 0) + 1
+            twice = sorted(k for k, n in seen.items() if n > 1)
+            _require(
+                not twice,
+                f"round {round_no}: {len(twice)} syncs were claimed more than once "
+                f"while their lease was valid (e.g. {twice[:5]}); claims are not atomic",
+            )
+            _expect(syncs, len(seen), f"round {round_no}: number of distinct syncs claimed")
+            for lease in claimed:
+                stored = store.get_sync(lease.sync_id).lease
+                _require(
+                    stored is not None and stored.token == lease.token,
+                    f"round {round_no}: the stored lease of {lease.sync_id} is not the one "
+                    "its claimant received",
+                )
+            now = now + LEASE + US  # every lease has expired: the next round re-claims
+
+
+def _claim_concurrently(store: Storage, now: datetime, threads: int) -> list[Lease]:
+    barrier = threading.Barrier(threads)
+    results: list[list[Lease]] = [[] for _ in range(threads)]
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            while leases := store.claim_due(now, f"thread-{i}", LEASE, 3):
+                results[i].extend(leases)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    if errors:
+        raise AssertionError(f"claim_due raised in a thread: {errors[0]!r}") from errors[0]
+    return [lease for leases in results for lease in leases]
+
+
+def check_extend_lease(make_storage: StorageFactory) -> None:
+    """
+    extend_lease moves the expiry (keeping the token) only for the current holder.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        lease = _claim_one(store, T0)
+        extended = store.extend_lease(lease, T0 + 30 * timedelta(seconds=1), 2 * LEASE)
+        _expect(attrs.evolve(lease, expires_at=T0 + timedelta(seconds=150)), extended, "extended")
+        _expect(extended, store.get_sync("s1").lease, "stored lease after extend")
+        _expect([], store.claim_due(T0 + LEASE + US, "w2", LEASE, 1), "claim after old expiry")
+        _expect([], store.claim_due(extended.expires_at, "w2", LEASE, 1), "claim at new expiry")
+        with _raises(LeaseLostError, "extend_lease with a wrong token"):
+            store.extend_lease(_stale(lease), T0, LEASE)
+        with _raises(LeaseLostError, "extend_lease of an unknown sync"):
+            store.extend_lease(attrs.evolve(lease, sync_id="missing"), T0, LEASE)
+        _expect(extended, store.get_sync("s1").lease, "lease after refused extends")
+        store.release_lease(extended)
+        with _raises(LeaseLostError, "extend_lease after release"):
+            store.extend_lease(extended, T0, LEASE)
+
+
+def check_release_lease(make_storage: StorageFactory) -> None:
+    """
+    release_lease makes the slot claimable at once; releasing twice raises LeaseLostError
+    and does not touch the next holder's lease.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        lease = _claim_one(store, T0)
+        store.release_lease(lease)
+        _expect(None, store.get_sync("s1").lease, "lease after release")
+        _expect(T0, store.get_sync("s1").next_due, "next_due after release (still due)")
+        again = _claim_one(store, T0, "second")
+        _expect(lease.slot, again.slot, "slot claimed after release")
+        with _raises(LeaseLostError, "double release_lease"):
+            store.release_lease(lease)
+        _expect(again, store.get_sync("s1").lease, "the next holder's lease after a double release")
+        _expect([], store.history("s1"), "history after releases (no run recorded)")
+
+
+# -- complete_run ------------------------------------------------------------------------
+
+
+def check_complete_run_records_and_advances(make_storage: StorageFactory) -> None:
+    """
+    complete_run records the run, advances next_due/next_trigger/attempts and releases
+    the lease in one step.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        lease = _claim_one(store, T0)
+        completion = _completion(lease, T0 + HOUR, next_trigger=Trigger.CATCH_UP, attempts=2)
+        store.complete_run(lease, completion)
+        record = store.get_sync("s1")
+        _expect(
+            (T0 + HOUR, Trigger.CATCH_UP, 2, None),
+            (record.next_due, record.next_trigger, record.attempts, record.lease),
+            "(next_due, next_trigger, attempts, lease) after complete_run",
+        )
+        _expect([completion.run], store.history("s1"), "history after complete_run")
+        with _raises(LeaseLostError, "complete_run twice with the same lease"):
+            store.complete_run(lease, _completion(lease, T0 + 2 * HOUR))
+        _expect([], store.claim_due(T0 + HOUR - US, "w", LEASE, 1), "claim before next_due")
+        following = _claim_one(store, T0 + HOUR)
+        _expect((T0 + HOUR, Trigger.CATCH_UP), (following.slot, following.trigger), "next lease")
+        store.complete_run(following, _completion(following, None))
+        _expect(None, store.get_sync("s1").next_due, "next_due=None unschedules the sync")
+        _expect([], store.claim_due(T0 + 100 * HOUR, "w", LEASE, 1), "claim of an unscheduled sync")
+
+
+def check_complete_run_stale_holder(make_storage: StorageFactory) -> None:
+    """
+    A holder whose lease expired and was re-claimed cannot complete: nothing is written
+    and the new holder's lease stands.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1", attempts=1))
+        old = _claim_one(store, T0, "old")
+        new = _claim_one(store, old.expires_at + US, "new")
+        with _raises(LeaseLostError, "complete_run by a stale holder"):
+            store.complete_run(
+                old,
+                _completion(old, T0 + HOUR, attempts=0, feed_cursor="x", full_sync_done=True),
+            )
+        after = store.get_sync("s1")
+        _expect([], store.history("s1"), "history after a stale completion")
+        _expect(
+            (T0, 1, new, None, None),
+            (
+                after.next_due,
+                after.attempts,
+                after.lease,
+                after.feed_cursor,
+                after.last_full_sync_at,
+            ),
+            "(next_due, attempts, lease, feed_cursor, last_full_sync_at) after a stale completion",
+        )
+        run = _run(new, run_id="by-new")
+        store.complete_run(new, _completion(new, T0 + HOUR, run=run))
+        _expect([run], store.history("s1"), "history after the new holder completed")
+
+
+def check_complete_run_duplicate_slot(make_storage: StorageFactory) -> None:
+    """
+    A second run for the same (sync, slot) raises DuplicateRunError: nothing is written
+    and the lease is not released.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        store.create_sync(_record("s2"))
+        first = _claim_one(store, T0)
+        first_run = _run(first, run_id="first")
+        store.complete_run(first, _completion(first, T0 + HOUR, run=first_run))
+        # Someone moves the schedule back onto the slot that already ran.
+        store.save_sync(_record("s1", next_due=T0, attempts=4), expected_generation=1)
+        again = _claim_one(store, T0)
+        _expect(T0, again.slot, "slot claimed again")
+        with _raises(DuplicateRunError, "complete_run of a slot that has a run") as caught:
+            store.complete_run(
+                again,
+                _completion(
+                    again,
+                    T0 + HOUR,
+                    run=_run(again, run_id="second"),
+                    attempts=0,
+                    feed_cursor="x",
+                    full_sync_done=True,
+                ),
+            )
+        _expect(("s1", T0), (caught[0].sync_id, caught[0].slot), "DuplicateRunError fields")
+        _expect([first_run], store.history("s1"), "history after a duplicate run")
+        after = store.get_sync("s1")
+        _expect(
+            (T0, 4, again, None, None),
+            (
+                after.next_due,
+                after.attempts,
+                after.lease,
+                after.feed_cursor,
+                after.last_full_sync_at,
+            ),
+            "(next_due, attempts, lease, feed_cursor, last_full_sync_at) after a duplicate",
+        )
+        store.release_lease(again)  # still held: does not raise
+        others = {x.sync_id: x for x in store.claim_due(T0, "w", LEASE, 5)}
+        _expect({"s1", "s2"}, set(others), "syncs due after the release")
+        store.complete_run(others["s2"], _completion(others["s2"], T0 + HOUR))
+        _expect(1, len(store.history("s2")), "runs of another sync at the same slot")
+
+
+def check_complete_run_schedule_changes_win(make_storage: StorageFactory) -> None:
+    """
+    A next_due or generation changed while the run was going wins over the run's own
+    advance; the replacement definition applies only for the same generation.
+    """
+    with _open(make_storage) as store:
+        # "Sync now" during the run: the new next_due stays.
+        store.create_sync(_record("moved"))
+        lease = _claim_one(store, T0)
+        store.save_sync(
+            _record("moved", next_due=T0 + 5 * MINUTE, next_trigger=Trigger.MANUAL),
+            expected_generation=1,
+        )
+        store.complete_run(lease, _completion(lease, T0 + HOUR, attempts=3))
+        after = store.get_sync("moved")
+        _expect(
+            (T0 + 5 * MINUTE, Trigger.MANUAL, 0, None),
+            (after.next_due, after.next_trigger, after.attempts, after.lease),
+            "(next_due, next_trigger, attempts, lease) when next_due moved during the run",
+        )
+        _expect(1, len(store.history("moved")), "the run is still recorded")
+
+        # An update during the run (new generation, same next_due): no advance, and
+        # the run's replacement definition is dropped.
+        store.create_sync(_record("updated", next_due=T0 - HOUR))
+        lease = _claim_one(store, T0)
+        new_gen = _record("updated", next_due=T0 - HOUR, generation=2)
+        store.save_sync(new_gen, expected_generation=1)
+        stale_definition = _sync("updated", status=SyncStatus.COMPLETED)
+        store.complete_run(lease, _completion(lease, T0 + HOUR, attempts=2, sync=stale_definition))
+        after = store.get_sync("updated")
+        _expect(new_gen.sync, after.sync, "definition after a run of an older generation")
+        _expect((T0 - HOUR, 0), (after.next_due, after.attempts), "schedule of the new generation")
+        _expect(None, after.lease, "lease after a run of an older generation")
+        _expect(2, _claim_one(store, T0).generation, "the new generation is claimable")
+
+        # Same generation: the replacement definition applies.
+        store.create_sync(_record("finished"))
+        lease = _claim_one(store, T0)
+        done = _sync("finished", status=SyncStatus.COMPLETED, status_reason="one-time done")
+        store.complete_run(lease, _completion(lease, None, sync=done))
+        _expect(done, store.get_sync("finished").sync, "definition replaced by the completion")
+        store.save_sync(_record("finished", status=SyncStatus.COMPLETED), expected_generation=1)
+        claimed = [x.sync_id for x in store.claim_due(T0 + HOUR, "w", LEASE, 5)]
+        _require("finished" not in claimed, f"a completed sync was claimed: {claimed}")
+
+
+def check_complete_run_cursor_and_full_sync(make_storage: StorageFactory) -> None:
+    """
+    feed_cursor=None keeps the stored cursor; full_sync_done clears full_resync and
+    stamps last_full_sync_at with the run's start.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("rt", feed_cursor="c1", full_resync=True))
+        lease = _claim_one(store, T0)
+        store.complete_run(lease, _completion(lease, T0 + MINUTE))
+        after = store.get_sync("rt")
+        _expect(
+            ("c1", True, None),
+            (after.feed_cursor, after.full_resync, after.last_full_sync_at),
+            "(feed_cursor, full_resync, last_full_sync_at) after a plain run",
+        )
+        lease = _claim_one(store, T0 + MINUTE)
+        started = T0 + MINUTE + timedelta(seconds=2, microseconds=5)
+        run = _run(lease, started_at=started, full_sync=True)
+        store.complete_run(
+            lease,
+            _completion(lease, T0 + 2 * MINUTE, run=run, feed_cursor="c2", full_sync_done=True),
+        )
+        after = store.get_sync("rt")
+        _expect(
+            ("c2", False, started),
+            (after.feed_cursor, after.full_resync, after.last_full_sync_at),
+            "(feed_cursor, full_resync, last_full_sync_at) after a full sync",
+        )
+
+
+# -- delivered state -----------------------------------------------------------------
+
+
+def check_delivered_state(make_storage: StorageFactory) -> None:
+    """
+    apply_batch adds and removes per batch; keys iterate in code-point order; identifiers
+    round-trip, identity ones included.
+    """
+    first = (
+        _member("b"),
+        _member("a"),
+        _member("C", IdentifierKind.EMAIL, "c@example.com"),
+        _member("\u00e9t\u00e9", IdentifierKind.USER_ID, "other-user-id"),
+        _member("d", IdentifierKind.EMAIL),  # value == key but not a user_id
+        _member("10"),
+        _member("9", IdentifierKind.PHONE_SHA256, "ab" * 32),
+        _member("x'; DROP TABLE delivered; --"),
+    )
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        store.create_sync(_record("s2"))
+        lease = {x.sync_id: x for x in store.claim_due(T0, "w", LEASE, 2)}["s1"]
+        store.apply_batch(lease, _batch(added=first))
+        keys = sorted(m.key for m in first)
+        _expect(keys, _delivered(store), "iter_delivered (ascending by code point)")
+        _expect(8, store.count_delivered("s1"), "count_delivered")
+        _expect([], _delivered(store, "s2"), "another sync's delivered state")
+        _expect(
+            {"a", "C", "10"},
+            store.filter_delivered("s1", (k for k in ["a", "zz", "C", "a", "10", ""])),
+            "filter_delivered (from a generator, with unknown and repeated keys)",
+        )
+        _expect(set(), store.filter_delivered("s2", keys), "filter_delivered of another sync")
+        _expect(
+            {m.key: m.identifier for m in first},
+            store.delivered_identifiers("s1", [*keys, "missing"]),
+            "delivered_identifiers",
+        )
+        _expect({}, store.delivered_identifiers("s1", []), "delivered_identifiers of no keys")
+        store.apply_batch(
+            lease,
+            _batch(
+                sequence=1,
+                added=(_member("a", IdentifierKind.EMAIL, "a@example.com"), _member("0")),
+                removed=("b", "never-delivered"),
+            ),
+        )
+        _expect(
+            sorted([*(k for k in keys if k != "b"), "0"]),
+            _delivered(store),
+            "iter_delivered after adds and removes",
+        )
+        _expect(
+            {
+                "a": Identifier(IdentifierKind.EMAIL, "a@example.com"),
+                "0": Identifier(IdentifierKind.USER_ID, "0"),
+            },
+            store.delivered_identifiers("s1", ["a", "0", "b"]),
+            "identifiers after re-adding a member with a new identifier",
+        )
+        store.apply_batch(lease, _batch(sequence=2, removed=tuple(_delivered(store))))
+        _expect(0, store.count_delivered("s1"), "count after removing everything")
+
+
+def check_apply_batch_needs_lease(make_storage: StorageFactory) -> None:
+    """
+    apply_batch with a lease that is no longer held raises LeaseLostError and changes
+    nothing: delivered state, ledger and issues stay as they were.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        old = _claim_one(store, T0, "old")
+        store.apply_batch(
+            old, _batch("r", added=(_member("a"), _member("b")), rejected=(("z", "no"),))
+        )
+
+        def snapshot() -> tuple[object, ...]:
+            return (
+                _delivered(store),
+                store.delivered_identifiers("s1", ["a", "b", "c"]),
+                store.ledger("s1"),
+                store.run_issues("r"),
+            )
+
+        before = snapshot()
+        new = _claim_one(store, old.expires_at + US, "new")
+        hostile = _batch(
+            "r",
+            sequence=1,
+            added=(_member("c"), _member("a", IdentifierKind.EMAIL, "a@x")),
+            removed=("b",),
+            rejected=(("z", "again"), ("y", "no")),
+        )
+        with _raises(LeaseLostError, "apply_batch by a stale holder"):
+            store.apply_batch(old, hostile)
+        _expect(before, snapshot(), "state after a refused apply_batch")
+        store.release_lease(new)
+        with _raises(LeaseLostError, "apply_batch after the lease was released"):
+            store.apply_batch(new, hostile)
+        _expect(before, snapshot(), "state after apply_batch on a released lease")
+        done = _claim_one(store, new.expires_at + US)
+        store.complete_run(done, _completion(done, T0 + HOUR))
+        with _raises(LeaseLostError, "apply_batch after complete_run"):
+            store.apply_batch(done, hostile)
+        _expect(before, snapshot(), "state after apply_batch on a completed lease")
+
+
+def check_ledger_and_dead_letters(make_storage: StorageFactory) -> None:
+    """
+    Rejections count attempts per member until max_rejection_attempts makes a dead letter;
+    adding or removing the member later clears its entry; each rejection is a run issue.
+    """
+    t1, t2, t3 = T0 + US, T0 + MINUTE, T0 + HOUR
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        store.create_sync(_record("s2"))
+        leases = {x.sync_id: x for x in store.claim_due(T0, "w", LEASE, 2)}
+        lease = leases["s1"]
+        store.apply_batch(
+            lease,
+            _batch("r1", rejected=(("z-key", "bad email"), ("a-key", "too long")), at=t1),
+        )
+        store.apply_batch(leases["s2"], _batch("r2", rejected=(("z-key", "other"),), at=t1))
+        _expect(
+            [
+                LedgerEntry(
+                    sync_id="s1",
+                    key="a-key",
+                    reason="too long",
+                    attempts=1,
+                    dead=False,
+                    first_seen=t1,
+                    last_seen=t1,
+                ),
+                LedgerEntry(
+                    sync_id="s1",
+                    key="z-key",
+                    reason="bad email",
+                    attempts=1,
+                    dead=False,
+                    first_seen=t1,
+                    last_seen=t1,
+                ),
+            ],
+            store.ledger("s1"),
+            "ledger after one rejection each (ordered by key)",
+        )
+        store.apply_batch(
+            lease, _batch("r1", sequence=1, rejected=(("z-key", "still bad"),), at=t2)
+        )
+        entry = store.ledger("s1")[1]
+        _expect(
+            ("still bad", 2, False, t1, t2),
+            (entry.reason, entry.attempts, entry.dead, entry.first_seen, entry.last_seen),
+            "(reason, attempts, dead, first_seen, last_seen) after a second rejection",
+        )
+        _expect(set(), store.dead_letters("s1"), "dead letters before the bound")
+        store.apply_batch(lease, _batch("r1", sequence=2, rejected=(("z-key", "final"),), at=t3))
+        entry = store.ledger("s1")[1]
+        _expect((3, True, t3), (entry.attempts, entry.dead, entry.last_seen), "third rejection")
+        _expect({"z-key"}, store.dead_letters("s1"), "dead letters at the bound")
+        _expect(1, len(store.ledger("s2")), "another sync's ledger is separate")
+        _expect(set(), store.dead_letters("s2"), "another sync's dead letters")
+        store.apply_batch(
+            lease, _batch("r1", sequence=3, rejected=(("once", "no"),), max_rejection_attempts=1)
+        )
+        _expect({"z-key", "once"}, store.dead_letters("s1"), "max_rejection_attempts=1")
+        _expect(
+            [
+                MemberIssue(run_id="r1", key="a-key", kind=IssueKind.REJECTED, reason="too long"),
+                MemberIssue(run_id="r1", key="once", kind=IssueKind.REJECTED, reason="no"),
+                MemberIssue(run_id="r1", key="z-key", kind=IssueKind.REJECTED, reason="bad email"),
+                MemberIssue(run_id="r1", key="z-key", kind=IssueKind.REJECTED, reason="still bad"),
+                MemberIssue(run_id="r1", key="z-key", kind=IssueKind.REJECTED, reason="final"),
+            ],
+            store.run_issues("r1"),
+            "rejected members recorded as run issues (by kind, key, then as recorded)",
+        )
+        _expect([], _delivered(store), "rejected members are not delivered")
+        store.apply_batch(lease, _batch("r1", sequence=4, added=(_member("a-key"),)))
+        store.apply_batch(lease, _batch("r1", sequence=5, removed=("z-key",)))
+        _expect(["once"], [e.key for e in store.ledger("s1")], "ledger after add and remove")
+        _expect({"once"}, store.dead_letters("s1"), "dead letters after the member was removed")
+
+
+def check_record_issues(make_storage: StorageFactory) -> None:
+    """
+    record_issues stores issues per run, listed by kind then key, only for the lease holder.
+    """
+    issues = [
+        MemberIssue(run_id="r1", key="m2", kind=IssueKind.SKIPPED, reason="no email"),
+        MemberIssue(run_id="r1", key="m1", kind=IssueKind.SKIPPED, reason="no email"),
+        MemberIssue(run_id="r1", key="m3", kind="unresolved", reason="mapping failed"),
+        MemberIssue(run_id="r2", key="m0", kind=IssueKind.SKIPPED, reason="other run"),
+    ]
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        lease = _claim_one(store, T0)
+        store.record_issues(lease, issues)
+        store.apply_batch(lease, _batch("r1", rejected=(("m9", "refused"),)))
+        _expect(
+            [
+                MemberIssue(run_id="r1", key="m9", kind=IssueKind.REJECTED, reason="refused"),
+                issues[1],
+                issues[0],
+                issues[2],
+            ],
+            store.run_issues("r1"),
+            "run_issues ordered by kind then key",
+        )
+        _expect([issues[3]], store.run_issues("r2"), "issues of another run")
+        store.record_issues(lease, [])
+        with _raises(LeaseLostError, "record_issues with a stale token"):
+            store.record_issues(_stale(lease), [issues[0]])
+        _expect(4, len(store.run_issues("r1")), "issues after a refused record_issues")
+
+
+def check_large_batch(make_storage: StorageFactory) -> None:
+    """
+    One batch of 50,000 adds applies and iterates back sorted; one batch removes them.
+    """
+    rng = random.Random(50_000)  # noqa: S311 - test data, not cryptography
+    keys = [f"m{i}" for i in range(50_000)]  # numeric order differs from string order
+    rng.shuffle(keys)
+    members = tuple(
+        _member(k) if i % 3 else _member(k, IdentifierKind.EMAIL, f"{k}@example.com")
+        for i, k in enumerate(keys)
+    )
+    with _open(make_storage) as store:
+        store.create_sync(_record("big"))
+        lease = _claim_one(store, T0)
+        store.apply_batch(lease, _batch(added=members))
+        _expect(50_000, store.count_delivered("big"), "count after 50,000 adds")
+        got = list(store.iter_delivered("big"))
+        if got != sorted(keys):
+            bad = next(i for i, (a, b) in enumerate(zip(got, sorted(keys), strict=False)) if a != b)
+            raise AssertionError(
+                f"iter_delivered is not the sorted keys (first difference at {bad})"
+            )
+        sample = keys[:2000]
+        _expect(set(sample), store.filter_delivered("big", [*sample, "nope"]), "filter_delivered")
+        _expect(
+            {m.key: m.identifier for m in members[:2000]},
+            store.delivered_identifiers("big", sample),
+            "delivered_identifiers of 2,000 members",
+        )
+        store.apply_batch(lease, _batch(sequence=1, removed=tuple(keys)))
+        _expect(0, store.count_delivered("big"), "count after removing 50,000")
+
+
+# -- history ---------------------------------------------------------------------------
+
+
+def check_history_round_trip_and_order(make_storage: StorageFactory) -> None:
+    """
+    Runs come back equal field for field, newest first by start time, limited on request.
+    """
+    plus5 = timezone(timedelta(hours=5))
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        store.create_sync(_record("s2", next_due=T0 + 10 * HOUR))
+        runs = []
+        starts = [T0 + 3 * HOUR, T0 + HOUR + US, T0 + 2 * HOUR]
+        for i, started in enumerate(starts):
+            lease = _claim_one(store, T0 + i * HOUR)
+            run = _run(
+                lease,
+                run_id=f"run-{i}",
+                started_at=started.astimezone(plus5),
+                finished_at=started + timedelta(seconds=7, microseconds=654_321),
+                status=RunStatus.PARTIAL,
+                trigger=Trigger.MANUAL,
+                cadence=Cadence.DAILY,
+                added=i + 1,
+                removed=2,
+                skipped=3,
+                rejected=4,
+                batches=5,
+                retries=6,
+                full_sync=True,
+                error_type="TransientError",
+                error_message="timed out: 'quote' \"double\"; -- not SQL",
+                notes=["realtime_size_limit", "below_min_audience"],
+            )
+            next_due = T0 + (i + 1) * HOUR if i < 2 else None
+            store.complete_run(lease, _completion(lease, next_due, run=run))
+            runs.append(run)
+        other = _claim_one(store, T0 + 10 * HOUR)
+        store.complete_run(other, _completion(other, None))
+        _expect([runs[0], runs[2], runs[1]], store.history("s1"), "history newest first")
+        _expect([runs[0], runs[2]], store.history("s1", limit=2), "history with limit=2")
+        _expect([], store.history("s1", limit=0), "history with limit=0")
+        got = store.history("s1")[0]
+        _expect(timezone.utc, got.started_at.tzinfo, "history datetimes are UTC")
+        _expect(("realtime_size_limit", "below_min_audience"), got.notes, "notes (a tuple)")
+        _expect(1, len(store.history("s2")), "another sync's history")
+
+
+def check_purge_history(make_storage: StorageFactory) -> None:
+    """
+    purge_history deletes runs finished strictly before the cut-off with their issues;
+    a run finished exactly at the cut-off stays.
+    """
+    cut = T0 + 10 * HOUR
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        finished = {"old": cut - US, "edge": cut, "new": cut + US}
+        for i, (name, at) in enumerate(finished.items()):
+            lease = _claim_one(store, T0 + i * HOUR)
+            store.record_issues(
+                lease, [MemberIssue(run_id=name, key="k", kind=IssueKind.SKIPPED, reason="r")]
+            )
+            store.apply_batch(lease, _batch(name, rejected=(("bad", "no"),)))
+            run = _run(lease, run_id=name, started_at=T0 + i * HOUR, finished_at=at)
+            store.complete_run(lease, _completion(lease, T0 + (i + 1) * HOUR, run=run))
+        _expect(1, store.purge_history(cut), "runs deleted by purge_history")
+        _expect(["new", "edge"], [r.id for r in store.history("s1")], "runs kept")
+        _expect([], store.run_issues("old"), "issues of a purged run")
+        _expect(2, len(store.run_issues("edge")), "issues of a kept run")
+        _expect(1, len(store.ledger("s1")), "the ledger is not history")
+        _expect(0, store.purge_history(cut), "purging again")
+        _expect(2, store.purge_history(cut + timedelta(days=365)), "purging the rest")
+        with _raises(TypeError, "purge_history with a naive datetime"):
+            store.purge_history(datetime(2030, 1, 1))  # noqa: DTZ001 - the point
+
+
+# -- time ------------------------------------------------------------------------------
+
+
+def check_times_come_from_arguments(make_storage: StorageFactory) -> None:
+    """
+    Due and lease decisions follow the instants passed in, never the wall clock or the
+    database's clock (1999 and 2150 behave like any other time).
+    """
+    past = datetime(1999, 1, 1, tzinfo=timezone.utc)
+    future = datetime(2150, 1, 1, tzinfo=timezone.utc)
+    with _open(make_storage) as store:
+        store.create_sync(_record("past", next_due=past))
+        store.create_sync(_record("future", next_due=future))
+        _expect([], store.claim_due(past - US, "w", LEASE, 5), "claim just before 1999")
+        lease = _claim_one(store, past + timedelta(seconds=30))
+        _expect("past", lease.sync_id, "sync claimed in 1999")
+        # The lease expires in 1999: long ago for the wall clock, not for the caller.
+        _expect(
+            [], store.claim_due(past + LEASE, "w", LEASE, 5), "claim while the 1999 lease holds"
+        )
+        store.extend_lease(lease, past + LEASE, LEASE)
+        store.complete_run(
+            lease,
+            _completion(lease, future + HOUR, run=_run(lease, finished_at=past + MINUTE)),
+        )
+        _expect([], store.claim_due(future - US, "w", LEASE, 5), "claim just before 2150")
+        lease = _claim_one(store, future)
+        _expect("future", lease.sync_id, "sync claimed in 2150")
+        _expect(future + LEASE, lease.expires_at, "lease expiry in 2150")
+        run = _run(lease, finished_at=future + MINUTE)
+        store.complete_run(lease, _completion(lease, future + HOUR, run=run))
+        _expect(1, store.purge_history(future), "purge at 2150 deletes only the 1999 run")
+        _expect([run], store.history("future"), "the 2150 run is kept")
+        leases = store.claim_due(future + HOUR, "w", LEASE, 5)
+        _expect(["future", "past"], [x.sync_id for x in leases], "both due at 2150 + 1h, by id")
+
+
+STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
+    check_create_get_round_trip,
+    check_create_duplicate_refused,
+    check_not_found,
+    check_list_syncs_ordered_by_id,
+    check_save_sync_compare_and_set,
+    check_save_sync_keeps_lease,
+    check_delete_sync,
+    check_allocate_slot_least_loaded_cyclic,
+    check_allocate_slot_matches_model,
+    check_release_slot_never_below_zero,
+    check_claim_only_active_and_due,
+    check_claim_order_and_limit,
+    check_claim_order_with_expired_leases,
+    check_lease_expiry_boundary,
+    check_concurrent_claims_are_exclusive,
+    check_extend_lease,
+    check_release_lease,
+    check_complete_run_records_and_advances,
+    check_complete_run_stale_holder,
+    check_complete_run_duplicate_slot,
+    check_complete_run_schedule_changes_win,
+    check_complete_run_cursor_and_full_sync,
+    check_delivered_state,
+    check_apply_batch_needs_lease,
+    check_ledger_and_dead_letters,
+    check_record_issues,
+    check_large_batch,
+    check_history_round_trip_and_order,
+    check_purge_history,
+    check_times_come_from_arguments,
+)
+"""Every check, in order; each takes the factory and uses fresh stores from it."""
+
+
+def check_storage(make_storage: StorageFactory) -> None:
+    """
+    Verify that a :class:`~cohortsync.Storage` implementation behaves like the
+    reference ``MemoryStorage``.
+
+    Each check calls *make_storage* for a store of its own and closes it, so
+    one failure does not cascade into the next. One check shares a single
+    store between eight threads: stores must be thread-safe, as the protocol
+    requires of every atomic operation.
+
+    Args:
+        make_storage: Returns a new, **empty** store each time it is called
+            (for a database-backed store: a fresh database or schema).
+
+    Raises:
+        AssertionError: A check failed; the message names it and what differed.
+    """
+    for check in STORAGE_CHECKS:
+        _run_check(check, make_storage)
+
+
+def _run_check(check: Callable[[StorageFactory], None], make_storage: StorageFactory) -> None:
+    try:
+        check(make_storage)
+    except AssertionError as exc:
+        raise AssertionError(f"{check.__name__}: {exc}") from exc
+    except Exception as exc:
+        raise AssertionError(f"{check.__name__} raised {type(exc).__name__}: {exc}") from exc
