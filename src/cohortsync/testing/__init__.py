@@ -5,13 +5,21 @@ Helpers for testing code that uses cohortsync. Imports no pytest.
 * :class:`MemoryStorage`: the reference store.
 * :class:`RecordingDestination`: records every batch, keeps the audience.
 * :class:`FaultyDestination` with :class:`Fault`: misbehaves on cue.
+* :func:`simulate`: run a scheduler over days of fake time in milliseconds.
 * :func:`check_storage`: the storage contract suite, for any ``Storage``.
+* :func:`check_destination` with :class:`ErrorCase`: the destination
+  contract suite, for any adapter.
 
 The opt-in pytest plugin is ``cohortsync.testing.pytest_plugin``.
 """
 
 from cohortsync._memory import MemoryStorage
 from cohortsync.testing._clock import FakeClock, SharedFakeClock
+from cohortsync.testing._destination_contract import (
+    DestinationReport,
+    ErrorCase,
+    check_destination,
+)
 from cohortsync.testing._destinations import (
     Fault,
     FaultKind,
@@ -19,8 +27,13 @@ from cohortsync.testing._destinations import (
     RecordedBatch,
     RecordingDestination,
 )
+from cohortsync.testing._simulate import simulate
+from cohortsync.testing._storage_contract import STORAGE_CHECKS, check_storage
 
 __all__ = [
+    "STORAGE_CHECKS",
+    "DestinationReport",
+    "ErrorCase",
     "FakeClock",
     "Fault",
     "FaultKind",
@@ -29,4 +42,7 @@ __all__ = [
     "RecordedBatch",
     "RecordingDestination",
     "SharedFakeClock",
+    "check_destination",
+    "check_storage",
+    "simulate",
 ]
