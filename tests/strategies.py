@@ -572,8 +572,8 @@ def membership_histories(max_runs: int = 6) -> st.SearchStrategy[list[frozenset[
 
 def member_keys(max_size: int = 6) -> st.SearchStrategy[str]:
     """
-    Valid member keys: short non-empty strings of any printable characters, so
-    ordering is tested beyond ASCII (surrogates excluded: they cannot be stored).
+    Valid member keys: short non-empty strings of any characters, so ordering
+    is tested beyond ASCII (lone surrogates excluded: they cannot be encoded).
     """
     return st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=max_size)
 

@@ -48,7 +48,9 @@ def _invalid_reason(key: object) -> str:
 
 
 def _valid(key: object) -> bool:
-    return key.__class__ is str and 0 < len(key) <= MAX_KEY_LENGTH  # type: ignore[arg-type]
+    # isinstance, not an exact type check: the fast path in _read_set accepts
+    # str subclasses, and a key must not be valid in one run and not the next.
+    return isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH
 
 
 @attrs.define
@@ -88,19 +90,22 @@ def _read_set(source: MembershipSource, cohort_id: str) -> tuple[set[str], list[
     try:
         raw = source.members()
         try:
-            current: set[object] = set(raw)
+            current: set[object] | None = set(raw)
         except TypeError:
             # Unhashable keys: take the slow path over a fresh read.
-            current = None  # type: ignore[assignment]
+            current = None
     except (InvalidMemberError, SourceError):
         raise
     except Exception as e:
         raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
     if current is None:
         return _read_set_slow(source, cohort_id)
-    # C-speed validation: map(len) raises on non-str (and non-sized) values.
+    # C-speed validation: str.__len__ raises on anything that is not a str.
     try:
-        lengths_ok = all(0 < n <= MAX_KEY_LENGTH for n in map(str.__len__, current))  # type: ignore[arg-type]
+        lengths_ok = not current or (
+            min(map(str.__len__, current)) > 0  # type: ignore[arg-type]
+            and max(map(str.__len__, current)) <= MAX_KEY_LENGTH  # type: ignore[arg-type]
+        )
     except TypeError:
         lengths_ok = False
     if lengths_ok:
@@ -288,7 +293,11 @@ def diff_changes(
         changes = feed.changes_since(cursor)
     except Exception as e:
         raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
-    invalid = [(shown_key(k), _invalid_reason(k)) for k in (*changes.added, *changes.removed) if not _valid(k)]
+    invalid = [
+        (shown_key(k), _invalid_reason(k))
+        for k in (*changes.added, *changes.removed)
+        if not _valid(k)
+    ]
     added = {k for k in changes.added if _valid(k)}
     removed = {k for k in changes.removed if _valid(k)}
     both = added & removed

@@ -18,6 +18,8 @@ one batch that was in flight (with the same idempotency key).
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import logging
 import random
 import secrets
@@ -30,7 +32,14 @@ from cohortsync import _schedule
 from cohortsync._clock import Clock
 from cohortsync._cohort import ChangeFeed, Cohort
 from cohortsync._delivery import Acked, BatchSender, RateLimiter, make_batch
-from cohortsync._destination import Capabilities, Destination, Member, Operation, RunContext
+from cohortsync._destination import (
+    Batch,
+    Capabilities,
+    Destination,
+    Member,
+    Operation,
+    RunContext,
+)
 from cohortsync._diff import Diff, chunks, diff_changes, diff_snapshot
 from cohortsync._eligibility import Eligibility, Ruleset, check_eligibility
 from cohortsync._events import (
@@ -45,7 +54,15 @@ from cohortsync._events import (
 )
 from cohortsync._identifiers import IdentifierMapping
 from cohortsync._policy import Cadence
-from cohortsync._storage import AppliedBatch, Completion, IssueKind, Lease, MemberIssue, Storage, SyncRecord
+from cohortsync._storage import (
+    AppliedBatch,
+    Completion,
+    IssueKind,
+    Lease,
+    MemberIssue,
+    Storage,
+    SyncRecord,
+)
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.exceptions import (
     AuthenticationError,
@@ -136,6 +153,11 @@ def _offset_for(record: SyncRecord, cadence: Cadence) -> int:
     return 0 if period is None else _schedule.stable_offset(record.sync.id, period)
 
 
+def _has(ascending: list[str], key: str) -> bool:
+    i = bisect.bisect_left(ascending, key)
+    return i < len(ascending) and ascending[i] == key
+
+
 def next_due_after(record: SyncRecord, sync: Sync, after: datetime) -> datetime | None:
     cadence = sync.cadence
     policy = sync.policy
@@ -165,6 +187,9 @@ class _Run:
         self.issues: list[MemberIssue] = []
         self.full = False
         self.sender: BatchSender | None = None
+        # The definition as the eligibility re-check left it (fallback to
+        # hourly, back to real-time, paused): kept even if delivery then fails.
+        self.rechecked = self.sync
 
     # -- the run ---------------------------------------------------------------
 
@@ -176,7 +201,11 @@ class _Run:
         emit(
             env.listeners,
             RunStarted(
-                sync_id=self.sync.id, run_id=self.run_id, trigger=trigger, slot=lease.slot, at=self.started
+                sync_id=self.sync.id,
+                run_id=self.run_id,
+                trigger=trigger,
+                slot=lease.slot,
+                at=self.started,
             ),
         )
         status = RunStatus.SUCCEEDED
@@ -194,9 +223,7 @@ class _Run:
                     self.sync, status=SyncStatus.DELETED, updated_at=env.clock.now()
                 )
             else:
-                status, new_sync, feed_cursor, full_done = self._deliver(
-                    cohort, destination, caps, trigger
-                )
+                status, new_sync, feed_cursor, full_done = self._deliver(cohort, destination, caps)
         except LeaseLostError:
             raise
         except CohortSyncError as e:
@@ -206,16 +233,18 @@ class _Run:
             error = e
         if error is not None:
             status, new_sync = self._failed(error)
-        return self._complete(trigger, status, error, new_sync, feed_cursor, full_done)
+        return self._complete(
+            trigger, status, error, new_sync, feed_cursor=feed_cursor, full_done=full_done
+        )
 
     def _failed(self, error: BaseException) -> tuple[RunStatus, Sync]:
         delivered_any = self.counts.added or self.counts.removed
         status = RunStatus.PARTIAL if delivered_any else RunStatus.FAILED
-        new_sync = self.sync
+        new_sync = self.rechecked
         if isinstance(error, AuthenticationError):
             reason = f"authentication failed: {error}"
             new_sync = attrs.evolve(
-                self.sync,
+                new_sync,
                 status=SyncStatus.PAUSED,
                 status_reason=reason,
                 updated_at=self.env.clock.now(),
@@ -223,7 +252,10 @@ class _Run:
             emit(
                 self.env.listeners,
                 SyncFailed(
-                    sync_id=self.sync.id, status=SyncStatus.PAUSED, reason=reason, at=self.env.clock.now()
+                    sync_id=self.sync.id,
+                    status=SyncStatus.PAUSED,
+                    reason=reason,
+                    at=self.env.clock.now(),
                 ),
             )
         return status, new_sync
@@ -240,63 +272,22 @@ class _Run:
         )
 
     def _deliver(
-        self, cohort: Cohort, destination: Destination, caps: Capabilities, trigger: Trigger
+        self, cohort: Cohort, destination: Destination, caps: Capabilities
     ) -> tuple[RunStatus, Sync, str | None, bool]:
-        env = self.env
         record = self.record
         sync = self.sync
         policy = sync.policy
-        now = env.clock.now()
+        now = self.env.clock.now()
         ttl = caps.membership_ttl
         ttl_due = ttl is not None and (
             record.last_full_sync_at is None
             or now - record.last_full_sync_at >= ttl * TTL_REFRESH_SHARE
         )
-        delivered_count = env.storage.count_delivered(sync.id)
+        delivered_count = self.env.storage.count_delivered(sync.id)
         self.full = record.full_resync or (ttl_due and delivered_count > 0)
         if self.full:
             self.notes.append("full_resync" if record.full_resync else "ttl_refresh")
-        source = cohort.source
-        if source is None:
-            raise SourceError(cohort.id, "the cohort has no membership source registered")
-        dead = env.storage.dead_letters(sync.id)
-        feed_cursor: str | None = None
-        # Once an hour a real-time sync diffs the full snapshot even when it
-        # has a change feed: that reconciles anything a feed missed and
-        # retries members the destination rejected earlier.
-        reconcile = self.lease.current.slot.minute == 0
-        use_feed = (
-            sync.cadence is Cadence.REALTIME
-            and not reconcile
-            and isinstance(source, ChangeFeed)
-            and record.feed_cursor is not None
-            and not self.full
-            and not caps.full_sync_only
-        )
-        if use_feed:
-            assert record.feed_cursor is not None  # noqa: S101 - checked above
-            diff = diff_changes(
-                source,  # type: ignore[arg-type]
-                cohort.id,
-                record.feed_cursor,
-                lambda keys: env.storage.filter_delivered(sync.id, keys),
-                delivered_count,
-                exclude=dead,
-            )
-            feed_cursor = diff.feed_cursor
-        else:
-            if isinstance(source, ChangeFeed) and policy.cadence is Cadence.REALTIME:
-                # Take the cursor before reading, so changes made during the
-                # read are seen again (idempotently) by the next run.
-                feed_cursor = source.cursor()
-            diff = diff_snapshot(
-                source,
-                cohort.id,
-                env.storage.iter_delivered(sync.id),
-                delivered_count,
-                keep_existing=caps.full_sync_only or self.full,
-                exclude=dead,
-            )
+        diff, feed_cursor, from_feed = self._read(cohort, caps, delivered_count)
         self.counts.skipped += len(diff.invalid)
         self.issues.extend(
             MemberIssue(run_id=self.run_id, key=k, kind=IssueKind.SKIPPED, reason=r)
@@ -306,49 +297,118 @@ class _Run:
             self.notes.append("invalid_keys")
 
         # Eligibility is re-checked at every run, with the size just measured.
-        size = diff.size if diff.size is not None else delivered_count + len(diff.adds) - len(diff.removes)
-        measured = cohort.with_size(size)
-        new_sync, proceed = self._recheck(measured, caps)
+        size = (
+            diff.size
+            if diff.size is not None
+            else delivered_count + len(diff.adds) - len(diff.removes)
+        )
+        new_sync, proceed = self._recheck(cohort.with_size(size), caps)
+        self.rechecked = new_sync
         if not proceed:
             return RunStatus.SKIPPED, new_sync, None, False
 
-        # The mass-removal guard: decided before anything is sent.
-        removes = diff.removes
         send_removals = policy.send_removals and caps.supports_removals
-        guarded = False
-        if removes and send_removals and not sync.guard_released:
-            if policy.guard.trips(diff.delivered, len(removes), diff.source_empty):
-                guarded = True
-                self.notes.append(
-                    f"mass_removal_guard: would remove {len(removes)} of {diff.delivered}"
-                    + (" (source returned no members)" if diff.source_empty else "")
-                )
-                emit(
-                    env.listeners,
-                    GuardTripped(
-                        sync_id=sync.id,
-                        run_id=self.run_id,
-                        delivered=diff.delivered,
-                        removing=len(removes),
-                        source_empty=diff.source_empty,
-                        at=env.clock.now(),
-                    ),
-                )
-                removes = []
+        guarded = send_removals and not sync.guard_released and self._guard(diff)
         if sync.guard_released and not guarded:
             new_sync = attrs.evolve(new_sync, guard_released=False)
-
-        self._send(destination, caps, diff, removes, send_removals)
+        if not from_feed:
+            self._resolve_ledger(diff)
+        removes = [] if guarded else diff.removes
+        self._send(destination, caps, diff, removes, send_removals=send_removals)
         if self.issues:
             self._flush_issues()
         if guarded:
             status = RunStatus.GUARDED
+            # Keep the cursor before the held removals: the feed reports them
+            # again (and the guard with them) until the host confirms.
+            feed_cursor = None
         elif self.counts.rejected:
             status = RunStatus.PARTIAL
         else:
             status = RunStatus.SUCCEEDED
         full_done = self.full or caps.full_sync_only or delivered_count == 0
         return status, new_sync, feed_cursor, full_done
+
+    def _read(
+        self, cohort: Cohort, caps: Capabilities, delivered_count: int
+    ) -> tuple[Diff, str | None, bool]:
+        """
+        Read the source and diff it against the delivered state: from the
+        change feed when one can be used, else from the full snapshot.
+
+        Returns:
+            The diff, the feed cursor it brings the sync to (or ``None``), and
+            whether it came from the feed.
+        """
+        env = self.env
+        record = self.record
+        sync = self.sync
+        source = cohort.source
+        if source is None:
+            raise SourceError(cohort.id, "the cohort has no membership source registered")
+        dead = env.storage.dead_letters(sync.id)
+        # Once an hour a real-time sync diffs the full snapshot even when it
+        # has a change feed: that reconciles anything a feed missed and
+        # retries members the destination rejected earlier. Removals the host
+        # confirmed are found again the same way, whatever feed window they
+        # were first seen in.
+        reconcile = self.lease.current.slot.minute == 0 or sync.guard_released
+        if (
+            sync.cadence is Cadence.REALTIME
+            and not reconcile
+            and isinstance(source, ChangeFeed)
+            and record.feed_cursor is not None
+            and not self.full
+            and not caps.full_sync_only
+        ):
+            diff = diff_changes(
+                source,
+                cohort.id,
+                record.feed_cursor,
+                lambda keys: env.storage.filter_delivered(sync.id, keys),
+                delivered_count,
+                exclude=dead,
+            )
+            return diff, diff.feed_cursor, True
+        feed_cursor: str | None = None
+        if isinstance(source, ChangeFeed) and sync.policy.cadence is Cadence.REALTIME:
+            # Take the cursor before reading, so changes made during the
+            # read are seen again (idempotently) by the next run.
+            feed_cursor = source.cursor()
+        diff = diff_snapshot(
+            source,
+            cohort.id,
+            env.storage.iter_delivered(sync.id),
+            delivered_count,
+            keep_existing=caps.full_sync_only or self.full,
+            exclude=dead,
+        )
+        return diff, feed_cursor, False
+
+    def _guard(self, diff: Diff) -> bool:
+        """
+        The mass-removal guard, decided before anything is sent: whether this
+        run's removals must wait for the host to confirm them.
+        """
+        removing = len(diff.removes)
+        if not self.sync.policy.guard.trips(diff.delivered, removing, diff.source_empty):
+            return False
+        self.notes.append(
+            f"mass_removal_guard: would remove {removing} of {diff.delivered}"
+            + (" (source returned no members)" if diff.source_empty else "")
+        )
+        emit(
+            self.env.listeners,
+            GuardTripped(
+                sync_id=self.sync.id,
+                run_id=self.run_id,
+                delivered=diff.delivered,
+                removing=removing,
+                source_empty=diff.source_empty,
+                at=self.env.clock.now(),
+            ),
+        )
+        return True
 
     def _recheck(self, cohort: Cohort, caps: Capabilities) -> tuple[Sync, bool]:
         """
@@ -360,14 +420,17 @@ class _Run:
         sync = self.sync
         policy = sync.policy
         result = self._check(cohort, caps, policy.cadence)
-        for reason in result.warnings:
-            self.notes.append(reason.code)
+        self.notes.extend(warning.code for warning in result.warnings)
         if result.eligible:
             if sync.effective_cadence is not None:
                 emit(
                     env.listeners,
                     EligibilityChanged(
-                        sync_id=sync.id, eligible=True, codes=(), cadence=policy.cadence.value, at=env.clock.now()
+                        sync_id=sync.id,
+                        eligible=True,
+                        codes=(),
+                        cadence=policy.cadence.value,
+                        at=env.clock.now(),
                     ),
                 )
                 self.notes.append("eligible_again")
@@ -377,14 +440,21 @@ class _Run:
         self.notes.extend(codes)
         from cohortsync._policy import OnIneligible  # noqa: PLC0415 - keep the import local
 
-        if policy.cadence is Cadence.REALTIME and policy.on_ineligible is OnIneligible.FALLBACK_HOURLY:
+        if (
+            policy.cadence is Cadence.REALTIME
+            and policy.on_ineligible is OnIneligible.FALLBACK_HOURLY
+        ):
             fallback = self._check(cohort, caps, Cadence.HOURLY)
             if fallback.eligible:
                 if sync.effective_cadence is not Cadence.HOURLY:
                     emit(
                         env.listeners,
                         EligibilityChanged(
-                            sync_id=sync.id, eligible=False, codes=codes, cadence="hourly", at=env.clock.now()
+                            sync_id=sync.id,
+                            eligible=False,
+                            codes=codes,
+                            cadence="hourly",
+                            at=env.clock.now(),
                         ),
                     )
                 self.notes.append("fallback_hourly")
@@ -395,12 +465,18 @@ class _Run:
         emit(
             env.listeners,
             EligibilityChanged(
-                sync_id=sync.id, eligible=False, codes=codes, cadence=policy.cadence.value, at=env.clock.now()
+                sync_id=sync.id,
+                eligible=False,
+                codes=codes,
+                cadence=policy.cadence.value,
+                at=env.clock.now(),
             ),
         )
         emit(
             env.listeners,
-            SyncFailed(sync_id=sync.id, status=SyncStatus.PAUSED, reason=reason, at=env.clock.now()),
+            SyncFailed(
+                sync_id=sync.id, status=SyncStatus.PAUSED, reason=reason, at=env.clock.now()
+            ),
         )
         return attrs.evolve(
             sync,
@@ -413,10 +489,8 @@ class _Run:
 
     def _context(self) -> RunContext:
         cohort_name = self.sync.cohort_id
-        try:
+        with contextlib.suppress(CohortSyncError):
             cohort_name = self.env.cohort(self.sync.cohort_id).name
-        except CohortSyncError:
-            pass
         return RunContext(
             run_id=self.run_id,
             sync_id=self.sync.id,
@@ -445,6 +519,7 @@ class _Run:
         caps: Capabilities,
         diff: Diff,
         removes: list[str],
+        *,
         send_removals: bool,
     ) -> None:
         context = self._context()
@@ -463,14 +538,14 @@ class _Run:
                 )
             mapping = self.env.mapping(self.sync.mapping_id)
             sender.send_all(
-                self._add_batches(context, Operation.ADD, diff.adds, size, mapping, caps),
+                self._add_batches(context, Operation.ADD, diff.adds, mapping, caps),
                 caps.max_parallel,
                 self._on_acked,
             )
             if diff.existing:
                 op = Operation.EXISTING if caps.full_sync_only else Operation.ADD
                 sender.send_all(
-                    self._add_batches(context, op, diff.existing, size, mapping, caps),
+                    self._add_batches(context, op, diff.existing, mapping, caps),
                     caps.max_parallel,
                     self._on_acked,
                 )
@@ -487,7 +562,7 @@ class _Run:
         self.counts.sequence += 1
         return self.counts.sequence
 
-    def _remove_batches(self, context: RunContext, keys: list[str], size: int) -> Iterator:  # type: ignore[type-arg]
+    def _remove_batches(self, context: RunContext, keys: list[str], size: int) -> Iterator[Batch]:
         for chunk in chunks(keys, size):
             ids = self.env.storage.delivered_identifiers(self.sync.id, chunk)
             members = [Member(k, ids[k]) for k in chunk if k in ids]
@@ -499,18 +574,20 @@ class _Run:
         context: RunContext,
         operation: Operation,
         keys: list[str],
-        size: int,
         mapping: IdentifierMapping,
         caps: Capabilities,
-    ) -> Iterator:  # type: ignore[type-arg]
+    ) -> Iterator[Batch]:
         accepted = caps.accepted_identifiers
-        for chunk in chunks(keys, size):
+        for chunk in chunks(keys, caps.max_batch_size):
             members, unresolved = mapping.resolve_many(chunk, accepted)
             if unresolved:
                 self.counts.skipped += len(unresolved)
                 self.issues.extend(
                     MemberIssue(
-                        run_id=self.run_id, key=k, kind=IssueKind.SKIPPED, reason="unresolved_mapping"
+                        run_id=self.run_id,
+                        key=k,
+                        kind=IssueKind.SKIPPED,
+                        reason="unresolved_mapping",
                     )
                     for k in unresolved
                 )
@@ -587,6 +664,37 @@ class _Run:
                 ),
             )
 
+    def _resolve_ledger(self, diff: Diff) -> None:
+        """
+        Forget pending rejections the cohort no longer needs: the member left
+        before its add went through, or came back before its removal did. The
+        ledger then lists only what is still owed (dead letters stay).
+        """
+        storage = self.env.storage
+        pending = [e.key for e in storage.ledger(self.sync.id) if not e.dead]
+        if not pending:
+            return
+        owed = (diff.adds, diff.removes, diff.existing or [])
+        stale = [k for k in pending if not any(_has(keys, k) for keys in owed)]
+        if not stale:
+            return
+        # Applying a member as it already is clears its ledger entry and
+        # changes nothing else: still delivered under the same identifier,
+        # or still not delivered.
+        held = storage.delivered_identifiers(self.sync.id, stale)
+        storage.apply_batch(
+            self.lease.current,
+            AppliedBatch(
+                run_id=self.run_id,
+                sequence=self._next_sequence(),
+                operation=Operation.ADD,
+                idempotency_key="local",
+                added=tuple(Member(k, held[k]) for k in stale if k in held),
+                removed=tuple(k for k in stale if k not in held),
+                at=self.env.clock.now(),
+            ),
+        )
+
     def _teardown(self, destination: Destination, caps: Capabilities) -> RunStatus:
         """
         Remove exactly what this sync delivered (``OnDelete.REMOVE_DELIVERED``).
@@ -594,7 +702,7 @@ class _Run:
         keys = list(self.env.storage.iter_delivered(self.sync.id))
         diff = Diff(adds=[], removes=keys, existing=None, size=0, delivered=len(keys))
         if caps.supports_removals:
-            self._send(destination, caps, diff, keys, True)
+            self._send(destination, caps, diff, keys, send_removals=True)
         return RunStatus.PARTIAL if self.counts.rejected else RunStatus.SUCCEEDED
 
     def _flush_issues(self) -> None:
@@ -610,6 +718,7 @@ class _Run:
         status: RunStatus,
         error: BaseException | None,
         new_sync: Sync,
+        *,
         feed_cursor: str | None,
         full_done: bool,
     ) -> SyncRun:
@@ -625,28 +734,47 @@ class _Run:
             except CohortSyncError:
                 log.exception("could not record member issues of run %s", self.run_id)
         failed = status is RunStatus.FAILED or (error is not None and status is RunStatus.PARTIAL)
+        if trigger is Trigger.TEARDOWN and new_sync.status is not SyncStatus.DELETED:
+            # The removals failed: what comes next is the teardown again (also
+            # after a resume), never a normal run that would deliver again.
+            next_trigger = Trigger.TEARDOWN
+        one_time = new_sync.policy.cadence is Cadence.ONE_TIME
         if new_sync.status is not SyncStatus.ACTIVE:
             next_due = None
-        elif new_sync.policy.cadence is Cadence.ONE_TIME:
-            if failed:
-                attempts = record.attempts + 1
-                if attempts >= new_sync.policy.one_time_attempts:
-                    reason = f"one-time sync failed {attempts} times: {error}"
-                    new_sync = attrs.evolve(
-                        new_sync, status=SyncStatus.FAILED, status_reason=reason, updated_at=finished
-                    )
-                    emit(
-                        env.listeners,
-                        SyncFailed(sync_id=new_sync.id, status=SyncStatus.FAILED, reason=reason, at=finished),
-                    )
-                    next_due = None
-                else:
-                    backoff = new_sync.policy.retry.delay(attempts - 1, env.rng.random()) * 60
-                    next_due = finished + timedelta(seconds=backoff)
-                    next_trigger = Trigger.ONE_TIME
-            else:
-                new_sync = attrs.evolve(new_sync, status=SyncStatus.COMPLETED, updated_at=finished)
+        elif failed and (one_time or next_trigger is Trigger.TEARDOWN):
+            # Retried with backoff a bounded number of times, then `failed`.
+            attempts = record.attempts + 1
+            if attempts >= new_sync.policy.one_time_attempts:
+                what = (
+                    "removing the delivered members"
+                    if next_trigger is Trigger.TEARDOWN
+                    else "one-time sync"
+                )
+                reason = f"{what} failed {attempts} times: {error}"
+                new_sync = attrs.evolve(
+                    new_sync,
+                    status=SyncStatus.FAILED,
+                    status_reason=reason,
+                    updated_at=finished,
+                )
+                emit(
+                    env.listeners,
+                    SyncFailed(
+                        sync_id=new_sync.id,
+                        status=SyncStatus.FAILED,
+                        reason=reason,
+                        at=finished,
+                    ),
+                )
                 next_due = None
+            else:
+                backoff = new_sync.policy.retry.delay(attempts - 1, env.rng.random()) * 60
+                next_due = finished + timedelta(seconds=backoff)
+                if next_trigger is not Trigger.TEARDOWN:
+                    next_trigger = Trigger.ONE_TIME
+        elif one_time:
+            new_sync = attrs.evolve(new_sync, status=SyncStatus.COMPLETED, updated_at=finished)
+            next_due = None
         else:
             next_due = next_due_after(record, new_sync, max(finished, lease.slot))
         run = SyncRun(

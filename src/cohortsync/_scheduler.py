@@ -414,6 +414,28 @@ class Scheduler:
         )
         return sync
 
+    def _due_now(self, record: SyncRecord) -> datetime:
+        """
+        When a run the host asks for is due: now, unless the sync already has a
+        run at this very instant (a fake clock that has not moved, a coarse
+        system clock). A run record is unique on (sync, slot), so that run is
+        due one tick later instead of colliding with the earlier one forever.
+        """
+        now = self._now()
+        taken = [run.slot for run in self.storage.history(record.id, limit=1)]
+        if record.lease is not None:
+            taken.append(record.lease.slot)
+        latest = max(taken, default=None)
+        return now if latest is None or latest < now else latest + _TICK
+
+    @staticmethod
+    def _host_trigger(record: SyncRecord) -> Trigger:
+        """
+        The trigger of a run the host asks for. A sync being deleted stays on
+        its removal run: a normal run would deliver the members again.
+        """
+        return Trigger.TEARDOWN if record.next_trigger is Trigger.TEARDOWN else Trigger.MANUAL
+
     def pause_sync(self, sync_id: str, reason: str | None = None) -> Sync:
         """
         Stop scheduling a sync until :meth:`resume_sync`.
@@ -431,8 +453,8 @@ class Scheduler:
             sync_id,
             status=SyncStatus.ACTIVE,
             status_reason=None,
-            next_due=self._now(),
-            next_trigger=Trigger.MANUAL,
+            next_due=self._due_now(record),
+            next_trigger=self._host_trigger(record),
             attempts=0,
         )
 
@@ -445,8 +467,8 @@ class Scheduler:
         if record.sync.status is SyncStatus.DELETED:
             raise ConfigurationError("sync_id", sync_id, "a deleted sync cannot run")
         changes: dict[str, object] = {
-            "next_due": self._now(),
-            "next_trigger": Trigger.MANUAL,
+            "next_due": self._due_now(record),
+            "next_trigger": self._host_trigger(record),
             "full_resync": full or record.full_resync,
         }
         if record.sync.status in (SyncStatus.COMPLETED, SyncStatus.FAILED):
@@ -464,8 +486,12 @@ class Scheduler:
         Let the next run send the removals the mass-removal guard held back;
         the run happens now.
         """
+        record = self.storage.get_sync(sync_id)
         return self._change(
-            sync_id, guard_released=True, next_due=self._now(), next_trigger=Trigger.MANUAL
+            sync_id,
+            guard_released=True,
+            next_due=self._due_now(record),
+            next_trigger=self._host_trigger(record),
         )
 
     def delete_sync(self, sync_id: str) -> Sync:
@@ -485,7 +511,7 @@ class Scheduler:
                 sync_id,
                 status=SyncStatus.ACTIVE,
                 status_reason="deleting: removing delivered members",
-                next_due=self._now(),
+                next_due=self._due_now(record),
                 next_trigger=Trigger.TEARDOWN,
                 slot_bucket=None,
             )
@@ -711,5 +737,6 @@ class Scheduler:
         self.storage.close()
 
 
+_TICK = timedelta(microseconds=1)
 _SYNC_FIELDS = frozenset({"status", "status_reason", "guard_released", "effective_cadence"})
 _IDENTITY = IdentifierMapping.identity()

@@ -1,0 +1,213 @@
+"""
+Tests for the diff strategies in cohortsync._diff: set diff, streaming merge
+diff for sorted sources, and change-feed diff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import cast
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cohortsync import CallableSource, Changes
+from cohortsync._diff import MAX_KEY_LENGTH, Diff, chunks, diff_changes, diff_snapshot
+from cohortsync.exceptions import SourceError
+from strategies import member_keys
+
+
+def snapshot(
+    members: Iterable[object],
+    delivered: Iterable[str],
+    *,
+    sorted_keys: bool,
+    keep_existing: bool = False,
+    exclude: frozenset[str] = frozenset(),
+) -> Diff:
+    keys = list(members)
+    held = sorted(set(delivered))
+    source = CallableSource(lambda: cast("list[str]", keys), sorted_keys=sorted_keys)
+    return diff_snapshot(
+        source, "c", iter(held), len(held), keep_existing=keep_existing, exclude=exclude
+    )
+
+
+def outcome(diff: Diff) -> tuple[object, ...]:
+    return (
+        diff.adds,
+        diff.removes,
+        diff.existing,
+        diff.size,
+        diff.delivered,
+        # Distinct invalid keys: the set diff sees a repeated invalid key
+        # once, a streaming read each time it is yielded.
+        sorted(set(diff.invalid)),
+    )
+
+
+class _Feed:
+    def __init__(self, changes: Changes) -> None:
+        self.changes = changes
+
+    def cursor(self) -> str:
+        return "now"
+
+    def changes_since(self, cursor: str) -> Changes:
+        return self.changes
+
+
+class TestSnapshotDiff:
+    """
+    The set diff and the merge diff of a sorted source agree on everything.
+    """
+
+    @given(
+        current=st.frozensets(member_keys()),
+        delivered=st.frozensets(member_keys()),
+        keep_existing=st.booleans(),
+        exclude=st.frozensets(member_keys(), max_size=3),
+        junk=st.lists(st.sampled_from([None, 7, "", "x" * (MAX_KEY_LENGTH + 1)]), max_size=3),
+        data=st.data(),
+    )
+    def test_merge_diff_equals_set_diff(
+        self,
+        *,
+        current: frozenset[str],
+        delivered: frozenset[str],
+        keep_existing: bool,
+        exclude: frozenset[str],
+        junk: list[object],
+        data: st.DataObject,
+    ) -> None:
+        """Any cohort, any delivered state, invalid keys anywhere: both diffs say the same."""
+        ascending: list[object] = [*sorted(current)]
+        for key in junk:
+            ascending.insert(data.draw(st.integers(0, len(ascending))), key)
+        shuffled = data.draw(st.permutations(ascending))
+
+        merged = snapshot(
+            ascending, delivered, sorted_keys=True, keep_existing=keep_existing, exclude=exclude
+        )
+        hashed = snapshot(
+            shuffled, delivered, sorted_keys=False, keep_existing=keep_existing, exclude=exclude
+        )
+
+        assert outcome(hashed) == outcome(merged)
+        assert sorted(current - delivered - exclude) == merged.adds
+        assert sorted(delivered - current) == merged.removes
+        assert (sorted(current & delivered) if keep_existing else None) == merged.existing
+        assert len(current) == merged.size
+
+    def test_duplicates_count_once(self) -> None:
+        """A key yielded twice is one member, in both strategies."""
+        for sorted_keys in (True, False):
+            diff = snapshot(["a", "a", "b", "b", "b"], [], sorted_keys=sorted_keys)
+            assert (["a", "b"], 2, []) == (diff.adds, diff.size, diff.invalid)
+
+    def test_invalid_keys_are_reported_with_reasons(self) -> None:
+        """None, ints, '' and over-long keys are skipped with a reason each."""
+        diff = snapshot(["ok", None, 3, "", "y" * 2_000], [], sorted_keys=False)
+
+        assert ["ok"] == diff.adds
+        assert [
+            ("", "invalid_key: empty"),
+            ("3", "invalid_key: not a str (int)"),
+            ("None", "invalid_key: not a str (NoneType)"),
+            ("y" * 97 + "...", f"invalid_key: longer than {MAX_KEY_LENGTH} characters"),
+        ] == sorted(diff.invalid)
+
+    @pytest.mark.parametrize("sorted_keys", [True, False])
+    def test_str_subclass_keys_are_valid_whatever_else_the_source_yields(
+        self, sorted_keys: bool
+    ) -> None:
+        """A key of a str subclass is a member, with or without invalid keys beside it."""
+
+        class Key(str):
+            __slots__ = ()
+
+        clean = snapshot([Key("a"), "b"], [], sorted_keys=sorted_keys)
+        mixed = snapshot([Key("a"), "b", None], [], sorted_keys=sorted_keys)
+
+        assert (["a", "b"], []) == (clean.adds, clean.invalid)
+        assert (["a", "b"], [("None", "invalid_key: not a str (NoneType)")]) == (
+            mixed.adds,
+            mixed.invalid,
+        )
+
+    def test_an_empty_source_is_flagged(self) -> None:
+        """Zero valid members is what the mass-removal guard looks for."""
+        assert snapshot([None], ["a"], sorted_keys=False).source_empty
+        assert not snapshot(["a"], ["a"], sorted_keys=True).source_empty
+
+    def test_a_sorted_source_out_of_order_raises(self) -> None:
+        """Breaking the sorted promise is a SourceError, not a wrong diff."""
+        with pytest.raises(SourceError, match="out of order"):
+            snapshot(["a", "c", "b"], [], sorted_keys=True)
+
+    @pytest.mark.parametrize("sorted_keys", [True, False])
+    def test_a_source_raising_midway_is_a_source_error(self, sorted_keys: bool) -> None:
+        """An exception from the host's iterator becomes a SourceError naming it."""
+
+        def members() -> Iterator[str]:
+            yield "a"
+            raise ConnectionError("gone")
+
+        source = CallableSource(members, sorted_keys=sorted_keys)
+
+        with pytest.raises(SourceError, match="ConnectionError: gone") as info:
+            diff_snapshot(source, "c", iter([]), 0, keep_existing=False)
+        assert "c" == info.value.cohort_id
+
+
+class TestChangeDiff:
+    """
+    A change feed is checked against the delivered state, key by key.
+    """
+
+    def test_only_undelivered_adds_and_delivered_removes_are_sent(self) -> None:
+        """Re-reading a window re-sends nothing already delivered."""
+        feed = _Feed(Changes(("a", "b", "dead"), ("c", "d"), "next"))
+        delivered = {"b", "c"}
+
+        diff = diff_changes(
+            feed, "c", "prev", lambda keys: set(keys) & delivered, 2, exclude={"dead"}
+        )
+
+        assert (["a"], ["c"], "next", None) == (
+            diff.adds,
+            diff.removes,
+            diff.feed_cursor,
+            diff.size,
+        )
+
+    def test_a_key_both_entered_and_left_is_an_error(self) -> None:
+        """Feeds must report net changes."""
+        feed = _Feed(Changes(("a",), ("a",), "next"))
+
+        with pytest.raises(SourceError, match="both entered and left"):
+            diff_changes(feed, "c", "prev", set, 0)
+
+    def test_invalid_changed_keys_are_reported(self) -> None:
+        """Invalid keys in a feed are skipped with a reason, like in a snapshot."""
+        feed = _Feed(Changes(("a", ""), (), "next"))
+
+        diff = diff_changes(feed, "c", "prev", lambda keys: set(), 0)
+
+        assert (["a"], [("", "invalid_key: empty")]) == (diff.adds, diff.invalid)
+
+
+class TestChunks:
+    """
+    Batches are consecutive slices of at most the batch size.
+    """
+
+    @given(items=st.lists(member_keys()), size=st.integers(1, 10))
+    def test_chunks_partition_in_order(self, items: list[str], size: int) -> None:
+        """Concatenated, the chunks are the input; all but the last are full."""
+        parts = list(chunks(items, size))
+
+        assert items == [k for part in parts for k in part]
+        assert all(len(part) == size for part in parts[:-1])
+        assert all(0 < len(part) <= size for part in parts)
