@@ -4,6 +4,7 @@ The Scheduler: when syncs run, the sync life cycle, leases and missed runs.
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime, timedelta, timezone
 
 import attrs
@@ -99,7 +100,7 @@ class TestFirstRun:
             env.clock.set(due)
             starts.append(env.scheduler.run_due()[0].started_at)
 
-        assert [DAY] * 4 == [b - a for a, b in zip(starts, starts[1:])]
+        assert [DAY] * 4 == [b - a for a, b in itertools.pairwise(starts)]
 
     def test_one_time_runs_once_then_completes(self, env: Env) -> None:
         """A one-time sync runs once, as soon as possible, then is completed."""
@@ -127,7 +128,7 @@ class TestFirstRun:
             env.scheduler.run_due()
 
         assert [0, 0, 0] == [s.second for s in slots]
-        assert [timedelta(minutes=1)] * 2 == [b - a for a, b in zip(slots, slots[1:])]
+        assert [timedelta(minutes=1)] * 2 == [b - a for a, b in itertools.pairwise(slots)]
 
 
 class TestSlotOffsets:
@@ -283,7 +284,7 @@ class TestLifeCycle:
         assert [cs.Trigger.MANUAL] == [r.trigger for r in env.scheduler.run_due()]
 
     def test_sync_now_runs_immediately_and_keeps_the_slot(self, env: Env) -> None:
-        """"Sync now" runs at once and then returns to the slot grid."""
+        """ "Sync now" runs at once and then returns to the slot grid."""
         env.create(cs.SyncPolicy.daily())
         env.scheduler.run_due()
         slot = env.scheduler.next_run("s1")
@@ -311,7 +312,9 @@ class TestLifeCycle:
         e.scheduler.add_mapping(
             "hashed", cs.IdentifierMapping([(cs.IdentifierKind.EMAIL_SHA256, lambda k: k)])
         )
-        e.scheduler.create_sync("c1", "dest", cs.SyncPolicy.hourly(), sync_id="s1", mapping_id="hashed")
+        e.scheduler.create_sync(
+            "c1", "dest", cs.SyncPolicy.hourly(), sync_id="s1", mapping_id="hashed"
+        )
 
         with pytest.raises(exceptions.IneligibleSyncError) as info:
             e.scheduler.update_sync("s1", cs.SyncPolicy.realtime())
@@ -372,7 +375,7 @@ class TestQueries:
         upcoming = env.scheduler.upcoming(env.clock.now() + timedelta(hours=5))
 
         assert 5 == len(upcoming)
-        assert [HOUR] * 4 == [b.at - a.at for a, b in zip(upcoming, upcoming[1:])]
+        assert [HOUR] * 4 == [b.at - a.at for a, b in itertools.pairwise(upcoming)]
 
     def test_preview_counts_without_sending(self, env: Env) -> None:
         """preview() reports adds and removes and sends nothing."""
@@ -444,3 +447,37 @@ class TestRecommend:
             env.clock.advance(timedelta(minutes=1))
 
         assert env.scheduler.recommend("s1") is None
+
+
+class TestLongWaits:
+    def test_a_long_rate_limit_wait_keeps_the_lease(self) -> None:
+        """During a 15-minute Retry-After wait no other worker can take the run over."""
+        storage = MemoryStorage()
+        grabbed: list[list[cs.Lease]] = []
+
+        class WatchedClock(FakeClock):
+            def sleep(self, seconds: float) -> None:
+                super().sleep(seconds)
+                # Another worker looks for due work at the end of the wait,
+                # before this worker wakes up.
+                grabbed.append(storage.claim_due(self.now(), "other", timedelta(minutes=5), 10))
+
+        class Throttled(RecordingDestination):
+            calls = 0
+
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                self.calls += 1
+                if self.calls == 1:
+                    raise exceptions.RateLimitedError("slow down", retry_after=900)
+                return super().add(batch)
+
+        clock = WatchedClock(datetime(2030, 1, 1, tzinfo=timezone.utc))
+        scheduler = cs.Scheduler(storage, clock=clock, seed=0)
+        scheduler.add_destination("dest", Throttled())
+        scheduler.add_cohort(cs.Cohort(id="c1", name="C", source=Members()))
+        scheduler.create_sync("c1", "dest", cs.SyncPolicy.hourly(), sync_id="s1")
+
+        runs = scheduler.run_due()
+
+        assert [[]] == grabbed
+        assert [cs.RunStatus.SUCCEEDED] == [r.status for r in runs]

@@ -76,9 +76,14 @@ def _cmd_syncs(args: argparse.Namespace, out: TextIO) -> int:
             json.dump([unstructure(s) for s in scheduler.syncs()], out, indent=2)
             out.write("\n")
             return 0
-        print(f"{'sync':<24} {'cohort':<16} {'destination':<14} {'cadence':<9} {'status':<9} gen", file=out)
+        print(
+            f"{'sync':<24} {'cohort':<16} {'destination':<14} {'cadence':<9} {'status':<9} gen",
+            file=out,
+        )
         for row in rows:
-            print(f"{row[0]:<24} {row[1]:<16} {row[2]:<14} {row[3]:<9} {row[4]:<9} {row[5]}", file=out)
+            print(
+                f"{row[0]:<24} {row[1]:<16} {row[2]:<14} {row[3]:<9} {row[4]:<9} {row[5]}", file=out
+            )
         if not rows:
             print("(no syncs)", file=out)
     finally:
@@ -109,7 +114,10 @@ def _cmd_upcoming(args: argparse.Namespace, out: TextIO) -> int:
         until = scheduler.clock.now() + timedelta(hours=args.hours)
         upcoming = scheduler.upcoming(until)
         for item in upcoming[: args.limit]:
-            print(f"{item.at:%Y-%m-%d %H:%M:%S} UTC  {item.sync_id:<24} {item.trigger.value}", file=out)
+            print(
+                f"{item.at:%Y-%m-%d %H:%M:%S} UTC  {item.sync_id:<24} {item.trigger.value}",
+                file=out,
+            )
         if len(upcoming) > args.limit:
             print(f"... {len(upcoming) - args.limit} more", file=out)
         if not upcoming:
@@ -123,12 +131,13 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     cohort = Cohort(id="cohort", name="cohort", type=CohortType(args.cohort_type), size=args.size)
     policy = SyncPolicy(cadence=Cadence(args.cadence))
     caps = catalog.get(args.destination)
-    result = check_eligibility(
-        cohort, caps, policy, identifier_kinds=args.identifier or None
-    )
+    result = check_eligibility(cohort, caps, policy, identifier_kinds=args.identifier or None)
     verdict = "eligible" if result.eligible else "NOT eligible"
-    print(f"{args.cohort_type} cohort ({args.size if args.size is not None else 'unknown'} members) "
-          f"-> {caps.name}, {args.cadence}: {verdict}", file=out)
+    print(
+        f"{args.cohort_type} cohort ({args.size if args.size is not None else 'unknown'} members) "
+        f"-> {caps.name}, {args.cadence}: {verdict}",
+        file=out,
+    )
     for reason in result.reasons:
         print(f"  [{reason.severity.value}] {reason.code}: {reason.message}", file=out)
     return 0 if result.eligible else EXIT_ERROR
@@ -146,7 +155,12 @@ def _load_app(spec: str) -> Scheduler:
         target = getattr(module, attribute)
     except AttributeError:
         raise _CliError(f"module {module_name!r} has no attribute {attribute!r}") from None
-    app = target() if callable(target) and not isinstance(target, Scheduler) else target
+    app = target
+    if callable(target) and not isinstance(target, Scheduler):
+        try:
+            app = target()
+        except Exception as e:
+            raise _CliError(f"calling {spec} failed: {type(e).__name__}: {e}") from e
     if not isinstance(app, Scheduler):
         raise _CliError(f"{spec} is a {type(app).__name__}, not a cohortsync.Scheduler")
     return app
@@ -158,7 +172,9 @@ def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     stop = threading.Event()
 
     def handle(signum: int, _frame: FrameType | None) -> None:
-        print(f"cohortsync worker: received signal {signum}, stopping after the current run", file=out)
+        print(
+            f"cohortsync worker: received signal {signum}, stopping after the current run", file=out
+        )
         stop.set()
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}

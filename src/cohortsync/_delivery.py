@@ -141,23 +141,56 @@ class BatchSender:
     retry: RetryPolicy
     clock: Clock
     limiter: RateLimiter | None
-    keep_alive: Callable[[], None]
+    keep_alive: Callable[[float], None]
+    """Renew the run's lease so it outlasts the given number of seconds."""
     rng: random.Random
     retries: int = 0
     _lock: threading.Lock = attrs.Factory(threading.Lock)
+
+    def _attempt(self, batch: Batch) -> DeliveryResult:
+        """
+        One call to the adapter, with anything it raises mapped to the library's
+        errors: the engine never guesses from messages.
+        """
+        try:
+            if batch.operation is Operation.REMOVE:
+                result = self.destination.remove(batch)
+            else:
+                result = self.destination.add(batch)
+        except DeliveryError:
+            raise
+        except (TimeoutError, ConnectionError) as e:
+            raise TransientError(f"{type(e).__name__}: {e}") from e
+        except Exception as e:
+            # An adapter bug is not a reason to retry forever or to guess.
+            raise PermanentError(
+                f"{type(self.destination).__name__} raised {type(e).__name__}: {e}"
+            ) from e
+        if not isinstance(result, DeliveryResult):
+            raise PermanentError(
+                f"{type(self.destination).__name__}.{batch.operation.value}() returned "
+                f"{type(result).__name__}, not DeliveryResult"
+            )
+        return result
+
+    def _wait(self, seconds: float) -> None:
+        """
+        Sleep on the clock, first extending the lease to cover the wait: a long
+        rate-limit pause must not let another worker take the run over.
+        """
+        if seconds > 0:
+            self.keep_alive(seconds)
+            self.clock.sleep(seconds)
 
     def _call(self, batch: Batch) -> DeliveryResult:
         attempt = 0
         rate_waits = 0
         while True:
-            self.keep_alive()
+            self.keep_alive(0.0)
             if self.limiter is not None:
-                self.limiter.acquire()
+                self._wait(self.limiter.reserve())
             try:
-                if batch.operation is Operation.REMOVE:
-                    result = self.destination.remove(batch)
-                else:
-                    result = self.destination.add(batch)
+                return self._attempt(batch)
             except RateLimitedError as e:
                 rate_waits += 1
                 if rate_waits > MAX_RATE_LIMIT_WAITS:
@@ -166,17 +199,13 @@ class BatchSender:
                 if wait_for is None:
                     wait_for = self.retry.delay(min(rate_waits - 1, 6), self.rng.random())
                 log.info("rate limited on batch %s; waiting %.1fs", batch.sequence, wait_for)
-                self.clock.sleep(wait_for)
-                continue
-            except (TransientError, TimeoutError, ConnectionError) as e:
+                self._wait(wait_for)
+            except TransientError as e:
                 if attempt >= self.retry.max_retries:
-                    if isinstance(e, TransientError):
-                        raise
-                    raise TransientError(f"{type(e).__name__}: {e}") from e
+                    raise
                 delay = self.retry.delay(attempt, self.rng.random())
-                retry_after = getattr(e, "retry_after", None)
-                if retry_after is not None:
-                    delay = max(delay, retry_after)
+                if e.retry_after is not None:
+                    delay = max(delay, e.retry_after)
                 attempt += 1
                 with self._lock:
                     self.retries += 1
@@ -187,21 +216,7 @@ class BatchSender:
                     attempt,
                     delay,
                 )
-                self.clock.sleep(delay)
-                continue
-            except DeliveryError:
-                raise
-            except Exception as e:
-                # An adapter bug is not a reason to retry forever or to guess.
-                raise PermanentError(
-                    f"{type(self.destination).__name__} raised {type(e).__name__}: {e}"
-                ) from e
-            if not isinstance(result, DeliveryResult):
-                raise PermanentError(
-                    f"{type(self.destination).__name__}.{batch.operation.value}() returned "
-                    f"{type(result).__name__}, not DeliveryResult"
-                )
-            return result
+                self._wait(delay)
 
     def send(self, batch: Batch) -> list[Acked]:
         """

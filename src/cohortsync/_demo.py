@@ -53,7 +53,7 @@ class _Receiver:
 
 def _serve(receiver: _Receiver) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             with receiver.lock:
                 if self.path in receiver.failing:
@@ -173,6 +173,95 @@ def _table(runs: list[SyncRun]) -> list[str]:
     return lines
 
 
+_PLANS = [
+    ("power-users-hourly", "power-users", "webhook", SyncPolicy.hourly()),
+    ("churn-risk-daily-s3", "churn-risk", "s3-export", SyncPolicy.daily()),
+    (
+        "churn-risk-crm",
+        "churn-risk",
+        "crm",
+        SyncPolicy.hourly(retry=RetryPolicy(max_retries=3, initial=5.0)),
+    ),
+    ("newsletter-realtime", "newsletter", "webhook", SyncPolicy.realtime()),
+    ("vip-once", "vip", "crm", SyncPolicy.one_time()),
+]
+"""The demo's syncs: (sync id, cohort, destination, policy)."""
+
+_COHORTS = [
+    (Cohort(id="power-users", name="Power users", type=CohortType.BEHAVIORAL), "power"),
+    (Cohort(id="churn-risk", name="Churn risk", type=CohortType.PREDICTIVE), "churn_risk"),
+    (Cohort(id="newsletter", name="Newsletter readers", type=CohortType.BEHAVIORAL), "newsletter"),
+    (Cohort(id="vip", name="VIP upload", type=CohortType.STATIC), "vip"),
+]
+
+
+def _setup(scheduler: Scheduler, world: _World, base: str, workdir: Path) -> None:
+    clock = world.clock
+    scheduler.add_destination("webhook", WebhookDestination(f"{base}/audiences", clock=clock))
+    scheduler.add_destination(
+        "crm",
+        WebhookDestination(
+            f"{base}/crm", headers={"Authorization": "Bearer demo-secret"}, clock=clock
+        ),
+    )
+    scheduler.add_destination("s3-export", CsvDirectoryDestination(workdir / "s3"))
+    for cohort, attribute in _COHORTS:
+        scheduler.add_cohort(attrs.evolve(cohort, source=world.source(attribute)))
+    for sync_id, cohort_id, destination_id, policy in _PLANS:
+        scheduler.create_sync(cohort_id, destination_id, policy, sync_id=sync_id)
+
+
+def _simulate(
+    scheduler: Scheduler, clock: FakeClock, receiver: _Receiver, hours: int, out: TextIO | None
+) -> int:
+    """
+    Run due syncs, jumping the fake clock from one due instant to the next;
+    the CRM endpoint fails during the outage window. Returns the run count.
+    """
+    end = START + timedelta(hours=hours)
+    total = 0
+    while clock.now() < end:
+        offset = clock.now() - START
+        with receiver.lock:
+            if OUTAGE[0] <= offset < OUTAGE[1]:
+                receiver.failing.add("/crm")
+            else:
+                receiver.failing.discard("/crm")
+        total += len(scheduler.run_due())
+        due = [d for s in scheduler.syncs() if (d := scheduler.next_run(s.id)) is not None]
+        clock.set(max(clock.now(), min([*due, end])))
+        if out is not None:
+            _progress(out, min(1.0, (clock.now() - START) / (end - START)), clock.now(), total)
+    if out is not None:
+        out.write("\n")
+    return total
+
+
+def _report(scheduler: Scheduler, out: TextIO) -> None:
+    for sync_id, cohort_id, destination_id, policy in _PLANS:
+        runs = list(reversed(scheduler.history(sync_id)))
+        sync = scheduler.get_sync(sync_id)
+        statuses: dict[str, int] = {}
+        for r in runs:
+            statuses[r.status.value] = statuses.get(r.status.value, 0) + 1
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+        print(
+            f"{sync_id}: {cohort_id} -> {destination_id}, {policy.cadence.value}, "
+            f"now {sync.status.value}; {len(runs)} runs ({summary}); "
+            f"destination holds {scheduler.storage.count_delivered(sync_id)} members",
+            file=out,
+        )
+        shown = _interesting(runs)
+        for line in _table(shown):
+            print(line, file=out)
+        if len(shown) < len(runs):
+            print(f"  ({len(runs) - len(shown)} more ordinary runs not shown)", file=out)
+        advice = scheduler.recommend(sync_id)
+        if advice is not None:
+            print(f"  advice: {advice.message}", file=out)
+        print(file=out)
+
+
 def run_demo(
     *,
     directory: Path | None = None,
@@ -199,90 +288,15 @@ def run_demo(
     storage = SQLiteStorage(db)
     try:
         scheduler = Scheduler(storage, clock=clock, seed=seed)
-        scheduler.add_destination("webhook", WebhookDestination(f"{base}/audiences", clock=clock))
-        scheduler.add_destination(
-            "crm",
-            WebhookDestination(
-                f"{base}/crm", headers={"Authorization": "Bearer demo-secret"}, clock=clock
-            ),
-        )
-        scheduler.add_destination("s3-export", CsvDirectoryDestination(workdir / "s3"))
-        cohorts = [
-            Cohort(id="power-users", name="Power users", type=CohortType.BEHAVIORAL),
-            Cohort(id="churn-risk", name="Churn risk", type=CohortType.PREDICTIVE),
-            Cohort(id="newsletter", name="Newsletter readers", type=CohortType.BEHAVIORAL),
-            Cohort(id="vip", name="VIP upload", type=CohortType.STATIC),
-        ]
-        sources = {
-            "power-users": "power",
-            "churn-risk": "churn_risk",
-            "newsletter": "newsletter",
-            "vip": "vip",
-        }
-        for cohort in cohorts:
-            scheduler.add_cohort(attrs.evolve(cohort, source=world.source(sources[cohort.id])))
-        quick_retry = RetryPolicy(max_retries=3, initial=5.0)
-        plans = [
-            ("power-users-hourly", "power-users", "webhook", SyncPolicy.hourly()),
-            ("churn-risk-daily-s3", "churn-risk", "s3-export", SyncPolicy.daily()),
-            ("churn-risk-crm", "churn-risk", "crm", SyncPolicy.hourly(retry=quick_retry)),
-            ("newsletter-realtime", "newsletter", "webhook", SyncPolicy.realtime()),
-            ("vip-once", "vip", "crm", SyncPolicy.one_time()),
-        ]
-        for sync_id, cohort_id, destination_id, policy in plans:
-            scheduler.create_sync(cohort_id, destination_id, policy, sync_id=sync_id)
-
-        print(f"cohortsync demo: a simulated day of {len(plans)} syncs", file=out)
+        _setup(scheduler, world, base, workdir)
+        print(f"cohortsync demo: a simulated day of {len(_PLANS)} syncs", file=out)
         print(f"  store:        {db}", file=out)
         print(f"  webhooks:     {base} (local HTTP server)", file=out)
         print(f"  S3-style CSV: {workdir / 's3'}", file=out)
-        print(
-            f"  outage:       the CRM endpoint answers 503 from "
-            f"{OUTAGE[0].seconds // 3600:02d}:00 to 08:30",
-            file=out,
-        )
-        end = START + timedelta(hours=hours)
-        total = 0
-        while clock.now() < end:
-            offset = clock.now() - START
-            with receiver.lock:
-                if OUTAGE[0] <= offset < OUTAGE[1]:
-                    receiver.failing.add("/crm")
-                else:
-                    receiver.failing.discard("/crm")
-            total += len(scheduler.run_due())
-            due = [d for s in scheduler.syncs() if (d := scheduler.next_run(s.id)) is not None]
-            nxt = min([*due, end])
-            if nxt > clock.now():
-                clock.set(nxt)
-            if show_progress:
-                _progress(out, min(1.0, (clock.now() - START) / (end - START)), clock.now(), total)
-        if show_progress:
-            out.write("\n")
-
+        print("  outage:       the CRM endpoint answers 503 from 06:00 to 08:30", file=out)
+        total = _simulate(scheduler, clock, receiver, hours, out if show_progress else None)
         print(f"\n{total} runs in {hours} simulated hours.\n", file=out)
-        for sync_id, cohort_id, destination_id, policy in plans:
-            runs = list(reversed(scheduler.history(sync_id)))
-            sync = scheduler.get_sync(sync_id)
-            statuses: dict[str, int] = {}
-            for r in runs:
-                statuses[r.status.value] = statuses.get(r.status.value, 0) + 1
-            summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
-            print(
-                f"{sync_id}: {cohort_id} -> {destination_id}, {policy.cadence.value}, "
-                f"now {sync.status.value}; {len(runs)} runs ({summary}); "
-                f"destination holds {storage.count_delivered(sync_id)} members",
-                file=out,
-            )
-            shown = _interesting(runs)
-            for line in _table(shown):
-                print(line, file=out)
-            if len(shown) < len(runs):
-                print(f"  ({len(runs) - len(shown)} more ordinary runs not shown)", file=out)
-            advice = scheduler.recommend(sync_id)
-            if advice is not None:
-                print(f"  advice: {advice.message}", file=out)
-            print(file=out)
+        _report(scheduler, out)
         with receiver.lock:
             received = {path: len(msgs) for path, msgs in receiver.messages.items()}
         print(

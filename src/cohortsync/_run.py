@@ -119,11 +119,16 @@ class _Lease:
         self.env = env
         self.current = lease
 
-    def keep_alive(self) -> None:
-        remaining = self.current.expires_at - self.env.clock.now()
-        if remaining < self.env.lease_for / 2:
+    def keep_alive(self, seconds: float = 0.0) -> None:
+        """
+        Extend the lease if it would not outlast the next *seconds* plus half
+        a lease: progress (or a deliberate wait) must never look like a crash.
+        """
+        needed = timedelta(seconds=seconds)
+        now = self.env.clock.now()
+        if self.current.expires_at - now < self.env.lease_for / 2 + needed:
             self.current = self.env.storage.extend_lease(
-                self.current, self.env.clock.now(), self.env.lease_for
+                self.current, now, self.env.lease_for + needed
             )
 
 

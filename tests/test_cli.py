@@ -1,0 +1,184 @@
+"""
+The command line: the demo, the store commands, eligibility checks and the worker.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from cohortsync._cli import main
+
+
+def run_cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(list(argv), out=out)
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    directory = tmp_path_factory.mktemp("demo")
+    code, out = run_cli("demo", "--dir", str(directory), "--hours", "10", "--no-progress")
+    assert 0 == code
+    return directory, out
+
+
+class TestDemo:
+    def test_prints_a_history_with_the_outage_and_the_recovery(
+        self, demo: tuple[Path, str]
+    ) -> None:
+        """The demo's history shows the CRM failing during its outage, then succeeding."""
+        _, out = demo
+        crm = out.split("churn-risk-crm:")[1].split("\n\n")[0]
+
+        assert "failed" in crm
+        assert "TransientError" in crm
+        last = [line for line in crm.splitlines() if "scheduled" in line][-1]
+        assert "succeeded" in last
+
+    def test_every_sync_ran_and_one_time_completed(self, demo: tuple[Path, str]) -> None:
+        """Each planned sync appears with runs; the one-time sync is completed."""
+        _, out = demo
+        for sync_id in ("power-users-hourly", "churn-risk-daily-s3", "newsletter-realtime"):
+            assert f"{sync_id}:" in out
+        assert "vip-once: vip -> crm, one_time, now completed; 1 runs (1 succeeded)" in out
+
+    def test_writes_s3_style_files(self, demo: tuple[Path, str]) -> None:
+        """The CSV-directory destination published entering/exiting/existing files."""
+        directory, out = demo
+        assert "latest S3-style export: entering:" in out
+        assert list((directory / "s3").rglob("existing.csv"))
+
+    def test_the_secret_header_never_shows(self, demo: tuple[Path, str]) -> None:
+        """The CRM's Authorization header appears nowhere in the output."""
+        _, out = demo
+        assert "demo-secret" not in out
+
+
+class TestStoreCommands:
+    def test_syncs_lists_the_demo_syncs(self, demo: tuple[Path, str]) -> None:
+        """`syncs` lists every sync in the store."""
+        directory, _ = demo
+        code, out = run_cli("syncs", "--db", str(directory / "cohortsync.db"))
+        assert 0 == code
+        assert 5 == sum(1 for line in out.splitlines() if "-" in line.split()[0])
+
+    def test_history_shows_runs_newest_first(self, demo: tuple[Path, str]) -> None:
+        """`history SYNC` prints the runs table; --json prints the export."""
+        directory, _ = demo
+        db = str(directory / "cohortsync.db")
+        code, out = run_cli("history", "churn-risk-crm", "--db", db, "--limit", "3")
+        assert 0 == code
+        assert 3 == sum(1 for line in out.splitlines() if "scheduled" in line)
+        code, out = run_cli("history", "churn-risk-crm", "--db", db, "--json")
+        assert 0 == code
+        assert '"members": []' in out
+
+    def test_unknown_sync_is_an_error(self, demo: tuple[Path, str]) -> None:
+        """An unknown sync id exits non-zero with a message."""
+        directory, _ = demo
+        code, _ = run_cli("history", "nope", "--db", str(directory / "cohortsync.db"))
+        assert 1 == code
+
+    def test_missing_store_is_a_usage_error(self, tmp_path: Path) -> None:
+        """A store path that does not exist exits 2 and creates nothing."""
+        missing = tmp_path / "missing.db"
+        code, _ = run_cli("syncs", "--db", str(missing))
+        assert 2 == code
+        assert not missing.exists()
+
+    def test_upcoming_lists_due_runs(self, demo: tuple[Path, str]) -> None:
+        """`upcoming` lists runs ahead (the demo's simulated day lies in 2030)."""
+        directory, _ = demo
+        db = str(directory / "cohortsync.db")
+        code, out = run_cli("upcoming", "--db", db, "--hours", "100000", "--limit", "5000")
+        assert 0 == code
+        assert "power-users-hourly" in out
+
+
+class TestCheck:
+    def test_eligible(self) -> None:
+        """An eligible combination exits 0."""
+        code, out = run_cli("check", "--destination", "braze", "--cadence", "realtime")
+        assert 0 == code
+        assert ": eligible" in out
+
+    def test_ineligible_lists_every_reason(self) -> None:
+        """An ineligible combination exits 1 and prints each reason code."""
+        code, out = run_cli(
+            "check",
+            "--destination", "facebook_ads",
+            "--cadence", "realtime",
+            "--cohort-type", "funnel",
+            "--size", "2000000",
+        )  # fmt: skip
+        assert 1 == code
+        for reason in ("realtime_size_limit", "realtime_cohort_type", "realtime_destination"):
+            assert reason in out
+
+    def test_bad_arguments_exit_2(self) -> None:
+        """An unknown cadence is a usage error."""
+        with pytest.raises(SystemExit) as info:
+            run_cli("check", "--destination", "braze", "--cadence", "weekly")
+        assert 2 == info.value.code
+
+
+class TestWorker:
+    def test_runs_a_host_scheduler_and_stops_on_sigterm(self, tmp_path: Path) -> None:
+        """`worker --app` runs the host's scheduler in a loop and exits cleanly on SIGTERM."""
+        (tmp_path / "hostapp.py").write_text(
+            textwrap.dedent(
+                """
+                import cohortsync as cs
+                from cohortsync.sqlite import SQLiteStorage
+                from cohortsync.testing import RecordingDestination
+
+                def make():
+                    scheduler = cs.Scheduler(SQLiteStorage("worker.db"))
+                    scheduler.add_destination("rec", RecordingDestination())
+                    scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["a", "b"]))
+                    if not scheduler.syncs():
+                        scheduler.create_sync("c", "rec", cs.SyncPolicy.hourly(), sync_id="s")
+                    return scheduler
+                """
+            )
+        )
+        env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cohortsync", "worker", "--app", "hostapp:make", "--idle", "1"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                code, out = run_cli("history", "s", "--db", str(tmp_path / "worker.db"))
+                if code == 0 and "succeeded" in out:
+                    break
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            stdout, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert 0 == proc.returncode, stderr
+        assert "cohortsync worker stopped" in stdout
+        assert "succeeded" in out
+
+    def test_bad_app_is_a_usage_error(self) -> None:
+        """An --app that does not name a Scheduler exits 2."""
+        code, _ = run_cli("worker", "--app", "json:dumps")
+        assert 2 == code
