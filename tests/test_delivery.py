@@ -401,14 +401,15 @@ class CrashingStorage(MemoryStorage):
             raise Crash
         return super().count_delivered(sync_id)
 
-    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> None:
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         n = self._call("apply_batch")
         if self._dies("apply_batch", n, after=False):
             self.crashed_key = batch.idempotency_key
             raise Crash
-        super().apply_batch(lease, batch)
+        version = super().apply_batch(lease, batch)
         if self._dies("apply_batch", n, after=True):
             raise Crash
+        return version
 
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         n = self._call("complete_run")
@@ -491,11 +492,11 @@ class TestCrashRecovery:
             failures: int = 0
             failed_key: str | None = None
 
-            def apply_batch(self, lease: Lease, batch: AppliedBatch) -> None:
+            def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
                 if batch.sequence == 2 and self.failed_key is None:
                     self.failed_key = batch.idempotency_key
                     raise StoreDownError("database went away")
-                super().apply_batch(lease, batch)
+                return super().apply_batch(lease, batch)
 
         storage = FailingStorage()
         h = Harness(clock, keys(10), storage=storage)

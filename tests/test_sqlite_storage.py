@@ -247,6 +247,7 @@ class TestSchemaVersions:
         """
         with SQLiteStorage(path) as old:
             old.create_sync(record())
+        current = len(sqlite_module._MIGRATIONS)
         monkeypatch.setattr(
             sqlite_module,
             "_MIGRATIONS",
@@ -265,8 +266,28 @@ class TestSchemaVersions:
         with raw(path) as conn:
             version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             columns = [row[1] for row in conn.execute("PRAGMA table_info(syncs)")]
-        assert ("2",) == version
+        assert (str(current + 1),) == version
         assert "note" in columns
+
+    def test_version_1_files_gain_delivered_versions(
+        self, path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """
+        A file written by schema 1 opens under schema 2 with its data and a
+        delivered-version token that then changes with each batch.
+        """
+        monkeypatch.setattr(sqlite_module, "_MIGRATIONS", sqlite_module._MIGRATIONS[:1])
+        with SQLiteStorage(path) as old:
+            old.create_sync(record())
+        monkeypatch.undo()
+
+        with SQLiteStorage(path) as new:
+            assert record() == new.get_sync("s1")
+            assert "" == new.delivered_version("s1")
+
+        with raw(path) as conn:
+            version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        assert ("2",) == version
 
     def test_failed_migration_changes_nothing(
         self, path: Path, monkeypatch: pytest.MonkeyPatch
@@ -275,12 +296,13 @@ class TestSchemaVersions:
         A migration step that fails rolls back entirely: no half-migrated file.
         """
         SQLiteStorage(path).close()
+        current = len(sqlite_module._MIGRATIONS)
         monkeypatch.setattr(
             sqlite_module,
             "_MIGRATIONS",
             [
                 *sqlite_module._MIGRATIONS,
-                ("CREATE TABLE added_by_v2 (x)", "THIS IS NOT SQL"),
+                ("CREATE TABLE added_by_next (x)", "THIS IS NOT SQL"),
             ],
         )
 
@@ -290,8 +312,8 @@ class TestSchemaVersions:
         with raw(path) as conn:
             version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-        assert ("1",) == version
-        assert "added_by_v2" not in tables
+        assert (str(current),) == version
+        assert "added_by_next" not in tables
 
     def test_version_zero_is_initialised(self, path: Path) -> None:
         """

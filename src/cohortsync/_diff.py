@@ -25,7 +25,14 @@ import attrs
 from cohortsync._cohort import ChangeFeed, MembershipSource
 from cohortsync.exceptions import InvalidMemberError, SourceError
 
-__all__ = ["MAX_KEY_LENGTH", "Diff", "diff_changes", "diff_snapshot", "shown_key"]
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "Diff",
+    "diff_changes",
+    "diff_snapshot",
+    "diff_with_state",
+    "shown_key",
+]
 
 MAX_KEY_LENGTH = 1_024
 """Longest member key accepted; longer ones are skipped as invalid."""
@@ -270,6 +277,58 @@ def diff_snapshot(
         delivered=delivered_count,
         invalid=invalid,
     )
+
+
+def diff_with_state(
+    source: MembershipSource,
+    cohort_id: str,
+    known: set[str] | None,
+    read_delivered: Callable[[], Iterator[str]],
+    delivered_count: int,
+    *,
+    keep_existing: bool,
+    exclude: set[str] | frozenset[str] = frozenset(),
+) -> tuple[Diff, set[str]]:
+    """
+    Diff the source's snapshot and also return the delivered state as a set,
+    for a worker that keeps it in memory between runs.
+
+    With *known* (the delivered state from memory, still current) the diff is
+    two set differences at C speed and the store is not read at all. Without
+    it the delivered keys are streamed from the store as in
+    :func:`diff_snapshot`, and the state is rebuilt from the source's own
+    strings (``current - adds + removes``) rather than from a second copy of
+    every key: one more set table, not one more million strings.
+
+    Returns:
+        The diff, and the delivered state before the run (*known* itself when
+        given), which the caller then keeps up to date batch by batch.
+    """
+    current, invalid = _read_set(source, cohort_id)
+    size = len(current)
+    existing: list[str] | None
+    if known is not None:
+        adds = sorted(current - known)
+        removes = sorted(known - current)
+        existing = sorted(current & known) if keep_existing else None
+        state = known
+    else:
+        state = set(current)
+        adds, removes, existing = _set_diff(current, read_delivered(), keep_existing=keep_existing)
+        state.difference_update(adds)
+        state.update(removes)
+    del current
+    if exclude:
+        adds = [k for k in adds if k not in exclude]
+    diff = Diff(
+        adds=adds,
+        removes=removes,
+        existing=existing,
+        size=size,
+        delivered=delivered_count,
+        invalid=invalid,
+    )
+    return diff, state
 
 
 def diff_changes(

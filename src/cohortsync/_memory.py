@@ -151,6 +151,7 @@ class MemoryStorage:
     _runs: dict[tuple[str, datetime], SyncRun] = attrs.field(factory=dict, repr=False)
     _batches: list[_Batch] = attrs.field(factory=list, repr=False)
     _issues: dict[str, list[MemberIssue]] = attrs.field(factory=dict, repr=False)
+    _versions: dict[str, str] = attrs.field(factory=dict, repr=False)
     _closed: bool = attrs.field(default=False, repr=False)
 
     def __repr__(self) -> str:
@@ -187,6 +188,7 @@ class MemoryStorage:
             self._syncs.pop(sync_id, None)
             self._leased.discard(sync_id)
             self._delivered.pop(sync_id, None)
+            self._versions.pop(sync_id, None)
             for k in [k for k in self._ledger if k[0] == sync_id]:
                 del self._ledger[k]
 
@@ -347,7 +349,11 @@ class MemoryStorage:
                     out[k] = ident if ident is not None else Identifier(IdentifierKind.USER_ID, k)
             return out
 
-    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> None:
+    def delivered_version(self, sync_id: str) -> str:
+        with self._lock:
+            return self._versions.get(sync_id, "")
+
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         with self._lock:
             self._held(lease)
             state = self._state(lease.sync_id)
@@ -381,6 +387,9 @@ class MemoryStorage:
                     MemberIssue(run_id=batch.run_id, key=k, kind=IssueKind.REJECTED, reason=r)
                     for k, r in batch.rejected
                 )
+            version = secrets.token_hex(8)
+            self._versions[lease.sync_id] = version
+            return version
 
     def record_issues(self, lease: Lease, issues: Sequence[MemberIssue]) -> None:
         with self._lock:

@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 import attrs
 
 from cohortsync import _schedule
+from cohortsync._cache import DeliveredCache
 from cohortsync._clock import Clock
 from cohortsync._cohort import ChangeFeed, Cohort
 from cohortsync._delivery import Acked, BatchSender, RateLimiter, make_batch
@@ -40,7 +41,7 @@ from cohortsync._destination import (
     Operation,
     RunContext,
 )
-from cohortsync._diff import Diff, chunks, diff_changes, diff_snapshot
+from cohortsync._diff import Diff, chunks, diff_changes, diff_snapshot, diff_with_state
 from cohortsync._eligibility import Eligibility, Ruleset, check_eligibility
 from cohortsync._events import (
     BatchDelivered,
@@ -98,6 +99,7 @@ class RunEnvironment:
     mapping: Callable[[str | None], IdentifierMapping]
     limiter: Callable[[str, Capabilities], RateLimiter | None]
     rng: random.Random
+    cache: DeliveredCache | None = None
 
 
 @attrs.define
@@ -195,6 +197,10 @@ class _Run:
         # The definition as the eligibility re-check left it (fallback to
         # hourly, back to real-time, paused): kept even if delivery then fails.
         self.rechecked = self.sync
+        # The delivered state mirrored in memory while it is known exactly,
+        # and its version token: kept in the environment's cache after the run.
+        self.state: set[str] | None = None
+        self.version = ""
 
     # -- the run ---------------------------------------------------------------
 
@@ -238,9 +244,40 @@ class _Run:
             error = e
         if error is not None:
             status, new_sync = self._failed(error)
+        self._keep_state()
         return self._complete(
             trigger, status, error, new_sync, feed_cursor=feed_cursor, full_done=full_done
         )
+
+    def _keep_state(self) -> None:
+        cache = self.env.cache
+        if cache is None:
+            return
+        if self.state is None:
+            cache.drop(self.sync.id)
+        else:
+            cache.put(self.sync.id, self.version, self.state)
+
+    def _apply(self, batch: AppliedBatch) -> None:
+        """
+        Apply one batch to the store and mirror it into the in-memory state.
+        If the store call fails, the outcome is unknown: forget the mirror.
+        """
+        try:
+            # A host store written before apply_batch returned a version may
+            # return None: then the mirror cannot be trusted.
+            version: object = self.env.storage.apply_batch(self.lease.current, batch)
+        except BaseException:
+            self.state = None
+            raise
+        if self.state is None:
+            return
+        if not isinstance(version, str):
+            self.state = None
+            return
+        self.version = version
+        self.state.difference_update(batch.removed)
+        self.state.update(m.key for m in batch.added)
 
     def _failed(self, error: BaseException) -> tuple[RunStatus, Sync]:
         delivered_any = self.counts.added or self.counts.removed
@@ -366,6 +403,11 @@ class _Run:
             and not self.full
             and not caps.full_sync_only
         ):
+            if env.cache is not None:
+                # Keep an in-memory state current through feed runs too, so the
+                # hourly reconciliation does not have to read the store.
+                self.version = env.storage.delivered_version(sync.id)
+                self.state = env.cache.take(sync.id, self.version)
             diff = diff_changes(
                 source,
                 cohort.id,
@@ -380,12 +422,35 @@ class _Run:
             # Take the cursor before reading, so changes made during the
             # read are seen again (idempotently) by the next run.
             feed_cursor = source.cursor()
-        diff = diff_snapshot(
+        keep_existing = caps.full_sync_only or self.full
+        cache = env.cache
+        if (
+            cache is None
+            or getattr(source, "sorted_keys", False)  # streamed: memory stays bounded
+            or delivered_count > cache.max_keys
+        ):
+            diff = diff_snapshot(
+                source,
+                cohort.id,
+                env.storage.iter_delivered(sync.id),
+                delivered_count,
+                keep_existing=keep_existing,
+                exclude=dead,
+            )
+            return diff, feed_cursor, False
+        self.version = env.storage.delivered_version(sync.id)
+        known = cache.take(sync.id, self.version)
+        if known is not None and len(known) != delivered_count:
+            known = None  # cannot happen with a conforming store; never trust it then
+        if known is None and delivered_count == 0:
+            known = set()
+        diff, self.state = diff_with_state(
             source,
             cohort.id,
-            env.storage.iter_delivered(sync.id),
+            known,
+            lambda: env.storage.iter_delivered(sync.id),
             delivered_count,
-            keep_existing=caps.full_sync_only or self.full,
+            keep_existing=keep_existing,
             exclude=dead,
         )
         return diff, feed_cursor, False
@@ -622,8 +687,7 @@ class _Run:
             )
         accepted = [m for m in batch.members if m.key not in rejected]
         is_remove = batch.operation is Operation.REMOVE
-        self.env.storage.apply_batch(
-            self.lease.current,
+        self._apply(
             AppliedBatch(
                 run_id=self.run_id,
                 sequence=batch.sequence,
@@ -657,8 +721,7 @@ class _Run:
 
     def _apply_local_removals(self, keys: list[str]) -> None:
         for chunk in chunks(keys, ISSUE_CHUNK):
-            self.env.storage.apply_batch(
-                self.lease.current,
+            self._apply(
                 AppliedBatch(
                     run_id=self.run_id,
                     sequence=self._next_sequence(),
@@ -687,8 +750,7 @@ class _Run:
         # changes nothing else: still delivered under the same identifier,
         # or still not delivered.
         held = storage.delivered_identifiers(self.sync.id, stale)
-        storage.apply_batch(
-            self.lease.current,
+        self._apply(
             AppliedBatch(
                 run_id=self.run_id,
                 sequence=self._next_sequence(),

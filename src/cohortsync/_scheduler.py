@@ -17,6 +17,7 @@ import attrs
 
 from cohortsync import _schedule
 from cohortsync._advice import Recommendation, recommend
+from cohortsync._cache import DeliveredCache
 from cohortsync._clock import Clock, SystemClock, require_aware
 from cohortsync._cohort import Cohort
 from cohortsync._converter import unstructure
@@ -30,7 +31,7 @@ from cohortsync._policy import Cadence, OnDelete, SyncPolicy
 from cohortsync._run import RunEnvironment, execute, next_due_after
 from cohortsync._storage import LedgerEntry, Storage, SyncRecord
 from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
-from cohortsync._validators import check_id
+from cohortsync._validators import check_count, check_id
 from cohortsync.exceptions import (
     CohortNotFoundError,
     ConfigurationError,
@@ -117,6 +118,11 @@ class Scheduler:
             other; ``"hash"`` derives the slot from the sync id alone.
         listeners: Callables receiving every :mod:`event <cohortsync.events>`.
         seed: Seed for backoff jitter (tests); ``None`` is random.
+        state_cache_keys: Most member keys this worker keeps in memory as
+            copies of recently delivered states, so a steady-state run of a
+            large cohort diffs in memory instead of re-reading every delivered
+            row. Each copy is validated against the store's version token
+            before use. ``0`` turns it off; sorted sources never use it.
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class Scheduler:
         slot_allocation: str = "balanced",
         listeners: Iterable[Listener] = (),
         seed: int | None = None,
+        state_cache_keys: int = 5_000_000,
     ) -> None:
         if slot_allocation not in ("balanced", "hash"):
             raise ConfigurationError(
@@ -154,6 +161,8 @@ class Scheduler:
         self._limiters: dict[str, RateLimiter] = {}
         self._limiters_lock = threading.Lock()
         self._rng = random.Random(seed)  # noqa: S311 - jitter, not secrets
+        check_count("state_cache_keys", state_cache_keys)
+        self._cache = DeliveredCache(state_cache_keys) if state_cache_keys else None
         self._last_purge: datetime | None = None
 
     def __repr__(self) -> str:
@@ -619,6 +628,7 @@ class Scheduler:
             mapping=self.mapping,
             limiter=self._limiter,
             rng=self._rng,
+            cache=self._cache,
         )
 
     def run_due(self, *, limit: int | None = None, claim_batch: int = 1) -> list[SyncRun]:

@@ -322,14 +322,29 @@ class Storage(Protocol):
         """
         ...
 
-    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> None:
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         """
         Apply one acknowledged batch to the delivered state, update the ledger,
-        record the batch and its rejected members. **Atomic, compare-and-set**
-        on the token: a stale worker can never move the state.
+        record the batch and its rejected members, and give the delivered state
+        a new version token. **Atomic, compare-and-set** on the token: a stale
+        worker can never move the state.
+
+        Returns:
+            The new :meth:`delivered_version` of the sync.
 
         Raises:
             LeaseLostError: The caller no longer holds the lease (nothing is written).
+        """
+        ...
+
+    def delivered_version(self, sync_id: str) -> str:
+        """
+        An opaque token that changes whenever the sync's delivered state does
+        (every :meth:`apply_batch`); ``""`` for a sync with none yet.
+
+        A worker keeps a copy of a large delivered state in memory between runs
+        and uses it only while this token is unchanged, so it never diffs
+        against a state another worker has moved since.
         """
         ...
 

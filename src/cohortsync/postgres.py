@@ -85,7 +85,7 @@ _T = TypeVar("_T")
 _Connection = psycopg.Connection[Any]
 _Cursor = psycopg.Cursor[tuple[Any, ...]]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this release creates and understands."""
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -103,7 +103,17 @@ _PAGE = 10_000
 _MIGRATE = "migrating the schema"
 _APPLICATION = "cohortsync"
 
-_TABLES = ("meta", "syncs", "slot_buckets", "delivered", "ledger", "runs", "batches", "issues")
+_TABLES = (
+    "meta",
+    "syncs",
+    "slot_buckets",
+    "delivered",
+    "delivered_versions",
+    "ledger",
+    "runs",
+    "batches",
+    "issues",
+)
 
 # Each migration is a list of statements; ``{s}`` is the schema identifier.
 # Migrations are append-only: a released one is never edited.
@@ -209,6 +219,18 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )
         """,
         "CREATE INDEX issues_run ON {s}.issues (run_id, kind, key)",
+    ),
+    # 2: a version token of each sync's delivered state, so workers can keep a
+    # copy in memory and know when it is stale. Its own table, not a syncs
+    # column: apply_batch holds the syncs row FOR SHARE, and two such holders
+    # both updating that row would deadlock.
+    2: (
+        """
+        CREATE TABLE {s}.delivered_versions (
+            sync_id text COLLATE "C" PRIMARY KEY,
+            version text NOT NULL
+        )
+        """,
     ),
 }
 
@@ -765,6 +787,9 @@ class PostgresStorage:
         with self._cursor("delete_sync", transaction=True) as cur:
             cur.execute(self._sql("DELETE FROM {s}.delivered WHERE sync_id = %s"), (sync_id,))
             cur.execute(self._sql("DELETE FROM {s}.ledger WHERE sync_id = %s"), (sync_id,))
+            cur.execute(
+                self._sql("DELETE FROM {s}.delivered_versions WHERE sync_id = %s"), (sync_id,)
+            )
             cur.execute(self._sql("DELETE FROM {s}.syncs WHERE id = %s"), (sync_id,))
 
     # -- slot allocation -----------------------------------------------------------
@@ -1030,7 +1055,7 @@ class PostgresStorage:
                 )
         return out
 
-    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> None:
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         sync_id = lease.sync_id
         # Last identifier wins for a key added twice; an identity mapping
         # (user_id equal to the key) is stored as NULL to keep rows small.
@@ -1093,6 +1118,24 @@ class PostgresStorage:
                     batch.at,
                 ),
             )
+            version = secrets.token_hex(8)
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.delivered_versions (sync_id, version) VALUES (%s, %s)"
+                    " ON CONFLICT (sync_id) DO UPDATE SET version = EXCLUDED.version"
+                ),
+                (sync_id, version),
+            )
+        return version
+
+    def delivered_version(self, sync_id: str) -> str:
+        with self._cursor("delivered_version") as cur:
+            cur.execute(
+                self._sql("SELECT version FROM {s}.delivered_versions WHERE sync_id = %s"),
+                (sync_id,),
+            )
+            row = cur.fetchone()
+        return "" if row is None else str(row[0])
 
     def _reject(self, cur: _Cursor, sync_id: str, batch: AppliedBatch) -> None:
         # A key rejected n times in one batch counts n attempts, the last reason wins.

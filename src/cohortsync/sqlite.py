@@ -163,6 +163,9 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         """,
         "CREATE INDEX issues_run ON issues (run_id, kind, key)",
     ),
+    # 2: a version token of each sync's delivered state, so workers can keep
+    # a copy in memory and know when it is stale.
+    ("ALTER TABLE syncs ADD COLUMN delivered_version TEXT NOT NULL DEFAULT ''",),
 ]
 
 _SYNC_COLUMNS = (
@@ -881,7 +884,7 @@ class SQLiteStorage:
                 f"cannot be read ({exc})"
             ) from exc
 
-    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> None:
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         """
         Check the lease and apply the whole batch in one write transaction, with
         ``executemany`` so a 10,000-member batch costs one statement preparation.
@@ -940,6 +943,16 @@ class SQLiteStorage:
                 "VALUES (?, ?, ?, ?, ?)",
                 (batch.run_id, batch.sequence, batch.operation.value, batch.idempotency_key, at),
             )
+            version = secrets.token_hex(8)
+            conn.execute("UPDATE syncs SET delivered_version = ? WHERE id = ?", (version, sync_id))
+        return version
+
+    def delivered_version(self, sync_id: str) -> str:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT delivered_version FROM syncs WHERE id = ?", (sync_id,)
+            ).fetchone()
+        return "" if row is None else str(row[0])
 
     def record_issues(self, lease: Lease, issues: Sequence[MemberIssue]) -> None:
         with self._write() as conn:

@@ -85,9 +85,13 @@ class AuditedStorage:
     def delivered_identifiers(self, sync_id: str, keys: Sequence[str]) -> dict[str, cs.Identifier]:
         return self.inner.delivered_identifiers(sync_id, keys)
 
-    def apply_batch(self, lease: cs.Lease, batch: cs.AppliedBatch) -> None:
-        self.inner.apply_batch(lease, batch)
+    def apply_batch(self, lease: cs.Lease, batch: cs.AppliedBatch) -> str:
+        version = self.inner.apply_batch(lease, batch)
         self._log("apply_batch", lease.sync_id)
+        return version
+
+    def delivered_version(self, sync_id: str) -> str:
+        return self.inner.delivered_version(sync_id)
 
     def record_issues(self, lease: cs.Lease, issues: Sequence[cs.MemberIssue]) -> None:
         self.inner.record_issues(lease, issues)

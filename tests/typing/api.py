@@ -137,8 +137,11 @@ class DelegatingStorage:
     ) -> dict[str, cohortsync.Identifier]:
         return self._inner.delivered_identifiers(sync_id, keys)
 
-    def apply_batch(self, lease: cohortsync.Lease, batch: cohortsync.AppliedBatch) -> None:
-        self._inner.apply_batch(lease, batch)
+    def apply_batch(self, lease: cohortsync.Lease, batch: cohortsync.AppliedBatch) -> str:
+        return self._inner.apply_batch(lease, batch)
+
+    def delivered_version(self, sync_id: str) -> str:
+        return self._inner.delivered_version(sync_id)
 
     def record_issues(
         self, lease: cohortsync.Lease, issues: Sequence[cohortsync.MemberIssue]

@@ -946,6 +946,46 @@ def check_apply_batch_needs_lease(make_storage: StorageFactory) -> None:
         _expect(before, snapshot(), "state after apply_batch on a completed lease")
 
 
+def check_delivered_version(make_storage: StorageFactory) -> None:
+    """
+    delivered_version is "" before any batch, returned anew by every apply_batch
+    (never repeating), per sync, untouched by a refused apply_batch, and gone
+    with a deleted sync: a worker's in-memory copy is only ever used unchanged.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        store.create_sync(_record("s2"))
+        _expect("", store.delivered_version("s1"), "version before any batch")
+        _expect("", store.delivered_version("nope"), "version of an unknown sync")
+        lease = _claim_one(store, T0)
+        seen = {""}
+        for i, batch in enumerate(
+            (
+                _batch(added=(_member("a"),)),
+                _batch(sequence=1, removed=("a",)),
+                _batch(sequence=2),  # no change still moves the version
+            )
+        ):
+            version = store.apply_batch(lease, batch)
+            _require(isinstance(version, str), f"apply_batch #{i} returns the new version (a str)")
+            _require(version not in seen, f"apply_batch #{i} gives a version never seen before")
+            _expect(version, store.delivered_version(lease.sync_id), f"version after batch #{i}")
+            seen.add(version)
+        other = store.delivered_version("s2")
+        _expect("", other, "another sync's version is its own")
+        current = store.delivered_version("s1")
+        with _raises(LeaseLostError, "apply_batch by a stale holder"):
+            store.apply_batch(_stale(lease), _batch(sequence=3, added=(_member("b"),)))
+        _expect(current, store.delivered_version("s1"), "version after a refused apply_batch")
+        store.complete_run(lease, _completion(lease, T0 + HOUR))
+        store.delete_sync("s1")
+        store.create_sync(_record("s1"))
+        _require(
+            store.delivered_version("s1") != current,
+            "a re-created sync does not inherit the deleted one's version",
+        )
+
+
 def check_ledger_and_dead_letters(make_storage: StorageFactory) -> None:
     """
     Rejections count attempts per member until max_rejection_attempts makes a dead letter;
@@ -1227,6 +1267,7 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_complete_run_cursor_and_full_sync,
     check_delivered_state,
     check_apply_batch_needs_lease,
+    check_delivered_version,
     check_ledger_and_dead_letters,
     check_record_issues,
     check_large_batch,

@@ -1,0 +1,82 @@
+"""
+A per-process copy of recently delivered states, so a steady-state run of a
+large cohort diffs in memory instead of re-reading every delivered row.
+
+Correctness never depends on it: each entry carries the store's version
+token of that delivered state (:meth:`Storage.delivered_version`), which every
+applied batch changes. A run uses an entry only if the token still matches,
+so another worker's progress, a crash or a restart simply makes it miss.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+__all__ = ["DeliveredCache"]
+
+
+class DeliveredCache:
+    """
+    Delivered keys by sync, least recently used first out, bounded by the
+    total number of keys held.
+
+    Args:
+        max_keys: Most keys held across all syncs; a state larger than this
+            is never cached. ``0`` disables the cache.
+    """
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max_keys
+        self._entries: OrderedDict[str, tuple[str, set[str]]] = OrderedDict()
+        self._size = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"DeliveredCache(syncs={len(self._entries)}, keys={self._size}, "
+            f"max_keys={self.max_keys}, hits={self.hits}, misses={self.misses})"
+        )
+
+    def take(self, sync_id: str, version: str) -> set[str] | None:
+        """
+        Remove and return the cached state of *sync_id* if it is at *version*.
+
+        The caller owns the set afterwards (a run mutates it, then :meth:`put`
+        stores the new state), so a run that fails midway leaves nothing stale.
+        """
+        entry = self._entries.pop(sync_id, None)
+        if entry is None:
+            self.misses += 1
+            return None
+        cached_version, keys = entry
+        self._size -= len(keys)
+        if cached_version != version:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return keys
+
+    def put(self, sync_id: str, version: str, keys: set[str]) -> None:
+        """
+        Remember *keys* as the delivered state of *sync_id* at *version*.
+        """
+        old = self._entries.pop(sync_id, None)
+        if old is not None:
+            self._size -= len(old[1])
+        if len(keys) > self.max_keys:
+            return
+        while self._entries and self._size + len(keys) > self.max_keys:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self._size -= len(evicted)
+        self._entries[sync_id] = (version, keys)
+        self._size += len(keys)
+
+    def drop(self, sync_id: str) -> None:
+        old = self._entries.pop(sync_id, None)
+        if old is not None:
+            self._size -= len(old[1])
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._size = 0
