@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cohortsync as cs
 from cohortsync._cache import DeliveredCache
@@ -150,6 +152,85 @@ class TestCachedRuns:
             run(scheduler, clock)
 
         assert 3 == storage.reads
+
+    @settings(max_examples=40)
+    @given(
+        st.lists(
+            st.tuples(
+                st.integers(0, 2),  # which worker runs
+                st.frozensets(st.integers(0, 40), max_size=30),  # the cohort then
+                st.booleans(),  # does a store write fail mid-run
+            ),
+            min_size=1,
+            max_size=12,
+        )
+    )
+    def test_any_interleaving_converges(
+        self, steps: list[tuple[int, frozenset[int], bool]]
+    ) -> None:
+        """Three workers taking turns, with failing store writes, converge on the cohort."""
+        clock = FakeClock()
+        storage = CountingStorage()
+        members: dict[str, set[str]] = {"now": set()}
+        destination = RecordingDestination(cs.Capabilities(max_batch_size=4))
+        workers = [worker(storage, clock, members, destination) for _ in range(3)]
+        policy = cs.SyncPolicy.hourly(guard=cs.MassRemovalGuard.disabled())
+        workers[0].create_sync("c", "dest", policy, sync_id="s")
+        for index, cohort, fail in steps:
+            members["now"] = {f"m{i}" for i in cohort}
+            storage.fail_next_apply = fail
+            run(workers[index], clock)
+        storage.fail_next_apply = False
+        run(workers[steps[-1][0]], clock)
+
+        assert members["now"] == destination.audience("s")
+        assert members["now"] == set(storage.iter_delivered("s"))
+
+
+class TestLostAcknowledgements:
+    def test_a_member_who_left_after_a_lost_ack_is_removed(
+        self,
+        clock: FakeClock,
+        setup: tuple[CountingStorage, dict[str, set[str]], RecordingDestination],
+    ) -> None:
+        """An add the destination took but the store never recorded is undone if the member left."""
+        storage, members, destination = setup
+        scheduler = worker(storage, clock, members, destination)
+        scheduler.create_sync("c", "dest", cs.SyncPolicy.hourly(), sync_id="s")
+        run(scheduler, clock)
+        members["now"] = members["now"] | {"ghost"}
+        storage.fail_next_apply = True  # the destination has "ghost"; the store does not know
+        run(scheduler, clock)
+        assert "ghost" in destination.audience("s")
+        members["now"] = members["now"] - {"ghost"}
+
+        healed = run(scheduler, clock)
+
+        assert "ghost" not in destination.audience("s")
+        assert members["now"] == destination.audience("s")
+        assert 1 == healed.removed
+        assert [] == storage.pending_batches("s")
+
+    def test_a_member_back_after_a_lost_removal_is_added_again(
+        self,
+        clock: FakeClock,
+        setup: tuple[CountingStorage, dict[str, set[str]], RecordingDestination],
+    ) -> None:
+        """A removal the store never recorded is undone if the member came back."""
+        storage, members, destination = setup
+        scheduler = worker(storage, clock, members, destination)
+        scheduler.create_sync("c", "dest", cs.SyncPolicy.hourly(), sync_id="s")
+        run(scheduler, clock)
+        members["now"] = members["now"] - {"u7"}
+        storage.fail_next_apply = True
+        run(scheduler, clock)
+        assert "u7" not in destination.audience("s")
+        members["now"] = members["now"] | {"u7"}
+
+        healed = run(scheduler, clock)
+
+        assert members["now"] == destination.audience("s")
+        assert 1 == healed.added
 
 
 class TestDeliveredCache:

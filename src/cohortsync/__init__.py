@@ -85,6 +85,7 @@ from cohortsync._storage import (
     Lease,
     LedgerEntry,
     MemberIssue,
+    PendingBatch,
     Storage,
     SyncRecord,
 )
@@ -132,6 +133,7 @@ __all__ = [
     "OnDelete",
     "OnIneligible",
     "Operation",
+    "PendingBatch",
     "Preview",
     "RateLimit",
     "Reason",

@@ -144,6 +144,8 @@ class BatchSender:
     keep_alive: Callable[[float], None]
     """Renew the run's lease so it outlasts the given number of seconds."""
     rng: random.Random
+    before_send: Callable[[Batch], None] = lambda _batch: None
+    """Called in this thread before each batch goes out (the write-ahead record)."""
     retries: int = 0
     _lock: threading.Lock = attrs.Factory(threading.Lock)
 
@@ -256,6 +258,7 @@ class BatchSender:
         """
         if parallel <= 1:
             for batch in batches:
+                self.before_send(batch)
                 for acked in self.send(batch):
                     on_acked(acked)
             return
@@ -267,6 +270,7 @@ class BatchSender:
                     error = self._drain(in_flight, on_acked, error, block=True)
                 if error is not None:
                     break
+                self.before_send(batch)
                 in_flight.add(pool.submit(self.send, batch))
             while in_flight:
                 error = self._drain(in_flight, on_acked, error, block=True)

@@ -25,6 +25,7 @@ from cohortsync._storage import (
     Lease,
     LedgerEntry,
     MemberIssue,
+    PendingBatch,
     SyncRecord,
 )
 from cohortsync._sync import SyncRun, SyncStatus
@@ -152,6 +153,7 @@ class MemoryStorage:
     _batches: list[_Batch] = attrs.field(factory=list, repr=False)
     _issues: dict[str, list[MemberIssue]] = attrs.field(factory=dict, repr=False)
     _versions: dict[str, str] = attrs.field(factory=dict, repr=False)
+    _pending: dict[str, dict[str, PendingBatch]] = attrs.field(factory=dict, repr=False)
     _closed: bool = attrs.field(default=False, repr=False)
 
     def __repr__(self) -> str:
@@ -189,6 +191,7 @@ class MemoryStorage:
             self._leased.discard(sync_id)
             self._delivered.pop(sync_id, None)
             self._versions.pop(sync_id, None)
+            self._pending.pop(sync_id, None)
             for k in [k for k in self._ledger if k[0] == sync_id]:
                 del self._ledger[k]
 
@@ -316,7 +319,21 @@ class MemoryStorage:
             if completion.full_sync_done:
                 changes["full_resync"] = False
                 changes["last_full_sync_at"] = run.started_at
+            pending = self._pending.get(r.id, {})
+            for key in completion.resolved:
+                pending.pop(key, None)
             self._store(attrs.evolve(r, **changes))  # type: ignore[arg-type]
+
+    def begin_batch(self, lease: Lease, batch: PendingBatch) -> None:
+        with self._lock:
+            self._held(lease)
+            pending = self._pending.setdefault(lease.sync_id, {})
+            pending.pop(batch.idempotency_key, None)  # re-begun: now the newest
+            pending[batch.idempotency_key] = batch
+
+    def pending_batches(self, sync_id: str) -> list[PendingBatch]:
+        with self._lock:
+            return list(self._pending.get(sync_id, {}).values())
 
     # -- delivered state -----------------------------------------------------
 
@@ -387,6 +404,7 @@ class MemoryStorage:
                     MemberIssue(run_id=batch.run_id, key=k, kind=IssueKind.REJECTED, reason=r)
                     for k, r in batch.rejected
                 )
+            self._pending.get(lease.sync_id, {}).pop(batch.idempotency_key, None)
             version = secrets.token_hex(8)
             self._versions[lease.sync_id] = version
             return version

@@ -37,6 +37,7 @@ from cohortsync._destination import (
     Batch,
     Capabilities,
     Destination,
+    Identifier,
     Member,
     Operation,
     RunContext,
@@ -61,6 +62,7 @@ from cohortsync._storage import (
     IssueKind,
     Lease,
     MemberIssue,
+    PendingBatch,
     Storage,
     SyncRecord,
 )
@@ -201,6 +203,11 @@ class _Run:
         # and its version token: kept in the environment's cache after the run.
         self.state: set[str] | None = None
         self.version = ""
+        # Batches an earlier run recorded as in flight and never applied, and
+        # the identifiers of members this run removes because of them.
+        self.pending: list[PendingBatch] = []
+        self.recovered_ids: dict[str, Identifier] = {}
+        self.guarded = False
 
     # -- the run ---------------------------------------------------------------
 
@@ -329,7 +336,10 @@ class _Run:
         self.full = record.full_resync or (ttl_due and delivered_count > 0)
         if self.full:
             self.notes.append("full_resync" if record.full_resync else "ttl_refresh")
+        self.pending = self.env.storage.pending_batches(sync.id)
         diff, feed_cursor, from_feed = self._read(cohort, caps, delivered_count)
+        if self.pending:
+            self._recover(diff)
         self.counts.skipped += len(diff.invalid)
         self.issues.extend(
             MemberIssue(run_id=self.run_id, key=k, kind=IssueKind.SKIPPED, reason=r)
@@ -351,6 +361,7 @@ class _Run:
 
         send_removals = policy.send_removals and caps.supports_removals
         guarded = send_removals and not sync.guard_released and self._guard(diff)
+        self.guarded = guarded
         if sync.guard_released and not guarded:
             new_sync = attrs.evolve(new_sync, guard_released=False)
         if not from_feed:
@@ -370,6 +381,49 @@ class _Run:
             status = RunStatus.SUCCEEDED
         full_done = self.full or caps.full_sync_only or delivered_count == 0
         return status, new_sync, feed_cursor, full_done
+
+    def _recover(self, diff: Diff) -> None:
+        """
+        Reconcile batches an earlier run sent (or may have sent) without
+        applying them: the destination may or may not hold those changes.
+
+        A member of a pending add who is not delivered and not being added now
+        (it left the cohort meanwhile) is removed; a member of a pending
+        removal who is still delivered and not being removed now (it came back)
+        is added again. Everything else the ordinary diff already covers.
+        """
+        last: dict[str, Member | None] = {}
+        for pending in self.pending:  # the newest record of a key wins
+            for m in pending.members:
+                last[m.key] = None if pending.operation is Operation.REMOVE else m
+        held = self.env.storage.filter_delivered(self.sync.id, last)
+        existing = diff.existing or []
+        extra_adds = [
+            k
+            for k, m in last.items()
+            if m is None and k in held and not _has(diff.removes, k) and not _has(existing, k)
+        ]
+        for key, member in last.items():
+            if member is not None and key not in held and not _has(diff.adds, key):
+                self.recovered_ids[key] = member.identifier
+        if extra_adds or self.recovered_ids:
+            self.notes.append(f"recovered_in_flight: +{len(extra_adds)} -{len(self.recovered_ids)}")
+        diff.adds = sorted({*diff.adds, *extra_adds})
+        diff.removes = sorted({*diff.removes, *self.recovered_ids})
+
+    def _begin(self, batch: Batch) -> None:
+        """
+        Record the batch as in flight before the destination sees it.
+        """
+        self.env.storage.begin_batch(
+            self.lease.current,
+            PendingBatch(
+                run_id=self.run_id,
+                idempotency_key=batch.idempotency_key,
+                operation=batch.operation,
+                members=batch.members,
+            ),
+        )
 
     def _read(
         self, cohort: Cohort, caps: Capabilities, delivered_count: int
@@ -394,7 +448,7 @@ class _Run:
         # retries members the destination rejected earlier. Removals the host
         # confirmed are found again the same way, whatever feed window they
         # were first seen in.
-        reconcile = self.lease.current.slot.minute == 0 or sync.guard_released
+        reconcile = self.lease.current.slot.minute == 0 or sync.guard_released or bool(self.pending)
         if (
             sync.cadence is Cadence.REALTIME
             and not reconcile
@@ -579,6 +633,7 @@ class _Run:
                 clock=self.env.clock,
                 limiter=self.env.limiter(self.sync.destination_id, caps),
                 keep_alive=self.lease.keep_alive,
+                before_send=self._begin,
                 rng=self.env.rng,
             )
         return self.sender
@@ -635,7 +690,12 @@ class _Run:
     def _remove_batches(self, context: RunContext, keys: list[str], size: int) -> Iterator[Batch]:
         for chunk in chunks(keys, size):
             ids = self.env.storage.delivered_identifiers(self.sync.id, chunk)
-            members = [Member(k, ids[k]) for k in chunk if k in ids]
+            recovered = self.recovered_ids
+            members = [
+                Member(k, ids[k] if k in ids else recovered[k])
+                for k in chunk
+                if k in ids or k in recovered
+            ]
             if members:
                 yield make_batch(context, Operation.REMOVE, members, self._next_sequence())
 
@@ -876,6 +936,14 @@ class _Run:
                 # A failed run delivered only part of the window: read it again.
                 feed_cursor=feed_cursor if error is None else None,
                 full_sync_done=full_done and status is RunStatus.SUCCEEDED,
+                # Pending batches are settled once a run delivered its whole
+                # diff (their reconciliation included); else the next run
+                # reconciles them again, which is harmless.
+                resolved=(
+                    tuple(p.idempotency_key for p in self.pending)
+                    if error is None and not self.guarded and status is not RunStatus.SKIPPED
+                    else ()
+                ),
             ),
         )
         log.info(

@@ -32,6 +32,7 @@ __all__ = [
     "Lease",
     "LedgerEntry",
     "MemberIssue",
+    "PendingBatch",
     "Storage",
     "SyncRecord",
 ]
@@ -119,6 +120,27 @@ class Completion:
     attempts: int = 0
     feed_cursor: str | None = None
     full_sync_done: bool = False
+    resolved: tuple[str, ...] = ()
+    """Idempotency keys of pending batches this run reconciled: their records are deleted."""
+
+
+@attrs.frozen(kw_only=True)
+class PendingBatch:
+    """
+    A batch about to be sent, recorded before the destination sees it.
+
+    If the worker dies, or the destination times out, after sending but before
+    the acknowledgement is applied, nobody knows whether the destination holds
+    the change. The next run reads these records and reconciles: members of a
+    pending add who are no longer in the cohort are removed, members of a
+    pending removal who are back are added again. Without this, a member who
+    left the cohort in between would stay at the destination for good.
+    """
+
+    run_id: str
+    idempotency_key: str
+    operation: Operation
+    members: tuple[Member, ...] = attrs.field(repr=lambda m: f"<{len(m)} members>")
 
 
 @attrs.frozen(kw_only=True)
@@ -237,7 +259,7 @@ class Storage(Protocol):
 
     def delete_sync(self, sync_id: str) -> None:
         """
-        Remove a sync, its delivered state and its ledger. History stays until
+        Remove a sync, its delivered state, pending batches and ledger. History stays until
         retention purges it. **Atomic.** Unknown ids are ignored.
         """
         ...
@@ -281,8 +303,9 @@ class Storage(Protocol):
 
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         """
-        Record the run, advance the schedule and release the lease, in one
-        transaction. **Atomic, compare-and-set** on the token.
+        Record the run, advance the schedule, delete the pending batches named
+        in ``completion.resolved`` and release the lease, in one transaction.
+        **Atomic, compare-and-set** on the token.
 
         Raises:
             LeaseLostError: The caller no longer holds the lease (nothing is written).
@@ -325,9 +348,10 @@ class Storage(Protocol):
     def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         """
         Apply one acknowledged batch to the delivered state, update the ledger,
-        record the batch and its rejected members, and give the delivered state
-        a new version token. **Atomic, compare-and-set** on the token: a stale
-        worker can never move the state.
+        record the batch and its rejected members, delete its pending record
+        (same idempotency key), and give the delivered state a new version
+        token. **Atomic, compare-and-set** on the token: a stale worker can
+        never move the state.
 
         Returns:
             The new :meth:`delivered_version` of the sync.
@@ -345,6 +369,24 @@ class Storage(Protocol):
         A worker keeps a copy of a large delivered state in memory between runs
         and uses it only while this token is unchanged, so it never diffs
         against a state another worker has moved since.
+        """
+        ...
+
+    def begin_batch(self, lease: Lease, batch: PendingBatch) -> None:
+        """
+        Record *batch* as in flight before it is sent (replacing a record with
+        the same idempotency key). :meth:`apply_batch` of the same key deletes
+        it in its own transaction. **Compare-and-set** on the token.
+
+        Raises:
+            LeaseLostError: The caller no longer holds the lease (nothing is written).
+        """
+        ...
+
+    def pending_batches(self, sync_id: str) -> list[PendingBatch]:
+        """
+        The sync's batches recorded as in flight and never applied, in the
+        order they were begun.
         """
         ...
 

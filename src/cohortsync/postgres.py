@@ -26,6 +26,7 @@ workers starting together do not race.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 import threading
@@ -49,7 +50,7 @@ import cattrs
 
 from cohortsync._clock import require_aware
 from cohortsync._converter import dumps, loads
-from cohortsync._destination import Identifier, IdentifierKind
+from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._storage import (
     AppliedBatch,
     Completion,
@@ -57,6 +58,7 @@ from cohortsync._storage import (
     Lease,
     LedgerEntry,
     MemberIssue,
+    PendingBatch,
     SyncRecord,
 )
 from cohortsync._sync import Sync, SyncRun, Trigger
@@ -109,6 +111,7 @@ _TABLES = (
     "slot_buckets",
     "delivered",
     "delivered_versions",
+    "pending",
     "ledger",
     "runs",
     "batches",
@@ -229,6 +232,19 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         CREATE TABLE {s}.delivered_versions (
             sync_id text COLLATE "C" PRIMARY KEY,
             version text NOT NULL
+        )
+        """,
+        # The write-ahead record of batches in flight, so a crash between send
+        # and apply loses nothing.
+        """
+        CREATE TABLE {s}.pending (
+            seq bigserial PRIMARY KEY,
+            sync_id text COLLATE "C" NOT NULL,
+            idempotency_key text COLLATE "C" NOT NULL,
+            run_id text NOT NULL,
+            operation text NOT NULL,
+            members jsonb NOT NULL,
+            UNIQUE (sync_id, idempotency_key)
         )
         """,
     ),
@@ -790,6 +806,7 @@ class PostgresStorage:
             cur.execute(
                 self._sql("DELETE FROM {s}.delivered_versions WHERE sync_id = %s"), (sync_id,)
             )
+            cur.execute(self._sql("DELETE FROM {s}.pending WHERE sync_id = %s"), (sync_id,))
             cur.execute(self._sql("DELETE FROM {s}.syncs WHERE id = %s"), (sync_id,))
 
     # -- slot allocation -----------------------------------------------------------
@@ -966,6 +983,54 @@ class PostgresStorage:
                 ),
                 [*changes.values(), lease.sync_id],
             )
+            if completion.resolved:
+                cur.execute(
+                    self._sql(
+                        "DELETE FROM {s}.pending"
+                        " WHERE sync_id = %s AND idempotency_key = ANY(%s::text[])"
+                    ),
+                    (lease.sync_id, list(completion.resolved)),
+                )
+
+    def begin_batch(self, lease: Lease, batch: PendingBatch) -> None:
+        members = [
+            [m.key]
+            if m.identifier.kind is IdentifierKind.USER_ID and m.identifier.value == m.key
+            else [m.key, m.identifier.kind.value, m.identifier.value]
+            for m in batch.members
+        ]
+        with self._cursor("begin_batch", transaction=True) as cur:
+            self._hold(cur, lease, "share")
+            # Delete then insert: a re-begun batch gets a new seq, the newest.
+            cur.execute(
+                self._sql("DELETE FROM {s}.pending WHERE sync_id = %s AND idempotency_key = %s"),
+                (lease.sync_id, batch.idempotency_key),
+            )
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.pending (sync_id, idempotency_key, run_id, operation, members)"
+                    " VALUES (%s, %s, %s, %s, %s::jsonb)"
+                ),
+                (
+                    lease.sync_id,
+                    batch.idempotency_key,
+                    batch.run_id,
+                    batch.operation.value,
+                    json.dumps(members, separators=(",", ":")),
+                ),
+            )
+
+    def pending_batches(self, sync_id: str) -> list[PendingBatch]:
+        with self._cursor("pending_batches") as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT idempotency_key, run_id, operation, members::text FROM {s}.pending"
+                    " WHERE sync_id = %s ORDER BY seq"
+                ),
+                (sync_id,),
+            )
+            rows = cur.fetchall()
+        return _parse_pending(sync_id, rows)
 
     # -- delivered state -----------------------------------------------------------
 
@@ -1117,6 +1182,10 @@ class PostgresStorage:
                     batch.idempotency_key,
                     batch.at,
                 ),
+            )
+            cur.execute(
+                self._sql("DELETE FROM {s}.pending WHERE sync_id = %s AND idempotency_key = %s"),
+                (sync_id, batch.idempotency_key),
             )
             version = secrets.token_hex(8)
             cur.execute(
@@ -1331,3 +1400,31 @@ def _dsn_factory(dsn: str) -> tuple[Callable[[], _Connection], str, str | None]:
             raise StorageError(f"cannot connect to PostgreSQL at {shown}: {detail}") from None
 
     return factory, shown, str(secret) if secret else None
+
+
+def _parse_pending(sync_id: str, rows: Sequence[tuple[Any, ...]]) -> list[PendingBatch]:
+    """
+    Rebuild pending batches from rows of (key, run id, operation, members JSON);
+    identity identifiers are stored as ``[key]``, others as ``[key, kind, value]``.
+    """
+    key = None
+    try:
+        out = []
+        for key, run_id, operation, members in rows:
+            parsed = [
+                Member(m[0], Identifier(IdentifierKind.USER_ID, m[0]))
+                if len(m) == 1
+                else Member(m[0], Identifier(IdentifierKind(m[1]), m[2]))
+                for m in json.loads(members)
+            ]
+            out.append(
+                PendingBatch(
+                    run_id=run_id,
+                    idempotency_key=key,
+                    operation=Operation(operation),
+                    members=tuple(parsed),
+                )
+            )
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise CorruptStoreError(f"pending batch {key!r} of sync {sync_id!r}: {exc}") from exc
+    return out

@@ -32,7 +32,7 @@ from typing_extensions import Self
 
 from cohortsync._clock import require_aware
 from cohortsync._converter import dumps, loads
-from cohortsync._destination import Identifier, IdentifierKind
+from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._storage import (
     AppliedBatch,
     Completion,
@@ -40,6 +40,7 @@ from cohortsync._storage import (
     Lease,
     LedgerEntry,
     MemberIssue,
+    PendingBatch,
     SyncRecord,
 )
 from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
@@ -164,8 +165,21 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX issues_run ON issues (run_id, kind, key)",
     ),
     # 2: a version token of each sync's delivered state, so workers can keep
-    # a copy in memory and know when it is stale.
-    ("ALTER TABLE syncs ADD COLUMN delivered_version TEXT NOT NULL DEFAULT ''",),
+    # a copy in memory and know when it is stale; and the write-ahead record
+    # of batches in flight, so a crash between send and apply loses nothing.
+    (
+        "ALTER TABLE syncs ADD COLUMN delivered_version TEXT NOT NULL DEFAULT ''",
+        """
+        CREATE TABLE pending (
+            sync_id TEXT NOT NULL,
+            idempotency_key TEXT NOT NULL,
+            run_id TEXT NOT NULL,
+            operation TEXT NOT NULL,
+            members TEXT NOT NULL,
+            UNIQUE (sync_id, idempotency_key)
+        )
+        """,
+    ),
 ]
 
 _SYNC_COLUMNS = (
@@ -669,6 +683,7 @@ class SQLiteStorage:
             conn.execute("DELETE FROM syncs WHERE id = ?", (sync_id,))
             conn.execute("DELETE FROM delivered WHERE sync_id = ?", (sync_id,))
             conn.execute("DELETE FROM ledger WHERE sync_id = ?", (sync_id,))
+            conn.execute("DELETE FROM pending WHERE sync_id = ?", (sync_id,))
 
     # -- slot allocation -----------------------------------------------------------
 
@@ -811,6 +826,44 @@ class SQLiteStorage:
             except sqlite3.IntegrityError:
                 # Rolls back the update above too: nothing is written.
                 raise DuplicateRunError(run.sync_id, run.slot) from None
+            conn.executemany(
+                "DELETE FROM pending WHERE sync_id = ? AND idempotency_key = ?",
+                ((lease.sync_id, key) for key in completion.resolved),
+            )
+
+    def begin_batch(self, lease: Lease, batch: PendingBatch) -> None:
+        members = json.dumps(
+            [
+                [m.key]
+                if m.identifier.kind is IdentifierKind.USER_ID and m.identifier.value == m.key
+                else [m.key, m.identifier.kind.value, m.identifier.value]
+                for m in batch.members
+            ],
+            separators=(",", ":"),
+        )
+        with self._write() as conn:
+            self._check_lease(conn, lease)
+            # REPLACE deletes then inserts: a re-begun batch becomes the newest row.
+            conn.execute(
+                "INSERT OR REPLACE INTO pending "
+                "(sync_id, idempotency_key, run_id, operation, members) VALUES (?, ?, ?, ?, ?)",
+                (
+                    lease.sync_id,
+                    batch.idempotency_key,
+                    batch.run_id,
+                    batch.operation.value,
+                    members,
+                ),
+            )
+
+    def pending_batches(self, sync_id: str) -> list[PendingBatch]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT idempotency_key, run_id, operation, members FROM pending "
+                "WHERE sync_id = ? ORDER BY rowid",
+                (sync_id,),
+            ).fetchall()
+        return _parse_pending(sync_id, rows)
 
     # -- delivered state ------------------------------------------------------------
 
@@ -943,6 +996,10 @@ class SQLiteStorage:
                 "VALUES (?, ?, ?, ?, ?)",
                 (batch.run_id, batch.sequence, batch.operation.value, batch.idempotency_key, at),
             )
+            conn.execute(
+                "DELETE FROM pending WHERE sync_id = ? AND idempotency_key = ?",
+                (sync_id, batch.idempotency_key),
+            )
             version = secrets.token_hex(8)
             conn.execute("UPDATE syncs SET delivered_version = ? WHERE id = ?", (version, sync_id))
         return version
@@ -1059,3 +1116,31 @@ def _migrate(conn: sqlite3.Connection, found: int, target: int) -> None:
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         [("application", _APPLICATION), ("schema_version", str(target))],
     )
+
+
+def _parse_pending(sync_id: str, rows: Sequence[tuple[Any, ...]]) -> list[PendingBatch]:
+    """
+    Rebuild pending batches from rows of (key, run id, operation, members JSON);
+    identity identifiers are stored as ``[key]``, others as ``[key, kind, value]``.
+    """
+    key = None
+    try:
+        out = []
+        for key, run_id, operation, members in rows:
+            parsed = [
+                Member(m[0], Identifier(IdentifierKind.USER_ID, m[0]))
+                if len(m) == 1
+                else Member(m[0], Identifier(IdentifierKind(m[1]), m[2]))
+                for m in json.loads(members)
+            ]
+            out.append(
+                PendingBatch(
+                    run_id=run_id,
+                    idempotency_key=key,
+                    operation=Operation(operation),
+                    members=tuple(parsed),
+                )
+            )
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise CorruptStoreError(f"pending batch {key!r} of sync {sync_id!r}: {exc}") from exc
+    return out

@@ -93,6 +93,13 @@ class AuditedStorage:
     def delivered_version(self, sync_id: str) -> str:
         return self.inner.delivered_version(sync_id)
 
+    def begin_batch(self, lease: cs.Lease, batch: cs.PendingBatch) -> None:
+        self.inner.begin_batch(lease, batch)
+        self._log("begin_batch", lease.sync_id)
+
+    def pending_batches(self, sync_id: str) -> list[cs.PendingBatch]:
+        return self.inner.pending_batches(sync_id)
+
     def record_issues(self, lease: cs.Lease, issues: Sequence[cs.MemberIssue]) -> None:
         self.inner.record_issues(lease, issues)
         self._log("record_issues", lease.sync_id)

@@ -143,6 +143,12 @@ class DelegatingStorage:
     def delivered_version(self, sync_id: str) -> str:
         return self._inner.delivered_version(sync_id)
 
+    def begin_batch(self, lease: cohortsync.Lease, batch: cohortsync.PendingBatch) -> None:
+        self._inner.begin_batch(lease, batch)
+
+    def pending_batches(self, sync_id: str) -> list[cohortsync.PendingBatch]:
+        return self._inner.pending_batches(sync_id)
+
     def record_issues(
         self, lease: cohortsync.Lease, issues: Sequence[cohortsync.MemberIssue]
     ) -> None:

@@ -30,6 +30,7 @@ from cohortsync._storage import (
     Lease,
     LedgerEntry,
     MemberIssue,
+    PendingBatch,
     Storage,
     SyncRecord,
 )
@@ -986,6 +987,49 @@ def check_delivered_version(make_storage: StorageFactory) -> None:
         )
 
 
+def check_pending_batches(make_storage: StorageFactory) -> None:
+    """
+    begin_batch records in-flight batches (oldest first; re-beginning a key makes
+    it the newest), needs the lease, round-trips members and identifiers; the
+    matching apply_batch deletes one, complete_run deletes exactly the resolved
+    keys, delete_sync deletes them all.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        lease = _claim_one(store, T0)
+        _expect([], store.pending_batches("s1"), "pending batches of a fresh sync")
+
+        def pending(key: str, *members: Member, op: Operation = Operation.ADD) -> PendingBatch:
+            return PendingBatch(run_id="r", idempotency_key=key, operation=op, members=members)
+
+        a = pending("k-a", _member("a"), _member("b", IdentifierKind.EMAIL, "b@x"))
+        b = pending("k-b", _member("c"), op=Operation.REMOVE)
+        c = pending("k-c", _member("d"))
+        for batch in (a, b, c):
+            store.begin_batch(lease, batch)
+        _expect([a, b, c], store.pending_batches("s1"), "pending batches in begin order")
+        store.begin_batch(lease, a)
+        _expect([b, c, a], store.pending_batches("s1"), "a re-begun batch is the newest")
+        with _raises(LeaseLostError, "begin_batch by a stale holder"):
+            store.begin_batch(_stale(lease), pending("k-x", _member("x")))
+        _expect([b, c, a], store.pending_batches("s1"), "pending after a refused begin_batch")
+
+        applied = AppliedBatch(
+            run_id="r",
+            sequence=0,
+            operation=Operation.ADD,
+            idempotency_key="k-c",
+            added=(_member("d"),),
+            at=T0,
+        )
+        store.apply_batch(lease, applied)
+        _expect([b, a], store.pending_batches("s1"), "apply_batch deletes its pending record")
+        store.complete_run(lease, _completion(lease, T0 + HOUR, resolved=("k-b", "k-zz")))
+        _expect([a], store.pending_batches("s1"), "complete_run deletes the resolved keys only")
+        store.delete_sync("s1")
+        _expect([], store.pending_batches("s1"), "pending batches of a deleted sync")
+
+
 def check_ledger_and_dead_letters(make_storage: StorageFactory) -> None:
     """
     Rejections count attempts per member until max_rejection_attempts makes a dead letter;
@@ -1268,6 +1312,7 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_delivered_state,
     check_apply_batch_needs_lease,
     check_delivered_version,
+    check_pending_batches,
     check_ledger_and_dead_letters,
     check_record_issues,
     check_large_batch,
