@@ -1,0 +1,87 @@
+"""
+Run the benchmarks and print one table: scenario, ours, baseline, ratio, goal, met?
+
+    python benchmarks/run.py               # every scenario at full size
+    python benchmarks/run.py spread diff   # some of them
+
+The table is also written as JSON to benchmarks/results/latest.json, with the
+machine it ran on. A benchmark is not a test: the test suite runs each
+scenario small (tests/test_benchmarks_smoke.py) for correctness only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import scenarios
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit in ("calls/s", "runs/s"):
+        return f"{value:,.0f} {unit}"
+    if unit == "x":
+        return f"{value:.3f}x"
+    return f"{value:,.3f} {unit}"
+
+
+def table(rows: list[scenarios.Row]) -> str:
+    lines = [
+        "| scenario | ours | baseline | ratio | goal | met? | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
+        met = "-" if r.met is None else ("yes" if r.met else "**no**")
+        lines.append(
+            f"| {r.scenario} | {_fmt(r.ours, r.unit)} | {_fmt(r.baseline, r.unit)} | {ratio} "
+            f"| {r.goal} | {met} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def main(names: list[str]) -> int:
+    chosen = names or list(scenarios.SCENARIOS)
+    unknown = [n for n in chosen if n not in scenarios.SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(scenarios.SCENARIOS)}")
+        return 2
+    rows: list[scenarios.Row] = []
+    started = time.perf_counter()
+    for name in chosen:
+        t = time.perf_counter()
+        print(f"running {name} ...", flush=True)
+        rows += scenarios.SCENARIOS[name]()
+        print(f"  {name} took {time.perf_counter() - t:.1f} s", flush=True)
+    info = scenarios.machine()
+    text = table(rows)
+    print()
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB, "
+        f"Python {info['python']}, SQLite {info['sqlite']}"
+    )
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    payload = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": info,
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": scenarios.as_dicts(rows),
+        "table": text,
+    }
+    name = "latest.json" if not names else f"partial-{'-'.join(chosen)}.json"
+    (RESULTS / name).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
