@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import attrs
 
@@ -140,9 +140,20 @@ def _to_cohort_type(value: object) -> CohortType:
     return v.to_enum(CohortType, "type")(value)
 
 
+def has_change_feed(source: object) -> TypeGuard[ChangeFeed]:
+    """
+    Whether *source* also implements :class:`ChangeFeed` (cheaply: runs check it).
+    """
+    return callable(getattr(source, "changes_since", None)) and callable(
+        getattr(source, "cursor", None)
+    )
+
+
 def _to_source(value: object) -> MembershipSource | None:
-    if value is None or isinstance(value, MembershipSource):
-        return value
+    # A structural check, not isinstance() on the runtime-checkable protocol:
+    # that inspects every protocol attribute and runs on every Cohort copy.
+    if value is None or callable(getattr(value, "members", None)):
+        return value  # type: ignore[return-value]
     if callable(value):
         return CallableSource(value)
     raise ConfigurationError(

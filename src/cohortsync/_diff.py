@@ -107,19 +107,26 @@ def _read_set(source: MembershipSource, cohort_id: str) -> tuple[set[str], list[
         raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
     if current is None:
         return _read_set_slow(source, cohort_id)
-    # C-speed validation: str.__len__ raises on anything that is not a str.
-    try:
-        lengths_ok = not current or (
-            min(map(str.__len__, current)) > 0  # type: ignore[arg-type]
-            and max(map(str.__len__, current)) <= MAX_KEY_LENGTH  # type: ignore[arg-type]
-        )
-    except TypeError:
-        lengths_ok = False
-    if lengths_ok:
-        return current, []  # type: ignore[return-value]
-    invalid = [(shown_key(k), _invalid_reason(k)) for k in current if not _valid(k)]
-    valid = {k for k in current if _valid(k)}
-    return valid, invalid  # type: ignore[return-value]
+    # Keys are not validated here: only keys that are new to the destination
+    # can be invalid (everything delivered was checked when it was added), so
+    # the diff checks its adds, a few thousand keys instead of a million.
+    return current, []  # type: ignore[return-value]
+
+
+def _partition(keys: Iterable[object]) -> tuple[list[str], list[tuple[str, str]]]:
+    """
+    Split candidate keys into valid ones (ascending) and ``(shown, reason)``
+    for the rest.
+    """
+    valid: list[str] = []
+    invalid: list[tuple[str, str]] = []
+    for key in keys:
+        if _valid(key):
+            valid.append(key)  # type: ignore[arg-type]
+        else:
+            invalid.append((shown_key(key), _invalid_reason(key)))
+    valid.sort()
+    return valid, invalid
 
 
 def _read_set_slow(
@@ -140,7 +147,11 @@ def _read_set_slow(
 
 def _set_diff(
     current: set[str], delivered: Iterable[str], *, keep_existing: bool
-) -> tuple[list[str], list[str], list[str] | None]:
+) -> tuple[set[str], list[str], list[str] | None]:
+    """
+    Stream the delivered keys past *current*, which is left holding the
+    (unvalidated, unsorted) adds; removes and existing come out ascending.
+    """
     removes: list[str] = []
     existing: list[str] | None = [] if keep_existing else None
     discard = current.discard
@@ -161,7 +172,7 @@ def _set_diff(
                 append_existing(key)
             else:
                 append_remove(key)
-    return sorted(current), removes, existing
+    return current, removes, existing
 
 
 class _SortedReader:
@@ -265,8 +276,11 @@ def diff_snapshot(
         size, invalid = reader.count, reader.invalid
     else:
         current, invalid = _read_set(source, cohort_id)
-        size = len(current)
-        adds, removes, existing = _set_diff(current, delivered, keep_existing=keep_existing)
+        raw_adds, removes, existing = _set_diff(current, delivered, keep_existing=keep_existing)
+        adds, bad = _partition(raw_adds)
+        invalid += bad
+        # Every delivered key is valid: the cohort is what stays plus the valid adds.
+        size = delivered_count - len(removes) + len(adds)
     if exclude:
         adds = [k for k in adds if k not in exclude]
     return Diff(
@@ -305,19 +319,24 @@ def diff_with_state(
         given), which the caller then keeps up to date batch by batch.
     """
     current, invalid = _read_set(source, cohort_id)
-    size = len(current)
     existing: list[str] | None
     if known is not None:
-        adds = sorted(current - known)
+        raw_adds = current - known
         removes = sorted(known - current)
         existing = sorted(current & known) if keep_existing else None
         state = known
     else:
         state = set(current)
-        adds, removes, existing = _set_diff(current, read_delivered(), keep_existing=keep_existing)
-        state.difference_update(adds)
+        raw_adds, removes, existing = _set_diff(
+            current, read_delivered(), keep_existing=keep_existing
+        )
+        state.difference_update(raw_adds)
         state.update(removes)
     del current
+    adds, bad = _partition(raw_adds)
+    invalid += bad
+    # Every delivered key is valid, so the cohort is what stays plus the valid adds.
+    size = delivered_count - len(removes) + len(adds)
     if exclude:
         adds = [k for k in adds if k not in exclude]
     diff = Diff(

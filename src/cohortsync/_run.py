@@ -31,7 +31,7 @@ import attrs
 from cohortsync import _schedule
 from cohortsync._cache import DeliveredCache
 from cohortsync._clock import Clock
-from cohortsync._cohort import ChangeFeed, Cohort
+from cohortsync._cohort import Cohort, has_change_feed
 from cohortsync._delivery import Acked, BatchSender, RateLimiter, make_batch
 from cohortsync._destination import (
     Batch,
@@ -452,7 +452,7 @@ class _Run:
         if (
             sync.cadence is Cadence.REALTIME
             and not reconcile
-            and isinstance(source, ChangeFeed)
+            and has_change_feed(source)
             and record.feed_cursor is not None
             and not self.full
             and not caps.full_sync_only
@@ -472,10 +472,11 @@ class _Run:
             )
             return diff, diff.feed_cursor, True
         feed_cursor: str | None = None
-        if isinstance(source, ChangeFeed) and sync.policy.cadence is Cadence.REALTIME:
+        feed: object = source
+        if sync.policy.cadence is Cadence.REALTIME and has_change_feed(feed):
             # Take the cursor before reading, so changes made during the
             # read are seen again (idempotently) by the next run.
-            feed_cursor = source.cursor()
+            feed_cursor = feed.cursor()
         keep_existing = caps.full_sync_only or self.full
         cache = env.cache
         if (

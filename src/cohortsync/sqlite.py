@@ -417,7 +417,9 @@ class SQLiteStorage:
             # NORMAL is durable across application crashes in WAL mode; only a
             # power loss may roll back the last transactions, never corrupt.
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA cache_size = -16000")
+            # 8 MB: enough for the hot index pages of claims and batch writes;
+            # more only holds pages of large scans in memory for no gain.
+            conn.execute("PRAGMA cache_size = -8000")
         except sqlite3.Error as exc:
             conn.close()
             raise self._error(exc) from exc
@@ -877,6 +879,9 @@ class SQLiteStorage:
         reader = mine.reader
         if reader is None:
             reader = self._connect()
+            # It only streams the delivered keys once per run: a page cache
+            # would hold a copy of the index it will not read again.
+            reader.execute("PRAGMA cache_size = -1000")
             mine.all.append(reader)
         else:
             mine.reader = None
