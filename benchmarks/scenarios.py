@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import cohortsync as cs
 from cohortsync import _schedule
@@ -645,6 +646,110 @@ def scenario_overhead(n: int = 200_000, batch: int = 1_000) -> list[Row]:
     ]
 
 
+# -- 8: claim throughput, PostgreSQL against SQLite -----------------------------
+
+
+def _open_store(kind: str, where: str) -> cs.Storage:
+    if kind == "sqlite":
+        return SQLiteStorage(where)
+    from cohortsync.postgres import PostgresStorage
+
+    dsn, schema = where.split("#")
+    return PostgresStorage(dsn, schema=schema)
+
+
+def claim_worker(kind: str, where: str, owner: str, results: Any) -> None:
+    """
+    Claim and complete runs until nothing is due; report how many.
+    """
+    store = _open_store(kind, where)
+    done = 0
+    now = START + timedelta(minutes=1)
+    while True:
+        leases = store.claim_due(now, owner, timedelta(minutes=5), 1)
+        if not leases:
+            break
+        (lease,) = leases
+        run = cs.SyncRun(
+            id=f"{owner}-{done}",
+            sync_id=lease.sync_id,
+            generation=lease.generation,
+            trigger=lease.trigger,
+            slot=lease.slot,
+            started_at=now,
+            finished_at=now,
+            status=cs.RunStatus.SUCCEEDED,
+            cadence=cs.Cadence.HOURLY,
+        )
+        store.complete_run(lease, cs.Completion(run=run, next_due=now + timedelta(hours=1)))
+        done += 1
+    store.close()
+    results.put(done)
+
+
+def _claims(kind: str, where: str, syncs: int, workers: int) -> float:
+    store = _open_store(kind, where)
+    policy = cs.SyncPolicy.hourly()
+    for i in range(syncs):
+        sync = cs.Sync(
+            id=f"c{i:06d}", cohort_id="c", destination_id="d", policy=policy,
+            created_at=START, updated_at=START,
+        )  # fmt: skip
+        store.create_sync(cs.SyncRecord(sync=sync, next_due=START, anchor=START))
+    store.close()
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=claim_worker, args=(kind, where, f"w{k}", results))
+        for k in range(workers)
+    ]
+    t = time.perf_counter()
+    for proc in procs:
+        proc.start()
+    total = sum(results.get(timeout=600) for _ in procs)
+    elapsed = time.perf_counter() - t
+    for proc in procs:
+        proc.join()
+    assert total == syncs, (total, syncs)  # every due sync ran exactly once
+    return syncs / elapsed
+
+
+def scenario_claims(syncs: int = 3_000, workers: tuple[int, ...] = (1, 2, 4)) -> list[Row]:
+    dsn = os.environ.get("COHORTSYNC_TEST_POSTGRES_DSN")
+    rows = []
+    for k in workers:
+        with tempfile.TemporaryDirectory() as d:
+            sqlite_rate = _claims("sqlite", os.path.join(d, "claims.db"), syncs, k)
+        if dsn:
+            schema = f"bench_{os.getpid()}_{k}"
+            pg_rate = _claims("postgres", f"{dsn}#{schema}", syncs, k)
+            _drop_schema(dsn, schema)
+            rows.append(
+                Row(
+                    f"claim+complete, {k} worker process(es), PostgreSQL vs SQLite",
+                    pg_rate, sqlite_rate, "runs/s", pg_rate / sqlite_rate, "report", None,
+                    f"{syncs:,} due syncs, each run exactly once; baseline: SQLite",
+                )
+            )  # fmt: skip
+        else:
+            rows.append(
+                Row(
+                    f"claim+complete, {k} worker process(es), SQLite",
+                    sqlite_rate, None, "runs/s", None, "report", None,
+                    "PostgreSQL skipped: set COHORTSYNC_TEST_POSTGRES_DSN "
+                    "(source .ci/postgres.sh start)",
+                )
+            )  # fmt: skip
+    return rows
+
+
+def _drop_schema(dsn: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
 SCENARIOS: dict[str, Callable[[], list[Row]]] = {
     "diff": scenario_diff,
     "sorted": scenario_sorted,
@@ -652,6 +757,7 @@ SCENARIOS: dict[str, Callable[[], list[Row]]] = {
     "next_run": scenario_next_run,
     "spread": scenario_spread,
     "overhead": scenario_overhead,
+    "claims": scenario_claims,
 }
 
 
