@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import scenarios  # noqa: E402 - benchmarks/ is not a package
+import scenarios
 
 
 def check_rows(rows: list[scenarios.Row]) -> None:
