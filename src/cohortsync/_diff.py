@@ -17,8 +17,12 @@ Three strategies, chosen per run:
 
 from __future__ import annotations
 
+import bisect
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
+from typing import IO
 
 import attrs
 
@@ -77,9 +81,9 @@ class Diff:
         feed_cursor: The change-feed cursor this diff brings the sync to.
     """
 
-    adds: list[str]
-    removes: list[str]
-    existing: list[str] | None
+    adds: Keys
+    removes: Keys
+    existing: Keys | None
     size: int | None
     delivered: int
     invalid: list[tuple[str, str]] = attrs.Factory(list)
@@ -88,6 +92,14 @@ class Diff:
     @property
     def source_empty(self) -> bool:
         return self.size == 0
+
+    def close(self) -> None:
+        """
+        Delete any temporary file the merge diff spilled keys to.
+        """
+        for keys in (self.adds, self.removes, self.existing):
+            if isinstance(keys, KeyList):
+                keys.close()
 
 
 def _read_set(source: MembershipSource, cohort_id: str) -> tuple[set[str], list[tuple[str, str]]]:
@@ -217,12 +229,135 @@ class _SortedReader:
 _END = object()
 
 
+SPILL_AFTER = 200_000
+"""Keys a merge diff keeps in memory per list before spilling to a temporary file."""
+
+
+class KeyList:
+    """
+    Keys in the order appended, held in memory up to *spill_after* and in a
+    temporary file beyond: a sorted 10,000,000-member first sync must not
+    hold ten million strings at once. Iterable any number of times.
+
+    Keys are written one per line; the rare key holding a newline or a
+    backslash is escaped, so the common case reads back at C speed.
+    """
+
+    def __init__(self, spill_after: int | None = None) -> None:
+        self._spill_after = SPILL_AFTER if spill_after is None else spill_after
+        self._memory: list[str] = []
+        self._file: IO[str] | None = None
+        self._spilled = 0
+        self._ascending = True
+        self._last: str | None = None
+
+    def append(self, key: str) -> None:
+        if self._last is not None and key <= self._last:
+            self._ascending = False
+        self._last = key
+        self._memory.append(key)
+        if len(self._memory) >= self._spill_after:
+            self._spill()
+
+    def extend(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self.append(key)
+
+    def _spill(self) -> None:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(  # noqa: SIM115 - closed by close()
+                "w+", encoding="utf-8", errors="surrogatepass", newline="\n"
+            )
+        self._file.seek(0, os.SEEK_END)
+        self._file.write("\n".join(map(_escape, self._memory)))
+        self._file.write("\n")
+        self._spilled += len(self._memory)
+        self._memory = []
+
+    def __len__(self) -> int:
+        return self._spilled + len(self._memory)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __iter__(self) -> Iterator[str]:
+        if self._file is not None:
+            self._file.flush()
+            with open(
+                self._file.fileno(), encoding="utf-8", errors="surrogatepass",
+                newline="\n", closefd=False,
+            ) as reader:  # fmt: skip
+                reader.seek(0)
+                for line in reader:
+                    yield _unescape(line[:-1])
+        yield from list(self._memory)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        if self._file is None and self._ascending:
+            i = bisect.bisect_left(self._memory, key)
+            return i < len(self._memory) and self._memory[i] == key
+        return any(k == key for k in self)
+
+    def head(self, n: int) -> list[str]:
+        return list(islice(self, n))
+
+    def __eq__(self, other: object) -> bool:
+        # Compares as the sequence it stands for, so a spilled diff equals
+        # the same diff held in lists.
+        if isinstance(other, (KeyList, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __repr__(self) -> str:
+        where = "spilled to disk" if self._file is not None else "in memory"
+        return f"<KeyList {len(self)} keys, {where}>"
+
+
+def _escape(key: str) -> str:
+    if "\n" in key or "\\" in key:
+        return key.replace("\\", "\\\\").replace("\n", "\\n")
+    return key
+
+
+def _unescape(line: str) -> str:
+    if "\\" not in line:
+        return line
+    out: list[str] = []
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if c == "\\" and i + 1 < len(line):
+            out.append("\n" if line[i + 1] == "n" else line[i + 1])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+Keys = list[str] | KeyList
+"""What a diff holds: a list, or a KeyList when the merge diff streamed."""
+
+
+def head(keys: Keys, n: int) -> list[str]:
+    return keys[:n] if isinstance(keys, list) else keys.head(n)
+
+
 def _merge_diff(
     source: Iterator[str], delivered: Iterator[str], *, keep_existing: bool
-) -> tuple[list[str], list[str], list[str] | None]:
-    adds: list[str] = []
-    removes: list[str] = []
-    existing: list[str] | None = [] if keep_existing else None
+) -> tuple[KeyList, KeyList, KeyList | None]:
+    adds = KeyList()
+    removes = KeyList()
+    existing: KeyList | None = KeyList() if keep_existing else None
     a: object = next(source, _END)
     b: object = next(delivered, _END)
     while a is not _END and b is not _END:
@@ -270,6 +405,9 @@ def diff_snapshot(
         SourceError: The source raised while being read, or broke its promise
             of sorted output. Nothing was delivered.
     """
+    adds: Keys
+    removes: Keys
+    existing: Keys | None
     if getattr(source, "sorted_keys", False):
         reader = _SortedReader(source, cohort_id)
         adds, removes, existing = _merge_diff(iter(reader), delivered, keep_existing=keep_existing)
@@ -282,7 +420,13 @@ def diff_snapshot(
         # Every delivered key is valid: the cohort is what stays plus the valid adds.
         size = delivered_count - len(removes) + len(adds)
     if exclude:
-        adds = [k for k in adds if k not in exclude]
+        if isinstance(adds, KeyList):
+            kept = KeyList()
+            kept.extend(k for k in adds if k not in exclude)
+            adds.close()
+            adds = kept
+        else:
+            adds = [k for k in adds if k not in exclude]
     return Diff(
         adds=adds,
         removes=removes,
@@ -399,7 +543,7 @@ def diff_changes(
     )
 
 
-def chunks(items: list[str], size: int) -> Iterator[list[str]]:
+def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
     """
     Consecutive slices of at most *size* items.
     """

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 
 import attrs
@@ -42,7 +42,7 @@ from cohortsync._destination import (
     Operation,
     RunContext,
 )
-from cohortsync._diff import Diff, chunks, diff_changes, diff_snapshot, diff_with_state
+from cohortsync._diff import Diff, Keys, chunks, diff_changes, diff_snapshot, diff_with_state
 from cohortsync._eligibility import Eligibility, Ruleset, check_eligibility
 from cohortsync._events import (
     BatchDelivered,
@@ -162,9 +162,24 @@ def _offset_for(record: SyncRecord, cadence: Cadence) -> int:
     return 0 if period is None else _schedule.stable_offset(record.sync.id, period)
 
 
-def _has(ascending: list[str], key: str) -> bool:
-    i = bisect.bisect_left(ascending, key)
-    return i < len(ascending) and ascending[i] == key
+def _has(keys: Keys, key: str) -> bool:
+    if not isinstance(keys, list):
+        return key in keys
+    i = bisect.bisect_left(keys, key)
+    return i < len(keys) and keys[i] == key
+
+
+def _with(keys: Keys, extra: Iterable[str]) -> Keys:
+    """
+    *keys* plus the *extra* keys it lacks (ascending when *keys* is a list; a
+    spilled KeyList is appended to rather than read into memory).
+    """
+    if isinstance(keys, list):
+        return sorted({*keys, *extra})
+    for key in extra:
+        if key not in keys:
+            keys.append(key)
+    return keys
 
 
 def next_due_after(record: SyncRecord, sync: Sync, after: datetime) -> datetime | None:
@@ -366,8 +381,11 @@ class _Run:
             new_sync = attrs.evolve(new_sync, guard_released=False)
         if not from_feed:
             self._resolve_ledger(diff)
-        removes = [] if guarded else diff.removes
-        self._send(destination, caps, diff, removes, send_removals=send_removals)
+        removes: Keys = [] if guarded else diff.removes
+        try:
+            self._send(destination, caps, diff, removes, send_removals=send_removals)
+        finally:
+            diff.close()
         if self.issues:
             self._flush_issues()
         if guarded:
@@ -408,8 +426,8 @@ class _Run:
                 self.recovered_ids[key] = member.identifier
         if extra_adds or self.recovered_ids:
             self.notes.append(f"recovered_in_flight: +{len(extra_adds)} -{len(self.recovered_ids)}")
-        diff.adds = sorted({*diff.adds, *extra_adds})
-        diff.removes = sorted({*diff.removes, *self.recovered_ids})
+        diff.adds = _with(diff.adds, extra_adds)
+        diff.removes = _with(diff.removes, self.recovered_ids)
 
     def _begin(self, batch: Batch) -> None:
         """
@@ -644,7 +662,7 @@ class _Run:
         destination: Destination,
         caps: Capabilities,
         diff: Diff,
-        removes: list[str],
+        removes: Keys,
         *,
         send_removals: bool,
     ) -> None:
@@ -688,7 +706,7 @@ class _Run:
         self.counts.sequence += 1
         return self.counts.sequence
 
-    def _remove_batches(self, context: RunContext, keys: list[str], size: int) -> Iterator[Batch]:
+    def _remove_batches(self, context: RunContext, keys: Keys, size: int) -> Iterator[Batch]:
         for chunk in chunks(keys, size):
             ids = self.env.storage.delivered_identifiers(self.sync.id, chunk)
             recovered = self.recovered_ids
@@ -704,7 +722,7 @@ class _Run:
         self,
         context: RunContext,
         operation: Operation,
-        keys: list[str],
+        keys: Keys,
         mapping: IdentifierMapping,
         caps: Capabilities,
     ) -> Iterator[Batch]:
@@ -780,7 +798,7 @@ class _Run:
             ),
         )
 
-    def _apply_local_removals(self, keys: list[str]) -> None:
+    def _apply_local_removals(self, keys: Keys) -> None:
         for chunk in chunks(keys, ISSUE_CHUNK):
             self._apply(
                 AppliedBatch(

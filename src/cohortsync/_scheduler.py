@@ -23,7 +23,7 @@ from cohortsync._cohort import Cohort
 from cohortsync._converter import unstructure
 from cohortsync._delivery import RateLimiter
 from cohortsync._destination import Capabilities, Destination
-from cohortsync._diff import diff_snapshot
+from cohortsync._diff import diff_snapshot, head
 from cohortsync._eligibility import DEFAULT_RULES, Eligibility, Ruleset, check_eligibility
 from cohortsync._events import Listener
 from cohortsync._identifiers import IdentifierMapping
@@ -609,8 +609,8 @@ class Scheduler:
             guarded=guarded,
             full_sync=record.full_resync or caps.full_sync_only,
             eligibility=eligibility,
-            sample_adds=tuple(diff.adds[:sample_size]),
-            sample_removes=tuple(diff.removes[:sample_size]),
+            sample_adds=tuple(head(diff.adds, sample_size)),
+            sample_removes=tuple(head(diff.removes, sample_size)),
         )
 
     # -- running ---------------------------------------------------------------
