@@ -253,7 +253,10 @@ class _Run:
             if trigger is Trigger.TEARDOWN:
                 status = self._teardown(destination, caps)
                 new_sync = attrs.evolve(
-                    self.sync, status=SyncStatus.DELETED, updated_at=env.clock.now()
+                    self.sync,
+                    status=SyncStatus.DELETED,
+                    status_reason="deleted: removed what it delivered",
+                    updated_at=env.clock.now(),
                 )
             else:
                 status, new_sync, feed_cursor, full_done = self._deliver(cohort, destination, caps)

@@ -116,7 +116,9 @@ class Scheduler:
         slot_allocation: ``"balanced"`` (default) reads slot occupancy from
             the store so each minute of the period holds as many syncs as any
             other; ``"hash"`` derives the slot from the sync id alone.
-        listeners: Callables receiving every :mod:`event <cohortsync.events>`.
+        listeners: Callables receiving every event (``RunStarted``,
+            ``BatchDelivered``, ``RunFinished``, ``SyncFailed``,
+            ``EligibilityChanged``, ``GuardTripped``).
         seed: Seed for backoff jitter (tests); ``None`` is random.
         state_cache_keys: Most member keys this worker keeps in memory as
             copies of recently delivered states, so a steady-state run of a

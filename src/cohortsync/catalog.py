@@ -58,7 +58,7 @@ GOOGLE_ADS = Capabilities(
     accepted_identifiers=_HASHED,
     membership_ttl=timedelta(days=540),
 )
-"""Customer Match: 10,000 per request (the API allows 100,000); memberships last 540 days."""
+"""Google Ads Customer Match: 10,000 per request (up to 100,000); memberships last 540 days."""
 
 TWITTER_ADS = Capabilities(
     name="Twitter (X) Ads",
