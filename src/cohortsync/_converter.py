@@ -125,3 +125,26 @@ def loads(text: str | bytes, cls: type[T]) -> T:
     Parse a JSON string produced by :func:`dumps` back into a *cls*.
     """
     return structure(json.loads(text), cls)
+
+
+_SYNCS: dict[str, Any] = {}
+_SYNCS_MAX = 10_000
+
+
+def load_sync(text: str) -> Any:
+    """
+    Parse a stored sync definition, remembering recent ones by their text.
+
+    Every run reads its sync's definition; parsing it again (tens of
+    microseconds of validation) for a definition that has not changed is
+    most of a short run's cost. ``Sync`` is immutable, so sharing is safe.
+    """
+    sync = _SYNCS.get(text)
+    if sync is None:
+        from cohortsync._sync import Sync  # noqa: PLC0415 - _sync imports this module's users
+
+        sync = loads(text, Sync)
+        if len(_SYNCS) >= _SYNCS_MAX:
+            _SYNCS.clear()
+        _SYNCS[text] = sync
+    return sync

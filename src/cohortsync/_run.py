@@ -61,6 +61,7 @@ from cohortsync._storage import (
     Completion,
     IssueKind,
     Lease,
+    LedgerEntry,
     MemberIssue,
     PendingBatch,
     Storage,
@@ -221,6 +222,7 @@ class _Run:
         # Batches an earlier run recorded as in flight and never applied, and
         # the identifiers of members this run removes because of them.
         self.pending: list[PendingBatch] = []
+        self.ledger: list[LedgerEntry] = []
         self.recovered_ids: dict[str, Identifier] = {}
         self.guarded = False
 
@@ -463,7 +465,10 @@ class _Run:
         source = cohort.source
         if source is None:
             raise SourceError(cohort.id, "the cohort has no membership source registered")
-        dead = env.storage.dead_letters(sync.id)
+        # One read of the ledger serves both the dead letters (never re-added)
+        # and the pending rejections _resolve_ledger settles.
+        self.ledger = env.storage.ledger(sync.id)
+        dead = {e.key for e in self.ledger if e.dead}
         # Once an hour a real-time sync diffs the full snapshot even when it
         # has a change feed: that reconciles anything a feed missed and
         # retries members the destination rejected earlier. Removals the host
@@ -821,7 +826,7 @@ class _Run:
         ledger then lists only what is still owed (dead letters stay).
         """
         storage = self.env.storage
-        pending = [e.key for e in storage.ledger(self.sync.id) if not e.dead]
+        pending = [e.key for e in self.ledger if not e.dead]
         if not pending:
             return
         owed = (diff.adds, diff.removes, diff.existing or [])

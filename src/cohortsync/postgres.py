@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess
 import cattrs
 
 from cohortsync._clock import require_aware
-from cohortsync._converter import dumps, loads
+from cohortsync._converter import dumps, load_sync, loads
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._storage import (
     AppliedBatch,
@@ -668,7 +668,7 @@ class PostgresStorage:
             lease_trigger,
         ) = row
         try:
-            sync = loads(definition, Sync)
+            sync: Sync = load_sync(definition)
             lease = None
             if lease_token is not None:
                 lease = Lease(

@@ -31,7 +31,7 @@ import attrs
 from typing_extensions import Self
 
 from cohortsync._clock import require_aware
-from cohortsync._converter import dumps, loads
+from cohortsync._converter import dumps, load_sync, loads
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._storage import (
     AppliedBatch,
@@ -612,7 +612,7 @@ class SQLiteStorage:
     def _record(row: tuple[Any, ...]) -> SyncRecord:
         sync_id = row[0]
         try:
-            sync = loads(row[1], Sync)
+            sync: Sync = load_sync(row[1])
             lease = None
             if row[12] is not None:
                 lease = Lease(
@@ -828,10 +828,11 @@ class SQLiteStorage:
             except sqlite3.IntegrityError:
                 # Rolls back the update above too: nothing is written.
                 raise DuplicateRunError(run.sync_id, run.slot) from None
-            conn.executemany(
-                "DELETE FROM pending WHERE sync_id = ? AND idempotency_key = ?",
-                ((lease.sync_id, key) for key in completion.resolved),
-            )
+            if completion.resolved:
+                conn.executemany(
+                    "DELETE FROM pending WHERE sync_id = ? AND idempotency_key = ?",
+                    ((lease.sync_id, key) for key in completion.resolved),
+                )
 
     def begin_batch(self, lease: Lease, batch: PendingBatch) -> None:
         members = json.dumps(
