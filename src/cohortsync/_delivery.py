@@ -47,14 +47,23 @@ MAX_RATE_LIMIT_WAITS = 1_000
 
 
 def idempotency_key(
-    sync_id: str, generation: int, operation: Operation, identifiers: Sequence[str]
+    sync_id: str,
+    generation: int,
+    operation: Operation,
+    identifiers: Sequence[str],
+    basis: str = "",
 ) -> str:
     """
-    A stable hash of sync, generation, operation and batch content: the same
-    batch re-sent after a crash carries the same key, in any process.
+    A stable hash of sync, generation, operation, batch content and *basis*
+    (the run's scheduled slot).
+
+    The same batch re-sent after a crash carries the same key, in any
+    process: the run that takes a crashed one over runs the same slot. A
+    member who leaves and comes back is added again in a later slot, under a
+    new key; a receiver that de-duplicates on keys would otherwise drop it.
     """
     h = hashlib.sha256()
-    h.update(f"{sync_id}\x1f{generation}\x1f{operation.value}\x1f".encode())
+    h.update(f"{sync_id}\x1f{generation}\x1f{operation.value}\x1f{basis}\x1f".encode())
     for value in identifiers:
         h.update(value.encode("utf-8", "surrogatepass"))
         h.update(b"\x1e")
@@ -62,7 +71,11 @@ def idempotency_key(
 
 
 def make_batch(
-    context: RunContext, operation: Operation, members: Sequence[Member], sequence: int
+    context: RunContext,
+    operation: Operation,
+    members: Sequence[Member],
+    sequence: int,
+    basis: str = "",
 ) -> Batch:
     return Batch(
         context=context,
@@ -74,6 +87,7 @@ def make_batch(
             context.generation,
             operation,
             [m.identifier.value for m in members],
+            basis,
         ),
     )
 
@@ -239,8 +253,10 @@ class BatchSender:
                 return [Acked(batch, DeliveryResult.partial([rejection]))]
             half = len(batch.members) // 2
             ctx = batch.context
-            left = make_batch(ctx, batch.operation, batch.members[:half], batch.sequence)
-            right = make_batch(ctx, batch.operation, batch.members[half:], batch.sequence)
+            # Halves are keyed from their parent: as stable as it is.
+            parent = batch.idempotency_key
+            left = make_batch(ctx, batch.operation, batch.members[:half], batch.sequence, parent)
+            right = make_batch(ctx, batch.operation, batch.members[half:], batch.sequence, parent)
             return self.send(left) + self.send(right)
 
     def send_all(

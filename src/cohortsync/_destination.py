@@ -49,6 +49,10 @@ class IdentifierKind(enum.Enum):
 def _kinds(value: Iterable[object] | None) -> frozenset[IdentifierKind] | None:
     if value is None:
         return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigurationError(
+            "accepted_identifiers", value, "must be a collection of IdentifierKind values"
+        )
     return frozenset(v.to_enum(IdentifierKind, "accepted_identifiers")(k) for k in value)
 
 

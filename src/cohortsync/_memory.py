@@ -449,7 +449,8 @@ class MemoryStorage:
                 del self._runs[k]
             for run_id in run_ids:
                 self._issues.pop(run_id, None)
-            self._batches = [b for b in self._batches if b.run_id not in run_ids]
+            # Batches of runs that never completed age out on their own time.
+            self._batches = [b for b in self._batches if b.run_id not in run_ids and b.at >= before]
             return len(old)
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ from cohortsync import _schedule
 from cohortsync._cache import DeliveredCache
 from cohortsync._clock import Clock
 from cohortsync._cohort import Cohort, has_change_feed
-from cohortsync._delivery import Acked, BatchSender, RateLimiter, make_batch
+from cohortsync._delivery import Acked, BatchSender, RateLimiter, idempotency_key, make_batch
 from cohortsync._destination import (
     Batch,
     Capabilities,
@@ -71,6 +71,7 @@ from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.exceptions import (
     AuthenticationError,
     CohortSyncError,
+    ConfigurationError,
     LeaseLostError,
     SourceError,
 )
@@ -170,6 +171,10 @@ def _has(keys: Keys, key: str) -> bool:
     return i < len(keys) and keys[i] == key
 
 
+def _content_key(operation: Operation, identifiers: Sequence[str]) -> str:
+    return idempotency_key("", 0, operation, identifiers)
+
+
 def _with(keys: Keys, extra: Iterable[str]) -> Keys:
     """
     *keys* plus the *extra* keys it lacks (ascending when *keys* is a list; a
@@ -204,6 +209,11 @@ class _Run:
         self.env = env
         self.lease = _Lease(env, lease)
         self.run_id = secrets.token_hex(8)
+        # The scheduled slot goes into every idempotency key: a run taking over
+        # a crashed one runs the same slot and re-sends under the same keys,
+        # while a member who leaves and comes back does so in a later slot and
+        # gets a new key (a de-duplicating receiver would drop a repeated one).
+        self.basis = lease.slot.isoformat()
         self.started = env.clock.now()
         self.record = env.storage.get_sync(lease.sync_id)
         self.sync = self.record.sync
@@ -222,6 +232,7 @@ class _Run:
         # Batches an earlier run recorded as in flight and never applied, and
         # the identifiers of members this run removes because of them.
         self.pending: list[PendingBatch] = []
+        self.reusable: dict[str, str] | None = None
         self.ledger: list[LedgerEntry] = []
         self.recovered_ids: dict[str, Identifier] = {}
         self.guarded = False
@@ -297,12 +308,12 @@ class _Run:
         except BaseException:
             self.state = None
             raise
-        if self.state is None:
-            return
         if not isinstance(version, str):
             self.state = None
             return
         self.version = version
+        if self.state is None:
+            return
         self.state.difference_update(batch.removed)
         self.state.update(m.key for m in batch.added)
 
@@ -357,6 +368,7 @@ class _Run:
         if self.full:
             self.notes.append("full_resync" if record.full_resync else "ttl_refresh")
         self.pending = self.env.storage.pending_batches(sync.id)
+        self.version = self.env.storage.delivered_version(sync.id)
         diff, feed_cursor, from_feed = self._read(cohort, caps, delivered_count)
         if self.pending:
             self._recover(diff)
@@ -434,6 +446,26 @@ class _Run:
         diff.adds = _with(diff.adds, extra_adds)
         diff.removes = _with(diff.removes, self.recovered_ids)
 
+    def _batch(self, context: RunContext, operation: Operation, members: list[Member]) -> Batch:
+        """
+        Build the next batch. A batch identical to one still pending (sent by
+        an earlier run, outcome unknown) keeps that batch's idempotency key:
+        it is the same request, re-sent.
+        """
+        batch = make_batch(context, operation, members, self._next_sequence(), self.basis)
+        if self.pending:
+            if self.reusable is None:
+                self.reusable = {
+                    _content_key(p.operation, [m.identifier.value for m in p.members]): (
+                        p.idempotency_key
+                    )
+                    for p in self.pending
+                }
+            earlier = self.reusable.get(_content_key(operation, batch.identifiers))
+            if earlier is not None:
+                batch = attrs.evolve(batch, idempotency_key=earlier)
+        return batch
+
     def _begin(self, batch: Batch) -> None:
         """
         Record the batch as in flight before the destination sees it.
@@ -486,7 +518,6 @@ class _Run:
             if env.cache is not None:
                 # Keep an in-memory state current through feed runs too, so the
                 # hourly reconciliation does not have to read the store.
-                self.version = env.storage.delivered_version(sync.id)
                 self.state = env.cache.take(sync.id, self.version)
             diff = diff_changes(
                 source,
@@ -519,7 +550,6 @@ class _Run:
                 exclude=dead,
             )
             return diff, feed_cursor, False
-        self.version = env.storage.delivered_version(sync.id)
         known = cache.take(sync.id, self.version)
         if known is not None and len(known) != delivered_count:
             known = None  # cannot happen with a conforming store; never trust it then
@@ -724,7 +754,7 @@ class _Run:
                 if k in ids or k in recovered
             ]
             if members:
-                yield make_batch(context, Operation.REMOVE, members, self._next_sequence())
+                yield self._batch(context, Operation.REMOVE, members)
 
     def _add_batches(
         self,
@@ -749,7 +779,7 @@ class _Run:
                     for k in unresolved
                 )
             if members:
-                yield make_batch(context, operation, members, self._next_sequence())
+                yield self._batch(context, operation, members)
 
     def _on_acked(self, acked: Acked) -> None:
         batch = acked.batch
@@ -853,6 +883,7 @@ class _Run:
         """
         Remove exactly what this sync delivered (``OnDelete.REMOVE_DELIVERED``).
         """
+        self.version = self.env.storage.delivered_version(self.sync.id)
         keys = list(self.env.storage.iter_delivered(self.sync.id))
         diff = Diff(adds=[], removes=keys, existing=None, size=0, delivered=len(keys))
         if caps.supports_removals:
@@ -865,6 +896,16 @@ class _Run:
         self.issues.clear()
 
     # -- completion --------------------------------------------------------------
+
+    def _next_slot(self, sync: Sync, after: datetime) -> datetime | None:
+        try:
+            return next_due_after(self.record, sync, after)
+        except ConfigurationError:
+            raise  # a damaged schedule row, not the end of time
+        except (OverflowError, ValueError):
+            # No next slot exists before year 10,000: say so, do not crash.
+            self.notes.append("no_next_slot: the clock is at the end of time")
+            return None
 
     def _complete(
         self,
@@ -930,7 +971,7 @@ class _Run:
             new_sync = attrs.evolve(new_sync, status=SyncStatus.COMPLETED, updated_at=finished)
             next_due = None
         else:
-            next_due = next_due_after(record, new_sync, max(finished, lease.slot))
+            next_due = self._next_slot(new_sync, max(finished, lease.slot))
         run = SyncRun(
             id=self.run_id,
             sync_id=self.sync.id,

@@ -11,7 +11,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import attrs
 
@@ -215,12 +215,14 @@ class Scheduler:
         self._listeners.append(listener)
 
     def cohort(self, cohort_id: str) -> Cohort:
+        check_id("cohort_id", cohort_id)
         try:
             return self._cohorts[cohort_id]
         except KeyError:
             raise CohortNotFoundError(cohort_id) from None
 
     def destination(self, destination_id: str) -> Destination:
+        check_id("destination_id", destination_id)
         try:
             return self._destinations[destination_id]
         except KeyError:
@@ -229,6 +231,7 @@ class Scheduler:
     def mapping(self, mapping_id: str | None) -> IdentifierMapping:
         if mapping_id is None:
             return _IDENTITY
+        check_id("mapping_id", mapping_id)
         try:
             return self._mappings[mapping_id]
         except KeyError:
@@ -677,7 +680,8 @@ class Scheduler:
         now = self._now()
         if self._last_purge is None or now - self._last_purge >= timedelta(hours=1):
             self._last_purge = now
-            self.storage.purge_history(now - self.retention)
+            if now - datetime.min.replace(tzinfo=timezone.utc) > self.retention:
+                self.storage.purge_history(now - self.retention)
 
     def run_forever(
         self,

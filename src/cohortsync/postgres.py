@@ -1325,10 +1325,13 @@ class PostgresStorage:
                 self._sql(
                     "WITH gone AS (DELETE FROM {s}.runs WHERE finished_at < %s RETURNING id),"
                     " b AS (DELETE FROM {s}.batches WHERE run_id IN (SELECT id FROM gone)),"
-                    " i AS (DELETE FROM {s}.issues WHERE run_id IN (SELECT id FROM gone))"
+                    " i AS (DELETE FROM {s}.issues WHERE run_id IN (SELECT id FROM gone)),"
+                    # Batches of runs that never completed (a crashed worker)
+                    # have no run to go with: they age out on their own time.
+                    " o AS (DELETE FROM {s}.batches WHERE at < %s)"
                     " SELECT count(*) FROM gone"
                 ),
-                (before,),
+                (before, before),
             )
             purged: int = _one(cur)[0]
         return purged

@@ -14,6 +14,7 @@ compare fast in indexes and round-trip exactly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -56,6 +57,8 @@ from cohortsync.exceptions import (
 )
 
 __all__ = ["SQLiteStorage"]
+
+log = logging.getLogger("cohortsync.sqlite")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_US = timedelta(microseconds=1)
@@ -219,6 +222,13 @@ _CLAIM = """
     )
     RETURNING id, generation, next_due, next_trigger, lease_token
 """
+_UNSCHEDULE = """
+    UPDATE syncs SET
+        next_due = NULL,
+        lease_owner = NULL, lease_token = NULL, lease_expires = NULL,
+        lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL
+    WHERE id = ?
+"""
 _RELEASE = """
     UPDATE syncs SET
         lease_owner = NULL, lease_token = NULL, lease_expires = NULL,
@@ -289,7 +299,35 @@ def _opt_us(value: datetime | None) -> int | None:
 
 
 def _dt(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
+    try:
+        return _EPOCH + timedelta(microseconds=value)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise CorruptStoreError(f"stored time {value!r} is not a usable timestamp") from exc
+
+
+def _lease(row: tuple[Any, ...], owner: str, expires_at: datetime) -> Lease:
+    sync_id, generation, due, trigger, token = row
+    damaged = [
+        f"{name} {value!r}"
+        for name, value in (("generation", generation), ("next_due", due))
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ]
+    if damaged:
+        raise CorruptStoreError(
+            f"sync {sync_id!r} has a damaged schedule row: {', '.join(damaged)}"
+        )
+    try:
+        return Lease(
+            sync_id=sync_id,
+            generation=generation,
+            slot=_dt(due),
+            trigger=Trigger(trigger),
+            owner=owner,
+            token=token,
+            expires_at=expires_at,
+        )
+    except (CorruptStoreError, TypeError, ValueError) as exc:
+        raise CorruptStoreError(f"sync {sync_id!r} has a damaged schedule row: {exc}") from exc
 
 
 def _opt_dt(value: int | None) -> datetime | None:
@@ -757,19 +795,18 @@ class SQLiteStorage:
         }
         with self._write() as conn:
             rows = conn.execute(_CLAIM, params).fetchall()
-        rows.sort(key=itemgetter(2, 0))  # RETURNING gives rows in no particular order
-        return [
-            Lease(
-                sync_id=sync_id,
-                generation=generation,
-                slot=_dt(due),
-                trigger=Trigger(trigger),
-                owner=owner,
-                token=token,
-                expires_at=expires_at,
-            )
-            for sync_id, generation, due, trigger, token in rows
-        ]
+            # Decode inside the transaction. A damaged row is taken off the
+            # schedule (lease cleared, next_due NULL) and reported, instead of
+            # being leased to nobody or blocking every healthy sync behind it.
+            leases = []
+            for row in rows:
+                try:
+                    leases.append(_lease(row, owner, expires_at))
+                except CorruptStoreError as exc:  # noqa: PERF203 - rare, and must not stop the rest
+                    log.error("unscheduling sync %r: %s", row[0], exc)  # noqa: TRY400 - typed, no trace needed
+                    conn.execute(_UNSCHEDULE, (row[0],))
+        leases.sort(key=lambda lease: (lease.slot, lease.sync_id))
+        return leases
 
     @staticmethod
     def _check_lease(conn: sqlite3.Connection, lease: Lease) -> None:
@@ -1103,6 +1140,9 @@ class SQLiteStorage:
         with self._write() as conn:
             conn.execute(f"DELETE FROM issues WHERE run_id IN ({old_runs})", cut)  # noqa: S608 - constant
             conn.execute(f"DELETE FROM batches WHERE run_id IN ({old_runs})", cut)  # noqa: S608 - constant
+            # Batches of runs that never completed (a crashed worker) have no
+            # run to go with: they age out on their own time.
+            conn.execute("DELETE FROM batches WHERE at < ?", cut)
             deleted: int = conn.execute("DELETE FROM runs WHERE finished_at < ?", cut).rowcount
         return deleted
 

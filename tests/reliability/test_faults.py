@@ -300,13 +300,6 @@ class TestDeduplicatingReceivers:
     A receiver that de-duplicates on the idempotency key still gets every change.
     """
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug (design): the idempotency key hashes only sync, generation, operation and "
-        "content, so a member who leaves and comes back is re-added in a batch with the key of "
-        "its first add; a receiver that de-duplicates on message_id (as the webhook docs "
-        "suggest) drops it, while the history says succeeded",
-    )
     def test_a_member_who_comes_back_is_added_again(self) -> None:
         """Join, leave, rejoin: the receiver holds the member at the end."""
         clock = FakeClock(T0)

@@ -124,12 +124,6 @@ class TestRetentionAfterCrashes:
     History retention also covers what crashed runs left behind.
     """
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: purge_history deletes batches and issues only of runs that have a run "
-        "record; a run that crashed after applying a batch never gets one, so its batch "
-        "rows are never purged and the store grows with every crash",
-    )
     def test_batches_of_a_crashed_run_are_purged(self, tmp_path: Path) -> None:
         """After the retention period no batch row of a crashed run remains."""
         path = tmp_path / "cohortsync.db"
