@@ -46,7 +46,8 @@ def shown_key(key: object) -> str:
     """
     A bounded, printable stand-in for an invalid key in the issue log.
     """
-    text = key if isinstance(key, str) else repr(key)
+    # repr() for anything a store could not hold either (NUL, lone surrogates).
+    text = key if isinstance(key, str) and _storable(key) else repr(key)
     return text if len(text) <= 100 else text[:97] + "..."
 
 
@@ -55,13 +56,33 @@ def _invalid_reason(key: object) -> str:
         return f"invalid_key: not a str ({type(key).__name__})"
     if not key:
         return "invalid_key: empty"
-    return f"invalid_key: longer than {MAX_KEY_LENGTH} characters"
+    if len(key) > MAX_KEY_LENGTH:
+        return f"invalid_key: longer than {MAX_KEY_LENGTH} characters"
+    if "\x00" in key:
+        return "invalid_key: contains a NUL character"
+    return "invalid_key: not valid Unicode (a lone surrogate)"
+
+
+def _storable(key: str) -> bool:
+    """
+    Whether every store can hold *key*: no NUL (PostgreSQL text cannot) and
+    no lone surrogate (not encodable as UTF-8).
+    """
+    if "\x00" in key:
+        return False
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _valid(key: object) -> bool:
     # isinstance, not an exact type check: the fast path in _read_set accepts
     # str subclasses, and a key must not be valid in one run and not the next.
-    return isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH
+    # A key no store can hold would be sent, fail to be recorded, and be sent
+    # again every run: it is skipped instead.
+    return isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH and _storable(key)
 
 
 @attrs.define
