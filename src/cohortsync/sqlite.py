@@ -31,6 +31,7 @@ from typing import Any
 import attrs
 from typing_extensions import Self
 
+from cohortsync import _schedule
 from cohortsync._clock import require_aware
 from cohortsync._converter import dumps, load_sync, loads
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
@@ -188,7 +189,8 @@ _MIGRATIONS: list[tuple[str, ...]] = [
 _SYNC_COLUMNS = (
     "id, definition, next_due, next_trigger, slot_offset, slot_bucket, anchor, attempts, "
     "full_resync, feed_cursor, last_full_sync_at, "
-    "lease_owner, lease_token, lease_expires, lease_slot, lease_generation, lease_trigger"
+    "lease_owner, lease_token, lease_expires, lease_slot, lease_generation, lease_trigger, "
+    "status, generation"
 )
 _SELECT_SYNC = f"SELECT {_SYNC_COLUMNS} FROM syncs"  # noqa: S608 - constant column list
 
@@ -683,6 +685,19 @@ class SQLiteStorage:
         if record.id != sync_id:
             raise CorruptStoreError(
                 f"the stored row of sync {sync_id!r} holds the definition of {record.id!r}"
+            )
+        # The indexed columns claims read must agree with the definition, or a
+        # sync would show as due and never run (or run off a stale schedule).
+        if (row[17], row[18]) != (sync.status.value, sync.generation):
+            raise CorruptStoreError(
+                f"sync {sync_id!r}: status/generation columns {row[17]!r}/{row[18]!r} disagree "
+                f"with its definition ({sync.status.value!r}/{sync.generation})"
+            )
+        period = _schedule.period_seconds(sync.policy.cadence)
+        if period is not None and not 0 <= record.offset < period:
+            raise CorruptStoreError(
+                f"sync {sync_id!r}: slot offset {record.offset} is outside its "
+                f"{period}-second period"
             )
         return record
 
