@@ -26,7 +26,6 @@ workers starting together do not race.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import secrets
 import threading
@@ -50,7 +49,8 @@ import cattrs
 
 from cohortsync._clock import require_aware
 from cohortsync._converter import dumps, load_sync, loads
-from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
+from cohortsync._destination import Identifier, IdentifierKind
+from cohortsync._rows import decode_pending, encode_members
 from cohortsync._storage import (
     AppliedBatch,
     Completion,
@@ -993,12 +993,7 @@ class PostgresStorage:
                 )
 
     def begin_batch(self, lease: Lease, batch: PendingBatch) -> None:
-        members = [
-            [m.key]
-            if m.identifier.kind is IdentifierKind.USER_ID and m.identifier.value == m.key
-            else [m.key, m.identifier.kind.value, m.identifier.value]
-            for m in batch.members
-        ]
+        members = encode_members(batch.members)
         with self._cursor("begin_batch", transaction=True) as cur:
             self._hold(cur, lease, "share")
             # Delete then insert: a re-begun batch gets a new seq, the newest.
@@ -1016,7 +1011,7 @@ class PostgresStorage:
                     batch.idempotency_key,
                     batch.run_id,
                     batch.operation.value,
-                    json.dumps(members, separators=(",", ":")),
+                    members,
                 ),
             )
 
@@ -1030,7 +1025,7 @@ class PostgresStorage:
                 (sync_id,),
             )
             rows = cur.fetchall()
-        return _parse_pending(sync_id, rows)
+        return decode_pending(sync_id, rows)
 
     # -- delivered state -----------------------------------------------------------
 
@@ -1403,31 +1398,3 @@ def _dsn_factory(dsn: str) -> tuple[Callable[[], _Connection], str, str | None]:
             raise StorageError(f"cannot connect to PostgreSQL at {shown}: {detail}") from None
 
     return factory, shown, str(secret) if secret else None
-
-
-def _parse_pending(sync_id: str, rows: Sequence[tuple[Any, ...]]) -> list[PendingBatch]:
-    """
-    Rebuild pending batches from rows of (key, run id, operation, members JSON);
-    identity identifiers are stored as ``[key]``, others as ``[key, kind, value]``.
-    """
-    key = None
-    try:
-        out = []
-        for key, run_id, operation, members in rows:
-            parsed = [
-                Member(m[0], Identifier(IdentifierKind.USER_ID, m[0]))
-                if len(m) == 1
-                else Member(m[0], Identifier(IdentifierKind(m[1]), m[2]))
-                for m in json.loads(members)
-            ]
-            out.append(
-                PendingBatch(
-                    run_id=run_id,
-                    idempotency_key=key,
-                    operation=Operation(operation),
-                    members=tuple(parsed),
-                )
-            )
-    except (ValueError, TypeError, IndexError, KeyError) as exc:
-        raise CorruptStoreError(f"pending batch {key!r} of sync {sync_id!r}: {exc}") from exc
-    return out

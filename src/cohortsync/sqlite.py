@@ -34,7 +34,8 @@ from typing_extensions import Self
 from cohortsync import _schedule
 from cohortsync._clock import require_aware
 from cohortsync._converter import dumps, load_sync, loads
-from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
+from cohortsync._destination import Identifier, IdentifierKind
+from cohortsync._rows import decode_pending, encode_members
 from cohortsync._storage import (
     AppliedBatch,
     Completion,
@@ -887,15 +888,7 @@ class SQLiteStorage:
                 )
 
     def begin_batch(self, lease: Lease, batch: PendingBatch) -> None:
-        members = json.dumps(
-            [
-                [m.key]
-                if m.identifier.kind is IdentifierKind.USER_ID and m.identifier.value == m.key
-                else [m.key, m.identifier.kind.value, m.identifier.value]
-                for m in batch.members
-            ],
-            separators=(",", ":"),
-        )
+        members = encode_members(batch.members)
         with self._write() as conn:
             self._check_lease(conn, lease)
             # REPLACE deletes then inserts: a re-begun batch becomes the newest row.
@@ -918,7 +911,7 @@ class SQLiteStorage:
                 "WHERE sync_id = ? ORDER BY rowid",
                 (sync_id,),
             ).fetchall()
-        return _parse_pending(sync_id, rows)
+        return decode_pending(sync_id, rows)
 
     # -- delivered state ------------------------------------------------------------
 
@@ -1177,31 +1170,3 @@ def _migrate(conn: sqlite3.Connection, found: int, target: int) -> None:
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         [("application", _APPLICATION), ("schema_version", str(target))],
     )
-
-
-def _parse_pending(sync_id: str, rows: Sequence[tuple[Any, ...]]) -> list[PendingBatch]:
-    """
-    Rebuild pending batches from rows of (key, run id, operation, members JSON);
-    identity identifiers are stored as ``[key]``, others as ``[key, kind, value]``.
-    """
-    key = None
-    try:
-        out = []
-        for key, run_id, operation, members in rows:
-            parsed = [
-                Member(m[0], Identifier(IdentifierKind.USER_ID, m[0]))
-                if len(m) == 1
-                else Member(m[0], Identifier(IdentifierKind(m[1]), m[2]))
-                for m in json.loads(members)
-            ]
-            out.append(
-                PendingBatch(
-                    run_id=run_id,
-                    idempotency_key=key,
-                    operation=Operation(operation),
-                    members=tuple(parsed),
-                )
-            )
-    except (ValueError, TypeError, IndexError, KeyError) as exc:
-        raise CorruptStoreError(f"pending batch {key!r} of sync {sync_id!r}: {exc}") from exc
-    return out
