@@ -10,7 +10,8 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typing", "docs"]
+# The test session runs last so its summary line closes the log.
+nox.options.sessions = ["lint", "typing", "docs", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = False
 
