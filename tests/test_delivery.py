@@ -1623,6 +1623,29 @@ class TestPacing:
         assert [0.5, 0.5, 0.5, 0.5] == clock.slept
         assert START + timedelta(seconds=2) == clock.now()
 
+    def test_the_rate_limit_is_shared_by_every_scheduler_in_the_process(
+        self, clock: FakeClock
+    ) -> None:
+        """Two Scheduler objects (two workers of one process) share one token bucket."""
+        limit = RateLimit(requests=2, per_seconds=1)
+        workers = []
+        for n in range(2):
+            scheduler = Scheduler(MemoryStorage(), clock=clock, seed=0)
+            dest = RecordingDestination(Capabilities(max_batch_size=2, rate_limit=limit))
+            scheduler.add_destination("dest", dest)
+            members = keys(6, prefix=f"w{n}")
+            scheduler.add_cohort(Cohort(id="c", name="C", source=lambda m=members: m))
+            scheduler.create_sync("c", "dest", SyncPolicy.hourly(), sync_id="s")
+            workers.append(scheduler)
+
+        for scheduler in workers:
+            scheduler.run_due()
+
+        # Six requests from each worker, two a second together: the second
+        # worker starts with an empty bucket, so all but the first two wait.
+        assert [0.5, 0.5, 0.5, 0.5] == clock.slept[:4]
+        assert START + timedelta(seconds=2) == clock.now()
+
 
 # --- History, events, logs ---------------------------------------------------------------------
 

@@ -10,13 +10,14 @@ import hashlib
 import logging
 import random
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import datetime
 
 import attrs
 
-from cohortsync._clock import Clock
+from cohortsync._clock import Clock, SystemClock
 from cohortsync._destination import (
     Batch,
     DeliveryResult,
@@ -127,6 +128,32 @@ class RateLimiter:
         if delay > 0:
             self._clock.sleep(delay)
         return delay
+
+
+_LIMITERS: weakref.WeakValueDictionary[tuple[str, RateLimit, object], RateLimiter] = (
+    weakref.WeakValueDictionary()
+)
+_LIMITERS_LOCK = threading.Lock()
+
+
+def shared_limiter(destination_id: str, limit: RateLimit, clock: Clock) -> RateLimiter:
+    """
+    The rate limiter of *destination_id* for this process: every Scheduler and
+    thread sending to the destination shares one, so together they stay
+    within its limit.
+
+    Schedulers on the system clock share it whatever clock object they hold;
+    a fake clock has limiters of its own (tests keep their time apart). An
+    entry lives as long as some scheduler holds its limiter.
+    """
+    clock_key: object = "system" if type(clock) is SystemClock else id(clock)
+    key = (destination_id, limit, clock_key)
+    with _LIMITERS_LOCK:
+        limiter = _LIMITERS.get(key)
+        if limiter is None:
+            limiter = RateLimiter(limit, clock)
+            _LIMITERS[key] = limiter
+        return limiter
 
 
 @attrs.define

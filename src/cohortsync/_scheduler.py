@@ -21,7 +21,7 @@ from cohortsync._cache import DeliveredCache
 from cohortsync._clock import Clock, SystemClock, require_aware
 from cohortsync._cohort import Cohort
 from cohortsync._converter import unstructure
-from cohortsync._delivery import RateLimiter
+from cohortsync._delivery import RateLimiter, shared_limiter
 from cohortsync._destination import Capabilities, Destination
 from cohortsync._diff import diff_snapshot, head
 from cohortsync._eligibility import DEFAULT_RULES, Eligibility, Ruleset, check_eligibility
@@ -242,11 +242,11 @@ class Scheduler:
     def _limiter(self, destination_id: str, caps: Capabilities) -> RateLimiter | None:
         if caps.rate_limit is None:
             return None
+        limiter = shared_limiter(destination_id, caps.rate_limit, self.clock)
         with self._limiters_lock:
-            limiter = self._limiters.get(destination_id)
-            if limiter is None:
-                limiter = self._limiters[destination_id] = RateLimiter(caps.rate_limit, self.clock)
-            return limiter
+            # Hold it: the process-wide registry keeps limiters only while used.
+            self._limiters[destination_id] = limiter
+        return limiter
 
     # -- eligibility ---------------------------------------------------------
 
