@@ -249,3 +249,27 @@ class TestKeyList:
 
         assert 2_500 == run.added
         assert set(members) == destination.audience("s")  # type: ignore[attr-defined]
+
+
+class TestOneRead:
+    def test_an_unhashable_key_does_not_make_the_source_read_twice(self) -> None:
+        """The snapshot is read once even with unhashable keys; the rest is still diffed."""
+
+        class OnceSource:
+            reads = 0
+
+            def members(self) -> Iterator[object]:
+                self.reads += 1
+                if self.reads > 1:
+                    return iter(())  # a one-shot feed: a second read sees nothing
+                return iter(["a", ["not", "hashable"], "b", {"x": 1}, "c"])
+
+        source = OnceSource()
+        diff = diff_snapshot(cast("CallableSource", source), "c1", iter([]), 0, keep_existing=False)
+
+        assert 1 == source.reads
+        assert ["a", "b", "c"] == diff.adds
+        assert [
+            ("<list>", "invalid_key: not a str (list)"),
+            ("<dict>", "invalid_key: not a str (dict)"),
+        ] == diff.invalid

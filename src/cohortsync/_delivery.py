@@ -30,7 +30,6 @@ from cohortsync._destination import (
 )
 from cohortsync._policy import RetryPolicy
 from cohortsync.exceptions import (
-    AuthenticationError,
     BadDataError,
     DeliveryError,
     PermanentError,
@@ -310,13 +309,13 @@ class BatchSender:
             in_flight: set[Future[list[Acked]]] = set()
             for batch in batches:
                 while len(in_flight) >= parallel:
-                    error = self._drain(in_flight, on_acked, error, block=True)
+                    error = self._drain(in_flight, on_acked, error)
                 if error is not None:
                     break
                 self.before_send(batch)
                 in_flight.add(pool.submit(self.send, batch))
             while in_flight:
-                error = self._drain(in_flight, on_acked, error, block=True)
+                error = self._drain(in_flight, on_acked, error)
         if error is not None:
             raise error
 
@@ -325,10 +324,8 @@ class BatchSender:
         in_flight: set[Future[list[Acked]]],
         on_acked: Callable[[Acked], None],
         error: BaseException | None,
-        *,
-        block: bool,
     ) -> BaseException | None:
-        done, _ = wait(in_flight, return_when=FIRST_COMPLETED if block else "ALL_COMPLETED")
+        done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
         for future in done:
             in_flight.discard(future)
             exc = future.exception()
@@ -338,10 +335,3 @@ class BatchSender:
             for acked in future.result():
                 on_acked(acked)
         return error
-
-
-def is_fatal_for_sync(error: BaseException) -> bool:
-    """
-    Errors that stop the sync (not just the run).
-    """
-    return isinstance(error, AuthenticationError)

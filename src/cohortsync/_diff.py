@@ -125,25 +125,32 @@ class Diff:
 
 def _read_set(source: MembershipSource, cohort_id: str) -> tuple[set[str], list[tuple[str, str]]]:
     """
-    Read the whole snapshot into a set, fast when every key is valid.
+    Read the whole snapshot into a set, in one pass over the source.
+
+    Keys are not validated here: only keys that are new to the destination
+    can be invalid (everything delivered was checked when it was added), so
+    the diff checks its adds, a few thousand keys instead of a million. The
+    one thing a set cannot hold, an unhashable key, is recorded and skipped;
+    ``set.update`` resumes after it, so the source is never read twice.
     """
+    current: set[object] = set()
+    invalid: list[tuple[str, str]] = []
     try:
-        raw = source.members()
-        try:
-            current: set[object] | None = set(raw)
-        except TypeError:
-            # Unhashable keys: take the slow path over a fresh read.
-            current = None
+        it = iter(source.members())
+        while True:
+            try:
+                current.update(it)
+                break
+            except TypeError as e:
+                if not str(e).startswith("unhashable type"):
+                    raise
+                kind = str(e).partition("'")[2].rstrip("'")
+                invalid.append((f"<{kind}>", f"invalid_key: not a str ({kind})"))
     except (InvalidMemberError, SourceError):
         raise
     except Exception as e:
         raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
-    if current is None:
-        return _read_set_slow(source, cohort_id)
-    # Keys are not validated here: only keys that are new to the destination
-    # can be invalid (everything delivered was checked when it was added), so
-    # the diff checks its adds, a few thousand keys instead of a million.
-    return current, []  # type: ignore[return-value]
+    return current, invalid  # type: ignore[return-value]
 
 
 def _partition(keys: Iterable[object]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -160,22 +167,6 @@ def _partition(keys: Iterable[object]) -> tuple[list[str], list[tuple[str, str]]
             invalid.append((shown_key(key), _invalid_reason(key)))
     valid.sort()
     return valid, invalid
-
-
-def _read_set_slow(
-    source: MembershipSource, cohort_id: str
-) -> tuple[set[str], list[tuple[str, str]]]:
-    current: set[str] = set()
-    invalid: list[tuple[str, str]] = []
-    try:
-        for key in source.members():
-            if _valid(key):
-                current.add(key)
-            else:
-                invalid.append((shown_key(key), _invalid_reason(key)))
-    except Exception as e:
-        raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
-    return current, invalid
 
 
 def _set_diff(

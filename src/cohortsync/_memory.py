@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 import attrs
 
 from cohortsync._clock import require_aware
-from cohortsync._destination import Identifier, Operation
+from cohortsync._destination import Identifier, IdentifierKind, Operation
 from cohortsync._storage import (
     AppliedBatch,
     Completion,
@@ -355,8 +355,6 @@ class MemoryStorage:
             return {k for k in keys if k in ids}
 
     def delivered_identifiers(self, sync_id: str, keys: Sequence[str]) -> dict[str, Identifier]:
-        from cohortsync._destination import IdentifierKind  # noqa: PLC0415 - avoid cycle noise
-
         with self._lock:
             ids = self._state(sync_id).ids
             out: dict[str, Identifier] = {}

@@ -138,10 +138,6 @@ class _Lease:
             )
 
 
-def _period(cadence: Cadence) -> timedelta | None:
-    return cadence.period
-
-
 def _effective_trigger(lease: Lease, cadence: Cadence, now: datetime) -> Trigger:
     if lease.trigger is not Trigger.SCHEDULED:
         return lease.trigger
@@ -149,7 +145,7 @@ def _effective_trigger(lease: Lease, cadence: Cadence, now: datetime) -> Trigger
         return Trigger.REALTIME
     if cadence is Cadence.ONE_TIME:
         return Trigger.ONE_TIME
-    period = _period(cadence)
+    period = cadence.period
     if period is not None and now - lease.slot >= period:
         return Trigger.CATCH_UP
     return Trigger.SCHEDULED

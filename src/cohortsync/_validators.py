@@ -7,7 +7,7 @@ inside the engine.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any, TypeVar
@@ -142,18 +142,6 @@ def to_enum(enum: type[E], field: str) -> Callable[[object], E]:
             ) from None
 
     return convert
-
-
-def to_tuple(value: Iterable[T]) -> tuple[T, ...]:
-    """
-    attrs converter: any iterable to a tuple (named, so type checkers follow it).
-    """
-    return tuple(value)
-
-
-def aware(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None:
-        require_aware(value, attribute.name)  # type: ignore[arg-type]
 
 
 def aware_instant(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
