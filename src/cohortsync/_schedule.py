@@ -303,21 +303,27 @@ def _next_local(zone: ZoneInfo, offset: int, after: datetime) -> datetime:
     Slots never go backwards as the local date advances, so the answer is the
     slot of the local date of *after* or of a neighbour; no loop over the gap.
 
-    The next day's slot is always after *after*: it shows a wall time on a
-    later date, and if a backward jump repeats that wall time, the later fold
-    is taken, which comes after everything shown before the repeat. Earlier
-    days' slots can also be after *after*, but only when *after* falls before a
-    backward jump that repeats them: rare, and bounded by the longest jump in
-    the tz database (a whole day, in Alaska in 1867), so the walk back takes at
-    most one step, whatever the distance from the anchor.
+    If the slot of *after*'s date has passed, the answer is the slot of the
+    next day that exists: the next date, or the one after it when the zone
+    skipped the next date altogether (:func:`_local_slot`); the tz database
+    never skips two days running. That slot is after *after*: it shows a wall
+    time on a later date, and if a backward jump repeats that wall time, the
+    later fold is taken, which comes after everything shown before the repeat.
+
+    Earlier days' slots can also be after *after*, but only when *after* falls
+    before a backward jump that repeats them: rare, and bounded by the longest
+    jump in the tz database (a whole day, in Alaska in 1867), so the walk back
+    takes at most one step, whatever the distance from the anchor.
     """
     day = after.astimezone(zone).date()
     slot = _local_slot(zone, day, offset)
-    if slot <= after:
-        return _local_slot(zone, day + _ONE_DAY, offset)
-    while (earlier := _local_slot(zone, day - _ONE_DAY, offset)) > after:
-        day, slot = day - _ONE_DAY, earlier
-    return slot
+    if slot is None or slot <= after:
+        return _existing_slot(zone, day + _ONE_DAY, offset, _ONE_DAY)[1]
+    while True:
+        earlier_day, earlier = _existing_slot(zone, day - _ONE_DAY, offset, -_ONE_DAY)
+        if earlier <= after:
+            return slot
+        day, slot = earlier_day, earlier
 
 
 def _slot_local(zone: ZoneInfo, offset: int, when: datetime) -> datetime:
@@ -326,26 +332,49 @@ def _slot_local(zone: ZoneInfo, offset: int, when: datetime) -> datetime:
 
     The mirror image of :func:`_next_local`: the next day's slot is never at or
     before *when*, and walking back takes one step, or two when *when* falls
-    before a backward jump of a whole day.
+    before a backward jump of a whole day, plus one over a skipped day.
     """
     day = when.astimezone(zone).date()
     slot = _local_slot(zone, day, offset)
-    while slot > when:
+    while slot is None or slot > when:
         day -= _ONE_DAY
         slot = _local_slot(zone, day, offset)
     return slot
 
 
-def _local_slot(zone: ZoneInfo, day: date, offset: int) -> datetime:
+def _existing_slot(
+    zone: ZoneInfo, day: date, offset: int, step: timedelta
+) -> tuple[date, datetime]:
+    """
+    The slot of *day*, or if the zone skipped *day*, of the nearest day in the
+    direction of *step* (one day forward or back) that exists, with that day.
+    """
+    slot = _local_slot(zone, day, offset)
+    while slot is None:
+        day += step
+        slot = _local_slot(zone, day, offset)
+    return day, slot
+
+
+def _local_slot(zone: ZoneInfo, day: date, offset: int) -> datetime | None:
     """
     The instant of *day*'s slot: *offset* seconds of wall time after local
-    midnight, as aware UTC.
+    midnight, as aware UTC; ``None`` if the zone skips *day* altogether.
 
     A wall time repeated by a backward transition resolves to the later fold,
     so the sync runs once, after the repeated hour has begun for the second
     time. A wall time skipped by a forward transition resolves to the
     transition itself, the first instant that exists after it: running early
     would mean running before the local day's slot.
+
+    A day is skipped when the gap holding its wall time began at or before its
+    midnight and ended at or after the next one: Samoa went from 2011-12-29
+    23:59:59 to 2011-12-31 00:00, so no clock there showed 2011-12-30. Such a
+    day has no slot. Resolving it to the transition, like any other gap, would
+    run the sync twice on the next day: at its midnight and at its own slot.
+    A day that exists keeps its slot even when a gap reaching past midnight
+    skips it: Sofia went from 1979-03-31 23:00 to 1979-04-01 00:00, so a 23:30
+    slot of the 31st runs at that transition, shown as midnight on the 1st.
     """
     hours, rest = divmod(offset, 3_600)
     minutes, seconds = divmod(rest, 60)
@@ -355,7 +384,16 @@ def _local_slot(zone: ZoneInfo, day: date, offset: int) -> datetime:
     # mismatch means the wall time does not exist (it is in a gap).
     if instant.astimezone(zone) == wall:
         return instant
-    return _end_of_gap(zone, wall)
+    transition = _end_of_gap(zone, wall)
+    # Just before the transition the clock shows the last moment before the
+    # gap, and at it the first moment after: the day is skipped if neither is
+    # on it.
+    if (
+        transition.astimezone(zone).date() > day
+        and (transition - timedelta.resolution).astimezone(zone).date() < day
+    ):
+        return None
+    return transition
 
 
 def _end_of_gap(zone: ZoneInfo, wall: datetime) -> datetime:
