@@ -8,10 +8,24 @@ which is what makes schedules testable with a fake clock.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Clock", "SystemClock", "require_aware"]
+__all__ = ["END_OF_TIME", "Clock", "SystemClock", "add_saturating", "require_aware"]
+
+END_OF_TIME = datetime.max.replace(tzinfo=timezone.utc)
+START_OF_TIME = datetime.min.replace(tzinfo=timezone.utc)
+
+
+def add_saturating(when: datetime, delta: timedelta) -> datetime:
+    """
+    *when* + *delta*, clamped to the range a datetime can hold: instant
+    arithmetic near year 1 or 9999 (a clock gone wild) must not crash a run.
+    """
+    try:
+        return when + delta
+    except OverflowError:
+        return END_OF_TIME if delta > timedelta(0) else START_OF_TIME
 
 
 @runtime_checkable

@@ -16,9 +16,10 @@ from datetime import datetime, timedelta
 
 import attrs
 
-from cohortsync._clock import require_aware
+from cohortsync._clock import add_saturating, require_aware
 from cohortsync._destination import Identifier, IdentifierKind, Operation
 from cohortsync._storage import (
+    SLOT_BUCKET_SECONDS,
     AppliedBatch,
     Completion,
     IssueKind,
@@ -26,7 +27,10 @@ from cohortsync._storage import (
     LedgerEntry,
     MemberIssue,
     PendingBatch,
+    Progress,
     SyncRecord,
+    claim_slot,
+    slot_bucket_of,
 )
 from cohortsync._sync import SyncRun, SyncStatus
 from cohortsync.exceptions import (
@@ -34,6 +38,7 @@ from cohortsync.exceptions import (
     ConflictError,
     DuplicateRunError,
     LeaseLostError,
+    StorageError,
     SyncNotFoundError,
 )
 
@@ -54,6 +59,9 @@ class _Delivered:
     """
 
     ids: dict[str, Identifier | None] = attrs.Factory(dict)
+    # Members delivered under an identifier other than their own key (the
+    # identity mapping is stored as None and needs no index).
+    holders: dict[Identifier, set[str]] = attrs.Factory(dict)
     _sorted: list[str] | None = None
 
     def sorted_keys(self) -> list[str]:
@@ -62,13 +70,28 @@ class _Delivered:
         return self._sorted
 
     def add(self, key: str, identifier: Identifier | None) -> None:
-        if key not in self.ids:
+        old = self.ids.get(key, _MISSING)
+        if old is _MISSING:
             self._sorted = None
+        elif old is not None:
+            self._unindex(key, old)  # type: ignore[arg-type]
         self.ids[key] = identifier
+        if identifier is not None:
+            self.holders.setdefault(identifier, set()).add(key)
 
     def discard(self, key: str) -> None:
-        if self.ids.pop(key, _MISSING) is not _MISSING:
+        old = self.ids.pop(key, _MISSING)
+        if old is not _MISSING:
             self._sorted = None
+            if old is not None:
+                self._unindex(key, old)  # type: ignore[arg-type]
+
+    def _unindex(self, key: str, identifier: Identifier) -> None:
+        keys = self.holders.get(identifier)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self.holders[identifier]
 
 
 _MISSING = object()
@@ -82,7 +105,7 @@ def _claimable_at(record: SyncRecord) -> datetime | None:
     if record.sync.status is not SyncStatus.ACTIVE or record.next_due is None:
         return None
     if record.lease is not None:
-        return max(record.next_due, record.lease.expires_at + _TICK)
+        return max(record.next_due, add_saturating(record.lease.expires_at, _TICK))
     return record.next_due
 
 
@@ -110,14 +133,16 @@ class _Slots:
         bisect.insort(self.levels.setdefault(new, []), bucket)
         self.counts[bucket] = new
 
-    def allocate(self, preferred: int) -> int:
+    def least(self, preferred: int) -> int:
         while self.low not in self.levels:
             self.low += 1
         level = self.levels[self.low]
         i = bisect.bisect_left(level, preferred % self.buckets)
-        bucket = level[i] if i < len(level) else level[0]
-        self._move(bucket, self.low, self.low + 1)
-        return bucket
+        return level[i] if i < len(level) else level[0]
+
+    def take(self, bucket: int) -> None:
+        n = self.counts[bucket]
+        self._move(bucket, n, n + 1)
 
     def release(self, bucket: int) -> None:
         n = self.counts[bucket]
@@ -154,7 +179,12 @@ class MemoryStorage:
     _issues: dict[str, list[MemberIssue]] = attrs.field(factory=dict, repr=False)
     _versions: dict[str, str] = attrs.field(factory=dict, repr=False)
     _pending: dict[str, dict[str, PendingBatch]] = attrs.field(factory=dict, repr=False)
+    _progress: dict[str, Progress] = attrs.field(factory=dict, repr=False)
     _closed: bool = attrs.field(default=False, repr=False)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"{self!r} is closed")
 
     def __repr__(self) -> str:
         return f"MemoryStorage(syncs={len(self._syncs)}, runs={len(self._runs)})"
@@ -163,12 +193,15 @@ class MemoryStorage:
 
     def create_sync(self, record: SyncRecord) -> None:
         with self._lock:
+            self._check_open()
             if record.id in self._syncs:
                 raise ConfigurationError("id", record.id, "a sync with this id already exists")
-            self._store(attrs.evolve(record, lease=None))
+            self._count_slot(None, record)
+            self._store(attrs.evolve(record, lease=None, last_slot=None, revision=0))
 
     def get_sync(self, sync_id: str) -> SyncRecord:
         with self._lock:
+            self._check_open()
             try:
                 return self._syncs[sync_id]
             except KeyError:
@@ -176,6 +209,7 @@ class MemoryStorage:
 
     def list_syncs(self) -> list[SyncRecord]:
         with self._lock:
+            self._check_open()
             return [self._syncs[k] for k in sorted(self._syncs)]
 
     def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
@@ -183,32 +217,87 @@ class MemoryStorage:
             current = self.get_sync(record.id)
             if current.sync.generation != expected_generation:
                 raise ConflictError(record.id, expected_generation, current.sync.generation)
-            self._store(attrs.evolve(record, lease=current.lease))
+            self._count_slot(current, record)
+            self._store(
+                attrs.evolve(
+                    record,
+                    lease=current.lease,
+                    last_slot=current.last_slot,
+                    revision=current.revision + 1,
+                )
+            )
 
     def delete_sync(self, sync_id: str) -> None:
         with self._lock:
-            self._syncs.pop(sync_id, None)
+            self._check_open()
+            record = self._syncs.pop(sync_id, None)
+            if record is not None:
+                self._count_slot(record, None)
             self._leased.discard(sync_id)
             self._delivered.pop(sync_id, None)
             self._versions.pop(sync_id, None)
             self._pending.pop(sync_id, None)
+            self._progress.pop(sync_id, None)
             for k in [k for k in self._ledger if k[0] == sync_id]:
                 del self._ledger[k]
 
+    def next_due(self) -> datetime | None:
+        with self._lock:
+            self._check_open()
+            # The heap holds hints; drop stale ones from the top until it is true.
+            while self._due:
+                at, sync_id = self._due[0]
+                r = self._syncs.get(sync_id)
+                if r is not None and _claimable_at(r) == at:
+                    return at
+                heapq.heappop(self._due)
+            return None
+
+    def scheduled_after(self, now: datetime) -> list[SyncRecord]:
+        now = require_aware(now, "now")
+        with self._lock:
+            self._check_open()
+            return [
+                r
+                for r in self._syncs.values()
+                if r.sync.status is SyncStatus.ACTIVE
+                and r.lease is None
+                and r.scheduled_from is not None
+                and r.scheduled_from > now
+            ]
+
     # -- slots ---------------------------------------------------------------
 
-    def allocate_slot(self, period: int, buckets: int, preferred: int) -> int:
+    def _slots_of(self, period: int) -> _Slots:
+        buckets = period // SLOT_BUCKET_SECONDS
+        slots = self._slots.get(period)
+        if slots is None or slots.buckets != buckets:
+            slots = self._slots[period] = _Slots.empty(buckets)
+        return slots
+
+    def _count_slot(self, old: SyncRecord | None, new: SyncRecord | None) -> None:
+        before = None if old is None else slot_bucket_of(old)
+        after = None if new is None else slot_bucket_of(new)
+        if before == after:
+            return
+        if before is not None:
+            slots = self._slots_of(before[0])
+            if 0 <= before[1] < slots.buckets:
+                slots.release(before[1])
+        if after is not None:
+            slots = self._slots_of(after[0])
+            if 0 <= after[1] < slots.buckets:
+                slots.take(after[1])
+
+    def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
+        if buckets < 1:
+            raise ConfigurationError("buckets", buckets, "must be >= 1")
         with self._lock:
+            self._check_open()
             slots = self._slots.get(period)
             if slots is None or slots.buckets != buckets:
                 slots = self._slots[period] = _Slots.empty(buckets)
-            return slots.allocate(preferred)
-
-    def release_slot(self, period: int, bucket: int) -> None:
-        with self._lock:
-            slots = self._slots.get(period)
-            if slots is not None and 0 <= bucket < slots.buckets:
-                slots.release(bucket)
+            return slots.least(preferred)
 
     # -- claims --------------------------------------------------------------
 
@@ -229,6 +318,7 @@ class MemoryStorage:
     def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
         now = require_aware(now, "now")
         with self._lock:
+            self._check_open()
             due: list[SyncRecord] = []
             seen: set[str] = set()
             popped: set[str] = set()
@@ -267,20 +357,23 @@ class MemoryStorage:
             leases = []
             for r in due:
                 assert r.next_due is not None  # noqa: S101 - _claimable_at checked it
+                slot = claim_slot(r.next_due, r.last_slot)
                 lease = Lease(
                     sync_id=r.id,
                     generation=r.sync.generation,
-                    slot=r.next_due,
+                    slot=slot,
                     trigger=r.next_trigger,
                     owner=owner,
                     token=secrets.token_hex(16),
-                    expires_at=now + lease_for,
+                    expires_at=add_saturating(now, lease_for),
+                    revision=r.revision,
                 )
-                self._store(attrs.evolve(r, lease=lease))
+                self._store(attrs.evolve(r, lease=lease, next_due=slot))
                 leases.append(lease)
             return leases
 
     def _held(self, lease: Lease) -> SyncRecord:
+        self._check_open()
         r = self._syncs.get(lease.sync_id)
         if r is None or r.lease is None or r.lease.token != lease.token:
             raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
@@ -290,7 +383,7 @@ class MemoryStorage:
         now = require_aware(now, "now")
         with self._lock:
             r = self._held(lease)
-            new = attrs.evolve(lease, expires_at=now + lease_for)
+            new = attrs.evolve(lease, expires_at=add_saturating(now, lease_for))
             self._store(attrs.evolve(r, lease=new))
             return new
 
@@ -306,38 +399,55 @@ class MemoryStorage:
             if (run.sync_id, run.slot) in self._runs:
                 raise DuplicateRunError(run.sync_id, run.slot)
             self._runs[run.sync_id, run.slot] = run
-            same_generation = r.sync.generation == lease.generation
-            changes: dict[str, object] = {"lease": None}
+            same_generation = r.sync.generation == lease.generation and r.revision == lease.revision
+            changes: dict[str, object] = {
+                "lease": None,
+                "last_slot": run.slot if r.last_slot is None else max(r.last_slot, run.slot),
+            }
             if same_generation and r.next_due == lease.slot:
                 changes["next_due"] = completion.next_due
                 changes["next_trigger"] = completion.next_trigger
                 changes["attempts"] = completion.attempts
+                changes["scheduled_from"] = completion.scheduled_from
             if same_generation and completion.sync is not None:
                 changes["sync"] = completion.sync
             if completion.feed_cursor is not None:
                 changes["feed_cursor"] = completion.feed_cursor
             if completion.full_sync_done:
-                changes["full_resync"] = False
+                if same_generation and r.next_due == lease.slot:
+                    changes["full_resync"] = False
                 changes["last_full_sync_at"] = run.started_at
             pending = self._pending.get(r.id, {})
             for key in completion.resolved:
                 pending.pop(key, None)
+            self._progress.pop(r.id, None)
             self._store(attrs.evolve(r, **changes))  # type: ignore[arg-type]
 
-    def begin_batch(self, lease: Lease, batch: PendingBatch) -> None:
+    def begin_batch(
+        self, lease: Lease, batch: PendingBatch, *, replaces: str | None = None
+    ) -> None:
         with self._lock:
             self._held(lease)
             pending = self._pending.setdefault(lease.sync_id, {})
+            if replaces is not None:
+                pending.pop(replaces, None)
             pending.pop(batch.idempotency_key, None)  # re-begun: now the newest
             pending[batch.idempotency_key] = batch
 
     def pending_batches(self, sync_id: str) -> list[PendingBatch]:
         with self._lock:
+            self._check_open()
             return list(self._pending.get(sync_id, {}).values())
+
+    def progress(self, sync_id: str) -> Progress | None:
+        with self._lock:
+            self._check_open()
+            return self._progress.get(sync_id)
 
     # -- delivered state -----------------------------------------------------
 
     def _state(self, sync_id: str) -> _Delivered:
+        self._check_open()
         return self._delivered.setdefault(sync_id, _Delivered())
 
     def iter_delivered(self, sync_id: str) -> Iterator[str]:
@@ -364,8 +474,27 @@ class MemoryStorage:
                     out[k] = ident if ident is not None else Identifier(IdentifierKind.USER_ID, k)
             return out
 
+    def identifier_holders(
+        self, sync_id: str, identifiers: Iterable[Identifier]
+    ) -> dict[Identifier, list[str]]:
+        with self._lock:
+            state = self._state(sync_id)
+            out: dict[Identifier, list[str]] = {}
+            for ident in identifiers:
+                keys = set(state.holders.get(ident, ()))
+                if (
+                    ident.kind is IdentifierKind.USER_ID
+                    and ident.value in state.ids
+                    and state.ids[ident.value] is None
+                ):
+                    keys.add(ident.value)
+                if keys:
+                    out[ident] = sorted(keys)
+            return out
+
     def delivered_version(self, sync_id: str) -> str:
         with self._lock:
+            self._check_open()
             return self._versions.get(sync_id, "")
 
     def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
@@ -403,6 +532,12 @@ class MemoryStorage:
                     for k, r in batch.rejected
                 )
             self._pending.get(lease.sync_id, {}).pop(batch.idempotency_key, None)
+            if batch.slot is not None and batch.tally:
+                old_progress = self._progress.get(lease.sync_id)
+                tally = batch.tally
+                if old_progress is not None and old_progress.slot == batch.slot:
+                    tally = old_progress.tally + tally
+                self._progress[lease.sync_id] = Progress(slot=batch.slot, tally=tally)
             version = secrets.token_hex(8)
             self._versions[lease.sync_id] = version
             return version
@@ -417,16 +552,19 @@ class MemoryStorage:
 
     def ledger(self, sync_id: str) -> list[LedgerEntry]:
         with self._lock:
+            self._check_open()
             return sorted(
                 (e for (s, _), e in self._ledger.items() if s == sync_id), key=lambda e: e.key
             )
 
     def dead_letters(self, sync_id: str) -> set[str]:
         with self._lock:
+            self._check_open()
             return {k for (s, k), e in self._ledger.items() if s == sync_id and e.dead}
 
     def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
         with self._lock:
+            self._check_open()
             runs = sorted(
                 (r for (s, _), r in self._runs.items() if s == sync_id),
                 key=lambda r: (r.started_at, r.slot),
@@ -436,11 +574,13 @@ class MemoryStorage:
 
     def run_issues(self, run_id: str) -> list[MemberIssue]:
         with self._lock:
+            self._check_open()
             return sorted(self._issues.get(run_id, []), key=lambda i: (i.kind, i.key))
 
     def purge_history(self, before: datetime) -> int:
         before = require_aware(before, "before")
         with self._lock:
+            self._check_open()
             old = [k for k, r in self._runs.items() if r.finished_at < before]
             run_ids = {self._runs[k].id for k in old}
             for k in old:

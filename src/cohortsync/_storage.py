@@ -26,6 +26,7 @@ from cohortsync._destination import Identifier, Member, Operation
 from cohortsync._sync import Sync, SyncRun, Trigger
 
 __all__ = [
+    "SLOT_BUCKET_SECONDS",
     "AppliedBatch",
     "Completion",
     "IssueKind",
@@ -33,9 +34,18 @@ __all__ = [
     "LedgerEntry",
     "MemberIssue",
     "PendingBatch",
+    "Progress",
     "Storage",
     "SyncRecord",
+    "Tally",
+    "claim_slot",
+    "slot_bucket_of",
 ]
+
+SLOT_BUCKET_SECONDS = 60
+"""The load-aware allocator balances syncs per minute of the period."""
+
+_TICK = timedelta(microseconds=1)
 
 
 @attrs.frozen(kw_only=True)
@@ -44,7 +54,9 @@ class Lease:
     Proof that a worker may run one slot of one sync until ``expires_at``.
 
     ``slot`` is the scheduled instant being run (the sync's ``next_due`` when it
-    was claimed); the run record is unique on (sync, slot).
+    was claimed); the run record is unique on (sync, slot). ``revision`` is
+    the sync's revision when it was claimed: host changes made during the run
+    (a new revision) win over the run's own schedule and definition changes.
     """
 
     sync_id: str
@@ -54,6 +66,7 @@ class Lease:
     owner: str
     token: str = attrs.field(repr=lambda t: repr(t[:8] + "..."))
     expires_at: datetime = attrs.field(converter=v.to_utc)
+    revision: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -74,6 +87,15 @@ class SyncRecord:
         feed_cursor: The change-feed position delivered so far (real-time).
         last_full_sync_at: When the whole audience was last sent (TTL refresh).
         lease: The lease held on it, if any.
+        last_slot: The slot of the sync's last recorded run. Claims never hand
+            out a slot at or before it (see :func:`claim_slot`), so a run
+            record stays unique per slot whatever the clock or the host does.
+        scheduled_from: The instant ``next_due`` was computed from (when the
+            last run finished). If the clock now reads earlier, the clock went
+            back and the schedule is recomputed from the present.
+        revision: Bumped by the store on every :meth:`Storage.save_sync` (a
+            host's change); a run's completion changes the schedule, flags and
+            definition only if it is still the revision the lease saw.
     """
 
     sync: Sync
@@ -87,10 +109,83 @@ class SyncRecord:
     feed_cursor: str | None = None
     last_full_sync_at: datetime | None = attrs.field(default=None, converter=v.optional_to_utc)
     lease: Lease | None = None
+    last_slot: datetime | None = attrs.field(default=None, converter=v.optional_to_utc)
+    scheduled_from: datetime | None = attrs.field(default=None, converter=v.optional_to_utc)
+    revision: int = 0
 
     @property
     def id(self) -> str:
         return self.sync.id
+
+
+def claim_slot(next_due: datetime, last_slot: datetime | None) -> datetime:
+    """
+    The slot a claim of a sync due at *next_due* runs: *next_due* itself,
+    unless a run is already recorded at or after it (the host asked for a run
+    at the very instant of the last one, or the clock went back), then one
+    microsecond after the last recorded slot.
+
+    Every store applies this rule in its claim (and sets ``next_due`` to the
+    result), so run records are unique per slot by construction and no host
+    call needs special cases for "now".
+    """
+    if last_slot is None or next_due > last_slot:
+        return next_due
+    return last_slot + _TICK
+
+
+def slot_bucket_of(record: SyncRecord) -> tuple[int, int] | None:
+    """
+    ``(period seconds, bucket)`` a stored sync occupies in the slot
+    allocator's counts, or ``None``. Stores keep the counts in the same
+    transaction as the sync write (create, save, delete), so they never drift.
+    """
+    if record.slot_bucket is None:
+        return None
+    period = record.sync.policy.cadence.period
+    if period is None:
+        return None
+    return int(period.total_seconds()), record.slot_bucket
+
+
+@attrs.frozen(kw_only=True)
+class Tally:
+    """
+    What one applied batch adds to its run's counts (all zero for local
+    bookkeeping that sent nothing).
+    """
+
+    added: int = 0
+    removed: int = 0
+    rejected: int = 0
+    batches: int = 0
+    collisions: int = 0
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(
+            added=self.added + other.added,
+            removed=self.removed + other.removed,
+            rejected=self.rejected + other.rejected,
+            batches=self.batches + other.batches,
+            collisions=self.collisions + other.collisions,
+        )
+
+    def __bool__(self) -> bool:
+        return any((self.added, self.removed, self.rejected, self.batches, self.collisions))
+
+
+@attrs.frozen(kw_only=True)
+class Progress:
+    """
+    What the attempts of a slot that have not completed yet delivered: kept
+    by :meth:`Storage.apply_batch`, cleared by :meth:`Storage.complete_run`.
+
+    A run that takes over a crashed attempt folds it into its own record, so
+    the slot's history accounts for everything delivered in it.
+    """
+
+    slot: datetime = attrs.field(converter=v.to_utc)
+    tally: Tally = Tally()
 
 
 @attrs.frozen(kw_only=True)
@@ -100,17 +195,20 @@ class Completion:
 
     Args:
         run: The history record (unique per sync and slot).
-        next_due: The next due instant. Applied only if the sync's generation
-            and ``next_due`` are still what the lease saw: an update, pause or
-            "sync now" made during the run wins over the run's own advance.
+        next_due: The next due instant. Applied only if the sync's generation,
+            revision and ``next_due`` are still what the lease saw: an update,
+            pause, deletion or "sync now" made during the run wins over the
+            run's own advance.
         next_trigger: What that next run will be.
         sync: A replacement definition (same id and generation) carrying a
-            status or effective-cadence change, or ``None``. Applied only if the
-            generation still matches.
+            status or effective-cadence change, or ``None``. Applied under the
+            same condition as *next_due*.
         attempts: The new consecutive-failure count.
         feed_cursor: The new change-feed cursor, or ``None`` to keep the stored one.
-        full_sync_done: The run delivered the whole audience: clears the
-            full-resync request and stamps ``last_full_sync_at``.
+        full_sync_done: The run delivered the whole audience: stamps
+            ``last_full_sync_at`` and, under the same condition as
+            *next_due*, clears the full-resync request (a request made during
+            the run is kept for the next one).
     """
 
     run: SyncRun
@@ -122,6 +220,8 @@ class Completion:
     full_sync_done: bool = False
     resolved: tuple[str, ...] = ()
     """Idempotency keys of pending batches this run reconciled: their records are deleted."""
+    scheduled_from: datetime | None = attrs.field(default=None, converter=v.optional_to_utc)
+    """The instant ``next_due`` was computed from; stored with it (see :class:`SyncRecord`)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -162,6 +262,8 @@ class AppliedBatch:
         at: When it was acknowledged.
         max_rejection_attempts: A member rejected this many times becomes a
             dead letter.
+        slot: The slot of the run applying it (for :class:`Progress`).
+        tally: What it adds to the run's counts.
     """
 
     run_id: str
@@ -173,6 +275,8 @@ class AppliedBatch:
     rejected: tuple[tuple[str, str], ...] = ()
     at: datetime = attrs.field(converter=v.to_utc)
     max_rejection_attempts: int = 3
+    slot: datetime | None = attrs.field(default=None, converter=v.optional_to_utc)
+    tally: Tally = Tally()
 
 
 @attrs.frozen(kw_only=True)
@@ -184,7 +288,7 @@ class LedgerEntry:
 
     sync_id: str
     key: str
-    reason: str
+    reason: str = attrs.field(converter=v.to_storable)
     attempts: int
     dead: bool
     first_seen: datetime = attrs.field(converter=v.to_utc)
@@ -209,7 +313,7 @@ class MemberIssue:
     run_id: str
     key: str
     kind: str
-    reason: str
+    reason: str = attrs.field(converter=v.to_storable)
 
 
 @runtime_checkable
@@ -226,7 +330,8 @@ class Storage(Protocol):
 
     def create_sync(self, record: SyncRecord) -> None:
         """
-        Store a new sync. **Atomic.**
+        Store a new sync and count it in its slot bucket (see
+        :func:`slot_bucket_of`), in one transaction. **Atomic.**
 
         Raises:
             ConfigurationError: A sync with that id exists.
@@ -248,8 +353,9 @@ class Storage(Protocol):
 
     def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
         """
-        Replace a sync's definition and schedule fields (never its lease).
-        **Atomic, compare-and-set** on the stored generation.
+        Replace a sync's definition and schedule fields (never its lease, nor
+        ``last_slot``), moving its count from the old slot bucket to the new
+        one when they differ. **Atomic, compare-and-set** on the stored generation.
 
         Raises:
             SyncNotFoundError: No such sync.
@@ -259,24 +365,36 @@ class Storage(Protocol):
 
     def delete_sync(self, sync_id: str) -> None:
         """
-        Remove a sync, its delivered state, pending batches and ledger. History stays until
-        retention purges it. **Atomic.** Unknown ids are ignored.
+        Remove a sync, its delivered state, pending batches, progress, ledger
+        and its slot bucket count. History stays until retention purges it.
+        **Atomic.** Unknown ids are ignored.
+        """
+        ...
+
+    def next_due(self) -> datetime | None:
+        """
+        The earliest instant at which some active sync becomes claimable: its
+        ``next_due``, or for a leased one the later of that and just after
+        its lease expires. ``None`` when nothing is scheduled. An idle worker
+        sleeps until then.
+        """
+        ...
+
+    def scheduled_after(self, now: datetime) -> list[SyncRecord]:
+        """
+        Active syncs without a lease whose ``scheduled_from`` is later than
+        *now*: their schedule was computed on a clock that read later than
+        this one (the clock went back), so it is recomputed from *now*.
         """
         ...
 
     # -- slot allocation -----------------------------------------------------
 
-    def allocate_slot(self, period: int, buckets: int, preferred: int) -> int:
+    def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
         """
-        Pick the least occupied of *buckets* slot buckets of the *period*
-        (seconds), ties broken by the first bucket at or after *preferred*
-        (cyclically), and count one more sync in it. **Atomic.**
-        """
-        ...
-
-    def release_slot(self, period: int, bucket: int) -> None:
-        """
-        Count one sync less in *bucket* of *period* (never below zero). **Atomic.**
+        The least occupied of *buckets* slot buckets of the *period* (seconds),
+        ties broken by the first bucket at or after *preferred* (cyclically).
+        A read: the count changes with the sync write that takes the bucket.
         """
         ...
 
@@ -288,6 +406,9 @@ class Storage(Protocol):
         no lease, or whose lease expired (``expires_at < now``), earliest due
         first. **Atomic:** no two callers ever receive the same sync's slot while
         its lease is valid. Each lease gets a fresh random token.
+
+        The lease's slot is :func:`claim_slot` of the stored ``next_due`` and
+        ``last_slot``, and ``next_due`` is set to it in the same statement.
         """
         ...
 
@@ -303,8 +424,11 @@ class Storage(Protocol):
 
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         """
-        Record the run, advance the schedule, delete the pending batches named
-        in ``completion.resolved`` and release the lease, in one transaction.
+        Record the run, advance the schedule (``next_due``, ``next_trigger``,
+        ``attempts``, ``scheduled_from``) when the generation and ``next_due``
+        are still those the lease saw, set ``last_slot`` to the run's slot,
+        delete the pending batches named in ``completion.resolved`` and the
+        sync's :class:`Progress`, and release the lease, in one transaction.
         **Atomic, compare-and-set** on the token.
 
         Raises:
@@ -345,13 +469,29 @@ class Storage(Protocol):
         """
         ...
 
+    def identifier_holders(
+        self, sync_id: str, identifiers: Iterable[Identifier]
+    ) -> dict[Identifier, list[str]]:
+        """
+        For each of *identifiers* that the destination holds, the delivered
+        member keys behind it, ascending. A member delivered under the identity
+        mapping holds ``Identifier(USER_ID, key)``.
+
+        Two members can share one identifier (a shared email, a re-created
+        account): the identifier stays at the destination until no member
+        maps to it any more. Stores answer from an index on identifiers.
+        """
+        ...
+
     def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         """
         Apply one acknowledged batch to the delivered state, update the ledger,
         record the batch and its rejected members, delete its pending record
-        (same idempotency key), and give the delivered state a new version
-        token. **Atomic, compare-and-set** on the token: a stale worker can
-        never move the state.
+        (same idempotency key), add ``batch.tally`` to the sync's
+        :class:`Progress` (started afresh when ``batch.slot`` differs from the
+        stored one) and give the delivered state a new version token.
+        **Atomic, compare-and-set** on the token: a stale worker can never
+        move the state.
 
         Returns:
             The new :meth:`delivered_version` of the sync.
@@ -372,11 +512,15 @@ class Storage(Protocol):
         """
         ...
 
-    def begin_batch(self, lease: Lease, batch: PendingBatch) -> None:
+    def begin_batch(
+        self, lease: Lease, batch: PendingBatch, *, replaces: str | None = None
+    ) -> None:
         """
         Record *batch* as in flight before it is sent (replacing a record with
-        the same idempotency key). :meth:`apply_batch` of the same key deletes
-        it in its own transaction. **Compare-and-set** on the token.
+        the same idempotency key), and delete the record whose key is
+        *replaces* (a batch split in halves: the halves replace it).
+        :meth:`apply_batch` of the same key deletes it in its own transaction.
+        **Atomic, compare-and-set** on the token.
 
         Raises:
             LeaseLostError: The caller no longer holds the lease (nothing is written).
@@ -387,6 +531,12 @@ class Storage(Protocol):
         """
         The sync's batches recorded as in flight and never applied, in the
         order they were begun.
+        """
+        ...
+
+    def progress(self, sync_id: str) -> Progress | None:
+        """
+        What attempts that have not completed delivered (see :class:`Progress`).
         """
         ...
 

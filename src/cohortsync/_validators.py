@@ -37,7 +37,57 @@ def check_id(field: str, value: object) -> str:
     # C0 controls, DEL and C1 controls: invisible in logs and UIs, and break CSV/HTTP headers.
     if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
         raise ConfigurationError(field, value, "must not contain control characters")
+    if not _encodable(value):
+        # A lone surrogate cannot be encoded as UTF-8: no store could hold it.
+        raise ConfigurationError(field, value, "must be valid Unicode (no lone surrogates)")
     return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def storable(text: str) -> str:
+    """
+    *text* as every store can hold it: NUL characters (PostgreSQL text cannot
+    hold them) and lone surrogates (not encodable as UTF-8) are replaced by
+    their ``\\x00`` / ``\\udcXX`` escapes. Everything else is kept as is.
+
+    Applied where text from outside reaches a stored value (a destination's
+    rejection reasons, error messages, notes), so remote junk can never make
+    a run impossible to record.
+    """
+    if "\x00" not in text and _encodable(text):
+        return text
+    return "".join(
+        c.encode("unicode_escape").decode("ascii")
+        if c == "\x00" or "\ud800" <= c <= "\udfff"
+        else c
+        for c in text
+    )
+
+
+def to_storable(value: object) -> str:
+    """
+    Converter: a str made storable (see :func:`storable`); other values are
+    turned into text first, so a host passing an exception or a number as a
+    reason loses nothing.
+    """
+    return storable(value if isinstance(value, str) else str(value))
+
+
+def to_optional_storable(value: object) -> str | None:
+    return None if value is None else to_storable(value)
+
+
+def to_storable_tuple(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (storable(value),)
+    return tuple(to_storable(v) for v in value)  # type: ignore[attr-defined]
 
 
 def identifier(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:

@@ -45,9 +45,11 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess
         'pip install "cohortsync[postgres]"'
     ) from exc
 
+from datetime import timedelta as _timedelta
+
 import cattrs
 
-from cohortsync._clock import require_aware
+from cohortsync._clock import add_saturating, require_aware
 from cohortsync._converter import dumps, load_sync, loads
 from cohortsync._destination import Identifier, IdentifierKind
 from cohortsync._rows import decode_pending, encode_members
@@ -59,7 +61,10 @@ from cohortsync._storage import (
     LedgerEntry,
     MemberIssue,
     PendingBatch,
+    Progress,
     SyncRecord,
+    Tally,
+    slot_bucket_of,
 )
 from cohortsync._sync import Sync, SyncRun, Trigger
 from cohortsync.exceptions import (
@@ -87,9 +92,10 @@ _T = TypeVar("_T")
 _Connection = psycopg.Connection[Any]
 _Cursor = psycopg.Cursor[tuple[Any, ...]]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version this release creates and understands."""
 
+_TICK = _timedelta(microseconds=1)
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 _MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names silently.
 
@@ -112,6 +118,7 @@ _TABLES = (
     "delivered",
     "delivered_versions",
     "pending",
+    "progress",
     "ledger",
     "runs",
     "batches",
@@ -248,17 +255,90 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )
         """,
     ),
+    # 3: run records unique per slot by construction (the last recorded slot),
+    # clock-jump detection (the instant the schedule was computed from), the
+    # slot period a sync is counted in (counts move with the sync write), the
+    # progress of attempts that have not completed, the delivered state
+    # indexed by identifier (members sharing one), and a checked status.
+    3: (
+        (
+            "ALTER TABLE {s}.syncs ADD COLUMN last_slot timestamptz,"
+            " ADD COLUMN scheduled_from timestamptz, ADD COLUMN slot_period integer,"
+            " ADD COLUMN revision bigint NOT NULL DEFAULT 0, ADD COLUMN lease_revision bigint"
+        ),
+        (
+            "UPDATE {s}.syncs AS s SET last_slot ="
+            " (SELECT max(r.slot) FROM {s}.runs AS r WHERE r.sync_id = s.id)"
+        ),
+        (
+            "UPDATE {s}.syncs SET slot_period = CASE definition::jsonb -> 'policy' ->> 'cadence'"
+            " WHEN 'hourly' THEN 3600 WHEN 'daily' THEN 86400 END WHERE slot_bucket IS NOT NULL"
+        ),
+        "CREATE INDEX syncs_rebase ON {s}.syncs (scheduled_from) WHERE status = 'active'",
+        (
+            "CREATE INDEX delivered_by_identifier ON {s}.delivered (sync_id, id_value)"
+            " WHERE id_value IS NOT NULL"
+        ),
+        """
+        CREATE TABLE {s}.progress (
+            sync_id text COLLATE "C" PRIMARY KEY,
+            slot timestamptz NOT NULL,
+            added bigint NOT NULL,
+            removed bigint NOT NULL,
+            rejected bigint NOT NULL,
+            batches bigint NOT NULL,
+            collisions bigint NOT NULL
+        )
+        """,
+        (
+            "ALTER TABLE {s}.syncs ADD CONSTRAINT syncs_status CHECK"
+            " (status IN ('active', 'paused', 'completed', 'failed', 'deleted')) NOT VALID"
+        ),
+    ),
 }
 
 _SYNC_COLUMNS = (
     "id, definition, next_due, next_trigger, slot_offset, slot_bucket, anchor, attempts,"
     " full_resync, feed_cursor, last_full_sync_at, lease_owner, lease_token, lease_expires,"
-    " lease_slot, lease_generation, lease_trigger"
+    " lease_slot, lease_generation, lease_trigger, last_slot, scheduled_from, revision,"
+    " lease_revision"
 )
+_COUNT_SLOT = (
+    "INSERT INTO {s}.slot_buckets (period, bucket, syncs) VALUES (%s, %s, 1)"
+    " ON CONFLICT (period, bucket) DO UPDATE SET syncs = {s}.slot_buckets.syncs + 1"
+)
+_UNCOUNT_SLOT = (
+    "UPDATE {s}.slot_buckets SET syncs = syncs - 1 WHERE period = %s AND bucket = %s AND syncs > 0"
+)
+# The slot rule of cohortsync._storage.claim_slot (SET sees the old row).
+_CLAIMED_SLOT = (
+    "CASE WHEN s.last_slot IS NOT NULL AND s.next_due <= s.last_slot"
+    " THEN s.last_slot + interval '1 microsecond' ELSE s.next_due END"
+)
+_CLAIM = (
+    "WITH locked AS ("
+    "  SELECT id, next_due FROM {s}.syncs"
+    "  WHERE status = 'active' AND next_due <= %(now)s"
+    "    AND (lease_token IS NULL OR lease_expires < %(now)s)"
+    "  ORDER BY next_due, id LIMIT %(limit)s"
+    "  FOR UPDATE SKIP LOCKED"
+    "), numbered AS ("
+    "  SELECT id, row_number() OVER (ORDER BY next_due, id) AS n FROM locked"
+    ")"
+    " UPDATE {s}.syncs AS s SET lease_owner = %(owner)s,"
+    "  lease_token = (%(tokens)s::text[])[numbered.n],"
+    "  lease_expires = %(expires)s, next_due = {claimed},"
+    "  lease_slot = {claimed},"
+    "  lease_generation = s.generation, lease_trigger = s.next_trigger,"
+    "  lease_revision = s.revision"
+    " FROM numbered WHERE s.id = numbered.id"
+    " RETURNING s.id, s.generation, s.next_due, s.next_trigger, s.lease_token, s.revision"
+).replace("{claimed}", _CLAIMED_SLOT)
+
 
 _CLEAR_LEASE = (
     "lease_owner = NULL, lease_token = NULL, lease_expires = NULL,"
-    " lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL"
+    " lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL, lease_revision = NULL"
 )
 
 
@@ -666,6 +746,10 @@ class PostgresStorage:
             lease_slot,
             lease_generation,
             lease_trigger,
+            last_slot,
+            scheduled_from,
+            revision,
+            lease_revision,
         ) = row
         try:
             sync: Sync = load_sync(definition)
@@ -679,6 +763,7 @@ class PostgresStorage:
                     owner=lease_owner,
                     token=lease_token,
                     expires_at=lease_expires,
+                    revision=lease_revision or 0,
                 )
             return SyncRecord(
                 sync=sync,
@@ -692,6 +777,9 @@ class PostgresStorage:
                 feed_cursor=feed_cursor,
                 last_full_sync_at=last_full,
                 lease=lease,
+                last_slot=last_slot,
+                scheduled_from=scheduled_from,
+                revision=revision,
             )
         except (ValueError, TypeError, cattrs.BaseValidationError) as exc:
             raise CorruptStoreError(f"sync {sync_id!r} in {self.schema}.syncs: {exc}") from exc
@@ -718,6 +806,8 @@ class PostgresStorage:
             "full_resync": record.full_resync,
             "feed_cursor": record.feed_cursor,
             "last_full_sync_at": record.last_full_sync_at,
+            "scheduled_from": record.scheduled_from,
+            "slot_period": None if (slot := slot_bucket_of(record)) is None else slot[0],
         }
 
     def _hold(self, cur: _Cursor, lease: Lease, lock: str) -> tuple[Any, ...]:
@@ -727,11 +817,11 @@ class PostgresStorage:
         """
         cur.execute(
             self._sql(
-                "SELECT generation, next_due FROM {s}.syncs WHERE id = %s AND lease_token = %s"
-                " FOR UPDATE"
+                "SELECT generation, next_due, revision FROM {s}.syncs"
+                " WHERE id = %s AND lease_token = %s FOR UPDATE"
                 if lock == "update"
-                else "SELECT generation, next_due FROM {s}.syncs WHERE id = %s AND lease_token = %s"
-                " FOR SHARE"
+                else "SELECT generation, next_due, revision FROM {s}.syncs"
+                " WHERE id = %s AND lease_token = %s FOR SHARE"
             ),
             (lease.sync_id, lease.token),
         )
@@ -743,20 +833,25 @@ class PostgresStorage:
     # -- sync definitions and schedule state -------------------------------------
 
     def create_sync(self, record: SyncRecord) -> None:
-        with self._cursor("create_sync") as cur:
+        slot = slot_bucket_of(record)
+        with self._cursor("create_sync", transaction=True) as cur:
             cur.execute(
                 self._sql(
                     "INSERT INTO {s}.syncs (id, definition, generation, status, next_due,"
                     " next_trigger, slot_offset, slot_bucket, anchor, attempts, full_resync,"
-                    " feed_cursor, last_full_sync_at) VALUES (%(id)s, %(definition)s,"
+                    " feed_cursor, last_full_sync_at, scheduled_from, slot_period)"
+                    " VALUES (%(id)s, %(definition)s,"
                     " %(generation)s, %(status)s, %(next_due)s, %(next_trigger)s,"
                     " %(slot_offset)s, %(slot_bucket)s, %(anchor)s, %(attempts)s,"
-                    " %(full_resync)s, %(feed_cursor)s, %(last_full_sync_at)s)"
+                    " %(full_resync)s, %(feed_cursor)s, %(last_full_sync_at)s,"
+                    " %(scheduled_from)s, %(slot_period)s)"
                     " ON CONFLICT (id) DO NOTHING"
                 ),
                 self._definition_params(record),
             )
             created = cur.rowcount == 1
+            if created and slot is not None:
+                cur.execute(self._sql(_COUNT_SLOT), slot)
         if not created:
             raise ConfigurationError("id", record.id, "a sync with this id already exists")
 
@@ -777,7 +872,20 @@ class PostgresStorage:
     def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
         params = self._definition_params(record)
         params["expected"] = expected_generation
-        with self._cursor("save_sync") as cur:
+        slot = slot_bucket_of(record)
+        with self._cursor("save_sync", transaction=True) as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT generation, slot_period, slot_bucket FROM {s}.syncs"
+                    " WHERE id = %s FOR UPDATE"
+                ),
+                (record.id,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise SyncNotFoundError(record.id)
+            if row[0] != expected_generation:
+                raise ConflictError(record.id, expected_generation, row[0])
             cur.execute(
                 self._sql(
                     "UPDATE {s}.syncs SET definition = %(definition)s,"
@@ -786,18 +894,70 @@ class PostgresStorage:
                     " slot_offset = %(slot_offset)s, slot_bucket = %(slot_bucket)s,"
                     " anchor = %(anchor)s, attempts = %(attempts)s,"
                     " full_resync = %(full_resync)s, feed_cursor = %(feed_cursor)s,"
-                    " last_full_sync_at = %(last_full_sync_at)s"
-                    " WHERE id = %(id)s AND generation = %(expected)s"
+                    " last_full_sync_at = %(last_full_sync_at)s,"
+                    " scheduled_from = %(scheduled_from)s, slot_period = %(slot_period)s,"
+                    " revision = revision + 1"
+                    " WHERE id = %(id)s"
                 ),
                 params,
             )
-            if cur.rowcount == 1:
-                return
-            cur.execute(self._sql("SELECT generation FROM {s}.syncs WHERE id = %s"), (record.id,))
-            row = cur.fetchone()
-        if row is None:
-            raise SyncNotFoundError(record.id)
-        raise ConflictError(record.id, expected_generation, row[0])
+            old = None if row[1] is None or row[2] is None else (row[1], row[2])
+            if old != slot:
+                if old is not None:
+                    cur.execute(self._sql(_UNCOUNT_SLOT), old)
+                if slot is not None:
+                    cur.execute(self._sql(_COUNT_SLOT), slot)
+
+    def next_due(self) -> datetime | None:
+        """
+        Walk active syncs in due order (the claim index); a leased one counts
+        from its lease expiry. Leased syncs are the few runs in flight, so the
+        walk reads a page or two.
+        """
+        best: datetime | None = None
+        after: tuple[datetime, str] | None = None
+        tick = _TICK
+        while True:
+            with self._cursor("next_due") as cur:
+                if after is None:
+                    cur.execute(
+                        self._sql(
+                            "SELECT next_due, id, lease_expires FROM {s}.syncs"
+                            " WHERE status = 'active' AND next_due IS NOT NULL"
+                            " ORDER BY next_due, id LIMIT 64"
+                        )
+                    )
+                else:
+                    cur.execute(
+                        self._sql(
+                            "SELECT next_due, id, lease_expires FROM {s}.syncs"
+                            " WHERE status = 'active' AND next_due IS NOT NULL"
+                            " AND (next_due, id) > (%s, %s)"
+                            " ORDER BY next_due, id LIMIT 64"
+                        ),
+                        after,
+                    )
+                rows = cur.fetchall()
+            for due, sync_id, expires in rows:
+                if best is not None and due >= best:
+                    return best
+                at = due if expires is None else max(due, add_saturating(expires, tick))
+                best = at if best is None else min(best, at)
+                after = (due, sync_id)
+            if len(rows) < 64:
+                return best
+
+    def scheduled_after(self, now: datetime) -> list[SyncRecord]:
+        with self._cursor("scheduled_after") as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT {columns} FROM {s}.syncs WHERE status = 'active'"
+                    " AND scheduled_from > %s AND lease_token IS NULL"
+                ),
+                (require_aware(now, "now"),),
+            )
+            rows = cur.fetchall()
+        return [self._record(row) for row in rows]
 
     def delete_sync(self, sync_id: str) -> None:
         with self._cursor("delete_sync", transaction=True) as cur:
@@ -807,18 +967,21 @@ class PostgresStorage:
                 self._sql("DELETE FROM {s}.delivered_versions WHERE sync_id = %s"), (sync_id,)
             )
             cur.execute(self._sql("DELETE FROM {s}.pending WHERE sync_id = %s"), (sync_id,))
-            cur.execute(self._sql("DELETE FROM {s}.syncs WHERE id = %s"), (sync_id,))
+            cur.execute(self._sql("DELETE FROM {s}.progress WHERE sync_id = %s"), (sync_id,))
+            cur.execute(
+                self._sql("DELETE FROM {s}.syncs WHERE id = %s RETURNING slot_period, slot_bucket"),
+                (sync_id,),
+            )
+            row = cur.fetchone()
+            if row is not None and row[0] is not None and row[1] is not None:
+                cur.execute(self._sql(_UNCOUNT_SLOT), row)
 
     # -- slot allocation -----------------------------------------------------------
 
-    def allocate_slot(self, period: int, buckets: int, preferred: int) -> int:
+    def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
         if buckets < 1:
             raise ConfigurationError("buckets", buckets, "must be >= 1")
-        with self._cursor("allocate_slot", transaction=True) as cur:
-            # Serialise allocators of one period: each must see the others' counts.
-            cur.execute(
-                "SELECT pg_advisory_xact_lock(%s)", (_lock_key("slots", self.schema, period),)
-            )
+        with self._cursor("least_loaded_slot") as cur:
             cur.execute(
                 self._sql(
                     "SELECT bucket, syncs FROM {s}.slot_buckets"
@@ -827,26 +990,7 @@ class PostgresStorage:
                 (period, buckets),
             )
             counts: dict[int, int] = dict(cur.fetchall())
-            best = min(range(buckets), key=lambda b: (counts.get(b, 0), (b - preferred) % buckets))
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {s}.slot_buckets (period, bucket, syncs) VALUES (%s, %s, 1)"
-                    " ON CONFLICT (period, bucket)"
-                    " DO UPDATE SET syncs = {s}.slot_buckets.syncs + 1"
-                ),
-                (period, best),
-            )
-        return best
-
-    def release_slot(self, period: int, bucket: int) -> None:
-        with self._cursor("release_slot") as cur:
-            cur.execute(
-                self._sql(
-                    "UPDATE {s}.slot_buckets SET syncs = syncs - 1"
-                    " WHERE period = %s AND bucket = %s AND syncs > 0"
-                ),
-                (period, bucket),
-            )
+        return min(range(buckets), key=lambda b: (counts.get(b, 0), (b - preferred) % buckets))
 
     # -- claims and leases ---------------------------------------------------------
 
@@ -854,29 +998,13 @@ class PostgresStorage:
         now = require_aware(now, "now")
         if limit <= 0:
             return []
-        expires = now + lease_for
+        expires = add_saturating(now, lease_for)
         tokens = [secrets.token_hex(16) for _ in range(limit)]
         with self._cursor("claim_due") as cur:
             # One statement: the locked candidates are leased before any other
             # claimant can see them, and rows another claimant holds are skipped.
             cur.execute(
-                self._sql(
-                    "WITH locked AS ("
-                    "  SELECT id, next_due FROM {s}.syncs"
-                    "  WHERE status = 'active' AND next_due <= %(now)s"
-                    "    AND (lease_token IS NULL OR lease_expires < %(now)s)"
-                    "  ORDER BY next_due, id LIMIT %(limit)s"
-                    "  FOR UPDATE SKIP LOCKED"
-                    "), numbered AS ("
-                    "  SELECT id, row_number() OVER (ORDER BY next_due, id) AS n FROM locked"
-                    ")"
-                    " UPDATE {s}.syncs AS s SET lease_owner = %(owner)s,"
-                    "  lease_token = (%(tokens)s::text[])[numbered.n],"
-                    "  lease_expires = %(expires)s, lease_slot = s.next_due,"
-                    "  lease_generation = s.generation, lease_trigger = s.next_trigger"
-                    " FROM numbered WHERE s.id = numbered.id"
-                    " RETURNING s.id, s.generation, s.next_due, s.next_trigger, s.lease_token"
-                ),
+                self._sql(_CLAIM),
                 {
                     "now": now,
                     "limit": limit,
@@ -895,15 +1023,16 @@ class PostgresStorage:
                 owner=owner,
                 token=token,
                 expires_at=expires,
+                revision=revision,
             )
-            for sync_id, generation, slot, trigger, token in rows
+            for sync_id, generation, slot, trigger, token, revision in rows
         ]
         leases.sort(key=lambda lease: (lease.slot, lease.sync_id))
         return leases
 
     def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
         now = require_aware(now, "now")
-        expires = now + lease_for
+        expires = add_saturating(now, lease_for)
         with self._cursor("extend_lease") as cur:
             cur.execute(
                 self._sql(
@@ -922,6 +1051,7 @@ class PostgresStorage:
             owner=lease.owner,
             token=lease.token,
             expires_at=expires,
+            revision=lease.revision,
         )
 
     def release_lease(self, lease: Lease) -> None:
@@ -937,7 +1067,7 @@ class PostgresStorage:
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         run = completion.run
         with self._cursor("complete_run", transaction=True) as cur:
-            generation, next_due = self._hold(cur, lease, "update")
+            generation, next_due, revision = self._hold(cur, lease, "update")
             cur.execute(
                 self._sql(
                     "INSERT INTO {s}.runs (sync_id, slot, id, generation, trigger, status,"
@@ -960,11 +1090,12 @@ class PostgresStorage:
                 # Raising inside the transaction rolls it back: nothing is written.
                 raise DuplicateRunError(run.sync_id, run.slot)
             changes: dict[str, Any] = {}
-            same_generation = generation == lease.generation
+            same_generation = generation == lease.generation and revision == lease.revision
             if same_generation and next_due == lease.slot:
                 changes["next_due"] = completion.next_due
                 changes["next_trigger"] = completion.next_trigger.value
                 changes["attempts"] = completion.attempts
+                changes["scheduled_from"] = completion.scheduled_from
             if same_generation and completion.sync is not None:
                 changes["definition"] = dumps(completion.sync)
                 changes["generation"] = completion.sync.generation
@@ -972,17 +1103,21 @@ class PostgresStorage:
             if completion.feed_cursor is not None:
                 changes["feed_cursor"] = completion.feed_cursor
             if completion.full_sync_done:
-                changes["full_resync"] = False
+                if same_generation and next_due == lease.slot:
+                    changes["full_resync"] = False
                 changes["last_full_sync_at"] = run.started_at
-            assignments = [sql.SQL(_CLEAR_LEASE)] + [
-                sql.SQL("{} = %s").format(sql.Identifier(column)) for column in changes
+            assignments = [
+                sql.SQL(_CLEAR_LEASE),
+                sql.SQL("last_slot = GREATEST(last_slot, %s)"),
+                *(sql.SQL("{} = %s").format(sql.Identifier(column)) for column in changes),
             ]
             cur.execute(
                 sql.SQL("UPDATE {}.syncs SET {} WHERE id = %s").format(
                     sql.Identifier(self.schema), sql.SQL(", ").join(assignments)
                 ),
-                [*changes.values(), lease.sync_id],
+                [run.slot, *changes.values(), lease.sync_id],
             )
+            cur.execute(self._sql("DELETE FROM {s}.progress WHERE sync_id = %s"), (lease.sync_id,))
             if completion.resolved:
                 cur.execute(
                     self._sql(
@@ -992,10 +1127,19 @@ class PostgresStorage:
                     (lease.sync_id, list(completion.resolved)),
                 )
 
-    def begin_batch(self, lease: Lease, batch: PendingBatch) -> None:
+    def begin_batch(
+        self, lease: Lease, batch: PendingBatch, *, replaces: str | None = None
+    ) -> None:
         members = encode_members(batch.members)
         with self._cursor("begin_batch", transaction=True) as cur:
             self._hold(cur, lease, "share")
+            if replaces is not None:
+                cur.execute(
+                    self._sql(
+                        "DELETE FROM {s}.pending WHERE sync_id = %s AND idempotency_key = %s"
+                    ),
+                    (lease.sync_id, replaces),
+                )
             # Delete then insert: a re-begun batch gets a new seq, the newest.
             cur.execute(
                 self._sql("DELETE FROM {s}.pending WHERE sync_id = %s AND idempotency_key = %s"),
@@ -1026,6 +1170,30 @@ class PostgresStorage:
             )
             rows = cur.fetchall()
         return decode_pending(sync_id, rows)
+
+    def progress(self, sync_id: str) -> Progress | None:
+        with self._cursor("progress") as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT slot, added, removed, rejected, batches, collisions FROM {s}.progress"
+                    " WHERE sync_id = %s"
+                ),
+                (sync_id,),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return None
+        slot, added, removed, rejected, batches, collisions = row
+        return Progress(
+            slot=slot,
+            tally=Tally(
+                added=added,
+                removed=removed,
+                rejected=rejected,
+                batches=batches,
+                collisions=collisions,
+            ),
+        )
 
     # -- delivered state -----------------------------------------------------------
 
@@ -1115,6 +1283,43 @@ class PostgresStorage:
                 )
         return out
 
+    def identifier_holders(
+        self, sync_id: str, identifiers: Iterable[Identifier]
+    ) -> dict[Identifier, list[str]]:
+        wanted = set(identifiers)
+        found: dict[Identifier, set[str]] = {}
+        by_value = sorted({i.value for i in wanted})
+        own = sorted({i.value for i in wanted if i.kind is IdentifierKind.USER_ID})
+        with self._cursor("identifier_holders") as cur:
+            for chunk in _chunks(by_value):
+                cur.execute(
+                    self._sql(
+                        "SELECT key, id_kind, id_value FROM {s}.delivered WHERE sync_id = %s"
+                        " AND id_value IS NOT NULL AND id_value = ANY(%b::text[])"
+                    ),
+                    (sync_id, list(chunk)),
+                )
+                for key, kind, value in cur.fetchall():
+                    try:
+                        ident = Identifier(IdentifierKind(kind), value)
+                    except (TypeError, ValueError) as exc:
+                        raise CorruptStoreError(
+                            f"the delivered identifier of a member of sync {sync_id!r}: {exc}"
+                        ) from exc
+                    if ident in wanted:
+                        found.setdefault(ident, set()).add(key)
+            for chunk in _chunks(own):
+                cur.execute(
+                    self._sql(
+                        "SELECT key FROM {s}.delivered WHERE sync_id = %s"
+                        " AND id_kind IS NULL AND key = ANY(%b::text[])"
+                    ),
+                    (sync_id, list(chunk)),
+                )
+                for (key,) in cur.fetchall():
+                    found.setdefault(Identifier(IdentifierKind.USER_ID, key), set()).add(key)
+        return {ident: sorted(keys) for ident, keys in found.items()}
+
     def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         sync_id = lease.sync_id
         # Last identifier wins for a key added twice; an identity mapping
@@ -1182,6 +1387,37 @@ class PostgresStorage:
                 self._sql("DELETE FROM {s}.pending WHERE sync_id = %s AND idempotency_key = %s"),
                 (sync_id, batch.idempotency_key),
             )
+            if batch.slot is not None and batch.tally:
+                tally = batch.tally
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO {s}.progress AS p"
+                        " (sync_id, slot, added, removed, rejected, batches, collisions)"
+                        " VALUES (%(sync)s, %(slot)s, %(added)s, %(removed)s, %(rejected)s,"
+                        " %(batches)s, %(collisions)s)"
+                        " ON CONFLICT (sync_id) DO UPDATE SET"
+                        " added = CASE WHEN p.slot = EXCLUDED.slot"
+                        "  THEN p.added + EXCLUDED.added ELSE EXCLUDED.added END,"
+                        " removed = CASE WHEN p.slot = EXCLUDED.slot"
+                        "  THEN p.removed + EXCLUDED.removed ELSE EXCLUDED.removed END,"
+                        " rejected = CASE WHEN p.slot = EXCLUDED.slot"
+                        "  THEN p.rejected + EXCLUDED.rejected ELSE EXCLUDED.rejected END,"
+                        " batches = CASE WHEN p.slot = EXCLUDED.slot"
+                        "  THEN p.batches + EXCLUDED.batches ELSE EXCLUDED.batches END,"
+                        " collisions = CASE WHEN p.slot = EXCLUDED.slot"
+                        "  THEN p.collisions + EXCLUDED.collisions ELSE EXCLUDED.collisions END,"
+                        " slot = EXCLUDED.slot"
+                    ),
+                    {
+                        "sync": sync_id,
+                        "slot": batch.slot,
+                        "added": tally.added,
+                        "removed": tally.removed,
+                        "rejected": tally.rejected,
+                        "batches": tally.batches,
+                        "collisions": tally.collisions,
+                    },
+                )
             version = secrets.token_hex(8)
             cur.execute(
                 self._sql(

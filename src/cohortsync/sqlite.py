@@ -32,7 +32,7 @@ import attrs
 from typing_extensions import Self
 
 from cohortsync import _schedule
-from cohortsync._clock import require_aware
+from cohortsync._clock import add_saturating, require_aware
 from cohortsync._converter import dumps, load_sync, loads
 from cohortsync._destination import Identifier, IdentifierKind
 from cohortsync._rows import decode_pending, encode_members
@@ -44,7 +44,10 @@ from cohortsync._storage import (
     LedgerEntry,
     MemberIssue,
     PendingBatch,
+    Progress,
     SyncRecord,
+    Tally,
+    slot_bucket_of,
 )
 from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.exceptions import (
@@ -185,37 +188,96 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         )
         """,
     ),
+    # 3: run records unique per slot by construction (the last recorded slot),
+    # clock-jump detection (the instant the schedule was computed from), the
+    # slot period a sync is counted in (so counts move with the sync write),
+    # the progress of attempts that have not completed, the delivered state
+    # indexed by identifier (members sharing one), and the status column
+    # checked by the database.
+    (
+        "ALTER TABLE syncs ADD COLUMN last_slot INTEGER",
+        "UPDATE syncs SET last_slot = (SELECT max(slot) FROM runs WHERE runs.sync_id = syncs.id)",
+        "ALTER TABLE syncs ADD COLUMN scheduled_from INTEGER",
+        "ALTER TABLE syncs ADD COLUMN slot_period INTEGER",
+        """
+        UPDATE syncs SET slot_period = CASE json_extract(definition, '$.policy.cadence')
+            WHEN 'hourly' THEN 3600 WHEN 'daily' THEN 86400 END
+        WHERE slot_bucket IS NOT NULL
+        """,
+        "CREATE INDEX syncs_rebase ON syncs (status, scheduled_from)",
+        """
+        CREATE INDEX delivered_by_identifier ON delivered (sync_id, id_value)
+        WHERE id_value IS NOT NULL
+        """,
+        """
+        CREATE TABLE progress (
+            sync_id TEXT PRIMARY KEY,
+            slot INTEGER NOT NULL,
+            added INTEGER NOT NULL,
+            removed INTEGER NOT NULL,
+            rejected INTEGER NOT NULL,
+            batches INTEGER NOT NULL,
+            collisions INTEGER NOT NULL
+        ) WITHOUT ROWID
+        """,
+        "ALTER TABLE syncs ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE syncs ADD COLUMN lease_revision INTEGER",
+        """
+        CREATE TRIGGER syncs_status_insert BEFORE INSERT ON syncs
+        WHEN NEW.status NOT IN ('active', 'paused', 'completed', 'failed', 'deleted')
+        BEGIN SELECT RAISE(ABORT, 'cohortsync: unknown sync status'); END
+        """,
+        """
+        CREATE TRIGGER syncs_status_update BEFORE UPDATE OF status ON syncs
+        WHEN NEW.status NOT IN ('active', 'paused', 'completed', 'failed', 'deleted')
+        BEGIN SELECT RAISE(ABORT, 'cohortsync: unknown sync status'); END
+        """,
+    ),
 ]
 
 _SYNC_COLUMNS = (
     "id, definition, next_due, next_trigger, slot_offset, slot_bucket, anchor, attempts, "
     "full_resync, feed_cursor, last_full_sync_at, "
     "lease_owner, lease_token, lease_expires, lease_slot, lease_generation, lease_trigger, "
-    "status, generation"
+    "status, generation, last_slot, scheduled_from, revision, lease_revision"
 )
 _SELECT_SYNC = f"SELECT {_SYNC_COLUMNS} FROM syncs"  # noqa: S608 - constant column list
 
 _INSERT_SYNC = """
     INSERT INTO syncs (
         definition, generation, status, next_due, next_trigger, slot_offset, slot_bucket,
-        anchor, attempts, full_resync, feed_cursor, last_full_sync_at, id
-    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        anchor, attempts, full_resync, feed_cursor, last_full_sync_at, scheduled_from,
+        slot_period, id
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _UPDATE_SYNC = """
     UPDATE syncs SET
         definition = ?, generation = ?, status = ?, next_due = ?, next_trigger = ?,
         slot_offset = ?, slot_bucket = ?, anchor = ?, attempts = ?, full_resync = ?,
-        feed_cursor = ?, last_full_sync_at = ?
+        feed_cursor = ?, last_full_sync_at = ?, scheduled_from = ?, slot_period = ?,
+        revision = revision + 1
     WHERE id = ?
 """
-_CLAIM = """
+_COUNT_SLOT = """
+    INSERT INTO slots (period, bucket, count) VALUES (?, ?, 1)
+    ON CONFLICT (period, bucket) DO UPDATE SET count = count + 1
+"""
+_UNCOUNT_SLOT = "UPDATE slots SET count = count - 1 WHERE period = ? AND bucket = ? AND count > 0"
+# The slot rule of cohortsync._storage.claim_slot: never at or before the last
+# recorded run's slot. SET expressions all see the row as it was before.
+_CLAIMED_SLOT = (
+    "CASE WHEN last_slot IS NOT NULL AND next_due <= last_slot THEN last_slot + 1 ELSE next_due END"
+)
+_CLAIM = f"""
     UPDATE syncs SET
         lease_owner = :owner,
         lease_token = :prefix || lower(hex(randomblob(8))),
         lease_expires = :expires,
-        lease_slot = next_due,
+        next_due = {_CLAIMED_SLOT},
+        lease_slot = {_CLAIMED_SLOT},
         lease_generation = generation,
-        lease_trigger = next_trigger
+        lease_trigger = next_trigger,
+        lease_revision = revision
     WHERE id IN (
         SELECT id FROM syncs
         WHERE status = :active AND next_due <= :now
@@ -223,19 +285,19 @@ _CLAIM = """
         ORDER BY next_due, id
         LIMIT :limit
     )
-    RETURNING id, generation, next_due, next_trigger, lease_token
-"""
+    RETURNING id, generation, next_due, next_trigger, lease_token, revision
+"""  # noqa: S608 - a constant expression, no values
 _UNSCHEDULE = """
     UPDATE syncs SET
         next_due = NULL,
         lease_owner = NULL, lease_token = NULL, lease_expires = NULL,
-        lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL
+        lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL, lease_revision = NULL
     WHERE id = ?
 """
 _RELEASE = """
     UPDATE syncs SET
         lease_owner = NULL, lease_token = NULL, lease_expires = NULL,
-        lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL
+        lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL, lease_revision = NULL
     WHERE id = ? AND lease_token = ?
 """
 # SET expressions all see the row as it was before the update, so the
@@ -243,21 +305,30 @@ _RELEASE = """
 _COMPLETE = """
     UPDATE syncs SET
         lease_owner = NULL, lease_token = NULL, lease_expires = NULL,
-        lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL,
-        next_due = CASE WHEN generation = :generation AND next_due = :slot
+        lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL, lease_revision = NULL,
+        next_due = CASE WHEN generation = :generation
+            AND revision = :revision AND next_due = :slot
             THEN :next_due ELSE next_due END,
-        next_trigger = CASE WHEN generation = :generation AND next_due = :slot
+        next_trigger = CASE WHEN generation = :generation
+            AND revision = :revision AND next_due = :slot
             THEN :next_trigger ELSE next_trigger END,
-        attempts = CASE WHEN generation = :generation AND next_due = :slot
+        attempts = CASE WHEN generation = :generation
+            AND revision = :revision AND next_due = :slot
             THEN :attempts ELSE attempts END,
-        definition = CASE WHEN generation = :generation AND :definition IS NOT NULL
-            THEN :definition ELSE definition END,
-        status = CASE WHEN generation = :generation AND :definition IS NOT NULL
-            THEN :status ELSE status END,
-        generation = CASE WHEN generation = :generation AND :definition IS NOT NULL
-            THEN :new_generation ELSE generation END,
+        scheduled_from = CASE WHEN generation = :generation
+            AND revision = :revision AND next_due = :slot
+            THEN :scheduled_from ELSE scheduled_from END,
+        last_slot = CASE WHEN last_slot IS NULL OR last_slot < :slot
+            THEN :slot ELSE last_slot END,
+        definition = CASE WHEN generation = :generation AND revision = :revision
+            AND :definition IS NOT NULL THEN :definition ELSE definition END,
+        status = CASE WHEN generation = :generation AND revision = :revision
+            AND :definition IS NOT NULL THEN :status ELSE status END,
+        generation = CASE WHEN generation = :generation AND revision = :revision
+            AND :definition IS NOT NULL THEN :new_generation ELSE generation END,
         feed_cursor = coalesce(:feed_cursor, feed_cursor),
-        full_resync = CASE WHEN :full_sync_done THEN 0 ELSE full_resync END,
+        full_resync = CASE WHEN :full_sync_done AND generation = :generation
+            AND revision = :revision AND next_due = :slot THEN 0 ELSE full_resync END,
         last_full_sync_at = CASE WHEN :full_sync_done THEN :started_at ELSE last_full_sync_at END
     WHERE id = :id AND lease_token = :token
 """
@@ -291,6 +362,30 @@ _IDENTIFIERS = """
     SELECT d.key, d.id_kind, d.id_value FROM delivered AS d
     WHERE d.sync_id = ? AND d.key IN (SELECT value FROM json_each(?))
 """
+_HOLDERS = """
+    SELECT d.key, d.id_kind, d.id_value FROM delivered AS d
+    WHERE d.sync_id = ? AND d.id_value IS NOT NULL
+        AND d.id_value IN (SELECT value FROM json_each(?))
+"""
+_IDENTITY_HOLDERS = """
+    SELECT d.key FROM delivered AS d
+    WHERE d.sync_id = ? AND d.id_kind IS NULL AND d.key IN (SELECT value FROM json_each(?))
+"""
+_PROGRESS = """
+    INSERT INTO progress (sync_id, slot, added, removed, rejected, batches, collisions)
+    VALUES (:sync_id, :slot, :added, :removed, :rejected, :batches, :collisions)
+    ON CONFLICT (sync_id) DO UPDATE SET
+        added = CASE WHEN slot = excluded.slot THEN added + excluded.added ELSE excluded.added END,
+        removed = CASE WHEN slot = excluded.slot
+            THEN removed + excluded.removed ELSE excluded.removed END,
+        rejected = CASE WHEN slot = excluded.slot
+            THEN rejected + excluded.rejected ELSE excluded.rejected END,
+        batches = CASE WHEN slot = excluded.slot
+            THEN batches + excluded.batches ELSE excluded.batches END,
+        collisions = CASE WHEN slot = excluded.slot
+            THEN collisions + excluded.collisions ELSE excluded.collisions END,
+        slot = excluded.slot
+"""
 
 
 def _us(value: datetime) -> int:
@@ -309,7 +404,7 @@ def _dt(value: int) -> datetime:
 
 
 def _lease(row: tuple[Any, ...], owner: str, expires_at: datetime) -> Lease:
-    sync_id, generation, due, trigger, token = row
+    sync_id, generation, due, trigger, token, revision = row
     damaged = [
         f"{name} {value!r}"
         for name, value in (("generation", generation), ("next_due", due))
@@ -328,6 +423,7 @@ def _lease(row: tuple[Any, ...], owner: str, expires_at: datetime) -> Lease:
             owner=owner,
             token=token,
             expires_at=expires_at,
+            revision=revision,
         )
     except (CorruptStoreError, TypeError, ValueError) as exc:
         raise CorruptStoreError(f"sync {sync_id!r} has a damaged schedule row: {exc}") from exc
@@ -646,6 +742,8 @@ class SQLiteStorage:
             int(record.full_resync),
             record.feed_cursor,
             _opt_us(record.last_full_sync_at),
+            _opt_us(record.scheduled_from),
+            None if (slot := slot_bucket_of(record)) is None else slot[0],
             sync.id,
         )
 
@@ -664,6 +762,7 @@ class SQLiteStorage:
                     owner=row[11],
                     token=row[12],
                     expires_at=_dt(row[13]),
+                    revision=row[22] or 0,
                 )
             record = SyncRecord(
                 sync=sync,
@@ -677,6 +776,9 @@ class SQLiteStorage:
                 feed_cursor=row[9],
                 last_full_sync_at=_opt_dt(row[10]),
                 lease=lease,
+                last_slot=_opt_dt(row[19]),
+                scheduled_from=_opt_dt(row[20]),
+                revision=row[21],
             )
         except Exception as exc:
             raise CorruptStoreError(
@@ -704,6 +806,7 @@ class SQLiteStorage:
 
     def create_sync(self, record: SyncRecord) -> None:
         values = self._sync_values(record)
+        slot = slot_bucket_of(record)
         with self._write() as conn:
             try:
                 conn.execute(_INSERT_SYNC, values)
@@ -711,6 +814,8 @@ class SQLiteStorage:
                 raise ConfigurationError(
                     "id", record.id, "a sync with this id already exists"
                 ) from None
+            if slot is not None:
+                conn.execute(_COUNT_SLOT, slot)
 
     def get_sync(self, sync_id: str) -> SyncRecord:
         with self._read() as conn:
@@ -726,24 +831,70 @@ class SQLiteStorage:
 
     def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
         values = self._sync_values(record)
+        slot = slot_bucket_of(record)
         with self._write() as conn:
-            row = conn.execute("SELECT generation FROM syncs WHERE id = ?", (record.id,)).fetchone()
+            row = conn.execute(
+                "SELECT generation, slot_period, slot_bucket FROM syncs WHERE id = ?", (record.id,)
+            ).fetchone()
             if row is None:
                 raise SyncNotFoundError(record.id)
             if row[0] != expected_generation:
                 raise ConflictError(record.id, expected_generation, row[0])
             conn.execute(_UPDATE_SYNC, values)
+            old = None if row[1] is None or row[2] is None else (row[1], row[2])
+            if old != slot:
+                if old is not None:
+                    conn.execute(_UNCOUNT_SLOT, old)
+                if slot is not None:
+                    conn.execute(_COUNT_SLOT, slot)
 
     def delete_sync(self, sync_id: str) -> None:
         with self._write() as conn:
-            conn.execute("DELETE FROM syncs WHERE id = ?", (sync_id,))
+            row = conn.execute(
+                "DELETE FROM syncs WHERE id = ? RETURNING slot_period, slot_bucket", (sync_id,)
+            ).fetchone()
+            if row is not None and row[0] is not None and row[1] is not None:
+                conn.execute(_UNCOUNT_SLOT, row)
             conn.execute("DELETE FROM delivered WHERE sync_id = ?", (sync_id,))
             conn.execute("DELETE FROM ledger WHERE sync_id = ?", (sync_id,))
             conn.execute("DELETE FROM pending WHERE sync_id = ?", (sync_id,))
+            conn.execute("DELETE FROM progress WHERE sync_id = ?", (sync_id,))
+
+    def next_due(self) -> datetime | None:
+        """
+        Walk active syncs in due order (an index scan); a leased one counts
+        from its lease expiry. Leased syncs are the few runs in flight, so
+        the walk stops after a handful of rows.
+        """
+        best: int | None = None
+        with self._read() as conn:
+            cursor = conn.execute(
+                "SELECT next_due, lease_expires FROM syncs "
+                "WHERE status = ? AND next_due IS NOT NULL ORDER BY next_due, id",
+                (SyncStatus.ACTIVE.value,),
+            )
+            try:
+                while rows := cursor.fetchmany(64):
+                    for due, expires in rows:
+                        if best is not None and due >= best:
+                            return _dt(best)
+                        at = due if expires is None else max(due, expires + 1)
+                        best = at if best is None else min(best, at)
+            finally:
+                cursor.close()
+        return None if best is None else _dt(best)
+
+    def scheduled_after(self, now: datetime) -> list[SyncRecord]:
+        with self._read() as conn:
+            rows = conn.execute(
+                f"{_SELECT_SYNC} WHERE status = ? AND scheduled_from > ? AND lease_token IS NULL",
+                (SyncStatus.ACTIVE.value, _us(require_aware(now, "now"))),
+            ).fetchall()
+        return [self._record(row) for row in rows]
 
     # -- slot allocation -----------------------------------------------------------
 
-    def allocate_slot(self, period: int, buckets: int, preferred: int) -> int:
+    def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
         if buckets < 1:
             raise ConfigurationError("buckets", buckets, "must be >= 1")
         preferred %= buckets
@@ -774,18 +925,7 @@ class SQLiteStorage:
             if row is None:
                 row = conn.execute(pick, (period, least, 0, preferred)).fetchone()
             bucket: int = row[0]
-            conn.execute(
-                "UPDATE slots SET count = count + 1 WHERE period = ? AND bucket = ?",
-                (period, bucket),
-            )
         return bucket
-
-    def release_slot(self, period: int, bucket: int) -> None:
-        with self._write() as conn:
-            conn.execute(
-                "UPDATE slots SET count = count - 1 WHERE period = ? AND bucket = ? AND count > 0",
-                (period, bucket),
-            )
 
     # -- claims and leases ----------------------------------------------------------
 
@@ -798,7 +938,7 @@ class SQLiteStorage:
         now = require_aware(now, "now")
         if limit < 1:
             return []
-        expires_at = now + lease_for
+        expires_at = add_saturating(now, lease_for)
         params = {
             "owner": owner,
             # The token's first half comes from the OS's CSPRNG in this process,
@@ -833,7 +973,8 @@ class SQLiteStorage:
             raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
 
     def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
-        extended = attrs.evolve(lease, expires_at=require_aware(now, "now") + lease_for)
+        expires_at = add_saturating(require_aware(now, "now"), lease_for)
+        extended = attrs.evolve(lease, expires_at=expires_at)
         with self._write() as conn:
             cursor = conn.execute(
                 "UPDATE syncs SET lease_expires = ? WHERE id = ? AND lease_token = ?",
@@ -870,6 +1011,8 @@ class SQLiteStorage:
             "feed_cursor": completion.feed_cursor,
             "full_sync_done": int(completion.full_sync_done),
             "started_at": _us(run.started_at),
+            "scheduled_from": _opt_us(completion.scheduled_from),
+            "revision": lease.revision,
         }
         run_values = self._run_values(run)
         with self._write() as conn:
@@ -886,11 +1029,19 @@ class SQLiteStorage:
                     "DELETE FROM pending WHERE sync_id = ? AND idempotency_key = ?",
                     ((lease.sync_id, key) for key in completion.resolved),
                 )
+            conn.execute("DELETE FROM progress WHERE sync_id = ?", (lease.sync_id,))
 
-    def begin_batch(self, lease: Lease, batch: PendingBatch) -> None:
+    def begin_batch(
+        self, lease: Lease, batch: PendingBatch, *, replaces: str | None = None
+    ) -> None:
         members = encode_members(batch.members)
         with self._write() as conn:
             self._check_lease(conn, lease)
+            if replaces is not None:
+                conn.execute(
+                    "DELETE FROM pending WHERE sync_id = ? AND idempotency_key = ?",
+                    (lease.sync_id, replaces),
+                )
             # REPLACE deletes then inserts: a re-begun batch becomes the newest row.
             conn.execute(
                 "INSERT OR REPLACE INTO pending "
@@ -912,6 +1063,30 @@ class SQLiteStorage:
                 (sync_id,),
             ).fetchall()
         return decode_pending(sync_id, rows)
+
+    def progress(self, sync_id: str) -> Progress | None:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT slot, added, removed, rejected, batches, collisions FROM progress "
+                "WHERE sync_id = ?",
+                (sync_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        slot, added, removed, rejected, batches, collisions = row
+        try:
+            return Progress(
+                slot=_dt(slot),
+                tally=Tally(
+                    added=added,
+                    removed=removed,
+                    rejected=rejected,
+                    batches=batches,
+                    collisions=collisions,
+                ),
+            )
+        except (TypeError, ValueError) as exc:
+            raise CorruptStoreError(f"the progress row of sync {sync_id!r}: {exc}") from exc
 
     # -- delivered state ------------------------------------------------------------
 
@@ -975,6 +1150,24 @@ class SQLiteStorage:
                     out[key] = self._identifier(sync_id, key, kind, value)
         # Answer in the order asked, like the reference store.
         return {k: out[k] for k in keys if k in out}
+
+    def identifier_holders(
+        self, sync_id: str, identifiers: Iterable[Identifier]
+    ) -> dict[Identifier, list[str]]:
+        wanted = set(identifiers)
+        found: dict[Identifier, set[str]] = {}
+        by_value = sorted({i.value for i in wanted})
+        own = sorted({i.value for i in wanted if i.kind is IdentifierKind.USER_ID})
+        with self._read() as conn:
+            for chunk in _chunks(by_value):
+                for key, kind, value in conn.execute(_HOLDERS, (sync_id, json.dumps(chunk))):
+                    ident = self._identifier(sync_id, key, kind, value)
+                    if ident in wanted:
+                        found.setdefault(ident, set()).add(key)
+            for chunk in _chunks(own):
+                for (key,) in conn.execute(_IDENTITY_HOLDERS, (sync_id, json.dumps(chunk))):
+                    found.setdefault(Identifier(IdentifierKind.USER_ID, key), set()).add(key)
+        return {ident: sorted(keys) for ident, keys in found.items()}
 
     @staticmethod
     def _identifier(sync_id: str, key: str, kind: str | None, value: str | None) -> Identifier:
@@ -1051,6 +1244,20 @@ class SQLiteStorage:
                 "DELETE FROM pending WHERE sync_id = ? AND idempotency_key = ?",
                 (sync_id, batch.idempotency_key),
             )
+            if batch.slot is not None and batch.tally:
+                tally = batch.tally
+                conn.execute(
+                    _PROGRESS,
+                    {
+                        "sync_id": sync_id,
+                        "slot": _us(batch.slot),
+                        "added": tally.added,
+                        "removed": tally.removed,
+                        "rejected": tally.rejected,
+                        "batches": tally.batches,
+                        "collisions": tally.collisions,
+                    },
+                )
             version = secrets.token_hex(8)
             conn.execute("UPDATE syncs SET delivered_version = ? WHERE id = ?", (version, sync_id))
         return version

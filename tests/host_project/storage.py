@@ -45,11 +45,14 @@ class AuditedStorage:
         self.inner.delete_sync(sync_id)
         self._log("delete_sync", sync_id)
 
-    def allocate_slot(self, period: int, buckets: int, preferred: int) -> int:
-        return self.inner.allocate_slot(period, buckets, preferred)
+    def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
+        return self.inner.least_loaded_slot(period, buckets, preferred)
 
-    def release_slot(self, period: int, bucket: int) -> None:
-        self.inner.release_slot(period, bucket)
+    def next_due(self) -> datetime | None:
+        return self.inner.next_due()
+
+    def scheduled_after(self, now: datetime) -> list[cs.SyncRecord]:
+        return self.inner.scheduled_after(now)
 
     # -- leases and runs -------------------------------------------------------------
 
@@ -93,12 +96,22 @@ class AuditedStorage:
     def delivered_version(self, sync_id: str) -> str:
         return self.inner.delivered_version(sync_id)
 
-    def begin_batch(self, lease: cs.Lease, batch: cs.PendingBatch) -> None:
-        self.inner.begin_batch(lease, batch)
+    def begin_batch(
+        self, lease: cs.Lease, batch: cs.PendingBatch, *, replaces: str | None = None
+    ) -> None:
+        self.inner.begin_batch(lease, batch, replaces=replaces)
         self._log("begin_batch", lease.sync_id)
 
     def pending_batches(self, sync_id: str) -> list[cs.PendingBatch]:
         return self.inner.pending_batches(sync_id)
+
+    def progress(self, sync_id: str) -> cs.Progress | None:
+        return self.inner.progress(sync_id)
+
+    def identifier_holders(
+        self, sync_id: str, identifiers: Iterable[cs.Identifier]
+    ) -> dict[cs.Identifier, list[str]]:
+        return self.inner.identifier_holders(sync_id, identifiers)
 
     def record_issues(self, lease: cs.Lease, issues: Sequence[cs.MemberIssue]) -> None:
         self.inner.record_issues(lease, issues)

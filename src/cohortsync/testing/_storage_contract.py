@@ -31,8 +31,10 @@ from cohortsync._storage import (
     LedgerEntry,
     MemberIssue,
     PendingBatch,
+    Progress,
     Storage,
     SyncRecord,
+    Tally,
 )
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.exceptions import (
@@ -40,6 +42,7 @@ from cohortsync.exceptions import (
     ConflictError,
     DuplicateRunError,
     LeaseLostError,
+    StorageError,
     SyncNotFoundError,
 )
 
@@ -323,10 +326,12 @@ def check_save_sync_compare_and_set(make_storage: StorageFactory) -> None:
         _expect((2, 1), (caught[0].expected, caught[0].found), "ConflictError (expected, found)")
         _expect(original, store.get_sync("cas"), "record after a refused save")
         store.save_sync(updated, expected_generation=1)
-        _expect(updated, store.get_sync("cas"), "record after a save")
+        saved = store.get_sync("cas")
+        _require(saved.revision > original.revision, "a save bumps the revision")
+        _expect(updated, attrs.evolve(saved, revision=0), "record after a save")
         with _raises(ConflictError, "save_sync expecting the generation that was replaced"):
             store.save_sync(original, expected_generation=1)
-        _expect(updated, store.get_sync("cas"), "record after a second refused save")
+        _expect(saved, store.get_sync("cas"), "record after a second refused save")
 
 
 def check_save_sync_keeps_lease(make_storage: StorageFactory) -> None:
@@ -385,59 +390,85 @@ def check_delete_sync(make_storage: StorageFactory) -> None:
 # -- slot allocation ------------------------------------------------------------------
 
 
-def check_allocate_slot_least_loaded_cyclic(make_storage: StorageFactory) -> None:
+def _slotted(sync_id: str, bucket: int | None, *, generation: int = 1) -> SyncRecord:
+    return _record(sync_id, generation=generation, slot_bucket=bucket)
+
+
+def check_slot_counts_follow_sync_writes(make_storage: StorageFactory) -> None:
     """
-    allocate_slot picks the least occupied bucket, ties going to the first at or after
-    preferred (cyclically); periods are counted separately.
+    least_loaded_slot picks the least occupied bucket, ties going to the first at or
+    after preferred (cyclically); a sync counts in its bucket from the write that
+    stores it, moves with an update and leaves with its deletion; failed writes
+    change nothing.
     """
+    period, buckets = 3600, 60
     with _open(make_storage) as store:
-        picks = [store.allocate_slot(3600, 4, 2) for _ in range(5)]
-        _expect([2, 3, 0, 1, 2], picks, "buckets picked with preferred=2")
-        _expect(2, store.allocate_slot(86_400, 4, 2), "first pick in another period")
-        store.release_slot(3600, 3)
-        _expect(3, store.allocate_slot(3600, 4, 0), "pick after releasing bucket 3")
-        _expect(3, store.allocate_slot(3600, 4, 3), "tie from preferred=3 goes to bucket 3 itself")
-        _expect(0, store.allocate_slot(3600, 4, 3), "tie wraps around to bucket 0")
+        _expect(7, store.least_loaded_slot(period, buckets, 7), "pick in an empty period")
+        _expect(7, store.least_loaded_slot(period, buckets, 7), "a pick alone counts nothing")
+        store.create_sync(_slotted("a", 7))
+        _expect(8, store.least_loaded_slot(period, buckets, 7), "bucket 7 taken by the create")
+        with _raises(ConfigurationError, "create with a taken id"):
+            store.create_sync(_slotted("a", 8))
+        _expect(8, store.least_loaded_slot(period, buckets, 8), "a failed create counts nothing")
+        store.save_sync(_slotted("a", 9), expected_generation=1)
+        _expect(7, store.least_loaded_slot(period, buckets, 7), "the update left bucket 7")
+        _expect(10, store.least_loaded_slot(period, buckets, 9), "and took bucket 9")
+        with _raises(ConflictError, "a stale save"):
+            store.save_sync(_slotted("a", 20), expected_generation=5)
+        _expect(20, store.least_loaded_slot(period, buckets, 20), "a failed save counts nothing")
+        _expect(10, store.least_loaded_slot(period, buckets, 9), "bucket 9 still taken")
+        store.save_sync(_slotted("a", None), expected_generation=1)
+        _expect(9, store.least_loaded_slot(period, buckets, 9), "a save without a bucket frees it")
+        store.save_sync(_slotted("a", 59), expected_generation=1)
+        store.delete_sync("a")
+        _expect(59, store.least_loaded_slot(period, buckets, 59), "the deletion freed bucket 59")
+        for i in range(buckets):
+            store.create_sync(_slotted(f"full-{i}", i))
+        store.create_sync(_slotted("extra", 3))
+        _expect(4, store.least_loaded_slot(period, buckets, 3), "tie after an even fill")
+        _expect(0, store.least_loaded_slot(period, buckets, 59 + 1), "preferred wraps around")
 
 
-def check_allocate_slot_matches_model(make_storage: StorageFactory) -> None:
+def check_slot_counts_match_model(make_storage: StorageFactory) -> None:
     """
-    Over thousands of allocations and releases, every pick is the one the rule gives,
-    so load stays flat.
+    Over hundreds of random creates, updates, deletes and failed writes, every pick is
+    the one the least-loaded rule gives from the syncs stored, so load stays flat.
     """
     rng = random.Random(20_300_101)  # noqa: S311 - test data, not cryptography
-    buckets, period = 96, 900
+    period, buckets = 3600, 60
     with _open(make_storage) as store:
-        for _ in range(10 * buckets):
-            store.allocate_slot(period, buckets, rng.randrange(buckets))
-        # Without releases, least-loaded allocation fills every bucket evenly.
-        counts = [10] * buckets
-        for bucket in range(buckets):
-            _expect(bucket, store.allocate_slot(period, buckets, bucket), "pick after an even fill")
-            counts[bucket] += 1
-        for i in range(1500):
-            if i % 5 == 4:
-                bucket = rng.randrange(buckets)
-                store.release_slot(period, bucket)
-                counts[bucket] = max(0, counts[bucket] - 1)
-                continue
+        stored: dict[str, int | None] = {}
+        for i in range(400):
+            op = rng.random()
+            if op < 0.5 or not stored:
+                sync_id = f"s{i}"
+                picked = store.least_loaded_slot(period, buckets, rng.randrange(buckets))
+                store.create_sync(_slotted(sync_id, picked))
+                stored[sync_id] = picked
+            elif op < 0.7:
+                sync_id = rng.choice(sorted(stored))
+                moved = rng.choice([None, rng.randrange(buckets)])
+                store.save_sync(_slotted(sync_id, moved), expected_generation=1)
+                stored[sync_id] = moved
+            elif op < 0.85:
+                sync_id = rng.choice(sorted(stored))
+                store.delete_sync(sync_id)
+                del stored[sync_id]
+            else:
+                sync_id = rng.choice(sorted(stored))
+                with _raises(ConfigurationError, "create with a taken id"):
+                    store.create_sync(_slotted(sync_id, rng.randrange(buckets)))
+            counts = [0] * buckets
+            for taken in stored.values():
+                if taken is not None:
+                    counts[taken] += 1
             preferred = rng.randrange(buckets)
             expected = min(range(buckets), key=lambda b: (counts[b], (b - preferred) % buckets))
-            got = store.allocate_slot(period, buckets, preferred)
-            _expect(expected, got, f"allocation {i} with preferred={preferred}")
-            counts[got] += 1
-
-
-def check_release_slot_never_below_zero(make_storage: StorageFactory) -> None:
-    """
-    Releasing an empty bucket leaves it at zero instead of making it preferred.
-    """
-    with _open(make_storage) as store:
-        store.release_slot(7200, 0)
-        store.release_slot(7200, 0)
-        _expect(1, store.allocate_slot(7200, 3, 1), "pick after releasing an empty bucket")
-        _expect(0, store.allocate_slot(7200, 3, 0), "bucket 0 counted as empty, not negative")
-        _expect(2, store.allocate_slot(7200, 3, 0), "remaining empty bucket")
+            _expect(
+                expected,
+                store.least_loaded_slot(period, buckets, preferred),
+                f"pick after step {i} with preferred={preferred}",
+            )
 
 
 # -- claims ---------------------------------------------------------------------------
@@ -717,8 +748,9 @@ def check_complete_run_stale_holder(make_storage: StorageFactory) -> None:
 
 def check_complete_run_duplicate_slot(make_storage: StorageFactory) -> None:
     """
-    A second run for the same (sync, slot) raises DuplicateRunError: nothing is written
-    and the lease is not released.
+    A second run record for the same (sync, slot) raises DuplicateRunError: nothing is
+    written and the lease is not released. (Claims never hand out a recorded slot; this
+    is the store's last line of defence.)
     """
     with _open(make_storage) as store:
         store.create_sync(_record("s1"))
@@ -729,14 +761,16 @@ def check_complete_run_duplicate_slot(make_storage: StorageFactory) -> None:
         # Someone moves the schedule back onto the slot that already ran.
         store.save_sync(_record("s1", next_due=T0, attempts=4), expected_generation=1)
         again = _claim_one(store, T0)
-        _expect(T0, again.slot, "slot claimed again")
+        _expect(T0 + US, again.slot, "slot claimed after the recorded one")
+        # A run record naming the slot that already ran (a buggy caller).
+        forged = attrs.evolve(_run(again, run_id="second"), slot=T0)
         with _raises(DuplicateRunError, "complete_run of a slot that has a run") as caught:
             store.complete_run(
                 again,
                 _completion(
                     again,
                     T0 + HOUR,
-                    run=_run(again, run_id="second"),
+                    run=forged,
                     attempts=0,
                     feed_cursor="x",
                     full_sync_done=True,
@@ -746,7 +780,7 @@ def check_complete_run_duplicate_slot(make_storage: StorageFactory) -> None:
         _expect([first_run], store.history("s1"), "history after a duplicate run")
         after = store.get_sync("s1")
         _expect(
-            (T0, 4, again, None, None),
+            (T0 + US, 4, again, None, None),
             (
                 after.next_due,
                 after.attempts,
@@ -757,7 +791,7 @@ def check_complete_run_duplicate_slot(make_storage: StorageFactory) -> None:
             "(next_due, attempts, lease, feed_cursor, last_full_sync_at) after a duplicate",
         )
         store.release_lease(again)  # still held: does not raise
-        others = {x.sync_id: x for x in store.claim_due(T0, "w", LEASE, 5)}
+        others = {x.sync_id: x for x in store.claim_due(T0 + US, "w", LEASE, 5)}
         _expect({"s1", "s2"}, set(others), "syncs due after the release")
         store.complete_run(others["s2"], _completion(others["s2"], T0 + HOUR))
         _expect(1, len(store.history("s2")), "runs of another sync at the same slot")
@@ -1286,6 +1320,243 @@ def check_times_come_from_arguments(make_storage: StorageFactory) -> None:
         _expect(["future", "past"], [x.sync_id for x in leases], "both due at 2150 + 1h, by id")
 
 
+def check_claim_slot_after_a_recorded_run(make_storage: StorageFactory) -> None:
+    """
+    A sync due at (or before) the slot of its last recorded run is claimed for the
+    next free slot (one microsecond after it), with next_due moved there: run records
+    stay unique per slot whatever the host or the clock does.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1", next_due=T0))
+        lease = _claim_one(store, T0)
+        _expect(T0, lease.slot, "first claim runs next_due itself")
+        _expect(None, store.get_sync("s1").last_slot, "no run recorded yet")
+        store.complete_run(lease, _completion(lease, T0 + HOUR))
+        _expect(T0, store.get_sync("s1").last_slot, "last_slot after the run")
+        # The host asks for a run "now" at the very instant of the last one.
+        store.save_sync(
+            _record("s1", next_due=T0, next_trigger=Trigger.MANUAL), expected_generation=1
+        )
+        lease = _claim_one(store, T0)
+        _expect(T0 + US, lease.slot, "slot of a claim at the last recorded slot")
+        _expect(T0 + US, store.get_sync("s1").next_due, "next_due moved with the claim")
+        store.complete_run(lease, _completion(lease, T0 + HOUR))
+        _expect(2, len(store.history("s1")), "both runs recorded")
+        # A clock that went back: due long before the last recorded slot.
+        store.save_sync(_record("s1", next_due=T0 - HOUR), expected_generation=1)
+        lease = _claim_one(store, T0 - HOUR)
+        _expect(T0 + 2 * US, lease.slot, "slot after a clock that went back")
+        # A crashed attempt's slot is claimed again unchanged: nothing was recorded.
+        store.create_sync(_record("crash", next_due=T0))
+        first = _claim_one(store, T0)
+        again = _claim_one(store, T0 + 2 * LEASE)
+        _expect((first.slot, "crash"), (again.slot, again.sync_id), "takeover of an expired lease")
+
+
+def check_complete_run_host_changes_win(make_storage: StorageFactory) -> None:
+    """
+    A host change saved during a run (a new revision) wins over the run's schedule,
+    definition and flag changes; what the run itself did (record, last slot, full-sync
+    stamp, lease release) is kept.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1", next_due=T0))
+        before = store.get_sync("s1").revision
+        lease = _claim_one(store, T0)
+        store.save_sync(
+            _record("s1", next_due=T0, next_trigger=Trigger.MANUAL, full_resync=True),
+            expected_generation=1,
+        )
+        _require(store.get_sync("s1").revision > before, "save_sync must bump the revision")
+        paused = _sync("s1", status=SyncStatus.PAUSED, status_reason="by the run")
+        store.complete_run(
+            lease,
+            _completion(lease, T0 + HOUR, sync=paused, full_sync_done=True, attempts=2),
+        )
+        after = store.get_sync("s1")
+        _expect(
+            (T0, Trigger.MANUAL, True, SyncStatus.ACTIVE, 0),
+            (
+                after.next_due,
+                after.next_trigger,
+                after.full_resync,
+                after.sync.status,
+                after.attempts,
+            ),
+            "(next_due, trigger, full_resync, status, attempts) after a host change mid-run",
+        )
+        _expect(
+            (T0, T0, None),
+            (after.last_full_sync_at, after.last_slot, after.lease),
+            "(last_full_sync_at, last_slot, lease): the run's own facts",
+        )
+        # Without a host change, the completion clears the flag it honoured.
+        lease = _claim_one(store, T0)
+        store.complete_run(lease, _completion(lease, T0 + HOUR, full_sync_done=True))
+        _require(not store.get_sync("s1").full_resync, "flag cleared by the run that honoured it")
+
+
+def check_progress(make_storage: StorageFactory) -> None:
+    """
+    apply_batch adds its tally to the sync's progress for its slot (a new slot starts
+    afresh); complete_run and delete_sync clear it.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1", next_due=T0))
+        _expect(None, store.progress("s1"), "progress of a sync that never ran")
+        lease = _claim_one(store, T0)
+
+        def tallied(sequence: int, slot: datetime | None, tally: Tally, *keys: str) -> AppliedBatch:
+            return attrs.evolve(
+                _batch(sequence=sequence, added=tuple(_member(k) for k in keys)),
+                slot=slot,
+                tally=tally,
+            )
+
+        store.apply_batch(lease, tallied(1, T0, Tally(added=2, batches=1), "a", "b"))
+        store.apply_batch(lease, tallied(2, T0, Tally(rejected=1, batches=1, collisions=3)))
+        store.apply_batch(lease, tallied(3, None, Tally(added=9)))
+        _expect(
+            Progress(slot=T0, tally=Tally(added=2, rejected=1, batches=2, collisions=3)),
+            store.progress("s1"),
+            "progress after two batches of one slot (a batch without a slot counts nothing)",
+        )
+        store.apply_batch(lease, tallied(4, T0 + HOUR, Tally(removed=1, batches=1)))
+        _expect(
+            Progress(slot=T0 + HOUR, tally=Tally(removed=1, batches=1)),
+            store.progress("s1"),
+            "progress restarts for another slot",
+        )
+        store.complete_run(lease, _completion(lease, T0 + HOUR))
+        _expect(None, store.progress("s1"), "progress after the run completed")
+        lease = _claim_one(store, T0 + HOUR)
+        store.apply_batch(lease, tallied(5, lease.slot, Tally(added=1, batches=1), "c"))
+        store.delete_sync("s1")
+        _expect(None, store.progress("s1"), "progress of a deleted sync")
+
+
+def check_identifier_holders(make_storage: StorageFactory) -> None:
+    """
+    identifier_holders lists, per identifier, the delivered keys behind it: members
+    sharing an email, and a member under the identity mapping holding USER_ID(key).
+    """
+    email = IdentifierKind.EMAIL_SHA256
+    shared = Identifier(email, "e" * 64)
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        store.create_sync(_record("other", next_due=T0 + HOUR))
+        lease = _claim_one(store, T0)
+        members = (
+            _member("b", email, "e" * 64),
+            _member("a", email, "e" * 64),
+            _member("c"),
+            _member("d", IdentifierKind.USER_ID, "c"),
+            _member("f", email, "f" * 64),
+        )
+        store.apply_batch(lease, _batch(added=members))
+        _expect(
+            {
+                shared: ["a", "b"],
+                Identifier(IdentifierKind.USER_ID, "c"): ["c", "d"],
+            },
+            store.identifier_holders(
+                "s1",
+                [shared, Identifier(IdentifierKind.USER_ID, "c"), Identifier(email, "0" * 64)],
+            ),
+            "holders of a shared email, an identity identifier and an unknown one",
+        )
+        _expect({}, store.identifier_holders("other", [shared]), "another sync holds nothing")
+        store.apply_batch(lease, _batch(removed=("a", "c"), sequence=1))
+        _expect(
+            {shared: ["b"], Identifier(IdentifierKind.USER_ID, "c"): ["d"]},
+            store.identifier_holders("s1", [shared, Identifier(IdentifierKind.USER_ID, "c")]),
+            "holders after two of them were removed",
+        )
+        # Re-delivering a member under another identifier moves it.
+        store.apply_batch(lease, _batch(added=(_member("b", email, "f" * 64),), sequence=2))
+        _expect(
+            {Identifier(email, "f" * 64): ["b", "f"]},
+            store.identifier_holders("s1", [shared, Identifier(email, "f" * 64)]),
+            "holders after a member moved to another identifier",
+        )
+
+
+def check_begin_batch_replaces(make_storage: StorageFactory) -> None:
+    """
+    begin_batch(..., replaces=key) records the new batch and deletes the replaced one
+    in one step (a split batch's halves replace their parent).
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1"))
+        lease = _claim_one(store, T0)
+
+        def pending(key: str, *keys: str) -> PendingBatch:
+            return PendingBatch(
+                run_id="r",
+                idempotency_key=key,
+                operation=Operation.ADD,
+                members=tuple(_member(k) for k in keys),
+            )
+
+        store.begin_batch(lease, pending("parent", "a", "b", "c", "d"))
+        store.begin_batch(lease, pending("left", "a", "b"), replaces="parent")
+        store.begin_batch(lease, pending("right", "c", "d"))
+        _expect(
+            ["left", "right"],
+            [p.idempotency_key for p in store.pending_batches("s1")],
+            "pending records after a split",
+        )
+        with _raises(LeaseLostError, "begin_batch with a stale lease"):
+            store.begin_batch(_stale(lease), pending("x", "e"), replaces="left")
+        _expect(2, len(store.pending_batches("s1")), "a refused replace changes nothing")
+
+
+def check_next_due_and_scheduled_after(make_storage: StorageFactory) -> None:
+    """
+    next_due() is the earliest instant some active sync becomes claimable (a leased
+    one at its lease expiry); scheduled_after(now) lists unleased active syncs whose
+    schedule was computed after now.
+    """
+    with _open(make_storage) as store:
+        _expect(None, store.next_due(), "next_due of an empty store")
+        store.create_sync(_record("paused", next_due=T0 - HOUR, status=SyncStatus.PAUSED))
+        store.create_sync(_record("unscheduled", next_due=None))
+        _expect(None, store.next_due(), "next_due with nothing scheduled")
+        store.create_sync(_record("later", next_due=T0 + HOUR))
+        store.create_sync(_record("soon", next_due=T0))
+        _expect(T0, store.next_due(), "the earliest due")
+        lease = _claim_one(store, T0)
+        _expect(lease.expires_at + US, store.next_due(), "a leased sync counts from its expiry")
+        store.extend_lease(lease, T0, 2 * HOUR)
+        _expect(T0 + HOUR, store.next_due(), "another sync comes first then")
+        store.complete_run(lease, _completion(lease, T0 + 30 * MINUTE, scheduled_from=T0 + HOUR))
+        _expect(T0 + 30 * MINUTE, store.next_due(), "after the run")
+        _expect(
+            T0 + HOUR,
+            store.get_sync("soon").scheduled_from,
+            "scheduled_from stored with the advance",
+        )
+        _expect(
+            ["soon"],
+            [r.id for r in store.scheduled_after(T0)],
+            "syncs scheduled from a later clock",
+        )
+        _expect([], store.scheduled_after(T0 + HOUR), "none once the clock caught up")
+
+
+def check_closed_store_is_unusable(make_storage: StorageFactory) -> None:
+    """
+    After close(), operations raise StorageError instead of working on silently.
+    """
+    store = make_storage()
+    store.create_sync(_record("s1"))
+    store.close()
+    with _raises(StorageError, "get_sync on a closed store"):
+        store.get_sync("s1")
+    with _raises(StorageError, "claim_due on a closed store"):
+        store.claim_due(T0, "w", LEASE, 1)
+
+
 STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_create_get_round_trip,
     check_create_duplicate_refused,
@@ -1294,9 +1565,8 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_save_sync_compare_and_set,
     check_save_sync_keeps_lease,
     check_delete_sync,
-    check_allocate_slot_least_loaded_cyclic,
-    check_allocate_slot_matches_model,
-    check_release_slot_never_below_zero,
+    check_slot_counts_follow_sync_writes,
+    check_slot_counts_match_model,
     check_claim_only_active_and_due,
     check_claim_order_and_limit,
     check_claim_order_with_expired_leases,
@@ -1309,6 +1579,12 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_complete_run_duplicate_slot,
     check_complete_run_schedule_changes_win,
     check_complete_run_cursor_and_full_sync,
+    check_claim_slot_after_a_recorded_run,
+    check_complete_run_host_changes_win,
+    check_progress,
+    check_identifier_holders,
+    check_begin_batch_replaces,
+    check_next_due_and_scheduled_after,
     check_delivered_state,
     check_apply_batch_needs_lease,
     check_delivered_version,
@@ -1319,6 +1595,7 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_history_round_trip_and_order,
     check_purge_history,
     check_times_come_from_arguments,
+    check_closed_store_is_unusable,
 )
 """Every check, in order; each takes the factory and uses fresh stores from it."""
 
