@@ -146,7 +146,7 @@ class Harness:
 
     def set_cohort_type(self, cohort_type: CohortType, scheduler: Scheduler | None = None) -> None:
         (scheduler or self.scheduler).add_cohort(
-            Cohort(id="c", name="C", type=cohort_type, source=self.source)
+            Cohort(id="c", name="C", type=cohort_type, source=self.source), replace=True
         )
 
     def restart(self) -> None:
@@ -1189,21 +1189,44 @@ class TestHostRequestedRuns:
     """
 
     def test_sync_now_at_the_instant_of_the_last_run(self, clock: FakeClock) -> None:
-        """With the clock unmoved since the last run, "sync now" is due a tick later, runs once."""
+        """With the clock unmoved since the last run, "sync now" runs at once, in the next slot."""
         h = Harness(clock, keys(3))
         first = h.run_now()
 
         h.scheduler.sync_now(SYNC, full=True)
 
-        assert [] == h.scheduler.run_due()
-        clock.advance(timedelta(microseconds=1))
-        manual = h.run_now()
+        (manual,) = h.scheduler.run_due()
         assert (Trigger.MANUAL, first.slot + timedelta(microseconds=1), 3) == (
             manual.trigger,
             manual.slot,
             manual.added,
         )
         assert [manual, first] == h.scheduler.history(SYNC)
+
+    @pytest.mark.parametrize("action", ["update", "sync_now", "resume", "full_resync"])
+    def test_every_host_call_at_the_instant_of_the_last_run(
+        self, clock: FakeClock, action: str
+    ) -> None:
+        """update, sync now, resume and full resync share one "due now": no call wedges the sync."""
+        h = Harness(clock, keys(3))
+        first = h.run_now()
+        if action == "update":
+            h.scheduler.update_sync(SYNC, SyncPolicy.hourly(rejection_attempts=4))
+        elif action == "sync_now":
+            h.scheduler.sync_now(SYNC)
+        elif action == "resume":
+            h.scheduler.pause_sync(SYNC)
+            h.scheduler.resume_sync(SYNC)
+        else:
+            h.scheduler.request_full_resync(SYNC)
+
+        (again,) = h.scheduler.run_due()
+        clock.advance(timedelta(hours=2))
+        later = h.scheduler.run_due()
+
+        assert first.slot < again.slot
+        assert 1 == len(later)
+        assert 3 == len(h.scheduler.history(SYNC))
 
 
 # --- Full resends ----------------------------------------------------------------------
@@ -1276,7 +1299,8 @@ class TestIdentifierMapping:
 
         run = h.run_now()
 
-        assert (RunStatus.SUCCEEDED, 3, 1) == (run.status, run.added, run.skipped)
+        # A run that skipped a member is never plain `succeeded`.
+        assert (RunStatus.PARTIAL, 3, 1) == (run.status, run.added, run.skipped)
         assert {"u1@example.com", "u2@example.com", "+14155550100"} == h.audience()
         assert {"u1", "u2", "u3"} == h.delivered()
         issues = h.storage.run_issues(run.id)
@@ -1512,7 +1536,7 @@ class TestBadInput:
 
         run = h.run_now()
 
-        assert (RunStatus.SUCCEEDED, 2, len(bad)) == (run.status, run.added, run.skipped)
+        assert (RunStatus.PARTIAL, 2, len(bad)) == (run.status, run.added, run.skipped)
         assert "invalid_keys" in run.notes
         assert {"m1", "m2"} == h.audience() == h.delivered()
         reasons = {i.reason for i in h.storage.run_issues(run.id)}
@@ -1609,7 +1633,7 @@ class TestPacing:
     def test_the_rate_limit_is_shared_by_every_sync_to_the_destination(
         self, clock: FakeClock
     ) -> None:
-        """Two syncs, 2 requests/s: six requests wait 2 s in all, as one token bucket says."""
+        """Two syncs, 2 requests/s: six requests, never more than two in any second."""
         dest = RecordingDestination(
             Capabilities(max_batch_size=2, rate_limit=RateLimit(requests=2, per_seconds=1))
         )
@@ -1620,13 +1644,13 @@ class TestPacing:
         runs = h.scheduler.run_due()
 
         assert [3, 3] == [r.batches for r in runs]
-        assert [0.5, 0.5, 0.5, 0.5] == clock.slept
+        assert [1.0, 1.0] == clock.slept
         assert START + timedelta(seconds=2) == clock.now()
 
     def test_the_rate_limit_is_shared_by_every_scheduler_in_the_process(
         self, clock: FakeClock
     ) -> None:
-        """Two Scheduler objects (two workers of one process) share one token bucket."""
+        """Two Scheduler objects (two workers of one process) share one limit."""
         limit = RateLimit(requests=2, per_seconds=1)
         workers = []
         for n in range(2):
@@ -1641,9 +1665,9 @@ class TestPacing:
         for scheduler in workers:
             scheduler.run_due()
 
-        # Six requests from each worker, two a second together: the second
-        # worker starts with an empty bucket, so all but the first two wait.
-        assert [0.5, 0.5, 0.5, 0.5] == clock.slept[:4]
+        # Three requests from each worker, two a second together: t = 0, 0, 1
+        # from the first, then 1, 2, 2 from the second.
+        assert [1.0, 1.0] == clock.slept
         assert START + timedelta(seconds=2) == clock.now()
 
 

@@ -205,20 +205,32 @@ class TestMissedAndLateRuns:
         assert [(cs.Trigger.SCHEDULED, slot)] == [(r.trigger, r.slot) for r in runs]
 
     def test_an_overrun_coalesces_the_slots_it_overlapped(self, clock: FakeClock) -> None:
-        """A run longer than its period delays the next one; overlapped slots run once."""
+        """A run longer than its period delays the next one: the last slot it overlapped
+        runs at once, the others are counted as coalesced, none vanishes."""
+        slow = {"on": True}
 
         class Slow(RecordingDestination):
             def add(self, batch: cs.Batch) -> cs.DeliveryResult:
-                clock.advance(HOUR * 2.5)
+                if slow["on"]:
+                    clock.advance(HOUR * 2.5)
                 return super().add(batch)
 
         e = make_env(clock, Slow())
         e.create(cs.SyncPolicy.hourly())
         first = e.scheduler.run_due()[0]
         due = e.scheduler.next_run("s1")
+        slow["on"] = False
+        second = e.scheduler.run_due()[0]
+        after = e.scheduler.next_run("s1")
 
         assert due is not None
-        assert first.finished_at < due <= first.finished_at + HOUR
+        assert after is not None
+        assert first.started_at < due <= first.finished_at
+        assert "overran" in first.notes[-1]
+        # Three grid slots passed during the run: the last runs next, two are counted.
+        assert 2 == first.coalesced
+        assert (due, 0) == (second.slot, second.coalesced)
+        assert second.finished_at < after <= second.finished_at + HOUR
 
     def test_clock_moving_backwards_runs_nothing_twice(self, env: Env) -> None:
         """A clock stepping back does not re-run slots already recorded."""
@@ -349,7 +361,7 @@ class TestOneTimeRetries:
         def broken() -> list[str]:
             raise OSError("warehouse down")
 
-        e.scheduler.add_cohort(cs.Cohort(id="c1", name="Cohort one", source=broken))
+        e.scheduler.add_cohort(cs.Cohort(id="c1", name="Cohort one", source=broken), replace=True)
         e.create(cs.SyncPolicy.one_time(one_time_attempts=3))
         dues = []
         for _ in range(5):

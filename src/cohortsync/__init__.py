@@ -86,8 +86,11 @@ from cohortsync._storage import (
     LedgerEntry,
     MemberIssue,
     PendingBatch,
+    Progress,
     Storage,
     SyncRecord,
+    Tally,
+    claim_slot,
 )
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync._webhook import HttpResponse, HttpTransport, UrllibTransport, WebhookDestination
@@ -135,6 +138,7 @@ __all__ = [
     "Operation",
     "PendingBatch",
     "Preview",
+    "Progress",
     "RateLimit",
     "Reason",
     "ReasonCode",
@@ -158,6 +162,7 @@ __all__ = [
     "SyncRun",
     "SyncStatus",
     "SystemClock",
+    "Tally",
     "Trigger",
     "Upcoming",
     "UrllibTransport",
@@ -165,6 +170,7 @@ __all__ = [
     "available_destinations",
     "catalog",
     "check_eligibility",
+    "claim_slot",
     "dumps",
     "exceptions",
     "hash_email",

@@ -5,7 +5,7 @@ Cohorts and the membership sources that say who is in them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, TypeGuard, runtime_checkable
 
 import attrs
@@ -80,8 +80,10 @@ class ChangeFeed(Protocol):
 
 def _to_keys(field: str, value: Iterable[str]) -> tuple[str, ...]:
     # A lone string is an iterable of characters: never what a feed means.
-    if isinstance(value, (str, bytes)):
-        raise ConfigurationError(field, value, "must be an iterable of member keys, not a str")
+    if isinstance(value, (str, bytes, bytearray, Mapping)):
+        raise ConfigurationError(
+            field, value, f"must be an iterable of member keys, not a {type(value).__name__}"
+        )
     return tuple(value)
 
 

@@ -11,9 +11,10 @@ import logging
 import random
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import attrs
 
@@ -94,30 +95,37 @@ def make_batch(
 
 class RateLimiter:
     """
-    A token bucket on the injected clock: bursts up to ``requests``, then the
-    sustained rate. One per destination per process, shared by all its syncs.
+    A sliding-window limit on the injected clock: at most ``requests`` calls
+    in ANY window of ``per_seconds`` (what vendors enforce), including the
+    first one. One per destination per process, shared by all its syncs.
+
+    It remembers the last ``requests`` reserved send times; a new call may go
+    once the call ``requests`` places back is ``per_seconds`` old. A token
+    bucket would let up to twice ``requests`` through in the first window.
     """
 
     def __init__(self, limit: RateLimit, clock: Clock) -> None:
         self._limit = limit
         self._clock = clock
-        self._rate = limit.requests / limit.per_seconds
-        self._tokens = float(limit.requests)
-        self._updated: datetime | None = None
+        self._window = timedelta(seconds=limit.per_seconds)
+        self._sent: deque[datetime] = deque(maxlen=limit.requests)
         self._lock = threading.Lock()
 
     def reserve(self) -> float:
         """
-        Take one request's token; return how long the caller must wait first.
+        Reserve the next send slot; return how long the caller must wait for it.
         """
         with self._lock:
             now = self._clock.now()
-            if self._updated is not None:
-                elapsed = max(0.0, (now - self._updated).total_seconds())
-                self._tokens = min(float(self._limit.requests), self._tokens + elapsed * self._rate)
-            self._updated = now
-            self._tokens -= 1.0
-            return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
+            if self._sent and now < self._sent[-1] - self._window:
+                self._sent.clear()  # the clock went back: forget its future
+            at = now
+            if len(self._sent) == self._limit.requests:
+                at = max(now, self._sent[0] + self._window)
+            if self._sent and at < self._sent[-1]:
+                at = self._sent[-1]  # a clock that went back: keep the order
+            self._sent.append(at)
+            return max(0.0, (at - now).total_seconds())
 
     def acquire(self) -> float:
         """
@@ -184,8 +192,10 @@ class BatchSender:
     keep_alive: Callable[[float], None]
     """Renew the run's lease so it outlasts the given number of seconds."""
     rng: random.Random
-    before_send: Callable[[Batch], None] = lambda _batch: None
-    """Called in this thread before each batch goes out (the write-ahead record)."""
+    before_send: Callable[[Batch, str | None], None] = lambda _batch, _replaces: None
+    """Called before each batch goes out (the write-ahead record); the second
+    argument is the idempotency key of the batch it replaces (a split batch's
+    parent), else ``None``."""
     retries: int = 0
     _lock: threading.Lock = attrs.Factory(threading.Lock)
 
@@ -283,7 +293,12 @@ class BatchSender:
             parent = batch.idempotency_key
             left = make_batch(ctx, batch.operation, batch.members[:half], batch.sequence, parent)
             right = make_batch(ctx, batch.operation, batch.members[half:], batch.sequence, parent)
-            return self.send(left) + self.send(right)
+            # Every batch the destination sees is covered by exactly one
+            # write-ahead record: the halves replace their parent's.
+            self.before_send(left, parent)
+            acked = self.send(left)
+            self.before_send(right, None)
+            return acked + self.send(right)
 
     def send_all(
         self,
@@ -300,7 +315,7 @@ class BatchSender:
         """
         if parallel <= 1:
             for batch in batches:
-                self.before_send(batch)
+                self.before_send(batch, None)
                 for acked in self.send(batch):
                     on_acked(acked)
             return
@@ -312,7 +327,7 @@ class BatchSender:
                     error = self._drain(in_flight, on_acked, error)
                 if error is not None:
                     break
-                self.before_send(batch)
+                self.before_send(batch, None)
                 in_flight.add(pool.submit(self.send, batch))
             while in_flight:
                 error = self._drain(in_flight, on_acked, error)

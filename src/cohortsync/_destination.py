@@ -188,6 +188,12 @@ class RunContext:
     cohort_name: str
     computed_at: datetime
     full_sync: bool
+    slot: datetime | None = None
+    """
+    The scheduled slot the run belongs to. A run that takes over a crashed
+    attempt runs the same slot, so adapters that publish one export per run
+    (files) can name it by slot and make it idempotent.
+    """
 
 
 @attrs.frozen(kw_only=True)
@@ -240,7 +246,7 @@ class Rejection:
     """
 
     identifier: str = attrs.field(repr=False)
-    reason: str
+    reason: str = attrs.field(converter=v.to_storable)
 
 
 def _to_rejections(value: Iterable[Rejection]) -> tuple[Rejection, ...]:

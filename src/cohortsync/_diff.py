@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import IO
 
@@ -123,6 +123,28 @@ class Diff:
                 keys.close()
 
 
+def _snapshot(source: MembershipSource, cohort_id: str) -> Iterable[object]:
+    """
+    Call the source and check it returned a collection of keys: a ``str``
+    (``lambda: "u1"``), ``bytes`` or a mapping iterates as something else
+    (characters, ints, dict keys) and would be delivered as junk.
+    """
+    try:
+        members = source.members()
+    except (InvalidMemberError, SourceError):
+        raise
+    except Exception as e:
+        raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
+    if isinstance(members, (str, bytes, bytearray, memoryview, Mapping)):
+        raise SourceError(
+            cohort_id,
+            f"the membership source returned a {type(members).__name__}, not a collection "
+            "of member keys; return a list, set or generator of str (for one member: "
+            '["u1"], not "u1"); nothing was delivered',
+        )
+    return members
+
+
 def _read_set(source: MembershipSource, cohort_id: str) -> tuple[set[str], list[tuple[str, str]]]:
     """
     Read the whole snapshot into a set, in one pass over the source.
@@ -135,8 +157,9 @@ def _read_set(source: MembershipSource, cohort_id: str) -> tuple[set[str], list[
     """
     current: set[object] = set()
     invalid: list[tuple[str, str]] = []
+    members = _snapshot(source, cohort_id)
     try:
-        it = iter(source.members())
+        it = iter(members)
         while True:
             try:
                 current.update(it)
@@ -208,8 +231,9 @@ class _SortedReader:
         self.cohort_id = cohort_id
         self.invalid: list[tuple[str, str]] = []
         self.count = 0
+        members: Iterable[str] = _snapshot(source, cohort_id)  # type: ignore[assignment]
         try:
-            self._it = iter(source.members())
+            self._it = iter(members)
         except Exception as e:
             raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
 

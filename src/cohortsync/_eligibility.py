@@ -17,7 +17,7 @@ import attrs
 
 from cohortsync._cohort import Cohort, CohortType
 from cohortsync._destination import Capabilities, Destination, IdentifierKind
-from cohortsync._policy import Cadence, SyncPolicy
+from cohortsync._policy import Cadence, OnDelete, SyncPolicy
 from cohortsync._validators import to_enum
 
 to_kind = to_enum(IdentifierKind, "identifier_kinds")
@@ -68,6 +68,7 @@ class ReasonCode:
     REALTIME_DESTINATION = "realtime_destination"
     BELOW_MIN_AUDIENCE = "below_min_audience"
     IDENTIFIER_INCOMPATIBLE = "identifier_incompatible"
+    REMOVALS_UNSUPPORTED = "removals_unsupported"
 
 
 def _freeze(value: Mapping[str, object]) -> Mapping[str, object]:
@@ -212,6 +213,16 @@ def identifier_compatibility(i: EligibilityInput) -> Iterable[Reason]:
     )
 
 
+def removal_on_delete(i: EligibilityInput) -> Iterable[Reason]:
+    if i.policy.on_delete is OnDelete.REMOVE_DELIVERED and not i.capabilities.supports_removals:
+        yield Reason(
+            ReasonCode.REMOVALS_UNSUPPORTED,
+            f"{i.capabilities.name} cannot remove members, so deleting the sync could not "
+            "remove what it delivered (on_delete='remove_delivered'); use on_delete='leave'",
+            details={"destination": i.capabilities.name, "on_delete": i.policy.on_delete.value},
+        )
+
+
 @attrs.frozen
 class Ruleset:
     """
@@ -251,6 +262,7 @@ DEFAULT_RULES = Ruleset(
         "realtime_destination": realtime_destination,
         "min_audience": min_audience,
         "identifier_compatibility": identifier_compatibility,
+        "removal_on_delete": removal_on_delete,
     }
 )
 """The rules from the product description."""

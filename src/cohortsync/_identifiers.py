@@ -445,6 +445,19 @@ class IdentifierMapping:
                 members.append(Member(key, identifier))
         return members, unresolved
 
+    def identity_kind(
+        self, accepted: AbstractSet[IdentifierKind] | None = None
+    ) -> IdentifierKind | None:
+        """
+        The kind every member key maps to unchanged, if this mapping is the
+        identity mapping (for the *accepted* kinds); else ``None``. Distinct
+        keys then always map to distinct identifiers.
+        """
+        rules = self._active(accepted)
+        if len(rules) == 1 and rules[0][1] is _identity and rules[0][0] in _VERBATIM:
+            return rules[0][0]
+        return None
+
     def _active(
         self, accepted: AbstractSet[IdentifierKind] | None
     ) -> tuple[tuple[IdentifierKind, Resolver], ...]:

@@ -24,13 +24,13 @@ import logging
 import random
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import attrs
 
 from cohortsync import _schedule
 from cohortsync._cache import DeliveredCache
-from cohortsync._clock import Clock
+from cohortsync._clock import Clock, add_saturating
 from cohortsync._cohort import Cohort, has_change_feed
 from cohortsync._delivery import Acked, BatchSender, RateLimiter, idempotency_key, make_batch
 from cohortsync._destination import (
@@ -38,6 +38,7 @@ from cohortsync._destination import (
     Capabilities,
     Destination,
     Identifier,
+    IdentifierKind,
     Member,
     Operation,
     RunContext,
@@ -55,7 +56,15 @@ from cohortsync._events import (
     emit,
 )
 from cohortsync._identifiers import IdentifierMapping
-from cohortsync._policy import Cadence
+from cohortsync._plan import (
+    effective_trigger,
+    group_adds,
+    group_removes,
+    next_after_run,
+    repeated_failure,
+    run_status,
+)
+from cohortsync._policy import Cadence, OnIneligible, SyncPolicy
 from cohortsync._storage import (
     AppliedBatch,
     Completion,
@@ -66,17 +75,22 @@ from cohortsync._storage import (
     PendingBatch,
     Storage,
     SyncRecord,
+    Tally,
 )
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.exceptions import (
     AuthenticationError,
     CohortSyncError,
     ConfigurationError,
+    CorruptStoreError,
     LeaseLostError,
+    PermanentError,
     SourceError,
+    StorageError,
+    TransientError,
 )
 
-__all__ = ["RunEnvironment", "execute"]
+__all__ = ["RunEnvironment", "execute", "grid_policy", "next_due_after"]
 
 log = logging.getLogger("cohortsync")
 
@@ -84,6 +98,9 @@ TTL_REFRESH_SHARE = 0.8
 """Memberships with a TTL are re-sent once this share of the TTL has passed."""
 
 ISSUE_CHUNK = 10_000
+
+_MAX_WAIT = 365 * 86_400.0
+"""Longest wait a lease is extended for in one step (a timedelta must stay representable)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -104,6 +121,8 @@ class RunEnvironment:
     limiter: Callable[[str, Capabilities], RateLimiter | None]
     rng: random.Random
     cache: DeliveredCache | None = None
+    pause_after_failures: int = 5
+    """A sync failing the same way this many runs in a row is paused."""
 
 
 @attrs.define
@@ -113,7 +132,15 @@ class _Counts:
     rejected: int = 0
     skipped: int = 0
     batches: int = 0
+    collisions: int = 0
     sequence: int = 0
+
+    def include(self, tally: Tally) -> None:
+        self.added += tally.added
+        self.removed += tally.removed
+        self.rejected += tally.rejected
+        self.batches += tally.batches
+        self.collisions += tally.collisions
 
 
 class _Lease:
@@ -130,25 +157,12 @@ class _Lease:
         Extend the lease if it would not outlast the next *seconds* plus half
         a lease: progress (or a deliberate wait) must never look like a crash.
         """
-        needed = timedelta(seconds=seconds)
+        needed = timedelta(seconds=min(seconds, _MAX_WAIT))
         now = self.env.clock.now()
         if self.current.expires_at - now < self.env.lease_for / 2 + needed:
             self.current = self.env.storage.extend_lease(
                 self.current, now, self.env.lease_for + needed
             )
-
-
-def _effective_trigger(lease: Lease, cadence: Cadence, now: datetime) -> Trigger:
-    if lease.trigger is not Trigger.SCHEDULED:
-        return lease.trigger
-    if cadence is Cadence.REALTIME:
-        return Trigger.REALTIME
-    if cadence is Cadence.ONE_TIME:
-        return Trigger.ONE_TIME
-    period = cadence.period
-    if period is not None and now - lease.slot >= period:
-        return Trigger.CATCH_UP
-    return Trigger.SCHEDULED
 
 
 def _offset_for(record: SyncRecord, cadence: Cadence) -> int:
@@ -158,6 +172,19 @@ def _offset_for(record: SyncRecord, cadence: Cadence) -> int:
     # stable one so the fallback runs keep one time in the hour.
     period = _schedule.period_seconds(cadence)
     return 0 if period is None else _schedule.stable_offset(record.sync.id, period)
+
+
+def grid_policy(record: SyncRecord, sync: Sync) -> tuple[SyncPolicy, int]:
+    """
+    The policy whose slot grid *sync* runs on now (its effective cadence,
+    which differs from the policy's while a real-time sync falls back), and
+    the offset on that grid.
+    """
+    cadence = sync.cadence
+    policy = sync.policy
+    if cadence is not policy.cadence:
+        policy = attrs.evolve(policy, cadence=cadence, timezone=None)
+    return policy, _offset_for(record, cadence)
 
 
 def _has(keys: Keys, key: str) -> bool:
@@ -185,11 +212,8 @@ def _with(keys: Keys, extra: Iterable[str]) -> Keys:
 
 
 def next_due_after(record: SyncRecord, sync: Sync, after: datetime) -> datetime | None:
-    cadence = sync.cadence
-    policy = sync.policy
-    if cadence is not policy.cadence:
-        policy = attrs.evolve(policy, cadence=cadence, timezone=None)
-    return _schedule.next_due(policy, record.anchor, _offset_for(record, cadence), after)
+    policy, offset = grid_policy(record, sync)
+    return _schedule.next_due(policy, record.anchor, offset, after)
 
 
 def execute(env: RunEnvironment, lease: Lease) -> SyncRun:
@@ -232,6 +256,21 @@ class _Run:
         self.ledger: list[LedgerEntry] = []
         self.recovered_ids: dict[str, Identifier] = {}
         self.guarded = False
+        # Members sharing one destination identifier (see _plan.group_*):
+        # the keys riding with an identifier sent in a batch, identifiers
+        # currently in flight, and identifiers kept because a member stays.
+        self.riders: dict[tuple[Operation, Identifier], list[str]] = {}
+        self.riding: set[str] = set()
+        self.in_flight: set[tuple[Operation, Identifier]] = set()
+        self.kept_ids: set[Identifier] = set()
+        self.sent_existing: set[Identifier] = set()
+        self.diff: Diff | None = None
+        self.resolved_adds: dict[str, Identifier] | None = None
+        self.adds_by_identifier: dict[Identifier, list[str]] | None = None
+        self.unresolved_adds: list[str] = []
+        self.mapping: IdentifierMapping | None = None
+        self.delivered_at_start = 0
+        self.teardown_error: BaseException | None = None
 
     # -- the run ---------------------------------------------------------------
 
@@ -239,7 +278,7 @@ class _Run:
         env = self.env
         lease = self.lease.current
         cadence = self.sync.cadence
-        trigger = _effective_trigger(lease, cadence, self.started)
+        trigger = effective_trigger(lease.trigger, cadence, lease.slot, self.started)
         emit(
             env.listeners,
             RunStarted(
@@ -250,6 +289,7 @@ class _Run:
                 at=self.started,
             ),
         )
+        self._take_over()
         status = RunStatus.SUCCEEDED
         error: BaseException | None = None
         new_sync = self.sync
@@ -260,13 +300,7 @@ class _Run:
             destination = env.destination(self.sync.destination_id)
             caps = destination.capabilities
             if trigger is Trigger.TEARDOWN:
-                status = self._teardown(destination, caps)
-                new_sync = attrs.evolve(
-                    self.sync,
-                    status=SyncStatus.DELETED,
-                    status_reason="deleted: removed what it delivered",
-                    updated_at=env.clock.now(),
-                )
+                status, new_sync = self._teardown(destination, caps)
             else:
                 status, new_sync, feed_cursor, full_done = self._deliver(cohort, destination, caps)
         except LeaseLostError:
@@ -282,6 +316,26 @@ class _Run:
         return self._complete(
             trigger, status, error, new_sync, feed_cursor=feed_cursor, full_done=full_done
         )
+
+    def _take_over(self) -> None:
+        """
+        Fold what an interrupted attempt delivered into this run's record: a
+        crashed worker applied batches of its slot (or of a slot whose run was
+        never recorded) and the history must account for them.
+        """
+        progress = self.env.storage.progress(self.sync.id)
+        if progress is None or not progress.tally:
+            return
+        self.counts.include(progress.tally)
+        tally = progress.tally
+        what = f"+{tally.added} -{tally.removed}"
+        if progress.slot == self.lease.current.slot:
+            self.notes.append(f"takeover: includes {what} delivered by an interrupted attempt")
+        else:
+            self.notes.append(
+                f"includes {what} delivered by an interrupted run of slot "
+                f"{progress.slot.isoformat()}"
+            )
 
     def _keep_state(self) -> None:
         cache = self.env.cache
@@ -304,6 +358,7 @@ class _Run:
         except BaseException:
             self.state = None
             raise
+        self.counts.include(batch.tally)
         if not isinstance(version, str):
             self.state = None
             return
@@ -314,17 +369,41 @@ class _Run:
         self.state.update(m.key for m in batch.added)
 
     def _failed(self, error: BaseException) -> tuple[RunStatus, Sync]:
-        delivered_any = self.counts.added or self.counts.removed
-        status = RunStatus.PARTIAL if delivered_any else RunStatus.FAILED
+        delivered_any = bool(self.counts.added or self.counts.removed)
+        status = run_status(
+            guarded=False, rejected=0, skipped=0, failed=True, delivered_any=delivered_any
+        )
         new_sync = self.rechecked
+        reason: str | None = None
         if isinstance(error, AuthenticationError):
             reason = f"authentication failed: {error}"
+        elif (
+            not _heals_by_itself(error)
+            and self.env.pause_after_failures
+            # One-time syncs and teardowns have their own bounded retries.
+            and self.sync.policy.cadence is not Cadence.ONE_TIME
+            and self.lease.current.trigger is not Trigger.TEARDOWN
+        ):
+            # A failure that repeats identically is not going to heal by
+            # itself (bad data, a bug, junk from the destination): stop
+            # retrying it every period and say so, instead of failing forever.
+            earlier = self.env.storage.history(self.sync.id, limit=self.env.pause_after_failures)
+            message = _message(error)
+            if repeated_failure(
+                type(error).__name__, message, earlier, self.env.pause_after_failures
+            ):
+                reason = (
+                    f"failed {self.env.pause_after_failures} runs in a row with "
+                    f"{type(error).__name__}: {message}"
+                )
+        if reason is not None:
             new_sync = attrs.evolve(
                 new_sync,
                 status=SyncStatus.PAUSED,
                 status_reason=reason,
                 updated_at=self.env.clock.now(),
             )
+            self.notes.append("paused")
             emit(
                 self.env.listeners,
                 SyncFailed(
@@ -360,21 +439,17 @@ class _Run:
             or now - record.last_full_sync_at >= ttl * TTL_REFRESH_SHARE
         )
         delivered_count = self.env.storage.count_delivered(sync.id)
+        self.delivered_at_start = delivered_count
         self.full = record.full_resync or (ttl_due and delivered_count > 0)
         if self.full:
             self.notes.append("full_resync" if record.full_resync else "ttl_refresh")
         self.pending = self.env.storage.pending_batches(sync.id)
         self.version = self.env.storage.delivered_version(sync.id)
         diff, feed_cursor, from_feed = self._read(cohort, caps, delivered_count)
+        self.diff = diff
         if self.pending:
             self._recover(diff)
-        self.counts.skipped += len(diff.invalid)
-        self.issues.extend(
-            MemberIssue(run_id=self.run_id, key=k, kind=IssueKind.SKIPPED, reason=r)
-            for k, r in diff.invalid
-        )
-        if diff.invalid:
-            self.notes.append("invalid_keys")
+        self._skip_invalid(cohort, diff, from_feed=from_feed)
 
         # Eligibility is re-checked at every run, with the size just measured.
         size = (
@@ -385,6 +460,7 @@ class _Run:
         new_sync, proceed = self._recheck(cohort.with_size(size), caps)
         self.rechecked = new_sync
         if not proceed:
+            diff.close()
             return RunStatus.SKIPPED, new_sync, None, False
 
         send_removals = policy.send_removals and caps.supports_removals
@@ -402,16 +478,51 @@ class _Run:
         if self.issues:
             self._flush_issues()
         if guarded:
-            status = RunStatus.GUARDED
             # Keep the cursor before the held removals: the feed reports them
             # again (and the guard with them) until the host confirms.
             feed_cursor = None
-        elif self.counts.rejected:
-            status = RunStatus.PARTIAL
-        else:
-            status = RunStatus.SUCCEEDED
+        if self.counts.collisions:
+            self.notes.append(f"shared_identifiers: {self.counts.collisions}")
+        status = run_status(
+            guarded=guarded,
+            rejected=self.counts.rejected,
+            skipped=self.counts.skipped,
+            failed=False,
+            delivered_any=True,
+        )
         full_done = self.full or caps.full_sync_only or delivered_count == 0
         return status, new_sync, feed_cursor, full_done
+
+    def _skip_invalid(self, cohort: Cohort, diff: Diff, *, from_feed: bool) -> None:
+        """
+        Record keys the source yielded that cannot be delivered; a run with
+        nothing valid in a non-empty snapshot fails instead of "succeeding"
+        with nothing sent.
+        """
+        if not diff.invalid:
+            return
+        self.counts.skipped += len(diff.invalid)
+        self.issues.extend(
+            MemberIssue(run_id=self.run_id, key=k, kind=IssueKind.SKIPPED, reason=r)
+            for k, r in diff.invalid
+        )
+        self.notes.append("invalid_keys")
+        first = diff.invalid[0][1]
+        log.warning(
+            "sync %s: the source of cohort %s yielded %d invalid member key(s), skipped "
+            "(first reason: %s)",
+            self.sync.id,
+            cohort.id,
+            len(diff.invalid),
+            first,
+        )
+        if not from_feed and diff.size == 0:
+            self._flush_issues()
+            raise SourceError(
+                cohort.id,
+                f"every one of the {len(diff.invalid)} member key(s) the source yielded is "
+                f"invalid ({first}); nothing was delivered or removed",
+            )
 
     def _recover(self, diff: Diff) -> None:
         """
@@ -462,19 +573,21 @@ class _Run:
                 batch = attrs.evolve(batch, idempotency_key=earlier)
         return batch
 
-    def _begin(self, batch: Batch) -> None:
+    def _begin(self, batch: Batch, replaces: str | None = None) -> None:
         """
-        Record the batch as in flight before the destination sees it.
+        Record the batch as in flight before the destination sees it (a
+        half of a split batch replaces its parent's record).
         """
-        self.env.storage.begin_batch(
-            self.lease.current,
-            PendingBatch(
-                run_id=self.run_id,
-                idempotency_key=batch.idempotency_key,
-                operation=batch.operation,
-                members=batch.members,
-            ),
+        pending = PendingBatch(
+            run_id=self.run_id,
+            idempotency_key=batch.idempotency_key,
+            operation=batch.operation,
+            members=batch.members,
         )
+        if replaces is None:
+            self.env.storage.begin_batch(self.lease.current, pending)
+        else:
+            self.env.storage.begin_batch(self.lease.current, pending, replaces=replaces)
 
     def _read(
         self, cohort: Cohort, caps: Capabilities, delivered_count: int
@@ -499,10 +612,15 @@ class _Run:
         dead = {e.key for e in self.ledger if e.dead}
         # Once an hour a real-time sync diffs the full snapshot even when it
         # has a change feed: that reconciles anything a feed missed and
-        # retries members the destination rejected earlier. Removals the host
-        # confirmed are found again the same way, whatever feed window they
-        # were first seen in.
-        reconcile = self.lease.current.slot.minute == 0 or sync.guard_released or bool(self.pending)
+        # retries members the destination rejected earlier. It is the first
+        # run of each hour (whatever minute it runs at: a coalesced minute
+        # must not postpone it by an hour). Removals the host confirmed are
+        # found again the same way, whatever feed window they were first seen in.
+        slot = self.lease.current.slot
+        last = record.last_slot
+        reconcile = (
+            last is None or _hour(slot) != _hour(last) or sync.guard_released or bool(self.pending)
+        )
         if (
             sync.cadence is Cadence.REALTIME
             and not reconcile
@@ -615,8 +733,6 @@ class _Run:
             return sync, True
         codes = tuple(r.code for r in result.blocking)
         self.notes.extend(codes)
-        from cohortsync._policy import OnIneligible  # noqa: PLC0415 - keep the import local
-
         if (
             policy.cadence is Cadence.REALTIME
             and policy.on_ineligible is OnIneligible.FALLBACK_HOURLY
@@ -676,6 +792,7 @@ class _Run:
             cohort_name=cohort_name,
             computed_at=self.started,
             full_sync=self.full,
+            slot=self.lease.current.slot,
         )
 
     def _sender(self, destination: Destination, caps: Capabilities) -> BatchSender:
@@ -703,6 +820,7 @@ class _Run:
         context = self._context()
         sender = self._sender(destination, caps)
         size = caps.max_batch_size
+        self.mapping = self.env.mapping(self.sync.mapping_id)
         succeeded = False
         destination.open(context)
         try:
@@ -714,16 +832,15 @@ class _Run:
                 sender.send_all(
                     self._remove_batches(context, removes, size), caps.max_parallel, self._on_acked
                 )
-            mapping = self.env.mapping(self.sync.mapping_id)
             sender.send_all(
-                self._add_batches(context, Operation.ADD, diff.adds, mapping, caps),
+                self._add_batches(context, Operation.ADD, diff.adds, caps),
                 caps.max_parallel,
                 self._on_acked,
             )
             if diff.existing:
                 op = Operation.EXISTING if caps.full_sync_only else Operation.ADD
                 sender.send_all(
-                    self._add_batches(context, op, diff.existing, mapping, caps),
+                    self._add_batches(context, op, diff.existing, caps, existing=True),
                     caps.max_parallel,
                     self._on_acked,
                 )
@@ -740,54 +857,201 @@ class _Run:
         self.counts.sequence += 1
         return self.counts.sequence
 
+    # -- members sharing an identifier -----------------------------------------
+
+    def _is_leaving(self, key: str) -> bool:
+        diff = self.diff
+        return diff is not None and (key in self.recovered_ids or _has(diff.removes, key))
+
+    def _added_identifiers(self) -> dict[Identifier, list[str]]:
+        """
+        The identifiers members added in this run map to (resolved once; the
+        add batches reuse the resolution). Only needed when a removal might
+        collide with an add under a non-identity mapping.
+        """
+        if self.adds_by_identifier is None:
+            assert self.diff is not None  # noqa: S101 - set before sending
+            mapping = self._mapping()
+            accepted = self._accepted()
+            resolved: dict[str, Identifier] = {}
+            by_identifier: dict[Identifier, list[str]] = {}
+            unresolved: list[str] = []
+            for chunk in chunks(self.diff.adds, ISSUE_CHUNK):
+                members, missing = mapping.resolve_many(chunk, accepted)
+                unresolved.extend(missing)
+                for m in members:
+                    resolved[m.key] = m.identifier
+                    by_identifier.setdefault(m.identifier, []).append(m.key)
+            self.resolved_adds = resolved
+            self.unresolved_adds = unresolved
+            self.adds_by_identifier = by_identifier
+        return self.adds_by_identifier
+
+    def _kept_by_add(self, identifier: Identifier) -> bool:
+        diff = self.diff
+        if diff is None or not diff.adds:
+            return False
+        kind = self._mapping().identity_kind(self._accepted())
+        if kind is not None and self.resolved_adds is None:
+            return identifier.kind is kind and _has(diff.adds, identifier.value)
+        return identifier in self._added_identifiers()
+
+    def _mapping(self) -> IdentifierMapping:
+        if self.mapping is None:
+            self.mapping = self.env.mapping(self.sync.mapping_id)
+        return self.mapping
+
+    def _accepted(self) -> frozenset[IdentifierKind] | None:
+        return self.env.destination(self.sync.destination_id).capabilities.accepted_identifiers
+
+    def _ride(self, operation: Operation, identifier: Identifier, keys: Iterable[str]) -> None:
+        riders = self.riders.setdefault((operation, identifier), [])
+        for key in keys:
+            riders.append(key)
+            self.riding.add(key)
+
+    def _apply_local(
+        self, operation: Operation, members: Sequence[Member], *, collisions: bool = True
+    ) -> None:
+        """
+        Apply members to the delivered state without sending anything (the
+        destination holds, or must keep, their identifier for another member).
+        """
+        if not members:
+            return
+        removing = operation is Operation.REMOVE
+        self._apply(
+            AppliedBatch(
+                run_id=self.run_id,
+                sequence=self._next_sequence(),
+                operation=operation,
+                idempotency_key="local",
+                added=() if removing else tuple(members),
+                removed=tuple(m.key for m in members) if removing else (),
+                at=self.env.clock.now(),
+                slot=self.lease.current.slot,
+                tally=Tally(collisions=len(members) if collisions else 0),
+            ),
+        )
+
     def _remove_batches(self, context: RunContext, keys: Keys, size: int) -> Iterator[Batch]:
+        storage = self.env.storage
         for chunk in chunks(keys, size):
-            ids = self.env.storage.delivered_identifiers(self.sync.id, chunk)
-            recovered = self.recovered_ids
-            members = [
-                Member(k, ids[k] if k in ids else recovered[k])
-                for k in chunk
-                if k in ids or k in recovered
-            ]
-            if members:
-                yield self._batch(context, Operation.REMOVE, members)
+            ids = storage.delivered_identifiers(self.sync.id, chunk)
+            leaving: list[Member] = []
+            for k in chunk:
+                if k in self.riding:
+                    continue  # removed with another member's identifier
+                ident = ids.get(k) or self.recovered_ids.get(k)
+                if ident is not None:
+                    leaving.append(Member(k, ident))
+            if not leaving:
+                continue
+            holders = storage.identifier_holders(self.sync.id, {m.identifier for m in leaving})
+            groups = group_removes(
+                leaving, holders, is_leaving=self._is_leaving, kept_by_add=self._kept_by_add
+            )
+            self.kept_ids.update(m.identifier for m in groups.local)
+            # Recovered members are not in the delivered state: nothing to apply.
+            self._apply_local(Operation.REMOVE, [m for m in groups.local if m.key in ids])
+            send: list[Member] = []
+            for m in groups.send:
+                slot = (Operation.REMOVE, m.identifier)
+                if slot in self.in_flight:
+                    self._ride(Operation.REMOVE, m.identifier, [m.key])
+                    continue
+                send.append(m)
+                self.in_flight.add(slot)
+                self.riding.add(m.key)
+                self._ride(
+                    Operation.REMOVE,
+                    m.identifier,
+                    [r for r in groups.riders.get(m.identifier, ()) if r not in self.riding],
+                )
+            if send:
+                yield self._batch(context, Operation.REMOVE, send)
+
+    def _resolve(
+        self, chunk: list[str], caps: Capabilities, known: dict[str, Identifier] | None
+    ) -> list[Member]:
+        """
+        Resolve member keys to identifiers (from *known* when the run resolved
+        them already), recording those that resolve to nothing as skipped.
+        """
+        if known is not None:
+            members = [Member(k, known[k]) for k in chunk if k in known]
+            unresolved = [k for k in chunk if k not in known]
+        else:
+            members, unresolved = self._mapping().resolve_many(chunk, caps.accepted_identifiers)
+        if unresolved:
+            self.counts.skipped += len(unresolved)
+            self.issues.extend(
+                MemberIssue(
+                    run_id=self.run_id,
+                    key=k,
+                    kind=IssueKind.SKIPPED,
+                    reason="unresolved_mapping",
+                )
+                for k in unresolved
+            )
+        return members
 
     def _add_batches(
         self,
         context: RunContext,
         operation: Operation,
         keys: Keys,
-        mapping: IdentifierMapping,
         caps: Capabilities,
+        *,
+        existing: bool = False,
     ) -> Iterator[Batch]:
-        accepted = caps.accepted_identifiers
+        storage = self.env.storage
+        identity = self._mapping().identity_kind(caps.accepted_identifiers) is not None
+        # With the identity mapping distinct keys never share an identifier, so
+        # a first sync needs no lookups; otherwise the store's identifier index
+        # tells which identifiers another member already holds.
+        lookups = not identity or self.delivered_at_start > 0 or bool(self.pending)
+        known = None if existing else self.resolved_adds
         for chunk in chunks(keys, caps.max_batch_size):
-            members, unresolved = mapping.resolve_many(chunk, accepted)
-            if unresolved:
-                self.counts.skipped += len(unresolved)
-                self.issues.extend(
-                    MemberIssue(
-                        run_id=self.run_id,
-                        key=k,
-                        kind=IssueKind.SKIPPED,
-                        reason="unresolved_mapping",
-                    )
-                    for k in unresolved
+            members = self._resolve(chunk, caps, known)
+            if not members:
+                continue
+            if existing:
+                # A full resend sends every identifier once, even if held.
+                groups = group_adds(members, _already_sent(self.sent_existing, identity=identity))
+                if not identity:
+                    self.sent_existing.update(m.identifier for m in groups.send)
+            else:
+                holders = (
+                    storage.identifier_holders(self.sync.id, {m.identifier for m in members})
+                    if lookups
+                    else {}
                 )
-            if members:
-                yield self._batch(context, operation, members)
+                groups = group_adds(members, _held_in(holders, self.kept_ids))
+                self._apply_local(Operation.ADD, groups.local)
+            send: list[Member] = []
+            for m in groups.send:
+                slot = (operation, m.identifier)
+                if slot in self.in_flight:
+                    self._ride(operation, m.identifier, [m.key])
+                    continue
+                send.append(m)
+                self.in_flight.add(slot)
+                self._ride(operation, m.identifier, groups.riders.get(m.identifier, ()))
+            if send:
+                yield self._batch(context, operation, send)
 
     def _on_acked(self, acked: Acked) -> None:
         batch = acked.batch
         by_identifier = {m.identifier.value: m for m in batch.members}
-        rejected: dict[str, str] = {}
+        rejected_ids: dict[str, str] = {}
         unknown = 0
         for rejection in acked.result.rejected:
             member = by_identifier.get(rejection.identifier)
             if member is None:
                 unknown += 1
                 continue
-            rejected[member.key] = rejection.reason
+            rejected_ids[member.identifier.value] = rejection.reason
         if unknown:
             note = "rejections_for_unsent_members"
             if note not in self.notes:
@@ -798,36 +1062,52 @@ class _Run:
                 unknown,
                 batch.sequence,
             )
-        accepted = [m for m in batch.members if m.key not in rejected]
-        is_remove = batch.operation is Operation.REMOVE
+        operation = batch.operation
+        is_remove = operation is Operation.REMOVE
+        accepted: list[Member] = []
+        rejected: list[tuple[str, str]] = []
+        riders = 0
+        accepted_ids = 0
+        for m in batch.members:
+            keys = [m.key, *self.riders.pop((operation, m.identifier), ())]
+            self.in_flight.discard((operation, m.identifier))
+            riders += len(keys) - 1
+            reason = rejected_ids.get(m.identifier.value)
+            if reason is None:
+                accepted_ids += 1
+                accepted.extend(Member(k, m.identifier) for k in keys)
+            else:
+                rejected.extend((k, reason) for k in keys)
         self._apply(
             AppliedBatch(
                 run_id=self.run_id,
                 sequence=batch.sequence,
-                operation=batch.operation,
+                operation=operation,
                 idempotency_key=batch.idempotency_key,
                 added=() if is_remove else tuple(accepted),
                 removed=tuple(m.key for m in accepted) if is_remove else (),
-                rejected=tuple(rejected.items()),
+                rejected=tuple(rejected),
                 at=self.env.clock.now(),
                 max_rejection_attempts=self.sync.policy.rejection_attempts,
+                slot=self.lease.current.slot,
+                tally=Tally(
+                    added=accepted_ids if operation is Operation.ADD else 0,
+                    removed=accepted_ids if is_remove else 0,
+                    rejected=len(rejected_ids),
+                    batches=1,
+                    collisions=riders,
+                ),
             ),
         )
-        self.counts.batches += 1
-        self.counts.rejected += len(rejected)
-        if is_remove:
-            self.counts.removed += len(accepted)
-        elif batch.operation is Operation.ADD:
-            self.counts.added += len(accepted)
         emit(
             self.env.listeners,
             BatchDelivered(
                 sync_id=self.sync.id,
                 run_id=self.run_id,
-                operation=batch.operation,
+                operation=operation,
                 sequence=batch.sequence,
                 size=len(batch.members),
-                rejected=len(rejected),
+                rejected=len(rejected_ids),
                 idempotency_key=batch.idempotency_key,
             ),
         )
@@ -875,16 +1155,55 @@ class _Run:
             ),
         )
 
-    def _teardown(self, destination: Destination, caps: Capabilities) -> RunStatus:
+    def _teardown(self, destination: Destination, caps: Capabilities) -> tuple[RunStatus, Sync]:
         """
-        Remove exactly what this sync delivered (``OnDelete.REMOVE_DELIVERED``).
+        Remove everything this sync may have delivered
+        (``OnDelete.REMOVE_DELIVERED``): its delivered state plus the members
+        of every add still pending (sent by a run that crashed or was cut
+        short, so the destination may hold them).
         """
-        self.version = self.env.storage.delivered_version(self.sync.id)
-        keys = list(self.env.storage.iter_delivered(self.sync.id))
+        storage = self.env.storage
+        self.version = storage.delivered_version(self.sync.id)
+        self.pending = storage.pending_batches(self.sync.id)
+        keys = list(storage.iter_delivered(self.sync.id))
+        last: dict[str, Member | None] = {}
+        for pending in self.pending:
+            for m in pending.members:
+                last[m.key] = None if pending.operation is Operation.REMOVE else m
+        if last:
+            held = storage.filter_delivered(self.sync.id, last)
+            for key, member in last.items():
+                if member is not None and key not in held:
+                    self.recovered_ids[key] = member.identifier
+            keys = sorted({*keys, *self.recovered_ids})
+        now = self.env.clock.now()
+        if not caps.supports_removals:
+            remaining = len(keys)
+            reason = (
+                f"deleted; the destination cannot remove members, so the {remaining} "
+                "member(s) this sync delivered remain there"
+            )
+            self.notes.append(f"removals_unsupported: {remaining} member(s) remain")
+            new_sync = attrs.evolve(
+                self.sync, status=SyncStatus.DELETED, status_reason=reason, updated_at=now
+            )
+            if not remaining:
+                return RunStatus.SUCCEEDED, attrs.evolve(new_sync, status_reason="deleted")
+            self.teardown_error = PermanentError(reason)
+            return RunStatus.FAILED, new_sync
         diff = Diff(adds=[], removes=keys, existing=None, size=0, delivered=len(keys))
-        if caps.supports_removals:
-            self._send(destination, caps, diff, keys, send_removals=True)
-        return RunStatus.PARTIAL if self.counts.rejected else RunStatus.SUCCEEDED
+        self.diff = diff
+        self._send(destination, caps, diff, keys, send_removals=True)
+        status = RunStatus.PARTIAL if self.counts.rejected else RunStatus.SUCCEEDED
+        reason = "deleted: removed what it delivered"
+        if self.counts.rejected:
+            reason = (
+                f"deleted; the destination refused to remove {self.counts.rejected} "
+                "member(s), see the ledger"
+            )
+        return status, attrs.evolve(
+            self.sync, status=SyncStatus.DELETED, status_reason=reason, updated_at=now
+        )
 
     def _flush_issues(self) -> None:
         for i in range(0, len(self.issues), ISSUE_CHUNK):
@@ -893,48 +1212,42 @@ class _Run:
 
     # -- completion --------------------------------------------------------------
 
-    def _next_slot(self, sync: Sync, after: datetime) -> datetime | None:
+    def _next_slot(self, sync: Sync, finished: datetime) -> tuple[datetime | None, int]:
+        policy, offset = grid_policy(self.record, sync)
+        lease = self.lease.current
         try:
-            return next_due_after(self.record, sync, after)
+            nxt = next_after_run(policy, offset, lease.slot, self.started, finished)
         except ConfigurationError:
             raise  # a damaged schedule row, not the end of time
         except (OverflowError, ValueError):
             # No next slot exists before year 10,000: say so, do not crash.
             self.notes.append("no_next_slot: the clock is at the end of time")
-            return None
+            return None, 0
+        return nxt.due, nxt.coalesced
 
-    def _complete(
+    def _schedule_next(
         self,
-        trigger: Trigger,
-        status: RunStatus,
-        error: BaseException | None,
         new_sync: Sync,
+        next_trigger: Trigger,
+        error: BaseException | None,
+        finished: datetime,
         *,
-        feed_cursor: str | None,
-        full_done: bool,
-    ) -> SyncRun:
+        failed: bool,
+    ) -> tuple[datetime | None, Trigger, int, int, Sync]:
+        """
+        What comes after this run: the next due instant and trigger, the
+        consecutive-failure count, the slots coalesced, and the definition
+        (one-time syncs complete or fail here).
+        """
         env = self.env
-        lease = self.lease.current
-        finished = env.clock.now()
-        record = self.record
         attempts = 0
-        next_trigger = Trigger.SCHEDULED
-        if self.issues:
-            try:
-                self._flush_issues()
-            except CohortSyncError:
-                log.exception("could not record member issues of run %s", self.run_id)
-        failed = status is RunStatus.FAILED or (error is not None and status is RunStatus.PARTIAL)
-        if trigger is Trigger.TEARDOWN and new_sync.status is not SyncStatus.DELETED:
-            # The removals failed: what comes next is the teardown again (also
-            # after a resume), never a normal run that would deliver again.
-            next_trigger = Trigger.TEARDOWN
+        coalesced = 0
         one_time = new_sync.policy.cadence is Cadence.ONE_TIME
         if new_sync.status is not SyncStatus.ACTIVE:
-            next_due = None
-        elif failed and (one_time or next_trigger is Trigger.TEARDOWN):
+            return None, next_trigger, attempts, coalesced, new_sync
+        if failed and (one_time or next_trigger is Trigger.TEARDOWN):
             # Retried with backoff a bounded number of times, then `failed`.
-            attempts = record.attempts + 1
+            attempts = self.record.attempts + 1
             if attempts >= new_sync.policy.one_time_attempts:
                 what = (
                     "removing the delivered members"
@@ -957,17 +1270,50 @@ class _Run:
                         at=finished,
                     ),
                 )
-                next_due = None
-            else:
-                backoff = new_sync.policy.retry.delay(attempts - 1, env.rng.random()) * 60
-                next_due = finished + timedelta(seconds=backoff)
-                if next_trigger is not Trigger.TEARDOWN:
-                    next_trigger = Trigger.ONE_TIME
-        elif one_time:
+                return None, next_trigger, attempts, coalesced, new_sync
+            backoff = new_sync.policy.retry.delay(attempts - 1, env.rng.random()) * 60
+            retry_at = add_saturating(finished, timedelta(seconds=backoff))
+            if next_trigger is not Trigger.TEARDOWN:
+                next_trigger = Trigger.ONE_TIME
+            return retry_at, next_trigger, attempts, coalesced, new_sync
+        if one_time:
             new_sync = attrs.evolve(new_sync, status=SyncStatus.COMPLETED, updated_at=finished)
-            next_due = None
-        else:
-            next_due = self._next_slot(new_sync, max(finished, lease.slot))
+            return None, next_trigger, attempts, coalesced, new_sync
+        next_due, coalesced = self._next_slot(new_sync, finished)
+        if next_due is not None and next_due <= finished:
+            # A slot fell due while this run ran: it runs next, at once.
+            self.notes.append(f"overran: the slot of {next_due.isoformat()} runs next")
+        return next_due, next_trigger, attempts, coalesced, new_sync
+
+    def _complete(
+        self,
+        trigger: Trigger,
+        status: RunStatus,
+        error: BaseException | None,
+        new_sync: Sync,
+        *,
+        feed_cursor: str | None,
+        full_done: bool,
+    ) -> SyncRun:
+        env = self.env
+        lease = self.lease.current
+        finished = env.clock.now()
+        next_trigger = Trigger.SCHEDULED
+        if error is None and self.teardown_error is not None:
+            error = self.teardown_error
+        if self.issues:
+            try:
+                self._flush_issues()
+            except CohortSyncError:
+                log.exception("could not record member issues of run %s", self.run_id)
+        failed = status is RunStatus.FAILED or (error is not None and status is RunStatus.PARTIAL)
+        if trigger is Trigger.TEARDOWN and new_sync.status is not SyncStatus.DELETED:
+            # The removals failed: what comes next is the teardown again (also
+            # after a resume), never a normal run that would deliver again.
+            next_trigger = Trigger.TEARDOWN
+        next_due, next_trigger, attempts, coalesced, new_sync = self._schedule_next(
+            new_sync, next_trigger, error, finished, failed=failed
+        )
         run = SyncRun(
             id=self.run_id,
             sync_id=self.sync.id,
@@ -986,8 +1332,10 @@ class _Run:
             retries=self.sender.retries if self.sender else 0,
             full_sync=self.full,
             error_type=None if error is None else type(error).__name__,
-            error_message=None if error is None else str(error)[:2_000],
+            error_message=None if error is None else _message(error),
             notes=tuple(self.notes),
+            collisions=self.counts.collisions,
+            coalesced=coalesced,
         )
         env.storage.complete_run(
             lease,
@@ -1008,6 +1356,7 @@ class _Run:
                     if error is None and not self.guarded and status is not RunStatus.SKIPPED
                     else ()
                 ),
+                scheduled_from=finished,
             ),
         )
         log.info(
@@ -1021,5 +1370,62 @@ class _Run:
             run.rejected,
             run.batches,
         )
+        if status in (RunStatus.PARTIAL, RunStatus.FAILED) and run.skipped:
+            log.warning(
+                "sync %s run %s skipped %d member(s); see export_history for the reasons",
+                run.sync_id,
+                run.id,
+                run.skipped,
+            )
         emit(env.listeners, RunFinished(run=run))
         return run
+
+
+def _already_sent(sent: set[Identifier], *, identity: bool) -> Callable[[Member], bool]:
+    """
+    Whether a full resend already sent a member's identifier in this run
+    (distinct keys never share one under the identity mapping).
+    """
+
+    def held(member: Member) -> bool:
+        return not identity and member.identifier in sent
+
+    return held
+
+
+def _held_in(
+    holders: dict[Identifier, list[str]], kept: set[Identifier]
+) -> Callable[[Member], bool]:
+    """
+    Whether the destination holds a member's identifier for ANOTHER member
+    (a member re-added after a lost acknowledgement holds it itself, as far
+    as the store knows, and must be sent).
+    """
+
+    def held(member: Member) -> bool:
+        ident = member.identifier
+        return ident in kept or any(k != member.key for k in holders.get(ident, ()))
+
+    return held
+
+
+def _heals_by_itself(error: BaseException) -> bool:
+    """
+    Whether a failure is worth retrying indefinitely: a destination or a
+    store that is down comes back; corrupt data and bugs do not.
+    """
+    if isinstance(error, TransientError):
+        return True
+    return isinstance(error, StorageError) and not isinstance(error, CorruptStoreError)
+
+
+def _message(error: BaseException) -> str:
+    return str(error)[:2_000]
+
+
+def _hour(when: datetime) -> int:
+    delta = when - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) // 3_600
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

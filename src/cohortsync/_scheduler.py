@@ -4,6 +4,8 @@ The :class:`Scheduler`: the object a host builds in every worker process.
 
 from __future__ import annotations
 
+import enum
+import inspect
 import logging
 import os
 import random
@@ -12,13 +14,17 @@ import socket
 import threading
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
+from pathlib import PurePath
+from types import TracebackType
+from typing import Literal
 
 import attrs
+from typing_extensions import Self
 
 from cohortsync import _schedule
 from cohortsync._advice import Recommendation, recommend
 from cohortsync._cache import DeliveredCache
-from cohortsync._clock import Clock, SystemClock, require_aware
+from cohortsync._clock import Clock, SystemClock, add_saturating, require_aware
 from cohortsync._cohort import Cohort
 from cohortsync._converter import unstructure
 from cohortsync._delivery import RateLimiter, shared_limiter
@@ -27,26 +33,42 @@ from cohortsync._diff import diff_snapshot, head
 from cohortsync._eligibility import DEFAULT_RULES, Eligibility, Ruleset, check_eligibility
 from cohortsync._events import Listener
 from cohortsync._identifiers import IdentifierMapping
+from cohortsync._plan import repeated_failure
 from cohortsync._policy import Cadence, OnDelete, SyncPolicy
 from cohortsync._run import RunEnvironment, execute, next_due_after
-from cohortsync._storage import LedgerEntry, Storage, SyncRecord
-from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
+from cohortsync._storage import (
+    SLOT_BUCKET_SECONDS,
+    Completion,
+    Lease,
+    LedgerEntry,
+    Storage,
+    SyncRecord,
+)
+from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync._validators import check_count, check_id
 from cohortsync.exceptions import (
     CohortNotFoundError,
+    CohortSyncError,
     ConfigurationError,
+    ConflictError,
     DestinationNotFoundError,
     IneligibleSyncError,
     LeaseLostError,
     SourceError,
+    StorageError,
 )
 
-__all__ = ["Preview", "Scheduler", "Upcoming"]
+__all__ = ["KEEP", "Preview", "Scheduler", "Upcoming"]
 
 log = logging.getLogger("cohortsync")
 
-SLOT_BUCKET_SECONDS = 60
-"""The load-aware allocator balances syncs per minute of the period."""
+
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+
+KEEP = _Keep.KEEP
+"""Default of :meth:`Scheduler.update_sync` arguments: leave the current value."""
 
 MAX_UPCOMING_PER_SYNC = 10_000
 
@@ -88,10 +110,44 @@ def _default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def _default_storage() -> Storage:
-    from cohortsync.sqlite import SQLiteStorage  # noqa: PLC0415 - only when no store is given
+def _sqlite(path: str | os.PathLike[str]) -> Storage:
+    from cohortsync.sqlite import SQLiteStorage  # noqa: PLC0415 - only when a path is given
 
-    return SQLiteStorage("cohortsync.db")
+    return SQLiteStorage(path)
+
+
+def _default_storage() -> Storage:
+    return _sqlite("cohortsync.db")
+
+
+def _to_storage(value: object) -> Storage:
+    if value is None:
+        return _default_storage()
+    if isinstance(value, (str, PurePath)):
+        # A path is the embedded default's file: an easy mistake to make
+        # (Scheduler("cohortsync.db")), so accept it rather than fail later.
+        return _sqlite(value)
+    if isinstance(value, Storage):
+        return value
+    raise ConfigurationError(
+        "storage",
+        type(value).__name__,
+        "must be a cohortsync.Storage (MemoryStorage(), SQLiteStorage(path), "
+        "PostgresStorage(dsn)) or the path of an SQLite file",
+    )
+
+
+def _to_clock(value: object) -> Clock:
+    if value is None:
+        return SystemClock()
+    if not callable(getattr(value, "now", None)) or not callable(getattr(value, "sleep", None)):
+        raise ConfigurationError(
+            "clock",
+            type(value).__name__,
+            "must be a cohortsync.Clock: an object with now() returning an aware UTC "
+            "datetime and sleep(seconds)",
+        )
+    return value  # type: ignore[return-value]
 
 
 class Scheduler:
@@ -119,6 +175,10 @@ class Scheduler:
         listeners: Callables receiving every event (``RunStarted``,
             ``BatchDelivered``, ``RunFinished``, ``SyncFailed``,
             ``EligibilityChanged``, ``GuardTripped``).
+        pause_after_failures: A sync whose runs fail this many times in a row
+            with the same error (other than a transient destination or store
+            outage) is paused with that error as its reason, instead of
+            failing every period forever. ``0`` never pauses.
         seed: Seed for backoff jitter (tests); ``None`` is random.
         state_cache_keys: Most member keys this worker keeps in memory as
             copies of recently delivered states, so a steady-state run of a
@@ -129,7 +189,7 @@ class Scheduler:
 
     def __init__(
         self,
-        storage: Storage | None = None,
+        storage: Storage | str | os.PathLike[str] | None = None,
         *,
         clock: Clock | None = None,
         owner: str | None = None,
@@ -140,6 +200,7 @@ class Scheduler:
         listeners: Iterable[Listener] = (),
         seed: int | None = None,
         state_cache_keys: int = 5_000_000,
+        pause_after_failures: int = 5,
     ) -> None:
         if slot_allocation not in ("balanced", "hash"):
             raise ConfigurationError(
@@ -149,8 +210,10 @@ class Scheduler:
             raise ConfigurationError("lease_for", lease_for, "must be a positive timedelta")
         if not isinstance(retention, timedelta) or retention <= timedelta(0):
             raise ConfigurationError("retention", retention, "must be a positive timedelta")
-        self.storage: Storage = storage if storage is not None else _default_storage()
-        self.clock: Clock = clock if clock is not None else SystemClock()
+        check_count("pause_after_failures", pause_after_failures)
+        self.clock: Clock = _to_clock(clock)
+        self.storage: Storage = _to_storage(storage)
+        self.pause_after_failures = pause_after_failures
         self.owner = owner or _default_owner()
         self.lease_for = lease_for
         self.rules = rules
@@ -175,18 +238,39 @@ class Scheduler:
 
     # -- registration --------------------------------------------------------
 
-    def add_cohort(self, cohort: Cohort) -> Cohort:
+    @staticmethod
+    def _check_new(what: str, key: str, registry: dict[str, object], *, replace: bool) -> None:
+        if key in registry and not replace:
+            raise ConfigurationError(
+                what,
+                key,
+                "is already registered; pass replace=True to replace it on purpose",
+            )
+
+    def add_cohort(self, cohort: Cohort, *, replace: bool = False) -> Cohort:
         """
-        Register (or replace) a cohort and its membership source under ``cohort.id``.
+        Register a cohort and its membership source under ``cohort.id``.
+
+        Raises:
+            ConfigurationError: The id is registered already (and *replace* is false).
         """
         if not isinstance(cohort, Cohort):
             raise ConfigurationError("cohort", cohort, "must be a cohortsync.Cohort")
+        self._check_new("cohort_id", cohort.id, self._cohorts, replace=replace)  # type: ignore[arg-type]
         self._cohorts[cohort.id] = cohort
         return cohort
 
-    def add_destination(self, destination_id: str, destination: Destination) -> Destination:
+    def add_destination(
+        self, destination_id: str, destination: Destination, *, replace: bool = False
+    ) -> Destination:
         """
-        Register (or replace) a destination adapter under *destination_id*.
+        Register a destination adapter under *destination_id*.
+
+        Raises:
+            ConfigurationError: Not a :class:`Destination`, an adapter whose
+                ``add``/``remove`` are coroutine functions (the scheduler
+                calls them synchronously), or the id is registered already
+                (and *replace* is false).
         """
         check_id("destination_id", destination_id)
         if not isinstance(destination, Destination):
@@ -195,16 +279,32 @@ class Scheduler:
                 destination,
                 "must be an instance of a cohortsync.Destination subclass",
             )
+        for name in ("add", "remove", "open", "close"):
+            if inspect.iscoroutinefunction(getattr(destination, name, None)):
+                raise ConfigurationError(
+                    "destination",
+                    type(destination).__name__,
+                    f"defines `async def {name}`, but the Scheduler calls adapters "
+                    "synchronously (it would get a coroutine, not a result): make the "
+                    "methods plain `def` (e.g. run your async client with asyncio.run) ",
+                )
+        self._check_new("destination_id", destination_id, self._destinations, replace=replace)  # type: ignore[arg-type]
         self._destinations[destination_id] = destination
         return destination
 
-    def add_mapping(self, mapping_id: str, mapping: IdentifierMapping) -> IdentifierMapping:
+    def add_mapping(
+        self, mapping_id: str, mapping: IdentifierMapping, *, replace: bool = False
+    ) -> IdentifierMapping:
         """
         Register an identifier mapping that syncs can name with ``mapping_id=``.
+
+        Raises:
+            ConfigurationError: The id is registered already (and *replace* is false).
         """
         check_id("mapping_id", mapping_id)
         if not isinstance(mapping, IdentifierMapping):
             raise ConfigurationError("mapping", mapping, "must be a cohortsync.IdentifierMapping")
+        self._check_new("mapping_id", mapping_id, self._mappings, replace=replace)  # type: ignore[arg-type]
         self._mappings[mapping_id] = mapping
         return mapping
 
@@ -279,6 +379,14 @@ class Scheduler:
 
     # -- sync life cycle -----------------------------------------------------
 
+    def _record(self, sync_id: str) -> SyncRecord:
+        """
+        The stored sync, after checking the id is one a store can hold (a
+        lone surrogate or a control character is a ConfigurationError here,
+        never a raw encoding error from the database).
+        """
+        return self.storage.get_sync(check_id("sync_id", sync_id))
+
     def _now(self) -> datetime:
         return require_aware(self.clock.now(), "clock.now()")
 
@@ -290,13 +398,10 @@ class Scheduler:
         if self.slot_allocation == "hash":
             return preferred, None
         buckets = period // SLOT_BUCKET_SECONDS
-        bucket = self.storage.allocate_slot(period, buckets, preferred // SLOT_BUCKET_SECONDS)
+        # A read: the store counts the sync in its bucket with the sync write
+        # itself, so a failed create or update never leaks a slot.
+        bucket = self.storage.least_loaded_slot(period, buckets, preferred // SLOT_BUCKET_SECONDS)
         return bucket * SLOT_BUCKET_SECONDS + preferred % SLOT_BUCKET_SECONDS, bucket
-
-    def _release_slot(self, record: SyncRecord) -> None:
-        period = _schedule.period_seconds(record.sync.policy.cadence)
-        if record.slot_bucket is not None and period is not None:
-            self.storage.release_slot(period, record.slot_bucket)
 
     @staticmethod
     def _first_trigger(policy: SyncPolicy) -> Trigger:
@@ -349,13 +454,9 @@ class Scheduler:
             offset=offset,
             slot_bucket=bucket,
             anchor=now,
+            scheduled_from=now,
         )
-        try:
-            self.storage.create_sync(record)
-        except Exception:
-            if bucket is not None:
-                self._release_slot(record)
-            raise
+        self.storage.create_sync(record)
         return sync
 
     def get_sync(self, sync_id: str) -> Sync:
@@ -363,7 +464,7 @@ class Scheduler:
         Raises:
             SyncNotFoundError: No such sync.
         """
-        return self.storage.get_sync(sync_id).sync
+        return self._record(sync_id).sync
 
     def syncs(self) -> list[Sync]:
         """
@@ -376,20 +477,28 @@ class Scheduler:
         sync_id: str,
         policy: SyncPolicy | None = None,
         *,
-        mapping_id: str | None = None,
+        mapping_id: str | Literal[_Keep.KEEP] | None = KEEP,
     ) -> Sync:
         """
         Change a sync's policy (and mapping): a new generation, a new slot, and
         a run due immediately.
 
+        Args:
+            sync_id: The sync.
+            policy: The new policy, or ``None`` to keep the current one.
+            mapping_id: A registered identifier mapping, ``None`` for the
+                identity mapping, or leave it out to keep the current one.
+
         Raises:
             IneligibleSyncError: The new definition is not eligible (nothing changes).
             ConflictError: Someone else changed the sync at the same time.
         """
-        record = self.storage.get_sync(sync_id)
+        record = self._record(sync_id)
         old = record.sync
+        if old.status is SyncStatus.DELETED or record.next_trigger is Trigger.TEARDOWN:
+            raise ConfigurationError("sync_id", sync_id, "a deleted sync cannot be updated")
         policy = policy or old.policy
-        mapping_id = mapping_id if mapping_id is not None else old.mapping_id
+        mapping_id = old.mapping_id if mapping_id is KEEP else mapping_id
         self._require_eligible(old.cohort_id, old.destination_id, policy, mapping_id)
         now = self._now()
         sync = attrs.evolve(
@@ -412,13 +521,13 @@ class Scheduler:
             slot_bucket=bucket,
             anchor=now,
             attempts=0,
+            scheduled_from=now,
         )
         self.storage.save_sync(new, expected_generation=old.generation)
-        self._release_slot(record)
         return sync
 
     def _change(self, sync_id: str, **changes: object) -> Sync:
-        record = self.storage.get_sync(sync_id)
+        record = self._record(sync_id)
         sync_changes = {k: v for k, v in changes.items() if k in _SYNC_FIELDS}
         record_changes = {k: v for k, v in changes.items() if k not in _SYNC_FIELDS}
         sync = attrs.evolve(record.sync, updated_at=self._now(), **sync_changes)  # type: ignore[arg-type]
@@ -428,19 +537,15 @@ class Scheduler:
         )
         return sync
 
-    def _due_now(self, record: SyncRecord) -> datetime:
+    def _due_now(self) -> dict[str, object]:
         """
-        When a run the host asks for is due: now, unless the sync already has a
-        run at this very instant (a fake clock that has not moved, a coarse
-        system clock). A run record is unique on (sync, slot), so that run is
-        due one tick later instead of colliding with the earlier one forever.
+        The schedule fields of a run the host asks for: due now. One rule for
+        every host call; if a run is already recorded at this very instant
+        (a clock that has not moved), the store's claim gives the new run the
+        next free slot (see :func:`cohortsync.storage.claim_slot`).
         """
         now = self._now()
-        taken = [run.slot for run in self.storage.history(record.id, limit=1)]
-        if record.lease is not None:
-            taken.append(record.lease.slot)
-        latest = max(taken, default=None)
-        return now if latest is None or latest < now else latest + _TICK
+        return {"next_due": now, "scheduled_from": now}
 
     @staticmethod
     def _host_trigger(record: SyncRecord) -> Trigger:
@@ -460,16 +565,16 @@ class Scheduler:
         """
         Resume a paused (or failed) sync; it runs immediately, then on its slots.
         """
-        record = self.storage.get_sync(sync_id)
+        record = self._record(sync_id)
         if record.sync.status is SyncStatus.DELETED:
             raise ConfigurationError("sync_id", sync_id, "a deleted sync cannot be resumed")
         return self._change(
             sync_id,
             status=SyncStatus.ACTIVE,
             status_reason=None,
-            next_due=self._due_now(record),
             next_trigger=self._host_trigger(record),
             attempts=0,
+            **self._due_now(),
         )
 
     def sync_now(self, sync_id: str, *, full: bool = False) -> Sync:
@@ -477,13 +582,13 @@ class Scheduler:
         Make a sync due now ("sync now"). With *full*, the run re-sends the
         whole membership (a full resync) instead of the diff.
         """
-        record = self.storage.get_sync(sync_id)
+        record = self._record(sync_id)
         if record.sync.status is SyncStatus.DELETED:
             raise ConfigurationError("sync_id", sync_id, "a deleted sync cannot run")
         changes: dict[str, object] = {
-            "next_due": self._due_now(record),
             "next_trigger": self._host_trigger(record),
             "full_resync": full or record.full_resync,
+            **self._due_now(),
         }
         if record.sync.status in (SyncStatus.COMPLETED, SyncStatus.FAILED):
             changes.update(status=SyncStatus.ACTIVE, status_reason=None, attempts=0)
@@ -500,12 +605,12 @@ class Scheduler:
         Let the next run send the removals the mass-removal guard held back;
         the run happens now.
         """
-        record = self.storage.get_sync(sync_id)
+        record = self._record(sync_id)
         return self._change(
             sync_id,
             guard_released=True,
-            next_due=self._due_now(record),
             next_trigger=self._host_trigger(record),
+            **self._due_now(),
         )
 
     def delete_sync(self, sync_id: str) -> Sync:
@@ -514,20 +619,24 @@ class Scheduler:
         what it has; with ``OnDelete.REMOVE_DELIVERED`` a final run removes
         exactly what this sync delivered, then the sync is ``deleted``.
         """
-        record = self.storage.get_sync(sync_id)
-        self._release_slot(record)
-        remove = (
-            record.sync.policy.on_delete is OnDelete.REMOVE_DELIVERED
-            and self.storage.count_delivered(sync_id) > 0
-        )
-        if remove:
+        record = self._record(sync_id)
+        if record.sync.status is SyncStatus.DELETED:
+            return record.sync
+        if record.sync.policy.on_delete is OnDelete.REMOVE_DELIVERED:
+            # Always a removal run, never a decision from the delivered count
+            # now: a run holding the lease may be delivering (its first batch
+            # not applied yet), and its in-flight batches count too. The
+            # write is compare-and-set on the sync's revision, so that run's
+            # completion cannot undo it; the teardown runs after it and
+            # removes the delivered state plus every pending add.
             return self._change(
                 sync_id,
                 status=SyncStatus.ACTIVE,
                 status_reason="deleting: removing delivered members",
-                next_due=self._due_now(record),
                 next_trigger=Trigger.TEARDOWN,
                 slot_bucket=None,
+                attempts=0,
+                **self._due_now(),
             )
         return self._change(
             sync_id,
@@ -543,7 +652,7 @@ class Scheduler:
         """
         When the sync is next due, or ``None`` if nothing is scheduled.
         """
-        record = self.storage.get_sync(sync_id)
+        record = self._record(sync_id)
         return record.next_due if record.sync.status is SyncStatus.ACTIVE else None
 
     def upcoming(self, until: datetime) -> list[Upcoming]:
@@ -578,7 +687,7 @@ class Scheduler:
         Raises:
             SourceError: The membership source failed.
         """
-        record = self.storage.get_sync(sync_id)
+        record = self._record(sync_id)
         sync = record.sync
         cohort = self.cohort(sync.cohort_id)
         caps = self.destination(sync.destination_id).capabilities
@@ -634,6 +743,7 @@ class Scheduler:
             limiter=self._limiter,
             rng=self._rng,
             cache=self._cache,
+            pause_after_failures=self.pause_after_failures,
         )
 
     def run_due(self, *, limit: int | None = None, claim_batch: int = 1) -> list[SyncRun]:
@@ -641,7 +751,10 @@ class Scheduler:
         Claim and run every sync due now, one at a time; return the runs.
 
         Safe to call from several processes on one store: each due slot runs
-        exactly once. A sync is run at most once per call.
+        exactly once. A sync is run at most once per call. One sync that
+        cannot be run or recorded (a damaged row, a store error on its
+        record) never stops the others: it gets a failed run record with the
+        error when one can be written, is logged, and the call goes on.
 
         Args:
             limit: Run at most this many.
@@ -653,6 +766,7 @@ class Scheduler:
         runs: list[SyncRun] = []
         seen: set[str] = set()
         self._purge_if_due()
+        self._rebase_if_clock_went_back()
         while limit is None or len(runs) < limit:
             want = claim_batch if limit is None else min(claim_batch, limit - len(runs))
             leases = self.storage.claim_due(self._now(), self.owner, self.lease_for, want)
@@ -672,13 +786,137 @@ class Scheduler:
                     log.warning(
                         "lost the lease on sync %s mid-run; another worker has it", lease.sync_id
                     )
+                except Exception as exc:  # noqa: BLE001 - isolated, recorded, logged
+                    isolated = self._isolate(lease, exc)
+                    if isolated is not None:
+                        runs.append(isolated)
             if repeat:
                 break
         return runs
 
+    def _isolate(self, lease: Lease, error: BaseException) -> SyncRun | None:
+        """
+        Record a run that could not be run or recorded normally as failed,
+        with its error, and take it off the schedule until its next slot.
+        The other due syncs go on. Returns the failed run if it was recorded.
+        """
+        log.error(
+            "sync %s: its run of slot %s could not be completed (%s: %s); "
+            "isolated so the other syncs run",
+            lease.sync_id,
+            lease.slot.isoformat(),
+            type(error).__name__,
+            error,
+            exc_info=error,
+        )
+        now = self._now()
+        try:
+            record = self.storage.get_sync(lease.sync_id)
+            earlier = self.storage.history(lease.sync_id, limit=self.pause_after_failures)
+        except CohortSyncError:
+            # Not even readable: its lease expires and it is tried again then
+            # (every lease period, not in a loop), while get_sync/next_run
+            # report the damage to the host.
+            return None
+        sync = record.sync
+        message = str(error)[:2_000]
+        new_sync: Sync | None = None
+        if self.pause_after_failures and repeated_failure(
+            type(error).__name__, message, earlier, self.pause_after_failures
+        ):
+            new_sync = attrs.evolve(
+                sync,
+                status=SyncStatus.PAUSED,
+                status_reason=(
+                    f"failed {self.pause_after_failures} runs in a row with "
+                    f"{type(error).__name__}: {message}"
+                ),
+                updated_at=now,
+            )
+        next_due: datetime | None = None
+        if new_sync is None and sync.status is SyncStatus.ACTIVE:
+            try:
+                next_due = next_due_after(record, sync, now)
+            except (OverflowError, ValueError, ConfigurationError):
+                next_due = None
+            if next_due is None:
+                next_due = add_saturating(now, self.lease_for)
+        run = SyncRun(
+            id=secrets.token_hex(8),
+            sync_id=sync.id,
+            generation=lease.generation,
+            trigger=lease.trigger,
+            slot=lease.slot,
+            started_at=now,
+            finished_at=now,
+            status=RunStatus.FAILED,
+            cadence=sync.cadence,
+            error_type=type(error).__name__,
+            error_message=message,
+            notes=("isolated: the run could not be completed; other syncs went on",),
+        )
+        try:
+            self.storage.complete_run(
+                lease,
+                Completion(
+                    run=run,
+                    next_due=next_due,
+                    next_trigger=Trigger.SCHEDULED,
+                    sync=new_sync,
+                    attempts=record.attempts,
+                    scheduled_from=now,
+                ),
+            )
+        except CohortSyncError:
+            log.exception("sync %s: could not record the isolated run either", sync.id)
+            return None
+        return run
+
+    def _rebase_if_clock_went_back(self) -> None:
+        """
+        Recompute the schedule of syncs whose next run was computed on a clock
+        that read later than this one (a clock pushed forward and corrected,
+        or moved back): a wrong clock must not silence a sync until it is
+        wrong again. Indexed and usually empty.
+        """
+        now = self._now()
+        for record in self.storage.scheduled_after(add_saturating(now, _NO_PERIOD_TOLERANCE)):
+            sync = record.sync
+            # Workers read a shared clock at slightly different moments: only
+            # a due time more than one period ahead means the clock went back.
+            period = sync.cadence.period or _NO_PERIOD_TOLERANCE
+            if record.next_due is None or add_saturating(record.next_due, -period) <= now:
+                continue
+            due: datetime | None = now
+            if record.next_trigger in (Trigger.SCHEDULED, Trigger.REALTIME) and (
+                sync.cadence is not Cadence.ONE_TIME
+            ):
+                try:
+                    due = next_due_after(record, sync, now)
+                except (OverflowError, ValueError):
+                    due = now
+            if record.next_due is not None and due is not None and due >= record.next_due:
+                due = record.next_due  # already sooner: only forget the future instant
+            log.warning(
+                "sync %s: its schedule was computed at %s, after the clock's now (%s): "
+                "the clock went back; next run moved from %s to %s",
+                sync.id,
+                record.scheduled_from.isoformat() if record.scheduled_from else None,
+                now.isoformat(),
+                record.next_due.isoformat() if record.next_due else None,
+                due.isoformat() if due else None,
+            )
+            try:
+                self.storage.save_sync(
+                    attrs.evolve(record, next_due=due, scheduled_from=now),
+                    expected_generation=sync.generation,
+                )
+            except (ConflictError, StorageError):
+                log.warning("sync %s: rescheduling after the clock jump failed; retried", sync.id)
+
     def _purge_if_due(self) -> None:
         now = self._now()
-        if self._last_purge is None or now - self._last_purge >= timedelta(hours=1):
+        if self._last_purge is None or abs(now - self._last_purge) >= timedelta(hours=1):
             self._last_purge = now
             if now - datetime.min.replace(tzinfo=timezone.utc) > self.retention:
                 self.storage.purge_history(now - self.retention)
@@ -690,22 +928,24 @@ class Scheduler:
         idle: float = 30.0,
     ) -> None:
         """
-        Run due syncs until *stop* is set, sleeping on the clock until the next
-        due time (at most *idle* seconds, so syncs created by other processes
-        are picked up).
+        Run due syncs until *stop* is set. Between rounds it sleeps on the
+        clock until the earliest of: the next due run, the expiry of a lease
+        another worker holds (a crashed worker's sync becomes claimable
+        then), and *idle* seconds (so syncs created by other processes are
+        picked up). It never spins.
         """
         stop = stop or threading.Event()
         while not stop.is_set():
             self.run_due()
             now = self._now()
-            due = [
-                r.next_due
-                for r in self.storage.list_syncs()
-                if r.sync.status is SyncStatus.ACTIVE and r.next_due is not None
-            ]
+            wake = self.storage.next_due()
             delay = idle
-            if due:
-                delay = min(idle, max(0.0, (min(due) - now).total_seconds()))
+            if wake is not None:
+                delay = min(idle, max(0.0, (wake - now).total_seconds()))
+            if delay <= 0:
+                # Claimable already (a slot fell due while a run ran, a lease
+                # was released): go round after a short pause, never a spin.
+                delay = _MIN_SLEEP
             while delay > 0 and not stop.is_set():
                 step = min(delay, 1.0)
                 self.clock.sleep(step)
@@ -716,14 +956,22 @@ class Scheduler:
     def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
         """
         The sync's runs, newest first.
+
+        Raises:
+            SyncNotFoundError: No such sync (like :meth:`next_run`).
         """
+        self._record(sync_id)
         return self.storage.history(sync_id, limit)
 
     def ledger(self, sync_id: str) -> list[LedgerEntry]:
         """
         Members the destination rejected, with reasons; ``dead`` ones are no
         longer retried.
+
+        Raises:
+            SyncNotFoundError: No such sync.
         """
+        self._record(sync_id)
         return self.storage.ledger(sync_id)
 
     def export_history(self, sync_id: str, *, members: bool = True) -> list[dict[str, object]]:
@@ -750,9 +998,27 @@ class Scheduler:
         return recommend(self.get_sync(sync_id), self.history(sync_id, limit=200))
 
     def close(self) -> None:
+        """
+        Close the store. The scheduler is unusable afterwards.
+        """
         self.storage.close()
 
+    def __enter__(self) -> Self:
+        return self
 
-_TICK = timedelta(microseconds=1)
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+_NO_PERIOD_TOLERANCE = timedelta(minutes=1)
+"""How far ahead of the clock a due time without a period may be before it is recomputed."""
+
+_MIN_SLEEP = 0.05
+"""Shortest sleep of run_forever when a due sync cannot be claimed yet."""
 _SYNC_FIELDS = frozenset({"status", "status_reason", "guard_released", "effective_cadence"})
 _IDENTITY = IdentifierMapping.identity()

@@ -76,8 +76,9 @@ def _to_run_status(value: object) -> RunStatus:
 
 
 def _to_notes(value: Iterable[str]) -> tuple[str, ...]:
-    # Not the generic v.to_tuple: mypy's attrs plugin cannot bind its type variable.
-    return tuple(value)
+    # Not a generic converter: mypy's attrs plugin cannot bind its type variable.
+    # Notes may quote remote text: made storable like every other stored string.
+    return v.to_storable_tuple(value)
 
 
 @attrs.frozen(kw_only=True)
@@ -112,7 +113,7 @@ class Sync:
     )
     generation: int = attrs.field(default=1, validator=v.count(1))
     status: SyncStatus = attrs.field(default=SyncStatus.ACTIVE, converter=_to_status)
-    status_reason: str | None = None
+    status_reason: str | None = attrs.field(default=None, converter=v.to_optional_storable)
     effective_cadence: Cadence | None = attrs.field(
         default=None,
         converter=_to_optional_cadence,
@@ -135,9 +136,11 @@ class SyncRun:
     """
     One run in a sync's history.
 
-    Counts: ``added``/``removed`` are members the destination acknowledged;
-    ``skipped`` could not be mapped to an identifier the destination accepts;
-    ``rejected`` were refused by the destination (see the ledger).
+    Counts: ``added``/``removed`` are identifiers the destination acknowledged;
+    ``skipped`` are members that could not be sent (an invalid key, or no
+    identifier the destination accepts); ``rejected`` are identifiers the
+    destination refused (see the ledger); ``collisions`` are members that
+    shared an identifier with another member.
     """
 
     id: str
@@ -156,10 +159,16 @@ class SyncRun:
     batches: int = attrs.field(default=0, validator=v.count(0))
     retries: int = attrs.field(default=0, validator=v.count(0))
     full_sync: bool = False
-    error_type: str | None = None
-    error_message: str | None = None
+    error_type: str | None = attrs.field(default=None, converter=v.to_optional_storable)
+    error_message: str | None = attrs.field(default=None, converter=v.to_optional_storable)
     notes: tuple[str, ...] = attrs.field(default=(), converter=_to_notes)
     """Reason codes recorded on the run (e.g. ``realtime_size_limit``, ``below_min_audience``)."""
+    collisions: int = attrs.field(default=0, validator=v.count(0))
+    """Members that shared a destination identifier with another member, so
+    were added or removed together with it (or kept because it stays)."""
+    coalesced: int = attrs.field(default=0, validator=v.count(0))
+    """Grid slots this run covered besides its own (missed while every worker
+    was down, or passed while it ran): every slot is run or counted here."""
 
     @property
     def updated(self) -> int:

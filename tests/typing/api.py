@@ -101,11 +101,14 @@ class DelegatingStorage:
     def delete_sync(self, sync_id: str) -> None:
         self._inner.delete_sync(sync_id)
 
-    def allocate_slot(self, period: int, buckets: int, preferred: int) -> int:
-        return self._inner.allocate_slot(period, buckets, preferred)
+    def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
+        return self._inner.least_loaded_slot(period, buckets, preferred)
 
-    def release_slot(self, period: int, bucket: int) -> None:
-        self._inner.release_slot(period, bucket)
+    def next_due(self) -> datetime | None:
+        return self._inner.next_due()
+
+    def scheduled_after(self, now: datetime) -> list[cohortsync.SyncRecord]:
+        return self._inner.scheduled_after(now)
 
     def claim_due(
         self, now: datetime, owner: str, lease_for: timedelta, limit: int
@@ -143,11 +146,25 @@ class DelegatingStorage:
     def delivered_version(self, sync_id: str) -> str:
         return self._inner.delivered_version(sync_id)
 
-    def begin_batch(self, lease: cohortsync.Lease, batch: cohortsync.PendingBatch) -> None:
-        self._inner.begin_batch(lease, batch)
+    def begin_batch(
+        self,
+        lease: cohortsync.Lease,
+        batch: cohortsync.PendingBatch,
+        *,
+        replaces: str | None = None,
+    ) -> None:
+        self._inner.begin_batch(lease, batch, replaces=replaces)
 
     def pending_batches(self, sync_id: str) -> list[cohortsync.PendingBatch]:
         return self._inner.pending_batches(sync_id)
+
+    def progress(self, sync_id: str) -> cohortsync.Progress | None:
+        return self._inner.progress(sync_id)
+
+    def identifier_holders(
+        self, sync_id: str, identifiers: Iterable[cohortsync.Identifier]
+    ) -> dict[cohortsync.Identifier, list[str]]:
+        return self._inner.identifier_holders(sync_id, identifiers)
 
     def record_issues(
         self, lease: cohortsync.Lease, issues: Sequence[cohortsync.MemberIssue]
