@@ -91,6 +91,7 @@ from cohortsync._storage import (
     SyncRecord,
     Tally,
     claim_slot,
+    slot_bucket_of,
 )
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync._webhook import HttpResponse, HttpTransport, UrllibTransport, WebhookDestination
@@ -180,6 +181,7 @@ __all__ = [
     "normalize_email",
     "normalize_phone",
     "recommend",
+    "slot_bucket_of",
     "try_hash_email",
     "try_hash_phone",
     "try_normalize_email",

@@ -535,7 +535,7 @@ class MemoryStorage:
             if batch.slot is not None and batch.tally:
                 old_progress = self._progress.get(lease.sync_id)
                 tally = batch.tally
-                if old_progress is not None and old_progress.slot == batch.slot:
+                if old_progress is not None:
                     tally = old_progress.tally + tally
                 self._progress[lease.sync_id] = Progress(slot=batch.slot, tally=tally)
             version = secrets.token_hex(8)

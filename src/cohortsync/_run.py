@@ -529,29 +529,43 @@ class _Run:
         Reconcile batches an earlier run sent (or may have sent) without
         applying them: the destination may or may not hold those changes.
 
-        A member of a pending add who is not delivered and not being added now
-        (it left the cohort meanwhile) is removed; a member of a pending
-        removal who is still delivered and not being removed now (it came back)
-        is added again. Everything else the ordinary diff already covers.
+        Whatever the operation of the newest record naming a member, the
+        destination's state of that member is unknown (an add may have
+        arrived, a removal may have arrived, or neither), so each is sent
+        again towards what the cohort says now: a member who is not
+        delivered and not being added now is removed (with the identifier it
+        was sent with); a delivered member who stays is added again. The
+        ordinary diff covers everyone else.
         """
-        last: dict[str, Member | None] = {}
-        for pending in self.pending:  # the newest record of a key wins
-            for m in pending.members:
-                last[m.key] = None if pending.operation is Operation.REMOVE else m
-        held = self.env.storage.filter_delivered(self.sync.id, last)
+        unknown = self._in_flight()
+        held = self.env.storage.filter_delivered(self.sync.id, unknown)
         existing = diff.existing or []
         extra_adds = [
             k
-            for k, m in last.items()
-            if m is None and k in held and not _has(diff.removes, k) and not _has(existing, k)
+            for k in unknown
+            if k in held
+            and not _has(diff.removes, k)
+            and not _has(existing, k)
+            and not _has(diff.adds, k)
         ]
-        for key, member in last.items():
-            if member is not None and key not in held and not _has(diff.adds, key):
+        for key, member in unknown.items():
+            if key not in held and not _has(diff.adds, key):
                 self.recovered_ids[key] = member.identifier
         if extra_adds or self.recovered_ids:
             self.notes.append(f"recovered_in_flight: +{len(extra_adds)} -{len(self.recovered_ids)}")
         diff.adds = _with(diff.adds, extra_adds)
         diff.removes = _with(diff.removes, self.recovered_ids)
+
+    def _in_flight(self) -> dict[str, Member]:
+        """
+        Every member named in a pending batch record (its newest record wins
+        for the identifier it was sent with).
+        """
+        unknown: dict[str, Member] = {}
+        for pending in self.pending:
+            for m in pending.members:
+                unknown[m.key] = m
+        return unknown
 
     def _batch(self, context: RunContext, operation: Operation, members: list[Member]) -> Batch:
         """
@@ -1166,22 +1180,21 @@ class _Run:
         self.version = storage.delivered_version(self.sync.id)
         self.pending = storage.pending_batches(self.sync.id)
         keys = list(storage.iter_delivered(self.sync.id))
-        last: dict[str, Member | None] = {}
-        for pending in self.pending:
-            for m in pending.members:
-                last[m.key] = None if pending.operation is Operation.REMOVE else m
-        if last:
-            held = storage.filter_delivered(self.sync.id, last)
-            for key, member in last.items():
-                if member is not None and key not in held:
+        # A pending removal may not have arrived either: every member named
+        # in a pending record is removed, delivered or not.
+        unknown = self._in_flight()
+        if unknown:
+            held = storage.filter_delivered(self.sync.id, unknown)
+            for key, member in unknown.items():
+                if key not in held:
                     self.recovered_ids[key] = member.identifier
             keys = sorted({*keys, *self.recovered_ids})
         now = self.env.clock.now()
         if not caps.supports_removals:
             remaining = len(keys)
             reason = (
-                f"deleted; the destination cannot remove members, so the {remaining} "
-                "member(s) this sync delivered remain there"
+                "deleted (removals_unsupported): the destination cannot remove members, "
+                f"so the {remaining} member(s) this sync delivered remain there"
             )
             self.notes.append(f"removals_unsupported: {remaining} member(s) remain")
             new_sync = attrs.evolve(

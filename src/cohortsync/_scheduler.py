@@ -52,6 +52,7 @@ from cohortsync.exceptions import (
     ConfigurationError,
     ConflictError,
     DestinationNotFoundError,
+    CorruptStoreError,
     IneligibleSyncError,
     LeaseLostError,
     SourceError,
@@ -387,6 +388,16 @@ class Scheduler:
         """
         return self.storage.get_sync(check_id("sync_id", sync_id))
 
+    def _require_known(self, sync_id: str) -> None:
+        """
+        Raise SyncNotFoundError for an unknown sync. A stored row too damaged
+        to decode still exists: its history and ledger stay readable.
+        """
+        try:
+            self._record(sync_id)
+        except CorruptStoreError:
+            pass
+
     def _now(self) -> datetime:
         return require_aware(self.clock.now(), "clock.now()")
 
@@ -622,6 +633,8 @@ class Scheduler:
         record = self._record(sync_id)
         if record.sync.status is SyncStatus.DELETED:
             return record.sync
+        if record.next_trigger is Trigger.TEARDOWN and record.sync.status is SyncStatus.ACTIVE:
+            return record.sync  # already being deleted: deleting twice is one teardown
         if record.sync.policy.on_delete is OnDelete.REMOVE_DELIVERED:
             # Always a removal run, never a decision from the delivered count
             # now: a run holding the lease may be delivering (its first batch
@@ -960,7 +973,7 @@ class Scheduler:
         Raises:
             SyncNotFoundError: No such sync (like :meth:`next_run`).
         """
-        self._record(sync_id)
+        self._require_known(sync_id)
         return self.storage.history(sync_id, limit)
 
     def ledger(self, sync_id: str) -> list[LedgerEntry]:
@@ -971,7 +984,7 @@ class Scheduler:
         Raises:
             SyncNotFoundError: No such sync.
         """
-        self._record(sync_id)
+        self._require_known(sync_id)
         return self.storage.ledger(sync_id)
 
     def export_history(self, sync_id: str, *, members: bool = True) -> list[dict[str, object]]:

@@ -488,8 +488,10 @@ class Storage(Protocol):
         Apply one acknowledged batch to the delivered state, update the ledger,
         record the batch and its rejected members, delete its pending record
         (same idempotency key), add ``batch.tally`` to the sync's
-        :class:`Progress` (started afresh when ``batch.slot`` differs from the
-        stored one) and give the delivered state a new version token.
+        :class:`Progress` (carried over to ``batch.slot`` when it differs from
+        the stored one: the run of the new slot has folded the old progress
+        into its record, and must not lose it if it is interrupted too) and
+        give the delivered state a new version token.
         **Atomic, compare-and-set** on the token: a stale worker can never
         move the state.
 

@@ -375,15 +375,11 @@ _PROGRESS = """
     INSERT INTO progress (sync_id, slot, added, removed, rejected, batches, collisions)
     VALUES (:sync_id, :slot, :added, :removed, :rejected, :batches, :collisions)
     ON CONFLICT (sync_id) DO UPDATE SET
-        added = CASE WHEN slot = excluded.slot THEN added + excluded.added ELSE excluded.added END,
-        removed = CASE WHEN slot = excluded.slot
-            THEN removed + excluded.removed ELSE excluded.removed END,
-        rejected = CASE WHEN slot = excluded.slot
-            THEN rejected + excluded.rejected ELSE excluded.rejected END,
-        batches = CASE WHEN slot = excluded.slot
-            THEN batches + excluded.batches ELSE excluded.batches END,
-        collisions = CASE WHEN slot = excluded.slot
-            THEN collisions + excluded.collisions ELSE excluded.collisions END,
+        added = added + excluded.added,
+        removed = removed + excluded.removed,
+        rejected = rejected + excluded.rejected,
+        batches = batches + excluded.batches,
+        collisions = collisions + excluded.collisions,
         slot = excluded.slot
 """
 

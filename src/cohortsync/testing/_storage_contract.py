@@ -1398,8 +1398,9 @@ def check_complete_run_host_changes_win(make_storage: StorageFactory) -> None:
 
 def check_progress(make_storage: StorageFactory) -> None:
     """
-    apply_batch adds its tally to the sync's progress for its slot (a new slot starts
-    afresh); complete_run and delete_sync clear it.
+    apply_batch adds its tally to the sync's progress (a batch of another slot carries
+    the total over to its slot: an attempt that never completed is never dropped);
+    complete_run and delete_sync clear it.
     """
     with _open(make_storage) as store:
         store.create_sync(_record("s1", next_due=T0))
@@ -1423,9 +1424,12 @@ def check_progress(make_storage: StorageFactory) -> None:
         )
         store.apply_batch(lease, tallied(4, T0 + HOUR, Tally(removed=1, batches=1)))
         _expect(
-            Progress(slot=T0 + HOUR, tally=Tally(removed=1, batches=1)),
+            Progress(
+                slot=T0 + HOUR,
+                tally=Tally(added=2, removed=1, rejected=1, batches=3, collisions=3),
+            ),
             store.progress("s1"),
-            "progress restarts for another slot",
+            "progress carried over to another slot",
         )
         store.complete_run(lease, _completion(lease, T0 + HOUR))
         _expect(None, store.progress("s1"), "progress after the run completed")
