@@ -564,12 +564,16 @@ def scenario_next_run(n: int = 200_000) -> list[Row]:
 
 def scenario_spread(n: int = 100_000) -> list[Row]:
     hashed = [_schedule.stable_offset(f"sync-{i}:1", 86_400) for i in range(n)]
+    # The real allocator: daily syncs created through the scheduler, whose
+    # store counts each sync in its bucket as it writes it.
     storage = cs.MemoryStorage()
-    balanced = []
-    for i, h in enumerate(hashed):
-        bucket = storage.allocate_slot(86_400, 1_440, h // 60)
-        balanced.append(bucket * 60 + h % 60)
-        del i
+    scheduler = cs.Scheduler(storage, clock=FakeClock(START), seed=0)
+    scheduler.add_destination("noop", Noop())
+    scheduler.add_cohort(cs.Cohort(id="c", name="C", source=list))
+    daily = cs.SyncPolicy.daily()
+    for i in range(n):
+        scheduler.create_sync("c", "noop", daily, sync_id=f"sync-{i}")
+    balanced = [record.offset for record in storage.list_syncs()]
     r_hash = _schedule.spread_ratio(hashed, 86_400)
     r_bal = _schedule.spread_ratio(balanced, 86_400)
     return [

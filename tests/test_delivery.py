@@ -357,6 +357,11 @@ class TestDeliveryProperties:
             run = h.run_next(members)
             assert h.audience() == h.delivered()
             assert run.status is not RunStatus.SUCCEEDED or set(members) == h.audience()
+            if h.scheduler.get_sync(SYNC).status is SyncStatus.PAUSED:
+                # Five identical failures in a row pause it; the host resumes.
+                last = h.scheduler.history(SYNC, limit=5)
+                assert len({(r.error_type, r.error_message) for r in last}) == 1
+                h.scheduler.resume_sync(SYNC)
 
         destination.random_faults = {}
         run = h.run_next()

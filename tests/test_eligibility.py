@@ -356,13 +356,14 @@ class TestRuleset:
     """Hosts extend and override the default rules."""
 
     def test_defaults(self) -> None:
-        """The default ruleset holds the product's five rules, in order."""
+        """The default ruleset holds the product's six rules, in order."""
         assert [
             "realtime_size",
             "realtime_cohort_type",
             "realtime_destination",
             "min_audience",
             "identifier_compatibility",
+            "removal_on_delete",
         ] == list(DEFAULT_RULES.rules)
 
     def test_with_rule(self) -> None:

@@ -335,6 +335,7 @@ class TestSchema:
             "issues",
             "ledger",
             "meta",
+            "progress",
             "runs",
             "slot_buckets",
             "syncs",
