@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 import attrs
 
-from cohortsync._clock import Clock, SystemClock
+from cohortsync._clock import Clock, SystemClock, add_saturating
 from cohortsync._destination import (
     Batch,
     DeliveryResult,
@@ -93,47 +93,78 @@ def make_batch(
     )
 
 
+@attrs.define
+class _Send:
+    """One request's place in a rate window: when it may start, when it ended."""
+
+    start: datetime
+    end: datetime | None = None
+
+
 class RateLimiter:
     """
     A sliding-window limit on the injected clock: at most ``requests`` calls
     in ANY window of ``per_seconds`` (what vendors enforce), including the
     first one. One per destination per process, shared by all its syncs.
 
-    It remembers the last ``requests`` reserved send times; a new call may go
-    once the call ``requests`` places back is ``per_seconds`` old. A token
-    bucket would let up to twice ``requests`` through in the first window.
+    It remembers the last ``requests`` sends. A new one may start once the
+    send ``requests`` places back has *ended* and ``per_seconds`` have passed
+    since: a request arrives at the vendor after it starts and before it
+    ends, so any two requests ``requests`` apart arrive more than
+    ``per_seconds`` apart, whatever the network's jitter or how many threads
+    send in parallel. (Counting from the start would let a window see one
+    request too many when a fast one follows a slow one; a token bucket would
+    let up to twice ``requests`` through in the first window.)
     """
 
     def __init__(self, limit: RateLimit, clock: Clock) -> None:
         self._limit = limit
         self._clock = clock
         self._window = timedelta(seconds=limit.per_seconds)
-        self._sent: deque[datetime] = deque(maxlen=limit.requests)
-        self._lock = threading.Lock()
+        self._sends: deque[_Send] = deque(maxlen=limit.requests)
+        self._changed = threading.Condition()
 
-    def reserve(self) -> float:
+    def reserve(self) -> tuple[float, _Send]:
         """
-        Reserve the next send slot; return how long the caller must wait for it.
+        Reserve the next send; return how long the caller must wait before
+        it, and the reservation to pass to :meth:`done` once it ended. Blocks
+        (without the clock) while the send ``requests`` places back is still
+        in flight: only parallel senders ever do.
         """
-        with self._lock:
+        with self._changed:
+            while len(self._sends) == self._limit.requests and self._sends[0].end is None:
+                self._changed.wait()
             now = self._clock.now()
-            if self._sent and now < self._sent[-1] - self._window:
-                self._sent.clear()  # the clock went back: forget its future
+            last = self._sends[-1] if self._sends else None
+            if last is not None and now < last.start - self._window:
+                self._sends.clear()  # the clock went back: forget its future
+                last = None
             at = now
-            if len(self._sent) == self._limit.requests:
-                at = max(now, self._sent[0] + self._window)
-            if self._sent and at < self._sent[-1]:
-                at = self._sent[-1]  # a clock that went back: keep the order
-            self._sent.append(at)
-            return max(0.0, (at - now).total_seconds())
+            if len(self._sends) == self._limit.requests:
+                oldest_end = self._sends[0].end
+                assert oldest_end is not None  # noqa: S101 - waited for above
+                at = max(now, add_saturating(oldest_end, self._window))
+            if last is not None and at < last.start:
+                at = last.start  # a clock that went back: keep the order
+            send = _Send(at)
+            self._sends.append(send)
+            return max(0.0, (at - now).total_seconds()), send
+
+    def done(self, send: _Send) -> None:
+        """The reserved send ended (answered, failed or raised)."""
+        with self._changed:
+            send.end = max(self._clock.now(), send.start)
+            self._changed.notify_all()
 
     def acquire(self) -> float:
         """
-        Wait (on the clock) until a request may be sent; return the wait.
+        Wait (on the clock) until a request may be sent, for a request that
+        ends at once; return the wait.
         """
-        delay = self.reserve()
+        delay, send = self.reserve()
         if delay > 0:
             self._clock.sleep(delay)
+        self.done(send)
         return delay
 
 
@@ -234,20 +265,49 @@ class BatchSender:
             self.keep_alive(seconds)
             self.clock.sleep(seconds)
 
+    def _asked(self, error: TransientError) -> float | None:
+        """
+        The wait a destination asked for, if it is one to honour: ``None``
+        (use the backoff) for none, zero, negative or not-a-number (a vendor
+        answering "429, retry after 0" forever must not be hammered). A wait
+        longer than the retry policy's ``max_delay`` (or infinite) is not
+        slept through, holding the worker: the batch fails as transient, the
+        run ends, and the sync retries on its own backoff.
+        """
+        asked = error.retry_after
+        if asked is None or not isinstance(asked, (int, float)) or not asked > 0:
+            return None
+        if asked > self.retry.max_delay:
+            raise TransientError(
+                f"{type(error).__name__}: the destination asked to wait {asked:.6g}s, longer "
+                f"than the retry policy's max_delay ({self.retry.max_delay:g}s); "
+                "the sync retries later"
+            ) from error
+        return float(asked)
+
+    def _limited_attempt(self, batch: Batch) -> DeliveryResult:
+        """One request, inside the rate limit: its window place ends when it does."""
+        if self.limiter is None:
+            return self._attempt(batch)
+        delay, reserved = self.limiter.reserve()
+        try:
+            self._wait(delay)
+            return self._attempt(batch)
+        finally:
+            self.limiter.done(reserved)
+
     def _call(self, batch: Batch) -> DeliveryResult:
         attempt = 0
         rate_waits = 0
         while True:
             self.keep_alive(0.0)
-            if self.limiter is not None:
-                self._wait(self.limiter.reserve())
             try:
-                return self._attempt(batch)
+                return self._limited_attempt(batch)
             except RateLimitedError as e:
                 rate_waits += 1
                 if rate_waits > MAX_RATE_LIMIT_WAITS:
                     raise
-                wait_for = e.retry_after
+                wait_for = self._asked(e)
                 if wait_for is None:
                     wait_for = self.retry.delay(min(rate_waits - 1, 6), self.rng.random())
                 log.info("rate limited on batch %s; waiting %.1fs", batch.sequence, wait_for)
@@ -256,8 +316,9 @@ class BatchSender:
                 if attempt >= self.retry.max_retries:
                     raise
                 delay = self.retry.delay(attempt, self.rng.random())
-                if e.retry_after is not None:
-                    delay = max(delay, e.retry_after)
+                asked = self._asked(e)
+                if asked is not None:
+                    delay = max(delay, asked)
                 attempt += 1
                 with self._lock:
                     self.retries += 1

@@ -212,8 +212,17 @@ def _with(keys: Keys, extra: Iterable[str]) -> Keys:
 
 
 def next_due_after(record: SyncRecord, sync: Sync, after: datetime) -> datetime | None:
+    """
+    The sync's first slot after *after*, or ``None`` when none exists before
+    the end of time (year 9999).
+    """
     policy, offset = grid_policy(record, sync)
-    return _schedule.next_due(policy, record.anchor, offset, after)
+    try:
+        return _schedule.next_due(policy, record.anchor, offset, after)
+    except ConfigurationError:
+        raise  # a damaged schedule row, not the end of time
+    except (OverflowError, ValueError):
+        return None
 
 
 def execute(env: RunEnvironment, lease: Lease) -> SyncRun:

@@ -568,9 +568,16 @@ class Scheduler:
 
     def pause_sync(self, sync_id: str, reason: str | None = None) -> Sync:
         """
-        Stop scheduling a sync until :meth:`resume_sync`.
+        Stop scheduling a sync until :meth:`resume_sync`. Pausing a sync
+        that is being deleted parks its removal run, and says so in the reason.
         """
-        return self._change(sync_id, status=SyncStatus.PAUSED, status_reason=reason or "paused")
+        record = self._record(sync_id)
+        text = reason or "paused"
+        if record.next_trigger is Trigger.TEARDOWN and record.sync.status is not (
+            SyncStatus.DELETED
+        ):
+            text = f"{text} (deleting: the removal run waits for resume_sync)"
+        return self._change(sync_id, status=SyncStatus.PAUSED, status_reason=text)
 
     def resume_sync(self, sync_id: str) -> Sync:
         """
@@ -592,10 +599,22 @@ class Scheduler:
         """
         Make a sync due now ("sync now"). With *full*, the run re-sends the
         whole membership (a full resync) instead of the diff.
+
+        Raises:
+            ConfigurationError: The sync is deleted, or paused (resume it; a
+                full resync requested while paused is kept for the first run
+                after :meth:`resume_sync`).
         """
         record = self._record(sync_id)
         if record.sync.status is SyncStatus.DELETED:
             raise ConfigurationError("sync_id", sync_id, "a deleted sync cannot run")
+        if record.sync.status is SyncStatus.PAUSED:
+            if not full:
+                raise ConfigurationError(
+                    "sync_id", sync_id, "a paused sync does not run: resume_sync() first"
+                )
+            # Kept for when it is resumed: the first run after it is full.
+            return self._change(sync_id, full_resync=True)
         changes: dict[str, object] = {
             "next_trigger": self._host_trigger(record),
             "full_resync": full or record.full_resync,

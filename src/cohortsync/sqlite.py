@@ -401,10 +401,13 @@ def _dt(value: int) -> datetime:
 
 def _lease(row: tuple[Any, ...], owner: str, expires_at: datetime) -> Lease:
     sync_id, generation, due, trigger, token, revision = row
+    # Any integer is an instant (before 1970 is negative); generations start at 1.
     damaged = [
         f"{name} {value!r}"
-        for name, value in (("generation", generation), ("next_due", due))
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1
+        for name, value, least in (("generation", generation, 1), ("next_due", due, None))
+        if isinstance(value, bool)
+        or not isinstance(value, int)
+        or (least is not None and value < least)
     ]
     if damaged:
         raise CorruptStoreError(
