@@ -4,6 +4,7 @@ The :class:`Scheduler`: the object a host builds in every worker process.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import inspect
 import logging
@@ -51,8 +52,8 @@ from cohortsync.exceptions import (
     CohortSyncError,
     ConfigurationError,
     ConflictError,
-    DestinationNotFoundError,
     CorruptStoreError,
+    DestinationNotFoundError,
     IneligibleSyncError,
     LeaseLostError,
     SourceError,
@@ -393,10 +394,8 @@ class Scheduler:
         Raise SyncNotFoundError for an unknown sync. A stored row too damaged
         to decode still exists: its history and ledger stay readable.
         """
-        try:
+        with contextlib.suppress(CorruptStoreError):
             self._record(sync_id)
-        except CorruptStoreError:
-            pass
 
     def _now(self) -> datetime:
         return require_aware(self.clock.now(), "clock.now()")
