@@ -43,6 +43,8 @@ __all__ = ["BatchSender", "RateLimiter", "idempotency_key"]
 log = logging.getLogger("cohortsync.delivery")
 
 MAX_RATE_LIMIT_WAITS = 1_000
+MAX_ASKED_WAIT = 3_600.0
+"""Seconds: the longest ``retry_after`` a run waits out (unless ``max_delay`` is longer)."""
 """Rate-limit waits do not use the retry budget, but a destination that says
 "too many requests" forever must not hold a run forever either."""
 
@@ -270,18 +272,19 @@ class BatchSender:
         The wait a destination asked for, if it is one to honour: ``None``
         (use the backoff) for none, zero, negative or not-a-number (a vendor
         answering "429, retry after 0" forever must not be hammered). A wait
-        longer than the retry policy's ``max_delay`` (or infinite) is not
-        slept through, holding the worker: the batch fails as transient, the
-        run ends, and the sync retries on its own backoff.
+        longer than an hour (or the retry policy's ``max_delay`` if that is
+        longer), or infinite, is not slept through, holding the worker: the
+        batch fails as transient, the run ends, and the sync retries later.
         """
         asked = error.retry_after
         if asked is None or not isinstance(asked, (int, float)) or not asked > 0:
             return None
-        if asked > self.retry.max_delay:
+        ceiling = max(self.retry.max_delay, MAX_ASKED_WAIT)
+        if asked > ceiling:
             raise TransientError(
                 f"{type(error).__name__}: the destination asked to wait {asked:.6g}s, longer "
-                f"than the retry policy's max_delay ({self.retry.max_delay:g}s); "
-                "the sync retries later"
+                f"than the longest wait a run sits through ({ceiling:g}s: max_delay or an "
+                "hour); the sync retries later"
             ) from error
         return float(asked)
 
