@@ -348,3 +348,184 @@ class TestARemovalThatMayNotHaveArrived:
 
         assert [cs.Trigger.TEARDOWN] == [r.trigger for r in runs]
         assert set() == remote.audience("s1")
+
+
+SHARED = {"u0": "u0@example.com", "u0-dup": "u0@example.com", "u2": "u2@example.com"}
+
+
+def emailing(
+    storage: cs.Storage, clock: FakeClock, dest: cs.Destination, members: set[str]
+) -> cs.Scheduler:
+    """A worker syncing *members* by email, where u0 and u0-dup share one address."""
+    s = cs.Scheduler(storage, clock=clock, seed=1)
+    s.add_cohort(cs.Cohort(id="c", name="C", source=lambda: set(members)))
+    s.add_destination("d", dest)
+    s.add_mapping("email", cs.IdentifierMapping([(cs.IdentifierKind.EMAIL, SHARED.get)]))
+    return s
+
+
+class TestFoundByTheModelTest:
+    """
+    Defects the property-based model test (reliability/test_model.py) found
+    after the first fixes; each used to lose or leak a member.
+    """
+
+    def test_a_handover_cut_short_leaks_nothing(self) -> None:
+        """
+        u0 leaves while u0-dup (same email) joins, and the run fails between
+        the removals and the adds: u0 used to be dropped already, so when
+        u0-dup left too nobody removed the address.
+        """
+
+        class FailsOnce(RecordingDestination):
+            fail = False
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                if self.fail:
+                    self.fail = False
+                    raise cs.exceptions.PermanentError("HTTP 404 (once)")
+                return super().remove(batch)
+
+        clock = FakeClock(START)
+        members = {"u0", "u2"}
+        dest = FailsOnce()
+        s = emailing(cs.MemoryStorage(), clock, dest, members)
+        s.create_sync("c", "d", TEARDOWN, sync_id="s1", mapping_id="email")
+        s.run_due()
+        members.clear()
+        members.update({"u0-dup"})
+        dest.fail = True  # removing u2 fails before u0-dup is handled
+        s.sync_now("s1")
+        assert cs.RunStatus.FAILED == s.run_due()[0].status
+        assert "u0" in set(s.storage.iter_delivered("s1"))  # it still holds the address
+
+        members.discard("u0-dup")
+        members.add("u2")
+        s.sync_now("s1")
+        s.run_due()
+        assert {"u2@example.com"} == dest.audience("s1")
+        s.delete_sync("s1")
+        drain(s, clock)
+        assert set() == dest.audience("s1")
+
+    def test_a_joiner_sharing_a_recovered_address_is_sent(self) -> None:
+        """
+        A crash leaves "add u0" pending (never applied); u0 leaves, u0-dup
+        joins: the address must be sent (it used to be recorded as held).
+        """
+
+        class DiesFirst(RecordingDestination):
+            armed = True
+
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                if self.armed:
+                    self.armed = False
+                    raise Crash
+                return super().add(batch)
+
+        clock = FakeClock(START)
+        storage = cs.MemoryStorage()
+        members = {"u0"}
+        dest = DiesFirst()
+        emailing(storage, clock, dest, members).create_sync(
+            "c", "d", cs.SyncPolicy.hourly(), sync_id="s1", mapping_id="email"
+        )
+        with pytest.raises(Crash):
+            emailing(storage, clock, dest, members).run_due()
+        members.clear()
+        members.add("u0-dup")
+        clock.advance(timedelta(minutes=6))
+        emailing(storage, clock, dest, members).run_due()
+
+        assert {"u0@example.com"} == dest.audience("s1")
+        assert ["u0-dup"] == list(storage.iter_delivered("s1"))
+
+    def test_a_refused_shared_address_is_sent_once(self) -> None:
+        """Two joiners share an address the vendor refuses, in two batches: one request."""
+
+        class Refuses(RecordingDestination):
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                super().add(batch)
+                return cs.DeliveryResult.partial(
+                    cs.Rejection(i, "unknown user") for i in batch.identifiers
+                )
+
+        clock = FakeClock(START)
+        dest = Refuses(cs.Capabilities(max_batch_size=1))
+        s = emailing(cs.MemoryStorage(), clock, dest, {"u0", "u0-dup"})
+        s.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s1", mapping_id="email")
+
+        (run,) = s.run_due()
+
+        assert 1 == len(dest.batches)
+        assert (1, 1) == (run.rejected, run.collisions)
+        assert {"u0", "u0-dup"} == {e.key for e in s.ledger("s1")}
+
+    def test_a_member_back_after_two_takeovers_is_not_deduplicated_away(self) -> None:
+        """
+        add u3 applied, worker killed; u3 leaves, the takeover removes it and
+        is killed; u3 comes back: its add used to reuse the first add's key,
+        which a de-duplicating vendor ignored.
+        """
+
+        class Dedup(cs.Destination):
+            capabilities = cs.Capabilities(max_batch_size=1)
+
+            def __init__(self) -> None:
+                self.audience: set[str] = set()
+                self.seen: set[str] = set()
+                self.die_after: str | None = None
+                self.die_before: str | None = None
+
+            def _do(self, batch: cs.Batch, *, add: bool) -> cs.DeliveryResult:
+                if self.die_before in batch.identifiers:
+                    self.die_before = None
+                    raise Crash
+                if batch.idempotency_key not in self.seen:
+                    self.seen.add(batch.idempotency_key)
+                    change = self.audience.update if add else self.audience.difference_update
+                    change(batch.identifiers)
+                if self.die_after in batch.identifiers:
+                    self.die_after = None
+                    raise Crash
+                return cs.DeliveryResult.ok()
+
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return self._do(batch, add=True)
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return self._do(batch, add=False)
+
+        clock = FakeClock(START)
+        storage = cs.MemoryStorage()
+        vendor = Dedup()
+        members = {"u1"}
+
+        def run() -> None:
+            s = cs.Scheduler(storage, clock=clock, seed=1)
+            s.add_cohort(cs.Cohort(id="c", name="C", source=lambda: set(members)))
+            s.add_destination("d", vendor)
+            try:
+                s.run_due()
+            except Crash:
+                clock.advance(timedelta(minutes=6))
+
+        first = cs.Scheduler(storage, clock=clock, seed=1)
+        first.add_cohort(cs.Cohort(id="c", name="C", source=lambda: set(members)))
+        first.add_destination("d", vendor)
+        first.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s1")
+        run()
+        members.add("u3")
+        vendor.die_after = "u3"
+        first.sync_now("s1")
+        run()
+        members.discard("u3")
+        members.add("u4")
+        vendor.die_before = "u4"
+        run()
+        members.add("u3")
+        run()
+        clock.advance(timedelta(hours=2))
+        run()
+
+        assert members == vendor.audience

@@ -262,6 +262,12 @@ class _Run:
         # the identifiers of members this run removes because of them.
         self.pending: list[PendingBatch] = []
         self.reusable: dict[str, str] | None = None
+        self.settled: dict[tuple[Operation, Identifier], str | None] = {}
+        """Identifiers this run's requests were answered for: None (accepted) or the reason."""
+        self.resumed = False
+        """An earlier attempt of this slot applied batches (this run takes it over)."""
+        self.pending_left: dict[str, set[str]] | None = None
+        """For each pending record, its members this run has not re-sent yet."""
         self.ledger: list[LedgerEntry] = []
         self.recovered_ids: dict[str, Identifier] = {}
         self.guarded = False
@@ -272,6 +278,10 @@ class _Run:
         self.riding: set[str] = set()
         self.in_flight: set[tuple[Operation, Identifier]] = set()
         self.kept_ids: set[Identifier] = set()
+        self.handover: dict[Identifier, list[str]] = {}
+        """Delivered leavers whose identifier a member added in this run takes
+        over: removed from the delivered state in the same write that records
+        the new holder, so a run cut short in between never forgets who holds it."""
         self.sent_existing: set[Identifier] = set()
         self.diff: Diff | None = None
         self.resolved_adds: dict[str, Identifier] | None = None
@@ -336,6 +346,8 @@ class _Run:
         if progress is None or not progress.tally:
             return
         self.counts.include(progress.tally)
+        if progress.slot == self.lease.current.slot:
+            self.resumed = True
         tally = progress.tally
         what = f"+{tally.added} -{tally.removed}"
         if progress.slot == self.lease.current.slot:
@@ -453,6 +465,7 @@ class _Run:
         if self.full:
             self.notes.append("full_resync" if record.full_resync else "ttl_refresh")
         self.pending = self.env.storage.pending_batches(sync.id)
+        self._key_basis()
         self.version = self.env.storage.delivered_version(sync.id)
         diff, feed_cursor, from_feed = self._read(cohort, caps, delivered_count)
         self.diff = diff
@@ -576,20 +589,41 @@ class _Run:
                 unknown[m.key] = m
         return unknown
 
+    def _key_basis(self) -> None:
+        """
+        The basis of this run's idempotency keys: its slot, so a first
+        attempt's keys are stable; but a run that resumes a slot an earlier
+        attempt sent requests for gets keys of its own. Within one slot a
+        member can be added, removed by a takeover and added again by the
+        next one: the same slot-derived key for the second add would make a
+        de-duplicating receiver drop it. A request re-sent unchanged keeps
+        its key through the pending record instead (see :meth:`_batch`).
+        """
+        if self.pending or self.resumed:
+            self.basis = f"{self.lease.current.slot.isoformat()}/{self.run_id}"
+
     def _batch(self, context: RunContext, operation: Operation, members: list[Member]) -> Batch:
         """
         Build the next batch. A batch identical to one still pending (sent by
         an earlier run, outcome unknown) keeps that batch's idempotency key:
-        it is the same request, re-sent.
+        it is the same request, re-sent. Only the newest record naming its
+        members qualifies: once a later request touched them (a removal
+        after an add), re-sending the old one under its key would be dropped
+        by a de-duplicating receiver as a repeat.
         """
         batch = make_batch(context, operation, members, self._next_sequence(), self.basis)
         if self.pending:
             if self.reusable is None:
+                newest: dict[str, str] = {}
+                for p in self.pending:
+                    for m in p.members:
+                        newest[m.key] = p.idempotency_key
                 self.reusable = {
                     _content_key(p.operation, [m.identifier.value for m in p.members]): (
                         p.idempotency_key
                     )
                     for p in self.pending
+                    if all(newest[m.key] == p.idempotency_key for m in p.members)
                 }
             earlier = self.reusable.get(_content_key(operation, batch.identifiers))
             if earlier is not None:
@@ -609,8 +643,39 @@ class _Run:
         )
         if replaces is None:
             self.env.storage.begin_batch(self.lease.current, pending)
+            self._supersede(batch, pending)
         else:
             self.env.storage.begin_batch(self.lease.current, pending, replaces=replaces)
+
+    def _supersede(self, batch: Batch, pending: PendingBatch) -> None:
+        """
+        Drop the pending records of earlier attempts whose members have all
+        been sent again by this run (this batch is the last of them): the
+        newer records tell the truth about those members now, and an old one
+        left behind would be reconciled, or re-sent under its old key, as if
+        nothing had happened since.
+        """
+        if not self.pending:
+            return
+        if self.pending_left is None:
+            self.pending_left = {
+                p.idempotency_key: {m.key for m in p.members} for p in self.pending
+            }
+        covered = {m.key for m in batch.members}
+        for m in batch.members:
+            covered.update(self.riders.get((batch.operation, m.identifier), ()))
+        done = []
+        for key, left in self.pending_left.items():
+            if key == batch.idempotency_key:
+                continue
+            left.difference_update(covered)
+            if not left:
+                done.append(key)
+        for key in done:
+            del self.pending_left[key]
+            self.env.storage.begin_batch(self.lease.current, pending, replaces=key)
+            if self.reusable is not None:
+                self.reusable = {c: k for c, k in self.reusable.items() if k != key}
 
     def _read(
         self, cohort: Cohort, caps: Capabilities, delivered_count: int
@@ -933,6 +998,51 @@ class _Run:
             riders.append(key)
             self.riding.add(key)
 
+    def _handed_over(self, operation: Operation, added: Sequence[Member]) -> tuple[str, ...]:
+        """Leavers whose identifier one of *added* now holds (see ``handover``)."""
+        if operation is not Operation.ADD or not self.handover:
+            return ()
+        out: list[str] = []
+        for m in added:
+            out.extend(self.handover.pop(m.identifier, ()))
+        return tuple(out)
+
+    def _answered_already(self, operation: Operation, members: list[Member]) -> list[Member]:
+        """
+        Members whose identifier an earlier request of this run already got
+        an answer for (another member sharing it was in an earlier batch)
+        are settled like it, without a second request: applied if it was
+        accepted, rejected with the same reason if not. The rest is returned.
+        """
+        if not self.settled:
+            return members
+        rest: list[Member] = []
+        accepted: list[Member] = []
+        refused: list[tuple[str, str]] = []
+        for m in members:
+            if (operation, m.identifier) not in self.settled:
+                rest.append(m)
+            elif (reason := self.settled[operation, m.identifier]) is None:
+                accepted.append(m)
+            else:
+                refused.append((m.key, reason))
+        self._apply_local(operation, accepted)
+        if refused:
+            self._apply(
+                AppliedBatch(
+                    run_id=self.run_id,
+                    sequence=self._next_sequence(),
+                    operation=operation,
+                    idempotency_key="local",
+                    rejected=tuple(refused),
+                    at=self.env.clock.now(),
+                    max_rejection_attempts=self.sync.policy.rejection_attempts,
+                    slot=self.lease.current.slot,
+                    tally=Tally(collisions=len(refused)),
+                ),
+            )
+        return rest
+
     def _apply_local(
         self, operation: Operation, members: Sequence[Member], *, collisions: bool = True
     ) -> None:
@@ -950,12 +1060,42 @@ class _Run:
                 operation=operation,
                 idempotency_key="local",
                 added=() if removing else tuple(members),
-                removed=tuple(m.key for m in members) if removing else (),
+                removed=tuple(m.key for m in members)
+                if removing
+                else self._handed_over(operation, members),
                 at=self.env.clock.now(),
                 slot=self.lease.current.slot,
                 tally=Tally(collisions=len(members) if collisions else 0),
             ),
         )
+
+    def _settle_locally(
+        self,
+        local: list[Member],
+        delivered: dict[str, Identifier],
+        holders: dict[Identifier, list[str]],
+    ) -> None:
+        """
+        Leavers whose identifier must stay at the destination: dropped from
+        the delivered state now when another delivered member that stays
+        holds it, or handed over to the member added in this run that maps
+        to it (see ``handover``). Recovered members are not in the delivered
+        state: nothing to apply, and their identifier is not known to be
+        held (the add that maps to it is sent as usual).
+        """
+        now: list[Member] = []
+        for m in local:
+            if m.key not in delivered:
+                continue
+            self.kept_ids.add(m.identifier)
+            stays = any(
+                h != m.key and not self._is_leaving(h) for h in holders.get(m.identifier, ())
+            )
+            if stays:
+                now.append(m)
+            else:
+                self.handover.setdefault(m.identifier, []).append(m.key)
+        self._apply_local(Operation.REMOVE, now)
 
     def _remove_batches(self, context: RunContext, keys: Keys, size: int) -> Iterator[Batch]:
         storage = self.env.storage
@@ -968,15 +1108,14 @@ class _Run:
                 ident = ids.get(k) or self.recovered_ids.get(k)
                 if ident is not None:
                     leaving.append(Member(k, ident))
+            leaving = self._answered_already(Operation.REMOVE, leaving)
             if not leaving:
                 continue
             holders = storage.identifier_holders(self.sync.id, {m.identifier for m in leaving})
             groups = group_removes(
                 leaving, holders, is_leaving=self._is_leaving, kept_by_add=self._kept_by_add
             )
-            self.kept_ids.update(m.identifier for m in groups.local)
-            # Recovered members are not in the delivered state: nothing to apply.
-            self._apply_local(Operation.REMOVE, [m for m in groups.local if m.key in ids])
+            self._settle_locally(groups.local, ids, holders)
             send: list[Member] = []
             for m in groups.send:
                 slot = (Operation.REMOVE, m.identifier)
@@ -1045,9 +1184,10 @@ class _Run:
                 if not identity:
                     self.sent_existing.update(m.identifier for m in groups.send)
             else:
+                members = self._answered_already(operation, members)
                 holders = (
                     storage.identifier_holders(self.sync.id, {m.identifier for m in members})
-                    if lookups
+                    if lookups and members
                     else {}
                 )
                 groups = group_adds(members, _held_in(holders, self.kept_ids))
@@ -1096,6 +1236,7 @@ class _Run:
             self.in_flight.discard((operation, m.identifier))
             riders += len(keys) - 1
             reason = rejected_ids.get(m.identifier.value)
+            self.settled[operation, m.identifier] = reason
             if reason is None:
                 accepted_ids += 1
                 accepted.extend(Member(k, m.identifier) for k in keys)
@@ -1108,7 +1249,9 @@ class _Run:
                 operation=operation,
                 idempotency_key=batch.idempotency_key,
                 added=() if is_remove else tuple(accepted),
-                removed=tuple(m.key for m in accepted) if is_remove else (),
+                removed=tuple(m.key for m in accepted)
+                if is_remove
+                else self._handed_over(operation, accepted),
                 rejected=tuple(rejected),
                 at=self.env.clock.now(),
                 max_rejection_attempts=self.sync.policy.rejection_attempts,
@@ -1188,6 +1331,7 @@ class _Run:
         storage = self.env.storage
         self.version = storage.delivered_version(self.sync.id)
         self.pending = storage.pending_batches(self.sync.id)
+        self._key_basis()
         keys = list(storage.iter_delivered(self.sync.id))
         # A pending removal may not have arrived either: every member named
         # in a pending record is removed, delivered or not.
