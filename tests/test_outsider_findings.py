@@ -209,3 +209,23 @@ class TestPausedSyncs:
 
         assert run.full_sync
         assert 2 == len(destination.batches)  # u1 sent again
+
+
+class TestSecondRound:
+    """What the second outside attack found (after the first fixes)."""
+
+    def test_deleting_again_keeps_a_parked_teardown_parked(self) -> None:
+        clock = FakeClock(START)
+        destination = RecordingDestination()
+        policy = cs.SyncPolicy.hourly(on_delete=cs.OnDelete.REMOVE_DELIVERED)
+        scheduler = build(clock, destination, ["u1"], policy=policy)
+        scheduler.run_due()
+        scheduler.delete_sync("s1")
+        scheduler.pause_sync("s1")
+
+        again = scheduler.delete_sync("s1")
+        clock.advance(timedelta(hours=3))
+
+        assert cs.SyncStatus.PAUSED == again.status
+        assert [] == scheduler.run_due()
+        assert {"u1"} == destination.audience("s1")

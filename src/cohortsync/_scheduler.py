@@ -651,8 +651,13 @@ class Scheduler:
         record = self._record(sync_id)
         if record.sync.status is SyncStatus.DELETED:
             return record.sync
-        if record.next_trigger is Trigger.TEARDOWN and record.sync.status is SyncStatus.ACTIVE:
-            return record.sync  # already being deleted: deleting twice is one teardown
+        if record.next_trigger is Trigger.TEARDOWN and record.sync.status in (
+            SyncStatus.ACTIVE,
+            SyncStatus.PAUSED,
+        ):
+            # Already being deleted: deleting twice is one teardown, and a
+            # parked (paused) teardown stays parked until resume_sync.
+            return record.sync
         if record.sync.policy.on_delete is OnDelete.REMOVE_DELIVERED:
             # Always a removal run, never a decision from the delivered count
             # now: a run holding the lease may be delivering (its first batch
