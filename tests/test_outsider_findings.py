@@ -229,3 +229,35 @@ class TestSecondRound:
         assert cs.SyncStatus.PAUSED == again.status
         assert [] == scheduler.run_due()
         assert {"u1"} == destination.audience("s1")
+
+    def test_an_email_change_is_sent_by_a_full_resync_and_torn_down(self) -> None:
+        """
+        k1 stays in the cohort but its email changes: a full resync removes the
+        old address and adds the new one (it used to add the new one and
+        forget the old, which then survived even a REMOVE_DELIVERED teardown).
+        """
+        emails = {"k1": "old@x.io", "k2": "k2@x.io"}
+        clock = FakeClock(START)
+        destination = RecordingDestination()
+        scheduler = cs.Scheduler(cs.MemoryStorage(), clock=clock, seed=1)
+        scheduler.add_destination("d", destination)
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["k1", "k2"]))
+        scheduler.add_mapping(
+            "email", cs.IdentifierMapping([(cs.IdentifierKind.EMAIL, emails.get)])
+        )
+        policy = cs.SyncPolicy.hourly(on_delete=cs.OnDelete.REMOVE_DELIVERED)
+        scheduler.create_sync("c", "d", policy, sync_id="s1", mapping_id="email")
+        scheduler.run_due()
+        emails["k1"] = "new@x.io"
+
+        clock.advance(timedelta(hours=1))
+        (ordinary,) = scheduler.run_due()
+        assert (0, 0) == (ordinary.added, ordinary.removed)  # documented: full sends only
+        scheduler.request_full_resync("s1")
+        (full,) = scheduler.run_due()
+
+        assert {"new@x.io", "k2@x.io"} == destination.audience("s1")
+        assert "identifier_changed" in full.notes
+        scheduler.delete_sync("s1")
+        scheduler.run_due()
+        assert set() == destination.audience("s1")

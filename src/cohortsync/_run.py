@@ -1179,6 +1179,8 @@ class _Run:
             if not members:
                 continue
             if existing:
+                if not identity:
+                    yield from self._retire_changed(context, members, caps)
                 # A full resend sends every identifier once, even if held.
                 groups = group_adds(members, _already_sent(self.sent_existing, identity=identity))
                 if not identity:
@@ -1203,6 +1205,42 @@ class _Run:
                 self._ride(operation, m.identifier, groups.riders.get(m.identifier, ()))
             if send:
                 yield self._batch(context, operation, send)
+
+    def _retire_changed(
+        self, context: RunContext, members: list[Member], caps: Capabilities
+    ) -> Iterator[Batch]:
+        """
+        On a full send, members who stay but now map to another identifier
+        (an email changed): the identifier they were added with is removed
+        first, unless another delivered member still holds it, so the
+        delivered state never forgets an identifier the destination holds.
+        (Ordinary runs do not resolve staying members again; a full resync
+        or TTL refresh is what sends identifier changes.)
+        """
+        if not caps.supports_removals or not self.sync.policy.send_removals:
+            return
+        storage = self.env.storage
+        stored = storage.delivered_identifiers(self.sync.id, [m.key for m in members])
+        changed = [
+            Member(m.key, stored[m.key])
+            for m in members
+            if m.key in stored and stored[m.key] != m.identifier
+        ]
+        if not changed:
+            return
+        holders = storage.identifier_holders(self.sync.id, {m.identifier for m in changed})
+        send: list[Member] = []
+        for m in changed:
+            others = [h for h in holders.get(m.identifier, ()) if h != m.key]
+            slot = (Operation.REMOVE, m.identifier)
+            if others or slot in self.in_flight:
+                continue  # another member still holds it, or it is being removed
+            self.in_flight.add(slot)
+            send.append(m)
+        if send:
+            if "identifier_changed" not in self.notes:
+                self.notes.append("identifier_changed")
+            yield self._batch(context, Operation.REMOVE, send)
 
     def _on_acked(self, acked: Acked) -> None:
         batch = acked.batch
