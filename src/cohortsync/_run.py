@@ -262,6 +262,9 @@ class _Run:
         # the identifiers of members this run removes because of them.
         self.pending: list[PendingBatch] = []
         self.reusable: dict[str, str] | None = None
+        self.kinds: tuple[frozenset[IdentifierKind] | None, IdentifierKind | None] | None = None
+        self.distinct = False
+        """Adds of a first sync under the identity mapping: one member per identifier."""
         self.settled: dict[tuple[Operation, Identifier], str | None] = {}
         """Identifiers this run's requests were answered for: None (accepted) or the reason."""
         self.resumed = False
@@ -979,7 +982,7 @@ class _Run:
         diff = self.diff
         if diff is None or not diff.adds:
             return False
-        kind = self._mapping().identity_kind(self._accepted())
+        kind = self._kinds()[1]
         if kind is not None and self.resolved_adds is None:
             return identifier.kind is kind and _has(diff.adds, identifier.value)
         return identifier in self._added_identifiers()
@@ -990,7 +993,19 @@ class _Run:
         return self.mapping
 
     def _accepted(self) -> frozenset[IdentifierKind] | None:
-        return self.env.destination(self.sync.destination_id).capabilities.accepted_identifiers
+        return self._kinds()[0]
+
+    def _kinds(self) -> tuple[frozenset[IdentifierKind] | None, IdentifierKind | None]:
+        """
+        The identifier kinds the destination accepts, and the kind the
+        identity mapping sends (``None`` for another mapping): looked up once
+        per run, not once per member.
+        """
+        if self.kinds is None:
+            destination = self.env.destination(self.sync.destination_id)
+            accepted = destination.capabilities.accepted_identifiers
+            self.kinds = (accepted, self._mapping().identity_kind(accepted))
+        return self.kinds
 
     def _ride(self, operation: Operation, identifier: Identifier, keys: Iterable[str]) -> None:
         riders = self.riders.setdefault((operation, identifier), [])
@@ -1173,10 +1188,16 @@ class _Run:
         # a first sync needs no lookups; otherwise the store's identifier index
         # tells which identifiers another member already holds.
         lookups = not identity or self.delivered_at_start > 0 or bool(self.pending)
+        # A first sync under the identity mapping: every identifier is sent
+        # once, by its own member; no per-identifier bookkeeping is needed.
+        self.distinct = identity and not lookups and not existing
         known = None if existing else self.resolved_adds
         for chunk in chunks(keys, caps.max_batch_size):
             members = self._resolve(chunk, caps, known)
             if not members:
+                continue
+            if self.distinct:
+                yield self._batch(context, operation, members)
                 continue
             if existing:
                 if not identity:
@@ -1269,15 +1290,23 @@ class _Run:
         rejected: list[tuple[str, str]] = []
         riders = 0
         accepted_ids = 0
+        distinct = self.distinct and operation is not Operation.REMOVE
         for m in batch.members:
-            keys = [m.key, *self.riders.pop((operation, m.identifier), ())]
-            self.in_flight.discard((operation, m.identifier))
-            riders += len(keys) - 1
+            if distinct:
+                keys = [m.key]
+            else:
+                keys = [m.key, *self.riders.pop((operation, m.identifier), ())]
+                self.in_flight.discard((operation, m.identifier))
+                riders += len(keys) - 1
             reason = rejected_ids.get(m.identifier.value)
-            self.settled[operation, m.identifier] = reason
+            if not distinct:
+                self.settled[operation, m.identifier] = reason
             if reason is None:
                 accepted_ids += 1
-                accepted.extend(Member(k, m.identifier) for k in keys)
+                if len(keys) == 1:
+                    accepted.append(m)
+                else:
+                    accepted.extend(Member(k, m.identifier) for k in keys)
             else:
                 rejected.extend((k, reason) for k in keys)
         self._apply(
