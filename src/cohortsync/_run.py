@@ -280,7 +280,6 @@ class _Run:
         self.riders: dict[tuple[Operation, Identifier], list[str]] = {}
         self.riding: set[str] = set()
         self.in_flight: set[tuple[Operation, Identifier]] = set()
-        self.kept_ids: set[Identifier] = set()
         self.handover: dict[Identifier, list[str]] = {}
         """Delivered leavers whose identifier a member added in this run takes
         over: removed from the delivered state in the same write that records
@@ -1102,7 +1101,6 @@ class _Run:
         for m in local:
             if m.key not in delivered:
                 continue
-            self.kept_ids.add(m.identifier)
             stays = any(
                 h != m.key and not self._is_leaving(h) for h in holders.get(m.identifier, ())
             )
@@ -1213,7 +1211,7 @@ class _Run:
                     if lookups and members
                     else {}
                 )
-                groups = group_adds(members, _held_in(holders, self.kept_ids))
+                groups = group_adds(members, _held_in(holders))
                 self._apply_local(Operation.ADD, groups.local)
             send: list[Member] = []
             for m in groups.send:
@@ -1626,18 +1624,17 @@ def _already_sent(sent: set[Identifier], *, identity: bool) -> Callable[[Member]
     return held
 
 
-def _held_in(
-    holders: dict[Identifier, list[str]], kept: set[Identifier]
-) -> Callable[[Member], bool]:
+def _held_in(holders: dict[Identifier, list[str]]) -> Callable[[Member], bool]:
     """
     Whether the destination holds a member's identifier for ANOTHER member
     (a member re-added after a lost acknowledgement holds it itself, as far
-    as the store knows, and must be sent).
+    as the store knows, and must be sent). A leaver whose identifier must
+    stay is still delivered, or was dropped because another holder stays,
+    so the store's holders say so.
     """
 
     def held(member: Member) -> bool:
-        ident = member.identifier
-        return ident in kept or any(k != member.key for k in holders.get(ident, ()))
+        return any(k != member.key for k in holders.get(member.identifier, ()))
 
     return held
 

@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import attrs
 
 from cohortsync import _validators as v
-from cohortsync._destination import Identifier, Member, Operation
+from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._sync import Sync, SyncRun, Trigger
 
 __all__ = [
@@ -132,6 +132,27 @@ def claim_slot(next_due: datetime, last_slot: datetime | None) -> datetime:
     if last_slot is None or next_due > last_slot:
         return next_due
     return last_slot + _TICK
+
+
+def collect_holders(
+    wanted: set[Identifier],
+    by_value: Iterable[tuple[str, Identifier]],
+    own: Iterable[str],
+) -> dict[Identifier, list[str]]:
+    """
+    The answer of :meth:`Storage.identifier_holders` from a store's rows:
+    *by_value* are (key, identifier) rows whose stored identifier value was
+    asked for (kept when the whole identifier was), *own* the keys found
+    among the asked ``USER_ID`` values that were delivered under the
+    identity mapping (they hold ``Identifier(USER_ID, key)``).
+    """
+    found: dict[Identifier, set[str]] = {}
+    for key, ident in by_value:
+        if ident in wanted:
+            found.setdefault(ident, set()).add(key)
+    for key in own:
+        found.setdefault(Identifier(IdentifierKind.USER_ID, key), set()).add(key)
+    return {ident: sorted(keys) for ident, keys in found.items()}
 
 
 def slot_bucket_of(record: SyncRecord) -> tuple[int, int] | None:

@@ -64,6 +64,7 @@ from cohortsync._storage import (
     Progress,
     SyncRecord,
     Tally,
+    collect_holders,
     slot_bucket_of,
 )
 from cohortsync._sync import Sync, SyncRun, Trigger
@@ -1287,9 +1288,10 @@ class PostgresStorage:
         self, sync_id: str, identifiers: Iterable[Identifier]
     ) -> dict[Identifier, list[str]]:
         wanted = set(identifiers)
-        found: dict[Identifier, set[str]] = {}
         by_value = sorted({i.value for i in wanted})
         own = sorted({i.value for i in wanted if i.kind is IdentifierKind.USER_ID})
+        rows: list[tuple[str, Identifier]] = []
+        keys: list[str] = []
         with self._cursor("identifier_holders") as cur:
             for chunk in _chunks(by_value):
                 cur.execute(
@@ -1299,15 +1301,15 @@ class PostgresStorage:
                     ),
                     (sync_id, list(chunk)),
                 )
-                for key, kind, value in cur.fetchall():
-                    try:
-                        ident = Identifier(IdentifierKind(kind), value)
-                    except (TypeError, ValueError) as exc:
-                        raise CorruptStoreError(
-                            f"the delivered identifier of a member of sync {sync_id!r}: {exc}"
-                        ) from exc
-                    if ident in wanted:
-                        found.setdefault(ident, set()).add(key)
+                try:
+                    rows.extend(
+                        (key, Identifier(IdentifierKind(kind), value))
+                        for key, kind, value in cur.fetchall()
+                    )
+                except (TypeError, ValueError) as exc:
+                    raise CorruptStoreError(
+                        f"the delivered identifier of a member of sync {sync_id!r}: {exc}"
+                    ) from exc
             for chunk in _chunks(own):
                 cur.execute(
                     self._sql(
@@ -1316,9 +1318,8 @@ class PostgresStorage:
                     ),
                     (sync_id, list(chunk)),
                 )
-                for (key,) in cur.fetchall():
-                    found.setdefault(Identifier(IdentifierKind.USER_ID, key), set()).add(key)
-        return {ident: sorted(keys) for ident, keys in found.items()}
+                keys.extend(key for (key,) in cur.fetchall())
+        return collect_holders(wanted, rows, keys)
 
     def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         sync_id = lease.sync_id

@@ -47,6 +47,7 @@ from cohortsync._storage import (
     Progress,
     SyncRecord,
     Tally,
+    collect_holders,
     slot_bucket_of,
 )
 from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
@@ -1154,19 +1155,20 @@ class SQLiteStorage:
         self, sync_id: str, identifiers: Iterable[Identifier]
     ) -> dict[Identifier, list[str]]:
         wanted = set(identifiers)
-        found: dict[Identifier, set[str]] = {}
         by_value = sorted({i.value for i in wanted})
         own = sorted({i.value for i in wanted if i.kind is IdentifierKind.USER_ID})
         with self._read() as conn:
-            for chunk in _chunks(by_value):
-                for key, kind, value in conn.execute(_HOLDERS, (sync_id, json.dumps(chunk))):
-                    ident = self._identifier(sync_id, key, kind, value)
-                    if ident in wanted:
-                        found.setdefault(ident, set()).add(key)
-            for chunk in _chunks(own):
-                for (key,) in conn.execute(_IDENTITY_HOLDERS, (sync_id, json.dumps(chunk))):
-                    found.setdefault(Identifier(IdentifierKind.USER_ID, key), set()).add(key)
-        return {ident: sorted(keys) for ident, keys in found.items()}
+            rows = [
+                (key, self._identifier(sync_id, key, kind, value))
+                for chunk in _chunks(by_value)
+                for key, kind, value in conn.execute(_HOLDERS, (sync_id, json.dumps(chunk)))
+            ]
+            keys = [
+                key
+                for chunk in _chunks(own)
+                for (key,) in conn.execute(_IDENTITY_HOLDERS, (sync_id, json.dumps(chunk)))
+            ]
+        return collect_holders(wanted, rows, keys)
 
     @staticmethod
     def _identifier(sync_id: str, key: str, kind: str | None, value: str | None) -> Identifier:
