@@ -32,8 +32,6 @@ __all__ = [
     "slots_between",
 ]
 
-_NO_PERIOD: dict[Cadence, timedelta | None] = {c: c.period for c in Cadence}
-
 
 def effective_trigger(
     trigger: Trigger, cadence: Cadence, slot: datetime, started: datetime
@@ -48,7 +46,7 @@ def effective_trigger(
         return trigger
     if cadence is Cadence.ONE_TIME:
         return Trigger.ONE_TIME
-    period = _NO_PERIOD[cadence]
+    period = cadence.period
     if period is not None and started - slot >= period:
         return Trigger.CATCH_UP
     return Trigger.REALTIME if cadence is Cadence.REALTIME else Trigger.SCHEDULED
