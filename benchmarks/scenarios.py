@@ -26,7 +26,7 @@ from typing import Any
 
 import cohortsync as cs
 from cohortsync import _schedule
-from cohortsync.sqlite import SQLiteStorage
+from cohortsync.storage import Completion, MemoryStorage, SQLiteStorage, Storage, SyncRecord
 from cohortsync.testing import FakeClock
 
 START = datetime(2030, 1, 1, tzinfo=timezone.utc)
@@ -109,7 +109,7 @@ def peak_rss_mb() -> float:
 
 
 def _scheduler(
-    storage: cs.Storage, members: Callable[[], Iterable[str]], sorted_keys: bool = False
+    storage: Storage, members: Callable[[], Iterable[str]], sorted_keys: bool = False
 ) -> tuple[cs.Scheduler, FakeClock, Noop]:
     clock = FakeClock(START)
     scheduler = cs.Scheduler(storage, clock=clock, seed=0)
@@ -167,7 +167,7 @@ def child_one_set(n: int) -> dict[str, float]:
 
 def child_first_sync(n: int, db: str | None) -> dict[str, float]:
     members = keys(n)
-    storage: cs.Storage = SQLiteStorage(db) if db else cs.MemoryStorage()
+    storage: Storage = SQLiteStorage(db) if db else MemoryStorage()
     scheduler, clock, destination = _scheduler(storage, lambda: members)
     t = time.perf_counter()
     run = _run_once(scheduler, clock)
@@ -371,7 +371,7 @@ def scenario_sorted(n: int = 10_000_000) -> list[Row]:
 # -- 4: scheduler throughput ---------------------------------------------------
 
 
-def expected_runs(records: list[cs.SyncRecord], start: datetime, end: datetime) -> int:
+def expected_runs(records: list[SyncRecord], start: datetime, end: datetime) -> int:
     """
     How many runs 6 hours must hold: each sync's immediate first run, then
     every slot strictly after it and before *end* (computed independently
@@ -391,9 +391,7 @@ def expected_runs(records: list[cs.SyncRecord], start: datetime, end: datetime) 
     return total
 
 
-def _throughput(
-    storage: cs.Storage, n: int, hours: float, claim_batch: int
-) -> tuple[int, int, float]:
+def _throughput(storage: Storage, n: int, hours: float, claim_batch: int) -> tuple[int, int, float]:
     clock = FakeClock(START)
     scheduler = cs.Scheduler(storage, clock=clock, seed=0)
     scheduler.add_destination("noop", Noop())
@@ -453,7 +451,7 @@ def commit_ceiling(directory: str, seconds: float = 2.0) -> float:
 
 
 def scenario_throughput(n: int = 10_000, hours: float = 6.0) -> list[Row]:
-    exp_m, done_m, t_m = _throughput(cs.MemoryStorage(), n, hours, claim_batch=64)
+    exp_m, done_m, t_m = _throughput(MemoryStorage(), n, hours, claim_batch=64)
     with tempfile.TemporaryDirectory() as d:
         storage = SQLiteStorage(os.path.join(d, "throughput.db"))
         exp_s, done_s, t_s = _throughput(storage, n, hours, claim_batch=64)
@@ -566,7 +564,7 @@ def scenario_spread(n: int = 100_000) -> list[Row]:
     hashed = [_schedule.stable_offset(f"sync-{i}:1", 86_400) for i in range(n)]
     # The real allocator: daily syncs created through the scheduler, whose
     # store counts each sync in its bucket as it writes it.
-    storage = cs.MemoryStorage()
+    storage = MemoryStorage()
     scheduler = cs.Scheduler(storage, clock=FakeClock(START), seed=0)
     scheduler.add_destination("noop", Noop())
     scheduler.add_cohort(cs.Cohort(id="c", name="C", source=list))
@@ -595,7 +593,7 @@ def scenario_spread(n: int = 100_000) -> list[Row]:
 
 def scenario_overhead(n: int = 200_000, batch: int = 1_000) -> list[Row]:
     members = keys(n)
-    storage = cs.MemoryStorage()
+    storage = MemoryStorage()
     clock = FakeClock(START)
     scheduler = cs.Scheduler(storage, clock=clock, seed=0)
     destination = Noop()
@@ -653,10 +651,10 @@ def scenario_overhead(n: int = 200_000, batch: int = 1_000) -> list[Row]:
 # -- 8: claim throughput, PostgreSQL against SQLite -----------------------------
 
 
-def _open_store(kind: str, where: str) -> cs.Storage:
+def _open_store(kind: str, where: str) -> Storage:
     if kind == "sqlite":
         return SQLiteStorage(where)
-    from cohortsync.postgres import PostgresStorage
+    from cohortsync.storage import PostgresStorage
 
     dsn, schema = where.split("#")
     return PostgresStorage(dsn, schema=schema)
@@ -685,7 +683,7 @@ def claim_worker(kind: str, where: str, owner: str, results: Any) -> None:
             status=cs.RunStatus.SUCCEEDED,
             cadence=cs.Cadence.HOURLY,
         )
-        store.complete_run(lease, cs.Completion(run=run, next_due=now + timedelta(hours=1)))
+        store.complete_run(lease, Completion(run=run, next_due=now + timedelta(hours=1)))
         done += 1
     store.close()
     results.put(done)
@@ -699,7 +697,7 @@ def _claims(kind: str, where: str, syncs: int, workers: int) -> float:
             id=f"c{i:06d}", cohort_id="c", destination_id="d", policy=policy,
             created_at=START, updated_at=START,
         )  # fmt: skip
-        store.create_sync(cs.SyncRecord(sync=sync, next_due=START, anchor=START))
+        store.create_sync(SyncRecord(sync=sync, next_due=START, anchor=START))
     store.close()
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()

@@ -13,7 +13,6 @@ from zoneinfo import ZoneInfo
 
 from hypothesis import strategies as st
 
-from cohortsync._advice import Recommendation
 from cohortsync._cohort import Changes, Cohort, CohortType, StaticSource
 from cohortsync._destination import (
     Batch,
@@ -27,15 +26,6 @@ from cohortsync._destination import (
     Rejection,
     RunContext,
 )
-from cohortsync._events import (
-    BatchDelivered,
-    EligibilityChanged,
-    Event,
-    GuardTripped,
-    RunFinished,
-    RunStarted,
-    SyncFailed,
-)
 from cohortsync._policy import (
     Cadence,
     MassRemovalGuard,
@@ -45,7 +35,18 @@ from cohortsync._policy import (
     SyncPolicy,
 )
 from cohortsync._schedule import period_seconds
-from cohortsync._storage import (
+from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
+from cohortsync.advice import Recommendation
+from cohortsync.events import (
+    BatchDelivered,
+    EligibilityChanged,
+    Event,
+    GuardTripped,
+    RunFinished,
+    RunStarted,
+    SyncFailed,
+)
+from cohortsync.storage._protocol import (
     AppliedBatch,
     Completion,
     IssueKind,
@@ -54,7 +55,6 @@ from cohortsync._storage import (
     MemberIssue,
     SyncRecord,
 )
-from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.testing import Fault
 
 UTC = timezone.utc

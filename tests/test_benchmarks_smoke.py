@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import scenarios
 
+from cohortsync.storage import MemoryStorage
+
 
 def check_rows(rows: list[scenarios.Row]) -> None:
     assert rows
@@ -60,7 +62,7 @@ class TestScenarios:
         """The independent run count: first run plus each slot before the end."""
         import cohortsync as cs
 
-        storage = cs.MemoryStorage()
+        storage = MemoryStorage()
         scheduler = cs.Scheduler(storage, clock=scenarios.FakeClock(scenarios.START))
         scheduler.add_destination("d", scenarios.Noop())
         scheduler.add_cohort(cs.Cohort(id="c", name="C", source=list))

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import cohortsync as cs
 from cohortsync._cache import DeliveredCache
+from cohortsync.storage import AppliedBatch, Lease
 from cohortsync.testing import FakeClock, MemoryStorage, RecordingDestination
 
 
@@ -28,7 +29,7 @@ class CountingStorage(MemoryStorage):
         self.reads += 1
         return super().iter_delivered(sync_id)
 
-    def apply_batch(self, lease: cs.Lease, batch: cs.AppliedBatch) -> str:
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         if self.fail_next_apply:
             self.fail_next_apply = False
             raise cs.exceptions.StorageError("the database went away")

@@ -139,7 +139,7 @@ class TestWorker:
             textwrap.dedent(
                 """
                 import cohortsync as cs
-                from cohortsync.sqlite import SQLiteStorage
+                from cohortsync.storage import SQLiteStorage
                 from cohortsync.testing import RecordingDestination
 
                 def make():

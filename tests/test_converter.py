@@ -20,7 +20,11 @@ from hypothesis import strategies as st
 import cohortsync
 import strategies as s
 from cohortsync import _converter
+from cohortsync.advice import Recommendation
+from cohortsync.events import Event
 from cohortsync.exceptions import ConfigurationError
+from cohortsync.serialization import dumps, loads, make_converter
+from cohortsync.storage import AppliedBatch, Completion, Lease, LedgerEntry, MemberIssue, SyncRecord
 
 UTC = timezone.utc
 NOW = datetime(2030, 1, 1, 12, 30, tzinfo=UTC)
@@ -42,13 +46,13 @@ VALUES: dict[type[object], st.SearchStrategy[Any]] = {
     cohortsync.Changes: s.changes(),
     cohortsync.RunContext: s.run_contexts(),
     cohortsync.Batch: s.batches(),
-    cohortsync.LedgerEntry: s.ledger_entries(),
-    cohortsync.MemberIssue: s.member_issues(),
-    cohortsync.Lease: s.leases(),
-    cohortsync.SyncRecord: s.sync_records(),
-    cohortsync.Completion: s.completions(),
-    cohortsync.AppliedBatch: s.applied_batches(),
-    cohortsync.Recommendation: s.recommendations(),
+    LedgerEntry: s.ledger_entries(),
+    MemberIssue: s.member_issues(),
+    Lease: s.leases(),
+    SyncRecord: s.sync_records(),
+    Completion: s.completions(),
+    AppliedBatch: s.applied_batches(),
+    Recommendation: s.recommendations(),
 }
 KINDS = sorted(VALUES, key=lambda cls: cls.__name__)
 
@@ -84,20 +88,20 @@ class TestRoundTrip:
 
         @given(VALUES[cls])
         def check(value: object) -> None:
-            text = cohortsync.dumps(value)
+            text = dumps(value)
             data = _converter.unstructure(value)
 
-            assert value == cohortsync.loads(text, cls)
-            assert text == cohortsync.dumps(cohortsync.loads(text, cls))
+            assert value == loads(text, cls)
+            assert text == dumps(loads(text, cls))
             assert value == _converter.structure(data, cls)
             assert json.loads(text) == json.loads(json.dumps(data))
 
         check()
 
     @given(s.events())
-    def test_events(self, event: cohortsync.Event) -> None:
+    def test_events(self, event: Event) -> None:
         """Scheduler events round-trip too (structured by their concrete class)."""
-        assert event == cohortsync.loads(cohortsync.dumps(event), type(event))
+        assert event == loads(dumps(event), type(event))
 
     @given(s.cohorts())
     def test_cohort_source_is_omitted(self, cohort: cohortsync.Cohort) -> None:
@@ -128,7 +132,7 @@ class TestRoundTrip:
 
     def test_plain_shapes(self) -> None:
         """Enums are their values, identifier kinds a sorted list, timedeltas seconds."""
-        data = _converter.unstructure(cohortsync.catalog.GOOGLE_ADS)
+        data = _converter.unstructure(cohortsync.destinations.catalog.GOOGLE_ADS)
 
         assert ["advertising_id", "email_sha256", "phone_sha256"] == data["accepted_identifiers"]
         assert 540 * 86_400 == data["membership_ttl"]
@@ -136,8 +140,8 @@ class TestRoundTrip:
 
     def test_catalog_presets(self) -> None:
         """Every catalog preset round-trips."""
-        for preset in cohortsync.catalog.PRESETS.values():
-            assert preset == cohortsync.loads(cohortsync.dumps(preset), cohortsync.Capabilities)
+        for preset in cohortsync.destinations.catalog.PRESETS.values():
+            assert preset == loads(dumps(preset), cohortsync.Capabilities)
 
 
 class TestBadData:
@@ -197,9 +201,7 @@ class TestBadData:
     def test_unknown_cohort_type(self) -> None:
         """An unknown cohort type does not load."""
         with pytest.raises(ClassValidationError) as info:
-            cohortsync.loads(
-                '{"id":"c","name":"n","type":"lifecycle","size":null}', cohortsync.Cohort
-            )
+            loads('{"id":"c","name":"n","type":"lifecycle","size":null}', cohortsync.Cohort)
 
         assert "'lifecycle'" in str(_only_cause(info.value))
 
@@ -227,7 +229,7 @@ class TestBadData:
     def test_missing_key(self) -> None:
         """A missing required key is reported (as cattrs' KeyError naming it)."""
         with pytest.raises(ClassValidationError) as info:
-            cohortsync.loads('{"id":"c"}', cohortsync.Cohort)
+            loads('{"id":"c"}', cohortsync.Cohort)
 
         cause = _only_cause(info.value)
         assert isinstance(cause, KeyError)
@@ -260,7 +262,10 @@ class TestBadData:
     @pytest.mark.parametrize("flag", ["false", 0, 1, None])
     def test_bools_are_not_coerced(self, flag: object) -> None:
         """A stored "false" must not load as True (cattrs' default would call bool())."""
-        data = {**_converter.unstructure(cohortsync.catalog.BRAZE), "supports_realtime": flag}
+        data = {
+            **_converter.unstructure(cohortsync.destinations.catalog.BRAZE),
+            "supports_realtime": flag,
+        }
 
         with pytest.raises(ClassValidationError) as info:
             _converter.structure(data, cohortsync.Capabilities)
@@ -272,7 +277,10 @@ class TestBadData:
     @pytest.mark.parametrize("ttl", [-5, 0, "long", float("nan"), float("inf"), 1e20])
     def test_bad_ttl(self, ttl: object) -> None:
         """A TTL that is not a positive, representable number of seconds is refused."""
-        data = {**_converter.unstructure(cohortsync.catalog.BRAZE), "membership_ttl": ttl}
+        data = {
+            **_converter.unstructure(cohortsync.destinations.catalog.BRAZE),
+            "membership_ttl": ttl,
+        }
 
         with pytest.raises(ClassValidationError) as info:
             _converter.structure(data, cohortsync.Capabilities)
@@ -281,7 +289,10 @@ class TestBadData:
 
     def test_unknown_identifier_kind(self) -> None:
         """An unknown identifier kind in a capability list does not load."""
-        data = {**_converter.unstructure(cohortsync.catalog.BRAZE), "accepted_identifiers": ["fax"]}
+        data = {
+            **_converter.unstructure(cohortsync.destinations.catalog.BRAZE),
+            "accepted_identifiers": ["fax"],
+        }
 
         with pytest.raises(ClassValidationError) as info:
             _converter.structure(data, cohortsync.Capabilities)
@@ -302,7 +313,7 @@ class TestBadData:
     def test_not_json(self) -> None:
         """loads() of text that is not JSON raises json's decode error (a ValueError)."""
         with pytest.raises(json.JSONDecodeError):
-            cohortsync.loads("{not json", cohortsync.Sync)
+            loads("{not json", cohortsync.Sync)
 
 
 class TestIsolation:
@@ -310,8 +321,8 @@ class TestIsolation:
 
     def test_fresh_converter(self) -> None:
         """make_converter() builds a new converter each call."""
-        first = cohortsync.make_converter()
-        second = cohortsync.make_converter()
+        first = make_converter()
+        second = make_converter()
 
         assert first is not second
         assert first is not cattrs.global_converter
@@ -319,7 +330,7 @@ class TestIsolation:
 
     def test_global_converter_untouched(self) -> None:
         """The global converter keeps cattrs' own behaviour for datetimes and cohorts."""
-        cohortsync.make_converter()
+        make_converter()
         _converter.unstructure(_sync())
 
         assert NOW == cattrs.global_converter.unstructure(NOW)
@@ -331,16 +342,16 @@ class TestIsolation:
         """Our strict primitive hooks stay on our converter: the global one still calls int()."""
         assert 3 == cattrs.global_converter.structure("3", int)
         with pytest.raises(ConfigurationError):
-            cohortsync.make_converter().structure("3", int)
+            make_converter().structure("3", int)
 
     def test_fresh_converter_is_independent(self) -> None:
         """A hook a host registers on one converter does not leak into another, or ours."""
-        mine = cohortsync.make_converter()
+        mine = make_converter()
         mine.register_unstructure_hook(datetime, lambda _d: "redacted")
 
         assert "redacted" == mine.unstructure(NOW)
-        assert NOW.isoformat() == cohortsync.make_converter().unstructure(NOW)
-        assert f'"{NOW.isoformat()}"' == cohortsync.dumps(NOW)
+        assert NOW.isoformat() == make_converter().unstructure(NOW)
+        assert f'"{NOW.isoformat()}"' == dumps(NOW)
 
     def test_values_are_attrs_classes(self) -> None:
         """Every class round-tripped here is an attrs class (what the converter relies on)."""

@@ -14,8 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cohortsync import _csvdir
-from cohortsync._csvdir import CsvDirectoryDestination
 from cohortsync._destination import (
     Batch,
     DeliveryResult,
@@ -25,6 +23,8 @@ from cohortsync._destination import (
     Operation,
     RunContext,
 )
+from cohortsync.destinations import _csvdir
+from cohortsync.destinations._csvdir import CsvDirectoryDestination
 from cohortsync.exceptions import ConfigurationError, PermanentError, TransientError
 
 if TYPE_CHECKING:

@@ -26,20 +26,14 @@ from hypothesis import strategies as st
 
 from cohortsync import (
     Batch,
-    BatchDelivered,
     Capabilities,
     Changes,
     Cohort,
     CohortType,
     DeliveryResult,
     Destination,
-    EligibilityChanged,
-    Event,
-    GuardTripped,
     IdentifierKind,
     IdentifierMapping,
-    IssueKind,
-    Listener,
     MassRemovalGuard,
     OnDelete,
     OnIneligible,
@@ -47,11 +41,8 @@ from cohortsync import (
     RateLimit,
     Rejection,
     RetryPolicy,
-    RunFinished,
-    RunStarted,
     RunStatus,
     Scheduler,
-    SyncFailed,
     SyncPolicy,
     SyncRun,
     SyncStatus,
@@ -59,7 +50,18 @@ from cohortsync import (
 )
 from cohortsync._delivery import idempotency_key
 from cohortsync._schedule import stable_offset
-from cohortsync._storage import AppliedBatch, Completion, Lease
+from cohortsync.events import (
+    BatchDelivered,
+    EligibilityChanged,
+    Event,
+    GuardTripped,
+    Listener,
+    RunFinished,
+    RunStarted,
+    SyncFailed,
+)
+from cohortsync.storage import IssueKind
+from cohortsync.storage._protocol import AppliedBatch, Completion, Lease
 from cohortsync.testing import (
     FakeClock,
     Fault,
@@ -525,7 +527,8 @@ _KEYS_SCRIPT = textwrap.dedent(
     """
     import json
     from datetime import datetime
-    from cohortsync import Capabilities, Cohort, MemoryStorage, Scheduler, SyncPolicy
+    from cohortsync import Capabilities, Cohort, Scheduler, SyncPolicy
+    from cohortsync.storage import MemoryStorage
     from cohortsync.testing import FakeClock, RecordingDestination
 
     clock = FakeClock(datetime.fromisoformat("2030-01-01T00:00:00+00:00"))

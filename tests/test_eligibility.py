@@ -12,22 +12,25 @@ import pytest
 
 import cohortsync
 from cohortsync import (
-    DEFAULT_RULES,
-    REALTIME_MAX_MEMBERS,
     Cadence,
     Capabilities,
     Cohort,
     CohortType,
-    EligibilityInput,
     IdentifierKind,
     IdentifierMapping,
+    SyncPolicy,
+)
+from cohortsync.destinations import catalog
+from cohortsync.eligibility import (
+    DEFAULT_RULES,
+    REALTIME_MAX_MEMBERS,
+    REALTIME_UNSUPPORTED_TYPES,
+    EligibilityInput,
     Reason,
     ReasonCode,
     Ruleset,
     Severity,
-    SyncPolicy,
     available_destinations,
-    catalog,
     check_eligibility,
 )
 from cohortsync.exceptions import (
@@ -36,6 +39,7 @@ from cohortsync.exceptions import (
     DestinationNotFoundError,
     IneligibleSyncError,
 )
+from cohortsync.storage import MemoryStorage
 from cohortsync.testing import FakeClock, RecordingDestination
 
 REALTIME = SyncPolicy.realtime()
@@ -194,7 +198,7 @@ class TestRealtimeRules:
 
     def test_excluded_types_constant(self) -> None:
         """The public constant lists exactly the six excluded types."""
-        assert frozenset(NOT_REALTIME_TYPES) == cohortsync.REALTIME_UNSUPPORTED_TYPES
+        assert frozenset(NOT_REALTIME_TYPES) == REALTIME_UNSUPPORTED_TYPES
 
     @pytest.mark.parametrize("key", NOT_REALTIME_DESTINATIONS)
     def test_excluded_destinations(self, key: str) -> None:
@@ -579,7 +583,7 @@ class TestCatalog:
 
 
 def _scheduler() -> cohortsync.Scheduler:
-    return cohortsync.Scheduler(cohortsync.MemoryStorage(), clock=FakeClock())
+    return cohortsync.Scheduler(MemoryStorage(), clock=FakeClock())
 
 
 class TestScheduler:

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cohortsync._destination import Identifier, IdentifierKind, Member
-from cohortsync._identifiers import (
+from cohortsync.exceptions import ConfigurationError
+from cohortsync.identifiers import (
     IdentifierMapping,
     hash_email,
     hash_phone,
@@ -18,7 +19,6 @@ from cohortsync._identifiers import (
     try_normalize_email,
     try_normalize_phone,
 )
-from cohortsync.exceptions import ConfigurationError
 
 TEST_EMAIL_SHA256 = "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b"
 US_PHONE_SHA256 = "8a59780bb8cd2ba022bfa5ba2ea3b6e07af17a7d8b30c1f9b3390e36f69019e4"

@@ -291,14 +291,14 @@ class TestValidators:
     def test_evolve_validates(self) -> None:
         """Capabilities.evolve runs the validators on the new values."""
         with pytest.raises(ConfigurationError) as info:
-            cohortsync.catalog.BRAZE.evolve(max_batch_size=0)
+            cohortsync.destinations.catalog.BRAZE.evolve(max_batch_size=0)
 
         assert "max_batch_size" == info.value.field
 
     def test_evolve_unknown_field(self) -> None:
         """evolve() with a field that does not exist is a TypeError, as attrs.evolve's."""
         with pytest.raises(TypeError):
-            cohortsync.catalog.BRAZE.evolve(batch=5)
+            cohortsync.destinations.catalog.BRAZE.evolve(batch=5)
 
 
 class TestNaiveDatetimes:
@@ -447,7 +447,7 @@ class TestGoodValues:
 
     def test_capabilities_evolve(self) -> None:
         """evolve() copies a preset with changes and leaves the preset alone."""
-        preset = cohortsync.catalog.BRAZE
+        preset = cohortsync.destinations.catalog.BRAZE
 
         custom = preset.evolve(max_batch_size=500, name="Braze (EU)")
 
@@ -460,8 +460,8 @@ class TestGoodValues:
     def test_capabilities_accepts(self) -> None:
         """No declared identifier kinds means any kind is accepted."""
         assert Capabilities().accepts(IdentifierKind.USER_ID)
-        assert cohortsync.catalog.FACEBOOK_ADS.accepts(IdentifierKind.EMAIL_SHA256)
-        assert not cohortsync.catalog.FACEBOOK_ADS.accepts(IdentifierKind.USER_ID)
+        assert cohortsync.destinations.catalog.FACEBOOK_ADS.accepts(IdentifierKind.EMAIL_SHA256)
+        assert not cohortsync.destinations.catalog.FACEBOOK_ADS.accepts(IdentifierKind.USER_ID)
 
     def test_cohort_with_size(self) -> None:
         """with_size() returns a copy with the new size and the same source."""
@@ -615,14 +615,14 @@ class TestReprs:
         """Policies and capabilities show their settings."""
         assert "DAILY" in repr(SyncPolicy.daily("Europe/Berlin"))
         assert "'Europe/Berlin'" in repr(SyncPolicy.daily("Europe/Berlin"))
-        assert "'Marketo'" in repr(cohortsync.catalog.MARKETO)
-        assert "max_batch_size=300" in repr(cohortsync.catalog.MARKETO)
+        assert "'Marketo'" in repr(cohortsync.destinations.catalog.MARKETO)
+        assert "max_batch_size=300" in repr(cohortsync.destinations.catalog.MARKETO)
 
     def test_destination(self) -> None:
         """A destination's repr names its class and its capabilities."""
 
         class Push(cohortsync.Destination):
-            capabilities = cohortsync.catalog.BRAZE
+            capabilities = cohortsync.destinations.catalog.BRAZE
 
             def add(self, batch: Batch) -> cohortsync.DeliveryResult:
                 return cohortsync.DeliveryResult.ok()

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 import cohortsync as cs
+from cohortsync.destinations import catalog
 from cohortsync.exceptions import IneligibleSyncError
-from cohortsync.sqlite import SQLiteStorage
+from cohortsync.storage import MemoryStorage, SQLiteStorage, Storage
 from cohortsync.testing import FakeClock, RecordingDestination
 
 START = datetime(2030, 1, 7, 10, 0, tzinfo=timezone.utc)
@@ -46,7 +47,7 @@ class Remote(RecordingDestination):
         return result
 
 
-def worker(storage: cs.Storage, clock: FakeClock, remote: Remote) -> cs.Scheduler:
+def worker(storage: Storage, clock: FakeClock, remote: Remote) -> cs.Scheduler:
     scheduler = cs.Scheduler(storage, clock=clock, seed=1)
     scheduler.add_destination("dest", remote)
     scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: MEMBERS))
@@ -54,16 +55,16 @@ def worker(storage: cs.Storage, clock: FakeClock, remote: Remote) -> cs.Schedule
 
 
 @pytest.fixture(params=["memory", "sqlite"])
-def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], cs.Storage]]:
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Storage]]:
     """A factory of handles on one store: each worker opens its own."""
     if request.param == "memory":
-        shared = cs.MemoryStorage()
+        shared = MemoryStorage()
         yield lambda: shared
         shared.close()
         return
-    opened: list[cs.Storage] = []
+    opened: list[Storage] = []
 
-    def open_store() -> cs.Storage:
+    def open_store() -> Storage:
         opened.append(SQLiteStorage(tmp_path / "cohortsync.db"))
         return opened[-1]
 
@@ -89,7 +90,7 @@ class TestDeleteDuringARun:
 
     @pytest.mark.parametrize("during_batch", [1, 2, 3])
     def test_remove_delivered_during_the_first_run_removes_everything(
-        self, stores: Callable[[], cs.Storage], during_batch: int
+        self, stores: Callable[[], Storage], during_batch: int
     ) -> None:
         """
         A second Scheduler deletes the sync while the first run sends batch
@@ -121,7 +122,7 @@ class TestDeleteDuringARun:
         assert len(slots) == len(set(slots))
 
     def test_leave_during_the_first_run_keeps_what_was_delivered(
-        self, stores: Callable[[], cs.Storage]
+        self, stores: Callable[[], Storage]
     ) -> None:
         """With OnDelete.LEAVE the run may finish; nothing is removed, the sync is deleted."""
         clock = FakeClock(START)
@@ -146,7 +147,7 @@ class TestTeardownAfterACrash:
 
     @pytest.mark.parametrize("crash_in_batch", [1, 2, 3])
     def test_members_of_the_batch_in_flight_are_removed(
-        self, stores: Callable[[], cs.Storage], crash_in_batch: int
+        self, stores: Callable[[], Storage], crash_in_batch: int
     ) -> None:
         """
         The worker dies after the destination received batch *crash_in_batch*
@@ -187,8 +188,8 @@ class TestTeardownThatCannotRemove:
     def test_remove_delivered_on_qualtrics_is_ineligible(self) -> None:
         """The Qualtrics preset cannot remove: REMOVE_DELIVERED is refused with its code."""
         clock = FakeClock(START)
-        remote = Remote(cs.catalog.QUALTRICS)
-        scheduler = worker(cs.MemoryStorage(), clock, remote)
+        remote = Remote(catalog.QUALTRICS)
+        scheduler = worker(MemoryStorage(), clock, remote)
 
         result = scheduler.check("c", "dest", TEARDOWN)
         with pytest.raises(IneligibleSyncError) as raised:
@@ -202,7 +203,7 @@ class TestTeardownThatCannotRemove:
     def test_update_to_remove_delivered_is_refused_too(self) -> None:
         """The rule applies when the policy changes, not only at creation."""
         clock = FakeClock(START)
-        scheduler = worker(cs.MemoryStorage(), clock, Remote(cs.catalog.QUALTRICS))
+        scheduler = worker(MemoryStorage(), clock, Remote(catalog.QUALTRICS))
         scheduler.create_sync("c", "dest", cs.SyncPolicy.hourly(), sync_id="s1")
 
         with pytest.raises(IneligibleSyncError):
@@ -219,7 +220,7 @@ class TestTeardownThatCannotRemove:
         """
         clock = FakeClock(START)
         remote = Remote()
-        scheduler = worker(cs.MemoryStorage(), clock, remote)
+        scheduler = worker(MemoryStorage(), clock, remote)
         scheduler.create_sync("c", "dest", TEARDOWN, sync_id="s1")
         scheduler.run_due()
         cannot = Remote(cs.Capabilities(max_batch_size=10, supports_removals=False))
@@ -275,7 +276,7 @@ class TestARemovalThatMayNotHaveArrived:
     def test_a_teardown_killed_while_removing_an_in_flight_add(self) -> None:
         """Crash with an add in flight, delete, teardown killed before that removal: none left."""
         clock = FakeClock(START)
-        storage = cs.MemoryStorage()
+        storage = MemoryStorage()
         remote = Flaky()
 
         def scheduler() -> cs.Scheduler:
@@ -310,7 +311,7 @@ class TestARemovalThatMayNotHaveArrived:
     def test_a_leaver_whose_recovery_removal_was_killed_is_removed_later(self) -> None:
         """A member of a crashed add leaves; the run removing it dies; the next run removes it."""
         clock = FakeClock(START)
-        storage = cs.MemoryStorage()
+        storage = MemoryStorage()
         remote = Flaky()
         members = set(MEMBERS[:20])
 
@@ -338,7 +339,7 @@ class TestARemovalThatMayNotHaveArrived:
         """A second delete_sync while the teardown is pending changes nothing."""
         clock = FakeClock(START)
         remote = Remote()
-        scheduler = worker(cs.MemoryStorage(), clock, remote)
+        scheduler = worker(MemoryStorage(), clock, remote)
         scheduler.create_sync("c", "dest", TEARDOWN, sync_id="s1")
         scheduler.run_due()
         scheduler.delete_sync("s1")
@@ -354,7 +355,7 @@ SHARED = {"u0": "u0@example.com", "u0-dup": "u0@example.com", "u2": "u2@example.
 
 
 def emailing(
-    storage: cs.Storage, clock: FakeClock, dest: cs.Destination, members: set[str]
+    storage: Storage, clock: FakeClock, dest: cs.Destination, members: set[str]
 ) -> cs.Scheduler:
     """A worker syncing *members* by email, where u0 and u0-dup share one address."""
     s = cs.Scheduler(storage, clock=clock, seed=1)
@@ -389,7 +390,7 @@ class TestFoundByTheModelTest:
         clock = FakeClock(START)
         members = {"u0", "u2"}
         dest = FailsOnce()
-        s = emailing(cs.MemoryStorage(), clock, dest, members)
+        s = emailing(MemoryStorage(), clock, dest, members)
         s.create_sync("c", "d", TEARDOWN, sync_id="s1", mapping_id="email")
         s.run_due()
         members.clear()
@@ -424,7 +425,7 @@ class TestFoundByTheModelTest:
                 return super().add(batch)
 
         clock = FakeClock(START)
-        storage = cs.MemoryStorage()
+        storage = MemoryStorage()
         members = {"u0"}
         dest = DiesFirst()
         emailing(storage, clock, dest, members).create_sync(
@@ -452,7 +453,7 @@ class TestFoundByTheModelTest:
 
         clock = FakeClock(START)
         dest = Refuses(cs.Capabilities(max_batch_size=1))
-        s = emailing(cs.MemoryStorage(), clock, dest, {"u0", "u0-dup"})
+        s = emailing(MemoryStorage(), clock, dest, {"u0", "u0-dup"})
         s.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s1", mapping_id="email")
 
         (run,) = s.run_due()
@@ -497,7 +498,7 @@ class TestFoundByTheModelTest:
                 return self._do(batch, add=False)
 
         clock = FakeClock(START)
-        storage = cs.MemoryStorage()
+        storage = MemoryStorage()
         vendor = Dedup()
         members = {"u1"}
 

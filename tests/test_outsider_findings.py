@@ -14,7 +14,7 @@ import pytest
 
 import cohortsync as cs
 from cohortsync.exceptions import ConfigurationError
-from cohortsync.sqlite import SQLiteStorage
+from cohortsync.storage import MemoryStorage, SQLiteStorage, Storage
 from cohortsync.testing import FakeClock, RecordingDestination
 
 START = datetime(2030, 1, 7, 10, 0, tzinfo=timezone.utc)
@@ -25,10 +25,10 @@ def build(
     destination: cs.Destination,
     members: list[str],
     *,
-    storage: cs.Storage | None = None,
+    storage: Storage | None = None,
     policy: cs.SyncPolicy | None = None,
 ) -> cs.Scheduler:
-    scheduler = cs.Scheduler(storage or cs.MemoryStorage(), clock=clock, seed=1)
+    scheduler = cs.Scheduler(storage or MemoryStorage(), clock=clock, seed=1)
     scheduler.add_destination("d", destination)
     scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: members))
     scheduler.create_sync("c", "d", policy or cs.SyncPolicy.hourly(), sync_id="s1")
@@ -239,7 +239,7 @@ class TestSecondRound:
         emails = {"k1": "old@x.io", "k2": "k2@x.io"}
         clock = FakeClock(START)
         destination = RecordingDestination()
-        scheduler = cs.Scheduler(cs.MemoryStorage(), clock=clock, seed=1)
+        scheduler = cs.Scheduler(MemoryStorage(), clock=clock, seed=1)
         scheduler.add_destination("d", destination)
         scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["k1", "k2"]))
         scheduler.add_mapping(

@@ -43,18 +43,8 @@ except ImportError:  # pragma: no cover - depends on the environment
         'psycopg is not installed: pip install "cohortsync[postgres]"', allow_module_level=True
     )
 
-from cohortsync import postgres as postgres_module
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._policy import Cadence, SyncPolicy
-from cohortsync._storage import (
-    AppliedBatch,
-    Completion,
-    IssueKind,
-    Lease,
-    MemberIssue,
-    Storage,
-    SyncRecord,
-)
 from cohortsync._sync import RunStatus, Sync, SyncRun
 from cohortsync.exceptions import (
     ConfigurationError,
@@ -63,7 +53,18 @@ from cohortsync.exceptions import (
     SchemaVersionError,
     StorageError,
 )
-from cohortsync.postgres import SCHEMA_VERSION, PostgresStorage, mask_dsn
+from cohortsync.storage import PostgresStorage
+from cohortsync.storage import _postgres as postgres_module
+from cohortsync.storage._postgres import SCHEMA_VERSION, mask_dsn
+from cohortsync.storage._protocol import (
+    AppliedBatch,
+    Completion,
+    IssueKind,
+    Lease,
+    MemberIssue,
+    Storage,
+    SyncRecord,
+)
 from cohortsync.testing._storage_contract import STORAGE_CHECKS
 
 if TYPE_CHECKING:
@@ -810,12 +811,13 @@ class TestBulk:
 
 class TestOptionalDependency:
     """
-    cohortsync works without psycopg; only cohortsync.postgres needs it.
+    cohortsync works without psycopg; only cohortsync.storage needs it.
     """
 
     def test_core_imports_without_psycopg(self) -> None:
         """
-        With psycopg blocked, `import cohortsync` works and the backend names the extra.
+        With psycopg blocked, `import cohortsync` and the other stores work, and
+        PostgresStorage names the extra.
         """
         code = textwrap.dedent(
             """
@@ -823,12 +825,14 @@ class TestOptionalDependency:
             sys.modules["psycopg"] = None
             import cohortsync
             import cohortsync.testing
+            import cohortsync.storage
+            from cohortsync.storage import SQLiteStorage
             try:
-                import cohortsync.postgres
+                from cohortsync.storage import PostgresStorage
             except ImportError as exc:
                 print("ImportError:", exc)
             else:
-                raise SystemExit("cohortsync.postgres imported without psycopg")
+                raise SystemExit("PostgresStorage imported without psycopg")
             loaded = [m for m, v in sys.modules.items() if m.startswith("psycopg") and v]
             if loaded:
                 raise SystemExit(f"psycopg modules loaded: {loaded}")

@@ -13,6 +13,7 @@ import pytest
 import cohortsync as cs
 from cohortsync import exceptions
 from cohortsync._schedule import spread_ratio
+from cohortsync.storage import Completion, Lease
 from cohortsync.testing import FakeClock, MemoryStorage, RecordingDestination
 
 HOUR = timedelta(hours=1)
@@ -260,7 +261,7 @@ class TestLeases:
         with pytest.raises(exceptions.LeaseLostError):
             env.storage.complete_run(
                 lease,
-                cs.Completion(run=attrs.evolve(runs[0], id="late"), next_due=None),
+                Completion(run=attrs.evolve(runs[0], id="late"), next_due=None),
             )
         assert 1 == len(env.runs())
 
@@ -465,7 +466,7 @@ class TestLongWaits:
     def test_a_long_rate_limit_wait_keeps_the_lease(self) -> None:
         """During a 15-minute Retry-After wait no other worker can take the run over."""
         storage = MemoryStorage()
-        grabbed: list[list[cs.Lease]] = []
+        grabbed: list[list[Lease]] = []
 
         class WatchedClock(FakeClock):
             def sleep(self, seconds: float) -> None:

@@ -21,11 +21,9 @@ from typing import Any
 import attrs
 import pytest
 
-from cohortsync import sqlite as sqlite_module
 from cohortsync._converter import dumps
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._policy import Cadence, SyncPolicy
-from cohortsync._storage import AppliedBatch, Completion, Lease, MemberIssue, SyncRecord
 from cohortsync._sync import RunStatus, Sync, SyncRun
 from cohortsync.exceptions import (
     ConfigurationError,
@@ -35,7 +33,9 @@ from cohortsync.exceptions import (
     SchemaVersionError,
     StorageError,
 )
-from cohortsync.sqlite import SQLiteStorage
+from cohortsync.storage import SQLiteStorage
+from cohortsync.storage import _sqlite as sqlite_module
+from cohortsync.storage._protocol import AppliedBatch, Completion, Lease, MemberIssue, SyncRecord
 
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 LEASE = timedelta(seconds=60)

@@ -14,10 +14,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from cohortsync._memory import MemoryStorage
-from cohortsync._storage import Completion, Lease, SyncRecord
 from cohortsync._sync import SyncStatus
-from cohortsync.sqlite import SQLiteStorage
+from cohortsync.storage import SQLiteStorage
+from cohortsync.storage._memory import MemoryStorage
+from cohortsync.storage._protocol import Completion, Lease, SyncRecord
 from cohortsync.testing._storage_contract import (
     STORAGE_CHECKS,
     StorageFactory,

@@ -21,6 +21,13 @@ import pytest
 
 import cohortsync as cs
 from cohortsync._delivery import make_batch
+from cohortsync.destinations import (
+    CsvDirectoryDestination,
+    HttpResponse,
+    WebhookDestination,
+    catalog,
+)
+from cohortsync.events import RunFinished
 from cohortsync.exceptions import (
     AuthenticationError,
     BadDataError,
@@ -244,7 +251,7 @@ class TestRecordingDestination:
         """A catalog key gives the destination that preset's capabilities."""
         dest = RecordingDestination("braze")
 
-        assert cs.catalog.BRAZE == dest.capabilities
+        assert catalog.BRAZE == dest.capabilities
         assert 1_000 == dest.capabilities.max_batch_size
 
     def test_open_and_close_counted(self, clock: FakeClock) -> None:
@@ -481,9 +488,7 @@ class TestSimulate:
         scheduler.create_sync("c", "dest", cs.SyncPolicy.hourly(), sync_id="first")
 
         def on_event(event: object) -> None:
-            if isinstance(event, cs.RunFinished) and "second" not in {
-                s.id for s in scheduler.syncs()
-            }:
+            if isinstance(event, RunFinished) and "second" not in {s.id for s in scheduler.syncs()}:
                 scheduler.create_sync("c", "dest", cs.SyncPolicy.hourly(), sync_id="second")
 
         scheduler.add_listener(on_event)
@@ -560,14 +565,14 @@ class FakeWebhookReceiver:
 
     requests: list[dict[str, Any]] = attrs.Factory(list)
     audiences: dict[str, list[str]] = attrs.Factory(dict)
-    scripted: list[cs.HttpResponse] = attrs.Factory(list)
+    scripted: list[HttpResponse] = attrs.Factory(list)
     refuse: set[str] = attrs.Factory(set)
     raise_next: Exception | None = None
     _seen: set[str] = attrs.Factory(set)
 
     def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
-    ) -> cs.HttpResponse:
+    ) -> HttpResponse:
         message = json.loads(body)
         self.requests.append(message)
         if self.raise_next is not None:
@@ -590,17 +595,17 @@ class FakeWebhookReceiver:
         body_out = json.dumps(
             {"rejected": [{"user": u, "reason": "unknown user"} for u in refused]}
         )
-        return cs.HttpResponse(200, {}, body_out.encode())
+        return HttpResponse(200, {}, body_out.encode())
 
 
-def receiver_of(dest: cs.WebhookDestination) -> FakeWebhookReceiver:
+def receiver_of(dest: WebhookDestination) -> FakeWebhookReceiver:
     receiver = dest._transport
     assert isinstance(receiver, FakeWebhookReceiver)
     return receiver
 
 
-def make_webhook(batch_size: int = 50) -> cs.WebhookDestination:
-    return cs.WebhookDestination(
+def make_webhook(batch_size: int = 50) -> WebhookDestination:
+    return WebhookDestination(
         "https://hooks.example.com/cohorts",
         headers={"Authorization": "Bearer t0ken"},
         batch_size=batch_size,
@@ -610,29 +615,29 @@ def make_webhook(batch_size: int = 50) -> cs.WebhookDestination:
 
 
 def answer(status: int, headers: Mapping[str, str] | None = None) -> Callable[[Any], None]:
-    def setup(dest: cs.WebhookDestination) -> None:
-        receiver_of(dest).scripted.append(cs.HttpResponse(status, headers or {}))
+    def setup(dest: WebhookDestination) -> None:
+        receiver_of(dest).scripted.append(HttpResponse(status, headers or {}))
 
     return setup
 
 
-def webhook_requests(dest: cs.WebhookDestination) -> list[int]:
+def webhook_requests(dest: WebhookDestination) -> list[int]:
     return [len(message["users"]) for message in receiver_of(dest).requests]
 
 
-def webhook_audience(dest: cs.WebhookDestination, context: cs.RunContext) -> list[str]:
+def webhook_audience(dest: WebhookDestination, context: cs.RunContext) -> list[str]:
     return receiver_of(dest).audiences.get(context.cohort_id, [])
 
 
-def webhook_reject(dest: cs.WebhookDestination, identifiers: Collection[str]) -> None:
+def webhook_reject(dest: WebhookDestination, identifiers: Collection[str]) -> None:
     receiver_of(dest).refuse = set(identifiers)
 
 
-def timing_out(dest: cs.WebhookDestination) -> None:
+def timing_out(dest: WebhookDestination) -> None:
     receiver_of(dest).raise_next = TimeoutError("timed out")
 
 
-WEBHOOK_ERRORS: Mapping[str, ErrorCase[cs.WebhookDestination]] = {
+WEBHOOK_ERRORS: Mapping[str, ErrorCase[WebhookDestination]] = {
     "HTTP 500": ErrorCase(TransientError, answer(500)),
     "HTTP 503 with Retry-After": ErrorCase(TransientError, answer(503, {"Retry-After": "30"})),
     "HTTP 429": ErrorCase(RateLimitedError, answer(429, {"Retry-After": "5"})),
@@ -711,15 +716,15 @@ class TestCheckDestinationOnOurAdapters:
         """CsvDirectoryDestination passes where the checks apply (it makes no requests)."""
         made: list[Path] = []
 
-        def make() -> cs.CsvDirectoryDestination:
+        def make() -> CsvDirectoryDestination:
             made.append(tmp_path / f"out-{len(made)}")
-            return cs.CsvDirectoryDestination(made[-1])
+            return CsvDirectoryDestination(made[-1])
 
-        def published(dest: cs.CsvDirectoryDestination, context: cs.RunContext) -> list[str]:
+        def published(dest: CsvDirectoryDestination, context: cs.RunContext) -> list[str]:
             files = dest.read_latest(context.sync_id)
             return files["entering"] + files["existing"]
 
-        def blocked(dest: cs.CsvDirectoryDestination) -> None:
+        def blocked(dest: CsvDirectoryDestination) -> None:
             dest.directory.mkdir(parents=True)
             (dest.directory / "contract-sync").write_text("not a directory")
 

@@ -21,7 +21,7 @@ from cohortsync.exceptions import (
     StorageError,
     SyncNotFoundError,
 )
-from cohortsync.sqlite import SQLiteStorage
+from cohortsync.storage import Completion, Lease, MemoryStorage, SQLiteStorage, Storage, SyncRecord
 from cohortsync.testing import FakeClock, Fault, FaultyDestination, RecordingDestination
 
 START = datetime(2030, 1, 7, 10, 0, tzinfo=timezone.utc)
@@ -46,12 +46,12 @@ def build(
     *,
     destination: cs.Destination | None = None,
     policy: cs.SyncPolicy | None = None,
-    storage: cs.Storage | None = None,
+    storage: Storage | None = None,
     mapping: cs.IdentifierMapping | None = None,
     sync_id: str = "s1",
     **options: Any,
 ) -> cs.Scheduler:
-    scheduler = cs.Scheduler(storage or cs.MemoryStorage(), clock=clock, seed=1, **options)
+    scheduler = cs.Scheduler(storage or MemoryStorage(), clock=clock, seed=1, **options)
     scheduler.add_destination("dest", destination or RecordingDestination())
     scheduler.add_cohort(cs.Cohort(id="c", name="C", source=source))
     if mapping is not None:
@@ -281,7 +281,7 @@ class TestSplitBatchRecords:
     def test_a_rejected_member_is_never_removed_later(self, clock: FakeClock) -> None:
         """A bad member isolated by bisection is rejected; no later run "removes" it."""
         dest = FaultyDestination(cs.Capabilities(max_batch_size=8), always=Fault.bad_data(["u3"]))
-        storage = cs.MemoryStorage()
+        storage = MemoryStorage()
         scheduler = build(
             clock, Members([f"u{i}" for i in range(8)]), destination=dest, storage=storage
         )
@@ -309,7 +309,7 @@ class TestSplitBatchRecords:
                     raise Crash  # the process dies while sending a quarter
                 return super().add(batch)
 
-        storage = cs.MemoryStorage()
+        storage = MemoryStorage()
         dest = Bisecting(cs.Capabilities(max_batch_size=8), always=Fault.bad_data(["u0"]))
         scheduler = build(
             clock, Members([f"u{i}" for i in range(8)]), destination=dest, storage=storage
@@ -349,8 +349,8 @@ class TestIsolation:
     ) -> None:
         """complete_run fails for one sync: the others still run; it gets a failed record."""
 
-        class Flaky(cs.MemoryStorage):
-            def complete_run(self, lease: cs.Lease, completion: cs.Completion) -> None:
+        class Flaky(MemoryStorage):
+            def complete_run(self, lease: Lease, completion: Completion) -> None:
                 if lease.sync_id == "broken" and not completion.run.notes[-1:] == (
                     "isolated: the run could not be completed; other syncs went on",
                 ):
@@ -400,9 +400,9 @@ class TestIsolation:
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
-def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[cs.Storage]:
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
     if request.param == "memory":
-        yield cs.MemoryStorage()
+        yield MemoryStorage()
     elif request.param == "sqlite":
         store = SQLiteStorage(tmp_path / "s.db")
         yield store
@@ -411,7 +411,7 @@ def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[cs.Sto
         dsn = os.environ.get("COHORTSYNC_TEST_POSTGRES_DSN")
         if not dsn:
             pytest.skip("PostgreSQL tests need COHORTSYNC_TEST_POSTGRES_DSN (CI sets it)")
-        from cohortsync.postgres import PostgresStorage
+        from cohortsync.storage import PostgresStorage
 
         store = PostgresStorage(dsn, schema=f"t_{os.urandom(5).hex()}")
         yield store
@@ -423,7 +423,7 @@ class TestUnstorableText:
 
     @pytest.mark.parametrize("junk", ["bad\x00reason", "bad\udc80reason"])
     def test_rejection_reasons_with_nul_or_surrogates_are_recorded(
-        self, clock: FakeClock, any_store: cs.Storage, junk: str
+        self, clock: FakeClock, any_store: Storage, junk: str
     ) -> None:
         """A vendor answering 200 with NUL or a lone surrogate in a reason: recorded, not wedged."""
 
@@ -445,7 +445,7 @@ class TestUnstorableText:
 
     @pytest.mark.parametrize("bad_id", ["x\udc80", "a\x00b"])
     def test_ids_no_store_can_hold_are_configuration_errors(
-        self, clock: FakeClock, any_store: cs.Storage, bad_id: str
+        self, clock: FakeClock, any_store: Storage, bad_id: str
     ) -> None:
         """A sync id with a lone surrogate is a typed error in every call, never UnicodeError."""
         scheduler = build(clock, Members(["a"]), storage=any_store)
@@ -463,14 +463,12 @@ class TestUnstorableText:
 # -- 7. run_forever sleeps -------------------------------------------------------------------
 
 
-class CountingStorage(cs.MemoryStorage):
+class CountingStorage(MemoryStorage):
     def __init__(self) -> None:
         super().__init__()
         self.claims = 0
 
-    def claim_due(
-        self, now: datetime, owner: str, lease_for: timedelta, limit: int
-    ) -> list[cs.Lease]:
+    def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
         self.claims += 1
         return super().claim_due(now, owner, lease_for, limit)
 
@@ -522,10 +520,10 @@ class TestSlotAccounting:
     def test_failed_update_and_delete_leave_counts_alone(self, clock: FakeClock) -> None:
         """An update that loses a race and a delete that fails change no bucket count."""
 
-        class Racing(cs.MemoryStorage):
+        class Racing(MemoryStorage):
             fail_save = False
 
-            def save_sync(self, record: cs.SyncRecord, *, expected_generation: int) -> None:
+            def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
                 if self.fail_save:
                     raise cs.exceptions.ConflictError(record.id, expected_generation, 99)
                 super().save_sync(record, expected_generation=expected_generation)
@@ -616,7 +614,7 @@ class TestTakeoverAccounting:
                     raise Killed
                 return super().add(batch)
 
-        storage = cs.MemoryStorage()
+        storage = MemoryStorage()
         dest = DiesOnce(cs.Capabilities(max_batch_size=2))
         scheduler = build(
             clock, Members([f"u{i}" for i in range(6)]), destination=dest, storage=storage
@@ -759,8 +757,8 @@ class TestRateLimitWindows:
     @pytest.mark.parametrize("preset", ["tiktok_ads", "hubspot", "marketo", "twitter_ads"])
     def test_catalog_presets_keep_their_first_window(self, clock: FakeClock, preset: str) -> None:
         """TikTok's 24 calls a day: at most 24 in the first 24 hours (was 47)."""
-        from cohortsync import catalog
         from cohortsync._delivery import RateLimiter
+        from cohortsync.destinations import catalog
 
         limit = catalog.PRESETS[preset].rate_limit
         assert limit is not None
@@ -809,7 +807,7 @@ class TestSmallerDefects:
 
     def test_a_closed_memory_store_refuses_work(self) -> None:
         """MemoryStorage.close() makes the store unusable, like every other store."""
-        store = cs.MemoryStorage()
+        store = MemoryStorage()
         store.close()
         with pytest.raises(StorageError):
             store.list_syncs()
@@ -853,7 +851,7 @@ class TestSmallerDefects:
         with pytest.raises(ConfigurationError, match="storage"):
             cs.Scheduler(42)  # type: ignore[arg-type]
         with pytest.raises(ConfigurationError, match="clock"):
-            cs.Scheduler(cs.MemoryStorage(), clock=datetime.now)  # type: ignore[arg-type]
+            cs.Scheduler(MemoryStorage(), clock=datetime.now)  # type: ignore[arg-type]
 
     def test_an_async_adapter_is_refused_when_registered(self) -> None:
         """`async def add` fails at add_destination with what to do, not at run time."""
@@ -865,7 +863,7 @@ class TestSmallerDefects:
             def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
                 return cs.DeliveryResult.ok()
 
-        scheduler = cs.Scheduler(cs.MemoryStorage())
+        scheduler = cs.Scheduler(MemoryStorage())
         with pytest.raises(ConfigurationError, match="async def add"):
             scheduler.add_destination("a", Async())
 

@@ -22,7 +22,12 @@ from cohortsync._destination import (
     Rejection,
     RunContext,
 )
-from cohortsync._webhook import HttpResponse, HttpTransport, UrllibTransport, WebhookDestination
+from cohortsync.destinations._webhook import (
+    HttpResponse,
+    HttpTransport,
+    UrllibTransport,
+    WebhookDestination,
+)
 from cohortsync.exceptions import (
     AuthenticationError,
     BadDataError,

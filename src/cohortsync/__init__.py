@@ -4,10 +4,24 @@ cohortsync: keep user cohorts in sync with third-party destinations.
 A host brings its cohorts (a membership source each) and its destination
 adapters; cohortsync decides whether a sync may run, when it runs next and
 what to send, delivers the diffs safely and records every run.
+
+The top level holds what a host uses every day. The rest lives in
+submodules named for their reader:
+
+* :mod:`cohortsync.storage`: the storage protocol, its records, and the
+  memory, SQLite and PostgreSQL stores.
+* :mod:`cohortsync.destinations`: the catalog of presets, the webhook and
+  CSV-directory adapters, HTTP transports.
+* :mod:`cohortsync.eligibility`: the rules, their reasons and codes.
+* :mod:`cohortsync.identifiers`: email and phone normalising and hashing.
+* :mod:`cohortsync.events`: what listeners receive.
+* :mod:`cohortsync.advice`: cadence recommendations from run history.
+* :mod:`cohortsync.serialization`: JSON round-trips of every value.
+* :mod:`cohortsync.exceptions`: the error tree.
+* :mod:`cohortsync.testing`: fake clocks, recording destinations, contract suites.
 """
 
-from cohortsync import catalog, exceptions
-from cohortsync._advice import Recommendation, recommend
+from cohortsync import exceptions
 from cohortsync._clock import Clock, SystemClock
 from cohortsync._cohort import (
     CallableSource,
@@ -18,8 +32,6 @@ from cohortsync._cohort import (
     MembershipSource,
     StaticSource,
 )
-from cohortsync._converter import dumps, loads, make_converter
-from cohortsync._csvdir import CsvDirectoryDestination
 from cohortsync._destination import (
     Batch,
     Capabilities,
@@ -33,42 +45,6 @@ from cohortsync._destination import (
     Rejection,
     RunContext,
 )
-from cohortsync._eligibility import (
-    DEFAULT_RULES,
-    REALTIME_MAX_MEMBERS,
-    REALTIME_UNSUPPORTED_TYPES,
-    Eligibility,
-    EligibilityInput,
-    Reason,
-    ReasonCode,
-    Rule,
-    Ruleset,
-    Severity,
-    available_destinations,
-    check_eligibility,
-)
-from cohortsync._events import (
-    BatchDelivered,
-    EligibilityChanged,
-    Event,
-    GuardTripped,
-    Listener,
-    RunFinished,
-    RunStarted,
-    SyncFailed,
-)
-from cohortsync._identifiers import (
-    IdentifierMapping,
-    hash_email,
-    hash_phone,
-    normalize_email,
-    normalize_phone,
-    try_hash_email,
-    try_hash_phone,
-    try_normalize_email,
-    try_normalize_phone,
-)
-from cohortsync._memory import MemoryStorage
 from cohortsync._policy import (
     Cadence,
     MassRemovalGuard,
@@ -78,31 +54,11 @@ from cohortsync._policy import (
     SyncPolicy,
 )
 from cohortsync._scheduler import Preview, Scheduler, Upcoming
-from cohortsync._storage import (
-    AppliedBatch,
-    Completion,
-    IssueKind,
-    Lease,
-    LedgerEntry,
-    MemberIssue,
-    PendingBatch,
-    Progress,
-    Storage,
-    SyncRecord,
-    Tally,
-    claim_slot,
-    slot_bucket_of,
-)
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
-from cohortsync._webhook import HttpResponse, HttpTransport, UrllibTransport, WebhookDestination
+from cohortsync.identifiers import IdentifierMapping
 
 __all__ = [
-    "DEFAULT_RULES",
-    "REALTIME_MAX_MEMBERS",
-    "REALTIME_UNSUPPORTED_TYPES",
-    "AppliedBatch",
     "Batch",
-    "BatchDelivered",
     "Cadence",
     "CallableSource",
     "Capabilities",
@@ -111,79 +67,31 @@ __all__ = [
     "Clock",
     "Cohort",
     "CohortType",
-    "Completion",
-    "CsvDirectoryDestination",
     "DeliveryResult",
     "Destination",
-    "Eligibility",
-    "EligibilityChanged",
-    "EligibilityInput",
-    "Event",
-    "GuardTripped",
-    "HttpResponse",
-    "HttpTransport",
     "Identifier",
     "IdentifierKind",
     "IdentifierMapping",
-    "IssueKind",
-    "Lease",
-    "LedgerEntry",
-    "Listener",
     "MassRemovalGuard",
     "Member",
-    "MemberIssue",
     "MembershipSource",
-    "MemoryStorage",
     "OnDelete",
     "OnIneligible",
     "Operation",
-    "PendingBatch",
     "Preview",
-    "Progress",
     "RateLimit",
-    "Reason",
-    "ReasonCode",
-    "Recommendation",
     "Rejection",
     "RetryPolicy",
-    "Rule",
-    "Ruleset",
     "RunContext",
-    "RunFinished",
-    "RunStarted",
     "RunStatus",
     "Scheduler",
-    "Severity",
     "StaticSource",
-    "Storage",
     "Sync",
-    "SyncFailed",
     "SyncPolicy",
-    "SyncRecord",
     "SyncRun",
     "SyncStatus",
     "SystemClock",
-    "Tally",
     "Trigger",
     "Upcoming",
-    "UrllibTransport",
-    "WebhookDestination",
-    "available_destinations",
-    "catalog",
-    "check_eligibility",
-    "claim_slot",
-    "dumps",
     "exceptions",
-    "hash_email",
-    "hash_phone",
-    "loads",
-    "make_converter",
-    "normalize_email",
-    "normalize_phone",
-    "recommend",
-    "slot_bucket_of",
-    "try_hash_email",
-    "try_hash_phone",
-    "try_normalize_email",
-    "try_normalize_phone",
 ]

@@ -23,13 +23,13 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from cohortsync import catalog
 from cohortsync._clock import SystemClock
 from cohortsync._cohort import Cohort, CohortType
 from cohortsync._converter import unstructure
-from cohortsync._eligibility import check_eligibility
 from cohortsync._policy import Cadence, SyncPolicy
 from cohortsync._scheduler import Scheduler
+from cohortsync.destinations import catalog
+from cohortsync.eligibility import check_eligibility
 from cohortsync.exceptions import CohortSyncError
 
 __all__ = ["main"]
@@ -45,7 +45,7 @@ class _CliError(Exception):
 
 
 def _open_store(path: str) -> Scheduler:
-    from cohortsync.sqlite import SQLiteStorage  # noqa: PLC0415 - only for store commands
+    from cohortsync.storage._sqlite import SQLiteStorage  # noqa: PLC0415 - only for store commands
 
     if not Path(path).is_file():
         raise _CliError(f"no store at {path!r} (give an existing SQLite file with --db)")

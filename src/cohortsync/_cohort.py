@@ -27,7 +27,7 @@ __all__ = [
 class CohortType(enum.Enum):
     """
     How a cohort is defined. Some types cannot sync in real time (see
-    :func:`cohortsync.check_eligibility`).
+    :func:`cohortsync.eligibility.check_eligibility`).
     """
 
     BEHAVIORAL = "behavioral"

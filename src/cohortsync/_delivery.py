@@ -13,8 +13,8 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -39,6 +39,9 @@ from cohortsync.exceptions import (
 )
 
 __all__ = ["BatchSender", "RateLimiter", "idempotency_key"]
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 log = logging.getLogger("cohortsync.delivery")
 
@@ -383,6 +386,10 @@ class BatchSender:
                 for acked in self.send(batch):
                     on_acked(acked)
             return
+        # A pool only when requests run in parallel (imported here so that
+        # `import cohortsync` does not load concurrent.futures).
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
         error: BaseException | None = None
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cohortsync") as pool:
             in_flight: set[Future[list[Acked]]] = set()
@@ -404,6 +411,8 @@ class BatchSender:
         on_acked: Callable[[Acked], None],
         error: BaseException | None,
     ) -> BaseException | None:
+        from concurrent.futures import FIRST_COMPLETED, wait  # noqa: PLC0415 - see send_all
+
         done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
         for future in done:
             in_flight.discard(future)

@@ -24,12 +24,12 @@ from typing import TextIO
 import attrs
 
 from cohortsync._cohort import Cohort, CohortType
-from cohortsync._csvdir import CsvDirectoryDestination
 from cohortsync._policy import RetryPolicy, SyncPolicy
 from cohortsync._scheduler import Scheduler
 from cohortsync._sync import SyncRun
-from cohortsync._webhook import WebhookDestination
-from cohortsync.sqlite import SQLiteStorage
+from cohortsync.destinations._csvdir import CsvDirectoryDestination
+from cohortsync.destinations._webhook import WebhookDestination
+from cohortsync.storage._sqlite import SQLiteStorage
 from cohortsync.testing import FakeClock
 
 __all__ = ["run_demo"]

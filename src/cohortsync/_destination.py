@@ -279,7 +279,7 @@ class Destination(ABC):
 
     Implement :meth:`add` and :meth:`remove`; declare what the destination can do
     in ``capabilities`` (start from a catalog preset with
-    ``cohortsync.catalog.FACEBOOK_ADS.evolve(...)``). Signal failures with the
+    ``cohortsync.destinations.catalog.FACEBOOK_ADS.evolve(...)``). Signal failures with the
     errors in :mod:`cohortsync.exceptions` (``TransientError``,
     ``RateLimitedError``, ``PermanentError``, ``BadDataError``,
     ``AuthenticationError``); report refused members in the result.

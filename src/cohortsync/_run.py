@@ -44,7 +44,6 @@ from cohortsync._destination import (
     RunContext,
 )
 from cohortsync._diff import Diff, Keys, chunks, diff_changes, diff_snapshot, diff_with_state
-from cohortsync._eligibility import Eligibility, Ruleset, check_eligibility
 from cohortsync._events import (
     BatchDelivered,
     EligibilityChanged,
@@ -55,7 +54,6 @@ from cohortsync._events import (
     SyncFailed,
     emit,
 )
-from cohortsync._identifiers import IdentifierMapping
 from cohortsync._plan import (
     effective_trigger,
     group_adds,
@@ -65,19 +63,8 @@ from cohortsync._plan import (
     run_status,
 )
 from cohortsync._policy import Cadence, OnIneligible, SyncPolicy
-from cohortsync._storage import (
-    AppliedBatch,
-    Completion,
-    IssueKind,
-    Lease,
-    LedgerEntry,
-    MemberIssue,
-    PendingBatch,
-    Storage,
-    SyncRecord,
-    Tally,
-)
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
+from cohortsync.eligibility import Eligibility, Ruleset, check_eligibility
 from cohortsync.exceptions import (
     AuthenticationError,
     CohortSyncError,
@@ -88,6 +75,19 @@ from cohortsync.exceptions import (
     SourceError,
     StorageError,
     TransientError,
+)
+from cohortsync.identifiers import IdentifierMapping
+from cohortsync.storage._protocol import (
+    AppliedBatch,
+    Completion,
+    IssueKind,
+    Lease,
+    LedgerEntry,
+    MemberIssue,
+    PendingBatch,
+    Storage,
+    SyncRecord,
+    Tally,
 )
 
 __all__ = ["RunEnvironment", "execute", "grid_policy", "next_due_after"]

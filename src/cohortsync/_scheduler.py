@@ -23,7 +23,6 @@ import attrs
 from typing_extensions import Self
 
 from cohortsync import _schedule
-from cohortsync._advice import Recommendation, recommend
 from cohortsync._cache import DeliveredCache
 from cohortsync._clock import Clock, SystemClock, add_saturating, require_aware
 from cohortsync._cohort import Cohort
@@ -31,22 +30,14 @@ from cohortsync._converter import unstructure
 from cohortsync._delivery import RateLimiter, shared_limiter
 from cohortsync._destination import Capabilities, Destination
 from cohortsync._diff import diff_snapshot, head
-from cohortsync._eligibility import DEFAULT_RULES, Eligibility, Ruleset, check_eligibility
 from cohortsync._events import Listener
-from cohortsync._identifiers import IdentifierMapping
 from cohortsync._plan import repeated_failure
 from cohortsync._policy import Cadence, OnDelete, SyncPolicy
 from cohortsync._run import RunEnvironment, execute, next_due_after
-from cohortsync._storage import (
-    SLOT_BUCKET_SECONDS,
-    Completion,
-    Lease,
-    LedgerEntry,
-    Storage,
-    SyncRecord,
-)
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync._validators import check_count, check_id
+from cohortsync.advice import Recommendation, recommend
+from cohortsync.eligibility import DEFAULT_RULES, Eligibility, Ruleset, check_eligibility
 from cohortsync.exceptions import (
     CohortNotFoundError,
     CohortSyncError,
@@ -58,6 +49,15 @@ from cohortsync.exceptions import (
     LeaseLostError,
     SourceError,
     StorageError,
+)
+from cohortsync.identifiers import IdentifierMapping
+from cohortsync.storage._protocol import (
+    SLOT_BUCKET_SECONDS,
+    Completion,
+    Lease,
+    LedgerEntry,
+    Storage,
+    SyncRecord,
 )
 
 __all__ = ["KEEP", "Preview", "Scheduler", "Upcoming"]
@@ -113,7 +113,7 @@ def _default_owner() -> str:
 
 
 def _sqlite(path: str | os.PathLike[str]) -> Storage:
-    from cohortsync.sqlite import SQLiteStorage  # noqa: PLC0415 - only when a path is given
+    from cohortsync.storage._sqlite import SQLiteStorage  # noqa: PLC0415 - only when a path is given
 
     return SQLiteStorage(path)
 
@@ -134,7 +134,7 @@ def _to_storage(value: object) -> Storage:
     raise ConfigurationError(
         "storage",
         type(value).__name__,
-        "must be a cohortsync.Storage (MemoryStorage(), SQLiteStorage(path), "
+        "must be a cohortsync.storage.Storage (MemoryStorage(), SQLiteStorage(path), "
         "PostgresStorage(dsn)) or the path of an SQLite file",
     )
 
@@ -1029,7 +1029,7 @@ class Scheduler:
 
     def recommend(self, sync_id: str) -> Recommendation | None:
         """
-        Advice for a sync from its recent history (see :func:`cohortsync.recommend`).
+        Advice for a sync from its recent history (see :func:`cohortsync.advice.recommend`).
         """
         return recommend(self.get_sync(sync_id), self.history(sync_id, limit=200))
 

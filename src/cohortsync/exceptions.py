@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cohortsync._eligibility import Reason
+    from cohortsync.eligibility import Reason
 
 __all__ = [
     "AuthenticationError",

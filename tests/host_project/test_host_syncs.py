@@ -18,6 +18,7 @@ from cohortsync.exceptions import (
     RateLimitedError,
     TransientError,
 )
+from cohortsync.storage import Storage
 from cohortsync.testing import (
     ErrorCase,
     FakeClock,
@@ -103,7 +104,7 @@ class TestPowerUsersSync:
     def test_uses_the_kit_fixtures(
         self,
         clock: FakeClock,
-        storage: cs.Storage,
+        storage: Storage,
         scheduler: cs.Scheduler,
         recording_destination: RecordingDestination,
     ) -> None:

@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import cohortsync as cs
+from cohortsync.events import RunFinished, RunStarted
 from cohortsync.exceptions import LeaseLostError
-from cohortsync.sqlite import SQLiteStorage
+from cohortsync.storage import AppliedBatch, Completion, Lease, SQLiteStorage, Storage
 from cohortsync.testing import FakeClock, Fault, FaultyDestination, SharedFakeClock
 
 DSN_VARIABLE = "COHORTSYNC_TEST_POSTGRES_DSN"
@@ -84,7 +85,7 @@ class Figures:
 # -- stores ----------------------------------------------------------------------------
 
 
-def open_store(spec: str) -> cs.Storage:
+def open_store(spec: str) -> Storage:
     """
     Open ``sqlite:PATH`` or ``postgres:SCHEMA`` (the DSN comes from the environment,
     never from a command line where ``ps`` would show its password).
@@ -93,7 +94,7 @@ def open_store(spec: str) -> cs.Storage:
     if kind == "sqlite":
         return SQLiteStorage(where)
     if kind == "postgres":
-        from cohortsync.postgres import PostgresStorage
+        from cohortsync.storage import PostgresStorage
 
         return PostgresStorage(os.environ[DSN_VARIABLE], schema=where)
     raise ValueError(f"unknown store spec {spec!r}")
@@ -106,7 +107,7 @@ class DelegatingStorage:
     the wrapper keeps up with the Storage protocol as it grows.
     """
 
-    def __init__(self, inner: cs.Storage) -> None:
+    def __init__(self, inner: Storage) -> None:
         self.inner = inner
 
     def __repr__(self) -> str:
@@ -115,21 +116,19 @@ class DelegatingStorage:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def as_storage(self) -> cs.Storage:
-        return cast("cs.Storage", self)
+    def as_storage(self) -> Storage:
+        return cast("Storage", self)
 
-    def claim_due(
-        self, now: datetime, owner: str, lease_for: timedelta, limit: int
-    ) -> list[cs.Lease]:
+    def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
         return self.inner.claim_due(now, owner, lease_for, limit)
 
-    def extend_lease(self, lease: cs.Lease, now: datetime, lease_for: timedelta) -> cs.Lease:
+    def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
         return self.inner.extend_lease(lease, now, lease_for)
 
-    def complete_run(self, lease: cs.Lease, completion: cs.Completion) -> None:
+    def complete_run(self, lease: Lease, completion: Completion) -> None:
         self.inner.complete_run(lease, completion)
 
-    def apply_batch(self, lease: cs.Lease, batch: cs.AppliedBatch) -> Any:
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> Any:
         return self.inner.apply_batch(lease, batch)
 
 
@@ -165,20 +164,18 @@ class CrashingStorage(DelegatingStorage):
     Kills its own process with SIGKILL at one step of a run.
     """
 
-    def __init__(self, inner: cs.Storage, step: str) -> None:
+    def __init__(self, inner: Storage, step: str) -> None:
         super().__init__(inner)
         self.step = step
         self.applied = 0
 
-    def claim_due(
-        self, now: datetime, owner: str, lease_for: timedelta, limit: int
-    ) -> list[cs.Lease]:
+    def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
         leases = self.inner.claim_due(now, owner, lease_for, limit)
         if leases and self.step == "claim":
             die()
         return leases
 
-    def apply_batch(self, lease: cs.Lease, batch: cs.AppliedBatch) -> Any:
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> Any:
         self.applied += 1
         if self.step == "before_apply" and self.applied == CRASH_BATCH:
             die()
@@ -189,7 +186,7 @@ class CrashingStorage(DelegatingStorage):
             die()
         return result
 
-    def extend_lease(self, lease: cs.Lease, now: datetime, lease_for: timedelta) -> cs.Lease:
+    def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
         if self.step == "extend_before":
             die()
         extended = self.inner.extend_lease(lease, now, lease_for)
@@ -197,7 +194,7 @@ class CrashingStorage(DelegatingStorage):
             die()
         return extended
 
-    def complete_run(self, lease: cs.Lease, completion: cs.Completion) -> None:
+    def complete_run(self, lease: Lease, completion: Completion) -> None:
         if self.step == "before_complete":
             die()
         self.inner.complete_run(lease, completion)
@@ -479,9 +476,9 @@ def concurrency_scheduler(config: dict[str, Any], *, owner: str) -> cs.Scheduler
     events = config["events"]
 
     def listen(event: object) -> None:
-        if isinstance(event, cs.RunStarted):
+        if isinstance(event, RunStarted):
             record = {"e": "start", "sync": event.sync_id, "slot": event.slot.isoformat()}
-        elif isinstance(event, cs.RunFinished):
+        elif isinstance(event, RunFinished):
             record = {"e": "finish", "sync": event.run.sync_id, "slot": event.run.slot.isoformat()}
         else:
             return
@@ -716,13 +713,13 @@ class CrashingAtRandom(DelegatingStorage):
     acknowledged, not applied) or after it (applied, the run not completed).
     """
 
-    def __init__(self, inner: cs.Storage, rng: random.Random, probability: float) -> None:
+    def __init__(self, inner: Storage, rng: random.Random, probability: float) -> None:
         super().__init__(inner)
         self.rng = rng
         self.probability = probability
         self.crashes = 0
 
-    def apply_batch(self, lease: cs.Lease, batch: cs.AppliedBatch) -> Any:
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> Any:
         crash_before = self.rng.random() < self.probability / 2
         crash_after = self.rng.random() < self.probability / 2
         if crash_before:

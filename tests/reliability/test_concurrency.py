@@ -41,13 +41,14 @@ from reliability_harness import (
 )
 
 import cohortsync as cs
+from cohortsync.storage import SyncRecord
 from cohortsync.testing import SharedFakeClock
 
 STALL_SECONDS = 60.0
 """Real seconds without the simulation moving before the test gives up."""
 
 
-def expected_slots(record: cs.SyncRecord, end: datetime) -> set[datetime]:
+def expected_slots(record: SyncRecord, end: datetime) -> set[datetime]:
     """
     The creation instant, then each grid point after it up to *end*: integer
     seconds since T0 (T0 is on every grid), period 3600 with the stored offset

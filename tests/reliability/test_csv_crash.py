@@ -5,7 +5,7 @@ points of its runs, restart it, and check what the exports tell a reader.
 Each trial is a sequence of hourly slots on a real store (an SQLite file, or a
 PostgreSQL schema). Before each slot the test changes the cohort; then it
 starts a worker process (this file, run as a script) whose destination is a
-:class:`cohortsync.CsvDirectoryDestination` that reports every call it gets
+:class:`CsvDirectoryDestination` that reports every call it gets
 on its stdout. The test kills the worker with SIGKILL after a random one of
 those reports (plus a random few milliseconds, to land inside the adapter's
 own writes as well as between them), sometimes changes the cohort again, and
@@ -32,6 +32,7 @@ import pytest
 from reliability_harness import T0, Figures, FileCohort, open_store, worker_env
 
 import cohortsync as cs
+from cohortsync.destinations import CsvDirectoryDestination
 from cohortsync.testing import SharedFakeClock
 
 SYNC = "csv-sync"
@@ -45,13 +46,13 @@ PUBLISHING = 0.01
 """Seconds publishing an export takes here, about: kills in that window land inside it."""
 
 
-class SignallingCsv(cs.CsvDirectoryDestination):
+class SignallingCsv(CsvDirectoryDestination):
     """
     The real CSV adapter, with small batches, telling the test what it is
     doing: a line on stdout before and after every call.
     """
 
-    capabilities = cs.CsvDirectoryDestination.capabilities.evolve(max_batch_size=BATCH)
+    capabilities = CsvDirectoryDestination.capabilities.evolve(max_batch_size=BATCH)
 
     def open(self, context: cs.RunContext) -> None:
         signal_progress("open")
@@ -253,7 +254,7 @@ def kill_and_replay(
     finally:
         trial.scheduler.close()
 
-    folders = cs.CsvDirectoryDestination(trial.config["directory"]).run_directories(SYNC)
+    folders = CsvDirectoryDestination(trial.config["directory"]).run_directories(SYNC)
     stamps = [slot.strftime("%Y%m%dT%H%M%S.%fZ") for slot, _ in trial.truth]
     audience: set[str] = set()
     previous: set[str] = set()

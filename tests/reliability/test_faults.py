@@ -20,6 +20,7 @@ import pytest
 from reliability_harness import RETRY_AFTER, T0, AudienceServer, Figures, Plan, serving
 
 import cohortsync as cs
+from cohortsync.destinations import WebhookDestination
 from cohortsync.testing import FakeClock, MemoryStorage
 
 TIMEOUT = 0.75
@@ -43,7 +44,7 @@ class World:
         self.scheduler.add_cohort(cs.Cohort(id=COHORT, name="Faulty", source=self.source))
         self.scheduler.add_destination(
             "hook",
-            cs.WebhookDestination(
+            WebhookDestination(
                 server.url,
                 headers={"Authorization": "Bearer t0ken"},
                 timeout=TIMEOUT,

@@ -26,7 +26,7 @@ from reliability_harness import T0, Figures, open_store
 
 import cohortsync as cs
 from cohortsync.exceptions import CohortSyncError, SourceError, StorageError
-from cohortsync.sqlite import SQLiteStorage
+from cohortsync.storage import SQLiteStorage
 from cohortsync.testing import FakeClock, MemoryStorage, RecordingDestination
 
 UTC = timezone.utc

@@ -60,8 +60,10 @@ from hypothesis.stateful import (
 from reliability_harness import Figures
 
 import cohortsync as cs
+from cohortsync.events import BatchDelivered, RunFinished, SyncFailed
 from cohortsync.exceptions import TransientError
-from cohortsync.sqlite import SQLiteStorage
+from cohortsync.identifiers import try_normalize_email
+from cohortsync.storage import MemoryStorage, SQLiteStorage, Storage
 from cohortsync.testing import FakeClock
 
 T0 = datetime(2030, 1, 7, 10, 50, tzinfo=timezone.utc)
@@ -83,7 +85,7 @@ EMAILS: dict[str, str | None] = {
     "nomail": None,  # valid key, no identifier: skipped as unresolved_mapping
 }
 IDENT: dict[str, str | None] = {
-    k: (None if v is None else cs.try_normalize_email(v)) for k, v in EMAILS.items()
+    k: (None if v is None else try_normalize_email(v)) for k, v in EMAILS.items()
 }
 RESOLVED: dict[str, str] = {k: i for k, i in IDENT.items() if i is not None}
 IDENTIFIERS = sorted(set(RESOLVED.values()))
@@ -301,7 +303,7 @@ class CohortSyncModel(RuleBasedStateMachine):
         self.clock = FakeClock(T0)
         self.members: list[object] = []
         self.tmp: str | None = None
-        self.memory: cs.MemoryStorage | None = None
+        self.memory: MemoryStorage | None = None
         self.vendor = Vendor(2)
         self.scheduler: cs.Scheduler | None = None
         self.syncs: dict[str, SyncModel] = {}
@@ -314,10 +316,10 @@ class CohortSyncModel(RuleBasedStateMachine):
 
     # -- plumbing ------------------------------------------------------------------
 
-    def _store(self) -> cs.Storage:
+    def _store(self) -> Storage:
         if self.store_kind == "memory":
             if self.memory is None:
-                self.memory = cs.MemoryStorage()
+                self.memory = MemoryStorage()
             return self.memory
         if self.tmp is None:
             self.tmp = tempfile.mkdtemp(prefix="cohortsync-model-")
@@ -353,13 +355,13 @@ class CohortSyncModel(RuleBasedStateMachine):
         return list(self.members)
 
     def _on_event(self, event: object) -> None:
-        if isinstance(event, cs.BatchDelivered):
+        if isinstance(event, BatchDelivered):
             self.recorded.setdefault(event.sync_id, []).append(
                 (event.idempotency_key, event.run_id)
             )
-        elif isinstance(event, cs.RunFinished):
+        elif isinstance(event, RunFinished):
             self._observe(event.run)
-        elif isinstance(event, cs.SyncFailed):
+        elif isinstance(event, SyncFailed):
             # The engine took the sync off the schedule (paused or failed):
             # nothing runs until the host resumes it.
             sm = self.syncs[event.sync_id]

@@ -36,6 +36,7 @@ from reliability_harness import (
 
 import cohortsync as cs
 from cohortsync._converter import unstructure
+from cohortsync.destinations import WebhookDestination
 from cohortsync.exceptions import CohortSyncError, StorageError
 from cohortsync.testing import FakeClock, MemoryStorage, RecordingDestination
 
@@ -117,7 +118,7 @@ class TestPlantedSecrets:
         clock = FakeClock(T0)
         events: list[object] = []
         scheduler = cs.Scheduler(MemoryStorage(), clock=clock, listeners=[events.append])
-        webhook = cs.WebhookDestination(
+        webhook = WebhookDestination(
             f"{server.url}?token={QUERY_SECRET}",
             headers={"Authorization": f"Bearer {SECRET}"},
             timeout=0.5,
@@ -135,16 +136,14 @@ class TestPlantedSecrets:
         clock.advance(timedelta(minutes=1))
         runs += scheduler.run_due()
         refused = [
-            error_of(lambda: cs.WebhookDestination(f"http://user:{SECRET}@example.com/hook")),
+            error_of(lambda: WebhookDestination(f"http://user:{SECRET}@example.com/hook")),
             error_of(
-                lambda: cs.WebhookDestination(
+                lambda: WebhookDestination(
                     server.url, headers={"Authorization": f"{SECRET}\r\nX: y"}
                 )
             ),
             error_of(
-                lambda: cs.WebhookDestination(
-                    server.url, headers={"Authorization": f"{SECRET}\u20ac"}
-                )
+                lambda: WebhookDestination(server.url, headers={"Authorization": f"{SECRET}\u20ac"})
             ),
         ]
         plan.always = "401"
@@ -184,7 +183,7 @@ class TestPlantedSecrets:
     def test_postgres_dsn_password(self, postgres_dsn: str) -> None:
         """A refused connection names the server, never the DSN's password."""
         dsn = f"postgresql://cohortsync:{SECRET}@127.0.0.1:1/nowhere?connect_timeout=2"
-        from cohortsync.postgres import PostgresStorage
+        from cohortsync.storage import PostgresStorage
 
         with pytest.raises(StorageError) as caught:
             PostgresStorage(dsn, schema="cs_nowhere")
@@ -298,7 +297,7 @@ class TestHostileIdentifiers:
 
     def test_hostile_postgres_schema_names_are_refused(self, postgres_dsn: str) -> None:
         """The one identifier PostgreSQL cannot parameterise is validated instead."""
-        from cohortsync.postgres import PostgresStorage
+        from cohortsync.storage import PostgresStorage
 
         with pytest.raises(cs.exceptions.ConfigurationError):
             PostgresStorage(postgres_dsn, schema="x; DROP SCHEMA public CASCADE; --")
@@ -322,7 +321,7 @@ class TestMemberKeysAtInfo:
         source: dict[str, Any] = {"keys": members}
         scheduler.add_cohort(cs.Cohort(id="c1", name="C", source=lambda: source["keys"]))
         scheduler.add_destination(
-            "hook", cs.WebhookDestination(server.url, timeout=0.5, batch_size=500)
+            "hook", WebhookDestination(server.url, timeout=0.5, batch_size=500)
         )
         scheduler.create_sync("c1", "hook", cs.SyncPolicy.hourly(), sync_id="s1")
         runs = scheduler.run_due()

@@ -28,7 +28,7 @@ from reliability_harness import (
 )
 
 import cohortsync as cs
-from cohortsync.sqlite import SQLiteStorage
+from cohortsync.storage import AppliedBatch, Lease, SQLiteStorage
 from cohortsync.testing import FakeClock, RecordingDestination
 
 RSS_GROWTH_KIB = 16 * 1024
@@ -111,7 +111,7 @@ class CrashAfterFirstApply(DelegatingStorage):
 
     crashed = False
 
-    def apply_batch(self, lease: cs.Lease, batch: cs.AppliedBatch) -> Any:
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> Any:
         result = self.inner.apply_batch(lease, batch)
         if not self.crashed:
             self.crashed = True

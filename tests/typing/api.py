@@ -14,7 +14,31 @@ import cattrs
 from typing_extensions import assert_type
 
 import cohortsync
-from cohortsync import catalog, exceptions, testing
+from cohortsync import exceptions, testing
+from cohortsync.advice import Recommendation, recommend
+from cohortsync.destinations import catalog
+from cohortsync.eligibility import (
+    DEFAULT_RULES,
+    Eligibility,
+    EligibilityInput,
+    Reason,
+    Ruleset,
+    available_destinations,
+    check_eligibility,
+)
+from cohortsync.serialization import dumps, loads, make_converter
+from cohortsync.storage import (
+    AppliedBatch,
+    Completion,
+    Lease,
+    LedgerEntry,
+    MemberIssue,
+    MemoryStorage,
+    PendingBatch,
+    Progress,
+    Storage,
+    SyncRecord,
+)
 
 # -- A host's destination ---------------------------------------------------
 
@@ -24,7 +48,7 @@ class PushAudience(cohortsync.Destination):
     A host adapter that starts from a catalog preset.
     """
 
-    capabilities = cohortsync.catalog.BRAZE.evolve(max_batch_size=500)
+    capabilities = cohortsync.destinations.catalog.BRAZE.evolve(max_batch_size=500)
 
     def add(self, batch: cohortsync.Batch) -> cohortsync.DeliveryResult:
         assert_type(batch.identifiers, list[str])
@@ -80,22 +104,22 @@ assert_type(clock.now(), datetime)
 class DelegatingStorage:
     """
     A host store that forwards every protocol method to a MemoryStorage: it
-    satisfies cohortsync.Storage structurally, without subclassing it.
+    satisfies Storage structurally, without subclassing it.
     """
 
     def __init__(self) -> None:
-        self._inner = cohortsync.MemoryStorage()
+        self._inner = MemoryStorage()
 
-    def create_sync(self, record: cohortsync.SyncRecord) -> None:
+    def create_sync(self, record: SyncRecord) -> None:
         self._inner.create_sync(record)
 
-    def get_sync(self, sync_id: str) -> cohortsync.SyncRecord:
+    def get_sync(self, sync_id: str) -> SyncRecord:
         return self._inner.get_sync(sync_id)
 
-    def list_syncs(self) -> list[cohortsync.SyncRecord]:
+    def list_syncs(self) -> list[SyncRecord]:
         return self._inner.list_syncs()
 
-    def save_sync(self, record: cohortsync.SyncRecord, *, expected_generation: int) -> None:
+    def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
         self._inner.save_sync(record, expected_generation=expected_generation)
 
     def delete_sync(self, sync_id: str) -> None:
@@ -107,23 +131,19 @@ class DelegatingStorage:
     def next_due(self) -> datetime | None:
         return self._inner.next_due()
 
-    def scheduled_after(self, now: datetime) -> list[cohortsync.SyncRecord]:
+    def scheduled_after(self, now: datetime) -> list[SyncRecord]:
         return self._inner.scheduled_after(now)
 
-    def claim_due(
-        self, now: datetime, owner: str, lease_for: timedelta, limit: int
-    ) -> list[cohortsync.Lease]:
+    def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
         return self._inner.claim_due(now, owner, lease_for, limit)
 
-    def extend_lease(
-        self, lease: cohortsync.Lease, now: datetime, lease_for: timedelta
-    ) -> cohortsync.Lease:
+    def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
         return self._inner.extend_lease(lease, now, lease_for)
 
-    def complete_run(self, lease: cohortsync.Lease, completion: cohortsync.Completion) -> None:
+    def complete_run(self, lease: Lease, completion: Completion) -> None:
         self._inner.complete_run(lease, completion)
 
-    def release_lease(self, lease: cohortsync.Lease) -> None:
+    def release_lease(self, lease: Lease) -> None:
         self._inner.release_lease(lease)
 
     def iter_delivered(self, sync_id: str) -> Iterator[str]:
@@ -140,7 +160,7 @@ class DelegatingStorage:
     ) -> dict[str, cohortsync.Identifier]:
         return self._inner.delivered_identifiers(sync_id, keys)
 
-    def apply_batch(self, lease: cohortsync.Lease, batch: cohortsync.AppliedBatch) -> str:
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         return self._inner.apply_batch(lease, batch)
 
     def delivered_version(self, sync_id: str) -> str:
@@ -148,17 +168,17 @@ class DelegatingStorage:
 
     def begin_batch(
         self,
-        lease: cohortsync.Lease,
-        batch: cohortsync.PendingBatch,
+        lease: Lease,
+        batch: PendingBatch,
         *,
         replaces: str | None = None,
     ) -> None:
         self._inner.begin_batch(lease, batch, replaces=replaces)
 
-    def pending_batches(self, sync_id: str) -> list[cohortsync.PendingBatch]:
+    def pending_batches(self, sync_id: str) -> list[PendingBatch]:
         return self._inner.pending_batches(sync_id)
 
-    def progress(self, sync_id: str) -> cohortsync.Progress | None:
+    def progress(self, sync_id: str) -> Progress | None:
         return self._inner.progress(sync_id)
 
     def identifier_holders(
@@ -166,12 +186,10 @@ class DelegatingStorage:
     ) -> dict[cohortsync.Identifier, list[str]]:
         return self._inner.identifier_holders(sync_id, identifiers)
 
-    def record_issues(
-        self, lease: cohortsync.Lease, issues: Sequence[cohortsync.MemberIssue]
-    ) -> None:
+    def record_issues(self, lease: Lease, issues: Sequence[MemberIssue]) -> None:
         self._inner.record_issues(lease, issues)
 
-    def ledger(self, sync_id: str) -> list[cohortsync.LedgerEntry]:
+    def ledger(self, sync_id: str) -> list[LedgerEntry]:
         return self._inner.ledger(sync_id)
 
     def dead_letters(self, sync_id: str) -> set[str]:
@@ -180,7 +198,7 @@ class DelegatingStorage:
     def history(self, sync_id: str, limit: int | None = None) -> list[cohortsync.SyncRun]:
         return self._inner.history(sync_id, limit)
 
-    def run_issues(self, run_id: str) -> list[cohortsync.MemberIssue]:
+    def run_issues(self, run_id: str) -> list[MemberIssue]:
         return self._inner.run_issues(run_id)
 
     def purge_history(self, before: datetime) -> int:
@@ -190,8 +208,8 @@ class DelegatingStorage:
         self._inner.close()
 
 
-storage: cohortsync.Storage = DelegatingStorage()
-memory: cohortsync.Storage = cohortsync.MemoryStorage()
+storage: Storage = DelegatingStorage()
+memory: Storage = MemoryStorage()
 
 
 # -- Cohorts, policies and eligibility ----------------------------------------
@@ -229,36 +247,36 @@ assert_type(guarded.period, timedelta | None)
 assert_type(guarded.guard.trips(1_000, 600, source_empty=False), bool)
 assert_type(guarded.retry.delay(3, 0.5), float)
 
-eligibility = cohortsync.check_eligibility(
+eligibility = check_eligibility(
     cohort,
     PushAudience(),
     cohortsync.SyncPolicy.realtime(),
     identifier_kinds=[cohortsync.IdentifierKind.USER_ID],
 )
-assert_type(eligibility, cohortsync.Eligibility)
+assert_type(eligibility, Eligibility)
 assert_type(eligibility.eligible, bool)
-assert_type(eligibility.reasons, tuple[cohortsync.Reason, ...])
+assert_type(eligibility.reasons, tuple[Reason, ...])
 assert_type(eligibility.codes, frozenset[str])
 assert_type(
-    cohortsync.check_eligibility(cohort, catalog.GOOGLE_ADS, cohortsync.SyncPolicy.daily()),
-    cohortsync.Eligibility,
+    check_eligibility(cohort, catalog.GOOGLE_ADS, cohortsync.SyncPolicy.daily()),
+    Eligibility,
 )
-assert_type(cohortsync.available_destinations(cohort, cohortsync.SyncPolicy.realtime()), list[str])
+assert_type(available_destinations(cohort, cohortsync.SyncPolicy.realtime()), list[str])
 
 
-def no_weekend_realtime(i: cohortsync.EligibilityInput) -> Iterable[cohortsync.Reason]:
+def no_weekend_realtime(i: EligibilityInput) -> Iterable[Reason]:
     if i.cadence is cohortsync.Cadence.REALTIME:
-        yield cohortsync.Reason("no_weekend_realtime", "not on weekends")
+        yield Reason("no_weekend_realtime", "not on weekends")
 
 
-rules = cohortsync.DEFAULT_RULES.with_rule("weekend", no_weekend_realtime).without("min_audience")
-assert_type(rules, cohortsync.Ruleset)
+rules = DEFAULT_RULES.with_rule("weekend", no_weekend_realtime).without("min_audience")
+assert_type(rules, Ruleset)
 
 
 # -- The scheduler -------------------------------------------------------------
 
 scheduler = cohortsync.Scheduler(storage, clock=clock, rules=rules)
-test_scheduler = cohortsync.Scheduler(cohortsync.MemoryStorage(), clock=testing.FakeClock(), seed=1)
+test_scheduler = cohortsync.Scheduler(MemoryStorage(), clock=testing.FakeClock(), seed=1)
 assert_type(scheduler.add_cohort(cohort), cohortsync.Cohort)
 assert_type(scheduler.add_destination("push", PushAudience()), cohortsync.Destination)
 assert_type(
@@ -274,7 +292,7 @@ assert_type(sync.status, cohortsync.SyncStatus)
 assert_type(sync.cadence, cohortsync.Cadence)
 assert_type(scheduler.next_run(sync.id), datetime | None)
 assert_type(scheduler.pause_sync(sync.id), cohortsync.Sync)
-assert_type(scheduler.check("power-users", "push", sync.policy), cohortsync.Eligibility)
+assert_type(scheduler.check("power-users", "push", sync.policy), Eligibility)
 
 runs = scheduler.run_due()
 assert_type(runs, list[cohortsync.SyncRun])
@@ -285,13 +303,13 @@ for run in scheduler.history(sync.id):
     assert_type(run.added, int)
     assert_type(run.updated, int)
     assert_type(run.error_message, str | None)
-assert_type(scheduler.ledger(sync.id), list[cohortsync.LedgerEntry])
-assert_type(cohortsync.recommend(sync, runs), cohortsync.Recommendation | None)
+assert_type(scheduler.ledger(sync.id), list[LedgerEntry])
+assert_type(recommend(sync, runs), Recommendation | None)
 
-text = cohortsync.dumps(sync)
+text = dumps(sync)
 assert_type(text, str)
-assert_type(cohortsync.loads(text, cohortsync.Sync), cohortsync.Sync)
-assert_type(cohortsync.make_converter(), cattrs.Converter)
+assert_type(loads(text, cohortsync.Sync), cohortsync.Sync)
+assert_type(make_converter(), cattrs.Converter)
 
 
 # -- Errors ---------------------------------------------------------------------
@@ -299,7 +317,7 @@ assert_type(cohortsync.make_converter(), cattrs.Converter)
 try:
     scheduler.create_sync("power-users", "push", cohortsync.SyncPolicy.realtime())
 except exceptions.IneligibleSyncError as err:
-    assert_type(err.reasons, tuple[cohortsync.Reason, ...])
+    assert_type(err.reasons, tuple[Reason, ...])
     for reason in err.reasons:
         assert_type(reason.code, str)
         assert_type(reason.blocking, bool)

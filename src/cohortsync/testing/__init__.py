@@ -13,7 +13,7 @@ Helpers for testing code that uses cohortsync. Imports no pytest.
 The opt-in pytest plugin is ``cohortsync.testing.pytest_plugin``.
 """
 
-from cohortsync._memory import MemoryStorage
+from cohortsync.storage._memory import MemoryStorage
 from cohortsync.testing._clock import FakeClock, SharedFakeClock
 from cohortsync.testing._destination_contract import (
     DestinationReport,

@@ -11,7 +11,6 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
-from cohortsync import catalog
 from cohortsync._destination import (
     Batch,
     Capabilities,
@@ -21,6 +20,7 @@ from cohortsync._destination import (
     Rejection,
     RunContext,
 )
+from cohortsync.destinations import catalog
 from cohortsync.exceptions import (
     AuthenticationError,
     BadDataError,

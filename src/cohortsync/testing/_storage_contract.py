@@ -1,5 +1,5 @@
 """
-The storage contract suite: :func:`check_storage` verifies any :class:`~cohortsync.Storage`.
+The storage contract suite: :func:`check_storage` verifies any :class:`~cohortsync.storage.Storage`.
 
 A host that writes its own store calls ``check_storage(make_storage)`` from its
 own tests; cohortsync runs the same checks on ``MemoryStorage`` and
@@ -23,7 +23,16 @@ import attrs
 
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._policy import Cadence, SyncPolicy
-from cohortsync._storage import (
+from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
+from cohortsync.exceptions import (
+    ConfigurationError,
+    ConflictError,
+    DuplicateRunError,
+    LeaseLostError,
+    StorageError,
+    SyncNotFoundError,
+)
+from cohortsync.storage._protocol import (
     AppliedBatch,
     Completion,
     IssueKind,
@@ -35,15 +44,6 @@ from cohortsync._storage import (
     Storage,
     SyncRecord,
     Tally,
-)
-from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
-from cohortsync.exceptions import (
-    ConfigurationError,
-    ConflictError,
-    DuplicateRunError,
-    LeaseLostError,
-    StorageError,
-    SyncNotFoundError,
 )
 
 __all__ = ["STORAGE_CHECKS", "StorageFactory", "check_storage"]
@@ -1606,7 +1606,7 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
 
 def check_storage(make_storage: StorageFactory) -> None:
     """
-    Verify that a :class:`~cohortsync.Storage` implementation behaves like the
+    Verify that a :class:`~cohortsync.storage.Storage` implementation behaves like the
     reference ``MemoryStorage``.
 
     Each check calls *make_storage* for a store of its own and closes it, so

@@ -24,9 +24,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from cohortsync._memory import MemoryStorage
 from cohortsync._scheduler import Scheduler
-from cohortsync._storage import Storage
+from cohortsync.storage._memory import MemoryStorage
+from cohortsync.storage._protocol import Storage
 from cohortsync.testing._clock import FakeClock
 from cohortsync.testing._destinations import RecordingDestination
 

@@ -6,7 +6,7 @@ delivery know a destination by name, and let an adapter start from documented
 numbers::
 
     class MyFacebookAdapter(cohortsync.Destination):
-        capabilities = cohortsync.catalog.FACEBOOK_ADS
+        capabilities = cohortsync.destinations.catalog.FACEBOOK_ADS
 
 The numbers come from each platform's public documentation; where a platform
 publishes no figure the field keeps the library default.

@@ -343,8 +343,8 @@ class Storage(Protocol):
     Everything cohortsync persists.
 
     Implementations shipped: ``MemoryStorage`` (reference, tests),
-    ``cohortsync.sqlite.SQLiteStorage`` (embedded default) and
-    ``cohortsync.postgres.PostgresStorage`` (many hosts).
+    ``cohortsync.storage.SQLiteStorage`` (embedded default) and
+    ``cohortsync.storage.PostgresStorage`` (many hosts).
     """
 
     # -- sync definitions and schedule state ---------------------------------

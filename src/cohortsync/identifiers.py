@@ -37,6 +37,9 @@ from cohortsync._destination import Identifier, IdentifierKind, Member
 from cohortsync.exceptions import ConfigurationError
 
 __all__ = [
+    "MAX_EMAIL_LENGTH",
+    "MAX_PHONE_DIGITS",
+    "MIN_PHONE_DIGITS",
     "IdentifierMapping",
     "Resolver",
     "hash_email",

@@ -33,7 +33,7 @@ from cohortsync._destination import (
     Destination,
     Rejection,
 )
-from cohortsync.catalog import WEBHOOK
+from cohortsync.destinations.catalog import WEBHOOK
 from cohortsync.exceptions import (
     AuthenticationError,
     BadDataError,
@@ -45,7 +45,7 @@ from cohortsync.exceptions import (
 
 __all__ = ["HttpResponse", "HttpTransport", "UrllibTransport", "WebhookDestination"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cohortsync.destinations")
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
 _MAX_DETAIL = 200

@@ -55,12 +55,12 @@ from cohortsync._destination import (
     Operation,
     RunContext,
 )
-from cohortsync.catalog import AMAZON_S3
+from cohortsync.destinations.catalog import AMAZON_S3
 from cohortsync.exceptions import ConfigurationError, PermanentError, TransientError
 
 __all__ = ["CsvDirectoryDestination"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cohortsync.destinations")
 
 _FILES = {Operation.ADD: "entering", Operation.REMOVE: "exiting", Operation.EXISTING: "existing"}
 _HEADER = "user"

@@ -12,7 +12,7 @@ import attrs
 from cohortsync._policy import Cadence
 from cohortsync._sync import RunStatus, Sync, SyncRun
 
-__all__ = ["Recommendation", "recommend"]
+__all__ = ["MIN_RUNS", "ZERO_SHARE", "Recommendation", "recommend"]
 
 MIN_RUNS = 30
 """Fewer recent runs than this are not evidence enough."""

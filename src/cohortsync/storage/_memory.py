@@ -1,5 +1,5 @@
 """
-The reference :class:`~cohortsync.Storage`: in memory, one process, thread-safe.
+The reference :class:`~cohortsync.storage.Storage`: in memory, one process, thread-safe.
 
 It is the executable definition of the protocol's semantics: the SQL stores
 must behave exactly like it, which the contract suite checks.
@@ -18,7 +18,16 @@ import attrs
 
 from cohortsync._clock import add_saturating, require_aware
 from cohortsync._destination import Identifier, IdentifierKind, Operation
-from cohortsync._storage import (
+from cohortsync._sync import SyncRun, SyncStatus
+from cohortsync.exceptions import (
+    ConfigurationError,
+    ConflictError,
+    DuplicateRunError,
+    LeaseLostError,
+    StorageError,
+    SyncNotFoundError,
+)
+from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     AppliedBatch,
     Completion,
@@ -31,15 +40,6 @@ from cohortsync._storage import (
     SyncRecord,
     claim_slot,
     slot_bucket_of,
-)
-from cohortsync._sync import SyncRun, SyncStatus
-from cohortsync.exceptions import (
-    ConfigurationError,
-    ConflictError,
-    DuplicateRunError,
-    LeaseLostError,
-    StorageError,
-    SyncNotFoundError,
 )
 
 __all__ = ["MemoryStorage"]

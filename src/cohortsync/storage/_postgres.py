@@ -1,5 +1,5 @@
 """
-:class:`PostgresStorage`: the :class:`~cohortsync.Storage` for several workers on
+:class:`PostgresStorage`: the :class:`~cohortsync.storage.Storage` for several workers on
 several hosts, on one PostgreSQL database (psycopg 3).
 
 Install it with the extra: ``pip install "cohortsync[postgres]"``. The core
@@ -41,7 +41,7 @@ try:
     from psycopg.rows import tuple_row
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess
     raise ImportError(
-        "cohortsync.postgres needs psycopg 3, which is not installed: "
+        "cohortsync.storage.PostgresStorage needs psycopg 3, which is not installed: "
         'pip install "cohortsync[postgres]"'
     ) from exc
 
@@ -52,8 +52,18 @@ import cattrs
 from cohortsync._clock import add_saturating, require_aware
 from cohortsync._converter import dumps, load_sync, loads
 from cohortsync._destination import Identifier, IdentifierKind
-from cohortsync._rows import decode_pending, encode_members
-from cohortsync._storage import (
+from cohortsync._sync import Sync, SyncRun, Trigger
+from cohortsync.exceptions import (
+    ConfigurationError,
+    ConflictError,
+    CorruptStoreError,
+    DuplicateRunError,
+    LeaseLostError,
+    SchemaVersionError,
+    StorageError,
+    SyncNotFoundError,
+)
+from cohortsync.storage._protocol import (
     AppliedBatch,
     Completion,
     IssueKind,
@@ -67,17 +77,7 @@ from cohortsync._storage import (
     collect_holders,
     slot_bucket_of,
 )
-from cohortsync._sync import Sync, SyncRun, Trigger
-from cohortsync.exceptions import (
-    ConfigurationError,
-    ConflictError,
-    CorruptStoreError,
-    DuplicateRunError,
-    LeaseLostError,
-    SchemaVersionError,
-    StorageError,
-    SyncNotFoundError,
-)
+from cohortsync.storage._rows import decode_pending, encode_members
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -311,7 +311,7 @@ _COUNT_SLOT = (
 _UNCOUNT_SLOT = (
     "UPDATE {s}.slot_buckets SET syncs = syncs - 1 WHERE period = %s AND bucket = %s AND syncs > 0"
 )
-# The slot rule of cohortsync._storage.claim_slot (SET sees the old row).
+# The slot rule of cohortsync.storage._protocol.claim_slot (SET sees the old row).
 _CLAIMED_SLOT = (
     "CASE WHEN s.last_slot IS NOT NULL AND s.next_due <= s.last_slot"
     " THEN s.last_slot + interval '1 microsecond' ELSE s.next_due END"

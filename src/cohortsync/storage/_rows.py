@@ -10,8 +10,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
-from cohortsync._storage import PendingBatch
 from cohortsync.exceptions import CorruptStoreError
+from cohortsync.storage._protocol import PendingBatch
 
 __all__ = ["decode_pending", "encode_members"]
 

@@ -35,8 +35,18 @@ from cohortsync import _schedule
 from cohortsync._clock import add_saturating, require_aware
 from cohortsync._converter import dumps, load_sync, loads
 from cohortsync._destination import Identifier, IdentifierKind
-from cohortsync._rows import decode_pending, encode_members
-from cohortsync._storage import (
+from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
+from cohortsync.exceptions import (
+    ConfigurationError,
+    ConflictError,
+    CorruptStoreError,
+    DuplicateRunError,
+    LeaseLostError,
+    SchemaVersionError,
+    StorageError,
+    SyncNotFoundError,
+)
+from cohortsync.storage._protocol import (
     AppliedBatch,
     Completion,
     IssueKind,
@@ -50,21 +60,11 @@ from cohortsync._storage import (
     collect_holders,
     slot_bucket_of,
 )
-from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
-from cohortsync.exceptions import (
-    ConfigurationError,
-    ConflictError,
-    CorruptStoreError,
-    DuplicateRunError,
-    LeaseLostError,
-    SchemaVersionError,
-    StorageError,
-    SyncNotFoundError,
-)
+from cohortsync.storage._rows import decode_pending, encode_members
 
 __all__ = ["SQLiteStorage"]
 
-log = logging.getLogger("cohortsync.sqlite")
+log = logging.getLogger("cohortsync.storage")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_US = timedelta(microseconds=1)
@@ -264,7 +264,7 @@ _COUNT_SLOT = """
     ON CONFLICT (period, bucket) DO UPDATE SET count = count + 1
 """
 _UNCOUNT_SLOT = "UPDATE slots SET count = count - 1 WHERE period = ? AND bucket = ? AND count > 0"
-# The slot rule of cohortsync._storage.claim_slot: never at or before the last
+# The slot rule of cohortsync.storage._protocol.claim_slot: never at or before the last
 # recorded run's slot. SET expressions all see the row as it was before.
 _CLAIMED_SLOT = (
     "CASE WHEN last_slot IS NOT NULL AND next_due <= last_slot THEN last_slot + 1 ELSE next_due END"
@@ -480,7 +480,7 @@ class _ThreadConnections:
 
 class SQLiteStorage:
     """
-    A :class:`~cohortsync.Storage` in one SQLite file, shared by threads and processes.
+    A :class:`~cohortsync.storage.Storage` in one SQLite file, shared by threads and processes.
 
     Each thread gets its own connection (connections are opened with
     ``check_same_thread=False`` only so that :meth:`close` can close them from

@@ -20,7 +20,7 @@ from cohortsync._destination import Capabilities, Destination, IdentifierKind
 from cohortsync._policy import Cadence, OnDelete, SyncPolicy
 from cohortsync._validators import to_enum
 
-to_kind = to_enum(IdentifierKind, "identifier_kinds")
+_to_kind = to_enum(IdentifierKind, "identifier_kinds")
 
 __all__ = [
     "DEFAULT_RULES",
@@ -35,6 +35,12 @@ __all__ = [
     "Severity",
     "available_destinations",
     "check_eligibility",
+    "identifier_compatibility",
+    "min_audience",
+    "realtime_cohort_type",
+    "realtime_destination",
+    "realtime_size",
+    "removal_on_delete",
 ]
 
 REALTIME_MAX_MEMBERS = 1_000_000
@@ -297,7 +303,7 @@ def check_eligibility(
     Returns:
         Every reason found; ``.eligible`` is true when none is blocking.
     """
-    kinds = None if identifier_kinds is None else frozenset(to_kind(k) for k in identifier_kinds)
+    kinds = None if identifier_kinds is None else frozenset(_to_kind(k) for k in identifier_kinds)
     return rules.check(
         EligibilityInput(
             cohort=cohort,
@@ -322,7 +328,7 @@ def available_destinations(
     (the cadence you choose changes which destinations are available).
     """
     if catalog is None:
-        from cohortsync.catalog import PRESETS  # noqa: PLC0415 - the catalog imports us
+        from cohortsync.destinations.catalog import PRESETS  # noqa: PLC0415 - the catalog imports us
 
         catalog = PRESETS
     return [

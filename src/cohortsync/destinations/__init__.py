@@ -1,0 +1,57 @@
+"""
+Ready-made destinations and what they are built from.
+
+* :mod:`cohortsync.destinations.catalog`: capability presets for well-known
+  destinations (Facebook Ads, Google Ads, Braze, ...), so eligibility knows
+  them by name. No network code.
+* :class:`WebhookDestination`: JSON batches shaped like a cohort webhook,
+  over a pluggable :class:`HttpTransport` (:class:`UrllibTransport`, the
+  standard library's, by default).
+* :class:`CsvDirectoryDestination`: S3-style entering/exiting/existing files
+  in a directory.
+
+The adapters import on first use, so ``import cohortsync`` never loads
+``urllib`` or ``csv``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cohortsync.destinations import catalog
+
+if TYPE_CHECKING:
+    from cohortsync.destinations._csvdir import CsvDirectoryDestination
+    from cohortsync.destinations._webhook import (
+        HttpResponse,
+        HttpTransport,
+        UrllibTransport,
+        WebhookDestination,
+    )
+
+__all__ = [
+    "CsvDirectoryDestination",
+    "HttpResponse",
+    "HttpTransport",
+    "UrllibTransport",
+    "WebhookDestination",
+    "catalog",
+]
+
+_WEBHOOK = frozenset({"HttpResponse", "HttpTransport", "UrllibTransport", "WebhookDestination"})
+
+
+def __getattr__(name: str) -> Any:
+    # The adapters load on first use: they pull in urllib, csv and threads.
+    if name in _WEBHOOK:
+        from cohortsync.destinations import _webhook  # noqa: PLC0415 - lazy on purpose
+
+        return getattr(_webhook, name)
+    if name == "CsvDirectoryDestination":
+        from cohortsync.destinations._csvdir import (  # noqa: PLC0415 - lazy on purpose
+            CsvDirectoryDestination,
+        )
+
+        return CsvDirectoryDestination
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -1,0 +1,79 @@
+"""
+Everything cohortsync persists, and the stores that persist it.
+
+For a host choosing a store:
+
+* :class:`MemoryStorage`: the reference store, in memory, one process (tests).
+* :class:`SQLiteStorage`: one file, several processes on one host (the
+  embedded default).
+* :class:`PostgresStorage`: many workers on many hosts (``cohortsync[postgres]``).
+
+For a storage author: the :class:`Storage` protocol, the records it takes and
+returns (:class:`SyncRecord`, :class:`Lease`, :class:`Completion`,
+:class:`AppliedBatch`, ...) and the shared rules every store applies the same
+way (:func:`claim_slot`, :func:`slot_bucket_of`). Check a store with
+:func:`cohortsync.testing.check_storage`.
+
+The SQL stores import on first use, so ``import cohortsync`` never loads
+``sqlite3`` or psycopg.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cohortsync.storage._memory import MemoryStorage
+from cohortsync.storage._protocol import (
+    SLOT_BUCKET_SECONDS,
+    AppliedBatch,
+    Completion,
+    IssueKind,
+    Lease,
+    LedgerEntry,
+    MemberIssue,
+    PendingBatch,
+    Progress,
+    Storage,
+    SyncRecord,
+    Tally,
+    claim_slot,
+    slot_bucket_of,
+)
+
+if TYPE_CHECKING:
+    from cohortsync.storage._postgres import PostgresStorage
+    from cohortsync.storage._sqlite import SQLiteStorage
+
+__all__ = [
+    "SLOT_BUCKET_SECONDS",
+    "AppliedBatch",
+    "Completion",
+    "IssueKind",
+    "Lease",
+    "LedgerEntry",
+    "MemberIssue",
+    "MemoryStorage",
+    "PendingBatch",
+    "PostgresStorage",
+    "Progress",
+    "SQLiteStorage",
+    "Storage",
+    "SyncRecord",
+    "Tally",
+    "claim_slot",
+    "slot_bucket_of",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The SQL stores load on first use: most hosts need one of them, none needs both.
+    if name == "SQLiteStorage":
+        from cohortsync.storage._sqlite import SQLiteStorage  # noqa: PLC0415 - lazy on purpose
+
+        return SQLiteStorage
+    if name == "PostgresStorage":
+        from cohortsync.storage._postgres import PostgresStorage  # noqa: PLC0415 - lazy on purpose
+
+        return PostgresStorage
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
