@@ -14,15 +14,9 @@ from hypothesis import strategies as st
 
 from cohortsync import _schedule
 from cohortsync._destination import Identifier, IdentifierKind, Member
-from cohortsync._plan import (
-    effective_trigger,
-    group_adds,
-    group_removes,
-    next_after_run,
-    run_status,
-    slots_between,
-)
+from cohortsync._plan import group_adds, group_removes, run_status
 from cohortsync._policy import Cadence, SyncPolicy
+from cohortsync._schedule import effective_trigger, next_after_run, slots_between
 from cohortsync._sync import RunStatus, Trigger
 from strategies import aware_datetimes, schedules
 

@@ -35,7 +35,9 @@ __all__ = [
     "diff_changes",
     "diff_snapshot",
     "diff_with_state",
+    "has_key",
     "shown_key",
+    "with_keys",
 ]
 
 MAX_KEY_LENGTH = 1_024
@@ -586,3 +588,24 @@ def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
     it = iter(items)
     while chunk := list(islice(it, size)):
         yield chunk
+
+
+def has_key(keys: Keys, key: str) -> bool:
+    """Whether *keys* (ascending when a list) holds *key*."""
+    if not isinstance(keys, list):
+        return key in keys
+    i = bisect.bisect_left(keys, key)
+    return i < len(keys) and keys[i] == key
+
+
+def with_keys(keys: Keys, extra: Iterable[str]) -> Keys:
+    """
+    *keys* plus the *extra* keys it lacks (ascending when *keys* is a list; a
+    spilled KeyList is appended to rather than read into memory).
+    """
+    if isinstance(keys, list):
+        return sorted({*keys, *extra})
+    for key in extra:
+        if key not in keys:
+            keys.append(key)
+    return keys

@@ -1,125 +1,451 @@
 """
-Pure decisions of a run: which trigger it is, what its status is, when the
-sync is due next and which slots the run coalesced, how members sharing one
-destination identifier are delivered, and when repeated failures pause a sync.
+The run planner: everything a run decides, as pure functions over plain values.
 
-Nothing here reads a clock, a store or a destination: the run executor
-(:mod:`cohortsync._run`) loads state, asks these functions, sends, applies and
-completes. They are tested on their own with Hypothesis.
+A run goes through these decisions in order, and the executor
+(:mod:`cohortsync._run`) does the I/O between them:
+
+1. :func:`plan_read`: full or incremental (a full-resync request, a TTL
+   refresh), from the change feed or the snapshot, which idempotency keys.
+2. :func:`plan_recovery`: what batches an interrupted run left in flight
+   mean for this run's diff.
+3. :func:`plan_recheck`: eligibility at the measured size; fall back to
+   hourly, come back, or pause.
+4. :func:`plan_guard`: whether the removals wait for the host (the
+   mass-removal guard).
+5. What to send: :func:`group_removes` and :func:`group_adds` for members
+   sharing one destination identifier, :func:`reusable_keys` for requests
+   re-sent unchanged.
+6. From the outcome: :func:`plan_failure` (status, and whether a failure
+   that keeps repeating pauses the sync) and :func:`plan_completion` (the
+   run record, the next due instant and trigger, the counters and notes the
+   store writes in one transaction).
+
+Nothing here reads a clock, a store or a destination, and nothing mutates its
+arguments; time math lives with the schedule math (:mod:`cohortsync._schedule`).
+:meth:`cohortsync.Scheduler.preview` asks the same functions as a run, so
+what it shows is what a run would do. Tested on its own with Hypothesis
+(tests/test_plan.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 import attrs
 
 from cohortsync import _schedule
-from cohortsync._destination import Identifier, Member
-from cohortsync._policy import Cadence, SyncPolicy
-from cohortsync._sync import RunStatus, SyncRun, Trigger
+from cohortsync._clock import add_saturating
+from cohortsync._cohort import Cohort
+from cohortsync._delivery import idempotency_key
+from cohortsync._destination import Capabilities, Identifier, IdentifierKind, Member, Operation
+from cohortsync._diff import Keys, has_key
+from cohortsync._events import EligibilityChanged, Event, GuardTripped, SyncFailed
+from cohortsync._policy import Cadence, OnIneligible
+from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
+from cohortsync.eligibility import Eligibility, Ruleset, check_eligibility
+from cohortsync.exceptions import ConfigurationError
+from cohortsync.storage._protocol import Completion, PendingBatch, Tally
 
 __all__ = [
+    "TTL_REFRESH_SHARE",
+    "CompletionPlan",
+    "FailurePlan",
+    "GuardPlan",
     "IdentifierGroups",
-    "NextRun",
-    "effective_trigger",
+    "Outcome",
+    "ReadFacts",
+    "ReadPlan",
+    "Recheck",
+    "Recovery",
+    "content_key",
     "group_adds",
     "group_removes",
-    "next_after_run",
+    "in_flight_members",
+    "plan_completion",
+    "plan_failure",
+    "plan_guard",
+    "plan_read",
+    "plan_recheck",
+    "plan_recovery",
     "repeated_failure",
+    "reusable_keys",
     "run_status",
-    "slots_between",
+    "teardown_status",
 ]
 
+TTL_REFRESH_SHARE = 0.8
+"""A full resend refreshes memberships once this share of their TTL has passed."""
 
-def effective_trigger(
-    trigger: Trigger, cadence: Cadence, slot: datetime, started: datetime
-) -> Trigger:
+
+# -- 1. what to read -------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class ReadFacts:
     """
-    Why a claimed slot runs, as docs/concepts/history.md defines it: a
-    scheduled or real-time slot that starts more than one period late is a
-    ``catch_up``; host-requested runs (manual, one-time, teardown) keep their
-    trigger whatever the delay.
+    What the executor knows before it reads the source.
+
+    Attributes:
+        sync: The definition as loaded.
+        slot: The slot the run was claimed for.
+        last_slot: The slot of the sync's previous recorded run.
+        now: When the run started.
+        full_resync: The host asked for a full resync.
+        last_full_sync_at: When a run last delivered the whole audience.
+        capabilities: The destination's.
+        delivered: How many members the delivered state holds.
+        pending: Batches an earlier run left in flight exist.
+        resumed: An earlier attempt of this slot applied batches.
+        has_feed: The source offers a change feed.
+        feed_cursor: The stored change-feed cursor.
     """
-    if trigger not in (Trigger.SCHEDULED, Trigger.REALTIME):
-        return trigger
-    if cadence is Cadence.ONE_TIME:
-        return Trigger.ONE_TIME
-    period = cadence.period
-    if period is not None and started - slot >= period:
-        return Trigger.CATCH_UP
-    return Trigger.REALTIME if cadence is Cadence.REALTIME else Trigger.SCHEDULED
+
+    sync: Sync
+    slot: datetime
+    last_slot: datetime | None
+    now: datetime
+    full_resync: bool
+    last_full_sync_at: datetime | None
+    capabilities: Capabilities
+    delivered: int
+    pending: bool
+    resumed: bool
+    has_feed: bool
+    feed_cursor: str | None
+
+
+@attrs.frozen(kw_only=True)
+class ReadPlan:
+    """
+    How a run reads its diff.
+
+    Attributes:
+        full: Send the whole audience (staying members too).
+        reason: Why it is full: ``"full_resync"`` or ``"ttl_refresh"`` (a note).
+        from_feed: Diff the change feed since the stored cursor instead of
+            the snapshot.
+        take_cursor: Take a feed cursor before reading the snapshot (a
+            real-time sync with a feed), so the next run reads from there.
+        keep_existing: Keep the staying members in the diff (a full send, or
+            a full-sync-only destination).
+        own_keys: Idempotency keys of the run's own instead of its slot's
+            (it resumes a slot an earlier attempt sent requests for).
+    """
+
+    full: bool
+    reason: str | None
+    from_feed: bool
+    take_cursor: bool
+    keep_existing: bool
+    own_keys: bool
+
+
+def plan_read(facts: ReadFacts) -> ReadPlan:
+    """
+    Decide how a run reads its diff.
+
+    A TTL refresh is due once :data:`TTL_REFRESH_SHARE` of the destination's
+    membership TTL has passed since the last full send (with something
+    delivered to refresh). A real-time sync with a change feed reads the feed,
+    except in the first run of each hour (whatever minute it runs at: a
+    coalesced minute must not postpone it by an hour), after the host released
+    the guard, with batches left in flight, or on a full send: then it diffs
+    the full snapshot, which reconciles anything a feed missed and retries
+    members rejected earlier.
+    """
+    caps = facts.capabilities
+    sync = facts.sync
+    ttl = caps.membership_ttl
+    ttl_due = ttl is not None and (
+        facts.last_full_sync_at is None
+        or facts.now - facts.last_full_sync_at >= ttl * TTL_REFRESH_SHARE
+    )
+    full = facts.full_resync or (ttl_due and facts.delivered > 0)
+    reason = None
+    if full:
+        reason = "full_resync" if facts.full_resync else "ttl_refresh"
+    last = facts.last_slot
+    reconcile = (
+        last is None
+        or _schedule.hour_of(facts.slot) != _schedule.hour_of(last)
+        or sync.guard_released
+        or facts.pending
+    )
+    from_feed = (
+        sync.cadence is Cadence.REALTIME
+        and not reconcile
+        and facts.has_feed
+        and facts.feed_cursor is not None
+        and not full
+        and not caps.full_sync_only
+    )
+    return ReadPlan(
+        full=full,
+        reason=reason,
+        from_feed=from_feed,
+        take_cursor=(not from_feed and sync.policy.cadence is Cadence.REALTIME and facts.has_feed),
+        keep_existing=not from_feed and (caps.full_sync_only or full),
+        own_keys=facts.pending or facts.resumed,
+    )
+
+
+# -- 2. what was left in flight ------------------------------------------------------
+
+
+def in_flight_members(pending: Sequence[PendingBatch]) -> dict[str, Member]:
+    """
+    Every member named in a pending batch record, with the identifier its
+    newest record sent it with.
+    """
+    unknown: dict[str, Member] = {}
+    for batch in pending:
+        for m in batch.members:
+            unknown[m.key] = m
+    return unknown
 
 
 @attrs.frozen
-class NextRun:
+class Recovery:
     """
-    When a recurring sync is due after a run, and how many grid slots the run
-    coalesced (slots strictly between the run's own slot and the next one:
-    missed before it started, or passed while it ran).
+    What batches left in flight add to a run's diff.
+
+    Attributes:
+        adds: Delivered members who stay, added again.
+        removes: Members not delivered and not being added now, removed
+            with the identifier they were sent with.
+        note: The history note, or ``None`` when there is nothing to recover.
     """
 
-    due: datetime | None
-    coalesced: int = 0
+    adds: tuple[str, ...]
+    removes: dict[str, Identifier]
+    note: str | None
 
 
-def slots_between(policy: SyncPolicy, offset: int, low: datetime, high: datetime) -> int:
+def plan_recovery(
+    in_flight: Mapping[str, Member],
+    held: Iterable[str],
+    *,
+    adds: Keys,
+    removes: Keys,
+    existing: Keys,
+) -> Recovery:
     """
-    How many grid slots lie strictly between *low* and *high*, in constant time.
+    Reconcile batches an earlier run sent (or may have sent) without applying
+    them: the destination may or may not hold those changes.
+
+    Whatever the operation of the newest record naming a member, the
+    destination's state of that member is unknown (an add may have arrived,
+    a removal may have arrived, or neither), so each is sent again towards
+    what the cohort says now: a member who is not delivered (*held* names the
+    delivered ones) and not being added now is removed; a delivered member
+    who stays is added again. The ordinary diff covers everyone else.
     """
-    if high <= low or policy.cadence is Cadence.ONE_TIME:
-        return 0
-    first = _schedule.next_due(policy, low, offset, low)
-    if first is None or first >= high:
-        return 0
-    last = _schedule.slot_of(policy, high - _TICK, offset=offset)
-    if last < first:
-        return 0
-    if policy.timezone is None:
-        period = _schedule.period_seconds(policy.cadence)
-        assert period is not None  # noqa: S101 - recurring cadences have one
-        return int((last - first).total_seconds()) // period + 1
-    # One slot per local day: count local dates (a skipped local day has none,
-    # a rare over-count by one that only affects the reported number).
-    from zoneinfo import ZoneInfo  # noqa: PLC0415 - only zoned policies need it
-
-    zone = ZoneInfo(policy.timezone)
-    return (last.astimezone(zone).date() - first.astimezone(zone).date()).days + 1
-
-
-_TICK = timedelta(microseconds=1)
+    delivered = set(held)
+    extra = tuple(
+        k
+        for k in in_flight
+        if k in delivered
+        and not has_key(removes, k)
+        and not has_key(existing, k)
+        and not has_key(adds, k)
+    )
+    recovered = {
+        key: member.identifier
+        for key, member in in_flight.items()
+        if key not in delivered and not has_key(adds, key)
+    }
+    note = None
+    if extra or recovered:
+        note = f"recovered_in_flight: +{len(extra)} -{len(recovered)}"
+    return Recovery(adds=extra, removes=recovered, note=note)
 
 
-def next_after_run(
-    policy: SyncPolicy,
-    offset: int,
-    slot: datetime,
-    started: datetime,
-    finished: datetime,
-) -> NextRun:
+def content_key(operation: Operation, identifiers: Sequence[str]) -> str:
+    """What a request is, independent of which run sends it."""
+    return idempotency_key("", 0, operation, identifiers)
+
+
+def reusable_keys(pending: Sequence[PendingBatch]) -> dict[str, str]:
     """
-    The next due slot of a recurring sync after a run of *slot* that ran from
-    *started* to *finished*, on the slot grid of *policy* and *offset*.
-
-    Slots that fell due before the run started are covered by it (one
-    catch-up run, never a burst). A slot that fell due while the run was
-    running is not dropped: it is due at once (the overrun delays it, and the
-    slots before it are coalesced into it). Otherwise the next slot is the
-    first one after the run finished. Either way the count of skipped slots
-    is returned, so every slot is run or accounted for.
+    The idempotency keys a run may reuse, by request content: a batch
+    identical to one still pending is the same request re-sent and keeps its
+    key. Only the newest record naming its members qualifies: once a later
+    request touched them (a removal after an add), re-sending the old one
+    under its key would be dropped by a de-duplicating receiver as a repeat.
     """
-    anchor = min(slot, started)
-    last = _schedule.slot_of(policy, finished, offset=offset)
-    if last > started and last > slot:
-        due = last
-    else:
-        # From when it finished, not from its slot: a slot the store put ahead
-        # of a clock that went back must not hold the sync until then.
-        due_or_none = _schedule.next_due(policy, anchor, offset, finished)
-        assert due_or_none is not None  # noqa: S101 - recurring policies always have one
-        due = due_or_none
-    return NextRun(due=due, coalesced=slots_between(policy, offset, slot, due))
+    newest: dict[str, str] = {}
+    for p in pending:
+        for m in p.members:
+            newest[m.key] = p.idempotency_key
+    return {
+        content_key(p.operation, [m.identifier.value for m in p.members]): p.idempotency_key
+        for p in pending
+        if all(newest[m.key] == p.idempotency_key for m in p.members)
+    }
+
+
+# -- 3. eligibility at the measured size ---------------------------------------------
+
+
+@attrs.frozen
+class Recheck:
+    """
+    The eligibility re-check of a run.
+
+    Attributes:
+        sync: The definition after it (fallen back, back to real-time,
+            paused, or unchanged).
+        proceed: Whether the run delivers.
+        notes: For the run's history.
+        events: For the listeners, in order.
+    """
+
+    sync: Sync
+    proceed: bool
+    notes: tuple[str, ...]
+    events: tuple[Event, ...]
+
+
+def plan_recheck(
+    sync: Sync,
+    cohort: Cohort,
+    capabilities: Capabilities,
+    *,
+    identifier_kinds: frozenset[IdentifierKind] | None,
+    rules: Ruleset,
+    at: datetime,
+) -> Recheck:
+    """
+    Re-check eligibility with the measured size (*cohort* carries it); fall
+    back or pause a real-time sync that stopped being eligible, and come
+    back when it is eligible again. It never silently stops syncing: every
+    change is a note and an event.
+    """
+    policy = sync.policy
+
+    def check(cadence: Cadence) -> Eligibility:
+        return check_eligibility(
+            cohort,
+            capabilities,
+            policy,
+            identifier_kinds=identifier_kinds,
+            rules=rules,
+            cadence=cadence,
+        )
+
+    result = check(policy.cadence)
+    warnings = tuple(w.code for w in result.warnings)
+    if result.eligible:
+        if sync.effective_cadence is None:
+            return Recheck(sync, proceed=True, notes=warnings, events=())
+        back = EligibilityChanged(
+            sync_id=sync.id, eligible=True, codes=(), cadence=policy.cadence.value, at=at
+        )
+        return Recheck(
+            attrs.evolve(sync, effective_cadence=None, updated_at=at),
+            proceed=True,
+            notes=(*warnings, "eligible_again"),
+            events=(back,),
+        )
+    codes = tuple(r.code for r in result.blocking)
+    notes = (*warnings, *codes)
+    if (
+        policy.cadence is Cadence.REALTIME
+        and policy.on_ineligible is OnIneligible.FALLBACK_HOURLY
+        and check(Cadence.HOURLY).eligible
+    ):
+        events: tuple[Event, ...] = ()
+        if sync.effective_cadence is not Cadence.HOURLY:
+            events = (
+                EligibilityChanged(
+                    sync_id=sync.id, eligible=False, codes=codes, cadence="hourly", at=at
+                ),
+            )
+        return Recheck(
+            attrs.evolve(sync, effective_cadence=Cadence.HOURLY, updated_at=at),
+            proceed=True,
+            notes=(*notes, "fallback_hourly"),
+            events=events,
+        )
+    reason = "; ".join(r.message for r in result.blocking)
+    return Recheck(
+        attrs.evolve(
+            sync, status=SyncStatus.PAUSED, status_reason=f"ineligible: {reason}", updated_at=at
+        ),
+        proceed=False,
+        notes=notes,
+        events=(
+            EligibilityChanged(
+                sync_id=sync.id, eligible=False, codes=codes, cadence=policy.cadence.value, at=at
+            ),
+            SyncFailed(sync_id=sync.id, status=SyncStatus.PAUSED, reason=reason, at=at),
+        ),
+    )
+
+
+# -- 4. the mass-removal guard ------------------------------------------------------------
+
+
+@attrs.frozen
+class GuardPlan:
+    """
+    What a run does with its removals.
+
+    Attributes:
+        send_removals: The policy and the destination allow removals (else
+            leavers are only forgotten locally, so a re-entry is sent again).
+        guarded: The removals wait for the host to confirm them.
+        release_used: The host's confirmation was used up by this run.
+        note: For the run's history, when the guard tripped.
+        event: For the listeners, when the guard tripped.
+    """
+
+    send_removals: bool
+    guarded: bool
+    release_used: bool
+    note: str | None = None
+    event: GuardTripped | None = None
+
+
+def plan_guard(
+    sync: Sync,
+    capabilities: Capabilities,
+    *,
+    delivered: int,
+    removing: int,
+    source_empty: bool,
+    run_id: str,
+    at: datetime,
+) -> GuardPlan:
+    """
+    The mass-removal guard, decided before anything is sent: whether this
+    run's removals must wait for the host to confirm them.
+    """
+    send = sync.policy.send_removals and capabilities.supports_removals
+    trips = (
+        send
+        and not sync.guard_released
+        and sync.policy.guard.trips(delivered, removing, source_empty)
+    )
+    release_used = sync.guard_released and not trips
+    if not trips:
+        return GuardPlan(send_removals=send, guarded=False, release_used=release_used)
+    note = f"mass_removal_guard: would remove {removing} of {delivered}" + (
+        " (source returned no members)" if source_empty else ""
+    )
+    event = GuardTripped(
+        sync_id=sync.id,
+        run_id=run_id,
+        delivered=delivered,
+        removing=removing,
+        source_empty=source_empty,
+        at=at,
+    )
+    return GuardPlan(send_removals=send, guarded=True, release_used=False, note=note, event=event)
+
+
+# -- 6. from the outcome ------------------------------------------------------------------
 
 
 def run_status(
@@ -247,3 +573,272 @@ def group_adds(
             send.append(member)
             riders[ident] = []
     return IdentifierGroups(send=send, riders={k: v for k, v in riders.items() if v}, local=local)
+
+
+@attrs.frozen
+class FailurePlan:
+    """
+    What a failed run means for its sync.
+
+    Attributes:
+        status: ``failed``, or ``partial`` if it delivered something first.
+        sync: The definition after it (paused when the failure will not heal).
+        notes: For the run's history.
+        events: For the listeners.
+    """
+
+    status: RunStatus
+    sync: Sync
+    notes: tuple[str, ...]
+    events: tuple[Event, ...]
+
+
+def plan_failure(
+    sync: Sync,
+    *,
+    error_type: str,
+    message: str,
+    heals: bool,
+    authentication: bool,
+    delivered_any: bool,
+    teardown: bool,
+    earlier: Sequence[SyncRun],
+    pause_after: int,
+    at: datetime,
+) -> FailurePlan:
+    """
+    A failed run's status, and whether the sync pauses: at once on an
+    authentication error (a person must fix the credentials), or when the
+    same failure repeats *pause_after* times in a row and is not the kind
+    that heals by itself (*heals*: a destination or store that is down comes
+    back; corrupt data and bugs do not). One-time syncs and teardowns have
+    bounded retries of their own (:func:`plan_completion`).
+
+    *earlier* is the sync's history before this run, newest first.
+    """
+    status = run_status(
+        guarded=False, rejected=0, skipped=0, failed=True, delivered_any=delivered_any
+    )
+    reason: str | None = None
+    if authentication:
+        reason = f"authentication failed: {message}"
+    elif (
+        not heals
+        and pause_after
+        and sync.policy.cadence is not Cadence.ONE_TIME
+        and not teardown
+        and repeated_failure(error_type, message, earlier, pause_after)
+    ):
+        reason = f"failed {pause_after} runs in a row with {error_type}: {message}"
+    if reason is None:
+        return FailurePlan(status, sync, notes=(), events=())
+    paused = attrs.evolve(sync, status=SyncStatus.PAUSED, status_reason=reason, updated_at=at)
+    return FailurePlan(
+        status,
+        paused,
+        notes=("paused",),
+        events=(SyncFailed(sync_id=sync.id, status=SyncStatus.PAUSED, reason=reason, at=at),),
+    )
+
+
+def teardown_status(sync: Sync, *, rejected: int, at: datetime) -> tuple[RunStatus, Sync]:
+    """
+    The end of a teardown that sent its removals: the sync is deleted; a
+    destination that refused some makes the run ``partial``.
+    """
+    reason = "deleted: removed what it delivered"
+    status = RunStatus.SUCCEEDED
+    if rejected:
+        status = RunStatus.PARTIAL
+        reason = f"deleted; the destination refused to remove {rejected} member(s), see the ledger"
+    return status, attrs.evolve(
+        sync, status=SyncStatus.DELETED, status_reason=reason, updated_at=at
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Outcome:
+    """
+    What happened in a run, as the executor saw it.
+
+    Attributes:
+        run_id: The run's id.
+        sync: The definition the run loaded.
+        new_sync: The definition after the run (eligibility, pause, deletion).
+        offset: The sync's allocated slot offset.
+        attempts: Consecutive failures before this run (one-time, teardown).
+        slot: The slot it ran.
+        generation: The generation it ran.
+        trigger: Why it ran (:func:`~cohortsync._schedule.effective_trigger`).
+        started: When it started.
+        finished: When it finished.
+        status: Its status.
+        error_type: The class name of the error that ended it, if any.
+        error_message: That error's message.
+        tally: What it delivered (an interrupted attempt's included).
+        skipped: Members it skipped.
+        retries: Requests it retried.
+        full: It was a full send.
+        notes: Its history notes so far.
+        feed_cursor: The change-feed cursor its diff brings the sync to.
+        full_done: It delivered the whole audience (if it succeeded).
+        guarded: The guard held its removals.
+        pending: Idempotency keys of the in-flight records it reconciled.
+        jitter: A uniform draw in [0, 1) for the retry backoff.
+    """
+
+    run_id: str
+    sync: Sync
+    new_sync: Sync
+    offset: int
+    attempts: int
+    slot: datetime
+    generation: int
+    trigger: Trigger
+    started: datetime
+    finished: datetime
+    status: RunStatus
+    error_type: str | None = None
+    error_message: str | None = None
+    tally: Tally = attrs.Factory(Tally)
+    skipped: int = 0
+    retries: int = 0
+    full: bool = False
+    notes: tuple[str, ...] = ()
+    feed_cursor: str | None = None
+    full_done: bool = False
+    guarded: bool = False
+    pending: tuple[str, ...] = ()
+    jitter: float = 0.0
+
+
+@attrs.frozen
+class CompletionPlan:
+    """
+    What completing a run writes (in one store transaction) and tells.
+
+    Attributes:
+        completion: For :meth:`~cohortsync.storage.Storage.complete_run`; its
+            ``run`` is the history record.
+        events: For the listeners, before the run's own ``RunFinished``.
+    """
+
+    completion: Completion
+    events: tuple[Event, ...]
+
+    @property
+    def run(self) -> SyncRun:
+        """The history record."""
+        return self.completion.run
+
+
+def _next_on_grid(sync: Sync, o: Outcome) -> tuple[datetime | None, int, str | None]:
+    """The next slot of a recurring sync after a run, the slots coalesced, and a note."""
+    policy, offset = _schedule.grid_policy(sync, o.offset)
+    try:
+        nxt = _schedule.next_after_run(policy, offset, o.slot, o.started, o.finished)
+    except ConfigurationError:
+        raise  # a damaged schedule row, not the end of time
+    except (OverflowError, ValueError):
+        # No next slot exists before year 10,000: say so, do not crash.
+        return None, 0, "no_next_slot: the clock is at the end of time"
+    if nxt.due is not None and nxt.due <= o.finished:
+        # A slot fell due while this run ran: it runs next, at once.
+        return nxt.due, nxt.coalesced, f"overran: the slot of {nxt.due.isoformat()} runs next"
+    return nxt.due, nxt.coalesced, None
+
+
+def plan_completion(outcome: Outcome) -> CompletionPlan:
+    """
+    What comes after a run: its history record, the next due instant and
+    trigger on the slot grid, the consecutive-failure count, the slots it
+    coalesced, and the definition (one-time syncs complete or fail here,
+    after bounded retries with backoff).
+    """
+    o = outcome
+    failed = o.status is RunStatus.FAILED or (
+        o.error_type is not None and o.status is RunStatus.PARTIAL
+    )
+    teardown = o.trigger is Trigger.TEARDOWN
+    next_trigger = Trigger.SCHEDULED
+    if teardown and o.new_sync.status is not SyncStatus.DELETED:
+        # The removals failed: what comes next is the teardown again (also
+        # after a resume), never a normal run that would deliver again.
+        next_trigger = Trigger.TEARDOWN
+    new_sync = o.new_sync
+    notes = list(o.notes)
+    events: list[Event] = []
+    attempts = 0
+    coalesced = 0
+    next_due: datetime | None = None
+    one_time = new_sync.policy.cadence is Cadence.ONE_TIME
+    if new_sync.status is not SyncStatus.ACTIVE:
+        pass
+    elif failed and (one_time or next_trigger is Trigger.TEARDOWN):
+        attempts = o.attempts + 1
+        if attempts >= new_sync.policy.one_time_attempts:
+            what = (
+                "removing the delivered members"
+                if next_trigger is Trigger.TEARDOWN
+                else "one-time sync"
+            )
+            reason = f"{what} failed {attempts} times: {o.error_message}"
+            new_sync = attrs.evolve(
+                new_sync, status=SyncStatus.FAILED, status_reason=reason, updated_at=o.finished
+            )
+            events.append(
+                SyncFailed(
+                    sync_id=new_sync.id, status=SyncStatus.FAILED, reason=reason, at=o.finished
+                )
+            )
+        else:
+            backoff = new_sync.policy.retry.delay(attempts - 1, o.jitter) * 60
+            next_due = add_saturating(o.finished, timedelta(seconds=backoff))
+            if next_trigger is not Trigger.TEARDOWN:
+                next_trigger = Trigger.ONE_TIME
+    elif one_time:
+        new_sync = attrs.evolve(new_sync, status=SyncStatus.COMPLETED, updated_at=o.finished)
+    else:
+        next_due, coalesced, note = _next_on_grid(new_sync, o)
+        if note is not None:
+            notes.append(note)
+    clean = o.error_type is None
+    run = SyncRun(
+        id=o.run_id,
+        sync_id=o.sync.id,
+        generation=o.generation,
+        trigger=o.trigger,
+        slot=o.slot,
+        started_at=o.started,
+        finished_at=o.finished,
+        status=o.status,
+        cadence=o.sync.cadence,
+        added=o.tally.added,
+        removed=o.tally.removed,
+        skipped=o.skipped,
+        rejected=o.tally.rejected,
+        batches=o.tally.batches,
+        retries=o.retries,
+        full_sync=o.full,
+        error_type=o.error_type,
+        error_message=o.error_message,
+        notes=tuple(notes),
+        collisions=o.tally.collisions,
+        coalesced=coalesced,
+    )
+    completion = Completion(
+        run=run,
+        next_due=next_due,
+        next_trigger=next_trigger,
+        sync=new_sync if new_sync != o.sync else None,
+        attempts=attempts,
+        # A failed run delivered only part of the window: read it again.
+        feed_cursor=o.feed_cursor if clean else None,
+        full_sync_done=o.full_done and o.status is RunStatus.SUCCEEDED,
+        # Pending batches are settled once a run delivered its whole diff
+        # (their reconciliation included); else the next run reconciles
+        # them again, which is harmless.
+        resolved=o.pending if clean and not o.guarded and o.status is not RunStatus.SKIPPED else (),
+        scheduled_from=o.finished,
+    )
+    return CompletionPlan(completion=completion, events=tuple(events))

@@ -1,5 +1,7 @@
 """
-One run of one sync, from a claimed lease to a completed run record.
+The run executor: one run of one sync, from a claimed lease to a completed
+run record. It loads state, asks the planner (:mod:`cohortsync._plan`) what
+to do, sends, applies and completes; the decisions themselves live there.
 
 The order of steps is what makes crashes harmless:
 
@@ -18,21 +20,20 @@ one batch that was in flight (with the same idempotency key).
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import logging
 import random
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import attrs
 
 from cohortsync import _schedule
 from cohortsync._cache import DeliveredCache
-from cohortsync._clock import Clock, add_saturating
+from cohortsync._clock import Clock
 from cohortsync._cohort import Cohort, has_change_feed
-from cohortsync._delivery import Acked, BatchSender, RateLimiter, idempotency_key, make_batch
+from cohortsync._delivery import Acked, BatchSender, RateLimiter, make_batch
 from cohortsync._destination import (
     Batch,
     Capabilities,
@@ -43,32 +44,41 @@ from cohortsync._destination import (
     Operation,
     RunContext,
 )
-from cohortsync._diff import Diff, Keys, chunks, diff_changes, diff_snapshot, diff_with_state
-from cohortsync._events import (
-    BatchDelivered,
-    EligibilityChanged,
-    GuardTripped,
-    Listener,
-    RunFinished,
-    RunStarted,
-    SyncFailed,
-    emit,
+from cohortsync._diff import (
+    Diff,
+    Keys,
+    chunks,
+    diff_changes,
+    diff_snapshot,
+    diff_with_state,
+    has_key,
+    with_keys,
 )
+from cohortsync._events import BatchDelivered, Event, Listener, RunFinished, RunStarted, emit
 from cohortsync._plan import (
-    effective_trigger,
+    GuardPlan,
+    Outcome,
+    ReadFacts,
+    ReadPlan,
+    content_key,
     group_adds,
     group_removes,
-    next_after_run,
-    repeated_failure,
+    in_flight_members,
+    plan_completion,
+    plan_failure,
+    plan_guard,
+    plan_read,
+    plan_recheck,
+    plan_recovery,
+    reusable_keys,
     run_status,
+    teardown_status,
 )
-from cohortsync._policy import Cadence, OnIneligible, SyncPolicy
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
-from cohortsync.eligibility import Eligibility, Ruleset, check_eligibility
+from cohortsync.eligibility import Ruleset
 from cohortsync.exceptions import (
     AuthenticationError,
     CohortSyncError,
-    ConfigurationError,
     CorruptStoreError,
     LeaseLostError,
     PermanentError,
@@ -79,23 +89,18 @@ from cohortsync.exceptions import (
 from cohortsync.identifiers import IdentifierMapping
 from cohortsync.storage._protocol import (
     AppliedBatch,
-    Completion,
     IssueKind,
     Lease,
     LedgerEntry,
     MemberIssue,
     PendingBatch,
     Storage,
-    SyncRecord,
     Tally,
 )
 
-__all__ = ["RunEnvironment", "execute", "grid_policy", "next_due_after"]
+__all__ = ["RunEnvironment", "execute"]
 
 log = logging.getLogger("cohortsync")
-
-TTL_REFRESH_SHARE = 0.8
-"""Memberships with a TTL are re-sent once this share of the TTL has passed."""
 
 ISSUE_CHUNK = 10_000
 
@@ -165,66 +170,6 @@ class _Lease:
             )
 
 
-def _offset_for(record: SyncRecord, cadence: Cadence) -> int:
-    if cadence is record.sync.policy.cadence:
-        return record.offset
-    # A fallback cadence (real-time -> hourly) has no allocated slot: derive a
-    # stable one so the fallback runs keep one time in the hour.
-    period = _schedule.period_seconds(cadence)
-    return 0 if period is None else _schedule.stable_offset(record.sync.id, period)
-
-
-def grid_policy(record: SyncRecord, sync: Sync) -> tuple[SyncPolicy, int]:
-    """
-    The policy whose slot grid *sync* runs on now (its effective cadence,
-    which differs from the policy's while a real-time sync falls back), and
-    the offset on that grid.
-    """
-    cadence = sync.cadence
-    policy = sync.policy
-    if cadence is not policy.cadence:
-        policy = attrs.evolve(policy, cadence=cadence, timezone=None)
-    return policy, _offset_for(record, cadence)
-
-
-def _has(keys: Keys, key: str) -> bool:
-    if not isinstance(keys, list):
-        return key in keys
-    i = bisect.bisect_left(keys, key)
-    return i < len(keys) and keys[i] == key
-
-
-def _content_key(operation: Operation, identifiers: Sequence[str]) -> str:
-    return idempotency_key("", 0, operation, identifiers)
-
-
-def _with(keys: Keys, extra: Iterable[str]) -> Keys:
-    """
-    *keys* plus the *extra* keys it lacks (ascending when *keys* is a list; a
-    spilled KeyList is appended to rather than read into memory).
-    """
-    if isinstance(keys, list):
-        return sorted({*keys, *extra})
-    for key in extra:
-        if key not in keys:
-            keys.append(key)
-    return keys
-
-
-def next_due_after(record: SyncRecord, sync: Sync, after: datetime) -> datetime | None:
-    """
-    The sync's first slot after *after*, or ``None`` when none exists before
-    the end of time (year 9999).
-    """
-    policy, offset = grid_policy(record, sync)
-    try:
-        return _schedule.next_due(policy, record.anchor, offset, after)
-    except ConfigurationError:
-        raise  # a damaged schedule row, not the end of time
-    except (OverflowError, ValueError):
-        return None
-
-
 def execute(env: RunEnvironment, lease: Lease) -> SyncRun:
     """
     Run the claimed slot and complete it. Never raises for a failed run (the
@@ -262,6 +207,7 @@ class _Run:
         # the identifiers of members this run removes because of them.
         self.pending: list[PendingBatch] = []
         self.reusable: dict[str, str] | None = None
+        """Idempotency keys of pending requests, by content (see _plan.reusable_keys)."""
         self.kinds: tuple[frozenset[IdentifierKind] | None, IdentifierKind | None] | None = None
         self.distinct = False
         """Adds of a first sync under the identity mapping: one member per identifier."""
@@ -274,6 +220,8 @@ class _Run:
         self.ledger: list[LedgerEntry] = []
         self.recovered_ids: dict[str, Identifier] = {}
         self.guarded = False
+        self.feed_cursor: str | None = None
+        self.full_done = False
         # Members sharing one destination identifier (see _plan.group_*):
         # the keys riding with an identifier sent in a batch, identifiers
         # currently in flight, and identifiers kept because a member stays.
@@ -299,7 +247,7 @@ class _Run:
         env = self.env
         lease = self.lease.current
         cadence = self.sync.cadence
-        trigger = effective_trigger(lease.trigger, cadence, lease.slot, self.started)
+        trigger = _schedule.effective_trigger(lease.trigger, cadence, lease.slot, self.started)
         emit(
             env.listeners,
             RunStarted(
@@ -314,8 +262,6 @@ class _Run:
         status = RunStatus.SUCCEEDED
         error: BaseException | None = None
         new_sync = self.sync
-        feed_cursor: str | None = None
-        full_done = False
         try:
             cohort = env.cohort(self.sync.cohort_id)
             destination = env.destination(self.sync.destination_id)
@@ -323,7 +269,7 @@ class _Run:
             if trigger is Trigger.TEARDOWN:
                 status, new_sync = self._teardown(destination, caps)
             else:
-                status, new_sync, feed_cursor, full_done = self._deliver(cohort, destination, caps)
+                status, new_sync = self._deliver(cohort, destination, caps)
         except LeaseLostError:
             raise
         except CohortSyncError as e:
@@ -334,9 +280,7 @@ class _Run:
         if error is not None:
             status, new_sync = self._failed(error)
         self._keep_state()
-        return self._complete(
-            trigger, status, error, new_sync, feed_cursor=feed_cursor, full_done=full_done
-        )
+        return self._complete(trigger, status, error, new_sync)
 
     def _take_over(self) -> None:
         """
@@ -392,88 +336,72 @@ class _Run:
         self.state.update(m.key for m in batch.added)
 
     def _failed(self, error: BaseException) -> tuple[RunStatus, Sync]:
-        delivered_any = bool(self.counts.added or self.counts.removed)
-        status = run_status(
-            guarded=False, rejected=0, skipped=0, failed=True, delivered_any=delivered_any
+        env = self.env
+        teardown = self.lease.current.trigger is Trigger.TEARDOWN
+        heals = _heals_by_itself(error)
+        authentication = isinstance(error, AuthenticationError)
+        # The history is read only when a repeated failure could pause the sync.
+        earlier: Sequence[SyncRun] = ()
+        if not heals and not authentication and env.pause_after_failures and not teardown:
+            earlier = env.storage.history(self.sync.id, limit=env.pause_after_failures)
+        plan = plan_failure(
+            self.rechecked,
+            error_type=type(error).__name__,
+            message=_message(error),
+            heals=heals,
+            authentication=authentication,
+            delivered_any=bool(self.counts.added or self.counts.removed),
+            teardown=teardown,
+            earlier=earlier,
+            pause_after=env.pause_after_failures,
+            at=env.clock.now(),
         )
-        new_sync = self.rechecked
-        reason: str | None = None
-        if isinstance(error, AuthenticationError):
-            reason = f"authentication failed: {error}"
-        elif (
-            not _heals_by_itself(error)
-            and self.env.pause_after_failures
-            # One-time syncs and teardowns have their own bounded retries.
-            and self.sync.policy.cadence is not Cadence.ONE_TIME
-            and self.lease.current.trigger is not Trigger.TEARDOWN
-        ):
-            # A failure that repeats identically is not going to heal by
-            # itself (bad data, a bug, junk from the destination): stop
-            # retrying it every period and say so, instead of failing forever.
-            earlier = self.env.storage.history(self.sync.id, limit=self.env.pause_after_failures)
-            message = _message(error)
-            if repeated_failure(
-                type(error).__name__, message, earlier, self.env.pause_after_failures
-            ):
-                reason = (
-                    f"failed {self.env.pause_after_failures} runs in a row with "
-                    f"{type(error).__name__}: {message}"
-                )
-        if reason is not None:
-            new_sync = attrs.evolve(
-                new_sync,
-                status=SyncStatus.PAUSED,
-                status_reason=reason,
-                updated_at=self.env.clock.now(),
-            )
-            self.notes.append("paused")
-            emit(
-                self.env.listeners,
-                SyncFailed(
-                    sync_id=self.sync.id,
-                    status=SyncStatus.PAUSED,
-                    reason=reason,
-                    at=self.env.clock.now(),
-                ),
-            )
-        return status, new_sync
+        self.notes.extend(plan.notes)
+        self._emit(plan.events)
+        return plan.status, plan.sync
 
-    def _check(self, cohort: Cohort, caps: Capabilities, cadence: Cadence) -> Eligibility:
-        mapping = self.env.mapping(self.sync.mapping_id)
-        return check_eligibility(
-            cohort,
-            caps,
-            self.sync.policy,
-            identifier_kinds=mapping.kinds,
-            rules=self.env.rules,
-            cadence=cadence,
-        )
+    def _emit(self, events: Iterable[Event]) -> None:
+        for event in events:
+            emit(self.env.listeners, event)
 
     def _deliver(
         self, cohort: Cohort, destination: Destination, caps: Capabilities
-    ) -> tuple[RunStatus, Sync, str | None, bool]:
+    ) -> tuple[RunStatus, Sync]:
+        env = self.env
         record = self.record
         sync = self.sync
-        policy = sync.policy
-        now = self.env.clock.now()
-        ttl = caps.membership_ttl
-        ttl_due = ttl is not None and (
-            record.last_full_sync_at is None
-            or now - record.last_full_sync_at >= ttl * TTL_REFRESH_SHARE
-        )
-        delivered_count = self.env.storage.count_delivered(sync.id)
+        delivered_count = env.storage.count_delivered(sync.id)
         self.delivered_at_start = delivered_count
-        self.full = record.full_resync or (ttl_due and delivered_count > 0)
-        if self.full:
-            self.notes.append("full_resync" if record.full_resync else "ttl_refresh")
-        self.pending = self.env.storage.pending_batches(sync.id)
-        self._key_basis()
-        self.version = self.env.storage.delivered_version(sync.id)
-        diff, feed_cursor, from_feed = self._read(cohort, caps, delivered_count)
+        self.pending = env.storage.pending_batches(sync.id)
+        source = cohort.source
+        if source is None:
+            raise SourceError(cohort.id, "the cohort has no membership source registered")
+        plan = plan_read(
+            ReadFacts(
+                sync=sync,
+                slot=self.lease.current.slot,
+                last_slot=record.last_slot,
+                now=env.clock.now(),
+                full_resync=record.full_resync,
+                last_full_sync_at=record.last_full_sync_at,
+                capabilities=caps,
+                delivered=delivered_count,
+                pending=bool(self.pending),
+                resumed=self.resumed,
+                has_feed=has_change_feed(source),
+                feed_cursor=record.feed_cursor,
+            )
+        )
+        self.full = plan.full
+        if plan.reason is not None:
+            self.notes.append(plan.reason)
+        self._key_basis(own=plan.own_keys)
+        self.version = env.storage.delivered_version(sync.id)
+        diff, feed_cursor = self._read(cohort, plan, delivered_count)
         self.diff = diff
         if self.pending:
             self._recover(diff)
-        self._skip_invalid(cohort, diff, from_feed=from_feed)
+        self._skip_invalid(cohort, diff, from_feed=plan.from_feed)
 
         # Eligibility is re-checked at every run, with the size just measured.
         size = (
@@ -481,41 +409,64 @@ class _Run:
             if diff.size is not None
             else delivered_count + len(diff.adds) - len(diff.removes)
         )
-        new_sync, proceed = self._recheck(cohort.with_size(size), caps)
-        self.rechecked = new_sync
-        if not proceed:
+        recheck = plan_recheck(
+            sync,
+            cohort.with_size(size),
+            caps,
+            identifier_kinds=env.mapping(sync.mapping_id).kinds,
+            rules=env.rules,
+            at=env.clock.now(),
+        )
+        self.notes.extend(recheck.notes)
+        self._emit(recheck.events)
+        new_sync = self.rechecked = recheck.sync
+        if not recheck.proceed:
             diff.close()
-            return RunStatus.SKIPPED, new_sync, None, False
+            return RunStatus.SKIPPED, new_sync
 
-        send_removals = policy.send_removals and caps.supports_removals
-        guarded = send_removals and not sync.guard_released and self._guard(diff)
-        self.guarded = guarded
-        if sync.guard_released and not guarded:
+        guard = self._guard(diff, caps)
+        if guard.release_used:
             new_sync = attrs.evolve(new_sync, guard_released=False)
-        if not from_feed:
+        if not plan.from_feed:
             self._resolve_ledger(diff)
-        removes: Keys = [] if guarded else diff.removes
+        removes: Keys = [] if guard.guarded else diff.removes
         try:
-            self._send(destination, caps, diff, removes, send_removals=send_removals)
+            self._send(destination, caps, diff, removes, send_removals=guard.send_removals)
         finally:
             diff.close()
         if self.issues:
             self._flush_issues()
-        if guarded:
-            # Keep the cursor before the held removals: the feed reports them
-            # again (and the guard with them) until the host confirms.
-            feed_cursor = None
+        # A guarded run keeps the cursor before the held removals: the feed
+        # reports them again (and the guard with them) until the host confirms.
+        self.feed_cursor = None if guard.guarded else feed_cursor
         if self.counts.collisions:
             self.notes.append(f"shared_identifiers: {self.counts.collisions}")
         status = run_status(
-            guarded=guarded,
+            guarded=guard.guarded,
             rejected=self.counts.rejected,
             skipped=self.counts.skipped,
             failed=False,
             delivered_any=True,
         )
-        full_done = self.full or caps.full_sync_only or delivered_count == 0
-        return status, new_sync, feed_cursor, full_done
+        self.full_done = self.full or caps.full_sync_only or delivered_count == 0
+        return status, new_sync
+
+    def _guard(self, diff: Diff, caps: Capabilities) -> GuardPlan:
+        guard = plan_guard(
+            self.sync,
+            caps,
+            delivered=diff.delivered,
+            removing=len(diff.removes),
+            source_empty=diff.source_empty,
+            run_id=self.run_id,
+            at=self.env.clock.now(),
+        )
+        self.guarded = guard.guarded
+        if guard.note is not None:
+            self.notes.append(guard.note)
+        if guard.event is not None:
+            self._emit((guard.event,))
+        return guard
 
     def _skip_invalid(self, cohort: Cohort, diff: Diff, *, from_feed: bool) -> None:
         """
@@ -549,85 +500,42 @@ class _Run:
             )
 
     def _recover(self, diff: Diff) -> None:
-        """
-        Reconcile batches an earlier run sent (or may have sent) without
-        applying them: the destination may or may not hold those changes.
-
-        Whatever the operation of the newest record naming a member, the
-        destination's state of that member is unknown (an add may have
-        arrived, a removal may have arrived, or neither), so each is sent
-        again towards what the cohort says now: a member who is not
-        delivered and not being added now is removed (with the identifier it
-        was sent with); a delivered member who stays is added again. The
-        ordinary diff covers everyone else.
-        """
-        unknown = self._in_flight()
+        """Fold what earlier runs left in flight into the diff (see :func:`plan_recovery`)."""
+        unknown = in_flight_members(self.pending)
         held = self.env.storage.filter_delivered(self.sync.id, unknown)
-        existing = diff.existing or []
-        extra_adds = [
-            k
-            for k in unknown
-            if k in held
-            and not _has(diff.removes, k)
-            and not _has(existing, k)
-            and not _has(diff.adds, k)
-        ]
-        for key, member in unknown.items():
-            if key not in held and not _has(diff.adds, key):
-                self.recovered_ids[key] = member.identifier
-        if extra_adds or self.recovered_ids:
-            self.notes.append(f"recovered_in_flight: +{len(extra_adds)} -{len(self.recovered_ids)}")
-        diff.adds = _with(diff.adds, extra_adds)
-        diff.removes = _with(diff.removes, self.recovered_ids)
+        recovery = plan_recovery(
+            unknown, held, adds=diff.adds, removes=diff.removes, existing=diff.existing or []
+        )
+        self.recovered_ids = recovery.removes
+        if recovery.note is not None:
+            self.notes.append(recovery.note)
+        diff.adds = with_keys(diff.adds, recovery.adds)
+        diff.removes = with_keys(diff.removes, recovery.removes)
 
-    def _in_flight(self) -> dict[str, Member]:
-        """
-        Every member named in a pending batch record (its newest record wins
-        for the identifier it was sent with).
-        """
-        unknown: dict[str, Member] = {}
-        for pending in self.pending:
-            for m in pending.members:
-                unknown[m.key] = m
-        return unknown
-
-    def _key_basis(self) -> None:
+    def _key_basis(self, *, own: bool) -> None:
         """
         The basis of this run's idempotency keys: its slot, so a first
         attempt's keys are stable; but a run that resumes a slot an earlier
-        attempt sent requests for gets keys of its own. Within one slot a
-        member can be added, removed by a takeover and added again by the
-        next one: the same slot-derived key for the second add would make a
-        de-duplicating receiver drop it. A request re-sent unchanged keeps
+        attempt sent requests for gets keys of its own (*own*). Within one
+        slot a member can be added, removed by a takeover and added again by
+        the next one: the same slot-derived key for the second add would make
+        a de-duplicating receiver drop it. A request re-sent unchanged keeps
         its key through the pending record instead (see :meth:`_batch`).
         """
-        if self.pending or self.resumed:
+        if own:
             self.basis = f"{self.lease.current.slot.isoformat()}/{self.run_id}"
 
     def _batch(self, context: RunContext, operation: Operation, members: list[Member]) -> Batch:
         """
         Build the next batch. A batch identical to one still pending (sent by
         an earlier run, outcome unknown) keeps that batch's idempotency key:
-        it is the same request, re-sent. Only the newest record naming its
-        members qualifies: once a later request touched them (a removal
-        after an add), re-sending the old one under its key would be dropped
-        by a de-duplicating receiver as a repeat.
+        it is the same request, re-sent (see :func:`_plan.reusable_keys`).
         """
         batch = make_batch(context, operation, members, self._next_sequence(), self.basis)
         if self.pending:
             if self.reusable is None:
-                newest: dict[str, str] = {}
-                for p in self.pending:
-                    for m in p.members:
-                        newest[m.key] = p.idempotency_key
-                self.reusable = {
-                    _content_key(p.operation, [m.identifier.value for m in p.members]): (
-                        p.idempotency_key
-                    )
-                    for p in self.pending
-                    if all(newest[m.key] == p.idempotency_key for m in p.members)
-                }
-            earlier = self.reusable.get(_content_key(operation, batch.identifiers))
+                self.reusable = reusable_keys(self.pending)
+            earlier = self.reusable.get(content_key(operation, batch.identifiers))
             if earlier is not None:
                 batch = attrs.evolve(batch, idempotency_key=earlier)
         return batch
@@ -680,65 +588,46 @@ class _Run:
                 self.reusable = {c: k for c, k in self.reusable.items() if k != key}
 
     def _read(
-        self, cohort: Cohort, caps: Capabilities, delivered_count: int
-    ) -> tuple[Diff, str | None, bool]:
+        self, cohort: Cohort, plan: ReadPlan, delivered_count: int
+    ) -> tuple[Diff, str | None]:
         """
-        Read the source and diff it against the delivered state: from the
-        change feed when one can be used, else from the full snapshot.
+        Read the source and diff it against the delivered state, the way
+        *plan* says: from the change feed, or from the full snapshot (with
+        the in-memory state when the environment keeps one).
 
         Returns:
-            The diff, the feed cursor it brings the sync to (or ``None``), and
-            whether it came from the feed.
+            The diff, and the feed cursor it brings the sync to (or ``None``).
         """
         env = self.env
-        record = self.record
         sync = self.sync
         source = cohort.source
-        if source is None:
-            raise SourceError(cohort.id, "the cohort has no membership source registered")
+        assert source is not None  # noqa: S101 - checked by the caller
         # One read of the ledger serves both the dead letters (never re-added)
         # and the pending rejections _resolve_ledger settles.
         self.ledger = env.storage.ledger(sync.id)
         dead = {e.key for e in self.ledger if e.dead}
-        # Once an hour a real-time sync diffs the full snapshot even when it
-        # has a change feed: that reconciles anything a feed missed and
-        # retries members the destination rejected earlier. It is the first
-        # run of each hour (whatever minute it runs at: a coalesced minute
-        # must not postpone it by an hour). Removals the host confirmed are
-        # found again the same way, whatever feed window they were first seen in.
-        slot = self.lease.current.slot
-        last = record.last_slot
-        reconcile = (
-            last is None or _hour(slot) != _hour(last) or sync.guard_released or bool(self.pending)
-        )
-        if (
-            sync.cadence is Cadence.REALTIME
-            and not reconcile
-            and has_change_feed(source)
-            and record.feed_cursor is not None
-            and not self.full
-            and not caps.full_sync_only
-        ):
+        if plan.from_feed and has_change_feed(source):
             if env.cache is not None:
                 # Keep an in-memory state current through feed runs too, so the
                 # hourly reconciliation does not have to read the store.
                 self.state = env.cache.take(sync.id, self.version)
+            cursor = self.record.feed_cursor
+            assert cursor is not None  # noqa: S101 - the plan reads the feed only with one
             diff = diff_changes(
                 source,
                 cohort.id,
-                record.feed_cursor,
+                cursor,
                 lambda keys: env.storage.filter_delivered(sync.id, keys),
                 delivered_count,
                 exclude=dead,
             )
-            return diff, diff.feed_cursor, True
+            return diff, diff.feed_cursor
         feed_cursor: str | None = None
         feed: object = source
-        if sync.policy.cadence is Cadence.REALTIME and has_change_feed(feed):
+        if plan.take_cursor and has_change_feed(feed):
             # Take the cursor before reading, so changes made during the
             # read are seen again (idempotently) by the next run.
             feed_cursor = feed.cursor()
-        keep_existing = caps.full_sync_only or self.full
         cache = env.cache
         if (
             cache is None
@@ -750,10 +639,10 @@ class _Run:
                 cohort.id,
                 env.storage.iter_delivered(sync.id),
                 delivered_count,
-                keep_existing=keep_existing,
+                keep_existing=plan.keep_existing,
                 exclude=dead,
             )
-            return diff, feed_cursor, False
+            return diff, feed_cursor
         known = cache.take(sync.id, self.version)
         if known is not None and len(known) != delivered_count:
             known = None  # cannot happen with a conforming store; never trust it then
@@ -765,108 +654,10 @@ class _Run:
             known,
             lambda: env.storage.iter_delivered(sync.id),
             delivered_count,
-            keep_existing=keep_existing,
+            keep_existing=plan.keep_existing,
             exclude=dead,
         )
-        return diff, feed_cursor, False
-
-    def _guard(self, diff: Diff) -> bool:
-        """
-        The mass-removal guard, decided before anything is sent: whether this
-        run's removals must wait for the host to confirm them.
-        """
-        removing = len(diff.removes)
-        if not self.sync.policy.guard.trips(diff.delivered, removing, diff.source_empty):
-            return False
-        self.notes.append(
-            f"mass_removal_guard: would remove {removing} of {diff.delivered}"
-            + (" (source returned no members)" if diff.source_empty else "")
-        )
-        emit(
-            self.env.listeners,
-            GuardTripped(
-                sync_id=self.sync.id,
-                run_id=self.run_id,
-                delivered=diff.delivered,
-                removing=removing,
-                source_empty=diff.source_empty,
-                at=self.env.clock.now(),
-            ),
-        )
-        return True
-
-    def _recheck(self, cohort: Cohort, caps: Capabilities) -> tuple[Sync, bool]:
-        """
-        Re-check eligibility with the measured size; fall back or pause a
-        real-time sync that stopped being eligible, and come back when it is
-        eligible again. Returns the (possibly changed) sync and whether to deliver.
-        """
-        env = self.env
-        sync = self.sync
-        policy = sync.policy
-        result = self._check(cohort, caps, policy.cadence)
-        self.notes.extend(warning.code for warning in result.warnings)
-        if result.eligible:
-            if sync.effective_cadence is not None:
-                emit(
-                    env.listeners,
-                    EligibilityChanged(
-                        sync_id=sync.id,
-                        eligible=True,
-                        codes=(),
-                        cadence=policy.cadence.value,
-                        at=env.clock.now(),
-                    ),
-                )
-                self.notes.append("eligible_again")
-                return attrs.evolve(sync, effective_cadence=None, updated_at=env.clock.now()), True
-            return sync, True
-        codes = tuple(r.code for r in result.blocking)
-        self.notes.extend(codes)
-        if (
-            policy.cadence is Cadence.REALTIME
-            and policy.on_ineligible is OnIneligible.FALLBACK_HOURLY
-        ):
-            fallback = self._check(cohort, caps, Cadence.HOURLY)
-            if fallback.eligible:
-                if sync.effective_cadence is not Cadence.HOURLY:
-                    emit(
-                        env.listeners,
-                        EligibilityChanged(
-                            sync_id=sync.id,
-                            eligible=False,
-                            codes=codes,
-                            cadence="hourly",
-                            at=env.clock.now(),
-                        ),
-                    )
-                self.notes.append("fallback_hourly")
-                return attrs.evolve(
-                    sync, effective_cadence=Cadence.HOURLY, updated_at=env.clock.now()
-                ), True
-        reason = "; ".join(r.message for r in result.blocking)
-        emit(
-            env.listeners,
-            EligibilityChanged(
-                sync_id=sync.id,
-                eligible=False,
-                codes=codes,
-                cadence=policy.cadence.value,
-                at=env.clock.now(),
-            ),
-        )
-        emit(
-            env.listeners,
-            SyncFailed(
-                sync_id=sync.id, status=SyncStatus.PAUSED, reason=reason, at=env.clock.now()
-            ),
-        )
-        return attrs.evolve(
-            sync,
-            status=SyncStatus.PAUSED,
-            status_reason=f"ineligible: {reason}",
-            updated_at=env.clock.now(),
-        ), False
+        return diff, feed_cursor
 
     # -- sending ---------------------------------------------------------------
 
@@ -951,7 +742,7 @@ class _Run:
 
     def _is_leaving(self, key: str) -> bool:
         diff = self.diff
-        return diff is not None and (key in self.recovered_ids or _has(diff.removes, key))
+        return diff is not None and (key in self.recovered_ids or has_key(diff.removes, key))
 
     def _added_identifiers(self) -> dict[Identifier, list[str]]:
         """
@@ -983,7 +774,7 @@ class _Run:
             return False
         kind = self._kinds()[1]
         if kind is not None and self.resolved_adds is None:
-            return identifier.kind is kind and _has(diff.adds, identifier.value)
+            return identifier.kind is kind and has_key(diff.adds, identifier.value)
         return identifier in self._added_identifiers()
 
     def _mapping(self) -> IdentifierMapping:
@@ -1367,7 +1158,7 @@ class _Run:
         if not pending:
             return
         owed = (diff.adds, diff.removes, diff.existing or [])
-        stale = [k for k in pending if not any(_has(keys, k) for keys in owed)]
+        stale = [k for k in pending if not any(has_key(keys, k) for keys in owed)]
         if not stale:
             return
         # Applying a member as it already is clears its ledger entry and
@@ -1396,11 +1187,11 @@ class _Run:
         storage = self.env.storage
         self.version = storage.delivered_version(self.sync.id)
         self.pending = storage.pending_batches(self.sync.id)
-        self._key_basis()
+        self._key_basis(own=bool(self.pending) or self.resumed)
         keys = list(storage.iter_delivered(self.sync.id))
         # A pending removal may not have arrived either: every member named
         # in a pending record is removed, delivered or not.
-        unknown = self._in_flight()
+        unknown = in_flight_members(self.pending)
         if unknown:
             held = storage.filter_delivered(self.sync.id, unknown)
             for key, member in unknown.items():
@@ -1425,16 +1216,7 @@ class _Run:
         diff = Diff(adds=[], removes=keys, existing=None, size=0, delivered=len(keys))
         self.diff = diff
         self._send(destination, caps, diff, keys, send_removals=True)
-        status = RunStatus.PARTIAL if self.counts.rejected else RunStatus.SUCCEEDED
-        reason = "deleted: removed what it delivered"
-        if self.counts.rejected:
-            reason = (
-                f"deleted; the destination refused to remove {self.counts.rejected} "
-                "member(s), see the ledger"
-            )
-        return status, attrs.evolve(
-            self.sync, status=SyncStatus.DELETED, status_reason=reason, updated_at=now
-        )
+        return teardown_status(self.sync, rejected=self.counts.rejected, at=self.env.clock.now())
 
     def _flush_issues(self) -> None:
         for i in range(0, len(self.issues), ISSUE_CHUNK):
@@ -1443,93 +1225,15 @@ class _Run:
 
     # -- completion --------------------------------------------------------------
 
-    def _next_slot(self, sync: Sync, finished: datetime) -> tuple[datetime | None, int]:
-        policy, offset = grid_policy(self.record, sync)
-        lease = self.lease.current
-        try:
-            nxt = next_after_run(policy, offset, lease.slot, self.started, finished)
-        except ConfigurationError:
-            raise  # a damaged schedule row, not the end of time
-        except (OverflowError, ValueError):
-            # No next slot exists before year 10,000: say so, do not crash.
-            self.notes.append("no_next_slot: the clock is at the end of time")
-            return None, 0
-        return nxt.due, nxt.coalesced
-
-    def _schedule_next(
-        self,
-        new_sync: Sync,
-        next_trigger: Trigger,
-        error: BaseException | None,
-        finished: datetime,
-        *,
-        failed: bool,
-    ) -> tuple[datetime | None, Trigger, int, int, Sync]:
-        """
-        What comes after this run: the next due instant and trigger, the
-        consecutive-failure count, the slots coalesced, and the definition
-        (one-time syncs complete or fail here).
-        """
-        env = self.env
-        attempts = 0
-        coalesced = 0
-        one_time = new_sync.policy.cadence is Cadence.ONE_TIME
-        if new_sync.status is not SyncStatus.ACTIVE:
-            return None, next_trigger, attempts, coalesced, new_sync
-        if failed and (one_time or next_trigger is Trigger.TEARDOWN):
-            # Retried with backoff a bounded number of times, then `failed`.
-            attempts = self.record.attempts + 1
-            if attempts >= new_sync.policy.one_time_attempts:
-                what = (
-                    "removing the delivered members"
-                    if next_trigger is Trigger.TEARDOWN
-                    else "one-time sync"
-                )
-                reason = f"{what} failed {attempts} times: {error}"
-                new_sync = attrs.evolve(
-                    new_sync,
-                    status=SyncStatus.FAILED,
-                    status_reason=reason,
-                    updated_at=finished,
-                )
-                emit(
-                    env.listeners,
-                    SyncFailed(
-                        sync_id=new_sync.id,
-                        status=SyncStatus.FAILED,
-                        reason=reason,
-                        at=finished,
-                    ),
-                )
-                return None, next_trigger, attempts, coalesced, new_sync
-            backoff = new_sync.policy.retry.delay(attempts - 1, env.rng.random()) * 60
-            retry_at = add_saturating(finished, timedelta(seconds=backoff))
-            if next_trigger is not Trigger.TEARDOWN:
-                next_trigger = Trigger.ONE_TIME
-            return retry_at, next_trigger, attempts, coalesced, new_sync
-        if one_time:
-            new_sync = attrs.evolve(new_sync, status=SyncStatus.COMPLETED, updated_at=finished)
-            return None, next_trigger, attempts, coalesced, new_sync
-        next_due, coalesced = self._next_slot(new_sync, finished)
-        if next_due is not None and next_due <= finished:
-            # A slot fell due while this run ran: it runs next, at once.
-            self.notes.append(f"overran: the slot of {next_due.isoformat()} runs next")
-        return next_due, next_trigger, attempts, coalesced, new_sync
-
     def _complete(
         self,
         trigger: Trigger,
         status: RunStatus,
         error: BaseException | None,
         new_sync: Sync,
-        *,
-        feed_cursor: str | None,
-        full_done: bool,
     ) -> SyncRun:
         env = self.env
         lease = self.lease.current
-        finished = env.clock.now()
-        next_trigger = Trigger.SCHEDULED
         if error is None and self.teardown_error is not None:
             error = self.teardown_error
         if self.issues:
@@ -1537,59 +1241,43 @@ class _Run:
                 self._flush_issues()
             except CohortSyncError:
                 log.exception("could not record member issues of run %s", self.run_id)
-        failed = status is RunStatus.FAILED or (error is not None and status is RunStatus.PARTIAL)
-        if trigger is Trigger.TEARDOWN and new_sync.status is not SyncStatus.DELETED:
-            # The removals failed: what comes next is the teardown again (also
-            # after a resume), never a normal run that would deliver again.
-            next_trigger = Trigger.TEARDOWN
-        next_due, next_trigger, attempts, coalesced, new_sync = self._schedule_next(
-            new_sync, next_trigger, error, finished, failed=failed
-        )
-        run = SyncRun(
-            id=self.run_id,
-            sync_id=self.sync.id,
-            generation=lease.generation,
-            trigger=trigger,
-            slot=lease.slot,
-            started_at=self.started,
-            finished_at=finished,
-            status=status,
-            cadence=self.sync.cadence,
-            added=self.counts.added,
-            removed=self.counts.removed,
-            skipped=self.counts.skipped,
-            rejected=self.counts.rejected,
-            batches=self.counts.batches,
-            retries=self.sender.retries if self.sender else 0,
-            full_sync=self.full,
-            error_type=None if error is None else type(error).__name__,
-            error_message=None if error is None else _message(error),
-            notes=tuple(self.notes),
-            collisions=self.counts.collisions,
-            coalesced=coalesced,
-        )
-        env.storage.complete_run(
-            lease,
-            Completion(
-                run=run,
-                next_due=next_due,
-                next_trigger=next_trigger,
-                sync=new_sync if new_sync != self.sync else None,
-                attempts=attempts,
-                # A failed run delivered only part of the window: read it again.
-                feed_cursor=feed_cursor if error is None else None,
-                full_sync_done=full_done and status is RunStatus.SUCCEEDED,
-                # Pending batches are settled once a run delivered its whole
-                # diff (their reconciliation included); else the next run
-                # reconciles them again, which is harmless.
-                resolved=(
-                    tuple(p.idempotency_key for p in self.pending)
-                    if error is None and not self.guarded and status is not RunStatus.SKIPPED
-                    else ()
+        counts = self.counts
+        plan = plan_completion(
+            Outcome(
+                run_id=self.run_id,
+                sync=self.sync,
+                new_sync=new_sync,
+                offset=self.record.offset,
+                attempts=self.record.attempts,
+                slot=lease.slot,
+                generation=lease.generation,
+                trigger=trigger,
+                started=self.started,
+                finished=env.clock.now(),
+                status=status,
+                error_type=None if error is None else type(error).__name__,
+                error_message=None if error is None else _message(error),
+                tally=Tally(
+                    added=counts.added,
+                    removed=counts.removed,
+                    rejected=counts.rejected,
+                    batches=counts.batches,
+                    collisions=counts.collisions,
                 ),
-                scheduled_from=finished,
-            ),
+                skipped=counts.skipped,
+                retries=self.sender.retries if self.sender else 0,
+                full=self.full,
+                notes=tuple(self.notes),
+                feed_cursor=self.feed_cursor,
+                full_done=self.full_done,
+                guarded=self.guarded,
+                pending=tuple(p.idempotency_key for p in self.pending),
+                jitter=env.rng.random(),
+            )
         )
+        self._emit(plan.events)
+        env.storage.complete_run(lease, plan.completion)
+        run = plan.run
         log.info(
             "sync %s run %s %s: +%d -%d skipped=%d rejected=%d batches=%d",
             run.sync_id,
@@ -1651,11 +1339,3 @@ def _heals_by_itself(error: BaseException) -> bool:
 
 def _message(error: BaseException) -> str:
     return str(error)[:2_000]
-
-
-def _hour(when: datetime) -> int:
-    delta = when - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) // 3_600
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

@@ -29,18 +29,29 @@ from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
+import attrs
+
 from cohortsync._clock import require_aware
 from cohortsync._policy import Cadence, SyncPolicy
+from cohortsync._sync import Sync, Trigger
 from cohortsync.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
 __all__ = [
+    "NextRun",
+    "effective_trigger",
+    "fallback_offset",
+    "grid_policy",
+    "hour_of",
+    "next_after_run",
     "next_due",
     "next_due_ts",
+    "next_slot_after",
     "period_seconds",
     "slot_of",
+    "slots_between",
     "spread_ratio",
     "stable_offset",
 ]
@@ -294,6 +305,143 @@ def spread_ratio(offsets: Iterable[int], period_seconds: int, bucket_seconds: in
     if not total:
         raise ConfigurationError("offsets", [], "must not be empty")
     return max(counts) * len(counts) / total
+
+
+# -- a run's place on the grid ----------------------------------------------
+
+
+def effective_trigger(
+    trigger: Trigger, cadence: Cadence, slot: datetime, started: datetime
+) -> Trigger:
+    """
+    Why a claimed slot runs, as docs/concepts/history.md defines it: a
+    scheduled or real-time slot that starts more than one period late is a
+    ``catch_up``; host-requested runs (manual, one-time, teardown) keep their
+    trigger whatever the delay.
+    """
+    if trigger not in (Trigger.SCHEDULED, Trigger.REALTIME):
+        return trigger
+    if cadence is Cadence.ONE_TIME:
+        return Trigger.ONE_TIME
+    period = cadence.period
+    if period is not None and started - slot >= period:
+        return Trigger.CATCH_UP
+    return Trigger.REALTIME if cadence is Cadence.REALTIME else Trigger.SCHEDULED
+
+
+@attrs.frozen
+class NextRun:
+    """
+    When a recurring sync is due after a run, and how many grid slots the run
+    coalesced (slots strictly between the run's own slot and the next one:
+    missed before it started, or passed while it ran).
+    """
+
+    due: datetime | None
+    coalesced: int = 0
+
+
+def slots_between(policy: SyncPolicy, offset: int, low: datetime, high: datetime) -> int:
+    """
+    How many grid slots lie strictly between *low* and *high*, in constant time.
+    """
+    if high <= low or policy.cadence is Cadence.ONE_TIME:
+        return 0
+    first = next_due(policy, low, offset, low)
+    if first is None or first >= high:
+        return 0
+    last = slot_of(policy, high - _TICK, offset=offset)
+    if last < first:
+        return 0
+    if policy.timezone is None:
+        period = period_seconds(policy.cadence)
+        assert period is not None  # noqa: S101 - recurring cadences have one
+        return int((last - first).total_seconds()) // period + 1
+    # One slot per local day: count local dates (a skipped local day has none,
+    # a rare over-count by one that only affects the reported number).
+    from zoneinfo import ZoneInfo  # noqa: PLC0415 - only zoned policies need it
+
+    zone = ZoneInfo(policy.timezone)
+    return (last.astimezone(zone).date() - first.astimezone(zone).date()).days + 1
+
+
+_TICK = timedelta(microseconds=1)
+
+
+def next_after_run(
+    policy: SyncPolicy,
+    offset: int,
+    slot: datetime,
+    started: datetime,
+    finished: datetime,
+) -> NextRun:
+    """
+    The next due slot of a recurring sync after a run of *slot* that ran from
+    *started* to *finished*, on the slot grid of *policy* and *offset*.
+
+    Slots that fell due before the run started are covered by it (one
+    catch-up run, never a burst). A slot that fell due while the run was
+    running is not dropped: it is due at once (the overrun delays it, and the
+    slots before it are coalesced into it). Otherwise the next slot is the
+    first one after the run finished. Either way the count of skipped slots
+    is returned, so every slot is run or accounted for.
+    """
+    anchor = min(slot, started)
+    last = slot_of(policy, finished, offset=offset)
+    if last > started and last > slot:
+        due = last
+    else:
+        # From when it finished, not from its slot: a slot the store put ahead
+        # of a clock that went back must not hold the sync until then.
+        due_or_none = next_due(policy, anchor, offset, finished)
+        assert due_or_none is not None  # noqa: S101 - recurring policies always have one
+        due = due_or_none
+    return NextRun(due=due, coalesced=slots_between(policy, offset, slot, due))
+
+
+def fallback_offset(sync_id: str, cadence: Cadence) -> int:
+    """
+    The offset of a sync on the grid of a cadence it was given no slot for
+    (a real-time sync falling back to hourly): derived from its id, so the
+    fallback runs keep one time in the hour on every worker.
+    """
+    period = period_seconds(cadence)
+    return 0 if period is None else stable_offset(sync_id, period)
+
+
+def grid_policy(sync: Sync, offset: int) -> tuple[SyncPolicy, int]:
+    """
+    The policy whose slot grid *sync* runs on now (its effective cadence,
+    which differs from the policy's while a real-time sync falls back), and
+    the offset on that grid (*offset* is the one allocated for the policy's
+    own cadence).
+    """
+    cadence = sync.cadence
+    policy = sync.policy
+    if cadence is policy.cadence:
+        return policy, offset
+    policy = attrs.evolve(policy, cadence=cadence, timezone=None)
+    return policy, fallback_offset(sync.id, cadence)
+
+
+def next_slot_after(sync: Sync, anchor: datetime, offset: int, after: datetime) -> datetime | None:
+    """
+    The sync's first slot after *after* on its current grid, or ``None``
+    when none exists before the end of time (year 9999).
+    """
+    policy, grid_offset = grid_policy(sync, offset)
+    try:
+        return next_due(policy, anchor, grid_offset, after)
+    except ConfigurationError:
+        raise  # a damaged schedule row, not the end of time
+    except (OverflowError, ValueError):
+        return None
+
+
+def hour_of(when: datetime) -> int:
+    """The hour since the epoch that *when* falls in."""
+    delta = when - _EPOCH
+    return (delta.days * _DAY + delta.seconds) // 3_600
 
 
 def _next_local(zone: ZoneInfo, offset: int, after: datetime) -> datetime:

@@ -33,7 +33,7 @@ from cohortsync._diff import diff_snapshot, head
 from cohortsync._events import Listener
 from cohortsync._plan import repeated_failure
 from cohortsync._policy import Cadence, OnDelete, SyncPolicy
-from cohortsync._run import RunEnvironment, execute, next_due_after
+from cohortsync._run import RunEnvironment, execute
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync._validators import check_count, check_id
 from cohortsync.advice import Recommendation, recommend
@@ -709,7 +709,7 @@ class Scheduler:
                 out.append(Upcoming(at, record.id, trigger))
                 if record.sync.policy.cadence is Cadence.ONE_TIME or trigger is Trigger.TEARDOWN:
                     break
-                at = next_due_after(record, record.sync, at)
+                at = _schedule.next_slot_after(record.sync, record.anchor, record.offset, at)
                 trigger = Trigger.SCHEDULED
         out.sort(key=lambda u: (u.at, u.sync_id))
         return out
@@ -872,7 +872,7 @@ class Scheduler:
         next_due: datetime | None = None
         if new_sync is None and sync.status is SyncStatus.ACTIVE:
             try:
-                next_due = next_due_after(record, sync, now)
+                next_due = _schedule.next_slot_after(sync, record.anchor, record.offset, now)
             except (OverflowError, ValueError, ConfigurationError):
                 next_due = None
             if next_due is None:
@@ -928,7 +928,7 @@ class Scheduler:
                 sync.cadence is not Cadence.ONE_TIME
             ):
                 try:
-                    due = next_due_after(record, sync, now)
+                    due = _schedule.next_slot_after(sync, record.anchor, record.offset, now)
                 except (OverflowError, ValueError):
                     due = now
             if record.next_due is not None and due is not None and due >= record.next_due:
