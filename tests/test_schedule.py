@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import itertools
 import random
+from collections.abc import Iterator
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -15,15 +16,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cohortsync import _schedule
 from cohortsync._policy import Cadence, SyncPolicy
 from cohortsync._schedule import (
+    effective_trigger,
+    next_after_run,
     next_due,
     next_due_ts,
     period_seconds,
     slot_of,
+    slots_between,
     spread_ratio,
     stable_offset,
 )
+from cohortsync._sync import Trigger
 from cohortsync.exceptions import ConfigurationError
 from strategies import (
     DST_TIMEZONES,
@@ -783,3 +789,111 @@ class TestSpreadRatio:
             spread_ratio(offsets, 3_600, bucket)
 
         assert field == info.value.field
+
+
+# -- a run's place on the grid --------------------------------------------------
+
+RUN_LOW = datetime.fromisoformat("2000-01-01T00:00:00+00:00")
+RUN_HIGH = datetime.fromisoformat("2090-01-01T00:00:00+00:00")
+RUN_ANCHOR = datetime.fromisoformat("1999-01-01T00:00:00+00:00")
+
+
+def run_grid(policy: SyncPolicy, offset: int, low: datetime, high: datetime) -> Iterator[datetime]:
+    """Every grid slot strictly between *low* and *high*, by walking next_due."""
+    at = _schedule.next_due(policy, RUN_ANCHOR, offset, low)
+    while at is not None and at < high:
+        yield at
+        at = _schedule.next_due(policy, RUN_ANCHOR, offset, at)
+
+
+lateness = st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=3))
+
+
+class TestEffectiveTrigger:
+    @given(
+        trigger=st.sampled_from(Trigger),
+        cadence=st.sampled_from(Cadence),
+        slot=aware_datetimes(RUN_LOW, RUN_HIGH),
+        late=lateness,
+    )
+    def test_follows_the_history_definitions(
+        self, trigger: Trigger, cadence: Cadence, slot: datetime, late: timedelta
+    ) -> None:
+        """Late by a period or more is a catch-up; host-requested triggers never change."""
+        got = effective_trigger(trigger, cadence, slot, slot + late)
+
+        if trigger not in (Trigger.SCHEDULED, Trigger.REALTIME):
+            assert trigger == got
+        elif cadence is Cadence.ONE_TIME:
+            assert Trigger.ONE_TIME == got
+        elif cadence.period is not None and late >= cadence.period:
+            assert Trigger.CATCH_UP == got
+        else:
+            expected = Trigger.REALTIME if cadence is Cadence.REALTIME else Trigger.SCHEDULED
+            assert expected == got
+
+
+class TestSlotsBetween:
+    @given(
+        schedule=schedules(cadences=UTC_CADENCES),
+        low=aware_datetimes(RUN_LOW, RUN_HIGH),
+        span=st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=4)),
+    )
+    def test_counts_the_grid_strictly_between(
+        self, schedule: tuple[SyncPolicy, int], low: datetime, span: timedelta
+    ) -> None:
+        policy, offset = schedule
+        high = low + span
+        if policy.cadence is Cadence.REALTIME and span > timedelta(hours=6):
+            high = low + timedelta(hours=6)  # keep the brute force small
+
+        assert len(list(run_grid(policy, offset, low, high))) == slots_between(
+            policy, offset, low, high
+        )
+
+
+class TestNextAfterRun:
+    @given(
+        schedule=schedules(cadences=UTC_CADENCES),
+        slot=aware_datetimes(RUN_LOW, RUN_HIGH),
+        on_grid=st.booleans(),
+        late=lateness,
+        took=st.timedeltas(min_value=timedelta(0), max_value=timedelta(hours=30)),
+    )
+    def test_every_slot_is_run_or_counted(
+        self,
+        schedule: tuple[SyncPolicy, int],
+        slot: datetime,
+        on_grid: bool,
+        late: timedelta,
+        took: timedelta,
+    ) -> None:
+        """
+        The next due slot is on the grid and after the run's own slot; it is
+        the first slot after the run finished, unless a slot fell due while
+        the run ran (then that one, at once); and every grid slot skipped in
+        between is counted as coalesced.
+        """
+        policy, offset = schedule
+        if on_grid:  # a scheduled slot; otherwise a host's "now"
+            slot = _schedule.slot_of(policy, slot, offset=offset)
+        started = slot + late
+        finished = started + took
+
+        nxt = next_after_run(policy, offset, slot, started, finished)
+
+        assert nxt.due is not None
+        assert nxt.due > slot
+        assert nxt.due == _schedule.slot_of(policy, nxt.due, offset=offset)
+        passed = list(run_grid(policy, offset, max(slot, started), finished))
+        # Slots due at or before the start are covered by this run (a catch-up).
+        if finished > max(slot, started) and finished == _schedule.slot_of(
+            policy, finished, offset=offset
+        ):
+            passed.append(finished)
+        if passed:
+            assert passed[-1] == nxt.due  # it fell due while the run ran: next, at once
+        else:
+            assert nxt.due > finished
+            assert nxt.due == _schedule.next_due(policy, RUN_ANCHOR, offset, finished)
+        assert slots_between(policy, offset, slot, nxt.due) == nxt.coalesced

@@ -9,6 +9,8 @@ from datetime import datetime, timedelta, timezone
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cohortsync as cs
 from cohortsync import exceptions
@@ -494,3 +496,150 @@ class TestLongWaits:
 
         assert [[]] == grabbed
         assert [cs.RunStatus.SUCCEEDED] == [r.status for r in runs]
+
+
+class _Feed:
+    """A source with a change feed: a log of changes, the cursor an index into it."""
+
+    def __init__(self, keys: set[str]) -> None:
+        self.keys = set(keys)
+        self.log: list[tuple[set[str], set[str]]] = []
+
+    def members(self) -> list[str]:
+        return sorted(self.keys)
+
+    def cursor(self) -> str:
+        return str(len(self.log))
+
+    def changes_since(self, cursor: str) -> cs.Changes:
+        added: set[str] = set()
+        removed: set[str] = set()
+        for entered, left in self.log[int(cursor) :]:
+            added = (added - left) | (entered - removed)
+            removed = (removed - entered) | (left - added)
+        return cs.Changes(tuple(sorted(added)), tuple(sorted(removed)), self.cursor())
+
+    def change(self, add: set[str], remove: set[str]) -> None:
+        self.keys = (self.keys | add) - remove
+        self.log.append((add, remove))
+
+
+class _Flaky(RecordingDestination):
+    """Raises a host bug on adds while ``broken``: the outcome of the request is unknown."""
+
+    broken = False
+
+    def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        if self.broken:
+            msg = "connection reset after sending"
+            raise OSError(msg)
+        return super().add(batch)
+
+
+def _sent(env: Env, run: cs.SyncRun) -> dict[cs.Operation, set[str]]:
+    out: dict[cs.Operation, set[str]] = {op: set() for op in cs.Operation}
+    for b in env.destination.batches:
+        if b.run_id == run.id:
+            out[b.operation].update(b.keys)
+    return out
+
+
+NO_GUARD = cs.MassRemovalGuard(enabled=False)
+AUDIENCES = st.lists(
+    st.frozensets(st.sampled_from([f"u{i}" for i in range(12)])), min_size=1, max_size=4
+)
+
+
+class TestPreviewIsWhatARunDoes:
+    """preview() asks the same planner as a run: what it shows is what the next run sends."""
+
+    @settings(max_examples=40, deadline=None)
+    @given(
+        audiences=AUDIENCES,
+        full_sync_only=st.booleans(),
+        resync_at=st.none() | st.integers(0, 3),
+    )
+    def test_counts_match_the_next_run(
+        self, audiences: list[frozenset[str]], full_sync_only: bool, resync_at: int | None
+    ) -> None:
+        """Adds, removes and full re-sends previewed are exactly what the next run sends."""
+        clock = FakeClock(datetime(2030, 1, 7, 10, 0, tzinfo=timezone.utc))
+        caps = cs.Capabilities(full_sync_only=full_sync_only, max_batch_size=5)
+        env = make_env(clock, RecordingDestination(caps))
+        env.create(cs.SyncPolicy.hourly(guard=NO_GUARD))
+        env.scheduler.run_due()
+        for step, audience in enumerate(audiences):
+            env.source.keys = set(audience)
+            if step == resync_at:
+                env.scheduler.request_full_resync("s1")
+            clock.advance(HOUR)
+
+            preview = env.scheduler.preview("s1")
+            (run,) = env.scheduler.run_due()
+
+            sent = _sent(env, run)
+            assert preview.adds + (0 if full_sync_only else preview.resent) == len(
+                sent[cs.Operation.ADD]
+            )
+            if full_sync_only:
+                assert preview.resent == len(sent[cs.Operation.EXISTING])
+            assert preview.removes == len(sent[cs.Operation.REMOVE])
+            assert (run.full_sync or full_sync_only) == preview.full_sync
+            assert set(preview.sample_adds) <= sent[cs.Operation.ADD]
+            assert set(preview.sample_removes) <= sent[cs.Operation.REMOVE]
+
+    def test_a_change_feed_is_previewed_from_the_feed(self, clock: FakeClock) -> None:
+        """A real-time sync with a change feed previews the changes since its cursor."""
+        feed = _Feed({"u1", "u2", "u3"})
+        env = make_env(clock)
+        env.scheduler.add_cohort(cs.Cohort(id="c1", name="Cohort one", source=feed), replace=True)
+        env.create(cs.SyncPolicy.realtime(guard=NO_GUARD))
+        env.scheduler.run_due()
+        feed.change({"u4", "u5"}, {"u1"})
+        clock.advance(timedelta(minutes=1))
+
+        preview = env.scheduler.preview("s1")
+        (run,) = env.scheduler.run_due()
+
+        assert (True, None) == (preview.from_feed, preview.size)
+        assert (2, 1) == (preview.adds, preview.removes)
+        assert (2, 1) == (run.added, run.removed)
+
+    def test_batches_left_in_flight_are_previewed(self, clock: FakeClock) -> None:
+        """Members a failed run left in flight are in the preview, as the next run re-sends them."""
+        flaky = _Flaky()
+        env = make_env(clock, flaky)
+        env.create(cs.SyncPolicy.hourly(guard=NO_GUARD))
+        env.scheduler.run_due()
+        env.source.keys = {"u1", "u2", "u3", "u4"}
+        flaky.broken = True
+        clock.advance(HOUR)
+        (failed,) = env.scheduler.run_due()
+        assert cs.RunStatus.FAILED is failed.status
+        assert env.storage.pending_batches("s1")
+        flaky.broken = False
+        env.source.keys = {"u1", "u2", "u3"}  # u4 left again before the retry
+
+        preview = env.scheduler.preview("s1")
+        clock.advance(HOUR)
+        (run,) = env.scheduler.run_due()
+
+        assert any(n.startswith("recovered_in_flight") for n in preview.notes)
+        assert (0, 1) == (preview.adds, preview.removes)
+        assert (0, 1) == (run.added, run.removed)
+        assert {"u1", "u2", "u3"} == env.destination.members
+
+    def test_an_ineligible_sync_previews_the_pause(self, clock: FakeClock) -> None:
+        """A real-time sync whose cohort type cannot be real-time previews the skipped run."""
+        env = make_env(clock)
+        env.create(cs.SyncPolicy.realtime(on_ineligible=cs.OnIneligible.PAUSE))
+        env.scheduler.add_cohort(
+            cs.Cohort(id="c1", name="Cohort one", type=cs.CohortType.FUNNEL, source=env.source),
+            replace=True,
+        )
+
+        preview = env.scheduler.preview("s1")
+
+        assert (False, False) == (preview.proceed, preview.eligibility.eligible)
+        assert "realtime_cohort_type" in preview.notes
+        assert cs.SyncStatus.ACTIVE is env.scheduler.get_sync("s1").status

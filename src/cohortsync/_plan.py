@@ -299,12 +299,14 @@ class Recheck:
         proceed: Whether the run delivers.
         notes: For the run's history.
         events: For the listeners, in order.
+        eligibility: The check for the policy's own cadence.
     """
 
     sync: Sync
     proceed: bool
     notes: tuple[str, ...]
     events: tuple[Event, ...]
+    eligibility: Eligibility
 
 
 def plan_recheck(
@@ -338,7 +340,7 @@ def plan_recheck(
     warnings = tuple(w.code for w in result.warnings)
     if result.eligible:
         if sync.effective_cadence is None:
-            return Recheck(sync, proceed=True, notes=warnings, events=())
+            return Recheck(sync, proceed=True, notes=warnings, events=(), eligibility=result)
         back = EligibilityChanged(
             sync_id=sync.id, eligible=True, codes=(), cadence=policy.cadence.value, at=at
         )
@@ -347,6 +349,7 @@ def plan_recheck(
             proceed=True,
             notes=(*warnings, "eligible_again"),
             events=(back,),
+            eligibility=result,
         )
     codes = tuple(r.code for r in result.blocking)
     notes = (*warnings, *codes)
@@ -367,6 +370,7 @@ def plan_recheck(
             proceed=True,
             notes=(*notes, "fallback_hourly"),
             events=events,
+            eligibility=result,
         )
     reason = "; ".join(r.message for r in result.blocking)
     return Recheck(
@@ -381,6 +385,7 @@ def plan_recheck(
             ),
             SyncFailed(sync_id=sync.id, status=SyncStatus.PAUSED, reason=reason, at=at),
         ),
+        eligibility=result,
     )
 
 

@@ -25,13 +25,21 @@ from typing_extensions import Self
 from cohortsync import _schedule
 from cohortsync._cache import DeliveredCache
 from cohortsync._clock import Clock, SystemClock, add_saturating, require_aware
-from cohortsync._cohort import Cohort
+from cohortsync._cohort import Cohort, has_change_feed
 from cohortsync._converter import unstructure
 from cohortsync._delivery import RateLimiter, shared_limiter
 from cohortsync._destination import Capabilities, Destination
-from cohortsync._diff import diff_snapshot, head
+from cohortsync._diff import diff_changes, diff_snapshot, head, with_keys
 from cohortsync._events import Listener
-from cohortsync._plan import repeated_failure
+from cohortsync._plan import (
+    ReadFacts,
+    in_flight_members,
+    plan_guard,
+    plan_read,
+    plan_recheck,
+    plan_recovery,
+    repeated_failure,
+)
 from cohortsync._policy import Cadence, OnDelete, SyncPolicy
 from cohortsync._run import RunEnvironment, execute
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
@@ -97,15 +105,31 @@ class Preview:
 
     sync_id: str
     size: int | None
+    """Members the cohort has now (``None`` when read from a change feed)."""
     delivered: int
+    """Members the destination holds as far as cohortsync knows."""
     adds: int
+    """Members a run would add (members left in flight by a crashed run included)."""
     removes: int
+    """Members a run would remove, before the guard and the policy's removal setting."""
     invalid: int
+    """Keys the source yielded that a run would skip as invalid."""
     guarded: bool
+    """The mass-removal guard would hold the removals."""
     full_sync: bool
+    """A run would send the whole audience (full resync, TTL refresh, full-sync-only)."""
     eligibility: Eligibility
+    """Eligibility at the measured size, for the policy's cadence."""
     sample_adds: tuple[str, ...] = attrs.field(repr=False)
     sample_removes: tuple[str, ...] = attrs.field(repr=False)
+    resent: int = 0
+    """Staying members a full send would send again."""
+    from_feed: bool = False
+    """A run would read the change feed rather than the full snapshot."""
+    proceed: bool = True
+    """A run would deliver (False: it would be skipped and the sync paused)."""
+    notes: tuple[str, ...] = ()
+    """The notes a run would record for its decisions (as in its history)."""
 
 
 def _default_owner() -> str:
@@ -718,7 +742,14 @@ class Scheduler:
 
     def preview(self, sync_id: str, *, sample_size: int = 10) -> Preview:
         """
-        What a run would add and remove now, without sending anything.
+        What a run would do now, without sending anything.
+
+        The preview asks the same planner as a run: it reads the change feed
+        when a run would, includes members an interrupted run left in
+        flight, counts what a full send (a resync request, a TTL refresh, a
+        full-sync-only destination) would send again, and applies the
+        eligibility re-check and the mass-removal guard at the measured size.
+        Nothing is written and nothing is sent.
 
         Raises:
             SourceError: The membership source failed.
@@ -727,41 +758,109 @@ class Scheduler:
         sync = record.sync
         cohort = self.cohort(sync.cohort_id)
         caps = self.destination(sync.destination_id).capabilities
-        if cohort.source is None:
+        source = cohort.source
+        if source is None:
             raise SourceError(cohort.id, "the cohort has no membership source registered")
-        delivered = self.storage.count_delivered(sync_id)
-        diff = diff_snapshot(
-            cohort.source,
-            cohort.id,
-            self.storage.iter_delivered(sync_id),
-            delivered,
-            keep_existing=False,
-            exclude=self.storage.dead_letters(sync_id),
+        storage = self.storage
+        now = self._now()
+        delivered = storage.count_delivered(sync_id)
+        pending = storage.pending_batches(sync_id)
+        due = record.next_due
+        plan = plan_read(
+            ReadFacts(
+                sync=sync,
+                slot=due if due is not None and due <= now else now,
+                last_slot=record.last_slot,
+                now=now,
+                full_resync=record.full_resync,
+                last_full_sync_at=record.last_full_sync_at,
+                capabilities=caps,
+                delivered=delivered,
+                pending=bool(pending),
+                resumed=False,
+                has_feed=has_change_feed(source),
+                feed_cursor=record.feed_cursor,
+            )
         )
-        removing = len(diff.removes) if sync.policy.send_removals and caps.supports_removals else 0
-        guarded = not sync.guard_released and sync.policy.guard.trips(
-            delivered, removing, diff.source_empty
-        )
-        eligibility = check_eligibility(
-            cohort.with_size(diff.size),
-            caps,
-            sync.policy,
-            identifier_kinds=self.mapping(sync.mapping_id).kinds,
-            rules=self.rules,
-        )
-        return Preview(
-            sync_id=sync_id,
-            size=diff.size,
-            delivered=delivered,
-            adds=len(diff.adds),
-            removes=len(diff.removes),
-            invalid=len(diff.invalid),
-            guarded=guarded,
-            full_sync=record.full_resync or caps.full_sync_only,
-            eligibility=eligibility,
-            sample_adds=tuple(head(diff.adds, sample_size)),
-            sample_removes=tuple(head(diff.removes, sample_size)),
-        )
+        notes: list[str] = [] if plan.reason is None else [plan.reason]
+        dead = storage.dead_letters(sync_id)
+        feed: object = source
+        if plan.from_feed and has_change_feed(feed) and record.feed_cursor is not None:
+            diff = diff_changes(
+                feed,
+                cohort.id,
+                record.feed_cursor,
+                lambda keys: storage.filter_delivered(sync_id, keys),
+                delivered,
+                exclude=dead,
+            )
+        else:
+            diff = diff_snapshot(
+                source,
+                cohort.id,
+                storage.iter_delivered(sync_id),
+                delivered,
+                keep_existing=plan.keep_existing,
+                exclude=dead,
+            )
+        try:
+            if pending:
+                unknown = in_flight_members(pending)
+                recovery = plan_recovery(
+                    unknown,
+                    storage.filter_delivered(sync_id, unknown),
+                    adds=diff.adds,
+                    removes=diff.removes,
+                    existing=diff.existing or [],
+                )
+                diff.adds = with_keys(diff.adds, recovery.adds)
+                diff.removes = with_keys(diff.removes, recovery.removes)
+                if recovery.note is not None:
+                    notes.append(recovery.note)
+            size = (
+                diff.size
+                if diff.size is not None
+                else delivered + len(diff.adds) - len(diff.removes)
+            )
+            recheck = plan_recheck(
+                sync,
+                cohort.with_size(size),
+                caps,
+                identifier_kinds=self.mapping(sync.mapping_id).kinds,
+                rules=self.rules,
+                at=now,
+            )
+            notes.extend(recheck.notes)
+            guard = plan_guard(
+                sync,
+                caps,
+                delivered=diff.delivered,
+                removing=len(diff.removes),
+                source_empty=diff.source_empty,
+                run_id="preview",
+                at=now,
+            )
+            if guard.note is not None:
+                notes.append(guard.note)
+            return Preview(
+                sync_id=sync_id,
+                size=diff.size,
+                delivered=delivered,
+                adds=len(diff.adds),
+                removes=len(diff.removes),
+                invalid=len(diff.invalid),
+                guarded=guard.guarded,
+                full_sync=plan.full or caps.full_sync_only,
+                eligibility=recheck.eligibility,
+                sample_adds=tuple(head(diff.adds, sample_size)),
+                sample_removes=tuple(head(diff.removes, sample_size)),
+                resent=len(diff.existing or ()),
+                from_feed=plan.from_feed,
+                proceed=recheck.proceed,
+                notes=tuple(notes),
+            )
+        finally:
+            diff.close()
 
     # -- running ---------------------------------------------------------------
 
