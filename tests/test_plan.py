@@ -27,6 +27,7 @@ from cohortsync._plan import (
     plan_completion,
     plan_failure,
     plan_guard,
+    plan_isolation,
     plan_read,
     plan_recheck,
     plan_recovery,
@@ -547,3 +548,63 @@ class TestPlanCompletion:
             assert completion.next_due is not None
         if teardown_again:
             assert Trigger.TEARDOWN is completion.next_trigger
+
+
+class TestPlanIsolation:
+    @given(
+        policy=sync_policies(),
+        repeats=st.integers(0, 6),
+        now=instants,
+    )
+    def test_off_the_schedule_until_its_next_slot_or_paused(
+        self, policy: SyncPolicy, repeats: int, now: datetime
+    ) -> None:
+        """
+        An isolated run is recorded as failed; the sync is due again at its
+        next slot (never now), or paused once the same failure repeated.
+        """
+        sync = make_sync(policy)
+        earlier = [
+            SyncRun(
+                id=f"r{i}",
+                sync_id="s1",
+                generation=1,
+                trigger=Trigger.SCHEDULED,
+                slot=T0,
+                started_at=T0,
+                finished_at=T0,
+                status=RunStatus.FAILED,
+                cadence=policy.cadence,
+                error_type="CorruptStoreError",
+                error_message="bad row",
+            )
+            for i in range(repeats)
+        ]
+
+        completion = plan_isolation(
+            sync,
+            anchor=T0,
+            offset=0,
+            attempts=0,
+            run_id="r9",
+            slot=now,
+            generation=1,
+            trigger=Trigger.SCHEDULED,
+            error_type="CorruptStoreError",
+            message="bad row",
+            earlier=earlier,
+            pause_after=5,
+            now=now,
+            retry_in=timedelta(minutes=5),
+        )
+
+        assert RunStatus.FAILED is completion.run.status
+        paused = repeats >= 4
+        assert paused == (completion.sync is not None)
+        if paused:
+            assert completion.sync is not None
+            assert SyncStatus.PAUSED is completion.sync.status
+            assert completion.next_due is None
+        else:
+            assert completion.next_due is not None
+            assert completion.next_due > now

@@ -65,6 +65,7 @@ __all__ = [
     "plan_completion",
     "plan_failure",
     "plan_guard",
+    "plan_isolation",
     "plan_read",
     "plan_recheck",
     "plan_recovery",
@@ -847,3 +848,71 @@ def plan_completion(outcome: Outcome) -> CompletionPlan:
         scheduled_from=o.finished,
     )
     return CompletionPlan(completion=completion, events=tuple(events))
+
+
+ISOLATED_NOTE = "isolated: the run could not be completed; other syncs went on"
+
+
+def plan_isolation(
+    sync: Sync,
+    *,
+    anchor: datetime,
+    offset: int,
+    attempts: int,
+    run_id: str,
+    slot: datetime,
+    generation: int,
+    trigger: Trigger,
+    error_type: str,
+    message: str,
+    earlier: Sequence[SyncRun],
+    pause_after: int,
+    now: datetime,
+    retry_in: timedelta,
+) -> Completion:
+    """
+    What is recorded for a run that could not be run or recorded normally (a
+    damaged row, a store error on its record, a bug): a failed run with its
+    error, and the sync off the schedule until its next slot (or *retry_in*
+    when it has none) so the other due syncs go on. The same failure
+    *pause_after* times in a row pauses the sync, whatever its cadence: an
+    isolated run has no retries of its own to bound it.
+    """
+    new_sync: Sync | None = None
+    if pause_after and repeated_failure(error_type, message, earlier, pause_after):
+        new_sync = attrs.evolve(
+            sync,
+            status=SyncStatus.PAUSED,
+            status_reason=f"failed {pause_after} runs in a row with {error_type}: {message}",
+            updated_at=now,
+        )
+    next_due: datetime | None = None
+    if new_sync is None and sync.status is SyncStatus.ACTIVE:
+        try:
+            next_due = _schedule.next_slot_after(sync, anchor, offset, now)
+        except (OverflowError, ValueError, ConfigurationError):
+            next_due = None
+        if next_due is None:
+            next_due = add_saturating(now, retry_in)
+    run = SyncRun(
+        id=run_id,
+        sync_id=sync.id,
+        generation=generation,
+        trigger=trigger,
+        slot=slot,
+        started_at=now,
+        finished_at=now,
+        status=RunStatus.FAILED,
+        cadence=sync.cadence,
+        error_type=error_type,
+        error_message=message,
+        notes=(ISOLATED_NOTE,),
+    )
+    return Completion(
+        run=run,
+        next_due=next_due,
+        next_trigger=Trigger.SCHEDULED,
+        sync=new_sync,
+        attempts=attempts,
+        scheduled_from=now,
+    )

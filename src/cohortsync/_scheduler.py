@@ -35,14 +35,14 @@ from cohortsync._plan import (
     ReadFacts,
     in_flight_members,
     plan_guard,
+    plan_isolation,
     plan_read,
     plan_recheck,
     plan_recovery,
-    repeated_failure,
 )
 from cohortsync._policy import Cadence, OnDelete, SyncPolicy
 from cohortsync._run import RunEnvironment, execute
-from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
+from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
 from cohortsync._validators import check_count, check_id
 from cohortsync.advice import Recommendation, recommend
 from cohortsync.eligibility import DEFAULT_RULES, Eligibility, Ruleset, check_eligibility
@@ -61,7 +61,6 @@ from cohortsync.exceptions import (
 from cohortsync.identifiers import IdentifierMapping
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
-    Completion,
     Lease,
     LedgerEntry,
     Storage,
@@ -954,58 +953,28 @@ class Scheduler:
             # report the damage to the host.
             return None
         sync = record.sync
-        message = str(error)[:2_000]
-        new_sync: Sync | None = None
-        if self.pause_after_failures and repeated_failure(
-            type(error).__name__, message, earlier, self.pause_after_failures
-        ):
-            new_sync = attrs.evolve(
-                sync,
-                status=SyncStatus.PAUSED,
-                status_reason=(
-                    f"failed {self.pause_after_failures} runs in a row with "
-                    f"{type(error).__name__}: {message}"
-                ),
-                updated_at=now,
-            )
-        next_due: datetime | None = None
-        if new_sync is None and sync.status is SyncStatus.ACTIVE:
-            try:
-                next_due = _schedule.next_slot_after(sync, record.anchor, record.offset, now)
-            except (OverflowError, ValueError, ConfigurationError):
-                next_due = None
-            if next_due is None:
-                next_due = add_saturating(now, self.lease_for)
-        run = SyncRun(
-            id=secrets.token_hex(8),
-            sync_id=sync.id,
+        completion = plan_isolation(
+            sync,
+            anchor=record.anchor,
+            offset=record.offset,
+            attempts=record.attempts,
+            run_id=secrets.token_hex(8),
+            slot=lease.slot,
             generation=lease.generation,
             trigger=lease.trigger,
-            slot=lease.slot,
-            started_at=now,
-            finished_at=now,
-            status=RunStatus.FAILED,
-            cadence=sync.cadence,
             error_type=type(error).__name__,
-            error_message=message,
-            notes=("isolated: the run could not be completed; other syncs went on",),
+            message=str(error)[:2_000],
+            earlier=earlier,
+            pause_after=self.pause_after_failures,
+            now=now,
+            retry_in=self.lease_for,
         )
         try:
-            self.storage.complete_run(
-                lease,
-                Completion(
-                    run=run,
-                    next_due=next_due,
-                    next_trigger=Trigger.SCHEDULED,
-                    sync=new_sync,
-                    attempts=record.attempts,
-                    scheduled_from=now,
-                ),
-            )
+            self.storage.complete_run(lease, completion)
         except CohortSyncError:
             log.exception("sync %s: could not record the isolated run either", sync.id)
             return None
-        return run
+        return completion.run
 
     def _rebase_if_clock_went_back(self) -> None:
         """
