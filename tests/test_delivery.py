@@ -930,9 +930,13 @@ class TestRejectionLedger:
 
         assert "partial" == row["status"]
         assert [
-            {"key": "m0001", "kind": IssueKind.REJECTED, "reason": "unknown user"},
-            {"key": "", "kind": IssueKind.SKIPPED, "reason": "invalid_key: empty"},
+            {"key": "m0001", "kind": "rejected", "reason": "unknown user"},
+            {"key": "", "kind": "skipped", "reason": "invalid_key: empty"},
         ] == row["members"]
+        # Plain text, not IssueKind members: the export is JSON-ready data.
+        members = row["members"]
+        assert isinstance(members, list)
+        assert [str, str] == [type(m["kind"]) for m in members]
         json.dumps(row)
 
     def test_export_of_a_realtime_sync_has_no_member_lists(self, clock: FakeClock) -> None:

@@ -44,6 +44,7 @@ from cohortsync import (
     Trigger,
 )
 from cohortsync.exceptions import CohortSyncError, ConfigurationError
+from cohortsync.storage import IssueKind, MemberIssue
 
 UTC = timezone.utc
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -764,3 +765,32 @@ class TestRetryPolicy:
         """A huge attempt number waits max_delay instead of overflowing."""
         assert 300.0 == RetryPolicy().delay(10_000, 0.5)
         assert 300.0 == RetryPolicy(multiplier=10).delay(10_000, 0.5)
+
+
+class TestIssueKind:
+    """Issue kinds are a closed str enum whose values are the stored text."""
+
+    def test_values_are_the_stored_text(self) -> None:
+        """The members' values are the strings stores have always written."""
+        assert {"skipped": IssueKind.SKIPPED, "rejected": IssueKind.REJECTED} == {
+            k.value: k for k in IssueKind
+        }
+
+    def test_equal_to_and_shown_as_text(self) -> None:
+        """A kind equals its value, and str() and f-strings show the value."""
+        assert "rejected" == IssueKind.REJECTED
+        assert "skipped" == str(IssueKind.SKIPPED)
+        assert "skipped" == f"{IssueKind.SKIPPED}"
+
+    def test_member_issue_converts_stored_text(self) -> None:
+        """A MemberIssue built from a store's text holds the IssueKind member."""
+        issue = MemberIssue(run_id="r1", key="m1", kind="rejected", reason="no")
+
+        assert IssueKind.REJECTED is issue.kind
+
+    def test_member_issue_refuses_unknown_kind(self) -> None:
+        """An unknown kind is a ConfigurationError naming the field and the value."""
+        with pytest.raises(ConfigurationError) as info:
+            MemberIssue(run_id="r1", key="m1", kind="lost", reason="no")
+
+        assert ("kind", "lost") == (info.value.field, info.value.value)

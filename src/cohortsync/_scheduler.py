@@ -1021,7 +1021,7 @@ class Scheduler:
             row: dict[str, object] = unstructure(run)
             if members and run.cadence is not Cadence.REALTIME:
                 row["members"] = [
-                    {"key": i.key, "kind": i.kind, "reason": i.reason}
+                    {"key": i.key, "kind": i.kind.value, "reason": i.reason}
                     for i in self.storage.run_issues(run.id)
                 ]
             out.append(row)
