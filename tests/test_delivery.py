@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from cohortsync import (
     Batch,
+    Cadence,
     Capabilities,
     Changes,
     Cohort,
@@ -1738,7 +1739,7 @@ class TestHistoryAndEvents:
         assert [3, 2, 1] == [e.size for e in delivered]
         assert {first.id} == {e.run_id for e in delivered[:2]}
         (changed,) = [e for e in events if isinstance(e, EligibilityChanged)]
-        assert (False, ("realtime_cohort_type",), "hourly") == (
+        assert (False, ("realtime_cohort_type",), Cadence.HOURLY) == (
             changed.eligible,
             changed.codes,
             changed.cadence,

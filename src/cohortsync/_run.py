@@ -814,7 +814,7 @@ class _Run:
                         sync_id=sync.id,
                         eligible=True,
                         codes=(),
-                        cadence=policy.cadence.value,
+                        cadence=policy.cadence,
                         at=env.clock.now(),
                     ),
                 )
@@ -836,7 +836,7 @@ class _Run:
                             sync_id=sync.id,
                             eligible=False,
                             codes=codes,
-                            cadence="hourly",
+                            cadence=Cadence.HOURLY,
                             at=env.clock.now(),
                         ),
                     )
@@ -851,7 +851,7 @@ class _Run:
                 sync_id=sync.id,
                 eligible=False,
                 codes=codes,
-                cadence=policy.cadence.value,
+                cadence=policy.cadence,
                 at=env.clock.now(),
             ),
         )
