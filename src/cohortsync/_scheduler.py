@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import PurePath
 from types import TracebackType
-from typing import Literal
+from typing import Literal, get_args
 
 import attrs
 from typing_extensions import Self
@@ -71,6 +71,8 @@ class _Keep(enum.Enum):
 
 KEEP = _Keep.KEEP
 """Default of :meth:`Scheduler.update_sync` arguments: leave the current value."""
+
+_SlotAllocation = Literal["balanced", "hash"]
 
 MAX_UPCOMING_PER_SYNC = 10_000
 
@@ -198,13 +200,13 @@ class Scheduler:
         lease_for: timedelta = timedelta(minutes=5),
         rules: Ruleset = DEFAULT_RULES,
         retention: timedelta = timedelta(days=14),
-        slot_allocation: str = "balanced",
+        slot_allocation: _SlotAllocation = "balanced",
         listeners: Iterable[Listener] = (),
         seed: int | None = None,
         state_cache_keys: int = 5_000_000,
         pause_after_failures: int = 5,
     ) -> None:
-        if slot_allocation not in ("balanced", "hash"):
+        if slot_allocation not in get_args(_SlotAllocation):
             raise ConfigurationError(
                 "slot_allocation", slot_allocation, "must be 'balanced' or 'hash'"
             )
@@ -220,7 +222,7 @@ class Scheduler:
         self.lease_for = lease_for
         self.rules = rules
         self.retention = retention
-        self.slot_allocation = slot_allocation
+        self.slot_allocation: _SlotAllocation = slot_allocation
         self._listeners: list[Listener] = list(listeners)
         self._cohorts: dict[str, Cohort] = {}
         self._destinations: dict[str, Destination] = {}
