@@ -5,6 +5,7 @@ the field and the value, good values behave, and reprs help without leaking.
 
 from __future__ import annotations
 
+import inspect
 import math
 from datetime import datetime, timedelta, timezone
 from typing import Any, get_args
@@ -749,6 +750,57 @@ class TestNamedConstructors:
     def test_literals_spell_every_enum_value(self, literal: Any, enum_type: type[Any]) -> None:
         """The Literal types of string spellings list exactly the enum's values."""
         assert {m.value for m in enum_type} == set(get_args(literal))
+
+
+#: A value other than the default for every Capabilities field.
+CAPABILITY_CHANGES: dict[str, object] = {
+    "name": "Custom (EU)",
+    "supports_realtime": False,
+    "supports_removals": False,
+    "full_sync_only": True,
+    "max_batch_size": 7,
+    "max_parallel": 3,
+    "rate_limit": RateLimit(requests=5, per_seconds=1.0),
+    "min_audience_size": 100,
+    "accepted_identifiers": frozenset({IdentifierKind.EMAIL}),
+    "membership_ttl": timedelta(days=30),
+}
+
+
+class TestCapabilitiesEvolve:
+    """Capabilities.evolve takes every field by name and changes only those given."""
+
+    @pytest.mark.parametrize("field", [f.name for f in attrs.fields(Capabilities)])
+    def test_every_field(self, field: str) -> None:
+        """Each field can be changed, and the others keep their value."""
+        changed = Capabilities().evolve(**{field: CAPABILITY_CHANGES[field]})
+
+        assert attrs.evolve(Capabilities(), **{field: CAPABILITY_CHANGES[field]}) == changed
+
+    def test_nothing_given_keeps_everything(self) -> None:
+        """evolve() without arguments is an equal copy."""
+        preset = cohortsync.destinations.catalog.FACEBOOK_ADS
+
+        assert preset == preset.evolve()
+
+    def test_none_is_a_value(self) -> None:
+        """Passing None clears an optional field; leaving it out keeps it."""
+        preset = cohortsync.destinations.catalog.FACEBOOK_ADS
+
+        assert None is preset.evolve(rate_limit=None).rate_limit
+        assert preset.rate_limit == preset.evolve(max_parallel=2).rate_limit
+
+    def test_identifier_kinds_by_value(self) -> None:
+        """accepted_identifiers takes kinds or their values, as the class does."""
+        changed = Capabilities().evolve(accepted_identifiers=["email", IdentifierKind.PHONE])
+
+        assert frozenset({IdentifierKind.EMAIL, IdentifierKind.PHONE}) == (
+            changed.accepted_identifiers
+        )
+
+    def test_keep_shows_as_keep(self) -> None:
+        """The default of evolve's arguments reads KEEP in signatures and docs."""
+        assert "KEEP" == repr(inspect.signature(Capabilities.evolve).parameters["name"].default)
 
 
 class TestMassRemovalGuard:

@@ -5,7 +5,6 @@ The :class:`Scheduler`: the object a host builds in every worker process.
 from __future__ import annotations
 
 import contextlib
-import enum
 import inspect
 import logging
 import os
@@ -31,6 +30,7 @@ from cohortsync._delivery import RateLimiter, shared_limiter
 from cohortsync._destination import Capabilities, Destination
 from cohortsync._diff import diff_snapshot, head
 from cohortsync._events import Listener
+from cohortsync._keep import KEEP, Keep
 from cohortsync._plan import repeated_failure
 from cohortsync._policy import Cadence, OnDelete, SyncPolicy
 from cohortsync._run import RunEnvironment, execute, next_due_after
@@ -60,17 +60,10 @@ from cohortsync.storage._protocol import (
     SyncRecord,
 )
 
-__all__ = ["KEEP", "Preview", "Scheduler", "Upcoming"]
+__all__ = ["Preview", "Scheduler", "Upcoming"]
 
 log = logging.getLogger("cohortsync")
 
-
-class _Keep(enum.Enum):
-    KEEP = "keep"
-
-
-KEEP = _Keep.KEEP
-"""Default of :meth:`Scheduler.update_sync` arguments: leave the current value."""
 
 _SlotAllocation = Literal["balanced", "hash"]
 
@@ -489,7 +482,7 @@ class Scheduler:
         sync_id: str,
         policy: SyncPolicy | None = None,
         *,
-        mapping_id: str | Literal[_Keep.KEEP] | None = KEEP,
+        mapping_id: str | Keep | None = KEEP,
     ) -> Sync:
         """
         Change a sync's policy (and mapping): a new generation, a new slot, and
