@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import PurePath
 from types import TracebackType
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import attrs
 from typing_extensions import Self
@@ -1013,7 +1013,8 @@ class Scheduler:
         """
         out: list[dict[str, object]] = []
         for run in self.history(sync_id):
-            row: dict[str, object] = unstructure(run)
+            # An attrs value unstructures to a dict (see _converter.unstructure).
+            row = cast("dict[str, object]", unstructure(run))
             if members and run.cadence is not Cadence.REALTIME:
                 row["members"] = [
                     {"key": i.key, "kind": i.kind.value, "reason": i.reason}
