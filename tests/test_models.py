@@ -43,6 +43,8 @@ from cohortsync import (
     SyncRun,
     SyncStatus,
     Trigger,
+    _cohort,
+    _destination,
     _policy,
 )
 from cohortsync.exceptions import CohortSyncError, ConfigurationError
@@ -745,6 +747,8 @@ class TestNamedConstructors:
             (_policy._CadenceValue, Cadence),
             (_policy._OnDeleteValue, OnDelete),
             (_policy._OnIneligibleValue, OnIneligible),
+            (_cohort._CohortTypeValue, CohortType),
+            (_destination._IdentifierKindValue, IdentifierKind),
         ],
     )
     def test_literals_spell_every_enum_value(self, literal: Any, enum_type: type[Any]) -> None:

@@ -52,6 +52,13 @@ CASES: dict[str, tuple[str, set[str]]] = {
         'cs.Capabilities().evolve(accepted_identifiers=["email", cs.IdentifierKind.PHONE])',
         set(),
     ),
+    # Other closed sets a host spells.
+    "cohort_type_typo": ('cs.Cohort(id="c", name="C", type="dynamic")', {"arg-type"}),
+    "cohort_type": ('cs.Cohort(id="c", name="C", type="behavioral")', set()),
+    "identifier_kind_typo": ('cs.Identifier("mail", "a@example.com")', {"arg-type"}),
+    "identifier_kind": ('cs.Identifier("email", "a@example.com")', set()),
+    "mapping_kind_typo": ('cs.IdentifierMapping(rules=[("mail", str.lower)])', {"list-item"}),
+    "mapping_kind": ('cs.IdentifierMapping(rules=[("email", str.lower)])', set()),
     # The scheduler's slot allocation.
     "allocation_typo": ('cs.Scheduler(MemoryStorage(), slot_allocation="hashed")', {"arg-type"}),
     "allocation": ('cs.Scheduler(MemoryStorage(), slot_allocation="hash")', set()),

@@ -174,7 +174,7 @@ class Capabilities:
         )
 
 
-def _to_kind(value: object) -> IdentifierKind:
+def _to_kind(value: IdentifierKind | _IdentifierKindValue) -> IdentifierKind:
     return v.to_enum(IdentifierKind, "kind")(value)
 
 
