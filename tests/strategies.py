@@ -534,7 +534,7 @@ def events() -> st.SearchStrategy[Event]:
             sync_id=ids(),
             eligible=st.booleans(),
             codes=st.lists(texts(), max_size=3).map(tuple),
-            cadence=st.sampled_from([c.value for c in Cadence]),
+            cadence=st.sampled_from(Cadence),
             at=at,
         ),
         st.builds(

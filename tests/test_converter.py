@@ -21,7 +21,7 @@ import cohortsync
 import strategies as s
 from cohortsync import _converter
 from cohortsync.advice import Recommendation
-from cohortsync.events import Event
+from cohortsync.events import EligibilityChanged, Event
 from cohortsync.exceptions import ConfigurationError
 from cohortsync.serialization import dumps, loads, make_converter
 from cohortsync.storage import AppliedBatch, Completion, Lease, LedgerEntry, MemberIssue, SyncRecord
@@ -137,6 +137,21 @@ class TestRoundTrip:
         assert ["advertising_id", "email_sha256", "phone_sha256"] == data["accepted_identifiers"]
         assert 540 * 86_400 == data["membership_ttl"]
         assert "daily" == _converter.unstructure(cohortsync.SyncPolicy.daily())["cadence"]
+
+    def test_event_cadence(self) -> None:
+        """An event's cadence is its plain value in JSON and a Cadence when loaded."""
+        event = EligibilityChanged(
+            sync_id="s1",
+            eligible=False,
+            codes=("realtime_cohort_type",),
+            cadence=cohortsync.Cadence.HOURLY,
+            at=NOW,
+        )
+
+        text = dumps(event)
+
+        assert "hourly" == json.loads(text)["cadence"]
+        assert cohortsync.Cadence.HOURLY is loads(text, EligibilityChanged).cadence
 
     def test_catalog_presets(self) -> None:
         """Every catalog preset round-trips."""

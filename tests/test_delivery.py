@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from cohortsync import (
     Batch,
+    Cadence,
     Capabilities,
     Changes,
     Cohort,
@@ -930,9 +931,13 @@ class TestRejectionLedger:
 
         assert "partial" == row["status"]
         assert [
-            {"key": "m0001", "kind": IssueKind.REJECTED, "reason": "unknown user"},
-            {"key": "", "kind": IssueKind.SKIPPED, "reason": "invalid_key: empty"},
+            {"key": "m0001", "kind": "rejected", "reason": "unknown user"},
+            {"key": "", "kind": "skipped", "reason": "invalid_key: empty"},
         ] == row["members"]
+        # Plain text, not IssueKind members: the export is JSON-ready data.
+        members = row["members"]
+        assert isinstance(members, list)
+        assert [str, str] == [type(m["kind"]) for m in members]
         json.dumps(row)
 
     def test_export_of_a_realtime_sync_has_no_member_lists(self, clock: FakeClock) -> None:
@@ -1734,7 +1739,7 @@ class TestHistoryAndEvents:
         assert [3, 2, 1] == [e.size for e in delivered]
         assert {first.id} == {e.run_id for e in delivered[:2]}
         (changed,) = [e for e in events if isinstance(e, EligibilityChanged)]
-        assert (False, ("realtime_cohort_type",), "hourly") == (
+        assert (False, ("realtime_cohort_type",), Cadence.HOURLY) == (
             changed.eligible,
             changed.codes,
             changed.cadence,

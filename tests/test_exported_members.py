@@ -15,6 +15,7 @@ import sys
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -151,6 +152,15 @@ def _unannotated(func: Callable[..., object]) -> list[str]:
     if sig.return_annotation is inspect.Signature.empty:
         missing.append("return")
     return missing
+
+
+def _returned(func: Callable[..., object]) -> str:
+    # Annotations are strings here (`from __future__ import annotations`).
+    return str(inspect.signature(func).return_annotation)
+
+
+def _returns_any(annotation: str) -> bool:
+    return re.search(r"\bAny\b", annotation) is not None
 
 
 class TestIsortKey:
@@ -318,6 +328,27 @@ class TestTyping:
         missing = {f_name: gaps for f_name, func in functions if (gaps := _unannotated(func))}
 
         assert {} == missing
+
+    @pytest.mark.parametrize(("name", "obj"), PUBLIC, ids=[name for name, _ in PUBLIC])
+    def test_no_any_returned(self, name: str, obj: object) -> None:
+        """No public function or method returns Any: a host's mypy would stop checking there."""
+        if inspect.isfunction(obj):
+            functions: list[tuple[str, Callable[..., object]]] = [(name, obj)]
+        elif inspect.isclass(obj):
+            functions = [(f"{name}.{m}", f) for m, f in _methods(obj)]
+        else:
+            functions = []
+
+        assert {} == {f_name: r for f_name, func in functions if _returns_any(r := _returned(func))}
+
+    def test_any_check_finds_any(self) -> None:
+        """The Any check itself notices Any in a return annotation, and only there."""
+
+        def loose(a: Any) -> dict[str, Any]:
+            return {"a": a}
+
+        assert _returns_any(_returned(loose))
+        assert not _returns_any(_returned(_returned))
 
     def test_annotation_check_finds_gaps(self) -> None:
         """The annotation check itself notices a missing annotation."""

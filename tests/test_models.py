@@ -5,9 +5,10 @@ the field and the value, good values behave, and reprs help without leaking.
 
 from __future__ import annotations
 
+import inspect
 import math
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, get_args
 from zoneinfo import ZoneInfo
 
 import attrs
@@ -42,8 +43,12 @@ from cohortsync import (
     SyncRun,
     SyncStatus,
     Trigger,
+    _cohort,
+    _destination,
+    _policy,
 )
 from cohortsync.exceptions import CohortSyncError, ConfigurationError
+from cohortsync.storage import IssueKind, MemberIssue
 
 UTC = timezone.utc
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -272,11 +277,11 @@ class TestValidators:
         assert "timezone" == info.value.field
         assert zone == info.value.value
 
-    @pytest.mark.parametrize("make", [SyncPolicy.hourly, SyncPolicy.realtime, SyncPolicy.one_time])
-    def test_timezone_only_on_daily(self, make: Any) -> None:
+    @pytest.mark.parametrize("cadence", [Cadence.HOURLY, Cadence.REALTIME, Cadence.ONE_TIME])
+    def test_timezone_only_on_daily(self, cadence: Cadence) -> None:
         """Only daily syncs follow local days; other cadences refuse a time zone."""
         with pytest.raises(ConfigurationError, match="only daily") as info:
-            make(timezone="Europe/Berlin")
+            SyncPolicy(cadence=cadence, timezone="Europe/Berlin")
 
         assert "timezone" == info.value.field
 
@@ -639,6 +644,169 @@ class TestReprs:
         assert "size=-1: must be >= 0" == str(err)
 
 
+#: Each named constructor, the cadence it sets, and the options it takes
+#: beyond the ones every cadence takes.
+CONSTRUCTORS = [
+    (SyncPolicy.one_time, Cadence.ONE_TIME, set()),
+    (SyncPolicy.hourly, Cadence.HOURLY, set()),
+    (SyncPolicy.daily, Cadence.DAILY, {"timezone"}),
+    (SyncPolicy.realtime, Cadence.REALTIME, {"on_ineligible"}),
+]
+CONSTRUCTOR_IDS = [c.value for _, c, _ in CONSTRUCTORS]
+EVERY_CADENCE = {
+    "send_removals",
+    "guard",
+    "on_delete",
+    "retry",
+    "one_time_attempts",
+    "rejection_attempts",
+}
+#: A value other than the default for every option.
+NOT_DEFAULT: dict[str, object] = {
+    "timezone": "Europe/Berlin",
+    "send_removals": False,
+    "guard": MassRemovalGuard.disabled(),
+    "on_ineligible": OnIneligible.PAUSE,
+    "on_delete": OnDelete.REMOVE_DELIVERED,
+    "retry": RetryPolicy(max_retries=0),
+    "one_time_attempts": 2,
+    "rejection_attempts": 7,
+}
+OPTIONS = [
+    (make, option) for make, _, extra in CONSTRUCTORS for option in sorted(EVERY_CADENCE | extra)
+]
+
+
+class TestNamedConstructors:
+    """SyncPolicy's named constructors take exactly their cadence's options, as keywords."""
+
+    @pytest.mark.parametrize(("make", "cadence", "extra"), CONSTRUCTORS, ids=CONSTRUCTOR_IDS)
+    def test_defaults_are_the_class_defaults(
+        self, make: Any, cadence: Cadence, extra: set[str]
+    ) -> None:
+        """Without options, a constructor builds the policy the class builds for its cadence."""
+        assert SyncPolicy(cadence=cadence) == make()
+
+    @pytest.mark.parametrize(
+        ("make", "option"), OPTIONS, ids=[f"{m.__name__}-{o}" for m, o in OPTIONS]
+    )
+    def test_every_option_is_passed_on(self, make: Any, option: str) -> None:
+        """Each option a constructor takes reaches the policy."""
+        assert NOT_DEFAULT[option] == getattr(make(**{option: NOT_DEFAULT[option]}), option)
+
+    @pytest.mark.parametrize(("make", "cadence", "extra"), CONSTRUCTORS, ids=CONSTRUCTOR_IDS)
+    def test_options_of_other_cadences_refused(
+        self, make: Any, cadence: Cadence, extra: set[str]
+    ) -> None:
+        """A time zone (daily only) or on_ineligible (real time only) elsewhere is a TypeError."""
+        for option in {"timezone", "on_ineligible"} - extra:
+            with pytest.raises(TypeError, match=f"unexpected keyword argument '{option}'"):
+                make(**{option: NOT_DEFAULT[option]})
+
+    @pytest.mark.parametrize(("make", "cadence", "extra"), CONSTRUCTORS, ids=CONSTRUCTOR_IDS)
+    def test_misspelled_option_refused(self, make: Any, cadence: Cadence, extra: set[str]) -> None:
+        """A misspelled option is a TypeError naming it, as before the options were spelled out."""
+        with pytest.raises(TypeError, match="unexpected keyword argument 'send_removal'"):
+            make(send_removal=False)
+
+    @pytest.mark.parametrize(("make", "cadence", "extra"), CONSTRUCTORS, ids=CONSTRUCTOR_IDS)
+    def test_options_are_keywords(self, make: Any, cadence: Cadence, extra: set[str]) -> None:
+        """Options cannot be passed by position (daily's time zone is the one exception)."""
+        args = ("UTC", False) if cadence is Cadence.DAILY else (False,)
+
+        with pytest.raises(TypeError, match="positional argument"):
+            make(*args)
+
+    def test_enum_options_take_their_values(self) -> None:
+        """on_delete and on_ineligible also take their string values."""
+        policy = SyncPolicy.realtime(on_ineligible="pause", on_delete="remove_delivered")
+
+        assert OnIneligible.PAUSE is policy.on_ineligible
+        assert OnDelete.REMOVE_DELIVERED is policy.on_delete
+
+    @pytest.mark.parametrize(
+        ("option", "value"),
+        [
+            ("rejection_attempts", 0),
+            ("one_time_attempts", "5"),
+            ("send_removals", "no"),
+            ("on_delete", "remove"),
+            ("on_ineligible", "later"),
+        ],
+    )
+    def test_bad_values_are_configuration_errors(self, option: str, value: object) -> None:
+        """A bad value passed to a named constructor is the class's ConfigurationError."""
+        with pytest.raises(ConfigurationError) as info:
+            SyncPolicy.realtime(**{option: value})
+
+        assert (option, value) == (info.value.field, info.value.value)
+
+    @pytest.mark.parametrize(
+        ("literal", "enum_type"),
+        [
+            (_policy._CadenceValue, Cadence),
+            (_policy._OnDeleteValue, OnDelete),
+            (_policy._OnIneligibleValue, OnIneligible),
+            (_cohort._CohortTypeValue, CohortType),
+            (_destination._IdentifierKindValue, IdentifierKind),
+        ],
+    )
+    def test_literals_spell_every_enum_value(self, literal: Any, enum_type: type[Any]) -> None:
+        """The Literal types of string spellings list exactly the enum's values."""
+        assert {m.value for m in enum_type} == set(get_args(literal))
+
+
+#: A value other than the default for every Capabilities field.
+CAPABILITY_CHANGES: dict[str, object] = {
+    "name": "Custom (EU)",
+    "supports_realtime": False,
+    "supports_removals": False,
+    "full_sync_only": True,
+    "max_batch_size": 7,
+    "max_parallel": 3,
+    "rate_limit": RateLimit(requests=5, per_seconds=1.0),
+    "min_audience_size": 100,
+    "accepted_identifiers": frozenset({IdentifierKind.EMAIL}),
+    "membership_ttl": timedelta(days=30),
+}
+
+
+class TestCapabilitiesEvolve:
+    """Capabilities.evolve takes every field by name and changes only those given."""
+
+    @pytest.mark.parametrize("field", [f.name for f in attrs.fields(Capabilities)])
+    def test_every_field(self, field: str) -> None:
+        """Each field can be changed, and the others keep their value."""
+        changed = Capabilities().evolve(**{field: CAPABILITY_CHANGES[field]})
+
+        assert attrs.evolve(Capabilities(), **{field: CAPABILITY_CHANGES[field]}) == changed
+
+    def test_nothing_given_keeps_everything(self) -> None:
+        """evolve() without arguments is an equal copy."""
+        preset = cohortsync.destinations.catalog.FACEBOOK_ADS
+
+        assert preset == preset.evolve()
+
+    def test_none_is_a_value(self) -> None:
+        """Passing None clears an optional field; leaving it out keeps it."""
+        preset = cohortsync.destinations.catalog.FACEBOOK_ADS
+
+        assert None is preset.evolve(rate_limit=None).rate_limit
+        assert preset.rate_limit == preset.evolve(max_parallel=2).rate_limit
+
+    def test_identifier_kinds_by_value(self) -> None:
+        """accepted_identifiers takes kinds or their values, as the class does."""
+        changed = Capabilities().evolve(accepted_identifiers=["email", IdentifierKind.PHONE])
+
+        assert frozenset({IdentifierKind.EMAIL, IdentifierKind.PHONE}) == (
+            changed.accepted_identifiers
+        )
+
+    def test_keep_shows_as_keep(self) -> None:
+        """The default of evolve's arguments reads KEEP in signatures and docs."""
+        assert "KEEP" == repr(inspect.signature(Capabilities.evolve).parameters["name"].default)
+
+
 class TestMassRemovalGuard:
     """The guard holds back removals that look like an accident, and only those."""
 
@@ -764,3 +932,32 @@ class TestRetryPolicy:
         """A huge attempt number waits max_delay instead of overflowing."""
         assert 300.0 == RetryPolicy().delay(10_000, 0.5)
         assert 300.0 == RetryPolicy(multiplier=10).delay(10_000, 0.5)
+
+
+class TestIssueKind:
+    """Issue kinds are a closed str enum whose values are the stored text."""
+
+    def test_values_are_the_stored_text(self) -> None:
+        """The members' values are the strings stores have always written."""
+        assert {"skipped": IssueKind.SKIPPED, "rejected": IssueKind.REJECTED} == {
+            k.value: k for k in IssueKind
+        }
+
+    def test_equal_to_and_shown_as_text(self) -> None:
+        """A kind equals its value, and str() and f-strings show the value."""
+        assert "rejected" == IssueKind.REJECTED
+        assert "skipped" == str(IssueKind.SKIPPED)
+        assert "skipped" == f"{IssueKind.SKIPPED}"
+
+    def test_member_issue_converts_stored_text(self) -> None:
+        """A MemberIssue built from a store's text holds the IssueKind member."""
+        issue = MemberIssue(run_id="r1", key="m1", kind="rejected", reason="no")
+
+        assert IssueKind.REJECTED is issue.kind
+
+    def test_member_issue_refuses_unknown_kind(self) -> None:
+        """An unknown kind is a ConfigurationError naming the field and the value."""
+        with pytest.raises(ConfigurationError) as info:
+            MemberIssue(run_id="r1", key="m1", kind="lost", reason="no")
+
+        assert ("kind", "lost") == (info.value.field, info.value.value)

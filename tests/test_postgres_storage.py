@@ -669,6 +669,43 @@ HOSTILE_KEYS = (
 )
 
 
+class TestIssueKinds:
+    """
+    Issue kinds are stored as the plain text they always were.
+    """
+
+    def test_stored_as_text_and_read_back_as_kinds(
+        self, store: PostgresStorage, admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        Skipped and rejected members are rows of plain 'skipped'/'rejected' text,
+        and run_issues gives back IssueKind members.
+        """
+        store.create_sync(sync_record("s1"))
+        lease = claim_one(store)
+        rejecting = AppliedBatch(
+            run_id="run",
+            sequence=0,
+            operation=Operation.ADD,
+            idempotency_key="s1:0",
+            rejected=(("m1", "refused"),),
+            at=T0,
+        )
+        store.apply_batch(lease, rejecting)
+        store.record_issues(
+            lease, [MemberIssue(run_id="run", key="m2", kind=IssueKind.SKIPPED, reason="no email")]
+        )
+
+        rows = admin.execute(
+            schema_sql("SELECT key, kind FROM {}.issues ORDER BY key", store.schema)
+        ).fetchall()
+        assert [("m1", "rejected"), ("m2", "skipped")] == rows
+        assert [("m1", IssueKind.REJECTED), ("m2", IssueKind.SKIPPED)] == [
+            (i.key, i.kind) for i in store.run_issues("run")
+        ]
+        assert [IssueKind, IssueKind] == [type(i.kind) for i in store.run_issues("run")]
+
+
 class TestHostileInput:
     """
     Values are parameters, never SQL: hostile ids and keys are stored as they are.

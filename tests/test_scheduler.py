@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from datetime import datetime, timedelta, timezone
+from typing import Literal
 
 import attrs
 import pytest
@@ -159,6 +160,23 @@ class TestSlotOffsets:
             offsets.append(e.storage.get_sync("stable").offset)
 
         assert offsets[0] == offsets[1]
+
+    @pytest.mark.parametrize("allocation", ["hashed", "", None])
+    def test_unknown_allocation_refused(self, clock: FakeClock, allocation: object) -> None:
+        """slot_allocation is 'balanced' or 'hash'; anything else is a ConfigurationError."""
+        with pytest.raises(exceptions.ConfigurationError) as info:
+            cs.Scheduler(MemoryStorage(), clock=clock, slot_allocation=allocation)  # type: ignore[arg-type]
+
+        assert ("slot_allocation", allocation) == (info.value.field, info.value.value)
+
+    @pytest.mark.parametrize("allocation", ["balanced", "hash"])
+    def test_known_allocations(
+        self, clock: FakeClock, allocation: Literal["balanced", "hash"]
+    ) -> None:
+        """Both documented allocations are accepted."""
+        scheduler = cs.Scheduler(MemoryStorage(), clock=clock, slot_allocation=allocation)
+
+        assert allocation == scheduler.slot_allocation
 
     def test_balanced_allocation_is_flat(self, env: Env) -> None:
         """Balanced allocation puts as many syncs in each minute as in any other."""

@@ -33,7 +33,7 @@ from cohortsync.exceptions import (
     SchemaVersionError,
     StorageError,
 )
-from cohortsync.storage import SQLiteStorage
+from cohortsync.storage import IssueKind, SQLiteStorage
 from cohortsync.storage import _sqlite as sqlite_module
 from cohortsync.storage._protocol import AppliedBatch, Completion, Lease, MemberIssue, SyncRecord
 
@@ -497,7 +497,9 @@ class TestHostileInput:
         lease = leases[evil]
         store.apply_batch(lease, batch(added=keys, rejected=((evil, evil),), run_id=evil))
         store.apply_batch(leases["victim"], batch(added=("safe",)))
-        store.record_issues(lease, [MemberIssue(run_id=evil, key=evil, kind=evil, reason=evil)])
+        store.record_issues(
+            lease, [MemberIssue(run_id=evil, key=evil, kind=IssueKind.SKIPPED, reason=evil)]
+        )
         store.complete_run(lease, Completion(run=run_for(lease, evil), next_due=None))
 
         assert evil == store.get_sync(evil).id
@@ -518,6 +520,34 @@ class TestHostileInput:
                 r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
             }
         assert {"syncs", "delivered", "ledger", "runs", "batches", "issues", "meta"} <= tables
+
+
+class TestIssueKinds:
+    """
+    Issue kinds are stored as the plain text they always were.
+    """
+
+    def test_stored_as_text_and_read_back_as_kinds(self, store: SQLiteStorage, path: Path) -> None:
+        """
+        Skipped and rejected members are rows of plain 'skipped'/'rejected' text,
+        and run_issues gives back IssueKind members.
+        """
+        store.create_sync(record())
+        (lease,) = store.claim_due(T0, "worker", LEASE, 1)
+        store.apply_batch(lease, batch(rejected=(("m1", "refused"),)))
+        store.record_issues(
+            lease, [MemberIssue(run_id="run", key="m2", kind=IssueKind.SKIPPED, reason="no email")]
+        )
+
+        with raw(path) as conn:
+            rows = conn.execute(
+                "SELECT key, kind, typeof(kind) FROM issues ORDER BY key"
+            ).fetchall()
+        assert [("m1", "rejected", "text"), ("m2", "skipped", "text")] == rows
+        assert [("m1", IssueKind.REJECTED), ("m2", IssueKind.SKIPPED)] == [
+            (i.key, i.kind) for i in store.run_issues("run")
+        ]
+        assert [IssueKind, IssueKind] == [type(i.kind) for i in store.run_issues("run")]
 
 
 class TestConnections:

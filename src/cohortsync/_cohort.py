@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol, TypeGuard, runtime_checkable
+from typing import Literal, Protocol, TypeGuard, runtime_checkable
 
 import attrs
 
@@ -138,7 +138,21 @@ class StaticSource:
         return sorted(self.keys)
 
 
-def _to_cohort_type(value: object) -> CohortType:
+_CohortTypeValue = Literal[
+    "behavioral",
+    "static",
+    "predictive",
+    "computed",
+    "funnel",
+    "retention",
+    "stickiness",
+    "nth_time_event",
+    "event_within",
+    "distinct_interval",
+]
+
+
+def _to_cohort_type(value: CohortType | _CohortTypeValue) -> CohortType:
     return v.to_enum(CohortType, "type")(value)
 
 

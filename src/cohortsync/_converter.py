@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 from functools import cache
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
@@ -18,6 +18,9 @@ from cohortsync._clock import require_aware
 from cohortsync._cohort import Cohort
 from cohortsync._destination import IdentifierKind
 from cohortsync.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from cohortsync._sync import Sync
 
 __all__ = ["dumps", "loads", "make_converter"]
 
@@ -101,7 +104,10 @@ def _converter() -> cattrs.Converter:
     return make_converter()
 
 
-def unstructure(value: object) -> Any:
+def unstructure(value: object) -> object:
+    """
+    *value* as plain JSON-ready data (an attrs value becomes a ``dict``).
+    """
     return _converter().unstructure(value)
 
 
@@ -127,11 +133,11 @@ def loads(text: str | bytes, cls: type[T]) -> T:
     return structure(json.loads(text), cls)
 
 
-_SYNCS: dict[str, Any] = {}
+_SYNCS: dict[str, Sync] = {}
 _SYNCS_MAX = 10_000
 
 
-def load_sync(text: str) -> Any:
+def load_sync(text: str) -> Sync:
     """
     Parse a stored sync definition, remembering recent ones by their text.
 

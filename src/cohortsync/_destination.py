@@ -10,11 +10,12 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import attrs
 
 from cohortsync import _validators as v
+from cohortsync._keep import KEEP, Keep
 from cohortsync.exceptions import ConfigurationError
 
 __all__ = [
@@ -46,7 +47,20 @@ class IdentifierKind(enum.Enum):
     PHONE_SHA256 = "phone_sha256"
 
 
-def _kinds(value: Iterable[object] | None) -> frozenset[IdentifierKind] | None:
+_IdentifierKindValue = Literal[
+    "user_id",
+    "device_id",
+    "advertising_id",
+    "email",
+    "email_sha256",
+    "phone",
+    "phone_sha256",
+]
+
+
+def _kinds(
+    value: Iterable[IdentifierKind | _IdentifierKindValue] | None,
+) -> frozenset[IdentifierKind] | None:
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
@@ -114,14 +128,53 @@ class Capabilities:
     def accepts(self, kind: IdentifierKind) -> bool:
         return self.accepted_identifiers is None or kind in self.accepted_identifiers
 
-    def evolve(self, **changes: object) -> Capabilities:
+    def evolve(
+        self,
+        *,
+        name: str | Keep = KEEP,
+        supports_realtime: bool | Keep = KEEP,
+        supports_removals: bool | Keep = KEEP,
+        full_sync_only: bool | Keep = KEEP,
+        max_batch_size: int | Keep = KEEP,
+        max_parallel: int | Keep = KEEP,
+        rate_limit: RateLimit | Keep | None = KEEP,
+        min_audience_size: int | Keep | None = KEEP,
+        accepted_identifiers: Iterable[IdentifierKind | _IdentifierKindValue] | Keep | None = KEEP,
+        membership_ttl: timedelta | Keep | None = KEEP,
+    ) -> Capabilities:
         """
-        Return a copy with *changes*, so an adapter can start from a catalog preset.
+        A copy with the fields given changed, so an adapter can start from a
+        catalog preset. Fields left out keep their value; the copy is validated
+        like a new instance.
+
+        Raises:
+            ConfigurationError: A new value is invalid.
         """
-        return attrs.evolve(self, **changes)  # type: ignore[arg-type]
+        # Spelled out rather than **changes, so a misspelled field is a type error.
+        return attrs.evolve(
+            self,
+            name=self.name if name is KEEP else name,
+            supports_realtime=(
+                self.supports_realtime if supports_realtime is KEEP else supports_realtime
+            ),
+            supports_removals=(
+                self.supports_removals if supports_removals is KEEP else supports_removals
+            ),
+            full_sync_only=self.full_sync_only if full_sync_only is KEEP else full_sync_only,
+            max_batch_size=self.max_batch_size if max_batch_size is KEEP else max_batch_size,
+            max_parallel=self.max_parallel if max_parallel is KEEP else max_parallel,
+            rate_limit=self.rate_limit if rate_limit is KEEP else rate_limit,
+            min_audience_size=(
+                self.min_audience_size if min_audience_size is KEEP else min_audience_size
+            ),
+            accepted_identifiers=(
+                self.accepted_identifiers if accepted_identifiers is KEEP else accepted_identifiers
+            ),
+            membership_ttl=self.membership_ttl if membership_ttl is KEEP else membership_ttl,
+        )
 
 
-def _to_kind(value: object) -> IdentifierKind:
+def _to_kind(value: IdentifierKind | _IdentifierKindValue) -> IdentifierKind:
     return v.to_enum(IdentifierKind, "kind")(value)
 
 

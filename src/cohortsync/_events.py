@@ -15,6 +15,7 @@ from datetime import datetime
 import attrs
 
 from cohortsync._destination import Operation
+from cohortsync._policy import Cadence
 from cohortsync._sync import SyncRun, SyncStatus, Trigger
 
 __all__ = [
@@ -74,12 +75,15 @@ class EligibilityChanged:
     """
     A run found the sync's eligibility changed (e.g. a real-time cohort grew past
     the limit and the sync fell back to hourly, or came back).
+
+    ``cadence`` is the cadence the sync runs at from now on: ``HOURLY`` after a
+    fallback, the policy's own when it is eligible again or paused.
     """
 
     sync_id: str
     eligible: bool
     codes: tuple[str, ...]
-    cadence: str
+    cadence: Cadence
     at: datetime
 
 

@@ -343,7 +343,7 @@ def plan_recheck(
         if sync.effective_cadence is None:
             return Recheck(sync, proceed=True, notes=warnings, events=(), eligibility=result)
         back = EligibilityChanged(
-            sync_id=sync.id, eligible=True, codes=(), cadence=policy.cadence.value, at=at
+            sync_id=sync.id, eligible=True, codes=(), cadence=policy.cadence, at=at
         )
         return Recheck(
             attrs.evolve(sync, effective_cadence=None, updated_at=at),
@@ -363,7 +363,7 @@ def plan_recheck(
         if sync.effective_cadence is not Cadence.HOURLY:
             events = (
                 EligibilityChanged(
-                    sync_id=sync.id, eligible=False, codes=codes, cadence="hourly", at=at
+                    sync_id=sync.id, eligible=False, codes=codes, cadence=Cadence.HOURLY, at=at
                 ),
             )
         return Recheck(
@@ -382,7 +382,7 @@ def plan_recheck(
         notes=notes,
         events=(
             EligibilityChanged(
-                sync_id=sync.id, eligible=False, codes=codes, cadence=policy.cadence.value, at=at
+                sync_id=sync.id, eligible=False, codes=codes, cadence=policy.cadence, at=at
             ),
             SyncFailed(sync_id=sync.id, status=SyncStatus.PAUSED, reason=reason, at=at),
         ),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
@@ -50,7 +50,12 @@ _PERIODS = {
 }
 
 
-def _to_cadence(value: object) -> Cadence:
+# The values of each enum as a Literal, so the string spelling of an option
+# (``on_delete="remove_delivered"``) is checked by mypy like the member is.
+_CadenceValue = Literal["one_time", "hourly", "daily", "realtime"]
+
+
+def _to_cadence(value: Cadence | _CadenceValue) -> Cadence:
     return v.to_enum(Cadence, "cadence")(value)
 
 
@@ -73,11 +78,15 @@ class OnDelete(enum.Enum):
     REMOVE_DELIVERED = "remove_delivered"
 
 
-def _to_on_ineligible(value: object) -> OnIneligible:
+_OnIneligibleValue = Literal["fallback_hourly", "pause"]
+_OnDeleteValue = Literal["leave", "remove_delivered"]
+
+
+def _to_on_ineligible(value: OnIneligible | _OnIneligibleValue) -> OnIneligible:
     return v.to_enum(OnIneligible, "on_ineligible")(value)
 
 
-def _to_on_delete(value: object) -> OnDelete:
+def _to_on_delete(value: OnDelete | _OnDeleteValue) -> OnDelete:
     return v.to_enum(OnDelete, "on_delete")(value)
 
 
@@ -160,7 +169,9 @@ def _check_timezone(inst: SyncPolicy, _attribute: attrs.Attribute[Any], value: s
 class SyncPolicy:
     """
     A sync's cadence and behaviour. Build it with a named constructor:
-    :meth:`one_time`, :meth:`hourly`, :meth:`daily` or :meth:`realtime`.
+    :meth:`one_time`, :meth:`hourly`, :meth:`daily` or :meth:`realtime`. Each
+    takes the options below that apply to its cadence, as keywords; enum
+    options also take their string values (``on_delete="remove_delivered"``).
 
     Args:
         cadence: How often the sync runs.
@@ -172,8 +183,9 @@ class SyncPolicy:
         on_ineligible: What a real-time sync does when it stops being eligible.
         on_delete: What deleting the sync does to the destination.
         retry: Backoff for transient delivery errors.
-        one_time_attempts: How many times a failing one-time sync is tried
-            before the sync is ``failed``.
+        one_time_attempts: How many times a failing one-time sync, or the
+            final run removing a deleted sync's members (any cadence), is
+            tried before the sync is ``failed``.
         rejection_attempts: How many runs retry a member the destination
             rejected before it becomes a dead letter.
     """
@@ -192,34 +204,120 @@ class SyncPolicy:
     one_time_attempts: int = attrs.field(default=5, validator=v.count(1))
     rejection_attempts: int = attrs.field(default=3, validator=v.count(1))
 
+    # Each named constructor spells out the options that apply to its cadence,
+    # so a misspelled or misplaced option is a type error, and its signature
+    # shows the class's defaults (TestNamedConstructors keeps them equal).
+
     @classmethod
-    def one_time(cls, **options: Any) -> SyncPolicy:
+    def one_time(
+        cls,
+        *,
+        send_removals: bool = True,
+        guard: MassRemovalGuard = MassRemovalGuard(),
+        on_delete: OnDelete | _OnDeleteValue = OnDelete.LEAVE,
+        retry: RetryPolicy = RetryPolicy(),
+        one_time_attempts: int = 5,
+        rejection_attempts: int = 3,
+    ) -> SyncPolicy:
         """
         Run once, as soon as possible; then the sync is ``completed``.
+
+        The options are the class's (see :class:`SyncPolicy`).
         """
-        return cls(cadence=Cadence.ONE_TIME, **options)
+        return cls(
+            cadence=Cadence.ONE_TIME,
+            send_removals=send_removals,
+            guard=guard,
+            on_delete=on_delete,
+            retry=retry,
+            one_time_attempts=one_time_attempts,
+            rejection_attempts=rejection_attempts,
+        )
 
     @classmethod
-    def hourly(cls, **options: Any) -> SyncPolicy:
+    def hourly(
+        cls,
+        *,
+        send_removals: bool = True,
+        guard: MassRemovalGuard = MassRemovalGuard(),
+        on_delete: OnDelete | _OnDeleteValue = OnDelete.LEAVE,
+        retry: RetryPolicy = RetryPolicy(),
+        one_time_attempts: int = 5,
+        rejection_attempts: int = 3,
+    ) -> SyncPolicy:
         """
         Run now, then once an hour at a slot cohortsync picks to spread load.
+
+        The options are the class's (see :class:`SyncPolicy`).
         """
-        return cls(cadence=Cadence.HOURLY, **options)
+        return cls(
+            cadence=Cadence.HOURLY,
+            send_removals=send_removals,
+            guard=guard,
+            on_delete=on_delete,
+            retry=retry,
+            one_time_attempts=one_time_attempts,
+            rejection_attempts=rejection_attempts,
+        )
 
     @classmethod
-    def daily(cls, timezone: str | None = None, **options: Any) -> SyncPolicy:
+    def daily(
+        cls,
+        timezone: str | None = None,
+        *,
+        send_removals: bool = True,
+        guard: MassRemovalGuard = MassRemovalGuard(),
+        on_delete: OnDelete | _OnDeleteValue = OnDelete.LEAVE,
+        retry: RetryPolicy = RetryPolicy(),
+        one_time_attempts: int = 5,
+        rejection_attempts: int = 3,
+    ) -> SyncPolicy:
         """
         Run now, then once a day (a local day of *timezone* if given) at a slot
         cohortsync picks to spread load.
+
+        The options are the class's (see :class:`SyncPolicy`); only daily
+        syncs take a *timezone*, the one option that may be passed by position.
         """
-        return cls(cadence=Cadence.DAILY, timezone=timezone, **options)
+        return cls(
+            cadence=Cadence.DAILY,
+            timezone=timezone,
+            send_removals=send_removals,
+            guard=guard,
+            on_delete=on_delete,
+            retry=retry,
+            one_time_attempts=one_time_attempts,
+            rejection_attempts=rejection_attempts,
+        )
 
     @classmethod
-    def realtime(cls, **options: Any) -> SyncPolicy:
+    def realtime(
+        cls,
+        *,
+        send_removals: bool = True,
+        guard: MassRemovalGuard = MassRemovalGuard(),
+        on_ineligible: OnIneligible | _OnIneligibleValue = OnIneligible.FALLBACK_HOURLY,
+        on_delete: OnDelete | _OnDeleteValue = OnDelete.LEAVE,
+        retry: RetryPolicy = RetryPolicy(),
+        one_time_attempts: int = 5,
+        rejection_attempts: int = 3,
+    ) -> SyncPolicy:
         """
         Send the full cohort now, then check for changes every minute.
+
+        The options are the class's (see :class:`SyncPolicy`); only real-time
+        syncs take *on_ineligible*.
         """
-        return cls(cadence=Cadence.REALTIME, **options)
+        return cls(
+            cadence=Cadence.REALTIME,
+            send_removals=send_removals,
+            guard=guard,
+            on_ineligible=on_ineligible,
+            on_delete=on_delete,
+            retry=retry,
+            one_time_attempts=one_time_attempts,
+            rejection_attempts=rejection_attempts,
+        )
 
     @property
     def period(self) -> timedelta | None:

@@ -5,7 +5,6 @@ The :class:`Scheduler`: the object a host builds in every worker process.
 from __future__ import annotations
 
 import contextlib
-import enum
 import inspect
 import logging
 import os
@@ -17,7 +16,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import PurePath
 from types import TracebackType
-from typing import Literal
+from typing import Literal, cast, get_args
 
 import attrs
 from typing_extensions import Self
@@ -31,6 +30,7 @@ from cohortsync._delivery import RateLimiter, shared_limiter
 from cohortsync._destination import Capabilities, Destination
 from cohortsync._diff import diff_changes, diff_snapshot, head, with_keys
 from cohortsync._events import Listener
+from cohortsync._keep import KEEP, Keep
 from cohortsync._plan import (
     ReadFacts,
     in_flight_members,
@@ -67,17 +67,12 @@ from cohortsync.storage._protocol import (
     SyncRecord,
 )
 
-__all__ = ["KEEP", "Preview", "Scheduler", "Upcoming"]
+__all__ = ["Preview", "Scheduler", "Upcoming"]
 
 log = logging.getLogger("cohortsync")
 
 
-class _Keep(enum.Enum):
-    KEEP = "keep"
-
-
-KEEP = _Keep.KEEP
-"""Default of :meth:`Scheduler.update_sync` arguments: leave the current value."""
+_SlotAllocation = Literal["balanced", "hash"]
 
 MAX_UPCOMING_PER_SYNC = 10_000
 
@@ -221,13 +216,13 @@ class Scheduler:
         lease_for: timedelta = timedelta(minutes=5),
         rules: Ruleset = DEFAULT_RULES,
         retention: timedelta = timedelta(days=14),
-        slot_allocation: str = "balanced",
+        slot_allocation: _SlotAllocation = "balanced",
         listeners: Iterable[Listener] = (),
         seed: int | None = None,
         state_cache_keys: int = 5_000_000,
         pause_after_failures: int = 5,
     ) -> None:
-        if slot_allocation not in ("balanced", "hash"):
+        if slot_allocation not in get_args(_SlotAllocation):
             raise ConfigurationError(
                 "slot_allocation", slot_allocation, "must be 'balanced' or 'hash'"
             )
@@ -243,7 +238,7 @@ class Scheduler:
         self.lease_for = lease_for
         self.rules = rules
         self.retention = retention
-        self.slot_allocation = slot_allocation
+        self.slot_allocation: _SlotAllocation = slot_allocation
         self._listeners: list[Listener] = list(listeners)
         self._cohorts: dict[str, Cohort] = {}
         self._destinations: dict[str, Destination] = {}
@@ -510,7 +505,7 @@ class Scheduler:
         sync_id: str,
         policy: SyncPolicy | None = None,
         *,
-        mapping_id: str | Literal[_Keep.KEEP] | None = KEEP,
+        mapping_id: str | Keep | None = KEEP,
     ) -> Sync:
         """
         Change a sync's policy (and mapping): a new generation, a new slot, and
@@ -1086,10 +1081,11 @@ class Scheduler:
         """
         out: list[dict[str, object]] = []
         for run in self.history(sync_id):
-            row: dict[str, object] = unstructure(run)
+            # An attrs value unstructures to a dict (see _converter.unstructure).
+            row = cast("dict[str, object]", unstructure(run))
             if members and run.cadence is not Cadence.REALTIME:
                 row["members"] = [
-                    {"key": i.key, "kind": i.kind, "reason": i.reason}
+                    {"key": i.key, "kind": i.kind.value, "reason": i.reason}
                     for i in self.storage.run_issues(run.id)
                 ]
             out.append(row)

@@ -33,7 +33,7 @@ from typing import TypeAlias
 import attrs
 
 from cohortsync import _validators as v
-from cohortsync._destination import Identifier, IdentifierKind, Member
+from cohortsync._destination import Identifier, IdentifierKind, Member, _IdentifierKindValue
 from cohortsync.exceptions import ConfigurationError
 
 __all__ = [
@@ -309,7 +309,7 @@ _VERBATIM = frozenset(
 
 
 def _to_rules(
-    value: Iterable[tuple[IdentifierKind | str, Resolver]],
+    value: Iterable[tuple[IdentifierKind | _IdentifierKindValue, Resolver]],
 ) -> tuple[tuple[IdentifierKind, Resolver], ...]:
     to_kind = v.to_enum(IdentifierKind, "kind")
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
+from typing import Literal
 
 import cattrs
 from typing_extensions import assert_type
@@ -26,10 +27,12 @@ from cohortsync.eligibility import (
     available_destinations,
     check_eligibility,
 )
+from cohortsync.events import EligibilityChanged, Event
 from cohortsync.serialization import dumps, loads, make_converter
 from cohortsync.storage import (
     AppliedBatch,
     Completion,
+    IssueKind,
     Lease,
     LedgerEntry,
     MemberIssue,
@@ -71,6 +74,15 @@ class PushAudience(cohortsync.Destination):
 
 
 assert_type(PushAudience.capabilities, cohortsync.Capabilities)
+assert_type(
+    catalog.FACEBOOK_ADS.evolve(
+        name="Facebook Ads (EU)",
+        rate_limit=None,
+        accepted_identifiers=["email_sha256", cohortsync.IdentifierKind.PHONE_SHA256],
+        membership_ttl=timedelta(days=30),
+    ),
+    cohortsync.Capabilities,
+)
 assert_type(PushAudience().capabilities.max_batch_size, int)
 assert_type(PushAudience().capabilities.rate_limit, cohortsync.RateLimit | None)
 assert_type(catalog.get("facebook_ads"), cohortsync.Capabilities)
@@ -241,6 +253,34 @@ assert_type(
     cohortsync.SyncPolicy,
 )
 guarded = cohortsync.SyncPolicy.hourly(guard=cohortsync.MassRemovalGuard(max_share=0.2))
+# Each constructor takes its cadence's options by keyword; enum options take
+# members or their values (tests/test_typing_errors.py checks the mistakes).
+assert_type(
+    cohortsync.SyncPolicy.one_time(
+        one_time_attempts=3, guard=cohortsync.MassRemovalGuard.disabled()
+    ),
+    cohortsync.SyncPolicy,
+)
+assert_type(
+    cohortsync.SyncPolicy.hourly(
+        send_removals=False,
+        on_delete="remove_delivered",
+        retry=cohortsync.RetryPolicy(max_retries=3),
+        rejection_attempts=5,
+    ),
+    cohortsync.SyncPolicy,
+)
+assert_type(
+    cohortsync.SyncPolicy.daily(timezone=None, on_delete=cohortsync.OnDelete.LEAVE),
+    cohortsync.SyncPolicy,
+)
+assert_type(
+    cohortsync.SyncPolicy.realtime(on_ineligible="pause", send_removals=False),
+    cohortsync.SyncPolicy,
+)
+assert_type(cohortsync.SyncPolicy(cadence="daily", timezone="UTC"), cohortsync.SyncPolicy)
+assert_type(guarded.on_delete, cohortsync.OnDelete)
+assert_type(guarded.on_ineligible, cohortsync.OnIneligible)
 assert_type(guarded.cadence, cohortsync.Cadence)
 assert_type(guarded.timezone, str | None)
 assert_type(guarded.period, timedelta | None)
@@ -275,7 +315,8 @@ assert_type(rules, Ruleset)
 
 # -- The scheduler -------------------------------------------------------------
 
-scheduler = cohortsync.Scheduler(storage, clock=clock, rules=rules)
+scheduler = cohortsync.Scheduler(storage, clock=clock, rules=rules, slot_allocation="hash")
+assert_type(scheduler.slot_allocation, Literal["balanced", "hash"])
 test_scheduler = cohortsync.Scheduler(MemoryStorage(), clock=testing.FakeClock(), seed=1)
 assert_type(scheduler.add_cohort(cohort), cohortsync.Cohort)
 assert_type(scheduler.add_destination("push", PushAudience()), cohortsync.Destination)
@@ -304,6 +345,25 @@ for run in scheduler.history(sync.id):
     assert_type(run.updated, int)
     assert_type(run.error_message, str | None)
 assert_type(scheduler.ledger(sync.id), list[LedgerEntry])
+for issue in storage.run_issues(sync.id):
+    assert_type(issue.kind, IssueKind)
+    assert_type(issue.kind is IssueKind.SKIPPED, bool)
+    assert_type(issue.kind == "skipped", bool)  # a str enum: equal to its stored text
+assert_type(
+    scheduler.update_sync(sync.id, cohortsync.SyncPolicy.daily(), mapping_id=None),
+    cohortsync.Sync,
+)
+
+
+def on_event(event: Event) -> None:
+    """
+    A host listener: an eligibility change says which cadence the sync runs at now.
+    """
+    if isinstance(event, EligibilityChanged):
+        assert_type(event.cadence, cohortsync.Cadence)
+
+
+listening = cohortsync.Scheduler(MemoryStorage(), listeners=[on_event])
 assert_type(recommend(sync, runs), Recommendation | None)
 
 text = dumps(sync)

@@ -1464,7 +1464,10 @@ class PostgresStorage:
         )
         self._insert_issues(
             cur,
-            [(batch.run_id, key, IssueKind.REJECTED, reason) for key, reason in batch.rejected],
+            [
+                (batch.run_id, key, IssueKind.REJECTED.value, reason)
+                for key, reason in batch.rejected
+            ],
         )
 
     def _insert_issues(self, cur: _Cursor, issues: Sequence[tuple[str, str, str, str]]) -> None:
@@ -1482,7 +1485,7 @@ class PostgresStorage:
     def record_issues(self, lease: Lease, issues: Sequence[MemberIssue]) -> None:
         with self._cursor("record_issues", transaction=True) as cur:
             self._hold(cur, lease, "share")
-            self._insert_issues(cur, [(i.run_id, i.key, i.kind, i.reason) for i in issues])
+            self._insert_issues(cur, [(i.run_id, i.key, i.kind.value, i.reason) for i in issues])
 
     # -- ledger and history --------------------------------------------------------
 

@@ -15,6 +15,7 @@ compare-and-set on their token: an operation that needs a lease fails with
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -316,24 +317,38 @@ class LedgerEntry:
     last_seen: datetime = attrs.field(converter=v.to_utc)
 
 
-class IssueKind:
+class IssueKind(str, enum.Enum):
     """
     Kinds of member-level issue a run records.
+
+    A ``str`` enum: a member compares equal to its value, and the value is what
+    stores write and what :meth:`~cohortsync.Scheduler.export_history` shows.
     """
 
     SKIPPED = "skipped"
     REJECTED = "rejected"
+
+    def __str__(self) -> str:
+        # The stored text on every Python version (3.11 changed str() of mixins).
+        return self.value
+
+
+def _to_issue_kind(value: IssueKind | str) -> IssueKind:
+    # A store reads the kind back as plain text: accept it, refuse anything else.
+    return v.to_enum(IssueKind, "kind")(value)
 
 
 @attrs.frozen(kw_only=True)
 class MemberIssue:
     """
     A member a run could not deliver, and why (exported with the history).
+
+    ``kind`` takes an :class:`IssueKind` or its value, as a store reads it back.
     """
 
     run_id: str
     key: str
-    kind: str
+    kind: IssueKind = attrs.field(converter=_to_issue_kind)
     reason: str = attrs.field(converter=v.to_storable)
 
 

@@ -1232,7 +1232,7 @@ class SQLiteStorage:
                 conn.executemany(
                     "INSERT INTO issues (run_id, key, kind, reason) VALUES (?, ?, ?, ?)",
                     (
-                        (batch.run_id, key, IssueKind.REJECTED, reason)
+                        (batch.run_id, key, IssueKind.REJECTED.value, reason)
                         for key, reason in batch.rejected
                     ),
                 )
@@ -1275,7 +1275,7 @@ class SQLiteStorage:
             self._check_lease(conn, lease)
             conn.executemany(
                 "INSERT INTO issues (run_id, key, kind, reason) VALUES (?, ?, ?, ?)",
-                ((i.run_id, i.key, i.kind, i.reason) for i in issues),
+                ((i.run_id, i.key, i.kind.value, i.reason) for i in issues),
             )
 
     # -- ledger and history ------------------------------------------------------------

@@ -1149,7 +1149,7 @@ def check_record_issues(make_storage: StorageFactory) -> None:
     issues = [
         MemberIssue(run_id="r1", key="m2", kind=IssueKind.SKIPPED, reason="no email"),
         MemberIssue(run_id="r1", key="m1", kind=IssueKind.SKIPPED, reason="no email"),
-        MemberIssue(run_id="r1", key="m3", kind="unresolved", reason="mapping failed"),
+        MemberIssue(run_id="r1", key="m3", kind=IssueKind.REJECTED, reason="recorded"),
         MemberIssue(run_id="r2", key="m0", kind=IssueKind.SKIPPED, reason="other run"),
     ]
     with _open(make_storage) as store:
@@ -1159,10 +1159,10 @@ def check_record_issues(make_storage: StorageFactory) -> None:
         store.apply_batch(lease, _batch("r1", rejected=(("m9", "refused"),)))
         _expect(
             [
+                issues[2],
                 MemberIssue(run_id="r1", key="m9", kind=IssueKind.REJECTED, reason="refused"),
                 issues[1],
                 issues[0],
-                issues[2],
             ],
             store.run_issues("r1"),
             "run_issues ordered by kind then key",
