@@ -27,7 +27,7 @@ from cohortsync._cache import DeliveredCache
 from cohortsync._clock import Clock, SystemClock, add_saturating, require_aware
 from cohortsync._cohort import Cohort
 from cohortsync._converter import unstructure
-from cohortsync._delivery import RateLimiter, shared_limiter
+from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimiter, RateLimits
 from cohortsync._destination import Capabilities, Destination
 from cohortsync._diff import diff_snapshot, head
 from cohortsync._events import Listener
@@ -182,6 +182,12 @@ class Scheduler:
             outage) is paused with that error as its reason, instead of
             failing every period forever. ``0`` never pauses.
         seed: Seed for backoff jitter (tests); ``None`` is random.
+        rate_limits: Where destinations' rate limiters come from (see
+            :class:`cohortsync.destinations.RateLimits`). The default,
+            :data:`~cohortsync.destinations.PROCESS_RATE_LIMITS`, is shared by
+            every scheduler in the process, so a destination's limit holds
+            across all of them; pass a ``RateLimits()`` of your own to keep
+            a group of schedulers apart (tests, or a tenant with its own quota).
         state_cache_keys: Most member keys this worker keeps in memory as
             copies of recently delivered states, so a steady-state run of a
             large cohort diffs in memory instead of re-reading every delivered
@@ -203,6 +209,7 @@ class Scheduler:
         seed: int | None = None,
         state_cache_keys: int = 5_000_000,
         pause_after_failures: int = 5,
+        rate_limits: RateLimits = PROCESS_RATE_LIMITS,
     ) -> None:
         if slot_allocation not in ("balanced", "hash"):
             raise ConfigurationError(
@@ -213,6 +220,11 @@ class Scheduler:
         if not isinstance(retention, timedelta) or retention <= timedelta(0):
             raise ConfigurationError("retention", retention, "must be a positive timedelta")
         check_count("pause_after_failures", pause_after_failures)
+        if not isinstance(rate_limits, RateLimits):
+            raise ConfigurationError(
+                "rate_limits", rate_limits, "must be a cohortsync.destinations.RateLimits"
+            )
+        self.rate_limits = rate_limits
         self.clock: Clock = _to_clock(clock)
         self.storage: Storage = _to_storage(storage)
         self.pause_after_failures = pause_after_failures
@@ -344,9 +356,9 @@ class Scheduler:
     def _limiter(self, destination_id: str, caps: Capabilities) -> RateLimiter | None:
         if caps.rate_limit is None:
             return None
-        limiter = shared_limiter(destination_id, caps.rate_limit, self.clock)
+        limiter = self.rate_limits.limiter(destination_id, caps.rate_limit, self.clock)
         with self._limiters_lock:
-            # Hold it: the process-wide registry keeps limiters only while used.
+            # Hold it: the registry keeps limiters only while some scheduler uses them.
             self._limiters[destination_id] = limiter
         return limiter
 

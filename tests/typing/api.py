@@ -16,7 +16,7 @@ from typing_extensions import assert_type
 import cohortsync
 from cohortsync import exceptions, testing
 from cohortsync.advice import Recommendation, recommend
-from cohortsync.destinations import catalog
+from cohortsync.destinations import PROCESS_RATE_LIMITS, RateLimits, catalog
 from cohortsync.eligibility import (
     DEFAULT_RULES,
     Eligibility,
@@ -277,6 +277,9 @@ assert_type(rules, Ruleset)
 
 scheduler = cohortsync.Scheduler(storage, clock=clock, rules=rules)
 test_scheduler = cohortsync.Scheduler(MemoryStorage(), clock=testing.FakeClock(), seed=1)
+isolated = cohortsync.Scheduler(MemoryStorage(), rate_limits=RateLimits())
+assert_type(isolated.rate_limits, RateLimits)
+assert_type(PROCESS_RATE_LIMITS, RateLimits)
 assert_type(scheduler.add_cohort(cohort), cohortsync.Cohort)
 assert_type(scheduler.add_destination("push", PushAudience()), cohortsync.Destination)
 assert_type(
