@@ -51,6 +51,7 @@ from cohortsync.exceptions import (
     StorageError,
 )
 from cohortsync.identifiers import IdentifierMapping
+from cohortsync.storage._memory import MemoryStorage
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     Completion,
@@ -118,13 +119,20 @@ def _sqlite(path: str | os.PathLike[str]) -> Storage:
     return SQLiteStorage(path)
 
 
-def _default_storage() -> Storage:
-    return _sqlite("cohortsync.db")
-
-
 def _to_storage(value: object) -> Storage:
     if value is None:
-        return _default_storage()
+        # No file appears behind the host's back (an SQLite file in whatever
+        # the working directory happens to be). Memory is right for trying it
+        # out and for tests, wrong in production, where syncs and delivered
+        # state must outlive the process and be shared by every worker: say so
+        # where operators look. Passing MemoryStorage() says it on purpose.
+        log.warning(
+            "Scheduler: no storage given, so syncs, delivered state and history "
+            "live in this process's memory only and are lost when it ends; pass "
+            "SQLiteStorage(path) or PostgresStorage(dsn) to keep them, or "
+            "MemoryStorage() to say memory is what you want"
+        )
+        return MemoryStorage()
     if isinstance(value, (str, PurePath)):
         # A path is the embedded default's file: an easy mistake to make
         # (Scheduler("cohortsync.db")), so accept it rather than fail later.
@@ -163,8 +171,14 @@ class Scheduler:
     loop, cron job or task queue, or :meth:`run_forever` to block.
 
     Args:
-        storage: Where everything persists. Defaults to
-            ``SQLiteStorage("cohortsync.db")`` in the working directory.
+        storage: Where everything persists: a
+            :class:`~cohortsync.storage.Storage`, or the path of an SQLite
+            file (``SQLiteStorage(path)``, the embedded default for
+            production). Without one the scheduler keeps everything in memory
+            (``MemoryStorage()``), creates no file, and logs a warning: syncs,
+            delivered state and history are then lost when the process ends
+            and shared by no other worker. Pass ``MemoryStorage()`` yourself
+            to say that is what you want (tests, trying it out).
         clock: Where time comes from (``FakeClock`` in tests).
         owner: This worker's name on leases (default: host, pid, random).
         lease_for: How long a claimed run is reserved before another worker
