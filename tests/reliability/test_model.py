@@ -24,9 +24,9 @@ an in-memory "vendor" keyed by identifier, idempotent on the batch's key. After
 every step it checks what the documentation promises (see ``_check_*``).
 
 What it found (each fixed, with a regression test in
-``tests/test_nothing_left_behind.py::TestFoundByTheModelTest``): a handover
-of a shared identifier cut short leaked it; a joiner sharing a recovered
-member's identifier was recorded without being sent; a refused shared
+``tests/test_shared_identifiers.py::TestSharedIdentifiersThroughCrashes``): a
+handover of a shared identifier cut short leaked it; a joiner sharing a
+recovered member's identifier was recorded without being sent; a refused shared
 identifier was sent twice in one run; a member added, removed by a takeover
 and added again in one slot was re-sent under its first key and dropped by a
 de-duplicating vendor. Still open: a lease taken while the clock ran far
