@@ -1920,6 +1920,7 @@ class TestEligibilityRecheck:
         assert sync.status_reason.startswith("ineligible:")
         assert set(keys(3)) == h.audience()
 
+    @pytest.mark.reliability
     def test_the_real_size_limit_of_one_million(self, clock: FakeClock) -> None:
         """1,000,001 measured members: hourly fallback; 1,000,000: real-time again."""
         # Delivering a million members to a fake takes longer than a unit test
@@ -1939,6 +1940,7 @@ class TestEligibilityRecheck:
         assert ("eligible_again",) == shrunk.notes
         assert None is h.scheduler.get_sync(SYNC).effective_cadence
 
+    @pytest.mark.reliability
     def test_the_real_size_limit_with_the_pause_policy(self, clock: FakeClock) -> None:
         """1,000,001 measured members and on_ineligible=PAUSE: skipped and paused."""
         h = Harness(clock, keys(3), policy=SyncPolicy.realtime(on_ineligible=OnIneligible.PAUSE))

@@ -1163,6 +1163,7 @@ class Fleet:
                 process.kill()
 
 
+@pytest.mark.reliability
 class TestManyProcesses:
     """
     Worker processes sharing one database run every slot exactly once, kills included.

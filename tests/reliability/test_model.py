@@ -857,7 +857,7 @@ class SQLiteModel(CohortSyncModel):
     store_kind = "sqlite"
 
 
-# Runs of the default suite (a short profile) and of `nox -s reliability` (-m slow).
+# Runs of the default suite (a short profile) and of `nox -s slow` (-m slow).
 # Built on the loaded profile (tests/conftest.py: "ci" derandomizes).
 SHORT: dict[str, Any] = {"max_examples": 40, "stateful_step_count": 40}
 LONG: dict[str, Any] = {"max_examples": 400, "stateful_step_count": 80}
