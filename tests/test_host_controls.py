@@ -127,6 +127,7 @@ class TestPausedSyncs:
     """A paused sync stays visibly paused, deletions included, until resumed."""
 
     def test_pausing_a_deletion_keeps_it_visible_and_resume_finishes_it(self) -> None:
+        """A paused deletion says so and waits; resume finishes the teardown."""
         clock = FakeClock(START)
         destination = RecordingDestination()
         policy = cs.SyncPolicy.hourly(on_delete=cs.OnDelete.REMOVE_DELIVERED)
@@ -147,6 +148,7 @@ class TestPausedSyncs:
         assert cs.SyncStatus.DELETED == scheduler.get_sync("s1").status
 
     def test_sync_now_on_a_paused_sync_is_refused(self) -> None:
+        """sync_now on a paused sync raises and names resume_sync (it did nothing)."""
         clock = FakeClock(START)
         scheduler = build(clock, Members(["u1"]), destination=RecordingDestination())
         scheduler.pause_sync("s1")
@@ -155,6 +157,7 @@ class TestPausedSyncs:
             scheduler.sync_now("s1")
 
     def test_a_full_resync_requested_while_paused_happens_after_resume(self) -> None:
+        """A full resync requested while paused is the first run after resume."""
         clock = FakeClock(START)
         destination = RecordingDestination()
         scheduler = build(clock, Members(["u1"]), destination=destination)
@@ -169,6 +172,7 @@ class TestPausedSyncs:
         assert 2 == len(destination.batches)  # u1 sent again
 
     def test_deleting_again_keeps_a_parked_teardown_parked(self) -> None:
+        """Deleting a paused deletion again does not start the teardown behind the pause."""
         clock = FakeClock(START)
         destination = RecordingDestination()
         policy = cs.SyncPolicy.hourly(on_delete=cs.OnDelete.REMOVE_DELIVERED)

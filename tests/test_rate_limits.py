@@ -62,6 +62,7 @@ class TestRateLimitCountsFromTheEndOfARequest:
 
     @pytest.mark.parametrize("requests", [1, 2, 5])
     def test_arrivals_requests_apart_are_more_than_a_window_apart(self, requests: int) -> None:
+        """A slow request then fast ones no longer crowd a window (six in 0.9996 s)."""
         clock = FakeClock(START)
         arrivals: list[datetime] = []
         latencies = [0.6, 0.01, 0.3, 0.001, 0.45, 0.02, 0.9, 0.05]
@@ -106,6 +107,7 @@ class TestRetryAfterValues:
 
     @pytest.mark.parametrize("asked", [0.0, -5.0, math.nan])
     def test_a_meaningless_wait_falls_back_to_the_backoff(self, asked: float) -> None:
+        """Retry-After 0, negative or NaN waits the backoff (it meant no wait at all)."""
         clock = FakeClock(START)
         destination = FakeRetryAfter(asked)
         scheduler = build(clock, Members(["u1"]), destination=destination)
@@ -117,6 +119,7 @@ class TestRetryAfterValues:
 
     @pytest.mark.parametrize("asked", [math.inf, 1e300, 400 * 86_400.0, 3_601.0])
     def test_a_wait_beyond_an_hour_ends_the_run_as_transient(self, asked: float) -> None:
+        """A Retry-After beyond an hour, or infinite, ends the run as transient."""
         clock = FakeClock(START)
         destination = FakeRetryAfter(asked)
         scheduler = build(clock, Members(["u1"]), destination=destination)
@@ -131,6 +134,7 @@ class TestRetryAfterValues:
         assert cs.SyncStatus.ACTIVE == scheduler.get_sync("s1").status
 
     def test_an_honest_wait_is_honoured(self) -> None:
+        """A sensible Retry-After is waited out, then the batch goes through."""
         clock = FakeClock(START)
         scheduler = build(clock, Members(["u1"]), destination=FakeRetryAfter(7.0, times=1))
 

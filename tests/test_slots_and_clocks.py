@@ -189,6 +189,7 @@ class TestClocksBeforeTheEpoch:
 
     @pytest.mark.parametrize("year", [1969, 1970])
     def test_a_sync_created_in_the_sixties_runs(self, tmp_path: Path, year: int) -> None:
+        """On SQLite a sync created at or before 1970 runs (its row was called damaged)."""
         clock = FakeClock(datetime(year, 1, 1, tzinfo=timezone.utc))
         with SQLiteStorage(tmp_path / "s.db") as storage:
             destination = RecordingDestination()
@@ -207,6 +208,7 @@ class TestUpcomingAtTheEndOfTime:
     """upcoming() in the last hour of year 9999 lists what is left."""
 
     def test_upcoming_lists_what_is_left(self) -> None:
+        """upcoming() in the last hour of year 9999 lists runs instead of raising ValueError."""
         clock = FakeClock(datetime(9999, 12, 31, 23, 0, tzinfo=timezone.utc))
         scheduler = build(clock, Members(["u1"]), destination=RecordingDestination())
         scheduler.run_due()
