@@ -57,9 +57,10 @@ def tests(session: nox.Session) -> None:
 def reliability(session: nox.Session) -> None:
     """
     The reliability tests (marker ``reliability``): SIGKILL at every step of a
-    run, many worker processes on one store, the simulated week, million-member
-    syncs and the benchmark smoke tests. Without coverage: most of their work
-    happens in child processes, and tracing would double their time.
+    run, many worker processes on one store, the model test, a faulty HTTP
+    server, simulated weeks, audiences of 200,000 to a million members and the
+    benchmark smoke tests. Without coverage: much of their work happens in
+    child processes, and tracing would double the rest.
     """
     session.install("-e", ".[postgres]", *_group("tests"))
     session.run(

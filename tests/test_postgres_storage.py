@@ -745,6 +745,7 @@ class CountingCursor(psycopg.Cursor[Any]):
         return super().execute(*args, **kwargs)
 
 
+@pytest.mark.reliability
 class TestBulk:
     """
     Big batches take a handful of statements, not a round trip per member.

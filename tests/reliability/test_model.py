@@ -66,6 +66,8 @@ from cohortsync.identifiers import try_normalize_email
 from cohortsync.storage import MemoryStorage, SQLiteStorage, Storage
 from cohortsync.testing import FakeClock
 
+pytestmark = pytest.mark.reliability
+
 T0 = datetime(2030, 1, 7, 10, 50, tzinfo=timezone.utc)
 LEASE = timedelta(minutes=5)
 COHORT = "cohort"
