@@ -16,6 +16,8 @@ import scenarios
 
 from cohortsync.storage import MemoryStorage
 
+pytestmark = pytest.mark.reliability
+
 
 def check_rows(rows: list[scenarios.Row]) -> None:
     assert rows

@@ -372,3 +372,27 @@ class TestIsolation:
         """Every class round-tripped here is an attrs class (what the converter relies on)."""
         for cls in VALUES:
             assert attrs.has(cls), cls
+
+
+class TestSyncDefinitionCache:
+    """Parsed sync definitions are kept in a bounded LRU: hot ones survive a flood."""
+
+    def test_a_hot_definition_survives_more_than_the_bound_of_others(self) -> None:
+        """A definition read often stays shared while 10,000+ others pass through."""
+        _converter.load_sync.cache_clear()
+        hot_text = dumps(_sync())
+        hot = _converter.load_sync(hot_text)
+        cold_texts = [
+            hot_text.replace('"s1"', f'"cold-{n}"')
+            for n in range(_converter.SYNC_CACHE_SIZE + 1_000)
+        ]
+        first_cold = _converter.load_sync(cold_texts[0])
+
+        for n, text in enumerate(cold_texts):
+            _converter.load_sync(text)
+            if n % 100 == 0:
+                assert hot is _converter.load_sync(hot_text)
+
+        assert hot is _converter.load_sync(hot_text)
+        assert first_cold is not _converter.load_sync(cold_texts[0])
+        assert _converter.SYNC_CACHE_SIZE == _converter.load_sync.cache_info().currsize

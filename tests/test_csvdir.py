@@ -688,6 +688,7 @@ class TestOneFilePerIdentifier:
         assert expected == published
 
 
+@pytest.mark.reliability
 class TestMemory:
     def test_publishing_streams_the_audience(self, tmp_path: Path) -> None:
         """Publishing 300,000 existing members holds a few kilobytes, not the audience."""

@@ -6,6 +6,7 @@ crashes, and what the history says about it (SPEC sections 6, 7, 8 and 10).
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ from cohortsync import (
 )
 from cohortsync._delivery import idempotency_key
 from cohortsync._schedule import stable_offset
+from cohortsync.destinations import PROCESS_RATE_LIMITS, RateLimits
 from cohortsync.events import (
     BatchDelivered,
     EligibilityChanged,
@@ -61,6 +63,7 @@ from cohortsync.events import (
     RunStarted,
     SyncFailed,
 )
+from cohortsync.exceptions import ConfigurationError
 from cohortsync.storage import IssueKind
 from cohortsync.storage._protocol import AppliedBatch, Completion, Lease
 from cohortsync.testing import (
@@ -1663,25 +1666,76 @@ class TestPacing:
     def test_the_rate_limit_is_shared_by_every_scheduler_in_the_process(
         self, clock: FakeClock
     ) -> None:
-        """Two Scheduler objects (two workers of one process) share one limit."""
-        limit = RateLimit(requests=2, per_seconds=1)
-        workers = []
-        for n in range(2):
-            scheduler = Scheduler(MemoryStorage(), clock=clock, seed=0)
-            dest = RecordingDestination(Capabilities(max_batch_size=2, rate_limit=limit))
-            scheduler.add_destination("dest", dest)
-            members = keys(6, prefix=f"w{n}")
-            scheduler.add_cohort(Cohort(id="c", name="C", source=lambda m=members: m))
-            scheduler.create_sync("c", "dest", SyncPolicy.hourly(), sync_id="s")
-            workers.append(scheduler)
+        """Two Scheduler objects (two workers of one process) share one limit by default."""
+        _run_two_workers(clock, [PROCESS_RATE_LIMITS, PROCESS_RATE_LIMITS])
 
-        for scheduler in workers:
-            scheduler.run_due()
+        # Two requests from each worker, two a second together: the second
+        # worker waits out the first one's second.
+        assert [1.0] == clock.slept
+        assert START + timedelta(seconds=1) == clock.now()
 
-        # Three requests from each worker, two a second together: t = 0, 0, 1
-        # from the first, then 1, 2, 2 from the second.
-        assert [1.0, 1.0] == clock.slept
-        assert START + timedelta(seconds=2) == clock.now()
+
+def _run_two_workers(clock: FakeClock, registries: list[RateLimits]) -> list[Scheduler]:
+    """
+    Two schedulers on one clock, each sending two requests to its own
+    2-requests-a-second destination "dest", one after the other.
+    """
+    limit = RateLimit(requests=2, per_seconds=1)
+    workers = []
+    for n, registry in enumerate(registries):
+        scheduler = Scheduler(MemoryStorage(), clock=clock, seed=0, rate_limits=registry)
+        dest = RecordingDestination(Capabilities(max_batch_size=2, rate_limit=limit))
+        scheduler.add_destination("dest", dest)
+        members = keys(4, prefix=f"w{n}")
+        scheduler.add_cohort(Cohort(id="c", name="C", source=lambda m=members: m))
+        scheduler.create_sync("c", "dest", SyncPolicy.hourly(), sync_id="s")
+        workers.append(scheduler)
+    for scheduler in workers:
+        assert [2] == [run.batches for run in scheduler.run_due()]
+    return workers
+
+
+class TestRateLimitRegistry:
+    """Schedulers share a destination's limit exactly when they share a RateLimits registry."""
+
+    def test_schedulers_sharing_a_registry_share_the_limit(self, clock: FakeClock) -> None:
+        """Four requests through one registry at 2/s take a second."""
+        registry = RateLimits()
+
+        _run_two_workers(clock, [registry, registry])
+
+        assert [1.0] == clock.slept
+
+    def test_schedulers_with_their_own_registries_do_not(self, clock: FakeClock) -> None:
+        """Each registry has its own limiter: neither worker waits for the other."""
+        _run_two_workers(clock, [RateLimits(), RateLimits()])
+
+        assert [] == clock.slept
+        assert START == clock.now()
+
+    def test_the_default_is_the_process_registry(self) -> None:
+        """A scheduler given no registry uses the documented process-wide one."""
+        assert PROCESS_RATE_LIMITS is Scheduler(MemoryStorage()).rate_limits
+
+    def test_a_registry_holds_limiters_only_while_a_scheduler_uses_them(
+        self, clock: FakeClock
+    ) -> None:
+        """A long-lived registry does not grow with every scheduler ever built."""
+        registry = RateLimits()
+        workers = _run_two_workers(clock, [registry, registry])
+        assert "RateLimits(limiters=1)" == repr(registry)
+
+        del workers
+        gc.collect()
+
+        assert "RateLimits(limiters=0)" == repr(registry)
+
+    def test_anything_else_is_refused(self) -> None:
+        """rate_limits= takes a RateLimits, not the limit itself."""
+        with pytest.raises(ConfigurationError) as info:
+            Scheduler(MemoryStorage(), rate_limits=RateLimit(2, 1.0))  # type: ignore[arg-type]
+
+        assert "rate_limits" == info.value.field
 
 
 # --- History, events, logs ---------------------------------------------------------------------
@@ -1871,6 +1925,7 @@ class TestEligibilityRecheck:
         assert sync.status_reason.startswith("ineligible:")
         assert set(keys(3)) == h.audience()
 
+    @pytest.mark.reliability
     def test_the_real_size_limit_of_one_million(self, clock: FakeClock) -> None:
         """1,000,001 measured members: hourly fallback; 1,000,000: real-time again."""
         # Delivering a million members to a fake takes longer than a unit test
@@ -1890,6 +1945,7 @@ class TestEligibilityRecheck:
         assert ("eligible_again",) == shrunk.notes
         assert None is h.scheduler.get_sync(SYNC).effective_cadence
 
+    @pytest.mark.reliability
     def test_the_real_size_limit_with_the_pause_policy(self, clock: FakeClock) -> None:
         """1,000,001 measured members and on_ineligible=PAUSE: skipped and paused."""
         h = Harness(clock, keys(3), policy=SyncPolicy.realtime(on_ineligible=OnIneligible.PAUSE))

@@ -782,6 +782,7 @@ class CountingCursor(psycopg.Cursor[Any]):
         return super().execute(*args, **kwargs)
 
 
+@pytest.mark.reliability
 class TestBulk:
     """
     Big batches take a handful of statements, not a round trip per member.
@@ -1200,6 +1201,7 @@ class Fleet:
                 process.kill()
 
 
+@pytest.mark.reliability
 class TestManyProcesses:
     """
     Worker processes sharing one database run every slot exactly once, kills included.

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from cohortsync import _schedule
 from cohortsync._policy import Cadence, SyncPolicy
 from cohortsync._schedule import (
+    GRID_CACHE_SIZE,
+    _grid_instant,
     effective_trigger,
     next_after_run,
     next_due,
@@ -897,3 +899,24 @@ class TestNextAfterRun:
             assert nxt.due > finished
             assert nxt.due == _schedule.next_due(policy, RUN_ANCHOR, offset, finished)
         assert slots_between(policy, offset, slot, nxt.due) == nxt.coalesced
+
+
+class TestGridInstantCache:
+    """Slot datetimes are shared through a bounded LRU: the busy minute survives a flood."""
+
+    def test_a_hot_instant_survives_more_than_the_bound_of_others(self) -> None:
+        """The instant every real-time sync asks for stays shared while 10,000+ others pass."""
+        _grid_instant.cache_clear()
+        realtime = SyncPolicy.realtime()
+        now = datetime(2030, 1, 1, 12, 0, 30, tzinfo=UTC)
+        hot = next_due(realtime, ANCHOR, 0, now)
+        first_cold = next_due(realtime, ANCHOR, 0, now + timedelta(days=1))
+
+        for n in range(10_000 + GRID_CACHE_SIZE):
+            next_due(realtime, ANCHOR, 0, now + timedelta(days=1, minutes=n))
+            if n % 100 == 0:
+                assert hot is next_due(realtime, ANCHOR, 0, now)
+
+        assert hot is next_due(realtime, ANCHOR, 0, now)
+        assert first_cold is not next_due(realtime, ANCHOR, 0, now + timedelta(days=1))
+        assert GRID_CACHE_SIZE == _grid_instant.cache_info().currsize

@@ -333,6 +333,7 @@ def local_dates(zone: str, dues: list[datetime]) -> list[date]:
 
 
 class TestTransitionScan:
+    @pytest.mark.reliability  # scans all ~600 zones: seconds, shared with TestEveryTransition
     def test_step_is_well_below_transition_spacing(self) -> None:
         """
         No zone changes its offset twice within two scan steps, so stepping misses nothing.
@@ -440,6 +441,7 @@ class TestSkippedDays:
 
 
 class TestEveryTransition:
+    @pytest.mark.reliability  # every zone of the tz database; the fast suite samples them below
     @pytest.mark.parametrize("zone", ZONES)
     def test_one_slot_per_local_date(self, zone: str) -> None:
         """

@@ -5,7 +5,9 @@ The Scheduler: when syncs run, the sync life cycle, leases and missed runs.
 from __future__ import annotations
 
 import itertools
+import logging
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Literal
 
 import attrs
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 import cohortsync as cs
 from cohortsync import exceptions
 from cohortsync._schedule import spread_ratio
-from cohortsync.storage import Completion, Lease
+from cohortsync.storage import Completion, Lease, SQLiteStorage
 from cohortsync.testing import FakeClock, MemoryStorage, RecordingDestination
 
 HOUR = timedelta(hours=1)
@@ -661,3 +663,46 @@ class TestPreviewIsWhatARunDoes:
         assert (False, False) == (preview.proceed, preview.eligibility.eligible)
         assert "realtime_cohort_type" in preview.notes
         assert cs.SyncStatus.ACTIVE is env.scheduler.get_sync("s1").status
+
+
+class TestStorageDefault:
+    """Without a store the scheduler keeps state in memory, creates no file, and says so."""
+
+    def test_no_storage_creates_no_file_in_the_working_directory(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+    ) -> None:
+        """Scheduler() with a sync run leaves the working directory empty."""
+        monkeypatch.chdir(tmp_path)
+
+        scheduler = cs.Scheduler(clock=clock)
+        scheduler.add_destination("dest", RecordingDestination())
+        scheduler.add_cohort(cs.Cohort(id="c1", name="C", source=Members()))
+        scheduler.create_sync("c1", "dest", cs.SyncPolicy.hourly(), sync_id="s1")
+        scheduler.run_due()
+        scheduler.close()
+
+        assert [] == list(tmp_path.iterdir())
+        assert isinstance(scheduler.storage, MemoryStorage)
+
+    def test_no_storage_logs_a_warning(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Memory by omission is a production mistake: a WARNING names the fix."""
+        with caplog.at_level(logging.WARNING, logger="cohortsync"):
+            cs.Scheduler()
+
+        [record] = caplog.records
+        assert logging.WARNING == record.levelno
+        assert "SQLiteStorage(path)" in record.getMessage()
+
+    def test_memory_on_purpose_is_silent(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Passing MemoryStorage() says memory is intended: nothing is logged."""
+        with caplog.at_level(logging.DEBUG, logger="cohortsync"):
+            cs.Scheduler(MemoryStorage())
+
+        assert [] == caplog.records
+
+    def test_a_path_still_means_an_sqlite_file_there(self, tmp_path: Path) -> None:
+        """Scheduler(path) opens SQLiteStorage at that path, and nowhere else."""
+        with cs.Scheduler(tmp_path / "here.db") as scheduler:
+            assert isinstance(scheduler.storage, SQLiteStorage)
+
+        assert (tmp_path / "here.db").exists()

@@ -392,6 +392,7 @@ def _sync_counts(runs: Iterable[cs.SyncRun]) -> dict[str, int]:
 
 
 class TestSimulate:
+    @pytest.mark.reliability
     def test_week_of_mixed_syncs(self, clock: FakeClock) -> None:
         """Over a week: hourly 1 + 168, daily 1 + 7, one-time 1, real-time 1 + 10,080."""
         scheduler = new_scheduler(clock)

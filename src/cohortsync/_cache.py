@@ -76,7 +76,3 @@ class DeliveredCache:
         old = self._entries.pop(sync_id, None)
         if old is not None:
             self._size -= len(old[1])
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._size = 0

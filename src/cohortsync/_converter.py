@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
-from functools import cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import cattrs
@@ -133,10 +133,11 @@ def loads(text: str | bytes, cls: type[T]) -> T:
     return structure(json.loads(text), cls)
 
 
-_SYNCS: dict[str, Sync] = {}
-_SYNCS_MAX = 10_000
+SYNC_CACHE_SIZE = 10_000
+"""Most parsed sync definitions kept; the least recently used leaves first."""
 
 
+@lru_cache(maxsize=SYNC_CACHE_SIZE)
 def load_sync(text: str) -> Sync:
     """
     Parse a stored sync definition, remembering recent ones by their text.
@@ -144,13 +145,10 @@ def load_sync(text: str) -> Sync:
     Every run reads its sync's definition; parsing it again (tens of
     microseconds of validation) for a definition that has not changed is
     most of a short run's cost. ``Sync`` is immutable, so sharing is safe.
+    The cache is a bounded LRU rather than a dict emptied when full: a
+    process that sees more definitions than it holds (many syncs, or many
+    edits) keeps the ones it reads often instead of parsing all of them again.
     """
-    sync = _SYNCS.get(text)
-    if sync is None:
-        from cohortsync._sync import Sync  # noqa: PLC0415 - _sync imports this module's users
+    from cohortsync._sync import Sync as SyncClass  # noqa: PLC0415 - _sync imports this module's users
 
-        sync = loads(text, Sync)
-        if len(_SYNCS) >= _SYNCS_MAX:
-            _SYNCS.clear()
-        _SYNCS[text] = sync
-    return sync
+    return loads(text, SyncClass)

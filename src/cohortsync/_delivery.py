@@ -38,7 +38,7 @@ from cohortsync.exceptions import (
     TransientError,
 )
 
-__all__ = ["BatchSender", "RateLimiter", "idempotency_key"]
+__all__ = ["PROCESS_RATE_LIMITS", "BatchSender", "RateLimiter", "RateLimits", "idempotency_key"]
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -110,7 +110,8 @@ class RateLimiter:
     """
     A sliding-window limit on the injected clock: at most ``requests`` calls
     in ANY window of ``per_seconds`` (what vendors enforce), including the
-    first one. One per destination per process, shared by all its syncs.
+    first one. One per destination in a :class:`RateLimits` registry, shared by
+    all its syncs.
 
     It remembers the last ``requests`` sends. A new one may start once the
     send ``requests`` places back has *ended* and ``per_seconds`` have passed
@@ -173,30 +174,54 @@ class RateLimiter:
         return delay
 
 
-_LIMITERS: weakref.WeakValueDictionary[tuple[str, RateLimit, object], RateLimiter] = (
-    weakref.WeakValueDictionary()
-)
-_LIMITERS_LOCK = threading.Lock()
-
-
-def shared_limiter(destination_id: str, limit: RateLimit, clock: Clock) -> RateLimiter:
+@attrs.define(eq=False, repr=False)
+class RateLimits:
     """
-    The rate limiter of *destination_id* for this process: every Scheduler and
-    thread sending to the destination shares one, so together they stay
-    within its limit.
+    The rate limiters of a process's destinations, one per destination id,
+    limit and clock, shared by every :class:`~cohortsync.Scheduler` given
+    this object.
 
-    Schedulers on the system clock share it whatever clock object they hold;
-    a fake clock has limiters of its own (tests keep their time apart). An
-    entry lives as long as some scheduler holds its limiter.
+    A destination's :class:`~cohortsync.RateLimit` is respected across all
+    the workers (threads, schedulers) of a process only if they all draw its
+    limiter from one registry. By default every scheduler uses
+    :data:`PROCESS_RATE_LIMITS`, so they do. Pass a registry of your own to
+    keep a group of schedulers apart from the rest of the process: a test
+    that must not wait on another test's sends, or a tenant whose API key
+    has a limit of its own.
+
+    Schedulers on the system clock share a limiter whatever clock object they
+    hold; each fake clock has limiters of its own, so tests keep their time
+    apart even in one registry. A limiter is held only as long as some
+    scheduler uses it, so a long-lived registry does not grow with every
+    scheduler a process ever built.
     """
-    clock_key: object = "system" if type(clock) is SystemClock else id(clock)
-    key = (destination_id, limit, clock_key)
-    with _LIMITERS_LOCK:
-        limiter = _LIMITERS.get(key)
-        if limiter is None:
-            limiter = RateLimiter(limit, clock)
-            _LIMITERS[key] = limiter
-        return limiter
+
+    _limiters: weakref.WeakValueDictionary[tuple[str, RateLimit, object], RateLimiter] = (
+        attrs.field(init=False, factory=weakref.WeakValueDictionary)
+    )
+    _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+
+    def __repr__(self) -> str:
+        return f"RateLimits(limiters={len(self._limiters)})"
+
+    def limiter(self, destination_id: str, limit: RateLimit, clock: Clock) -> RateLimiter:
+        """
+        The limiter every sender to *destination_id* under *limit* on *clock*
+        shares; the caller keeps a reference for as long as it sends.
+        """
+        clock_key: object = "system" if type(clock) is SystemClock else id(clock)
+        key = (destination_id, limit, clock_key)
+        with self._lock:
+            limiter = self._limiters.get(key)
+            if limiter is None:
+                limiter = RateLimiter(limit, clock)
+                self._limiters[key] = limiter
+            return limiter
+
+
+PROCESS_RATE_LIMITS = RateLimits()
+"""The registry every :class:`~cohortsync.Scheduler` uses unless given another:
+one per process, so a destination's limit holds across all its schedulers."""
 
 
 @attrs.define

@@ -17,8 +17,9 @@ finished). And because the grid is a closed-form function of the offset, every
 function here is O(1) whatever the gap: a clock 200 years ahead costs the same
 as one a second ahead.
 
-Everything here is pure: no clock reads, no I/O, no state. The scheduler owns
-time and storage and calls in with the instants it has.
+Everything here is pure: no clock reads, no I/O, no state but a bounded memo
+of immutable datetimes. The scheduler owns time and storage and calls in with
+the instants it has.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 from datetime import date, datetime, timedelta, timezone
+from functools import lru_cache
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
@@ -87,9 +89,22 @@ _GRID_SECONDS: dict[Cadence, int] = {
 # hash of the same key (for example one used to shard syncs across workers).
 _OFFSET_PERSON = b"cohortsync.slot"
 
-_RESULTS: dict[int, datetime] = {}
-_RESULTS_MAX = 4_096
-"""Recent grid instants as datetimes (immutable, so safe to share)."""
+GRID_CACHE_SIZE = 4_096
+"""Most grid instants kept as datetimes; the least recently used leaves first."""
+
+
+@lru_cache(maxsize=GRID_CACHE_SIZE)
+def _grid_instant(due: int) -> datetime:
+    """
+    The datetime of a grid point (epoch seconds), shared between callers.
+
+    Many syncs share slot instants (every real-time sync shares each minute),
+    and building a datetime is most of :func:`next_due`'s cost. Datetimes are
+    immutable, so sharing is safe. A bounded LRU rather than a dict emptied
+    when full: the instants every sync keeps asking for (this minute, this
+    hour) survive a burst of one-off ones.
+    """
+    return _from_ts(due, _UTC)
 
 
 def period_seconds(cadence: Cadence) -> int | None:
@@ -191,14 +206,7 @@ def next_due(policy: SyncPolicy, anchor: datetime, offset: int, after: datetime)
     floor = delta.days * _DAY + delta.seconds
     period = _GRID_SECONDS[cadence]
     due = floor - (floor - offset) % period + period
-    # Many syncs share slot instants (every real-time sync shares each minute),
-    # and building a datetime is most of the cost: reuse recent results.
-    cached = _RESULTS.get(due)
-    if cached is None:
-        if len(_RESULTS) >= _RESULTS_MAX:
-            _RESULTS.clear()
-        cached = _RESULTS[due] = _from_ts(due, _UTC)
-    return cached
+    return _grid_instant(due)
 
 
 def slot_of(policy: SyncPolicy, when: datetime, *, offset: int) -> datetime:

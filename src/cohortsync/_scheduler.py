@@ -26,7 +26,7 @@ from cohortsync._cache import DeliveredCache
 from cohortsync._clock import Clock, SystemClock, add_saturating, require_aware
 from cohortsync._cohort import Cohort, has_change_feed
 from cohortsync._converter import unstructure
-from cohortsync._delivery import RateLimiter, shared_limiter
+from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimiter, RateLimits
 from cohortsync._destination import Capabilities, Destination
 from cohortsync._diff import diff_changes, diff_snapshot, head, with_keys
 from cohortsync._events import Listener
@@ -59,6 +59,7 @@ from cohortsync.exceptions import (
     StorageError,
 )
 from cohortsync.identifiers import IdentifierMapping
+from cohortsync.storage._memory import MemoryStorage
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     Lease,
@@ -136,13 +137,20 @@ def _sqlite(path: str | os.PathLike[str]) -> Storage:
     return SQLiteStorage(path)
 
 
-def _default_storage() -> Storage:
-    return _sqlite("cohortsync.db")
-
-
 def _to_storage(value: object) -> Storage:
     if value is None:
-        return _default_storage()
+        # No file appears behind the host's back (an SQLite file in whatever
+        # the working directory happens to be). Memory is right for trying it
+        # out and for tests, wrong in production, where syncs and delivered
+        # state must outlive the process and be shared by every worker: say so
+        # where operators look. Passing MemoryStorage() says it on purpose.
+        log.warning(
+            "Scheduler: no storage given, so syncs, delivered state and history "
+            "live in this process's memory only and are lost when it ends; pass "
+            "SQLiteStorage(path) or PostgresStorage(dsn) to keep them, or "
+            "MemoryStorage() to say memory is what you want"
+        )
+        return MemoryStorage()
     if isinstance(value, (str, PurePath)):
         # A path is the embedded default's file: an easy mistake to make
         # (Scheduler("cohortsync.db")), so accept it rather than fail later.
@@ -181,8 +189,14 @@ class Scheduler:
     loop, cron job or task queue, or :meth:`run_forever` to block.
 
     Args:
-        storage: Where everything persists. Defaults to
-            ``SQLiteStorage("cohortsync.db")`` in the working directory.
+        storage: Where everything persists: a
+            :class:`~cohortsync.storage.Storage`, or the path of an SQLite
+            file (``SQLiteStorage(path)``, the embedded default for
+            production). Without one the scheduler keeps everything in memory
+            (``MemoryStorage()``), creates no file, and logs a warning: syncs,
+            delivered state and history are then lost when the process ends
+            and shared by no other worker. Pass ``MemoryStorage()`` yourself
+            to say that is what you want (tests, trying it out).
         clock: Where time comes from (``FakeClock`` in tests).
         owner: This worker's name on leases (default: host, pid, random).
         lease_for: How long a claimed run is reserved before another worker
@@ -200,6 +214,12 @@ class Scheduler:
             outage) is paused with that error as its reason, instead of
             failing every period forever. ``0`` never pauses.
         seed: Seed for backoff jitter (tests); ``None`` is random.
+        rate_limits: Where destinations' rate limiters come from (see
+            :class:`cohortsync.destinations.RateLimits`). The default,
+            :data:`~cohortsync.destinations.PROCESS_RATE_LIMITS`, is shared by
+            every scheduler in the process, so a destination's limit holds
+            across all of them; pass a ``RateLimits()`` of your own to keep
+            a group of schedulers apart (tests, or a tenant with its own quota).
         state_cache_keys: Most member keys this worker keeps in memory as
             copies of recently delivered states, so a steady-state run of a
             large cohort diffs in memory instead of re-reading every delivered
@@ -221,6 +241,7 @@ class Scheduler:
         seed: int | None = None,
         state_cache_keys: int = 5_000_000,
         pause_after_failures: int = 5,
+        rate_limits: RateLimits = PROCESS_RATE_LIMITS,
     ) -> None:
         if slot_allocation not in get_args(_SlotAllocation):
             raise ConfigurationError(
@@ -231,6 +252,11 @@ class Scheduler:
         if not isinstance(retention, timedelta) or retention <= timedelta(0):
             raise ConfigurationError("retention", retention, "must be a positive timedelta")
         check_count("pause_after_failures", pause_after_failures)
+        if not isinstance(rate_limits, RateLimits):
+            raise ConfigurationError(
+                "rate_limits", rate_limits, "must be a cohortsync.destinations.RateLimits"
+            )
+        self.rate_limits = rate_limits
         self.clock: Clock = _to_clock(clock)
         self.storage: Storage = _to_storage(storage)
         self.pause_after_failures = pause_after_failures
@@ -362,9 +388,9 @@ class Scheduler:
     def _limiter(self, destination_id: str, caps: Capabilities) -> RateLimiter | None:
         if caps.rate_limit is None:
             return None
-        limiter = shared_limiter(destination_id, caps.rate_limit, self.clock)
+        limiter = self.rate_limits.limiter(destination_id, caps.rate_limit, self.clock)
         with self._limiters_lock:
-            # Hold it: the process-wide registry keeps limiters only while used.
+            # Hold it: the registry keeps limiters only while some scheduler uses them.
             self._limiters[destination_id] = limiter
         return limiter
 

@@ -44,6 +44,8 @@ import cohortsync as cs
 from cohortsync.storage import SyncRecord
 from cohortsync.testing import SharedFakeClock
 
+pytestmark = pytest.mark.reliability
+
 STALL_SECONDS = 60.0
 """Real seconds without the simulation moving before the test gives up."""
 

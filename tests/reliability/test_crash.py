@@ -40,6 +40,8 @@ from reliability_harness import (
 import cohortsync as cs
 from cohortsync.testing import SharedFakeClock
 
+pytestmark = pytest.mark.reliability
+
 BATCH = RemoteAudience.capabilities.max_batch_size
 MEMBERS = [f"m{i:05d}" for i in range(BATCHES * BATCH)]
 JOINERS = [f"z-joined-{i:03d}" for i in range(60)]

@@ -35,6 +35,8 @@ import cohortsync as cs
 from cohortsync.destinations import CsvDirectoryDestination
 from cohortsync.testing import SharedFakeClock
 
+pytestmark = pytest.mark.reliability
+
 SYNC = "csv-sync"
 COHORT = "csv-cohort"
 POPULATION = [f"m{i:04d}" for i in range(400)]

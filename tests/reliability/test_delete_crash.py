@@ -57,6 +57,8 @@ from reliability_harness import (
 import cohortsync as cs
 from cohortsync.testing import SharedFakeClock
 
+pytestmark = pytest.mark.reliability
+
 SYNC = "delete-sync"
 COHORT = "delete-cohort"
 BATCH = 50

@@ -23,6 +23,8 @@ import cohortsync as cs
 from cohortsync.destinations import WebhookDestination
 from cohortsync.testing import FakeClock, MemoryStorage
 
+pytestmark = pytest.mark.reliability
+
 TIMEOUT = 0.75
 """The client's timeout (real seconds): slow and hanging answers cost this much each."""
 POPULATION = [f"user-{i:04d}" for i in range(400)]

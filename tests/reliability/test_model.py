@@ -24,9 +24,9 @@ an in-memory "vendor" keyed by identifier, idempotent on the batch's key. After
 every step it checks what the documentation promises (see ``_check_*``).
 
 What it found (each fixed, with a regression test in
-``tests/test_nothing_left_behind.py::TestFoundByTheModelTest``): a handover
-of a shared identifier cut short leaked it; a joiner sharing a recovered
-member's identifier was recorded without being sent; a refused shared
+``tests/test_shared_identifiers.py::TestSharedIdentifiersThroughCrashes``): a
+handover of a shared identifier cut short leaked it; a joiner sharing a
+recovered member's identifier was recorded without being sent; a refused shared
 identifier was sent twice in one run; a member added, removed by a takeover
 and added again in one slot was re-sent under its first key and dropped by a
 de-duplicating vendor. Still open: a lease taken while the clock ran far
@@ -65,6 +65,8 @@ from cohortsync.exceptions import TransientError
 from cohortsync.identifiers import try_normalize_email
 from cohortsync.storage import MemoryStorage, SQLiteStorage, Storage
 from cohortsync.testing import FakeClock
+
+pytestmark = pytest.mark.reliability
 
 T0 = datetime(2030, 1, 7, 10, 50, tzinfo=timezone.utc)
 LEASE = timedelta(minutes=5)
@@ -857,7 +859,7 @@ class SQLiteModel(CohortSyncModel):
     store_kind = "sqlite"
 
 
-# Runs of the default suite (a short profile) and of `nox -s reliability` (-m slow).
+# Runs of the default suite (a short profile) and of `nox -s slow` (-m slow).
 # Built on the loaded profile (tests/conftest.py: "ci" derandomizes).
 SHORT: dict[str, Any] = {"max_examples": 40, "stateful_step_count": 40}
 LONG: dict[str, Any] = {"max_examples": 400, "stateful_step_count": 80}

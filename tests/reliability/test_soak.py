@@ -31,6 +31,8 @@ import cohortsync as cs
 from cohortsync.storage import AppliedBatch, Lease, SQLiteStorage
 from cohortsync.testing import FakeClock, RecordingDestination
 
+pytestmark = pytest.mark.reliability
+
 RSS_GROWTH_KIB = 16 * 1024
 """Peak memory may grow this much between the checkpoint and the end."""
 

@@ -17,7 +17,7 @@ from typing_extensions import assert_type
 import cohortsync
 from cohortsync import exceptions, testing
 from cohortsync.advice import Recommendation, recommend
-from cohortsync.destinations import catalog
+from cohortsync.destinations import PROCESS_RATE_LIMITS, RateLimits, catalog
 from cohortsync.eligibility import (
     DEFAULT_RULES,
     Eligibility,
@@ -318,6 +318,9 @@ assert_type(rules, Ruleset)
 scheduler = cohortsync.Scheduler(storage, clock=clock, rules=rules, slot_allocation="hash")
 assert_type(scheduler.slot_allocation, Literal["balanced", "hash"])
 test_scheduler = cohortsync.Scheduler(MemoryStorage(), clock=testing.FakeClock(), seed=1)
+isolated = cohortsync.Scheduler(MemoryStorage(), rate_limits=RateLimits())
+assert_type(isolated.rate_limits, RateLimits)
+assert_type(PROCESS_RATE_LIMITS, RateLimits)
 assert_type(scheduler.add_cohort(cohort), cohortsync.Cohort)
 assert_type(scheduler.add_destination("push", PushAudience()), cohortsync.Destination)
 assert_type(

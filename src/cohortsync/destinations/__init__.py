@@ -9,6 +9,8 @@ Ready-made destinations and what they are built from.
   standard library's, by default).
 * :class:`CsvDirectoryDestination`: S3-style entering/exiting/existing files
   in a directory.
+* :class:`RateLimits`: the registry of destinations' rate limiters that
+  schedulers share; :data:`PROCESS_RATE_LIMITS` is the process-wide default.
 
 The adapters import on first use, so ``import cohortsync`` never loads
 ``urllib`` or ``csv``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimits
 from cohortsync.destinations import catalog
 
 if TYPE_CHECKING:
@@ -30,9 +33,11 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "PROCESS_RATE_LIMITS",
     "CsvDirectoryDestination",
     "HttpResponse",
     "HttpTransport",
+    "RateLimits",
     "UrllibTransport",
     "WebhookDestination",
     "catalog",

@@ -1,0 +1,189 @@
+"""
+The calls a host makes at any moment: registering, updating, pausing,
+resuming, deleting and requesting a full resync, during a run or not.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+import cohortsync as cs
+from cohortsync.exceptions import (
+    ConfigurationError,
+    SyncNotFoundError,
+)
+from cohortsync.storage import MemoryStorage, SQLiteStorage
+from cohortsync.testing import FakeClock, RecordingDestination
+from single_sync import Members, build, run_next
+
+START = datetime(2030, 1, 7, 10, 0, tzinfo=timezone.utc)
+EMAIL = cs.IdentifierKind.EMAIL
+
+
+class TestRegistration:
+    """Ids register once unless replaced; adapters and stores are checked when given."""
+
+    def test_registering_an_id_twice_is_an_error(self, clock: FakeClock) -> None:
+        """The same cohort, destination or mapping id twice raises unless replace=True."""
+        scheduler = build(clock, Members(["a"]))
+        cohort = cs.Cohort(id="c", name="Other", source=lambda: ["x"])
+        with pytest.raises(ConfigurationError, match="already registered"):
+            scheduler.add_cohort(cohort)
+        with pytest.raises(ConfigurationError, match="already registered"):
+            scheduler.add_destination("dest", RecordingDestination())
+        scheduler.add_mapping("m2", cs.IdentifierMapping.identity())
+        with pytest.raises(ConfigurationError, match="already registered"):
+            scheduler.add_mapping("m2", cs.IdentifierMapping.identity())
+        assert cohort is scheduler.add_cohort(cohort, replace=True)
+        assert "Other" == scheduler.cohort("c").name
+
+    def test_an_async_adapter_is_refused_when_registered(self) -> None:
+        """`async def add` fails at add_destination with what to do, not at run time."""
+
+        class Async(cs.Destination):
+            async def add(self, batch: cs.Batch) -> cs.DeliveryResult:  # type: ignore[override]
+                return cs.DeliveryResult.ok()
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        scheduler = cs.Scheduler(MemoryStorage())
+        with pytest.raises(ConfigurationError, match="async def add"):
+            scheduler.add_destination("a", Async())
+
+    def test_a_path_is_accepted_as_storage(self, tmp_path: Path) -> None:
+        """Scheduler("file.db") opens an SQLite store; other junk is refused at once."""
+        with cs.Scheduler(str(tmp_path / "file.db")) as scheduler:
+            assert isinstance(scheduler.storage, SQLiteStorage)
+        with pytest.raises(ConfigurationError, match="storage"):
+            cs.Scheduler(42)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="clock"):
+            cs.Scheduler(MemoryStorage(), clock=datetime.now)  # type: ignore[arg-type]
+
+
+class TestUnknownSyncs:
+    """Every call naming an unknown sync raises SyncNotFoundError."""
+
+    def test_history_of_an_unknown_sync_raises(self, clock: FakeClock) -> None:
+        """history() of an unknown sync raises like next_run() does."""
+        scheduler = build(clock, Members(["a"]))
+        with pytest.raises(SyncNotFoundError):
+            scheduler.history("nope")
+        with pytest.raises(SyncNotFoundError):
+            scheduler.ledger("nope")
+
+
+class TestUpdates:
+    """update_sync changes what it is given and keeps the rest."""
+
+    def test_update_can_switch_back_to_the_identity_mapping(self, clock: FakeClock) -> None:
+        """mapping_id=None means the identity mapping; leaving it out keeps the current one."""
+        emails = {"a": "a@example.com"}
+        scheduler = build(
+            clock, Members(["a"]), mapping=cs.IdentifierMapping([(EMAIL, emails.get)])
+        )
+        kept = scheduler.update_sync("s1", cs.SyncPolicy.hourly(rejection_attempts=4))
+        identity = scheduler.update_sync("s1", mapping_id=None)
+        assert ("m", None) == (kept.mapping_id, identity.mapping_id)
+
+
+class TestFlagsDuringARun:
+    """Flags a host sets during a run are never lost, whatever run it is (12.13)."""
+
+    @pytest.mark.parametrize("first_run", [True, False])
+    def test_full_resync_requested_during_a_run(self, clock: FakeClock, first_run: bool) -> None:
+        """request_full_resync during the first (or a later) run: the next run is full."""
+        holder: dict[str, cs.Scheduler] = {}
+
+        class Asks(RecordingDestination):
+            ask = first_run
+
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                if self.ask:
+                    self.ask = False
+                    holder["s"].request_full_resync("s1")
+                return super().add(batch)
+
+        source = Members(["a", "b"])
+        dest = Asks()
+        scheduler = build(clock, source, destination=dest)
+        holder["s"] = scheduler
+        run_next(scheduler, clock)
+        if not first_run:
+            dest.ask = True
+            source.keys = ["a", "b", "c"]
+            run_next(scheduler, clock)
+
+        following = run_next(scheduler, clock)
+
+        assert following.full_sync
+        assert "full_resync" in following.notes
+
+
+class TestPausedSyncs:
+    """A paused sync stays visibly paused, deletions included, until resumed."""
+
+    def test_pausing_a_deletion_keeps_it_visible_and_resume_finishes_it(self) -> None:
+        """A paused deletion says so and waits; resume finishes the teardown."""
+        clock = FakeClock(START)
+        destination = RecordingDestination()
+        policy = cs.SyncPolicy.hourly(on_delete=cs.OnDelete.REMOVE_DELIVERED)
+        scheduler = build(clock, Members(["u1", "u2"]), destination=destination, policy=policy)
+        scheduler.run_due()
+        scheduler.delete_sync("s1")
+
+        paused = scheduler.pause_sync("s1")
+        clock.advance(timedelta(days=2))
+        assert [] == scheduler.run_due()
+        assert "deleting" in (paused.status_reason or "")
+        assert {"u1", "u2"} == destination.audience("s1")
+
+        scheduler.resume_sync("s1")
+        (teardown,) = scheduler.run_due()
+        assert cs.Trigger.TEARDOWN == teardown.trigger
+        assert set() == destination.audience("s1")
+        assert cs.SyncStatus.DELETED == scheduler.get_sync("s1").status
+
+    def test_sync_now_on_a_paused_sync_is_refused(self) -> None:
+        """sync_now on a paused sync raises and names resume_sync (it did nothing)."""
+        clock = FakeClock(START)
+        scheduler = build(clock, Members(["u1"]), destination=RecordingDestination())
+        scheduler.pause_sync("s1")
+
+        with pytest.raises(ConfigurationError, match="resume_sync"):
+            scheduler.sync_now("s1")
+
+    def test_a_full_resync_requested_while_paused_happens_after_resume(self) -> None:
+        """A full resync requested while paused is the first run after resume."""
+        clock = FakeClock(START)
+        destination = RecordingDestination()
+        scheduler = build(clock, Members(["u1"]), destination=destination)
+        scheduler.run_due()
+        scheduler.pause_sync("s1")
+
+        scheduler.request_full_resync("s1")
+        scheduler.resume_sync("s1")
+        (run,) = scheduler.run_due()
+
+        assert run.full_sync
+        assert 2 == len(destination.batches)  # u1 sent again
+
+    def test_deleting_again_keeps_a_parked_teardown_parked(self) -> None:
+        """Deleting a paused deletion again does not start the teardown behind the pause."""
+        clock = FakeClock(START)
+        destination = RecordingDestination()
+        policy = cs.SyncPolicy.hourly(on_delete=cs.OnDelete.REMOVE_DELIVERED)
+        scheduler = build(clock, Members(["u1"]), destination=destination, policy=policy)
+        scheduler.run_due()
+        scheduler.delete_sync("s1")
+        scheduler.pause_sync("s1")
+
+        again = scheduler.delete_sync("s1")
+        clock.advance(timedelta(hours=3))
+
+        assert cs.SyncStatus.PAUSED == again.status
+        assert [] == scheduler.run_due()
+        assert {"u1"} == destination.audience("s1")

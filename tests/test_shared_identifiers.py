@@ -1,0 +1,383 @@
+"""
+Members sharing one destination identifier: one request per identifier,
+collisions counted, and an identifier kept while any member still maps to
+it, through crashes and identifier changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+import cohortsync as cs
+from cohortsync.storage import MemoryStorage, Storage
+from cohortsync.testing import FakeClock, RecordingDestination
+from single_sync import Members, build, run_next
+
+START = datetime(2030, 1, 7, 10, 0, tzinfo=timezone.utc)
+EMAIL = cs.IdentifierKind.EMAIL
+TEARDOWN = cs.SyncPolicy.hourly(on_delete=cs.OnDelete.REMOVE_DELIVERED)
+
+
+class Crash(BaseException):
+    """The worker process dies here: nothing in the engine catches it."""
+
+
+def drain(scheduler: cs.Scheduler, clock: FakeClock, sync_id: str = "s1") -> list[cs.SyncRun]:
+    """Run whatever the sync has due until nothing is scheduled."""
+    runs: list[cs.SyncRun] = []
+    for _ in range(10):
+        due = scheduler.next_run(sync_id)
+        if due is None:
+            return runs
+        clock.set(max(due, clock.now()))
+        runs += scheduler.run_due()
+    raise AssertionError(f"still scheduled after {runs}")
+
+
+SHARED = {"u0": "u0@example.com", "u0-dup": "u0@example.com", "u2": "u2@example.com"}
+
+
+def emailing(
+    storage: Storage, clock: FakeClock, dest: cs.Destination, members: set[str]
+) -> cs.Scheduler:
+    """A worker syncing *members* by email, where u0 and u0-dup share one address."""
+    s = cs.Scheduler(storage, clock=clock, seed=1)
+    s.add_cohort(cs.Cohort(id="c", name="C", source=lambda: set(members)))
+    s.add_destination("d", dest)
+    s.add_mapping("email", cs.IdentifierMapping([(cs.IdentifierKind.EMAIL, SHARED.get)]))
+    return s
+
+
+class TestSharedIdentifiers:
+    """
+    The delivered state is tracked per identifier: an identifier leaves the
+    destination only when no member maps to it any more (defect 12.1).
+    """
+
+    @pytest.fixture
+    def shared(self, clock: FakeClock) -> tuple[cs.Scheduler, Members, RecordingDestination]:
+        emails = {"u1": "ann@example.com", "u2": "ANN@example.com", "u3": "bob@example.com"}
+        source = Members(["u1", "u2", "u3"])
+        dest = RecordingDestination(cs.Capabilities(max_batch_size=10))
+        mapping = cs.IdentifierMapping([(EMAIL, emails.get)])
+        return build(clock, source, destination=dest, mapping=mapping), source, dest
+
+    def test_one_request_per_identifier_and_collisions_counted(
+        self, clock: FakeClock, shared: tuple[cs.Scheduler, Members, RecordingDestination]
+    ) -> None:
+        """Two members with one email: the batch holds it once; the run counts the collision."""
+        scheduler, _, dest = shared
+
+        run = run_next(scheduler, clock)
+
+        (batch,) = dest.calls(cs.Operation.ADD)
+        assert sorted(set(batch.identifiers)) == sorted(batch.identifiers)
+        assert ["ann@example.com", "bob@example.com"] == sorted(batch.identifiers)
+        assert (2, 1, cs.RunStatus.SUCCEEDED) == (run.added, run.collisions, run.status)
+
+    def test_identifier_stays_while_another_member_needs_it(
+        self, clock: FakeClock, shared: tuple[cs.Scheduler, Members, RecordingDestination]
+    ) -> None:
+        """One of two members sharing an email leaves: nothing is removed; the last one does."""
+        scheduler, source, dest = shared
+        run_next(scheduler, clock)
+        source.keys = ["u2", "u3"]
+
+        left_one = run_next(scheduler, clock)
+
+        assert [] == dest.calls(cs.Operation.REMOVE)
+        assert {"ann@example.com", "bob@example.com"} == dest.audience()
+        assert (0, 0, 1) == (left_one.added, left_one.removed, left_one.collisions)
+        assert (0, 0) == (scheduler.preview("s1").adds, scheduler.preview("s1").removes)
+        source.keys = ["u3"]
+
+        left_both = run_next(scheduler, clock)
+
+        assert {"bob@example.com"} == dest.audience()
+        assert 1 == left_both.removed
+
+    def test_a_leaver_and_a_joiner_with_one_identifier_send_nothing(
+        self, clock: FakeClock, shared: tuple[cs.Scheduler, Members, RecordingDestination]
+    ) -> None:
+        """u1 leaves while u2 (same email) joins: the identifier stays, no remove, no re-add."""
+        scheduler, source, dest = shared
+        source.keys = ["u1", "u3"]
+        run_next(scheduler, clock)
+        source.keys = ["u2", "u3"]
+
+        run = run_next(scheduler, clock)
+
+        assert 1 == len(dest.batches)
+        assert {"ann@example.com", "bob@example.com"} == dest.audience()
+        assert (0, 0) == (run.added, run.removed)
+        source.keys = ["u3"]
+        run_next(scheduler, clock)
+        assert {"bob@example.com"} == dest.audience()
+
+    def test_realtime_change_feed_keeps_a_shared_identifier(self, clock: FakeClock) -> None:
+        """A change feed reporting one of two sharers leaving removes nothing."""
+
+        class Feed:
+            def __init__(self) -> None:
+                self.keys = {"u1", "u2"}
+                self.log: list[tuple[int, set[str], set[str]]] = []
+
+            def members(self) -> Iterable[str]:
+                return sorted(self.keys)
+
+            def cursor(self) -> str:
+                return str(len(self.log))
+
+            def changes_since(self, cursor: str) -> cs.Changes:
+                added: set[str] = set()
+                removed: set[str] = set()
+                for _, a, r in self.log[int(cursor) :]:
+                    added = (added - r) | a
+                    removed = (removed - a) | r
+                return cs.Changes(added=added, removed=removed, cursor=self.cursor())
+
+            def leave(self, key: str) -> None:
+                self.keys.discard(key)
+                self.log.append((len(self.log), set(), {key}))
+
+        feed = Feed()
+        dest = RecordingDestination(cs.Capabilities(max_batch_size=10))
+        emails = {"u1": "ann@example.com", "u2": "ann@example.com"}
+        scheduler = build(
+            clock,
+            feed,
+            destination=dest,
+            policy=cs.SyncPolicy.realtime(),
+            mapping=cs.IdentifierMapping([(EMAIL, emails.get)]),
+        )
+        run_next(scheduler, clock)
+        clock.advance(90)
+        feed.leave("u1")
+
+        run = run_next(scheduler, clock)
+
+        assert {"ann@example.com"} == dest.audience()
+        assert (0, 1) == (run.removed, run.collisions)
+
+    def test_batches_never_hold_an_identifier_twice_across_chunks(self, clock: FakeClock) -> None:
+        """Sharers in different batches (and existing members re-sent in full) are sent once."""
+        emails = {f"u{i:02d}": f"person{i % 3}@example.com" for i in range(12)}
+        dest = RecordingDestination(cs.Capabilities(max_batch_size=2))
+        scheduler = build(
+            clock,
+            Members(sorted(emails)),
+            destination=dest,
+            mapping=cs.IdentifierMapping([(EMAIL, emails.get)]),
+        )
+
+        first = run_next(scheduler, clock)
+        scheduler.request_full_resync("s1")
+        full = run_next(scheduler, clock)
+
+        sent = [i for b in dest.calls(cs.Operation.ADD) for i in b.identifiers]
+        assert 6 == len(sent)  # three identifiers, each sent once per run
+        assert (3, 9) == (first.added, first.collisions)
+        assert 3 == full.added
+
+
+class TestSharedIdentifiersThroughCrashes:
+    """A crash mid-handover neither leaks nor loses an identifier members share (model test)."""
+
+    def test_a_handover_cut_short_leaks_nothing(self) -> None:
+        """
+        u0 leaves while u0-dup (same email) joins, and the run fails between
+        the removals and the adds: u0 used to be dropped already, so when
+        u0-dup left too nobody removed the address.
+        """
+
+        class FailsOnce(RecordingDestination):
+            fail = False
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                if self.fail:
+                    self.fail = False
+                    raise cs.exceptions.PermanentError("HTTP 404 (once)")
+                return super().remove(batch)
+
+        clock = FakeClock(START)
+        members = {"u0", "u2"}
+        dest = FailsOnce()
+        s = emailing(MemoryStorage(), clock, dest, members)
+        s.create_sync("c", "d", TEARDOWN, sync_id="s1", mapping_id="email")
+        s.run_due()
+        members.clear()
+        members.update({"u0-dup"})
+        dest.fail = True  # removing u2 fails before u0-dup is handled
+        s.sync_now("s1")
+        assert cs.RunStatus.FAILED == s.run_due()[0].status
+        assert "u0" in set(s.storage.iter_delivered("s1"))  # it still holds the address
+
+        members.discard("u0-dup")
+        members.add("u2")
+        s.sync_now("s1")
+        s.run_due()
+        assert {"u2@example.com"} == dest.audience("s1")
+        s.delete_sync("s1")
+        drain(s, clock)
+        assert set() == dest.audience("s1")
+
+    def test_a_joiner_sharing_a_recovered_address_is_sent(self) -> None:
+        """
+        A crash leaves "add u0" pending (never applied); u0 leaves, u0-dup
+        joins: the address must be sent (it used to be recorded as held).
+        """
+
+        class DiesFirst(RecordingDestination):
+            armed = True
+
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                if self.armed:
+                    self.armed = False
+                    raise Crash
+                return super().add(batch)
+
+        clock = FakeClock(START)
+        storage = MemoryStorage()
+        members = {"u0"}
+        dest = DiesFirst()
+        emailing(storage, clock, dest, members).create_sync(
+            "c", "d", cs.SyncPolicy.hourly(), sync_id="s1", mapping_id="email"
+        )
+        with pytest.raises(Crash):
+            emailing(storage, clock, dest, members).run_due()
+        members.clear()
+        members.add("u0-dup")
+        clock.advance(timedelta(minutes=6))
+        emailing(storage, clock, dest, members).run_due()
+
+        assert {"u0@example.com"} == dest.audience("s1")
+        assert ["u0-dup"] == list(storage.iter_delivered("s1"))
+
+    def test_a_refused_shared_address_is_sent_once(self) -> None:
+        """Two joiners share an address the vendor refuses, in two batches: one request."""
+
+        class Refuses(RecordingDestination):
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                super().add(batch)
+                return cs.DeliveryResult.partial(
+                    cs.Rejection(i, "unknown user") for i in batch.identifiers
+                )
+
+        clock = FakeClock(START)
+        dest = Refuses(cs.Capabilities(max_batch_size=1))
+        s = emailing(MemoryStorage(), clock, dest, {"u0", "u0-dup"})
+        s.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s1", mapping_id="email")
+
+        (run,) = s.run_due()
+
+        assert 1 == len(dest.batches)
+        assert (1, 1) == (run.rejected, run.collisions)
+        assert {"u0", "u0-dup"} == {e.key for e in s.ledger("s1")}
+
+    def test_a_member_back_after_two_takeovers_is_not_deduplicated_away(self) -> None:
+        """
+        add u3 applied, worker killed; u3 leaves, the takeover removes it and
+        is killed; u3 comes back: its add used to reuse the first add's key,
+        which a de-duplicating vendor ignored.
+        """
+
+        class Dedup(cs.Destination):
+            capabilities = cs.Capabilities(max_batch_size=1)
+
+            def __init__(self) -> None:
+                self.audience: set[str] = set()
+                self.seen: set[str] = set()
+                self.die_after: str | None = None
+                self.die_before: str | None = None
+
+            def _do(self, batch: cs.Batch, *, add: bool) -> cs.DeliveryResult:
+                if self.die_before in batch.identifiers:
+                    self.die_before = None
+                    raise Crash
+                if batch.idempotency_key not in self.seen:
+                    self.seen.add(batch.idempotency_key)
+                    change = self.audience.update if add else self.audience.difference_update
+                    change(batch.identifiers)
+                if self.die_after in batch.identifiers:
+                    self.die_after = None
+                    raise Crash
+                return cs.DeliveryResult.ok()
+
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return self._do(batch, add=True)
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return self._do(batch, add=False)
+
+        clock = FakeClock(START)
+        storage = MemoryStorage()
+        vendor = Dedup()
+        members = {"u1"}
+
+        def run() -> None:
+            s = cs.Scheduler(storage, clock=clock, seed=1)
+            s.add_cohort(cs.Cohort(id="c", name="C", source=lambda: set(members)))
+            s.add_destination("d", vendor)
+            try:
+                s.run_due()
+            except Crash:
+                clock.advance(timedelta(minutes=6))
+
+        first = cs.Scheduler(storage, clock=clock, seed=1)
+        first.add_cohort(cs.Cohort(id="c", name="C", source=lambda: set(members)))
+        first.add_destination("d", vendor)
+        first.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s1")
+        run()
+        members.add("u3")
+        vendor.die_after = "u3"
+        first.sync_now("s1")
+        run()
+        members.discard("u3")
+        members.add("u4")
+        vendor.die_before = "u4"
+        run()
+        members.add("u3")
+        run()
+        clock.advance(timedelta(hours=2))
+        run()
+
+        assert members == vendor.audience
+
+
+class TestIdentifierChanges:
+    """A member whose identifier changes is moved at the destination by a full resync."""
+
+    def test_an_email_change_is_sent_by_a_full_resync_and_torn_down(self) -> None:
+        """
+        k1 stays in the cohort but its email changes: a full resync removes the
+        old address and adds the new one (it used to add the new one and
+        forget the old, which then survived even a REMOVE_DELIVERED teardown).
+        """
+        emails = {"k1": "old@x.io", "k2": "k2@x.io"}
+        clock = FakeClock(START)
+        destination = RecordingDestination()
+        scheduler = cs.Scheduler(MemoryStorage(), clock=clock, seed=1)
+        scheduler.add_destination("d", destination)
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["k1", "k2"]))
+        scheduler.add_mapping(
+            "email", cs.IdentifierMapping([(cs.IdentifierKind.EMAIL, emails.get)])
+        )
+        policy = cs.SyncPolicy.hourly(on_delete=cs.OnDelete.REMOVE_DELIVERED)
+        scheduler.create_sync("c", "d", policy, sync_id="s1", mapping_id="email")
+        scheduler.run_due()
+        emails["k1"] = "new@x.io"
+
+        clock.advance(timedelta(hours=1))
+        (ordinary,) = scheduler.run_due()
+        assert (0, 0) == (ordinary.added, ordinary.removed)  # documented: full sends only
+        scheduler.request_full_resync("s1")
+        (full,) = scheduler.run_due()
+
+        assert {"new@x.io", "k2@x.io"} == destination.audience("s1")
+        assert "identifier_changed" in full.notes
+        scheduler.delete_sync("s1")
+        scheduler.run_due()
+        assert set() == destination.audience("s1")

@@ -1,0 +1,218 @@
+"""
+Every slot is run or counted, and the schedule survives wrong clocks, clocks
+before 1970 and the end of year 9999.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+import cohortsync as cs
+from cohortsync.storage import MemoryStorage, SQLiteStorage, SyncRecord
+from cohortsync.testing import FakeClock, RecordingDestination
+from single_sync import Members, build, run_next
+
+START = datetime(2030, 1, 7, 10, 0, tzinfo=timezone.utc)
+
+MINUTE = timedelta(minutes=1)
+
+HOUR = timedelta(hours=1)
+
+
+class TestSlotAccounting:
+    """Slot counts change with the sync write or not at all (12.8)."""
+
+    def test_failed_update_and_delete_leave_counts_alone(self, clock: FakeClock) -> None:
+        """An update that loses a race and a delete that fails change no bucket count."""
+
+        class Racing(MemoryStorage):
+            fail_save = False
+
+            def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
+                if self.fail_save:
+                    raise cs.exceptions.ConflictError(record.id, expected_generation, 99)
+                super().save_sync(record, expected_generation=expected_generation)
+
+        storage = Racing()
+        scheduler = build(clock, Members(["a"]), storage=storage, policy=cs.SyncPolicy.daily())
+        bucket = storage.get_sync("s1").slot_bucket
+        assert bucket is not None
+
+        def occupied() -> list[int]:
+            return [storage.least_loaded_slot(86_400, 1_440, b) for b in (bucket, bucket + 1)]
+
+        before = occupied()
+        storage.fail_save = True
+        with pytest.raises(cs.exceptions.ConflictError):
+            scheduler.update_sync("s1", cs.SyncPolicy.daily(rejection_attempts=4))
+        with pytest.raises(cs.exceptions.ConflictError):
+            scheduler.delete_sync("s1")
+        storage.fail_save = False
+
+        assert before == occupied()
+        assert bucket + 1 == occupied()[0]  # the sync still holds its bucket
+
+
+class TestEverySlotAccountedFor:
+    """Every slot is run or counted; triggers follow the documented definitions (12.9)."""
+
+    def test_celery_beat_ticks_at_57_seconds_lose_no_slot(self, clock: FakeClock) -> None:
+        """Ticks at :57 with runs ending after the minute: every real-time slot runs or counts."""
+
+        class Slow(RecordingDestination):
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                clock.advance(5)  # ends after the next minute boundary
+                return super().add(batch)
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                clock.advance(5)
+                return super().remove(batch)
+
+        source = Members(["a"])
+        scheduler = build(clock, source, destination=Slow(), policy=cs.SyncPolicy.realtime())
+        clock.set(START + timedelta(seconds=57))
+        for minute in range(20):
+            source.keys = ["a"] if minute % 2 else ["a", f"b{minute}"]
+            scheduler.run_due()
+            clock.set(START + timedelta(minutes=minute + 1, seconds=57))
+
+        runs = sorted(scheduler.history("s1"), key=lambda r: r.slot)
+        accounted = len(runs) + sum(r.coalesced for r in runs)
+        slots = {START + timedelta(minutes=m) for m in range(1, 21)}
+        assert {r.slot for r in runs[1:]} <= slots
+        assert len(slots) + 1 <= accounted + 1  # creation run + every minute slot
+        assert {cs.Trigger.REALTIME} == {r.trigger for r in runs[1:]}
+
+    def test_a_realtime_run_hours_late_is_a_catch_up(self, clock: FakeClock) -> None:
+        """A real-time slot run three hours late is `catch_up`, with the skipped slots counted."""
+        scheduler = build(clock, Members(["a"]), policy=cs.SyncPolicy.realtime())
+        run_next(scheduler, clock)
+        clock.advance(3 * HOUR)
+
+        (late,) = scheduler.run_due()
+
+        assert cs.Trigger.CATCH_UP == late.trigger
+        assert 179 <= late.coalesced <= 181
+
+
+class TestRealtimeReconciliation:
+    """A real-time sync reconciles with a full snapshot in the first run of each hour."""
+
+    def test_realtime_reconciles_in_the_first_run_of_each_hour(self, clock: FakeClock) -> None:
+        """When the :00 slot is coalesced, the hour's reconciliation happens at the next run."""
+        calls: list[str] = []
+
+        class Feed:
+            def members(self) -> Iterable[str]:
+                calls.append("snapshot")
+                return ["a"]
+
+            def cursor(self) -> str:
+                return "0"
+
+            def changes_since(self, cursor: str) -> cs.Changes:
+                calls.append("feed")
+                return cs.Changes(added=(), removed=(), cursor="0")
+
+        scheduler = build(clock, Feed(), policy=cs.SyncPolicy.realtime())
+        run_next(scheduler, clock)  # 10:00 full
+        clock.set(START + timedelta(minutes=58))
+        scheduler.run_due()
+        calls.clear()
+        clock.set(START + timedelta(hours=1, minutes=1, seconds=5))  # 11:00 coalesced
+
+        scheduler.run_due()
+
+        assert ["snapshot"] == calls
+
+
+class TestClockJumps:
+    """A wrong clock never silences a sync for more than a period after it is corrected (12.11)."""
+
+    def test_a_year_forward_then_corrected(self, clock: FakeClock) -> None:
+        """Runs at a clock a year ahead, then the clock is corrected: hourly runs resume."""
+        scheduler = build(clock, Members(["a"]))
+        run_next(scheduler, clock)
+        clock.set(START + timedelta(days=365))
+        scheduler.run_due()
+        clock.set(START + 2 * HOUR, backwards=True)
+
+        scheduler.run_due()  # notices the schedule is from the future
+        due = scheduler.next_run("s1")
+
+        assert due is not None
+        assert due <= clock.now() + HOUR
+        clock.set(due)
+        assert 1 == len(scheduler.run_due())
+
+    def test_realtime_keeps_running_when_the_clock_goes_back_three_hours(
+        self, clock: FakeClock
+    ) -> None:
+        """A clock moved back three hours: real-time runs go on every minute, not in 3 h."""
+        scheduler = build(clock, Members(["a"]), policy=cs.SyncPolicy.realtime())
+        run_next(scheduler, clock)
+        clock.advance(3 * HOUR)
+        scheduler.run_due()
+        clock.set(clock.now() - 3 * HOUR, backwards=True)
+
+        ran = 0
+        for _ in range(5):
+            clock.advance(MINUTE)
+            ran += len(scheduler.run_due())
+
+        assert ran >= 4
+        slots = [r.slot for r in scheduler.history("s1")]
+        assert len(slots) == len(set(slots))
+
+
+class TestEndOfTime:
+    """All instant arithmetic saturates (12.14)."""
+
+    def test_run_due_in_the_last_minutes_of_year_9999(self) -> None:
+        """Leases and backoffs near datetime.max do not raise OverflowError."""
+        clock = FakeClock(datetime(9999, 12, 31, 23, 50, tzinfo=timezone.utc))
+        scheduler = build(clock, Members(["a"]), policy=cs.SyncPolicy.realtime())
+
+        (run,) = scheduler.run_due()
+        clock.advance(timedelta(minutes=9, seconds=30))
+        scheduler.run_due()
+
+        assert cs.RunStatus.SUCCEEDED == run.status
+
+
+class TestClocksBeforeTheEpoch:
+    """A sync created while the clock read 1970 or earlier runs, on SQLite too."""
+
+    @pytest.mark.parametrize("year", [1969, 1970])
+    def test_a_sync_created_in_the_sixties_runs(self, tmp_path: Path, year: int) -> None:
+        """On SQLite a sync created at or before 1970 runs (its row was called damaged)."""
+        clock = FakeClock(datetime(year, 1, 1, tzinfo=timezone.utc))
+        with SQLiteStorage(tmp_path / "s.db") as storage:
+            destination = RecordingDestination()
+            scheduler = build(clock, Members(["u1"]), destination=destination, storage=storage)
+
+            (run,) = scheduler.run_due()
+            clock.set(datetime(2030, 1, 1, tzinfo=timezone.utc))  # the clock is corrected
+            later = scheduler.run_due()
+
+            assert cs.RunStatus.SUCCEEDED == run.status
+            assert {"u1"} == destination.audience("s1")
+            assert 1 == len(later)
+
+
+class TestUpcomingAtTheEndOfTime:
+    """upcoming() in the last hour of year 9999 lists what is left."""
+
+    def test_upcoming_lists_what_is_left(self) -> None:
+        """upcoming() in the last hour of year 9999 lists runs instead of raising ValueError."""
+        clock = FakeClock(datetime(9999, 12, 31, 23, 0, tzinfo=timezone.utc))
+        scheduler = build(clock, Members(["u1"]), destination=RecordingDestination())
+        scheduler.run_due()
+
+        upcoming = scheduler.upcoming(datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc))
+
+        assert all(u.sync_id == "s1" for u in upcoming)
