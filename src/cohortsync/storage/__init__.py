@@ -11,7 +11,7 @@ For a host choosing a store:
 For a storage author: the :class:`Storage` protocol, the records it takes and
 returns (:class:`SyncRecord`, :class:`Lease`, :class:`Completion`,
 :class:`AppliedBatch`, ...) and the shared rules every store applies the same
-way (:func:`claim_slot`, :func:`slot_bucket_of`). Check a store with
+way (:func:`claim_slot`, :func:`apply_completion`, :func:`slot_bucket_of`). Check a store with
 :func:`cohortsync.testing.check_storage`.
 
 The SQL stores import on first use, so ``import cohortsync`` never loads
@@ -36,9 +36,8 @@ from cohortsync.storage._protocol import (
     Storage,
     SyncRecord,
     Tally,
-    claim_slot,
-    slot_bucket_of,
 )
+from cohortsync.storage._rules import apply_completion, claim_slot, slot_bucket_of
 
 if TYPE_CHECKING:
     from cohortsync.storage._postgres import PostgresStorage
@@ -60,6 +59,7 @@ __all__ = [
     "Storage",
     "SyncRecord",
     "Tally",
+    "apply_completion",
     "claim_slot",
     "slot_bucket_of",
 ]

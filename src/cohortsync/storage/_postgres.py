@@ -74,10 +74,9 @@ from cohortsync.storage._protocol import (
     Progress,
     SyncRecord,
     Tally,
-    collect_holders,
-    slot_bucket_of,
 )
 from cohortsync.storage._rows import decode_pending, encode_members
+from cohortsync.storage._rules import collect_holders, slot_bucket_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -311,7 +310,7 @@ _COUNT_SLOT = (
 _UNCOUNT_SLOT = (
     "UPDATE {s}.slot_buckets SET syncs = syncs - 1 WHERE period = %s AND bucket = %s AND syncs > 0"
 )
-# The slot rule of cohortsync.storage._protocol.claim_slot (SET sees the old row).
+# The slot rule of cohortsync.storage._rules.claim_slot (SET sees the old row).
 _CLAIMED_SLOT = (
     "CASE WHEN s.last_slot IS NOT NULL AND s.next_due <= s.last_slot"
     " THEN s.last_slot + interval '1 microsecond' ELSE s.next_due END"

@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import attrs
 
 from cohortsync import _validators as v
-from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
+from cohortsync._destination import Identifier, Member, Operation
 from cohortsync._sync import Sync, SyncRun, Trigger
 
 __all__ = [
@@ -38,14 +38,10 @@ __all__ = [
     "Storage",
     "SyncRecord",
     "Tally",
-    "claim_slot",
-    "slot_bucket_of",
 ]
 
 SLOT_BUCKET_SECONDS = 60
 """The load-aware allocator balances syncs per minute of the period."""
-
-_TICK = timedelta(microseconds=1)
 
 
 @attrs.frozen(kw_only=True)
@@ -116,57 +112,6 @@ class SyncRecord:
     @property
     def id(self) -> str:
         return self.sync.id
-
-
-def claim_slot(next_due: datetime, last_slot: datetime | None) -> datetime:
-    """
-    The slot a claim of a sync due at *next_due* runs: *next_due* itself,
-    unless a run is already recorded at or after it (the host asked for a run
-    at the very instant of the last one, or the clock went back), then one
-    microsecond after the last recorded slot.
-
-    Every store applies this rule in its claim (and sets ``next_due`` to the
-    result), so run records are unique per slot by construction and no host
-    call needs special cases for "now".
-    """
-    if last_slot is None or next_due > last_slot:
-        return next_due
-    return last_slot + _TICK
-
-
-def collect_holders(
-    wanted: set[Identifier],
-    by_value: Iterable[tuple[str, Identifier]],
-    own: Iterable[str],
-) -> dict[Identifier, list[str]]:
-    """
-    The answer of :meth:`Storage.identifier_holders` from a store's rows:
-    *by_value* are (key, identifier) rows whose stored identifier value was
-    asked for (kept when the whole identifier was), *own* the keys found
-    among the asked ``USER_ID`` values that were delivered under the
-    identity mapping (they hold ``Identifier(USER_ID, key)``).
-    """
-    found: dict[Identifier, set[str]] = {}
-    for key, ident in by_value:
-        if ident in wanted:
-            found.setdefault(ident, set()).add(key)
-    for key in own:
-        found.setdefault(Identifier(IdentifierKind.USER_ID, key), set()).add(key)
-    return {ident: sorted(keys) for ident, keys in found.items()}
-
-
-def slot_bucket_of(record: SyncRecord) -> tuple[int, int] | None:
-    """
-    ``(period seconds, bucket)`` a stored sync occupies in the slot
-    allocator's counts, or ``None``. Stores keep the counts in the same
-    transaction as the sync write (create, save, delete), so they never drift.
-    """
-    if record.slot_bucket is None:
-        return None
-    period = record.sync.policy.cadence.period
-    if period is None:
-        return None
-    return int(period.total_seconds()), record.slot_bucket
 
 
 @attrs.frozen(kw_only=True)
@@ -445,12 +390,11 @@ class Storage(Protocol):
 
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         """
-        Record the run, advance the schedule (``next_due``, ``next_trigger``,
-        ``attempts``, ``scheduled_from``) when the generation and ``next_due``
-        are still those the lease saw, set ``last_slot`` to the run's slot,
-        delete the pending batches named in ``completion.resolved`` and the
-        sync's :class:`Progress`, and release the lease, in one transaction.
-        **Atomic, compare-and-set** on the token.
+        Record the run and write the sync's record as :func:`apply_completion`
+        gives it (the schedule advances only if nobody changed the sync during
+        the run; the lease is released), delete the pending batches named in
+        ``completion.resolved`` and the sync's :class:`Progress`, in one
+        transaction. **Atomic, compare-and-set** on the token.
 
         Raises:
             LeaseLostError: The caller no longer holds the lease (nothing is written).

@@ -57,10 +57,9 @@ from cohortsync.storage._protocol import (
     Progress,
     SyncRecord,
     Tally,
-    collect_holders,
-    slot_bucket_of,
 )
 from cohortsync.storage._rows import decode_pending, encode_members
+from cohortsync.storage._rules import collect_holders, slot_bucket_of
 
 __all__ = ["SQLiteStorage"]
 
@@ -264,7 +263,7 @@ _COUNT_SLOT = """
     ON CONFLICT (period, bucket) DO UPDATE SET count = count + 1
 """
 _UNCOUNT_SLOT = "UPDATE slots SET count = count - 1 WHERE period = ? AND bucket = ? AND count > 0"
-# The slot rule of cohortsync.storage._protocol.claim_slot: never at or before the last
+# The slot rule of cohortsync.storage._rules.claim_slot: never at or before the last
 # recorded run's slot. SET expressions all see the row as it was before.
 _CLAIMED_SLOT = (
     "CASE WHEN last_slot IS NOT NULL AND next_due <= last_slot THEN last_slot + 1 ELSE next_due END"
