@@ -27,6 +27,7 @@ from cohortsync.exceptions import (
     StorageError,
     SyncNotFoundError,
 )
+from cohortsync.storage._base import StorageBase
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     AppliedBatch,
@@ -156,7 +157,7 @@ class _Batch:
 
 
 @attrs.define
-class MemoryStorage:
+class MemoryStorage(StorageBase):
     """
     Keeps everything in process memory. For tests, examples and single-process
     hosts that can afford to lose state on restart.
@@ -523,11 +524,6 @@ class MemoryStorage:
             return sorted(
                 (e for (s, _), e in self._ledger.items() if s == sync_id), key=lambda e: e.key
             )
-
-    def dead_letters(self, sync_id: str) -> set[str]:
-        with self._lock:
-            self._check_open()
-            return {k for (s, k), e in self._ledger.items() if s == sync_id and e.dead}
 
     def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
         with self._lock:
