@@ -65,7 +65,7 @@ from cohortsync.storage._protocol import (
     Storage,
     SyncRecord,
 )
-from cohortsync.testing._storage_contract import STORAGE_CHECKS
+from cohortsync.testing._storage_contract import _QUERY_CHECKS, STORAGE_CHECKS, _DerivedQueries
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -288,6 +288,21 @@ class TestContract:
         Each contract check passes on a store with per-thread DSN connections.
         """
         check(open_store)
+
+    @pytest.mark.parametrize(
+        "check",
+        [c for c in STORAGE_CHECKS if any(c in checks for checks in _QUERY_CHECKS.values())],
+        ids=lambda check: check.__name__,
+    )
+    def test_check_on_derived_queries(
+        self,
+        check: Callable[[Callable[[], Storage]], None],
+        open_store: Callable[..., PostgresStorage],
+    ) -> None:
+        """
+        Each check of an optional query passes with the query derived from the required parts.
+        """
+        check(lambda: _DerivedQueries(open_store()))
 
     @pytest.mark.parametrize("check", STORAGE_CHECKS, ids=lambda check: check.__name__)
     def test_check_through_a_pool(

@@ -188,6 +188,9 @@ class DictStorage(StorageBase):
         self._runs: dict[tuple[str, datetime], cs.SyncRun] = {}
         self._issues: dict[str, list[MemberIssue]] = {}
 
+    def __repr__(self) -> str:
+        return f"DictStorage(syncs={len(self._syncs)})"
+
     @contextmanager
     def _db(self) -> Iterator[None]:
         with self._lock:

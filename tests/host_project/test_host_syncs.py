@@ -83,8 +83,10 @@ class TestPushAudienceContract:
 
 class TestAuditedStorageContract:
     def test_keeps_the_storage_contract(self) -> None:
-        """The audited wrapper behaves exactly like the store it wraps."""
-        check_storage(lambda: AuditedStorage(MemoryStorage(), tenant="acme"))
+        """The audited wrapper behaves exactly like the store it wraps, queries included."""
+        report = check_storage(lambda: AuditedStorage(MemoryStorage(), tenant="acme"))
+
+        assert () == report.derived
 
 
 class TestDictStorage:
@@ -93,8 +95,13 @@ class TestDictStorage:
     """
 
     def test_keeps_the_storage_contract(self) -> None:
-        """Every check passes, the derived queries included."""
-        check_storage(DictStorage)
+        """Every check passes, with every optional query derived."""
+        report = check_storage(DictStorage)
+
+        assert {"native"} == {
+            report.parts[p] for p in ("ScheduleStore", "DeliveryStore", "HistoryStore")
+        }
+        assert 7 == len(report.derived)
 
     def test_a_week_of_hourly_syncs(self, clock: FakeClock, push_client: FakePushClient) -> None:
         """The scheduler runs on it, using the queries StorageBase derives."""
