@@ -5,31 +5,17 @@ row codecs and the schema check, tested without a database.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import attrs
 import pytest
 
-from cohortsync._policy import SyncPolicy
-from cohortsync._sync import Sync, SyncStatus
+from cohortsync._sync import SyncStatus
 from cohortsync.exceptions import CorruptStoreError, SchemaVersionError
 from cohortsync.storage import SyncRecord
 from cohortsync.storage import _sql as q
 from cohortsync.storage._sqlite import _MIGRATIONS
-
-T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
-
-
-def sync_record(**changes: object) -> SyncRecord:
-    sync = Sync(
-        id="s1",
-        cohort_id="cohort",
-        destination_id="destination",
-        policy=SyncPolicy.hourly(),
-        created_at=T0,
-        updated_at=T0,
-    )
-    return attrs.evolve(SyncRecord(sync=sync, next_due=T0, anchor=T0), **changes)  # type: ignore[arg-type]
+from records import T0, sync_record
 
 
 def row_of(record: SyncRecord, instants: q.Instants, **columns: object) -> tuple[object, ...]:

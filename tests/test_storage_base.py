@@ -6,7 +6,7 @@ derives the optional queries from the required parts.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import attrs
 import pytest
@@ -14,8 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
-from cohortsync._policy import SyncPolicy
-from cohortsync._sync import Sync, SyncStatus
+from cohortsync._sync import SyncStatus
 from cohortsync.exceptions import ConfigurationError, StorageError
 from cohortsync.storage import (
     AppliedBatch,
@@ -26,33 +25,11 @@ from cohortsync.storage import (
     ScheduleStore,
     Storage,
     StorageBase,
-    SyncRecord,
 )
 from host_project.storage import AuditedStorage, DictStorage
+from records import OPTIONAL_QUERIES, T0, sync_record
 
-T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 LEASE = timedelta(minutes=10)
-OPTIONAL = (
-    "next_due",
-    "scheduled_after",
-    "least_loaded_slot",
-    "count_delivered",
-    "filter_delivered",
-    "identifier_holders",
-    "dead_letters",
-)
-
-
-def sync_record(sync_id: str, **changes: object) -> SyncRecord:
-    sync = Sync(
-        id=sync_id,
-        cohort_id="cohort",
-        destination_id="destination",
-        policy=SyncPolicy.hourly(),
-        created_at=T0,
-        updated_at=T0,
-    )
-    return attrs.evolve(SyncRecord(sync=sync, next_due=T0, anchor=T0), **changes)  # type: ignore[arg-type]
 
 
 class TestParts:
@@ -71,12 +48,12 @@ class TestParts:
 
     def test_optional_queries_are_the_only_non_abstract_methods(self) -> None:
         """StorageBase implements exactly the optional queries; the rest stays abstract."""
-        assert set(OPTIONAL) == {
+        assert set(OPTIONAL_QUERIES) == {
             name
             for name in vars(OptionalQueries)
             if not name.startswith("_") and callable(getattr(OptionalQueries, name))
         }
-        assert set(OPTIONAL).isdisjoint(StorageBase.__abstractmethods__)
+        assert set(OPTIONAL_QUERIES).isdisjoint(StorageBase.__abstractmethods__)
         assert {"create_sync", "iter_delivered", "history", "close"} <= set(
             StorageBase.__abstractmethods__
         )

@@ -35,8 +35,8 @@ from cohortsync.storage import (
     Storage,
     StorageBase,
     SyncRecord,
+    apply_claim,
     apply_completion,
-    claim_slot,
 )
 
 
@@ -247,19 +247,10 @@ class DictStorage(StorageBase):
             )
             leases = []
             for record in due[: max(limit, 0)]:
-                assert record.next_due is not None
-                slot = claim_slot(record.next_due, record.last_slot)
-                lease = Lease(
-                    sync_id=record.id,
-                    generation=record.sync.generation,
-                    slot=slot,
-                    trigger=record.next_trigger,
-                    owner=owner,
-                    token=secrets.token_hex(16),
-                    expires_at=now + lease_for,
-                    revision=record.revision,
+                claimed, lease = apply_claim(
+                    record, owner=owner, token=secrets.token_hex(16), expires_at=now + lease_for
                 )
-                self._syncs[record.id] = attrs.evolve(record, lease=lease, next_due=slot)
+                self._syncs[record.id] = claimed
                 leases.append(lease)
             return leases
 

@@ -14,7 +14,7 @@ optional: :class:`OptionalQueries`), :class:`StorageBase` (subclass it to
 write only the required parts), the records the protocol takes and returns
 (:class:`SyncRecord`, :class:`Lease`, :class:`Completion`,
 :class:`AppliedBatch`, ...) and the rules every store applies the same way
-(:func:`claim_slot`, :func:`apply_completion`, :func:`slot_bucket_of`). Check
+(:func:`apply_claim`, :func:`apply_completion`, :func:`slot_bucket_of`). Check
 a store with :func:`cohortsync.testing.check_storage`.
 
 The SQL stores import on first use, so ``import cohortsync`` never loads
@@ -45,7 +45,7 @@ from cohortsync.storage._protocol import (
     SyncRecord,
     Tally,
 )
-from cohortsync.storage._rules import apply_completion, claim_slot, slot_bucket_of
+from cohortsync.storage._rules import apply_claim, apply_completion, claim_slot, slot_bucket_of
 
 if TYPE_CHECKING:
     from cohortsync.storage._postgres import PostgresStorage
@@ -72,6 +72,7 @@ __all__ = [
     "StorageBase",
     "SyncRecord",
     "Tally",
+    "apply_claim",
     "apply_completion",
     "claim_slot",
     "slot_bucket_of",

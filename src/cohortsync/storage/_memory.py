@@ -41,8 +41,8 @@ from cohortsync.storage._protocol import (
     SyncRecord,
 )
 from cohortsync.storage._rules import (
+    apply_claim,
     apply_completion,
-    claim_slot,
     is_identity,
     is_scheduled_after,
     record_claimable_at,
@@ -344,19 +344,13 @@ class MemoryStorage(StorageBase):
             due = due[: max(limit, 0)]
             leases = []
             for r in due:
-                assert r.next_due is not None  # noqa: S101 - _claimable_at checked it
-                slot = claim_slot(r.next_due, r.last_slot)
-                lease = Lease(
-                    sync_id=r.id,
-                    generation=r.sync.generation,
-                    slot=slot,
-                    trigger=r.next_trigger,
+                claimed, lease = apply_claim(
+                    r,
                     owner=owner,
                     token=secrets.token_hex(16),
                     expires_at=add_saturating(now, lease_for),
-                    revision=r.revision,
                 )
-                self._store(attrs.evolve(r, lease=lease, next_due=slot))
+                self._store(claimed)
                 leases.append(lease)
             return leases
 

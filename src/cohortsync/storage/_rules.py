@@ -24,6 +24,7 @@ from cohortsync.exceptions import ConfigurationError
 from cohortsync.storage._protocol import Completion, Lease, SyncRecord
 
 __all__ = [
+    "apply_claim",
     "apply_completion",
     "claim_slot",
     "claimable_at",
@@ -55,6 +56,37 @@ def claim_slot(next_due: datetime, last_slot: datetime | None) -> datetime:
     if last_slot is None or next_due > last_slot:
         return next_due
     return last_slot + _TICK
+
+
+def apply_claim(
+    record: SyncRecord, *, owner: str, token: str, expires_at: datetime
+) -> tuple[SyncRecord, Lease]:
+    """
+    The sync's record as :meth:`~cohortsync.storage.Storage.claim_due` leaves it
+    when it leases *record* (active, due, and free or with an expired lease),
+    and the lease it hands out.
+
+    The lease runs the slot :func:`claim_slot` gives, and ``next_due`` moves
+    to that slot; it carries the record's generation, revision and next
+    trigger, which the run and its completion compare against later.
+
+    Raises:
+        ValueError: *record* is not scheduled.
+    """
+    if record.next_due is None:
+        raise ValueError(f"sync {record.id!r} is not scheduled: nothing to claim")
+    slot = claim_slot(record.next_due, record.last_slot)
+    lease = Lease(
+        sync_id=record.id,
+        generation=record.sync.generation,
+        slot=slot,
+        trigger=record.next_trigger,
+        owner=owner,
+        token=token,
+        expires_at=expires_at,
+        revision=record.revision,
+    )
+    return attrs.evolve(record, lease=lease, next_due=slot), lease
 
 
 def claimable_at(next_due: datetime, lease_expires: datetime | None) -> datetime:

@@ -365,15 +365,18 @@ def decode_sync(row: Sequence[Any], instants: Instants) -> SyncRecord:
         sync: Sync = load_sync(definition)
         lease = None
         if lease_token is not None:
-            lease = Lease(
-                sync_id=sync_id,
-                generation=lease_generation,
-                slot=instants.decode(lease_slot),
-                trigger=Trigger(lease_trigger),
-                owner=lease_owner,
-                token=lease_token,
-                expires_at=instants.decode(lease_expires),
-                revision=lease_revision or 0,
+            lease = decode_lease(
+                (
+                    sync_id,
+                    lease_generation,
+                    lease_slot,
+                    lease_trigger,
+                    lease_token,
+                    lease_revision or 0,
+                ),
+                lease_owner,
+                instants.decode(lease_expires),
+                instants,
             )
         record = SyncRecord(
             sync=sync,
@@ -415,8 +418,8 @@ def decode_sync(row: Sequence[Any], instants: Instants) -> SyncRecord:
 
 def decode_lease(row: Sequence[Any], owner: str, expires_at: datetime, instants: Instants) -> Lease:
     """
-    The lease in a claim's returned row of (id, generation, slot, trigger,
-    token, revision).
+    The lease in a row of (id, generation, slot, trigger, token, revision):
+    a claim's returned row, or the lease columns of a sync row.
 
     Raises:
         CorruptStoreError: A damaged schedule column; the claim takes the sync

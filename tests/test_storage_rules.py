@@ -1,6 +1,7 @@
 """
-The completion rule, :func:`cohortsync.storage.apply_completion`: what every
-store's ``complete_run`` writes, checked as a pure function and against each
+The rules every store applies: :func:`cohortsync.storage.apply_claim` (what a
+claim writes) and :func:`cohortsync.storage.apply_completion` (what a completed
+run writes), checked as pure functions, and the completion rule against each
 shipped store on random runs.
 """
 
@@ -10,15 +11,15 @@ import itertools
 import os
 import secrets
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import attrs
 import pytest
 from hypothesis import given, settings
 
 from cohortsync._destination import Operation
-from cohortsync._policy import Cadence, SyncPolicy
-from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
+from cohortsync._policy import Cadence
+from cohortsync._sync import RunStatus, SyncRun, SyncStatus, Trigger
 from cohortsync.storage import (
     Completion,
     Lease,
@@ -27,25 +28,14 @@ from cohortsync.storage import (
     SQLiteStorage,
     Storage,
     SyncRecord,
+    apply_claim,
     apply_completion,
 )
+from records import T0, sync_record
 from strategies import CompletionScenario, completion_scenarios
 
-T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 LEASE = timedelta(minutes=10)
 US = timedelta(microseconds=1)
-
-
-def record(**changes: object) -> SyncRecord:
-    sync = Sync(
-        id="s",
-        cohort_id="cohort",
-        destination_id="destination",
-        policy=SyncPolicy.hourly(),
-        created_at=T0,
-        updated_at=T0,
-    )
-    return attrs.evolve(SyncRecord(sync=sync, next_due=T0, anchor=T0), **changes)  # type: ignore[arg-type]
 
 
 def lease_of(start: SyncRecord, **changes: object) -> Lease:
@@ -94,7 +84,35 @@ def everything(lease: Lease, sync: SyncRecord) -> Completion:
     )
 
 
-class TestTheRule:
+class TestTheClaimRule:
+    """
+    apply_claim leases the next free slot and moves next_due there.
+    """
+
+    def test_a_claim_runs_next_due(self) -> None:
+        """A sync never run is claimed for its next_due, with the record's fields on the lease."""
+        start = sync_record(next_trigger=Trigger.MANUAL, revision=3)
+
+        claimed, lease = apply_claim(start, owner="w", token="t" * 32, expires_at=T0 + LEASE)
+
+        assert lease_of(start, revision=3) == lease
+        assert attrs.evolve(start, lease=lease) == claimed
+
+    def test_a_claim_at_the_last_recorded_slot_moves_on(self) -> None:
+        """Due at or before the last recorded run's slot: one microsecond after it."""
+        start = sync_record(next_due=T0 - timedelta(hours=1), last_slot=T0)
+
+        claimed, lease = apply_claim(start, owner="w", token="t" * 32, expires_at=T0 + LEASE)
+
+        assert (T0 + US, T0 + US) == (lease.slot, claimed.next_due)
+
+    def test_an_unscheduled_sync_cannot_be_claimed(self) -> None:
+        """No next_due: nothing to claim."""
+        with pytest.raises(ValueError, match="not scheduled"):
+            apply_claim(sync_record(next_due=None), owner="w", token="t" * 32, expires_at=T0)
+
+
+class TestTheCompletionRule:
     """
     apply_completion advances the schedule only when nobody changed the sync during the run.
     """
@@ -109,7 +127,7 @@ class TestTheRule:
 
     def test_an_unchanged_sync_takes_everything(self) -> None:
         """Same generation, revision and next_due: schedule, definition and flags apply."""
-        start = record(full_resync=True, feed_cursor="cursor-1")
+        start = sync_record(full_resync=True, feed_cursor="cursor-1")
         lease = lease_of(start)
         completion = everything(lease, start)
         assert completion.sync is not None
@@ -142,7 +160,7 @@ class TestTheRule:
     )
     def test_a_changed_sync_keeps_the_change(self, change: dict[str, object]) -> None:
         """A host's save or "sync now" during the run wins; the run's own facts stand."""
-        start = record(full_resync=True, feed_cursor="cursor-1", next_due=T0)
+        start = sync_record(full_resync=True, feed_cursor="cursor-1", next_due=T0)
         lease = lease_of(start)
         changed = attrs.evolve(start, **change)  # type: ignore[arg-type]
         completion = everything(lease, start)
@@ -164,7 +182,7 @@ class TestTheRule:
 
     def test_a_new_generation_drops_the_runs_definition(self) -> None:
         """A definition replaced during the run is kept: the run's replacement is dropped."""
-        start = record(next_due=T0)
+        start = sync_record(next_due=T0)
         lease = lease_of(start)
         updated = attrs.evolve(start, sync=attrs.evolve(start.sync, generation=2))
 
@@ -178,7 +196,7 @@ class TestTheRule:
 
     def test_last_slot_never_moves_back(self) -> None:
         """A run of an earlier slot than the last recorded one leaves last_slot alone."""
-        start = record(next_due=T0, last_slot=T0 + timedelta(hours=1))
+        start = sync_record(next_due=T0, last_slot=T0 + timedelta(hours=1))
         lease = lease_of(start)
 
         after = apply_completion(start, lease, Completion(run=run_of(lease), next_due=None))
@@ -187,7 +205,7 @@ class TestTheRule:
 
     def test_no_cursor_keeps_the_stored_one(self) -> None:
         """A completion without a feed cursor keeps the stored cursor."""
-        start = record(feed_cursor="kept")
+        start = sync_record(feed_cursor="kept")
         lease = lease_of(start)
 
         after = apply_completion(start, lease, Completion(run=run_of(lease), next_due=None))
