@@ -290,18 +290,25 @@ def update_params(changes: Mapping[str, Any], instants: Instants) -> tuple[str, 
     :func:`~cohortsync.storage._rules.completion_changes`, and its parameters.
     ``lease`` may only be released (``None``).
     """
-    assignments: list[str] = []
     params: dict[str, Any] = {}
+    release = False
     for field, value in changes.items():
         if field == "lease":
             if value is not None:
                 raise ValueError("an update can release a lease, not take one")
-            assignments.append(CLEAR_LEASE)
-            continue
-        columns = _FIELDS[field](value, instants)
-        assignments.extend(f"{column} = %({column})s" for column in columns)
-        params.update(columns)
-    return f"UPDATE {{s}}.syncs SET {', '.join(assignments)} WHERE id = %(id)s", params  # noqa: S608 - columns from _FIELDS
+            release = True
+        else:
+            params.update(_FIELDS[field](value, instants))
+    return _update_statement(release, tuple(params)), params
+
+
+@functools.lru_cache(maxsize=64)
+def _update_statement(release: bool, columns: tuple[str, ...]) -> str:
+    # A handful of column sets recur (every completion writes one of them):
+    # build each statement once, so the drivers' statement caches see one text.
+    assignments = [CLEAR_LEASE] if release else []
+    assignments.extend(f"{column} = %({column})s" for column in columns)
+    return f"UPDATE {{s}}.syncs SET {', '.join(assignments)} WHERE id = %(id)s"  # noqa: S608 - columns from _FIELDS
 
 
 def completion_update(
