@@ -16,10 +16,10 @@ from cohortsync._clock import require_aware
 from cohortsync._destination import Identifier
 from cohortsync.storage._protocol import Storage, SyncRecord
 from cohortsync.storage._rules import (
-    is_scheduled_after,
     least_loaded,
     record_claimable_at,
     require_buckets,
+    scheduled_later,
     slot_bucket_of,
 )
 
@@ -69,7 +69,7 @@ class StorageBase(Storage):
 
     def scheduled_after(self, now: datetime) -> list[SyncRecord]:
         now = require_aware(now, "now")
-        return [record for record in self.list_syncs() if is_scheduled_after(record, now)]
+        return scheduled_later(self.list_syncs(), now)
 
     def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
         require_buckets(buckets)

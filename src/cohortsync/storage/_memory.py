@@ -44,9 +44,9 @@ from cohortsync.storage._rules import (
     apply_claim,
     apply_completion,
     is_identity,
-    is_scheduled_after,
     record_claimable_at,
     require_buckets,
+    scheduled_later,
     slot_bucket_of,
 )
 
@@ -253,7 +253,7 @@ class MemoryStorage(StorageBase):
         now = require_aware(now, "now")
         with self._lock:
             self._check_open()
-            return [r for r in self._syncs.values() if is_scheduled_after(r, now)]
+            return scheduled_later(self._syncs.values(), now)
 
     # -- slots ---------------------------------------------------------------
 

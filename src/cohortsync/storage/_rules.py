@@ -32,10 +32,10 @@ __all__ = [
     "completion_changes",
     "earliest_claimable",
     "is_identity",
-    "is_scheduled_after",
     "least_loaded",
     "record_claimable_at",
     "require_buckets",
+    "scheduled_later",
     "slot_bucket_of",
 ]
 
@@ -268,14 +268,19 @@ def record_claimable_at(record: SyncRecord) -> datetime | None:
     return claimable_at(record.next_due, None if record.lease is None else record.lease.expires_at)
 
 
-def is_scheduled_after(record: SyncRecord, now: datetime) -> bool:
+def scheduled_later(records: Iterable[SyncRecord], now: datetime) -> list[SyncRecord]:
     """
-    Whether :meth:`~cohortsync.storage.Storage.scheduled_after` lists *record*:
-    active, without a lease, and scheduled from an instant later than *now*.
+    The answer of :meth:`~cohortsync.storage.Storage.scheduled_after` from the
+    stored records: the active ones without a lease whose schedule was
+    computed from an instant later than *now*.
     """
-    return (
-        record.sync.status is SyncStatus.ACTIVE
-        and record.lease is None
-        and record.scheduled_from is not None
-        and record.scheduled_from > now
-    )
+    # One pass without a call per record: the scheduler asks every round.
+    active = SyncStatus.ACTIVE
+    return [
+        r
+        for r in records
+        if r.scheduled_from is not None
+        and r.scheduled_from > now
+        and r.lease is None
+        and r.sync.status is active
+    ]

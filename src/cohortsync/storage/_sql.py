@@ -245,29 +245,48 @@ def sqlite_text(template: str) -> str:
 # -- sync rows --------------------------------------------------------------------
 
 
-def _definition(sync: Sync) -> dict[str, Any]:
-    # generation and status have columns of their own: claims read them from the index.
-    return {"definition": dumps(sync), "generation": sync.generation, "status": sync.status.value}
+_PLAIN, _INSTANT, _OPTIONAL_INSTANT, _ENUM, _BOOL = range(5)
 
-
-_FIELDS: dict[str, Callable[[Any, Instants], dict[str, Any]]] = {
-    "sync": lambda sync, _: _definition(sync),
-    "next_due": lambda v, t: {"next_due": t.encode_optional(v)},
-    "next_trigger": lambda v, _: {"next_trigger": v.value},
-    "offset": lambda v, _: {"slot_offset": v},
-    "slot_bucket": lambda v, _: {"slot_bucket": v},
-    "anchor": lambda v, t: {"anchor": t.encode(v)},
-    "attempts": lambda v, _: {"attempts": v},
-    "full_resync": lambda v, _: {"full_resync": bool(v)},
-    "feed_cursor": lambda v, _: {"feed_cursor": v},
-    "last_full_sync_at": lambda v, t: {"last_full_sync_at": t.encode_optional(v)},
-    "scheduled_from": lambda v, t: {"scheduled_from": t.encode_optional(v)},
-    "last_slot": lambda v, t: {"last_slot": t.encode_optional(v)},
+_FIELDS: dict[str, tuple[str, int]] = {
+    "next_due": ("next_due", _OPTIONAL_INSTANT),
+    "next_trigger": ("next_trigger", _ENUM),
+    "offset": ("slot_offset", _PLAIN),
+    "slot_bucket": ("slot_bucket", _PLAIN),
+    "anchor": ("anchor", _INSTANT),
+    "attempts": ("attempts", _PLAIN),
+    "full_resync": ("full_resync", _BOOL),
+    "feed_cursor": ("feed_cursor", _PLAIN),
+    "last_full_sync_at": ("last_full_sync_at", _OPTIONAL_INSTANT),
+    "scheduled_from": ("scheduled_from", _OPTIONAL_INSTANT),
+    "last_slot": ("last_slot", _OPTIONAL_INSTANT),
 }
-"""How each stored :class:`SyncRecord` field becomes columns."""
+"""The column of each stored :class:`SyncRecord` field but ``sync``, and how it is encoded."""
 
-_SAVED = tuple(f for f in _FIELDS if f != "last_slot")
+_SAVED = ("sync", *(f for f in _FIELDS if f != "last_slot"))
 """The fields a create or save writes (never the lease, ``last_slot`` or the revision)."""
+
+
+def _put(params: dict[str, Any], field: str, value: Any, instants: Instants) -> None:
+    """
+    Add the columns of one :class:`SyncRecord` field to *params*.
+    """
+    if field == "sync":
+        # generation and status have columns of their own: claims read them from the index.
+        params["definition"] = dumps(value)
+        params["generation"] = value.generation
+        params["status"] = value.status.value
+        return
+    column, kind = _FIELDS[field]
+    if kind == _PLAIN:
+        params[column] = value
+    elif kind == _ENUM:
+        params[column] = value.value
+    elif kind == _BOOL:
+        params[column] = bool(value)
+    elif value is None:  # an optional instant
+        params[column] = None
+    else:
+        params[column] = instants.encode(value)
 
 
 def sync_params(record: SyncRecord, instants: Instants) -> dict[str, Any]:
@@ -277,7 +296,7 @@ def sync_params(record: SyncRecord, instants: Instants) -> dict[str, Any]:
     """
     params: dict[str, Any] = {"id": record.id}
     for field in _SAVED:
-        params.update(_FIELDS[field](getattr(record, field), instants))
+        _put(params, field, getattr(record, field), instants)
     slot = slot_bucket_of(record)
     params["slot_period"] = None if slot is None else slot[0]
     return params
@@ -298,7 +317,7 @@ def update_params(changes: Mapping[str, Any], instants: Instants) -> tuple[str, 
                 raise ValueError("an update can release a lease, not take one")
             release = True
         else:
-            params.update(_FIELDS[field](value, instants))
+            _put(params, field, value, instants)
     return _update_statement(release, tuple(params)), params
 
 
@@ -308,7 +327,7 @@ def _update_statement(release: bool, columns: tuple[str, ...]) -> str:
     # build each statement once, so the drivers' statement caches see one text.
     assignments = [CLEAR_LEASE] if release else []
     assignments.extend(f"{column} = %({column})s" for column in columns)
-    return f"UPDATE {{s}}.syncs SET {', '.join(assignments)} WHERE id = %(id)s"  # noqa: S608 - columns from _FIELDS
+    return f"UPDATE {{s}}.syncs SET {', '.join(assignments)} WHERE id = %(id)s"  # noqa: S608 - known columns
 
 
 def completion_update(
