@@ -109,8 +109,9 @@ def _to_microseconds(value: datetime) -> int:
 
 
 def _from_microseconds(value: Any) -> datetime:
-    # Any integer is an instant (before 1970 is negative); nothing else is.
-    if isinstance(value, bool) or not isinstance(value, int):
+    # Any integer is an instant (before 1970 is negative); nothing else is (a
+    # bool is not: its type is bool).
+    if type(value) is not int:
         raise CorruptStoreError(f"stored time {value!r} is not a usable timestamp")
     try:
         return _EPOCH + timedelta(microseconds=value)
