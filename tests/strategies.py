@@ -11,6 +11,7 @@ import functools
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+import attrs
 from hypothesis import strategies as st
 
 from cohortsync._cohort import Changes, Cohort, CohortType, StaticSource
@@ -466,6 +467,86 @@ def completions() -> st.SearchStrategy[Completion]:
         attempts=st.integers(0, 100),
         feed_cursor=st.none() | texts(),
         full_sync_done=st.booleans(),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class CompletionScenario:
+    """
+    A run's life on one store, for checking ``complete_run`` against the rule.
+
+    A sync is created from *start* (a run first recorded at its due instant
+    when *ran_before*, so the next claim lands just after it), claimed, given
+    *pending* in-flight batches, changed by its host while the run goes on
+    (*host*: ``None``, ``"save"`` or ``"update"``, a new generation), and
+    completed with the other fields.
+    """
+
+    start: SyncRecord
+    ran_before: bool
+    pending: int
+    host: str | None
+    host_next_due: timedelta | None
+    host_full_resync: bool
+    next_due: timedelta | None
+    next_trigger: Trigger
+    attempts: int
+    status: SyncStatus | None
+    feed_cursor: str | None
+    full_sync_done: bool
+    scheduled_from: timedelta | None
+    resolved: frozenset[int]
+    started_after: timedelta
+
+
+def completion_scenarios(sync_id: str = "s") -> st.SearchStrategy[CompletionScenario]:
+    """
+    Runs whose completion takes every branch of the rule: advance or not,
+    replacement definition or not, cursor kept or moved, full sync or not.
+    """
+    minutes = st.integers(-120, 120).map(lambda m: timedelta(minutes=m))
+    # Cursors every store can hold (no NUL, no lone surrogates).
+    cursors = st.text(
+        st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=8
+    )
+    due = datetime(2030, 1, 1, tzinfo=UTC)
+    start = st.builds(
+        SyncRecord,
+        sync=st.builds(
+            Sync,
+            id=st.just(sync_id),
+            cohort_id=st.just("cohort"),
+            destination_id=st.just("destination"),
+            policy=st.sampled_from((SyncPolicy.hourly(), SyncPolicy.realtime())),
+            created_at=st.just(due),
+            updated_at=st.just(due),
+        ),
+        next_due=st.just(due),
+        next_trigger=st.sampled_from(Trigger),
+        anchor=st.just(due),
+        attempts=st.integers(0, 5),
+        full_resync=st.booleans(),
+        feed_cursor=st.none() | cursors,
+        last_full_sync_at=st.none() | minutes.map(lambda m: due + m),
+        scheduled_from=st.none() | minutes.map(lambda m: due + m),
+    )
+    return st.builds(
+        CompletionScenario,
+        start=start,
+        ran_before=st.booleans(),
+        pending=st.integers(0, 3),
+        host=st.sampled_from((None, "save", "update")),
+        host_next_due=st.none() | minutes,
+        host_full_resync=st.booleans(),
+        next_due=st.none() | minutes,
+        next_trigger=st.sampled_from(Trigger),
+        attempts=st.integers(0, 5),
+        status=st.none() | st.sampled_from(SyncStatus),
+        feed_cursor=st.none() | cursors,
+        full_sync_done=st.booleans(),
+        scheduled_from=st.none() | minutes,
+        resolved=st.frozensets(st.integers(0, 3)),
+        started_after=st.integers(0, 3_600).map(lambda s: timedelta(seconds=s)),
     )
 
 

@@ -65,7 +65,7 @@ from cohortsync.storage._protocol import (
     Storage,
     SyncRecord,
 )
-from cohortsync.testing._storage_contract import STORAGE_CHECKS
+from cohortsync.testing._storage_contract import _QUERY_CHECKS, STORAGE_CHECKS, _DerivedQueries
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -288,6 +288,21 @@ class TestContract:
         Each contract check passes on a store with per-thread DSN connections.
         """
         check(open_store)
+
+    @pytest.mark.parametrize(
+        "check",
+        [c for c in STORAGE_CHECKS if any(c in checks for checks in _QUERY_CHECKS.values())],
+        ids=lambda check: check.__name__,
+    )
+    def test_check_on_derived_queries(
+        self,
+        check: Callable[[Callable[[], Storage]], None],
+        open_store: Callable[..., PostgresStorage],
+    ) -> None:
+        """
+        Each check of an optional query passes with the query derived from the required parts.
+        """
+        check(lambda: _DerivedQueries(open_store()))
 
     @pytest.mark.parametrize("check", STORAGE_CHECKS, ids=lambda check: check.__name__)
     def test_check_through_a_pool(
@@ -737,6 +752,49 @@ class TestHostileInput:
             "SELECT count(*) FROM pg_tables WHERE schemaname = %s", (store.schema,)
         ).fetchone()
         assert (len(postgres_module._TABLES),) == tables
+
+    def test_damaged_schedule_row_is_unscheduled_at_claim(
+        self, store: PostgresStorage, admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        A claimed row that does not decode is taken off the schedule (it used to
+        escape as a ValueError with the lease taken); the other syncs are leased.
+        """
+        store.create_sync(sync_record("bad"))
+        store.create_sync(sync_record("good"))
+        admin.execute(
+            schema_sql(
+                "UPDATE {}.syncs SET next_trigger = 'whenever' WHERE id = 'bad'", store.schema
+            )
+        )
+
+        leases = store.claim_due(T0, "w", LEASE, 5)
+
+        assert ["good"] == [lease.sync_id for lease in leases]
+        row = admin.execute(
+            schema_sql("SELECT next_due, lease_token FROM {}.syncs WHERE id = 'bad'", store.schema)
+        ).fetchone()
+        assert (None, None) == row
+
+    def test_damaged_rows_are_corrupt_store_errors(
+        self, store: PostgresStorage, admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        A status column disagreeing with the definition, and a delivered identifier
+        of an unknown kind, are CorruptStoreError naming the sync (as on SQLite).
+        """
+        store.create_sync(sync_record("s1"))
+        lease = claim_one(store)
+        store.apply_batch(lease, applied(lease, added=("m1",)))
+        admin.execute(schema_sql("UPDATE {}.syncs SET status = 'paused'", store.schema))
+        admin.execute(
+            schema_sql("UPDATE {}.delivered SET id_kind = 'fax', id_value = '1'", store.schema)
+        )
+
+        with pytest.raises(CorruptStoreError, match="sync 's1'"):
+            store.get_sync("s1")
+        with pytest.raises(CorruptStoreError, match="member 'm1' of sync 's1'"):
+            store.delivered_identifiers("s1", ["m1"])
 
     def test_nul_in_key_is_a_storage_error(self, store: PostgresStorage) -> None:
         """

@@ -33,7 +33,7 @@ from cohortsync.exceptions import (
     SchemaVersionError,
     StorageError,
 )
-from cohortsync.storage import IssueKind, SQLiteStorage
+from cohortsync.storage import IssueKind, MemoryStorage, SQLiteStorage
 from cohortsync.storage import _sqlite as sqlite_module
 from cohortsync.storage._protocol import AppliedBatch, Completion, Lease, MemberIssue, SyncRecord
 
@@ -478,6 +478,26 @@ class TestDamagedRows:
 
         with pytest.raises(CorruptStoreError, match="run 'run-7'"):
             store.history("s1")
+
+
+class TestHistoryLimit:
+    """
+    history()'s limit slices like the reference store's list.
+    """
+
+    @pytest.mark.parametrize("limit", [None, 0, 1, 2, -1, -2])
+    def test_like_the_reference(self, store: SQLiteStorage, limit: int | None) -> None:
+        """A negative limit leaves out the oldest runs (it used to return none)."""
+        reference = MemoryStorage()
+        for target in (store, reference):
+            target.create_sync(record())
+            for hour in range(3):
+                (lease,) = target.claim_due(T0 + timedelta(hours=hour), "w", LEASE, 1)
+                target.complete_run(
+                    lease, Completion(run=run_for(lease), next_due=T0 + timedelta(hours=hour + 1))
+                )
+
+        assert reference.history("s1", limit) == store.history("s1", limit)
 
 
 class TestHostileInput:

@@ -19,12 +19,19 @@ from cohortsync.storage import SQLiteStorage
 from cohortsync.storage._memory import MemoryStorage
 from cohortsync.storage._protocol import Completion, Lease, SyncRecord
 from cohortsync.testing._storage_contract import (
+    _QUERY_CHECKS,
     STORAGE_CHECKS,
     StorageFactory,
+    _DerivedQueries,
     check_complete_run_stale_holder,
     check_concurrent_claims_are_exclusive,
     check_storage,
 )
+from host_project.storage import AuditedStorage, DictStorage
+from records import OPTIONAL_QUERIES
+
+QUERY_CHECKS = [c for c in STORAGE_CHECKS if any(c in checks for checks in _QUERY_CHECKS.values())]
+"""The checks that exercise an optional query, in suite order."""
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -76,6 +83,17 @@ class SelectThenUpdateClaims(MemoryStorage):
         return leases
 
 
+class LeasedSyncsUnlisted(MemoryStorage):
+    """
+    A broken store: list_syncs leaves out the syncs that hold a lease (as a
+    store keeping leased rows apart might). Its own next_due is right, so
+    only the derived one shows it.
+    """
+
+    def list_syncs(self) -> list[SyncRecord]:
+        return [r for r in super().list_syncs() if r.lease is None]
+
+
 class TokenBlindCompletion(MemoryStorage):
     """
     A broken store: complete_run accepts any lease on the sync, stale or not.
@@ -114,6 +132,92 @@ class TestContract:
         check_storage(counting)
 
         assert calls >= len(STORAGE_CHECKS)
+
+    @pytest.mark.parametrize("check", QUERY_CHECKS, ids=lambda c: c.__name__)
+    def test_check_on_derived_queries(self, check: object, make_storage: StorageFactory) -> None:
+        """
+        The store's required parts are enough for StorageBase to answer its optional queries.
+        """
+        assert callable(check)
+        check(lambda: _DerivedQueries(make_storage()))
+
+
+class TestReport:
+    """
+    check_storage reports how a store implements each part, and checks native queries twice.
+    """
+
+    def test_the_reference_store(self) -> None:
+        """MemoryStorage answers every query but dead_letters itself; those checks run twice."""
+        report = check_storage(MemoryStorage)
+
+        assert ("dead_letters",) == report.derived
+        assert {"native"} == {report.parts[p] for p in ("ScheduleStore", "DeliveryStore")}
+        assert [
+            "check_not_found",
+            "check_delete_sync",
+            "check_slot_counts_follow_sync_writes",
+            "check_slot_counts_match_model",
+            "check_identifier_holders",
+            "check_next_due_and_scheduled_after",
+            "check_delivered_state",
+            "check_large_batch",
+        ] == [
+            name.removesuffix(" (derived queries)") for name in report.passed[len(STORAGE_CHECKS) :]
+        ]
+        assert tuple(c.__name__ for c in STORAGE_CHECKS) == report.passed[: len(STORAGE_CHECKS)]
+
+    def test_a_store_on_the_base_class(self) -> None:
+        """A store with the required parts only has every query derived, each checked once."""
+        report = check_storage(DictStorage)
+
+        assert OPTIONAL_QUERIES == report.derived
+        assert tuple(c.__name__ for c in STORAGE_CHECKS) == report.passed
+
+    def test_a_structural_store(self) -> None:
+        """A store that implements everything without the base class has nothing derived."""
+        report = check_storage(lambda: AuditedStorage(MemoryStorage(), tenant="t"))
+
+        assert () == report.derived
+        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) == len(report.passed)
+
+    def test_the_report_reads_as_a_table(self) -> None:
+        """str() lists each part, required or optional, native or derived."""
+        lines = str(check_storage(MemoryStorage)).splitlines()
+
+        assert lines[0].endswith(f"{len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 1} checks passed")
+        assert ["ScheduleStore", "required", "native"] == lines[1].split()
+        assert ["dead_letters", "optional", "derived"] == lines[-1].split()
+
+    def test_a_missing_query_names_the_base_class(self) -> None:
+        """A structural store without an optional query is told to add it or use StorageBase."""
+
+        class NoHolders(AuditedStorage):
+            identifier_holders = None  # type: ignore[assignment]
+
+        with pytest.raises(
+            AssertionError, match=r"lacks the optional query identifier_holders.*StorageBase"
+        ):
+            check_storage(lambda: NoHolders(MemoryStorage(), tenant="t"))  # type: ignore[arg-type, return-value]
+
+    def test_a_missing_required_method_names_its_part(self) -> None:
+        """A store without a required method is told which part it belongs to."""
+
+        class NoBatches(AuditedStorage):
+            apply_batch = None  # type: ignore[assignment]
+
+        with pytest.raises(AssertionError, match="lacks DeliveryStore methods: apply_batch"):
+            check_storage(lambda: NoBatches(MemoryStorage(), tenant="t"))  # type: ignore[arg-type, return-value]
+
+    def test_derived_queries_catch_what_native_ones_hide(self) -> None:
+        """Required parts that cannot carry the derivation fail the derived run, by name."""
+        for check in STORAGE_CHECKS:
+            check(LeasedSyncsUnlisted)  # every native check passes
+
+        with pytest.raises(
+            AssertionError, match=r"^check_next_due_and_scheduled_after \(derived queries\): "
+        ):
+            check_storage(LeasedSyncsUnlisted)
 
 
 class TestContractCatchesBrokenStores:

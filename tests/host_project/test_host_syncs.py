@@ -32,7 +32,7 @@ from cohortsync.testing import (
 )
 from host_project.adapters import PushAudience
 from host_project.fakes import POWER_USERS, FakePushClient
-from host_project.storage import AuditedStorage
+from host_project.storage import AuditedStorage, DictStorage
 
 
 def make_push() -> PushAudience:
@@ -83,8 +83,38 @@ class TestPushAudienceContract:
 
 class TestAuditedStorageContract:
     def test_keeps_the_storage_contract(self) -> None:
-        """The audited wrapper behaves exactly like the store it wraps."""
-        check_storage(lambda: AuditedStorage(MemoryStorage(), tenant="acme"))
+        """The audited wrapper behaves exactly like the store it wraps, queries included."""
+        report = check_storage(lambda: AuditedStorage(MemoryStorage(), tenant="acme"))
+
+        assert () == report.derived
+
+
+class TestDictStorage:
+    """
+    A store written on StorageBase with the required parts only keeps the contract and runs syncs.
+    """
+
+    def test_keeps_the_storage_contract(self) -> None:
+        """Every check passes, with every optional query derived."""
+        report = check_storage(DictStorage)
+
+        assert {"native"} == {
+            report.parts[p] for p in ("ScheduleStore", "DeliveryStore", "HistoryStore")
+        }
+        assert 7 == len(report.derived)
+
+    def test_a_week_of_hourly_syncs(self, clock: FakeClock, push_client: FakePushClient) -> None:
+        """The scheduler runs on it, using the queries StorageBase derives."""
+        scheduler = cs.Scheduler(DictStorage(), clock=clock, seed=0)
+        scheduler.add_destination("push", PushAudience(push_client))
+        scheduler.add_cohort(cs.Cohort(id="power-users", name="P", source=lambda: POWER_USERS))
+        sync = scheduler.create_sync("power-users", "push", cs.SyncPolicy.hourly())
+
+        runs = simulate(scheduler, span=timedelta(days=7))
+
+        assert 1 + 7 * 24 == len(runs)
+        assert set(POWER_USERS) == push_client.segments["cohort-power-users"]
+        assert len(POWER_USERS) == scheduler.storage.count_delivered(sync.id)
 
 
 class TestPowerUsersSync:

@@ -32,15 +32,22 @@ from cohortsync.serialization import dumps, loads, make_converter
 from cohortsync.storage import (
     AppliedBatch,
     Completion,
+    DeliveryStore,
+    HistoryStore,
     IssueKind,
     Lease,
     LedgerEntry,
     MemberIssue,
     MemoryStorage,
+    OptionalQueries,
     PendingBatch,
     Progress,
+    ScheduleStore,
     Storage,
+    StorageBase,
     SyncRecord,
+    apply_claim,
+    apply_completion,
 )
 
 # -- A host's destination ---------------------------------------------------
@@ -222,6 +229,25 @@ class DelegatingStorage:
 
 storage: Storage = DelegatingStorage()
 memory: Storage = MemoryStorage()
+
+# The parts are types of their own, and a store on the base class is a Storage.
+schedule: ScheduleStore = storage
+delivery: DeliveryStore = storage
+history: HistoryStore = storage
+queries: OptionalQueries = storage
+based: StorageBase = MemoryStorage()
+memory = based
+
+
+def claim_and_complete(record: SyncRecord, run: cohortsync.SyncRun) -> SyncRecord:
+    """
+    The two rules a host store applies in claim_due and complete_run.
+    """
+    expires_at = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    claimed, lease = apply_claim(record, owner="w", token="t" * 32, expires_at=expires_at)
+    assert_type(claimed, SyncRecord)
+    assert_type(lease, Lease)
+    return apply_completion(claimed, lease, Completion(run=run, next_due=None))
 
 
 # -- Cohorts, policies and eligibility ----------------------------------------

@@ -6,7 +6,7 @@ and its probes, and the storage contract.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta, timezone
 
 from typing_extensions import assert_type
@@ -19,6 +19,7 @@ from cohortsync.testing import (
     ErrorCase,
     FakeClock,
     MemoryStorage,
+    StorageReport,
     check_destination,
     check_storage,
     simulate,
@@ -77,6 +78,9 @@ report = check_destination(
 )
 assert_type(report, DestinationReport)
 assert_type(report.passed, tuple[str, ...])
-assert_type(check_storage(MemoryStorage), None)
+storage_report = check_storage(MemoryStorage)
+assert_type(storage_report, StorageReport)
+assert_type(storage_report.parts, Mapping[str, str])
+assert_type(storage_report.derived, tuple[str, ...])
 for check in STORAGE_CHECKS:
     check(MemoryStorage)

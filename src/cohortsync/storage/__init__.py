@@ -8,11 +8,14 @@ For a host choosing a store:
   embedded default).
 * :class:`PostgresStorage`: many workers on many hosts (``cohortsync[postgres]``).
 
-For a storage author: the :class:`Storage` protocol, the records it takes and
-returns (:class:`SyncRecord`, :class:`Lease`, :class:`Completion`,
-:class:`AppliedBatch`, ...) and the shared rules every store applies the same
-way (:func:`claim_slot`, :func:`slot_bucket_of`). Check a store with
-:func:`cohortsync.testing.check_storage`.
+For a storage author: the :class:`Storage` protocol and its parts (required:
+:class:`ScheduleStore`, :class:`DeliveryStore`, :class:`HistoryStore`;
+optional: :class:`OptionalQueries`), :class:`StorageBase` (subclass it to
+write only the required parts), the records the protocol takes and returns
+(:class:`SyncRecord`, :class:`Lease`, :class:`Completion`,
+:class:`AppliedBatch`, ...) and the rules every store applies the same way
+(:func:`apply_claim`, :func:`apply_completion`, :func:`slot_bucket_of`). Check
+a store with :func:`cohortsync.testing.check_storage`.
 
 The SQL stores import on first use, so ``import cohortsync`` never loads
 ``sqlite3`` or psycopg.
@@ -22,23 +25,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from cohortsync.storage._base import StorageBase
 from cohortsync.storage._memory import MemoryStorage
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     AppliedBatch,
     Completion,
+    DeliveryStore,
+    HistoryStore,
     IssueKind,
     Lease,
     LedgerEntry,
     MemberIssue,
+    OptionalQueries,
     PendingBatch,
     Progress,
+    ScheduleStore,
     Storage,
     SyncRecord,
     Tally,
-    claim_slot,
-    slot_bucket_of,
 )
+from cohortsync.storage._rules import apply_claim, apply_completion, claim_slot, slot_bucket_of
 
 if TYPE_CHECKING:
     from cohortsync.storage._postgres import PostgresStorage
@@ -48,18 +55,25 @@ __all__ = [
     "SLOT_BUCKET_SECONDS",
     "AppliedBatch",
     "Completion",
+    "DeliveryStore",
+    "HistoryStore",
     "IssueKind",
     "Lease",
     "LedgerEntry",
     "MemberIssue",
     "MemoryStorage",
+    "OptionalQueries",
     "PendingBatch",
     "PostgresStorage",
     "Progress",
     "SQLiteStorage",
+    "ScheduleStore",
     "Storage",
+    "StorageBase",
     "SyncRecord",
     "Tally",
+    "apply_claim",
+    "apply_completion",
     "claim_slot",
     "slot_bucket_of",
 ]

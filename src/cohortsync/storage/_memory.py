@@ -18,7 +18,7 @@ import attrs
 
 from cohortsync._clock import add_saturating, require_aware
 from cohortsync._destination import Identifier, IdentifierKind, Operation
-from cohortsync._sync import SyncRun, SyncStatus
+from cohortsync._sync import SyncRun
 from cohortsync.exceptions import (
     ConfigurationError,
     ConflictError,
@@ -27,6 +27,7 @@ from cohortsync.exceptions import (
     StorageError,
     SyncNotFoundError,
 )
+from cohortsync.storage._base import StorageBase
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     AppliedBatch,
@@ -38,7 +39,14 @@ from cohortsync.storage._protocol import (
     PendingBatch,
     Progress,
     SyncRecord,
-    claim_slot,
+)
+from cohortsync.storage._rules import (
+    apply_claim,
+    apply_completion,
+    is_identity,
+    record_claimable_at,
+    require_buckets,
+    scheduled_later,
     slot_bucket_of,
 )
 
@@ -95,18 +103,6 @@ class _Delivered:
 
 
 _MISSING = object()
-_TICK = timedelta(microseconds=1)
-
-
-def _claimable_at(record: SyncRecord) -> datetime | None:
-    """
-    The first instant *record* may be claimed, or ``None`` if it is not scheduled.
-    """
-    if record.sync.status is not SyncStatus.ACTIVE or record.next_due is None:
-        return None
-    if record.lease is not None:
-        return max(record.next_due, add_saturating(record.lease.expires_at, _TICK))
-    return record.next_due
 
 
 @attrs.define
@@ -161,7 +157,7 @@ class _Batch:
 
 
 @attrs.define
-class MemoryStorage:
+class MemoryStorage(StorageBase):
     """
     Keeps everything in process memory. For tests, examples and single-process
     hosts that can afford to lose state on restart.
@@ -248,7 +244,7 @@ class MemoryStorage:
             while self._due:
                 at, sync_id = self._due[0]
                 r = self._syncs.get(sync_id)
-                if r is not None and _claimable_at(r) == at:
+                if r is not None and record_claimable_at(r) == at:
                     return at
                 heapq.heappop(self._due)
             return None
@@ -257,14 +253,7 @@ class MemoryStorage:
         now = require_aware(now, "now")
         with self._lock:
             self._check_open()
-            return [
-                r
-                for r in self._syncs.values()
-                if r.sync.status is SyncStatus.ACTIVE
-                and r.lease is None
-                and r.scheduled_from is not None
-                and r.scheduled_from > now
-            ]
+            return scheduled_later(self._syncs.values(), now)
 
     # -- slots ---------------------------------------------------------------
 
@@ -290,8 +279,7 @@ class MemoryStorage:
                 slots.take(after[1])
 
     def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
-        if buckets < 1:
-            raise ConfigurationError("buckets", buckets, "must be >= 1")
+        require_buckets(buckets)
         with self._lock:
             self._check_open()
             slots = self._slots.get(period)
@@ -311,7 +299,7 @@ class MemoryStorage:
             self._leased.discard(record.id)
         else:
             self._leased.add(record.id)
-        at = _claimable_at(record)
+        at = record_claimable_at(record)
         if at is not None:
             heapq.heappush(self._due, (at, record.id))
 
@@ -327,7 +315,7 @@ class MemoryStorage:
                 r = self._syncs.get(sync_id)
                 if r is None or sync_id in seen:
                     continue
-                at = _claimable_at(r)
+                at = record_claimable_at(r)
                 if at is None:
                     continue
                 if at > now:
@@ -345,30 +333,24 @@ class MemoryStorage:
             # are few (runs in flight), so this stays cheap.
             for sync_id in self._leased - seen:
                 r = self._syncs[sync_id]
-                at = _claimable_at(r)
+                at = record_claimable_at(r)
                 if at is not None and at <= now:
                     due.append(r)
             due.sort(key=lambda r: (r.next_due, r.id))
             for r in due[limit:]:
-                at = _claimable_at(r)
+                at = record_claimable_at(r)
                 if r.id in popped and at is not None:  # put back the hints not taken
                     heapq.heappush(self._due, (at, r.id))
             due = due[: max(limit, 0)]
             leases = []
             for r in due:
-                assert r.next_due is not None  # noqa: S101 - _claimable_at checked it
-                slot = claim_slot(r.next_due, r.last_slot)
-                lease = Lease(
-                    sync_id=r.id,
-                    generation=r.sync.generation,
-                    slot=slot,
-                    trigger=r.next_trigger,
+                claimed, lease = apply_claim(
+                    r,
                     owner=owner,
                     token=secrets.token_hex(16),
                     expires_at=add_saturating(now, lease_for),
-                    revision=r.revision,
                 )
-                self._store(attrs.evolve(r, lease=lease, next_due=slot))
+                self._store(claimed)
                 leases.append(lease)
             return leases
 
@@ -399,29 +381,11 @@ class MemoryStorage:
             if (run.sync_id, run.slot) in self._runs:
                 raise DuplicateRunError(run.sync_id, run.slot)
             self._runs[run.sync_id, run.slot] = run
-            same_generation = r.sync.generation == lease.generation and r.revision == lease.revision
-            changes: dict[str, object] = {
-                "lease": None,
-                "last_slot": run.slot if r.last_slot is None else max(r.last_slot, run.slot),
-            }
-            if same_generation and r.next_due == lease.slot:
-                changes["next_due"] = completion.next_due
-                changes["next_trigger"] = completion.next_trigger
-                changes["attempts"] = completion.attempts
-                changes["scheduled_from"] = completion.scheduled_from
-            if same_generation and completion.sync is not None:
-                changes["sync"] = completion.sync
-            if completion.feed_cursor is not None:
-                changes["feed_cursor"] = completion.feed_cursor
-            if completion.full_sync_done:
-                if same_generation and r.next_due == lease.slot:
-                    changes["full_resync"] = False
-                changes["last_full_sync_at"] = run.started_at
             pending = self._pending.get(r.id, {})
             for key in completion.resolved:
                 pending.pop(key, None)
             self._progress.pop(r.id, None)
-            self._store(attrs.evolve(r, **changes))  # type: ignore[arg-type]
+            self._store(apply_completion(r, lease, completion))
 
     def begin_batch(
         self, lease: Lease, batch: PendingBatch, *, replaces: str | None = None
@@ -502,9 +466,7 @@ class MemoryStorage:
             self._held(lease)
             state = self._state(lease.sync_id)
             for m in batch.added:
-                ident = m.identifier
-                identity = ident.value == m.key and ident.kind.value == "user_id"
-                state.add(m.key, None if identity else ident)
+                state.add(m.key, None if is_identity(m) else m.identifier)
                 self._ledger.pop((lease.sync_id, m.key), None)
             for key in batch.removed:
                 state.discard(key)
@@ -556,11 +518,6 @@ class MemoryStorage:
             return sorted(
                 (e for (s, _), e in self._ledger.items() if s == sync_id), key=lambda e: e.key
             )
-
-    def dead_letters(self, sync_id: str) -> set[str]:
-        with self._lock:
-            self._check_open()
-            return {k for (s, k), e in self._ledger.items() if s == sync_id and e.dead}
 
     def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
         with self._lock:

@@ -45,46 +45,46 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess
         'pip install "cohortsync[postgres]"'
     ) from exc
 
-from datetime import timedelta as _timedelta
-
-import cattrs
+import attrs
 
 from cohortsync._clock import add_saturating, require_aware
-from cohortsync._converter import dumps, load_sync, loads
 from cohortsync._destination import Identifier, IdentifierKind
-from cohortsync._sync import Sync, SyncRun, Trigger
 from cohortsync.exceptions import (
     ConfigurationError,
     ConflictError,
     CorruptStoreError,
     DuplicateRunError,
     LeaseLostError,
-    SchemaVersionError,
     StorageError,
     SyncNotFoundError,
 )
-from cohortsync.storage._protocol import (
-    AppliedBatch,
-    Completion,
-    IssueKind,
-    Lease,
-    LedgerEntry,
-    MemberIssue,
-    PendingBatch,
-    Progress,
-    SyncRecord,
-    Tally,
+from cohortsync.storage import _sql as q
+from cohortsync.storage._base import StorageBase
+from cohortsync.storage._protocol import IssueKind, MemberIssue
+from cohortsync.storage._rules import (
     collect_holders,
+    earliest_claimable,
+    least_loaded,
+    require_buckets,
     slot_bucket_of,
 )
-from cohortsync.storage._rows import decode_pending, encode_members
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
     from datetime import datetime, timedelta
-    from types import TracebackType
 
     from typing_extensions import Self
+
+    from cohortsync._sync import SyncRun
+    from cohortsync.storage._protocol import (
+        AppliedBatch,
+        Completion,
+        Lease,
+        LedgerEntry,
+        PendingBatch,
+        Progress,
+        SyncRecord,
+    )
 
 __all__ = ["SCHEMA_VERSION", "ConnectionPoolLike", "PostgresStorage", "mask_dsn"]
 
@@ -93,10 +93,7 @@ _T = TypeVar("_T")
 _Connection = psycopg.Connection[Any]
 _Cursor = psycopg.Cursor[tuple[Any, ...]]
 
-SCHEMA_VERSION = 3
-"""The schema version this release creates and understands."""
-
-_TICK = _timedelta(microseconds=1)
+_TZ = q.TIMESTAMPTZ
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 _MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names silently.
 
@@ -110,7 +107,6 @@ _PAGE = 10_000
 """Keys per page when streaming the delivered state."""
 
 _MIGRATE = "migrating the schema"
-_APPLICATION = "cohortsync"
 
 _TABLES = (
     "meta",
@@ -128,8 +124,8 @@ _TABLES = (
 
 # Each migration is a list of statements; ``{s}`` is the schema identifier.
 # Migrations are append-only: a released one is never edited.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
+_MIGRATIONS: list[tuple[str, ...]] = [
+    (
         "CREATE TABLE {s}.meta (key text PRIMARY KEY, value text NOT NULL)",
         """
         CREATE TABLE {s}.syncs (
@@ -235,7 +231,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # copy in memory and know when it is stale. Its own table, not a syncs
     # column: apply_batch holds the syncs row FOR SHARE, and two such holders
     # both updating that row would deadlock.
-    2: (
+    (
         """
         CREATE TABLE {s}.delivered_versions (
             sync_id text COLLATE "C" PRIMARY KEY,
@@ -261,7 +257,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # slot period a sync is counted in (counts move with the sync write), the
     # progress of attempts that have not completed, the delivered state
     # indexed by identifier (members sharing one), and a checked status.
-    3: (
+    (
         (
             "ALTER TABLE {s}.syncs ADD COLUMN last_slot timestamptz,"
             " ADD COLUMN scheduled_from timestamptz, ADD COLUMN slot_period integer,"
@@ -296,14 +292,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             " (status IN ('active', 'paused', 'completed', 'failed', 'deleted')) NOT VALID"
         ),
     ),
-}
+]
 
-_SYNC_COLUMNS = (
-    "id, definition, next_due, next_trigger, slot_offset, slot_bucket, anchor, attempts,"
-    " full_resync, feed_cursor, last_full_sync_at, lease_owner, lease_token, lease_expires,"
-    " lease_slot, lease_generation, lease_trigger, last_slot, scheduled_from, revision,"
-    " lease_revision"
-)
+SCHEMA_VERSION = len(_MIGRATIONS)
+"""The schema version this release creates and understands (3)."""
+
 _COUNT_SLOT = (
     "INSERT INTO {s}.slot_buckets (period, bucket, syncs) VALUES (%s, %s, 1)"
     " ON CONFLICT (period, bucket) DO UPDATE SET syncs = {s}.slot_buckets.syncs + 1"
@@ -311,7 +304,7 @@ _COUNT_SLOT = (
 _UNCOUNT_SLOT = (
     "UPDATE {s}.slot_buckets SET syncs = syncs - 1 WHERE period = %s AND bucket = %s AND syncs > 0"
 )
-# The slot rule of cohortsync.storage._protocol.claim_slot (SET sees the old row).
+# The slot rule of cohortsync.storage._rules.claim_slot (SET sees the old row).
 _CLAIMED_SLOT = (
     "CASE WHEN s.last_slot IS NOT NULL AND s.next_due <= s.last_slot"
     " THEN s.last_slot + interval '1 microsecond' ELSE s.next_due END"
@@ -336,10 +329,23 @@ _CLAIM = (
     " RETURNING s.id, s.generation, s.next_due, s.next_trigger, s.lease_token, s.revision"
 ).replace("{claimed}", _CLAIMED_SLOT)
 
-
-_CLEAR_LEASE = (
-    "lease_owner = NULL, lease_token = NULL, lease_expires = NULL,"
-    " lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL, lease_revision = NULL"
+_SELECT_SYNC = f"{q.SELECT_SYNCS} WHERE id = %s"
+_LIST_SYNCS = f"{q.SELECT_SYNCS} ORDER BY id"
+_LOCK_SLOT_OF_SYNC = f"{q.SLOT_OF_SYNC} FOR UPDATE"
+_DELETE_SYNC_STATE = tuple(
+    f"DELETE FROM {{s}}.{table} WHERE sync_id = %s"  # noqa: S608 - constant table names
+    for table in (*q.SYNC_STATE_TABLES, "delivered_versions")
+)
+_LOCK_HELD = f"{q.HELD} FOR UPDATE"
+"""complete_run's read: no claimant can take the lease over until it commits."""
+_SHARE_HELD = f"{q.IS_HELD} FOR SHARE"
+"""Parallel batches of one run may apply together, but no claimant can take the
+lease over until the transaction ends."""
+_INSERT_RUN = (
+    "INSERT INTO {s}.runs (sync_id, slot, id, generation, trigger, status, started_at,"
+    " finished_at, record) VALUES (%(sync_id)s, %(slot)s, %(id)s, %(generation)s, %(trigger)s,"
+    " %(status)s, %(started_at)s, %(finished_at)s, %(record)s)"
+    " ON CONFLICT ON CONSTRAINT runs_sync_slot DO NOTHING"
 )
 
 
@@ -480,7 +486,7 @@ class _Pooled:
 # -- the store -------------------------------------------------------------------
 
 
-class PostgresStorage:
+class PostgresStorage(StorageBase):
     """
     Everything cohortsync persists, in one PostgreSQL schema shared by any
     number of worker processes on any number of hosts.
@@ -573,17 +579,6 @@ class PostgresStorage:
     def __repr__(self) -> str:
         return f"PostgresStorage({self._shown}, schema={self.schema!r})"
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def close(self) -> None:
         """
         Close the connections this store opened (a host's pool stays open).
@@ -633,7 +628,7 @@ class PostgresStorage:
         return StorageError(f"{operation}: PostgreSQL error{state}: {detail}")
 
     def _migrate(self) -> None:
-        q = self._sql
+        render = self._sql
         with self._cursor(f"opening the store at {self._shown}") as cur:
             cur.execute("SELECT current_setting('server_encoding')")
             encoding = _one(cur)[0]
@@ -644,68 +639,49 @@ class PostgresStorage:
             )
         if found != SCHEMA_VERSION:
             with self._cursor(_MIGRATE, transaction=True) as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("migrate", q.schema),))
+                cur.execute(
+                    "SELECT pg_advisory_xact_lock(%s)", (_lock_key("migrate", self.schema),)
+                )
                 # CREATE SCHEMA needs CREATE on the database even with IF NOT EXISTS:
                 # a role given an existing schema must not need it.
-                cur.execute("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s", (q.schema,))
-                if cur.fetchone() is None:
-                    cur.execute(q("CREATE SCHEMA {s}"))
-                # Another worker may have migrated while this one waited for the lock.
-                found = self._schema_version(cur)
-                for version in range(found + 1, SCHEMA_VERSION + 1):
-                    for statement in _MIGRATIONS[version]:
-                        cur.execute(q(statement))
                 cur.execute(
-                    q(
-                        "INSERT INTO {s}.meta (key, value)"
-                        " VALUES ('application', %s), ('schema_version', %s)"
-                        " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
-                    ),
-                    (_APPLICATION, str(SCHEMA_VERSION)),
+                    "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s", (self.schema,)
+                )
+                if cur.fetchone() is None:
+                    cur.execute(render("CREATE SCHEMA {s}"))
+                # Another worker may have migrated while this one waited for the lock.
+                q.migrate(
+                    lambda statement, params: cur.execute(render(statement), params),
+                    _MIGRATIONS,
+                    self._schema_version(cur),
                 )
         self._check_privileges()
 
     def _schema_version(self, cur: _Cursor) -> int:
         """
-        The schema's version: 0 when it is missing or empty.
-
-        Raises:
-            CorruptStoreError: The schema holds tables that are not cohortsync's
-                (nothing is written to it), or an unreadable version.
-            SchemaVersionError: The version is newer than this release's.
+        The schema's version: 0 when it is missing or empty (see :func:`_sql.schema_version`).
         """
         cur.execute(
             "SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = %s ORDER BY tablename",
             (self.schema,),
         )
         tables = [row[0] for row in cur.fetchall()]
-        if not tables:
-            return 0
-        foreign = CorruptStoreError(
-            f"schema {self.schema!r} holds tables that are not cohortsync's "
-            f"({', '.join(tables[:10])}); cohortsync only uses an empty or missing schema "
-            "or its own, so it never modifies someone else's data"
+
+        def read_meta() -> dict[str, str]:
+            cur.execute(self._sql(q.READ_META))
+            return dict(cur.fetchall())
+
+        return q.schema_version(
+            tables,
+            read_meta,
+            SCHEMA_VERSION,
+            foreign=(
+                f"schema {self.schema!r} holds tables that are not cohortsync's "
+                f"({', '.join(tables[:10])}); cohortsync only uses an empty or missing schema "
+                "or its own, so it never modifies someone else's data"
+            ),
+            where=f"{self.schema}.meta",
         )
-        if "meta" not in tables:
-            raise foreign
-        cur.execute(
-            self._sql(
-                "SELECT key, value FROM {s}.meta WHERE key IN ('application', 'schema_version')"
-            )
-        )
-        meta: dict[str, str] = dict(cur.fetchall())
-        if meta.get("application") != _APPLICATION:
-            raise foreign
-        try:
-            version = int(meta["schema_version"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptStoreError(
-                f"{self.schema}.meta holds schema_version {meta.get('schema_version')!r}, "
-                "not an integer"
-            ) from None
-        if version > SCHEMA_VERSION:
-            raise SchemaVersionError(version, SCHEMA_VERSION)
-        return version
 
     def _check_privileges(self) -> None:
         with self._cursor(f"opening the store at {self._shown}") as cur:
@@ -728,104 +704,12 @@ class PostgresStorage:
                 f"on {', '.join(f'{self.schema}.{t}' for t in missing)}"
             )
 
-    def _record(self, row: Sequence[Any]) -> SyncRecord:
-        (
-            sync_id,
-            definition,
-            next_due,
-            next_trigger,
-            offset,
-            bucket,
-            anchor,
-            attempts,
-            full_resync,
-            feed_cursor,
-            last_full,
-            lease_owner,
-            lease_token,
-            lease_expires,
-            lease_slot,
-            lease_generation,
-            lease_trigger,
-            last_slot,
-            scheduled_from,
-            revision,
-            lease_revision,
-        ) = row
-        try:
-            sync: Sync = load_sync(definition)
-            lease = None
-            if lease_token is not None:
-                lease = Lease(
-                    sync_id=sync_id,
-                    generation=lease_generation,
-                    slot=lease_slot,
-                    trigger=Trigger(lease_trigger),
-                    owner=lease_owner,
-                    token=lease_token,
-                    expires_at=lease_expires,
-                    revision=lease_revision or 0,
-                )
-            return SyncRecord(
-                sync=sync,
-                next_due=next_due,
-                next_trigger=Trigger(next_trigger),
-                offset=offset,
-                slot_bucket=bucket,
-                anchor=anchor,
-                attempts=attempts,
-                full_resync=full_resync,
-                feed_cursor=feed_cursor,
-                last_full_sync_at=last_full,
-                lease=lease,
-                last_slot=last_slot,
-                scheduled_from=scheduled_from,
-                revision=revision,
-            )
-        except (ValueError, TypeError, cattrs.BaseValidationError) as exc:
-            raise CorruptStoreError(f"sync {sync_id!r} in {self.schema}.syncs: {exc}") from exc
-
-    def _load_run(self, record: str) -> SyncRun:
-        try:
-            return loads(record, SyncRun)
-        except (ValueError, TypeError, cattrs.BaseValidationError) as exc:
-            raise CorruptStoreError(f"run record in {self.schema}.runs: {exc}") from exc
-
-    @staticmethod
-    def _definition_params(record: SyncRecord) -> dict[str, Any]:
-        return {
-            "id": record.id,
-            "definition": dumps(record.sync),
-            "generation": record.sync.generation,
-            "status": record.sync.status.value,
-            "next_due": record.next_due,
-            "next_trigger": record.next_trigger.value,
-            "slot_offset": record.offset,
-            "slot_bucket": record.slot_bucket,
-            "anchor": record.anchor,
-            "attempts": record.attempts,
-            "full_resync": record.full_resync,
-            "feed_cursor": record.feed_cursor,
-            "last_full_sync_at": record.last_full_sync_at,
-            "scheduled_from": record.scheduled_from,
-            "slot_period": None if (slot := slot_bucket_of(record)) is None else slot[0],
-        }
-
-    def _hold(self, cur: _Cursor, lease: Lease, lock: str) -> tuple[Any, ...]:
+    def _hold(self, cur: _Cursor, lease: Lease, statement: str) -> tuple[Any, ...]:
         """
-        Lock the leased sync's row (``FOR UPDATE`` or ``FOR SHARE``) if the
-        lease is still held, else raise :class:`LeaseLostError`.
+        Run *statement* (the held sync's row by id and token, locked) and
+        return its row, or raise :class:`LeaseLostError` if the lease is gone.
         """
-        cur.execute(
-            self._sql(
-                "SELECT generation, next_due, revision FROM {s}.syncs"
-                " WHERE id = %s AND lease_token = %s FOR UPDATE"
-                if lock == "update"
-                else "SELECT generation, next_due, revision FROM {s}.syncs"
-                " WHERE id = %s AND lease_token = %s FOR SHARE"
-            ),
-            (lease.sync_id, lease.token),
-        )
+        cur.execute(self._sql(statement), (lease.sync_id, lease.token))
         row = cur.fetchone()
         if row is None:
             raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
@@ -836,20 +720,7 @@ class PostgresStorage:
     def create_sync(self, record: SyncRecord) -> None:
         slot = slot_bucket_of(record)
         with self._cursor("create_sync", transaction=True) as cur:
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {s}.syncs (id, definition, generation, status, next_due,"
-                    " next_trigger, slot_offset, slot_bucket, anchor, attempts, full_resync,"
-                    " feed_cursor, last_full_sync_at, scheduled_from, slot_period)"
-                    " VALUES (%(id)s, %(definition)s,"
-                    " %(generation)s, %(status)s, %(next_due)s, %(next_trigger)s,"
-                    " %(slot_offset)s, %(slot_bucket)s, %(anchor)s, %(attempts)s,"
-                    " %(full_resync)s, %(feed_cursor)s, %(last_full_sync_at)s,"
-                    " %(scheduled_from)s, %(slot_period)s)"
-                    " ON CONFLICT (id) DO NOTHING"
-                ),
-                self._definition_params(record),
-            )
+            cur.execute(self._sql(q.INSERT_SYNC), q.sync_params(record, _TZ))
             created = cur.rowcount == 1
             if created and slot is not None:
                 cur.execute(self._sql(_COUNT_SLOT), slot)
@@ -858,50 +729,29 @@ class PostgresStorage:
 
     def get_sync(self, sync_id: str) -> SyncRecord:
         with self._cursor("get_sync") as cur:
-            cur.execute(self._sql("SELECT {columns} FROM {s}.syncs WHERE id = %s"), (sync_id,))
+            cur.execute(self._sql(_SELECT_SYNC), (sync_id,))
             row = cur.fetchone()
         if row is None:
             raise SyncNotFoundError(sync_id)
-        return self._record(row)
+        return q.decode_sync(row, _TZ)
 
     def list_syncs(self) -> list[SyncRecord]:
         with self._cursor("list_syncs") as cur:
-            cur.execute(self._sql("SELECT {columns} FROM {s}.syncs ORDER BY id"))
+            cur.execute(self._sql(_LIST_SYNCS))
             rows = cur.fetchall()
-        return [self._record(row) for row in rows]
+        return [q.decode_sync(row, _TZ) for row in rows]
 
     def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
-        params = self._definition_params(record)
-        params["expected"] = expected_generation
+        params = q.sync_params(record, _TZ)
         slot = slot_bucket_of(record)
         with self._cursor("save_sync", transaction=True) as cur:
-            cur.execute(
-                self._sql(
-                    "SELECT generation, slot_period, slot_bucket FROM {s}.syncs"
-                    " WHERE id = %s FOR UPDATE"
-                ),
-                (record.id,),
-            )
+            cur.execute(self._sql(_LOCK_SLOT_OF_SYNC), (record.id,))
             row = cur.fetchone()
             if row is None:
                 raise SyncNotFoundError(record.id)
             if row[0] != expected_generation:
                 raise ConflictError(record.id, expected_generation, row[0])
-            cur.execute(
-                self._sql(
-                    "UPDATE {s}.syncs SET definition = %(definition)s,"
-                    " generation = %(generation)s, status = %(status)s,"
-                    " next_due = %(next_due)s, next_trigger = %(next_trigger)s,"
-                    " slot_offset = %(slot_offset)s, slot_bucket = %(slot_bucket)s,"
-                    " anchor = %(anchor)s, attempts = %(attempts)s,"
-                    " full_resync = %(full_resync)s, feed_cursor = %(feed_cursor)s,"
-                    " last_full_sync_at = %(last_full_sync_at)s,"
-                    " scheduled_from = %(scheduled_from)s, slot_period = %(slot_period)s,"
-                    " revision = revision + 1"
-                    " WHERE id = %(id)s"
-                ),
-                params,
-            )
+            cur.execute(self._sql(q.UPDATE_SYNC), params)
             old = None if row[1] is None or row[2] is None else (row[1], row[2])
             if old != slot:
                 if old is not None:
@@ -911,13 +761,14 @@ class PostgresStorage:
 
     def next_due(self) -> datetime | None:
         """
-        Walk active syncs in due order (the claim index); a leased one counts
-        from its lease expiry. Leased syncs are the few runs in flight, so the
-        walk reads a page or two.
+        Walk active syncs in due order (the claim index), a page of 64 at a
+        time, until the rule of :func:`~cohortsync.storage._rules.earliest_claimable`
+        has its answer (a page or two: leased syncs are the few runs in flight).
         """
-        best: datetime | None = None
+        return earliest_claimable(self._due_order())
+
+    def _due_order(self) -> Iterator[tuple[datetime, datetime | None]]:
         after: tuple[datetime, str] | None = None
-        tick = _TICK
         while True:
             with self._cursor("next_due") as cur:
                 if after is None:
@@ -940,39 +791,22 @@ class PostgresStorage:
                     )
                 rows = cur.fetchall()
             for due, sync_id, expires in rows:
-                if best is not None and due >= best:
-                    return best
-                at = due if expires is None else max(due, add_saturating(expires, tick))
-                best = at if best is None else min(best, at)
+                yield due, expires
                 after = (due, sync_id)
             if len(rows) < 64:
-                return best
+                return
 
     def scheduled_after(self, now: datetime) -> list[SyncRecord]:
         with self._cursor("scheduled_after") as cur:
-            cur.execute(
-                self._sql(
-                    "SELECT {columns} FROM {s}.syncs WHERE status = 'active'"
-                    " AND scheduled_from > %s AND lease_token IS NULL"
-                ),
-                (require_aware(now, "now"),),
-            )
+            cur.execute(self._sql(q.SCHEDULED_AFTER), (require_aware(now, "now"),))
             rows = cur.fetchall()
-        return [self._record(row) for row in rows]
+        return [q.decode_sync(row, _TZ) for row in rows]
 
     def delete_sync(self, sync_id: str) -> None:
         with self._cursor("delete_sync", transaction=True) as cur:
-            cur.execute(self._sql("DELETE FROM {s}.delivered WHERE sync_id = %s"), (sync_id,))
-            cur.execute(self._sql("DELETE FROM {s}.ledger WHERE sync_id = %s"), (sync_id,))
-            cur.execute(
-                self._sql("DELETE FROM {s}.delivered_versions WHERE sync_id = %s"), (sync_id,)
-            )
-            cur.execute(self._sql("DELETE FROM {s}.pending WHERE sync_id = %s"), (sync_id,))
-            cur.execute(self._sql("DELETE FROM {s}.progress WHERE sync_id = %s"), (sync_id,))
-            cur.execute(
-                self._sql("DELETE FROM {s}.syncs WHERE id = %s RETURNING slot_period, slot_bucket"),
-                (sync_id,),
-            )
+            for statement in _DELETE_SYNC_STATE:
+                cur.execute(self._sql(statement), (sync_id,))
+            cur.execute(self._sql(q.DELETE_SYNC), (sync_id,))
             row = cur.fetchone()
             if row is not None and row[0] is not None and row[1] is not None:
                 cur.execute(self._sql(_UNCOUNT_SLOT), row)
@@ -980,8 +814,7 @@ class PostgresStorage:
     # -- slot allocation -----------------------------------------------------------
 
     def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
-        if buckets < 1:
-            raise ConfigurationError("buckets", buckets, "must be >= 1")
+        require_buckets(buckets)
         with self._cursor("least_loaded_slot") as cur:
             cur.execute(
                 self._sql(
@@ -991,7 +824,7 @@ class PostgresStorage:
                 (period, buckets),
             )
             counts: dict[int, int] = dict(cur.fetchall())
-        return min(range(buckets), key=lambda b: (counts.get(b, 0), (b - preferred) % buckets))
+        return least_loaded(counts, buckets, preferred)
 
     # -- claims and leases ---------------------------------------------------------
 
@@ -1015,110 +848,49 @@ class PostgresStorage:
                 },
             )
             rows = cur.fetchall()
-        leases = [
-            Lease(
-                sync_id=sync_id,
-                generation=generation,
-                slot=slot,
-                trigger=Trigger(trigger),
-                owner=owner,
-                token=token,
-                expires_at=expires,
-                revision=revision,
+            # The leases are taken (one statement, committed): a damaged row
+            # is taken off the schedule again, not leased to nobody.
+            return q.decode_claims(
+                rows,
+                owner,
+                expires,
+                _TZ,
+                lambda sync_id: cur.execute(self._sql(q.UNSCHEDULE), (sync_id,)),
             )
-            for sync_id, generation, slot, trigger, token, revision in rows
-        ]
-        leases.sort(key=lambda lease: (lease.slot, lease.sync_id))
-        return leases
 
     def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
         now = require_aware(now, "now")
         expires = add_saturating(now, lease_for)
         with self._cursor("extend_lease") as cur:
-            cur.execute(
-                self._sql(
-                    "UPDATE {s}.syncs SET lease_expires = %s WHERE id = %s AND lease_token = %s"
-                ),
-                (expires, lease.sync_id, lease.token),
-            )
+            cur.execute(self._sql(q.EXTEND_LEASE), (expires, lease.sync_id, lease.token))
             held = cur.rowcount == 1
         if not held:
             raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
-        return Lease(
-            sync_id=lease.sync_id,
-            generation=lease.generation,
-            slot=lease.slot,
-            trigger=lease.trigger,
-            owner=lease.owner,
-            token=lease.token,
-            expires_at=expires,
-            revision=lease.revision,
-        )
+        return attrs.evolve(lease, expires_at=expires)
 
     def release_lease(self, lease: Lease) -> None:
         with self._cursor("release_lease") as cur:
-            cur.execute(
-                self._sql("UPDATE {s}.syncs SET {clear_lease} WHERE id = %s AND lease_token = %s"),
-                (lease.sync_id, lease.token),
-            )
+            cur.execute(self._sql(q.RELEASE_LEASE), (lease.sync_id, lease.token))
             held = cur.rowcount == 1
         if not held:
             raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
 
     def complete_run(self, lease: Lease, completion: Completion) -> None:
+        """
+        In one transaction: lock the held sync's row, insert the run, write
+        what :func:`~cohortsync.storage.apply_completion` decides from the row,
+        and delete the resolved pending batches and the progress. Raising
+        inside the transaction rolls all of it back.
+        """
         run = completion.run
         with self._cursor("complete_run", transaction=True) as cur:
-            generation, next_due, revision = self._hold(cur, lease, "update")
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {s}.runs (sync_id, slot, id, generation, trigger, status,"
-                    " started_at, finished_at, record) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT ON CONSTRAINT runs_sync_slot DO NOTHING"
-                ),
-                (
-                    run.sync_id,
-                    run.slot,
-                    run.id,
-                    run.generation,
-                    run.trigger.value,
-                    run.status.value,
-                    run.started_at,
-                    run.finished_at,
-                    dumps(run),
-                ),
-            )
+            held = self._hold(cur, lease, _LOCK_HELD)
+            cur.execute(self._sql(_INSERT_RUN), q.run_params(run, _TZ))
             if cur.rowcount != 1:
-                # Raising inside the transaction rolls it back: nothing is written.
                 raise DuplicateRunError(run.sync_id, run.slot)
-            changes: dict[str, Any] = {}
-            same_generation = generation == lease.generation and revision == lease.revision
-            if same_generation and next_due == lease.slot:
-                changes["next_due"] = completion.next_due
-                changes["next_trigger"] = completion.next_trigger.value
-                changes["attempts"] = completion.attempts
-                changes["scheduled_from"] = completion.scheduled_from
-            if same_generation and completion.sync is not None:
-                changes["definition"] = dumps(completion.sync)
-                changes["generation"] = completion.sync.generation
-                changes["status"] = completion.sync.status.value
-            if completion.feed_cursor is not None:
-                changes["feed_cursor"] = completion.feed_cursor
-            if completion.full_sync_done:
-                if same_generation and next_due == lease.slot:
-                    changes["full_resync"] = False
-                changes["last_full_sync_at"] = run.started_at
-            assignments = [
-                sql.SQL(_CLEAR_LEASE),
-                sql.SQL("last_slot = GREATEST(last_slot, %s)"),
-                *(sql.SQL("{} = %s").format(sql.Identifier(column)) for column in changes),
-            ]
-            cur.execute(
-                sql.SQL("UPDATE {}.syncs SET {} WHERE id = %s").format(
-                    sql.Identifier(self.schema), sql.SQL(", ").join(assignments)
-                ),
-                [run.slot, *changes.values(), lease.sync_id],
-            )
-            cur.execute(self._sql("DELETE FROM {s}.progress WHERE sync_id = %s"), (lease.sync_id,))
+            statement, params = q.completion_update(held, lease, completion, _TZ)
+            cur.execute(self._sql(statement), params)
+            cur.execute(self._sql(q.DELETE_PROGRESS), (lease.sync_id,))
             if completion.resolved:
                 cur.execute(
                     self._sql(
@@ -1131,21 +903,13 @@ class PostgresStorage:
     def begin_batch(
         self, lease: Lease, batch: PendingBatch, *, replaces: str | None = None
     ) -> None:
-        members = encode_members(batch.members)
+        members = q.encode_members(batch.members)
         with self._cursor("begin_batch", transaction=True) as cur:
-            self._hold(cur, lease, "share")
+            self._hold(cur, lease, _SHARE_HELD)
             if replaces is not None:
-                cur.execute(
-                    self._sql(
-                        "DELETE FROM {s}.pending WHERE sync_id = %s AND idempotency_key = %s"
-                    ),
-                    (lease.sync_id, replaces),
-                )
+                cur.execute(self._sql(q.DELETE_PENDING), (lease.sync_id, replaces))
             # Delete then insert: a re-begun batch gets a new seq, the newest.
-            cur.execute(
-                self._sql("DELETE FROM {s}.pending WHERE sync_id = %s AND idempotency_key = %s"),
-                (lease.sync_id, batch.idempotency_key),
-            )
+            cur.execute(self._sql(q.DELETE_PENDING), (lease.sync_id, batch.idempotency_key))
             cur.execute(
                 self._sql(
                     "INSERT INTO {s}.pending (sync_id, idempotency_key, run_id, operation, members)"
@@ -1170,31 +934,13 @@ class PostgresStorage:
                 (sync_id,),
             )
             rows = cur.fetchall()
-        return decode_pending(sync_id, rows)
+        return q.decode_pending(sync_id, rows)
 
     def progress(self, sync_id: str) -> Progress | None:
         with self._cursor("progress") as cur:
-            cur.execute(
-                self._sql(
-                    "SELECT slot, added, removed, rejected, batches, collisions FROM {s}.progress"
-                    " WHERE sync_id = %s"
-                ),
-                (sync_id,),
-            )
+            cur.execute(self._sql(q.SELECT_PROGRESS), (sync_id,))
             row = cur.fetchone()
-        if row is None:
-            return None
-        slot, added, removed, rejected, batches, collisions = row
-        return Progress(
-            slot=slot,
-            tally=Tally(
-                added=added,
-                removed=removed,
-                rejected=rejected,
-                batches=batches,
-                collisions=collisions,
-            ),
-        )
+        return q.decode_progress(sync_id, row, _TZ)
 
     # -- delivered state -----------------------------------------------------------
 
@@ -1238,9 +984,7 @@ class PostgresStorage:
 
     def count_delivered(self, sync_id: str) -> int:
         with self._cursor("count_delivered") as cur:
-            cur.execute(
-                self._sql("SELECT count(*) FROM {s}.delivered WHERE sync_id = %s"), (sync_id,)
-            )
+            cur.execute(self._sql(q.COUNT_DELIVERED), (sync_id,))
             count: int = _one(cur)[0]
         return count
 
@@ -1273,16 +1017,10 @@ class PostgresStorage:
                         (sync_id, list(chunk)),
                     )
                     stored.update((key, (kind, value)) for key, kind, value in cur.fetchall())
-        out: dict[str, Identifier] = {}
-        for key in keys:
-            if key in stored:
-                kind, value = stored[key]
-                out[key] = (
-                    Identifier(IdentifierKind.USER_ID, key)
-                    if kind is None or value is None
-                    else Identifier(IdentifierKind(kind), value)
-                )
-        return out
+        # Answer in the order asked, like the reference store.
+        return {
+            key: q.decode_identifier(sync_id, key, *stored[key]) for key in keys if key in stored
+        }
 
     def identifier_holders(
         self, sync_id: str, identifiers: Iterable[Identifier]
@@ -1301,15 +1039,10 @@ class PostgresStorage:
                     ),
                     (sync_id, list(chunk)),
                 )
-                try:
-                    rows.extend(
-                        (key, Identifier(IdentifierKind(kind), value))
-                        for key, kind, value in cur.fetchall()
-                    )
-                except (TypeError, ValueError) as exc:
-                    raise CorruptStoreError(
-                        f"the delivered identifier of a member of sync {sync_id!r}: {exc}"
-                    ) from exc
+                rows.extend(
+                    (key, q.decode_identifier(sync_id, key, kind, value))
+                    for key, kind, value in cur.fetchall()
+                )
             for chunk in _chunks(own):
                 cur.execute(
                     self._sql(
@@ -1325,16 +1058,12 @@ class PostgresStorage:
         sync_id = lease.sync_id
         # Last identifier wins for a key added twice; an identity mapping
         # (user_id equal to the key) is stored as NULL to keep rows small.
-        added: dict[str, tuple[str | None, str | None]] = {}
-        for member in batch.added:
-            ident = member.identifier
-            identity = ident.value == member.key and ident.kind is IdentifierKind.USER_ID
-            added[member.key] = (None, None) if identity else (ident.kind.value, ident.value)
+        added = {member.key: q.identifier_columns(member) for member in batch.added}
         removed = list(dict.fromkeys(batch.removed))
         with self._cursor("apply_batch", transaction=True) as cur:
             # FOR SHARE: parallel batches of one run may apply together, but no
             # claimant can take the lease over until this transaction ends.
-            self._hold(cur, lease, "share")
+            self._hold(cur, lease, _SHARE_HELD)
             keys = list(added)
             for chunk in _chunks(keys):
                 idents = [added[k] for k in chunk]
@@ -1356,11 +1085,8 @@ class PostgresStorage:
                     (sync_id, list(chunk)),
                 )
             if keys or removed:
-                cur.execute(
-                    self._sql("SELECT EXISTS (SELECT 1 FROM {s}.ledger WHERE sync_id = %s)"),
-                    (sync_id,),
-                )
-                if _one(cur)[0]:
+                cur.execute(self._sql(q.HAS_LEDGER), (sync_id,))
+                if cur.fetchone() is not None:
                     for chunk in _chunks([*keys, *removed]):
                         cur.execute(
                             self._sql(
@@ -1372,10 +1098,7 @@ class PostgresStorage:
             if batch.rejected:
                 self._reject(cur, sync_id, batch)
             cur.execute(
-                self._sql(
-                    "INSERT INTO {s}.batches (run_id, sequence, operation, idempotency_key, at)"
-                    " VALUES (%s, %s, %s, %s, %s)"
-                ),
+                self._sql(q.INSERT_BATCH),
                 (
                     batch.run_id,
                     batch.sequence,
@@ -1384,35 +1107,11 @@ class PostgresStorage:
                     batch.at,
                 ),
             )
-            cur.execute(
-                self._sql("DELETE FROM {s}.pending WHERE sync_id = %s AND idempotency_key = %s"),
-                (sync_id, batch.idempotency_key),
-            )
+            cur.execute(self._sql(q.DELETE_PENDING), (sync_id, batch.idempotency_key))
             if batch.slot is not None and batch.tally:
-                tally = batch.tally
                 cur.execute(
-                    self._sql(
-                        "INSERT INTO {s}.progress AS p"
-                        " (sync_id, slot, added, removed, rejected, batches, collisions)"
-                        " VALUES (%(sync)s, %(slot)s, %(added)s, %(removed)s, %(rejected)s,"
-                        " %(batches)s, %(collisions)s)"
-                        " ON CONFLICT (sync_id) DO UPDATE SET"
-                        " added = p.added + EXCLUDED.added,"
-                        " removed = p.removed + EXCLUDED.removed,"
-                        " rejected = p.rejected + EXCLUDED.rejected,"
-                        " batches = p.batches + EXCLUDED.batches,"
-                        " collisions = p.collisions + EXCLUDED.collisions,"
-                        " slot = EXCLUDED.slot"
-                    ),
-                    {
-                        "sync": sync_id,
-                        "slot": batch.slot,
-                        "added": tally.added,
-                        "removed": tally.removed,
-                        "rejected": tally.rejected,
-                        "batches": tally.batches,
-                        "collisions": tally.collisions,
-                    },
+                    self._sql(q.ADD_PROGRESS),
+                    q.progress_params(sync_id, batch.slot, batch.tally, _TZ),
                 )
             version = secrets.token_hex(8)
             cur.execute(
@@ -1484,54 +1183,33 @@ class PostgresStorage:
 
     def record_issues(self, lease: Lease, issues: Sequence[MemberIssue]) -> None:
         with self._cursor("record_issues", transaction=True) as cur:
-            self._hold(cur, lease, "share")
+            self._hold(cur, lease, _SHARE_HELD)
             self._insert_issues(cur, [(i.run_id, i.key, i.kind.value, i.reason) for i in issues])
 
     # -- ledger and history --------------------------------------------------------
 
     def ledger(self, sync_id: str) -> list[LedgerEntry]:
         with self._cursor("ledger") as cur:
-            cur.execute(
-                self._sql(
-                    "SELECT key, reason, attempts, dead, first_seen, last_seen FROM {s}.ledger"
-                    " WHERE sync_id = %s ORDER BY key"
-                ),
-                (sync_id,),
-            )
+            cur.execute(self._sql(q.SELECT_LEDGER), (sync_id,))
             rows = cur.fetchall()
-        return [
-            LedgerEntry(
-                sync_id=sync_id,
-                key=key,
-                reason=reason,
-                attempts=attempts,
-                dead=dead,
-                first_seen=first_seen,
-                last_seen=last_seen,
-            )
-            for key, reason, attempts, dead, first_seen, last_seen in rows
-        ]
+        return q.decode_ledger(sync_id, rows, _TZ)
 
     def dead_letters(self, sync_id: str) -> set[str]:
         with self._cursor("dead_letters") as cur:
-            cur.execute(
-                self._sql("SELECT key FROM {s}.ledger WHERE sync_id = %s AND dead"), (sync_id,)
-            )
+            cur.execute(self._sql(q.DEAD_LETTERS), (sync_id,))
             return {row[0] for row in cur.fetchall()}
 
     def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
-        # A negative limit slices like a list (as the reference store does).
-        bound = limit if limit is not None and limit >= 0 else None
         with self._cursor("history") as cur:
             cur.execute(
                 self._sql(
-                    "SELECT record FROM {s}.runs WHERE sync_id = %s"
+                    "SELECT id, record FROM {s}.runs WHERE sync_id = %s"
                     " ORDER BY started_at DESC, slot DESC LIMIT %s"
                 ),
-                (sync_id, bound),
+                (sync_id, None if limit is None or limit < 0 else limit),  # NULL: no limit
             )
-            runs = [self._load_run(row[0]) for row in cur.fetchall()]
-        return runs if limit is None or limit >= 0 else runs[:limit]
+            rows = cur.fetchall()
+        return q.limit_history([q.decode_run(run_id, record) for run_id, record in rows], limit)
 
     def run_issues(self, run_id: str) -> list[MemberIssue]:
         with self._cursor("run_issues") as cur:
@@ -1569,26 +1247,20 @@ class PostgresStorage:
 
 class _Queries:
     """
-    Renders SQL templates: ``{s}`` is the schema as a quoted identifier,
-    ``{columns}`` the sync columns a :class:`SyncRecord` is read from and
-    ``{clear_lease}`` the assignments that release a lease.
+    Renders SQL templates: ``{s}`` is the schema as a quoted identifier.
     """
 
-    __slots__ = ("_cache", "_fragments", "schema")
+    __slots__ = ("_cache", "_schema", "schema")
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
-        self._fragments = {
-            "s": sql.Identifier(schema),
-            "columns": sql.SQL(_SYNC_COLUMNS),
-            "clear_lease": sql.SQL(_CLEAR_LEASE),
-        }
+        self._schema = sql.Identifier(schema)
         self._cache: dict[str, sql.Composed] = {}
 
     def __call__(self, template: str) -> sql.Composed:
         composed = self._cache.get(template)
         if composed is None:
-            composed = sql.SQL(template).format(**self._fragments)
+            composed = sql.SQL(template).format(s=self._schema)
             self._cache[template] = composed
         return composed
 

@@ -1,9 +1,16 @@
 """
-The storage protocol: everything cohortsync persists goes through :class:`Storage`.
+The storage protocol: everything cohortsync persists goes through :class:`Storage`,
+and the records it takes and returns.
 
-A host may implement it on its own database; ``cohortsync.testing.check_storage``
-verifies an implementation. Every time value is passed in by the caller (from
-its :class:`~cohortsync.Clock`): a store never reads its database's clock, so
+:class:`Storage` is composed of parts: three required ones
+(:class:`ScheduleStore`, :class:`DeliveryStore`, :class:`HistoryStore`) and
+:class:`OptionalQueries`, reads that :class:`~cohortsync.storage.StorageBase`
+derives from the required parts for a store that leaves them out. A host may
+implement it on its own database; ``cohortsync.testing.check_storage``
+verifies an implementation and reports which parts it implements.
+
+Every time value is passed in by the caller (from its
+:class:`~cohortsync.Clock`): a store never reads its database's clock, so
 fake clocks work and hosts with skewed clocks agree on one timeline.
 
 Operations marked **atomic** must happen entirely or not at all, and must be
@@ -16,6 +23,7 @@ compare-and-set on their token: an operation that needs a lease fails with
 from __future__ import annotations
 
 import enum
+from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -23,30 +31,30 @@ from typing import Protocol, runtime_checkable
 import attrs
 
 from cohortsync import _validators as v
-from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
+from cohortsync._destination import Identifier, Member, Operation
 from cohortsync._sync import Sync, SyncRun, Trigger
 
 __all__ = [
     "SLOT_BUCKET_SECONDS",
     "AppliedBatch",
     "Completion",
+    "DeliveryStore",
+    "HistoryStore",
     "IssueKind",
     "Lease",
     "LedgerEntry",
     "MemberIssue",
+    "OptionalQueries",
     "PendingBatch",
     "Progress",
+    "ScheduleStore",
     "Storage",
     "SyncRecord",
     "Tally",
-    "claim_slot",
-    "slot_bucket_of",
 ]
 
 SLOT_BUCKET_SECONDS = 60
 """The load-aware allocator balances syncs per minute of the period."""
-
-_TICK = timedelta(microseconds=1)
 
 
 @attrs.frozen(kw_only=True)
@@ -117,57 +125,6 @@ class SyncRecord:
     @property
     def id(self) -> str:
         return self.sync.id
-
-
-def claim_slot(next_due: datetime, last_slot: datetime | None) -> datetime:
-    """
-    The slot a claim of a sync due at *next_due* runs: *next_due* itself,
-    unless a run is already recorded at or after it (the host asked for a run
-    at the very instant of the last one, or the clock went back), then one
-    microsecond after the last recorded slot.
-
-    Every store applies this rule in its claim (and sets ``next_due`` to the
-    result), so run records are unique per slot by construction and no host
-    call needs special cases for "now".
-    """
-    if last_slot is None or next_due > last_slot:
-        return next_due
-    return last_slot + _TICK
-
-
-def collect_holders(
-    wanted: set[Identifier],
-    by_value: Iterable[tuple[str, Identifier]],
-    own: Iterable[str],
-) -> dict[Identifier, list[str]]:
-    """
-    The answer of :meth:`Storage.identifier_holders` from a store's rows:
-    *by_value* are (key, identifier) rows whose stored identifier value was
-    asked for (kept when the whole identifier was), *own* the keys found
-    among the asked ``USER_ID`` values that were delivered under the
-    identity mapping (they hold ``Identifier(USER_ID, key)``).
-    """
-    found: dict[Identifier, set[str]] = {}
-    for key, ident in by_value:
-        if ident in wanted:
-            found.setdefault(ident, set()).add(key)
-    for key in own:
-        found.setdefault(Identifier(IdentifierKind.USER_ID, key), set()).add(key)
-    return {ident: sorted(keys) for ident, keys in found.items()}
-
-
-def slot_bucket_of(record: SyncRecord) -> tuple[int, int] | None:
-    """
-    ``(period seconds, bucket)`` a stored sync occupies in the slot
-    allocator's counts, or ``None``. Stores keep the counts in the same
-    transaction as the sync write (create, save, delete), so they never drift.
-    """
-    if record.slot_bucket is None:
-        return None
-    period = record.sync.policy.cadence.period
-    if period is None:
-        return None
-    return int(period.total_seconds()), record.slot_bucket
 
 
 @attrs.frozen(kw_only=True)
@@ -352,18 +309,22 @@ class MemberIssue:
     reason: str = attrs.field(converter=v.to_storable)
 
 
+# -- the protocol, part by part -----------------------------------------------------
+#
+# Required methods are abstract: a class that subclasses a part (or StorageBase)
+# and misses one cannot be instantiated. The empty __slots__ keep the shipped
+# stores' own slots effective.
+
+
 @runtime_checkable
-class Storage(Protocol):
+class ScheduleStore(Protocol):
     """
-    Everything cohortsync persists.
-
-    Implementations shipped: ``MemoryStorage`` (reference, tests),
-    ``cohortsync.storage.SQLiteStorage`` (embedded default) and
-    ``cohortsync.storage.PostgresStorage`` (many hosts).
+    **Required part:** sync definitions, their schedule state, claims and leases.
     """
 
-    # -- sync definitions and schedule state ---------------------------------
+    __slots__ = ()
 
+    @abstractmethod
     def create_sync(self, record: SyncRecord) -> None:
         """
         Store a new sync and count it in its slot bucket (see
@@ -372,70 +333,42 @@ class Storage(Protocol):
         Raises:
             ConfigurationError: A sync with that id exists.
         """
-        ...
 
+    @abstractmethod
     def get_sync(self, sync_id: str) -> SyncRecord:
         """
         Raises:
             SyncNotFoundError: No such sync.
         """
-        ...
 
+    @abstractmethod
     def list_syncs(self) -> list[SyncRecord]:
         """
         Every stored sync, ordered by id.
         """
-        ...
 
+    @abstractmethod
     def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
         """
         Replace a sync's definition and schedule fields (never its lease, nor
-        ``last_slot``), moving its count from the old slot bucket to the new
-        one when they differ. **Atomic, compare-and-set** on the stored generation.
+        ``last_slot``), bump its revision and move its count from the old slot
+        bucket to the new one when they differ. **Atomic, compare-and-set** on
+        the stored generation.
 
         Raises:
             SyncNotFoundError: No such sync.
             ConflictError: The stored generation is not *expected_generation*.
         """
-        ...
 
+    @abstractmethod
     def delete_sync(self, sync_id: str) -> None:
         """
         Remove a sync, its delivered state, pending batches, progress, ledger
         and its slot bucket count. History stays until retention purges it.
         **Atomic.** Unknown ids are ignored.
         """
-        ...
 
-    def next_due(self) -> datetime | None:
-        """
-        The earliest instant at which some active sync becomes claimable: its
-        ``next_due``, or for a leased one the later of that and just after
-        its lease expires. ``None`` when nothing is scheduled. An idle worker
-        sleeps until then.
-        """
-        ...
-
-    def scheduled_after(self, now: datetime) -> list[SyncRecord]:
-        """
-        Active syncs without a lease whose ``scheduled_from`` is later than
-        *now*: their schedule was computed on a clock that read later than
-        this one (the clock went back), so it is recomputed from *now*.
-        """
-        ...
-
-    # -- slot allocation -----------------------------------------------------
-
-    def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
-        """
-        The least occupied of *buckets* slot buckets of the *period* (seconds),
-        ties broken by the first bucket at or after *preferred* (cyclically).
-        A read: the count changes with the sync write that takes the bucket.
-        """
-        ...
-
-    # -- claims and leases ---------------------------------------------------
-
+    @abstractmethod
     def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
         """
         Lease up to *limit* active syncs whose ``next_due <= now`` and that hold
@@ -446,8 +379,8 @@ class Storage(Protocol):
         The lease's slot is :func:`claim_slot` of the stored ``next_due`` and
         ``last_slot``, and ``next_due`` is set to it in the same statement.
         """
-        ...
 
+    @abstractmethod
     def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
         """
         Move the lease's expiry to ``now + lease_for``. **Atomic, compare-and-set**
@@ -456,69 +389,55 @@ class Storage(Protocol):
         Raises:
             LeaseLostError: The caller no longer holds the lease.
         """
-        ...
 
+    @abstractmethod
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         """
-        Record the run, advance the schedule (``next_due``, ``next_trigger``,
-        ``attempts``, ``scheduled_from``) when the generation and ``next_due``
-        are still those the lease saw, set ``last_slot`` to the run's slot,
-        delete the pending batches named in ``completion.resolved`` and the
-        sync's :class:`Progress`, and release the lease, in one transaction.
-        **Atomic, compare-and-set** on the token.
+        Record the run and write the sync's record as :func:`apply_completion`
+        gives it (the schedule advances only if nobody changed the sync during
+        the run; the lease is released), delete the pending batches named in
+        ``completion.resolved`` and the sync's :class:`Progress`, in one
+        transaction. **Atomic, compare-and-set** on the token.
 
         Raises:
             LeaseLostError: The caller no longer holds the lease (nothing is written).
             DuplicateRunError: A run for (sync, slot) exists (nothing is written).
         """
-        ...
 
+    @abstractmethod
     def release_lease(self, lease: Lease) -> None:
         """
         Give a lease up without recording a run (the sync stays due).
         **Compare-and-set**; releasing a lease that is no longer held raises
         :class:`LeaseLostError`.
         """
-        ...
 
-    # -- delivered state -----------------------------------------------------
 
+@runtime_checkable
+class DeliveryStore(Protocol):
+    """
+    **Required part:** what each destination holds (the delivered state, with
+    the identifiers it was sent with) and the batches in flight.
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
     def iter_delivered(self, sync_id: str) -> Iterator[str]:
         """
         Member keys the destination holds as far as cohortsync knows, in
         ascending order (so a sorted source can be merge-diffed in bounded memory).
         """
-        ...
 
-    def count_delivered(self, sync_id: str) -> int: ...
-
-    def filter_delivered(self, sync_id: str, keys: Iterable[str]) -> set[str]:
-        """
-        Which of *keys* are in the delivered state.
-        """
-        ...
-
+    @abstractmethod
     def delivered_identifiers(self, sync_id: str, keys: Sequence[str]) -> dict[str, Identifier]:
         """
         The identifiers the given delivered members were sent with (removals are
-        sent with the identifier that was added, even if the mapping changed).
+        sent with the identifier that was added, even if the mapping changed),
+        in the order asked; keys not delivered are left out.
         """
-        ...
 
-    def identifier_holders(
-        self, sync_id: str, identifiers: Iterable[Identifier]
-    ) -> dict[Identifier, list[str]]:
-        """
-        For each of *identifiers* that the destination holds, the delivered
-        member keys behind it, ascending. A member delivered under the identity
-        mapping holds ``Identifier(USER_ID, key)``.
-
-        Two members can share one identifier (a shared email, a re-created
-        account): the identifier stays at the destination until no member
-        maps to it any more. Stores answer from an index on identifiers.
-        """
-        ...
-
+    @abstractmethod
     def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         """
         Apply one acknowledged batch to the delivered state, update the ledger,
@@ -537,8 +456,8 @@ class Storage(Protocol):
         Raises:
             LeaseLostError: The caller no longer holds the lease (nothing is written).
         """
-        ...
 
+    @abstractmethod
     def delivered_version(self, sync_id: str) -> str:
         """
         An opaque token that changes whenever the sync's delivered state does
@@ -548,8 +467,8 @@ class Storage(Protocol):
         and uses it only while this token is unchanged, so it never diffs
         against a state another worker has moved since.
         """
-        ...
 
+    @abstractmethod
     def begin_batch(
         self, lease: Lease, batch: PendingBatch, *, replaces: str | None = None
     ) -> None:
@@ -563,59 +482,164 @@ class Storage(Protocol):
         Raises:
             LeaseLostError: The caller no longer holds the lease (nothing is written).
         """
-        ...
 
+    @abstractmethod
     def pending_batches(self, sync_id: str) -> list[PendingBatch]:
         """
         The sync's batches recorded as in flight and never applied, in the
         order they were begun.
         """
-        ...
 
+    @abstractmethod
     def progress(self, sync_id: str) -> Progress | None:
         """
         What attempts that have not completed delivered (see :class:`Progress`).
         """
-        ...
 
+
+@runtime_checkable
+class HistoryStore(Protocol):
+    """
+    **Required part:** run history, member issues and the rejected-member ledger.
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
     def record_issues(self, lease: Lease, issues: Sequence[MemberIssue]) -> None:
         """
         Record member-level issues (e.g. skipped, unresolved mapping) of a run.
         **Compare-and-set** on the token.
         """
-        ...
 
-    # -- ledger and history ----------------------------------------------------
-
+    @abstractmethod
     def ledger(self, sync_id: str) -> list[LedgerEntry]:
         """
         Rejected members of a sync, dead letters included, ordered by key.
         """
-        ...
 
-    def dead_letters(self, sync_id: str) -> set[str]: ...
-
+    @abstractmethod
     def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
         """
         Runs of a sync, newest first (by start time).
         """
-        ...
 
+    @abstractmethod
     def run_issues(self, run_id: str) -> list[MemberIssue]:
         """
         The member-level issues recorded for a run, ordered by kind then key.
         """
-        ...
 
+    @abstractmethod
     def purge_history(self, before: datetime) -> int:
         """
         Delete runs that finished before *before*, with their batches and
         issues; return how many runs were deleted.
         """
-        ...
 
+
+@runtime_checkable
+class OptionalQueries(Protocol):
+    """
+    **Optional part:** reads a store may leave out by subclassing
+    :class:`StorageBase`, which derives each one from the required parts.
+
+    The derived answers are exact but scan: a store that can answer from an
+    index (every shipped one) implements them. Each one says what its
+    derivation reads.
+    """
+
+    __slots__ = ()
+
+    def next_due(self) -> datetime | None:
+        """
+        The earliest instant at which some active sync becomes claimable: its
+        ``next_due``, or for a leased one the later of that and just after
+        its lease expires. ``None`` when nothing is scheduled. An idle worker
+        sleeps until then.
+
+        Derived from :meth:`~ScheduleStore.list_syncs` (every sync, each time
+        an idle worker goes to sleep).
+        """
+
+    def scheduled_after(self, now: datetime) -> list[SyncRecord]:
+        """
+        Active syncs without a lease whose ``scheduled_from`` is later than
+        *now*: their schedule was computed on a clock that read later than
+        this one (the clock went back), so it is recomputed from *now*.
+
+        Derived from :meth:`~ScheduleStore.list_syncs` (every sync, at each
+        scheduler round).
+        """
+
+    def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
+        """
+        The least occupied of *buckets* slot buckets of the *period* (seconds),
+        ties broken by the first bucket at or after *preferred* (cyclically).
+        A read: the count changes with the sync write that takes the bucket.
+
+        Derived from :meth:`~ScheduleStore.list_syncs` (every sync, at each
+        create or update of an hourly or daily sync).
+        """
+
+    def count_delivered(self, sync_id: str) -> int:
+        """
+        How many members the destination holds.
+
+        Derived from :meth:`~DeliveryStore.iter_delivered` (every delivered
+        key, once per run).
+        """
+
+    def filter_delivered(self, sync_id: str, keys: Iterable[str]) -> set[str]:
+        """
+        Which of *keys* are in the delivered state.
+
+        Derived from :meth:`~DeliveryStore.delivered_identifiers` of the same
+        keys (no scan).
+        """
+
+    def identifier_holders(
+        self, sync_id: str, identifiers: Iterable[Identifier]
+    ) -> dict[Identifier, list[str]]:
+        """
+        For each of *identifiers* that the destination holds, the delivered
+        member keys behind it, ascending. A member delivered under the identity
+        mapping holds ``Identifier(USER_ID, key)``.
+
+        Two members can share one identifier (a shared email, a re-created
+        account): the identifier stays at the destination until no member
+        maps to it any more.
+
+        Derived from :meth:`~DeliveryStore.iter_delivered` and
+        :meth:`~DeliveryStore.delivered_identifiers` (the whole delivered
+        state, at each batch of a run that adds or removes members under
+        mapped identifiers): implement it from an index on identifiers.
+        """
+
+    def dead_letters(self, sync_id: str) -> set[str]:
+        """
+        Keys of the sync's dead letters.
+
+        Derived from :meth:`~HistoryStore.ledger`.
+        """
+
+
+@runtime_checkable
+class Storage(ScheduleStore, DeliveryStore, HistoryStore, OptionalQueries, Protocol):
+    """
+    Everything cohortsync persists: the three required parts, the optional
+    queries, and :meth:`close`. The engine calls every method; a store that
+    subclasses :class:`StorageBase` gets the optional queries it leaves out.
+
+    Implementations shipped: ``MemoryStorage`` (reference, tests),
+    ``cohortsync.storage.SQLiteStorage`` (embedded default) and
+    ``cohortsync.storage.PostgresStorage`` (many hosts).
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
     def close(self) -> None:
         """
         Release connections. The store is unusable afterwards.
         """
-        ...

@@ -14,7 +14,6 @@ compare fast in indexes and round-trip exactly.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import sqlite3
@@ -22,30 +21,27 @@ import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from itertools import islice
 from operator import itemgetter
-from types import TracebackType
 from typing import Any
 
 import attrs
-from typing_extensions import Self
 
-from cohortsync import _schedule
 from cohortsync._clock import add_saturating, require_aware
-from cohortsync._converter import dumps, load_sync, loads
 from cohortsync._destination import Identifier, IdentifierKind
-from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
+from cohortsync._sync import SyncRun, SyncStatus
 from cohortsync.exceptions import (
     ConfigurationError,
     ConflictError,
     CorruptStoreError,
     DuplicateRunError,
     LeaseLostError,
-    SchemaVersionError,
     StorageError,
     SyncNotFoundError,
 )
+from cohortsync.storage import _sql as q
+from cohortsync.storage._base import StorageBase
 from cohortsync.storage._protocol import (
     AppliedBatch,
     Completion,
@@ -56,25 +52,23 @@ from cohortsync.storage._protocol import (
     PendingBatch,
     Progress,
     SyncRecord,
-    Tally,
+)
+from cohortsync.storage._rules import (
     collect_holders,
+    earliest_claimable,
+    require_buckets,
     slot_bucket_of,
 )
-from cohortsync.storage._rows import decode_pending, encode_members
 
 __all__ = ["SQLiteStorage"]
 
-log = logging.getLogger("cohortsync.storage")
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_ONE_US = timedelta(microseconds=1)
-_APPLICATION = "cohortsync"
 _FETCH = 10_000
 """Rows per ``fetchmany`` when streaming, and keys per lookup query."""
+_US = q.MICROSECONDS
 
-# Each migration is a list of statements run in one transaction; the schema
-# version is the number of migrations applied. Never edit a released step:
-# append a new one.
+# Each migration is a list of statements run in one transaction (through
+# _sql.sqlite_text, which leaves them as they are); the schema version is the
+# number of migrations applied. Never edit a released step: append a new one.
 _MIGRATIONS: list[tuple[str, ...]] = [
     (
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
@@ -236,35 +230,36 @@ _MIGRATIONS: list[tuple[str, ...]] = [
     ),
 ]
 
-_SYNC_COLUMNS = (
-    "id, definition, next_due, next_trigger, slot_offset, slot_bucket, anchor, attempts, "
-    "full_resync, feed_cursor, last_full_sync_at, "
-    "lease_owner, lease_token, lease_expires, lease_slot, lease_generation, lease_trigger, "
-    "status, generation, last_slot, scheduled_from, revision, lease_revision"
+_SELECT_SYNCS = q.sqlite_text(q.SELECT_SYNCS)
+_INSERT_SYNC = q.sqlite_text(q.INSERT_SYNC)
+_UPDATE_SYNC = q.sqlite_text(q.UPDATE_SYNC)
+_SLOT_OF_SYNC = q.sqlite_text(q.SLOT_OF_SYNC)
+_DELETE_SYNC = q.sqlite_text(q.DELETE_SYNC)
+_DELETE_SYNC_STATE = tuple(
+    f"DELETE FROM {table} WHERE sync_id = ?"  # noqa: S608 - constant table names
+    for table in q.SYNC_STATE_TABLES
 )
-_SELECT_SYNC = f"SELECT {_SYNC_COLUMNS} FROM syncs"  # noqa: S608 - constant column list
-
-_INSERT_SYNC = """
-    INSERT INTO syncs (
-        definition, generation, status, next_due, next_trigger, slot_offset, slot_bucket,
-        anchor, attempts, full_resync, feed_cursor, last_full_sync_at, scheduled_from,
-        slot_period, id
-    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
-_UPDATE_SYNC = """
-    UPDATE syncs SET
-        definition = ?, generation = ?, status = ?, next_due = ?, next_trigger = ?,
-        slot_offset = ?, slot_bucket = ?, anchor = ?, attempts = ?, full_resync = ?,
-        feed_cursor = ?, last_full_sync_at = ?, scheduled_from = ?, slot_period = ?,
-        revision = revision + 1
-    WHERE id = ?
-"""
+_SCHEDULED_AFTER = q.sqlite_text(q.SCHEDULED_AFTER)
+_UNSCHEDULE = q.sqlite_text(q.UNSCHEDULE)
+_IS_HELD = q.sqlite_text(q.IS_HELD)
+_HELD = q.sqlite_text(q.HELD)
+_EXTEND_LEASE = q.sqlite_text(q.EXTEND_LEASE)
+_RELEASE_LEASE = q.sqlite_text(q.RELEASE_LEASE)
+_DELETE_PENDING = q.sqlite_text(q.DELETE_PENDING)
+_SELECT_PROGRESS = q.sqlite_text(q.SELECT_PROGRESS)
+_ADD_PROGRESS = q.sqlite_text(q.ADD_PROGRESS)
+_DELETE_PROGRESS = q.sqlite_text(q.DELETE_PROGRESS)
+_INSERT_BATCH = q.sqlite_text(q.INSERT_BATCH)
+_COUNT_DELIVERED = q.sqlite_text(q.COUNT_DELIVERED)
+_HAS_LEDGER = q.sqlite_text(q.HAS_LEDGER)
+_SELECT_LEDGER = q.sqlite_text(q.SELECT_LEDGER)
+_DEAD_LETTERS = q.sqlite_text(q.DEAD_LETTERS)
 _COUNT_SLOT = """
     INSERT INTO slots (period, bucket, count) VALUES (?, ?, 1)
     ON CONFLICT (period, bucket) DO UPDATE SET count = count + 1
 """
 _UNCOUNT_SLOT = "UPDATE slots SET count = count - 1 WHERE period = ? AND bucket = ? AND count > 0"
-# The slot rule of cohortsync.storage._protocol.claim_slot: never at or before the last
+# The slot rule of cohortsync.storage._rules.claim_slot: never at or before the last
 # recorded run's slot. SET expressions all see the row as it was before.
 _CLAIMED_SLOT = (
     "CASE WHEN last_slot IS NOT NULL AND next_due <= last_slot THEN last_slot + 1 ELSE next_due END"
@@ -288,55 +283,11 @@ _CLAIM = f"""
     )
     RETURNING id, generation, next_due, next_trigger, lease_token, revision
 """  # noqa: S608 - a constant expression, no values
-_UNSCHEDULE = """
-    UPDATE syncs SET
-        next_due = NULL,
-        lease_owner = NULL, lease_token = NULL, lease_expires = NULL,
-        lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL, lease_revision = NULL
-    WHERE id = ?
-"""
-_RELEASE = """
-    UPDATE syncs SET
-        lease_owner = NULL, lease_token = NULL, lease_expires = NULL,
-        lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL, lease_revision = NULL
-    WHERE id = ? AND lease_token = ?
-"""
-# SET expressions all see the row as it was before the update, so the
-# conditions below are evaluated against the stored generation and next_due.
-_COMPLETE = """
-    UPDATE syncs SET
-        lease_owner = NULL, lease_token = NULL, lease_expires = NULL,
-        lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL, lease_revision = NULL,
-        next_due = CASE WHEN generation = :generation
-            AND revision = :revision AND next_due = :slot
-            THEN :next_due ELSE next_due END,
-        next_trigger = CASE WHEN generation = :generation
-            AND revision = :revision AND next_due = :slot
-            THEN :next_trigger ELSE next_trigger END,
-        attempts = CASE WHEN generation = :generation
-            AND revision = :revision AND next_due = :slot
-            THEN :attempts ELSE attempts END,
-        scheduled_from = CASE WHEN generation = :generation
-            AND revision = :revision AND next_due = :slot
-            THEN :scheduled_from ELSE scheduled_from END,
-        last_slot = CASE WHEN last_slot IS NULL OR last_slot < :slot
-            THEN :slot ELSE last_slot END,
-        definition = CASE WHEN generation = :generation AND revision = :revision
-            AND :definition IS NOT NULL THEN :definition ELSE definition END,
-        status = CASE WHEN generation = :generation AND revision = :revision
-            AND :definition IS NOT NULL THEN :status ELSE status END,
-        generation = CASE WHEN generation = :generation AND revision = :revision
-            AND :definition IS NOT NULL THEN :new_generation ELSE generation END,
-        feed_cursor = coalesce(:feed_cursor, feed_cursor),
-        full_resync = CASE WHEN :full_sync_done AND generation = :generation
-            AND revision = :revision AND next_due = :slot THEN 0 ELSE full_resync END,
-        last_full_sync_at = CASE WHEN :full_sync_done THEN :started_at ELSE last_full_sync_at END
-    WHERE id = :id AND lease_token = :token
-"""
 _INSERT_RUN = """
-    INSERT INTO runs (
-        id, sync_id, generation, trigger, status, slot, started_at, finished_at, data
-    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    INSERT INTO runs (id, sync_id, generation, trigger, status, slot, started_at, finished_at, data)
+    VALUES (:id, :sync_id, :generation, :trigger, :status, :slot, :started_at, :finished_at,
+        :record)
+    ON CONFLICT (sync_id, slot) DO NOTHING
 """
 _UPSERT_DELIVERED = """
     INSERT INTO delivered (sync_id, key, id_kind, id_value) VALUES (?, ?, ?, ?)
@@ -372,65 +323,6 @@ _IDENTITY_HOLDERS = """
     SELECT d.key FROM delivered AS d
     WHERE d.sync_id = ? AND d.id_kind IS NULL AND d.key IN (SELECT value FROM json_each(?))
 """
-_PROGRESS = """
-    INSERT INTO progress (sync_id, slot, added, removed, rejected, batches, collisions)
-    VALUES (:sync_id, :slot, :added, :removed, :rejected, :batches, :collisions)
-    ON CONFLICT (sync_id) DO UPDATE SET
-        added = added + excluded.added,
-        removed = removed + excluded.removed,
-        rejected = rejected + excluded.rejected,
-        batches = batches + excluded.batches,
-        collisions = collisions + excluded.collisions,
-        slot = excluded.slot
-"""
-
-
-def _us(value: datetime) -> int:
-    return (require_aware(value) - _EPOCH) // _ONE_US
-
-
-def _opt_us(value: datetime | None) -> int | None:
-    return None if value is None else _us(value)
-
-
-def _dt(value: int) -> datetime:
-    try:
-        return _EPOCH + timedelta(microseconds=value)
-    except (OverflowError, TypeError, ValueError) as exc:
-        raise CorruptStoreError(f"stored time {value!r} is not a usable timestamp") from exc
-
-
-def _lease(row: tuple[Any, ...], owner: str, expires_at: datetime) -> Lease:
-    sync_id, generation, due, trigger, token, revision = row
-    # Any integer is an instant (before 1970 is negative); generations start at 1.
-    damaged = [
-        f"{name} {value!r}"
-        for name, value, least in (("generation", generation, 1), ("next_due", due, None))
-        if isinstance(value, bool)
-        or not isinstance(value, int)
-        or (least is not None and value < least)
-    ]
-    if damaged:
-        raise CorruptStoreError(
-            f"sync {sync_id!r} has a damaged schedule row: {', '.join(damaged)}"
-        )
-    try:
-        return Lease(
-            sync_id=sync_id,
-            generation=generation,
-            slot=_dt(due),
-            trigger=Trigger(trigger),
-            owner=owner,
-            token=token,
-            expires_at=expires_at,
-            revision=revision,
-        )
-    except (CorruptStoreError, TypeError, ValueError) as exc:
-        raise CorruptStoreError(f"sync {sync_id!r} has a damaged schedule row: {exc}") from exc
-
-
-def _opt_dt(value: int | None) -> datetime | None:
-    return None if value is None else _dt(value)
 
 
 def _chunks(items: Iterable[str]) -> Iterator[list[str]]:
@@ -478,7 +370,7 @@ class _ThreadConnections:
         self.ident = threading.get_ident()
 
 
-class SQLiteStorage:
+class SQLiteStorage(StorageBase):
     """
     A :class:`~cohortsync.storage.Storage` in one SQLite file, shared by threads and processes.
 
@@ -522,17 +414,6 @@ class SQLiteStorage:
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({self._path!r})"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def path(self) -> str:
@@ -674,7 +555,13 @@ class SQLiteStorage:
             try:
                 # Another process may have migrated while we waited for the lock.
                 version = self._schema_version(conn, supported)
-                _migrate(conn, version, supported)
+                # executescript() is avoided on purpose: it commits first, which
+                # would let a failed step leave a half-migrated file.
+                q.migrate(
+                    lambda statement, params: conn.execute(q.sqlite_text(statement), params),
+                    _MIGRATIONS,
+                    version,
+                )
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -685,162 +572,63 @@ class SQLiteStorage:
 
     def _schema_version(self, conn: sqlite3.Connection, supported: int) -> int:
         """
-        The file's schema version: 0 for an empty database.
-
-        Raises:
-            CorruptStoreError: The file belongs to another application.
-            SchemaVersionError: The version is newer than *supported*.
+        The file's schema version: 0 for an empty database (see :func:`_sql.schema_version`).
         """
         tables = sorted(
             name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         )
-        if not tables:
-            return 0
-        foreign = CorruptStoreError(
-            f"{self._path!r} is an SQLite database of another application "
-            f"(tables: {', '.join(tables[:10])}); cohortsync only opens empty files "
-            "and its own databases, to never modify someone else's data"
+
+        def read_meta() -> dict[str, str] | None:
+            try:
+                return dict(conn.execute(q.sqlite_text(q.READ_META)).fetchall())
+            except sqlite3.OperationalError:  # a meta table of another shape
+                return None
+
+        return q.schema_version(
+            tables,
+            read_meta,
+            supported,
+            foreign=(
+                f"{self._path!r} is an SQLite database of another application "
+                f"(tables: {', '.join(tables[:10])}); cohortsync only opens empty files "
+                "and its own databases, to never modify someone else's data"
+            ),
+            where=repr(self._path),
         )
-        if "meta" not in tables:
-            raise foreign
-        try:
-            meta = dict(
-                conn.execute(
-                    "SELECT key, value FROM meta WHERE key IN ('application', 'schema_version')"
-                ).fetchall()
-            )
-        except sqlite3.OperationalError:
-            raise foreign from None
-        if meta.get("application") != _APPLICATION:
-            raise foreign
-        try:
-            version = int(meta["schema_version"])
-        except (KeyError, ValueError):
-            raise CorruptStoreError(
-                f"{self._path!r}: schema_version is missing or invalid "
-                f"({meta.get('schema_version')!r})"
-            ) from None
-        if version > supported:
-            raise SchemaVersionError(version, supported)
-        return version
 
     # -- sync definitions ------------------------------------------------------------
 
-    @staticmethod
-    def _sync_values(record: SyncRecord) -> tuple[object, ...]:
-        sync = record.sync
-        return (
-            dumps(sync),
-            sync.generation,
-            sync.status.value,
-            _opt_us(record.next_due),
-            record.next_trigger.value,
-            record.offset,
-            record.slot_bucket,
-            _us(record.anchor),
-            record.attempts,
-            int(record.full_resync),
-            record.feed_cursor,
-            _opt_us(record.last_full_sync_at),
-            _opt_us(record.scheduled_from),
-            None if (slot := slot_bucket_of(record)) is None else slot[0],
-            sync.id,
-        )
-
-    @staticmethod
-    def _record(row: tuple[Any, ...]) -> SyncRecord:
-        sync_id = row[0]
-        try:
-            sync: Sync = load_sync(row[1])
-            lease = None
-            if row[12] is not None:
-                lease = Lease(
-                    sync_id=sync_id,
-                    generation=row[15],
-                    slot=_dt(row[14]),
-                    trigger=Trigger(row[16]),
-                    owner=row[11],
-                    token=row[12],
-                    expires_at=_dt(row[13]),
-                    revision=row[22] or 0,
-                )
-            record = SyncRecord(
-                sync=sync,
-                next_due=_opt_dt(row[2]),
-                next_trigger=Trigger(row[3]),
-                offset=row[4],
-                slot_bucket=row[5],
-                anchor=_dt(row[6]),
-                attempts=row[7],
-                full_resync=bool(row[8]),
-                feed_cursor=row[9],
-                last_full_sync_at=_opt_dt(row[10]),
-                lease=lease,
-                last_slot=_opt_dt(row[19]),
-                scheduled_from=_opt_dt(row[20]),
-                revision=row[21],
-            )
-        except Exception as exc:
-            raise CorruptStoreError(
-                f"the stored row of sync {sync_id!r} cannot be read "
-                f"({type(exc).__name__}: {exc}); fix or delete it"
-            ) from exc
-        if record.id != sync_id:
-            raise CorruptStoreError(
-                f"the stored row of sync {sync_id!r} holds the definition of {record.id!r}"
-            )
-        # The indexed columns claims read must agree with the definition, or a
-        # sync would show as due and never run (or run off a stale schedule).
-        if (row[17], row[18]) != (sync.status.value, sync.generation):
-            raise CorruptStoreError(
-                f"sync {sync_id!r}: status/generation columns {row[17]!r}/{row[18]!r} disagree "
-                f"with its definition ({sync.status.value!r}/{sync.generation})"
-            )
-        period = _schedule.period_seconds(sync.policy.cadence)
-        if period is not None and not 0 <= record.offset < period:
-            raise CorruptStoreError(
-                f"sync {sync_id!r}: slot offset {record.offset} is outside its "
-                f"{period}-second period"
-            )
-        return record
-
     def create_sync(self, record: SyncRecord) -> None:
-        values = self._sync_values(record)
+        params = q.sync_params(record, _US)
         slot = slot_bucket_of(record)
         with self._write() as conn:
-            try:
-                conn.execute(_INSERT_SYNC, values)
-            except sqlite3.IntegrityError:
-                raise ConfigurationError(
-                    "id", record.id, "a sync with this id already exists"
-                ) from None
+            if conn.execute(_INSERT_SYNC, params).rowcount != 1:
+                raise ConfigurationError("id", record.id, "a sync with this id already exists")
             if slot is not None:
                 conn.execute(_COUNT_SLOT, slot)
 
     def get_sync(self, sync_id: str) -> SyncRecord:
         with self._read() as conn:
-            row = conn.execute(f"{_SELECT_SYNC} WHERE id = ?", (sync_id,)).fetchone()
+            row = conn.execute(f"{_SELECT_SYNCS} WHERE id = ?", (sync_id,)).fetchone()
         if row is None:
             raise SyncNotFoundError(sync_id)
-        return self._record(row)
+        return q.decode_sync(row, _US)
 
     def list_syncs(self) -> list[SyncRecord]:
         with self._read() as conn:
-            rows = conn.execute(f"{_SELECT_SYNC} ORDER BY id").fetchall()
-        return [self._record(row) for row in rows]
+            rows = conn.execute(f"{_SELECT_SYNCS} ORDER BY id").fetchall()
+        return [q.decode_sync(row, _US) for row in rows]
 
     def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
-        values = self._sync_values(record)
+        params = q.sync_params(record, _US)
         slot = slot_bucket_of(record)
         with self._write() as conn:
-            row = conn.execute(
-                "SELECT generation, slot_period, slot_bucket FROM syncs WHERE id = ?", (record.id,)
-            ).fetchone()
+            row = conn.execute(_SLOT_OF_SYNC, (record.id,)).fetchone()
             if row is None:
                 raise SyncNotFoundError(record.id)
             if row[0] != expected_generation:
                 raise ConflictError(record.id, expected_generation, row[0])
-            conn.execute(_UPDATE_SYNC, values)
+            conn.execute(_UPDATE_SYNC, params)
             old = None if row[1] is None or row[2] is None else (row[1], row[2])
             if old != slot:
                 if old is not None:
@@ -850,23 +638,17 @@ class SQLiteStorage:
 
     def delete_sync(self, sync_id: str) -> None:
         with self._write() as conn:
-            row = conn.execute(
-                "DELETE FROM syncs WHERE id = ? RETURNING slot_period, slot_bucket", (sync_id,)
-            ).fetchone()
+            row = conn.execute(_DELETE_SYNC, (sync_id,)).fetchone()
             if row is not None and row[0] is not None and row[1] is not None:
                 conn.execute(_UNCOUNT_SLOT, row)
-            conn.execute("DELETE FROM delivered WHERE sync_id = ?", (sync_id,))
-            conn.execute("DELETE FROM ledger WHERE sync_id = ?", (sync_id,))
-            conn.execute("DELETE FROM pending WHERE sync_id = ?", (sync_id,))
-            conn.execute("DELETE FROM progress WHERE sync_id = ?", (sync_id,))
+            for statement in _DELETE_SYNC_STATE:
+                conn.execute(statement, (sync_id,))
 
     def next_due(self) -> datetime | None:
         """
-        Walk active syncs in due order (an index scan); a leased one counts
-        from its lease expiry. Leased syncs are the few runs in flight, so
-        the walk stops after a handful of rows.
+        Walk active syncs in due order (an index scan) until the rule of
+        :func:`~cohortsync.storage._rules.earliest_claimable` has its answer.
         """
-        best: int | None = None
         with self._read() as conn:
             cursor = conn.execute(
                 "SELECT next_due, lease_expires FROM syncs "
@@ -874,29 +656,24 @@ class SQLiteStorage:
                 (SyncStatus.ACTIVE.value,),
             )
             try:
-                while rows := cursor.fetchmany(64):
-                    for due, expires in rows:
-                        if best is not None and due >= best:
-                            return _dt(best)
-                        at = due if expires is None else max(due, expires + 1)
-                        best = at if best is None else min(best, at)
+                rows = (
+                    (_US.decode(due), _US.decode_optional(expires))
+                    for page in iter(lambda: cursor.fetchmany(64), [])
+                    for due, expires in page
+                )
+                return earliest_claimable(rows)
             finally:
                 cursor.close()
-        return None if best is None else _dt(best)
 
     def scheduled_after(self, now: datetime) -> list[SyncRecord]:
         with self._read() as conn:
-            rows = conn.execute(
-                f"{_SELECT_SYNC} WHERE status = ? AND scheduled_from > ? AND lease_token IS NULL",
-                (SyncStatus.ACTIVE.value, _us(require_aware(now, "now"))),
-            ).fetchall()
-        return [self._record(row) for row in rows]
+            rows = conn.execute(_SCHEDULED_AFTER, (_US.encode(require_aware(now, "now")),))
+            return [q.decode_sync(row, _US) for row in rows.fetchall()]
 
     # -- slot allocation -----------------------------------------------------------
 
     def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
-        if buckets < 1:
-            raise ConfigurationError("buckets", buckets, "must be >= 1")
+        require_buckets(buckets)
         preferred %= buckets
         with self._write() as conn:
             row = conn.execute(
@@ -944,32 +721,20 @@ class SQLiteStorage:
             # The token's first half comes from the OS's CSPRNG in this process,
             # so forked workers (which share SQLite's PRNG state) never collide.
             "prefix": secrets.token_hex(8),
-            "expires": _us(expires_at),
+            "expires": _US.encode(expires_at),
             "active": SyncStatus.ACTIVE.value,
-            "now": _us(now),
+            "now": _US.encode(now),
             "limit": limit,
         }
         with self._write() as conn:
             rows = conn.execute(_CLAIM, params).fetchall()
-            # Decode inside the transaction. A damaged row is taken off the
-            # schedule (lease cleared, next_due NULL) and reported, instead of
-            # being leased to nobody or blocking every healthy sync behind it.
-            leases = []
-            for row in rows:
-                try:
-                    leases.append(_lease(row, owner, expires_at))
-                except CorruptStoreError as exc:  # noqa: PERF203 - rare, and must not stop the rest
-                    log.error("unscheduling sync %r: %s", row[0], exc)  # noqa: TRY400 - typed, no trace needed
-                    conn.execute(_UNSCHEDULE, (row[0],))
-        leases.sort(key=lambda lease: (lease.slot, lease.sync_id))
-        return leases
+            return q.decode_claims(
+                rows, owner, expires_at, _US, lambda sync_id: conn.execute(_UNSCHEDULE, (sync_id,))
+            )
 
     @staticmethod
     def _check_lease(conn: sqlite3.Connection, lease: Lease) -> None:
-        held = conn.execute(
-            "SELECT 1 FROM syncs WHERE id = ? AND lease_token = ?", (lease.sync_id, lease.token)
-        ).fetchone()
-        if held is None:
+        if conn.execute(_IS_HELD, (lease.sync_id, lease.token)).fetchone() is None:
             raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
 
     def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
@@ -977,8 +742,7 @@ class SQLiteStorage:
         extended = attrs.evolve(lease, expires_at=expires_at)
         with self._write() as conn:
             cursor = conn.execute(
-                "UPDATE syncs SET lease_expires = ? WHERE id = ? AND lease_token = ?",
-                (_us(extended.expires_at), lease.sync_id, lease.token),
+                _EXTEND_LEASE, (_US.encode(extended.expires_at), lease.sync_id, lease.token)
             )
             if cursor.rowcount != 1:
                 raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
@@ -986,62 +750,40 @@ class SQLiteStorage:
 
     def release_lease(self, lease: Lease) -> None:
         with self._write() as conn:
-            if conn.execute(_RELEASE, (lease.sync_id, lease.token)).rowcount != 1:
+            if conn.execute(_RELEASE_LEASE, (lease.sync_id, lease.token)).rowcount != 1:
                 raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
 
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         """
-        Release the lease, advance the schedule and insert the run in one
-        transaction; the schedule fields change only when the stored generation
-        and next_due are still those the lease saw (see ``_COMPLETE``).
+        In one write transaction: read the held sync's row, insert the run,
+        write what :func:`~cohortsync.storage.apply_completion` decides from
+        the row, and delete the resolved pending batches and the progress.
+        Any error rolls all of it back.
         """
         run = completion.run
-        definition = completion.sync
-        params = {
-            "id": lease.sync_id,
-            "token": lease.token,
-            "generation": lease.generation,
-            "slot": _us(lease.slot),
-            "next_due": _opt_us(completion.next_due),
-            "next_trigger": completion.next_trigger.value,
-            "attempts": completion.attempts,
-            "definition": None if definition is None else dumps(definition),
-            "status": None if definition is None else definition.status.value,
-            "new_generation": None if definition is None else definition.generation,
-            "feed_cursor": completion.feed_cursor,
-            "full_sync_done": int(completion.full_sync_done),
-            "started_at": _us(run.started_at),
-            "scheduled_from": _opt_us(completion.scheduled_from),
-            "revision": lease.revision,
-        }
-        run_values = self._run_values(run)
+        run_row = q.run_params(run, _US)
         with self._write() as conn:
-            # Conditional update first: if the lease is gone, nothing else happens.
-            if conn.execute(_COMPLETE, params).rowcount != 1:
+            held = conn.execute(_HELD, (lease.sync_id, lease.token)).fetchone()
+            if held is None:
                 raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
-            try:
-                conn.execute(_INSERT_RUN, run_values)
-            except sqlite3.IntegrityError:
-                # Rolls back the update above too: nothing is written.
-                raise DuplicateRunError(run.sync_id, run.slot) from None
+            if conn.execute(_INSERT_RUN, run_row).rowcount != 1:
+                raise DuplicateRunError(run.sync_id, run.slot)
+            statement, params = q.completion_update(held, lease, completion, _US)
+            conn.execute(q.sqlite_text(statement), params)
             if completion.resolved:
                 conn.executemany(
-                    "DELETE FROM pending WHERE sync_id = ? AND idempotency_key = ?",
-                    ((lease.sync_id, key) for key in completion.resolved),
+                    _DELETE_PENDING, ((lease.sync_id, key) for key in completion.resolved)
                 )
-            conn.execute("DELETE FROM progress WHERE sync_id = ?", (lease.sync_id,))
+            conn.execute(_DELETE_PROGRESS, (lease.sync_id,))
 
     def begin_batch(
         self, lease: Lease, batch: PendingBatch, *, replaces: str | None = None
     ) -> None:
-        members = encode_members(batch.members)
+        members = q.encode_members(batch.members)
         with self._write() as conn:
             self._check_lease(conn, lease)
             if replaces is not None:
-                conn.execute(
-                    "DELETE FROM pending WHERE sync_id = ? AND idempotency_key = ?",
-                    (lease.sync_id, replaces),
-                )
+                conn.execute(_DELETE_PENDING, (lease.sync_id, replaces))
             # REPLACE deletes then inserts: a re-begun batch becomes the newest row.
             conn.execute(
                 "INSERT OR REPLACE INTO pending "
@@ -1062,31 +804,12 @@ class SQLiteStorage:
                 "WHERE sync_id = ? ORDER BY rowid",
                 (sync_id,),
             ).fetchall()
-        return decode_pending(sync_id, rows)
+        return q.decode_pending(sync_id, rows)
 
     def progress(self, sync_id: str) -> Progress | None:
         with self._read() as conn:
-            row = conn.execute(
-                "SELECT slot, added, removed, rejected, batches, collisions FROM progress "
-                "WHERE sync_id = ?",
-                (sync_id,),
-            ).fetchone()
-        if row is None:
-            return None
-        slot, added, removed, rejected, batches, collisions = row
-        try:
-            return Progress(
-                slot=_dt(slot),
-                tally=Tally(
-                    added=added,
-                    removed=removed,
-                    rejected=rejected,
-                    batches=batches,
-                    collisions=collisions,
-                ),
-            )
-        except (TypeError, ValueError) as exc:
-            raise CorruptStoreError(f"the progress row of sync {sync_id!r}: {exc}") from exc
+            row = conn.execute(_SELECT_PROGRESS, (sync_id,)).fetchone()
+        return q.decode_progress(sync_id, row, _US)
 
     # -- delivered state ------------------------------------------------------------
 
@@ -1129,9 +852,7 @@ class SQLiteStorage:
 
     def count_delivered(self, sync_id: str) -> int:
         with self._read() as conn:
-            (count,) = conn.execute(
-                "SELECT count(*) FROM delivered WHERE sync_id = ?", (sync_id,)
-            ).fetchone()
+            (count,) = conn.execute(_COUNT_DELIVERED, (sync_id,)).fetchone()
         return int(count)
 
     def filter_delivered(self, sync_id: str, keys: Iterable[str]) -> set[str]:
@@ -1147,7 +868,7 @@ class SQLiteStorage:
         with self._read() as conn:
             for chunk in _chunks(keys):
                 for key, kind, value in conn.execute(_IDENTIFIERS, (sync_id, json.dumps(chunk))):
-                    out[key] = self._identifier(sync_id, key, kind, value)
+                    out[key] = q.decode_identifier(sync_id, key, kind, value)
         # Answer in the order asked, like the reference store.
         return {k: out[k] for k in keys if k in out}
 
@@ -1159,7 +880,7 @@ class SQLiteStorage:
         own = sorted({i.value for i in wanted if i.kind is IdentifierKind.USER_ID})
         with self._read() as conn:
             rows = [
-                (key, self._identifier(sync_id, key, kind, value))
+                (key, q.decode_identifier(sync_id, key, kind, value))
                 for chunk in _chunks(by_value)
                 for key, kind, value in conn.execute(_HOLDERS, (sync_id, json.dumps(chunk)))
             ]
@@ -1170,33 +891,14 @@ class SQLiteStorage:
             ]
         return collect_holders(wanted, rows, keys)
 
-    @staticmethod
-    def _identifier(sync_id: str, key: str, kind: str | None, value: str | None) -> Identifier:
-        if kind is None:
-            return Identifier(IdentifierKind.USER_ID, key)
-        try:
-            return Identifier(IdentifierKind(kind), value or "")  # "" is refused: corrupt
-        except (ValueError, TypeError) as exc:
-            raise CorruptStoreError(
-                f"the delivered identifier of member {key!r} of sync {sync_id!r} "
-                f"cannot be read ({exc})"
-            ) from exc
-
     def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         """
         Check the lease and apply the whole batch in one write transaction, with
         ``executemany`` so a 10,000-member batch costs one statement preparation.
         """
         sync_id = lease.sync_id
-        added: list[tuple[str, str, str | None, str | None]] = []
-        for m in batch.added:
-            ident = m.identifier
-            if ident.kind is IdentifierKind.USER_ID and ident.value == m.key:
-                # The identity mapping is the common case: store it as NULLs.
-                added.append((sync_id, m.key, None, None))
-            else:
-                added.append((sync_id, m.key, ident.kind.value, ident.value))
-        at = _us(batch.at)
+        added = [(sync_id, m.key, *q.identifier_columns(m)) for m in batch.added]
+        at = _US.encode(batch.at)
         with self._write() as conn:
             self._check_lease(conn, lease)
             if added:
@@ -1206,9 +908,7 @@ class SQLiteStorage:
                     "DELETE FROM delivered WHERE sync_id = ? AND key = ?",
                     ((sync_id, key) for key in batch.removed),
                 )
-            has_ledger = conn.execute(
-                "SELECT 1 FROM ledger WHERE sync_id = ? LIMIT 1", (sync_id,)
-            ).fetchone()
+            has_ledger = conn.execute(_HAS_LEDGER, (sync_id,)).fetchone()
             if has_ledger and (added or batch.removed):
                 touched = [*(row[1] for row in added), *batch.removed]
                 conn.executemany(
@@ -1237,27 +937,13 @@ class SQLiteStorage:
                     ),
                 )
             conn.execute(
-                "INSERT INTO batches (run_id, sequence, operation, idempotency_key, at) "
-                "VALUES (?, ?, ?, ?, ?)",
+                _INSERT_BATCH,
                 (batch.run_id, batch.sequence, batch.operation.value, batch.idempotency_key, at),
             )
-            conn.execute(
-                "DELETE FROM pending WHERE sync_id = ? AND idempotency_key = ?",
-                (sync_id, batch.idempotency_key),
-            )
+            conn.execute(_DELETE_PENDING, (sync_id, batch.idempotency_key))
             if batch.slot is not None and batch.tally:
-                tally = batch.tally
                 conn.execute(
-                    _PROGRESS,
-                    {
-                        "sync_id": sync_id,
-                        "slot": _us(batch.slot),
-                        "added": tally.added,
-                        "removed": tally.removed,
-                        "rejected": tally.rejected,
-                        "batches": tally.batches,
-                        "collisions": tally.collisions,
-                    },
+                    _ADD_PROGRESS, q.progress_params(sync_id, batch.slot, batch.tally, _US)
                 )
             version = secrets.token_hex(8)
             conn.execute("UPDATE syncs SET delivered_version = ? WHERE id = ?", (version, sync_id))
@@ -1282,62 +968,22 @@ class SQLiteStorage:
 
     def ledger(self, sync_id: str) -> list[LedgerEntry]:
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT key, reason, attempts, dead, first_seen, last_seen FROM ledger "
-                "WHERE sync_id = ? ORDER BY key",
-                (sync_id,),
-            ).fetchall()
-        return [
-            LedgerEntry(
-                sync_id=sync_id,
-                key=key,
-                reason=reason,
-                attempts=attempts,
-                dead=bool(dead),
-                first_seen=_dt(first_seen),
-                last_seen=_dt(last_seen),
-            )
-            for key, reason, attempts, dead, first_seen, last_seen in rows
-        ]
+            rows = conn.execute(_SELECT_LEDGER, (sync_id,)).fetchall()
+        return q.decode_ledger(sync_id, rows, _US)
 
     def dead_letters(self, sync_id: str) -> set[str]:
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT key FROM ledger WHERE sync_id = ? AND dead", (sync_id,)
-            ).fetchall()
+            rows = conn.execute(_DEAD_LETTERS, (sync_id,)).fetchall()
         return {key for (key,) in rows}
-
-    @staticmethod
-    def _run_values(run: SyncRun) -> tuple[object, ...]:
-        return (
-            run.id,
-            run.sync_id,
-            run.generation,
-            run.trigger.value,
-            run.status.value,
-            _us(run.slot),
-            _us(run.started_at),
-            _us(run.finished_at),
-            dumps(run),
-        )
-
-    @staticmethod
-    def _run(run_id: str, data: str) -> SyncRun:
-        try:
-            return loads(data, SyncRun)
-        except Exception as exc:
-            raise CorruptStoreError(
-                f"the stored run {run_id!r} cannot be read ({type(exc).__name__}: {exc})"
-            ) from exc
 
     def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
         with self._read() as conn:
             rows = conn.execute(
                 "SELECT id, data FROM runs WHERE sync_id = ? "
                 "ORDER BY started_at DESC, slot DESC LIMIT ?",
-                (sync_id, -1 if limit is None else max(limit, 0)),
+                (sync_id, -1 if limit is None or limit < 0 else limit),  # -1: no limit
             ).fetchall()
-        return [self._run(run_id, data) for run_id, data in rows]
+        return q.limit_history([q.decode_run(run_id, data) for run_id, data in rows], limit)
 
     def run_issues(self, run_id: str) -> list[MemberIssue]:
         with self._read() as conn:
@@ -1351,7 +997,7 @@ class SQLiteStorage:
         ]
 
     def purge_history(self, before: datetime) -> int:
-        cut = (_us(require_aware(before, "before")),)
+        cut = (_US.encode(require_aware(before, "before")),)
         old_runs = "SELECT id FROM runs WHERE finished_at < ?"
         with self._write() as conn:
             conn.execute(f"DELETE FROM issues WHERE run_id IN ({old_runs})", cut)  # noqa: S608 - constant
@@ -1361,20 +1007,3 @@ class SQLiteStorage:
             conn.execute("DELETE FROM batches WHERE at < ?", cut)
             deleted: int = conn.execute("DELETE FROM runs WHERE finished_at < ?", cut).rowcount
         return deleted
-
-
-def _migrate(conn: sqlite3.Connection, found: int, target: int) -> None:
-    """
-    Apply migrations ``found + 1 .. target`` on *conn*, inside the caller's transaction.
-
-    ``executescript`` is avoided on purpose: it commits first, which would let a
-    failed step leave a half-migrated file.
-    """
-    for step in _MIGRATIONS[found:target]:
-        for statement in step:
-            conn.execute(statement)
-    conn.executemany(
-        "INSERT INTO meta (key, value) VALUES (?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [("application", _APPLICATION), ("schema_version", str(target))],
-    )

@@ -6,7 +6,8 @@ Helpers for testing code that uses cohortsync. Imports no pytest.
 * :class:`RecordingDestination`: records every batch, keeps the audience.
 * :class:`FaultyDestination` with :class:`Fault`: misbehaves on cue.
 * :func:`simulate`: run a scheduler over days of fake time in milliseconds.
-* :func:`check_storage`: the storage contract suite, for any ``Storage``.
+* :func:`check_storage`: the storage contract suite, for any ``Storage``,
+  with a :class:`StorageReport` of the parts the store implements.
 * :func:`check_destination` with :class:`ErrorCase`: the destination
   contract suite, for any adapter.
 
@@ -28,7 +29,7 @@ from cohortsync.testing._destinations import (
     RecordingDestination,
 )
 from cohortsync.testing._simulate import simulate
-from cohortsync.testing._storage_contract import STORAGE_CHECKS, check_storage
+from cohortsync.testing._storage_contract import STORAGE_CHECKS, StorageReport, check_storage
 
 __all__ = [
     "STORAGE_CHECKS",
@@ -42,6 +43,7 @@ __all__ = [
     "RecordedBatch",
     "RecordingDestination",
     "SharedFakeClock",
+    "StorageReport",
     "check_destination",
     "check_storage",
     "simulate",

@@ -2,10 +2,17 @@
 The storage contract suite: :func:`check_storage` verifies any :class:`~cohortsync.storage.Storage`.
 
 A host that writes its own store calls ``check_storage(make_storage)`` from its
-own tests; cohortsync runs the same checks on ``MemoryStorage`` and
-``SQLiteStorage``. The suite imports no test framework: a failed check raises
-:class:`AssertionError` naming the check and what differed, so it works under
-pytest, unittest or a plain script.
+own tests; cohortsync runs the same checks on ``MemoryStorage``,
+``SQLiteStorage`` and ``PostgresStorage``. The suite imports no test framework:
+a failed check raises :class:`AssertionError` naming the check and what
+differed, so it works under pytest, unittest or a plain script.
+
+The returned :class:`StorageReport` says which parts the store implements:
+the three required ones, and for each optional query whether the store
+answers it natively or leaves it to :class:`~cohortsync.storage.StorageBase`.
+A native query is checked twice: as the store answers it, and as
+``StorageBase`` derives it from the store's required parts (so the store
+could drop it, and the two answers agree).
 
 ``MemoryStorage`` is the reference: every expectation below is what it does.
 """
@@ -14,9 +21,10 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import attrs
@@ -32,21 +40,26 @@ from cohortsync.exceptions import (
     StorageError,
     SyncNotFoundError,
 )
+from cohortsync.storage._base import StorageBase
 from cohortsync.storage._protocol import (
     AppliedBatch,
     Completion,
+    DeliveryStore,
+    HistoryStore,
     IssueKind,
     Lease,
     LedgerEntry,
     MemberIssue,
+    OptionalQueries,
     PendingBatch,
     Progress,
+    ScheduleStore,
     Storage,
     SyncRecord,
     Tally,
 )
 
-__all__ = ["STORAGE_CHECKS", "StorageFactory", "check_storage"]
+__all__ = ["STORAGE_CHECKS", "StorageFactory", "StorageReport", "check_storage"]
 
 StorageFactory = Callable[[], Storage]
 """Returns a new, empty store each time it is called."""
@@ -1604,31 +1617,236 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
 """Every check, in order; each takes the factory and uses fresh stores from it."""
 
 
-def check_storage(make_storage: StorageFactory) -> None:
+_QUERY_CHECKS: Mapping[str, tuple[Callable[[StorageFactory], None], ...]] = {
+    "next_due": (check_next_due_and_scheduled_after,),
+    "scheduled_after": (check_next_due_and_scheduled_after,),
+    "least_loaded_slot": (check_slot_counts_follow_sync_writes, check_slot_counts_match_model),
+    "count_delivered": (
+        check_not_found,
+        check_delete_sync,
+        check_delivered_state,
+        check_large_batch,
+    ),
+    "filter_delivered": (check_delete_sync, check_delivered_state, check_large_batch),
+    "identifier_holders": (check_identifier_holders,),
+    "dead_letters": (check_not_found, check_ledger_and_dead_letters),
+}
+"""The checks that exercise each optional query."""
+
+_REQUIRED = (ScheduleStore, DeliveryStore, HistoryStore)
+_DERIVED = " (derived queries)"
+"""Marks a check run again with every optional query derived by StorageBase."""
+
+
+def _read_only(value: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(value))
+
+
+def _methods(part: type) -> list[str]:
+    return [name for name in vars(part) if not name.startswith("_") and callable(vars(part)[name])]
+
+
+@attrs.frozen(kw_only=True)
+class StorageReport:
+    """
+    What :func:`check_storage` verified, part by part.
+
+    Attributes:
+        storage: ``repr`` of one store the factory built.
+        parts: How the store implements each part: the required
+            ``ScheduleStore``, ``DeliveryStore`` and ``HistoryStore`` are
+            ``"native"``; each optional query (``next_due``,
+            ``identifier_holders``, ...) is ``"native"`` or ``"derived"``
+            (left to :class:`~cohortsync.storage.StorageBase`).
+        passed: The checks that passed, in order; a check run again on the
+            derived queries of a store that has native ones ends in
+            ``" (derived queries)"``.
+    """
+
+    storage: str
+    parts: Mapping[str, str] = attrs.field(converter=_read_only, repr=lambda m: repr(dict(m)))
+    passed: tuple[str, ...]
+
+    @property
+    def derived(self) -> tuple[str, ...]:
+        """
+        The optional queries the store leaves to ``StorageBase``.
+        """
+        return tuple(name for name, how in self.parts.items() if how == "derived")
+
+    def __str__(self) -> str:
+        required = {part.__name__ for part in _REQUIRED}
+        lines = [f"{self.storage}: {len(self.passed)} checks passed"]
+        lines.extend(
+            f"  {name:<20} {'required' if name in required else 'optional':<9} {how}"
+            for name, how in self.parts.items()
+        )
+        return "\n".join(lines)
+
+
+def _parts(store: object) -> dict[str, str]:
+    """
+    How *store* implements each part of the protocol.
+
+    Raises:
+        AssertionError: A method is missing, naming it and where it belongs.
+    """
+    kind = type(store).__name__
+    parts: dict[str, str] = {}
+    for part in _REQUIRED:
+        missing = [name for name in _methods(part) if not callable(getattr(store, name, None))]
+        if missing:
+            raise AssertionError(f"{kind} lacks {part.__name__} methods: {', '.join(missing)}")
+        parts[part.__name__] = "native"
+    if not callable(getattr(store, "close", None)):
+        raise AssertionError(f"{kind} lacks close()")  # noqa: TRY004 - a contract failure
+    for name in _methods(OptionalQueries):
+        if not callable(getattr(store, name, None)):
+            raise AssertionError(  # noqa: TRY004 - a contract failure, not a caller's type error
+                f"{kind} lacks the optional query {name}: implement it, or subclass "
+                "cohortsync.storage.StorageBase, which derives it from the required parts"
+            )
+        derived = getattr(type(store), name, None) is getattr(StorageBase, name)
+        parts[name] = "derived" if derived else "native"
+    return parts
+
+
+def check_storage(make_storage: StorageFactory) -> StorageReport:
     """
     Verify that a :class:`~cohortsync.storage.Storage` implementation behaves like the
-    reference ``MemoryStorage``.
+    reference ``MemoryStorage``, and report which parts it implements.
 
     Each check calls *make_storage* for a store of its own and closes it, so
     one failure does not cascade into the next. One check shares a single
     store between eight threads: stores must be thread-safe, as the protocol
     requires of every atomic operation.
 
+    The checks that exercise an optional query the store implements run a
+    second time on the store with every optional query derived by
+    :class:`~cohortsync.storage.StorageBase` from its required parts: the
+    native and the derived answers must both be right.
+
     Args:
         make_storage: Returns a new, **empty** store each time it is called
             (for a database-backed store: a fresh database or schema).
 
+    Returns:
+        How the store implements each part, and the checks that passed.
+
     Raises:
-        AssertionError: A check failed; the message names it and what differed.
+        AssertionError: A part is missing or a check failed; the message names
+            the method or the check and what differed.
     """
+    with _open(make_storage) as store:
+        parts = _parts(store)
+        shown = repr(store)
+    passed = []
     for check in STORAGE_CHECKS:
         _run_check(check, make_storage)
+        passed.append(check.__name__)
+    native = {
+        check
+        for name, how in parts.items()
+        if how == "native"
+        for check in _QUERY_CHECKS.get(name, ())
+    }
+    for check in (c for c in STORAGE_CHECKS if c in native):
+        _run_check(check, lambda: _DerivedQueries(make_storage()), suffix=_DERIVED)
+        passed.append(check.__name__ + _DERIVED)
+    return StorageReport(storage=shown, parts=parts, passed=tuple(passed))
 
 
-def _run_check(check: Callable[[StorageFactory], None], make_storage: StorageFactory) -> None:
+def _run_check(
+    check: Callable[[StorageFactory], None], make_storage: StorageFactory, *, suffix: str = ""
+) -> None:
+    name = check.__name__ + suffix
     try:
         check(make_storage)
     except AssertionError as exc:
-        raise AssertionError(f"{check.__name__}: {exc}") from exc
+        raise AssertionError(f"{name}: {exc}") from exc
     except Exception as exc:
-        raise AssertionError(f"{check.__name__} raised {type(exc).__name__}: {exc}") from exc
+        raise AssertionError(f"{name} raised {type(exc).__name__}: {exc}") from exc
+
+
+class _DerivedQueries(StorageBase):
+    """
+    *store* with every optional query answered by :class:`StorageBase` from its
+    required parts, which are *store*'s own: what the store would answer if it
+    left all of them out.
+    """
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: Storage) -> None:
+        self._store = store
+
+    def __repr__(self) -> str:
+        return f"_DerivedQueries({self._store!r})"
+
+    def create_sync(self, record: SyncRecord) -> None:
+        self._store.create_sync(record)
+
+    def get_sync(self, sync_id: str) -> SyncRecord:
+        return self._store.get_sync(sync_id)
+
+    def list_syncs(self) -> list[SyncRecord]:
+        return self._store.list_syncs()
+
+    def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
+        self._store.save_sync(record, expected_generation=expected_generation)
+
+    def delete_sync(self, sync_id: str) -> None:
+        self._store.delete_sync(sync_id)
+
+    def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
+        return self._store.claim_due(now, owner, lease_for, limit)
+
+    def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
+        return self._store.extend_lease(lease, now, lease_for)
+
+    def complete_run(self, lease: Lease, completion: Completion) -> None:
+        self._store.complete_run(lease, completion)
+
+    def release_lease(self, lease: Lease) -> None:
+        self._store.release_lease(lease)
+
+    def iter_delivered(self, sync_id: str) -> Iterator[str]:
+        return self._store.iter_delivered(sync_id)
+
+    def delivered_identifiers(self, sync_id: str, keys: Sequence[str]) -> dict[str, Identifier]:
+        return self._store.delivered_identifiers(sync_id, keys)
+
+    def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
+        return self._store.apply_batch(lease, batch)
+
+    def delivered_version(self, sync_id: str) -> str:
+        return self._store.delivered_version(sync_id)
+
+    def begin_batch(
+        self, lease: Lease, batch: PendingBatch, *, replaces: str | None = None
+    ) -> None:
+        self._store.begin_batch(lease, batch, replaces=replaces)
+
+    def pending_batches(self, sync_id: str) -> list[PendingBatch]:
+        return self._store.pending_batches(sync_id)
+
+    def progress(self, sync_id: str) -> Progress | None:
+        return self._store.progress(sync_id)
+
+    def record_issues(self, lease: Lease, issues: Sequence[MemberIssue]) -> None:
+        self._store.record_issues(lease, issues)
+
+    def ledger(self, sync_id: str) -> list[LedgerEntry]:
+        return self._store.ledger(sync_id)
+
+    def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
+        return self._store.history(sync_id, limit)
+
+    def run_issues(self, run_id: str) -> list[MemberIssue]:
+        return self._store.run_issues(run_id)
+
+    def purge_history(self, before: datetime) -> int:
+        return self._store.purge_history(before)
+
+    def close(self) -> None:
+        self._store.close()

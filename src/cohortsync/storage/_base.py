@@ -1,0 +1,105 @@
+"""
+:class:`StorageBase`: the class a store subclasses to write only the required parts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime
+from itertools import islice
+from types import TracebackType
+
+from typing_extensions import Self
+
+from cohortsync._clock import require_aware
+from cohortsync._destination import Identifier
+from cohortsync.storage._protocol import Storage, SyncRecord
+from cohortsync.storage._rules import (
+    least_loaded,
+    record_claimable_at,
+    require_buckets,
+    scheduled_later,
+    slot_bucket_of,
+)
+
+__all__ = ["StorageBase"]
+
+_CHUNK = 10_000
+"""Delivered keys per :meth:`~cohortsync.storage.DeliveryStore.delivered_identifiers` call."""
+
+
+class StorageBase(Storage):
+    """
+    The base of a store that implements the required parts and lets cohortsync
+    derive the rest.
+
+    Subclass it and implement every method of
+    :class:`~cohortsync.storage.ScheduleStore`,
+    :class:`~cohortsync.storage.DeliveryStore` and
+    :class:`~cohortsync.storage.HistoryStore`, plus ``close()`` (they are
+    abstract: a subclass that misses one cannot be instantiated). Each
+    :class:`~cohortsync.storage.OptionalQueries` method it leaves out is
+    answered here from the required ones, exactly but by a scan; override
+    the ones your database can answer from an index.
+    :func:`cohortsync.testing.check_storage` reports which ones a store
+    implements and checks both its own answers and the derived ones.
+
+    A store is also a context manager that closes it.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- derived from the schedule part ---------------------------------------------
+
+    def next_due(self) -> datetime | None:
+        due = (record_claimable_at(record) for record in self.list_syncs())
+        return min((at for at in due if at is not None), default=None)
+
+    def scheduled_after(self, now: datetime) -> list[SyncRecord]:
+        now = require_aware(now, "now")
+        return scheduled_later(self.list_syncs(), now)
+
+    def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
+        require_buckets(buckets)
+        taken = (slot_bucket_of(record) for record in self.list_syncs())
+        counts = Counter(slot[1] for slot in taken if slot is not None and slot[0] == period)
+        return least_loaded(counts, buckets, preferred)
+
+    # -- derived from the delivery part ---------------------------------------------
+
+    def count_delivered(self, sync_id: str) -> int:
+        return sum(1 for _ in self.iter_delivered(sync_id))
+
+    def filter_delivered(self, sync_id: str, keys: Iterable[str]) -> set[str]:
+        return set(self.delivered_identifiers(sync_id, list(keys)))
+
+    def identifier_holders(
+        self, sync_id: str, identifiers: Iterable[Identifier]
+    ) -> dict[Identifier, list[str]]:
+        wanted = set(identifiers)
+        found: dict[Identifier, list[str]] = {}
+        if not wanted:
+            return found
+        keys = self.iter_delivered(sync_id)
+        while chunk := list(islice(keys, _CHUNK)):
+            for key, ident in self.delivered_identifiers(sync_id, chunk).items():
+                if ident in wanted:
+                    found.setdefault(ident, []).append(key)
+        return {ident: sorted(holders) for ident, holders in found.items()}
+
+    # -- derived from the history part ----------------------------------------------
+
+    def dead_letters(self, sync_id: str) -> set[str]:
+        return {entry.key for entry in self.ledger(sync_id) if entry.dead}
