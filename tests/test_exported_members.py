@@ -266,6 +266,7 @@ class TestLazyImports:
         "module",
         [
             "urllib.request",
+            "http.client",
             "csv",
             "concurrent.futures",
             "sqlite3",

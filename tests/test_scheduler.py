@@ -604,7 +604,7 @@ class TestPreviewIsWhatARunDoes:
             if full_sync_only:
                 assert preview.resent == len(sent[cs.Operation.EXISTING])
             assert preview.removes == len(sent[cs.Operation.REMOVE])
-            assert (run.full_sync or full_sync_only) == preview.full_sync
+            assert run.full_sync == preview.full_sync
             assert set(preview.sample_adds) <= sent[cs.Operation.ADD]
             assert set(preview.sample_removes) <= sent[cs.Operation.REMOVE]
 

@@ -112,7 +112,9 @@ class Preview:
     guarded: bool
     """The mass-removal guard would hold the removals."""
     full_sync: bool
-    """A run would send the whole audience (full resync, TTL refresh, full-sync-only)."""
+    """A run would be a full send (a full-resync request or a TTL refresh), as its
+    ``SyncRun.full_sync`` records; a full-sync-only destination gets the whole
+    audience every run without that flag (see ``resent``)."""
     eligibility: Eligibility
     """Eligibility at the measured size, for the policy's cadence."""
     sample_adds: tuple[str, ...] = attrs.field(repr=False)
@@ -870,7 +872,7 @@ class Scheduler:
                 removes=len(diff.removes),
                 invalid=len(diff.invalid),
                 guarded=guard.guarded,
-                full_sync=plan.full or caps.full_sync_only,
+                full_sync=plan.full,
                 eligibility=recheck.eligibility,
                 sample_adds=tuple(head(diff.adds, sample_size)),
                 sample_removes=tuple(head(diff.removes, sample_size)),
