@@ -153,6 +153,26 @@ def make_sync(
     )
 
 
+def failed_runs(count: int, cadence: Cadence, error_type: str, message: str) -> list[SyncRun]:
+    """*count* failed runs of s1, newest first, all with the same error."""
+    return [
+        SyncRun(
+            id=f"r{i}",
+            sync_id="s1",
+            generation=1,
+            trigger=Trigger.SCHEDULED,
+            slot=T0,
+            started_at=T0,
+            finished_at=T0,
+            status=RunStatus.FAILED,
+            cadence=cadence,
+            error_type=error_type,
+            error_message=message,
+        )
+        for i in range(count)
+    ]
+
+
 class TestPlanRead:
     @given(
         policy=sync_policies(),
@@ -419,22 +439,7 @@ class TestPlanFailure:
         bounded retries of its own (one-time, teardown).
         """
         sync = make_sync(SyncPolicy(cadence=cadence))
-        earlier = [
-            SyncRun(
-                id=f"r{i}",
-                sync_id="s1",
-                generation=1,
-                trigger=Trigger.SCHEDULED,
-                slot=T0,
-                started_at=T0,
-                finished_at=T0,
-                status=RunStatus.FAILED,
-                cadence=cadence,
-                error_type="BadDataError",
-                error_message="boom",
-            )
-            for i in range(repeats)
-        ]
+        earlier = failed_runs(repeats, cadence, "BadDataError", "boom")
 
         plan = plan_failure(
             sync,
@@ -564,22 +569,7 @@ class TestPlanIsolation:
         next slot (never now), or paused once the same failure repeated.
         """
         sync = make_sync(policy)
-        earlier = [
-            SyncRun(
-                id=f"r{i}",
-                sync_id="s1",
-                generation=1,
-                trigger=Trigger.SCHEDULED,
-                slot=T0,
-                started_at=T0,
-                finished_at=T0,
-                status=RunStatus.FAILED,
-                cadence=policy.cadence,
-                error_type="CorruptStoreError",
-                error_message="bad row",
-            )
-            for i in range(repeats)
-        ]
+        earlier = failed_runs(repeats, policy.cadence, "CorruptStoreError", "bad row")
 
         completion = plan_isolation(
             sync,

@@ -635,7 +635,7 @@ def plan_failure(
         and not teardown
         and repeated_failure(error_type, message, earlier, pause_after)
     ):
-        reason = f"failed {pause_after} runs in a row with {error_type}: {message}"
+        reason = _repeated_reason(pause_after, error_type, message)
     if reason is None:
         return FailurePlan(status, sync, notes=(), events=())
     paused = attrs.evolve(sync, status=SyncStatus.PAUSED, status_reason=reason, updated_at=at)
@@ -645,6 +645,11 @@ def plan_failure(
         notes=("paused",),
         events=(SyncFailed(sync_id=sync.id, status=SyncStatus.PAUSED, reason=reason, at=at),),
     )
+
+
+def _repeated_reason(times: int, error_type: str, message: str) -> str:
+    """Why a sync paused after the same failure *times* runs in a row."""
+    return f"failed {times} runs in a row with {error_type}: {message}"
 
 
 def teardown_status(sync: Sync, *, rejected: int, at: datetime) -> tuple[RunStatus, Sync]:
@@ -883,7 +888,7 @@ def plan_isolation(
         new_sync = attrs.evolve(
             sync,
             status=SyncStatus.PAUSED,
-            status_reason=f"failed {pause_after} runs in a row with {error_type}: {message}",
+            status_reason=_repeated_reason(pause_after, error_type, message),
             updated_at=now,
         )
     next_due: datetime | None = None
