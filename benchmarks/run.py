@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scenarios
+from measure import REPEATS, load_average
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -34,17 +35,32 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:,.3f} {unit}"
 
 
+def _spread(span: tuple[float, float] | None, unit: str) -> str:
+    if span is None:
+        return ""
+    lo, hi = (_fmt(v, unit).split(" ")[0] for v in span)
+    return f" ({lo}-{hi})"
+
+
 def table(rows: list[scenarios.Row]) -> str:
+    """
+    The results as a Markdown table: medians, with the spread of the repeats
+    in brackets and the number of repeats.
+    """
     lines = [
-        "| scenario | ours | baseline | ratio | goal | met? | note |",
-        "|---|---|---|---|---|---|---|",
+        "| scenario | ours | baseline | ratio | goal | met? | n | note |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
+        if r.ratio_range is not None:
+            ratio += f" ({r.ratio_range[0]:.2f}-{r.ratio_range[1]:.2f})"
         met = "-" if r.met is None else ("yes" if r.met else "**no**")
+        ours = _fmt(r.ours, r.unit) + _spread(r.ours_range, r.unit)
+        base = _fmt(r.baseline, r.unit) + _spread(r.baseline_range, r.unit)
         lines.append(
-            f"| {r.scenario} | {_fmt(r.ours, r.unit)} | {_fmt(r.baseline, r.unit)} | {ratio} "
-            f"| {r.goal} | {met} | {r.note} |"
+            f"| {r.scenario} | {ours} | {base} | {ratio} | {r.goal} | {met} | {r.repeats} "
+            f"| {r.note} |"
         )
     return "\n".join(lines)
 
@@ -56,18 +72,33 @@ def main(names: list[str]) -> int:
         print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(scenarios.SCENARIOS)}")
         return 2
     rows: list[scenarios.Row] = []
+    loads: dict[str, object] = {}
     started = time.perf_counter()
     for name in chosen:
         t = time.perf_counter()
-        print(f"running {name} ...", flush=True)
+        before = load_average()
+        print(f"running {name} (load average {before[0]:.2f}) ...", flush=True)
         rows += scenarios.SCENARIOS[name]()
-        print(f"  {name} took {time.perf_counter() - t:.1f} s", flush=True)
+        after = load_average()
+        loads[name] = {"before": before, "after": after}
+        print(
+            f"  {name} took {time.perf_counter() - t:.1f} s (load average {after[0]:.2f})",
+            flush=True,
+        )
     info = scenarios.machine()
     text = table(rows)
     print()
     print(
         f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB, "
-        f"Python {info['python']}, SQLite {info['sqlite']}"
+        f"Python {info['python']}, SQLite {info['sqlite']}; {REPEATS} interleaved repeats "
+        "per side, medians with (lowest-highest)"
+    )
+    print(
+        "load average (1 min) per scenario, before -> after: "
+        + ", ".join(
+            f"{name} {v['before'][0]:.2f} -> {v['after'][0]:.2f}"  # type: ignore[index]
+            for name, v in loads.items()
+        )
     )
     print(text)
     RESULTS.mkdir(exist_ok=True)
@@ -75,6 +106,8 @@ def main(names: list[str]) -> int:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": info,
         "seconds": round(time.perf_counter() - started, 1),
+        "repeats": REPEATS,
+        "load_average": loads,
         "rows": scenarios.as_dicts(rows),
         "table": text,
     }
