@@ -11,16 +11,19 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from common import START, FakeClock, Noop, Row, as_dicts, machine
-from sc_members import scenario_diff, scenario_overhead, scenario_sorted
-from sc_schedule import scenario_next_run, scenario_spread
-from sc_stores import expected_runs, scenario_claims, scenario_throughput
+from sc_members import scenario_diff, scenario_first_sync, scenario_overhead, scenario_sorted
+from sc_postgres import scenario_claims
+from sc_schedule import scenario_next_run, scenario_peer, scenario_spread
+from sc_stores import expected_runs, scenario_throughput
 
 SCENARIOS: dict[str, Callable[[], list[Row]]] = {
     "diff": scenario_diff,
+    "first_sync": scenario_first_sync,
     "sorted": scenario_sorted,
     "throughput": scenario_throughput,
     "next_run": scenario_next_run,
     "spread": scenario_spread,
+    "peer": scenario_peer,
     "overhead": scenario_overhead,
     "claims": scenario_claims,
 }
@@ -36,8 +39,10 @@ __all__ = [
     "machine",
     "scenario_claims",
     "scenario_diff",
+    "scenario_first_sync",
     "scenario_next_run",
     "scenario_overhead",
+    "scenario_peer",
     "scenario_sorted",
     "scenario_spread",
     "scenario_throughput",
