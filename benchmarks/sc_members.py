@@ -60,9 +60,11 @@ def child_first_sync(n: int, db: str | None) -> dict[str, float]:
 def child_insert_bound(n: int, db: str) -> dict[str, float]:
     """
     The lower bound of a first full sync on SQLite: read the source into a set
-    (the library must deduplicate it) and insert one row per member into the
-    store's own ``delivered`` table (same schema, same index, same settings)
-    in one transaction, with plain ``sqlite3`` and no engine.
+    (the library must deduplicate it), sort it (the library sends and stores
+    in key order; unsorted inserts into the primary key cost far more) and
+    insert one row per member into the store's own ``delivered`` table (same
+    schema, same index, same PRAGMAs) in one transaction, with plain
+    ``sqlite3`` and no engine.
     """
     members = keys(n)
     storage = SQLiteStorage(db)
@@ -71,8 +73,9 @@ def child_insert_bound(n: int, db: str) -> dict[str, float]:
     con = sqlite3.connect(db, isolation_level=None)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=NORMAL")
+    con.execute("PRAGMA cache_size=-8000")
     t = time.perf_counter()
-    unique = set(members)
+    unique = sorted(set(members))
     con.execute("BEGIN IMMEDIATE")
     con.executemany(
         "INSERT INTO delivered (sync_id, key, id_kind, id_value) VALUES (?, ?, ?, ?)",
@@ -258,9 +261,14 @@ def _first_sync_rows(n: int, directory: str) -> list[Row]:
             None,
             unit="us/member",
             goal="<= 3 us/member, flat",
-            met=lambda ours, _b, _r: ours <= 3.0,
+            met=lambda ours, _b, _r: 0 <= ours <= 3.0,
             note=f"ours {o.median:.2f} s ({o.low:.2f}-{o.high:.2f}), bound {b.median:.2f} s "
-            f"({b.low:.2f}-{b.high:.2f}); {o.median / n * 1e6:.1f} us/member in all",
+            f"({b.low:.2f}-{b.high:.2f}); {o.median / n * 1e6:.1f} us/member in all"
+            + (
+                "; CHECK: ours beat its own lower bound, the bound is wrong"
+                if per.median < 0
+                else ""
+            ),
         ),
         _memory_row(n, paths[-1]),
     ]
