@@ -249,6 +249,24 @@ class TestValidators:
         """Ids must be non-blank str of at most 200 characters without control characters."""
         _assert_refused(cls, field, value, field, value)
 
+    @given(text=st.text(min_size=1, max_size=40))
+    def test_control_characters_are_exactly_c0_del_and_c1(self, text: str) -> None:
+        """
+        The id check refuses a text exactly when it holds a C0 control, DEL or
+        a C1 control (U+0000-U+001F, U+007F-U+009F), wherever it is.
+        """
+        from cohortsync._validators import check_id
+
+        if not text.strip():
+            return  # refused as blank before any other check
+        has_control = any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+        valid_otherwise = not any("\ud800" <= c <= "\udfff" for c in text)
+        if has_control:
+            with pytest.raises(ConfigurationError, match="control characters"):
+                check_id("id", text)
+        elif valid_otherwise:
+            assert check_id("id", text) == text
+
     @pytest.mark.parametrize("value", BAD_COUNTS)
     @pytest.mark.parametrize(
         ("cls", "field"), COUNT_FIELDS, ids=lambda x: getattr(x, "__name__", x)

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from cohortsync._destination import Operation
 from cohortsync._policy import Cadence
 from cohortsync._sync import RunStatus, SyncRun, SyncStatus, Trigger
+from cohortsync._validators import evolve_trusted
 from cohortsync.storage import (
     Completion,
     Lease,
@@ -31,6 +32,7 @@ from cohortsync.storage import (
     apply_claim,
     apply_completion,
 )
+from cohortsync.storage._rules import completion_changes
 from records import T0, sync_record
 from strategies import CompletionScenario, completion_scenarios
 
@@ -306,6 +308,39 @@ def play(store: Storage, scenario: CompletionScenario, sync_id: str) -> None:
     ]
     assert None is store.progress(sync_id)
     assert completion.run == store.history(sync_id)[0]
+
+
+class TestTrustedCopies:
+    """
+    The rules copy records without re-running converters and validators
+    (the hot path); the copy must be what ``attrs.evolve`` would build.
+    """
+
+    @given(scenario=completion_scenarios())
+    def test_the_completion_rule_equals_a_validated_evolve(
+        self, scenario: CompletionScenario
+    ) -> None:
+        lease = lease_of(scenario.start)
+        held = attrs.evolve(scenario.start, lease=lease)
+        completion = everything(lease, held)
+        changes = completion_changes(
+            lease,
+            completion,
+            generation=held.sync.generation,
+            revision=held.revision,
+            next_due=held.next_due,
+            last_slot=held.last_slot,
+        )
+        assert apply_completion(held, lease, completion) == attrs.evolve(held, **changes)
+
+    def test_the_claim_rule_equals_a_validated_evolve(self) -> None:
+        record = sync_record()
+        claimed, lease = apply_claim(record, owner="w", token=secrets.token_hex(16), expires_at=T0)
+        assert claimed == attrs.evolve(record, lease=lease, next_due=lease.slot)
+
+    def test_an_unknown_field_is_refused(self) -> None:
+        with pytest.raises(TypeError, match="no field"):
+            evolve_trusted(sync_record(), nxt_due=T0)
 
 
 class TestStoresWriteTheRule:

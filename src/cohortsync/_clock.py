@@ -70,6 +70,8 @@ def require_aware(value: datetime, name: str = "datetime") -> datetime:
     Naive datetimes are rejected everywhere in the public API because a naive
     value means different instants on different hosts.
     """
+    if type(value) is datetime and value.tzinfo is timezone.utc:
+        return value  # already aware and in UTC: the engine's own values
     if not isinstance(value, datetime):
         raise TypeError(f"{name} must be a datetime, got {type(value).__name__}")
     offset = value.utcoffset()

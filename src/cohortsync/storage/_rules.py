@@ -15,11 +15,10 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-import attrs
-
 from cohortsync._clock import add_saturating
 from cohortsync._destination import Identifier, IdentifierKind, Member
 from cohortsync._sync import SyncStatus
+from cohortsync._validators import evolve_trusted
 from cohortsync.exceptions import ConfigurationError
 from cohortsync.storage._protocol import Completion, Lease, SyncRecord
 
@@ -86,7 +85,8 @@ def apply_claim(
         expires_at=expires_at,
         revision=record.revision,
     )
-    return attrs.evolve(record, lease=lease, next_due=slot), lease
+    # Trusted: every value comes from the stored record or the validated lease.
+    return evolve_trusted(record, lease=lease, next_due=slot), lease
 
 
 def claimable_at(next_due: datetime, lease_expires: datetime | None) -> datetime:
@@ -246,7 +246,8 @@ def apply_completion(record: SyncRecord, lease: Lease, completion: Completion) -
         lease: The lease the run holds.
         completion: What the run reports.
     """
-    return attrs.evolve(
+    # Trusted: every change comes from the validated lease and completion.
+    return evolve_trusted(
         record,
         **completion_changes(
             lease,
