@@ -216,3 +216,58 @@ class TestUpcomingAtTheEndOfTime:
         upcoming = scheduler.upcoming(datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc))
 
         assert all(u.sync_id == "s1" for u in upcoming)
+
+
+class _IndiaClock:
+    """A host clock that answers in UTC+05:30 (aware, but not UTC)."""
+
+    def __init__(self, inner: FakeClock) -> None:
+        self.inner = inner
+
+    def now(self) -> datetime:
+        return self.inner.now().astimezone(timezone(timedelta(hours=5, minutes=30)))
+
+    def sleep(self, seconds: float) -> None:
+        self.inner.sleep(seconds)
+
+
+class _ContextRecorder(cs.Destination):
+    capabilities = cs.Capabilities(name="contexts")
+
+    def __init__(self) -> None:
+        self.computed: list[datetime] = []
+
+    def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        self.computed.append(batch.context.computed_at)
+        return cs.DeliveryResult.ok()
+
+    def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return self.add(batch)
+
+
+class TestHostClocksInOtherZones:
+    """
+    Every instant the engine hands out is UTC, whatever zone the host's clock
+    answers in (found by an outside test: events and batch contexts kept the
+    clock's zone while run records were converted).
+    """
+
+    def test_events_and_batch_contexts_are_utc(self) -> None:
+        inner = FakeClock(datetime(2030, 1, 7, 10, 50, tzinfo=timezone.utc))
+        scheduler = cs.Scheduler(MemoryStorage(), clock=_IndiaClock(inner))
+        events: list[object] = []
+        scheduler.add_listener(events.append)
+        destination = _ContextRecorder()
+        scheduler.add_destination("d", destination)
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u1", "u2"]))
+        scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s")
+        (run,) = scheduler.run_due()
+        assert run.status is cs.RunStatus.SUCCEEDED
+        instants = [run.started_at, run.finished_at]
+        instants += [e.at for e in events if isinstance(getattr(e, "at", None), datetime)]  # type: ignore[attr-defined]
+        instants += destination.computed
+        assert destination.computed
+        assert len(instants) > 3
+        for instant in instants:
+            assert instant.tzinfo is timezone.utc, instant
+            assert instant == inner.now()

@@ -63,6 +63,28 @@ class SystemClock:
         return "SystemClock()"
 
 
+class UtcClock:
+    """
+    A host clock as the engine reads it: every ``now()`` checked aware and
+    converted to UTC, so that run records, events and batch contexts agree
+    whatever zone the host's clock answers in.
+    """
+
+    __slots__ = ("_clock",)
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+
+    def now(self) -> datetime:
+        return require_aware(self._clock.now(), "clock.now()")
+
+    def sleep(self, seconds: float) -> None:
+        self._clock.sleep(seconds)
+
+    def __repr__(self) -> str:
+        return f"UtcClock({self._clock!r})"
+
+
 def require_aware(value: datetime, name: str = "datetime") -> datetime:
     """
     Return *value* converted to UTC, or raise :class:`TypeError` if it is naive.

@@ -23,7 +23,7 @@ from typing_extensions import Self
 
 from cohortsync import _schedule
 from cohortsync._cache import DeliveredCache
-from cohortsync._clock import Clock, SystemClock, add_saturating, require_aware
+from cohortsync._clock import Clock, SystemClock, UtcClock, add_saturating, require_aware
 from cohortsync._cohort import Cohort, has_change_feed
 from cohortsync._converter import unstructure
 from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimiter, RateLimits
@@ -889,7 +889,9 @@ class Scheduler:
     def _environment(self) -> RunEnvironment:
         return RunEnvironment(
             storage=self.storage,
-            clock=self.clock,
+            # The engine reads the host's clock through one check: events and
+            # batch contexts get UTC instants like the run records do.
+            clock=UtcClock(self.clock),
             owner=self.owner,
             lease_for=self.lease_for,
             rules=self.rules,
