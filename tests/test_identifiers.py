@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import cohortsync as cs
 from cohortsync._destination import Identifier, IdentifierKind, Member
 from cohortsync.exceptions import ConfigurationError
 from cohortsync.identifiers import (
@@ -19,6 +22,8 @@ from cohortsync.identifiers import (
     try_normalize_email,
     try_normalize_phone,
 )
+from cohortsync.storage import MemoryStorage, SQLiteStorage
+from cohortsync.testing import FakeClock, RecordingDestination
 
 TEST_EMAIL_SHA256 = "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b"
 US_PHONE_SHA256 = "8a59780bb8cd2ba022bfa5ba2ea3b6e07af17a7d8b30c1f9b3390e36f69019e4"
@@ -365,3 +370,48 @@ class TestIdentifierMapping:
         assert "IdentifierMapping(['email_sha256', 'user_id'], default_country_code='44')" == (
             repr(mapping)
         )
+
+
+class TestIdentifiersNoStoreCanHold:
+    """
+    A resolver that returns text no store can hold (a lone surrogate, NUL)
+    gives no identifier: the member is skipped as unresolved, and the rest
+    are delivered and recorded. Found by an outside test: on SQLite the run
+    failed after the destination had taken the batch, and every later run
+    failed the same way until the sync paused.
+    """
+
+    @pytest.mark.parametrize("bad", ["u1\ud800", "u1\x00"])
+    def test_the_identifier_constructor_refuses_it(self, bad: str) -> None:
+        with pytest.raises(ConfigurationError, match="NUL or lone surrogates"):
+            Identifier(IdentifierKind.USER_ID, bad)
+
+    @pytest.mark.parametrize("bad", ["u1\ud800", "u1\x00", "a\ud800@example.com"])
+    @pytest.mark.parametrize("kind", [IdentifierKind.USER_ID, IdentifierKind.EMAIL_SHA256])
+    def test_a_mapping_skips_it(self, bad: str, kind: IdentifierKind) -> None:
+        mapping = IdentifierMapping([(kind, {"u1": bad, "u2": "u2@example.com"}.get)])
+        members, unresolved = mapping.resolve_many(["u1", "u2"])
+        assert unresolved == ["u1"]
+        assert [m.key for m in members] == ["u2"]
+
+    @pytest.mark.parametrize("store", ["memory", "sqlite"])
+    def test_a_run_delivers_the_rest_and_says_so(self, store: str, tmp_path: Path) -> None:
+        storage = MemoryStorage() if store == "memory" else SQLiteStorage(tmp_path / "cs.db")
+        clock = FakeClock(datetime(2030, 1, 7, 10, 50, tzinfo=timezone.utc))
+        scheduler = cs.Scheduler(storage, clock=clock)
+        destination = RecordingDestination()
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u1", "u2"]))
+        scheduler.add_destination("d", destination)
+        scheduler.add_mapping(
+            "m",
+            cs.IdentifierMapping([(cs.IdentifierKind.USER_ID, {"u1": "u1\ud800", "u2": "u2"}.get)]),
+        )
+        scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s", mapping_id="m")
+        (run,) = scheduler.run_due()
+        assert run.status is cs.RunStatus.PARTIAL, run
+        assert (run.added, run.skipped) == (1, 1)
+        assert destination.audience("s") == {"u2"}
+        clock.advance(3600)
+        (again,) = scheduler.run_due()
+        assert (again.added, again.skipped) == (0, 1)
+        storage.close()

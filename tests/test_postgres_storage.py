@@ -43,6 +43,8 @@ except ImportError:  # pragma: no cover - depends on the environment
         'psycopg is not installed: pip install "cohortsync[postgres]"', allow_module_level=True
     )
 
+import attrs
+
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._policy import Cadence, SyncPolicy
 from cohortsync._sync import RunStatus, Sync, SyncRun
@@ -799,13 +801,19 @@ class TestHostileInput:
     def test_nul_in_key_is_a_storage_error(self, store: PostgresStorage) -> None:
         """
         PostgreSQL text cannot hold NUL: the batch fails with StorageError, writes
-        nothing, and the store keeps working.
+        nothing, and the store keeps working. (The engine never sends such a
+        key or identifier; ``Identifier`` refuses one, so it is built trusted
+        here to reach the store's own last line of defence.)
         """
         store.create_sync(sync_record("s1"))
         lease = claim_one(store)
+        nul = Member("a\x00b", Identifier._trusted(IdentifierKind.USER_ID, "a\x00b"))
+        batch = attrs.evolve(
+            applied(lease, added=("ok",)), added=(*applied(lease, added=("ok",)).added, nul)
+        )
 
         with pytest.raises(StorageError):
-            store.apply_batch(lease, applied(lease, added=("ok", "a\x00b")))
+            store.apply_batch(lease, batch)
 
         assert 0 == store.count_delivered("s1")
         store.apply_batch(lease, applied(lease, added=("ok",)))

@@ -190,6 +190,10 @@ class Identifier:
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.value, str) or not self.value:
             raise ConfigurationError("value", self.value, "must be a non-empty str")
+        if not v.holdable(self.value):
+            raise ConfigurationError(
+                "value", self.value, "must not hold NUL or lone surrogates (no store can keep them)"
+            )
 
     @classmethod
     def _trusted(cls, kind: IdentifierKind, value: str) -> Identifier:

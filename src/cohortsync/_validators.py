@@ -58,6 +58,14 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def holdable(text: str) -> bool:
+    """
+    Whether every store can hold *text* as it is: no NUL (PostgreSQL text
+    cannot hold it) and no lone surrogate (not encodable as UTF-8).
+    """
+    return "\x00" not in text and _encodable(text)
+
+
 def storable(text: str) -> str:
     """
     *text* as every store can hold it: NUL characters (PostgreSQL text cannot

@@ -487,6 +487,10 @@ class IdentifierMapping:
         return None
 
     def _prepare(self, kind: IdentifierKind, raw: str) -> str | None:
+        if not v.holdable(raw):
+            # No store can keep it (NUL, a lone surrogate): not an identifier,
+            # so the member is skipped as unresolved, never a run that fails.
+            return None
         cc = self.default_country_code
         try:
             if kind is IdentifierKind.EMAIL:
