@@ -271,3 +271,42 @@ class TestHostClocksInOtherZones:
         for instant in instants:
             assert instant.tzinfo is timezone.utc, instant
             assert instant == inner.now()
+
+
+class TestTheBeginningOfTime:
+    """
+    A clock in the first hours of year 1 (a zeroed RTC, a bad NTP answer)
+    never takes a sync off the schedule. Found by an outside test: the run
+    noted "no_next_slot: the clock is at the end of time" and the sync never
+    ran again, not even after the clock was corrected.
+    """
+
+    @pytest.mark.parametrize(
+        "policy",
+        [
+            cs.SyncPolicy.hourly(),
+            cs.SyncPolicy.daily(),
+            cs.SyncPolicy.daily("America/New_York"),
+            cs.SyncPolicy.daily("Asia/Tokyo"),
+        ],
+        ids=["hourly", "daily", "daily-new-york", "daily-tokyo"],
+    )
+    @pytest.mark.parametrize("minutes", [0, 3, 59, 600, 1439])
+    def test_a_sync_created_at_year_one_keeps_its_schedule(
+        self, policy: cs.SyncPolicy, minutes: int
+    ) -> None:
+        start = datetime(1, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=minutes)
+        clock = FakeClock(start)
+        scheduler = cs.Scheduler(MemoryStorage(), clock=clock)
+        scheduler.add_destination("d", RecordingDestination())
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u"]))
+        scheduler.create_sync("c", "d", policy, sync_id="s")
+        (run,) = scheduler.run_due()
+        assert run.status is cs.RunStatus.SUCCEEDED
+        assert not any(note.startswith("no_next_slot") for note in run.notes), run.notes
+        nxt = scheduler.next_run("s")
+        assert nxt is not None
+        assert nxt > start
+        clock.set(datetime(2030, 1, 7, tzinfo=timezone.utc))
+        assert len(scheduler.run_due()) == 1  # corrected: one catch-up run
+        assert scheduler.next_run("s") is not None

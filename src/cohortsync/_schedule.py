@@ -395,8 +395,13 @@ def next_after_run(
     is returned, so every slot is run or accounted for.
     """
     anchor = min(slot, started)
-    last = slot_of(policy, finished, offset=offset)
-    if last > started and last > slot:
+    try:
+        last: datetime | None = slot_of(policy, finished, offset=offset)
+    except (OverflowError, ValueError):
+        # The beginning of time: no slot at or before *finished* exists (a
+        # clock in the first period of year 1), so none fell due during the run.
+        last = None
+    if last is not None and last > started and last > slot:
         due = last
     else:
         # From when it finished, not from its slot: a slot the store put ahead
@@ -453,6 +458,29 @@ def hour_of(when: datetime) -> int:
 
 
 def _next_local(zone: ZoneInfo, offset: int, after: datetime) -> datetime:
+    """
+    The first slot of a local-day grid strictly after *after*: see
+    :func:`_next_local_day`. At the beginning of time (a clock in the first
+    days of year 1) the local date or the day before it may not exist; the
+    slots are then found walking forward from the first local date.
+    """
+    try:
+        return _next_local_day(zone, offset, after)
+    except OverflowError:
+        if after.year > 1:
+            raise  # the end of time: no slot before year 10,000
+    day = date.min
+    while True:
+        try:
+            slot = _local_slot(zone, day, offset)
+        except OverflowError:
+            slot = None  # that local time is before year 1 in UTC
+        if slot is not None and slot > after:
+            return slot
+        day += _ONE_DAY
+
+
+def _next_local_day(zone: ZoneInfo, offset: int, after: datetime) -> datetime:
     """
     The first slot of a local-day grid strictly after *after* (aware UTC).
 
