@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -310,3 +311,30 @@ class TestTheBeginningOfTime:
         clock.set(datetime(2030, 1, 7, tzinfo=timezone.utc))
         assert len(scheduler.run_due()) == 1  # corrected: one catch-up run
         assert scheduler.next_run("s") is not None
+
+
+class TestInstantsOutsideTheUtcRange:
+    """
+    A valid local datetime whose UTC instant a datetime cannot hold is a
+    ConfigurationError naming the argument (found by an outside test: a bare
+    OverflowError 'date value out of range').
+    """
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            datetime.min.replace(tzinfo=timezone(timedelta(hours=5, minutes=30))),
+            datetime.max.replace(tzinfo=timezone(timedelta(hours=-5))),
+            datetime.max.replace(tzinfo=ZoneInfo("America/New_York")),
+            datetime.min.replace(tzinfo=ZoneInfo("Asia/Tokyo")),
+        ],
+    )
+    def test_clock_and_upcoming_refuse_it_by_name(self, value: datetime) -> None:
+        with pytest.raises(cs.exceptions.ConfigurationError, match="start"):
+            FakeClock(value)
+        clock = FakeClock(datetime(2030, 1, 1, tzinfo=timezone.utc))
+        with pytest.raises(cs.exceptions.ConfigurationError, match="when"):
+            clock.set(value)
+        scheduler = cs.Scheduler(MemoryStorage(), clock=clock)
+        with pytest.raises(cs.exceptions.ConfigurationError, match="until"):
+            scheduler.upcoming(value)

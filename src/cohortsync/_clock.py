@@ -11,6 +11,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Protocol, runtime_checkable
 
+from cohortsync.exceptions import ConfigurationError
+
 __all__ = ["END_OF_TIME", "Clock", "SystemClock", "add_saturating", "require_aware"]
 
 END_OF_TIME = datetime.max.replace(tzinfo=timezone.utc)
@@ -104,4 +106,11 @@ def require_aware(value: datetime, name: str = "datetime") -> datetime:
         )
     if value.tzinfo is timezone.utc:
         return value
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        # datetime.max in New York, datetime.min in Tokyo: a valid local value
+        # whose UTC instant is outside what a datetime can hold.
+        raise ConfigurationError(
+            name, value, "is outside the range of datetime once converted to UTC"
+        ) from None
