@@ -7,7 +7,6 @@ Each scenario returns a list of :class:`Row`: one line of the results table.
 
 from __future__ import annotations
 
-import gc
 import json
 import multiprocessing
 import os
@@ -15,7 +14,6 @@ import resource
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -123,16 +121,6 @@ def churned(base: list[str], share: float, generation: int) -> list[str]:
     """
     k = int(len(base) * share / 2)
     return base[k:] + [f"join{generation}-{i:010d}" for i in range(k)]
-
-
-def _timed(fn: Callable[[], object], repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        gc.collect()
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def peak_rss_mb() -> float:

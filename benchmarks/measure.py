@@ -101,17 +101,3 @@ def interleaved(
             prepare()
             values[name].append(float(sides[name]()))
     return {name: Sample(tuple(v)) for name, v in values.items()}
-
-
-def timed(fn: Callable[[], object]) -> Callable[[], float]:
-    """
-    A side that times one call of *fn* with ``perf_counter``.
-    """
-    import time
-
-    def side() -> float:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
-    return side

@@ -57,6 +57,18 @@ def child_first_sync(n: int, db: str | None) -> dict[str, float]:
     return {"seconds": elapsed, "rss": peak_rss_mb()}
 
 
+def _connect(path: str) -> sqlite3.Connection:
+    """
+    A plain ``sqlite3`` connection with the settings ``SQLiteStorage`` uses
+    (WAL, ``synchronous=NORMAL``, an 8 MB page cache), for the baselines.
+    """
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    con.execute("PRAGMA cache_size=-8000")
+    return con
+
+
 def child_insert_bound(n: int, db: str) -> dict[str, float]:
     """
     The lower bound of a first full sync on SQLite: read the source into a set
@@ -70,10 +82,7 @@ def child_insert_bound(n: int, db: str) -> dict[str, float]:
     storage = SQLiteStorage(db)
     _scheduler(storage, lambda: members)  # the same schema and sync row as ours
     storage.close()
-    con = sqlite3.connect(db, isolation_level=None)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=NORMAL")
-    con.execute("PRAGMA cache_size=-8000")
+    con = _connect(db)
     t = time.perf_counter()
     unique = sorted(set(members))
     con.execute("BEGIN IMMEDIATE")
@@ -147,9 +156,7 @@ class DeltaHost:
     def __init__(self, n: int, share: float, directory: str) -> None:
         self.base = keys(n)
         self.share = share
-        self.con = sqlite3.connect(os.path.join(directory, "delta.db"), isolation_level=None)
-        self.con.execute("PRAGMA journal_mode=WAL")
-        self.con.execute("PRAGMA synchronous=NORMAL")
+        self.con = _connect(os.path.join(directory, "delta.db"))
         self.con.execute("CREATE TABLE snapshot (key TEXT PRIMARY KEY) WITHOUT ROWID")
         self.old = set(churned(self.base, share, 0))
         self.con.execute("BEGIN")

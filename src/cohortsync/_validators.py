@@ -76,7 +76,7 @@ def storable(text: str) -> str:
     rejection reasons, error messages, notes), so remote junk can never make
     a run impossible to record.
     """
-    if "\x00" not in text and _encodable(text):
+    if holdable(text):
         return text
     return "".join(
         c.encode("unicode_escape").decode("ascii")

@@ -483,7 +483,8 @@ class IdentifierMapping:
                 )
             value = self._prepare(kind, raw)
             if value:
-                return Identifier(kind, value)
+                # _prepare checked it: a non-blank str every store can hold.
+                return Identifier._trusted(kind, value)  # noqa: SLF001 - same package
         return None
 
     def _prepare(self, kind: IdentifierKind, raw: str) -> str | None:
