@@ -65,7 +65,7 @@ from cohortsync.events import (
 )
 from cohortsync.exceptions import ConfigurationError
 from cohortsync.storage import IssueKind
-from cohortsync.storage._protocol import AppliedBatch, Completion, Lease
+from cohortsync.storage._protocol import AppliedBatch, Claim, Completion, Lease
 from cohortsync.testing import (
     FakeClock,
     Fault,
@@ -407,10 +407,13 @@ class CrashingStorage(MemoryStorage):
     def _dies(self, method: str, n: int, *, after: bool) -> bool:
         return (method, n, after) == (self.crash_method, self.crash_call, self.crash_after)
 
-    def count_delivered(self, sync_id: str) -> int:
-        if self._dies("count_delivered", self._call("count_delivered"), after=False):
-            raise Crash
-        return super().count_delivered(sync_id)
+    def claim_runs(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Claim]:
+        claims = super().claim_runs(now, owner, lease_for, limit)
+        if claims and self._dies("claim_runs", self._call("claim_runs"), after=True):
+            raise Crash  # claimed, then died before running
+        return claims
 
     def apply_batch(self, lease: Lease, batch: AppliedBatch) -> str:
         n = self._call("apply_batch")
@@ -438,7 +441,7 @@ class CrashingStorage(MemoryStorage):
 # batches, 2 add batches). A crash at each step of either run.
 CRASH_HISTORY = (keys(10), keys(11, start=4))
 CRASH_POINTS = [
-    *(("count_delivered", n, False) for n in range(2)),
+    *(("claim_runs", n, True) for n in range(2)),
     *(("apply_batch", n, after) for n in range(8) for after in (False, True)),
     *(("complete_run", n, after) for n in range(2) for after in (False, True)),
 ]

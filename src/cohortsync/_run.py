@@ -89,6 +89,8 @@ from cohortsync.exceptions import (
 from cohortsync.identifiers import IdentifierMapping
 from cohortsync.storage._protocol import (
     AppliedBatch,
+    Claim,
+    Completion,
     IssueKind,
     Lease,
     LedgerEntry,
@@ -98,7 +100,7 @@ from cohortsync.storage._protocol import (
     Tally,
 )
 
-__all__ = ["RunEnvironment", "execute"]
+__all__ = ["Completing", "RunEnvironment", "execute", "prepare"]
 
 log = logging.getLogger("cohortsync")
 
@@ -170,16 +172,72 @@ class _Lease:
             )
 
 
-def execute(env: RunEnvironment, lease: Lease) -> SyncRun:
+@attrs.frozen
+class Completing:
+    """
+    A finished run whose completion is not stored yet: the scheduler stores
+    several together (:meth:`~cohortsync.storage.OptionalQueries.complete_runs`)
+    and then calls :meth:`report` for each one that was written.
+    """
+
+    lease: Lease
+    completion: Completion
+
+    @property
+    def run(self) -> SyncRun:
+        return self.completion.run
+
+    def report(self, env: RunEnvironment) -> SyncRun:
+        """Log the stored run and emit :class:`RunFinished`; return it."""
+        run = self.completion.run
+        log.info(
+            "sync %s run %s %s: +%d -%d skipped=%d rejected=%d batches=%d",
+            run.sync_id,
+            run.id,
+            run.status.value,
+            run.added,
+            run.removed,
+            run.skipped,
+            run.rejected,
+            run.batches,
+        )
+        if run.status in (RunStatus.PARTIAL, RunStatus.FAILED) and run.skipped:
+            log.warning(
+                "sync %s run %s skipped %d member(s); see export_history for the reasons",
+                run.sync_id,
+                run.id,
+                run.skipped,
+            )
+        emit(env.listeners, RunFinished(run=run))
+        return run
+
+
+def execute(env: RunEnvironment, claim: Claim | Lease) -> SyncRun:
     """
     Run the claimed slot and complete it. Never raises for a failed run (the
     failure is recorded); raises :class:`LeaseLostError` if the lease was lost.
     """
-    return _Run(env, lease).run()
+    done = prepare(env, claim)
+    env.storage.complete_run(done.lease, done.completion)
+    return done.report(env)
+
+
+def prepare(env: RunEnvironment, claim: Claim | Lease) -> Completing:
+    """
+    Run the claimed slot up to its completion, which the caller stores (and
+    then reports). Raises :class:`LeaseLostError` if the lease was lost.
+
+    A :class:`Claim` carries the sync's record and its delivered-state facts,
+    so an ordinary run reads nothing more; a bare :class:`Lease` makes the
+    run read them.
+    """
+    if isinstance(claim, Lease):
+        return _Run(env, claim, None).run()
+    return _Run(env, claim.lease, claim).run()
 
 
 class _Run:
-    def __init__(self, env: RunEnvironment, lease: Lease) -> None:
+    def __init__(self, env: RunEnvironment, lease: Lease, claim: Claim | None) -> None:
         self.env = env
         self.lease = _Lease(env, lease)
         self.run_id = secrets.token_hex(8)
@@ -189,7 +247,10 @@ class _Run:
         # gets a new key (a de-duplicating receiver would drop a repeated one).
         self.basis = lease.slot.isoformat()
         self.started = env.clock.now()
-        self.record = env.storage.get_sync(lease.sync_id)
+        record = None if claim is None else claim.record
+        self.record = env.storage.get_sync(lease.sync_id) if record is None else record
+        # What the claim told about the delivered state (else it is read).
+        self.told: Claim | None = None if record is None else claim
         self.sync = self.record.sync
         self.counts = _Counts()
         self.notes: list[str] = []
@@ -243,7 +304,7 @@ class _Run:
 
     # -- the run ---------------------------------------------------------------
 
-    def run(self) -> SyncRun:
+    def run(self) -> Completing:
         env = self.env
         lease = self.lease.current
         cadence = self.sync.cadence
@@ -288,6 +349,8 @@ class _Run:
         crashed worker applied batches of its slot (or of a slot whose run was
         never recorded) and the history must account for them.
         """
+        if self.told is not None and not self.told.progress:
+            return
         progress = self.env.storage.progress(self.sync.id)
         if progress is None or not progress.tally:
             return
@@ -370,9 +433,11 @@ class _Run:
         env = self.env
         record = self.record
         sync = self.sync
-        delivered_count = env.storage.count_delivered(sync.id)
+        told = self.told
+        delivered_count = env.storage.count_delivered(sync.id) if told is None else told.delivered
         self.delivered_at_start = delivered_count
-        self.pending = env.storage.pending_batches(sync.id)
+        if told is None or told.pending:
+            self.pending = env.storage.pending_batches(sync.id)
         source = cohort.source
         if source is None:
             raise SourceError(cohort.id, "the cohort has no membership source registered")
@@ -396,7 +461,7 @@ class _Run:
         if plan.reason is not None:
             self.notes.append(plan.reason)
         self._key_basis(own=plan.own_keys)
-        self.version = env.storage.delivered_version(sync.id)
+        self.version = env.storage.delivered_version(sync.id) if told is None else told.version
         diff, feed_cursor = self._read(cohort, plan, delivered_count)
         self.diff = diff
         if self.pending:
@@ -604,7 +669,8 @@ class _Run:
         assert source is not None  # noqa: S101 - checked by the caller
         # One read of the ledger serves both the dead letters (never re-added)
         # and the pending rejections _resolve_ledger settles.
-        self.ledger = env.storage.ledger(sync.id)
+        if self.told is None or self.told.ledger:
+            self.ledger = env.storage.ledger(sync.id)
         dead = {e.key for e in self.ledger if e.dead}
         if plan.from_feed and has_change_feed(source):
             if env.cache is not None:
@@ -1231,7 +1297,7 @@ class _Run:
         status: RunStatus,
         error: BaseException | None,
         new_sync: Sync,
-    ) -> SyncRun:
+    ) -> Completing:
         env = self.env
         lease = self.lease.current
         if error is None and self.teardown_error is not None:
@@ -1276,28 +1342,7 @@ class _Run:
             )
         )
         self._emit(plan.events)
-        env.storage.complete_run(lease, plan.completion)
-        run = plan.run
-        log.info(
-            "sync %s run %s %s: +%d -%d skipped=%d rejected=%d batches=%d",
-            run.sync_id,
-            run.id,
-            run.status.value,
-            run.added,
-            run.removed,
-            run.skipped,
-            run.rejected,
-            run.batches,
-        )
-        if status in (RunStatus.PARTIAL, RunStatus.FAILED) and run.skipped:
-            log.warning(
-                "sync %s run %s skipped %d member(s); see export_history for the reasons",
-                run.sync_id,
-                run.id,
-                run.skipped,
-            )
-        emit(env.listeners, RunFinished(run=run))
-        return run
+        return Completing(lease, plan.completion)
 
 
 def _already_sent(sent: set[Identifier], *, identity: bool) -> Callable[[Member], bool]:

@@ -41,7 +41,7 @@ from cohortsync._plan import (
     plan_recovery,
 )
 from cohortsync._policy import Cadence, OnDelete, SyncPolicy
-from cohortsync._run import RunEnvironment, execute
+from cohortsync._run import Completing, RunEnvironment, prepare
 from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
 from cohortsync._validators import check_count, check_id
 from cohortsync.advice import Recommendation, recommend
@@ -59,9 +59,12 @@ from cohortsync.exceptions import (
     StorageError,
 )
 from cohortsync.identifiers import IdentifierMapping
+from cohortsync.storage._base import derive_claim_runs, derive_complete_runs
 from cohortsync.storage._memory import MemoryStorage
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
+    Claim,
+    Completion,
     Lease,
     LedgerEntry,
     Storage,
@@ -277,6 +280,8 @@ class Scheduler:
         check_count("state_cache_keys", state_cache_keys)
         self._cache = DeliveredCache(state_cache_keys) if state_cache_keys else None
         self._last_purge: datetime | None = None
+        self._run_seconds: float | None = None
+        """Recent average run duration on this scheduler's clock (sizes claim batches)."""
 
     def __repr__(self) -> str:
         return (
@@ -905,7 +910,7 @@ class Scheduler:
             pause_after_failures=self.pause_after_failures,
         )
 
-    def run_due(self, *, limit: int | None = None, claim_batch: int = 1) -> list[SyncRun]:
+    def run_due(self, *, limit: int | None = None, claim_batch: int | None = None) -> list[SyncRun]:
         """
         Claim and run every sync due now, one at a time; return the runs.
 
@@ -915,43 +920,151 @@ class Scheduler:
         record) never stops the others: it gets a failed run record with the
         error when one can be written, is logged, and the call goes on.
 
+        Due syncs are claimed in batches, and the runs of one batch are
+        recorded together (one transaction on SQLite, one round trip on
+        PostgreSQL): a crash loses at most the records of the batch's
+        unrecorded runs, whose slots run again when their leases expire,
+        re-sending nothing that was acknowledged (see :doc:`/reliability`).
+
         Args:
             limit: Run at most this many.
-            claim_batch: Claim this many due syncs per store round trip (a
-                throughput knob for many short runs; keep 1 for long runs so
-                other workers can take the rest).
+            claim_batch: Claim this many due syncs per store round trip. By
+                default it is sized from the lease: as many as this worker's
+                recent runs take a quarter of ``lease_for`` to run (1 to
+                64), so short runs share their store round trips while long
+                ones leave the rest to other workers.
         """
+        if claim_batch is not None and claim_batch < 1:
+            raise ConfigurationError("claim_batch", claim_batch, "must be at least 1")
         env = self._environment()
         runs: list[SyncRun] = []
         seen: set[str] = set()
         self._purge_if_due()
         self._rebase_if_clock_went_back()
         while limit is None or len(runs) < limit:
-            want = claim_batch if limit is None else min(claim_batch, limit - len(runs))
-            leases = self.storage.claim_due(self._now(), self.owner, self.lease_for, want)
-            if not leases:
-                break
-            repeat = False
-            for lease in leases:
-                if lease.sync_id in seen:
-                    # Due again already (the clock does not move): leave it for the next call.
-                    self.storage.release_lease(lease)
-                    repeat = True
-                    continue
-                seen.add(lease.sync_id)
-                try:
-                    runs.append(execute(env, lease))
-                except LeaseLostError:
-                    log.warning(
-                        "lost the lease on sync %s mid-run; another worker has it", lease.sync_id
-                    )
-                except Exception as exc:  # noqa: BLE001 - isolated, recorded, logged
-                    isolated = self._isolate(lease, exc)
-                    if isolated is not None:
-                        runs.append(isolated)
-            if repeat:
+            size = self._claim_size() if claim_batch is None else claim_batch
+            want = size if limit is None else min(size, limit - len(runs))
+            claims = self._claim_runs(self._now(), want)
+            if not claims or self._run_claims(env, claims, seen, runs):
                 break
         return runs
+
+    def _run_claims(
+        self, env: RunEnvironment, claims: list[Claim], seen: set[str], runs: list[SyncRun]
+    ) -> bool:
+        """
+        Run one claimed batch and store its completions (see :meth:`run_due`);
+        return whether a sync came due again (the call should stop).
+        """
+        repeat = False
+        done: list[Completing] = []
+        since: datetime | None = None
+        for claim in claims:
+            lease = claim.lease
+            if lease.sync_id in seen:
+                # Due again already (the clock does not move): leave it for the next call.
+                self.storage.release_lease(lease)
+                repeat = True
+                continue
+            seen.add(lease.sync_id)
+            started = self._now()
+            try:
+                done.append(prepare(env, claim))
+            except LeaseLostError:
+                log.warning(
+                    "lost the lease on sync %s mid-run; another worker has it", lease.sync_id
+                )
+            except Exception as exc:  # noqa: BLE001 - isolated, recorded, logged
+                self._store_runs(env, done, runs)
+                isolated = self._isolate(lease, exc)
+                if isolated is not None:
+                    runs.append(isolated)
+            finished = self._now()
+            self._timed(started, finished)
+            since = since or started
+            if done and finished - since >= self.lease_for / 4:
+                # Runs are taking long: record these before their leases run short.
+                self._store_runs(env, done, runs)
+                since = None
+        self._store_runs(env, done, runs)
+        return repeat
+
+    def _claim_runs(self, now: datetime, limit: int) -> list[Claim]:
+        claim_runs = getattr(self.storage, "claim_runs", None)
+        if claim_runs is None:  # a store written for 0.1
+            return derive_claim_runs(self.storage, now, self.owner, self.lease_for, limit)
+        claims: list[Claim] = claim_runs(now, self.owner, self.lease_for, limit)
+        return claims
+
+    def _complete_runs(
+        self, completions: list[tuple[Lease, Completion]]
+    ) -> list[CohortSyncError | None]:
+        complete_runs = getattr(self.storage, "complete_runs", None)
+        if complete_runs is None:  # a store written for 0.1
+            return derive_complete_runs(self.storage, completions)
+        answers: list[CohortSyncError | None] = complete_runs(completions)
+        return answers
+
+    def _claim_size(self) -> int:
+        """
+        How many syncs to claim at once: 1 until a run has been timed, then as
+        many as take a quarter of the lease by the recent average (1 to 64).
+        """
+        per_run = self._run_seconds
+        if per_run is None:
+            return 1
+        quarter = self.lease_for.total_seconds() / 4
+        if per_run * _MAX_CLAIM_BATCH <= quarter:
+            return _MAX_CLAIM_BATCH
+        return max(1, int(quarter / per_run))
+
+    def _timed(self, started: datetime, finished: datetime) -> None:
+        """Fold one run's duration (on this scheduler's clock) into the average."""
+        seconds = max((finished - started).total_seconds(), 0.0)
+        old = self._run_seconds
+        self._run_seconds = seconds if old is None else old + (seconds - old) / 8
+
+    def _store_runs(self, env: RunEnvironment, done: list[Completing], runs: list[SyncRun]) -> None:
+        """
+        Store the completions of finished runs together, then report each one
+        written; *done* is emptied. A completion refused on its own (lease
+        lost, slot already recorded) is handled as a lone one would be; if
+        the store fails as a whole, each is stored alone so one bad record
+        cannot take the others with it.
+        """
+        if not done:
+            return
+        batch = list(done)
+        done.clear()
+        try:
+            answers = self._complete_runs([(c.lease, c.completion) for c in batch])
+        except CohortSyncError:
+            if len(batch) == 1:
+                answers = [self._complete_alone(batch[0])]
+            else:
+                log.warning(
+                    "storing %d run records together failed; storing them one by one", len(batch)
+                )
+                answers = [self._complete_alone(c) for c in batch]
+        for completing, error in zip(batch, answers, strict=True):
+            if error is None:
+                runs.append(completing.report(env))
+            elif isinstance(error, LeaseLostError):
+                log.warning(
+                    "lost the lease on sync %s mid-run; another worker has it",
+                    completing.lease.sync_id,
+                )
+            else:
+                isolated = self._isolate(completing.lease, error)
+                if isolated is not None:
+                    runs.append(isolated)
+
+    def _complete_alone(self, completing: Completing) -> CohortSyncError | None:
+        try:
+            self.storage.complete_run(completing.lease, completing.completion)
+        except CohortSyncError as exc:
+            return exc
+        return None
 
     def _isolate(self, lease: Lease, error: BaseException) -> SyncRun | None:
         """
@@ -1146,6 +1259,8 @@ class Scheduler:
 
 
 _NO_PERIOD_TOLERANCE = timedelta(minutes=1)
+_MAX_CLAIM_BATCH = 64
+"""Most syncs claimed (and recorded) in one store round trip."""
 """How far ahead of the clock a due time without a period may be before it is recomputed."""
 
 _MIN_SLEEP = 0.05

@@ -30,6 +30,8 @@ from cohortsync.storage._memory import MemoryStorage
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     AppliedBatch,
+    BatchedRuns,
+    Claim,
     Completion,
     DeliveryStore,
     HistoryStore,
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
 __all__ = [
     "SLOT_BUCKET_SECONDS",
     "AppliedBatch",
+    "BatchedRuns",
+    "Claim",
     "Completion",
     "DeliveryStore",
     "HistoryStore",

@@ -5,8 +5,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
-from datetime import datetime
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 from itertools import islice
 from types import TracebackType
 
@@ -14,7 +14,20 @@ from typing_extensions import Self
 
 from cohortsync._clock import require_aware
 from cohortsync._destination import Identifier
-from cohortsync.storage._protocol import Storage, SyncRecord
+from cohortsync.exceptions import (
+    CohortSyncError,
+    CorruptStoreError,
+    DuplicateRunError,
+    LeaseLostError,
+)
+from cohortsync.storage._protocol import (
+    BatchedRuns,
+    Claim,
+    Completion,
+    Lease,
+    Storage,
+    SyncRecord,
+)
 from cohortsync.storage._rules import (
     least_loaded,
     record_claimable_at,
@@ -23,13 +36,13 @@ from cohortsync.storage._rules import (
     slot_bucket_of,
 )
 
-__all__ = ["StorageBase"]
+__all__ = ["StorageBase", "derive_claim_runs", "derive_complete_runs"]
 
 _CHUNK = 10_000
 """Delivered keys per :meth:`~cohortsync.storage.DeliveryStore.delivered_identifiers` call."""
 
 
-class StorageBase(Storage):
+class StorageBase(Storage, BatchedRuns):
     """
     The base of a store that implements the required parts and lets cohortsync
     derive the rest.
@@ -77,6 +90,16 @@ class StorageBase(Storage):
         counts = Counter(slot[1] for slot in taken if slot is not None and slot[0] == period)
         return least_loaded(counts, buckets, preferred)
 
+    def claim_runs(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Claim]:
+        return derive_claim_runs(self, now, owner, lease_for, limit)
+
+    def complete_runs(
+        self, completions: Sequence[tuple[Lease, Completion]]
+    ) -> list[CohortSyncError | None]:
+        return derive_complete_runs(self, completions)
+
     # -- derived from the delivery part ---------------------------------------------
 
     def count_delivered(self, sync_id: str) -> int:
@@ -103,3 +126,51 @@ class StorageBase(Storage):
 
     def dead_letters(self, sync_id: str) -> set[str]:
         return {entry.key for entry in self.ledger(sync_id) if entry.dead}
+
+
+# -- the derivations of the queries added in 0.2 -------------------------------------
+#
+# A store written for 0.1 that implements the whole protocol itself (without
+# StorageBase) lacks these two; the scheduler derives them for it, so it keeps
+# working (without their speed).
+
+
+def derive_claim_runs(
+    store: Storage, now: datetime, owner: str, lease_for: timedelta, limit: int
+) -> list[Claim]:
+    """:meth:`~cohortsync.storage.OptionalQueries.claim_runs` from the required parts."""
+    claims = []
+    for lease in store.claim_due(now, owner, lease_for, limit):
+        sync_id = lease.sync_id
+        record: SyncRecord | None
+        try:
+            record = store.get_sync(sync_id)
+        except CorruptStoreError:
+            record = None  # the run reads it again and reports the damage
+        claims.append(
+            Claim(
+                lease=lease,
+                record=record,
+                delivered=store.count_delivered(sync_id),
+                version=store.delivered_version(sync_id),
+                pending=bool(store.pending_batches(sync_id)),
+                ledger=bool(store.ledger(sync_id)),
+                progress=store.progress(sync_id) is not None,
+            )
+        )
+    return claims
+
+
+def derive_complete_runs(
+    store: Storage, completions: Sequence[tuple[Lease, Completion]]
+) -> list[CohortSyncError | None]:
+    """:meth:`~cohortsync.storage.OptionalQueries.complete_runs`: one call each."""
+    out: list[CohortSyncError | None] = []
+    for lease, completion in completions:
+        try:
+            store.complete_run(lease, completion)
+        except (LeaseLostError, DuplicateRunError) as exc:  # noqa: PERF203 - per completion
+            out.append(exc)
+        else:
+            out.append(None)
+    return out

@@ -20,6 +20,7 @@ from cohortsync._clock import add_saturating, require_aware
 from cohortsync._destination import Identifier, IdentifierKind, Operation
 from cohortsync._sync import SyncRun
 from cohortsync.exceptions import (
+    CohortSyncError,
     ConfigurationError,
     ConflictError,
     DuplicateRunError,
@@ -31,6 +32,7 @@ from cohortsync.storage._base import StorageBase
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     AppliedBatch,
+    Claim,
     Completion,
     IssueKind,
     Lease,
@@ -169,7 +171,8 @@ class MemoryStorage(StorageBase):
     _due: list[tuple[datetime, str]] = attrs.field(factory=list, repr=False)
     _leased: set[str] = attrs.field(factory=set, repr=False)
     _delivered: dict[str, _Delivered] = attrs.field(factory=dict, repr=False)
-    _ledger: dict[tuple[str, str], LedgerEntry] = attrs.field(factory=dict, repr=False)
+    _ledger: dict[str, dict[str, LedgerEntry]] = attrs.field(factory=dict, repr=False)
+    """Rejected members by sync, then by key (a sync without any has no entry)."""
     _runs: dict[tuple[str, datetime], SyncRun] = attrs.field(factory=dict, repr=False)
     _batches: list[_Batch] = attrs.field(factory=list, repr=False)
     _issues: dict[str, list[MemberIssue]] = attrs.field(factory=dict, repr=False)
@@ -234,8 +237,7 @@ class MemoryStorage(StorageBase):
             self._versions.pop(sync_id, None)
             self._pending.pop(sync_id, None)
             self._progress.pop(sync_id, None)
-            for k in [k for k in self._ledger if k[0] == sync_id]:
-                del self._ledger[k]
+            self._ledger.pop(sync_id, None)
 
     def next_due(self) -> datetime | None:
         with self._lock:
@@ -304,6 +306,29 @@ class MemoryStorage(StorageBase):
             heapq.heappush(self._due, (at, record.id))
 
     def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
+        with self._lock:
+            return [lease for _, lease in self._claim(now, owner, lease_for, limit)]
+
+    def claim_runs(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Claim]:
+        with self._lock:
+            return [
+                Claim(
+                    lease=lease,
+                    record=record,
+                    delivered=len(self._state(record.id).ids),
+                    version=self._versions.get(record.id, ""),
+                    pending=bool(self._pending.get(record.id)),
+                    ledger=record.id in self._ledger,
+                    progress=record.id in self._progress,
+                )
+                for record, lease in self._claim(now, owner, lease_for, limit)
+            ]
+
+    def _claim(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[tuple[SyncRecord, Lease]]:
         now = require_aware(now, "now")
         with self._lock:
             self._check_open()
@@ -342,17 +367,15 @@ class MemoryStorage(StorageBase):
                 if r.id in popped and at is not None:  # put back the hints not taken
                     heapq.heappush(self._due, (at, r.id))
             due = due[: max(limit, 0)]
-            leases = []
+            claims = []
+            expires_at = add_saturating(now, lease_for)
             for r in due:
                 claimed, lease = apply_claim(
-                    r,
-                    owner=owner,
-                    token=secrets.token_hex(16),
-                    expires_at=add_saturating(now, lease_for),
+                    r, owner=owner, token=secrets.token_hex(16), expires_at=expires_at
                 )
                 self._store(claimed)
-                leases.append(lease)
-            return leases
+                claims.append((claimed, lease))
+            return claims
 
     def _held(self, lease: Lease) -> SyncRecord:
         self._check_open()
@@ -373,6 +396,12 @@ class MemoryStorage(StorageBase):
         with self._lock:
             r = self._held(lease)
             self._store(attrs.evolve(r, lease=None))
+
+    def complete_runs(
+        self, completions: Sequence[tuple[Lease, Completion]]
+    ) -> list[CohortSyncError | None]:
+        with self._lock:
+            return super().complete_runs(completions)
 
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         with self._lock:
@@ -465,16 +494,17 @@ class MemoryStorage(StorageBase):
         with self._lock:
             self._held(lease)
             state = self._state(lease.sync_id)
+            ledger = self._ledger.get(lease.sync_id, {})
             for m in batch.added:
                 state.add(m.key, None if is_identity(m) else m.identifier)
-                self._ledger.pop((lease.sync_id, m.key), None)
+                ledger.pop(m.key, None)
             for key in batch.removed:
                 state.discard(key)
-                self._ledger.pop((lease.sync_id, key), None)
+                ledger.pop(key, None)
             for key, reason in batch.rejected:
-                old = self._ledger.get((lease.sync_id, key))
+                old = ledger.get(key)
                 attempts = (old.attempts if old else 0) + 1
-                self._ledger[lease.sync_id, key] = LedgerEntry(
+                ledger[key] = LedgerEntry(
                     sync_id=lease.sync_id,
                     key=key,
                     reason=reason,
@@ -483,6 +513,10 @@ class MemoryStorage(StorageBase):
                     first_seen=old.first_seen if old else batch.at,
                     last_seen=batch.at,
                 )
+            if ledger:
+                self._ledger[lease.sync_id] = ledger
+            else:
+                self._ledger.pop(lease.sync_id, None)
             self._batches.append(
                 _Batch(
                     batch.run_id, batch.sequence, batch.operation, batch.idempotency_key, batch.at
@@ -515,9 +549,7 @@ class MemoryStorage(StorageBase):
     def ledger(self, sync_id: str) -> list[LedgerEntry]:
         with self._lock:
             self._check_open()
-            return sorted(
-                (e for (s, _), e in self._ledger.items() if s == sync_id), key=lambda e: e.key
-            )
+            return sorted(self._ledger.get(sync_id, {}).values(), key=lambda e: e.key)
 
     def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
         with self._lock:

@@ -33,10 +33,13 @@ import attrs
 from cohortsync import _validators as v
 from cohortsync._destination import Identifier, Member, Operation
 from cohortsync._sync import Sync, SyncRun, Trigger
+from cohortsync.exceptions import CohortSyncError
 
 __all__ = [
     "SLOT_BUCKET_SECONDS",
     "AppliedBatch",
+    "BatchedRuns",
+    "Claim",
     "Completion",
     "DeliveryStore",
     "HistoryStore",
@@ -201,6 +204,41 @@ class Completion:
     """Idempotency keys of pending batches this run reconciled: their records are deleted."""
     scheduled_from: datetime | None = attrs.field(default=None, converter=v.optional_to_utc)
     """The instant ``next_due`` was computed from; stored with it (see :class:`SyncRecord`)."""
+
+
+@attrs.frozen(kw_only=True)
+class Claim:
+    """
+    A claimed slot with everything an ordinary run needs to know before it
+    reads the source: :meth:`OptionalQueries.claim_runs` returns it so a run
+    makes no further reads of the store unless one of the flags says so.
+
+    Args:
+        lease: The lease, as :meth:`ScheduleStore.claim_due` gives it.
+        record: The sync's record as the claim left it, or ``None`` when the
+            stored row cannot be decoded (the run then reads it with
+            :meth:`ScheduleStore.get_sync`, which reports the damage, and
+            the other claimed syncs are not held up).
+        delivered: :meth:`OptionalQueries.count_delivered` of the sync.
+        version: :meth:`DeliveryStore.delivered_version` of the sync.
+        pending: The sync has batches recorded as in flight
+            (:meth:`DeliveryStore.pending_batches` is not empty).
+        ledger: The sync has rejected members (:meth:`HistoryStore.ledger`
+            is not empty).
+        progress: An attempt that did not complete applied batches
+            (:meth:`DeliveryStore.progress` is not ``None``).
+
+    All of it is read in the claim's own transaction; only the lease holder
+    can change any of it until the run completes.
+    """
+
+    lease: Lease
+    record: SyncRecord | None
+    delivered: int = attrs.field(default=0, validator=v.count(0))
+    version: str = ""
+    pending: bool = False
+    ledger: bool = False
+    progress: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -621,6 +659,62 @@ class OptionalQueries(Protocol):
         Keys of the sync's dead letters.
 
         Derived from :meth:`~HistoryStore.ledger`.
+        """
+
+
+@runtime_checkable
+class BatchedRuns(Protocol):
+    """
+    **Optional part, added in 0.2:** a claim that hands each run everything
+    it needs, and run records stored together, so an ordinary run costs the
+    store no more than a share of two round trips.
+
+    Not part of :class:`Storage`, so a store written for 0.1 still is one:
+    the scheduler derives both from :class:`Storage` when a store lacks them
+    (:class:`StorageBase` derives them the same way), and a store that can
+    answer in one statement implements them (every shipped one does).
+    """
+
+    __slots__ = ()
+
+    def claim_runs(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Claim]:
+        """
+        :meth:`~ScheduleStore.claim_due`, each lease with its :class:`Claim`:
+        the sync's record and its delivered-state facts, so an ordinary run
+        reads nothing else. **Atomic** like :meth:`~ScheduleStore.claim_due`
+        (the facts belong to the claim's transaction).
+
+        A row that cannot be decoded is still claimed, with ``record=None``;
+        it must never make the whole claim fail.
+
+        Derived from :meth:`~ScheduleStore.claim_due`,
+        :meth:`~ScheduleStore.get_sync`, :meth:`~OptionalQueries.count_delivered`,
+        :meth:`~DeliveryStore.delivered_version`,
+        :meth:`~DeliveryStore.pending_batches`, :meth:`~HistoryStore.ledger`
+        and :meth:`~DeliveryStore.progress` (six reads per claimed sync).
+        """
+
+    def complete_runs(
+        self, completions: Sequence[tuple[Lease, Completion]]
+    ) -> list[CohortSyncError | None]:
+        """
+        :meth:`~ScheduleStore.complete_run` of several runs, committed
+        together where the store can (one transaction, one round trip).
+        Each completion succeeds or fails on its own: the answer holds, in
+        order, ``None`` for a completion written, or the
+        :class:`~cohortsync.exceptions.LeaseLostError` /
+        :class:`~cohortsync.exceptions.DuplicateRunError` that
+        :meth:`~ScheduleStore.complete_run` would have raised for it (and
+        nothing of it was written).
+
+        Raises:
+            StorageError: The store failed: none of the completions may be
+                assumed written (their leases expire and their slots run
+                again, folding in what they delivered).
+
+        Derived from :meth:`~ScheduleStore.complete_run`, one call each.
         """
 
 

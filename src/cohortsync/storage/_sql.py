@@ -37,6 +37,7 @@ from cohortsync._destination import Identifier, IdentifierKind, Member, Operatio
 from cohortsync._sync import Sync, SyncRun, Trigger
 from cohortsync.exceptions import CorruptStoreError, SchemaVersionError
 from cohortsync.storage._protocol import (
+    Claim,
     Completion,
     Lease,
     LedgerEntry,
@@ -149,6 +150,15 @@ SYNC_COLUMNS = (
 """The columns :func:`decode_sync` reads, in its order."""
 
 SELECT_SYNCS = f"SELECT {SYNC_COLUMNS} FROM {{s}}.syncs"  # noqa: S608 - constant columns
+CLAIM_RUN_COLUMNS = (
+    f"{SYNC_COLUMNS}, delivered_count, delivered_version,"  # noqa: S608 - constant columns
+    " EXISTS (SELECT 1 FROM {s}.pending AS p WHERE p.sync_id = syncs.id),"
+    " EXISTS (SELECT 1 FROM {s}.ledger AS l WHERE l.sync_id = syncs.id),"
+    " EXISTS (SELECT 1 FROM {s}.progress AS g WHERE g.sync_id = syncs.id)"
+)
+"""What a claim returns for :func:`decode_claim_runs`: the row and the facts of a
+:class:`~cohortsync.storage.Claim`, read in the claim's own statement."""
+_SYNC_WIDTH = SYNC_COLUMNS.count(",") + 1
 _DEFINITION_COLUMNS = (
     "definition",
     "generation",
@@ -497,6 +507,73 @@ def decode_claims(
             unschedule(row[0])
     leases.sort(key=lambda lease: (lease.slot, lease.sync_id))
     return leases
+
+
+def decode_claim_runs(
+    rows: Iterable[Sequence[Any]],
+    owner: str,
+    expires_at: datetime,
+    instants: Instants,
+    unschedule: Callable[[str], object],
+) -> list[Claim]:
+    """
+    The claims in rows of :data:`CLAIM_RUN_COLUMNS`, earliest slot first.
+
+    A row whose schedule columns are damaged is taken off the schedule (as in
+    :func:`decode_claims`); a row whose definition cannot be decoded is
+    claimed with ``record=None``, so its run reports the damage on its own.
+    """
+    width = _SYNC_WIDTH
+    claims = []
+    for row in rows:
+        sync_row = row[:width]
+        (
+            sync_id,
+            *_,
+            lease_token,
+            _expires,
+            lease_slot,
+            lease_generation,
+            lease_trigger,
+            lease_revision,
+        ) = sync_row
+        delivered, version, pending, ledger, progress = row[width:]
+        try:
+            lease = decode_lease(
+                (
+                    sync_id,
+                    lease_generation,
+                    lease_slot,
+                    lease_trigger,
+                    lease_token,
+                    lease_revision,
+                ),
+                owner,
+                expires_at,
+                instants,
+            )
+        except CorruptStoreError as exc:
+            log.error("unscheduling sync %r: %s", sync_id, exc)  # noqa: TRY400 - typed, no trace needed
+            unschedule(sync_id)
+            continue
+        record: SyncRecord | None
+        try:
+            record = decode_sync(sync_row, instants)
+        except CorruptStoreError:
+            record = None
+        claims.append(
+            Claim(
+                lease=lease,
+                record=record,
+                delivered=delivered,
+                version=version,
+                pending=bool(pending),
+                ledger=bool(ledger),
+                progress=bool(progress),
+            )
+        )
+    claims.sort(key=lambda claim: (claim.lease.slot, claim.lease.sync_id))
+    return claims
 
 
 # -- runs, ledger, progress -------------------------------------------------------

@@ -32,6 +32,7 @@ from cohortsync._clock import add_saturating, require_aware
 from cohortsync._destination import Identifier, IdentifierKind
 from cohortsync._sync import SyncRun, SyncStatus
 from cohortsync.exceptions import (
+    CohortSyncError,
     ConfigurationError,
     ConflictError,
     CorruptStoreError,
@@ -44,6 +45,7 @@ from cohortsync.storage import _sql as q
 from cohortsync.storage._base import StorageBase
 from cohortsync.storage._protocol import (
     AppliedBatch,
+    Claim,
     Completion,
     IssueKind,
     Lease,
@@ -228,6 +230,16 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         BEGIN SELECT RAISE(ABORT, 'cohortsync: unknown sync status'); END
         """,
     ),
+    # 4: the size of each sync's delivered state on its row, kept by the
+    # transactions that change the state, so a claim hands a run everything
+    # it needs without counting (see Claim).
+    (
+        "ALTER TABLE syncs ADD COLUMN delivered_count INTEGER NOT NULL DEFAULT 0",
+        """
+        UPDATE syncs SET delivered_count =
+            (SELECT count(*) FROM delivered WHERE delivered.sync_id = syncs.id)
+        """,
+    ),
 ]
 
 _SELECT_SYNCS = q.sqlite_text(q.SELECT_SYNCS)
@@ -250,7 +262,6 @@ _SELECT_PROGRESS = q.sqlite_text(q.SELECT_PROGRESS)
 _ADD_PROGRESS = q.sqlite_text(q.ADD_PROGRESS)
 _DELETE_PROGRESS = q.sqlite_text(q.DELETE_PROGRESS)
 _INSERT_BATCH = q.sqlite_text(q.INSERT_BATCH)
-_COUNT_DELIVERED = q.sqlite_text(q.COUNT_DELIVERED)
 _HAS_LEDGER = q.sqlite_text(q.HAS_LEDGER)
 _SELECT_LEDGER = q.sqlite_text(q.SELECT_LEDGER)
 _DEAD_LETTERS = q.sqlite_text(q.DEAD_LETTERS)
@@ -283,17 +294,28 @@ _CLAIM = f"""
     )
     RETURNING id, generation, next_due, next_trigger, lease_token, revision
 """  # noqa: S608 - a constant expression, no values
+_CLAIM_RUNS = _CLAIM.replace(
+    "RETURNING id, generation, next_due, next_trigger, lease_token, revision",
+    f"RETURNING {q.sqlite_text(q.CLAIM_RUN_COLUMNS)}",
+)
 _INSERT_RUN = """
     INSERT INTO runs (id, sync_id, generation, trigger, status, slot, started_at, finished_at, data)
     VALUES (:id, :sync_id, :generation, :trigger, :status, :slot, :started_at, :finished_at,
         :record)
     ON CONFLICT (sync_id, slot) DO NOTHING
 """
-_UPSERT_DELIVERED = """
+# Inserted and updated apart, so the rows inserted are counted (an upsert's
+# rowcount cannot tell the two apart) and delivered_count stays exact.
+_INSERT_DELIVERED = """
     INSERT INTO delivered (sync_id, key, id_kind, id_value) VALUES (?, ?, ?, ?)
-    ON CONFLICT (sync_id, key) DO UPDATE SET
-        id_kind = excluded.id_kind, id_value = excluded.id_value
+    ON CONFLICT (sync_id, key) DO NOTHING
 """
+_UPDATE_DELIVERED = """
+    UPDATE delivered SET id_kind = ?, id_value = ? WHERE sync_id = ? AND key = ?
+"""
+_MOVE_DELIVERED = (
+    "UPDATE syncs SET delivered_version = ?, delivered_count = delivered_count + ? WHERE id = ?"
+)
 _REJECT = """
     INSERT INTO ledger (sync_id, key, reason, attempts, dead, first_seen, last_seen)
     VALUES (:sync_id, :key, :reason, 1, 1 >= :max, :at, :at)
@@ -732,6 +754,31 @@ class SQLiteStorage(StorageBase):
                 rows, owner, expires_at, _US, lambda sync_id: conn.execute(_UNSCHEDULE, (sync_id,))
             )
 
+    def claim_runs(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Claim]:
+        """
+        :meth:`claim_due` returning the whole row and the delivered-state facts
+        (one statement, see :data:`~cohortsync.storage._sql.CLAIM_RUN_COLUMNS`).
+        """
+        now = require_aware(now, "now")
+        if limit < 1:
+            return []
+        expires_at = add_saturating(now, lease_for)
+        params = {
+            "owner": owner,
+            "prefix": secrets.token_hex(8),
+            "expires": _US.encode(expires_at),
+            "active": SyncStatus.ACTIVE.value,
+            "now": _US.encode(now),
+            "limit": limit,
+        }
+        with self._write() as conn:
+            rows = conn.execute(_CLAIM_RUNS, params).fetchall()
+            return q.decode_claim_runs(
+                rows, owner, expires_at, _US, lambda sync_id: conn.execute(_UNSCHEDULE, (sync_id,))
+            )
+
     @staticmethod
     def _check_lease(conn: sqlite3.Connection, lease: Lease) -> None:
         if conn.execute(_IS_HELD, (lease.sync_id, lease.token)).fetchone() is None:
@@ -760,21 +807,45 @@ class SQLiteStorage(StorageBase):
         the row, and delete the resolved pending batches and the progress.
         Any error rolls all of it back.
         """
-        run = completion.run
-        run_row = q.run_params(run, _US)
         with self._write() as conn:
-            held = conn.execute(_HELD, (lease.sync_id, lease.token)).fetchone()
-            if held is None:
-                raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
-            if conn.execute(_INSERT_RUN, run_row).rowcount != 1:
-                raise DuplicateRunError(run.sync_id, run.slot)
-            statement, params = q.completion_update(held, lease, completion, _US)
-            conn.execute(q.sqlite_text(statement), params)
-            if completion.resolved:
-                conn.executemany(
-                    _DELETE_PENDING, ((lease.sync_id, key) for key in completion.resolved)
-                )
-            conn.execute(_DELETE_PROGRESS, (lease.sync_id,))
+            self._complete(conn, lease, completion)
+
+    def complete_runs(
+        self, completions: Sequence[tuple[Lease, Completion]]
+    ) -> list[CohortSyncError | None]:
+        """
+        Every completion in one write transaction (one commit), each inside a
+        savepoint: one that fails its lease or slot check is rolled back alone.
+        """
+        out: list[CohortSyncError | None] = []
+        if not completions:
+            return out
+        with self._write() as conn:
+            for lease, completion in completions:
+                conn.execute("SAVEPOINT completion")
+                try:
+                    self._complete(conn, lease, completion)
+                except (LeaseLostError, DuplicateRunError) as exc:
+                    conn.execute("ROLLBACK TO completion")
+                    out.append(exc)
+                else:
+                    out.append(None)
+                conn.execute("RELEASE completion")
+        return out
+
+    @staticmethod
+    def _complete(conn: sqlite3.Connection, lease: Lease, completion: Completion) -> None:
+        run = completion.run
+        held = conn.execute(_HELD, (lease.sync_id, lease.token)).fetchone()
+        if held is None:
+            raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
+        if conn.execute(_INSERT_RUN, q.run_params(run, _US)).rowcount != 1:
+            raise DuplicateRunError(run.sync_id, run.slot)
+        statement, params = q.completion_update(held, lease, completion, _US)
+        conn.execute(q.sqlite_text(statement), params)
+        if completion.resolved:
+            conn.executemany(_DELETE_PENDING, ((lease.sync_id, key) for key in completion.resolved))
+        conn.execute(_DELETE_PROGRESS, (lease.sync_id,))
 
     def begin_batch(
         self, lease: Lease, batch: PendingBatch, *, replaces: str | None = None
@@ -852,8 +923,10 @@ class SQLiteStorage(StorageBase):
 
     def count_delivered(self, sync_id: str) -> int:
         with self._read() as conn:
-            (count,) = conn.execute(_COUNT_DELIVERED, (sync_id,)).fetchone()
-        return int(count)
+            row = conn.execute(
+                "SELECT delivered_count FROM syncs WHERE id = ?", (sync_id,)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
 
     def filter_delivered(self, sync_id: str, keys: Iterable[str]) -> set[str]:
         found: set[str] = set()
@@ -901,13 +974,17 @@ class SQLiteStorage(StorageBase):
         at = _US.encode(batch.at)
         with self._write() as conn:
             self._check_lease(conn, lease)
+            change = 0
             if added:
-                conn.executemany(_UPSERT_DELIVERED, added)
+                change = conn.executemany(_INSERT_DELIVERED, added).rowcount
+                if change != len(added):
+                    # Some were delivered already: give them the identifier sent now.
+                    conn.executemany(_UPDATE_DELIVERED, ((*row[2:], *row[:2]) for row in added))
             if batch.removed:
-                conn.executemany(
+                change -= conn.executemany(
                     "DELETE FROM delivered WHERE sync_id = ? AND key = ?",
                     ((sync_id, key) for key in batch.removed),
-                )
+                ).rowcount
             has_ledger = conn.execute(_HAS_LEDGER, (sync_id,)).fetchone()
             if has_ledger and (added or batch.removed):
                 touched = [*(row[1] for row in added), *batch.removed]
@@ -946,7 +1023,7 @@ class SQLiteStorage(StorageBase):
                     _ADD_PROGRESS, q.progress_params(sync_id, batch.slot, batch.tally, _US)
                 )
             version = secrets.token_hex(8)
-            conn.execute("UPDATE syncs SET delivered_version = ? WHERE id = ?", (version, sync_id))
+            conn.execute(_MOVE_DELIVERED, (version, change, sync_id))
         return version
 
     def delivered_version(self, sync_id: str) -> str:

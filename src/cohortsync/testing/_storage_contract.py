@@ -33,6 +33,7 @@ from cohortsync._destination import Identifier, IdentifierKind, Member, Operatio
 from cohortsync._policy import Cadence, SyncPolicy
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.exceptions import (
+    CohortSyncError,
     ConfigurationError,
     ConflictError,
     DuplicateRunError,
@@ -40,9 +41,11 @@ from cohortsync.exceptions import (
     StorageError,
     SyncNotFoundError,
 )
-from cohortsync.storage._base import StorageBase
+from cohortsync.storage._base import StorageBase, derive_claim_runs, derive_complete_runs
 from cohortsync.storage._protocol import (
     AppliedBatch,
+    BatchedRuns,
+    Claim,
     Completion,
     DeliveryStore,
     HistoryStore,
@@ -1561,6 +1564,137 @@ def check_next_due_and_scheduled_after(make_storage: StorageFactory) -> None:
         _expect([], store.scheduled_after(T0 + HOUR), "none once the clock caught up")
 
 
+def _claim_runs(store: Storage, now: datetime, owner: str, limit: int) -> list[Claim]:
+    native = getattr(store, "claim_runs", None)
+    if native is None:
+        return derive_claim_runs(store, now, owner, LEASE, limit)
+    claims: list[Claim] = native(now, owner, LEASE, limit)
+    return claims
+
+
+def _complete_runs(
+    store: Storage, completions: list[tuple[Lease, Completion]]
+) -> list[CohortSyncError | None]:
+    native = getattr(store, "complete_runs", None)
+    if native is None:
+        return derive_complete_runs(store, completions)
+    answers: list[CohortSyncError | None] = native(completions)
+    return answers
+
+
+def check_claim_runs(make_storage: StorageFactory) -> None:
+    """
+    claim_runs leases like claim_due and tells each run its record, delivered
+    count, version and whether it has pending batches, ledger entries or progress.
+    """
+    with _open(make_storage) as store:
+        for sync_id in ("plain", "busy", "later"):
+            store.create_sync(_record(sync_id, next_due=T0 + (HOUR if sync_id == "later" else US)))
+        busy = _claim_one(store, T0 + US)
+        _expect("busy", busy.sync_id, "first claim")
+        store.apply_batch(
+            busy,
+            attrs.evolve(
+                _batch("run-b", added=(_member("m1"), _member("m2")), rejected=(("bad", "no"),)),
+                slot=busy.slot,
+                tally=Tally(added=2, rejected=1, batches=1),
+            ),
+        )
+        store.begin_batch(
+            busy,
+            PendingBatch(
+                run_id="run-b",
+                idempotency_key="k-pending",
+                operation=Operation.ADD,
+                members=(_member("m3"),),
+            ),
+        )
+        store.release_lease(busy)
+        _expect([], _claim_runs(store, T0, "w", 0), "claim_runs with limit=0")
+        claims = _claim_runs(store, T0 + 2 * US, "w", 10)
+        _expect(["busy", "plain"], [c.lease.sync_id for c in claims], "claim_runs order")
+        for claim in claims:
+            sync_id = claim.lease.sync_id
+            what = f"claim_runs of {sync_id!r}"
+            _expect(store.get_sync(sync_id), claim.record, f"{what}: record (lease included)")
+            _expect(claim.lease, store.get_sync(sync_id).lease, f"{what}: the lease is held")
+            _expect(store.count_delivered(sync_id), claim.delivered, f"{what}: delivered")
+            _expect(store.delivered_version(sync_id), claim.version, f"{what}: version")
+            _expect(bool(store.pending_batches(sync_id)), claim.pending, f"{what}: pending")
+            _expect(bool(store.ledger(sync_id)), claim.ledger, f"{what}: ledger")
+            _expect(store.progress(sync_id) is not None, claim.progress, f"{what}: progress")
+        _expect(
+            (2, True, True, True),
+            (claims[0].delivered, claims[0].pending, claims[0].ledger, claims[0].progress),
+            "claim_runs facts of a busy sync",
+        )
+        _expect(
+            (0, "", False, False, False),
+            (
+                claims[1].delivered,
+                claims[1].version,
+                claims[1].pending,
+                claims[1].ledger,
+                claims[1].progress,
+            ),
+            "claim_runs facts of a new sync",
+        )
+        _expect([], _claim_runs(store, T0 + 2 * US, "w2", 10), "claim_runs while leases held")
+
+
+def check_complete_runs(make_storage: StorageFactory) -> None:
+    """
+    complete_runs writes each completion as complete_run would, and one that
+    fails its lease or slot check fails alone.
+    """
+    with _open(make_storage) as store:
+        for sync_id in ("a", "b", "c", "d"):
+            store.create_sync(_record(sync_id))
+        leases = {c.lease.sync_id: c.lease for c in _claim_runs(store, T0, "w", 10)}
+        _expect({"a", "b", "c", "d"}, set(leases), "claimed")
+        # c's slot was recorded already (by a run of it that outlived its lease).
+        store.complete_run(leases["c"], _completion(leases["c"], None))
+        store.create_sync(_record("c2"))
+        answers = _complete_runs(
+            store,
+            [
+                (leases["a"], _completion(leases["a"], T0 + HOUR)),
+                (_stale(leases["b"]), _completion(leases["b"], T0 + HOUR)),
+                (leases["d"], _completion(leases["d"], T0 + 2 * HOUR)),
+            ],
+        )
+        _expect(
+            [None, LeaseLostError, None],
+            [a if a is None else type(a) for a in answers],
+            "complete_runs answers",
+        )
+        _expect(T0 + HOUR, store.get_sync("a").next_due, "a advanced")
+        _expect(None, store.get_sync("a").lease, "a released")
+        _expect(T0 + 2 * HOUR, store.get_sync("d").next_due, "d advanced")
+        _expect(leases["b"], store.get_sync("b").lease, "b untouched: still leased")
+        _expect([], store.history("b"), "b: nothing recorded")
+        _expect(1, len(store.history("a")), "a recorded")
+        _expect([], _complete_runs(store, []), "complete_runs of nothing")
+        dup = _claim_runs(store, T0 + HOUR, "w", 10)
+        again = [c.lease for c in dup if c.lease.sync_id == "a"]
+        _expect(1, len(again), "a claimed again")
+        run = _run(again[0], run_id="run-a-dup")
+        old = store.history("a")[0]
+        answers = _complete_runs(
+            store,
+            [
+                (
+                    again[0],
+                    _completion(again[0], T0 + 2 * HOUR, run=attrs.evolve(run, slot=old.slot)),
+                )
+            ],
+        )
+        _expect(
+            [DuplicateRunError], [type(a) for a in answers], "a duplicate slot in complete_runs"
+        )
+        _expect(again[0], store.get_sync("a").lease, "a still leased after the refused completion")
+
+
 def check_closed_store_is_unusable(make_storage: StorageFactory) -> None:
     """
     After close(), operations raise StorageError instead of working on silently.
@@ -1612,6 +1746,8 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_history_round_trip_and_order,
     check_purge_history,
     check_times_come_from_arguments,
+    check_claim_runs,
+    check_complete_runs,
     check_closed_store_is_unusable,
 )
 """Every check, in order; each takes the factory and uses fresh stores from it."""
@@ -1706,6 +1842,12 @@ def _parts(store: object) -> dict[str, str]:
                 f"{kind} lacks the optional query {name}: implement it, or subclass "
                 "cohortsync.storage.StorageBase, which derives it from the required parts"
             )
+        derived = getattr(type(store), name, None) is getattr(StorageBase, name)
+        parts[name] = "derived" if derived else "native"
+    for name in _methods(BatchedRuns):
+        if not callable(getattr(store, name, None)):
+            parts[name] = "absent"  # a store written for 0.1: the scheduler derives it
+            continue
         derived = getattr(type(store), name, None) is getattr(StorageBase, name)
         parts[name] = "derived" if derived else "native"
     return parts
