@@ -20,7 +20,7 @@ from cohortsync._destination import IdentifierKind
 from cohortsync.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from cohortsync._sync import Sync
+    from cohortsync._sync import Sync, SyncRun
 
 __all__ = ["dumps", "loads", "make_converter"]
 
@@ -124,6 +124,43 @@ def dumps(value: object) -> str:
     Serialise a cohortsync value to a JSON string.
     """
     return json.dumps(unstructure(value), sort_keys=True, separators=(",", ":"))
+
+
+def dump_run(run: SyncRun) -> str:
+    """
+    :func:`dumps` of a run record, written out field by field: every run
+    stores one, and the generic unstructuring costs more than the rest of a
+    short run's bookkeeping. A test holds it equal to :func:`dumps`.
+    """
+    return _ENCODE(
+        {
+            "added": run.added,
+            "batches": run.batches,
+            "cadence": run.cadence.value,
+            "coalesced": run.coalesced,
+            "collisions": run.collisions,
+            "error_message": run.error_message,
+            "error_type": run.error_type,
+            "finished_at": run.finished_at.isoformat(),
+            "full_sync": run.full_sync,
+            "generation": run.generation,
+            "id": run.id,
+            "notes": list(run.notes),
+            "rejected": run.rejected,
+            "removed": run.removed,
+            "retries": run.retries,
+            "skipped": run.skipped,
+            "slot": run.slot.isoformat(),
+            "started_at": run.started_at.isoformat(),
+            "status": run.status.value,
+            "sync_id": run.sync_id,
+            "trigger": run.trigger.value,
+        }
+    )
+
+
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+"""The keys of :func:`dump_run` are written in sorted order already."""
 
 
 def loads(text: str | bytes, cls: type[T]) -> T:

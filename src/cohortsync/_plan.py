@@ -35,6 +35,7 @@ from datetime import datetime, timedelta
 import attrs
 
 from cohortsync import _schedule
+from cohortsync import _validators as v
 from cohortsync._clock import add_saturating
 from cohortsync._cohort import Cohort
 from cohortsync._delivery import idempotency_key
@@ -814,7 +815,10 @@ def plan_completion(outcome: Outcome) -> CompletionPlan:
         if note is not None:
             notes.append(note)
     clean = o.error_type is None
-    run = SyncRun(
+    # Built without the validating constructor: every part was validated when
+    # it was made; only host text (the error, the notes) goes through its converter.
+    run = v.make_trusted(
+        SyncRun,
         id=o.run_id,
         sync_id=o.sync.id,
         generation=o.generation,
@@ -831,9 +835,9 @@ def plan_completion(outcome: Outcome) -> CompletionPlan:
         batches=o.tally.batches,
         retries=o.retries,
         full_sync=o.full,
-        error_type=o.error_type,
-        error_message=o.error_message,
-        notes=tuple(notes),
+        error_type=v.to_optional_storable(o.error_type),
+        error_message=v.to_optional_storable(o.error_message),
+        notes=v.to_storable_tuple(notes),
         collisions=o.tally.collisions,
         coalesced=coalesced,
     )

@@ -304,15 +304,50 @@ def check_eligibility(
         Every reason found; ``.eligible`` is true when none is blocking.
     """
     kinds = None if identifier_kinds is None else frozenset(_to_kind(k) for k in identifier_kinds)
-    return rules.check(
+    caps = _capabilities(destination)
+    cadence = cadence or policy.cadence
+    if rules is not DEFAULT_RULES:
+        # A host rule may read anything (the time of day, a feature flag):
+        # only the built-in rules, pure functions of their input, are cached.
+        return rules.check(
+            EligibilityInput(
+                cohort=cohort,
+                capabilities=caps,
+                policy=policy,
+                cadence=cadence,
+                identifier_kinds=kinds,
+            )
+        )
+    key = (cohort, caps, policy, cadence, kinds)
+    try:
+        return _CHECKED[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable part (a host's cohort subclass): just check
+        return rules.check(
+            EligibilityInput(
+                cohort=cohort,
+                capabilities=caps,
+                policy=policy,
+                cadence=cadence,
+                identifier_kinds=kinds,
+            )
+        )
+    result = rules.check(
         EligibilityInput(
-            cohort=cohort,
-            capabilities=_capabilities(destination),
-            policy=policy,
-            cadence=cadence or policy.cadence,
-            identifier_kinds=kinds,
+            cohort=cohort, capabilities=caps, policy=policy, cadence=cadence, identifier_kinds=kinds
         )
     )
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[key] = result
+    return result
+
+
+_CHECKED: dict[object, Eligibility] = {}
+"""Answers of the built-in rules by their whole input: every run re-checks
+eligibility, and a steady sync asks the same question each time."""
+_CHECKED_MAX = 4_096
 
 
 def available_destinations(

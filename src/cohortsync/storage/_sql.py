@@ -32,7 +32,7 @@ import attrs
 
 from cohortsync import _schedule
 from cohortsync._clock import require_aware
-from cohortsync._converter import dumps, load_sync, loads
+from cohortsync._converter import dump_run, dumps, load_sync, loads
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._sync import Sync, SyncRun, Trigger
 from cohortsync.exceptions import CorruptStoreError, SchemaVersionError
@@ -592,7 +592,7 @@ def run_params(run: SyncRun, instants: Instants) -> dict[str, Any]:
         "slot": instants.encode(run.slot),
         "started_at": instants.encode(run.started_at),
         "finished_at": instants.encode(run.finished_at),
-        "record": dumps(run),
+        "record": dump_run(run),
     }
 
 

@@ -814,27 +814,30 @@ class SQLiteStorage(StorageBase):
         self, completions: Sequence[tuple[Lease, Completion]]
     ) -> list[CohortSyncError | None]:
         """
-        Every completion in one write transaction (one commit), each inside a
-        savepoint: one that fails its lease or slot check is rolled back alone.
+        Every completion in one write transaction (one commit). Each one checks
+        its lease and its slot before it writes anything (see :meth:`_complete`),
+        so one refused completion leaves nothing to roll back and fails alone.
         """
         out: list[CohortSyncError | None] = []
         if not completions:
             return out
         with self._write() as conn:
             for lease, completion in completions:
-                conn.execute("SAVEPOINT completion")
                 try:
                     self._complete(conn, lease, completion)
-                except (LeaseLostError, DuplicateRunError) as exc:
-                    conn.execute("ROLLBACK TO completion")
+                except (LeaseLostError, DuplicateRunError) as exc:  # noqa: PERF203 - per completion
                     out.append(exc)
                 else:
                     out.append(None)
-                conn.execute("RELEASE completion")
         return out
 
     @staticmethod
     def _complete(conn: sqlite3.Connection, lease: Lease, completion: Completion) -> None:
+        """
+        One completion inside the caller's transaction. The two checks come
+        before any write: the lease read, then the run insert that does
+        nothing on a recorded slot. A refused completion has written nothing.
+        """
         run = completion.run
         held = conn.execute(_HELD, (lease.sync_id, lease.token)).fetchone()
         if held is None:
