@@ -1071,21 +1071,32 @@ class TestNextAfterRun:
 
 
 class TestGridInstantCache:
-    """Slot datetimes are shared through a bounded LRU: the busy minute survives a flood."""
+    """The grid-instant memo is a bounded LRU: the busy minute survives a flood."""
 
     def test_a_hot_instant_survives_more_than_the_bound_of_others(self) -> None:
         """The instant every real-time sync asks for stays shared while 10,000+ others pass."""
         _grid_instant.cache_clear()
-        realtime = SyncPolicy.realtime()
-        now = datetime(2030, 1, 1, 12, 0, 30, tzinfo=UTC)
-        hot = next_due(realtime, ANCHOR, 0, now)
-        first_cold = next_due(realtime, ANCHOR, 0, now + timedelta(days=1))
+        minute = seconds(datetime(2030, 1, 1, 12, 1, tzinfo=UTC))
+        hot = _grid_instant(minute)
+        first_cold = _grid_instant(minute + 86_400)
 
         for n in range(10_000 + GRID_CACHE_SIZE):
-            next_due(realtime, ANCHOR, 0, now + timedelta(days=1, minutes=n))
+            _grid_instant(minute + 86_400 + 60 * n)
             if n % 100 == 0:
-                assert hot is next_due(realtime, ANCHOR, 0, now)
+                assert hot is _grid_instant(minute)
 
-        assert hot is next_due(realtime, ANCHOR, 0, now)
-        assert first_cold is not next_due(realtime, ANCHOR, 0, now + timedelta(days=1))
+        assert hot is _grid_instant(minute)
+        assert first_cold is not _grid_instant(minute + 86_400)
         assert GRID_CACHE_SIZE == _grid_instant.cache_info().currsize
+
+    def test_next_due_does_not_use_it(self) -> None:
+        """
+        Building a slot from its input's fields costs less than a miss of the
+        memo, and next-run inputs rarely repeat: next_due keeps out of it.
+        """
+        _grid_instant.cache_clear()
+        for after in [ANCHOR, ANCHOR, ANCHOR + timedelta(seconds=90)]:
+            for policy in (SyncPolicy.hourly(), SyncPolicy.daily(), SyncPolicy.realtime()):
+                next_due(policy, ANCHOR, 0, after)
+
+        assert (0, 0) == _grid_instant.cache_info()[:2]
