@@ -84,9 +84,8 @@ class TestNextRun:
         assert sc_schedule.check_same(lambda a: a, lambda a: a, afters, limit=10) == 10
 
     def test_prepare_clears_the_schedule_memo(self) -> None:
-        hourly = cs.SyncPolicy.hourly()
         for after in sc_schedule.random_instants(50, seed=3):
-            _schedule.next_due(hourly, after, 0, after)
+            _schedule._grid_instant(int(after.timestamp()))
         assert _schedule._grid_instant.cache_info().currsize > 0
         sc_schedule.clear_caches()
         assert 0 == _schedule._grid_instant.cache_info().currsize

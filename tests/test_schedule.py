@@ -7,16 +7,17 @@ from __future__ import annotations
 import functools
 import itertools
 import random
-from collections.abc import Iterator
-from datetime import date, datetime, timedelta, timezone
+from collections.abc import Callable, Iterator
+from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cohortsync import _schedule
+from cohortsync._clock import require_aware
 from cohortsync._policy import Cadence, SyncPolicy
 from cohortsync._schedule import (
     GRID_CACHE_SIZE,
@@ -374,6 +375,174 @@ class TestNextDueUtc:
         A one-time sync's single run is at its anchor; there is no next one.
         """
         assert None is next_due(SyncPolicy.one_time(), ANCHOR, 0, ANCHOR)
+
+
+# -- next_due's fast path against the epoch-seconds reference -------------------
+
+#: Every offset a fixed-offset zone may have: strictly within a day, down to
+#: the microsecond.
+FIXED_OFFSETS = st.timedeltas(
+    min_value=timedelta(hours=-24) + MICROSECOND, max_value=timedelta(hours=24) - MICROSECOND
+)
+#: Zones an instant may come in: UTC itself, a zero-offset zone that is not the
+#: timezone.utc singleton, fixed offsets of any size, and zones with DST.
+ANY_ZONE = (
+    st.just(UTC)
+    | st.just(timezone(timedelta(0), "UTC"))
+    | st.sampled_from([ZoneInfo("UTC"), *(ZoneInfo(zone) for zone in DST_TIMEZONES)])
+    | FIXED_OFFSETS.map(timezone)
+)
+
+
+class _Instant(datetime):
+    """A datetime subclass: not the exact type the fast path takes as it is."""
+
+
+def reference_epoch_next(
+    policy: SyncPolicy, anchor: datetime, offset: int, after: datetime
+) -> datetime | None:
+    """
+    next_due on a UTC grid as it was before it built slots from calendar
+    fields: both instants checked and converted by require_aware, *after*
+    floored to whole epoch seconds, the integer grid (next_due_ts), and the
+    answer built by fromtimestamp (which refuses year 10000).
+    """
+    require_aware(anchor, "anchor")
+    after = require_aware(after, "after")
+    if policy.cadence is Cadence.ONE_TIME:
+        return None
+    return datetime.fromtimestamp(next_due_ts(grid_period(policy), offset, seconds(after)), UTC)
+
+
+def outcome(compute: Callable[[], datetime | None]) -> object:
+    """What *compute* returns, or the type and message of what it raises."""
+    try:
+        return compute()
+    except (TypeError, ValueError, OverflowError) as error:
+        return type(error), str(error)
+
+
+@st.composite
+def instants_near_the_grid(draw: st.DrawFn, policy: SyncPolicy, offset: int) -> datetime:
+    """
+    Grid points of *policy* and *offset* in any year, give or take a
+    microsecond or a second (where "strictly after" matters), in any zone.
+    """
+    period = grid_period(policy)
+    first = seconds(datetime(1, 1, 3, tzinfo=UTC)) // period
+    last = seconds(datetime(9999, 12, 29, tzinfo=UTC)) // period
+    point = EPOCH + timedelta(seconds=draw(st.integers(first, last)) * period + offset)
+    shift = draw(st.sampled_from([-1_000_000, -1, 0, 1, 1_000_000]))
+    return (point + shift * MICROSECOND).astimezone(draw(ANY_ZONE))
+
+
+class TestNextDueFastPath:
+    """
+    next_due builds a UTC grid's slot from its input's calendar fields; the
+    answers (and the errors) are those of the epoch-seconds computation it
+    replaced, for aware inputs of any year, zone and microsecond.
+    """
+
+    @given(
+        schedule=schedules(timezones=()),
+        after=st.datetimes(timezones=ANY_ZONE),
+        anchor=st.datetimes(timezones=ANY_ZONE),
+        subclass=st.booleans(),
+    )
+    @example(
+        schedule=(SyncPolicy.hourly(), 3_599),
+        after=datetime.max.replace(tzinfo=UTC),
+        anchor=ANCHOR,
+        subclass=False,
+    )
+    @example(
+        schedule=(SyncPolicy.realtime(), 0),
+        after=datetime(9999, 12, 31, 23, 58, 59, 999_999, tzinfo=UTC),
+        anchor=ANCHOR,
+        subclass=False,
+    )
+    @example(
+        schedule=(SyncPolicy.daily(), 0),
+        after=datetime.min.replace(tzinfo=UTC),
+        anchor=datetime.min.replace(tzinfo=UTC),
+        subclass=True,
+    )
+    @example(
+        schedule=(SyncPolicy.hourly(), 0),
+        after=datetime.max.replace(tzinfo=timezone(timedelta(hours=-5))),
+        anchor=ANCHOR,
+        subclass=False,
+    )
+    @settings(max_examples=500)
+    def test_equals_the_epoch_seconds_reference(
+        self,
+        schedule: tuple[SyncPolicy, int],
+        after: datetime,
+        anchor: datetime,
+        subclass: bool,
+    ) -> None:
+        policy, offset = schedule
+        if subclass:
+            after = _Instant.combine(after, after.timetz())
+
+        actual = outcome(lambda: next_due(policy, anchor, offset, after))
+
+        assert outcome(lambda: reference_epoch_next(policy, anchor, offset, after)) == actual
+        if isinstance(actual, datetime):
+            assert type(actual) is datetime
+            assert actual.tzinfo is UTC
+
+    @given(schedule=schedules(timezones=()), data=st.data())
+    @settings(max_examples=500)
+    def test_equals_the_reference_on_and_next_to_grid_points(
+        self, schedule: tuple[SyncPolicy, int], data: st.DataObject
+    ) -> None:
+        policy, offset = schedule
+        after = data.draw(instants_near_the_grid(policy, offset))
+
+        actual = next_due(policy, ANCHOR, offset, after)
+
+        assert reference_epoch_next(policy, ANCHOR, offset, after) == actual
+        assert actual is not None
+        assert after < actual <= after + timedelta(seconds=grid_period(policy))
+
+    @given(
+        policy=st.sampled_from(
+            [
+                SyncPolicy.one_time(),
+                SyncPolicy.hourly(),
+                SyncPolicy.daily(),
+                SyncPolicy.daily("Europe/Berlin"),
+                SyncPolicy.realtime(),
+            ]
+        ),
+        naive=st.datetimes(),
+        aware=aware_datetimes(any_zone=True),
+        which=st.sampled_from(["anchor", "after"]),
+    )
+    def test_naive_instants_are_refused(
+        self, policy: SyncPolicy, naive: datetime, aware: datetime, which: str
+    ) -> None:
+        anchor, after = (naive, aware) if which == "anchor" else (aware, naive)
+
+        with pytest.raises(TypeError, match=f"{which} must be timezone-aware"):
+            next_due(policy, anchor, 0, after)
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            date(2030, 1, 1),
+            time(12, tzinfo=UTC),
+            "2030-01-01T00:00:00+00:00",
+            1_893_456_000,
+        ],
+    )
+    @pytest.mark.parametrize("which", ["anchor", "after"])
+    def test_what_is_not_a_datetime_is_refused(self, value: object, which: str) -> None:
+        anchor, after = (value, ANCHOR) if which == "anchor" else (ANCHOR, value)
+
+        with pytest.raises(TypeError, match=f"{which} must be a datetime"):
+            next_due(SyncPolicy.hourly(), anchor, 0, after)  # type: ignore[arg-type]
 
 
 class TestNextDueLocal:
@@ -902,21 +1071,32 @@ class TestNextAfterRun:
 
 
 class TestGridInstantCache:
-    """Slot datetimes are shared through a bounded LRU: the busy minute survives a flood."""
+    """The grid-instant memo is a bounded LRU: the busy minute survives a flood."""
 
     def test_a_hot_instant_survives_more_than_the_bound_of_others(self) -> None:
         """The instant every real-time sync asks for stays shared while 10,000+ others pass."""
         _grid_instant.cache_clear()
-        realtime = SyncPolicy.realtime()
-        now = datetime(2030, 1, 1, 12, 0, 30, tzinfo=UTC)
-        hot = next_due(realtime, ANCHOR, 0, now)
-        first_cold = next_due(realtime, ANCHOR, 0, now + timedelta(days=1))
+        minute = seconds(datetime(2030, 1, 1, 12, 1, tzinfo=UTC))
+        hot = _grid_instant(minute)
+        first_cold = _grid_instant(minute + 86_400)
 
         for n in range(10_000 + GRID_CACHE_SIZE):
-            next_due(realtime, ANCHOR, 0, now + timedelta(days=1, minutes=n))
+            _grid_instant(minute + 86_400 + 60 * n)
             if n % 100 == 0:
-                assert hot is next_due(realtime, ANCHOR, 0, now)
+                assert hot is _grid_instant(minute)
 
-        assert hot is next_due(realtime, ANCHOR, 0, now)
-        assert first_cold is not next_due(realtime, ANCHOR, 0, now + timedelta(days=1))
+        assert hot is _grid_instant(minute)
+        assert first_cold is not _grid_instant(minute + 86_400)
         assert GRID_CACHE_SIZE == _grid_instant.cache_info().currsize
+
+    def test_next_due_does_not_use_it(self) -> None:
+        """
+        Building a slot from its input's fields costs less than a miss of the
+        memo, and next-run inputs rarely repeat: next_due keeps out of it.
+        """
+        _grid_instant.cache_clear()
+        for after in [ANCHOR, ANCHOR, ANCHOR + timedelta(seconds=90)]:
+            for policy in (SyncPolicy.hourly(), SyncPolicy.daily(), SyncPolicy.realtime()):
+                next_due(policy, ANCHOR, 0, after)
+
+        assert (0, 0) == _grid_instant.cache_info()[:2]

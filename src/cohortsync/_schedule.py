@@ -62,6 +62,11 @@ _UTC = timezone.utc
 _EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
 _DAY = 86_400
 _ONE_DAY = timedelta(days=1)
+_ONE_HOUR = timedelta(hours=1)
+_ONE_MINUTE = timedelta(minutes=1)
+_HOURLY = Cadence.HOURLY
+_DAILY = Cadence.DAILY
+_REALTIME = Cadence.REALTIME
 # Bound once: next_due_ts is the hot path and a global lookup is cheaper than an
 # attribute lookup on every call.
 _floor = math.floor
@@ -96,13 +101,15 @@ GRID_CACHE_SIZE = 4_096
 @lru_cache(maxsize=GRID_CACHE_SIZE)
 def _grid_instant(due: int) -> datetime:
     """
-    The datetime of a grid point (epoch seconds), shared between callers.
+    The datetime of a grid point (epoch seconds), shared between callers: a
+    bounded LRU, so the instants every sync keeps asking for (this minute,
+    this hour) survive a burst of one-off ones.
 
-    Many syncs share slot instants (every real-time sync shares each minute),
-    and building a datetime is most of :func:`next_due`'s cost. Datetimes are
-    immutable, so sharing is safe. A bounded LRU rather than a dict emptied
-    when full: the instants every sync keeps asking for (this minute, this
-    hour) survive a burst of one-off ones.
+    No longer on :func:`next_due`'s path: it builds a slot from its input's
+    calendar fields for less than this memo costs on a miss (the lookup, the
+    eviction, then ``fromtimestamp``), and next-run inputs rarely repeat. The
+    benchmarks still report its hit rate (``benchmarks/sc_schedule.py``), so
+    it stays until that report goes with it.
     """
     return _from_ts(due, _UTC)
 
@@ -184,29 +191,61 @@ def next_due(policy: SyncPolicy, anchor: datetime, offset: int, after: datetime)
 
     Raises:
         TypeError: If *anchor* or *after* is naive.
-        ConfigurationError: If *offset* is out of range for the cadence.
+        ConfigurationError: If *offset* is out of range for the cadence, or a
+            non-UTC *anchor* or *after* is outside the datetime range in UTC.
+        ValueError: If a UTC grid has no slot after *after* before year 10000.
+        OverflowError: If a local-day grid has none.
     """
-    # Fast path: an exact UTC datetime needs no conversion; anything else (other
-    # zones, subclasses, naive values) goes through require_aware.
-    if type(anchor) is not datetime or anchor.tzinfo is not _UTC:
+    # The engine's own values are exact UTC datetimes and pass as they are;
+    # anything else (other zones, subclasses, naive values) goes through
+    # require_aware, which converts or refuses it.
+    if (
+        type(anchor) is not datetime
+        or anchor.tzinfo is not _UTC
+        or type(after) is not datetime
+        or after.tzinfo is not _UTC
+    ):
         require_aware(anchor, "anchor")
-    if type(after) is not datetime or after.tzinfo is not _UTC:
         after = require_aware(after, "after")
+    # A UTC grid has one point per hour, day or minute, so the slot of the
+    # period *after* falls in is built from after's own calendar fields; the
+    # answer is that slot or, if it is not strictly later, the one a period on.
+    # Exact, and cheaper than going to epoch seconds and back: one datetime
+    # constructor call is most of what this function costs. The cadences are
+    # module constants because Cadence.DAILY is an enum class lookup (~0.1 us).
     cadence = policy.cadence
-    if type(offset) is not int or not 0 <= offset < _OFFSET_BOUND[cadence]:
-        raise _bad_offset(cadence, offset)
-    if cadence is Cadence.ONE_TIME:
-        return None
-    if policy.timezone is not None:
-        return _next_local(ZoneInfo(policy.timezone), offset, after)
-    # Whole seconds from a timedelta are exact for any datetime; a float
-    # timestamp would round microseconds away far from the epoch. This is
-    # next_due_ts inlined: the offset was checked above.
-    delta = after - _EPOCH
-    floor = delta.days * _DAY + delta.seconds
-    period = _GRID_SECONDS[cadence]
-    due = floor - (floor - offset) % period + period
-    return _grid_instant(due)
+    if cadence is _DAILY:
+        if type(offset) is not int or not 0 <= offset < _DAY:
+            raise _bad_offset(cadence, offset)
+        if policy.timezone is not None:
+            return _next_local(ZoneInfo(policy.timezone), offset, after)
+        slot = datetime(
+            after.year, after.month, after.day,
+            offset // 3_600, offset // 60 % 60, offset % 60, 0, _UTC,
+        )  # fmt: skip
+        period = _ONE_DAY
+    elif cadence is _HOURLY:
+        # Only daily policies carry a time zone (SyncPolicy validates it).
+        if type(offset) is not int or not 0 <= offset < 3_600:
+            raise _bad_offset(cadence, offset)
+        slot = datetime(
+            after.year, after.month, after.day, after.hour, offset // 60, offset % 60, 0, _UTC
+        )
+        period = _ONE_HOUR
+    else:
+        # Real-time and one-time syncs are not spread: their offset is 0.
+        if type(offset) is not int or offset:
+            raise _bad_offset(cadence, offset)
+        if cadence is not _REALTIME:
+            return None  # one-time: its single run is due at the anchor
+        slot = datetime(after.year, after.month, after.day, after.hour, after.minute, 0, 0, _UTC)
+        period = _ONE_MINUTE
+    try:
+        return slot if slot > after else slot + period
+    except OverflowError:
+        # A period past 9999-12-31 is the end of time: fail as the epoch-seconds
+        # version did (datetime.fromtimestamp), which callers already expect.
+        raise ValueError("year 10000 is out of range") from None
 
 
 def slot_of(policy: SyncPolicy, when: datetime, *, offset: int) -> datetime:
