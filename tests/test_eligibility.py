@@ -9,8 +9,10 @@ from collections.abc import Iterable
 from datetime import timedelta
 
 import pytest
+from hypothesis import given
 
 import cohortsync
+import strategies as s
 from cohortsync import (
     Cadence,
     Capabilities,
@@ -646,3 +648,50 @@ class TestScheduler:
 
         assert "fb" == sync.destination_id
         assert Cadence.HOURLY is sync.cadence
+
+
+class TestCachedAnswers:
+    """
+    The built-in rules' answers are cached by their whole input; host rules never are.
+    """
+
+    @given(s.cohorts(), s.capabilities(), s.sync_policies())
+    def test_a_cached_answer_is_the_rules_answer(
+        self, cohort: Cohort, caps: Capabilities, policy: SyncPolicy
+    ) -> None:
+        """Asked twice (the second from the cache), the answer is what the rules say."""
+        direct = DEFAULT_RULES.check(
+            EligibilityInput(
+                cohort=cohort,
+                capabilities=caps,
+                policy=policy,
+                cadence=policy.cadence,
+                identifier_kinds=None,
+            )
+        )
+        assert direct == check_eligibility(cohort, caps, policy)
+        assert direct == check_eligibility(cohort, caps, policy)
+
+    def test_the_measured_size_changes_the_answer(self) -> None:
+        """The same policy and destination with a new size is a new question."""
+        caps = catalog.PRESETS["webhook"]
+        policy = SyncPolicy.realtime()
+        small = Cohort(id="c", name="C", size=10)
+        big = small.with_size(10_000_000)
+        assert check_eligibility(small, caps, policy).eligible
+        assert not check_eligibility(big, caps, policy).eligible
+        assert check_eligibility(small, caps, policy).eligible
+
+    def test_a_host_rule_is_asked_every_time(self) -> None:
+        """A host rule may read the clock: its ruleset's answers are never cached."""
+        calls: list[int] = []
+
+        def counting(i: EligibilityInput) -> Iterable[Reason]:
+            calls.append(1)
+            return ()
+
+        rules = DEFAULT_RULES.with_rule("counting", counting)
+        cohort = Cohort(id="c", name="C", size=10)
+        for _ in range(3):
+            check_eligibility(cohort, catalog.PRESETS["webhook"], SyncPolicy.daily(), rules=rules)
+        assert 3 == len(calls)

@@ -318,21 +318,14 @@ def check_eligibility(
                 identifier_kinds=kinds,
             )
         )
-    key = (cohort, caps, policy, cadence, kinds)
-    try:
-        return _CHECKED[key]
-    except KeyError:
-        pass
-    except TypeError:  # an unhashable part (a host's cohort subclass): just check
-        return rules.check(
-            EligibilityInput(
-                cohort=cohort,
-                capabilities=caps,
-                policy=policy,
-                cadence=cadence,
-                identifier_kinds=kinds,
-            )
-        )
+    # The built-in rules read the cohort's size and type, the cadence, the
+    # identifier kinds, the capabilities and the policy. The last two are
+    # keyed by identity (hashing them costs more than checking): the entry
+    # keeps them alive, so their ids cannot be reused while it exists.
+    key = (id(caps), id(policy), cohort.size, cohort.type, cadence, kinds)
+    hit = _CHECKED.get(key)
+    if hit is not None and hit[0] is caps and hit[1] is policy:
+        return hit[2]
     result = rules.check(
         EligibilityInput(
             cohort=cohort, capabilities=caps, policy=policy, cadence=cadence, identifier_kinds=kinds
@@ -340,11 +333,11 @@ def check_eligibility(
     )
     if len(_CHECKED) >= _CHECKED_MAX:
         _CHECKED.clear()
-    _CHECKED[key] = result
+    _CHECKED[key] = (caps, policy, result)
     return result
 
 
-_CHECKED: dict[object, Eligibility] = {}
+_CHECKED: dict[tuple[object, ...], tuple[Capabilities, SyncPolicy, Eligibility]] = {}
 """Answers of the built-in rules by their whole input: every run re-checks
 eligibility, and a steady sync asks the same question each time."""
 _CHECKED_MAX = 4_096
