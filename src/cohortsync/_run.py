@@ -130,6 +130,9 @@ class RunEnvironment:
     cache: DeliveredCache | None = None
     pause_after_failures: int = 5
     """A sync failing the same way this many runs in a row is paused."""
+    on_slow: Callable[[], None] | None = None
+    """Called when a run is about to extend its lease (it has taken half of
+    it): the scheduler stores the records waiting behind it."""
 
 
 @attrs.define
@@ -167,6 +170,8 @@ class _Lease:
         needed = timedelta(seconds=min(seconds, _MAX_WAIT))
         now = self.env.clock.now()
         if self.current.expires_at - now < self.env.lease_for / 2 + needed:
+            if self.env.on_slow is not None:
+                self.env.on_slow()
             self.current = self.env.storage.extend_lease(
                 self.current, now, self.env.lease_for + needed
             )

@@ -934,8 +934,14 @@ class Scheduler:
                 64), so short runs share their store round trips while long
                 ones leave the rest to other workers.
         """
-        if claim_batch is not None and claim_batch < 1:
-            raise ConfigurationError("claim_batch", claim_batch, "must be at least 1")
+        if claim_batch is not None:
+            check_count("claim_batch", claim_batch, minimum=1)
+            if claim_batch > MAX_CLAIM_BATCH:
+                raise ConfigurationError(
+                    "claim_batch", claim_batch, f"must be at most {MAX_CLAIM_BATCH:,}"
+                )
+        if limit is not None:
+            check_count("limit", limit)
         env = self._environment()
         runs: list[SyncRun] = []
         seen: set[str] = set()
@@ -945,49 +951,9 @@ class Scheduler:
             size = self._claim_size() if claim_batch is None else claim_batch
             want = size if limit is None else min(size, limit - len(runs))
             claims = self._claim_runs(self._now(), want)
-            if not claims or self._run_claims(env, claims, seen, runs):
+            if not claims or _Batch(self, env, claims, seen, runs).run():
                 break
         return runs
-
-    def _run_claims(
-        self, env: RunEnvironment, claims: list[Claim], seen: set[str], runs: list[SyncRun]
-    ) -> bool:
-        """
-        Run one claimed batch and store its completions (see :meth:`run_due`);
-        return whether a sync came due again (the call should stop).
-        """
-        repeat = False
-        done: list[Completing] = []
-        since: datetime | None = None
-        for claim in claims:
-            lease = claim.lease
-            if lease.sync_id in seen:
-                # Due again already (the clock does not move): leave it for the next call.
-                self.storage.release_lease(lease)
-                repeat = True
-                continue
-            seen.add(lease.sync_id)
-            started = self._now()
-            try:
-                done.append(prepare(env, claim))
-            except LeaseLostError:
-                log.warning(
-                    "lost the lease on sync %s mid-run; another worker has it", lease.sync_id
-                )
-            except Exception as exc:  # noqa: BLE001 - isolated, recorded, logged
-                self._store_runs(env, done, runs)
-                isolated = self._isolate(lease, exc)
-                if isolated is not None:
-                    runs.append(isolated)
-            finished = self._now()
-            self._timed(started, finished)
-            since = since or started
-            if done and finished - since >= self.lease_for / 4:
-                # Runs are taking long: record these before their leases run short.
-                self._store_runs(env, done, runs)
-                since = None
-        self._store_runs(env, done, runs)
-        return repeat
 
     def _claim_runs(self, now: datetime, limit: int) -> list[Claim]:
         claim_runs = getattr(self.storage, "claim_runs", None)
@@ -996,13 +962,11 @@ class Scheduler:
         claims: list[Claim] = claim_runs(now, self.owner, self.lease_for, limit)
         return claims
 
-    def _complete_runs(
-        self, completions: list[tuple[Lease, Completion]]
-    ) -> list[CohortSyncError | None]:
+    def _complete_runs(self, completions: list[tuple[Lease, Completion]]) -> list[Exception | None]:
         complete_runs = getattr(self.storage, "complete_runs", None)
         if complete_runs is None:  # a store written for 0.1
             return derive_complete_runs(self.storage, completions)
-        answers: list[CohortSyncError | None] = complete_runs(completions)
+        answers: list[Exception | None] = complete_runs(completions)
         return answers
 
     def _claim_size(self) -> int:
@@ -1028,9 +992,9 @@ class Scheduler:
         """
         Store the completions of finished runs together, then report each one
         written; *done* is emptied. A completion refused on its own (lease
-        lost, slot already recorded) is handled as a lone one would be; if
-        the store fails as a whole, each is stored alone so one bad record
-        cannot take the others with it.
+        lost, slot already recorded, a store error on that record) is handled
+        as a lone one would be; if the store fails as a whole, each is stored
+        alone so one bad record cannot take the others with it.
         """
         if not done:
             return
@@ -1038,14 +1002,12 @@ class Scheduler:
         done.clear()
         try:
             answers = self._complete_runs([(c.lease, c.completion) for c in batch])
-        except CohortSyncError:
-            if len(batch) == 1:
-                answers = [self._complete_alone(batch[0])]
-            else:
+        except Exception:  # noqa: BLE001 - nothing was written: store them one by one
+            if len(batch) > 1:
                 log.warning(
                     "storing %d run records together failed; storing them one by one", len(batch)
                 )
-                answers = [self._complete_alone(c) for c in batch]
+            answers = [self._complete_alone(c) for c in batch]
         for completing, error in zip(batch, answers, strict=True):
             if error is None:
                 runs.append(completing.report(env))
@@ -1059,10 +1021,10 @@ class Scheduler:
                 if isolated is not None:
                     runs.append(isolated)
 
-    def _complete_alone(self, completing: Completing) -> CohortSyncError | None:
+    def _complete_alone(self, completing: Completing) -> Exception | None:
         try:
             self.storage.complete_run(completing.lease, completing.completion)
-        except CohortSyncError as exc:
+        except Exception as exc:  # noqa: BLE001 - answered like complete_runs does
             return exc
         return None
 
@@ -1260,7 +1222,105 @@ class Scheduler:
 
 _NO_PERIOD_TOLERANCE = timedelta(minutes=1)
 _MAX_CLAIM_BATCH = 64
-"""Most syncs claimed (and recorded) in one store round trip."""
+"""Most syncs claimed (and recorded) in one store round trip when sized from the lease."""
+MAX_CLAIM_BATCH = 10_000
+"""The largest ``claim_batch`` a caller may ask for."""
+
+
+class _Batch:
+    """
+    One claimed batch run by :meth:`Scheduler.run_due`: the runs one after
+    another, their records stored together.
+
+    Leases are claimed together, so they age together: a run slow enough to
+    extend its lease (half of it gone) first stores the records waiting
+    behind it and gives back the claims not started yet, for other workers
+    (or the next claim) to take, before their leases can run short.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        env: RunEnvironment,
+        claims: list[Claim],
+        seen: set[str],
+        runs: list[SyncRun],
+    ) -> None:
+        self.scheduler = scheduler
+        self.env = attrs.evolve(env, on_slow=self.slow)
+        self.claims = claims
+        self.seen = seen
+        self.runs = runs
+        self.done: list[Completing] = []
+        self.next = 0
+        """Index of the first claim not started yet."""
+
+    def run(self) -> bool:
+        """Run the batch; return whether a sync came due again (run_due stops)."""
+        scheduler = self.scheduler
+        repeat = False
+        since: datetime | None = None
+        while self.next < len(self.claims):
+            claim = self.claims[self.next]
+            self.next += 1
+            lease = claim.lease
+            if lease.sync_id in self.seen:
+                # Due again already (the clock does not move): leave it for the next call.
+                _release(scheduler.storage, lease)
+                repeat = True
+                continue
+            started = scheduler._now()  # noqa: SLF001 - the scheduler's own helper
+            if self.next > 1 and started >= lease.expires_at - scheduler.lease_for / 2:
+                # Waited too long behind the others: give it and the rest back.
+                self.next -= 1
+                self.slow()
+                break
+            self.seen.add(lease.sync_id)
+            try:
+                self.done.append(prepare(self.env, claim))
+            except LeaseLostError:
+                log.warning(
+                    "lost the lease on sync %s mid-run; another worker has it", lease.sync_id
+                )
+            except Exception as exc:  # noqa: BLE001 - isolated, recorded, logged
+                self.store()
+                isolated = scheduler._isolate(lease, exc)  # noqa: SLF001
+                if isolated is not None:
+                    self.runs.append(isolated)
+            finished = scheduler._now()  # noqa: SLF001
+            scheduler._timed(started, finished)  # noqa: SLF001
+            since = since or started
+            if self.done and finished - since >= scheduler.lease_for / 4:
+                # Runs are taking long: record these before their leases run short.
+                self.store()
+                since = None
+        self.store()
+        return repeat
+
+    def store(self) -> None:
+        self.scheduler._store_runs(self.env, self.done, self.runs)  # noqa: SLF001
+
+    def slow(self) -> None:
+        """
+        The run in progress is extending its lease: store the records waiting
+        behind it and give back the claims not started yet.
+        """
+        self.store()
+        storage = self.scheduler.storage
+        # The first claim always runs (it has not waited), so a batch never
+        # gives everything back and run_due always makes progress.
+        self.next = max(self.next, 1)
+        for claim in self.claims[self.next :]:
+            if claim.lease.sync_id not in self.seen:
+                _release(storage, claim.lease)
+        del self.claims[self.next :]
+
+
+def _release(storage: Storage, lease: Lease) -> None:
+    with contextlib.suppress(LeaseLostError):
+        storage.release_lease(lease)
+
+
 """How far ahead of the clock a due time without a period may be before it is recomputed."""
 
 _MIN_SLEEP = 0.05

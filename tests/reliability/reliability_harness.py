@@ -201,6 +201,23 @@ class CrashingStorage(DelegatingStorage):
         if self.step == "completed":
             die()
 
+    # The scheduler's fast path (BatchedRuns): the same steps, on the store's
+    # own implementation, so the crash tests cover what the scheduler runs.
+
+    def claim_runs(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> Any:
+        claims = self.inner.claim_runs(now, owner, lease_for, limit)  # type: ignore[attr-defined]
+        if claims and self.step == "claim":
+            die()
+        return claims
+
+    def complete_runs(self, completions: Any) -> Any:
+        if self.step == "before_complete":
+            die()
+        answers = self.inner.complete_runs(completions)  # type: ignore[attr-defined]
+        if self.step == "completed":
+            die()
+        return answers
+
 
 # -- the remote system -----------------------------------------------------------------
 
@@ -921,7 +938,67 @@ def report_soak(soak: Soak, injected: Counter[str]) -> dict[str, Any]:
     }
 
 
-MODES = {"crash": crash_mode, "recover": recover_mode, "worker": worker_mode, "soak": soak_mode}
+# -- a claim batch killed before its records are stored ---------------------------------
+
+BATCH_SYNCS = [f"b{i}" for i in range(6)]
+BATCH_MEMBERS = 1_200
+"""Members per sync: three batches of the remote's 500."""
+
+
+def batch_members(sync_id: str) -> list[str]:
+    return [f"{sync_id}-m{i:05d}" for i in range(BATCH_MEMBERS)]
+
+
+def batch_scheduler(config: dict[str, Any], *, crash: bool) -> cs.Scheduler:
+    clock = SharedFakeClock(config["clock"])
+    store = open_store(config["store"])
+    step = config.get("step") if crash else None
+    storage = store if step in (None, "acked") else CrashingStorage(store, step).as_storage()
+    scheduler = cs.Scheduler(storage, clock=clock, lease_for=CRASH_LEASE, seed=0)
+    for sync_id in BATCH_SYNCS:
+        members = batch_members(sync_id)
+        scheduler.add_cohort(cs.Cohort(id=f"c-{sync_id}", name=sync_id, source=lambda m=members: m))
+    # "acked": killed inside the fifth run's second batch, four runs waiting to be stored.
+    crash_at = 4 * 3 + 2 if crash and step == "acked" else None
+    scheduler.add_destination("remote", RemoteAudience(config["remote"], crash_at=crash_at))
+    return scheduler
+
+
+def batch_setup_mode(config: dict[str, Any]) -> None:
+    scheduler = batch_scheduler(config, crash=False)
+    for sync_id in BATCH_SYNCS:
+        scheduler.create_sync(f"c-{sync_id}", "remote", cs.SyncPolicy.hourly(), sync_id=sync_id)
+    scheduler.close()
+
+
+def batch_crash_mode(config: dict[str, Any]) -> None:
+    """One claim of every sync: the process should die before their records are stored."""
+    scheduler = batch_scheduler(config, crash=True)
+    runs = scheduler.run_due(claim_batch=len(BATCH_SYNCS))
+    print(json.dumps({"survived": True, "runs": len(runs)}))
+
+
+def batch_recover_mode(config: dict[str, Any]) -> None:
+    scheduler = batch_scheduler(config, crash=False)
+    clock = scheduler.clock
+    assert isinstance(clock, SharedFakeClock)
+    expiry = [r.lease.expires_at for r in scheduler.storage.list_syncs() if r.lease is not None]
+    if expiry:
+        clock.set(max(clock.now(), *expiry) + ONE_US)
+    runs = scheduler.run_due()
+    print(json.dumps({"runs": [[r.sync_id, r.status.value, r.added] for r in runs]}))
+    scheduler.close()
+
+
+MODES = {
+    "crash": crash_mode,
+    "recover": recover_mode,
+    "worker": worker_mode,
+    "soak": soak_mode,
+    "batch_setup": batch_setup_mode,
+    "batch_crash": batch_crash_mode,
+    "batch_recover": batch_recover_mode,
+}
 
 
 def main(argv: list[str]) -> None:

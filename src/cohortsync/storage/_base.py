@@ -15,10 +15,7 @@ from typing_extensions import Self
 from cohortsync._clock import require_aware
 from cohortsync._destination import Identifier
 from cohortsync.exceptions import (
-    CohortSyncError,
     CorruptStoreError,
-    DuplicateRunError,
-    LeaseLostError,
 )
 from cohortsync.storage._protocol import (
     BatchedRuns,
@@ -97,7 +94,7 @@ class StorageBase(Storage, BatchedRuns):
 
     def complete_runs(
         self, completions: Sequence[tuple[Lease, Completion]]
-    ) -> list[CohortSyncError | None]:
+    ) -> list[Exception | None]:
         return derive_complete_runs(self, completions)
 
     # -- derived from the delivery part ---------------------------------------------
@@ -163,13 +160,18 @@ def derive_claim_runs(
 
 def derive_complete_runs(
     store: Storage, completions: Sequence[tuple[Lease, Completion]]
-) -> list[CohortSyncError | None]:
-    """:meth:`~cohortsync.storage.OptionalQueries.complete_runs`: one call each."""
-    out: list[CohortSyncError | None] = []
+) -> list[Exception | None]:
+    """
+    :meth:`~cohortsync.storage.BatchedRuns.complete_runs`: one
+    :meth:`~cohortsync.storage.ScheduleStore.complete_run` each, so each
+    answer is that call's own: whatever it raised (nothing of it written),
+    or ``None``. It never raises: some completions may be written already.
+    """
+    out: list[Exception | None] = []
     for lease, completion in completions:
         try:
             store.complete_run(lease, completion)
-        except (LeaseLostError, DuplicateRunError) as exc:  # noqa: PERF203 - per completion
+        except Exception as exc:  # noqa: BLE001, PERF203 - answered per completion
             out.append(exc)
         else:
             out.append(None)

@@ -20,7 +20,6 @@ from cohortsync._clock import add_saturating, require_aware
 from cohortsync._destination import Identifier, IdentifierKind, Operation
 from cohortsync._sync import SyncRun
 from cohortsync.exceptions import (
-    CohortSyncError,
     ConfigurationError,
     ConflictError,
     DuplicateRunError,
@@ -399,7 +398,7 @@ class MemoryStorage(StorageBase):
 
     def complete_runs(
         self, completions: Sequence[tuple[Lease, Completion]]
-    ) -> list[CohortSyncError | None]:
+    ) -> list[Exception | None]:
         with self._lock:
             return super().complete_runs(completions)
 

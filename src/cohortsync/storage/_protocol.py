@@ -33,7 +33,6 @@ import attrs
 from cohortsync import _validators as v
 from cohortsync._destination import Identifier, Member, Operation
 from cohortsync._sync import Sync, SyncRun, Trigger
-from cohortsync.exceptions import CohortSyncError
 
 __all__ = [
     "SLOT_BUCKET_SECONDS",
@@ -698,21 +697,21 @@ class BatchedRuns(Protocol):
 
     def complete_runs(
         self, completions: Sequence[tuple[Lease, Completion]]
-    ) -> list[CohortSyncError | None]:
+    ) -> list[Exception | None]:
         """
         :meth:`~ScheduleStore.complete_run` of several runs, committed
         together where the store can (one transaction, one round trip).
         Each completion succeeds or fails on its own: the answer holds, in
-        order, ``None`` for a completion written, or the
-        :class:`~cohortsync.exceptions.LeaseLostError` /
-        :class:`~cohortsync.exceptions.DuplicateRunError` that
-        :meth:`~ScheduleStore.complete_run` would have raised for it (and
-        nothing of it was written).
+        order, ``None`` for a completion written, or the exception that
+        :meth:`~ScheduleStore.complete_run` would have raised for it
+        (:class:`~cohortsync.exceptions.LeaseLostError`,
+        :class:`~cohortsync.exceptions.DuplicateRunError`, ...), nothing
+        of it written.
 
         Raises:
-            StorageError: The store failed: none of the completions may be
-                assumed written (their leases expire and their slots run
-                again, folding in what they delivered).
+            StorageError: A store that commits them together failed as a
+                whole: none of them was written (the scheduler then stores
+                them one by one).
 
         Derived from :meth:`~ScheduleStore.complete_run`, one call each.
         """

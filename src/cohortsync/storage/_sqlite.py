@@ -32,7 +32,6 @@ from cohortsync._clock import add_saturating, require_aware
 from cohortsync._destination import Identifier, IdentifierKind
 from cohortsync._sync import SyncRun, SyncStatus
 from cohortsync.exceptions import (
-    CohortSyncError,
     ConfigurationError,
     ConflictError,
     CorruptStoreError,
@@ -812,13 +811,13 @@ class SQLiteStorage(StorageBase):
 
     def complete_runs(
         self, completions: Sequence[tuple[Lease, Completion]]
-    ) -> list[CohortSyncError | None]:
+    ) -> list[Exception | None]:
         """
         Every completion in one write transaction (one commit). Each one checks
         its lease and its slot before it writes anything (see :meth:`_complete`),
         so one refused completion leaves nothing to roll back and fails alone.
         """
-        out: list[CohortSyncError | None] = []
+        out: list[Exception | None] = []
         if not completions:
             return out
         with self._write() as conn:

@@ -33,7 +33,6 @@ from cohortsync._destination import Identifier, IdentifierKind, Member, Operatio
 from cohortsync._policy import Cadence, SyncPolicy
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.exceptions import (
-    CohortSyncError,
     ConfigurationError,
     ConflictError,
     DuplicateRunError,
@@ -1574,11 +1573,11 @@ def _claim_runs(store: Storage, now: datetime, owner: str, limit: int) -> list[C
 
 def _complete_runs(
     store: Storage, completions: list[tuple[Lease, Completion]]
-) -> list[CohortSyncError | None]:
+) -> list[Exception | None]:
     native = getattr(store, "complete_runs", None)
     if native is None:
         return derive_complete_runs(store, completions)
-    answers: list[CohortSyncError | None] = native(completions)
+    answers: list[Exception | None] = native(completions)
     return answers
 
 
