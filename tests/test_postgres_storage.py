@@ -1073,6 +1073,170 @@ class TestConnectionLoss:
             store.complete_run(lease, completion(lease))
 
 
+# -- the delivered count -------------------------------------------------------------------
+
+
+def delivered_rows(admin: psycopg.Connection[Any], schema: str, sync_id: str) -> int:
+    row = admin.execute(
+        schema_sql("SELECT count(*) FROM {}.delivered WHERE sync_id = %s", schema), (sync_id,)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+class TestDeliveredCount:
+    """
+    count_delivered (and a claim's count) reads the count apply_batch keeps
+    since schema version 4: backfilled by the migration, exact whatever the
+    batches re-add, remove or repeat, alone or in parallel.
+    """
+
+    @pytest.mark.parametrize("version", [1, 3])
+    def test_migration_backfills_the_count(
+        self,
+        dsn: str,
+        schema: str,
+        admin: psycopg.Connection[Any],
+        monkeypatch: pytest.MonkeyPatch,
+        version: int,
+    ) -> None:
+        """
+        A schema at version 1 (no version rows) or 3, holding delivered state, is
+        migrated: each sync's count is its rows and its version token is kept
+        ("" where it had none, as delivered_version answered before).
+        """
+        monkeypatch.setattr(postgres_module, "_MIGRATIONS", postgres_module._MIGRATIONS[:version])
+        monkeypatch.setattr(postgres_module, "SCHEMA_VERSION", version)
+        # That release's tables only (version 1 has no delivered_versions).
+        monkeypatch.setattr(PostgresStorage, "_check_privileges", lambda self: None)
+        PostgresStorage(dsn, schema=schema).close()
+        monkeypatch.undo()
+        admin.execute(
+            schema_sql(
+                "INSERT INTO {}.delivered (sync_id, key) SELECT s, k FROM"
+                " unnest(%s::text[], %s::text[]) AS t(s, k)",
+                schema,
+            ),
+            (["a", "a", "a", "b", "b"], ["1", "2", "3", "1", "2"]),
+        )
+        if version >= 2:
+            admin.execute(
+                schema_sql(
+                    "INSERT INTO {}.delivered_versions (sync_id, version)"
+                    " VALUES ('a', 'v-a'), ('c', 'v-c')",
+                    schema,
+                )
+            )
+
+        store = PostgresStorage(dsn, schema=schema)
+
+        assert (3, 2, 0, 0) == tuple(store.count_delivered(s) for s in ("a", "b", "c", "none"))
+        kept = ("v-a", "", "v-c") if version >= 2 else ("", "", "")
+        assert kept == tuple(store.delivered_version(s) for s in ("a", "b", "c"))
+        store.create_sync(sync_record("a"))
+        lease = claim_one(store)
+        store.apply_batch(lease, applied(lease, added=("3", "4")))
+        assert 4 == store.count_delivered("a")
+        (claim,) = store.claim_runs(T0 + LEASE + HOUR, "w2", LEASE, 5)
+        assert 4 == claim.delivered
+        store.close()
+
+    def test_exact_under_readds_removals_and_repeats(
+        self, store: PostgresStorage, admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        Random batches re-adding delivered members (with new identifiers or not),
+        removing absent ones, naming a key twice or both adding and removing it:
+        after each, the count is the rows and the identifiers are the last sent.
+        """
+        rng = random.Random(14)
+        universe = [f"m{i:02d}" for i in range(30)]
+        store.create_sync(sync_record("s1"))
+        lease = claim_one(store)
+        model: dict[str, Identifier] = {}
+        for sequence in range(120):
+            added = [
+                Member(k, Identifier(IdentifierKind.EMAIL, f"{k}.{rng.randint(0, 2)}@x"))
+                if rng.random() < 0.3
+                else member(k)
+                for k in rng.choices(universe, k=rng.randint(0, 10))
+            ]
+            removed = rng.choices(universe, k=rng.randint(0, 6))
+            for m in added:
+                model[m.key] = m.identifier
+            for key in removed:
+                model.pop(key, None)
+            batch = AppliedBatch(
+                run_id="run",
+                sequence=sequence,
+                operation=Operation.ADD,
+                idempotency_key=f"k{sequence}",
+                added=tuple(added),
+                removed=tuple(removed),
+                at=T0,
+            )
+
+            store.apply_batch(lease, batch)
+
+            assert (
+                len(model)
+                == store.count_delivered("s1")
+                == delivered_rows(admin, store.schema, "s1")
+            ), f"batch {sequence}"
+        assert model == store.delivered_identifiers("s1", universe)
+
+    def test_exact_with_parallel_batches(
+        self, store: PostgresStorage, admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        Parallel batches of one run (threads, overlapping keys) each count only what
+        they inserted or deleted themselves: the count ends equal to the rows.
+        """
+        store.create_sync(sync_record("s1"))
+        lease = claim_one(store)
+        store.apply_batch(lease, applied(lease, added=tuple(f"m{i}" for i in range(0, 200, 2))))
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(4)
+
+        def worker(n: int) -> None:
+            rng = random.Random(n)
+            try:
+                barrier.wait()
+                for sequence in range(25):
+                    keys = [f"m{i}" for i in rng.sample(range(200), 40)]
+                    store.apply_batch(
+                        lease,
+                        applied(
+                            lease,
+                            added=tuple(keys[:25]),
+                            removed=tuple(keys[25:]),
+                            sequence=100 * n + sequence,
+                        ),
+                    )
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+        assert [] == [e for e in errors if not isinstance(e, StorageError)]
+        assert delivered_rows(admin, store.schema, "s1") == store.count_delivered("s1")
+
+    def test_deleting_the_sync_forgets_the_count(self, store: PostgresStorage) -> None:
+        """A sync created again under a deleted one's id starts from nothing."""
+        store.create_sync(sync_record("s1"))
+        lease = claim_one(store)
+        store.apply_batch(lease, applied(lease, added=("a", "b")))
+        store.delete_sync("s1")
+        store.create_sync(sync_record("s1"))
+
+        assert 0 == store.count_delivered("s1")
+        assert 0 == store.claim_runs(T0, "w", LEASE, 1)[0].delivered
+
+
 # -- many processes ---------------------------------------------------------------------
 
 START = int(T0.timestamp())  # an hour boundary

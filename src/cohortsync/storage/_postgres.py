@@ -13,9 +13,9 @@ How it keeps several workers honest:
 - every lease operation is a compare-and-set on the lease token
   (``WHERE lease_token = %s``), checked by its row count;
 - the run record is unique on (sync, slot), so a slot can be recorded once;
-- each acknowledged batch moves the delivered state in the same transaction
-  that records it, with array parameters (``unnest``) so a snapshot of a
-  million members is a few statements, not a million round trips.
+- each acknowledged batch moves the delivered state (and its count) in the
+  same transaction that records it, with array parameters (``unnest``) so a
+  snapshot of a million members is a few statements, not a million round trips.
 
 Every instant is passed in by the caller (its clock); the store never reads the
 server's ``now()``. Everything lives in one PostgreSQL schema (``cohortsync`` by
@@ -292,10 +292,23 @@ _MIGRATIONS: list[tuple[str, ...]] = [
             " (status IN ('active', 'paused', 'completed', 'failed', 'deleted')) NOT VALID"
         ),
     ),
+    # 4: the size of each sync's delivered state, kept exact by the transaction
+    # that changes the state, so a claim hands a run its count without counting
+    # (see Claim). It sits beside the version token, not on the syncs row, for
+    # the reason given at 2. Syncs delivered to before 2 have no version row
+    # yet: they get one with the version delivered_version answers for them ("").
+    (
+        "ALTER TABLE {s}.delivered_versions ADD COLUMN delivered_count bigint NOT NULL DEFAULT 0",
+        (
+            "INSERT INTO {s}.delivered_versions AS v (sync_id, version, delivered_count)"
+            " SELECT sync_id, '', count(*) FROM {s}.delivered GROUP BY sync_id"
+            " ON CONFLICT (sync_id) DO UPDATE SET delivered_count = EXCLUDED.delivered_count"
+        ),
+    ),
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
-"""The schema version this release creates and understands (3)."""
+"""The schema version this release creates and understands (4)."""
 
 _COUNT_SLOT = (
     "INSERT INTO {s}.slot_buckets (period, bucket, syncs) VALUES (%s, %s, 1)"
@@ -341,6 +354,27 @@ _LOCK_HELD = f"{q.HELD} FOR UPDATE"
 _SHARE_HELD = f"{q.IS_HELD} FOR SHARE"
 """Parallel batches of one run may apply together, but no claimant can take the
 lease over until the transaction ends."""
+# Inserted and updated apart, so the rows inserted are counted (an upsert's
+# row count cannot tell the two apart) and delivered_count stays exact. The
+# update writes only identifiers that changed (the rows just inserted have
+# theirs).
+_DELIVERED_ROWS = "unnest(%(keys)b::text[], %(kinds)b::text[], %(values)b::text[]) AS t(k, ik, iv)"
+_INSERT_DELIVERED = (
+    "INSERT INTO {s}.delivered (sync_id, key, id_kind, id_value)"  # noqa: S608 - constant
+    f" SELECT %(sync)s, k, ik, iv FROM {_DELIVERED_ROWS}"
+    " ON CONFLICT (sync_id, key) DO NOTHING"
+)
+_UPDATE_DELIVERED = (
+    "UPDATE {s}.delivered AS d SET id_kind = t.ik, id_value = t.iv"  # noqa: S608 - constant
+    f" FROM {_DELIVERED_ROWS} WHERE d.sync_id = %(sync)s AND d.key = t.k"
+    " AND (d.id_kind, d.id_value) IS DISTINCT FROM (t.ik, t.iv)"
+)
+_MOVE_DELIVERED = (
+    "INSERT INTO {s}.delivered_versions AS v (sync_id, version, delivered_count)"
+    " VALUES (%s, %s, %s) ON CONFLICT (sync_id) DO UPDATE SET version = EXCLUDED.version,"
+    " delivered_count = v.delivered_count + EXCLUDED.delivered_count"
+)
+"""A new version token, and the count moved by the batch's change."""
 _INSERT_RUN = (
     "INSERT INTO {s}.runs (sync_id, slot, id, generation, trigger, status, started_at,"
     " finished_at, record) VALUES (%(sync_id)s, %(slot)s, %(id)s, %(generation)s, %(trigger)s,"
@@ -983,10 +1017,16 @@ class PostgresStorage(StorageBase):
             return [row[0] for row in cur.fetchall()]
 
     def count_delivered(self, sync_id: str) -> int:
+        """
+        The count apply_batch keeps (see migration 4), not a count of the rows.
+        """
         with self._cursor("count_delivered") as cur:
-            cur.execute(self._sql(q.COUNT_DELIVERED), (sync_id,))
-            count: int = _one(cur)[0]
-        return count
+            cur.execute(
+                self._sql("SELECT delivered_count FROM {s}.delivered_versions WHERE sync_id = %s"),
+                (sync_id,),
+            )
+            row = cur.fetchone()
+        return 0 if row is None else int(row[0])
 
     def filter_delivered(self, sync_id: str, keys: Iterable[str]) -> set[str]:
         wanted = list(keys)
@@ -1065,18 +1105,23 @@ class PostgresStorage(StorageBase):
             # claimant can take the lease over until this transaction ends.
             self._hold(cur, lease, _SHARE_HELD)
             keys = list(added)
+            # How many keys the batch adds to the state, and takes out: counted
+            # by the statements that do it, so delivered_count stays exact
+            # (parallel batches of the run included: each counts only the rows
+            # it inserted or deleted itself).
+            change = 0
             for chunk in _chunks(keys):
-                idents = [added[k] for k in chunk]
-                cur.execute(
-                    self._sql(
-                        "INSERT INTO {s}.delivered (sync_id, key, id_kind, id_value)"
-                        " SELECT %s, k, ik, iv FROM unnest(%b::text[], %b::text[], %b::text[])"
-                        " AS t(k, ik, iv)"
-                        " ON CONFLICT (sync_id, key) DO UPDATE"
-                        " SET id_kind = EXCLUDED.id_kind, id_value = EXCLUDED.id_value"
-                    ),
-                    (sync_id, list(chunk), [i[0] for i in idents], [i[1] for i in idents]),
-                )
+                columns = {
+                    "sync": sync_id,
+                    "keys": list(chunk),
+                    "kinds": [added[k][0] for k in chunk],
+                    "values": [added[k][1] for k in chunk],
+                }
+                cur.execute(self._sql(_INSERT_DELIVERED), columns)
+                change += cur.rowcount
+                if cur.rowcount != len(chunk):
+                    # Some were delivered already: give them the identifier sent now.
+                    cur.execute(self._sql(_UPDATE_DELIVERED), columns)
             for chunk in _chunks(removed):
                 cur.execute(
                     self._sql(
@@ -1084,6 +1129,7 @@ class PostgresStorage(StorageBase):
                     ),
                     (sync_id, list(chunk)),
                 )
+                change -= cur.rowcount
             if keys or removed:
                 cur.execute(self._sql(q.HAS_LEDGER), (sync_id,))
                 if cur.fetchone() is not None:
@@ -1114,13 +1160,7 @@ class PostgresStorage(StorageBase):
                     q.progress_params(sync_id, batch.slot, batch.tally, _TZ),
                 )
             version = secrets.token_hex(8)
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {s}.delivered_versions (sync_id, version) VALUES (%s, %s)"
-                    " ON CONFLICT (sync_id) DO UPDATE SET version = EXCLUDED.version"
-                ),
-                (sync_id, version),
-            )
+            cur.execute(self._sql(_MOVE_DELIVERED), (sync_id, version, change))
         return version
 
     def delivered_version(self, sync_id: str) -> str:

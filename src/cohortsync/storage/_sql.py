@@ -228,7 +228,6 @@ INSERT_BATCH = (
     "INSERT INTO {s}.batches (run_id, sequence, operation, idempotency_key, at)"
     " VALUES (%s, %s, %s, %s, %s)"
 )
-COUNT_DELIVERED = "SELECT count(*) FROM {s}.delivered WHERE sync_id = %s"
 HAS_LEDGER = "SELECT 1 FROM {s}.ledger WHERE sync_id = %s LIMIT 1"
 SELECT_LEDGER = (
     "SELECT key, reason, attempts, dead, first_seen, last_seen FROM {s}.ledger"
