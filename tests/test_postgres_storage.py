@@ -1237,6 +1237,62 @@ class TestDeliveredCount:
         assert 0 == store.claim_runs(T0, "w", LEASE, 1)[0].delivered
 
 
+# -- batched runs ----------------------------------------------------------------------------
+
+
+class TestBatchedRuns:
+    """
+    claim_runs and complete_runs: one round trip each for a whole batch, each
+    completion failing alone, nothing half-written when the connection dies.
+    """
+
+    def test_damaged_rows_in_a_claim(
+        self, store: PostgresStorage, admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        A row whose definition cannot be read is claimed without its record; a
+        row whose schedule columns are damaged is taken off the schedule; the
+        others are claimed whole.
+        """
+        for sync_id in ("bad-definition", "bad-schedule", "good"):
+            store.create_sync(sync_record(sync_id))
+        admin.execute(
+            schema_sql(
+                "UPDATE {}.syncs SET definition = '{{not json' WHERE id = 'bad-definition'",
+                store.schema,
+            )
+        )
+        admin.execute(
+            schema_sql(
+                "UPDATE {}.syncs SET next_trigger = 'whenever' WHERE id = 'bad-schedule'",
+                store.schema,
+            )
+        )
+
+        claims = store.claim_runs(T0, "w", LEASE, 5)
+
+        assert ["bad-definition", "good"] == [c.lease.sync_id for c in claims]
+        assert claims[0].record is None
+        assert claims[1].record == store.get_sync("good")
+        with pytest.raises(CorruptStoreError, match="bad-definition"):
+            store.get_sync("bad-definition")
+        row = admin.execute(
+            schema_sql(
+                "SELECT next_due, lease_token FROM {}.syncs WHERE id = 'bad-schedule'",
+                store.schema,
+            )
+        ).fetchone()
+        assert (None, None) == row
+
+    def test_claim_runs_of_nothing(self, store: PostgresStorage) -> None:
+        """Nothing due, or a limit below 1: no claims, and the next claim is not confused."""
+        store.create_sync(sync_record("later", next_due=T0 + HOUR))
+
+        assert [] == store.claim_runs(T0, "w", LEASE, 5)
+        assert [] == store.claim_runs(T0 + HOUR, "w", LEASE, 0)
+        assert ["later"] == [c.lease.sync_id for c in store.claim_runs(T0 + HOUR, "w", LEASE, 5)]
+
+
 # -- many processes ---------------------------------------------------------------------
 
 START = int(T0.timestamp())  # an hour boundary

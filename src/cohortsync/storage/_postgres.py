@@ -78,6 +78,7 @@ if TYPE_CHECKING:
     from cohortsync._sync import SyncRun
     from cohortsync.storage._protocol import (
         AppliedBatch,
+        Claim,
         Completion,
         Lease,
         LedgerEntry,
@@ -322,7 +323,7 @@ _CLAIMED_SLOT = (
     "CASE WHEN s.last_slot IS NOT NULL AND s.next_due <= s.last_slot"
     " THEN s.last_slot + interval '1 microsecond' ELSE s.next_due END"
 )
-_CLAIM = (
+_CLAIM_CANDIDATES = (
     "WITH locked AS ("
     "  SELECT id, next_due FROM {s}.syncs"
     "  WHERE status = 'active' AND next_due <= %(now)s"
@@ -332,6 +333,8 @@ _CLAIM = (
     "), numbered AS ("
     "  SELECT id, row_number() OVER (ORDER BY next_due, id) AS n FROM locked"
     ")"
+)
+_CLAIM_LEASES = (
     " UPDATE {s}.syncs AS s SET lease_owner = %(owner)s,"
     "  lease_token = (%(tokens)s::text[])[numbered.n],"
     "  lease_expires = %(expires)s, next_due = {claimed},"
@@ -339,8 +342,26 @@ _CLAIM = (
     "  lease_generation = s.generation, lease_trigger = s.next_trigger,"
     "  lease_revision = s.revision"
     " FROM numbered WHERE s.id = numbered.id"
-    " RETURNING s.id, s.generation, s.next_due, s.next_trigger, s.lease_token, s.revision"
 ).replace("{claimed}", _CLAIMED_SLOT)
+_CLAIM = (
+    f"{_CLAIM_CANDIDATES}{_CLAIM_LEASES}"
+    " RETURNING s.id, s.generation, s.next_due, s.next_trigger, s.lease_token, s.revision"
+)
+_CLAIMED = "cohortsync.claimed"
+"""A transaction-local setting: the ids claim_runs' claim leased, for its read."""
+_CLAIM_RUNS = (
+    f"{_CLAIM_CANDIDATES}, claimed AS ({_CLAIM_LEASES} RETURNING s.id)"  # noqa: S608 - constant
+    f" SELECT set_config('{_CLAIMED}', coalesce(array_agg(id), ARRAY[]::text[])::text, true)"
+    " FROM claimed"
+)
+_READ_CLAIMED = (
+    "SELECT "  # noqa: S608 - constant columns
+    + q.claim_run_columns("coalesce(v.delivered_count, 0), coalesce(v.version, '')")
+    + " FROM {s}.syncs LEFT JOIN {s}.delivered_versions AS v ON v.sync_id = syncs.id"
+    f" WHERE syncs.id = ANY(current_setting('{_CLAIMED}')::text[])"
+)
+"""What claim_runs hands each run: the claimed rows and their delivered-state
+facts, read after the claim in its transaction (see claim_runs)."""
 
 _SELECT_SYNC = f"{q.SELECT_SYNCS} WHERE id = %s"
 _LIST_SYNCS = f"{q.SELECT_SYNCS} ORDER BY id"
@@ -638,6 +659,27 @@ class PostgresStorage(StorageBase):
         except psycopg.Error as exc:
             raise self._translate(operation, exc) from exc
 
+    @contextmanager
+    def _connection(self, operation: str) -> Iterator[_Connection]:
+        """
+        This thread's (or a borrowed) connection, for statements sent together
+        in pipeline mode (``conn.pipeline()``); driver errors become
+        :class:`StorageError`.
+
+        The statements of one pipeline are one transaction: on the store's own
+        (autocommit) connections the server runs everything up to the
+        pipeline's single ``Sync`` as one implicit transaction, committed at
+        the ``Sync`` and rolled back whole if a statement fails; a host's
+        pooled connection wraps them in its own transaction. (Not
+        ``conn.transaction()``: psycopg waits for its ``BEGIN`` and ``COMMIT``,
+        two more round trips.)
+        """
+        try:
+            with self._connections.session() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise self._translate(operation, exc) from exc
+
     def _translate(self, operation: str, exc: psycopg.Error) -> StorageError:
         detail = _scrub(str(exc).strip() or type(exc).__name__, self._secret)
         if isinstance(exc, pg_errors.InsufficientPrivilege) and operation == _MIGRATE:
@@ -908,6 +950,51 @@ class PostgresStorage(StorageBase):
             held = cur.rowcount == 1
         if not held:
             raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
+
+    def claim_runs(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Claim]:
+        """
+        :meth:`claim_due` with each claimed sync's record and delivered-state
+        facts, in one round trip: the claim, then the read of the rows it
+        claimed, two statements of one transaction sent together (see
+        :meth:`_connection`).
+
+        Not one statement: every part of a statement reads the snapshot taken
+        when it began, before the claim locks its rows, so a batch the lease's
+        expired holder applied in between would be missing from the facts. The
+        read after the claim sees everything committed before the claim locked
+        the rows, and nobody else can write them until the lease is released.
+        """
+        now = require_aware(now, "now")
+        if limit <= 0:
+            return []
+        expires = add_saturating(now, lease_for)
+        params = {
+            "now": now,
+            "limit": limit,
+            "owner": owner,
+            "tokens": [secrets.token_hex(16) for _ in range(limit)],
+            "expires": expires,
+        }
+        with (
+            self._connection("claim_runs") as conn,
+            conn.cursor(row_factory=tuple_row) as claim,
+            conn.cursor(row_factory=tuple_row) as read,
+        ):
+            with conn.pipeline():
+                claim.execute(self._sql(_CLAIM_RUNS), params)
+                read.execute(self._sql(_READ_CLAIMED))
+            rows = read.fetchall()
+            # The leases are taken (committed): a damaged row is taken off the
+            # schedule again, not leased to nobody.
+            return q.decode_claim_runs(
+                rows,
+                owner,
+                expires,
+                _TZ,
+                lambda sync_id: read.execute(self._sql(q.UNSCHEDULE), (sync_id,)),
+            )
 
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         """

@@ -53,7 +53,9 @@ __all__ = [
     "MICROSECONDS",
     "TIMESTAMPTZ",
     "Instants",
+    "claim_run_columns",
     "completion_update",
+    "decode_claim_runs",
     "decode_claims",
     "decode_identifier",
     "decode_lease",
@@ -150,14 +152,26 @@ SYNC_COLUMNS = (
 """The columns :func:`decode_sync` reads, in its order."""
 
 SELECT_SYNCS = f"SELECT {SYNC_COLUMNS} FROM {{s}}.syncs"  # noqa: S608 - constant columns
-CLAIM_RUN_COLUMNS = (
-    f"{SYNC_COLUMNS}, delivered_count, delivered_version,"  # noqa: S608 - constant columns
-    " EXISTS (SELECT 1 FROM {s}.pending AS p WHERE p.sync_id = syncs.id),"
-    " EXISTS (SELECT 1 FROM {s}.ledger AS l WHERE l.sync_id = syncs.id),"
-    " EXISTS (SELECT 1 FROM {s}.progress AS g WHERE g.sync_id = syncs.id)"
-)
+
+
+def claim_run_columns(delivered: str = "delivered_count, delivered_version") -> str:
+    """
+    The columns of :data:`CLAIM_RUN_COLUMNS`, with *delivered* the dialect's
+    expressions of the delivered count and version (a store keeping them
+    elsewhere than on the sync row names them there).
+    """
+    return (
+        f"{SYNC_COLUMNS}, {delivered},"  # noqa: S608 - constant columns
+        " EXISTS (SELECT 1 FROM {s}.pending AS p WHERE p.sync_id = syncs.id),"
+        " EXISTS (SELECT 1 FROM {s}.ledger AS l WHERE l.sync_id = syncs.id),"
+        " EXISTS (SELECT 1 FROM {s}.progress AS g WHERE g.sync_id = syncs.id)"
+    )
+
+
+CLAIM_RUN_COLUMNS = claim_run_columns()
 """What a claim returns for :func:`decode_claim_runs`: the row and the facts of a
-:class:`~cohortsync.storage.Claim`, read in the claim's own statement."""
+:class:`~cohortsync.storage.Claim`, read in the claim's own transaction (the
+sync row is ``syncs``)."""
 _SYNC_WIDTH = SYNC_COLUMNS.count(",") + 1
 _DEFINITION_COLUMNS = (
     "definition",
