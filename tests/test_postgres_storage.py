@@ -13,6 +13,7 @@ CI must run them. Every test works in schemas of its own, dropped afterwards.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import random
@@ -44,10 +45,12 @@ except ImportError:  # pragma: no cover - depends on the environment
     )
 
 import attrs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._policy import Cadence, SyncPolicy
-from cohortsync._sync import RunStatus, Sync, SyncRun
+from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.exceptions import (
     ConfigurationError,
     CorruptStoreError,
@@ -55,7 +58,7 @@ from cohortsync.exceptions import (
     SchemaVersionError,
     StorageError,
 )
-from cohortsync.storage import PostgresStorage
+from cohortsync.storage import PostgresStorage, apply_completion
 from cohortsync.storage import _postgres as postgres_module
 from cohortsync.storage._postgres import SCHEMA_VERSION, mask_dsn
 from cohortsync.storage._protocol import (
@@ -1291,6 +1294,145 @@ class TestBatchedRuns:
         assert [] == store.claim_runs(T0, "w", LEASE, 5)
         assert [] == store.claim_runs(T0 + HOUR, "w", LEASE, 0)
         assert ["later"] == [c.lease.sync_id for c in store.claim_runs(T0 + HOUR, "w", LEASE, 5)]
+
+
+# -- the completion rule in SQL --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rule_store(dsn: str, admin: psycopg.Connection[Any]) -> Iterator[PostgresStorage]:
+    """One store for all examples (each uses a sync of its own and deletes it)."""
+    schema = f"cs_test_rule_{secrets.token_hex(5)}"
+    store = PostgresStorage(dsn, schema=schema)
+    yield store
+    store.close()
+    admin.execute(schema_sql("DROP SCHEMA IF EXISTS {} CASCADE", schema))
+
+
+_rule_ids = itertools.count()
+_minutes = st.none() | st.integers(-120, 120).map(lambda m: timedelta(minutes=m))
+
+
+@attrs.frozen(kw_only=True)
+class StoredState:
+    """How the held sync's row stands when its run completes, relative to the lease."""
+
+    new_generation: bool
+    new_revision: bool
+    next_due: str | timedelta | None  # "slot": still the lease's slot
+    last_slot: timedelta | None
+    run_slot: timedelta
+
+
+@attrs.frozen(kw_only=True)
+class Outcome:
+    """What the run reports."""
+
+    next_due: timedelta | None
+    next_trigger: Trigger
+    attempts: int
+    status: SyncStatus | None
+    feed_cursor: str | None
+    full_sync_done: bool
+    scheduled_from: timedelta | None
+    batched: bool
+
+
+stored_states = st.builds(
+    StoredState,
+    new_generation=st.booleans(),
+    new_revision=st.booleans(),
+    next_due=st.just("slot") | _minutes,
+    last_slot=_minutes,
+    run_slot=st.sampled_from((timedelta(0), timedelta(0), -HOUR, HOUR)),
+)
+outcomes = st.builds(
+    Outcome,
+    next_due=_minutes,
+    next_trigger=st.sampled_from(Trigger),
+    attempts=st.integers(0, 5),
+    status=st.none() | st.sampled_from(SyncStatus),
+    feed_cursor=st.none()
+    | st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=6),
+    full_sync_done=st.booleans(),
+    scheduled_from=_minutes,
+    batched=st.booleans(),
+)
+
+
+class TestCompletionRuleInSQL:
+    """
+    complete_run decides the completion rule in SQL, from the row as its update
+    finds it: in every state the row can be in, including ones no host call
+    makes (``next_due`` moved without a new revision, ``last_slot`` past the
+    run's slot), it writes what :func:`apply_completion` gives.
+    """
+
+    @settings(max_examples=80)
+    @given(state=stored_states, outcome=outcomes)
+    def test_sql_writes_the_rule(
+        self,
+        rule_store: PostgresStorage,
+        admin: psycopg.Connection[Any],
+        state: StoredState,
+        outcome: Outcome,
+    ) -> None:
+        store = rule_store
+        sync_id = f"rule-{next(_rule_ids)}"
+        store.create_sync(sync_record(sync_id))
+        try:
+            lease = claim_one(store)
+            claimed = store.get_sync(sync_id)
+            if state.new_generation:
+                store.save_sync(
+                    attrs.evolve(
+                        claimed,
+                        sync=attrs.evolve(claimed.sync, generation=claimed.sync.generation + 1),
+                    ),
+                    expected_generation=claimed.sync.generation,
+                )
+            admin.execute(
+                schema_sql(
+                    "UPDATE {}.syncs SET revision = %s, next_due = %s, last_slot = %s"
+                    " WHERE id = %s",
+                    store.schema,
+                ),
+                (
+                    lease.revision + state.new_revision,
+                    lease.slot if state.next_due == "slot" else at(state.next_due),
+                    at(state.last_slot),
+                    sync_id,
+                ),
+            )
+            run = attrs.evolve(completion(lease).run, slot=lease.slot + state.run_slot)
+            done = Completion(
+                run=run,
+                next_due=at(outcome.next_due),
+                next_trigger=outcome.next_trigger,
+                sync=None
+                if outcome.status is None
+                else attrs.evolve(claimed.sync, status=outcome.status, status_reason="run"),
+                attempts=outcome.attempts,
+                feed_cursor=outcome.feed_cursor,
+                full_sync_done=outcome.full_sync_done,
+                scheduled_from=at(outcome.scheduled_from),
+            )
+            before = store.get_sync(sync_id)
+
+            if outcome.batched:
+                assert [None] == store.complete_runs([(lease, done)])
+            else:
+                store.complete_run(lease, done)
+
+            assert apply_completion(before, lease, done) == store.get_sync(sync_id)
+            assert [run] == store.history(sync_id)
+        finally:
+            store.delete_sync(sync_id)
+
+
+def at(offset: str | timedelta | None) -> datetime | None:
+    assert not isinstance(offset, str)
+    return None if offset is None else T0 + offset
 
 
 # -- many processes ---------------------------------------------------------------------

@@ -50,6 +50,7 @@ import attrs
 from cohortsync._clock import add_saturating, require_aware
 from cohortsync._destination import Identifier, IdentifierKind
 from cohortsync.exceptions import (
+    CohortSyncError,
     ConfigurationError,
     ConflictError,
     CorruptStoreError,
@@ -370,8 +371,6 @@ _DELETE_SYNC_STATE = tuple(
     f"DELETE FROM {{s}}.{table} WHERE sync_id = %s"  # noqa: S608 - constant table names
     for table in (*q.SYNC_STATE_TABLES, "delivered_versions")
 )
-_LOCK_HELD = f"{q.HELD} FOR UPDATE"
-"""complete_run's read: no claimant can take the lease over until it commits."""
 _SHARE_HELD = f"{q.IS_HELD} FOR SHARE"
 """Parallel batches of one run may apply together, but no claimant can take the
 lease over until the transaction ends."""
@@ -396,12 +395,31 @@ _MOVE_DELIVERED = (
     " delivered_count = v.delivered_count + EXCLUDED.delivered_count"
 )
 """A new version token, and the count moved by the batch's change."""
-_INSERT_RUN = (
-    "INSERT INTO {s}.runs (sync_id, slot, id, generation, trigger, status, started_at,"
-    " finished_at, record) VALUES (%(sync_id)s, %(slot)s, %(id)s, %(generation)s, %(trigger)s,"
-    " %(status)s, %(started_at)s, %(finished_at)s, %(record)s)"
-    " ON CONFLICT ON CONSTRAINT runs_sync_slot DO NOTHING"
+_COMPLETE = (
+    # The compare-and-set: the row is locked (no claimant can take the lease
+    # over until this commits) only if the token is still the lease's.
+    "WITH held AS ("
+    "  SELECT id FROM {s}.syncs WHERE id = %(sync_id)s AND lease_token = %(token)s FOR UPDATE"
+    # The run, once per (sync, slot); everything after it needs it recorded.
+    "), recorded AS ("
+    "  INSERT INTO {s}.runs (sync_id, slot, id, generation, trigger, status, started_at,"
+    "   finished_at, record)"
+    "  SELECT held.id, %(slot)s, %(id)s, %(generation)s, %(trigger)s, %(status)s,"
+    "   %(started_at)s, %(finished_at)s, %(record)s FROM held"
+    "  ON CONFLICT ON CONSTRAINT runs_sync_slot DO NOTHING RETURNING sync_id"
+    # The completion rule, decided from the row as the update finds it.
+    "), completed AS ("
+    "  UPDATE {s}.syncs SET {assignments} FROM recorded WHERE syncs.id = recorded.sync_id"
+    "), cleared AS ("
+    "  DELETE FROM {s}.progress WHERE sync_id IN (SELECT sync_id FROM recorded)"
+    "), resolved AS ("
+    "  DELETE FROM {s}.pending WHERE sync_id IN (SELECT sync_id FROM recorded)"
+    "   AND idempotency_key = ANY(%(resolved)s::text[])"
+    ")"
+    " SELECT EXISTS (SELECT FROM held), EXISTS (SELECT FROM recorded)"
 )
+"""complete_run in one statement: nothing of it is written unless the lease is
+held and the run is recorded; it answers (held, recorded)."""
 
 
 class ConnectionPoolLike(Protocol):
@@ -998,28 +1016,25 @@ class PostgresStorage(StorageBase):
 
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         """
-        In one transaction: lock the held sync's row, insert the run, write
-        what :func:`~cohortsync.storage.apply_completion` decides from the row,
-        and delete the resolved pending batches and the progress. Raising
-        inside the transaction rolls all of it back.
+        One statement (one round trip): lock the held sync's row if the token
+        is still the lease's, insert the run, write the completion rule's
+        changes decided from the row (see
+        :func:`~cohortsync.storage._sql.completion_assignments`), and delete
+        the resolved pending batches and the progress; nothing of it unless
+        the lease is held and the slot not recorded yet.
         """
-        run = completion.run
-        with self._cursor("complete_run", transaction=True) as cur:
-            held = self._hold(cur, lease, _LOCK_HELD)
-            cur.execute(self._sql(_INSERT_RUN), q.run_params(run, _TZ))
-            if cur.rowcount != 1:
-                raise DuplicateRunError(run.sync_id, run.slot)
-            statement, params = q.completion_update(held, lease, completion, _TZ)
-            cur.execute(self._sql(statement), params)
-            cur.execute(self._sql(q.DELETE_PROGRESS), (lease.sync_id,))
-            if completion.resolved:
-                cur.execute(
-                    self._sql(
-                        "DELETE FROM {s}.pending"
-                        " WHERE sync_id = %s AND idempotency_key = ANY(%s::text[])"
-                    ),
-                    (lease.sync_id, list(completion.resolved)),
-                )
+        with self._cursor("complete_run") as cur:
+            cur.execute(*self._completion(lease, completion))
+            error = _refused(lease, completion, _one(cur))
+        if error is not None:
+            raise error
+
+    def _completion(self, lease: Lease, completion: Completion) -> tuple[sql.Composed, Any]:
+        assignments, params = q.completion_assignments(lease, completion, _TZ)
+        params.update(q.run_params(completion.run, _TZ))
+        params["token"] = lease.token
+        params["resolved"] = list(completion.resolved)
+        return self._sql(_COMPLETE.replace("{assignments}", assignments)), params
 
     def begin_batch(
         self, lease: Lease, batch: PendingBatch, *, replaces: str | None = None
@@ -1390,6 +1405,20 @@ class _Queries:
             composed = sql.SQL(template).format(s=self._schema)
             self._cache[template] = composed
         return composed
+
+
+def _refused(
+    lease: Lease, completion: Completion, answer: tuple[Any, ...]
+) -> CohortSyncError | None:
+    """
+    The error of a completion :data:`_COMPLETE` answered (held, recorded) for.
+    """
+    held, recorded = answer
+    if not held:
+        return LeaseLostError(lease.sync_id, lease.owner, lease.token)
+    if not recorded:
+        return DuplicateRunError(completion.run.sync_id, completion.run.slot)
+    return None
 
 
 def _one(cur: _Cursor) -> tuple[Any, ...]:
