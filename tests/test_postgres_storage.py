@@ -29,13 +29,14 @@ import traceback
 from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 try:
     import psycopg
-    from psycopg import sql
+    from psycopg import pq, sql
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 except ImportError:  # pragma: no cover - depends on the environment
     if os.environ.get("CI"):
@@ -54,6 +55,7 @@ from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.exceptions import (
     ConfigurationError,
     CorruptStoreError,
+    DuplicateRunError,
     LeaseLostError,
     SchemaVersionError,
     StorageError,
@@ -67,8 +69,10 @@ from cohortsync.storage._protocol import (
     IssueKind,
     Lease,
     MemberIssue,
+    PendingBatch,
     Storage,
     SyncRecord,
+    Tally,
 )
 from cohortsync.testing._storage_contract import _QUERY_CHECKS, STORAGE_CHECKS, _DerivedQueries
 
@@ -1243,11 +1247,84 @@ class TestDeliveredCount:
 # -- batched runs ----------------------------------------------------------------------------
 
 
+class RoundTrips:
+    """
+    Connections whose protocol traffic is traced (libpq ``PQtrace``), each to
+    a file of its own: every ``ReadyForQuery`` the server sends ends one round
+    trip (one wait of the client for the server).
+    """
+
+    def __init__(self, dsn: str, directory: Path) -> None:
+        self._dsn = dsn
+        self._directory = directory
+        self._traced: list[tuple[psycopg.Connection[Any], Any]] = []
+        self._seen = 0
+
+    def connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self._dsn, autocommit=True)
+        sink = (self._directory / f"trace-{len(self._traced)}").open("w")
+        self._traced.append((conn, sink))
+        self._trace(conn, sink)
+        return conn
+
+    @staticmethod
+    def _trace(conn: psycopg.Connection[Any], sink: Any) -> None:
+        conn.pgconn.trace(sink.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+
+    def since_last(self) -> int:
+        total = 0
+        for conn, sink in self._traced:
+            if not conn.closed:
+                conn.pgconn.untrace()  # flushes libpq's buffer
+                self._trace(conn, sink)
+            with Path(sink.name).open() as trace:
+                total += sum("\tReadyForQuery\t" in line for line in trace)
+        counted, self._seen = total - self._seen, total
+        return counted
+
+    def close(self) -> None:
+        for _, sink in self._traced:
+            sink.close()
+
+
+def done(lease: Lease, run_id: str | None = None) -> tuple[Lease, Completion]:
+    return lease, completion(lease, run_id=run_id or f"run-{lease.sync_id}")
+
+
 class TestBatchedRuns:
     """
     claim_runs and complete_runs: one round trip each for a whole batch, each
     completion failing alone, nothing half-written when the connection dies.
     """
+
+    def test_one_round_trip_each(self, dsn: str, schema: str, tmp_path: Path) -> None:
+        """
+        Claiming 16 with their records is one round trip, completing them
+        together another, and a lone complete_run one.
+        """
+        trips = RoundTrips(dsn, tmp_path)
+        store = PostgresStorage(connect=trips.connect, schema=schema)
+        try:
+            for i in range(17):
+                store.create_sync(sync_record(f"s{i:02d}"))
+            trips.since_last()
+
+            claims = store.claim_runs(T0, "w", LEASE, 16)
+            claimed = trips.since_last()
+            answers = store.complete_runs([done(c.lease) for c in claims[1:]])
+            completed = trips.since_last()
+            store.complete_run(*done(claims[0].lease))
+            alone = trips.since_last()
+            store.claim_runs(T0, "w", LEASE, 16)
+            nothing = trips.since_last()
+        finally:
+            store.close()
+            trips.close()
+
+        assert 16 == len(claims)
+        assert [None] * 15 == answers
+        assert (1, 1, 1, 1) == (claimed, completed, alone, nothing)
 
     def test_damaged_rows_in_a_claim(
         self, store: PostgresStorage, admin: psycopg.Connection[Any]
@@ -1286,6 +1363,126 @@ class TestBatchedRuns:
             )
         ).fetchone()
         assert (None, None) == row
+
+    def test_a_lease_lost_in_the_middle(
+        self, open_store: Callable[..., PostgresStorage], admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        Three completions, the middle one's lease expired and taken over by another
+        worker: the outer two are written, the middle one fails alone (LeaseLostError)
+        and leaves the new holder's lease, progress and pending batches as they were.
+        """
+        store = open_store()
+        for sync_id in ("a", "b", "c"):
+            # b first in due order: the one another worker takes over.
+            store.create_sync(sync_record(sync_id, T0 - HOUR if sync_id == "b" else T0))
+        leases = {c.lease.sync_id: c.lease for c in store.claim_runs(T0, "w", LEASE, 3)}
+        other = open_store(store.schema)
+        (taken,) = other.claim_due(T0 + LEASE + timedelta(microseconds=1), "other", LEASE, 1)
+        assert "b" == taken.sync_id
+        other.apply_batch(
+            taken,
+            attrs.evolve(applied(taken, added=("x",)), slot=taken.slot, tally=Tally(added=1)),
+        )
+        other.begin_batch(
+            taken,
+            PendingBatch(
+                run_id="other", idempotency_key="in-flight", operation=Operation.ADD, members=()
+            ),
+        )
+
+        answers = store.complete_runs([done(leases[k]) for k in ("a", "b", "c")])
+
+        assert [None, LeaseLostError, None] == [a if a is None else type(a) for a in answers]
+        assert [1, 0, 1] == [len(store.history(k)) for k in ("a", "b", "c")]
+        assert [None, taken, None] == [store.get_sync(k).lease for k in ("a", "b", "c")]
+        assert store.progress("b") is not None
+        assert ["in-flight"] == [p.idempotency_key for p in store.pending_batches("b")]
+        other.complete_run(taken, completion(taken, run_id="other"))
+        assert ["other"] == [r.id for r in store.history("b")]
+
+    def test_a_duplicate_slot_in_the_middle(self, store: PostgresStorage) -> None:
+        """
+        A completion of a slot recorded already fails alone (DuplicateRunError)
+        and keeps its lease and progress; the completions around it are written.
+        """
+        for sync_id in ("a", "b", "c"):
+            store.create_sync(sync_record(sync_id))
+        long = 3 * HOUR  # a and c stay held while b runs its next slot
+        leases = {c.lease.sync_id: c.lease for c in store.claim_runs(T0, "w", long, 3)}
+        store.complete_run(*done(leases["b"], "first"))
+        (again,) = store.claim_runs(T0 + HOUR, "w", LEASE, 3)
+        lease = again.lease
+        store.apply_batch(
+            lease, attrs.evolve(applied(lease, added=("x",)), slot=lease.slot, tally=Tally(added=1))
+        )
+        _, late = done(lease, "late")
+        recorded_slot = attrs.evolve(late, run=attrs.evolve(late.run, slot=leases["b"].slot))
+
+        answers = store.complete_runs(
+            [done(leases["a"]), (lease, recorded_slot), done(leases["c"])]
+        )
+
+        assert [None, DuplicateRunError, None] == [a if a is None else type(a) for a in answers]
+        assert lease == store.get_sync("b").lease
+        assert store.progress("b") is not None
+        assert ["first"] == [r.id for r in store.history("b")]
+        assert [1, 1] == [len(store.history(k)) for k in ("a", "c")]
+
+    def test_connection_killed_mid_pipeline(
+        self, dsn: str, schema: str, admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        The backend killed while the batch waits on its second completion (the first
+        one executed): StorageError, and nothing of any completion is written; the
+        next complete_runs reconnects and writes them all.
+        """
+        name = f"cs-pipe-{secrets.token_hex(4)}"
+        store = PostgresStorage(make_conninfo(dsn, application_name=name), schema=schema)
+        try:
+            for sync_id in ("a", "b", "c"):
+                store.create_sync(sync_record(sync_id))
+            leases = [c.lease for c in store.claim_runs(T0, "w", LEASE, 3)]
+            outcome: list[BaseException | list[Any]] = []
+
+            def complete() -> None:
+                try:
+                    outcome.append(store.complete_runs([done(lease) for lease in leases]))
+                except BaseException as exc:  # noqa: BLE001 - checked below
+                    outcome.append(exc)
+
+            with psycopg.connect(dsn) as blocker:
+                blocker.execute(
+                    schema_sql("SELECT 1 FROM {}.syncs WHERE id = 'b' FOR UPDATE", schema)
+                )
+                worker = threading.Thread(target=complete)
+                worker.start()
+                waiting: list[tuple[int]] = []
+
+                def blocked() -> bool:
+                    waiting[:] = admin.execute(
+                        "SELECT pid FROM pg_stat_activity"
+                        " WHERE application_name = %s AND wait_event_type = 'Lock'",
+                        (name,),
+                    ).fetchall()
+                    return bool(waiting)
+
+                wait_for(blocked, "complete_runs to block on b's row lock")
+                admin.execute("SELECT pg_terminate_backend(%s)", waiting[0])
+                worker.join(10)
+                blocker.rollback()
+
+            assert not worker.is_alive()
+            assert 1 == len(outcome)
+            assert isinstance(outcome[0], StorageError), outcome
+            assert "reconnects" in str(outcome[0])
+            assert [[], [], []] == [store.history(lease.sync_id) for lease in leases]
+            assert leases == [store.get_sync(lease.sync_id).lease for lease in leases]
+
+            assert [None] * 3 == store.complete_runs([done(lease) for lease in leases])
+            assert [1, 1, 1] == [len(store.history(lease.sync_id)) for lease in leases]
+        finally:
+            store.close()
 
     def test_claim_runs_of_nothing(self, store: PostgresStorage) -> None:
         """Nothing due, or a limit below 1: no claims, and the next claim is not confused."""

@@ -13,6 +13,9 @@ How it keeps several workers honest:
 - every lease operation is a compare-and-set on the lease token
   (``WHERE lease_token = %s``), checked by its row count;
 - the run record is unique on (sync, slot), so a slot can be recorded once;
+- a run's completion is one statement (the compare-and-set, the run record
+  and the completion rule together), and the completions of a claim batch
+  are sent together in pipeline mode: one round trip, one commit;
 - each acknowledged batch moves the delivered state (and its count) in the
   same transaction that records it, with array parameters (``unnest``) so a
   snapshot of a million members is a few statements, not a million round trips.
@@ -1028,6 +1031,32 @@ class PostgresStorage(StorageBase):
             error = _refused(lease, completion, _one(cur))
         if error is not None:
             raise error
+
+    def complete_runs(
+        self, completions: Sequence[tuple[Lease, Completion]]
+    ) -> list[CohortSyncError | None]:
+        """
+        Every completion's statement (see :meth:`complete_run`) in one
+        transaction, sent together in pipeline mode (see :meth:`_connection`):
+        one round trip, one commit. A refused completion writes nothing (its statement writes
+        only once the lease is held and the run recorded), so it fails
+        alone without a savepoint; any other failure rolls back all of them.
+        """
+        out: list[CohortSyncError | None] = []
+        if not completions:
+            return out
+        with self._connection("complete_runs") as conn:
+            cursors = [conn.cursor(row_factory=tuple_row) for _ in completions]
+            try:
+                with conn.pipeline():
+                    for cur, (lease, completion) in zip(cursors, completions, strict=True):
+                        cur.execute(*self._completion(lease, completion))
+                for cur, (lease, completion) in zip(cursors, completions, strict=True):
+                    out.append(_refused(lease, completion, _one(cur)))
+            finally:
+                for cur in cursors:
+                    cur.close()
+        return out
 
     def _completion(self, lease: Lease, completion: Completion) -> tuple[sql.Composed, Any]:
         assignments, params = q.completion_assignments(lease, completion, _TZ)
