@@ -74,7 +74,13 @@ from cohortsync.storage._protocol import (
     SyncRecord,
     Tally,
 )
-from cohortsync.testing._storage_contract import _QUERY_CHECKS, STORAGE_CHECKS, _DerivedQueries
+from cohortsync.testing._storage_contract import (
+    _QUERY_CHECKS,
+    STORAGE_CHECKS,
+    _DerivedQueries,
+    check_claim_runs,
+    check_complete_runs,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -1483,6 +1489,22 @@ class TestBatchedRuns:
             assert [1, 1, 1] == [len(store.history(lease.sync_id)) for lease in leases]
         finally:
             store.close()
+
+    @pytest.mark.parametrize(
+        "check", [check_claim_runs, check_complete_runs], ids=lambda check: check.__name__
+    )
+    def test_without_pipeline_mode(
+        self,
+        check: Callable[[Callable[[], Storage]], None],
+        open_store: Callable[..., PostgresStorage],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """
+        With a libpq that has no pipeline mode (before 14), the same statements run
+        in an explicit transaction, a round trip each, and pass the contract.
+        """
+        monkeypatch.setattr(postgres_module, "_PIPELINE", False)
+        check(open_store)
 
     def test_claim_runs_of_nothing(self, store: PostgresStorage) -> None:
         """Nothing due, or a limit below 1: no claims, and the next claim is not confused."""

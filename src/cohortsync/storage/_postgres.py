@@ -687,13 +687,7 @@ class PostgresStorage(StorageBase):
         in pipeline mode (``conn.pipeline()``); driver errors become
         :class:`StorageError`.
 
-        The statements of one pipeline are one transaction: on the store's own
-        (autocommit) connections the server runs everything up to the
-        pipeline's single ``Sync`` as one implicit transaction, committed at
-        the ``Sync`` and rolled back whole if a statement fails; a host's
-        pooled connection wraps them in its own transaction. (Not
-        ``conn.transaction()``: psycopg waits for its ``BEGIN`` and ``COMMIT``,
-        two more round trips.)
+        See :func:`_together` for how statements are sent together.
         """
         try:
             with self._connections.session() as conn:
@@ -979,7 +973,7 @@ class PostgresStorage(StorageBase):
         :meth:`claim_due` with each claimed sync's record and delivered-state
         facts, in one round trip: the claim, then the read of the rows it
         claimed, two statements of one transaction sent together (see
-        :meth:`_connection`).
+        :func:`_together`).
 
         Not one statement: every part of a statement reads the snapshot taken
         when it began, before the claim locks its rows, so a batch the lease's
@@ -1003,7 +997,7 @@ class PostgresStorage(StorageBase):
             conn.cursor(row_factory=tuple_row) as claim,
             conn.cursor(row_factory=tuple_row) as read,
         ):
-            with conn.pipeline():
+            with _together(conn):
                 claim.execute(self._sql(_CLAIM_RUNS), params)
                 read.execute(self._sql(_READ_CLAIMED))
             rows = read.fetchall()
@@ -1037,7 +1031,7 @@ class PostgresStorage(StorageBase):
     ) -> list[CohortSyncError | None]:
         """
         Every completion's statement (see :meth:`complete_run`) in one
-        transaction, sent together in pipeline mode (see :meth:`_connection`):
+        transaction, sent together in pipeline mode (see :func:`_together`):
         one round trip, one commit. A refused completion writes nothing (its statement writes
         only once the lease is held and the run recorded), so it fails
         alone without a savepoint; any other failure rolls back all of them.
@@ -1048,7 +1042,7 @@ class PostgresStorage(StorageBase):
         with self._connection("complete_runs") as conn:
             cursors = [conn.cursor(row_factory=tuple_row) for _ in completions]
             try:
-                with conn.pipeline():
+                with _together(conn):
                     for cur, (lease, completion) in zip(cursors, completions, strict=True):
                         cur.execute(*self._completion(lease, completion))
                 for cur, (lease, completion) in zip(cursors, completions, strict=True):
@@ -1434,6 +1428,28 @@ class _Queries:
             composed = sql.SQL(template).format(s=self._schema)
             self._cache[template] = composed
         return composed
+
+
+_PIPELINE = psycopg.Pipeline.is_supported()
+"""Whether the libpq psycopg uses has pipeline mode (libpq 14 and later)."""
+
+
+def _together(conn: _Connection) -> AbstractContextManager[Any]:
+    """
+    Run the statements executed in the block as one transaction, sent together.
+
+    In pipeline mode (``conn.pipeline()``) they are one round trip: on the
+    store's own (autocommit) connections the server runs everything up to the
+    pipeline's single ``Sync`` as one implicit transaction, committed at the
+    ``Sync`` and rolled back whole if a statement fails; a host's pooled
+    connection wraps them in its own transaction. (Not ``conn.transaction()``
+    around the pipeline: psycopg waits for its ``BEGIN`` and ``COMMIT``, two
+    more round trips.) Read the cursors' results after the block.
+
+    With a libpq older than 14 (no pipeline mode) they are an explicit
+    transaction, a round trip each.
+    """
+    return conn.pipeline() if _PIPELINE else conn.transaction()
 
 
 def _refused(
