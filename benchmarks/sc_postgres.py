@@ -3,6 +3,11 @@ Claim+complete throughput (SPEC section 9): the library's ``claim_due`` /
 ``complete_run`` loop on PostgreSQL against a raw psycopg loop doing the same
 state changes on the library's own schema, and on SQLite (reported alone).
 
+The library runs three ways: ``claim_due(limit=1)`` and ``claim_due(limit=16)``
+with a ``complete_run`` per run (the 0.1 protocol), and ``claim_runs(limit=16)``
+with one ``complete_runs`` per claimed batch (``pg-runs``: what
+``Scheduler.run_due`` does since 0.2).
+
 Each repeat builds a fresh schema (or SQLite file) of due hourly syncs with the
 store itself (a schema then analyzed, as a deployed one is: see
 :func:`analyze`), starts worker processes, lets each open its connection, then
@@ -50,7 +55,14 @@ from common import START, Row
 from measure import REPEATS, Sample, collect, interleaved
 
 import cohortsync as cs
-from cohortsync.storage import Completion, SQLiteStorage, Storage, SyncRecord
+from cohortsync.storage import (
+    BatchedRuns,
+    Completion,
+    Lease,
+    SQLiteStorage,
+    Storage,
+    SyncRecord,
+)
 from cohortsync.storage import _sql as q
 
 NOW = START + timedelta(minutes=1)
@@ -64,6 +76,7 @@ BATCH = 16
 SIDES = {
     "pg-1": "library, claim_due(limit=1)",
     "pg-16": f"library, claim_due(limit={BATCH})",
+    "pg-runs": f"library, claim_runs(limit={BATCH}) + complete_runs per batch",
     "pg-raw": f"raw psycopg, claim {BATCH}, pipelined completes",
     "sqlite": "library on SQLite, claim_due(limit=1)",
 }
@@ -92,19 +105,43 @@ def _library_loop(store: Storage, owner: str, limit: int) -> int:
         if not leases:
             return done
         for lease in leases:
-            run = cs.SyncRun(
-                id=f"r-{lease.sync_id}",
-                sync_id=lease.sync_id,
-                generation=lease.generation,
-                trigger=lease.trigger,
-                slot=lease.slot,
-                started_at=NOW,
-                finished_at=NOW,
-                status=cs.RunStatus.SUCCEEDED,
-                cadence=cs.Cadence.HOURLY,
-            )
-            store.complete_run(lease, Completion(run=run, next_due=NEXT_DUE))
+            store.complete_run(lease, Completion(run=_run_of(lease), next_due=NEXT_DUE))
             done += 1
+
+
+def _batched_loop(store: Storage, owner: str) -> int:
+    """
+    What the scheduler does: claim 16 at a time with their records
+    (``claim_runs``), then store the batch's completions together
+    (``complete_runs``), until nothing is due.
+    """
+    assert isinstance(store, BatchedRuns)  # every shipped store has the optional part
+    done = 0
+    while True:
+        claims = store.claim_runs(NOW, owner, LEASE_FOR, BATCH)
+        if not claims:
+            return done
+        completions = [
+            (c.lease, Completion(run=_run_of(c.lease), next_due=NEXT_DUE)) for c in claims
+        ]
+        refused = [a for a in store.complete_runs(completions) if a is not None]
+        if refused:
+            raise AssertionError(f"complete_runs refused {refused}")
+        done += len(claims)
+
+
+def _run_of(lease: Lease) -> cs.SyncRun:
+    return cs.SyncRun(
+        id=f"r-{lease.sync_id}",
+        sync_id=lease.sync_id,
+        generation=lease.generation,
+        trigger=lease.trigger,
+        slot=lease.slot,
+        started_at=NOW,
+        finished_at=NOW,
+        status=cs.RunStatus.SUCCEEDED,
+        cadence=cs.Cadence.HOURLY,
+    )
 
 
 # -- the raw loop ----------------------------------------------------------------
@@ -266,7 +303,10 @@ def claim_worker(side: str, where: str, owner: str, ready: Any, results: Any) ->
         else:
             store = _open_store("sqlite" if side == "sqlite" else "postgres", where)
             ready.wait(timeout=300)
-            done = _library_loop(store, owner, BATCH if side == "pg-16" else 1)
+            if side == "pg-runs":
+                done = _batched_loop(store, owner)
+            else:
+                done = _library_loop(store, owner, BATCH if side == "pg-16" else 1)
             end = time.monotonic()
             store.close()
         results.put((done, end, ""))
@@ -455,6 +495,10 @@ def one_repeat(
 # -- the scenario ----------------------------------------------------------------
 
 
+_LIBRARY = ("pg-1", "pg-16", "pg-runs")
+"""The library's sides, in the order of the table."""
+
+
 def _side(side: str, dsn: str | None, syncs: int, workers: int) -> Callable[[], float]:
     return lambda: one_repeat(side, dsn, syncs, workers)
 
@@ -479,7 +523,7 @@ def scenario_claims(
     2-core box) timed for about 2 s; 3,000 left it under a second.
     """
     dsn = os.environ.get("COHORTSYNC_TEST_POSTGRES_DSN")
-    kinds = ["pg-1", "pg-raw", "pg-16", "sqlite"] if dsn else ["sqlite"]
+    kinds = ["pg-1", "pg-raw", "pg-16", "pg-runs", "sqlite"] if dsn else ["sqlite"]
     # Each repeat builds its own schema or file: nothing carries over but
     # garbage in this process, which collect() clears.
     samples = interleaved(
@@ -506,7 +550,7 @@ def scenario_claims(
                     met=_at_least_half if k == 1 else None,
                     note=f"{what}; ratio = ours / raw",
                 )
-                for kind in ("pg-1", "pg-16")
+                for kind in _LIBRARY
             )
         rows.append(
             Row.measured(
@@ -532,6 +576,6 @@ def scenario_claims(
                 note=f"ours = 2 workers, baseline = 1 worker, ratio = 2 / 1 "
                 f"(raw loop: {raw_scaling:.2f}); {what}",
             )
-            for kind in ("pg-1", "pg-16")
+            for kind in _LIBRARY
         )
     return rows

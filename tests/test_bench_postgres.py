@@ -47,14 +47,16 @@ def test_scenario_runs_every_side() -> None:
             assert row.ratio is not None, row
             assert row.ratio > 0, row
     names = [row.scenario for row in rows]
-    assert sum("PostgreSQL" in n and "vs raw psycopg" in n for n in names) == 4  # 2 sides x 2
+    assert sum("PostgreSQL" in n and "vs raw psycopg" in n for n in names) == 6  # 3 sides x 2
     assert sum(n.startswith("SQLite") for n in names) == 2
-    assert sum("1 -> 2 workers" in n for n in names) == 2
+    assert sum("1 -> 2 workers" in n for n in names) == 3
     goals = {row.scenario: row.goal for row in rows}
     assert [g for n, g in goals.items() if "1 worker process:" in n and "PostgreSQL" in n] == [
         ">= 50 % of raw",
         ">= 50 % of raw",
+        ">= 50 % of raw",
     ]
+    assert sum("claim_runs(limit=16) + complete_runs" in n for n in names) == 3
 
 
 def test_without_postgres_only_sqlite_runs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,7 +72,7 @@ def test_without_postgres_only_sqlite_runs(monkeypatch: pytest.MonkeyPatch) -> N
     assert DSN_VAR in row.note
 
 
-@pytest.mark.parametrize("side", ["pg-1", "pg-16"])
+@pytest.mark.parametrize("side", ["pg-1", "pg-16", "pg-runs"])
 def test_raw_loop_leaves_the_library_state(side: str) -> None:
     """
     Two workers each side: the raw loop's runs rows (records included) and

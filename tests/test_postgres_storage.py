@@ -13,6 +13,7 @@ CI must run them. Every test works in schemas of its own, dropped afterwards.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import random
@@ -28,13 +29,14 @@ import traceback
 from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 try:
     import psycopg
-    from psycopg import sql
+    from psycopg import pq, sql
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 except ImportError:  # pragma: no cover - depends on the environment
     if os.environ.get("CI"):
@@ -44,18 +46,21 @@ except ImportError:  # pragma: no cover - depends on the environment
     )
 
 import attrs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._policy import Cadence, SyncPolicy
-from cohortsync._sync import RunStatus, Sync, SyncRun
+from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.exceptions import (
     ConfigurationError,
     CorruptStoreError,
+    DuplicateRunError,
     LeaseLostError,
     SchemaVersionError,
     StorageError,
 )
-from cohortsync.storage import PostgresStorage
+from cohortsync.storage import PostgresStorage, apply_completion
 from cohortsync.storage import _postgres as postgres_module
 from cohortsync.storage._postgres import SCHEMA_VERSION, mask_dsn
 from cohortsync.storage._protocol import (
@@ -64,10 +69,18 @@ from cohortsync.storage._protocol import (
     IssueKind,
     Lease,
     MemberIssue,
+    PendingBatch,
     Storage,
     SyncRecord,
+    Tally,
 )
-from cohortsync.testing._storage_contract import _QUERY_CHECKS, STORAGE_CHECKS, _DerivedQueries
+from cohortsync.testing._storage_contract import (
+    _QUERY_CHECKS,
+    STORAGE_CHECKS,
+    _DerivedQueries,
+    check_claim_runs,
+    check_complete_runs,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -1071,6 +1084,574 @@ class TestConnectionLoss:
         assert [lease.slot] == [r.slot for r in other.history("s1")]
         with pytest.raises(LeaseLostError):
             store.complete_run(lease, completion(lease))
+
+
+# -- the delivered count -------------------------------------------------------------------
+
+
+def delivered_rows(admin: psycopg.Connection[Any], schema: str, sync_id: str) -> int:
+    row = admin.execute(
+        schema_sql("SELECT count(*) FROM {}.delivered WHERE sync_id = %s", schema), (sync_id,)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+class TestDeliveredCount:
+    """
+    count_delivered (and a claim's count) reads the count apply_batch keeps
+    since schema version 4: backfilled by the migration, exact whatever the
+    batches re-add, remove or repeat, alone or in parallel.
+    """
+
+    @pytest.mark.parametrize("version", [1, 3])
+    def test_migration_backfills_the_count(
+        self,
+        dsn: str,
+        schema: str,
+        admin: psycopg.Connection[Any],
+        monkeypatch: pytest.MonkeyPatch,
+        version: int,
+    ) -> None:
+        """
+        A schema at version 1 (no version rows) or 3, holding delivered state, is
+        migrated: each sync's count is its rows and its version token is kept
+        ("" where it had none, as delivered_version answered before).
+        """
+        monkeypatch.setattr(postgres_module, "_MIGRATIONS", postgres_module._MIGRATIONS[:version])
+        monkeypatch.setattr(postgres_module, "SCHEMA_VERSION", version)
+        # That release's tables only (version 1 has no delivered_versions).
+        monkeypatch.setattr(PostgresStorage, "_check_privileges", lambda self: None)
+        PostgresStorage(dsn, schema=schema).close()
+        monkeypatch.undo()
+        admin.execute(
+            schema_sql(
+                "INSERT INTO {}.delivered (sync_id, key) SELECT s, k FROM"
+                " unnest(%s::text[], %s::text[]) AS t(s, k)",
+                schema,
+            ),
+            (["a", "a", "a", "b", "b"], ["1", "2", "3", "1", "2"]),
+        )
+        if version >= 2:
+            admin.execute(
+                schema_sql(
+                    "INSERT INTO {}.delivered_versions (sync_id, version)"
+                    " VALUES ('a', 'v-a'), ('c', 'v-c')",
+                    schema,
+                )
+            )
+
+        store = PostgresStorage(dsn, schema=schema)
+
+        assert (3, 2, 0, 0) == tuple(store.count_delivered(s) for s in ("a", "b", "c", "none"))
+        kept = ("v-a", "", "v-c") if version >= 2 else ("", "", "")
+        assert kept == tuple(store.delivered_version(s) for s in ("a", "b", "c"))
+        store.create_sync(sync_record("a"))
+        lease = claim_one(store)
+        store.apply_batch(lease, applied(lease, added=("3", "4")))
+        assert 4 == store.count_delivered("a")
+        (claim,) = store.claim_runs(T0 + LEASE + HOUR, "w2", LEASE, 5)
+        assert 4 == claim.delivered
+        store.close()
+
+    def test_exact_under_readds_removals_and_repeats(
+        self, store: PostgresStorage, admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        Random batches re-adding delivered members (with new identifiers or not),
+        removing absent ones, naming a key twice or both adding and removing it:
+        after each, the count is the rows and the identifiers are the last sent.
+        """
+        rng = random.Random(14)
+        universe = [f"m{i:02d}" for i in range(30)]
+        store.create_sync(sync_record("s1"))
+        lease = claim_one(store)
+        model: dict[str, Identifier] = {}
+        for sequence in range(120):
+            added = [
+                Member(k, Identifier(IdentifierKind.EMAIL, f"{k}.{rng.randint(0, 2)}@x"))
+                if rng.random() < 0.3
+                else member(k)
+                for k in rng.choices(universe, k=rng.randint(0, 10))
+            ]
+            removed = rng.choices(universe, k=rng.randint(0, 6))
+            for m in added:
+                model[m.key] = m.identifier
+            for key in removed:
+                model.pop(key, None)
+            batch = AppliedBatch(
+                run_id="run",
+                sequence=sequence,
+                operation=Operation.ADD,
+                idempotency_key=f"k{sequence}",
+                added=tuple(added),
+                removed=tuple(removed),
+                at=T0,
+            )
+
+            store.apply_batch(lease, batch)
+
+            assert (
+                len(model)
+                == store.count_delivered("s1")
+                == delivered_rows(admin, store.schema, "s1")
+            ), f"batch {sequence}"
+        assert model == store.delivered_identifiers("s1", universe)
+
+    def test_exact_with_parallel_batches(
+        self, store: PostgresStorage, admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        Parallel batches of one run (threads, overlapping keys) each count only what
+        they inserted or deleted themselves: the count ends equal to the rows.
+        """
+        store.create_sync(sync_record("s1"))
+        lease = claim_one(store)
+        store.apply_batch(lease, applied(lease, added=tuple(f"m{i}" for i in range(0, 200, 2))))
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(4)
+
+        def worker(n: int) -> None:
+            rng = random.Random(n)
+            try:
+                barrier.wait()
+                for sequence in range(25):
+                    keys = [f"m{i}" for i in rng.sample(range(200), 40)]
+                    store.apply_batch(
+                        lease,
+                        applied(
+                            lease,
+                            added=tuple(keys[:25]),
+                            removed=tuple(keys[25:]),
+                            sequence=100 * n + sequence,
+                        ),
+                    )
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+        assert [] == [e for e in errors if not isinstance(e, StorageError)]
+        assert delivered_rows(admin, store.schema, "s1") == store.count_delivered("s1")
+
+    def test_deleting_the_sync_forgets_the_count(self, store: PostgresStorage) -> None:
+        """A sync created again under a deleted one's id starts from nothing."""
+        store.create_sync(sync_record("s1"))
+        lease = claim_one(store)
+        store.apply_batch(lease, applied(lease, added=("a", "b")))
+        store.delete_sync("s1")
+        store.create_sync(sync_record("s1"))
+
+        assert 0 == store.count_delivered("s1")
+        assert 0 == store.claim_runs(T0, "w", LEASE, 1)[0].delivered
+
+
+# -- batched runs ----------------------------------------------------------------------------
+
+
+class RoundTrips:
+    """
+    Connections whose protocol traffic is traced (libpq ``PQtrace``), each to
+    a file of its own: every ``ReadyForQuery`` the server sends ends one round
+    trip (one wait of the client for the server).
+    """
+
+    def __init__(self, dsn: str, directory: Path) -> None:
+        self._dsn = dsn
+        self._directory = directory
+        self._traced: list[tuple[psycopg.Connection[Any], Any]] = []
+        self._seen = 0
+
+    def connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self._dsn, autocommit=True)
+        sink = (self._directory / f"trace-{len(self._traced)}").open("w")
+        self._traced.append((conn, sink))
+        self._trace(conn, sink)
+        return conn
+
+    @staticmethod
+    def _trace(conn: psycopg.Connection[Any], sink: Any) -> None:
+        conn.pgconn.trace(sink.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+
+    def since_last(self) -> int:
+        total = 0
+        for conn, sink in self._traced:
+            if not conn.closed:
+                conn.pgconn.untrace()  # flushes libpq's buffer
+                self._trace(conn, sink)
+            with Path(sink.name).open() as trace:
+                total += sum("\tReadyForQuery\t" in line for line in trace)
+        counted, self._seen = total - self._seen, total
+        return counted
+
+    def close(self) -> None:
+        for _, sink in self._traced:
+            sink.close()
+
+
+def done(lease: Lease, run_id: str | None = None) -> tuple[Lease, Completion]:
+    return lease, completion(lease, run_id=run_id or f"run-{lease.sync_id}")
+
+
+class TestBatchedRuns:
+    """
+    claim_runs and complete_runs: one round trip each for a whole batch, each
+    completion failing alone, nothing half-written when the connection dies.
+    """
+
+    def test_one_round_trip_each(self, dsn: str, schema: str, tmp_path: Path) -> None:
+        """
+        Claiming 16 with their records is one round trip, completing them
+        together another, and a lone complete_run one.
+        """
+        trips = RoundTrips(dsn, tmp_path)
+        store = PostgresStorage(connect=trips.connect, schema=schema)
+        try:
+            for i in range(17):
+                store.create_sync(sync_record(f"s{i:02d}"))
+            trips.since_last()
+
+            claims = store.claim_runs(T0, "w", LEASE, 16)
+            claimed = trips.since_last()
+            answers = store.complete_runs([done(c.lease) for c in claims[1:]])
+            completed = trips.since_last()
+            store.complete_run(*done(claims[0].lease))
+            alone = trips.since_last()
+            store.claim_runs(T0, "w", LEASE, 16)
+            nothing = trips.since_last()
+        finally:
+            store.close()
+            trips.close()
+
+        assert 16 == len(claims)
+        assert [None] * 15 == answers
+        assert (1, 1, 1, 1) == (claimed, completed, alone, nothing)
+
+    def test_damaged_rows_in_a_claim(
+        self, store: PostgresStorage, admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        A row whose definition cannot be read is claimed without its record; a
+        row whose schedule columns are damaged is taken off the schedule; the
+        others are claimed whole.
+        """
+        for sync_id in ("bad-definition", "bad-schedule", "good"):
+            store.create_sync(sync_record(sync_id))
+        admin.execute(
+            schema_sql(
+                "UPDATE {}.syncs SET definition = '{{not json' WHERE id = 'bad-definition'",
+                store.schema,
+            )
+        )
+        admin.execute(
+            schema_sql(
+                "UPDATE {}.syncs SET next_trigger = 'whenever' WHERE id = 'bad-schedule'",
+                store.schema,
+            )
+        )
+
+        claims = store.claim_runs(T0, "w", LEASE, 5)
+
+        assert ["bad-definition", "good"] == [c.lease.sync_id for c in claims]
+        assert claims[0].record is None
+        assert claims[1].record == store.get_sync("good")
+        with pytest.raises(CorruptStoreError, match="bad-definition"):
+            store.get_sync("bad-definition")
+        row = admin.execute(
+            schema_sql(
+                "SELECT next_due, lease_token FROM {}.syncs WHERE id = 'bad-schedule'",
+                store.schema,
+            )
+        ).fetchone()
+        assert (None, None) == row
+
+    def test_a_lease_lost_in_the_middle(
+        self, open_store: Callable[..., PostgresStorage], admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        Three completions, the middle one's lease expired and taken over by another
+        worker: the outer two are written, the middle one fails alone (LeaseLostError)
+        and leaves the new holder's lease, progress and pending batches as they were.
+        """
+        store = open_store()
+        for sync_id in ("a", "b", "c"):
+            # b first in due order: the one another worker takes over.
+            store.create_sync(sync_record(sync_id, T0 - HOUR if sync_id == "b" else T0))
+        leases = {c.lease.sync_id: c.lease for c in store.claim_runs(T0, "w", LEASE, 3)}
+        other = open_store(store.schema)
+        (taken,) = other.claim_due(T0 + LEASE + timedelta(microseconds=1), "other", LEASE, 1)
+        assert "b" == taken.sync_id
+        other.apply_batch(
+            taken,
+            attrs.evolve(applied(taken, added=("x",)), slot=taken.slot, tally=Tally(added=1)),
+        )
+        other.begin_batch(
+            taken,
+            PendingBatch(
+                run_id="other", idempotency_key="in-flight", operation=Operation.ADD, members=()
+            ),
+        )
+
+        answers = store.complete_runs([done(leases[k]) for k in ("a", "b", "c")])
+
+        assert [None, LeaseLostError, None] == [a if a is None else type(a) for a in answers]
+        assert [1, 0, 1] == [len(store.history(k)) for k in ("a", "b", "c")]
+        assert [None, taken, None] == [store.get_sync(k).lease for k in ("a", "b", "c")]
+        assert store.progress("b") is not None
+        assert ["in-flight"] == [p.idempotency_key for p in store.pending_batches("b")]
+        other.complete_run(taken, completion(taken, run_id="other"))
+        assert ["other"] == [r.id for r in store.history("b")]
+
+    def test_a_duplicate_slot_in_the_middle(self, store: PostgresStorage) -> None:
+        """
+        A completion of a slot recorded already fails alone (DuplicateRunError)
+        and keeps its lease and progress; the completions around it are written.
+        """
+        for sync_id in ("a", "b", "c"):
+            store.create_sync(sync_record(sync_id))
+        long = 3 * HOUR  # a and c stay held while b runs its next slot
+        leases = {c.lease.sync_id: c.lease for c in store.claim_runs(T0, "w", long, 3)}
+        store.complete_run(*done(leases["b"], "first"))
+        (again,) = store.claim_runs(T0 + HOUR, "w", LEASE, 3)
+        lease = again.lease
+        store.apply_batch(
+            lease, attrs.evolve(applied(lease, added=("x",)), slot=lease.slot, tally=Tally(added=1))
+        )
+        _, late = done(lease, "late")
+        recorded_slot = attrs.evolve(late, run=attrs.evolve(late.run, slot=leases["b"].slot))
+
+        answers = store.complete_runs(
+            [done(leases["a"]), (lease, recorded_slot), done(leases["c"])]
+        )
+
+        assert [None, DuplicateRunError, None] == [a if a is None else type(a) for a in answers]
+        assert lease == store.get_sync("b").lease
+        assert store.progress("b") is not None
+        assert ["first"] == [r.id for r in store.history("b")]
+        assert [1, 1] == [len(store.history(k)) for k in ("a", "c")]
+
+    def test_connection_killed_mid_pipeline(
+        self, dsn: str, schema: str, admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        The backend killed while the batch waits on its second completion (the first
+        one executed): StorageError, and nothing of any completion is written; the
+        next complete_runs reconnects and writes them all.
+        """
+        name = f"cs-pipe-{secrets.token_hex(4)}"
+        store = PostgresStorage(make_conninfo(dsn, application_name=name), schema=schema)
+        try:
+            for sync_id in ("a", "b", "c"):
+                store.create_sync(sync_record(sync_id))
+            leases = [c.lease for c in store.claim_runs(T0, "w", LEASE, 3)]
+            outcome: list[BaseException | list[Any]] = []
+
+            def complete() -> None:
+                try:
+                    outcome.append(store.complete_runs([done(lease) for lease in leases]))
+                except BaseException as exc:  # noqa: BLE001 - checked below
+                    outcome.append(exc)
+
+            with psycopg.connect(dsn) as blocker:
+                blocker.execute(
+                    schema_sql("SELECT 1 FROM {}.syncs WHERE id = 'b' FOR UPDATE", schema)
+                )
+                worker = threading.Thread(target=complete)
+                worker.start()
+                waiting: list[tuple[int]] = []
+
+                def blocked() -> bool:
+                    waiting[:] = admin.execute(
+                        "SELECT pid FROM pg_stat_activity"
+                        " WHERE application_name = %s AND wait_event_type = 'Lock'",
+                        (name,),
+                    ).fetchall()
+                    return bool(waiting)
+
+                wait_for(blocked, "complete_runs to block on b's row lock")
+                admin.execute("SELECT pg_terminate_backend(%s)", waiting[0])
+                worker.join(10)
+                blocker.rollback()
+
+            assert not worker.is_alive()
+            assert 1 == len(outcome)
+            assert isinstance(outcome[0], StorageError), outcome
+            assert "reconnects" in str(outcome[0])
+            assert [[], [], []] == [store.history(lease.sync_id) for lease in leases]
+            assert leases == [store.get_sync(lease.sync_id).lease for lease in leases]
+
+            assert [None] * 3 == store.complete_runs([done(lease) for lease in leases])
+            assert [1, 1, 1] == [len(store.history(lease.sync_id)) for lease in leases]
+        finally:
+            store.close()
+
+    @pytest.mark.parametrize(
+        "check", [check_claim_runs, check_complete_runs], ids=lambda check: check.__name__
+    )
+    def test_without_pipeline_mode(
+        self,
+        check: Callable[[Callable[[], Storage]], None],
+        open_store: Callable[..., PostgresStorage],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """
+        With a libpq that has no pipeline mode (before 14), the same statements run
+        in an explicit transaction, a round trip each, and pass the contract.
+        """
+        monkeypatch.setattr(postgres_module, "_PIPELINE", False)
+        check(open_store)
+
+    def test_claim_runs_of_nothing(self, store: PostgresStorage) -> None:
+        """Nothing due, or a limit below 1: no claims, and the next claim is not confused."""
+        store.create_sync(sync_record("later", next_due=T0 + HOUR))
+
+        assert [] == store.claim_runs(T0, "w", LEASE, 5)
+        assert [] == store.claim_runs(T0 + HOUR, "w", LEASE, 0)
+        assert ["later"] == [c.lease.sync_id for c in store.claim_runs(T0 + HOUR, "w", LEASE, 5)]
+
+
+# -- the completion rule in SQL --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rule_store(dsn: str, admin: psycopg.Connection[Any]) -> Iterator[PostgresStorage]:
+    """One store for all examples (each uses a sync of its own and deletes it)."""
+    schema = f"cs_test_rule_{secrets.token_hex(5)}"
+    store = PostgresStorage(dsn, schema=schema)
+    yield store
+    store.close()
+    admin.execute(schema_sql("DROP SCHEMA IF EXISTS {} CASCADE", schema))
+
+
+_rule_ids = itertools.count()
+_minutes = st.none() | st.integers(-120, 120).map(lambda m: timedelta(minutes=m))
+
+
+@attrs.frozen(kw_only=True)
+class StoredState:
+    """How the held sync's row stands when its run completes, relative to the lease."""
+
+    new_generation: bool
+    new_revision: bool
+    next_due: str | timedelta | None  # "slot": still the lease's slot
+    last_slot: timedelta | None
+    run_slot: timedelta
+
+
+@attrs.frozen(kw_only=True)
+class Outcome:
+    """What the run reports."""
+
+    next_due: timedelta | None
+    next_trigger: Trigger
+    attempts: int
+    status: SyncStatus | None
+    feed_cursor: str | None
+    full_sync_done: bool
+    scheduled_from: timedelta | None
+    batched: bool
+
+
+stored_states = st.builds(
+    StoredState,
+    new_generation=st.booleans(),
+    new_revision=st.booleans(),
+    next_due=st.just("slot") | _minutes,
+    last_slot=_minutes,
+    run_slot=st.sampled_from((timedelta(0), timedelta(0), -HOUR, HOUR)),
+)
+outcomes = st.builds(
+    Outcome,
+    next_due=_minutes,
+    next_trigger=st.sampled_from(Trigger),
+    attempts=st.integers(0, 5),
+    status=st.none() | st.sampled_from(SyncStatus),
+    feed_cursor=st.none()
+    | st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=6),
+    full_sync_done=st.booleans(),
+    scheduled_from=_minutes,
+    batched=st.booleans(),
+)
+
+
+class TestCompletionRuleInSQL:
+    """
+    complete_run decides the completion rule in SQL, from the row as its update
+    finds it: in every state the row can be in, including ones no host call
+    makes (``next_due`` moved without a new revision, ``last_slot`` past the
+    run's slot), it writes what :func:`apply_completion` gives.
+    """
+
+    @settings(max_examples=80)
+    @given(state=stored_states, outcome=outcomes)
+    def test_sql_writes_the_rule(
+        self,
+        rule_store: PostgresStorage,
+        admin: psycopg.Connection[Any],
+        state: StoredState,
+        outcome: Outcome,
+    ) -> None:
+        store = rule_store
+        sync_id = f"rule-{next(_rule_ids)}"
+        store.create_sync(sync_record(sync_id))
+        try:
+            lease = claim_one(store)
+            claimed = store.get_sync(sync_id)
+            if state.new_generation:
+                store.save_sync(
+                    attrs.evolve(
+                        claimed,
+                        sync=attrs.evolve(claimed.sync, generation=claimed.sync.generation + 1),
+                    ),
+                    expected_generation=claimed.sync.generation,
+                )
+            admin.execute(
+                schema_sql(
+                    "UPDATE {}.syncs SET revision = %s, next_due = %s, last_slot = %s"
+                    " WHERE id = %s",
+                    store.schema,
+                ),
+                (
+                    lease.revision + state.new_revision,
+                    lease.slot if state.next_due == "slot" else at(state.next_due),
+                    at(state.last_slot),
+                    sync_id,
+                ),
+            )
+            run = attrs.evolve(completion(lease).run, slot=lease.slot + state.run_slot)
+            done = Completion(
+                run=run,
+                next_due=at(outcome.next_due),
+                next_trigger=outcome.next_trigger,
+                sync=None
+                if outcome.status is None
+                else attrs.evolve(claimed.sync, status=outcome.status, status_reason="run"),
+                attempts=outcome.attempts,
+                feed_cursor=outcome.feed_cursor,
+                full_sync_done=outcome.full_sync_done,
+                scheduled_from=at(outcome.scheduled_from),
+            )
+            before = store.get_sync(sync_id)
+
+            if outcome.batched:
+                assert [None] == store.complete_runs([(lease, done)])
+            else:
+                store.complete_run(lease, done)
+
+            assert apply_completion(before, lease, done) == store.get_sync(sync_id)
+            assert [run] == store.history(sync_id)
+        finally:
+            store.delete_sync(sync_id)
+
+
+def at(offset: str | timedelta | None) -> datetime | None:
+    assert not isinstance(offset, str)
+    return None if offset is None else T0 + offset
 
 
 # -- many processes ---------------------------------------------------------------------

@@ -21,7 +21,9 @@ from cohortsync._destination import Operation
 from cohortsync._policy import Cadence
 from cohortsync._sync import RunStatus, SyncRun, SyncStatus, Trigger
 from cohortsync._validators import evolve_trusted
+from cohortsync.exceptions import LeaseLostError
 from cohortsync.storage import (
+    BatchedRuns,
     Completion,
     Lease,
     MemoryStorage,
@@ -251,9 +253,12 @@ def shared_store(
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
-def play(store: Storage, scenario: CompletionScenario, sync_id: str) -> None:
+def play(
+    store: Storage, scenario: CompletionScenario, sync_id: str, *, batched: bool = False
+) -> None:
     """
-    Live *scenario* on *store* and check its completion against the rule.
+    Live *scenario* on *store* and check its completion against the rule;
+    *batched* completes it with complete_runs, between two refused completions.
     """
     start = attrs.evolve(scenario.start, sync=attrs.evolve(scenario.start.sync, id=sync_id))
     due = start.next_due
@@ -300,7 +305,17 @@ def play(store: Storage, scenario: CompletionScenario, sync_id: str) -> None:
     )
     before = store.get_sync(sync_id)
 
-    store.complete_run(lease, completion)
+    if batched:
+        assert isinstance(store, BatchedRuns)
+        stale = attrs.evolve(lease, token=secrets.token_hex(16))
+        answers = store.complete_runs(
+            [(stale, completion), (lease, completion), (lease, completion)]
+        )
+        assert [LeaseLostError, None, LeaseLostError] == [
+            a if a is None else type(a) for a in answers
+        ]
+    else:
+        store.complete_run(lease, completion)
 
     assert apply_completion(before, lease, completion) == store.get_sync(sync_id)
     assert [k for i, k in enumerate(keys) if i not in scenario.resolved] == [
@@ -355,5 +370,15 @@ class TestStoresWriteTheRule:
         sync_id = f"rule-{next(_ids)}"
         try:
             play(shared_store, scenario, sync_id)
+        finally:
+            shared_store.delete_sync(sync_id)
+
+    @settings(max_examples=40)
+    @given(scenario=completion_scenarios())
+    def test_complete_runs(self, shared_store: Storage, scenario: CompletionScenario) -> None:
+        """The same through complete_runs, the completion between two refused ones."""
+        sync_id = f"rule-{next(_ids)}"
+        try:
+            play(shared_store, scenario, sync_id, batched=True)
         finally:
             shared_store.delete_sync(sync_id)

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,7 +39,15 @@ from typing import Any, cast
 import cohortsync as cs
 from cohortsync.events import RunFinished, RunStarted
 from cohortsync.exceptions import LeaseLostError
-from cohortsync.storage import AppliedBatch, Completion, Lease, SQLiteStorage, Storage
+from cohortsync.storage import (
+    AppliedBatch,
+    BatchedRuns,
+    Claim,
+    Completion,
+    Lease,
+    SQLiteStorage,
+    Storage,
+)
 from cohortsync.testing import FakeClock, Fault, FaultyDestination, SharedFakeClock
 
 DSN_VARIABLE = "COHORTSYNC_TEST_POSTGRES_DSN"
@@ -128,8 +136,26 @@ class DelegatingStorage:
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         self.inner.complete_run(lease, completion)
 
+    # What Scheduler.run_due calls since 0.2 (the store's own, so a wrapper
+    # watching claims and completions must watch these too).
+
+    def claim_runs(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Claim]:
+        return _batched(self.inner).claim_runs(now, owner, lease_for, limit)
+
+    def complete_runs(
+        self, completions: Sequence[tuple[Lease, Completion]]
+    ) -> list[Exception | None]:
+        return _batched(self.inner).complete_runs(completions)
+
     def apply_batch(self, lease: Lease, batch: AppliedBatch) -> Any:
         return self.inner.apply_batch(lease, batch)
+
+
+def _batched(store: Storage) -> BatchedRuns:
+    assert isinstance(store, BatchedRuns), store  # every shipped store has them
+    return store
 
 
 def die() -> None:
@@ -143,15 +169,15 @@ def die() -> None:
 # remote system recorded the batch and before it answered; the others are
 # around the store calls of a run.
 STEPS = (
-    "claim",  # after claim_due returned the lease
+    "claim",  # after claim_due (or claim_runs) returned the lease
     "acked",  # batch 3 recorded remotely, not yet acknowledged to the worker
     "before_apply",  # batch 3 acknowledged, apply_batch not called
     "applied_first",  # apply_batch 1 committed
     "applied_last",  # apply_batch 5 (the last) committed
     "extend_before",  # extend_lease called, not yet committed
     "extend_after",  # extend_lease committed, not yet returned
-    "before_complete",  # every batch applied, complete_run not called
-    "completed",  # complete_run committed
+    "before_complete",  # every batch applied, complete_run(s) not called
+    "completed",  # complete_run(s) committed
 )
 CRASH_BATCH = 3
 BATCHES = 5
@@ -201,19 +227,20 @@ class CrashingStorage(DelegatingStorage):
         if self.step == "completed":
             die()
 
-    # The scheduler's fast path (BatchedRuns): the same steps, on the store's
-    # own implementation, so the crash tests cover what the scheduler runs.
-
-    def claim_runs(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> Any:
-        claims = self.inner.claim_runs(now, owner, lease_for, limit)  # type: ignore[attr-defined]
+    def claim_runs(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Claim]:
+        claims = super().claim_runs(now, owner, lease_for, limit)
         if claims and self.step == "claim":
             die()
         return claims
 
-    def complete_runs(self, completions: Any) -> Any:
+    def complete_runs(
+        self, completions: Sequence[tuple[Lease, Completion]]
+    ) -> list[Exception | None]:
         if self.step == "before_complete":
             die()
-        answers = self.inner.complete_runs(completions)  # type: ignore[attr-defined]
+        answers = super().complete_runs(completions)
         if self.step == "completed":
             die()
         return answers

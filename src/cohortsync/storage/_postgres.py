@@ -13,9 +13,12 @@ How it keeps several workers honest:
 - every lease operation is a compare-and-set on the lease token
   (``WHERE lease_token = %s``), checked by its row count;
 - the run record is unique on (sync, slot), so a slot can be recorded once;
-- each acknowledged batch moves the delivered state in the same transaction
-  that records it, with array parameters (``unnest``) so a snapshot of a
-  million members is a few statements, not a million round trips.
+- a run's completion is one statement (the compare-and-set, the run record
+  and the completion rule together), and the completions of a claim batch
+  are sent together in pipeline mode: one round trip, one commit;
+- each acknowledged batch moves the delivered state (and its count) in the
+  same transaction that records it, with array parameters (``unnest``) so a
+  snapshot of a million members is a few statements, not a million round trips.
 
 Every instant is passed in by the caller (its clock); the store never reads the
 server's ``now()``. Everything lives in one PostgreSQL schema (``cohortsync`` by
@@ -50,6 +53,7 @@ import attrs
 from cohortsync._clock import add_saturating, require_aware
 from cohortsync._destination import Identifier, IdentifierKind
 from cohortsync.exceptions import (
+    CohortSyncError,
     ConfigurationError,
     ConflictError,
     CorruptStoreError,
@@ -78,6 +82,7 @@ if TYPE_CHECKING:
     from cohortsync._sync import SyncRun
     from cohortsync.storage._protocol import (
         AppliedBatch,
+        Claim,
         Completion,
         Lease,
         LedgerEntry,
@@ -292,10 +297,23 @@ _MIGRATIONS: list[tuple[str, ...]] = [
             " (status IN ('active', 'paused', 'completed', 'failed', 'deleted')) NOT VALID"
         ),
     ),
+    # 4: the size of each sync's delivered state, kept exact by the transaction
+    # that changes the state, so a claim hands a run its count without counting
+    # (see Claim). It sits beside the version token, not on the syncs row, for
+    # the reason given at 2. Syncs delivered to before 2 have no version row
+    # yet: they get one with the version delivered_version answers for them ("").
+    (
+        "ALTER TABLE {s}.delivered_versions ADD COLUMN delivered_count bigint NOT NULL DEFAULT 0",
+        (
+            "INSERT INTO {s}.delivered_versions AS v (sync_id, version, delivered_count)"
+            " SELECT sync_id, '', count(*) FROM {s}.delivered GROUP BY sync_id"
+            " ON CONFLICT (sync_id) DO UPDATE SET delivered_count = EXCLUDED.delivered_count"
+        ),
+    ),
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
-"""The schema version this release creates and understands (3)."""
+"""The schema version this release creates and understands (4)."""
 
 _COUNT_SLOT = (
     "INSERT INTO {s}.slot_buckets (period, bucket, syncs) VALUES (%s, %s, 1)"
@@ -309,7 +327,7 @@ _CLAIMED_SLOT = (
     "CASE WHEN s.last_slot IS NOT NULL AND s.next_due <= s.last_slot"
     " THEN s.last_slot + interval '1 microsecond' ELSE s.next_due END"
 )
-_CLAIM = (
+_CLAIM_CANDIDATES = (
     "WITH locked AS ("
     "  SELECT id, next_due FROM {s}.syncs"
     "  WHERE status = 'active' AND next_due <= %(now)s"
@@ -319,6 +337,8 @@ _CLAIM = (
     "), numbered AS ("
     "  SELECT id, row_number() OVER (ORDER BY next_due, id) AS n FROM locked"
     ")"
+)
+_CLAIM_LEASES = (
     " UPDATE {s}.syncs AS s SET lease_owner = %(owner)s,"
     "  lease_token = (%(tokens)s::text[])[numbered.n],"
     "  lease_expires = %(expires)s, next_due = {claimed},"
@@ -326,8 +346,26 @@ _CLAIM = (
     "  lease_generation = s.generation, lease_trigger = s.next_trigger,"
     "  lease_revision = s.revision"
     " FROM numbered WHERE s.id = numbered.id"
-    " RETURNING s.id, s.generation, s.next_due, s.next_trigger, s.lease_token, s.revision"
 ).replace("{claimed}", _CLAIMED_SLOT)
+_CLAIM = (
+    f"{_CLAIM_CANDIDATES}{_CLAIM_LEASES}"
+    " RETURNING s.id, s.generation, s.next_due, s.next_trigger, s.lease_token, s.revision"
+)
+_CLAIMED = "cohortsync.claimed"
+"""A transaction-local setting: the ids claim_runs' claim leased, for its read."""
+_CLAIM_RUNS = (
+    f"{_CLAIM_CANDIDATES}, claimed AS ({_CLAIM_LEASES} RETURNING s.id)"  # noqa: S608 - constant
+    f" SELECT set_config('{_CLAIMED}', coalesce(array_agg(id), ARRAY[]::text[])::text, true)"
+    " FROM claimed"
+)
+_READ_CLAIMED = (
+    "SELECT "  # noqa: S608 - constant columns
+    + q.claim_run_columns("coalesce(v.delivered_count, 0), coalesce(v.version, '')")
+    + " FROM {s}.syncs LEFT JOIN {s}.delivered_versions AS v ON v.sync_id = syncs.id"
+    f" WHERE syncs.id = ANY(current_setting('{_CLAIMED}')::text[])"
+)
+"""What claim_runs hands each run: the claimed rows and their delivered-state
+facts, read after the claim in its transaction (see claim_runs)."""
 
 _SELECT_SYNC = f"{q.SELECT_SYNCS} WHERE id = %s"
 _LIST_SYNCS = f"{q.SELECT_SYNCS} ORDER BY id"
@@ -336,17 +374,55 @@ _DELETE_SYNC_STATE = tuple(
     f"DELETE FROM {{s}}.{table} WHERE sync_id = %s"  # noqa: S608 - constant table names
     for table in (*q.SYNC_STATE_TABLES, "delivered_versions")
 )
-_LOCK_HELD = f"{q.HELD} FOR UPDATE"
-"""complete_run's read: no claimant can take the lease over until it commits."""
 _SHARE_HELD = f"{q.IS_HELD} FOR SHARE"
 """Parallel batches of one run may apply together, but no claimant can take the
 lease over until the transaction ends."""
-_INSERT_RUN = (
-    "INSERT INTO {s}.runs (sync_id, slot, id, generation, trigger, status, started_at,"
-    " finished_at, record) VALUES (%(sync_id)s, %(slot)s, %(id)s, %(generation)s, %(trigger)s,"
-    " %(status)s, %(started_at)s, %(finished_at)s, %(record)s)"
-    " ON CONFLICT ON CONSTRAINT runs_sync_slot DO NOTHING"
+# Inserted and updated apart, so the rows inserted are counted (an upsert's
+# row count cannot tell the two apart) and delivered_count stays exact. The
+# update writes only identifiers that changed (the rows just inserted have
+# theirs).
+_DELIVERED_ROWS = "unnest(%(keys)b::text[], %(kinds)b::text[], %(values)b::text[]) AS t(k, ik, iv)"
+_INSERT_DELIVERED = (
+    "INSERT INTO {s}.delivered (sync_id, key, id_kind, id_value)"  # noqa: S608 - constant
+    f" SELECT %(sync)s, k, ik, iv FROM {_DELIVERED_ROWS}"
+    " ON CONFLICT (sync_id, key) DO NOTHING"
 )
+_UPDATE_DELIVERED = (
+    "UPDATE {s}.delivered AS d SET id_kind = t.ik, id_value = t.iv"  # noqa: S608 - constant
+    f" FROM {_DELIVERED_ROWS} WHERE d.sync_id = %(sync)s AND d.key = t.k"
+    " AND (d.id_kind, d.id_value) IS DISTINCT FROM (t.ik, t.iv)"
+)
+_MOVE_DELIVERED = (
+    "INSERT INTO {s}.delivered_versions AS v (sync_id, version, delivered_count)"
+    " VALUES (%s, %s, %s) ON CONFLICT (sync_id) DO UPDATE SET version = EXCLUDED.version,"
+    " delivered_count = v.delivered_count + EXCLUDED.delivered_count"
+)
+"""A new version token, and the count moved by the batch's change."""
+_COMPLETE = (
+    # The compare-and-set: the row is locked (no claimant can take the lease
+    # over until this commits) only if the token is still the lease's.
+    "WITH held AS ("
+    "  SELECT id FROM {s}.syncs WHERE id = %(sync_id)s AND lease_token = %(token)s FOR UPDATE"
+    # The run, once per (sync, slot); everything after it needs it recorded.
+    "), recorded AS ("
+    "  INSERT INTO {s}.runs (sync_id, slot, id, generation, trigger, status, started_at,"
+    "   finished_at, record)"
+    "  SELECT held.id, %(slot)s, %(id)s, %(generation)s, %(trigger)s, %(status)s,"
+    "   %(started_at)s, %(finished_at)s, %(record)s FROM held"
+    "  ON CONFLICT ON CONSTRAINT runs_sync_slot DO NOTHING RETURNING sync_id"
+    # The completion rule, decided from the row as the update finds it.
+    "), completed AS ("
+    "  UPDATE {s}.syncs SET {assignments} FROM recorded WHERE syncs.id = recorded.sync_id"
+    "), cleared AS ("
+    "  DELETE FROM {s}.progress WHERE sync_id IN (SELECT sync_id FROM recorded)"
+    "), resolved AS ("
+    "  DELETE FROM {s}.pending WHERE sync_id IN (SELECT sync_id FROM recorded)"
+    "   AND idempotency_key = ANY(%(resolved)s::text[])"
+    ")"
+    " SELECT EXISTS (SELECT FROM held), EXISTS (SELECT FROM recorded)"
+)
+"""complete_run in one statement: nothing of it is written unless the lease is
+held and the run is recorded; it answers (held, recorded)."""
 
 
 class ConnectionPoolLike(Protocol):
@@ -601,6 +677,21 @@ class PostgresStorage(StorageBase):
                 else:
                     with conn.cursor(row_factory=tuple_row) as cur:
                         yield cur
+        except psycopg.Error as exc:
+            raise self._translate(operation, exc) from exc
+
+    @contextmanager
+    def _connection(self, operation: str) -> Iterator[_Connection]:
+        """
+        This thread's (or a borrowed) connection, for statements sent together
+        in pipeline mode (``conn.pipeline()``); driver errors become
+        :class:`StorageError`.
+
+        See :func:`_together` for how statements are sent together.
+        """
+        try:
+            with self._connections.session() as conn:
+                yield conn
         except psycopg.Error as exc:
             raise self._translate(operation, exc) from exc
 
@@ -875,30 +966,98 @@ class PostgresStorage(StorageBase):
         if not held:
             raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
 
+    def claim_runs(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Claim]:
+        """
+        :meth:`claim_due` with each claimed sync's record and delivered-state
+        facts, in one round trip: the claim, then the read of the rows it
+        claimed, two statements of one transaction sent together (see
+        :func:`_together`).
+
+        Not one statement: every part of a statement reads the snapshot taken
+        when it began, before the claim locks its rows, so a batch the lease's
+        expired holder applied in between would be missing from the facts. The
+        read after the claim sees everything committed before the claim locked
+        the rows, and nobody else can write them until the lease is released.
+        """
+        now = require_aware(now, "now")
+        if limit <= 0:
+            return []
+        expires = add_saturating(now, lease_for)
+        params = {
+            "now": now,
+            "limit": limit,
+            "owner": owner,
+            "tokens": [secrets.token_hex(16) for _ in range(limit)],
+            "expires": expires,
+        }
+        with (
+            self._connection("claim_runs") as conn,
+            conn.cursor(row_factory=tuple_row) as claim,
+            conn.cursor(row_factory=tuple_row) as read,
+        ):
+            with _together(conn):
+                claim.execute(self._sql(_CLAIM_RUNS), params)
+                read.execute(self._sql(_READ_CLAIMED))
+            rows = read.fetchall()
+            # The leases are taken (committed): a damaged row is taken off the
+            # schedule again, not leased to nobody.
+            return q.decode_claim_runs(
+                rows,
+                owner,
+                expires,
+                _TZ,
+                lambda sync_id: read.execute(self._sql(q.UNSCHEDULE), (sync_id,)),
+            )
+
     def complete_run(self, lease: Lease, completion: Completion) -> None:
         """
-        In one transaction: lock the held sync's row, insert the run, write
-        what :func:`~cohortsync.storage.apply_completion` decides from the row,
-        and delete the resolved pending batches and the progress. Raising
-        inside the transaction rolls all of it back.
+        One statement (one round trip): lock the held sync's row if the token
+        is still the lease's, insert the run, write the completion rule's
+        changes decided from the row (see
+        :func:`~cohortsync.storage._sql.completion_assignments`), and delete
+        the resolved pending batches and the progress; nothing of it unless
+        the lease is held and the slot not recorded yet.
         """
-        run = completion.run
-        with self._cursor("complete_run", transaction=True) as cur:
-            held = self._hold(cur, lease, _LOCK_HELD)
-            cur.execute(self._sql(_INSERT_RUN), q.run_params(run, _TZ))
-            if cur.rowcount != 1:
-                raise DuplicateRunError(run.sync_id, run.slot)
-            statement, params = q.completion_update(held, lease, completion, _TZ)
-            cur.execute(self._sql(statement), params)
-            cur.execute(self._sql(q.DELETE_PROGRESS), (lease.sync_id,))
-            if completion.resolved:
-                cur.execute(
-                    self._sql(
-                        "DELETE FROM {s}.pending"
-                        " WHERE sync_id = %s AND idempotency_key = ANY(%s::text[])"
-                    ),
-                    (lease.sync_id, list(completion.resolved)),
-                )
+        with self._cursor("complete_run") as cur:
+            cur.execute(*self._completion(lease, completion))
+            error = _refused(lease, completion, _one(cur))
+        if error is not None:
+            raise error
+
+    def complete_runs(
+        self, completions: Sequence[tuple[Lease, Completion]]
+    ) -> list[Exception | None]:
+        """
+        Every completion's statement (see :meth:`complete_run`) in one
+        transaction, sent together in pipeline mode (see :func:`_together`):
+        one round trip, one commit. A refused completion writes nothing (its statement writes
+        only once the lease is held and the run recorded), so it fails
+        alone without a savepoint; any other failure rolls back all of them.
+        """
+        out: list[Exception | None] = []
+        if not completions:
+            return out
+        with self._connection("complete_runs") as conn:
+            cursors = [conn.cursor(row_factory=tuple_row) for _ in completions]
+            try:
+                with _together(conn):
+                    for cur, (lease, completion) in zip(cursors, completions, strict=True):
+                        cur.execute(*self._completion(lease, completion))
+                for cur, (lease, completion) in zip(cursors, completions, strict=True):
+                    out.append(_refused(lease, completion, _one(cur)))
+            finally:
+                for cur in cursors:
+                    cur.close()
+        return out
+
+    def _completion(self, lease: Lease, completion: Completion) -> tuple[sql.Composed, Any]:
+        assignments, params = q.completion_assignments(lease, completion, _TZ)
+        params.update(q.run_params(completion.run, _TZ))
+        params["token"] = lease.token
+        params["resolved"] = list(completion.resolved)
+        return self._sql(_COMPLETE.replace("{assignments}", assignments)), params
 
     def begin_batch(
         self, lease: Lease, batch: PendingBatch, *, replaces: str | None = None
@@ -983,10 +1142,16 @@ class PostgresStorage(StorageBase):
             return [row[0] for row in cur.fetchall()]
 
     def count_delivered(self, sync_id: str) -> int:
+        """
+        The count apply_batch keeps (see migration 4), not a count of the rows.
+        """
         with self._cursor("count_delivered") as cur:
-            cur.execute(self._sql(q.COUNT_DELIVERED), (sync_id,))
-            count: int = _one(cur)[0]
-        return count
+            cur.execute(
+                self._sql("SELECT delivered_count FROM {s}.delivered_versions WHERE sync_id = %s"),
+                (sync_id,),
+            )
+            row = cur.fetchone()
+        return 0 if row is None else int(row[0])
 
     def filter_delivered(self, sync_id: str, keys: Iterable[str]) -> set[str]:
         wanted = list(keys)
@@ -1065,18 +1230,23 @@ class PostgresStorage(StorageBase):
             # claimant can take the lease over until this transaction ends.
             self._hold(cur, lease, _SHARE_HELD)
             keys = list(added)
+            # How many keys the batch adds to the state, and takes out: counted
+            # by the statements that do it, so delivered_count stays exact
+            # (parallel batches of the run included: each counts only the rows
+            # it inserted or deleted itself).
+            change = 0
             for chunk in _chunks(keys):
-                idents = [added[k] for k in chunk]
-                cur.execute(
-                    self._sql(
-                        "INSERT INTO {s}.delivered (sync_id, key, id_kind, id_value)"
-                        " SELECT %s, k, ik, iv FROM unnest(%b::text[], %b::text[], %b::text[])"
-                        " AS t(k, ik, iv)"
-                        " ON CONFLICT (sync_id, key) DO UPDATE"
-                        " SET id_kind = EXCLUDED.id_kind, id_value = EXCLUDED.id_value"
-                    ),
-                    (sync_id, list(chunk), [i[0] for i in idents], [i[1] for i in idents]),
-                )
+                columns = {
+                    "sync": sync_id,
+                    "keys": list(chunk),
+                    "kinds": [added[k][0] for k in chunk],
+                    "values": [added[k][1] for k in chunk],
+                }
+                cur.execute(self._sql(_INSERT_DELIVERED), columns)
+                change += cur.rowcount
+                if cur.rowcount != len(chunk):
+                    # Some were delivered already: give them the identifier sent now.
+                    cur.execute(self._sql(_UPDATE_DELIVERED), columns)
             for chunk in _chunks(removed):
                 cur.execute(
                     self._sql(
@@ -1084,6 +1254,7 @@ class PostgresStorage(StorageBase):
                     ),
                     (sync_id, list(chunk)),
                 )
+                change -= cur.rowcount
             if keys or removed:
                 cur.execute(self._sql(q.HAS_LEDGER), (sync_id,))
                 if cur.fetchone() is not None:
@@ -1114,13 +1285,7 @@ class PostgresStorage(StorageBase):
                     q.progress_params(sync_id, batch.slot, batch.tally, _TZ),
                 )
             version = secrets.token_hex(8)
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {s}.delivered_versions (sync_id, version) VALUES (%s, %s)"
-                    " ON CONFLICT (sync_id) DO UPDATE SET version = EXCLUDED.version"
-                ),
-                (sync_id, version),
-            )
+            cur.execute(self._sql(_MOVE_DELIVERED), (sync_id, version, change))
         return version
 
     def delivered_version(self, sync_id: str) -> str:
@@ -1263,6 +1428,42 @@ class _Queries:
             composed = sql.SQL(template).format(s=self._schema)
             self._cache[template] = composed
         return composed
+
+
+_PIPELINE = psycopg.Pipeline.is_supported()
+"""Whether the libpq psycopg uses has pipeline mode (libpq 14 and later)."""
+
+
+def _together(conn: _Connection) -> AbstractContextManager[Any]:
+    """
+    Run the statements executed in the block as one transaction, sent together.
+
+    In pipeline mode (``conn.pipeline()``) they are one round trip: on the
+    store's own (autocommit) connections the server runs everything up to the
+    pipeline's single ``Sync`` as one implicit transaction, committed at the
+    ``Sync`` and rolled back whole if a statement fails; a host's pooled
+    connection wraps them in its own transaction. (Not ``conn.transaction()``
+    around the pipeline: psycopg waits for its ``BEGIN`` and ``COMMIT``, two
+    more round trips.) Read the cursors' results after the block.
+
+    With a libpq older than 14 (no pipeline mode) they are an explicit
+    transaction, a round trip each.
+    """
+    return conn.pipeline() if _PIPELINE else conn.transaction()
+
+
+def _refused(
+    lease: Lease, completion: Completion, answer: tuple[Any, ...]
+) -> CohortSyncError | None:
+    """
+    The error of a completion :data:`_COMPLETE` answered (held, recorded) for.
+    """
+    held, recorded = answer
+    if not held:
+        return LeaseLostError(lease.sync_id, lease.owner, lease.token)
+    if not recorded:
+        return DuplicateRunError(completion.run.sync_id, completion.run.slot)
+    return None
 
 
 def _one(cur: _Cursor) -> tuple[Any, ...]:

@@ -53,7 +53,10 @@ __all__ = [
     "MICROSECONDS",
     "TIMESTAMPTZ",
     "Instants",
+    "claim_run_columns",
+    "completion_assignments",
     "completion_update",
+    "decode_claim_runs",
     "decode_claims",
     "decode_identifier",
     "decode_lease",
@@ -150,14 +153,26 @@ SYNC_COLUMNS = (
 """The columns :func:`decode_sync` reads, in its order."""
 
 SELECT_SYNCS = f"SELECT {SYNC_COLUMNS} FROM {{s}}.syncs"  # noqa: S608 - constant columns
-CLAIM_RUN_COLUMNS = (
-    f"{SYNC_COLUMNS}, delivered_count, delivered_version,"  # noqa: S608 - constant columns
-    " EXISTS (SELECT 1 FROM {s}.pending AS p WHERE p.sync_id = syncs.id),"
-    " EXISTS (SELECT 1 FROM {s}.ledger AS l WHERE l.sync_id = syncs.id),"
-    " EXISTS (SELECT 1 FROM {s}.progress AS g WHERE g.sync_id = syncs.id)"
-)
+
+
+def claim_run_columns(delivered: str = "delivered_count, delivered_version") -> str:
+    """
+    The columns of :data:`CLAIM_RUN_COLUMNS`, with *delivered* the dialect's
+    expressions of the delivered count and version (a store keeping them
+    elsewhere than on the sync row names them there).
+    """
+    return (
+        f"{SYNC_COLUMNS}, {delivered},"  # noqa: S608 - constant columns
+        " EXISTS (SELECT 1 FROM {s}.pending AS p WHERE p.sync_id = syncs.id),"
+        " EXISTS (SELECT 1 FROM {s}.ledger AS l WHERE l.sync_id = syncs.id),"
+        " EXISTS (SELECT 1 FROM {s}.progress AS g WHERE g.sync_id = syncs.id)"
+    )
+
+
+CLAIM_RUN_COLUMNS = claim_run_columns()
 """What a claim returns for :func:`decode_claim_runs`: the row and the facts of a
-:class:`~cohortsync.storage.Claim`, read in the claim's own statement."""
+:class:`~cohortsync.storage.Claim`, read in the claim's own transaction (the
+sync row is ``syncs``)."""
 _SYNC_WIDTH = SYNC_COLUMNS.count(",") + 1
 _DEFINITION_COLUMNS = (
     "definition",
@@ -228,7 +243,6 @@ INSERT_BATCH = (
     "INSERT INTO {s}.batches (run_id, sequence, operation, idempotency_key, at)"
     " VALUES (%s, %s, %s, %s, %s)"
 )
-COUNT_DELIVERED = "SELECT count(*) FROM {s}.delivered WHERE sync_id = %s"
 HAS_LEDGER = "SELECT 1 FROM {s}.ledger WHERE sync_id = %s LIMIT 1"
 SELECT_LEDGER = (
     "SELECT key, reason, attempts, dead, first_seen, last_seen FROM {s}.ledger"
@@ -362,6 +376,108 @@ def completion_update(
     statement, params = update_params(changes, instants)
     params["id"] = lease.sync_id
     return statement, params
+
+
+_KEEP = object()
+"""A column an outcome of the completion rule leaves as stored."""
+
+
+def completion_assignments(
+    lease: Lease, completion: Completion, instants: Instants
+) -> tuple[str, dict[str, Any]]:
+    """
+    The ``SET`` list of an ``UPDATE`` of the sync's row that writes the
+    completion rule's changes as decided from the row *as the update finds
+    it*, and its parameters (named ``c_...``): what :func:`completion_update`
+    writes after a read, in the update alone (no read before it).
+
+    :func:`~cohortsync.storage._rules.completion_changes` reads the stored
+    row through two conditions only (generation and revision still the
+    lease's; ``next_due`` still its slot) and ``last_slot``, which it moves
+    forward, never back. The SQL evaluates those; what each of the three
+    outcomes writes is what ``completion_changes`` answers for that outcome,
+    so the rule's decisions stay written once, in Python. The storage
+    contract and tests/test_storage_rules.py check the SQL against the rule.
+    """
+    params: dict[str, Any] = {
+        "c_generation": lease.generation,
+        "c_revision": lease.revision,
+        "c_slot": instants.encode(lease.slot),
+        "c_last_slot": instants.encode(completion.run.slot),
+    }
+    assignments = [
+        CLEAR_LEASE,
+        # NULL compares as unknown: a first run's slot is written.
+        (
+            "last_slot = CASE WHEN last_slot >= %(c_last_slot)s THEN last_slot"
+            " ELSE %(c_last_slot)s END"
+        ),
+    ]
+    for column, values in _completion_outcomes(lease, completion, instants).items():
+        assignments.append(_decided(column, values, params))
+    return ", ".join(assignments), params
+
+
+_ADVANCE = "generation = %(c_generation)s AND revision = %(c_revision)s AND next_due = %(c_slot)s"
+_UNCHANGED = "generation = %(c_generation)s AND revision = %(c_revision)s"
+
+
+def _completion_outcomes(
+    lease: Lease, completion: Completion, instants: Instants
+) -> dict[str, list[Any]]:
+    """
+    Each column the completion rule may write, with its value in each outcome
+    (the schedule advances; the sync is unchanged but its schedule moved; the
+    sync changed), :data:`_KEEP` where that outcome leaves it.
+    """
+    same = {"generation": lease.generation, "revision": lease.revision}
+    outcomes = (
+        completion_changes(lease, completion, **same, next_due=lease.slot, last_slot=None),
+        completion_changes(lease, completion, **same, next_due=None, last_slot=None),
+        completion_changes(
+            lease,
+            completion,
+            generation=lease.generation,
+            revision=lease.revision + 1,
+            next_due=lease.slot,
+            last_slot=None,
+        ),
+    )
+    columns: dict[str, list[Any]] = {}
+    for i, changes in enumerate(outcomes):
+        written = dict(changes)
+        # Written in every outcome, by completion_assignments itself.
+        if "lease" not in written or written.pop("lease") is not None:
+            raise AssertionError("the completion rule always releases the lease")
+        if written.pop("last_slot", None) != completion.run.slot:
+            raise AssertionError("the completion rule moves last_slot to the run's slot")
+        row: dict[str, Any] = {}
+        for field, value in written.items():
+            _put(row, field, value, instants)
+        for column, value in row.items():
+            columns.setdefault(column, [_KEEP, _KEEP, _KEEP])[i] = value
+    return columns
+
+
+def _decided(column: str, values: list[Any], params: dict[str, Any]) -> str:
+    """
+    The assignment of *column* to its value in the outcome the row is in.
+    """
+
+    def value(i: int) -> str:
+        if values[i] is _KEEP:
+            return column
+        params[f"c_{column}_{i}"] = values[i]
+        return f"%(c_{column}_{i})s"
+
+    if values[0] == values[1] == values[2]:
+        return f"{column} = {value(0)}"
+    if values[1] == values[2]:
+        return f"{column} = CASE WHEN {_ADVANCE} THEN {value(0)} ELSE {value(1)} END"
+    return (
+        f"{column} = CASE WHEN {_ADVANCE} THEN {value(0)}"
+        f" WHEN {_UNCHANGED} THEN {value(1)} ELSE {value(2)} END"
+    )
 
 
 def decode_sync(row: Sequence[Any], instants: Instants) -> SyncRecord:
