@@ -1221,6 +1221,7 @@ class Scheduler:
 
 
 _NO_PERIOD_TOLERANCE = timedelta(minutes=1)
+"""How far ahead of the clock a due time without a period may be before it is recomputed."""
 _MAX_CLAIM_BATCH = 64
 """Most syncs claimed (and recorded) in one store round trip when sized from the lease."""
 MAX_CLAIM_BATCH = 10_000
@@ -1320,8 +1321,6 @@ def _release(storage: Storage, lease: Lease) -> None:
     with contextlib.suppress(LeaseLostError):
         storage.release_lease(lease)
 
-
-"""How far ahead of the clock a due time without a period may be before it is recomputed."""
 
 _MIN_SLEEP = 0.05
 """Shortest sleep of run_forever when a due sync cannot be claimed yet."""
