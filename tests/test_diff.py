@@ -105,13 +105,13 @@ class TestSnapshotDiff:
         """A key yielded twice is one member, in both strategies."""
         for sorted_keys in (True, False):
             diff = snapshot(["a", "a", "b", "b", "b"], [], sorted_keys=sorted_keys)
-            assert (["a", "b"], 2, []) == (diff.adds, diff.size, diff.invalid)
+            assert (["a", "b"], 2, []) == (list(diff.adds), diff.size, diff.invalid)
 
     def test_invalid_keys_are_reported_with_reasons(self) -> None:
         """None, ints, '' and over-long keys are skipped with a reason each."""
         diff = snapshot(["ok", None, 3, "", "y" * 2_000], [], sorted_keys=False)
 
-        assert ["ok"] == diff.adds
+        assert ["ok"] == list(diff.adds)
         assert [
             ("", "invalid_key: empty"),
             ("3", "invalid_key: not a str (int)"),
@@ -131,9 +131,9 @@ class TestSnapshotDiff:
         clean = snapshot([Key("a"), "b"], [], sorted_keys=sorted_keys)
         mixed = snapshot([Key("a"), "b", None], [], sorted_keys=sorted_keys)
 
-        assert (["a", "b"], []) == (clean.adds, clean.invalid)
+        assert (["a", "b"], []) == (list(clean.adds), clean.invalid)
         assert (["a", "b"], [("None", "invalid_key: not a str (NoneType)")]) == (
-            mixed.adds,
+            list(mixed.adds),
             mixed.invalid,
         )
 
@@ -177,8 +177,8 @@ class TestChangeDiff:
         )
 
         assert (["a"], ["c"], "next", None) == (
-            diff.adds,
-            diff.removes,
+            list(diff.adds),
+            list(diff.removes),
             diff.feed_cursor,
             diff.size,
         )
@@ -196,7 +196,7 @@ class TestChangeDiff:
 
         diff = diff_changes(feed, "c", "prev", lambda keys: set(), 0)
 
-        assert (["a"], [("", "invalid_key: empty")]) == (diff.adds, diff.invalid)
+        assert (["a"], [("", "invalid_key: empty")]) == (list(diff.adds), diff.invalid)
 
 
 class TestChunks:
@@ -268,7 +268,7 @@ class TestOneRead:
         diff = diff_snapshot(cast("CallableSource", source), "c1", iter([]), 0, keep_existing=False)
 
         assert 1 == source.reads
-        assert ["a", "b", "c"] == diff.adds
+        assert ["a", "b", "c"] == list(diff.adds)
         assert [
             ("<list>", "invalid_key: not a str (list)"),
             ("<dict>", "invalid_key: not a str (dict)"),

@@ -87,13 +87,27 @@ def _valid(key: object) -> bool:
     return isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH and _storable(key)
 
 
+def _held(keys: list[str] | tuple[str, ...] | KeyList) -> Keys:
+    """
+    Keys as a diff holds them: a tuple, not a list, so that the garbage
+    collector stops visiting them (a tuple of strings is untracked once it
+    has survived one collection; a list is walked, key by key, by every full
+    collection while a first sync delivers its million adds).
+    """
+    return tuple(keys) if isinstance(keys, list) else keys
+
+
+def _held_optional(keys: list[str] | tuple[str, ...] | KeyList | None) -> Keys | None:
+    return None if keys is None else _held(keys)
+
+
 @attrs.define
 class Diff:
     """
     The result of comparing a cohort with what its destination holds.
 
     Attributes:
-        adds: Keys to add, ascending.
+        adds: Keys to add, ascending (a list given is kept as a tuple).
         removes: Keys to remove, ascending.
         existing: Keys in both, ascending, when they were asked for (full-sync
             destinations and full resends); else ``None``.
@@ -104,9 +118,9 @@ class Diff:
         feed_cursor: The change-feed cursor this diff brings the sync to.
     """
 
-    adds: Keys
-    removes: Keys
-    existing: Keys | None
+    adds: Keys = attrs.field(converter=_held)
+    removes: Keys = attrs.field(converter=_held)
+    existing: Keys | None = attrs.field(converter=_held_optional)
     size: int | None
     delivered: int
     invalid: list[tuple[str, str]] = attrs.Factory(list)
@@ -344,7 +358,7 @@ class KeyList:
     def __eq__(self, other: object) -> bool:
         # Compares as the sequence it stands for, so a spilled diff equals
         # the same diff held in lists.
-        if isinstance(other, (KeyList, list)):
+        if isinstance(other, (KeyList, list, tuple)):
             return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
         return NotImplemented
 
@@ -382,12 +396,12 @@ def _unescape(line: str) -> str:
     return "".join(out)
 
 
-Keys = list[str] | KeyList
-"""What a diff holds: a list, or a KeyList when the merge diff streamed."""
+Keys = tuple[str, ...] | KeyList
+"""What a diff holds: a tuple, or a KeyList when the merge diff streamed."""
 
 
 def head(keys: Keys, n: int) -> list[str]:
-    return keys[:n] if isinstance(keys, list) else keys.head(n)
+    return keys.head(n) if isinstance(keys, KeyList) else list(keys[:n])
 
 
 def _merge_diff(
@@ -443,9 +457,9 @@ def diff_snapshot(
         SourceError: The source raised while being read, or broke its promise
             of sorted output. Nothing was delivered.
     """
-    adds: Keys
-    removes: Keys
-    existing: Keys | None
+    adds: list[str] | Keys
+    removes: list[str] | Keys
+    existing: list[str] | Keys | None
     if getattr(source, "sorted_keys", False):
         reader = _SortedReader(source, cohort_id)
         adds, removes, existing = _merge_diff(iter(reader), delivered, keep_existing=keep_existing)
@@ -502,7 +516,13 @@ def diff_with_state(
     """
     current, invalid = _read_set(source, cohort_id)
     existing: list[str] | None
-    if known is not None:
+    if known is not None and not known:
+        # A first sync: every key is an add (no copy of the whole cohort).
+        raw_adds = current
+        removes = []
+        existing = [] if keep_existing else None
+        state = known
+    elif known is not None:
         raw_adds = current - known
         removes = sorted(known - current)
         existing = sorted(current & known) if keep_existing else None
@@ -591,8 +611,8 @@ def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def has_key(keys: Keys, key: str) -> bool:
-    """Whether *keys* (ascending when a list) holds *key*."""
-    if not isinstance(keys, list):
+    """Whether *keys* (ascending when a tuple) holds *key*."""
+    if isinstance(keys, KeyList):
         return key in keys
     i = bisect.bisect_left(keys, key)
     return i < len(keys) and keys[i] == key
@@ -600,11 +620,11 @@ def has_key(keys: Keys, key: str) -> bool:
 
 def with_keys(keys: Keys, extra: Iterable[str]) -> Keys:
     """
-    *keys* plus the *extra* keys it lacks (ascending when *keys* is a list; a
-    spilled KeyList is appended to rather than read into memory).
+    *keys* plus the *extra* keys it lacks (ascending when *keys* is a tuple;
+    a spilled KeyList is appended to rather than read into memory).
     """
-    if isinstance(keys, list):
-        return sorted({*keys, *extra})
+    if not isinstance(keys, KeyList):
+        return tuple(sorted({*keys, *extra}))
     for key in extra:
         if key not in keys:
             keys.append(key)

@@ -30,7 +30,7 @@ from datetime import timedelta
 import attrs
 
 from cohortsync import _schedule
-from cohortsync._cache import DeliveredCache
+from cohortsync._cache import DeliveredCache, DeliveredState
 from cohortsync._clock import Clock
 from cohortsync._cohort import Cohort, has_change_feed
 from cohortsync._delivery import Acked, BatchSender, RateLimiter, make_batch
@@ -201,7 +201,7 @@ class _Run:
         self.rechecked = self.sync
         # The delivered state mirrored in memory while it is known exactly,
         # and its version token: kept in the environment's cache after the run.
-        self.state: set[str] | None = None
+        self.state: DeliveredState | None = None
         self.version = ""
         # Batches an earlier run recorded as in flight and never applied, and
         # the identifiers of members this run removes because of them.
@@ -311,7 +311,7 @@ class _Run:
         if self.state is None:
             cache.drop(self.sync.id)
         else:
-            cache.put(self.sync.id, self.version, self.state)
+            cache.put(self.sync.id, self.version, self.state.keys())
 
     def _apply(self, batch: AppliedBatch) -> None:
         """
@@ -332,8 +332,7 @@ class _Run:
         self.version = version
         if self.state is None:
             return
-        self.state.difference_update(batch.removed)
-        self.state.update(m.key for m in batch.added)
+        self.state.apply(batch.removed, batch.added)
 
     def _failed(self, error: BaseException) -> tuple[RunStatus, Sync]:
         env = self.env
@@ -429,7 +428,7 @@ class _Run:
             new_sync = attrs.evolve(new_sync, guard_released=False)
         if not plan.from_feed:
             self._resolve_ledger(diff)
-        removes: Keys = [] if guard.guarded else diff.removes
+        removes: Keys = () if guard.guarded else diff.removes
         try:
             self._send(destination, caps, diff, removes, send_removals=guard.send_removals)
         finally:
@@ -504,7 +503,7 @@ class _Run:
         unknown = in_flight_members(self.pending)
         held = self.env.storage.filter_delivered(self.sync.id, unknown)
         recovery = plan_recovery(
-            unknown, held, adds=diff.adds, removes=diff.removes, existing=diff.existing or []
+            unknown, held, adds=diff.adds, removes=diff.removes, existing=diff.existing or ()
         )
         self.recovered_ids = recovery.removes
         if recovery.note is not None:
@@ -610,7 +609,8 @@ class _Run:
             if env.cache is not None:
                 # Keep an in-memory state current through feed runs too, so the
                 # hourly reconciliation does not have to read the store.
-                self.state = env.cache.take(sync.id, self.version)
+                known = env.cache.take(sync.id, self.version)
+                self.state = None if known is None else DeliveredState(known)
             cursor = self.record.feed_cursor
             assert cursor is not None  # noqa: S101 - the plan reads the feed only with one
             diff = diff_changes(
@@ -648,7 +648,7 @@ class _Run:
             known = None  # cannot happen with a conforming store; never trust it then
         if known is None and delivered_count == 0:
             known = set()
-        diff, self.state = diff_with_state(
+        diff, state = diff_with_state(
             source,
             cohort.id,
             known,
@@ -657,6 +657,7 @@ class _Run:
             keep_existing=plan.keep_existing,
             exclude=dead,
         )
+        self.state = DeliveredState(state)
         return diff, feed_cursor
 
     # -- sending ---------------------------------------------------------------
@@ -1157,7 +1158,7 @@ class _Run:
         pending = [e.key for e in self.ledger if not e.dead]
         if not pending:
             return
-        owed = (diff.adds, diff.removes, diff.existing or [])
+        owed = (diff.adds, diff.removes, diff.existing or ())
         stale = [k for k in pending if not any(has_key(keys, k) for keys in owed)]
         if not stale:
             return
@@ -1215,7 +1216,7 @@ class _Run:
             return RunStatus.FAILED, new_sync
         diff = Diff(adds=[], removes=keys, existing=None, size=0, delivered=len(keys))
         self.diff = diff
-        self._send(destination, caps, diff, keys, send_removals=True)
+        self._send(destination, caps, diff, diff.removes, send_removals=True)
         return teardown_status(self.sync, rejected=self.counts.rejected, at=self.env.clock.now())
 
     def _flush_issues(self) -> None:

@@ -833,7 +833,7 @@ class Scheduler:
                     storage.filter_delivered(sync_id, unknown),
                     adds=diff.adds,
                     removes=diff.removes,
-                    existing=diff.existing or [],
+                    existing=diff.existing or (),
                 )
                 diff.adds = with_keys(diff.adds, recovery.adds)
                 diff.removes = with_keys(diff.removes, recovery.removes)
