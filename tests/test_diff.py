@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cohortsync as cs
-from cohortsync import CallableSource, Changes
+from cohortsync import CallableSource, Changes, _diff
 from cohortsync._diff import MAX_KEY_LENGTH, Diff, chunks, diff_changes, diff_snapshot
 from cohortsync.exceptions import SourceError
 from strategies import member_keys
@@ -136,6 +136,34 @@ class TestSnapshotDiff:
             list(mixed.adds),
             mixed.invalid,
         )
+
+    @given(
+        st.lists(
+            st.one_of(
+                member_keys(),
+                st.sampled_from(
+                    ["", "\x00", "a\x00b", "\ud800", "x\udfff", "y" * 1_025, "z" * 1_024]
+                ),
+                st.integers(),
+                st.none(),
+            ),
+            max_size=40,
+        ),
+        st.integers(1, 5),
+    )
+    def test_keys_checked_a_chunk_at_a_time_as_one_by_one(
+        self, keys: list[object], chunk: int
+    ) -> None:
+        """A chunk that fails the bulk check is checked key by key: the same valid
+        keys and the same reasons as checking each key alone, whatever the chunks."""
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_diff, "_CHECK_CHUNK", chunk)
+            valid, invalid = _diff._partition(keys)
+
+        assert sorted(k for k in keys if _diff._valid(k)) == valid  # type: ignore[type-var]
+        assert sorted(
+            (_diff.shown_key(k), _diff._invalid_reason(k)) for k in keys if not _diff._valid(k)
+        ) == sorted(invalid)
 
     def test_an_empty_source_is_flagged(self) -> None:
         """Zero valid members is what the mass-removal guard looks for."""
