@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
-from itertools import islice
+from itertools import islice, repeat
 from operator import itemgetter
 from typing import Any
 
@@ -56,6 +56,7 @@ from cohortsync.storage._protocol import (
 from cohortsync.storage._rules import (
     collect_holders,
     earliest_claimable,
+    identity_keys,
     require_buckets,
     slot_bucket_of,
 )
@@ -897,11 +898,19 @@ class SQLiteStorage(StorageBase):
         ``executemany`` so a 10,000-member batch costs one statement preparation.
         """
         sync_id = lease.sync_id
-        added = [(sync_id, m.key, *q.identifier_columns(m)) for m in batch.added]
+        # Under the identity mapping (the common case) the rows are built at C
+        # speed: a first sync writes every member of the cohort here.
+        keys = identity_keys(batch.added)
+        added: Iterable[tuple[str, str, str | None, str | None]]
+        if keys is None:
+            keys = [m.key for m in batch.added]
+            added = [(sync_id, m.key, *q.identifier_columns(m)) for m in batch.added]
+        else:
+            added = zip(repeat(sync_id), keys, repeat(None), repeat(None))
         at = _US.encode(batch.at)
         with self._write() as conn:
             self._check_lease(conn, lease)
-            if added:
+            if keys:
                 conn.executemany(_UPSERT_DELIVERED, added)
             if batch.removed:
                 conn.executemany(
@@ -909,8 +918,8 @@ class SQLiteStorage(StorageBase):
                     ((sync_id, key) for key in batch.removed),
                 )
             has_ledger = conn.execute(_HAS_LEDGER, (sync_id,)).fetchone()
-            if has_ledger and (added or batch.removed):
-                touched = [*(row[1] for row in added), *batch.removed]
+            if has_ledger and (keys or batch.removed):
+                touched = [*keys, *batch.removed]
                 conn.executemany(
                     "DELETE FROM ledger WHERE sync_id = ? AND key = ?",
                     ((sync_id, key) for key in touched),
