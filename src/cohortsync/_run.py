@@ -1055,9 +1055,11 @@ class _Run:
 
     def _on_acked(self, acked: Acked) -> None:
         batch = acked.batch
-        by_identifier = {m.identifier.value: m for m in batch.members}
         rejected_ids: dict[str, str] = {}
         unknown = 0
+        by_identifier = (
+            {m.identifier.value: m for m in batch.members} if acked.result.rejected else {}
+        )
         for rejection in acked.result.rejected:
             member = by_identifier.get(rejection.identifier)
             if member is None:
@@ -1076,29 +1078,7 @@ class _Run:
             )
         operation = batch.operation
         is_remove = operation is Operation.REMOVE
-        accepted: list[Member] = []
-        rejected: list[tuple[str, str]] = []
-        riders = 0
-        accepted_ids = 0
-        distinct = self.distinct and operation is not Operation.REMOVE
-        for m in batch.members:
-            if distinct:
-                keys = [m.key]
-            else:
-                keys = [m.key, *self.riders.pop((operation, m.identifier), ())]
-                self.in_flight.discard((operation, m.identifier))
-                riders += len(keys) - 1
-            reason = rejected_ids.get(m.identifier.value)
-            if not distinct:
-                self.settled[operation, m.identifier] = reason
-            if reason is None:
-                accepted_ids += 1
-                if len(keys) == 1:
-                    accepted.append(m)
-                else:
-                    accepted.extend(Member(k, m.identifier) for k in keys)
-            else:
-                rejected.extend((k, reason) for k in keys)
+        accepted, rejected, accepted_ids, riders = self._answers(batch, rejected_ids)
         self._apply(
             AppliedBatch(
                 run_id=self.run_id,
@@ -1134,6 +1114,44 @@ class _Run:
                 idempotency_key=batch.idempotency_key,
             ),
         )
+
+    def _answers(
+        self, batch: Batch, rejected_ids: dict[str, str]
+    ) -> tuple[list[Member], list[tuple[str, str]], int, int]:
+        """
+        The members an answered *batch* settles, with the keys riding with
+        each identifier: ``(accepted members, (key, reason) rejected,
+        identifiers accepted, riders)``.
+        """
+        operation = batch.operation
+        distinct = self.distinct and operation is not Operation.REMOVE
+        if distinct and not rejected_ids:
+            # A first sync's batch, all accepted: every member holds its own
+            # identifier, nothing rides with it, nothing to settle.
+            return list(batch.members), [], len(batch.members), 0
+        accepted: list[Member] = []
+        rejected: list[tuple[str, str]] = []
+        riders = 0
+        accepted_ids = 0
+        for m in batch.members:
+            if distinct:
+                keys = [m.key]
+            else:
+                keys = [m.key, *self.riders.pop((operation, m.identifier), ())]
+                self.in_flight.discard((operation, m.identifier))
+                riders += len(keys) - 1
+            reason = rejected_ids.get(m.identifier.value)
+            if not distinct:
+                self.settled[operation, m.identifier] = reason
+            if reason is None:
+                accepted_ids += 1
+                if len(keys) == 1:
+                    accepted.append(m)
+                else:
+                    accepted.extend(Member(k, m.identifier) for k in keys)
+            else:
+                rejected.extend((k, reason) for k in keys)
+        return accepted, rejected, accepted_ids, riders
 
     def _apply_local_removals(self, keys: Keys) -> None:
         for chunk in chunks(keys, ISSUE_CHUNK):
