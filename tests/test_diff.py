@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 import cohortsync as cs
 from cohortsync import CallableSource, Changes, _diff
-from cohortsync._diff import MAX_KEY_LENGTH, Diff, chunks, diff_changes, diff_snapshot
+from cohortsync._diff import (
+    MAX_KEY_LENGTH,
+    Diff,
+    chunks,
+    diff_changes,
+    diff_snapshot,
+    diff_with_state,
+)
 from cohortsync.exceptions import SourceError
 from strategies import member_keys
 
@@ -277,6 +284,57 @@ class TestKeyList:
 
         assert 2_500 == run.added
         assert set(members) == destination.audience("s")  # type: ignore[attr-defined]
+
+
+class TestWithState:
+    """
+    A worker that keeps the delivered state diffs against it: the same diff,
+    and the same state, as streaming the state from the store.
+    """
+
+    @given(
+        st.lists(
+            st.one_of(member_keys(3), st.sampled_from(["", None, 7, ("t",)]), st.just(["x"])),
+            max_size=30,
+        ),
+        st.sets(member_keys(3), max_size=20),
+        st.sampled_from(["list", "tuple", "set", "generator"]),
+        st.booleans(),
+    )
+    def test_diff_against_the_kept_state_is_the_streamed_diff(
+        self, members: list[object], delivered: set[str], kind: str, keep_existing: bool
+    ) -> None:
+        """Adds, removes, existing, size, the invalid keys and the state agree."""
+        hashable = [k for k in members if not isinstance(k, list)]
+        if kind in ("set", "tuple") and len(hashable) < len(members):
+            members = hashable  # a set cannot hold the unhashable ones to begin with
+
+        def source() -> CallableSource:
+            if kind == "set":
+                return CallableSource(lambda: cast("set[str]", set(members)))
+            if kind == "tuple":
+                return CallableSource(lambda: cast("tuple[str, ...]", tuple(members)))
+            if kind == "generator":
+                return CallableSource(lambda: cast("Iterator[str]", iter(members)))
+            return CallableSource(lambda: cast("list[str]", list(members)))
+
+        held = sorted(delivered)
+        warm, warm_state = diff_with_state(
+            source(),
+            "c",
+            set(delivered),
+            lambda: iter(held),
+            len(held),
+            keep_existing=keep_existing,
+        )
+        cold, cold_state = diff_with_state(
+            source(), "c", None, lambda: iter(held), len(held), keep_existing=keep_existing
+        )
+        plain = diff_snapshot(source(), "c", iter(held), len(held), keep_existing=keep_existing)
+
+        assert outcome(plain) == outcome(cold) == outcome(warm)
+        assert sorted(cold.invalid) == sorted(warm.invalid)
+        assert delivered == cold_state == warm_state
 
 
 class TestOneRead:

@@ -21,7 +21,7 @@ import bisect
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from itertools import islice
+from itertools import filterfalse, islice
 from typing import IO
 
 import attrs
@@ -190,6 +190,60 @@ def _read_set(source: MembershipSource, cohort_id: str) -> tuple[set[str], list[
     except Exception as e:
         raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
     return current, invalid  # type: ignore[return-value]
+
+
+def _read_against(
+    source: MembershipSource, cohort_id: str, known: set[str]
+) -> tuple[tuple[set[str], set[object]], list[tuple[str, str]]]:
+    """
+    Read the snapshot against the delivered state *known*:
+    ``((known - source, source - known), invalid)``.
+
+    The source is never put in a set of its own. A steady run used to hold
+    the delivered set and, beside it, a set of the source growing to the same
+    size, doubling as it went (the table it outgrew alive until the new one
+    was filled, then left to the allocator): two and a half sets at its peak.
+    Here the keys that left are a copy of *known* with the source struck off
+    (one table, at its exact size, copied at C speed, which shrinks to what
+    is left once the source is struck off), and the adds are the source's
+    keys *known* lacks, found in a second pass. A source that is not a list,
+    tuple or set is read into a list first, for the second pass: one pointer
+    per key, not a hash table.
+    """
+    invalid: list[tuple[str, str]] = []
+    members = _snapshot(source, cohort_id)
+    try:
+        keys = members if type(members) in _REITERABLE else list(members)
+        try:
+            return _strike(known, keys), invalid
+        except TypeError as e:
+            if not str(e).startswith("unhashable type"):
+                raise
+        # A key a set cannot hold: leave it out (and say so), then strike.
+        return _strike(known, [k for k in keys if _hashable(k, invalid)]), invalid
+    except (InvalidMemberError, SourceError):
+        raise
+    except Exception as e:
+        raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
+
+
+_REITERABLE = (list, tuple, set, frozenset)
+
+
+def _strike(known: set[str], keys: Iterable[object]) -> tuple[set[str], set[object]]:
+    """``(known - keys, keys - known)``, in two passes over *keys*."""
+    return known.difference(keys), set(filterfalse(known.__contains__, keys))
+
+
+def _hashable(key: object, invalid: list[tuple[str, str]]) -> bool:
+    """Whether a set can hold *key*; if not, it is recorded in *invalid*."""
+    try:
+        hash(key)
+    except TypeError:
+        kind = type(key).__name__
+        invalid.append((f"<{kind}>", f"invalid_key: not a str ({kind})"))
+        return False
+    return True
 
 
 def _partition(keys: Iterable[object]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -535,9 +589,9 @@ def diff_with_state(
     Diff the source's snapshot and also return the delivered state as a set,
     for a worker that keeps it in memory between runs.
 
-    With *known* (the delivered state from memory, still current) the diff is
-    two set differences at C speed and the store is not read at all. Without
-    it the delivered keys are streamed from the store as in
+    With *known* (the delivered state from memory, still current) the source
+    is read against it (see :func:`_read_against`) and the store is not read
+    at all. Without it the delivered keys are streamed from the store as in
     :func:`diff_snapshot`, and the state is rebuilt from the source's own
     strings (``current - adds + removes``) rather than from a second copy of
     every key: one more set table, not one more million strings.
@@ -546,28 +600,32 @@ def diff_with_state(
         The diff, and the delivered state before the run (*known* itself when
         given), which the caller then keeps up to date batch by batch.
     """
-    current, invalid = _read_set(source, cohort_id)
-    existing: list[str] | None
-    if known is not None and not known:
-        # A first sync: every key is an add (no copy of the whole cohort).
-        raw_adds = current
-        removes = []
-        existing = [] if keep_existing else None
-        state = known
-    elif known is not None:
-        raw_adds = current - known
-        removes = sorted(known - current)
-        existing = sorted(current & known) if keep_existing else None
+    existing: list[str] | None = None
+    raw_adds: Iterable[object]
+    if known:
+        (left, raw_adds), invalid = _read_against(source, cohort_id, known)
+        removes = sorted(left)
+        del left
+        if keep_existing:
+            existing = sorted(known.difference(removes))
         state = known
     else:
-        state = set(current)
-        raw_adds, removes, existing = _set_diff(
-            current, read_delivered(), keep_existing=keep_existing
-        )
-        state.difference_update(raw_adds)
-        state.update(removes)
-    del current
+        current, invalid = _read_set(source, cohort_id)
+        if known is not None:
+            # A first sync: every key is an add (no copy of the whole cohort).
+            raw_adds, removes, state = current, [], known
+            if keep_existing:
+                existing = []
+        else:
+            state = set(current)
+            raw_adds, removes, existing = _set_diff(
+                current, read_delivered(), keep_existing=keep_existing
+            )
+            state.difference_update(raw_adds)
+            state.update(removes)
+        del current
     adds, bad = _partition(raw_adds)
+    del raw_adds
     invalid += bad
     # Every delivered key is valid, so the cohort is what stays plus the valid adds.
     size = delivered_count - len(removes) + len(adds)
