@@ -24,6 +24,7 @@ import contextlib
 import logging
 import random
 import secrets
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 
@@ -679,13 +680,18 @@ class _Run:
 
     def _sender(self, destination: Destination, caps: Capabilities) -> BatchSender:
         if self.sender is None:
+            # The sender reaches the run through a weak reference: a run that
+            # held its sender holding the run would be a reference cycle, and
+            # everything a finished run holds (its diff: a first sync's every
+            # key) would wait for the host's next full garbage collection.
+            begin = weakref.WeakMethod(self._begin)
             self.sender = BatchSender(
                 destination=destination,
                 retry=self.sync.policy.retry,
                 clock=self.env.clock,
                 limiter=self.env.limiter(self.sync.destination_id, caps),
                 keep_alive=self.lease.keep_alive,
-                before_send=self._begin,
+                before_send=lambda batch, replaces: _call(begin, batch, replaces),
                 rng=self.env.rng,
             )
         return self.sender
@@ -1317,6 +1323,17 @@ class _Run:
             )
         emit(env.listeners, RunFinished(run=run))
         return run
+
+
+def _call(
+    method: weakref.WeakMethod[Callable[..., None]],
+    batch: Batch,
+    replaces: str | None,
+) -> None:
+    """Call a run's method through a weak reference (the run is running)."""
+    bound = method()
+    assert bound is not None  # noqa: S101 - the run outlives its sends
+    bound(batch, replaces)
 
 
 def _already_sent(sent: set[Identifier], *, identity: bool) -> Callable[[Member], bool]:
