@@ -51,12 +51,17 @@ def _scheduler(
     clock: FakeClock,
     destination: _Noop,
     source: cs.CallableSource,
+    mapping: cs.IdentifierMapping | None = None,
 ) -> cs.Scheduler:
     scheduler = cs.Scheduler(storage, clock=clock, seed=0)
     scheduler.add_destination("noop", destination)
     scheduler.add_cohort(cs.Cohort(id="c", name="C", source=source))
+    if mapping is not None:
+        scheduler.add_mapping("m", mapping)
     policy = cs.SyncPolicy.hourly(guard=cs.MassRemovalGuard.disabled())
-    scheduler.create_sync("c", "noop", policy, sync_id="s")
+    scheduler.create_sync(
+        "c", "noop", policy, sync_id="s", mapping_id=None if mapping is None else "m"
+    )
     return scheduler
 
 
@@ -68,11 +73,17 @@ def _run(scheduler: cs.Scheduler, clock: FakeClock) -> cs.SyncRun:
     return run
 
 
+_EMAIL = cs.IdentifierMapping([(cs.IdentifierKind.EMAIL, lambda key: f"{key}@example.com")])
+
+
+@pytest.mark.parametrize("mapping", [None, _EMAIL], ids=["identity", "email"])
 def test_a_first_sync_holds_nothing_cohort_sized_the_collector_walks(
-    tmp_path: Path, clock: FakeClock
+    tmp_path: Path, clock: FakeClock, mapping: cs.IdentifierMapping | None
 ) -> None:
     """While a first sync delivers, after a full collection no tracked
-    container holds more than a few batches' worth of entries."""
+    container holds more than a few batches' worth of entries (under a
+    mapping that is not the identity, the identifiers answered so far are
+    kept as strings)."""
     n = 30_000
 
     def keys() -> Iterator[str]:  # no list of the host's either
@@ -91,7 +102,11 @@ def test_a_first_sync_holds_nothing_cohort_sized_the_collector_walks(
 
     destination = _Noop(census)
     scheduler = _scheduler(
-        SQLiteStorage(tmp_path / "state.db"), clock, destination, cs.CallableSource(keys)
+        SQLiteStorage(tmp_path / "state.db"),
+        clock,
+        destination,
+        cs.CallableSource(keys),
+        mapping,
     )
 
     run = _run(scheduler, clock)

@@ -212,8 +212,9 @@ class _Run:
         self.kinds: tuple[frozenset[IdentifierKind] | None, IdentifierKind | None] | None = None
         self.distinct = False
         """Adds of a first sync under the identity mapping: one member per identifier."""
-        self.settled: dict[tuple[Operation, Identifier], str | None] = {}
-        """Identifiers this run's requests were answered for: None (accepted) or the reason."""
+        self.settled: dict[Operation, dict[IdentifierKind, dict[str, str | None]]] = {}
+        """Identifiers this run's requests were answered for: None (accepted) or the
+        reason, by operation, kind and value (strings, which the collector skips)."""
         self.resumed = False
         """An earlier attempt of this slot applied batches (this run takes it over)."""
         self.pending_left: dict[str, set[str]] | None = None
@@ -831,10 +832,12 @@ class _Run:
         rest: list[Member] = []
         accepted: list[Member] = []
         refused: list[tuple[str, str]] = []
+        by_kind = self.settled.get(operation, {})
         for m in members:
-            if (operation, m.identifier) not in self.settled:
+            answers = by_kind.get(m.identifier.kind)
+            if answers is None or m.identifier.value not in answers:
                 rest.append(m)
-            elif (reason := self.settled[operation, m.identifier]) is None:
+            elif (reason := answers[m.identifier.value]) is None:
                 accepted.append(m)
             else:
                 refused.append((m.key, reason))
@@ -1139,6 +1142,7 @@ class _Run:
         rejected: list[tuple[str, str]] = []
         riders = 0
         accepted_ids = 0
+        settled = {} if distinct else self.settled.setdefault(operation, {})
         for m in batch.members:
             if distinct:
                 keys = [m.key]
@@ -1148,7 +1152,7 @@ class _Run:
                 riders += len(keys) - 1
             reason = rejected_ids.get(m.identifier.value)
             if not distinct:
-                self.settled[operation, m.identifier] = reason
+                settled.setdefault(m.identifier.kind, {})[m.identifier.value] = reason
             if reason is None:
                 accepted_ids += 1
                 if len(keys) == 1:
