@@ -20,7 +20,8 @@ from __future__ import annotations
 import bisect
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from itertools import filterfalse, islice
 from typing import IO
 
@@ -192,35 +193,17 @@ def _read_set(source: MembershipSource, cohort_id: str) -> tuple[set[str], list[
     return current, invalid  # type: ignore[return-value]
 
 
-def _read_against(
-    source: MembershipSource, cohort_id: str, known: set[str]
-) -> tuple[tuple[set[str], set[object]], list[tuple[str, str]]]:
+def _read_keys(source: MembershipSource, cohort_id: str) -> Collection[object]:
     """
-    Read the snapshot against the delivered state *known*:
-    ``((known - source, source - known), invalid)``.
-
-    The source is never put in a set of its own. A steady run used to hold
-    the delivered set and, beside it, a set of the source growing to the same
-    size, doubling as it went (the table it outgrew alive until the new one
-    was filled, then left to the allocator): two and a half sets at its peak.
-    Here the keys that left are a copy of *known* with the source struck off
-    (one table, at its exact size, copied at C speed, which shrinks to what
-    is left once the source is struck off), and the adds are the source's
-    keys *known* lacks, found in a second pass. A source that is not a list,
-    tuple or set is read into a list first, for the second pass: one pointer
-    per key, not a hash table.
+    Read the whole snapshot once, as a collection that can be gone through
+    again: the source's own list, tuple or set, else a list of its keys (one
+    pointer per key, not a hash table).
     """
-    invalid: list[tuple[str, str]] = []
     members = _snapshot(source, cohort_id)
+    if type(members) in _REITERABLE:
+        return members  # type: ignore[return-value]
     try:
-        keys = members if type(members) in _REITERABLE else list(members)
-        try:
-            return _strike(known, keys), invalid
-        except TypeError as e:
-            if not str(e).startswith("unhashable type"):
-                raise
-        # A key a set cannot hold: leave it out (and say so), then strike.
-        return _strike(known, [k for k in keys if _hashable(k, invalid)]), invalid
+        return list(members)
     except (InvalidMemberError, SourceError):
         raise
     except Exception as e:
@@ -230,9 +213,18 @@ def _read_against(
 _REITERABLE = (list, tuple, set, frozenset)
 
 
-def _strike(known: set[str], keys: Iterable[object]) -> tuple[set[str], set[object]]:
-    """``(known - keys, keys - known)``, in two passes over *keys*."""
-    return known.difference(keys), set(filterfalse(known.__contains__, keys))
+def _hashable_keys(keys: Collection[object], invalid: list[tuple[str, str]]) -> Collection[object]:
+    """
+    *keys*, or, if a set cannot hold some of them, the others (the ones left
+    out are reported in *invalid*, as :func:`_read_set` does).
+    """
+    try:
+        deque(map(hash, keys), maxlen=0)
+    except TypeError as e:
+        if not str(e).startswith("unhashable type"):
+            raise
+        return [k for k in keys if _hashable(k, invalid)]
+    return keys
 
 
 def _hashable(key: object, invalid: list[tuple[str, str]]) -> bool:
@@ -589,41 +581,61 @@ def diff_with_state(
     Diff the source's snapshot and also return the delivered state as a set,
     for a worker that keeps it in memory between runs.
 
-    With *known* (the delivered state from memory, still current) the source
-    is read against it (see :func:`_read_against`) and the store is not read
-    at all. Without it the delivered keys are streamed from the store as in
-    :func:`diff_snapshot`, and the state is rebuilt from the source's own
-    strings (``current - adds + removes``) rather than from a second copy of
-    every key: one more set table, not one more million strings.
+    With *known* (the delivered state from memory, still current) the store
+    is not read at all; without it the delivered keys are streamed from the
+    store as in :func:`diff_snapshot`. Either way the state returned is built
+    from the source's own strings (``source - adds + removes``), never from
+    a second copy of every key, and the run never holds two sets of the
+    cohort at once: a steady run holds at its peak one set being built
+    (with the table it outgrows) and a list of the source's keys.
+
+    - Kept state: the adds are the source's keys *known* lacks; then the
+      source is struck off *known* itself, which leaves the removes, and
+      *known* is emptied (its table freed); then the new state is built from
+      the source. (Putting the source in a set beside *known*
+      peaked at two and a half sets; copying *known* to strike the source
+      off the copy, at two to three: a copy's table is sized for twice its
+      keys, so it is twice the original's at some sizes.)
+    - Streamed state: the source's set has the delivered keys struck off,
+      which leaves the adds, and is dropped before the state is built.
 
     Returns:
-        The diff, and the delivered state before the run (*known* itself when
-        given), which the caller then keeps up to date batch by batch.
+        The diff, and the delivered state before the run, which the caller
+        then keeps up to date batch by batch.
     """
     existing: list[str] | None = None
-    raw_adds: Iterable[object]
-    if known:
-        (left, raw_adds), invalid = _read_against(source, cohort_id, known)
-        removes = sorted(left)
-        del left
-        if keep_existing:
-            existing = sorted(known.difference(removes))
+    raw_adds: Collection[object]
+    if known is not None and not known:
+        # A first sync: every key is an add, and there is no state to build.
+        raw_adds, invalid = _read_set(source, cohort_id)
+        removes: list[str] = []
         state = known
+        if keep_existing:
+            existing = []
     else:
-        current, invalid = _read_set(source, cohort_id)
+        invalid = []
+        keys = _hashable_keys(_read_keys(source, cohort_id), invalid)
+        kept = known is not None
         if known is not None:
-            # A first sync: every key is an add (no copy of the whole cohort).
-            raw_adds, removes, state = current, [], known
-            if keep_existing:
-                existing = []
+            raw_adds = set(filterfalse(known.__contains__, keys))
+            known.difference_update(keys)  # leaves the removes
+            removes = sorted(known)
+            known.clear()  # frees its table before the new one is built
         else:
-            state = set(current)
+            current: set[object] = set(keys)
             raw_adds, removes, existing = _set_diff(
-                current, read_delivered(), keep_existing=keep_existing
+                current,  # type: ignore[arg-type]
+                read_delivered(),
+                keep_existing=keep_existing,
             )
-            state.difference_update(raw_adds)
-            state.update(removes)
-        del current
+            raw_adds = set(raw_adds)  # what is left of the table, at its size
+            del current
+        state = set(keys)  # type: ignore[arg-type]
+        del keys
+        state.difference_update(raw_adds)
+        if kept and keep_existing:
+            existing = sorted(state)
+        state.update(removes)
     adds, bad = _partition(raw_adds)
     del raw_adds
     invalid += bad
