@@ -337,6 +337,21 @@ class TestWithState:
         assert delivered == cold_state == warm_state
 
 
+class TestBadKeys:
+    @pytest.mark.parametrize("known", [None, {"a"}], ids=["streamed", "kept"])
+    def test_a_key_whose_hash_raises_is_a_source_error(self, known: set[str] | None) -> None:
+        """A host object that cannot be hashed for a reason of its own fails the read."""
+
+        class Broken:
+            def __hash__(self) -> int:
+                raise ValueError("no hash today")
+
+        source = CallableSource(lambda: cast("list[str]", ["a", Broken()]))
+
+        with pytest.raises(SourceError, match="ValueError: no hash today"):
+            diff_with_state(source, "c", known, lambda: iter(["a"]), 1, keep_existing=False)
+
+
 class TestOneRead:
     def test_an_unhashable_key_does_not_make_the_source_read_twice(self) -> None:
         """The snapshot is read once even with unhashable keys; the rest is still diffed."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import os
 import tempfile
-from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from itertools import filterfalse, islice
 from typing import IO
@@ -213,18 +212,31 @@ def _read_keys(source: MembershipSource, cohort_id: str) -> Collection[object]:
 _REITERABLE = (list, tuple, set, frozenset)
 
 
-def _hashable_keys(keys: Collection[object], invalid: list[tuple[str, str]]) -> Collection[object]:
+def _first_pass(
+    keys: Collection[object],
+    into_set: Callable[[Collection[object]], set[object]],
+    cohort_id: str,
+    invalid: list[tuple[str, str]],
+) -> tuple[Collection[object], set[object]]:
     """
-    *keys*, or, if a set cannot hold some of them, the others (the ones left
-    out are reported in *invalid*, as :func:`_read_set` does).
+    ``(keys, into_set(keys))``, leaving out the keys a set cannot hold if
+    there are any (reported in *invalid*, as :func:`_read_set` does).
+
+    Raises:
+        SourceError: A key's hash or comparison raised.
     """
     try:
-        deque(map(hash, keys), maxlen=0)
-    except TypeError as e:
-        if not str(e).startswith("unhashable type"):
-            raise
-        return [k for k in keys if _hashable(k, invalid)]
-    return keys
+        try:
+            return keys, into_set(keys)
+        except TypeError as e:
+            if not str(e).startswith("unhashable type"):
+                raise
+        keys = [k for k in keys if _hashable(k, invalid)]
+        return keys, into_set(keys)
+    except (InvalidMemberError, SourceError):
+        raise
+    except Exception as e:
+        raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
 
 
 def _hashable(key: object, invalid: list[tuple[str, str]]) -> bool:
@@ -614,15 +626,18 @@ def diff_with_state(
             existing = []
     else:
         invalid = []
-        keys = _hashable_keys(_read_keys(source, cohort_id), invalid)
+        keys = _read_keys(source, cohort_id)
         kept = known is not None
         if known is not None:
-            raw_adds = set(filterfalse(known.__contains__, keys))
+            delivered = known.__contains__
+            keys, raw_adds = _first_pass(
+                keys, lambda ks: set(filterfalse(delivered, ks)), cohort_id, invalid
+            )
             known.difference_update(keys)  # leaves the removes
             removes = sorted(known)
             known.clear()  # frees its table before the new one is built
         else:
-            current: set[object] = set(keys)
+            keys, current = _first_pass(keys, set, cohort_id, invalid)
             raw_adds, removes, existing = _set_diff(
                 current,  # type: ignore[arg-type]
                 read_delivered(),
