@@ -21,7 +21,7 @@ import bisect
 import os
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from itertools import filterfalse, islice
+from itertools import islice
 from typing import IO
 
 import attrs
@@ -237,6 +237,19 @@ def _first_pass(
         raise
     except Exception as e:
         raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
+
+
+def _lacking(known: set[str], keys: Iterable[object]) -> set[object]:
+    """
+    The *keys* *known* lacks: set differences a few thousand keys at a time,
+    which compare stored hashes at C speed (a fifth faster than asking
+    ``known`` about each key in turn).
+    """
+    out: set[object] = set()
+    it = iter(keys)
+    while chunk := set(islice(it, 4_096)):
+        out |= chunk - known
+    return out
 
 
 def _hashable(key: object, invalid: list[tuple[str, str]]) -> bool:
@@ -604,10 +617,11 @@ def diff_with_state(
     - Kept state: the adds are the source's keys *known* lacks; then the
       source is struck off *known* itself, which leaves the removes, and
       *known* is emptied (its table freed); then the new state is built from
-      the source. (Putting the source in a set beside *known*
-      peaked at two and a half sets; copying *known* to strike the source
-      off the copy, at two to three: a copy's table is sized for twice its
-      keys, so it is twice the original's at some sizes.)
+      the source. Putting the source in a set beside *known* peaked at two
+      and a half sets; copying *known* to strike the source off the copy,
+      at two to three (a copy's table is sized for twice its keys: twice the
+      original's at some sizes). The price is one more pass over the source
+      than two set differences.
     - Streamed state: the source's set has the delivered keys struck off,
       which leaves the adds, and is dropped before the state is built.
 
@@ -629,10 +643,7 @@ def diff_with_state(
         keys = _read_keys(source, cohort_id)
         kept = known is not None
         if known is not None:
-            delivered = known.__contains__
-            keys, raw_adds = _first_pass(
-                keys, lambda ks: set(filterfalse(delivered, ks)), cohort_id, invalid
-            )
+            keys, raw_adds = _first_pass(keys, lambda ks: _lacking(known, ks), cohort_id, invalid)
             known.difference_update(keys)  # leaves the removes
             removes = sorted(known)
             known.clear()  # frees its table before the new one is built
