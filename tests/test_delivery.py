@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -74,7 +75,7 @@ from cohortsync.testing import (
     RecordedBatch,
     RecordingDestination,
 )
-from strategies import destination_faults, membership_histories
+from strategies import destination_faults, member_keys, membership_histories
 
 START = datetime.fromisoformat("2030-01-01T00:00:00+00:00")
 SYNC = "s1"
@@ -593,6 +594,18 @@ class TestIdempotencyKeys:
             idempotency_key("s1", 1, Operation.ADD, ["a"]),
         ]
         assert 6 == len(set(variants) - {base})
+
+    @given(st.lists(member_keys(8), max_size=20), st.text(max_size=8))
+    def test_keys_are_the_digest_of_each_value_in_turn(self, values: list[str], basis: str) -> None:
+        """Hashing the joined values gives the digest of one update per value: keys
+        recorded in flight by an earlier version are still recognised."""
+        h = hashlib.sha256()
+        h.update(f"s1\x1f3\x1fadd\x1f{basis}\x1f".encode())
+        for value in values:
+            h.update(value.encode("utf-8", "surrogatepass"))
+            h.update(b"\x1e")
+
+        assert h.hexdigest()[:32] == idempotency_key("s1", 3, Operation.ADD, values, basis)
 
 
 # --- Retries, rate limits, bisection -------------------------------------------

@@ -13,8 +13,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cohortsync as cs
-from cohortsync import CallableSource, Changes
-from cohortsync._diff import MAX_KEY_LENGTH, Diff, chunks, diff_changes, diff_snapshot
+from cohortsync import CallableSource, Changes, _diff
+from cohortsync._diff import (
+    MAX_KEY_LENGTH,
+    Diff,
+    chunks,
+    diff_changes,
+    diff_snapshot,
+    diff_with_state,
+)
 from cohortsync.exceptions import SourceError
 from strategies import member_keys
 
@@ -105,13 +112,13 @@ class TestSnapshotDiff:
         """A key yielded twice is one member, in both strategies."""
         for sorted_keys in (True, False):
             diff = snapshot(["a", "a", "b", "b", "b"], [], sorted_keys=sorted_keys)
-            assert (["a", "b"], 2, []) == (diff.adds, diff.size, diff.invalid)
+            assert (["a", "b"], 2, []) == (list(diff.adds), diff.size, diff.invalid)
 
     def test_invalid_keys_are_reported_with_reasons(self) -> None:
         """None, ints, '' and over-long keys are skipped with a reason each."""
         diff = snapshot(["ok", None, 3, "", "y" * 2_000], [], sorted_keys=False)
 
-        assert ["ok"] == diff.adds
+        assert ["ok"] == list(diff.adds)
         assert [
             ("", "invalid_key: empty"),
             ("3", "invalid_key: not a str (int)"),
@@ -131,11 +138,39 @@ class TestSnapshotDiff:
         clean = snapshot([Key("a"), "b"], [], sorted_keys=sorted_keys)
         mixed = snapshot([Key("a"), "b", None], [], sorted_keys=sorted_keys)
 
-        assert (["a", "b"], []) == (clean.adds, clean.invalid)
+        assert (["a", "b"], []) == (list(clean.adds), clean.invalid)
         assert (["a", "b"], [("None", "invalid_key: not a str (NoneType)")]) == (
-            mixed.adds,
+            list(mixed.adds),
             mixed.invalid,
         )
+
+    @given(
+        st.lists(
+            st.one_of(
+                member_keys(),
+                st.sampled_from(
+                    ["", "\x00", "a\x00b", "\ud800", "x\udfff", "y" * 1_025, "z" * 1_024]
+                ),
+                st.integers(),
+                st.none(),
+            ),
+            max_size=40,
+        ),
+        st.integers(1, 5),
+    )
+    def test_keys_checked_a_chunk_at_a_time_as_one_by_one(
+        self, keys: list[object], chunk: int
+    ) -> None:
+        """A chunk that fails the bulk check is checked key by key: the same valid
+        keys and the same reasons as checking each key alone, whatever the chunks."""
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_diff, "_CHECK_CHUNK", chunk)
+            valid, invalid = _diff._partition(keys)
+
+        assert sorted(k for k in keys if _diff._valid(k)) == valid  # type: ignore[type-var]
+        assert sorted(
+            (_diff.shown_key(k), _diff._invalid_reason(k)) for k in keys if not _diff._valid(k)
+        ) == sorted(invalid)
 
     def test_an_empty_source_is_flagged(self) -> None:
         """Zero valid members is what the mass-removal guard looks for."""
@@ -177,8 +212,8 @@ class TestChangeDiff:
         )
 
         assert (["a"], ["c"], "next", None) == (
-            diff.adds,
-            diff.removes,
+            list(diff.adds),
+            list(diff.removes),
             diff.feed_cursor,
             diff.size,
         )
@@ -196,7 +231,7 @@ class TestChangeDiff:
 
         diff = diff_changes(feed, "c", "prev", lambda keys: set(), 0)
 
-        assert (["a"], [("", "invalid_key: empty")]) == (diff.adds, diff.invalid)
+        assert (["a"], [("", "invalid_key: empty")]) == (list(diff.adds), diff.invalid)
 
 
 class TestChunks:
@@ -251,6 +286,72 @@ class TestKeyList:
         assert set(members) == destination.audience("s")  # type: ignore[attr-defined]
 
 
+class TestWithState:
+    """
+    A worker that keeps the delivered state diffs against it: the same diff,
+    and the same state, as streaming the state from the store.
+    """
+
+    @given(
+        st.lists(
+            st.one_of(member_keys(3), st.sampled_from(["", None, 7, ("t",)]), st.just(["x"])),
+            max_size=30,
+        ),
+        st.sets(member_keys(3), max_size=20),
+        st.sampled_from(["list", "tuple", "set", "generator"]),
+        st.booleans(),
+    )
+    def test_diff_against_the_kept_state_is_the_streamed_diff(
+        self, members: list[object], delivered: set[str], kind: str, keep_existing: bool
+    ) -> None:
+        """Adds, removes, existing, size, the invalid keys and the state agree."""
+        hashable = [k for k in members if not isinstance(k, list)]
+        if kind in ("set", "tuple") and len(hashable) < len(members):
+            members = hashable  # a set cannot hold the unhashable ones to begin with
+
+        def source() -> CallableSource:
+            if kind == "set":
+                return CallableSource(lambda: cast("set[str]", set(members)))
+            if kind == "tuple":
+                return CallableSource(lambda: cast("tuple[str, ...]", tuple(members)))
+            if kind == "generator":
+                return CallableSource(lambda: cast("Iterator[str]", iter(members)))
+            return CallableSource(lambda: cast("list[str]", list(members)))
+
+        held = sorted(delivered)
+        warm, warm_state = diff_with_state(
+            source(),
+            "c",
+            set(delivered),
+            lambda: iter(held),
+            len(held),
+            keep_existing=keep_existing,
+        )
+        cold, cold_state = diff_with_state(
+            source(), "c", None, lambda: iter(held), len(held), keep_existing=keep_existing
+        )
+        plain = diff_snapshot(source(), "c", iter(held), len(held), keep_existing=keep_existing)
+
+        assert outcome(plain) == outcome(cold) == outcome(warm)
+        assert sorted(cold.invalid) == sorted(warm.invalid)
+        assert delivered == cold_state == warm_state
+
+
+class TestBadKeys:
+    @pytest.mark.parametrize("known", [None, {"a"}], ids=["streamed", "kept"])
+    def test_a_key_whose_hash_raises_is_a_source_error(self, known: set[str] | None) -> None:
+        """A host object that cannot be hashed for a reason of its own fails the read."""
+
+        class Broken:
+            def __hash__(self) -> int:
+                raise ValueError("no hash today")
+
+        source = CallableSource(lambda: cast("list[str]", ["a", Broken()]))
+
+        with pytest.raises(SourceError, match="ValueError: no hash today"):
+            diff_with_state(source, "c", known, lambda: iter(["a"]), 1, keep_existing=False)
+
+
 class TestOneRead:
     def test_an_unhashable_key_does_not_make_the_source_read_twice(self) -> None:
         """The snapshot is read once even with unhashable keys; the rest is still diffed."""
@@ -268,7 +369,7 @@ class TestOneRead:
         diff = diff_snapshot(cast("CallableSource", source), "c1", iter([]), 0, keep_existing=False)
 
         assert 1 == source.reads
-        assert ["a", "b", "c"] == diff.adds
+        assert ["a", "b", "c"] == list(diff.adds)
         assert [
             ("<list>", "invalid_key: not a str (list)"),
             ("<dict>", "invalid_key: not a str (dict)"),

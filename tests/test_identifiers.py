@@ -4,12 +4,13 @@ import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import cohortsync as cs
-from cohortsync._destination import Identifier, IdentifierKind, Member
+from cohortsync._destination import Identifier, IdentifierKind, Member, identity_members
 from cohortsync.exceptions import ConfigurationError
 from cohortsync.identifiers import (
     IdentifierMapping,
@@ -24,6 +25,7 @@ from cohortsync.identifiers import (
 )
 from cohortsync.storage import MemoryStorage, SQLiteStorage
 from cohortsync.testing import FakeClock, RecordingDestination
+from strategies import member_keys
 
 TEST_EMAIL_SHA256 = "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b"
 US_PHONE_SHA256 = "8a59780bb8cd2ba022bfa5ba2ea3b6e07af17a7d8b30c1f9b3390e36f69019e4"
@@ -307,6 +309,21 @@ class TestIdentifierMapping:
             Member("u1", Identifier(K.EMAIL_SHA256, sha256("jane@example.com"))),
         ] == members
         assert ["x1", "x2"] == unresolved
+
+    @given(st.lists(member_keys(8), max_size=12))
+    def test_identity_members_are_the_members_the_constructors_build(self, keys: list[str]) -> None:
+        """The identity mapping's bulk path builds ordinary frozen Members."""
+        built = identity_members(K.USER_ID, keys)
+
+        expected = [Member(k, Identifier(K.USER_ID, k)) for k in keys]
+        assert expected == built
+        assert [hash(m) for m in expected] == [hash(m) for m in built]
+        assert [repr(m) for m in expected] == [repr(m) for m in built]
+        assert all(type(m) is Member and type(m.identifier) is Identifier for m in built)
+        if built:
+            with pytest.raises(attrs.exceptions.FrozenInstanceError):
+                built[0].key = "changed"  # type: ignore[misc]
+            assert "changed" == attrs.evolve(built[0], key="changed").key
 
     def test_resolve_many_with_accepted(self) -> None:
         """Bulk resolution honours accepted kinds too."""

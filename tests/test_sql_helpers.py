@@ -5,17 +5,23 @@ row codecs and the schema check, tested without a database.
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import attrs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from cohortsync._destination import Identifier, IdentifierKind, Member
 from cohortsync._sync import SyncStatus
 from cohortsync.exceptions import CorruptStoreError, SchemaVersionError
 from cohortsync.storage import SyncRecord
 from cohortsync.storage import _sql as q
+from cohortsync.storage._rules import identity_keys, is_identity
 from cohortsync.storage._sqlite import _MIGRATIONS
 from records import T0, sync_record
+from strategies import member_keys
 
 
 def row_of(record: SyncRecord, instants: q.Instants, **columns: object) -> tuple[object, ...]:
@@ -126,6 +132,55 @@ class TestCodecs:
         leases = q.decode_claims(rows, "w", T0, q.TIMESTAMPTZ, unscheduled.append)
 
         assert (["good"], ["bad", "worse"]) == ([x.sync_id for x in leases], unscheduled)
+
+    @given(
+        st.lists(st.tuples(member_keys(8), st.sampled_from([None, *IdentifierKind])), max_size=12)
+    )
+    def test_pending_members_encode_as_json_dumps_would(
+        self, rows: list[tuple[str, IdentifierKind | None]]
+    ) -> None:
+        """Members in flight are written exactly as json.dumps writes them (the
+        identity mapping's fast path included) and read back equal."""
+        members = [
+            Member(key, Identifier(IdentifierKind.USER_ID if kind is None else kind, key))
+            for key, kind in rows
+        ]
+        reference = json.dumps(
+            [
+                [m.key] if is_identity(m) else [m.key, m.identifier.kind.value, m.identifier.value]
+                for m in members
+            ],
+            separators=(",", ":"),
+        )
+
+        encoded = q.encode_members(members)
+
+        assert reference == encoded
+        (pending,) = q.decode_pending("s", [("k", "r", "add", encoded)])
+        assert tuple(members) == pending.members
+
+    @given(st.lists(member_keys(8), max_size=12), st.data())
+    def test_identity_keys_only_when_every_member_is_sent_as_its_key(
+        self, keys: list[str], data: st.DataObject
+    ) -> None:
+        """identity_keys answers what is_identity says of every member."""
+        members = [Member(k, Identifier(IdentifierKind.USER_ID, k)) for k in keys]
+        if keys and data.draw(st.booleans()):
+            i = data.draw(st.integers(0, len(keys) - 1))
+            other = data.draw(
+                st.sampled_from(
+                    [
+                        Identifier(IdentifierKind.EMAIL, keys[i]),
+                        Identifier(IdentifierKind.USER_ID, keys[i] + "x"),
+                    ]
+                )
+            )
+            members[i] = Member(keys[i], other)
+
+        expected = keys if all(map(is_identity, members)) else None
+        assert expected == identity_keys(members)
+        assert expected == identity_keys(tuple(members))
+        assert expected == identity_keys(iter(members))
 
 
 class TestSchemaVersion:

@@ -11,8 +11,14 @@ so another worker's progress, a crash or a restart simply makes it miss.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
+from operator import attrgetter
 
-__all__ = ["DeliveredCache"]
+from cohortsync._destination import Member
+
+__all__ = ["DeliveredCache", "DeliveredState"]
+
+_KEY = attrgetter("key")
 
 
 class DeliveredCache:
@@ -76,3 +82,44 @@ class DeliveredCache:
         old = self._entries.pop(sync_id, None)
         if old is not None:
             self._size -= len(old[1])
+
+
+class DeliveredState:
+    """
+    A run's in-memory mirror of the delivered state: the keys delivered when
+    the run started, and the batches applied since, folded in when the run
+    ends (:meth:`keys`).
+
+    The batches are kept as tuples of keys rather than folded into the set
+    one by one: a full garbage collection visits every entry of every set,
+    and a first sync of five million members, whose set would grow to five
+    million entries while it delivers, runs hundreds of them (one every few
+    batches). A tuple of strings is not tracked by the collector at all
+    once it has survived one collection.
+    """
+
+    __slots__ = ("_applied", "_keys")
+
+    def __init__(self, keys: set[str]) -> None:
+        self._keys = keys
+        self._applied: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+
+    def apply(self, removed: Iterable[str], added: Iterable[Member]) -> None:
+        """
+        Record one applied batch: *removed* keys left the delivered state,
+        *added* members joined it (in this order).
+        """
+        change = (tuple(removed), tuple(map(_KEY, added)))
+        if change[0] or change[1]:
+            self._applied.append(change)
+
+    def keys(self) -> set[str]:
+        """
+        The delivered state now: the starting set, updated in place.
+        """
+        keys = self._keys
+        for removed, added in self._applied:
+            keys.difference_update(removed)
+            keys.update(added)
+        self._applied.clear()
+        return keys

@@ -14,6 +14,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import attrs
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cohortsync.delivery")
 
+_VALUE = attrgetter("identifier.value")
+
 MAX_RATE_LIMIT_WAITS = 1_000
 MAX_ASKED_WAIT = 3_600.0
 """Seconds: the longest ``retry_after`` a run waits out (unless ``max_delay`` is longer)."""
@@ -70,8 +73,10 @@ def idempotency_key(
     """
     h = hashlib.sha256()
     h.update(f"{sync_id}\x1f{generation}\x1f{operation.value}\x1f{basis}\x1f".encode())
-    for value in identifiers:
-        h.update(value.encode("utf-8", "surrogatepass"))
+    if identifiers:
+        # One update of every value followed by \x1e: the same digest as one
+        # update per value, without a Python call per member.
+        h.update("\x1e".join(identifiers).encode("utf-8", "surrogatepass"))
         h.update(b"\x1e")
     return h.hexdigest()[:32]
 
@@ -92,7 +97,7 @@ def make_batch(
             context.sync_id,
             context.generation,
             operation,
-            [m.identifier.value for m in members],
+            list(map(_VALUE, members)),
             basis,
         ),
     )

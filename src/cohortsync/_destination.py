@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from itertools import repeat
 from typing import ClassVar, Literal
 
 import attrs
@@ -216,6 +218,34 @@ class Member:
 
     key: str
     identifier: Identifier
+
+
+def identity_members(kind: IdentifierKind, keys: Sequence[str]) -> list[Member]:
+    """
+    ``[Member(k, Identifier(kind, k)) for k in keys]`` without validation or a
+    Python call per member, for the delivery hot path: *kind* is an
+    ``IdentifierKind`` and every key a checked non-empty str (see
+    ``Identifier._trusted``). A first sync builds one Member and one
+    Identifier per member of the cohort; writing the slots directly at C
+    speed costs a third of calling the constructors.
+    """
+    n = len(keys)
+    new = object.__new__
+    identifiers = list(map(new, repeat(Identifier, n)))
+    deque(map(_SET_KIND, identifiers, repeat(kind, n)), maxlen=0)
+    deque(map(_SET_VALUE, identifiers, keys), maxlen=0)
+    members = list(map(new, repeat(Member, n)))
+    deque(map(_SET_KEY, members, keys), maxlen=0)
+    deque(map(_SET_IDENTIFIER, members, identifiers), maxlen=0)
+    return members
+
+
+# The slot descriptors of the two frozen classes (attrs makes them slotted):
+# setting through them is what object.__setattr__ does, one C call each.
+_SET_KIND = Identifier.__dict__["kind"].__set__
+_SET_VALUE = Identifier.__dict__["value"].__set__
+_SET_KEY = Member.__dict__["key"].__set__
+_SET_IDENTIFIER = Member.__dict__["identifier"].__set__
 
 
 class Operation(enum.Enum):

@@ -24,13 +24,14 @@ import contextlib
 import logging
 import random
 import secrets
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 
 import attrs
 
 from cohortsync import _schedule
-from cohortsync._cache import DeliveredCache
+from cohortsync._cache import DeliveredCache, DeliveredState
 from cohortsync._clock import Clock
 from cohortsync._cohort import Cohort, has_change_feed
 from cohortsync._delivery import Acked, BatchSender, RateLimiter, make_batch
@@ -267,7 +268,7 @@ class _Run:
         self.rechecked = self.sync
         # The delivered state mirrored in memory while it is known exactly,
         # and its version token: kept in the environment's cache after the run.
-        self.state: set[str] | None = None
+        self.state: DeliveredState | None = None
         self.version = ""
         # Batches an earlier run recorded as in flight and never applied, and
         # the identifiers of members this run removes because of them.
@@ -277,8 +278,9 @@ class _Run:
         self.kinds: tuple[frozenset[IdentifierKind] | None, IdentifierKind | None] | None = None
         self.distinct = False
         """Adds of a first sync under the identity mapping: one member per identifier."""
-        self.settled: dict[tuple[Operation, Identifier], str | None] = {}
-        """Identifiers this run's requests were answered for: None (accepted) or the reason."""
+        self.settled: dict[Operation, dict[IdentifierKind, dict[str, str | None]]] = {}
+        """Identifiers this run's requests were answered for: None (accepted) or the
+        reason, by operation, kind and value (strings, which the collector skips)."""
         self.resumed = False
         """An earlier attempt of this slot applied batches (this run takes it over)."""
         self.pending_left: dict[str, set[str]] | None = None
@@ -379,7 +381,7 @@ class _Run:
         if self.state is None:
             cache.drop(self.sync.id)
         else:
-            cache.put(self.sync.id, self.version, self.state)
+            cache.put(self.sync.id, self.version, self.state.keys())
 
     def _apply(self, batch: AppliedBatch) -> None:
         """
@@ -400,8 +402,7 @@ class _Run:
         self.version = version
         if self.state is None:
             return
-        self.state.difference_update(batch.removed)
-        self.state.update(m.key for m in batch.added)
+        self.state.apply(batch.removed, batch.added)
 
     def _failed(self, error: BaseException) -> tuple[RunStatus, Sync]:
         env = self.env
@@ -499,7 +500,7 @@ class _Run:
             new_sync = attrs.evolve(new_sync, guard_released=False)
         if not plan.from_feed:
             self._resolve_ledger(diff)
-        removes: Keys = [] if guard.guarded else diff.removes
+        removes: Keys = () if guard.guarded else diff.removes
         try:
             self._send(destination, caps, diff, removes, send_removals=guard.send_removals)
         finally:
@@ -574,7 +575,7 @@ class _Run:
         unknown = in_flight_members(self.pending)
         held = self.env.storage.filter_delivered(self.sync.id, unknown)
         recovery = plan_recovery(
-            unknown, held, adds=diff.adds, removes=diff.removes, existing=diff.existing or []
+            unknown, held, adds=diff.adds, removes=diff.removes, existing=diff.existing or ()
         )
         self.recovered_ids = recovery.removes
         if recovery.note is not None:
@@ -681,7 +682,8 @@ class _Run:
             if env.cache is not None:
                 # Keep an in-memory state current through feed runs too, so the
                 # hourly reconciliation does not have to read the store.
-                self.state = env.cache.take(sync.id, self.version)
+                known = env.cache.take(sync.id, self.version)
+                self.state = None if known is None else DeliveredState(known)
             cursor = self.record.feed_cursor
             assert cursor is not None  # noqa: S101 - the plan reads the feed only with one
             diff = diff_changes(
@@ -719,7 +721,7 @@ class _Run:
             known = None  # cannot happen with a conforming store; never trust it then
         if known is None and delivered_count == 0:
             known = set()
-        diff, self.state = diff_with_state(
+        diff, state = diff_with_state(
             source,
             cohort.id,
             known,
@@ -728,6 +730,7 @@ class _Run:
             keep_existing=plan.keep_existing,
             exclude=dead,
         )
+        self.state = DeliveredState(state)
         return diff, feed_cursor
 
     # -- sending ---------------------------------------------------------------
@@ -749,13 +752,18 @@ class _Run:
 
     def _sender(self, destination: Destination, caps: Capabilities) -> BatchSender:
         if self.sender is None:
+            # The sender reaches the run through a weak reference: a run that
+            # held its sender holding the run would be a reference cycle, and
+            # everything a finished run holds (its diff: a first sync's every
+            # key) would wait for the host's next full garbage collection.
+            begin = weakref.WeakMethod(self._begin)
             self.sender = BatchSender(
                 destination=destination,
                 retry=self.sync.policy.retry,
                 clock=self.env.clock,
                 limiter=self.env.limiter(self.sync.destination_id, caps),
                 keep_alive=self.lease.keep_alive,
-                before_send=self._begin,
+                before_send=lambda batch, replaces: _call(begin, batch, replaces),
                 rng=self.env.rng,
             )
         return self.sender
@@ -895,10 +903,12 @@ class _Run:
         rest: list[Member] = []
         accepted: list[Member] = []
         refused: list[tuple[str, str]] = []
+        by_kind = self.settled.get(operation, {})
         for m in members:
-            if (operation, m.identifier) not in self.settled:
+            answers = by_kind.get(m.identifier.kind)
+            if answers is None or m.identifier.value not in answers:
                 rest.append(m)
-            elif (reason := self.settled[operation, m.identifier]) is None:
+            elif (reason := answers[m.identifier.value]) is None:
                 accepted.append(m)
             else:
                 refused.append((m.key, reason))
@@ -1125,9 +1135,11 @@ class _Run:
 
     def _on_acked(self, acked: Acked) -> None:
         batch = acked.batch
-        by_identifier = {m.identifier.value: m for m in batch.members}
         rejected_ids: dict[str, str] = {}
         unknown = 0
+        by_identifier = (
+            {m.identifier.value: m for m in batch.members} if acked.result.rejected else {}
+        )
         for rejection in acked.result.rejected:
             member = by_identifier.get(rejection.identifier)
             if member is None:
@@ -1146,29 +1158,7 @@ class _Run:
             )
         operation = batch.operation
         is_remove = operation is Operation.REMOVE
-        accepted: list[Member] = []
-        rejected: list[tuple[str, str]] = []
-        riders = 0
-        accepted_ids = 0
-        distinct = self.distinct and operation is not Operation.REMOVE
-        for m in batch.members:
-            if distinct:
-                keys = [m.key]
-            else:
-                keys = [m.key, *self.riders.pop((operation, m.identifier), ())]
-                self.in_flight.discard((operation, m.identifier))
-                riders += len(keys) - 1
-            reason = rejected_ids.get(m.identifier.value)
-            if not distinct:
-                self.settled[operation, m.identifier] = reason
-            if reason is None:
-                accepted_ids += 1
-                if len(keys) == 1:
-                    accepted.append(m)
-                else:
-                    accepted.extend(Member(k, m.identifier) for k in keys)
-            else:
-                rejected.extend((k, reason) for k in keys)
+        accepted, rejected, accepted_ids, riders = self._answers(batch, rejected_ids)
         self._apply(
             AppliedBatch(
                 run_id=self.run_id,
@@ -1205,6 +1195,45 @@ class _Run:
             ),
         )
 
+    def _answers(
+        self, batch: Batch, rejected_ids: dict[str, str]
+    ) -> tuple[list[Member], list[tuple[str, str]], int, int]:
+        """
+        The members an answered *batch* settles, with the keys riding with
+        each identifier: ``(accepted members, (key, reason) rejected,
+        identifiers accepted, riders)``.
+        """
+        operation = batch.operation
+        distinct = self.distinct and operation is not Operation.REMOVE
+        if distinct and not rejected_ids:
+            # A first sync's batch, all accepted: every member holds its own
+            # identifier, nothing rides with it, nothing to settle.
+            return list(batch.members), [], len(batch.members), 0
+        accepted: list[Member] = []
+        rejected: list[tuple[str, str]] = []
+        riders = 0
+        accepted_ids = 0
+        settled = {} if distinct else self.settled.setdefault(operation, {})
+        for m in batch.members:
+            if distinct:
+                keys = [m.key]
+            else:
+                keys = [m.key, *self.riders.pop((operation, m.identifier), ())]
+                self.in_flight.discard((operation, m.identifier))
+                riders += len(keys) - 1
+            reason = rejected_ids.get(m.identifier.value)
+            if not distinct:
+                settled.setdefault(m.identifier.kind, {})[m.identifier.value] = reason
+            if reason is None:
+                accepted_ids += 1
+                if len(keys) == 1:
+                    accepted.append(m)
+                else:
+                    accepted.extend(Member(k, m.identifier) for k in keys)
+            else:
+                rejected.extend((k, reason) for k in keys)
+        return accepted, rejected, accepted_ids, riders
+
     def _apply_local_removals(self, keys: Keys) -> None:
         for chunk in chunks(keys, ISSUE_CHUNK):
             self._apply(
@@ -1228,7 +1257,7 @@ class _Run:
         pending = [e.key for e in self.ledger if not e.dead]
         if not pending:
             return
-        owed = (diff.adds, diff.removes, diff.existing or [])
+        owed = (diff.adds, diff.removes, diff.existing or ())
         stale = [k for k in pending if not any(has_key(keys, k) for keys in owed)]
         if not stale:
             return
@@ -1286,7 +1315,7 @@ class _Run:
             return RunStatus.FAILED, new_sync
         diff = Diff(adds=[], removes=keys, existing=None, size=0, delivered=len(keys))
         self.diff = diff
-        self._send(destination, caps, diff, keys, send_removals=True)
+        self._send(destination, caps, diff, diff.removes, send_removals=True)
         return teardown_status(self.sync, rejected=self.counts.rejected, at=self.env.clock.now())
 
     def _flush_issues(self) -> None:
@@ -1348,6 +1377,17 @@ class _Run:
         )
         self._emit(plan.events)
         return Completing(lease, plan.completion)
+
+
+def _call(
+    method: weakref.WeakMethod[Callable[..., None]],
+    batch: Batch,
+    replaces: str | None,
+) -> None:
+    """Call a run's method through a weak reference (the run is running)."""
+    bound = method()
+    assert bound is not None  # noqa: S101 - the run outlives its sends
+    bound(batch, replaces)
 
 
 def _already_sent(sent: set[Identifier], *, identity: bool) -> Callable[[Member], bool]:

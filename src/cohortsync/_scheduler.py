@@ -838,7 +838,7 @@ class Scheduler:
                     storage.filter_delivered(sync_id, unknown),
                     adds=diff.adds,
                     removes=diff.removes,
-                    existing=diff.existing or [],
+                    existing=diff.existing or (),
                 )
                 diff.adds = with_keys(diff.adds, recovery.adds)
                 diff.removes = with_keys(diff.removes, recovery.removes)
@@ -1258,6 +1258,14 @@ class _Batch:
 
     def run(self) -> bool:
         """Run the batch; return whether a sync came due again (run_due stops)."""
+        try:
+            return self._run()
+        finally:
+            # The environment calls back into this batch: drop it, so the
+            # batch leaves no reference cycle for the garbage collector.
+            self.env = self.scheduler._environment()  # noqa: SLF001
+
+    def _run(self) -> bool:
         scheduler = self.scheduler
         repeat = False
         since: datetime | None = None

@@ -33,7 +33,13 @@ from typing import TypeAlias
 import attrs
 
 from cohortsync import _validators as v
-from cohortsync._destination import Identifier, IdentifierKind, Member, _IdentifierKindValue
+from cohortsync._destination import (
+    Identifier,
+    IdentifierKind,
+    Member,
+    _IdentifierKindValue,
+    identity_members,
+)
 from cohortsync.exceptions import ConfigurationError
 
 __all__ = [
@@ -435,9 +441,7 @@ class IdentifierMapping:
         if len(rules) == 1 and rules[0][1] is _identity and rules[0][0] in _VERBATIM:
             # The identity mapping: member keys are already validated
             # non-empty strings, so skip the per-member checks.
-            kind = rules[0][0]
-            trusted = Identifier._trusted  # noqa: SLF001 - same package, hot path
-            return [Member(key, trusted(kind, key)) for key in keys], []
+            return identity_members(rules[0][0], keys if isinstance(keys, list) else list(keys)), []
         members: list[Member] = []
         unresolved: list[str] = []
         for key in keys:

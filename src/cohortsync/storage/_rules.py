@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Any
 
 from cohortsync._clock import add_saturating
@@ -30,6 +32,7 @@ __all__ = [
     "collect_holders",
     "completion_changes",
     "earliest_claimable",
+    "identity_keys",
     "is_identity",
     "least_loaded",
     "record_claimable_at",
@@ -158,6 +161,26 @@ def is_identity(member: Member) -> bool:
     """
     ident = member.identifier
     return ident.kind is IdentifierKind.USER_ID and ident.value == member.key
+
+
+_KEY = attrgetter("key")
+_KIND = attrgetter("identifier.kind")
+_VALUE = attrgetter("identifier.value")
+
+
+def identity_keys(members: Iterable[Member]) -> list[str] | None:
+    """
+    The keys of *members* if every one is delivered under the identity mapping
+    (see :func:`is_identity`), else ``None``: one check of a whole batch at C
+    speed, so a store can write its rows without a Python call per member.
+    """
+    members = members if isinstance(members, (list, tuple)) else list(members)
+    keys = list(map(_KEY, members))
+    if keys != list(map(_VALUE, members)):
+        return None
+    if not all(map(is_, map(_KIND, members), repeat(IdentifierKind.USER_ID))):
+        return None
+    return keys
 
 
 def collect_holders(
