@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from itertools import chain
@@ -262,10 +262,10 @@ class _Recorder:
         self.statements += 1
         self.transactions += _kind_of(sql) == _BEGIN
 
-    def mark(self, kind: int) -> None:
+    def mark(self, kind: int, completions: int = 1) -> None:
         if self.on:
             self._records.append((kind,))
-            self.completions += kind == _COMPLETED
+            self.completions += completions if kind == _COMPLETED else 0
 
     def randomblob(self, n: int) -> bytes:
         """
@@ -331,6 +331,16 @@ class _RecordingSQLite(SQLiteStorage):
         self._recorder.mark(_COMPLETE)
         super().complete_run(lease, completion)
         self._recorder.mark(_COMPLETED)
+
+    def complete_runs(
+        self, completions: Sequence[tuple[Lease, Completion]]
+    ) -> list[Exception | None]:
+        # What the scheduler calls: a claim batch's completions in one
+        # transaction, so one mark pair around all of them.
+        self._recorder.mark(_COMPLETE)
+        answers = super().complete_runs(completions)
+        self._recorder.mark(_COMPLETED, len(completions))
+        return answers
 
 
 def _digest(path: str) -> str:
@@ -659,7 +669,7 @@ def _rows(
             note=f"{checked}; claim batch {CLAIM_BATCH}",
         ),
         Row.measured(
-            f"scheduler, {n:,} syncs x {hours:g} h, SQLite vs its SQL, one transaction per run",
+            f"scheduler, {n:,} syncs x {hours:g} h, SQLite vs its SQL as recorded",
             samples["sqlite"],
             samples["ceiling A"],
             unit="runs/s",
