@@ -333,7 +333,28 @@ def read_lines(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not Path(path).exists():
         return []
     lines = Path(path).read_text().splitlines(keepends=True)
-    return [json.loads(raw) for raw in lines if raw.endswith("\n")]
+    return [_whole_record(raw) for raw in lines if raw.endswith("\n")]
+
+
+def _whole_record(line: str) -> dict[str, Any]:
+    """
+    The record a line ends with. A process killed mid-write leaves a torn
+    record with no newline; the next process's record is appended right
+    after it, on the same line. The torn part was never received: drop it.
+    """
+    try:
+        record: dict[str, Any] = json.loads(line)
+    except json.JSONDecodeError:
+        start = line.rfind("{", 0, len(line) - 1)
+        while start > 0:
+            try:
+                record = json.loads(line[start:])
+            except json.JSONDecodeError:  # noqa: PERF203 - a rare torn line
+                start = line.rfind("{", 0, start)
+            else:
+                return record
+        raise
+    return record
 
 
 def replay(sends: Iterable[dict[str, Any]]) -> dict[str, set[str]]:

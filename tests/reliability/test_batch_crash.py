@@ -20,6 +20,7 @@ from reliability_harness import (
     BATCH_SYNCS,
     T0,
     Figures,
+    _whole_record,
     batch_members,
     open_store,
     read_lines,
@@ -97,3 +98,12 @@ def test_a_batch_killed_before_its_records_are_stored(
     )
     assert (6 - stored_before) == len(out["runs"])
     assert len(before) <= len(sends)
+
+
+def test_a_torn_record_followed_by_another_is_dropped() -> None:
+    """A worker killed mid-write tears its record; the next one lands on the same line."""
+    torn = '{"e":"start","sync":"r09","slot":"2030-01-01T00:38:00+00:'
+    whole = '{"e":"start","sync":"r00","slot":"2030-01-01T00:38:00+00:00","owner":"w2"}\n'
+    assert {"e": "start", "sync": "r00", "slot": "2030-01-01T00:38:00+00:00", "owner": "w2"} == (
+        _whole_record(torn + whole)
+    )
