@@ -19,12 +19,12 @@ import secrets
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
 from itertools import islice, repeat
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -71,6 +71,9 @@ _US = q.MICROSECONDS
 # Each migration is a list of statements run in one transaction (through
 # _sql.sqlite_text, which leaves them as they are); the schema version is the
 # number of migrations applied. Never edit a released step: append a new one.
+_C = TypeVar("_C")
+"""What a claim statement decodes to: a Lease or a Claim."""
+
 _MIGRATIONS: list[tuple[str, ...]] = [
     (
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
@@ -735,6 +738,31 @@ class SQLiteStorage(StorageBase):
         ``BEGIN IMMEDIATE``: choosing the rows and leasing them is one statement
         under the write lock, so two workers can never pick the same sync.
         """
+        return self._claim(
+            _CLAIM, q.decode_claims, now=now, owner=owner, lease_for=lease_for, limit=limit
+        )
+
+    def claim_runs(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Claim]:
+        """
+        :meth:`claim_due` returning the whole row and the delivered-state facts
+        (one statement, see :data:`~cohortsync.storage._sql.CLAIM_RUN_COLUMNS`).
+        """
+        return self._claim(
+            _CLAIM_RUNS, q.decode_claim_runs, now=now, owner=owner, lease_for=lease_for, limit=limit
+        )
+
+    def _claim(
+        self,
+        statement: str,
+        decode: Callable[..., list[_C]],
+        *,
+        now: datetime,
+        owner: str,
+        lease_for: timedelta,
+        limit: int,
+    ) -> list[_C]:
         now = require_aware(now, "now")
         if limit < 1:
             return []
@@ -750,33 +778,8 @@ class SQLiteStorage(StorageBase):
             "limit": limit,
         }
         with self._write() as conn:
-            rows = conn.execute(_CLAIM, params).fetchall()
-            return q.decode_claims(
-                rows, owner, expires_at, _US, lambda sync_id: conn.execute(_UNSCHEDULE, (sync_id,))
-            )
-
-    def claim_runs(
-        self, now: datetime, owner: str, lease_for: timedelta, limit: int
-    ) -> list[Claim]:
-        """
-        :meth:`claim_due` returning the whole row and the delivered-state facts
-        (one statement, see :data:`~cohortsync.storage._sql.CLAIM_RUN_COLUMNS`).
-        """
-        now = require_aware(now, "now")
-        if limit < 1:
-            return []
-        expires_at = add_saturating(now, lease_for)
-        params = {
-            "owner": owner,
-            "prefix": secrets.token_hex(8),
-            "expires": _US.encode(expires_at),
-            "active": SyncStatus.ACTIVE.value,
-            "now": _US.encode(now),
-            "limit": limit,
-        }
-        with self._write() as conn:
-            rows = conn.execute(_CLAIM_RUNS, params).fetchall()
-            return q.decode_claim_runs(
+            rows = conn.execute(statement, params).fetchall()
+            return decode(
                 rows, owner, expires_at, _US, lambda sync_id: conn.execute(_UNSCHEDULE, (sync_id,))
             )
 
