@@ -256,6 +256,48 @@ class TestSharedIdentifiersThroughCrashes:
         assert {"u0@example.com"} == dest.audience("s1")
         assert ["u0-dup"] == list(storage.iter_delivered("s1"))
 
+    def test_a_joiner_sharing_an_address_whose_removal_was_in_flight_is_sent(self) -> None:
+        """
+        The vendor applies "remove u0" and the worker dies before the answer:
+        u0 is still delivered as far as the store knows. u0-dup (same email)
+        joins before the takeover: the address may be gone, so it must be
+        sent again (it used to be handed over to u0-dup as held; found by the
+        long model test, SQLite, seed 2738...).
+        """
+
+        class DiesAfterRemoving(RecordingDestination):
+            armed = True
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                result = super().remove(batch)
+                if self.armed:
+                    self.armed = False
+                    raise Crash  # applied, the answer never arrives
+                return result
+
+        clock = FakeClock(START)
+        storage = MemoryStorage()
+        members = {"u0", "u2"}
+        dest = DiesAfterRemoving()
+        emailing(storage, clock, dest, members).create_sync(
+            "c", "d", cs.SyncPolicy.hourly(), sync_id="s1", mapping_id="email"
+        )
+        emailing(storage, clock, dest, members).run_due()
+        members.discard("u0")
+        worker = emailing(storage, clock, dest, members)
+        worker.sync_now("s1")
+        with pytest.raises(Crash):
+            worker.run_due()
+        assert {"u2@example.com"} == dest.audience("s1")
+        assert "u0" in set(storage.iter_delivered("s1"))
+
+        members.add("u0-dup")
+        clock.advance(timedelta(minutes=6))
+        emailing(storage, clock, dest, members).run_due()
+
+        assert {"u0@example.com", "u2@example.com"} == dest.audience("s1")
+        assert ["u0-dup", "u2"] == sorted(storage.iter_delivered("s1"))
+
     def test_a_refused_shared_address_is_sent_once(self) -> None:
         """Two joiners share an address the vendor refuses, in two batches: one request."""
 

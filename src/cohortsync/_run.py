@@ -283,6 +283,8 @@ class _Run:
         reason, by operation, kind and value (strings, which the collector skips)."""
         self.resumed = False
         """An earlier attempt of this slot applied batches (this run takes it over)."""
+        self.uncertain: frozenset[Identifier] | None = None
+        """Identifiers named in ``pending``: whether the destination holds them is unknown."""
         self.pending_left: dict[str, set[str]] | None = None
         """For each pending record, its members this run has not re-sent yet."""
         self.ledger: list[LedgerEntry] = []
@@ -882,6 +884,12 @@ class _Run:
             riders.append(key)
             self.riding.add(key)
 
+    def _in_flight_identifiers(self) -> frozenset[Identifier]:
+        """Identifiers named in the pending records of earlier attempts (state unknown)."""
+        if self.uncertain is None:
+            self.uncertain = frozenset(m.identifier for p in self.pending for m in p.members)
+        return self.uncertain
+
     def _handed_over(self, operation: Operation, added: Sequence[Member]) -> tuple[str, ...]:
         """Leavers whose identifier one of *added* now holds (see ``handover``)."""
         if operation is not Operation.ADD or not self.handover:
@@ -1083,7 +1091,7 @@ class _Run:
                     if lookups and members
                     else {}
                 )
-                groups = group_adds(members, _held_in(holders))
+                groups = group_adds(members, _held_in(holders, self._in_flight_identifiers()))
                 self._apply_local(Operation.ADD, groups.local)
             send: list[Member] = []
             for m in groups.send:
@@ -1402,16 +1410,23 @@ def _already_sent(sent: set[Identifier], *, identity: bool) -> Callable[[Member]
     return held
 
 
-def _held_in(holders: dict[Identifier, list[str]]) -> Callable[[Member], bool]:
+def _held_in(
+    holders: dict[Identifier, list[str]], in_flight: frozenset[Identifier]
+) -> Callable[[Member], bool]:
     """
     Whether the destination holds a member's identifier for ANOTHER member
     (a member re-added after a lost acknowledgement holds it itself, as far
     as the store knows, and must be sent). A leaver whose identifier must
     stay is still delivered, or was dropped because another holder stays,
-    so the store's holders say so.
+    so the store's holders say so. An identifier an earlier run left in
+    flight (*in_flight*) is not known to be held: a removal of it may have
+    arrived without its answer, so the add is sent (adding an identifier the
+    destination holds changes nothing there).
     """
 
     def held(member: Member) -> bool:
+        if member.identifier in in_flight:
+            return False
         return any(k != member.key for k in holders.get(member.identifier, ()))
 
     return held
