@@ -845,7 +845,7 @@ def plan_completion(outcome: Outcome) -> CompletionPlan:
         run=run,
         next_due=next_due,
         next_trigger=next_trigger,
-        sync=new_sync if new_sync != o.sync else None,
+        sync=None if new_sync is o.sync or new_sync == o.sync else new_sync,
         attempts=attempts,
         # A failed run delivered only part of the window: read it again.
         feed_cursor=o.feed_cursor if clean else None,

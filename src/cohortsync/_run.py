@@ -780,11 +780,16 @@ class _Run:
         send_removals: bool,
     ) -> None:
         context = self._context()
+        succeeded = False
+        destination.open(context)
+        if not removes and not diff.adds and not diff.existing:
+            # Nothing to send (the usual real-time minute): the destination
+            # is still opened and closed, as every run does.
+            self._close(destination, context, succeeded=True)
+            return
         sender = self._sender(destination, caps)
         size = caps.max_batch_size
         self.mapping = self.env.mapping(self.sync.mapping_id)
-        succeeded = False
-        destination.open(context)
         try:
             if removes and not send_removals:
                 # The destination cannot remove (or the policy says not to):
@@ -808,12 +813,15 @@ class _Run:
                 )
             succeeded = True
         finally:
-            try:
-                destination.close(context, succeeded=succeeded)
-            except Exception:
-                log.exception("close() of destination %s failed", self.sync.destination_id)
-                if succeeded:
-                    raise
+            self._close(destination, context, succeeded=succeeded)
+
+    def _close(self, destination: Destination, context: RunContext, *, succeeded: bool) -> None:
+        try:
+            destination.close(context, succeeded=succeeded)
+        except Exception:
+            log.exception("close() of destination %s failed", self.sync.destination_id)
+            if succeeded:
+                raise
 
     def _next_sequence(self) -> int:
         self.counts.sequence += 1

@@ -367,27 +367,29 @@ class Scheduler:
         """
         self._listeners.append(listener)
 
+    # The lookups validate the id only when it is not registered: a
+    # registered id was validated by add_*, and a run looks them up each time.
     def cohort(self, cohort_id: str) -> Cohort:
-        check_id("cohort_id", cohort_id)
         try:
             return self._cohorts[cohort_id]
-        except KeyError:
+        except (KeyError, TypeError):
+            check_id("cohort_id", cohort_id)
             raise CohortNotFoundError(cohort_id) from None
 
     def destination(self, destination_id: str) -> Destination:
-        check_id("destination_id", destination_id)
         try:
             return self._destinations[destination_id]
-        except KeyError:
+        except (KeyError, TypeError):
+            check_id("destination_id", destination_id)
             raise DestinationNotFoundError(destination_id) from None
 
     def mapping(self, mapping_id: str | None) -> IdentifierMapping:
         if mapping_id is None:
             return _IDENTITY
-        check_id("mapping_id", mapping_id)
         try:
             return self._mappings[mapping_id]
-        except KeyError:
+        except (KeyError, TypeError):
+            check_id("mapping_id", mapping_id)
             raise ConfigurationError(
                 "mapping_id", mapping_id, "no identifier mapping registered with this id"
             ) from None
