@@ -579,9 +579,13 @@ class Scheduler:
             after: Start after this sync id (the last one of the previous page).
             limit: Return at most this many.
         """
-        if limit is not None:
-            check_count("limit", limit)
-        return list(islice(self.iter_syncs(after=after), limit))
+        if after is not None:
+            check_id("after", after)
+        if limit is None:
+            return [r.sync for r in iter_sync_records(self.storage, after)]
+        check_count("limit", limit)
+        records = iter_sync_records(self.storage, after, first=limit)
+        return [r.sync for r in islice(records, limit)]
 
     def iter_syncs(self, *, after: str | None = None) -> Iterator[Sync]:
         """
@@ -824,9 +828,12 @@ class Scheduler:
         :meth:`iter_upcoming` as a list: every run due up to *until*
         (inclusive), earliest first, or the first *limit* of them.
         """
-        if limit is not None:
-            check_count("limit", limit)
-        return list(islice(self.iter_upcoming(until), limit))
+        until = require_aware(until, "until")
+        if limit is None:
+            return list(self.iter_upcoming(until))
+        check_count("limit", limit)
+        # Each sync read yields its first run: a page of *limit* syncs is enough.
+        return list(islice(_upcoming(iter_due(self.storage, until, first=limit), until), limit))
 
     # -- what ------------------------------------------------------------------
 

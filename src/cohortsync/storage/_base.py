@@ -261,21 +261,22 @@ def _native(store: Storage, name: str) -> Callable[..., list[SyncRecord]] | None
     return method
 
 
-def _pages() -> Iterator[int]:
+def _pages(first: int) -> Iterator[int]:
     """Page sizes of a stream: small first (most callers want the first few), then larger."""
-    size = _FIRST_PAGE
+    size = min(max(first, 1), _PAGE)
     while True:
         yield size
         size = min(size * 4, _PAGE)
 
 
-def iter_due(store: Storage, until: datetime) -> Iterator[SyncRecord]:
+def iter_due(store: Storage, until: datetime, *, first: int = _FIRST_PAGE) -> Iterator[SyncRecord]:
     """
     Active syncs due at or before *until*, in ``(next_due, id)`` order, read a
     page at a time when the store answers
     :meth:`~cohortsync.storage.PagedReads.due_between` natively (else from one
     :meth:`~cohortsync.storage.ScheduleStore.list_syncs`). Lazy: nothing is
-    read before the first record is asked for.
+    read before the first record is asked for, and the first page holds
+    *first* records (a caller that wants so many reads no more).
     """
     until = require_aware(until, "until")
     due_between = _native(store, "due_between")
@@ -283,7 +284,7 @@ def iter_due(store: Storage, until: datetime) -> Iterator[SyncRecord]:
         yield from derive_due_between(store.list_syncs(), None, until, _ALL)
         return
     after: tuple[datetime, str] | None = None
-    for size in _pages():
+    for size in _pages(first):
         page = due_between(after, until, size)
         yield from page
         if len(page) < size:
@@ -291,7 +292,9 @@ def iter_due(store: Storage, until: datetime) -> Iterator[SyncRecord]:
         after = due_key(page[-1])
 
 
-def iter_sync_records(store: Storage, after: str | None = None) -> Iterator[SyncRecord]:
+def iter_sync_records(
+    store: Storage, after: str | None = None, *, first: int = _FIRST_PAGE
+) -> Iterator[SyncRecord]:
     """
     Every sync after the id *after*, by id, read a page at a time when the
     store answers :meth:`~cohortsync.storage.PagedReads.page_syncs` natively
@@ -301,7 +304,7 @@ def iter_sync_records(store: Storage, after: str | None = None) -> Iterator[Sync
     if page_syncs is None:
         yield from derive_page_syncs(store.list_syncs(), after, _ALL)
         return
-    for size in _pages():
+    for size in _pages(first):
         page = page_syncs(after, size)
         yield from page
         if len(page) < size:
