@@ -147,10 +147,10 @@ def _upcoming(due: Iterator[SyncRecord], until: datetime) -> Iterator[Upcoming]:
     ``next_due`` and its later runs come after it, so no sync read later can
     have an earlier one. The heap holds one entry per sync read.
     """
+    # (at, sync id, runs listed so far, trigger, record): one entry per sync read.
     heap: list[tuple[datetime, str, int, Trigger, SyncRecord]] = []
-    last: tuple[datetime, str] | None = None
-    """Key of the last sync read; None before the first or once all are read."""
-    pending = True
+    last: tuple[datetime, str] | None = None  # (next_due, id) of the last sync read
+    pending = True  # syncs are left to read
     while True:
         while pending and (not heap or last is None or heap[0][:2] > last):
             record = next(due, None)
