@@ -162,6 +162,7 @@ class TestReport:
             "check_next_due_and_scheduled_after",
             "check_delivered_state",
             "check_large_batch",
+            "check_paged_reads",
         ] == [
             name.removesuffix(" (derived queries)") for name in report.passed[len(STORAGE_CHECKS) :]
         ]
@@ -171,15 +172,28 @@ class TestReport:
         """A store with the required parts only has every query derived, each checked once."""
         report = check_storage(DictStorage)
 
-        assert (*OPTIONAL_QUERIES, "claim_runs", "complete_runs") == report.derived
+        assert (
+            *OPTIONAL_QUERIES,
+            "claim_runs",
+            "complete_runs",
+            "due_between",
+            "page_syncs",
+        ) == report.derived
         assert tuple(c.__name__ for c in STORAGE_CHECKS) == report.passed
 
     def test_a_structural_store(self) -> None:
-        """A store that implements everything without the base class has nothing derived."""
+        """
+        A store written for 0.1, without the base class, has nothing derived,
+        and the parts added since are absent (the scheduler derives them).
+        """
         report = check_storage(lambda: AuditedStorage(MemoryStorage(), tenant="t"))
 
         assert () == report.derived
-        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) == len(report.passed)
+        assert {"claim_runs", "complete_runs", "due_between", "page_syncs"} == {
+            name for name, how in report.parts.items() if how == "absent"
+        }
+        # check_paged_reads runs once: the store has no paged reads of its own.
+        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 1 == len(report.passed)
 
     def test_the_report_reads_as_a_table(self) -> None:
         """str() lists each part, required or optional, native or derived."""
@@ -187,8 +201,9 @@ class TestReport:
 
         assert lines[0].endswith(f"{len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 1} checks passed")
         assert ["ScheduleStore", "required", "native"] == lines[1].split()
-        assert ["dead_letters", "optional", "derived"] == lines[-3].split()
-        assert ["complete_runs", "optional", "native"] == lines[-1].split()
+        assert ["dead_letters", "optional", "derived"] == lines[-5].split()
+        assert ["complete_runs", "optional", "native"] == lines[-3].split()
+        assert ["page_syncs", "optional", "native"] == lines[-1].split()
 
     def test_a_missing_query_names_the_base_class(self) -> None:
         """A structural store without an optional query is told to add it or use StorageBase."""

@@ -16,9 +16,11 @@ import importlib
 import json
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
+from itertools import islice
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
@@ -68,24 +70,33 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_syncs(args: argparse.Namespace, out: TextIO) -> int:
     scheduler = _open_store(args.db)
     try:
-        rows = [
-            (s.id, s.cohort_id, s.destination_id, s.cadence.value, s.status.value, s.generation)
-            for s in scheduler.syncs()
-        ]
+        # Streamed: the store is read a page at a time, and no further than --limit.
+        syncs = islice(scheduler.iter_syncs(), args.limit)
         if args.json:
-            json.dump([unstructure(s) for s in scheduler.syncs()], out, indent=2)
-            out.write("\n")
+            out.write("[")
+            wrote = False
+            for sync in syncs:
+                out.write(",\n" if wrote else "\n")
+                out.write(textwrap.indent(json.dumps(unstructure(sync), indent=2), "  "))
+                wrote = True
+            out.write("\n]\n" if wrote else "]\n")
             return 0
         print(
             f"{'sync':<24} {'cohort':<16} {'destination':<14} {'cadence':<9} {'status':<9} gen",
             file=out,
         )
-        for row in rows:
+        shown = 0
+        for s in syncs:
+            shown += 1
             print(
-                f"{row[0]:<24} {row[1]:<16} {row[2]:<14} {row[3]:<9} {row[4]:<9} {row[5]}", file=out
+                f"{s.id:<24} {s.cohort_id:<16} {s.destination_id:<14} {s.cadence.value:<9} "
+                f"{s.status.value:<9} {s.generation}",
+                file=out,
             )
-        if not rows:
+        if not shown:
             print("(no syncs)", file=out)
+        elif shown == args.limit and next(scheduler.iter_syncs(after=s.id), None) is not None:
+            print(f"... more after {s.id} (raise --limit)", file=out)
     finally:
         scheduler.close()
     return 0
@@ -112,14 +123,15 @@ def _cmd_upcoming(args: argparse.Namespace, out: TextIO) -> int:
     scheduler = _open_store(args.db)
     try:
         until = scheduler.clock.now() + timedelta(hours=args.hours)
-        upcoming = scheduler.upcoming(until)
+        # One more than shown, to say whether there are more: never the whole list.
+        upcoming = scheduler.upcoming(until, limit=args.limit + 1)
         for item in upcoming[: args.limit]:
             print(
                 f"{item.at:%Y-%m-%d %H:%M:%S} UTC  {item.sync_id:<24} {item.trigger.value}",
                 file=out,
             )
         if len(upcoming) > args.limit:
-            print(f"... {len(upcoming) - args.limit} more", file=out)
+            print("... more (raise --limit or lower --hours)", file=out)
         if not upcoming:
             print("(nothing due)", file=out)
     finally:
@@ -190,6 +202,16 @@ def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cohortsync", description="Keep user cohorts in sync with third-party destinations."
@@ -206,6 +228,9 @@ def _parser() -> argparse.ArgumentParser:
     syncs = sub.add_parser("syncs", help="list the syncs in a store")
     syncs.add_argument("--db", required=True, help="the SQLite store")
     syncs.add_argument("--json", action="store_true", help="print JSON")
+    syncs.add_argument(
+        "--limit", type=_count, default=None, help="most syncs to list (default: all)"
+    )
     syncs.set_defaults(func=_cmd_syncs)
 
     history = sub.add_parser("history", help="show a sync's runs, newest first")
@@ -218,7 +243,7 @@ def _parser() -> argparse.ArgumentParser:
     upcoming = sub.add_parser("upcoming", help="list runs due in the next hours")
     upcoming.add_argument("--db", required=True, help="the SQLite store")
     upcoming.add_argument("--hours", type=float, default=24.0, help="how far ahead (default 24)")
-    upcoming.add_argument("--limit", type=int, default=50, help="most runs to list")
+    upcoming.add_argument("--limit", type=_count, default=50, help="most runs to list")
     upcoming.set_defaults(func=_cmd_upcoming)
 
     check = sub.add_parser("check", help="check eligibility against a catalog destination")

@@ -5,6 +5,7 @@ The :class:`Scheduler`: the object a host builds in every worker process.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import inspect
 import logging
 import os
@@ -12,8 +13,9 @@ import random
 import secrets
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
+from itertools import islice
 from pathlib import PurePath
 from types import TracebackType
 from typing import Literal, cast, get_args
@@ -59,7 +61,12 @@ from cohortsync.exceptions import (
     StorageError,
 )
 from cohortsync.identifiers import IdentifierMapping
-from cohortsync.storage._base import derive_claim_runs, derive_complete_runs
+from cohortsync.storage._base import (
+    derive_claim_runs,
+    derive_complete_runs,
+    iter_due,
+    iter_sync_records,
+)
 from cohortsync.storage._memory import MemoryStorage
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
@@ -130,6 +137,43 @@ class Preview:
     """A run would deliver (False: it would be skipped and the sync paused)."""
     notes: tuple[str, ...] = ()
     """The notes a run would record for its decisions (as in its history)."""
+
+
+def _upcoming(due: Iterator[SyncRecord], until: datetime) -> Iterator[Upcoming]:
+    """
+    The runs of the syncs *due* (active, due by *until*, in ``(next_due, id)``
+    order), merged in ``(at, sync id)`` order. A run is handed out only once
+    every sync due at or before it has been read: each sync's first run is its
+    ``next_due`` and its later runs come after it, so no sync read later can
+    have an earlier one. The heap holds one entry per sync read.
+    """
+    # (at, sync id, runs listed so far, trigger, record): one entry per sync read.
+    heap: list[tuple[datetime, str, int, Trigger, SyncRecord]] = []
+    last: tuple[datetime, str] | None = None  # (next_due, id) of the last sync read
+    pending = True  # syncs are left to read
+    while True:
+        while pending and (not heap or last is None or heap[0][:2] > last):
+            record = next(due, None)
+            if record is None:
+                pending = False
+                break
+            assert record.next_due is not None  # noqa: S101 - iter_due's promise
+            last = (record.next_due, record.id)
+            heapq.heappush(heap, (record.next_due, record.id, 0, record.next_trigger, record))
+        if not heap:
+            return
+        at, sync_id, count, trigger, record = heapq.heappop(heap)
+        yield Upcoming(at, sync_id, trigger)
+        count += 1
+        if (
+            count >= MAX_UPCOMING_PER_SYNC
+            or record.sync.policy.cadence is Cadence.ONE_TIME
+            or trigger is Trigger.TEARDOWN
+        ):
+            continue
+        later = _schedule.next_slot_after(record.sync, record.anchor, record.offset, at)
+        if later is not None and later <= until:
+            heapq.heappush(heap, (later, sync_id, count, Trigger.SCHEDULED, record))
 
 
 def _default_owner() -> str:
@@ -529,11 +573,32 @@ class Scheduler:
         """
         return self._record(sync_id).sync
 
-    def syncs(self) -> list[Sync]:
+    def syncs(self, *, after: str | None = None, limit: int | None = None) -> list[Sync]:
         """
-        Every sync in the store, ordered by id.
+        The syncs in the store, ordered by id: every one by default, or a page.
+
+        Args:
+            after: Start after this sync id (the last one of the previous page).
+            limit: Return at most this many.
         """
-        return [r.sync for r in self.storage.list_syncs()]
+        if after is not None:
+            check_id("after", after)
+        if limit is None:
+            return [r.sync for r in iter_sync_records(self.storage, after)]
+        check_count("limit", limit)
+        records = iter_sync_records(self.storage, after, first=limit)
+        return [r.sync for r in islice(records, limit)]
+
+    def iter_syncs(self, *, after: str | None = None) -> Iterator[Sync]:
+        """
+        The syncs in the store, ordered by id (after the id *after*), read a
+        page at a time as the iteration goes (from a store that answers
+        :meth:`~cohortsync.storage.PagedReads.page_syncs`; a store written for
+        0.1 is read whole, once).
+        """
+        if after is not None:
+            check_id("after", after)
+        return (r.sync for r in iter_sync_records(self.storage, after))
 
     def update_sync(
         self,
@@ -744,28 +809,33 @@ class Scheduler:
         record = self._record(sync_id)
         return record.next_due if record.sync.status is SyncStatus.ACTIVE else None
 
-    def upcoming(self, until: datetime) -> list[Upcoming]:
+    def iter_upcoming(self, until: datetime) -> Iterator[Upcoming]:
         """
-        Every run due up to *until* (inclusive), earliest first, assuming each
-        run starts on time.
+        Every run due up to *until* (inclusive), earliest first (ties by sync
+        id), assuming each run starts on time; at most
+        ``MAX_UPCOMING_PER_SYNC`` (10,000) runs of one sync.
+
+        A stream: it reads only the syncs due before *until*, a page at a time
+        and only as far as the runs taken need (from a store that answers
+        :meth:`~cohortsync.storage.PagedReads.due_between`; a store written
+        for 0.1 is read whole, once). Stop iterating when you have enough.
+        A sync changed while the stream is read may show as it was or as it
+        is, as with any paginated read.
         """
         until = require_aware(until, "until")
-        out: list[Upcoming] = []
-        for record in self.storage.list_syncs():
-            if record.sync.status is not SyncStatus.ACTIVE or record.next_due is None:
-                continue
-            at: datetime | None = record.next_due
-            trigger = record.next_trigger
-            for _ in range(MAX_UPCOMING_PER_SYNC):
-                if at is None or at > until:
-                    break
-                out.append(Upcoming(at, record.id, trigger))
-                if record.sync.policy.cadence is Cadence.ONE_TIME or trigger is Trigger.TEARDOWN:
-                    break
-                at = _schedule.next_slot_after(record.sync, record.anchor, record.offset, at)
-                trigger = Trigger.SCHEDULED
-        out.sort(key=lambda u: (u.at, u.sync_id))
-        return out
+        return _upcoming(iter_due(self.storage, until), until)
+
+    def upcoming(self, until: datetime, *, limit: int | None = None) -> list[Upcoming]:
+        """
+        :meth:`iter_upcoming` as a list: every run due up to *until*
+        (inclusive), earliest first, or the first *limit* of them.
+        """
+        until = require_aware(until, "until")
+        if limit is None:
+            return list(self.iter_upcoming(until))
+        check_count("limit", limit)
+        # Each sync read yields its first run: a page of *limit* syncs is enough.
+        return list(islice(_upcoming(iter_due(self.storage, until, first=limit), until), limit))
 
     # -- what ------------------------------------------------------------------
 

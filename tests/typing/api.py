@@ -40,6 +40,7 @@ from cohortsync.storage import (
     MemberIssue,
     MemoryStorage,
     OptionalQueries,
+    PagedReads,
     PendingBatch,
     Progress,
     ScheduleStore,
@@ -236,6 +237,12 @@ delivery: DeliveryStore = storage
 history: HistoryStore = storage
 queries: OptionalQueries = storage
 based: StorageBase = MemoryStorage()
+# Optional since 0.2, not part of Storage: a store written for 0.1 lacks them.
+paged: PagedReads = MemoryStorage()
+assert_type(
+    paged.due_between(None, datetime(2030, 1, 1, tzinfo=timezone.utc), 10), list[SyncRecord]
+)
+assert_type(paged.page_syncs(None, 10), list[SyncRecord])
 memory = based
 
 
@@ -374,6 +381,13 @@ for run in scheduler.history(sync.id):
     assert_type(run.updated, int)
     assert_type(run.error_message, str | None)
 assert_type(scheduler.ledger(sync.id), list[LedgerEntry])
+soon = datetime(2030, 1, 2, tzinfo=timezone.utc)
+assert_type(scheduler.upcoming(soon), list[cohortsync.Upcoming])
+assert_type(scheduler.upcoming(soon, limit=20), list[cohortsync.Upcoming])
+assert_type(scheduler.iter_upcoming(soon), Iterator[cohortsync.Upcoming])
+assert_type(scheduler.syncs(), list[cohortsync.Sync])
+assert_type(scheduler.syncs(after=sync.id, limit=100), list[cohortsync.Sync])
+assert_type(scheduler.iter_syncs(after=sync.id), Iterator[cohortsync.Sync])
 for issue in storage.run_issues(sync.id):
     assert_type(issue.kind, IssueKind)
     assert_type(issue.kind is IssueKind.SKIPPED, bool)

@@ -10,7 +10,8 @@ For a host choosing a store:
 
 For a storage author: the :class:`Storage` protocol and its parts (required:
 :class:`ScheduleStore`, :class:`DeliveryStore`, :class:`HistoryStore`;
-optional: :class:`OptionalQueries`), :class:`StorageBase` (subclass it to
+optional: :class:`OptionalQueries`, and since 0.2 :class:`BatchedRuns` and
+:class:`PagedReads`), :class:`StorageBase` (subclass it to
 write only the required parts), the records the protocol takes and returns
 (:class:`SyncRecord`, :class:`Lease`, :class:`Completion`,
 :class:`AppliedBatch`, ...) and the rules every store applies the same way
@@ -40,6 +41,7 @@ from cohortsync.storage._protocol import (
     LedgerEntry,
     MemberIssue,
     OptionalQueries,
+    PagedReads,
     PendingBatch,
     Progress,
     ScheduleStore,
@@ -67,6 +69,7 @@ __all__ = [
     "MemberIssue",
     "MemoryStorage",
     "OptionalQueries",
+    "PagedReads",
     "PendingBatch",
     "PostgresStorage",
     "Progress",

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from itertools import islice
 from types import TracebackType
@@ -14,6 +14,7 @@ from typing_extensions import Self
 
 from cohortsync._clock import require_aware
 from cohortsync._destination import Identifier
+from cohortsync._sync import SyncStatus
 from cohortsync.exceptions import (
     CorruptStoreError,
 )
@@ -22,6 +23,7 @@ from cohortsync.storage._protocol import (
     Claim,
     Completion,
     Lease,
+    PagedReads,
     Storage,
     SyncRecord,
 )
@@ -33,13 +35,22 @@ from cohortsync.storage._rules import (
     slot_bucket_of,
 )
 
-__all__ = ["StorageBase", "derive_claim_runs", "derive_complete_runs"]
+__all__ = [
+    "StorageBase",
+    "derive_claim_runs",
+    "derive_complete_runs",
+    "derive_due_between",
+    "derive_page_syncs",
+    "due_key",
+    "iter_due",
+    "iter_sync_records",
+]
 
 _CHUNK = 10_000
 """Delivered keys per :meth:`~cohortsync.storage.DeliveryStore.delivered_identifiers` call."""
 
 
-class StorageBase(Storage, BatchedRuns):
+class StorageBase(Storage, BatchedRuns, PagedReads):
     """
     The base of a store that implements the required parts and lets cohortsync
     derive the rest.
@@ -96,6 +107,14 @@ class StorageBase(Storage, BatchedRuns):
         self, completions: Sequence[tuple[Lease, Completion]]
     ) -> list[Exception | None]:
         return derive_complete_runs(self, completions)
+
+    def due_between(
+        self, after: tuple[datetime, str] | None, until: datetime, limit: int
+    ) -> list[SyncRecord]:
+        return derive_due_between(self.list_syncs(), after, until, limit)
+
+    def page_syncs(self, after: str | None, limit: int) -> list[SyncRecord]:
+        return derive_page_syncs(self.list_syncs(), after, limit)
 
     # -- derived from the delivery part ---------------------------------------------
 
@@ -176,3 +195,118 @@ def derive_complete_runs(
         else:
             out.append(None)
     return out
+
+
+# -- the paged reads added in 0.2 ----------------------------------------------------
+#
+# A store written for 0.1 lacks them, and a store on StorageBase may leave them
+# to the derivations above, which read every sync for each page. The scheduler
+# streams through iter_due and iter_sync_records: a page at a time from a store
+# that answers natively, else one list_syncs() for the whole stream.
+
+_PAGE = 1_024
+"""Most records per page of a paged read."""
+_FIRST_PAGE = 16
+"""Records in a stream's first page: most callers want only the first few."""
+
+
+def due_key(record: SyncRecord) -> tuple[datetime, str]:
+    """The ``(next_due, id)`` key of a scheduled record (:meth:`PagedReads.due_between`)."""
+    assert record.next_due is not None  # noqa: S101 - only scheduled records have a key
+    return record.next_due, record.id
+
+
+def _due(record: SyncRecord, until: datetime) -> bool:
+    due = record.next_due
+    return record.sync.status is SyncStatus.ACTIVE and due is not None and due <= until
+
+
+def derive_due_between(
+    records: Iterable[SyncRecord],
+    after: tuple[datetime, str] | None,
+    until: datetime,
+    limit: int,
+) -> list[SyncRecord]:
+    """:meth:`~cohortsync.storage.PagedReads.due_between` from every stored record."""
+    until = require_aware(until, "until")
+    due = sorted((r for r in records if _due(r, until)), key=due_key)
+    if after is not None:
+        due = [r for r in due if due_key(r) > after]
+    return due[: max(limit, 0)]
+
+
+def derive_page_syncs(
+    records: Iterable[SyncRecord], after: str | None, limit: int
+) -> list[SyncRecord]:
+    """:meth:`~cohortsync.storage.PagedReads.page_syncs` from every stored record (by id)."""
+    ordered = sorted(records, key=lambda r: r.id)
+    if after is not None:
+        ordered = [r for r in ordered if r.id > after]
+    return ordered[: max(limit, 0)]
+
+
+_ALL = 1 << 62
+"""A limit no store reaches."""
+
+
+def _native(store: Storage, name: str) -> Callable[..., list[SyncRecord]] | None:
+    """
+    The store's own *name* method, or ``None`` when it lacks one (a store
+    written for 0.1) or leaves it to :class:`StorageBase`, whose derivation
+    reads every sync for each page: a stream then reads them once.
+    """
+    method: Callable[..., list[SyncRecord]] | None = getattr(store, name, None)
+    if method is None or getattr(type(store), name, None) is getattr(StorageBase, name):
+        return None
+    return method
+
+
+def _pages(first: int) -> Iterator[int]:
+    """Page sizes of a stream: small first (most callers want the first few), then larger."""
+    size = min(max(first, 1), _PAGE)
+    while True:
+        yield size
+        size = min(size * 4, _PAGE)
+
+
+def iter_due(store: Storage, until: datetime, *, first: int = _FIRST_PAGE) -> Iterator[SyncRecord]:
+    """
+    Active syncs due at or before *until*, in ``(next_due, id)`` order, read a
+    page at a time when the store answers
+    :meth:`~cohortsync.storage.PagedReads.due_between` natively (else from one
+    :meth:`~cohortsync.storage.ScheduleStore.list_syncs`). Lazy: nothing is
+    read before the first record is asked for, and the first page holds
+    *first* records (a caller that wants so many reads no more).
+    """
+    until = require_aware(until, "until")
+    due_between = _native(store, "due_between")
+    if due_between is None:
+        yield from derive_due_between(store.list_syncs(), None, until, _ALL)
+        return
+    after: tuple[datetime, str] | None = None
+    for size in _pages(first):
+        page = due_between(after, until, size)
+        yield from page
+        if len(page) < size:
+            return
+        after = due_key(page[-1])
+
+
+def iter_sync_records(
+    store: Storage, after: str | None = None, *, first: int = _FIRST_PAGE
+) -> Iterator[SyncRecord]:
+    """
+    Every sync after the id *after*, by id, read a page at a time when the
+    store answers :meth:`~cohortsync.storage.PagedReads.page_syncs` natively
+    (else from one :meth:`~cohortsync.storage.ScheduleStore.list_syncs`). Lazy.
+    """
+    page_syncs = _native(store, "page_syncs")
+    if page_syncs is None:
+        yield from derive_page_syncs(store.list_syncs(), after, _ALL)
+        return
+    for size in _pages(first):
+        page = page_syncs(after, size)
+        yield from page
+        if len(page) < size:
+            return
+        after = page[-1].id

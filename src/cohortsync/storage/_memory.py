@@ -13,12 +13,13 @@ import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
+from typing import Generic, TypeVar
 
 import attrs
 
 from cohortsync._clock import add_saturating, require_aware
 from cohortsync._destination import Identifier, IdentifierKind, Operation
-from cohortsync._sync import SyncRun
+from cohortsync._sync import SyncRun, SyncStatus
 from cohortsync.exceptions import (
     ConfigurationError,
     ConflictError,
@@ -27,7 +28,7 @@ from cohortsync.exceptions import (
     StorageError,
     SyncNotFoundError,
 )
-from cohortsync.storage._base import StorageBase
+from cohortsync.storage._base import StorageBase, due_key
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     AppliedBatch,
@@ -52,6 +53,94 @@ from cohortsync.storage._rules import (
 )
 
 __all__ = ["MemoryStorage"]
+
+_K = TypeVar("_K", str, tuple[datetime, str])
+
+
+class _Sorted(Generic[_K]):
+    """
+    A sorted set of keys in short sorted runs (the layout of
+    ``sortedcontainers.SortedList``): adding or removing a key moves at most
+    one run's worth of pointers, where one flat sorted list would move half
+    of a million-entry list on every write.
+    """
+
+    __slots__ = ("_maxes", "_runs")
+    _LOAD = 512
+
+    def __init__(self) -> None:
+        self._runs: list[list[_K]] = []
+        self._maxes: list[_K] = []
+
+    def add(self, key: _K) -> None:
+        runs, maxes = self._runs, self._maxes
+        if not runs:
+            runs.append([key])
+            maxes.append(key)
+            return
+        i = bisect.bisect_left(maxes, key)
+        if i == len(maxes):
+            i -= 1
+            runs[i].append(key)
+            maxes[i] = key
+        else:
+            run = runs[i]
+            j = bisect.bisect_left(run, key)
+            if j < len(run) and run[j] == key:
+                return
+            run.insert(j, key)
+        run = runs[i]
+        if len(run) > 2 * self._LOAD:
+            half = run[self._LOAD :]
+            del run[self._LOAD :]
+            maxes[i] = run[-1]
+            runs.insert(i + 1, half)
+            maxes.insert(i + 1, half[-1])
+
+    def discard(self, key: _K) -> None:
+        runs, maxes = self._runs, self._maxes
+        i = bisect.bisect_left(maxes, key)
+        if i == len(maxes):
+            return
+        run = runs[i]
+        j = bisect.bisect_left(run, key)
+        if j == len(run) or run[j] != key:
+            return
+        del run[j]
+        if not run:
+            del runs[i]
+            del maxes[i]
+        elif j == len(run):
+            maxes[i] = run[-1]
+
+    def after(self, key: _K | None) -> Iterator[_K]:
+        """The keys greater than *key* (all of them for ``None``), in order."""
+        runs = self._runs
+        if key is None:
+            i, j = 0, 0
+        else:
+            i = bisect.bisect_right(self._maxes, key)
+            j = bisect.bisect_right(runs[i], key) if i < len(runs) else 0
+        for n in range(i, len(runs)):
+            yield from runs[n][j:] if n == i else runs[n]
+
+    def __iter__(self) -> Iterator[_K]:
+        return self.after(None)
+
+    def last(self) -> _K | None:
+        return self._maxes[-1] if self._maxes else None
+
+
+def _due_index_key(record: SyncRecord) -> tuple[datetime, str] | None:
+    if record.sync.status is not SyncStatus.ACTIVE or record.next_due is None:
+        return None
+    return due_key(record)
+
+
+def _rebase_index_key(record: SyncRecord) -> tuple[datetime, str] | None:
+    if record.sync.status is not SyncStatus.ACTIVE or record.scheduled_from is None:
+        return None
+    return record.scheduled_from, record.id
 
 
 @attrs.define
@@ -168,6 +257,11 @@ class MemoryStorage(StorageBase):
     _syncs: dict[str, SyncRecord] = attrs.field(factory=dict, repr=False)
     _slots: dict[int, _Slots] = attrs.field(factory=dict, repr=False)
     _due: list[tuple[datetime, str]] = attrs.field(factory=list, repr=False)
+    _ids: _Sorted[str] = attrs.field(factory=_Sorted, repr=False)
+    _by_due: _Sorted[tuple[datetime, str]] = attrs.field(factory=_Sorted, repr=False)
+    """``(next_due, id)`` of the active scheduled syncs (due_between)."""
+    _by_from: _Sorted[tuple[datetime, str]] = attrs.field(factory=_Sorted, repr=False)
+    """``(scheduled_from, id)`` of the active syncs (scheduled_after)."""
     _leased: set[str] = attrs.field(factory=set, repr=False)
     _delivered: dict[str, _Delivered] = attrs.field(factory=dict, repr=False)
     _ledger: dict[str, dict[str, LedgerEntry]] = attrs.field(factory=dict, repr=False)
@@ -208,7 +302,7 @@ class MemoryStorage(StorageBase):
     def list_syncs(self) -> list[SyncRecord]:
         with self._lock:
             self._check_open()
-            return [self._syncs[k] for k in sorted(self._syncs)]
+            return [self._syncs[k] for k in self._ids]
 
     def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
         with self._lock:
@@ -231,6 +325,7 @@ class MemoryStorage(StorageBase):
             record = self._syncs.pop(sync_id, None)
             if record is not None:
                 self._count_slot(record, None)
+                self._index(record, None)
             self._leased.discard(sync_id)
             self._delivered.pop(sync_id, None)
             self._versions.pop(sync_id, None)
@@ -254,7 +349,36 @@ class MemoryStorage(StorageBase):
         now = require_aware(now, "now")
         with self._lock:
             self._check_open()
-            return scheduled_later(self._syncs.values(), now)
+            last = self._by_from.last()
+            if last is None or last[0] <= now:
+                return []  # the usual answer, from the index's last key
+            later = (
+                self._syncs[sync_id] for _, sync_id in self._by_from.after((now, "\U0010ffff"))
+            )
+            return sorted(scheduled_later(later, now), key=lambda r: r.id)
+
+    def due_between(
+        self, after: tuple[datetime, str] | None, until: datetime, limit: int
+    ) -> list[SyncRecord]:
+        until = require_aware(until, "until")
+        with self._lock:
+            self._check_open()
+            out: list[SyncRecord] = []
+            for key in self._by_due.after(after):
+                if len(out) >= limit or key[0] > until:
+                    break
+                out.append(self._syncs[key[1]])
+            return out
+
+    def page_syncs(self, after: str | None, limit: int) -> list[SyncRecord]:
+        with self._lock:
+            self._check_open()
+            out: list[SyncRecord] = []
+            for sync_id in self._ids.after(after):
+                if len(out) >= limit:
+                    break
+                out.append(self._syncs[sync_id])
+            return out
 
     # -- slots ---------------------------------------------------------------
 
@@ -295,6 +419,7 @@ class MemoryStorage(StorageBase):
         Save *record* and index when it can next be claimed. The heap holds
         hints (possibly stale or duplicated); claims re-check the record.
         """
+        self._index(self._syncs.get(record.id), record)
         self._syncs[record.id] = record
         if record.lease is None:
             self._leased.discard(record.id)
@@ -303,6 +428,21 @@ class MemoryStorage(StorageBase):
         at = record_claimable_at(record)
         if at is not None:
             heapq.heappush(self._due, (at, record.id))
+
+    def _index(self, old: SyncRecord | None, new: SyncRecord | None) -> None:
+        """Move a sync's keys in the sorted indexes from *old* to *new*."""
+        if old is None and new is not None:
+            self._ids.add(new.id)
+        elif new is None and old is not None:
+            self._ids.discard(old.id)
+        for index, key_of in ((self._by_due, _due_index_key), (self._by_from, _rebase_index_key)):
+            before = None if old is None else key_of(old)
+            after = None if new is None else key_of(new)
+            if before != after:
+                if before is not None:
+                    index.discard(before)
+                if after is not None:
+                    index.add(after)
 
     def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
         with self._lock:

@@ -369,6 +369,15 @@ facts, read after the claim in its transaction (see claim_runs)."""
 
 _SELECT_SYNC = f"{q.SELECT_SYNCS} WHERE id = %s"
 _LIST_SYNCS = f"{q.SELECT_SYNCS} ORDER BY id"
+_DUE_BETWEEN = (
+    f"{q.SELECT_SYNCS} WHERE status = 'active' AND next_due <= %s ORDER BY next_due, id LIMIT %s"
+)
+_DUE_BETWEEN_AFTER = (
+    f"{q.SELECT_SYNCS} WHERE status = 'active' AND next_due <= %s"
+    " AND (next_due, id) > (%s, %s) ORDER BY next_due, id LIMIT %s"
+)
+_PAGE_SYNCS = f"{q.SELECT_SYNCS} ORDER BY id LIMIT %s"
+_PAGE_SYNCS_AFTER = f"{q.SELECT_SYNCS} WHERE id > %s ORDER BY id LIMIT %s"
 _LOCK_SLOT_OF_SYNC = f"{q.SLOT_OF_SYNC} FOR UPDATE"
 _DELETE_SYNC_STATE = tuple(
     f"DELETE FROM {{s}}.{table} WHERE sync_id = %s"  # noqa: S608 - constant table names
@@ -890,6 +899,33 @@ class PostgresStorage(StorageBase):
     def scheduled_after(self, now: datetime) -> list[SyncRecord]:
         with self._cursor("scheduled_after") as cur:
             cur.execute(self._sql(q.SCHEDULED_AFTER), (require_aware(now, "now"),))
+            rows = cur.fetchall()
+        return [q.decode_sync(row, _TZ) for row in rows]
+
+    def due_between(
+        self, after: tuple[datetime, str] | None, until: datetime, limit: int
+    ) -> list[SyncRecord]:
+        """
+        A range of the claim's index (``syncs_due``), from the key *after*.
+        """
+        until = require_aware(until, "until")
+        with self._cursor("due_between") as cur:
+            if after is None:
+                cur.execute(self._sql(_DUE_BETWEEN), (until, max(limit, 0)))
+            else:
+                cur.execute(
+                    self._sql(_DUE_BETWEEN_AFTER),
+                    (until, require_aware(after[0], "after"), after[1], max(limit, 0)),
+                )
+            rows = cur.fetchall()
+        return [q.decode_sync(row, _TZ) for row in rows]
+
+    def page_syncs(self, after: str | None, limit: int) -> list[SyncRecord]:
+        with self._cursor("page_syncs") as cur:
+            if after is None:
+                cur.execute(self._sql(_PAGE_SYNCS), (max(limit, 0),))
+            else:
+                cur.execute(self._sql(_PAGE_SYNCS_AFTER), (after, max(limit, 0)))
             rows = cur.fetchall()
         return [q.decode_sync(row, _TZ) for row in rows]
 

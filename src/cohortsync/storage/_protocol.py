@@ -47,6 +47,7 @@ __all__ = [
     "LedgerEntry",
     "MemberIssue",
     "OptionalQueries",
+    "PagedReads",
     "PendingBatch",
     "Progress",
     "ScheduleStore",
@@ -714,6 +715,52 @@ class BatchedRuns(Protocol):
                 them one by one).
 
         Derived from :meth:`~ScheduleStore.complete_run`, one call each.
+        """
+
+
+@runtime_checkable
+class PagedReads(Protocol):
+    """
+    **Optional part, added in 0.2:** the syncs a caller asks about, a page at
+    a time from an index, so no public call reads every sync.
+
+    :meth:`Scheduler.upcoming <cohortsync.Scheduler.upcoming>` reads only the
+    syncs due before its horizon, :meth:`Scheduler.syncs
+    <cohortsync.Scheduler.syncs>` only the page it is asked for, and
+    :func:`cohortsync.testing.simulate` only the next sync due.
+
+    Not part of :class:`Storage`, so a store written for 0.1 still is one:
+    the scheduler then reads :meth:`~ScheduleStore.list_syncs` once per call
+    instead (every sync, as 0.1 did). :class:`StorageBase` derives both from
+    :meth:`~ScheduleStore.list_syncs`; every shipped store answers them from
+    an index (the claim's index on due time, and the primary key).
+
+    Both are keyset-paginated: pass the key of the last record of a page as
+    *after* to get the next one. A page shorter than *limit* is the last.
+    """
+
+    __slots__ = ()
+
+    def due_between(
+        self, after: tuple[datetime, str] | None, until: datetime, limit: int
+    ) -> list[SyncRecord]:
+        """
+        Up to *limit* active syncs with a ``next_due`` at or before *until*,
+        leased ones included, in ``(next_due, id)`` order, starting after the
+        key *after* (``(next_due, id)`` of the last record of the previous
+        page; ``None`` for the first page). Ids compare as Python compares
+        strings (code point order).
+
+        Derived from :meth:`~ScheduleStore.list_syncs` (every sync, each page).
+        """
+
+    def page_syncs(self, after: str | None, limit: int) -> list[SyncRecord]:
+        """
+        Up to *limit* syncs, leased ones included, ordered by id (as
+        :meth:`~ScheduleStore.list_syncs`), starting after the id *after*
+        (the last of the previous page; ``None`` for the first page).
+
+        Derived from :meth:`~ScheduleStore.list_syncs` (every sync, each page).
         """
 
 

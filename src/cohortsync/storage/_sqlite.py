@@ -696,6 +696,37 @@ class SQLiteStorage(StorageBase):
             rows = conn.execute(_SCHEDULED_AFTER, (_US.encode(require_aware(now, "now")),))
             return [q.decode_sync(row, _US) for row in rows.fetchall()]
 
+    def due_between(
+        self, after: tuple[datetime, str] | None, until: datetime, limit: int
+    ) -> list[SyncRecord]:
+        """
+        A range of the claim's index ``(status, next_due, id)``, from the key *after*.
+        """
+        params = [SyncStatus.ACTIVE.value, _US.encode(require_aware(until, "until"))]
+        where = ""
+        if after is not None:
+            where = " AND (next_due, id) > (?, ?)"
+            params += [_US.encode(require_aware(after[0], "after")), after[1]]
+        with self._read() as conn:
+            rows = conn.execute(
+                f"{_SELECT_SYNCS} WHERE status = ? AND next_due <= ?{where}"
+                " ORDER BY next_due, id LIMIT ?",
+                (*params, max(limit, 0)),
+            ).fetchall()
+        return [q.decode_sync(row, _US) for row in rows]
+
+    def page_syncs(self, after: str | None, limit: int) -> list[SyncRecord]:
+        with self._read() as conn:
+            if after is None:
+                rows = conn.execute(
+                    f"{_SELECT_SYNCS} ORDER BY id LIMIT ?", (max(limit, 0),)
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"{_SELECT_SYNCS} WHERE id > ? ORDER BY id LIMIT ?", (after, max(limit, 0))
+                ).fetchall()
+        return [q.decode_sync(row, _US) for row in rows]
+
     # -- slot allocation -----------------------------------------------------------
 
     def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:

@@ -8,7 +8,8 @@ from datetime import datetime, timedelta
 
 from cohortsync._clock import require_aware
 from cohortsync._scheduler import Scheduler
-from cohortsync._sync import SyncRun, SyncStatus
+from cohortsync._sync import SyncRun
+from cohortsync.storage._base import iter_due
 from cohortsync.testing._clock import FakeClock, SharedFakeClock
 
 __all__ = ["simulate"]
@@ -75,7 +76,7 @@ def simulate(
         ran = scheduler.run_due()
         runs.extend(ran)
         now = clock.now()
-        due = _next_due(scheduler, now, ran_any=bool(ran))
+        due = _next_due(scheduler, now, end, ran_any=bool(ran))
         if due is not None and due <= now:
             # Something is due again at this very instant: run it before moving on.
             calls_here += 1
@@ -111,19 +112,20 @@ def _end(start: datetime, until: datetime | None, span: timedelta | None) -> dat
     return start + span
 
 
-def _next_due(scheduler: Scheduler, now: datetime, *, ran_any: bool) -> datetime | None:
+def _next_due(
+    scheduler: Scheduler, now: datetime, end: datetime, *, ran_any: bool
+) -> datetime | None:
     """
-    The earliest instant an active sync is due. A sync that is due but was not
-    run (another worker holds its lease) is left out: only time can free it,
-    and *step* bounds how long that takes to notice.
+    The earliest instant an active sync is due, if it is at or before *end*
+    or now (a later one changes nothing: the simulation stops at *end*). A sync that is
+    due but was not run (another worker holds its lease) is left out: only
+    time can free it, and *step* bounds how long that takes to notice.
+
+    Read from the store's due index in due order, stopping at the first
+    answer: the syncs passed over are the few whose leases others hold.
     """
-    earliest: datetime | None = None
-    for record in scheduler.storage.list_syncs():
+    for record in iter_due(scheduler.storage, max(now, end)):
         due = record.next_due
-        if record.sync.status is not SyncStatus.ACTIVE or due is None:
-            continue
-        if due <= now and not ran_any:
-            continue
-        if earliest is None or due < earliest:
-            earliest = due
-    return earliest
+        if due is not None and (ran_any or due > now):
+            return due
+    return None

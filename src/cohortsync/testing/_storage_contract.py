@@ -40,7 +40,14 @@ from cohortsync.exceptions import (
     StorageError,
     SyncNotFoundError,
 )
-from cohortsync.storage._base import StorageBase, derive_claim_runs, derive_complete_runs
+from cohortsync.storage._base import (
+    StorageBase,
+    derive_claim_runs,
+    derive_complete_runs,
+    derive_due_between,
+    derive_page_syncs,
+    due_key,
+)
 from cohortsync.storage._protocol import (
     AppliedBatch,
     BatchedRuns,
@@ -53,6 +60,7 @@ from cohortsync.storage._protocol import (
     LedgerEntry,
     MemberIssue,
     OptionalQueries,
+    PagedReads,
     PendingBatch,
     Progress,
     ScheduleStore,
@@ -1694,6 +1702,108 @@ def check_complete_runs(make_storage: StorageFactory) -> None:
         _expect(again[0], store.get_sync("a").lease, "a still leased after the refused completion")
 
 
+def _due_between(
+    store: Storage, after: tuple[datetime, str] | None, until: datetime, limit: int
+) -> list[SyncRecord]:
+    native = getattr(store, "due_between", None)
+    if native is None:  # a store written for 0.1: what the scheduler reads instead
+        return derive_due_between(store.list_syncs(), after, until, limit)
+    records: list[SyncRecord] = native(after, until, limit)
+    return records
+
+
+def _page_syncs(store: Storage, after: str | None, limit: int) -> list[SyncRecord]:
+    native = getattr(store, "page_syncs", None)
+    if native is None:
+        return derive_page_syncs(store.list_syncs(), after, limit)
+    records: list[SyncRecord] = native(after, limit)
+    return records
+
+
+def check_paged_reads(make_storage: StorageFactory) -> None:
+    """
+    due_between pages through the active syncs due by an instant in (next_due,
+    id) order, leased ones included; page_syncs pages through every sync by id.
+    Each page starts after the key of the previous one's last record.
+    """
+    due = {
+        "b": T0,
+        "a": T0,
+        "Z": T0,
+        "\u00e9t\u00e9": T0,
+        "a-1": T0 + MINUTE,
+        "10": T0 + MINUTE,
+        "9": T0 + HOUR,
+        "later": T0 + HOUR + US,
+    }
+    with _open(make_storage) as store:
+        _expect([], _due_between(store, None, T0 + HOUR, 10), "due_between of an empty store")
+        _expect([], _page_syncs(store, None, 10), "page_syncs of an empty store")
+        for sync_id, at in due.items():
+            store.create_sync(_record(sync_id, next_due=at))
+        store.create_sync(_record("paused", next_due=T0 - HOUR, status=SyncStatus.PAUSED))
+        store.create_sync(_record("unscheduled", next_due=None))
+        leased = _claim_one(store, T0)
+        _expect("Z", leased.sync_id, "claimed first (code point order: 'Z' < 'a')")
+        expected = sorted(
+            (store.get_sync(i) for i, at in due.items() if at <= T0 + HOUR), key=due_key
+        )
+        _expect(
+            [r.id for r in expected],
+            [r.id for r in _due_between(store, None, T0 + HOUR, 100)],
+            "due_between ids, in (next_due, id) order",
+        )
+        _expect(expected, _due_between(store, None, T0 + HOUR, 100), "due_between records")
+        for size in (1, 2, 3, 7):
+            pages, after = [], None
+            while True:
+                page = _due_between(store, after, T0 + HOUR, size)
+                _require(len(page) <= size, f"due_between page longer than {size}")
+                pages.extend(page)
+                if len(page) < size:
+                    break
+                after = due_key(page[-1])
+            _expect(
+                [r.id for r in expected], [r.id for r in pages], f"due_between in pages of {size}"
+            )
+        _expect([], _due_between(store, None, T0 + HOUR, 0), "due_between with limit=0")
+        _expect([], _due_between(store, None, T0 - US, 10), "due_between before anything is due")
+        _expect(
+            ["a-1"],
+            [r.id for r in _due_between(store, (T0 + MINUTE, "10"), T0 + MINUTE, 10)],
+            "due_between after a key, until inclusive",
+        )
+        _expect(
+            [], _due_between(store, (T0 + HOUR, "9"), T0 + HOUR, 10), "due_between after the last"
+        )
+        _expect(
+            ["later"],
+            [r.id for r in _due_between(store, (T0 + HOUR, "9"), T0 + 2 * HOUR, 10)],
+            "due_between after a key, with a later until",
+        )
+        everything = [store.get_sync(i) for i in sorted([*due, "paused", "unscheduled"])]
+        _expect(everything, _page_syncs(store, None, 100), "page_syncs records")
+        for size in (1, 3, 4):
+            pages, cursor = [], None
+            while True:
+                chunk = _page_syncs(store, cursor, size)
+                _require(len(chunk) <= size, f"page_syncs page longer than {size}")
+                pages.extend(chunk)
+                if len(chunk) < size:
+                    break
+                cursor = chunk[-1].id
+            _expect(
+                [r.id for r in everything], [r.id for r in pages], f"page_syncs in pages of {size}"
+            )
+        _expect(
+            [r.id for r in everything if r.id > "a"],
+            [r.id for r in _page_syncs(store, "a", 100)],
+            "page_syncs after an id",
+        )
+        _expect([], _page_syncs(store, "\U0010ffff", 10), "page_syncs after the last id")
+        _expect([], _page_syncs(store, None, 0), "page_syncs with limit=0")
+
+
 def check_closed_store_is_unusable(make_storage: StorageFactory) -> None:
     """
     After close(), operations raise StorageError instead of working on silently.
@@ -1747,6 +1857,7 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_times_come_from_arguments,
     check_claim_runs,
     check_complete_runs,
+    check_paged_reads,
     check_closed_store_is_unusable,
 )
 """Every check, in order; each takes the factory and uses fresh stores from it."""
@@ -1765,6 +1876,8 @@ _QUERY_CHECKS: Mapping[str, tuple[Callable[[StorageFactory], None], ...]] = {
     "filter_delivered": (check_delete_sync, check_delivered_state, check_large_batch),
     "identifier_holders": (check_identifier_holders,),
     "dead_letters": (check_not_found, check_ledger_and_dead_letters),
+    "due_between": (check_paged_reads,),
+    "page_syncs": (check_paged_reads,),
 }
 """The checks that exercise each optional query."""
 
@@ -1792,7 +1905,9 @@ class StorageReport:
             ``ScheduleStore``, ``DeliveryStore`` and ``HistoryStore`` are
             ``"native"``; each optional query (``next_due``,
             ``identifier_holders``, ...) is ``"native"`` or ``"derived"``
-            (left to :class:`~cohortsync.storage.StorageBase`).
+            (left to :class:`~cohortsync.storage.StorageBase`); the parts
+            added in 0.2 (``claim_runs``, ``due_between``, ...) may also be
+            ``"absent"`` (a store written for 0.1: the scheduler derives them).
         passed: The checks that passed, in order; a check run again on the
             derived queries of a store that has native ones ends in
             ``" (derived queries)"``.
@@ -1846,6 +1961,12 @@ def _parts(store: object) -> dict[str, str]:
     for name in _methods(BatchedRuns):
         if not callable(getattr(store, name, None)):
             parts[name] = "absent"  # a store written for 0.1: the scheduler derives it
+            continue
+        derived = getattr(type(store), name, None) is getattr(StorageBase, name)
+        parts[name] = "derived" if derived else "native"
+    for name in _methods(PagedReads):
+        if not callable(getattr(store, name, None)):
+            parts[name] = "absent"  # a store written for 0.1: the scheduler reads list_syncs
             continue
         derived = getattr(type(store), name, None) is getattr(StorageBase, name)
         parts[name] = "derived" if derived else "native"
