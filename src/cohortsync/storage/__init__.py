@@ -10,8 +10,9 @@ For a host choosing a store:
 
 For a storage author: the :class:`Storage` protocol and its parts (required:
 :class:`ScheduleStore`, :class:`DeliveryStore`, :class:`HistoryStore`;
-optional: :class:`OptionalQueries`), :class:`StorageBase` (subclass it to
-write only the required parts), the records the protocol takes and returns
+optional: :class:`OptionalQueries`, :class:`BatchedRuns`,
+:class:`BulkSyncWrites`), :class:`StorageBase` (subclass it to write only
+the required parts), the records the protocol takes and returns
 (:class:`SyncRecord`, :class:`Lease`, :class:`Completion`,
 :class:`AppliedBatch`, ...) and the rules every store applies the same way
 (:func:`apply_claim`, :func:`apply_completion`, :func:`slot_bucket_of`). Check
@@ -31,6 +32,7 @@ from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     AppliedBatch,
     BatchedRuns,
+    BulkSyncWrites,
     Claim,
     Completion,
     DeliveryStore,
@@ -57,6 +59,7 @@ __all__ = [
     "SLOT_BUCKET_SECONDS",
     "AppliedBatch",
     "BatchedRuns",
+    "BulkSyncWrites",
     "Claim",
     "Completion",
     "DeliveryStore",
