@@ -162,6 +162,8 @@ class TestReport:
             "check_next_due_and_scheduled_after",
             "check_delivered_state",
             "check_large_batch",
+            "check_create_syncs",
+            "check_bulk_counts_match_one_by_one",
         ] == [
             name.removesuffix(" (derived queries)") for name in report.passed[len(STORAGE_CHECKS) :]
         ]
@@ -171,7 +173,13 @@ class TestReport:
         """A store with the required parts only has every query derived, each checked once."""
         report = check_storage(DictStorage)
 
-        assert (*OPTIONAL_QUERIES, "claim_runs", "complete_runs") == report.derived
+        assert (
+            *OPTIONAL_QUERIES,
+            "claim_runs",
+            "complete_runs",
+            "slot_counts",
+            "create_syncs",
+        ) == report.derived
         assert tuple(c.__name__ for c in STORAGE_CHECKS) == report.passed
 
     def test_a_structural_store(self) -> None:
@@ -179,7 +187,10 @@ class TestReport:
         report = check_storage(lambda: AuditedStorage(MemoryStorage(), tenant="t"))
 
         assert () == report.derived
-        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) == len(report.passed)
+        # Written before the bulk part: absent, so its checks run once (on the scheduler's
+        # derivation), not again on StorageBase's.
+        assert ("absent", "absent") == (report.parts["slot_counts"], report.parts["create_syncs"])
+        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 2 == len(report.passed)
 
     def test_the_report_reads_as_a_table(self) -> None:
         """str() lists each part, required or optional, native or derived."""
@@ -187,8 +198,9 @@ class TestReport:
 
         assert lines[0].endswith(f"{len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 1} checks passed")
         assert ["ScheduleStore", "required", "native"] == lines[1].split()
-        assert ["dead_letters", "optional", "derived"] == lines[-3].split()
-        assert ["complete_runs", "optional", "native"] == lines[-1].split()
+        assert ["dead_letters", "optional", "derived"] == lines[-5].split()
+        assert ["complete_runs", "optional", "native"] == lines[-3].split()
+        assert ["create_syncs", "optional", "native"] == lines[-1].split()
 
     def test_a_missing_query_names_the_base_class(self) -> None:
         """A structural store without an optional query is told to add it or use StorageBase."""

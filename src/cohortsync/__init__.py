@@ -22,7 +22,7 @@ submodules named for their reader:
 """
 
 from cohortsync import exceptions
-from cohortsync._bulk import BulkResult, SyncSpec
+from cohortsync._bulk import BulkFailure, BulkResult, SyncSpec
 from cohortsync._clock import Clock, SystemClock
 from cohortsync._cohort import (
     CallableSource,
@@ -60,6 +60,7 @@ from cohortsync.identifiers import IdentifierMapping
 
 __all__ = [
     "Batch",
+    "BulkFailure",
     "BulkResult",
     "Cadence",
     "CallableSource",

@@ -12,10 +12,11 @@ from itertools import islice
 import attrs
 
 from cohortsync._policy import SyncPolicy
+from cohortsync.exceptions import CohortSyncError
 from cohortsync.storage._protocol import SLOT_BUCKET_SECONDS
 from cohortsync.storage._rules import SlotLoad
 
-__all__ = ["BulkResult", "SlotAllocator", "SyncSpec", "chunks"]
+__all__ = ["BulkFailure", "BulkResult", "SlotAllocator", "SyncSpec", "chunks"]
 
 
 @attrs.frozen
@@ -56,6 +57,25 @@ class BulkResult:
 
     created: tuple[str, ...] = ()
     updated: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class BulkFailure:
+    """
+    One spec :meth:`cohortsync.Scheduler.create_syncs` refused, listed on
+    :class:`~cohortsync.exceptions.BulkSyncError`.
+
+    Attributes:
+        position: Its index in the specs given (from 0).
+        sync_id: The id it asked for, or ``None`` (one would have been made up).
+        error: The error :meth:`~cohortsync.Scheduler.create_sync` raises for
+            it (or, for an upsert of an existing sync,
+            :meth:`~cohortsync.Scheduler.update_sync`).
+    """
+
+    position: int
+    sync_id: str | None
+    error: CohortSyncError
 
 
 def chunks(items: Iterable[SyncSpec], size: int) -> Iterator[list[tuple[int, SyncSpec]]]:

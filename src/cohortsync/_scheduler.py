@@ -22,7 +22,7 @@ import attrs
 from typing_extensions import Self
 
 from cohortsync import _schedule
-from cohortsync._bulk import BulkResult, SlotAllocator, SyncSpec, chunks
+from cohortsync._bulk import BulkFailure, BulkResult, SlotAllocator, SyncSpec, chunks
 from cohortsync._cache import DeliveredCache
 from cohortsync._clock import Clock, SystemClock, UtcClock, add_saturating, require_aware
 from cohortsync._cohort import Cohort, has_change_feed
@@ -48,7 +48,6 @@ from cohortsync._validators import check_count, check_id
 from cohortsync.advice import Recommendation, recommend
 from cohortsync.eligibility import DEFAULT_RULES, Eligibility, Ruleset, check_eligibility
 from cohortsync.exceptions import (
-    BulkFailure,
     BulkSyncError,
     CohortNotFoundError,
     CohortSyncError,

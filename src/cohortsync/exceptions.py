@@ -34,15 +34,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from cohortsync._bulk import BulkFailure
     from cohortsync.eligibility import Reason
 
 __all__ = [
     "AuthenticationError",
     "BadDataError",
-    "BulkFailure",
     "BulkSyncError",
     "CohortNotFoundError",
     "CohortSyncError",
@@ -131,27 +131,14 @@ class IneligibleSyncError(CohortSyncError, ValueError):
         super().__init__(f"sync is not eligible: {blocking}")
 
 
-class BulkFailure(NamedTuple):
-    """
-    One spec a bulk creation refused: where it was, which sync, and why.
-    """
-
-    position: int
-    """Its index in the specs given (from 0)."""
-    sync_id: str | None
-    """The id it asked for, or ``None`` for one the scheduler would have made up."""
-    error: CohortSyncError
-    """The error :meth:`~cohortsync.Scheduler.create_sync` (or, for an upsert of an
-    existing sync, :meth:`~cohortsync.Scheduler.update_sync`) raises for it."""
-
-
 class BulkSyncError(CohortSyncError, ValueError):
     """
     :meth:`cohortsync.Scheduler.create_syncs` refused some specs. Every other
     spec was written: the refused ones are all listed, nothing of them stored.
 
     Attributes:
-        failures: Every refused spec, in input order.
+        failures: Every refused spec (a :class:`cohortsync.BulkFailure`: its
+            index, its id and the error), in input order.
         created: Ids of the syncs created by the call.
         updated: Ids of the syncs updated by the call (upserts).
     """
