@@ -560,9 +560,11 @@ class Scheduler:
         **Per-spec result:** every valid spec is written, no refused one is,
         and the call ends with :class:`~cohortsync.exceptions.BulkSyncError`
         listing every refused spec (its index, id and the error
-        :meth:`create_sync` would raise) and what was written. A chunk is
-        atomic against store failures: a :class:`StorageError` ends the call
-        with that chunk unwritten and earlier chunks kept.
+        :meth:`create_sync` would raise) and what was written. A
+        :class:`StorageError` ends the call with earlier chunks kept; on a
+        store with the bulk part (every shipped one) the failing chunk is
+        not written at all, on one without it each sync is its own
+        transaction.
 
         Args:
             specs: The syncs, read lazily (a generator of millions is fine).
