@@ -22,6 +22,7 @@ submodules named for their reader:
 """
 
 from cohortsync import exceptions
+from cohortsync._bulk import BulkFailure, BulkResult, SyncSpec
 from cohortsync._clock import Clock, SystemClock
 from cohortsync._cohort import (
     CallableSource,
@@ -59,6 +60,8 @@ from cohortsync.identifiers import IdentifierMapping
 
 __all__ = [
     "Batch",
+    "BulkFailure",
+    "BulkResult",
     "Cadence",
     "CallableSource",
     "Capabilities",
@@ -89,6 +92,7 @@ __all__ = [
     "Sync",
     "SyncPolicy",
     "SyncRun",
+    "SyncSpec",
     "SyncStatus",
     "SystemClock",
     "Trigger",

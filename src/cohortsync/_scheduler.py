@@ -24,6 +24,7 @@ import attrs
 from typing_extensions import Self
 
 from cohortsync import _schedule
+from cohortsync._bulk import BulkFailure, BulkResult, SlotAllocator, SyncSpec, chunks
 from cohortsync._cache import DeliveredCache
 from cohortsync._clock import Clock, SystemClock, UtcClock, add_saturating, require_aware
 from cohortsync._cohort import Cohort, has_change_feed
@@ -49,6 +50,7 @@ from cohortsync._validators import check_count, check_id
 from cohortsync.advice import Recommendation, recommend
 from cohortsync.eligibility import DEFAULT_RULES, Eligibility, Ruleset, check_eligibility
 from cohortsync.exceptions import (
+    BulkSyncError,
     CohortNotFoundError,
     CohortSyncError,
     ConfigurationError,
@@ -64,6 +66,7 @@ from cohortsync.identifiers import IdentifierMapping
 from cohortsync.storage._base import (
     derive_claim_runs,
     derive_complete_runs,
+    derive_create_syncs,
     iter_due,
     iter_sync_records,
 )
@@ -225,6 +228,17 @@ def _to_clock(value: object) -> Clock:
             "datetime and sleep(seconds)",
         )
     return value  # type: ignore[return-value]
+
+
+@attrs.define
+class _BulkCall:
+    """What one :meth:`Scheduler.create_syncs` call has done so far."""
+
+    created: list[str] = attrs.Factory(list)
+    updated: list[str] = attrs.Factory(list)
+    failures: list[BulkFailure] = attrs.Factory(list)
+    first_seen: dict[str, int] = attrs.Factory(dict)
+    """The index of each explicit id, to refuse a second spec naming it."""
 
 
 class Scheduler:
@@ -497,11 +511,21 @@ class Scheduler:
     def _now(self) -> datetime:
         return require_aware(self.clock.now(), "clock.now()")
 
-    def _slot(self, sync_id: str, generation: int, policy: SyncPolicy) -> tuple[int, int | None]:
+    @staticmethod
+    def _preferred(sync_id: str, generation: int, policy: SyncPolicy) -> tuple[int, int] | None:
+        """
+        ``(period seconds, stable offset)`` of a sync on a slot grid, or ``None``.
+        """
         period = _schedule.period_seconds(policy.cadence)
         if policy.cadence not in (Cadence.HOURLY, Cadence.DAILY) or period is None:
+            return None
+        return period, _schedule.stable_offset(f"{sync_id}:{generation}", period)
+
+    def _slot(self, sync_id: str, generation: int, policy: SyncPolicy) -> tuple[int, int | None]:
+        grid = self._preferred(sync_id, generation, policy)
+        if grid is None:
             return 0, None
-        preferred = _schedule.stable_offset(f"{sync_id}:{generation}", period)
+        period, preferred = grid
         if self.slot_allocation == "hash":
             return preferred, None
         buckets = period // SLOT_BUCKET_SECONDS
@@ -565,6 +589,221 @@ class Scheduler:
         )
         self.storage.create_sync(record)
         return sync
+
+    def create_syncs(
+        self, specs: Iterable[SyncSpec], *, chunk: int = 10_000, upsert: bool = False
+    ) -> BulkResult:
+        """
+        Create many syncs, a chunk at a time: each chunk is checked spec by
+        spec, its slots allocated in memory from one read of the store's
+        counts (the spread of one-by-one creates), and written in one
+        transaction. Each first run is due immediately, as with
+        :meth:`create_sync`.
+
+        **Per-spec result:** every valid spec is written, no refused one is,
+        and the call ends with :class:`~cohortsync.exceptions.BulkSyncError`
+        listing every refused spec (its index, id and the error
+        :meth:`create_sync` would raise) and what was written. A
+        :class:`StorageError` ends the call with earlier chunks kept; on a
+        store with the bulk part (every shipped one) the failing chunk is
+        not written at all, on one without it each sync is its own
+        transaction.
+
+        Args:
+            specs: The syncs, read lazily (a generator of millions is fine).
+            chunk: Specs per transaction.
+            upsert: A spec whose ``sync_id`` exists updates that sync as
+                :meth:`update_sync` does (a new generation, a new slot, a run
+                due now), one sync at a time; its cohort and destination must
+                be the stored ones. Without it, an existing id is refused.
+
+        Returns:
+            The ids created and updated.
+
+        Raises:
+            BulkSyncError: Some specs were refused (not an id twice in one
+                call, an unknown cohort or destination, an ineligible policy,
+                an id taken without *upsert*, ...); all the others were written.
+            ConfigurationError: *chunk* is not a positive int.
+            StorageError: The store failed; chunks before this one are written.
+        """
+        check_count("chunk", chunk, minimum=1)
+        call = _BulkCall()
+        for part in chunks(specs, chunk):
+            now = self._now()
+            checked = self._check_specs(part, call, now)
+            records, taken = self._write_chunk(checked, now)
+            for index, spec in part:
+                record = records.get(index)
+                if record is not None:
+                    self._settle(index, spec, record.id, taken, upsert=upsert, call=call)
+        if call.failures:
+            call.failures.sort(key=lambda f: f.position)
+            raise BulkSyncError(call.failures, call.created, call.updated)
+        return BulkResult(created=tuple(call.created), updated=tuple(call.updated))
+
+    def _write_chunk(
+        self, checked: list[tuple[int, Sync]], now: datetime
+    ) -> tuple[dict[int, SyncRecord], set[str]]:
+        """
+        Slot and store the checked syncs of one chunk: the records by input
+        index, and the ids found taken (nothing of those written).
+        """
+
+        def record(sync: Sync, slot: tuple[int, int | None]) -> SyncRecord:
+            return SyncRecord(
+                sync=sync,
+                next_due=now,
+                next_trigger=self._first_trigger(sync.policy),
+                offset=slot[0],
+                slot_bucket=slot[1],
+                anchor=now,
+                scheduled_from=now,
+            )
+
+        create_many = getattr(self.storage, "create_syncs", None)
+        slot_counts = getattr(self.storage, "slot_counts", None)
+        if callable(create_many) and callable(slot_counts):
+            allocator = SlotAllocator(slot_counts) if self.slot_allocation == "balanced" else None
+            records = {i: record(sync, self._bulk_slot(sync, allocator)) for i, sync in checked}
+            return records, set(create_many(list(records.values())))
+        # A store written against the plain protocol: pick and create one by
+        # one, so each pick sees the counts of the syncs created before it.
+        records, taken = {}, set()
+        for i, sync in checked:
+            records[i] = one = record(sync, self._slot(sync.id, sync.generation, sync.policy))
+            taken.update(derive_create_syncs(self.storage, [one]))
+        return records, taken
+
+    def _settle(
+        self,
+        index: int,
+        spec: SyncSpec,
+        sync_id: str,
+        taken: set[str],
+        *,
+        upsert: bool,
+        call: _BulkCall,
+    ) -> None:
+        """
+        Count a written spec; update the sync of a taken id (*upsert*) or refuse it.
+        """
+        if sync_id not in taken:
+            call.created.append(sync_id)
+            return
+        try:
+            if not upsert:
+                raise ConfigurationError(
+                    "sync_id", sync_id, "a sync with this id already exists (upsert=False)"
+                )
+            self._upsert(spec, sync_id)
+        except (StorageError, CorruptStoreError):
+            raise
+        except CohortSyncError as exc:
+            call.failures.append(BulkFailure(index, spec.sync_id, exc))
+        else:
+            call.updated.append(sync_id)
+
+    def _check_specs(
+        self, part: list[tuple[int, SyncSpec]], call: _BulkCall, now: datetime
+    ) -> list[tuple[int, Sync]]:
+        """
+        The syncs of the valid specs of one chunk; each refused one goes to
+        *failures* with the error :meth:`create_sync` would raise.
+        Eligibility is checked once per distinct (cohort, destination,
+        policy, mapping) of the chunk.
+        """
+        verdicts: dict[object, CohortSyncError | None] = {}
+        out = []
+        for index, spec in part:
+            sync_id = getattr(spec, "sync_id", None)
+            try:
+                if not isinstance(spec, SyncSpec):
+                    raise ConfigurationError(
+                        "specs", spec, "each spec must be a cohortsync.SyncSpec"
+                    )
+                if not isinstance(spec.policy, SyncPolicy):
+                    raise ConfigurationError(
+                        "policy", spec.policy, "must be a cohortsync.SyncPolicy"
+                    )
+                if sync_id is None:
+                    sync_id = f"sync-{secrets.token_hex(6)}"
+                else:
+                    check_id("sync_id", sync_id)
+                    first = call.first_seen.setdefault(sync_id, index)
+                    if first != index:
+                        raise ConfigurationError(
+                            "sync_id", sync_id, f"given twice in this call (first at index {first})"
+                        )
+                refused = self._verdict(spec, verdicts)
+                if refused is not None:
+                    call.failures.append(BulkFailure(index, spec.sync_id, refused))
+                    continue
+                sync = Sync(
+                    id=sync_id,
+                    cohort_id=spec.cohort_id,
+                    destination_id=spec.destination_id,
+                    policy=spec.policy,
+                    mapping_id=spec.mapping_id,
+                    created_at=now,
+                    updated_at=now,
+                )
+            except (StorageError, CorruptStoreError):
+                raise
+            except CohortSyncError as exc:
+                call.failures.append(BulkFailure(index, getattr(spec, "sync_id", None), exc))
+            else:
+                out.append((index, sync))
+        return out
+
+    def _verdict(
+        self, spec: SyncSpec, verdicts: dict[object, CohortSyncError | None]
+    ) -> CohortSyncError | None:
+        """
+        The error :meth:`create_sync` raises for *spec*'s cohort, destination,
+        policy and mapping, or ``None``; the same one for every spec sharing them.
+        """
+        key: object = (spec.cohort_id, spec.destination_id, spec.policy, spec.mapping_id)
+        try:
+            return verdicts[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable value: checked on its own
+            key = None
+        try:
+            self._require_eligible(
+                spec.cohort_id, spec.destination_id, spec.policy, spec.mapping_id
+            )
+        except (StorageError, CorruptStoreError):
+            raise
+        except CohortSyncError as exc:
+            verdict: CohortSyncError | None = exc
+        else:
+            verdict = None
+        if key is not None:
+            verdicts[key] = verdict
+        return verdict
+
+    def _bulk_slot(self, sync: Sync, allocator: SlotAllocator | None) -> tuple[int, int | None]:
+        grid = self._preferred(sync.id, sync.generation, sync.policy)
+        if grid is None or allocator is None:
+            # No grid, hash allocation, or a store without slot_counts: one pick each.
+            return self._slot(sync.id, sync.generation, sync.policy)
+        return allocator.pick(*grid)
+
+    def _upsert(self, spec: SyncSpec, sync_id: str) -> None:
+        """
+        Update the existing sync *sync_id* to *spec*, as :meth:`update_sync`.
+        """
+        old = self._record(sync_id).sync
+        if (old.cohort_id, old.destination_id) != (spec.cohort_id, spec.destination_id):
+            raise ConfigurationError(
+                "sync_id",
+                sync_id,
+                f"exists for cohort {old.cohort_id!r} and destination {old.destination_id!r}; "
+                "an upsert cannot move a sync to another cohort or destination",
+            )
+        self.update_sync(sync_id, spec.policy, mapping_id=spec.mapping_id)
 
     def get_sync(self, sync_id: str) -> Sync:
         """

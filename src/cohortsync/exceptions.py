@@ -12,6 +12,7 @@ never parse messages::
     │   ├── CohortNotFoundError               .cohort_id
     │   └── DestinationNotFoundError          .destination_id
     ├── IneligibleSyncError (ValueError)      .reasons
+    ├── BulkSyncError (ValueError)            .failures, .created, .updated
     ├── InvalidMemberError (ValueError)       .member, .reason
     ├── SourceError (RuntimeError)            .cohort_id  (the membership source failed)
     ├── LeaseError (RuntimeError)
@@ -36,11 +37,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from cohortsync._bulk import BulkFailure
     from cohortsync.eligibility import Reason
 
 __all__ = [
     "AuthenticationError",
     "BadDataError",
+    "BulkSyncError",
     "CohortNotFoundError",
     "CohortSyncError",
     "ConfigurationError",
@@ -126,6 +129,35 @@ class IneligibleSyncError(CohortSyncError, ValueError):
         self.reasons = tuple(reasons)
         blocking = "; ".join(f"{r.code}: {r.message}" for r in self.reasons if r.blocking)
         super().__init__(f"sync is not eligible: {blocking}")
+
+
+class BulkSyncError(CohortSyncError, ValueError):
+    """
+    :meth:`cohortsync.Scheduler.create_syncs` refused some specs. Every other
+    spec was written: the refused ones are all listed, nothing of them stored.
+
+    Attributes:
+        failures: Every refused spec (a :class:`cohortsync.BulkFailure`: its
+            index, its id and the error), in input order.
+        created: Ids of the syncs created by the call.
+        updated: Ids of the syncs updated by the call (upserts).
+    """
+
+    def __init__(
+        self,
+        failures: Sequence[BulkFailure],
+        created: Sequence[str] = (),
+        updated: Sequence[str] = (),
+    ) -> None:
+        self.failures = tuple(failures)
+        self.created = tuple(created)
+        self.updated = tuple(updated)
+        shown = "; ".join(f"#{f.position} ({f.sync_id}): {f.error}" for f in self.failures[:3])
+        more = f"; and {len(self.failures) - 3} more" if len(self.failures) > 3 else ""
+        super().__init__(
+            f"{len(self.failures)} sync spec(s) refused, {len(self.created)} created, "
+            f"{len(self.updated)} updated: {shown}{more}"
+        )
 
 
 class InvalidMemberError(CohortSyncError, ValueError):

@@ -101,7 +101,7 @@ class TestDictStorage:
         assert {"native"} == {
             report.parts[p] for p in ("ScheduleStore", "DeliveryStore", "HistoryStore")
         }
-        assert 11 == len(report.derived)
+        assert 13 == len(report.derived)  # 7 queries, 2 batched runs, 2 paged reads, 2 bulk writes
 
     def test_a_week_of_hourly_syncs(self, clock: FakeClock, push_client: FakePushClient) -> None:
         """The scheduler runs on it, using the queries StorageBase derives."""

@@ -362,6 +362,18 @@ assert_type(
 )
 
 sync = scheduler.create_sync("power-users", "push", cohortsync.SyncPolicy.hourly())
+bulk = scheduler.create_syncs(
+    (cohortsync.SyncSpec("power-users", "push", cohortsync.SyncPolicy.daily()) for _ in range(3)),
+    chunk=1_000,
+    upsert=True,
+)
+assert_type(bulk, cohortsync.BulkResult)
+assert_type(bulk.created, tuple[str, ...])
+try:
+    scheduler.create_syncs([])
+except cohortsync.exceptions.BulkSyncError as refused:
+    assert_type(refused.failures, tuple[cohortsync.BulkFailure, ...])
+    assert_type(refused.failures[0].error, cohortsync.exceptions.CohortSyncError)
 assert_type(sync, cohortsync.Sync)
 assert_type(sync.id, str)
 assert_type(sync.generation, int)

@@ -10,9 +10,10 @@ For a host choosing a store:
 
 For a storage author: the :class:`Storage` protocol and its parts (required:
 :class:`ScheduleStore`, :class:`DeliveryStore`, :class:`HistoryStore`;
-optional: :class:`OptionalQueries`, and since 0.2 :class:`BatchedRuns` and
-:class:`PagedReads`), :class:`StorageBase` (subclass it to
-write only the required parts), the records the protocol takes and returns
+optional: :class:`OptionalQueries`, and since 0.2 :class:`BatchedRuns`,
+:class:`PagedReads` and :class:`BulkSyncWrites`), :class:`StorageBase`
+(subclass it to write only the required parts), the records the protocol
+takes and returns
 (:class:`SyncRecord`, :class:`Lease`, :class:`Completion`,
 :class:`AppliedBatch`, ...) and the rules every store applies the same way
 (:func:`apply_claim`, :func:`apply_completion`, :func:`slot_bucket_of`). Check
@@ -32,6 +33,7 @@ from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     AppliedBatch,
     BatchedRuns,
+    BulkSyncWrites,
     Claim,
     Completion,
     DeliveryStore,
@@ -59,6 +61,7 @@ __all__ = [
     "SLOT_BUCKET_SECONDS",
     "AppliedBatch",
     "BatchedRuns",
+    "BulkSyncWrites",
     "Claim",
     "Completion",
     "DeliveryStore",

@@ -16,10 +16,13 @@ from cohortsync._clock import require_aware
 from cohortsync._destination import Identifier
 from cohortsync._sync import SyncStatus
 from cohortsync.exceptions import (
+    ConfigurationError,
     CorruptStoreError,
+    SyncNotFoundError,
 )
 from cohortsync.storage._protocol import (
     BatchedRuns,
+    BulkSyncWrites,
     Claim,
     Completion,
     Lease,
@@ -39,18 +42,21 @@ __all__ = [
     "StorageBase",
     "derive_claim_runs",
     "derive_complete_runs",
+    "derive_create_syncs",
     "derive_due_between",
     "derive_page_syncs",
+    "derive_slot_counts",
     "due_key",
     "iter_due",
     "iter_sync_records",
+    "require_distinct_ids",
 ]
 
 _CHUNK = 10_000
 """Delivered keys per :meth:`~cohortsync.storage.DeliveryStore.delivered_identifiers` call."""
 
 
-class StorageBase(Storage, BatchedRuns, PagedReads):
+class StorageBase(Storage, BatchedRuns, PagedReads, BulkSyncWrites):
     """
     The base of a store that implements the required parts and lets cohortsync
     derive the rest.
@@ -102,6 +108,12 @@ class StorageBase(Storage, BatchedRuns, PagedReads):
         self, now: datetime, owner: str, lease_for: timedelta, limit: int
     ) -> list[Claim]:
         return derive_claim_runs(self, now, owner, lease_for, limit)
+
+    def slot_counts(self, period: int, buckets: int) -> list[int]:
+        return derive_slot_counts(self, period, buckets)
+
+    def create_syncs(self, records: Sequence[SyncRecord]) -> list[str]:
+        return derive_create_syncs(self, records)
 
     def complete_runs(
         self, completions: Sequence[tuple[Lease, Completion]]
@@ -310,3 +322,59 @@ def iter_sync_records(
         if len(page) < size:
             return
         after = page[-1].id
+
+
+# -- the derivations of the bulk writes added in 0.2 ---------------------------------
+
+
+def derive_slot_counts(store: Storage, period: int, buckets: int) -> list[int]:
+    """:meth:`~cohortsync.storage.BulkSyncWrites.slot_counts` from :meth:`list_syncs`."""
+    require_buckets(buckets)
+    counts = [0] * buckets
+    for record in store.list_syncs():
+        slot = slot_bucket_of(record)
+        if slot is not None and slot[0] == period and 0 <= slot[1] < buckets:
+            counts[slot[1]] += 1
+    return counts
+
+
+def require_distinct_ids(records: Sequence[SyncRecord]) -> None:
+    """
+    Refuse a bulk write naming one id twice (a store could not say which
+    record the id holds).
+
+    Raises:
+        ConfigurationError: Some id is repeated; the value lists each once.
+    """
+    counts = Counter(r.id for r in records)
+    if len(counts) != len(records):
+        repeated = sorted(sync_id for sync_id, n in counts.items() if n > 1)
+        raise ConfigurationError("records", repeated, "each id may appear once in a bulk write")
+
+
+def derive_create_syncs(store: Storage, records: Sequence[SyncRecord]) -> list[str]:
+    """
+    :meth:`~cohortsync.storage.BulkSyncWrites.create_syncs`: one
+    :meth:`~cohortsync.storage.ScheduleStore.create_sync` each (each its own
+    transaction); a taken id is answered, not raised.
+    """
+    require_distinct_ids(records)
+    taken = []
+    for record in records:
+        try:
+            store.create_sync(record)
+        except ConfigurationError:  # noqa: PERF203 - answered per record
+            if not _exists(store, record.id):
+                raise  # refused for another reason than a taken id
+            taken.append(record.id)
+    return taken
+
+
+def _exists(store: Storage, sync_id: str) -> bool:
+    try:
+        store.get_sync(sync_id)
+    except SyncNotFoundError:
+        return False
+    except CorruptStoreError:
+        return True
+    return True

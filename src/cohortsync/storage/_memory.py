@@ -28,7 +28,7 @@ from cohortsync.exceptions import (
     StorageError,
     SyncNotFoundError,
 )
-from cohortsync.storage._base import StorageBase, due_key
+from cohortsync.storage._base import StorageBase, due_key, require_distinct_ids
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     AppliedBatch,
@@ -43,6 +43,7 @@ from cohortsync.storage._protocol import (
     SyncRecord,
 )
 from cohortsync.storage._rules import (
+    SlotLoad,
     apply_claim,
     apply_completion,
     is_identity,
@@ -196,48 +197,6 @@ _MISSING = object()
 
 
 @attrs.define
-class _Slots:
-    """
-    Occupancy of one period's buckets, indexed by level so the least occupied
-    bucket is found in O(log n) (100,000 syncs must allocate quickly).
-    """
-
-    buckets: int
-    counts: list[int]
-    levels: dict[int, list[int]]
-    low: int = 0
-
-    @classmethod
-    def empty(cls, buckets: int) -> _Slots:
-        return cls(buckets, [0] * buckets, {0: list(range(buckets))})
-
-    def _move(self, bucket: int, old: int, new: int) -> None:
-        level = self.levels[old]
-        del level[bisect.bisect_left(level, bucket)]
-        if not level:
-            del self.levels[old]
-        bisect.insort(self.levels.setdefault(new, []), bucket)
-        self.counts[bucket] = new
-
-    def least(self, preferred: int) -> int:
-        while self.low not in self.levels:
-            self.low += 1
-        level = self.levels[self.low]
-        i = bisect.bisect_left(level, preferred % self.buckets)
-        return level[i] if i < len(level) else level[0]
-
-    def take(self, bucket: int) -> None:
-        n = self.counts[bucket]
-        self._move(bucket, n, n + 1)
-
-    def release(self, bucket: int) -> None:
-        n = self.counts[bucket]
-        if n > 0:
-            self._move(bucket, n, n - 1)
-            self.low = min(self.low, n - 1)
-
-
-@attrs.define
 class _Batch:
     run_id: str
     sequence: int
@@ -255,7 +214,7 @@ class MemoryStorage(StorageBase):
 
     _lock: threading.RLock = attrs.field(factory=threading.RLock, repr=False)
     _syncs: dict[str, SyncRecord] = attrs.field(factory=dict, repr=False)
-    _slots: dict[int, _Slots] = attrs.field(factory=dict, repr=False)
+    _slots: dict[int, SlotLoad] = attrs.field(factory=dict, repr=False)
     _due: list[tuple[datetime, str]] = attrs.field(factory=list, repr=False)
     _ids: _Sorted[str] = attrs.field(factory=_Sorted, repr=False)
     _by_due: _Sorted[tuple[datetime, str]] = attrs.field(factory=_Sorted, repr=False)
@@ -382,11 +341,11 @@ class MemoryStorage(StorageBase):
 
     # -- slots ---------------------------------------------------------------
 
-    def _slots_of(self, period: int) -> _Slots:
+    def _slots_of(self, period: int) -> SlotLoad:
         buckets = period // SLOT_BUCKET_SECONDS
         slots = self._slots.get(period)
         if slots is None or slots.buckets != buckets:
-            slots = self._slots[period] = _Slots.empty(buckets)
+            slots = self._slots[period] = SlotLoad.empty(buckets)
         return slots
 
     def _count_slot(self, old: SyncRecord | None, new: SyncRecord | None) -> None:
@@ -404,13 +363,32 @@ class MemoryStorage(StorageBase):
                 slots.take(after[1])
 
     def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
+        with self._lock:
+            return self._load_of(period, buckets).least(preferred)
+
+    def _load_of(self, period: int, buckets: int) -> SlotLoad:
         require_buckets(buckets)
+        self._check_open()
+        slots = self._slots.get(period)
+        if slots is None or slots.buckets != buckets:
+            slots = self._slots[period] = SlotLoad.empty(buckets)
+        return slots
+
+    def slot_counts(self, period: int, buckets: int) -> list[int]:
+        with self._lock:
+            return list(self._load_of(period, buckets).counts)
+
+    def create_syncs(self, records: Sequence[SyncRecord]) -> list[str]:
+        require_distinct_ids(records)
         with self._lock:
             self._check_open()
-            slots = self._slots.get(period)
-            if slots is None or slots.buckets != buckets:
-                slots = self._slots[period] = _Slots.empty(buckets)
-            return slots.least(preferred)
+            taken = [r.id for r in records if r.id in self._syncs]
+            skip = set(taken)
+            for record in records:
+                if record.id not in skip:
+                    self._count_slot(None, record)
+                    self._store(attrs.evolve(record, lease=None, last_slot=None, revision=0))
+            return taken
 
     # -- claims --------------------------------------------------------------
 

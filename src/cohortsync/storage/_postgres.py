@@ -63,12 +63,11 @@ from cohortsync.exceptions import (
     SyncNotFoundError,
 )
 from cohortsync.storage import _sql as q
-from cohortsync.storage._base import StorageBase
+from cohortsync.storage._base import StorageBase, require_distinct_ids
 from cohortsync.storage._protocol import IssueKind, MemberIssue
 from cohortsync.storage._rules import (
     collect_holders,
     earliest_claimable,
-    least_loaded,
     require_buckets,
     slot_bucket_of,
 )
@@ -310,10 +309,22 @@ _MIGRATIONS: list[tuple[str, ...]] = [
             " ON CONFLICT (sync_id) DO UPDATE SET delivered_count = EXCLUDED.delivered_count"
         ),
     ),
+    # 5: the least loaded slot bucket is the first entry of this index (every
+    # bucket of a period gets a row on first use, see least_loaded_slot), so a
+    # create reads one index entry, not every bucket of the period.
+    # Each count change leaves a dead entry in that index: vacuum the small
+    # table after every 1,000 dead rows rather than at 20 % of it.
+    (
+        "CREATE INDEX slot_buckets_load ON {s}.slot_buckets (period, syncs, bucket)",
+        (
+            "ALTER TABLE {s}.slot_buckets SET"
+            " (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)"
+        ),
+    ),
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
-"""The schema version this release creates and understands (4)."""
+"""The schema version this release creates and understands (5)."""
 
 _COUNT_SLOT = (
     "INSERT INTO {s}.slot_buckets (period, bucket, syncs) VALUES (%s, %s, 1)"
@@ -321,6 +332,76 @@ _COUNT_SLOT = (
 )
 _UNCOUNT_SLOT = (
     "UPDATE {s}.slot_buckets SET syncs = syncs - 1 WHERE period = %s AND bucket = %s AND syncs > 0"
+)
+_FILL_SLOTS = (
+    "INSERT INTO {s}.slot_buckets (period, bucket, syncs)"
+    " SELECT %s, b, 0 FROM generate_series(0, %s - 1) AS b ON CONFLICT (period, bucket) DO NOTHING"
+)
+# The least loaded bucket from the (period, syncs, bucket) index: the lowest
+# count, then the first bucket at or after the preferred one holding it, else
+# the first one before it. Each branch reads one index entry; the second runs
+# only when the first finds nothing.
+_PICK_SLOT = (
+    "WITH least AS ("
+    "  SELECT syncs FROM {s}.slot_buckets WHERE period = %(period)s AND bucket < %(buckets)s"
+    "  ORDER BY syncs LIMIT 1"
+    ")"
+    " (SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
+    "  AND syncs = (SELECT syncs FROM least) AND bucket >= %(preferred)s AND bucket < %(buckets)s"
+    "  ORDER BY bucket LIMIT 1)"
+    " UNION ALL"
+    " (SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
+    "  AND syncs = (SELECT syncs FROM least) AND bucket < %(preferred)s"
+    "  ORDER BY bucket LIMIT 1)"
+    " LIMIT 1"
+)
+# A create in one statement (one round trip, atomic without an explicit
+# transaction): the sync, and its count in its bucket only if it was inserted.
+_CREATE_SYNC = (
+    "WITH created AS ("  # noqa: S608 - constant columns, values are parameters
+    f"  {q.INSERT_SYNC} RETURNING slot_period, slot_bucket"
+    "), counted AS ("
+    "  INSERT INTO {s}.slot_buckets (period, bucket, syncs)"
+    "  SELECT slot_period, slot_bucket, 1 FROM created"
+    "  WHERE slot_period IS NOT NULL AND slot_bucket IS NOT NULL"
+    "  ON CONFLICT (period, bucket) DO UPDATE SET syncs = {s}.slot_buckets.syncs + 1"
+    ")"
+    " SELECT count(*) FROM created"
+)
+_SYNC_ARRAYS = (
+    ("id", "text"),
+    ("definition", "text"),
+    ("generation", "bigint"),
+    ("status", "text"),
+    ("next_due", "timestamptz"),
+    ("next_trigger", "text"),
+    ("slot_offset", "integer"),
+    ("slot_bucket", "integer"),
+    ("anchor", "timestamptz"),
+    ("attempts", "integer"),
+    ("full_resync", "boolean"),
+    ("feed_cursor", "text"),
+    ("last_full_sync_at", "timestamptz"),
+    ("scheduled_from", "timestamptz"),
+    ("slot_period", "integer"),
+)
+"""The columns a create writes (those of :data:`_sql.INSERT_SYNC`) and their types."""
+# Many creates in one statement: one array parameter per column. Counts are
+# added per bucket in (period, bucket) order, so two bulk creators lock the
+# bucket rows in the same order and never deadlock.
+_CREATE_SYNCS = (
+    "WITH created AS ("  # noqa: S608 - constant columns, values are parameters
+    f"  INSERT INTO {{s}}.syncs ({', '.join(c for c, _ in _SYNC_ARRAYS)})"
+    f"  SELECT * FROM unnest({', '.join(f'%({c})s::{t}[]' for c, t in _SYNC_ARRAYS)})"
+    "  ON CONFLICT (id) DO NOTHING RETURNING id, slot_period, slot_bucket"
+    "), counted AS ("
+    "  INSERT INTO {s}.slot_buckets (period, bucket, syncs)"
+    "  SELECT slot_period, slot_bucket, count(*) FROM created"
+    "  WHERE slot_period IS NOT NULL AND slot_bucket IS NOT NULL"
+    "  GROUP BY slot_period, slot_bucket ORDER BY slot_period, slot_bucket"
+    "  ON CONFLICT (period, bucket) DO UPDATE SET syncs = {s}.slot_buckets.syncs + EXCLUDED.syncs"
+    ")"
+    " SELECT id FROM created"
 )
 # The slot rule of cohortsync.storage._rules.claim_slot (SET sees the old row).
 _CLAIMED_SLOT = (
@@ -601,7 +682,7 @@ class PostgresStorage(StorageBase):
             invalid schema name.
     """
 
-    __slots__ = ("_connections", "_secret", "_shown", "_sql")
+    __slots__ = ("_connections", "_filled", "_secret", "_shown", "_sql")
 
     def __init__(
         self,
@@ -645,6 +726,7 @@ class PostgresStorage(StorageBase):
         if len(schema) > _MAX_IDENTIFIER:
             raise ConfigurationError("schema", schema, f"must be at most {_MAX_IDENTIFIER} bytes")
         self._connections = connections
+        self._filled: set[tuple[int, int]] = set()
         self._shown = shown
         self._secret = secret
         self._sql = _Queries(schema)
@@ -818,12 +900,9 @@ class PostgresStorage(StorageBase):
     # -- sync definitions and schedule state -------------------------------------
 
     def create_sync(self, record: SyncRecord) -> None:
-        slot = slot_bucket_of(record)
-        with self._cursor("create_sync", transaction=True) as cur:
-            cur.execute(self._sql(q.INSERT_SYNC), q.sync_params(record, _TZ))
-            created = cur.rowcount == 1
-            if created and slot is not None:
-                cur.execute(self._sql(_COUNT_SLOT), slot)
+        with self._cursor("create_sync") as cur:
+            cur.execute(self._sql(_CREATE_SYNC), q.sync_params(record, _TZ))
+            created = _one(cur)[0] == 1
         if not created:
             raise ConfigurationError("id", record.id, "a sync with this id already exists")
 
@@ -854,10 +933,11 @@ class PostgresStorage(StorageBase):
             cur.execute(self._sql(q.UPDATE_SYNC), params)
             old = None if row[1] is None or row[2] is None else (row[1], row[2])
             if old != slot:
-                if old is not None:
-                    cur.execute(self._sql(_UNCOUNT_SLOT), old)
-                if slot is not None:
-                    cur.execute(self._sql(_COUNT_SLOT), slot)
+                # Bucket rows locked in (period, bucket) order: two saves moving
+                # syncs between the same two buckets never deadlock.
+                moves = [(old, _UNCOUNT_SLOT), (slot, _COUNT_SLOT)]
+                for bucket, statement in sorted(m for m in moves if m[0] is not None):
+                    cur.execute(self._sql(statement), bucket)
 
     def next_due(self) -> datetime | None:
         """
@@ -941,8 +1021,33 @@ class PostgresStorage(StorageBase):
     # -- slot allocation -----------------------------------------------------------
 
     def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
-        require_buckets(buckets)
+        """
+        One indexed read, no lock: the first entry of the (period, count,
+        bucket) index. Two creators may pick the same bucket at once; each
+        counts its own sync in the write that stores it, so the counts stay
+        exact and the next pick sees both.
+        """
+        params = {"period": period, "buckets": buckets, "preferred": preferred % max(buckets, 1)}
         with self._cursor("least_loaded_slot") as cur:
+            self._fill(cur, period, buckets)
+            cur.execute(self._sql(_PICK_SLOT), params)
+            bucket: int = _one(cur)[0]
+        return bucket
+
+    def _fill(self, cur: _Cursor, period: int, buckets: int) -> None:
+        """
+        Give every bucket of the period a row (once per store object and
+        period), so the least loaded one is always in the index.
+        """
+        require_buckets(buckets)
+        if (period, buckets) not in self._filled:
+            cur.execute(self._sql(_FILL_SLOTS), (period, buckets))
+            self._filled.add((period, buckets))
+
+    def slot_counts(self, period: int, buckets: int) -> list[int]:
+        counts = [0] * buckets
+        with self._cursor("slot_counts") as cur:
+            self._fill(cur, period, buckets)
             cur.execute(
                 self._sql(
                     "SELECT bucket, syncs FROM {s}.slot_buckets"
@@ -950,8 +1055,27 @@ class PostgresStorage(StorageBase):
                 ),
                 (period, buckets),
             )
-            counts: dict[int, int] = dict(cur.fetchall())
-        return least_loaded(counts, buckets, preferred)
+            for bucket, count in cur.fetchall():
+                counts[bucket] = count
+        return counts
+
+    def create_syncs(self, records: Sequence[SyncRecord]) -> list[str]:
+        """
+        One statement per 50,000 records, all in one transaction: the rows
+        as one array parameter per column, and the counts added per bucket.
+        """
+        require_distinct_ids(records)
+        if not records:
+            return []
+        created: set[str] = set()
+        with self._cursor("create_syncs", transaction=True) as cur:
+            for chunk in _chunks(records):
+                rows = [q.sync_params(record, _TZ) for record in chunk]
+                cur.execute(
+                    self._sql(_CREATE_SYNCS), {c: [r[c] for r in rows] for c, _ in _SYNC_ARRAYS}
+                )
+                created.update(row[0] for row in cur.fetchall())
+        return [r.id for r in records if r.id not in created]
 
     # -- claims and leases ---------------------------------------------------------
 

@@ -38,6 +38,7 @@ __all__ = [
     "SLOT_BUCKET_SECONDS",
     "AppliedBatch",
     "BatchedRuns",
+    "BulkSyncWrites",
     "Claim",
     "Completion",
     "DeliveryStore",
@@ -761,6 +762,53 @@ class PagedReads(Protocol):
         (the last of the previous page; ``None`` for the first page).
 
         Derived from :meth:`~ScheduleStore.list_syncs` (every sync, each page).
+        """
+
+
+@runtime_checkable
+class BulkSyncWrites(Protocol):
+    """
+    **Optional part, added in 0.2:** many syncs created in one transaction,
+    their slot buckets allocated in memory from one read of the counts, for
+    :meth:`cohortsync.Scheduler.create_syncs`.
+
+    Not part of :class:`Storage`, so a store written against the plain
+    protocol still is one: the scheduler then creates the syncs one by one
+    (:meth:`~OptionalQueries.least_loaded_slot` and
+    :meth:`~ScheduleStore.create_sync` each). :class:`StorageBase` derives
+    both methods from the required parts; every shipped store implements
+    them natively.
+    """
+
+    __slots__ = ()
+
+    def slot_counts(self, period: int, buckets: int) -> list[int]:
+        """
+        How many stored syncs each of the *buckets* slot buckets of the
+        *period* (seconds) holds: the counts
+        :meth:`~OptionalQueries.least_loaded_slot` picks from, bucket by bucket.
+        A read.
+
+        Derived from :meth:`~ScheduleStore.list_syncs` (every sync, once per
+        chunk of a bulk creation).
+        """
+
+    def create_syncs(self, records: Sequence[SyncRecord]) -> list[str]:
+        """
+        :meth:`~ScheduleStore.create_sync` of each record whose id is not
+        taken, each counted in its slot bucket: **atomic**, one transaction
+        where the store can. Answers the ids that were taken (nothing of
+        those records written), in the order given; the others are stored.
+
+        Concurrent callers may have picked the same buckets from the same
+        counts: the counts stay exact (each write adds what it stores), only
+        the spread is as good as the picks.
+
+        Raises:
+            ConfigurationError: Two records share an id (nothing written).
+
+        Derived from :meth:`~ScheduleStore.create_sync`, one call each (one
+        transaction each).
         """
 
 

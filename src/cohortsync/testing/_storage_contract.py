@@ -44,13 +44,16 @@ from cohortsync.storage._base import (
     StorageBase,
     derive_claim_runs,
     derive_complete_runs,
+    derive_create_syncs,
     derive_due_between,
     derive_page_syncs,
+    derive_slot_counts,
     due_key,
 )
 from cohortsync.storage._protocol import (
     AppliedBatch,
     BatchedRuns,
+    BulkSyncWrites,
     Claim,
     Completion,
     DeliveryStore,
@@ -1804,6 +1807,94 @@ def check_paged_reads(make_storage: StorageFactory) -> None:
         _expect([], _page_syncs(store, None, 0), "page_syncs with limit=0")
 
 
+def _create_syncs(store: Storage, records: list[SyncRecord]) -> list[str]:
+    native = getattr(store, "create_syncs", None)
+    if native is None:
+        return derive_create_syncs(store, records)
+    taken: list[str] = native(records)
+    return taken
+
+
+def _slot_counts(store: Storage, period: int, buckets: int) -> list[int]:
+    native = getattr(store, "slot_counts", None)
+    if native is None:
+        return derive_slot_counts(store, period, buckets)
+    counts: list[int] = native(period, buckets)
+    return counts
+
+
+def _counted(records: Sequence[SyncRecord], buckets: int) -> list[int]:
+    """The counts of hourly *records* per bucket, as a store must keep them."""
+    counts = [0] * buckets
+    for record in records:
+        if record.slot_bucket is not None and record.sync.policy.cadence is Cadence.HOURLY:
+            counts[record.slot_bucket] += 1
+    return counts
+
+
+def check_create_syncs(make_storage: StorageFactory) -> None:
+    """
+    create_syncs stores each record as create_sync would and counts it in its
+    bucket; taken ids are answered with nothing of them written; an id given
+    twice is refused with nothing written.
+    """
+    period, buckets = 3600, 60
+    with _open(make_storage) as store:
+        _expect([0] * buckets, _slot_counts(store, period, buckets), "counts of an empty store")
+        _expect([], _create_syncs(store, []), "create_syncs of nothing")
+        store.create_sync(_slotted("old", 5))
+        batch = [_slotted(f"b{i:03d}", i % buckets) for i in range(130)]
+        batch.insert(40, _slotted("old", 6, generation=9))
+        batch.append(_record("unslotted", next_due=None))
+        _expect(["old"], _create_syncs(store, batch), "the taken id is answered")
+        _expect(_slotted("old", 5), store.get_sync("old"), "the taken id's record is kept")
+        stored = store.list_syncs()
+        _expect(132, len(stored), "every new record stored")
+        for record in batch:
+            if record.id != "old":
+                _expect(record, store.get_sync(record.id), f"{record.id} as created")
+        expected = _counted(stored, buckets)
+        _expect(expected, _slot_counts(store, period, buckets), "counts follow the bulk write")
+        _expect(4, expected[5], "bucket 5: old and b005, b065, b125")
+        least = min(range(buckets), key=lambda b: (expected[b], (b - 17) % buckets))
+        _expect(least, store.least_loaded_slot(period, buckets, 17), "least_loaded_slot agrees")
+        with _raises(ConfigurationError, "an id twice in one create_syncs"):
+            _create_syncs(store, [_slotted("twice", 1), _slotted("new", 2), _slotted("twice", 3)])
+        with _raises(SyncNotFoundError, "nothing of a refused bulk write"):
+            store.get_sync("new")
+        _expect(expected, _slot_counts(store, period, buckets), "counts after a refused write")
+
+
+def check_bulk_counts_match_one_by_one(make_storage: StorageFactory) -> None:
+    """
+    Counts after bulk creates, deletes and updates are those of the syncs stored,
+    and slot_counts agrees with least_loaded_slot pick after pick.
+    """
+    rng = random.Random(20_300_119)  # noqa: S311 - test data, not cryptography
+    period, buckets = 3600, 60
+    with _open(make_storage) as store:
+        for round_ in range(4):
+            batch = [
+                _slotted(f"r{round_}-{i}", rng.choice([None, rng.randrange(buckets)]))
+                for i in range(rng.randrange(1, 90))
+            ]
+            _expect([], _create_syncs(store, batch), f"round {round_}: nothing taken")
+            for record in rng.sample(store.list_syncs(), 10):
+                if rng.random() < 0.5:
+                    store.delete_sync(record.id)
+                else:
+                    moved = _slotted(record.id, rng.randrange(buckets))
+                    store.save_sync(moved, expected_generation=record.sync.generation)
+            counts = _counted(store.list_syncs(), buckets)
+            _expect(counts, _slot_counts(store, period, buckets), f"round {round_}: counts")
+            preferred = rng.randrange(buckets)
+            _expect(
+                min(range(buckets), key=lambda b: (counts[b], (b - preferred) % buckets)),
+                store.least_loaded_slot(period, buckets, preferred),
+                f"round {round_}: the pick from those counts",
+            )
+
+
 def check_closed_store_is_unusable(make_storage: StorageFactory) -> None:
     """
     After close(), operations raise StorageError instead of working on silently.
@@ -1858,6 +1949,8 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_claim_runs,
     check_complete_runs,
     check_paged_reads,
+    check_create_syncs,
+    check_bulk_counts_match_one_by_one,
     check_closed_store_is_unusable,
 )
 """Every check, in order; each takes the factory and uses fresh stores from it."""
@@ -1878,6 +1971,8 @@ _QUERY_CHECKS: Mapping[str, tuple[Callable[[StorageFactory], None], ...]] = {
     "dead_letters": (check_not_found, check_ledger_and_dead_letters),
     "due_between": (check_paged_reads,),
     "page_syncs": (check_paged_reads,),
+    "slot_counts": (check_create_syncs, check_bulk_counts_match_one_by_one),
+    "create_syncs": (check_create_syncs, check_bulk_counts_match_one_by_one),
 }
 """The checks that exercise each optional query."""
 
@@ -1958,15 +2053,11 @@ def _parts(store: object) -> dict[str, str]:
             )
         derived = getattr(type(store), name, None) is getattr(StorageBase, name)
         parts[name] = "derived" if derived else "native"
-    for name in _methods(BatchedRuns):
+    # The parts added since 0.1 are not in Storage: a store without one (written
+    # for 0.1) is "absent", and the scheduler derives it (or reads list_syncs).
+    for name in (*_methods(BatchedRuns), *_methods(PagedReads), *_methods(BulkSyncWrites)):
         if not callable(getattr(store, name, None)):
-            parts[name] = "absent"  # a store written for 0.1: the scheduler derives it
-            continue
-        derived = getattr(type(store), name, None) is getattr(StorageBase, name)
-        parts[name] = "derived" if derived else "native"
-    for name in _methods(PagedReads):
-        if not callable(getattr(store, name, None)):
-            parts[name] = "absent"  # a store written for 0.1: the scheduler reads list_syncs
+            parts[name] = "absent"
             continue
         derived = getattr(type(store), name, None) is getattr(StorageBase, name)
         parts[name] = "derived" if derived else "native"
