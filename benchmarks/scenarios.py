@@ -13,6 +13,7 @@ from datetime import timedelta
 from common import START, FakeClock, Noop, Row, as_dicts, machine
 from sc_members import scenario_diff, scenario_first_sync, scenario_overhead, scenario_sorted
 from sc_postgres import scenario_claims
+from sc_scale import scenario_scale
 from sc_schedule import scenario_next_run, scenario_peer, scenario_spread
 from sc_stores import expected_runs, scenario_throughput
 
@@ -26,6 +27,7 @@ SCENARIOS: dict[str, Callable[[], list[Row]]] = {
     "peer": scenario_peer,
     "overhead": scenario_overhead,
     "claims": scenario_claims,
+    "scale": scenario_scale,
 }
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "scenario_next_run",
     "scenario_overhead",
     "scenario_peer",
+    "scenario_scale",
     "scenario_sorted",
     "scenario_spread",
     "scenario_throughput",

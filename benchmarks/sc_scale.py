@@ -1,0 +1,345 @@
+"""
+Scale (issue 19): the per-call cost of what a worker and an admin page do, on
+stores of 1,000 to 1,000,000 syncs, against the same call on the 1,000-sync
+store, on SQLite and (with ``COHORTSYNC_TEST_POSTGRES_DSN``) PostgreSQL.
+
+Each store is built once with :meth:`~cohortsync.Scheduler.create_syncs`
+(70 % daily, 25 % hourly, 5 % real-time, as the throughput scenario) with
+``first_run="next_slot"``: nothing is due at the build instant ``T0``, so a
+worker's round at ``T0`` is an idle one. The build time is reported.
+
+Then every repeat measures each size in a fresh process (so its peak RSS is
+the worker's own), the sizes in alternating order (A, B, C, D, D, C, B, A,
+...), in two phases:
+
+- at ``T0`` (nothing due): an idle ``run_due()``, ``next_run()`` of random
+  syncs, one idle ``run_forever()`` round (``run_due()`` and the store's
+  earliest-due query; its sleep ends the loop), ``upcoming(+1 h, limit=1000)``
+  (what the CLI shows), the full ``iter_upcoming(+1 min)`` per run listed
+  (its output grows with N: the cost per item is what must stay flat), and
+  ``create_sync()``;
+- then at ``T0 + r h + 1 min`` of repeat *r*: the runs/s of the first
+  :data:`BURST` runs of the hourly burst (real-time, hourly and the daily
+  syncs whose slot passed). Each repeat runs later slots, so it does not
+  depend on the repeat before: every burst starts with more than
+  :data:`BURST` syncs due.
+
+The idle phase of every repeat comes before any burst: a completion records
+the clock it ran on, and a worker whose clock reads earlier (the next
+repeat's ``T0``) would take that for a clock that went back.
+
+The ratio of each row is the value at the largest size over the value at
+1,000 syncs (for runs/s, 1,000's over the largest): the goal is <= 1.15.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+
+from common import START, Noop, Row, child, peak_rss_mb
+from measure import REPEATS, Sample
+
+import cohortsync as cs
+from cohortsync.storage import SQLiteStorage, Storage
+
+T0 = START
+SIZES = (1_000, 10_000, 100_000, 1_000_000)
+BURST = 2_000
+"""Runs timed per burst."""
+_MIX: tuple[tuple[float, Callable[[], cs.SyncPolicy]], ...] = (
+    (0.70, lambda: cs.SyncPolicy.daily(first_run="next_slot")),
+    (0.25, lambda: cs.SyncPolicy.hourly(first_run="next_slot")),
+    (0.05, lambda: cs.SyncPolicy.realtime(first_run="next_slot")),
+)
+
+FLAT = (
+    ("idle", "idle run_due()", "us/call"),
+    ("next_run", "next_run() of a random sync", "us/call"),
+    ("forever", "one idle run_forever() round", "us/call"),
+    ("upcoming", "upcoming(+1 h, limit=1000)", "us/call"),
+    ("upcoming_item", "iter_upcoming(+1 min), per run listed", "us/item"),
+    ("create", "create_sync()", "us/call"),
+)
+
+
+def _sizes() -> tuple[int, ...]:
+    raw = os.environ.get("COHORTSYNC_BENCH_SCALE_SIZES")
+    return tuple(int(s) for s in raw.split(",")) if raw else SIZES
+
+
+# -- the stores ------------------------------------------------------------------
+
+
+def _open(kind: str, where: str) -> Storage:
+    if kind == "sqlite":
+        return SQLiteStorage(where)
+    from cohortsync.storage import PostgresStorage
+
+    dsn, schema = where.split("#", 1)
+    return PostgresStorage(dsn, schema=schema)
+
+
+def _scheduler(store: Storage, clock: cs.Clock) -> cs.Scheduler:
+    scheduler = cs.Scheduler(store, clock=clock, seed=0)
+    scheduler.add_destination("noop", Noop())
+    scheduler.add_cohort(cs.Cohort(id="empty", name="Empty", source=lambda: ()))
+    return scheduler
+
+
+def _specs(n: int) -> Iterator[cs.SyncSpec]:
+    i = 0
+    for share, policy in _MIX:
+        made = policy()
+        for _ in range(round(n * share)):
+            yield cs.SyncSpec("empty", "noop", made, sync_id=f"s{i:07d}")
+            i += 1
+
+
+def build(kind: str, where: str, n: int) -> dict[str, float]:
+    """In a child: create the *n* syncs in bulk; the seconds it took."""
+    from cohortsync.testing import FakeClock
+
+    store = _open(kind, where)
+    try:
+        scheduler = _scheduler(store, FakeClock(T0))
+        t = time.perf_counter()
+        result = scheduler.create_syncs(_specs(n))
+        seconds = time.perf_counter() - t
+        assert len(result.created) == n, (len(result.created), n)
+        if kind == "postgres":
+            _analyze(where)
+    finally:
+        store.close()
+    return {"build": seconds}
+
+
+def _analyze(where: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    dsn, schema = where.split("#", 1)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("ANALYZE {}.syncs").format(sql.Identifier(schema)))
+
+
+# -- the measurements (in a child process) ------------------------------------------
+
+
+class _OneRound:
+    """A clock whose first sleep stops run_forever: exactly one round, no time passes."""
+
+    def __init__(self, at: datetime, stop: threading.Event) -> None:
+        self._at = at
+        self._stop = stop
+
+    def now(self) -> datetime:
+        return self._at
+
+    def sleep(self, seconds: float) -> None:
+        self._stop.set()
+
+
+def _per_call(calls: int, body: Callable[[int], object]) -> float:
+    t = time.perf_counter()
+    for i in range(calls):
+        body(i)
+    return (time.perf_counter() - t) / calls * 1e6
+
+
+def measure_idle(kind: str, where: str, n: int, repeat: int) -> dict[str, float]:
+    """In a child, at T0 (nothing due): the per-call costs of FLAT, and peak RSS."""
+    from cohortsync.testing import FakeClock
+
+    store = _open(kind, where)
+    try:
+        scheduler = _scheduler(store, FakeClock(T0))
+        rng = random.Random(repeat)
+        ids = [f"s{rng.randrange(n):07d}" for _ in range(1_000)]
+        out: dict[str, float] = {}
+        scheduler.run_due()  # warm: connections, statement caches
+        out["idle"] = _per_call(300, lambda _: scheduler.run_due())
+        assert not scheduler.run_due(), "something was due at T0"
+        out["next_run"] = _per_call(len(ids), lambda i: scheduler.next_run(ids[i]))
+
+        def one_round(_: int) -> None:
+            stop = threading.Event()
+            worker = cs.Scheduler(store, clock=_OneRound(T0, stop), seed=0)
+            worker.run_forever(stop, idle=30.0)
+
+        out["forever"] = _per_call(100, one_round)
+        horizon = T0 + timedelta(hours=1)
+        out["upcoming"] = _per_call(20, lambda _: scheduler.upcoming(horizon, limit=1_000))
+        t = time.perf_counter()
+        items = sum(1 for _ in scheduler.iter_upcoming(T0 + timedelta(minutes=1)))
+        out["upcoming_item"] = (time.perf_counter() - t) / max(items, 1) * 1e6
+        out["upcoming_items"] = items
+        daily = cs.SyncPolicy.daily(first_run="next_slot")
+        out["create"] = _per_call(
+            200,
+            lambda i: scheduler.create_sync("empty", "noop", daily, sync_id=f"new-{repeat}-{i}"),
+        )
+        out["rss"] = peak_rss_mb()
+    finally:
+        store.close()
+    return out
+
+
+def measure_burst(kind: str, where: str, n: int, repeat: int) -> dict[str, float]:
+    """In a child, an hour and a minute after repeat's hour: runs/s of BURST runs."""
+    from cohortsync.testing import FakeClock
+
+    store = _open(kind, where)
+    try:
+        clock = FakeClock(T0 + timedelta(hours=repeat + 1, minutes=1))
+        scheduler = _scheduler(store, clock)
+        t = time.perf_counter()
+        runs = scheduler.run_due(limit=BURST)
+        seconds = time.perf_counter() - t
+        # A small store has fewer due than BURST (1,000 syncs: about 330).
+        return {"burst": len(runs) / seconds, "burst_runs": len(runs), "rss_burst": peak_rss_mb()}
+    finally:
+        store.close()
+
+
+# -- the scenario --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stores(kind: str, sizes: tuple[int, ...]) -> Iterator[dict[int, str]]:
+    """A store per size (a file, or a schema), removed afterwards."""
+    if kind == "sqlite":
+        directory = tempfile.mkdtemp(prefix="cohortsync-scale-")
+        try:
+            yield {n: os.path.join(directory, f"scale-{n}.db") for n in sizes}
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        return
+    import psycopg
+    from psycopg import sql
+
+    dsn = os.environ["COHORTSYNC_TEST_POSTGRES_DSN"]
+    tag = f"{os.getpid()}_{int(time.time())}"
+    where = {n: f"{dsn}#cs_scale_{tag}_{n}" for n in sizes}
+    try:
+        yield where
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for w in where.values():
+                schema = w.split("#", 1)[1]
+                conn.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+                )
+
+
+def _rounds(sizes: tuple[int, ...], repeats: int) -> Iterator[tuple[int, int]]:
+    for r in range(repeats):
+        for n in sizes if r % 2 == 0 else sizes[::-1]:
+            yield r, n
+
+
+def _measure(kind: str, sizes: tuple[int, ...], repeats: int) -> dict[int, dict[str, list[float]]]:
+    found: dict[int, dict[str, list[float]]] = {n: {} for n in sizes}
+
+    def keep(n: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            found[n].setdefault(key, []).append(value)
+
+    with _stores(kind, sizes) as where:
+        for n in sizes:
+            keep(n, child("sc_scale.build", (kind, where[n], n)))
+        for r, n in _rounds(sizes, repeats):
+            keep(n, child("sc_scale.measure_idle", (kind, where[n], n, r)))
+        for r, n in _rounds(sizes, repeats):
+            keep(n, child("sc_scale.measure_burst", (kind, where[n], n, r)))
+    return found
+
+
+def _rows(kind: str, found: dict[int, dict[str, list[float]]], sizes: tuple[int, ...]) -> list[Row]:
+    store = {"sqlite": "SQLite", "postgres": "PostgreSQL"}[kind]
+    small, large = sizes[0], sizes[-1]
+
+    def sample(n: int, key: str) -> Sample:
+        return Sample(tuple(found[n][key]))
+
+    def medians(key: str, fmt: str) -> str:
+        return ", ".join(f"{n:,}: {format(sample(n, key).median, fmt)}" for n in sizes)
+
+    def flat(ours: float, base: float | None, ratio: float | None) -> bool:
+        return ratio is not None and ratio <= 1.15
+
+    rows = [
+        Row.measured(
+            f"scale, {store}: {what}, {large:,} vs {small:,} syncs",
+            sample(large, key),
+            sample(small, key),
+            unit=unit,
+            goal="<= 1.15x",
+            met=flat,
+            note=f"medians by syncs: {medians(key, '.1f')}"
+            + (
+                f"; items listed: {medians('upcoming_items', ',.0f')}"
+                if key == "upcoming_item"
+                else ""
+            ),
+        )
+        for key, what, unit in FLAT
+    ]
+    rows.append(
+        Row.measured(
+            f"scale, {store}: hourly burst, first {BURST:,} runs, {large:,} vs {small:,} syncs",
+            sample(large, "burst"),
+            sample(small, "burst"),
+            unit="runs/s",
+            goal="<= 1.15x",
+            met=flat,
+            inverse=True,
+            note=f"ratio = runs/s at {small:,} / at {large:,}; medians: {medians('burst', ',.0f')}",
+        )
+    )
+    rows.append(
+        Row.measured(
+            f"scale, {store}: worker peak RSS (idle calls), {large:,} vs {small:,} syncs",
+            sample(large, "rss"),
+            sample(small, "rss"),
+            unit="MB",
+            goal="<= 1.15x",
+            met=flat,
+            note=f"medians: {medians('rss', '.0f')}",
+        )
+    )
+    rows.extend(
+        Row.measured(
+            f"scale, {store}: create_syncs() of {n:,} syncs (bulk, once)",
+            sample(n, "build"),
+            None,
+            unit="s",
+            goal="1M: < 120 s" if kind == "sqlite" else "1M: < 300 s",
+            met=(lambda o, b, r: o < (120 if kind == "sqlite" else 300)) if n == 1_000_000 else None,
+            note=f"{n / sample(n, 'build').median:,.0f} syncs/s",
+        )
+        for n in sizes
+    )
+    return rows
+
+
+def scenario_scale(sizes: tuple[int, ...] | None = None, repeats: int = REPEATS) -> list[Row]:
+    """The scale rows, SQLite then (with a server) PostgreSQL."""
+    sizes = sizes or _sizes()
+    kinds = ["sqlite"]
+    if os.environ.get("COHORTSYNC_TEST_POSTGRES_DSN"):
+        kinds.append("postgres")
+    rows: list[Row] = []
+    for kind in kinds:
+        rows.extend(_rows(kind, _measure(kind, sizes, repeats), sizes))
+    return rows
+
+
+__all__ = ["scenario_scale"]
