@@ -42,7 +42,7 @@ from cohortsync._plan import (
     plan_recheck,
     plan_recovery,
 )
-from cohortsync._policy import Cadence, OnDelete, SyncPolicy
+from cohortsync._policy import Cadence, FirstRun, OnDelete, SyncPolicy
 from cohortsync._run import Completing, RunEnvironment, prepare
 from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
 from cohortsync._validators import check_count, check_id
@@ -497,9 +497,36 @@ class Scheduler:
     def _now(self) -> datetime:
         return require_aware(self.clock.now(), "clock.now()")
 
+    def _place(self, sync_id: str, generation: int, policy: SyncPolicy) -> tuple[int, int | None]:
+        """
+        The offset and allocator bucket of a sync: a chosen time stays where
+        it is (counted in its bucket, so the syncs placed by the allocator
+        spread around it); the others go to :meth:`_slot`.
+        """
+        fixed = _schedule.fixed_offset(policy)
+        if fixed is None:
+            return self._slot(sync_id, generation, policy)
+        if self.slot_allocation == "hash" or _schedule.spread_period(policy) is None:
+            return fixed, None
+        return fixed, fixed // SLOT_BUCKET_SECONDS
+
+    def _first_due(
+        self, policy: SyncPolicy, offset: int, now: datetime
+    ) -> tuple[datetime, Trigger]:
+        """
+        When a created or updated sync first runs: now, or with
+        ``first_run="next_slot"`` at its first slot (now, if now is one).
+        """
+        if policy.first_run is FirstRun.NEXT_SLOT:
+            due = _schedule.next_due(policy, now, offset, now - _TICK)
+            if due is not None:
+                realtime = policy.cadence is Cadence.REALTIME
+                return due, Trigger.REALTIME if realtime else Trigger.SCHEDULED
+        return now, self._first_trigger(policy)
+
     def _slot(self, sync_id: str, generation: int, policy: SyncPolicy) -> tuple[int, int | None]:
-        period = _schedule.period_seconds(policy.cadence)
-        if policy.cadence not in (Cadence.HOURLY, Cadence.DAILY) or period is None:
+        period = _schedule.spread_period(policy)
+        if period is None:
             return 0, None
         preferred = _schedule.stable_offset(f"{sync_id}:{generation}", period)
         if self.slot_allocation == "hash":
@@ -553,11 +580,12 @@ class Scheduler:
             created_at=now,
             updated_at=now,
         )
-        offset, bucket = self._slot(sync.id, sync.generation, policy)
+        offset, bucket = self._place(sync.id, sync.generation, policy)
+        first_due, first_trigger = self._first_due(policy, offset, now)
         record = SyncRecord(
             sync=sync,
-            next_due=now,
-            next_trigger=self._first_trigger(policy),
+            next_due=first_due,
+            next_trigger=first_trigger,
             offset=offset,
             slot_bucket=bucket,
             anchor=now,
@@ -639,12 +667,13 @@ class Scheduler:
             effective_cadence=None,
             updated_at=now,
         )
-        offset, bucket = self._slot(sync.id, sync.generation, policy)
+        offset, bucket = self._place(sync.id, sync.generation, policy)
+        first_due, first_trigger = self._first_due(policy, offset, now)
         new = attrs.evolve(
             record,
             sync=sync,
-            next_due=now,
-            next_trigger=self._first_trigger(policy),
+            next_due=first_due,
+            next_trigger=first_trigger,
             offset=offset,
             slot_bucket=bucket,
             anchor=now,
@@ -1160,7 +1189,9 @@ class Scheduler:
             sync = record.sync
             # Workers read a shared clock at slightly different moments: only
             # a due time more than one period ahead means the clock went back.
-            period = sync.cadence.period or _NO_PERIOD_TOLERANCE
+            period = (
+                sync.policy.period if sync.effective_cadence is None else sync.cadence.period
+            ) or _NO_PERIOD_TOLERANCE
             if record.next_due is None or add_saturating(record.next_due, -period) <= now:
                 continue
             due: datetime | None = now
@@ -1292,6 +1323,7 @@ class Scheduler:
         self.close()
 
 
+_TICK = timedelta(microseconds=1)
 _NO_PERIOD_TOLERANCE = timedelta(minutes=1)
 """How far ahead of the clock a due time without a period may be before it is recomputed."""
 _MAX_CLAIM_BATCH = 64
