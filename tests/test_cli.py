@@ -128,7 +128,7 @@ class TestCheck:
     def test_bad_arguments_exit_2(self) -> None:
         """An unknown cadence is a usage error."""
         with pytest.raises(SystemExit) as info:
-            run_cli("check", "--destination", "braze", "--cadence", "weekly")
+            run_cli("check", "--destination", "braze", "--cadence", "fortnightly")
         assert 2 == info.value.code
 
 

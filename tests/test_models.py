@@ -153,15 +153,15 @@ BAD_VALUES = [
     # Unknown enum values name the allowed ones.
     (Cohort, "type", "lifecycle", "type", "lifecycle"),
     (Cohort, "type", 3, "type", 3),
-    (SyncPolicy, "cadence", "weekly", "cadence", "weekly"),
+    (SyncPolicy, "cadence", "fortnightly", "cadence", "fortnightly"),
     (SyncPolicy, "cadence", "HOURLY", "cadence", "HOURLY"),
     (SyncPolicy, "on_ineligible", "explode", "on_ineligible", "explode"),
     (SyncPolicy, "on_delete", "wipe", "on_delete", "wipe"),
     (Sync, "status", "zombie", "status", "zombie"),
-    (Sync, "effective_cadence", "weekly", "effective_cadence", "weekly"),
+    (Sync, "effective_cadence", "fortnightly", "effective_cadence", "fortnightly"),
     (SyncRun, "trigger", "cron", "trigger", "cron"),
     (SyncRun, "status", "ok", "status", "ok"),
-    (SyncRun, "cadence", "weekly", "cadence", "weekly"),
+    (SyncRun, "cadence", "fortnightly", "cadence", "fortnightly"),
     (Identifier, "kind", "fax", "kind", "fax"),
     (Capabilities, "accepted_identifiers", ["email", "fax"], "accepted_identifiers", "fax"),
     # Batch size and parallelism need at least one.
@@ -306,7 +306,7 @@ class TestValidators:
     def test_unknown_cadence_message_lists_choices(self) -> None:
         """The error for an unknown cadence says which ones exist."""
         with pytest.raises(ConfigurationError) as info:
-            SyncPolicy(cadence="weekly")
+            SyncPolicy(cadence="fortnightly")
 
         for cadence in Cadence:
             assert repr(cadence.value) in str(info.value)

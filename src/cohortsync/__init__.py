@@ -47,11 +47,13 @@ from cohortsync._destination import (
 )
 from cohortsync._policy import (
     Cadence,
+    FirstRun,
     MassRemovalGuard,
     OnDelete,
     OnIneligible,
     RetryPolicy,
     SyncPolicy,
+    Weekday,
 )
 from cohortsync._scheduler import Preview, Scheduler, Upcoming
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
@@ -69,6 +71,7 @@ __all__ = [
     "CohortType",
     "DeliveryResult",
     "Destination",
+    "FirstRun",
     "Identifier",
     "IdentifierKind",
     "IdentifierMapping",
@@ -93,5 +96,6 @@ __all__ = [
     "SystemClock",
     "Trigger",
     "Upcoming",
+    "Weekday",
     "exceptions",
 ]

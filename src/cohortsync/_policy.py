@@ -287,9 +287,11 @@ def _check_cron(inst: SyncPolicy, _attribute: attrs.Attribute[Any], value: str |
         if value is not None:
             raise ConfigurationError("expression", value, "only cron syncs take a cron expression")
         return
+    if value is None:
+        raise ConfigurationError("expression", value, "cron() needs a cron expression")
     from cohortsync._cron import parse_cron  # noqa: PLC0415 - _cron imports the exceptions only
 
-    parse_cron(value)  # None is refused there, with the others
+    parse_cron(value)
 
 
 def _check_first_run(inst: SyncPolicy, _attribute: attrs.Attribute[Any], value: FirstRun) -> None:
@@ -386,13 +388,13 @@ class SyncPolicy:
     def hourly(
         cls,
         *,
-        first_run: FirstRun | _FirstRunValue = FirstRun.NOW,
         send_removals: bool = True,
         guard: MassRemovalGuard = MassRemovalGuard(),
         on_delete: OnDelete | _OnDeleteValue = OnDelete.LEAVE,
         retry: RetryPolicy = RetryPolicy(),
         one_time_attempts: int = 5,
         rejection_attempts: int = 3,
+        first_run: FirstRun | _FirstRunValue = FirstRun.NOW,
     ) -> SyncPolicy:
         """
         Run now, then once an hour at a slot cohortsync picks to spread load.
@@ -416,13 +418,13 @@ class SyncPolicy:
         timezone: str | None = None,
         *,
         at: time | None = None,
-        first_run: FirstRun | _FirstRunValue = FirstRun.NOW,
         send_removals: bool = True,
         guard: MassRemovalGuard = MassRemovalGuard(),
         on_delete: OnDelete | _OnDeleteValue = OnDelete.LEAVE,
         retry: RetryPolicy = RetryPolicy(),
         one_time_attempts: int = 5,
         rejection_attempts: int = 3,
+        first_run: FirstRun | _FirstRunValue = FirstRun.NOW,
     ) -> SyncPolicy:
         """
         Run now, then once a day (a local day of *timezone* if given): at the
@@ -452,13 +454,13 @@ class SyncPolicy:
         *,
         at: time | None = None,
         timezone: str | None = None,
-        first_run: FirstRun | _FirstRunValue = FirstRun.NOW,
         send_removals: bool = True,
         guard: MassRemovalGuard = MassRemovalGuard(),
         on_delete: OnDelete | _OnDeleteValue = OnDelete.LEAVE,
         retry: RetryPolicy = RetryPolicy(),
         one_time_attempts: int = 5,
         rejection_attempts: int = 3,
+        first_run: FirstRun | _FirstRunValue = FirstRun.NOW,
     ) -> SyncPolicy:
         """
         Run now, then on the days of the week *on* (``"mon"``, a
@@ -487,7 +489,6 @@ class SyncPolicy:
         cls,
         interval: timedelta,
         *,
-        first_run: FirstRun | _FirstRunValue = FirstRun.NOW,
         send_removals: bool = True,
         guard: MassRemovalGuard = MassRemovalGuard(),
         on_ineligible: OnIneligible | _OnIneligibleValue = OnIneligible.FALLBACK_HOURLY,
@@ -495,6 +496,7 @@ class SyncPolicy:
         retry: RetryPolicy = RetryPolicy(),
         one_time_attempts: int = 5,
         rejection_attempts: int = 3,
+        first_run: FirstRun | _FirstRunValue = FirstRun.NOW,
     ) -> SyncPolicy:
         """
         Run now, then every *interval* (a whole number of minutes, from 1
@@ -523,7 +525,6 @@ class SyncPolicy:
         expression: str,
         *,
         timezone: str | None = None,
-        first_run: FirstRun | _FirstRunValue = FirstRun.NOW,
         send_removals: bool = True,
         guard: MassRemovalGuard = MassRemovalGuard(),
         on_ineligible: OnIneligible | _OnIneligibleValue = OnIneligible.FALLBACK_HOURLY,
@@ -531,6 +532,7 @@ class SyncPolicy:
         retry: RetryPolicy = RetryPolicy(),
         one_time_attempts: int = 5,
         rejection_attempts: int = 3,
+        first_run: FirstRun | _FirstRunValue = FirstRun.NOW,
     ) -> SyncPolicy:
         """
         Run now, then at the times of a standard 5-field cron *expression*
@@ -561,7 +563,6 @@ class SyncPolicy:
     def realtime(
         cls,
         *,
-        first_run: FirstRun | _FirstRunValue = FirstRun.NOW,
         send_removals: bool = True,
         guard: MassRemovalGuard = MassRemovalGuard(),
         on_ineligible: OnIneligible | _OnIneligibleValue = OnIneligible.FALLBACK_HOURLY,
@@ -569,6 +570,7 @@ class SyncPolicy:
         retry: RetryPolicy = RetryPolicy(),
         one_time_attempts: int = 5,
         rejection_attempts: int = 3,
+        first_run: FirstRun | _FirstRunValue = FirstRun.NOW,
     ) -> SyncPolicy:
         """
         Send the full cohort now, then check for changes every minute.
