@@ -601,6 +601,35 @@ class SyncPolicy:
             return self.interval
         return self.cadence.period
 
+    def describe(self) -> str:
+        """
+        The schedule in a few words, for people: ``"hourly"``, ``"daily at
+        06:00 America/New_York"``, ``"every 15m"``, ``"weekly mon,fri at
+        09:30"``, ``"cron '0 6 * * 1-5' UTC"``.
+        """
+        cadence = self.cadence
+        zone = f" {self.timezone}" if self.timezone else ""
+        at = (
+            ""
+            if self.at is None
+            else f" at {self.at.isoformat('minutes' if not self.at.second else 'seconds')}"
+        )
+        if cadence is Cadence.DAILY:
+            return f"daily{at}{zone}"
+        if cadence is Cadence.WEEKLY:
+            days = ",".join(day.value for day in self.on)
+            return f"weekly {days}{at}{zone}"
+        if cadence is Cadence.EVERY and self.interval is not None:
+            minutes = int(self.interval.total_seconds()) // 60
+            if minutes % 1_440 == 0:
+                return f"every {minutes // 1_440}d"
+            if minutes % 60 == 0:
+                return f"every {minutes // 60}h"
+            return f"every {minutes}m"
+        if cadence is Cadence.CRON:
+            return f"cron {self.expression!r} {self.timezone or 'UTC'}"
+        return str(cadence.value).replace("_", "-")
+
     @property
     def chosen_time(self) -> bool:
         """
