@@ -277,6 +277,49 @@ class TestAcrossEveryTransition:
         ]
 
 
+def quick_reverts(zone_name: str, first_year: int, last_year: int) -> list[tuple[int, int]]:
+    """
+    Pairs of offset changes of a zone less than two days apart (epoch
+    seconds), found by sampling every three hours.
+    """
+    zone = ZoneInfo(zone_name)
+    step = 3 * 3_600
+    start = int(datetime(first_year, 1, 1, tzinfo=UTC).timestamp())
+    end = int(datetime(last_year + 1, 1, 1, tzinfo=UTC).timestamp())
+    found, last_change = [], None
+    previous = datetime.fromtimestamp(start, zone).utcoffset()
+    for at in range(start + step, end, step):
+        offset = datetime.fromtimestamp(at, zone).utcoffset()
+        if offset != previous:
+            if last_change is not None and at - last_change <= 2 * 86_400 + step:
+                found.append((last_change, at))
+            last_change, previous = at, offset
+    return found
+
+
+class TestCronFastPathAssumption:
+    """
+    The cron fast path assumes no zone changes its offset twice within two
+    days (docs: _next_cron). Checked for the sample zones here, for every
+    zone from 1900 to 2100 in the slow session.
+    """
+
+    @pytest.mark.parametrize("zone_name", SAMPLE_ZONES)
+    def test_sample_zones(self, zone_name: str) -> None:
+        """No two offset changes within two days, 1970 to 2100."""
+        assert [] == quick_reverts(zone_name, 1970, 2100)
+
+    @pytest.mark.slow
+    def test_every_zone(self) -> None:
+        """No zone zoneinfo knows has two offset changes within two days, 1900 to 2100."""
+        import zoneinfo
+
+        bad = {
+            name: quick_reverts(name, 1900, 2100) for name in sorted(zoneinfo.available_timezones())
+        }
+        assert {} == {name: pairs for name, pairs in bad.items() if pairs}
+
+
 def slot_date(zone: ZoneInfo, run: datetime, at_time: time) -> date:
     """The local date a daily slot belongs to (the day before, for a gap ending at midnight)."""
     local = run.astimezone(zone)

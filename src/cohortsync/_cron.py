@@ -50,6 +50,8 @@ _NICKNAMES = {
 # that fits none of the chosen months never matches.
 _LONGEST = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _MINUTE = timedelta(minutes=1)
+_DAYS_IN_MONTH = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31, 0)
+_date = date
 _LAST_YEAR = 9999
 
 
@@ -76,6 +78,71 @@ class CronSpec:
     months: tuple[int, ...]
     weekdays: int
     days_or: bool
+    # Lookup tables for the hot path, derived from the sets above: the first
+    # matching value at or after each index, -1 past the last one.
+    _next_minute: tuple[int, ...] = attrs.field(init=False, repr=False, eq=False)
+    _next_hour: tuple[int, ...] = attrs.field(init=False, repr=False, eq=False)
+    _next_month: tuple[int, ...] = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "_next_minute", _first_at_or_after(self.minutes, 61))
+        set_(self, "_next_hour", _first_at_or_after(self.hours, 25))
+        set_(self, "_next_month", _first_at_or_after(self.months, 14))
+
+    def next_fields(  # noqa: C901 - one flat loop: helpers would cost a call per step
+        self, year: int, month: int, day: int, hour: int, minute: int
+    ) -> tuple[int, int, int, int, int]:
+        """
+        The first match at or after a wall time given as fields (minute may
+        be 60, hour 24 and day past the month's end: they roll over), as
+        ``(year, month, day, hour, minute)``. Field by field through lookup
+        tables: a handful of steps whatever the distance.
+
+        Raises:
+            OverflowError: No match before year 10,000.
+        """
+        next_minute, next_hour, next_month = self._next_minute, self._next_hour, self._next_month
+        days, weekdays, either = self.days, self.weekdays, self.days_or
+        while True:
+            found = next_month[month]
+            if found != month:
+                if found < 0:
+                    year, month = year + 1, self.months[0]
+                else:
+                    month = found
+                day, hour, minute = 1, 0, 0
+                if year > _LAST_YEAR:
+                    raise OverflowError("no cron match before year 10000")
+            last = _DAYS_IN_MONTH[month]
+            if month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0):
+                last = 29
+            start = day
+            if day <= last:
+                weekday = (_date(year, month, day).weekday() + 1) % 7
+                while day <= last:
+                    by_day = days >> day & 1
+                    by_weekday = weekdays >> weekday & 1
+                    if (by_day or by_weekday) if either else (by_day and by_weekday):
+                        break
+                    day += 1
+                    weekday = (weekday + 1) % 7
+            if day > last:
+                month, day, hour, minute = month + 1, 1, 0, 0
+                continue
+            if day != start:
+                hour, minute = 0, 0
+            found = next_hour[hour]
+            if found < 0:
+                day, hour, minute = day + 1, 0, 0
+                continue
+            if found != hour:
+                hour, minute = found, 0
+            found = next_minute[minute]
+            if found < 0:
+                hour, minute = hour + 1, 0
+                continue
+            return year, month, day, hour, found
 
     @property
     def sub_hourly(self) -> bool:
@@ -234,6 +301,15 @@ class CronSpec:
         if self.day_matches(end.year, end.month, end.day):
             total += per_day - self.times_in_day_from(last.hour, last.minute + 1)
         return total
+
+
+def _first_at_or_after(values: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """For each index below *size*, the first of the sorted *values* at or after it, or -1."""
+    table = []
+    for index in range(size):
+        i = bisect_left(values, index)
+        table.append(values[i] if i < len(values) else -1)
+    return tuple(table)
 
 
 def _month_at_or_before(months: tuple[int, ...], year: int, month: int) -> tuple[int, int]:

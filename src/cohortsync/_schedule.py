@@ -175,7 +175,9 @@ def next_due_ts(period_seconds: int, offset: int, after_ts: float) -> int:
     return floor - (floor - offset) % period_seconds + period_seconds
 
 
-def next_due(policy: SyncPolicy, anchor: datetime, offset: int, after: datetime) -> datetime | None:
+def next_due(  # noqa: C901 - one flat branch per cadence: this is the hot path
+    policy: SyncPolicy, anchor: datetime, offset: int, after: datetime
+) -> datetime | None:
     """
     When a sync is next due, strictly after *after*.
 
@@ -249,6 +251,8 @@ def next_due(policy: SyncPolicy, anchor: datetime, offset: int, after: datetime)
             raise _bad_offset(cadence, offset)
         slot = datetime(after.year, after.month, after.day, after.hour, after.minute, 0, 0, _UTC)
         period = _ONE_MINUTE
+    elif cadence is _EVERY:
+        return _next_every(policy, offset, after)
     else:
         return _next_other(policy, offset, after)
     try:
@@ -614,9 +618,42 @@ def _naive(when: datetime) -> datetime:
     return when.replace(tzinfo=None)
 
 
+def _next_every(policy: SyncPolicy, offset: int, after: datetime) -> datetime:
+    """
+    :func:`next_due` for every() policies: an epoch-aligned grid, like the
+    hourly one, so intervals that divide a day line up with UTC midnights
+    and no interval drifts.
+    """
+    interval = policy.interval
+    if interval is None:
+        raise ConfigurationError("interval", None, "an every() policy needs an interval")
+    seconds = interval.days * _DAY + interval.seconds
+    if type(offset) is not int or not 0 <= offset < seconds:
+        raise _bad_offset(policy.cadence, offset, policy)
+    if not _DAY % seconds:
+        # The grid lines up with each UTC midnight: the answer is usually
+        # built from *after*'s own calendar fields, as for hourly syncs.
+        into = after.hour * 3_600 + after.minute * 60 + after.second
+        due = into - (into - offset) % seconds + seconds
+        if due < _DAY:
+            return datetime(
+                after.year, after.month, after.day,
+                due // 3_600, due // 60 % 60, due % 60, 0, _UTC,
+            )  # fmt: skip
+    delta = after - _EPOCH
+    now = delta.days * _DAY + delta.seconds
+    return _from_ts(now - (now - offset) % seconds + seconds, _UTC)
+
+
 def _next_other(policy: SyncPolicy, offset: int, after: datetime) -> datetime | None:
     """:func:`next_due` for one-time, every, weekly and cron policies."""
     cadence = policy.cadence
+    if cadence is _CRON and offset == 0 and type(offset) is int:
+        expression, zone_name = policy.expression, policy.timezone
+        if expression is not None:
+            return _next_cron(
+                parse_cron(expression), None if zone_name is None else ZoneInfo(zone_name), after
+            )
     if type(offset) is not int or not 0 <= offset < offset_bound(policy):
         raise _bad_offset(cadence, offset, policy)
     if cadence is _EVERY:
@@ -680,10 +717,47 @@ def _next_cron(spec: CronSpec, zone: ZoneInfo | None, after: datetime) -> dateti
     *after*'s wall clock, or, when *after* falls in the first pass of a
     repeated hour, the start of the repetition (its times run in the second
     pass, after *after*). No minute-by-minute walk.
+
+    The common case needs no DST rule: when the zone's offset is the same at
+    *after* and two days later, no transition lies between (the tz database
+    never changes an offset and back within two days:
+    ``tests/test_schedule_policies.py`` checks every zone from 1900 to 2100),
+    so a match within a day of *after* is its wall time minus that offset.
+    Otherwise :func:`_next_cron_near` applies the rules step by step.
     """
     if zone is None:
-        wall = spec.first_at_or_after(next_minute(_naive(after)))
-        return wall.replace(tzinfo=_UTC)
+        y, mo, d, h, mi = spec.next_fields(
+            after.year, after.month, after.day, after.hour, after.minute + 1
+        )
+        return datetime(y, mo, d, h, mi, 0, 0, _UTC)
+    local = after.astimezone(zone)
+    offset = local.utcoffset()
+    y, mo, d, h, mi = spec.next_fields(
+        local.year, local.month, local.day, local.hour, local.minute + 1
+    )
+    if offset is not None:
+        try:
+            instant = datetime(y, mo, d, h, mi, 0, 0, _UTC) - offset
+            # Probes two days apart with *after*'s offset, up to a day past
+            # the match: no transition anywhere in between.
+            if instant - after < _FAST_SPAN:
+                probe, until = after + _STABLE, instant + _ONE_DAY
+                while probe.astimezone(zone).utcoffset() == offset:
+                    if probe >= until:
+                        return instant
+                    probe += _STABLE
+        except OverflowError:
+            pass  # the end of time: the careful path says so
+    return _next_cron_near(spec, zone, after)
+
+
+_STABLE = timedelta(days=2)
+_FAST_SPAN = timedelta(days=8)
+"""Matches further than this from *after* (rare schedules) take the careful path."""
+
+
+def _next_cron_near(spec: CronSpec, zone: ZoneInfo, after: datetime) -> datetime:
+    """:func:`_next_cron` for a zone, with every DST rule checked step by step."""
     local = after.astimezone(zone)
     start = None
     if local.fold == 0:
