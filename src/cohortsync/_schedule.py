@@ -252,6 +252,20 @@ def next_due(  # noqa: C901 - one flat branch per cadence: this is the hot path
         slot = datetime(after.year, after.month, after.day, after.hour, after.minute, 0, 0, _UTC)
         period = _ONE_MINUTE
     elif cadence is _EVERY:
+        # Inlined for the common intervals (those that divide a day, so the
+        # grid lines up with each UTC midnight): built from *after*'s own
+        # calendar fields, as for hourly syncs. The others: _next_every.
+        interval = policy.interval
+        if interval is not None and not interval.days and type(offset) is int:
+            seconds = interval.seconds
+            if not _DAY % seconds and 0 <= offset < seconds:
+                into = after.hour * 3_600 + after.minute * 60 + after.second
+                due = into - (into - offset) % seconds + seconds
+                if due < _DAY:
+                    return datetime(
+                        after.year, after.month, after.day,
+                        due // 3_600, due // 60 % 60, due % 60, 0, _UTC,
+                    )  # fmt: skip
         return _next_every(policy, offset, after)
     else:
         return _next_other(policy, offset, after)
