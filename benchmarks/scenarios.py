@@ -14,7 +14,12 @@ from common import START, FakeClock, Noop, Row, as_dicts, machine
 from sc_members import scenario_diff, scenario_first_sync, scenario_overhead, scenario_sorted
 from sc_postgres import scenario_claims
 from sc_scale import scenario_scale
-from sc_schedule import scenario_next_run, scenario_peer, scenario_spread
+from sc_schedule import (
+    scenario_next_run,
+    scenario_next_run_schedules,
+    scenario_peer,
+    scenario_spread,
+)
 from sc_stores import expected_runs, scenario_throughput
 
 SCENARIOS: dict[str, Callable[[], list[Row]]] = {
@@ -23,6 +28,7 @@ SCENARIOS: dict[str, Callable[[], list[Row]]] = {
     "sorted": scenario_sorted,
     "throughput": scenario_throughput,
     "next_run": scenario_next_run,
+    "next_run_schedules": scenario_next_run_schedules,
     "spread": scenario_spread,
     "peer": scenario_peer,
     "overhead": scenario_overhead,
@@ -43,6 +49,7 @@ __all__ = [
     "scenario_diff",
     "scenario_first_sync",
     "scenario_next_run",
+    "scenario_next_run_schedules",
     "scenario_overhead",
     "scenario_peer",
     "scenario_scale",

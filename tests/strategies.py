@@ -8,7 +8,7 @@ instants, policies and offsets the same way. Group them by topic below.
 from __future__ import annotations
 
 import functools
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import attrs
@@ -29,13 +29,15 @@ from cohortsync._destination import (
 )
 from cohortsync._policy import (
     Cadence,
+    FirstRun,
     MassRemovalGuard,
     OnDelete,
     OnIneligible,
     RetryPolicy,
     SyncPolicy,
+    Weekday,
 )
-from cohortsync._schedule import period_seconds
+from cohortsync._schedule import fixed_offset, offset_bound
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.advice import Recommendation
 from cohortsync.events import (
@@ -155,6 +157,66 @@ def near_dst_transitions(zone: str, days: int = 2) -> st.SearchStrategy[datetime
 # --- Policies and schedules -------------------------------------------------
 
 
+#: Cron expressions with every shape the parser knows: lists, ranges, steps,
+#: names, both day fields (OR), a starred day field (AND), leap days.
+CRON_EXPRESSIONS = (
+    "0 6 * * 1-5",
+    "*/15 * * * *",
+    "30 2 * * *",
+    "0,30 1-3 * * *",
+    "5 4 1,15 * mon",
+    "0 0 29 2 *",
+    "0 12 * jan-mar,oct sat,sun",
+    "*/7 9-17/2 */3 * *",
+    "0 0 13 * 5",
+    "45 23 31 * *",
+    "@hourly",
+)
+
+
+def plain_policy(cadence: Cadence, **options: object) -> SyncPolicy:
+    """
+    A policy of *cadence* with the schedule fields it needs (every 15
+    minutes, weekly on Mondays, cron at 06:00), for tests about something else.
+    """
+    needs: dict[Cadence, dict[str, object]] = {
+        Cadence.EVERY: {"interval": timedelta(minutes=15)},
+        Cadence.WEEKLY: {"on": Weekday.MONDAY},
+        Cadence.CRON: {"expression": "0 6 * * *"},
+    }
+    return SyncPolicy(cadence=cadence, **needs.get(cadence, {}), **options)  # type: ignore[arg-type]
+
+
+def local_times() -> st.SearchStrategy[time]:
+    """Times of day to the second, biased towards quarter hours (DST changes)."""
+    quarters = st.integers(0, 95).map(lambda k: time(k // 4, k % 4 * 15))
+    return quarters | st.builds(time, st.integers(0, 23), st.integers(0, 59), st.integers(0, 59))
+
+
+def intervals() -> st.SearchStrategy[timedelta]:
+    """Every() intervals, whole minutes from 1 minute to 7 days."""
+    common = st.sampled_from([1, 5, 15, 30, 60, 90, 360, 1440, 2880, 10080])
+    return (common | st.integers(1, 7 * 1440)).map(lambda m: timedelta(minutes=m))
+
+
+@st.composite
+def schedule_options(
+    draw: st.DrawFn, cadence: Cadence, timezones: tuple[str, ...] = TIMEZONES
+) -> dict[str, object]:
+    """The schedule fields a policy of *cadence* takes, drawn."""
+    zone = draw(st.none() | st.sampled_from(timezones)) if timezones else None
+    if cadence is Cadence.DAILY:
+        return {"timezone": zone, "at": draw(st.none() | local_times())}
+    if cadence is Cadence.WEEKLY:
+        on = draw(st.sets(st.sampled_from(Weekday), min_size=1))
+        return {"timezone": zone, "at": draw(st.none() | local_times()), "on": on}
+    if cadence is Cadence.EVERY:
+        return {"interval": draw(intervals())}
+    if cadence is Cadence.CRON:
+        return {"timezone": zone, "expression": draw(st.sampled_from(CRON_EXPRESSIONS))}
+    return {}
+
+
 @st.composite
 def policies(
     draw: st.DrawFn,
@@ -162,28 +224,26 @@ def policies(
     timezones: tuple[str, ...] = TIMEZONES,
 ) -> SyncPolicy:
     """
-    Sync policies of the given *cadences*; daily ones with or without one of
-    *timezones*.
+    Sync policies of the given *cadences*, with their schedule fields drawn
+    (zoned ones with or without one of *timezones*).
     """
     cadence = draw(st.sampled_from(cadences))
-    zone = None
-    if cadence is Cadence.DAILY and timezones:
-        zone = draw(st.none() | st.sampled_from(timezones))
-    return SyncPolicy(cadence=cadence, timezone=zone)
+    return SyncPolicy(cadence=cadence, **draw(schedule_options(cadence, timezones)))  # type: ignore[arg-type]
 
 
 def offsets(policy: SyncPolicy) -> st.SearchStrategy[int]:
     """
-    Valid slot offsets for *policy*: anywhere in the period for hourly and
-    daily syncs, biased towards quarter hours (where DST transitions happen),
-    and 0 for one-time and real-time syncs, which are not spread.
+    Valid slot offsets for *policy*: the chosen time's for a daily or weekly
+    ``at`` (0 for cron, one-time and real-time syncs, which are not spread),
+    else anywhere in the period, biased towards quarter hours (where DST
+    transitions happen).
     """
-    if policy.cadence not in {Cadence.HOURLY, Cadence.DAILY}:
-        return st.just(0)
-    period = period_seconds(policy.cadence)
-    assert period is not None
-    quarter_hours = st.integers(0, period // 900 - 1).map(lambda k: k * 900)
-    return st.integers(0, period - 1) | quarter_hours
+    fixed = fixed_offset(policy)
+    if fixed is not None:
+        return st.just(fixed)
+    period = offset_bound(policy)
+    quarter_hours = st.integers(0, max(period // 900 - 1, 0)).map(lambda k: k * 900)
+    return st.integers(0, period - 1) | quarter_hours.filter(lambda o: o < period)
 
 
 @st.composite
@@ -302,10 +362,11 @@ def sync_policies(draw: st.DrawFn) -> SyncPolicy:
     which varies only what the schedule reads.
     """
     cadence = draw(st.sampled_from(Cadence))
-    zone = draw(st.none() | st.sampled_from(TIMEZONES)) if cadence is Cadence.DAILY else None
+    first_run = FirstRun.NOW if cadence is Cadence.ONE_TIME else draw(st.sampled_from(FirstRun))
     return SyncPolicy(
         cadence=cadence,
-        timezone=zone,
+        **draw(schedule_options(cadence)),  # type: ignore[arg-type]
+        first_run=first_run,
         send_removals=draw(st.booleans()),
         guard=draw(guards()),
         on_ineligible=draw(st.sampled_from(OnIneligible)),

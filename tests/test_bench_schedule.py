@@ -64,6 +64,23 @@ class TestNextRun:
         assert grid.goal == "report"
         assert grid.met is None
 
+    def test_the_new_schedules_are_compared_and_timed(self) -> None:
+        """every, daily(at) in New York and cron against their triggers, equal on sampled inputs."""
+        checked: dict[str, int] = {}
+        rows = sc_schedule.scenario_next_run_schedules(n=2_000, checked=checked)
+        check_rows(rows)
+        per_pair = sc_schedule.CHECK_SAMPLE * rows[0].repeats
+        assert 4 == len(checked)
+        assert all(count == per_pair for count in checked.values()), checked
+        by_name = {row.scenario: row for row in rows}
+        assert (
+            "IntervalTrigger(minutes=15)" in by_name["next run, every 15 min (datetime API)"].note
+        )
+        cron = [row for row in rows if row.scenario.startswith("next run, cron")]
+        assert 2 == len(cron)
+        assert all(row.goal == ">= 5x APScheduler" for row in cron)
+        assert all("croniter" in row.note and "CronTrigger" in row.note for row in cron)
+
     def test_inputs_differ_between_rounds_and_do_not_repeat(self) -> None:
         a = sc_schedule.random_instants(5_000, seed=0)
         b = sc_schedule.random_instants(5_000, seed=1)

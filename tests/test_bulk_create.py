@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -96,6 +96,45 @@ class TestCreateSyncs:
         assert [r.next_due for r in single.storage.list_syncs()] == [
             r.next_due for r in bulk.storage.list_syncs()
         ]
+
+    def test_the_new_schedules_like_create_sync(self, make_store: Callable[[], Storage]) -> None:
+        """
+        Chosen times, intervals, weeks, cron and first_run="next_slot" are placed
+        and scheduled as create_sync does (issue 17 met issue 19 in one merge:
+        the bulk path used to make every first run due now and move chosen times).
+        """
+        policies = [
+            cs.SyncPolicy.daily(first_run="next_slot"),
+            cs.SyncPolicy.daily("America/New_York", at=time(6, 0)),
+            cs.SyncPolicy.every(timedelta(minutes=15)),
+            cs.SyncPolicy.weekly("mon", at=time(9, 30), first_run="next_slot"),
+            cs.SyncPolicy.cron("0 6 * * 1-5", timezone="Europe/Berlin"),
+            cs.SyncPolicy.realtime(first_run="next_slot"),
+            cs.SyncPolicy.hourly(first_run="next_slot"),
+        ]
+        specs = [
+            cs.SyncSpec("c", "noop", policies[i % len(policies)], sync_id=f"s{i:03d}")
+            for i in range(140)
+        ]
+        bulk, single = _scheduler(make_store()), _scheduler(make_store())
+
+        bulk.create_syncs(specs, chunk=50)
+        for spec in specs:
+            single.create_sync("c", "noop", spec.policy, sync_id=spec.sync_id)
+
+        def schedule(store: Storage) -> list[tuple[object, ...]]:
+            return [
+                (r.id, r.offset, r.slot_bucket, r.next_due, r.next_trigger)
+                for r in store.list_syncs()
+            ]
+
+        assert schedule(single.storage) == schedule(bulk.storage)
+        chosen = [r for r in bulk.storage.list_syncs() if r.sync.policy.at == time(6, 0)]
+        assert {6 * 3600} == {r.offset for r in chosen}  # a chosen time is never moved
+        waiting = [r for r in bulk.storage.list_syncs() if r.sync.policy.first_run.value != "now"]
+        # The first slot, which is now only if now is a slot (T0 is a minute boundary).
+        firsts = [r.next_due for r in waiting if r.sync.policy.cadence is not cs.Cadence.REALTIME]
+        assert all(due is not None and due > T0 for due in firsts)
 
     def test_made_up_ids(self, make_store: Callable[[], Storage]) -> None:
         """Specs without an id get one each, returned in input order."""

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import datetime, timedelta, timezone
+from datetime import time as dt_time
 from pathlib import Path
 
 import pytest
@@ -128,8 +130,82 @@ class TestCheck:
     def test_bad_arguments_exit_2(self) -> None:
         """An unknown cadence is a usage error."""
         with pytest.raises(SystemExit) as info:
-            run_cli("check", "--destination", "braze", "--cadence", "weekly")
+            run_cli("check", "--destination", "braze", "--cadence", "fortnightly")
         assert 2 == info.value.code
+
+
+class TestSchedules:
+    """The store commands and `check` speak the schedules of issue 17."""
+
+    @pytest.fixture
+    def db(self, tmp_path: Path) -> str:
+        import cohortsync as cs
+        from cohortsync.testing import FakeClock, RecordingDestination
+
+        path = tmp_path / "s.db"
+        clock = FakeClock(datetime(2020, 1, 6, tzinfo=timezone.utc))
+        scheduler = cs.Scheduler(cs.storage.SQLiteStorage(path), clock=clock)
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u"]))
+        scheduler.add_destination("d", RecordingDestination())
+        scheduler.create_sync("c", "d", cs.SyncPolicy.every(timedelta(minutes=15)), sync_id="e")
+        scheduler.create_sync(
+            "c", "d", cs.SyncPolicy.cron("0 6 * * 1-5", timezone="America/New_York"), sync_id="k"
+        )
+        scheduler.create_sync(
+            "c", "d", cs.SyncPolicy.weekly(["mon", "fri"], at=dt_time(9, 30)), sync_id="w"
+        )
+        scheduler.close()
+        return str(path)
+
+    def test_syncs_show_the_schedule(self, db: str) -> None:
+        """Each sync's line says its schedule in a few words."""
+        code, out = run_cli("syncs", "--db", db)
+
+        assert 0 == code
+        assert "every 15m" in out
+        assert "cron '0 6 * * 1-5' America/New_York" in out
+        assert "weekly mon,fri at 09:30" in out
+
+    def test_upcoming_shows_the_schedule(self, db: str) -> None:
+        """Upcoming runs name their sync's schedule."""
+        code, out = run_cli("upcoming", "--db", db, "--hours", "1", "--limit", "10")
+
+        assert 0 == code
+        assert "every 15m" in out
+
+    @pytest.mark.parametrize(
+        ("options", "expected"),
+        [
+            (("--cadence", "every", "--every", "15"), "every 15m: eligible"),
+            (("--cadence", "cron", "--cron", "0 6 * * 1-5"), "cron '0 6 * * 1-5' UTC: eligible"),
+            (("--cadence", "weekly", "--on", "mon,thu", "--at", "06:30"), "at 06:30: eligible"),
+            (("--cadence", "daily", "--at", "06:00", "--timezone", "Europe/Berlin"), "eligible"),
+        ],
+    )
+    def test_check_new_cadences(self, options: tuple[str, ...], expected: str) -> None:
+        """`check` builds every new cadence from its options."""
+        code, out = run_cli("check", "--destination", "facebook_ads", "--size", "5000", *options)
+
+        assert (0, True) == (code, expected in out)
+
+    def test_check_sub_hourly_size(self) -> None:
+        """Every 15 minutes with 2M members hits the sub-hourly size limit."""
+        code, out = run_cli(
+            "check", "--destination", "braze", "--cadence", "every", "--every", "15",
+            "--size", "2000000",
+        )  # fmt: skip
+
+        assert (1, True) == (code, "sub_hourly_size_limit" in out)
+
+    @pytest.mark.parametrize(
+        "options",
+        [("--cadence", "cron", "--cron", "0 25 * * *"), ("--cadence", "daily", "--at", "6h")],
+    )
+    def test_check_bad_schedule(self, options: tuple[str, ...]) -> None:
+        """A bad cron expression or time is an error, not a traceback."""
+        code, _ = run_cli("check", "--destination", "braze", *options)
+
+        assert code in (1, 2)
 
 
 class TestWorker:

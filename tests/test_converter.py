@@ -188,7 +188,7 @@ class TestBadData:
 
     @pytest.mark.parametrize(
         ("field", "value"),
-        [("status", "zombie"), ("effective_cadence", "weekly")],
+        [("status", "zombie"), ("effective_cadence", "fortnightly")],
     )
     def test_unknown_enum_value(self, field: str, value: str) -> None:
         """An unknown enum value is a ValueError naming the value, inside a ClassValidationError."""
@@ -204,7 +204,7 @@ class TestBadData:
     def test_unknown_cadence_nested(self) -> None:
         """An unknown cadence inside a nested policy is reported through both classes."""
         data = _converter.unstructure(_sync())
-        data["policy"]["cadence"] = "weekly"
+        data["policy"]["cadence"] = "fortnightly"
 
         with pytest.raises(ClassValidationError, match="Sync") as info:
             _converter.structure(data, cohortsync.Sync)

@@ -1908,6 +1908,34 @@ class TestEligibilityRecheck:
         assert (0, 0) == (due.second, due.microsecond)
         assert timedelta(0) < due - clock.now() <= timedelta(minutes=1)
 
+    @pytest.mark.parametrize(
+        "policy",
+        [SyncPolicy.cron("*/5 * * * *"), SyncPolicy.every(timedelta(minutes=10))],
+        ids=["cron", "every"],
+    )
+    def test_a_sub_hourly_sync_falls_back_too(self, clock: FakeClock, policy: SyncPolicy) -> None:
+        """A sync more often than hourly whose cohort becomes a funnel runs hourly, then returns."""
+        h = Harness(clock, keys(3), policy=policy)
+        h.run_now()
+        h.set_cohort_type(CohortType.FUNNEL)
+
+        fallback = h.run_next(keys(4))
+
+        assert ("sub_hourly_cohort_type", "fallback_hourly") == fallback.notes
+        sync = h.scheduler.get_sync(SYNC)
+        assert ("hourly", policy.cadence.value) == (sync.cadence.value, sync.policy.cadence.value)
+        due = h.scheduler.next_run(SYNC)
+        assert due is not None
+        assert stable_offset(SYNC, 3600) == _hour_offset(due)
+
+        h.set_cohort_type(CohortType.BEHAVIORAL)
+        back = h.run_next()
+
+        assert ("eligible_again",) == back.notes
+        due = h.scheduler.next_run(SYNC)
+        assert due is not None
+        assert timedelta(0) < due - clock.now() <= (policy.period or timedelta(minutes=5))
+
     def test_a_fallback_holds_even_when_the_delivery_fails(self, clock: FakeClock) -> None:
         """The eligibility change is kept by the run that found it, whatever the delivery did."""
         dest = FaultyDestination(SMALL, script={1: Fault.permanent()})

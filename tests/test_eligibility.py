@@ -362,11 +362,13 @@ class TestRuleset:
     """Hosts extend and override the default rules."""
 
     def test_defaults(self) -> None:
-        """The default ruleset holds the product's six rules, in order."""
+        """The default ruleset: the product's six rules and the two sub-hourly ones, in order."""
         assert [
             "realtime_size",
             "realtime_cohort_type",
             "realtime_destination",
+            "sub_hourly_size",
+            "sub_hourly_cohort_type",
             "min_audience",
             "identifier_compatibility",
             "removal_on_delete",

@@ -5,9 +5,10 @@ the field and the value, good values behave, and reprs help without leaking.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, time, timedelta, timezone
 from typing import Any, get_args
 from zoneinfo import ZoneInfo
 
@@ -25,6 +26,7 @@ from cohortsync import (
     Changes,
     Cohort,
     CohortType,
+    FirstRun,
     Identifier,
     IdentifierKind,
     MassRemovalGuard,
@@ -43,6 +45,7 @@ from cohortsync import (
     SyncRun,
     SyncStatus,
     Trigger,
+    Weekday,
     _cohort,
     _destination,
     _policy,
@@ -153,15 +156,15 @@ BAD_VALUES = [
     # Unknown enum values name the allowed ones.
     (Cohort, "type", "lifecycle", "type", "lifecycle"),
     (Cohort, "type", 3, "type", 3),
-    (SyncPolicy, "cadence", "weekly", "cadence", "weekly"),
+    (SyncPolicy, "cadence", "fortnightly", "cadence", "fortnightly"),
     (SyncPolicy, "cadence", "HOURLY", "cadence", "HOURLY"),
     (SyncPolicy, "on_ineligible", "explode", "on_ineligible", "explode"),
     (SyncPolicy, "on_delete", "wipe", "on_delete", "wipe"),
     (Sync, "status", "zombie", "status", "zombie"),
-    (Sync, "effective_cadence", "weekly", "effective_cadence", "weekly"),
+    (Sync, "effective_cadence", "fortnightly", "effective_cadence", "fortnightly"),
     (SyncRun, "trigger", "cron", "trigger", "cron"),
     (SyncRun, "status", "ok", "status", "ok"),
-    (SyncRun, "cadence", "weekly", "cadence", "weekly"),
+    (SyncRun, "cadence", "fortnightly", "cadence", "fortnightly"),
     (Identifier, "kind", "fax", "kind", "fax"),
     (Capabilities, "accepted_identifiers", ["email", "fax"], "accepted_identifiers", "fax"),
     # Batch size and parallelism need at least one.
@@ -297,8 +300,8 @@ class TestValidators:
 
     @pytest.mark.parametrize("cadence", [Cadence.HOURLY, Cadence.REALTIME, Cadence.ONE_TIME])
     def test_timezone_only_on_daily(self, cadence: Cadence) -> None:
-        """Only daily syncs follow local days; other cadences refuse a time zone."""
-        with pytest.raises(ConfigurationError, match="only daily") as info:
+        """Only daily, weekly and cron syncs follow a wall clock; others refuse a time zone."""
+        with pytest.raises(ConfigurationError, match="only daily, weekly and cron") as info:
             SyncPolicy(cadence=cadence, timezone="Europe/Berlin")
 
         assert "timezone" == info.value.field
@@ -306,7 +309,7 @@ class TestValidators:
     def test_unknown_cadence_message_lists_choices(self) -> None:
         """The error for an unknown cadence says which ones exist."""
         with pytest.raises(ConfigurationError) as info:
-            SyncPolicy(cadence="weekly")
+            SyncPolicy(cadence="fortnightly")
 
         for cadence in Cadence:
             assert repr(cadence.value) in str(info.value)
@@ -664,13 +667,31 @@ class TestReprs:
 
 #: Each named constructor, the cadence it sets, and the options it takes
 #: beyond the ones every cadence takes.
-CONSTRUCTORS = [
-    (SyncPolicy.one_time, Cadence.ONE_TIME, set()),
-    (SyncPolicy.hourly, Cadence.HOURLY, set()),
-    (SyncPolicy.daily, Cadence.DAILY, {"timezone"}),
-    (SyncPolicy.realtime, Cadence.REALTIME, {"on_ineligible"}),
+CONSTRUCTORS: list[tuple[Any, Cadence, set[str], dict[str, object]]] = [
+    (SyncPolicy.one_time, Cadence.ONE_TIME, set(), {}),
+    (SyncPolicy.hourly, Cadence.HOURLY, {"first_run"}, {}),
+    (SyncPolicy.daily, Cadence.DAILY, {"timezone", "at", "first_run"}, {}),
+    (
+        functools.partial(SyncPolicy.weekly, "mon"),
+        Cadence.WEEKLY,
+        {"timezone", "at", "first_run"},
+        {"on": "mon"},
+    ),
+    (
+        functools.partial(SyncPolicy.every, timedelta(minutes=15)),
+        Cadence.EVERY,
+        {"on_ineligible", "first_run"},
+        {"interval": timedelta(minutes=15)},
+    ),
+    (
+        functools.partial(SyncPolicy.cron, "0 6 * * *"),
+        Cadence.CRON,
+        {"timezone", "on_ineligible", "first_run"},
+        {"expression": "0 6 * * *"},
+    ),
+    (SyncPolicy.realtime, Cadence.REALTIME, {"on_ineligible", "first_run"}, {}),
 ]
-CONSTRUCTOR_IDS = [c.value for _, c, _ in CONSTRUCTORS]
+CONSTRUCTOR_IDS = [c.value for _, c, _, _ in CONSTRUCTORS]
 EVERY_CADENCE = {
     "send_removals",
     "guard",
@@ -679,9 +700,13 @@ EVERY_CADENCE = {
     "one_time_attempts",
     "rejection_attempts",
 }
+#: Options only some cadences take.
+SOME_CADENCES = {"timezone", "on_ineligible", "at", "first_run"}
 #: A value other than the default for every option.
 NOT_DEFAULT: dict[str, object] = {
     "timezone": "Europe/Berlin",
+    "at": time(6, 30),
+    "first_run": FirstRun.NEXT_SLOT,
     "send_removals": False,
     "guard": MassRemovalGuard.disabled(),
     "on_ineligible": OnIneligible.PAUSE,
@@ -691,45 +716,64 @@ NOT_DEFAULT: dict[str, object] = {
     "rejection_attempts": 7,
 }
 OPTIONS = [
-    (make, option) for make, _, extra in CONSTRUCTORS for option in sorted(EVERY_CADENCE | extra)
+    (make, option) for make, _, extra, _ in CONSTRUCTORS for option in sorted(EVERY_CADENCE | extra)
 ]
+
+
+def _name(make: Any) -> str:
+    return str(getattr(make, "__name__", None) or make.func.__name__)
 
 
 class TestNamedConstructors:
     """SyncPolicy's named constructors take exactly their cadence's options, as keywords."""
 
-    @pytest.mark.parametrize(("make", "cadence", "extra"), CONSTRUCTORS, ids=CONSTRUCTOR_IDS)
+    @pytest.mark.parametrize(
+        ("make", "cadence", "extra", "needs"), CONSTRUCTORS, ids=CONSTRUCTOR_IDS
+    )
     def test_defaults_are_the_class_defaults(
-        self, make: Any, cadence: Cadence, extra: set[str]
+        self, make: Any, cadence: Cadence, extra: set[str], needs: dict[str, object]
     ) -> None:
         """Without options, a constructor builds the policy the class builds for its cadence."""
-        assert SyncPolicy(cadence=cadence) == make()
+        assert SyncPolicy(cadence=cadence, **needs) == make()  # type: ignore[arg-type]
 
     @pytest.mark.parametrize(
-        ("make", "option"), OPTIONS, ids=[f"{m.__name__}-{o}" for m, o in OPTIONS]
+        ("make", "option"), OPTIONS, ids=[f"{_name(m)}-{o}" for m, o in OPTIONS]
     )
     def test_every_option_is_passed_on(self, make: Any, option: str) -> None:
         """Each option a constructor takes reaches the policy."""
         assert NOT_DEFAULT[option] == getattr(make(**{option: NOT_DEFAULT[option]}), option)
 
-    @pytest.mark.parametrize(("make", "cadence", "extra"), CONSTRUCTORS, ids=CONSTRUCTOR_IDS)
+    @pytest.mark.parametrize(
+        ("make", "cadence", "extra", "needs"), CONSTRUCTORS, ids=CONSTRUCTOR_IDS
+    )
     def test_options_of_other_cadences_refused(
-        self, make: Any, cadence: Cadence, extra: set[str]
+        self, make: Any, cadence: Cadence, extra: set[str], needs: dict[str, object]
     ) -> None:
-        """A time zone (daily only) or on_ineligible (real time only) elsewhere is a TypeError."""
-        for option in {"timezone", "on_ineligible"} - extra:
+        """An option of other cadences (a time zone on hourly, say) is a TypeError."""
+        for option in SOME_CADENCES - extra:
             with pytest.raises(TypeError, match=f"unexpected keyword argument '{option}'"):
                 make(**{option: NOT_DEFAULT[option]})
 
-    @pytest.mark.parametrize(("make", "cadence", "extra"), CONSTRUCTORS, ids=CONSTRUCTOR_IDS)
-    def test_misspelled_option_refused(self, make: Any, cadence: Cadence, extra: set[str]) -> None:
+    @pytest.mark.parametrize(
+        ("make", "cadence", "extra", "needs"), CONSTRUCTORS, ids=CONSTRUCTOR_IDS
+    )
+    def test_misspelled_option_refused(
+        self, make: Any, cadence: Cadence, extra: set[str], needs: dict[str, object]
+    ) -> None:
         """A misspelled option is a TypeError naming it, as before the options were spelled out."""
         with pytest.raises(TypeError, match="unexpected keyword argument 'send_removal'"):
             make(send_removal=False)
 
-    @pytest.mark.parametrize(("make", "cadence", "extra"), CONSTRUCTORS, ids=CONSTRUCTOR_IDS)
-    def test_options_are_keywords(self, make: Any, cadence: Cadence, extra: set[str]) -> None:
-        """Options cannot be passed by position (daily's time zone is the one exception)."""
+    @pytest.mark.parametrize(
+        ("make", "cadence", "extra", "needs"), CONSTRUCTORS, ids=CONSTRUCTOR_IDS
+    )
+    def test_options_are_keywords(
+        self, make: Any, cadence: Cadence, extra: set[str], needs: dict[str, object]
+    ) -> None:
+        """
+        Options cannot be passed by position (daily's time zone is the one
+        exception; weekly, every and cron take their schedule first).
+        """
         args = ("UTC", False) if cadence is Cadence.DAILY else (False,)
 
         with pytest.raises(TypeError, match="positional argument"):
@@ -765,6 +809,8 @@ class TestNamedConstructors:
             (_policy._CadenceValue, Cadence),
             (_policy._OnDeleteValue, OnDelete),
             (_policy._OnIneligibleValue, OnIneligible),
+            (_policy._FirstRunValue, FirstRun),
+            (_policy._WeekdayValue, Weekday),
             (_cohort._CohortTypeValue, CohortType),
             (_destination._IdentifierKindValue, IdentifierKind),
         ],

@@ -38,7 +38,7 @@ from cohortsync._policy import Cadence, MassRemovalGuard, OnIneligible, SyncPoli
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.eligibility import DEFAULT_RULES, check_eligibility
 from cohortsync.storage import PendingBatch, Tally
-from strategies import capabilities, guards, offsets, sync_policies
+from strategies import capabilities, guards, offsets, plain_policy, sync_policies
 
 
 class TestRunStatus:
@@ -438,7 +438,7 @@ class TestPlanFailure:
         after 5 identical ones in a row unless it heals by itself or has
         bounded retries of its own (one-time, teardown).
         """
-        sync = make_sync(SyncPolicy(cadence=cadence))
+        sync = make_sync(plain_policy(cadence))
         earlier = failed_runs(repeats, cadence, "BadDataError", "boom")
 
         plan = plan_failure(
@@ -465,8 +465,8 @@ class TestPlanFailure:
 def outcomes() -> st.SearchStrategy[Outcome]:
     @st.composite
     def build(draw: st.DrawFn) -> Outcome:
-        policy = SyncPolicy(
-            cadence=draw(st.sampled_from(Cadence)), one_time_attempts=draw(st.integers(1, 4))
+        policy = plain_policy(
+            draw(st.sampled_from(Cadence)), one_time_attempts=draw(st.integers(1, 4))
         )
         sync = make_sync(policy)
         status = draw(st.sampled_from(RunStatus))

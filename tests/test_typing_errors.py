@@ -38,7 +38,7 @@ CASES: dict[str, tuple[str, set[str]]] = {
     "realtime_on_ineligible": ('cs.SyncPolicy.realtime(on_ineligible="pause")', set()),
     "on_delete_typo": ('cs.SyncPolicy.hourly(on_delete="remove")', {"arg-type"}),
     "on_delete_member": ("cs.SyncPolicy.hourly(on_delete=cs.OnDelete.REMOVE_DELIVERED)", set()),
-    "cadence_typo": ('cs.SyncPolicy(cadence="weekly")', {"arg-type"}),
+    "cadence_typo": ('cs.SyncPolicy(cadence="fortnightly")', {"arg-type"}),
     "cadence_value": ('cs.SyncPolicy(cadence="daily", timezone="UTC")', set()),
     # Capabilities.evolve.
     "evolve_misspelled": ("cs.Capabilities().evolve(max_batchsize=5)", {"call-arg"}),

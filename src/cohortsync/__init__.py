@@ -48,11 +48,13 @@ from cohortsync._destination import (
 )
 from cohortsync._policy import (
     Cadence,
+    FirstRun,
     MassRemovalGuard,
     OnDelete,
     OnIneligible,
     RetryPolicy,
     SyncPolicy,
+    Weekday,
 )
 from cohortsync._scheduler import Preview, Scheduler, Upcoming
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
@@ -72,6 +74,7 @@ __all__ = [
     "CohortType",
     "DeliveryResult",
     "Destination",
+    "FirstRun",
     "Identifier",
     "IdentifierKind",
     "IdentifierMapping",
@@ -97,5 +100,6 @@ __all__ = [
     "SystemClock",
     "Trigger",
     "Upcoming",
+    "Weekday",
     "exceptions",
 ]

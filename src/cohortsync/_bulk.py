@@ -102,17 +102,25 @@ class SlotAllocator:
     """``slot_counts(period, buckets)`` of the store."""
     _loads: dict[int, SlotLoad] = attrs.field(factory=dict)
 
+    def _load(self, period: int) -> SlotLoad:
+        load = self._loads.get(period)
+        if load is None:
+            load = self._loads[period] = SlotLoad.of(
+                self.read(period, period // SLOT_BUCKET_SECONDS)
+            )
+        return load
+
+    def count(self, period: int, bucket: int) -> None:
+        """Count a sync placed in *bucket* of the *period* at a chosen time (never moved)."""
+        self._load(period).take(bucket)
+
     def pick(self, period: int, preferred_offset: int) -> tuple[int, int]:
         """
         ``(offset, bucket)`` for a sync whose stable offset in the *period*
         (seconds) is *preferred_offset*: the least loaded bucket, the same
         second inside it. The pick is counted.
         """
-        load = self._loads.get(period)
-        if load is None:
-            load = self._loads[period] = SlotLoad.of(
-                self.read(period, period // SLOT_BUCKET_SECONDS)
-            )
+        load = self._load(period)
         bucket = load.least(preferred_offset // SLOT_BUCKET_SECONDS)
         load.take(bucket)
         return bucket * SLOT_BUCKET_SECONDS + preferred_offset % SLOT_BUCKET_SECONDS, bucket

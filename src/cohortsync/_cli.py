@@ -19,7 +19,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import time, timedelta
 from itertools import islice
 from pathlib import Path
 from types import FrameType
@@ -30,6 +30,7 @@ from cohortsync._cohort import Cohort, CohortType
 from cohortsync._converter import unstructure
 from cohortsync._policy import Cadence, SyncPolicy
 from cohortsync._scheduler import Scheduler
+from cohortsync._sync import Sync
 from cohortsync.destinations import catalog
 from cohortsync.eligibility import check_eligibility
 from cohortsync.exceptions import CohortSyncError
@@ -82,15 +83,15 @@ def _cmd_syncs(args: argparse.Namespace, out: TextIO) -> int:
             out.write("\n]\n" if wrote else "]\n")
             return 0
         print(
-            f"{'sync':<24} {'cohort':<16} {'destination':<14} {'cadence':<9} {'status':<9} gen",
+            f"{'sync':<24} {'cohort':<16} {'destination':<14} {'status':<9} gen  schedule",
             file=out,
         )
         shown = 0
         for s in syncs:
             shown += 1
             print(
-                f"{s.id:<24} {s.cohort_id:<16} {s.destination_id:<14} {s.cadence.value:<9} "
-                f"{s.status.value:<9} {s.generation}",
+                f"{s.id:<24} {s.cohort_id:<16} {s.destination_id:<14} "
+                f"{s.status.value:<9} {s.generation:<4} {_schedule_text(s)}",
                 file=out,
             )
         if not shown:
@@ -125,9 +126,14 @@ def _cmd_upcoming(args: argparse.Namespace, out: TextIO) -> int:
         until = scheduler.clock.now() + timedelta(hours=args.hours)
         # One more than shown, to say whether there are more: never the whole list.
         upcoming = scheduler.upcoming(until, limit=args.limit + 1)
+        schedules: dict[str, str] = {}  # one read per sync listed, not per run
         for item in upcoming[: args.limit]:
+            text = schedules.get(item.sync_id)
+            if text is None:
+                text = schedules[item.sync_id] = _schedule_text(scheduler.get_sync(item.sync_id))
             print(
-                f"{item.at:%Y-%m-%d %H:%M:%S} UTC  {item.sync_id:<24} {item.trigger.value}",
+                f"{item.at:%Y-%m-%d %H:%M:%S} UTC  {item.sync_id:<24} {item.trigger.value:<9} "
+                f"{text}",
                 file=out,
             )
         if len(upcoming) > args.limit:
@@ -139,15 +145,44 @@ def _cmd_upcoming(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _schedule_text(sync: Sync) -> str:
+    """The sync's schedule in a few words, with a real-time fallback shown."""
+    text = sync.policy.describe()
+    if sync.cadence is not sync.policy.cadence:
+        text += f" (now {sync.cadence.value})"
+    return text
+
+
+def _check_policy(args: argparse.Namespace) -> SyncPolicy:
+    """The policy the check options describe; options of another cadence are refused."""
+    cadence = Cadence(args.cadence)
+    at = None
+    if args.at is not None:
+        try:
+            at = time.fromisoformat(args.at)
+        except ValueError:
+            raise _CliError(f"--at {args.at!r} is not a time such as 06:30") from None
+    on = tuple(day.strip() for day in args.on.split(",")) if args.on else ()
+    interval = None if args.every is None else timedelta(minutes=args.every)
+    return SyncPolicy(
+        cadence=cadence,
+        timezone=args.timezone,
+        at=at,
+        interval=interval,
+        on=on,
+        expression=args.cron,
+    )
+
+
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     cohort = Cohort(id="cohort", name="cohort", type=CohortType(args.cohort_type), size=args.size)
-    policy = SyncPolicy(cadence=Cadence(args.cadence))
+    policy = _check_policy(args)
     caps = catalog.get(args.destination)
     result = check_eligibility(cohort, caps, policy, identifier_kinds=args.identifier or None)
     verdict = "eligible" if result.eligible else "NOT eligible"
     print(
         f"{args.cohort_type} cohort ({args.size if args.size is not None else 'unknown'} members) "
-        f"-> {caps.name}, {args.cadence}: {verdict}",
+        f"-> {caps.name}, {policy.describe()}: {verdict}",
         file=out,
     )
     for reason in result.reasons:
@@ -249,6 +284,11 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="check eligibility against a catalog destination")
     check.add_argument("--destination", required=True, choices=sorted(catalog.PRESETS))
     check.add_argument("--cadence", required=True, choices=[c.value for c in Cadence])
+    check.add_argument("--every", type=int, default=None, help="every: the interval in minutes")
+    check.add_argument("--at", default=None, help="daily/weekly: the local time, e.g. 06:30")
+    check.add_argument("--on", default=None, help="weekly: days, e.g. mon,wed,fri")
+    check.add_argument("--cron", default=None, help="cron: a 5-field expression")
+    check.add_argument("--timezone", default=None, help="daily/weekly/cron: an IANA zone")
     check.add_argument("--cohort-type", default="behavioral", choices=[t.value for t in CohortType])
     check.add_argument("--size", type=int, default=None, help="the cohort's member count")
     check.add_argument(

@@ -7,7 +7,7 @@ configuration and ours cannot interfere.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -48,6 +48,17 @@ def _structure_timedelta(value: Any, _type: Any) -> timedelta:
         raise ConfigurationError("timedelta", value, "is not a representable duration") from None
 
 
+def _structure_time(value: Any, _type: Any) -> time:
+    if isinstance(value, time):
+        return value
+    if not isinstance(value, str):
+        raise ConfigurationError("time", value, "must be an ISO-8601 time string")
+    try:
+        return time.fromisoformat(value)
+    except ValueError:
+        raise ConfigurationError("time", value, "is not an ISO-8601 time") from None
+
+
 def _structure_bool(value: Any, _type: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigurationError("bool", value, "must be true or false")
@@ -75,8 +86,9 @@ def _structure_str(value: Any, _type: Any) -> str:
 def make_converter() -> cattrs.Converter:
     """
     Build a converter that turns cohortsync values into JSON-compatible data
-    (datetimes as ISO-8601 UTC strings, timedeltas as seconds, enums as their
-    values, frozensets as sorted lists) and back, validating on the way in.
+    (datetimes as ISO-8601 UTC strings, times of day as ISO-8601 wall times,
+    timedeltas as seconds, enums as their values, frozensets as sorted lists)
+    and back, validating on the way in.
     """
     conv = cattrs.Converter(forbid_extra_keys=True)
     # cattrs' defaults call int()/bool()/str() on whatever they get, so a stored
@@ -89,6 +101,9 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(datetime, _structure_datetime)
     conv.register_unstructure_hook(timedelta, lambda d: d.total_seconds())
     conv.register_structure_hook(timedelta, _structure_timedelta)
+    # A policy's local time of day: "06:30:00", the zone is the policy's own.
+    conv.register_unstructure_hook(time, time.isoformat)
+    conv.register_structure_hook(time, _structure_time)
     conv.register_unstructure_hook_func(
         lambda t: t == frozenset[IdentifierKind], lambda s: sorted(k.value for k in s)
     )

@@ -356,7 +356,7 @@ def plan_recheck(
     codes = tuple(r.code for r in result.blocking)
     notes = (*warnings, *codes)
     if (
-        policy.cadence is Cadence.REALTIME
+        (policy.cadence is Cadence.REALTIME or policy.sub_hourly)
         and policy.on_ineligible is OnIneligible.FALLBACK_HOURLY
         and check(Cadence.HOURLY).eligible
     ):

@@ -75,6 +75,7 @@ from cohortsync._plan import (
     run_status,
     teardown_status,
 )
+from cohortsync._policy import Cadence
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.eligibility import Ruleset
 from cohortsync.exceptions import (
@@ -317,7 +318,16 @@ class _Run:
         env = self.env
         lease = self.lease.current
         cadence = self.sync.cadence
-        trigger = _schedule.effective_trigger(lease.trigger, cadence, lease.slot, self.started)
+        next_slot = None
+        if cadence.period is None and cadence is not Cadence.ONE_TIME:
+            # Every, weekly and cron grids: a catch-up is a run that starts
+            # once the slot after its own has come.
+            next_slot = _schedule.next_slot_after(
+                self.sync, self.record.anchor, self.record.offset, lease.slot
+            )
+        trigger = _schedule.effective_trigger(
+            lease.trigger, cadence, lease.slot, self.started, next_slot=next_slot
+        )
         emit(
             env.listeners,
             RunStarted(

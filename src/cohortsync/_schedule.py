@@ -34,6 +34,7 @@ from zoneinfo import ZoneInfo
 import attrs
 
 from cohortsync._clock import require_aware
+from cohortsync._cron import CronSpec, next_minute, parse_cron
 from cohortsync._policy import Cadence, SyncPolicy
 from cohortsync._sync import Sync, Trigger
 from cohortsync.exceptions import ConfigurationError
@@ -45,6 +46,7 @@ __all__ = [
     "NextRun",
     "effective_trigger",
     "fallback_offset",
+    "fixed_offset",
     "grid_policy",
     "hour_of",
     "next_after_run",
@@ -54,6 +56,7 @@ __all__ = [
     "period_seconds",
     "slot_of",
     "slots_between",
+    "spread_period",
     "spread_ratio",
     "stable_offset",
 ]
@@ -67,6 +70,9 @@ _ONE_MINUTE = timedelta(minutes=1)
 _HOURLY = Cadence.HOURLY
 _DAILY = Cadence.DAILY
 _REALTIME = Cadence.REALTIME
+_EVERY = Cadence.EVERY
+_WEEKLY = Cadence.WEEKLY
+_CRON = Cadence.CRON
 # Bound once: next_due_ts is the hot path and a global lookup is cheaper than an
 # attribute lookup on every call.
 _floor = math.floor
@@ -83,6 +89,11 @@ _OFFSET_BOUND: dict[Cadence, int] = {
     Cadence.HOURLY: 3_600,
     Cadence.DAILY: _DAY,
     Cadence.REALTIME: 1,
+    # A weekly slot is a time of day; a cron expression chooses its own
+    # times; an interval's bound is the interval (see offset_bound).
+    Cadence.WEEKLY: _DAY,
+    Cadence.CRON: 1,
+    Cadence.EVERY: 7 * _DAY,
 }
 # The UTC grid period of each recurring cadence (daily in a named zone excepted).
 _GRID_SECONDS: dict[Cadence, int] = {
@@ -164,7 +175,9 @@ def next_due_ts(period_seconds: int, offset: int, after_ts: float) -> int:
     return floor - (floor - offset) % period_seconds + period_seconds
 
 
-def next_due(policy: SyncPolicy, anchor: datetime, offset: int, after: datetime) -> datetime | None:
+def next_due(  # noqa: C901 - one flat branch per cadence: this is the hot path
+    policy: SyncPolicy, anchor: datetime, offset: int, after: datetime
+) -> datetime | None:
     """
     When a sync is next due, strictly after *after*.
 
@@ -232,14 +245,30 @@ def next_due(policy: SyncPolicy, anchor: datetime, offset: int, after: datetime)
             after.year, after.month, after.day, after.hour, offset // 60, offset % 60, 0, _UTC
         )
         period = _ONE_HOUR
-    else:
-        # Real-time and one-time syncs are not spread: their offset is 0.
+    elif cadence is _REALTIME:
+        # Real-time syncs are not spread: their offset is 0.
         if type(offset) is not int or offset:
             raise _bad_offset(cadence, offset)
-        if cadence is not _REALTIME:
-            return None  # one-time: its single run is due at the anchor
         slot = datetime(after.year, after.month, after.day, after.hour, after.minute, 0, 0, _UTC)
         period = _ONE_MINUTE
+    elif cadence is _EVERY:
+        # Inlined for the common intervals (those that divide a day, so the
+        # grid lines up with each UTC midnight): built from *after*'s own
+        # calendar fields, as for hourly syncs. The others: _next_every.
+        interval = policy.interval
+        if interval is not None and not interval.days and type(offset) is int:
+            seconds = interval.seconds
+            if not _DAY % seconds and 0 <= offset < seconds:
+                into = after.hour * 3_600 + after.minute * 60 + after.second
+                due = into - (into - offset) % seconds + seconds
+                if due < _DAY:
+                    return datetime(
+                        after.year, after.month, after.day,
+                        due // 3_600, due // 60 % 60, due % 60, 0, _UTC,
+                    )  # fmt: skip
+        return _next_every(policy, offset, after)
+    else:
+        return _next_other(policy, offset, after)
     try:
         return slot if slot > after else slot + period
     except OverflowError:
@@ -275,10 +304,18 @@ def slot_of(policy: SyncPolicy, when: datetime, *, offset: int) -> datetime:
     if type(when) is not datetime or when.tzinfo is not _UTC:
         when = require_aware(when, "when")
     cadence = policy.cadence
-    if type(offset) is not int or not 0 <= offset < _OFFSET_BOUND[cadence]:
-        raise _bad_offset(cadence, offset)
+    if type(offset) is not int or not 0 <= offset < offset_bound(policy):
+        raise _bad_offset(cadence, offset, policy)
     if cadence is Cadence.ONE_TIME:
         raise ConfigurationError("cadence", cadence, "a one-time sync has no slot grid")
+    if cadence is _EVERY:
+        period = _interval_seconds(policy)
+        seconds = _exact_seconds(when)
+        return _from_ts(seconds - (seconds - offset) % period, _UTC)
+    if cadence is _WEEKLY:
+        return _last_weekly(_zone(policy), _weekdays(policy), offset, when)
+    if cadence is _CRON:
+        return _last_cron(_spec(policy), _zone_or_none(policy), when)
     if policy.timezone is not None:
         return _slot_local(ZoneInfo(policy.timezone), offset, when)
     seconds = _exact_seconds(when)
@@ -358,13 +395,22 @@ def spread_ratio(offsets: Iterable[int], period_seconds: int, bucket_seconds: in
 
 
 def effective_trigger(
-    trigger: Trigger, cadence: Cadence, slot: datetime, started: datetime
+    trigger: Trigger,
+    cadence: Cadence,
+    slot: datetime,
+    started: datetime,
+    *,
+    next_slot: datetime | None = None,
 ) -> Trigger:
     """
     Why a claimed slot runs, as docs/concepts/history.md defines it: a
     scheduled or real-time slot that starts more than one period late is a
     ``catch_up``; host-requested runs (manual, one-time, teardown) keep their
     trigger whatever the delay.
+
+    A cadence without a fixed period (every, weekly, cron) passes the grid's
+    slot after *slot* as *next_slot*: starting at or after it is a catch-up
+    (for a fixed period, the same rule).
     """
     if trigger not in (Trigger.SCHEDULED, Trigger.REALTIME):
         return trigger
@@ -372,6 +418,8 @@ def effective_trigger(
         return Trigger.ONE_TIME
     period = cadence.period
     if period is not None and started - slot >= period:
+        return Trigger.CATCH_UP
+    if period is None and next_slot is not None and started >= next_slot:
         return Trigger.CATCH_UP
     return Trigger.REALTIME if cadence is Cadence.REALTIME else Trigger.SCHEDULED
 
@@ -400,10 +448,25 @@ def slots_between(policy: SyncPolicy, offset: int, low: datetime, high: datetime
     last = slot_of(policy, high - _TICK, offset=offset)
     if last < first:
         return 0
+    cadence = policy.cadence
+    if cadence is _WEEKLY:
+        zone = _zone(policy)
+        return _count_weekdays(
+            first.astimezone(zone).date(), last.astimezone(zone).date(), _weekdays(policy)
+        )
+    if cadence is _CRON:
+        # Wall times, counted day by day: on a DST day a gap's collapsed
+        # times may be over-counted, which only affects the reported number.
+        spec, cron_zone = _spec(policy), _zone_or_none(policy)
+        if cron_zone is None:
+            return spec.count_between(_naive(first), _naive(last))
+        return spec.count_between(
+            _naive(first.astimezone(cron_zone)), _naive(last.astimezone(cron_zone))
+        )
     if policy.timezone is None:
-        period = period_seconds(policy.cadence)
-        assert period is not None  # noqa: S101 - recurring cadences have one
-        return int((last - first).total_seconds()) // period + 1
+        period = policy.period
+        assert period is not None  # noqa: S101 - the other recurring policies have one
+        return int((last - first).total_seconds()) // int(period.total_seconds()) + 1
     # One slot per local day: count local dates (a skipped local day has none,
     # a rare over-count by one that only affects the reported number).
     from zoneinfo import ZoneInfo  # noqa: PLC0415 - only zoned policies need it
@@ -472,7 +535,9 @@ def grid_policy(sync: Sync, offset: int) -> tuple[SyncPolicy, int]:
     policy = sync.policy
     if cadence is policy.cadence:
         return policy, offset
-    policy = attrs.evolve(policy, cadence=cadence, timezone=None)
+    policy = attrs.evolve(
+        policy, cadence=cadence, timezone=None, at=None, interval=None, on=(), expression=None
+    )
     return policy, fallback_offset(sync.id, cadence)
 
 
@@ -488,6 +553,285 @@ def next_slot_after(sync: Sync, anchor: datetime, offset: int, after: datetime) 
         raise  # a damaged schedule row, not the end of time
     except (OverflowError, ValueError):
         return None
+
+
+def offset_bound(policy: SyncPolicy) -> int:
+    """
+    Offsets of *policy*'s grid lie in ``[0, bound)``: the interval of an
+    every() sync, a day for weekly syncs (a time of day), 1 for the cadences
+    that are not spread.
+    """
+    if policy.cadence is _EVERY:
+        return _interval_seconds(policy)
+    return _OFFSET_BOUND[policy.cadence]
+
+
+def spread_period(policy: SyncPolicy) -> int | None:
+    """
+    The period, in seconds, whose one-minute buckets the slot allocator
+    counts a sync of *policy* in, or ``None`` when it is not counted.
+
+    Hourly, daily and weekly syncs are counted in the hour or the day (a
+    weekly slot is a time of day); an every() sync in its interval, so
+    every(1 hour) shares the hourly buckets. Syncs at a chosen time (a
+    daily or weekly ``at``) are counted too, in the bucket of that time, so
+    the syncs cohortsync places spread around them. Cron and real-time syncs
+    run at times no single bucket describes: they are not counted.
+    """
+    cadence = policy.cadence
+    if cadence is _HOURLY:
+        return 3_600
+    if cadence is _DAILY or cadence is _WEEKLY:
+        return _DAY
+    if cadence is _EVERY:
+        return _interval_seconds(policy)
+    return None
+
+
+def fixed_offset(policy: SyncPolicy) -> int | None:
+    """
+    The offset of a sync whose time was chosen: a daily or weekly ``at`` as
+    seconds of wall time after midnight, 0 for cron (the expression places
+    every run), 0 for one-time and real-time syncs; ``None`` when cohortsync
+    picks the offset to spread load.
+    """
+    at = policy.at
+    if at is not None:
+        return at.hour * 3_600 + at.minute * 60 + at.second
+    if spread_period(policy) is None:
+        return 0
+    return None
+
+
+def _interval_seconds(policy: SyncPolicy) -> int:
+    interval = policy.interval
+    if interval is None:
+        raise ConfigurationError("interval", interval, "an every() policy needs an interval")
+    return interval.days * _DAY + interval.seconds
+
+
+def _zone(policy: SyncPolicy) -> ZoneInfo | timezone:
+    return _UTC if policy.timezone is None else ZoneInfo(policy.timezone)
+
+
+def _zone_or_none(policy: SyncPolicy) -> ZoneInfo | None:
+    return None if policy.timezone is None else ZoneInfo(policy.timezone)
+
+
+def _spec(policy: SyncPolicy) -> CronSpec:
+    if policy.expression is None:
+        raise ConfigurationError("expression", None, "a cron policy needs an expression")
+    return parse_cron(policy.expression)
+
+
+def _weekdays(policy: SyncPolicy) -> frozenset[int]:
+    return frozenset(day.number for day in policy.on)
+
+
+def _naive(when: datetime) -> datetime:
+    return when.replace(tzinfo=None)
+
+
+def _next_every(policy: SyncPolicy, offset: int, after: datetime) -> datetime:
+    """
+    :func:`next_due` for every() policies: an epoch-aligned grid, like the
+    hourly one, so intervals that divide a day line up with UTC midnights
+    and no interval drifts.
+    """
+    interval = policy.interval
+    if interval is None:
+        raise ConfigurationError("interval", None, "an every() policy needs an interval")
+    seconds = interval.days * _DAY + interval.seconds
+    if type(offset) is not int or not 0 <= offset < seconds:
+        raise _bad_offset(policy.cadence, offset, policy)
+    if not _DAY % seconds:
+        # The grid lines up with each UTC midnight: the answer is usually
+        # built from *after*'s own calendar fields, as for hourly syncs.
+        into = after.hour * 3_600 + after.minute * 60 + after.second
+        due = into - (into - offset) % seconds + seconds
+        if due < _DAY:
+            return datetime(
+                after.year, after.month, after.day,
+                due // 3_600, due // 60 % 60, due % 60, 0, _UTC,
+            )  # fmt: skip
+    delta = after - _EPOCH
+    now = delta.days * _DAY + delta.seconds
+    return _from_ts(now - (now - offset) % seconds + seconds, _UTC)
+
+
+def _next_other(policy: SyncPolicy, offset: int, after: datetime) -> datetime | None:
+    """:func:`next_due` for one-time, every, weekly and cron policies."""
+    cadence = policy.cadence
+    if cadence is _CRON and offset == 0 and type(offset) is int:
+        expression, zone_name = policy.expression, policy.timezone
+        if expression is not None:
+            return _next_cron(
+                parse_cron(expression), None if zone_name is None else ZoneInfo(zone_name), after
+            )
+    if type(offset) is not int or not 0 <= offset < offset_bound(policy):
+        raise _bad_offset(cadence, offset, policy)
+    if cadence is _EVERY:
+        # Epoch-aligned like the hourly grid: intervals that divide a day
+        # line up with UTC midnights, and no interval drifts.
+        period = _interval_seconds(policy)
+        seconds = _exact_seconds(after)
+        return _from_ts(seconds - (seconds - offset) % period + period, _UTC)
+    if cadence is _WEEKLY:
+        return _next_weekly(_zone(policy), _weekdays(policy), offset, after)
+    if cadence is _CRON:
+        return _next_cron(_spec(policy), _zone_or_none(policy), after)
+    return None  # one-time: its single run is due at the anchor
+
+
+def _next_weekly(
+    zone: ZoneInfo | timezone, days: frozenset[int], offset: int, after: datetime
+) -> datetime:
+    """
+    The first slot strictly after *after* of a local-day grid kept to the
+    days of the week *days*: the daily rule (:func:`_next_local_day`),
+    then at most six more days forward.
+    """
+    day, slot = _next_local_day_with_date(zone, offset, after)
+    while day.weekday() not in days:
+        day, slot = _existing_slot(zone, day + _ONE_DAY, offset, _ONE_DAY)
+    return slot
+
+
+def _last_weekly(
+    zone: ZoneInfo | timezone, days: frozenset[int], offset: int, when: datetime
+) -> datetime:
+    """The last slot at or before *when* of a weekly grid: the mirror of :func:`_next_weekly`."""
+    day = when.astimezone(zone).date()
+    slot = _local_slot(zone, day, offset)
+    while slot is None or slot > when or day.weekday() not in days:
+        day -= _ONE_DAY
+        slot = _local_slot(zone, day, offset)
+    return slot
+
+
+def _count_weekdays(first: date, last: date, days: frozenset[int]) -> int:
+    """How many dates in ``[first, last]`` fall on one of *days*, in constant time."""
+    if last < first:
+        return 0
+    weeks, rest = divmod((last - first).days + 1, 7)
+    start = first.weekday()
+    return weeks * len(days) + sum(1 for i in range(rest) if (start + i) % 7 in days)
+
+
+def _next_cron(spec: CronSpec, zone: ZoneInfo | None, after: datetime) -> datetime:
+    """
+    The first time of a cron expression strictly after *after*, on the wall
+    clock of *zone* (UTC if ``None``), with the daily rules for DST: a wall
+    time in a gap runs when the gap ends (times that share a gap share one
+    run), unless the zone skipped its whole date; a repeated wall time runs
+    once, in the later fold.
+
+    Wall-clock times map to instants in order (fold 1 never goes back), so
+    the answer is the first match at or after one start: the next minute of
+    *after*'s wall clock, or, when *after* falls in the first pass of a
+    repeated hour, the start of the repetition (its times run in the second
+    pass, after *after*). No minute-by-minute walk.
+
+    The common case needs no DST rule: when the zone's offset is the same at
+    *after* and two days later, no transition lies between (the tz database
+    never changes an offset and back within two days:
+    ``tests/test_schedule_policies.py`` checks every zone from 1900 to 2100),
+    so a match within a day of *after* is its wall time minus that offset.
+    Otherwise :func:`_next_cron_near` applies the rules step by step.
+    """
+    if zone is None:
+        y, mo, d, h, mi = spec.next_fields(
+            after.year, after.month, after.day, after.hour, after.minute + 1
+        )
+        return datetime(y, mo, d, h, mi, 0, 0, _UTC)
+    local = after.astimezone(zone)
+    offset = local.utcoffset()
+    y, mo, d, h, mi = spec.next_fields(
+        local.year, local.month, local.day, local.hour, local.minute + 1
+    )
+    if offset is not None:
+        try:
+            instant = datetime(y, mo, d, h, mi, 0, 0, _UTC) - offset
+            # Probes two days apart with *after*'s offset, up to a day past
+            # the match: no transition anywhere in between.
+            if instant - after < _FAST_SPAN:
+                probe, until = after + _STABLE, instant + _ONE_DAY
+                while probe.astimezone(zone).utcoffset() == offset:
+                    if probe >= until:
+                        return instant
+                    probe += _STABLE
+        except OverflowError:
+            pass  # the end of time: the careful path says so
+    return _next_cron_near(spec, zone, after)
+
+
+_STABLE = timedelta(days=2)
+_FAST_SPAN = timedelta(days=8)
+"""Matches further than this from *after* (rare schedules) take the careful path."""
+
+
+def _next_cron_near(spec: CronSpec, zone: ZoneInfo, after: datetime) -> datetime:
+    """:func:`_next_cron` for a zone, with every DST rule checked step by step."""
+    local = after.astimezone(zone)
+    start = None
+    if local.fold == 0:
+        second = local.replace(fold=1)
+        first_offset, second_offset = local.utcoffset(), second.utcoffset()
+        if first_offset is not None and second_offset is not None and first_offset > second_offset:
+            start = _repeat_start(zone, after, first_offset - second_offset)
+    if start is None:
+        start = next_minute(_naive(local))
+    while True:
+        wall = spec.first_at_or_after(start)
+        instant = _wall_instant(zone, wall)
+        if instant is not None:
+            return instant
+        # The zone skipped this whole date: its times have no run.
+        start = datetime.combine(wall.date() + _ONE_DAY, _MIDNIGHT)
+
+
+def _last_cron(spec: CronSpec, zone: ZoneInfo | None, when: datetime) -> datetime:
+    """The last time of a cron expression at or before *when*: the mirror of :func:`_next_cron`."""
+    if zone is None:
+        return spec.last_at_or_before(_naive(when)).replace(tzinfo=_UTC)
+    local = when.astimezone(zone)
+    end = _naive(local)
+    if local.fold == 0:
+        second = local.replace(fold=1)
+        first_offset, second_offset = local.utcoffset(), second.utcoffset()
+        if first_offset is not None and second_offset is not None and first_offset > second_offset:
+            # The repeated times run in the second pass, after *when*.
+            end = _repeat_start(zone, when, first_offset - second_offset) - _TICK
+    while True:
+        wall = spec.last_at_or_before(end)
+        instant = _wall_instant(zone, wall)
+        if instant is not None:
+            return instant
+        end = datetime.combine(wall.date(), _MIDNIGHT) - _TICK
+
+
+def _repeat_start(zone: ZoneInfo, first_pass: datetime, repeat: timedelta) -> datetime:
+    """
+    The first wall time (naive, rounded up to a minute) of the repetition
+    that the instant *first_pass* shows for the first time: the clock goes
+    back within *repeat* of it, found by bisection to the second.
+    """
+    low = _exact_seconds(first_pass)
+    high = low + int(repeat.total_seconds())
+    before = _from_ts(low, zone).utcoffset()
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _from_ts(middle, zone).utcoffset() == before:
+            low = middle
+        else:
+            high = middle
+    wall = _naive(_from_ts(high, zone))
+    if wall.second or wall.microsecond:
+        wall = next_minute(wall)
+    return wall
+
+
+_MIDNIGHT = datetime.min.time()
 
 
 def hour_of(when: datetime) -> int:
@@ -538,14 +882,21 @@ def _next_local_day(zone: ZoneInfo, offset: int, after: datetime) -> datetime:
     jump in the tz database (a whole day, in Alaska in 1867), so the walk back
     takes at most one step, whatever the distance from the anchor.
     """
+    return _next_local_day_with_date(zone, offset, after)[1]
+
+
+def _next_local_day_with_date(
+    zone: ZoneInfo | timezone, offset: int, after: datetime
+) -> tuple[date, datetime]:
+    """:func:`_next_local_day`, with the local date whose slot it is."""
     day = after.astimezone(zone).date()
     slot = _local_slot(zone, day, offset)
     if slot is None or slot <= after:
-        return _existing_slot(zone, day + _ONE_DAY, offset, _ONE_DAY)[1]
+        return _existing_slot(zone, day + _ONE_DAY, offset, _ONE_DAY)
     while True:
         earlier_day, earlier = _existing_slot(zone, day - _ONE_DAY, offset, -_ONE_DAY)
         if earlier <= after:
-            return slot
+            return day, slot
         day, slot = earlier_day, earlier
 
 
@@ -566,7 +917,7 @@ def _slot_local(zone: ZoneInfo, offset: int, when: datetime) -> datetime:
 
 
 def _existing_slot(
-    zone: ZoneInfo, day: date, offset: int, step: timedelta
+    zone: ZoneInfo | timezone, day: date, offset: int, step: timedelta
 ) -> tuple[date, datetime]:
     """
     The slot of *day*, or if the zone skipped *day*, of the nearest day in the
@@ -579,7 +930,7 @@ def _existing_slot(
     return day, slot
 
 
-def _local_slot(zone: ZoneInfo, day: date, offset: int) -> datetime | None:
+def _local_slot(zone: ZoneInfo | timezone, day: date, offset: int) -> datetime | None:
     """
     The instant of *day*'s slot: *offset* seconds of wall time after local
     midnight, as aware UTC; ``None`` if the zone skips *day* altogether.
@@ -601,12 +952,26 @@ def _local_slot(zone: ZoneInfo, day: date, offset: int) -> datetime | None:
     """
     hours, rest = divmod(offset, 3_600)
     minutes, seconds = divmod(rest, 60)
-    wall = datetime(day.year, day.month, day.day, hours, minutes, seconds, tzinfo=zone, fold=1)
+    return _wall_instant(
+        zone,
+        datetime(day.year, day.month, day.day, hours, minutes, seconds),  # noqa: DTZ001 - a wall time
+    )
+
+
+def _wall_instant(zone: ZoneInfo | timezone, wall_time: datetime) -> datetime | None:
+    """
+    The instant a wall time (naive) of *zone* runs at, by the rules of
+    :func:`_local_slot`: the later fold of a repeated time, the end of the
+    gap for a skipped one, ``None`` if the zone skipped its whole date.
+    """
+    day = wall_time.date()
+    wall = wall_time.replace(tzinfo=zone, fold=1)
     instant = wall.astimezone(_UTC)
     # Both sides carry the same tzinfo, so == compares wall clock readings: a
     # mismatch means the wall time does not exist (it is in a gap).
     if instant.astimezone(zone) == wall:
         return instant
+    assert isinstance(zone, ZoneInfo)  # noqa: S101 - fixed offsets have no gaps
     transition = _end_of_gap(zone, wall)
     # Just before the transition the clock shows the last moment before the
     # gap, and at it the first moment after: the day is skipped if neither is
@@ -661,8 +1026,10 @@ def _bad_grid(period: object, offset: object) -> ConfigurationError:
     )
 
 
-def _bad_offset(cadence: Cadence, offset: object) -> ConfigurationError:
-    bound = _OFFSET_BOUND[cadence]
+def _bad_offset(
+    cadence: Cadence, offset: object, policy: SyncPolicy | None = None
+) -> ConfigurationError:
+    bound = _OFFSET_BOUND[cadence] if policy is None else offset_bound(policy)
     if bound == 1:
         return ConfigurationError(
             "offset",

@@ -43,7 +43,7 @@ from cohortsync._plan import (
     plan_recheck,
     plan_recovery,
 )
-from cohortsync._policy import Cadence, OnDelete, SyncPolicy
+from cohortsync._policy import Cadence, FirstRun, OnDelete, SyncPolicy
 from cohortsync._run import Completing, RunEnvironment, prepare
 from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
 from cohortsync._validators import check_count, check_id
@@ -511,13 +511,40 @@ class Scheduler:
     def _now(self) -> datetime:
         return require_aware(self.clock.now(), "clock.now()")
 
+    def _place(self, sync_id: str, generation: int, policy: SyncPolicy) -> tuple[int, int | None]:
+        """
+        The offset and allocator bucket of a sync: a chosen time stays where
+        it is (counted in its bucket, so the syncs placed by the allocator
+        spread around it); the others go to :meth:`_slot`.
+        """
+        fixed = _schedule.fixed_offset(policy)
+        if fixed is None:
+            return self._slot(sync_id, generation, policy)
+        if self.slot_allocation == "hash" or _schedule.spread_period(policy) is None:
+            return fixed, None
+        return fixed, fixed // SLOT_BUCKET_SECONDS
+
+    def _first_due(
+        self, policy: SyncPolicy, offset: int, now: datetime
+    ) -> tuple[datetime, Trigger]:
+        """
+        When a created or updated sync first runs: now, or with
+        ``first_run="next_slot"`` at its first slot (now, if now is one).
+        """
+        if policy.first_run is FirstRun.NEXT_SLOT:
+            due = _schedule.next_due(policy, now, offset, now - _TICK)
+            if due is not None:
+                realtime = policy.cadence is Cadence.REALTIME
+                return due, Trigger.REALTIME if realtime else Trigger.SCHEDULED
+        return now, self._first_trigger(policy)
+
     @staticmethod
     def _preferred(sync_id: str, generation: int, policy: SyncPolicy) -> tuple[int, int] | None:
         """
-        ``(period seconds, stable offset)`` of a sync on a slot grid, or ``None``.
+        ``(period seconds, stable offset)`` of a sync the allocator places, or ``None``.
         """
-        period = _schedule.period_seconds(policy.cadence)
-        if policy.cadence not in (Cadence.HOURLY, Cadence.DAILY) or period is None:
+        period = _schedule.spread_period(policy)
+        if period is None:
             return None
         return period, _schedule.stable_offset(f"{sync_id}:{generation}", period)
 
@@ -577,11 +604,12 @@ class Scheduler:
             created_at=now,
             updated_at=now,
         )
-        offset, bucket = self._slot(sync.id, sync.generation, policy)
+        offset, bucket = self._place(sync.id, sync.generation, policy)
+        first_due, first_trigger = self._first_due(policy, offset, now)
         record = SyncRecord(
             sync=sync,
-            next_due=now,
-            next_trigger=self._first_trigger(policy),
+            next_due=first_due,
+            next_trigger=first_trigger,
             offset=offset,
             slot_bucket=bucket,
             anchor=now,
@@ -597,8 +625,8 @@ class Scheduler:
         Create many syncs, a chunk at a time: each chunk is checked spec by
         spec, its slots allocated in memory from one read of the store's
         counts (the spread of one-by-one creates), and written in one
-        transaction. Each first run is due immediately, as with
-        :meth:`create_sync`.
+        transaction. Each first run is due as with :meth:`create_sync`
+        (immediately, or at the first slot with ``first_run="next_slot"``).
 
         **Per-spec result:** every valid spec is written, no refused one is,
         and the call ends with :class:`~cohortsync.exceptions.BulkSyncError`
@@ -651,10 +679,11 @@ class Scheduler:
         """
 
         def record(sync: Sync, slot: tuple[int, int | None]) -> SyncRecord:
+            first_due, first_trigger = self._first_due(sync.policy, slot[0], now)
             return SyncRecord(
                 sync=sync,
-                next_due=now,
-                next_trigger=self._first_trigger(sync.policy),
+                next_due=first_due,
+                next_trigger=first_trigger,
                 offset=slot[0],
                 slot_bucket=slot[1],
                 anchor=now,
@@ -671,7 +700,7 @@ class Scheduler:
         # one, so each pick sees the counts of the syncs created before it.
         records, taken = {}, set()
         for i, sync in checked:
-            records[i] = one = record(sync, self._slot(sync.id, sync.generation, sync.policy))
+            records[i] = one = record(sync, self._place(sync.id, sync.generation, sync.policy))
             taken.update(derive_create_syncs(self.storage, [one]))
         return records, taken
 
@@ -785,10 +814,20 @@ class Scheduler:
         return verdict
 
     def _bulk_slot(self, sync: Sync, allocator: SlotAllocator | None) -> tuple[int, int | None]:
+        """:meth:`_place` for a sync of a bulk chunk, its pick counted in *allocator*."""
+        if allocator is None:  # hash allocation
+            return self._place(sync.id, sync.generation, sync.policy)
+        period = _schedule.spread_period(sync.policy)
+        fixed = _schedule.fixed_offset(sync.policy)
+        if fixed is not None:
+            # A chosen time is never moved; counted, so the automatic ones spread around it.
+            if period is None:
+                return fixed, None
+            allocator.count(period, fixed // SLOT_BUCKET_SECONDS)
+            return fixed, fixed // SLOT_BUCKET_SECONDS
         grid = self._preferred(sync.id, sync.generation, sync.policy)
-        if grid is None or allocator is None:
-            # No grid, hash allocation, or a store without slot_counts: one pick each.
-            return self._slot(sync.id, sync.generation, sync.policy)
+        if grid is None:
+            return 0, None
         return allocator.pick(*grid)
 
     def _upsert(self, spec: SyncSpec, sync_id: str) -> None:
@@ -878,12 +917,13 @@ class Scheduler:
             effective_cadence=None,
             updated_at=now,
         )
-        offset, bucket = self._slot(sync.id, sync.generation, policy)
+        offset, bucket = self._place(sync.id, sync.generation, policy)
+        first_due, first_trigger = self._first_due(policy, offset, now)
         new = attrs.evolve(
             record,
             sync=sync,
-            next_due=now,
-            next_trigger=self._first_trigger(policy),
+            next_due=first_due,
+            next_trigger=first_trigger,
             offset=offset,
             slot_bucket=bucket,
             anchor=now,
@@ -1399,7 +1439,9 @@ class Scheduler:
             sync = record.sync
             # Workers read a shared clock at slightly different moments: only
             # a due time more than one period ahead means the clock went back.
-            period = sync.cadence.period or _NO_PERIOD_TOLERANCE
+            period = (
+                sync.policy.period if sync.effective_cadence is None else sync.cadence.period
+            ) or _NO_PERIOD_TOLERANCE
             if record.next_due is None or add_saturating(record.next_due, -period) <= now:
                 continue
             due: datetime | None = now
@@ -1531,6 +1573,7 @@ class Scheduler:
         self.close()
 
 
+_TICK = timedelta(microseconds=1)
 _NO_PERIOD_TOLERANCE = timedelta(minutes=1)
 """How far ahead of the clock a due time without a period may be before it is recomputed."""
 _MAX_CLAIM_BATCH = 64

@@ -41,6 +41,8 @@ __all__ = [
     "realtime_destination",
     "realtime_size",
     "removal_on_delete",
+    "sub_hourly_cohort_type",
+    "sub_hourly_size",
 ]
 
 REALTIME_MAX_MEMBERS = 1_000_000
@@ -75,6 +77,8 @@ class ReasonCode:
     BELOW_MIN_AUDIENCE = "below_min_audience"
     IDENTIFIER_INCOMPATIBLE = "identifier_incompatible"
     REMOVALS_UNSUPPORTED = "removals_unsupported"
+    SUB_HOURLY_SIZE_LIMIT = "sub_hourly_size_limit"
+    SUB_HOURLY_COHORT_TYPE = "sub_hourly_cohort_type"
 
 
 def _freeze(value: Mapping[str, object]) -> Mapping[str, object]:
@@ -190,6 +194,51 @@ def realtime_destination(i: EligibilityInput) -> Iterable[Reason]:
         )
 
 
+def _sub_hourly(i: EligibilityInput) -> bool:
+    """
+    A scheduled sync that runs more than once an hour (an interval under an
+    hour, a cron expression matching several minutes), checked at its own
+    cadence: the real-time fallback check asks about hourly runs instead.
+    """
+    return i.cadence is i.policy.cadence and i.policy.sub_hourly
+
+
+def _every(policy: SyncPolicy) -> str:
+    if policy.interval is not None:
+        return f"every {int(policy.interval.total_seconds()) // 60} minutes"
+    return f"on cron {policy.expression!r}"
+
+
+def sub_hourly_size(i: EligibilityInput) -> Iterable[Reason]:
+    """
+    The real-time size limit, for scheduled syncs that run more than once an
+    hour: the limit is about the load of diffing the whole snapshot every
+    minute, and a run every few minutes is that load within a small factor.
+    """
+    size = i.cohort.size
+    if size is not None and size > REALTIME_MAX_MEMBERS and _sub_hourly(i):
+        yield Reason(
+            ReasonCode.SUB_HOURLY_SIZE_LIMIT,
+            f"a sync {_every(i.policy)} (more than once an hour) supports cohorts of at most "
+            f"{REALTIME_MAX_MEMBERS:,} members, like real time; this one has {size:,}",
+            details={"size": size, "limit": REALTIME_MAX_MEMBERS},
+        )
+
+
+def sub_hourly_cohort_type(i: EligibilityInput) -> Iterable[Reason]:
+    """
+    The real-time cohort types rule, for scheduled syncs that run more than
+    once an hour: those cohorts are costly to recompute, which is load too.
+    """
+    if i.cohort.type in REALTIME_UNSUPPORTED_TYPES and _sub_hourly(i):
+        yield Reason(
+            ReasonCode.SUB_HOURLY_COHORT_TYPE,
+            f"{i.cohort.type.value} cohorts cannot be recomputed more than once an hour "
+            f"(a sync {_every(i.policy)}), as for real time",
+            details={"cohort_type": i.cohort.type.value},
+        )
+
+
 def min_audience(i: EligibilityInput) -> Iterable[Reason]:
     floor = i.capabilities.min_audience_size
     size = i.cohort.size
@@ -266,6 +315,8 @@ DEFAULT_RULES = Ruleset(
         "realtime_size": realtime_size,
         "realtime_cohort_type": realtime_cohort_type,
         "realtime_destination": realtime_destination,
+        "sub_hourly_size": sub_hourly_size,
+        "sub_hourly_cohort_type": sub_hourly_cohort_type,
         "min_audience": min_audience,
         "identifier_compatibility": identifier_compatibility,
         "removal_on_delete": removal_on_delete,

@@ -7,6 +7,7 @@ never parse messages::
 
     CohortSyncError
     ├── ConfigurationError (ValueError)       bad value given to the public API
+    │   └── CronExpressionError               .expression, .cron_field, .field_text
     ├── NotFoundError (LookupError)
     │   ├── SyncNotFoundError                 .sync_id
     │   ├── CohortNotFoundError               .cohort_id
@@ -49,6 +50,7 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "CorruptStoreError",
+    "CronExpressionError",
     "DeliveryError",
     "DestinationNotFoundError",
     "DuplicateRunError",
@@ -86,6 +88,28 @@ class ConfigurationError(CohortSyncError, ValueError):
         self.field = field
         self.value = value
         super().__init__(f"{field}={value!r}: {message}")
+
+
+class CronExpressionError(ConfigurationError):
+    """
+    A cron expression that does not parse, or never runs.
+
+    Attributes:
+        expression: The expression as given.
+        cron_field: The name of the bad cron field (``"minute"``, ``"hour"``,
+            ``"day-of-month"``, ``"month"``, ``"day-of-week"``), or ``None``
+            when the expression as a whole is wrong (the number of fields).
+        field_text: The text of that field, or ``None``.
+    """
+
+    def __init__(
+        self, expression: str, cron_field: str | None, field_text: str | None, message: str
+    ) -> None:
+        self.expression = expression
+        self.cron_field = cron_field
+        self.field_text = field_text
+        where = f"{cron_field} field {field_text!r}: " if cron_field is not None else ""
+        super().__init__("cron", expression, where + message)
 
 
 class NotFoundError(CohortSyncError, LookupError):

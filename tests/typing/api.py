@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
+from datetime import time as wall_time
 from typing import Literal
 
 import cattrs
@@ -286,6 +287,44 @@ assert_type(
     cohortsync.SyncPolicy,
 )
 guarded = cohortsync.SyncPolicy.hourly(guard=cohortsync.MassRemovalGuard(max_share=0.2))
+# The schedules of issue 17: chosen local times, intervals, days of the week, cron.
+assert_type(
+    cohortsync.SyncPolicy.daily(at=wall_time(6, 0), timezone="America/New_York"),
+    cohortsync.SyncPolicy,
+)
+assert_type(cohortsync.SyncPolicy.every(timedelta(minutes=15)), cohortsync.SyncPolicy)
+assert_type(
+    cohortsync.SyncPolicy.every(timedelta(hours=6), first_run="next_slot", on_ineligible="pause"),
+    cohortsync.SyncPolicy,
+)
+assert_type(
+    cohortsync.SyncPolicy.weekly(
+        ["mon", cohortsync.Weekday.FRIDAY], at=wall_time(9, 30), timezone="Europe/Berlin"
+    ),
+    cohortsync.SyncPolicy,
+)
+assert_type(cohortsync.SyncPolicy.weekly("sun"), cohortsync.SyncPolicy)
+assert_type(
+    cohortsync.SyncPolicy.cron("0 6 * * 1-5", timezone="America/New_York"),
+    cohortsync.SyncPolicy,
+)
+assert_type(
+    cohortsync.SyncPolicy.hourly(first_run=cohortsync.FirstRun.NEXT_SLOT), cohortsync.SyncPolicy
+)
+scheduled = cohortsync.SyncPolicy.cron("*/5 * * * *")
+assert_type(scheduled.at, wall_time | None)
+assert_type(scheduled.interval, timedelta | None)
+assert_type(scheduled.on, tuple[cohortsync.Weekday, ...])
+assert_type(scheduled.expression, str | None)
+assert_type(scheduled.first_run, cohortsync.FirstRun)
+assert_type(scheduled.period, timedelta | None)
+assert_type(scheduled.sub_hourly, bool)
+assert_type(cohortsync.Weekday.MONDAY.number, int)
+try:
+    cohortsync.SyncPolicy.cron("0 25 * * *")
+except cohortsync.exceptions.CronExpressionError as err:
+    assert_type(err.cron_field, str | None)
+    assert_type(err.expression, str)
 # Each constructor takes its cadence's options by keyword; enum options take
 # members or their values (tests/test_typing_errors.py checks the mistakes).
 assert_type(

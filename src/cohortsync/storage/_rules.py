@@ -22,6 +22,7 @@ import attrs
 
 from cohortsync._clock import add_saturating
 from cohortsync._destination import Identifier, IdentifierKind, Member
+from cohortsync._schedule import spread_period
 from cohortsync._sync import SyncStatus
 from cohortsync._validators import evolve_trusted
 from cohortsync.exceptions import ConfigurationError
@@ -132,10 +133,10 @@ def slot_bucket_of(record: SyncRecord) -> tuple[int, int] | None:
     """
     if record.slot_bucket is None:
         return None
-    period = record.sync.policy.cadence.period
+    period = spread_period(record.sync.policy)
     if period is None:
         return None
-    return int(period.total_seconds()), record.slot_bucket
+    return period, record.slot_bucket
 
 
 def require_buckets(buckets: int) -> None:

@@ -567,7 +567,7 @@ def decode_sync(row: Sequence[Any], instants: Instants) -> SyncRecord:
             f"sync {sync_id!r}: status/generation columns {status!r}/{generation!r} disagree "
             f"with its definition ({sync.status.value!r}/{sync.generation})"
         )
-    period = _schedule.period_seconds(sync.policy.cadence)
+    period = _schedule.spread_period(sync.policy) or _schedule.period_seconds(sync.policy.cadence)
     if period is not None and not 0 <= record.offset < period:
         raise CorruptStoreError(
             f"sync {sync_id!r}: slot offset {record.offset} is outside its {period}-second period"
