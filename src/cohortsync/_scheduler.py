@@ -142,13 +142,18 @@ class Preview:
     """The notes a run would record for its decisions (as in its history)."""
 
 
-def _upcoming(due: Iterator[SyncRecord], until: datetime) -> Iterator[Upcoming]:
+def _upcoming(due: Iterator[SyncRecord], until: datetime, now: datetime) -> Iterator[Upcoming]:
     """
     The runs of the syncs *due* (active, due by *until*, in ``(next_due, id)``
     order), merged in ``(at, sync id)`` order. A run is handed out only once
     every sync due at or before it has been read: each sync's first run is its
     ``next_due`` and its later runs come after it, so no sync read later can
     have an earlier one. The heap holds one entry per sync read.
+
+    An overdue sync (``next_due`` before *now*) is listed once at its due
+    time, as the catch-up it will be if it missed a whole period, and then
+    from the first slot after *now*: the slots it missed are coalesced into
+    that one run, never listed.
     """
     # (at, sync id, runs listed so far, trigger, record): one entry per sync read.
     heap: list[tuple[datetime, str, int, Trigger, SyncRecord]] = []
@@ -166,15 +171,19 @@ def _upcoming(due: Iterator[SyncRecord], until: datetime) -> Iterator[Upcoming]:
         if not heap:
             return
         at, sync_id, count, trigger, record = heapq.heappop(heap)
+        sync = record.sync
+        recurring = sync.policy.cadence is not Cadence.ONE_TIME and trigger is not Trigger.TEARDOWN
+        if at < now and recurring:
+            # Missed slots coalesce into this one run, which starts now.
+            following = _schedule.next_slot_after(sync, record.anchor, record.offset, at)
+            trigger = _schedule.effective_trigger(
+                trigger, sync.cadence, at, now, next_slot=following
+            )
         yield Upcoming(at, sync_id, trigger)
         count += 1
-        if (
-            count >= MAX_UPCOMING_PER_SYNC
-            or record.sync.policy.cadence is Cadence.ONE_TIME
-            or trigger is Trigger.TEARDOWN
-        ):
+        if count >= MAX_UPCOMING_PER_SYNC or not recurring:
             continue
-        later = _schedule.next_slot_after(record.sync, record.anchor, record.offset, at)
+        later = _schedule.next_slot_after(sync, record.anchor, record.offset, max(at, now))
         if later is not None and later <= until:
             heapq.heappush(heap, (later, sync_id, count, Trigger.SCHEDULED, record))
 
@@ -1102,7 +1111,7 @@ class Scheduler:
         is, as with any paginated read.
         """
         until = require_aware(until, "until")
-        return _upcoming(iter_due(self.storage, until), until)
+        return _upcoming(iter_due(self.storage, until), until, self._now())
 
     def upcoming(self, until: datetime, *, limit: int | None = None) -> list[Upcoming]:
         """
@@ -1114,7 +1123,8 @@ class Scheduler:
             return list(self.iter_upcoming(until))
         check_count("limit", limit)
         # Each sync read yields its first run: a page of *limit* syncs is enough.
-        return list(islice(_upcoming(iter_due(self.storage, until, first=limit), until), limit))
+        stream = _upcoming(iter_due(self.storage, until, first=limit), until, self._now())
+        return list(islice(stream, limit))
 
     # -- what ------------------------------------------------------------------
 
