@@ -299,8 +299,12 @@ class TestPagedSyncs:
 # -- iter_upcoming against the old computation ---------------------------------------
 
 
-def all_syncs_upcoming(records: list[SyncRecord], until: datetime) -> list[Upcoming]:
-    """The 0.1 computation, over every stored sync: the oracle."""
+def all_syncs_upcoming(records: list[SyncRecord], until: datetime, now: datetime) -> list[Upcoming]:
+    """
+    The 0.1 computation over every stored sync, with the overdue rule: the
+    oracle. An overdue sync runs once (a catch-up if it missed a period), then
+    from the first slot after *now*.
+    """
     out: list[Upcoming] = []
     for record in records:
         if record.sync.status is not SyncStatus.ACTIVE or record.next_due is None:
@@ -310,10 +314,16 @@ def all_syncs_upcoming(records: list[SyncRecord], until: datetime) -> list[Upcom
         for _ in range(MAX_UPCOMING_PER_SYNC):
             if at is None or at > until:
                 break
-            out.append(Upcoming(at, record.id, trigger))
             if record.sync.policy.cadence is Cadence.ONE_TIME or trigger is Trigger.TEARDOWN:
+                out.append(Upcoming(at, record.id, trigger))
                 break
-            at = _schedule.next_slot_after(record.sync, record.anchor, record.offset, at)
+            if at < now:
+                following = _schedule.next_slot_after(record.sync, record.anchor, record.offset, at)
+                trigger = _schedule.effective_trigger(
+                    trigger, record.sync.cadence, at, now, next_slot=following
+                )
+            out.append(Upcoming(at, record.id, trigger))
+            at = _schedule.next_slot_after(record.sync, record.anchor, record.offset, max(at, now))
             trigger = Trigger.SCHEDULED
     out.sort(key=lambda u: (u.at, u.sync_id))
     return out
@@ -374,7 +384,7 @@ class TestIterUpcoming:
         store = MemoryStorage()
         for record in records:
             store.create_sync(record)
-        expected = all_syncs_upcoming(store.list_syncs(), until)
+        expected = all_syncs_upcoming(store.list_syncs(), until, T0)
         for storage in (store, DictStorage()):
             if storage is not store:
                 for record in records:
@@ -384,6 +394,46 @@ class TestIterUpcoming:
             assert expected == list(scheduler.iter_upcoming(until))
             assert expected == scheduler.upcoming(until)
             assert expected[:limit] == scheduler.upcoming(until, limit=limit)
+
+    @pytest.mark.parametrize(
+        "policy",
+        [
+            cs.SyncPolicy.hourly(),
+            cs.SyncPolicy.realtime(),
+            cs.SyncPolicy.every(timedelta(minutes=15)),
+        ],
+    )
+    def test_an_overdue_sync_is_listed_once_then_from_now(self, policy: cs.SyncPolicy) -> None:
+        """
+        Workers down for three days: the sync runs once (a catch-up) and then
+        on its grid. upcoming() used to list every missed slot (an outside
+        test found 8.77 million past runs for 1,000 hourly syncs after a year).
+        """
+        clock = FakeClock(T0)
+        scheduler = cs.Scheduler(MemoryStorage(), clock=clock, seed=0)
+        scheduler.add_destination("dest", RecordingDestination())
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u1"]))
+        scheduler.create_sync("c", "dest", policy, sync_id="s")
+        scheduler.run_due()
+        due = scheduler.next_run("s")
+        assert due is not None
+        clock.advance(timedelta(days=3))
+        now = clock.now()
+
+        listed = scheduler.upcoming(now + timedelta(hours=1))
+
+        assert (due, cs.Trigger.CATCH_UP) == (listed[0].at, listed[0].trigger)
+        assert all(u.at > now for u in listed[1:])
+        assert listed[1].at == _schedule.next_slot_after(
+            scheduler.get_sync("s"),
+            scheduler.storage.get_sync("s").anchor,
+            scheduler.storage.get_sync("s").offset,
+            now,
+        )
+        # What the engine then does: one catch-up run, then the listed slots.
+        runs = scheduler.run_due()
+        assert [(due, cs.Trigger.CATCH_UP)] == [(r.slot, r.trigger) for r in runs]
+        assert listed[1].at == scheduler.next_run("s")
 
     def test_keeps_the_cap_per_sync(self) -> None:
         """A real-time sync lists at most MAX_UPCOMING_PER_SYNC runs, as before."""
@@ -404,4 +454,4 @@ class TestIterUpcoming:
         upcoming = scheduler.upcoming(until)
 
         assert 2 * MAX_UPCOMING_PER_SYNC == len(upcoming)
-        assert all_syncs_upcoming(store.list_syncs(), until) == upcoming
+        assert all_syncs_upcoming(store.list_syncs(), until, T0) == upcoming
