@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from cohortsync.testing._storage_contract import (
     _DerivedQueries,
     check_complete_run_stale_holder,
     check_concurrent_claims_are_exclusive,
+    check_create_syncs,
+    check_paged_reads,
     check_storage,
 )
 from host_project.storage import AuditedStorage, DictStorage
@@ -298,3 +301,45 @@ class TestContractCatchesBrokenStores:
             return False
 
         assert [True] * 10 == [caught() for _ in range(10)]
+
+
+class PagesIgnoreAfter(MemoryStorage):
+    """due_between that always answers the first page (an outside test's mutant)."""
+
+    def due_between(
+        self, after: tuple[datetime, str] | None, until: datetime, limit: int
+    ) -> list[SyncRecord]:
+        return super().due_between(None, until, limit)
+
+
+class TakenSorted(MemoryStorage):
+    """create_syncs answering the taken ids sorted, not in input order."""
+
+    def create_syncs(self, records: Sequence[SyncRecord]) -> list[str]:
+        return sorted(super().create_syncs(records))
+
+
+class CountsEveryPeriod(MemoryStorage):
+    """slot_counts that adds the other periods' syncs into the one asked for."""
+
+    def slot_counts(self, period: int, buckets: int) -> list[int]:
+        counts = super().slot_counts(period, buckets)
+        other = super().slot_counts(86_400 if period == 3600 else 3600, buckets)
+        return [a + b for a, b in zip(counts, other, strict=True)]
+
+
+class TestContractCatchesBrokenNewParts:
+    """The checks of the parts added in 0.2 fail the stores outside testers wrote to break them."""
+
+    def test_a_page_walk_that_never_ends_fails(self) -> None:
+        """It used to loop forever (864 MB after ten minutes); now it fails, by name."""
+        with pytest.raises(AssertionError, match="due_between after"):
+            check_paged_reads(PagesIgnoreAfter)
+
+    def test_taken_ids_out_of_order_fail(self) -> None:
+        with pytest.raises(AssertionError, match="in input order"):
+            check_create_syncs(TakenSorted)
+
+    def test_counts_of_another_period_fail(self) -> None:
+        with pytest.raises(AssertionError, match="counts"):
+            check_create_syncs(CountsEveryPeriod)

@@ -1759,13 +1759,20 @@ def check_paged_reads(make_storage: StorageFactory) -> None:
         _expect(expected, _due_between(store, None, T0 + HOUR, 100), "due_between records")
         for size in (1, 2, 3, 7):
             pages, after = [], None
-            while True:
+            # Bounded: a store that ignores `after` would repeat its pages forever.
+            for _ in range(len(expected) // size + 2):
                 page = _due_between(store, after, T0 + HOUR, size)
                 _require(len(page) <= size, f"due_between page longer than {size}")
                 pages.extend(page)
                 if len(page) < size:
                     break
+                _require(
+                    after is None or due_key(page[0]) > after,
+                    f"due_between after {after} returned {page[0].id!r}, not after it",
+                )
                 after = due_key(page[-1])
+            else:
+                raise AssertionError(f"due_between in pages of {size} never reached a short page")
             _expect(
                 [r.id for r in expected], [r.id for r in pages], f"due_between in pages of {size}"
             )
@@ -1788,13 +1795,19 @@ def check_paged_reads(make_storage: StorageFactory) -> None:
         _expect(everything, _page_syncs(store, None, 100), "page_syncs records")
         for size in (1, 3, 4):
             pages, cursor = [], None
-            while True:
+            for _ in range(len(everything) // size + 2):
                 chunk = _page_syncs(store, cursor, size)
                 _require(len(chunk) <= size, f"page_syncs page longer than {size}")
                 pages.extend(chunk)
                 if len(chunk) < size:
                     break
+                _require(
+                    cursor is None or chunk[0].id > cursor,
+                    f"page_syncs after {cursor!r} returned {chunk[0].id!r}, not after it",
+                )
                 cursor = chunk[-1].id
+            else:
+                raise AssertionError(f"page_syncs in pages of {size} never reached a short page")
             _expect(
                 [r.id for r in everything], [r.id for r in pages], f"page_syncs in pages of {size}"
             )
@@ -1843,19 +1856,32 @@ def check_create_syncs(make_storage: StorageFactory) -> None:
         _expect([0] * buckets, _slot_counts(store, period, buckets), "counts of an empty store")
         _expect([], _create_syncs(store, []), "create_syncs of nothing")
         store.create_sync(_slotted("old", 5))
+        store.create_sync(_slotted("a-taken", 7))
         batch = [_slotted(f"b{i:03d}", i % buckets) for i in range(130)]
         batch.insert(40, _slotted("old", 6, generation=9))
+        batch.insert(90, _slotted("a-taken", 8, generation=9))
         batch.append(_record("unslotted", next_due=None))
-        _expect(["old"], _create_syncs(store, batch), "the taken id is answered")
+        # A daily sync counts in the daily period only, never in the hourly one.
+        daily = SyncRecord(
+            sync=attrs.evolve(_sync("daily"), policy=SyncPolicy.daily()),
+            next_due=T0,
+            anchor=T0,
+            slot_bucket=5,
+        )
+        batch.append(daily)
+        _expect(["old", "a-taken"], _create_syncs(store, batch), "the taken ids, in input order")
         _expect(_slotted("old", 5), store.get_sync("old"), "the taken id's record is kept")
         stored = store.list_syncs()
-        _expect(132, len(stored), "every new record stored")
+        _expect(134, len(stored), "every new record stored")
         for record in batch:
-            if record.id != "old":
+            if record.id not in ("old", "a-taken"):
                 _expect(record, store.get_sync(record.id), f"{record.id} as created")
         expected = _counted(stored, buckets)
         _expect(expected, _slot_counts(store, period, buckets), "counts follow the bulk write")
-        _expect(4, expected[5], "bucket 5: old and b005, b065, b125")
+        _expect(4, expected[5], "bucket 5: old and b005, b065, b125 (not the daily sync)")
+        daily_counts = [0] * 1440
+        daily_counts[5] = 1
+        _expect(daily_counts, _slot_counts(store, 86_400, 1440), "the daily period's counts")
         least = min(range(buckets), key=lambda b: (expected[b], (b - 17) % buckets))
         _expect(least, store.least_loaded_slot(period, buckets, 17), "least_loaded_slot agrees")
         with _raises(ConfigurationError, "an id twice in one create_syncs"):
