@@ -208,6 +208,52 @@ class TestCreateSyncs:
         assert T0 == after.next_due
         assert cs.Cadence.HOURLY == scheduler.get_sync("b").policy.cadence
 
+    def test_upserting_the_same_specs_changes_nothing(
+        self, make_store: Callable[[], Storage]
+    ) -> None:
+        """
+        Re-applying a deployment's specs keeps every slot, generation and next
+        run (an outside test found each re-apply re-slotting every sync and
+        making all of them due at once).
+        """
+        scheduler = _scheduler(make_store())
+        specs = [
+            cs.SyncSpec("c", "noop", cs.SyncPolicy.daily(), sync_id=f"s{i}") for i in range(30)
+        ]
+        scheduler.create_syncs(specs)
+        scheduler.run_due()
+        before = {
+            r.id: (r.offset, r.sync.generation, r.next_due) for r in scheduler.storage.list_syncs()
+        }
+        changed = [*specs[:29], cs.SyncSpec("c", "noop", cs.SyncPolicy.hourly(), sync_id="s29")]
+
+        result = scheduler.create_syncs(changed, upsert=True)
+
+        assert tuple(f"s{i}" for i in range(29)) == result.unchanged
+        assert ("s29",) == result.updated
+        after = {
+            r.id: (r.offset, r.sync.generation, r.next_due) for r in scheduler.storage.list_syncs()
+        }
+        assert {k: v for k, v in before.items() if k != "s29"} == {
+            k: v for k, v in after.items() if k != "s29"
+        }
+        assert 2 == after["s29"][1]
+
+    def test_a_deleted_id_is_refused_with_why(self, make_store: Callable[[], Storage]) -> None:
+        """Ids of deleted syncs are not reused; the refusal says so (upsert or not)."""
+        scheduler = _scheduler(make_store())
+        scheduler.create_sync("c", "noop", cs.SyncPolicy.daily(), sync_id="gone")
+        scheduler.delete_sync("gone")
+        scheduler.run_due()
+
+        for upsert in (False, True):
+            with pytest.raises(BulkSyncError) as caught:
+                scheduler.create_syncs(
+                    [cs.SyncSpec("c", "noop", cs.SyncPolicy.daily(), sync_id="gone")],
+                    upsert=upsert,
+                )
+            assert "deleted sync: ids are never reused" in str(caught.value.failures[0].error)
+
     def test_bad_chunk(self) -> None:
         """chunk must be a positive int."""
         with pytest.raises(ConfigurationError):

@@ -53,10 +53,14 @@ class BulkResult:
     Attributes:
         created: Ids of the syncs created, in input order.
         updated: Ids of the existing syncs updated (``upsert=True``), in input order.
+        unchanged: Ids of the existing syncs the spec already described
+            (``upsert=True``: same policy and mapping), left as they were:
+            their slot, generation and next run are kept.
     """
 
     created: tuple[str, ...] = ()
     updated: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
 
 
 @attrs.frozen

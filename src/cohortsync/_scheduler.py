@@ -245,6 +245,7 @@ class _BulkCall:
 
     created: list[str] = attrs.Factory(list)
     updated: list[str] = attrs.Factory(list)
+    unchanged: list[str] = attrs.Factory(list)
     failures: list[BulkFailure] = attrs.Factory(list)
     first_seen: dict[str, int] = attrs.Factory(dict)
     """The index of each explicit id, to refuse a second spec naming it."""
@@ -676,8 +677,12 @@ class Scheduler:
                     self._settle(index, spec, record.id, taken, upsert=upsert, call=call)
         if call.failures:
             call.failures.sort(key=lambda f: f.position)
-            raise BulkSyncError(call.failures, call.created, call.updated)
-        return BulkResult(created=tuple(call.created), updated=tuple(call.updated))
+            raise BulkSyncError(call.failures, call.created, call.updated, call.unchanged)
+        return BulkResult(
+            created=tuple(call.created),
+            updated=tuple(call.updated),
+            unchanged=tuple(call.unchanged),
+        )
 
     def _write_chunk(
         self, checked: list[tuple[int, Sync]], now: datetime
@@ -730,17 +735,24 @@ class Scheduler:
             call.created.append(sync_id)
             return
         try:
+            if self._deleted(sync_id):
+                raise ConfigurationError(
+                    "sync_id",
+                    sync_id,
+                    "belongs to a deleted sync: ids are never reused (its history and "
+                    "delivered state keep it); choose another id",
+                )
             if not upsert:
                 raise ConfigurationError(
                     "sync_id", sync_id, "a sync with this id already exists (upsert=False)"
                 )
-            self._upsert(spec, sync_id)
+            changed = self._upsert(spec, sync_id)
         except (StorageError, CorruptStoreError):
             raise
         except CohortSyncError as exc:
             call.failures.append(BulkFailure(index, spec.sync_id, exc))
         else:
-            call.updated.append(sync_id)
+            (call.updated if changed else call.unchanged).append(sync_id)
 
     def _check_specs(
         self, part: list[tuple[int, SyncSpec]], call: _BulkCall, now: datetime
@@ -839,9 +851,18 @@ class Scheduler:
             return 0, None
         return allocator.pick(*grid)
 
-    def _upsert(self, spec: SyncSpec, sync_id: str) -> None:
+    def _deleted(self, sync_id: str) -> bool:
+        try:
+            record = self._record(sync_id)
+        except CorruptStoreError:
+            return False
+        return record.sync.status is SyncStatus.DELETED or record.next_trigger is Trigger.TEARDOWN
+
+    def _upsert(self, spec: SyncSpec, sync_id: str) -> bool:
         """
-        Update the existing sync *sync_id* to *spec*, as :meth:`update_sync`.
+        Update the existing sync *sync_id* to *spec*, as :meth:`update_sync`;
+        whether it changed (a spec that describes the sync as it is changes
+        nothing: re-applying the same specs keeps every slot and next run).
         """
         old = self._record(sync_id).sync
         if (old.cohort_id, old.destination_id) != (spec.cohort_id, spec.destination_id):
@@ -851,7 +872,10 @@ class Scheduler:
                 f"exists for cohort {old.cohort_id!r} and destination {old.destination_id!r}; "
                 "an upsert cannot move a sync to another cohort or destination",
             )
+        if (old.policy, old.mapping_id) == (spec.policy, spec.mapping_id):
+            return False
         self.update_sync(sync_id, spec.policy, mapping_id=spec.mapping_id)
+        return True
 
     def get_sync(self, sync_id: str) -> Sync:
         """

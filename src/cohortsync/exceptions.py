@@ -165,6 +165,7 @@ class BulkSyncError(CohortSyncError, ValueError):
             index, its id and the error), in input order.
         created: Ids of the syncs created by the call.
         updated: Ids of the syncs updated by the call (upserts).
+        unchanged: Ids of the existing syncs an upsert left as they were.
     """
 
     def __init__(
@@ -172,10 +173,12 @@ class BulkSyncError(CohortSyncError, ValueError):
         failures: Sequence[BulkFailure],
         created: Sequence[str] = (),
         updated: Sequence[str] = (),
+        unchanged: Sequence[str] = (),
     ) -> None:
         self.failures = tuple(failures)
         self.created = tuple(created)
         self.updated = tuple(updated)
+        self.unchanged = tuple(unchanged)
         shown = "; ".join(f"#{f.position} ({f.sync_id}): {f.error}" for f in self.failures[:3])
         more = f"; and {len(self.failures) - 3} more" if len(self.failures) > 3 else ""
         super().__init__(
