@@ -169,6 +169,34 @@ class TestClockJumps:
         slots = [r.slot for r in scheduler.history("s1")]
         assert len(slots) == len(set(slots))
 
+    def test_one_warning_per_round_not_per_sync(
+        self, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """
+        A clock corrected under many syncs logs one WARNING per round (an
+        outside test got 1,001 lines for 1,001 syncs), the per-sync detail at DEBUG.
+        """
+        scheduler = cs.Scheduler(MemoryStorage(), clock=clock, seed=0)
+        scheduler.add_destination("d", RecordingDestination())
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["a"]))
+        for i in range(50):
+            scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id=f"s{i}")
+        clock.set(START + timedelta(days=365))
+        scheduler.run_due()
+        clock.set(START + 2 * HOUR, backwards=True)
+
+        with caplog.at_level("DEBUG", logger="cohortsync"):
+            scheduler.run_due()
+
+        warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert 1 == len(warnings), [r.getMessage() for r in warnings]
+        assert "50 sync(s) rescheduled" in warnings[0].getMessage()
+        assert 50 == sum("schedule computed at" in r.getMessage() for r in caplog.records)
+        assert all(
+            (due := scheduler.next_run(f"s{i}")) is not None and due <= clock.now() + HOUR
+            for i in range(50)
+        )
+
 
 class TestEndOfTime:
     """All instant arithmetic saturates (12.14)."""

@@ -1469,6 +1469,8 @@ class Scheduler:
         wrong again. Indexed and usually empty.
         """
         now = self._now()
+        moved = 0
+        latest: datetime | None = None
         for record in self.storage.scheduled_after(add_saturating(now, _NO_PERIOD_TOLERANCE)):
             sync = record.sync
             # Workers read a shared clock at slightly different moments: only
@@ -1488,9 +1490,10 @@ class Scheduler:
                     due = now
             if record.next_due is not None and due is not None and due >= record.next_due:
                 due = record.next_due  # already sooner: only forget the future instant
-            log.warning(
-                "sync %s: its schedule was computed at %s, after the clock's now (%s): "
-                "the clock went back; next run moved from %s to %s",
+            # One line per sync at DEBUG, one WARNING per round (below): a clock
+            # corrected under 100,000 syncs must not write 100,000 warnings.
+            log.debug(
+                "sync %s: schedule computed at %s, after the clock's now (%s); next run %s -> %s",
                 sync.id,
                 record.scheduled_from.isoformat() if record.scheduled_from else None,
                 now.isoformat(),
@@ -1504,6 +1507,21 @@ class Scheduler:
                 )
             except (ConflictError, StorageError):
                 log.warning("sync %s: rescheduling after the clock jump failed; retried", sync.id)
+                continue
+            if due != record.next_due:
+                moved += 1
+            if record.scheduled_from is not None and (
+                latest is None or record.scheduled_from > latest
+            ):
+                latest = record.scheduled_from
+        if latest is not None:
+            log.warning(
+                "the clock went back: schedules were computed up to %s, the clock reads %s; "
+                "%d sync(s) rescheduled from now (details at DEBUG)",
+                latest.isoformat(),
+                now.isoformat(),
+                moved,
+            )
 
     def _purge_if_due(self) -> None:
         now = self._now()
