@@ -26,6 +26,25 @@ def run_cli(*argv: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
+def run_bad(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """Run the command line and return its exit code and standard error, whoever reports."""
+    capsys.readouterr()
+    try:
+        code = main(list(argv), out=io.StringIO())
+    except SystemExit as e:  # argparse reports bad arguments by exiting
+        code = e.code if isinstance(e.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def assert_usage_error(code: int, err: str, *words: str) -> None:
+    """Exit code 2 and the one line docs/cli.md promises, naming what was wrong."""
+    assert 2 == code
+    assert err.startswith("cohortsync: error: ")
+    assert 1 == err.count("\n"), err
+    for word in words:
+        assert word in err
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     directory = tmp_path_factory.mktemp("demo")
@@ -105,6 +124,52 @@ class TestStoreCommands:
         code, out = run_cli("upcoming", "--db", db, "--hours", "100000", "--limit", "5000")
         assert 0 == code
         assert "power-users-hourly" in out
+
+
+class TestBadArguments:
+    """Bad arguments exit 2 with one line on standard error, never a traceback."""
+
+    @pytest.mark.parametrize("hours", ["inf", "nan", "-inf", "-1", "0", "1h"])
+    def test_upcoming_hours_must_be_finite_and_above_0(
+        self, demo: tuple[Path, str], capsys: pytest.CaptureFixture[str], hours: str
+    ) -> None:
+        """inf and nan crashed with a traceback; -1 and 0 were accepted silently."""
+        directory, _ = demo
+        code, err = run_bad(
+            capsys, "upcoming", "--db", str(directory / "cohortsync.db"), f"--hours={hours}"
+        )
+
+        assert_usage_error(code, err, "--hours", repr(hours))
+
+    @pytest.mark.parametrize("hours", ["1e9", "70000000"])
+    def test_upcoming_horizon_must_fit_a_date(
+        self, demo: tuple[Path, str], capsys: pytest.CaptureFixture[str], hours: str
+    ) -> None:
+        """A horizon past year 9999 crashed with OverflowError; it says how far it may go."""
+        directory, _ = demo
+        code, err = run_bad(
+            capsys, "upcoming", "--db", str(directory / "cohortsync.db"), "--hours", hours
+        )
+
+        assert_usage_error(code, err, "--hours", "past 9999-12-31")
+
+    @pytest.mark.parametrize("command", ["syncs", "upcoming", "history"])
+    @pytest.mark.parametrize("limit", ["0", "-1"])
+    def test_limit_must_be_at_least_1(
+        self,
+        demo: tuple[Path, str],
+        capsys: pytest.CaptureFixture[str],
+        command: str,
+        limit: str,
+    ) -> None:
+        """--limit 0 printed "(no syncs)" on a full store, or only "... more"."""
+        directory, _ = demo
+        target = ("churn-risk-crm",) if command == "history" else ()
+        code, err = run_bad(
+            capsys, command, *target, "--db", str(directory / "cohortsync.db"), "--limit", limit
+        )
+
+        assert_usage_error(code, err, "--limit", f"not {limit}")
 
 
 class TestCheck:

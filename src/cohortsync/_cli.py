@@ -14,16 +14,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import signal
 import sys
 import textwrap
 import threading
 from collections.abc import Sequence
-from datetime import time, timedelta
+from datetime import datetime, time, timedelta
 from itertools import islice
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from cohortsync._clock import SystemClock
 from cohortsync._cohort import Cohort, CohortType
@@ -123,7 +124,13 @@ def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_upcoming(args: argparse.Namespace, out: TextIO) -> int:
     scheduler = _open_store(args.db)
     try:
-        until = scheduler.clock.now() + timedelta(hours=args.hours)
+        try:
+            until = scheduler.clock.now() + timedelta(hours=args.hours)
+        except OverflowError:
+            raise _CliError(
+                f"--hours {args.hours:,.0f} reaches past {datetime.max:%Y-%m-%d}, "
+                "the last date a horizon can be; give fewer hours"
+            ) from None
         # One more than shown, to say whether there are more: never the whole list.
         upcoming = scheduler.upcoming(until, limit=args.limit + 1)
         schedules: dict[str, str] = {}  # one read per sync listed, not per run
@@ -237,18 +244,37 @@ def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _count(text: str) -> int:
+def _positive(text: str) -> int:
+    """A count of at least 1: a limit of 0 would list nothing and say nothing true."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
 
 
+def _hours(text: str) -> float:
+    """A finite number of hours above 0 (whether it fits a date is checked against now)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of hours above 0, not {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad argument in one line, as every other error is (docs/cli.md)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"cohortsync: error: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cohortsync", description="Keep user cohorts in sync with third-party destinations."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -264,21 +290,21 @@ def _parser() -> argparse.ArgumentParser:
     syncs.add_argument("--db", required=True, help="the SQLite store")
     syncs.add_argument("--json", action="store_true", help="print JSON")
     syncs.add_argument(
-        "--limit", type=_count, default=None, help="most syncs to list (default: all)"
+        "--limit", type=_positive, default=None, help="most syncs to list (default: all)"
     )
     syncs.set_defaults(func=_cmd_syncs)
 
     history = sub.add_parser("history", help="show a sync's runs, newest first")
     history.add_argument("sync", help="the sync id")
     history.add_argument("--db", required=True, help="the SQLite store")
-    history.add_argument("--limit", type=int, default=20, help="most runs to show")
+    history.add_argument("--limit", type=_positive, default=20, help="most runs to show")
     history.add_argument("--json", action="store_true", help="print JSON, with member issues")
     history.set_defaults(func=_cmd_history)
 
     upcoming = sub.add_parser("upcoming", help="list runs due in the next hours")
     upcoming.add_argument("--db", required=True, help="the SQLite store")
-    upcoming.add_argument("--hours", type=float, default=24.0, help="how far ahead (default 24)")
-    upcoming.add_argument("--limit", type=_count, default=50, help="most runs to list")
+    upcoming.add_argument("--hours", type=_hours, default=24.0, help="how far ahead (default 24)")
+    upcoming.add_argument("--limit", type=_positive, default=50, help="most runs to list")
     upcoming.set_defaults(func=_cmd_upcoming)
 
     check = sub.add_parser("check", help="check eligibility against a catalog destination")
