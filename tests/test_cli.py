@@ -172,6 +172,60 @@ class TestBadArguments:
         assert_usage_error(code, err, "--limit", f"not {limit}")
 
 
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store whose listings run far past a pipe's buffer (64 KiB on Linux)."""
+    import cohortsync as cs
+    from cohortsync.testing import RecordingDestination
+
+    path = tmp_path_factory.mktemp("big") / "big.db"
+    scheduler = cs.Scheduler(cs.storage.SQLiteStorage(path))
+    scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u"]))
+    scheduler.add_destination("d", RecordingDestination())
+    scheduler.create_syncs(
+        cs.SyncSpec("c", "d", cs.SyncPolicy.every(timedelta(minutes=1)), sync_id=f"s-{i:05d}")
+        for i in range(2_000)
+    )
+    scheduler.close()
+    return path
+
+
+class TestPipes:
+    """A reader that stops early (`| head`) ends the command quietly."""
+
+    @pytest.mark.parametrize(
+        "argv",
+        [("syncs",), ("syncs", "--json"), ("upcoming", "--limit", "100000")],
+        ids=["syncs", "syncs-json", "upcoming"],
+    )
+    def test_reader_closing_early_is_no_traceback(
+        self, big_store: Path, argv: tuple[str, ...]
+    ) -> None:
+        """`cohortsync syncs | head -2` printed a BrokenPipeError traceback and exited 1."""
+        import cohortsync
+
+        env = {**os.environ, "PYTHONPATH": str(Path(cohortsync.__file__).parents[1])}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cohortsync", *argv, "--db", str(big_store)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        try:
+            head = [proc.stdout.readline() for _ in range(2)]
+            proc.stdout.close()  # as `head -2` does once it has its lines
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+        assert all(head)
+        assert b"" == stderr
+        assert 141 == proc.returncode  # 128 + SIGPIPE, as `cat` killed by the pipe
+
+
 class TestCheck:
     def test_eligible(self) -> None:
         """An eligible combination exits 0."""

@@ -15,6 +15,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import signal
 import sys
 import textwrap
@@ -40,6 +41,9 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
+EXIT_READER_GONE = 128 + 13
+"""What a command killed by SIGPIPE exits with, so ``set -o pipefail`` scripts
+recognise a reader that stopped early (``| head``) as they do for ``cat``."""
 
 
 class _CliError(Exception):
@@ -340,6 +344,17 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args, out)
+        out.flush()  # inside the try: a short output may only fail here
+    except BrokenPipeError:
+        if out is not sys.stdout:
+            raise
+        # The reader (`| head`) is gone: as the Python docs recommend, point
+        # stdout at devnull so that the flush at exit cannot fail again, and
+        # exit without a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_READER_GONE
     except _CliError as e:
         print(f"cohortsync: error: {e}", file=sys.stderr)
         return EXIT_USAGE
