@@ -205,7 +205,7 @@ class TestPipes:
         import cohortsync
 
         env = {**os.environ, "PYTHONPATH": str(Path(cohortsync.__file__).parents[1])}
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: S603 - our command, with the test's arguments
             [sys.executable, "-m", "cohortsync", *argv, "--db", str(big_store)],
             env=env,
             stdout=subprocess.PIPE,
@@ -317,14 +317,64 @@ class TestSchedules:
         assert (1, True) == (code, "sub_hourly_size_limit" in out)
 
     @pytest.mark.parametrize(
-        "options",
-        [("--cadence", "cron", "--cron", "0 25 * * *"), ("--cadence", "daily", "--at", "6h")],
+        ("options", "words"),
+        [
+            (("--cadence", "cron", "--cron", "0 25 * * *"), ("--cron '0 25 * * *'", "hour")),
+            (("--cadence", "cron", "--cron", "x y"), ("--cron 'x y'", "5 fields")),
+            (("--cadence", "daily", "--at", "6h"), ("--at '6h'",)),
+            (("--cadence", "daily", "--at", "25:00"), ("--at '25:00'",)),
+            (("--cadence", "every", "--every", "0"), ("--every '0'", "1 minute to 7 days")),
+            (("--cadence", "every", "--every", "8d"), ("--every '8d'", "1 minute to 7 days")),
+            (("--cadence", "every", "--every", "9" * 20 + "d"), ("--every", "7 days")),
+            (("--cadence", "every", "--every", "15s"), ("--every '15s'", "15m, 2h or 1d")),
+            (("--cadence", "every"), ("--cadence every needs --every",)),
+            (("--cadence", "cron"), ("--cadence cron needs --cron",)),
+            (("--cadence", "weekly"), ("--cadence weekly needs --on",)),
+            (("--cadence", "weekly", "--on", "mon,someday"), ("--on 'mon,someday'", "'mon'")),
+            (("--cadence", "daily", "--timezone", "Mars/Olympus"), ("--timezone 'Mars/Olympus'",)),
+            (("--cadence", "daily", "--every", "15"), ("--every applies only to --cadence every",)),
+            (("--cadence", "hourly", "--on", "mon"), ("--on applies only to --cadence weekly",)),
+            (("--cadence", "hourly", "--timezone", "UTC"), ("daily, weekly or cron",)),
+            (("--cadence", "hourly", "--size", "-5"), ("--size -5",)),
+            (("--cadence", "hourly", "--identifier", "fax"), ("--identifier 'fax'",)),
+        ],
     )
-    def test_check_bad_schedule(self, options: tuple[str, ...]) -> None:
-        """A bad cron expression or time is an error, not a traceback."""
-        code, _ = run_cli("check", "--destination", "braze", *options)
+    def test_check_bad_schedule(
+        self,
+        capsys: pytest.CaptureFixture[str],
+        options: tuple[str, ...],
+        words: tuple[str, ...],
+    ) -> None:
+        """
+        A bad or missing schedule option is a usage error naming the option
+        as typed: they exited 1, a missing --every with "interval=None:
+        every() needs a datetime.timedelta".
+        """
+        code, err = run_bad(capsys, "check", "--destination", "braze", *options)
 
-        assert code in (1, 2)
+        assert_usage_error(code, err, *words)
+        assert "()" not in err
+        assert "datetime" not in err
+
+    @pytest.mark.parametrize(
+        ("every", "expected"), [("15", "every 15m"), ("15m", "every 15m"), ("2H", "every 2h"),
+                                ("1d", "every 1d")]
+    )  # fmt: skip
+    def test_check_every_takes_units(self, every: str, expected: str) -> None:
+        """--every takes minutes, or a number with m, h or d ("15m" was "invalid int value")."""
+        code, out = run_cli(
+            "check", "--destination", "braze", "--cadence", "every", "--every", every
+        )
+
+        assert (0, True) == (code, f"{expected}: eligible" in out)
+
+    def test_check_days_in_any_case(self) -> None:
+        """--on MON,Fri is read as mon,fri (the library takes lower case only)."""
+        code, out = run_cli(
+            "check", "--destination", "braze", "--cadence", "weekly", "--on", "MON,Fri"
+        )
+
+        assert (0, True) == (code, "weekly mon,fri" in out)
 
 
 class TestWorker:

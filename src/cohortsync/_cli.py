@@ -16,12 +16,13 @@ import importlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import textwrap
 import threading
 from collections.abc import Sequence
-from datetime import datetime, time, timedelta
+from datetime import date, time, timedelta
 from itertools import islice
 from pathlib import Path
 from types import FrameType
@@ -30,12 +31,12 @@ from typing import NoReturn, TextIO
 from cohortsync._clock import SystemClock
 from cohortsync._cohort import Cohort, CohortType
 from cohortsync._converter import unstructure
-from cohortsync._policy import Cadence, SyncPolicy
+from cohortsync._policy import _TIMED, _ZONED, Cadence, SyncPolicy
 from cohortsync._scheduler import Scheduler
 from cohortsync._sync import Sync
 from cohortsync.destinations import catalog
 from cohortsync.eligibility import check_eligibility
-from cohortsync.exceptions import CohortSyncError
+from cohortsync.exceptions import CohortSyncError, ConfigurationError
 
 __all__ = ["main"]
 
@@ -132,7 +133,7 @@ def _cmd_upcoming(args: argparse.Namespace, out: TextIO) -> int:
             until = scheduler.clock.now() + timedelta(hours=args.hours)
         except OverflowError:
             raise _CliError(
-                f"--hours {args.hours:,.0f} reaches past {datetime.max:%Y-%m-%d}, "
+                f"--hours {args.hours:,.0f} reaches past {date.max:%Y-%m-%d}, "
                 "the last date a horizon can be; give fewer hours"
             ) from None
         # One more than shown, to say whether there are more: never the whole list.
@@ -164,17 +165,64 @@ def _schedule_text(sync: Sync) -> str:
     return text
 
 
+# The schedule options of `check`: the argparse dest and the cadences that take
+# each (the library's own sets, so the two cannot disagree).
+_SCHEDULE_OPTIONS = {
+    "--every": ("every", frozenset({Cadence.EVERY})),
+    "--at": ("at", _TIMED),
+    "--on": ("on", frozenset({Cadence.WEEKLY})),
+    "--cron": ("cron", frozenset({Cadence.CRON})),
+    "--timezone": ("timezone", _ZONED),
+}
+_REQUIRED = {Cadence.EVERY: "--every", Cadence.WEEKLY: "--on", Cadence.CRON: "--cron"}
+# A ConfigurationError's field -> the option that gave it (and its argparse
+# dest, to quote what was typed rather than the converted value).
+_OPTION_OF_FIELD = {
+    "interval": ("--every", "every"),
+    "at": ("--at", "at"),
+    "on": ("--on", "on"),
+    "expression": ("--cron", "cron"),
+    "cron": ("--cron", "cron"),
+    "timezone": ("--timezone", "timezone"),
+    "size": ("--size", "size"),
+    "identifier_kinds": ("--identifier", None),
+}
+_INTERVAL = re.compile(r"\s*(\d+)\s*([mhd]?)\s*", re.IGNORECASE)
+_INTERVAL_UNITS = {"": "minutes", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _interval(text: str) -> timedelta:
+    """``15``, ``15m``, ``2h`` or ``1d``: whole minutes, hours or days."""
+    match = _INTERVAL.fullmatch(text)
+    if match is None:
+        raise _CliError(f"--every {text!r} is not an interval such as 15, 15m, 2h or 1d")
+    number, unit = match.groups()
+    try:
+        return timedelta(**{_INTERVAL_UNITS[unit.lower()]: int(number)})
+    except OverflowError:
+        raise _CliError(f"--every {text!r}: must be from 1 minute to 7 days") from None
+
+
 def _check_policy(args: argparse.Namespace) -> SyncPolicy:
     """The policy the check options describe; options of another cadence are refused."""
     cadence = Cadence(args.cadence)
+    for option, (dest, cadences) in _SCHEDULE_OPTIONS.items():
+        if getattr(args, dest) is not None and cadence not in cadences:
+            *others, last = (c.value for c in Cadence if c in cadences)
+            takers = f"{', '.join(others)} or {last}" if others else last
+            raise _CliError(f"{option} applies only to --cadence {takers}")
+    required = _REQUIRED.get(cadence)
+    if required is not None and not getattr(args, _SCHEDULE_OPTIONS[required][0]):
+        raise _CliError(f"--cadence {cadence.value} needs {required}")
     at = None
     if args.at is not None:
         try:
             at = time.fromisoformat(args.at)
         except ValueError:
             raise _CliError(f"--at {args.at!r} is not a time such as 06:30") from None
-    on = tuple(day.strip() for day in args.on.split(",")) if args.on else ()
-    interval = None if args.every is None else timedelta(minutes=args.every)
+    # Day names in any case: the library takes "mon", a terminal user types "MON" too.
+    on = tuple(day.strip().lower() for day in args.on.split(",")) if args.on else ()
+    interval = None if args.every is None else _interval(args.every)
     return SyncPolicy(
         cadence=cadence,
         timezone=args.timezone,
@@ -185,11 +233,26 @@ def _check_policy(args: argparse.Namespace) -> SyncPolicy:
     )
 
 
+def _option_error(e: ConfigurationError, args: argparse.Namespace) -> _CliError:
+    """The library's error about a value, told as the option that gave it."""
+    option, dest = _OPTION_OF_FIELD[e.field]
+    given = e.value if dest is None else getattr(args, dest)
+    message = str(e).removeprefix(f"{e.field}={e.value!r}: ")
+    return _CliError(f"{option} {given!r}: {message}")
+
+
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
-    cohort = Cohort(id="cohort", name="cohort", type=CohortType(args.cohort_type), size=args.size)
-    policy = _check_policy(args)
-    caps = catalog.get(args.destination)
-    result = check_eligibility(cohort, caps, policy, identifier_kinds=args.identifier or None)
+    try:
+        cohort = Cohort(
+            id="cohort", name="cohort", type=CohortType(args.cohort_type), size=args.size
+        )
+        policy = _check_policy(args)
+        caps = catalog.get(args.destination)
+        result = check_eligibility(cohort, caps, policy, identifier_kinds=args.identifier or None)
+    except ConfigurationError as e:
+        if e.field not in _OPTION_OF_FIELD:
+            raise
+        raise _option_error(e, args) from None
     verdict = "eligible" if result.eligible else "NOT eligible"
     print(
         f"{args.cohort_type} cohort ({args.size if args.size is not None else 'unknown'} members) "
@@ -314,9 +377,11 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="check eligibility against a catalog destination")
     check.add_argument("--destination", required=True, choices=sorted(catalog.PRESETS))
     check.add_argument("--cadence", required=True, choices=[c.value for c in Cadence])
-    check.add_argument("--every", type=int, default=None, help="every: the interval in minutes")
+    check.add_argument(
+        "--every", default=None, help="every: the interval, e.g. 15 or 15m (minutes), 2h, 1d"
+    )
     check.add_argument("--at", default=None, help="daily/weekly: the local time, e.g. 06:30")
-    check.add_argument("--on", default=None, help="weekly: days, e.g. mon,wed,fri")
+    check.add_argument("--on", default=None, help="weekly: days, e.g. mon,wed,fri (any case)")
     check.add_argument("--cron", default=None, help="cron: a 5-field expression")
     check.add_argument("--timezone", default=None, help="daily/weekly/cron: an IANA zone")
     check.add_argument("--cohort-type", default="behavioral", choices=[t.value for t in CohortType])
