@@ -176,10 +176,11 @@ class TestBadArguments:
 def big_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store whose listings run far past a pipe's buffer (64 KiB on Linux)."""
     import cohortsync as cs
+    from cohortsync.storage import SQLiteStorage
     from cohortsync.testing import RecordingDestination
 
     path = tmp_path_factory.mktemp("big") / "big.db"
-    scheduler = cs.Scheduler(cs.storage.SQLiteStorage(path))
+    scheduler = cs.Scheduler(SQLiteStorage(path))
     scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u"]))
     scheduler.add_destination("d", RecordingDestination())
     scheduler.create_syncs(
