@@ -26,6 +26,25 @@ def run_cli(*argv: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
+def run_bad(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """Run the command line and return its exit code and standard error, whoever reports."""
+    capsys.readouterr()
+    try:
+        code = main(list(argv), out=io.StringIO())
+    except SystemExit as e:  # argparse reports bad arguments by exiting
+        code = e.code if isinstance(e.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def assert_usage_error(code: int, err: str, *words: str) -> None:
+    """Exit code 2 and the one line docs/cli.md promises, naming what was wrong."""
+    assert 2 == code
+    assert err.startswith("cohortsync: error: ")
+    assert 1 == err.count("\n"), err
+    for word in words:
+        assert word in err
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     directory = tmp_path_factory.mktemp("demo")
@@ -105,6 +124,107 @@ class TestStoreCommands:
         code, out = run_cli("upcoming", "--db", db, "--hours", "100000", "--limit", "5000")
         assert 0 == code
         assert "power-users-hourly" in out
+
+
+class TestBadArguments:
+    """Bad arguments exit 2 with one line on standard error, never a traceback."""
+
+    @pytest.mark.parametrize("hours", ["inf", "nan", "-inf", "-1", "0", "1h"])
+    def test_upcoming_hours_must_be_finite_and_above_0(
+        self, demo: tuple[Path, str], capsys: pytest.CaptureFixture[str], hours: str
+    ) -> None:
+        """inf and nan crashed with a traceback; -1 and 0 were accepted silently."""
+        directory, _ = demo
+        code, err = run_bad(
+            capsys, "upcoming", "--db", str(directory / "cohortsync.db"), f"--hours={hours}"
+        )
+
+        assert_usage_error(code, err, "--hours", repr(hours))
+
+    @pytest.mark.parametrize("hours", ["1e9", "70000000"])
+    def test_upcoming_horizon_must_fit_a_date(
+        self, demo: tuple[Path, str], capsys: pytest.CaptureFixture[str], hours: str
+    ) -> None:
+        """A horizon past year 9999 crashed with OverflowError; it says how far it may go."""
+        directory, _ = demo
+        code, err = run_bad(
+            capsys, "upcoming", "--db", str(directory / "cohortsync.db"), "--hours", hours
+        )
+
+        assert_usage_error(code, err, "--hours", "past 9999-12-31")
+
+    @pytest.mark.parametrize("command", ["syncs", "upcoming", "history"])
+    @pytest.mark.parametrize("limit", ["0", "-1"])
+    def test_limit_must_be_at_least_1(
+        self,
+        demo: tuple[Path, str],
+        capsys: pytest.CaptureFixture[str],
+        command: str,
+        limit: str,
+    ) -> None:
+        """--limit 0 printed "(no syncs)" on a full store, or only "... more"."""
+        directory, _ = demo
+        target = ("churn-risk-crm",) if command == "history" else ()
+        code, err = run_bad(
+            capsys, command, *target, "--db", str(directory / "cohortsync.db"), "--limit", limit
+        )
+
+        assert_usage_error(code, err, "--limit", f"not {limit}")
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store whose listings run far past a pipe's buffer (64 KiB on Linux)."""
+    import cohortsync as cs
+    from cohortsync.storage import SQLiteStorage
+    from cohortsync.testing import RecordingDestination
+
+    path = tmp_path_factory.mktemp("big") / "big.db"
+    scheduler = cs.Scheduler(SQLiteStorage(path))
+    scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u"]))
+    scheduler.add_destination("d", RecordingDestination())
+    scheduler.create_syncs(
+        cs.SyncSpec("c", "d", cs.SyncPolicy.every(timedelta(minutes=1)), sync_id=f"s-{i:05d}")
+        for i in range(2_000)
+    )
+    scheduler.close()
+    return path
+
+
+class TestPipes:
+    """A reader that stops early (`| head`) ends the command quietly."""
+
+    @pytest.mark.parametrize(
+        "argv",
+        [("syncs",), ("syncs", "--json"), ("upcoming", "--limit", "100000")],
+        ids=["syncs", "syncs-json", "upcoming"],
+    )
+    def test_reader_closing_early_is_no_traceback(
+        self, big_store: Path, argv: tuple[str, ...]
+    ) -> None:
+        """`cohortsync syncs | head -2` printed a BrokenPipeError traceback and exited 1."""
+        import cohortsync
+
+        env = {**os.environ, "PYTHONPATH": str(Path(cohortsync.__file__).parents[1])}
+        proc = subprocess.Popen(  # noqa: S603 - our command, with the test's arguments
+            [sys.executable, "-m", "cohortsync", *argv, "--db", str(big_store)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        try:
+            head = [proc.stdout.readline() for _ in range(2)]
+            proc.stdout.close()  # as `head -2` does once it has its lines
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+        assert all(head)
+        assert b"" == stderr
+        assert 141 == proc.returncode  # 128 + SIGPIPE, as `cat` killed by the pipe
 
 
 class TestCheck:
@@ -198,14 +318,64 @@ class TestSchedules:
         assert (1, True) == (code, "sub_hourly_size_limit" in out)
 
     @pytest.mark.parametrize(
-        "options",
-        [("--cadence", "cron", "--cron", "0 25 * * *"), ("--cadence", "daily", "--at", "6h")],
+        ("options", "words"),
+        [
+            (("--cadence", "cron", "--cron", "0 25 * * *"), ("--cron '0 25 * * *'", "hour")),
+            (("--cadence", "cron", "--cron", "x y"), ("--cron 'x y'", "5 fields")),
+            (("--cadence", "daily", "--at", "6h"), ("--at '6h'",)),
+            (("--cadence", "daily", "--at", "25:00"), ("--at '25:00'",)),
+            (("--cadence", "every", "--every", "0"), ("--every '0'", "1 minute to 7 days")),
+            (("--cadence", "every", "--every", "8d"), ("--every '8d'", "1 minute to 7 days")),
+            (("--cadence", "every", "--every", "9" * 20 + "d"), ("--every", "7 days")),
+            (("--cadence", "every", "--every", "15s"), ("--every '15s'", "15m, 2h or 1d")),
+            (("--cadence", "every"), ("--cadence every needs --every",)),
+            (("--cadence", "cron"), ("--cadence cron needs --cron",)),
+            (("--cadence", "weekly"), ("--cadence weekly needs --on",)),
+            (("--cadence", "weekly", "--on", "mon,someday"), ("--on 'mon,someday'", "'mon'")),
+            (("--cadence", "daily", "--timezone", "Mars/Olympus"), ("--timezone 'Mars/Olympus'",)),
+            (("--cadence", "daily", "--every", "15"), ("--every applies only to --cadence every",)),
+            (("--cadence", "hourly", "--on", "mon"), ("--on applies only to --cadence weekly",)),
+            (("--cadence", "hourly", "--timezone", "UTC"), ("daily, weekly or cron",)),
+            (("--cadence", "hourly", "--size", "-5"), ("--size -5",)),
+            (("--cadence", "hourly", "--identifier", "fax"), ("--identifier 'fax'",)),
+        ],
     )
-    def test_check_bad_schedule(self, options: tuple[str, ...]) -> None:
-        """A bad cron expression or time is an error, not a traceback."""
-        code, _ = run_cli("check", "--destination", "braze", *options)
+    def test_check_bad_schedule(
+        self,
+        capsys: pytest.CaptureFixture[str],
+        options: tuple[str, ...],
+        words: tuple[str, ...],
+    ) -> None:
+        """
+        A bad or missing schedule option is a usage error naming the option
+        as typed: they exited 1, a missing --every with "interval=None:
+        every() needs a datetime.timedelta".
+        """
+        code, err = run_bad(capsys, "check", "--destination", "braze", *options)
 
-        assert code in (1, 2)
+        assert_usage_error(code, err, *words)
+        assert "()" not in err
+        assert "datetime" not in err
+
+    @pytest.mark.parametrize(
+        ("every", "expected"), [("15", "every 15m"), ("15m", "every 15m"), ("2H", "every 2h"),
+                                ("1d", "every 1d")]
+    )  # fmt: skip
+    def test_check_every_takes_units(self, every: str, expected: str) -> None:
+        """--every takes minutes, or a number with m, h or d ("15m" was "invalid int value")."""
+        code, out = run_cli(
+            "check", "--destination", "braze", "--cadence", "every", "--every", every
+        )
+
+        assert (0, True) == (code, f"{expected}: eligible" in out)
+
+    def test_check_days_in_any_case(self) -> None:
+        """--on MON,Fri is read as mon,fri (the library takes lower case only)."""
+        code, out = run_cli(
+            "check", "--destination", "braze", "--cadence", "weekly", "--on", "MON,Fri"
+        )
+
+        assert (0, True) == (code, "weekly mon,fri" in out)
 
 
 class TestWorker:

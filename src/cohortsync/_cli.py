@@ -14,31 +14,37 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
+import os
+import re
 import signal
 import sys
 import textwrap
 import threading
 from collections.abc import Sequence
-from datetime import time, timedelta
+from datetime import date, time, timedelta
 from itertools import islice
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from cohortsync._clock import SystemClock
 from cohortsync._cohort import Cohort, CohortType
 from cohortsync._converter import unstructure
-from cohortsync._policy import Cadence, SyncPolicy
+from cohortsync._policy import _TIMED, _ZONED, Cadence, SyncPolicy
 from cohortsync._scheduler import Scheduler
 from cohortsync._sync import Sync
 from cohortsync.destinations import catalog
 from cohortsync.eligibility import check_eligibility
-from cohortsync.exceptions import CohortSyncError
+from cohortsync.exceptions import CohortSyncError, ConfigurationError
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
+EXIT_READER_GONE = 128 + 13
+"""What a command killed by SIGPIPE exits with, so ``set -o pipefail`` scripts
+recognise a reader that stopped early (``| head``) as they do for ``cat``."""
 
 
 class _CliError(Exception):
@@ -123,7 +129,13 @@ def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_upcoming(args: argparse.Namespace, out: TextIO) -> int:
     scheduler = _open_store(args.db)
     try:
-        until = scheduler.clock.now() + timedelta(hours=args.hours)
+        try:
+            until = scheduler.clock.now() + timedelta(hours=args.hours)
+        except OverflowError:
+            raise _CliError(
+                f"--hours {args.hours:,.0f} reaches past {date.max:%Y-%m-%d}, "
+                "the last date a horizon can be; give fewer hours"
+            ) from None
         # One more than shown, to say whether there are more: never the whole list.
         upcoming = scheduler.upcoming(until, limit=args.limit + 1)
         schedules: dict[str, str] = {}  # one read per sync listed, not per run
@@ -153,17 +165,64 @@ def _schedule_text(sync: Sync) -> str:
     return text
 
 
+# The schedule options of `check`: the argparse dest and the cadences that take
+# each (the library's own sets, so the two cannot disagree).
+_SCHEDULE_OPTIONS = {
+    "--every": ("every", frozenset({Cadence.EVERY})),
+    "--at": ("at", _TIMED),
+    "--on": ("on", frozenset({Cadence.WEEKLY})),
+    "--cron": ("cron", frozenset({Cadence.CRON})),
+    "--timezone": ("timezone", _ZONED),
+}
+_REQUIRED = {Cadence.EVERY: "--every", Cadence.WEEKLY: "--on", Cadence.CRON: "--cron"}
+# A ConfigurationError's field -> the option that gave it (and its argparse
+# dest, to quote what was typed rather than the converted value).
+_OPTION_OF_FIELD = {
+    "interval": ("--every", "every"),
+    "at": ("--at", "at"),
+    "on": ("--on", "on"),
+    "expression": ("--cron", "cron"),
+    "cron": ("--cron", "cron"),
+    "timezone": ("--timezone", "timezone"),
+    "size": ("--size", "size"),
+    "identifier_kinds": ("--identifier", None),
+}
+_INTERVAL = re.compile(r"\s*(\d+)\s*([mhd]?)\s*", re.IGNORECASE)
+_INTERVAL_UNITS = {"": "minutes", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _interval(text: str) -> timedelta:
+    """``15``, ``15m``, ``2h`` or ``1d``: whole minutes, hours or days."""
+    match = _INTERVAL.fullmatch(text)
+    if match is None:
+        raise _CliError(f"--every {text!r} is not an interval such as 15, 15m, 2h or 1d")
+    number, unit = match.groups()
+    try:
+        return timedelta(**{_INTERVAL_UNITS[unit.lower()]: int(number)})
+    except OverflowError:
+        raise _CliError(f"--every {text!r}: must be from 1 minute to 7 days") from None
+
+
 def _check_policy(args: argparse.Namespace) -> SyncPolicy:
     """The policy the check options describe; options of another cadence are refused."""
     cadence = Cadence(args.cadence)
+    for option, (dest, cadences) in _SCHEDULE_OPTIONS.items():
+        if getattr(args, dest) is not None and cadence not in cadences:
+            *others, last = (c.value for c in Cadence if c in cadences)
+            takers = f"{', '.join(others)} or {last}" if others else last
+            raise _CliError(f"{option} applies only to --cadence {takers}")
+    required = _REQUIRED.get(cadence)
+    if required is not None and not getattr(args, _SCHEDULE_OPTIONS[required][0]):
+        raise _CliError(f"--cadence {cadence.value} needs {required}")
     at = None
     if args.at is not None:
         try:
             at = time.fromisoformat(args.at)
         except ValueError:
             raise _CliError(f"--at {args.at!r} is not a time such as 06:30") from None
-    on = tuple(day.strip() for day in args.on.split(",")) if args.on else ()
-    interval = None if args.every is None else timedelta(minutes=args.every)
+    # Day names in any case: the library takes "mon", a terminal user types "MON" too.
+    on = tuple(day.strip().lower() for day in args.on.split(",")) if args.on else ()
+    interval = None if args.every is None else _interval(args.every)
     return SyncPolicy(
         cadence=cadence,
         timezone=args.timezone,
@@ -174,11 +233,26 @@ def _check_policy(args: argparse.Namespace) -> SyncPolicy:
     )
 
 
+def _option_error(e: ConfigurationError, args: argparse.Namespace) -> _CliError:
+    """The library's error about a value, told as the option that gave it."""
+    option, dest = _OPTION_OF_FIELD[e.field]
+    given = e.value if dest is None else getattr(args, dest)
+    message = str(e).removeprefix(f"{e.field}={e.value!r}: ")
+    return _CliError(f"{option} {given!r}: {message}")
+
+
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
-    cohort = Cohort(id="cohort", name="cohort", type=CohortType(args.cohort_type), size=args.size)
-    policy = _check_policy(args)
-    caps = catalog.get(args.destination)
-    result = check_eligibility(cohort, caps, policy, identifier_kinds=args.identifier or None)
+    try:
+        cohort = Cohort(
+            id="cohort", name="cohort", type=CohortType(args.cohort_type), size=args.size
+        )
+        policy = _check_policy(args)
+        caps = catalog.get(args.destination)
+        result = check_eligibility(cohort, caps, policy, identifier_kinds=args.identifier or None)
+    except ConfigurationError as e:
+        if e.field not in _OPTION_OF_FIELD:
+            raise
+        raise _option_error(e, args) from None
     verdict = "eligible" if result.eligible else "NOT eligible"
     print(
         f"{args.cohort_type} cohort ({args.size if args.size is not None else 'unknown'} members) "
@@ -237,18 +311,37 @@ def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _count(text: str) -> int:
+def _positive(text: str) -> int:
+    """A count of at least 1: a limit of 0 would list nothing and say nothing true."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
 
 
+def _hours(text: str) -> float:
+    """A finite number of hours above 0 (whether it fits a date is checked against now)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of hours above 0, not {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad argument in one line, as every other error is (docs/cli.md)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"cohortsync: error: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cohortsync", description="Keep user cohorts in sync with third-party destinations."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -264,29 +357,31 @@ def _parser() -> argparse.ArgumentParser:
     syncs.add_argument("--db", required=True, help="the SQLite store")
     syncs.add_argument("--json", action="store_true", help="print JSON")
     syncs.add_argument(
-        "--limit", type=_count, default=None, help="most syncs to list (default: all)"
+        "--limit", type=_positive, default=None, help="most syncs to list (default: all)"
     )
     syncs.set_defaults(func=_cmd_syncs)
 
     history = sub.add_parser("history", help="show a sync's runs, newest first")
     history.add_argument("sync", help="the sync id")
     history.add_argument("--db", required=True, help="the SQLite store")
-    history.add_argument("--limit", type=int, default=20, help="most runs to show")
+    history.add_argument("--limit", type=_positive, default=20, help="most runs to show")
     history.add_argument("--json", action="store_true", help="print JSON, with member issues")
     history.set_defaults(func=_cmd_history)
 
     upcoming = sub.add_parser("upcoming", help="list runs due in the next hours")
     upcoming.add_argument("--db", required=True, help="the SQLite store")
-    upcoming.add_argument("--hours", type=float, default=24.0, help="how far ahead (default 24)")
-    upcoming.add_argument("--limit", type=_count, default=50, help="most runs to list")
+    upcoming.add_argument("--hours", type=_hours, default=24.0, help="how far ahead (default 24)")
+    upcoming.add_argument("--limit", type=_positive, default=50, help="most runs to list")
     upcoming.set_defaults(func=_cmd_upcoming)
 
     check = sub.add_parser("check", help="check eligibility against a catalog destination")
     check.add_argument("--destination", required=True, choices=sorted(catalog.PRESETS))
     check.add_argument("--cadence", required=True, choices=[c.value for c in Cadence])
-    check.add_argument("--every", type=int, default=None, help="every: the interval in minutes")
+    check.add_argument(
+        "--every", default=None, help="every: the interval, e.g. 15 or 15m (minutes), 2h, 1d"
+    )
     check.add_argument("--at", default=None, help="daily/weekly: the local time, e.g. 06:30")
-    check.add_argument("--on", default=None, help="weekly: days, e.g. mon,wed,fri")
+    check.add_argument("--on", default=None, help="weekly: days, e.g. mon,wed,fri (any case)")
     check.add_argument("--cron", default=None, help="cron: a 5-field expression")
     check.add_argument("--timezone", default=None, help="daily/weekly/cron: an IANA zone")
     check.add_argument("--cohort-type", default="behavioral", choices=[t.value for t in CohortType])
@@ -314,6 +409,17 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args, out)
+        out.flush()  # inside the try: a short output may only fail here
+    except BrokenPipeError:
+        if out is not sys.stdout:
+            raise
+        # The reader (`| head`) is gone: as the Python docs recommend, point
+        # stdout at devnull so that the flush at exit cannot fail again, and
+        # exit without a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_READER_GONE
     except _CliError as e:
         print(f"cohortsync: error: {e}", file=sys.stderr)
         return EXIT_USAGE
