@@ -82,7 +82,10 @@ def recommend(
         and policy.interval <= SHORT_INTERVAL
     ):
         minutes = int(policy.interval.total_seconds()) // 60
-        code, what = "short_interval_to_hourly", f"runs every {minutes} minutes"
+        code, what = (
+            "short_interval_to_hourly",
+            f"runs every {minutes} minute{'' if minutes == 1 else 's'}",
+        )
         saving = f"1/{60 // minutes} of the work"
     else:
         return None
