@@ -648,3 +648,44 @@ class TestAdvice:
         sync = self.sync(cs.SyncPolicy.every(timedelta(minutes=minutes)))
 
         assert recommend(sync, self.runs(cs.Cadence.EVERY, updated)) is None
+
+
+class TestCoalescedAcrossDst:
+    """
+    A catch-up run counts the slots it coalesced as they really were, across a
+    spring gap too (an outside test found cron in a zone one short or two over:
+    wall times were counted, and a gap's times share one run).
+    """
+
+    A = datetime(2030, 3, 8, 12, 0, tzinfo=timezone.utc)
+    B = datetime(2030, 3, 11, 15, 0, tzinfo=timezone.utc)
+
+    @pytest.mark.parametrize(
+        ("policy", "down", "back", "coalesced"),
+        [
+            (cs.SyncPolicy.daily("America/New_York", at=time(2, 30)), A, B, 2),
+            (cs.SyncPolicy.cron("30 2 * * *", timezone="America/New_York"), A, B, 2),
+            (cs.SyncPolicy.cron("*/30 * * * *", timezone="America/New_York"), A, B, 149),
+            (cs.SyncPolicy.cron("*/30 * * * *"), A, B, 149),
+            (
+                cs.SyncPolicy.cron("*/15 * * * *", timezone="Australia/Lord_Howe"),
+                datetime(2030, 10, 5, tzinfo=timezone.utc),
+                datetime(2030, 10, 8, tzinfo=timezone.utc),
+                287,
+            ),
+        ],
+    )
+    def test_catch_up_counts_the_real_slots(
+        self, policy: cs.SyncPolicy, down: datetime, back: datetime, coalesced: int
+    ) -> None:
+        clock = FakeClock(down)
+        scheduler = cs.Scheduler(MemoryStorage(), clock=clock, seed=0)
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u1"]))
+        scheduler.add_destination("d", RecordingDestination())
+        scheduler.create_sync("c", "d", policy, sync_id="s")
+        scheduler.run_due()
+        clock.set(back)
+
+        (run,) = scheduler.run_due()
+
+        assert (cs.Trigger.CATCH_UP, coalesced) == (run.trigger, run.coalesced)

@@ -455,11 +455,17 @@ def slots_between(policy: SyncPolicy, offset: int, low: datetime, high: datetime
             first.astimezone(zone).date(), last.astimezone(zone).date(), _weekdays(policy)
         )
     if cadence is _CRON:
-        # Wall times, counted day by day: on a DST day a gap's collapsed
-        # times may be over-counted, which only affects the reported number.
         spec, cron_zone = _spec(policy), _zone_or_none(policy)
         if cron_zone is None:
             return spec.count_between(_naive(first), _naive(last))
+        # In a zone, wall times miscount DST days (a gap's times share one
+        # run at its end; a skipped wall time still runs there): walk the
+        # real slots, which a catch-up window of hours or days allows.
+        walked = _walk_slots(policy, offset, first, high)
+        if walked is not None:
+            return walked
+        # Longer than the walk: wall times, off by a few per DST change in
+        # the reported number only.
         return spec.count_between(
             _naive(first.astimezone(cron_zone)), _naive(last.astimezone(cron_zone))
         )
@@ -476,6 +482,20 @@ def slots_between(policy: SyncPolicy, offset: int, low: datetime, high: datetime
 
 
 _TICK = timedelta(microseconds=1)
+_WALK = 20_000
+"""Most slots :func:`slots_between` counts one by one (about 0.1 s)."""
+
+
+def _walk_slots(policy: SyncPolicy, offset: int, first: datetime, high: datetime) -> int | None:
+    """The slots from *first* (one) to before *high*, or ``None`` past :data:`_WALK`."""
+    count = 0
+    at: datetime | None = first
+    while at is not None and at < high:
+        count += 1
+        if count > _WALK:
+            return None
+        at = next_due(policy, first, offset, at)
+    return count
 
 
 def next_after_run(
