@@ -255,17 +255,15 @@ def next_due(  # noqa: C901 - one flat branch per cadence: this is the hot path
         # Inlined for the common intervals (those that divide a day, so the
         # grid lines up with each UTC midnight): built from *after*'s own
         # calendar fields, as for hourly syncs. The others: _next_every.
-        interval = policy.interval
-        if interval is not None and not interval.days and type(offset) is int:
-            seconds = interval.seconds
-            if not _DAY % seconds and 0 <= offset < seconds:
-                into = after.hour * 3_600 + after.minute * 60 + after.second
-                due = into - (into - offset) % seconds + seconds
-                if due < _DAY:
-                    return datetime(
-                        after.year, after.month, after.day,
-                        due // 3_600, due // 60 % 60, due % 60, 0, _UTC,
-                    )  # fmt: skip
+        seconds = _DAY_GRIDS.get(policy.interval)  # type: ignore[arg-type]
+        if seconds is not None and type(offset) is int and 0 <= offset < seconds:
+            into = after.hour * 3_600 + after.minute * 60 + after.second
+            due = into - (into - offset) % seconds + seconds
+            if due < _DAY:
+                hours, rest = divmod(due, 3_600)
+                return datetime(
+                    after.year, after.month, after.day, hours, rest // 60, rest % 60, 0, _UTC
+                )
         return _next_every(policy, offset, after)
     else:
         return _next_other(policy, offset, after)
@@ -650,6 +648,13 @@ def _weekdays(policy: SyncPolicy) -> frozenset[int]:
 
 def _naive(when: datetime) -> datetime:
     return when.replace(tzinfo=None)
+
+
+_DAY_GRIDS: dict[timedelta, int] = {
+    timedelta(minutes=m): m * 60 for m in range(1, 24 * 60 + 1) if not (24 * 60) % m
+}
+"""The every() intervals that divide a day (their grid lines up with each UTC
+midnight), in seconds: :func:`next_due` builds their slot from calendar fields."""
 
 
 def _next_every(policy: SyncPolicy, offset: int, after: datetime) -> datetime:
