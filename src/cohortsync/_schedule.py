@@ -245,26 +245,42 @@ def next_due(  # noqa: C901 - one flat branch per cadence: this is the hot path
             after.year, after.month, after.day, after.hour, offset // 60, offset % 60, 0, _UTC
         )
         period = _ONE_HOUR
+    elif cadence is _EVERY:
+        # Inlined for the common intervals: those that divide an hour (the
+        # grid lines up with each UTC hour: the slot is built from *after*'s
+        # hour, as for hourly syncs) and those that divide a day (with each
+        # UTC midnight). The others, and a slot on the next hour or day:
+        # _next_every.
+        interval = policy.interval
+        if type(offset) is int:
+            seconds = _HOUR_GRIDS.get(interval)  # type: ignore[arg-type]
+            if seconds is not None:
+                if 0 <= offset < seconds:
+                    into = after.minute * 60 + after.second
+                    due = into - (into - offset) % seconds + seconds
+                    if due < 3_600:
+                        return datetime(
+                            after.year, after.month, after.day,
+                            after.hour, due // 60, due % 60, 0, _UTC,
+                        )  # fmt: skip
+            else:
+                seconds = _DAY_GRIDS.get(interval)  # type: ignore[arg-type]
+                if seconds is not None and 0 <= offset < seconds:
+                    into = after.hour * 3_600 + after.minute * 60 + after.second
+                    due = into - (into - offset) % seconds + seconds
+                    if due < _DAY:
+                        hours, rest = divmod(due, 3_600)
+                        return datetime(
+                            after.year, after.month, after.day,
+                            hours, rest // 60, rest % 60, 0, _UTC,
+                        )  # fmt: skip
+        return _next_every(policy, offset, after)
     elif cadence is _REALTIME:
         # Real-time syncs are not spread: their offset is 0.
         if type(offset) is not int or offset:
             raise _bad_offset(cadence, offset)
         slot = datetime(after.year, after.month, after.day, after.hour, after.minute, 0, 0, _UTC)
         period = _ONE_MINUTE
-    elif cadence is _EVERY:
-        # Inlined for the common intervals (those that divide a day, so the
-        # grid lines up with each UTC midnight): built from *after*'s own
-        # calendar fields, as for hourly syncs. The others: _next_every.
-        seconds = _DAY_GRIDS.get(policy.interval)  # type: ignore[arg-type]
-        if seconds is not None and type(offset) is int and 0 <= offset < seconds:
-            into = after.hour * 3_600 + after.minute * 60 + after.second
-            due = into - (into - offset) % seconds + seconds
-            if due < _DAY:
-                hours, rest = divmod(due, 3_600)
-                return datetime(
-                    after.year, after.month, after.day, hours, rest // 60, rest % 60, 0, _UTC
-                )
-        return _next_every(policy, offset, after)
     else:
         return _next_other(policy, offset, after)
     try:
@@ -650,6 +666,10 @@ def _naive(when: datetime) -> datetime:
     return when.replace(tzinfo=None)
 
 
+_HOUR_GRIDS: dict[timedelta, int] = {
+    timedelta(minutes=m): m * 60 for m in range(1, 61) if not 60 % m
+}
+"""The every() intervals that divide an hour, in seconds."""
 _DAY_GRIDS: dict[timedelta, int] = {
     timedelta(minutes=m): m * 60 for m in range(1, 24 * 60 + 1) if not (24 * 60) % m
 }
