@@ -298,6 +298,42 @@ class TestSharedIdentifiersThroughCrashes:
         assert {"u0@example.com", "u2@example.com"} == dest.audience("s1")
         assert ["u0-dup", "u2"] == sorted(storage.iter_delivered("s1"))
 
+    def test_a_full_resend_does_not_repeat_a_joiners_request(self) -> None:
+        """
+        A full resync fails in an outage, leaving "add u0" pending; u0-dup
+        (same email) joins. The next run sends the address once: the full
+        resend of u0 is settled by the joiner's answer (it used to re-send the
+        same request, same key, which the long model test saw recorded twice).
+        """
+
+        class Outage(RecordingDestination):
+            down = False
+
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                if self.down:
+                    raise cs.exceptions.TransientError("HTTP 503")
+                return super().add(batch)
+
+        clock = FakeClock(START)
+        members = {"u0"}
+        dest = Outage()
+        s = emailing(MemoryStorage(), clock, dest, members)
+        s.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s1", mapping_id="email")
+        s.run_due()
+        dest.down = True
+        s.request_full_resync("s1")
+        assert cs.RunStatus.FAILED == s.run_due()[0].status
+        dest.down = False
+        members.add("u0-dup")
+        clock.advance(timedelta(hours=2))
+
+        (run,) = s.run_due()
+
+        keys = [b.idempotency_key for b in dest.batches if b.operation is cs.Operation.ADD]
+        assert len(keys) == len(set(keys)), keys
+        assert {"u0@example.com"} == dest.audience("s1")
+        assert 1 == run.batches
+
     def test_a_refused_shared_address_is_sent_once(self) -> None:
         """Two joiners share an address the vendor refuses, in two batches: one request."""
 

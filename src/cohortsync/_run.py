@@ -1098,6 +1098,10 @@ class _Run:
             if existing:
                 if not identity:
                     yield from self._retire_changed(context, members, caps)
+                # An identifier this run's adds were already answered for (a
+                # joiner sharing it, an in-flight one re-sent) is settled like
+                # it: sending it again would re-send that request.
+                members = self._answered_already(operation, members)
                 # A full resend sends every identifier once, even if held.
                 groups = group_adds(members, _already_sent(self.sent_existing, identity=identity))
                 if not identity:

@@ -311,6 +311,7 @@ class CohortSyncModel(RuleBasedStateMachine):
         self.syncs: dict[str, SyncModel] = {}
         self.current: SyncModel | None = None
         self.recorded: dict[str, list[tuple[str, str]]] = {}  # sync -> [(key, run id)]
+        self.finished: set[str] = set()  # run ids whose record was stored (RunFinished)
         self.created = 0
         self.lease_free_at = T0  # when every dead worker's lease has expired
         self.steps = 0
@@ -362,6 +363,7 @@ class CohortSyncModel(RuleBasedStateMachine):
                 (event.idempotency_key, event.run_id)
             )
         elif isinstance(event, RunFinished):
+            self.finished.add(event.run.id)
             self._observe(event.run)
         elif isinstance(event, SyncFailed):
             # The engine took the sync off the schedule (paused or failed):
@@ -421,6 +423,14 @@ class CohortSyncModel(RuleBasedStateMachine):
                 assert crashed is not None
                 self.syncs[crashed].crash_pending = True
                 self.syncs[crashed].ever_failed = True
+                # Runs of the same claim batch that delivered but whose record
+                # was still waiting to be stored died with the worker too: their
+                # slots are run again (taken over) once the leases expire.
+                for sm in self.syncs.values():
+                    if any(r not in self.finished for _, r in self.recorded.get(sm.id, [])):
+                        sm.crash_pending = True
+                        sm.ever_failed = True
+                        sm.synced = False
                 self.lease_free_at = max(self.lease_free_at, self.clock.now() + LEASE)
                 self.syncs[crashed].synced = False
                 self._stop_worker()
