@@ -284,15 +284,25 @@ def _rows(kind: str, found: dict[int, dict[str, list[float]]], sizes: tuple[int,
     def in_time(ours: float, _base: float | None, _ratio: float | None) -> bool:
         return ours < limit
 
-    rows = [
-        Row.measured(
+    def against_small(key: str, what: str, unit: str, note: str, *, inverse: bool = False) -> Row:
+        """The value at the largest store against the smallest; goal: flat."""
+        return Row.measured(
             f"scale, {store}: {what}, {large:,} vs {small:,} syncs",
             sample(large, key),
             sample(small, key),
             unit=unit,
             goal="<= 1.15x",
             met=flat,
-            note=f"medians by syncs: {medians(key, '.1f')}"
+            inverse=inverse,
+            note=note,
+        )
+
+    rows = [
+        against_small(
+            key,
+            what,
+            unit,
+            f"medians by syncs: {medians(key, '.1f')}"
             + (
                 f"; items listed: {medians('upcoming_items', ',.0f')}"
                 if key == "upcoming_item"
@@ -302,26 +312,17 @@ def _rows(kind: str, found: dict[int, dict[str, list[float]]], sizes: tuple[int,
         for key, what, unit in FLAT
     ]
     rows.append(
-        Row.measured(
-            f"scale, {store}: hourly burst, first {BURST:,} runs, {large:,} vs {small:,} syncs",
-            sample(large, "burst"),
-            sample(small, "burst"),
-            unit="runs/s",
-            goal="<= 1.15x",
-            met=flat,
+        against_small(
+            "burst",
+            f"hourly burst, first {BURST:,} runs",
+            "runs/s",
+            f"ratio = runs/s at {small:,} / at {large:,}; medians: {medians('burst', ',.0f')}",
             inverse=True,
-            note=f"ratio = runs/s at {small:,} / at {large:,}; medians: {medians('burst', ',.0f')}",
         )
     )
     rows.append(
-        Row.measured(
-            f"scale, {store}: worker peak RSS (the flat calls), {large:,} vs {small:,} syncs",
-            sample(large, "rss"),
-            sample(small, "rss"),
-            unit="MB",
-            goal="<= 1.15x",
-            met=flat,
-            note=f"medians: {medians('rss', '.0f')}",
+        against_small(
+            "rss", "worker peak RSS (the flat calls)", "MB", f"medians: {medians('rss', '.0f')}"
         )
     )
     rows.extend(

@@ -735,7 +735,13 @@ class Scheduler:
             call.created.append(sync_id)
             return
         try:
-            if self._deleted(sync_id):
+            try:
+                record: SyncRecord | None = self._record(sync_id)
+            except CorruptStoreError:
+                record = None  # taken, by a row too damaged to read: refused below
+            if record is not None and (
+                record.sync.status is SyncStatus.DELETED or record.next_trigger is Trigger.TEARDOWN
+            ):
                 raise ConfigurationError(
                     "sync_id",
                     sync_id,
@@ -746,7 +752,8 @@ class Scheduler:
                 raise ConfigurationError(
                     "sync_id", sync_id, "a sync with this id already exists (upsert=False)"
                 )
-            changed = self._upsert(spec, sync_id)
+            # A damaged row raises its CorruptStoreError here, as update_sync would.
+            changed = self._upsert(spec, record or self._record(sync_id))
         except (StorageError, CorruptStoreError):
             raise
         except CohortSyncError as exc:
@@ -851,20 +858,14 @@ class Scheduler:
             return 0, None
         return allocator.pick(*grid)
 
-    def _deleted(self, sync_id: str) -> bool:
-        try:
-            record = self._record(sync_id)
-        except CorruptStoreError:
-            return False
-        return record.sync.status is SyncStatus.DELETED or record.next_trigger is Trigger.TEARDOWN
-
-    def _upsert(self, spec: SyncSpec, sync_id: str) -> bool:
+    def _upsert(self, spec: SyncSpec, record: SyncRecord) -> bool:
         """
-        Update the existing sync *sync_id* to *spec*, as :meth:`update_sync`;
+        Update the existing sync of *record* to *spec*, as :meth:`update_sync`;
         whether it changed (a spec that describes the sync as it is changes
         nothing: re-applying the same specs keeps every slot and next run).
         """
-        old = self._record(sync_id).sync
+        old = record.sync
+        sync_id = old.id
         if (old.cohort_id, old.destination_id) != (spec.cohort_id, spec.destination_id):
             raise ConfigurationError(
                 "sync_id",

@@ -620,15 +620,32 @@ def decode_claims(
     :data:`UNSCHEDULE`) and reported, instead of being leased to nobody or
     blocking every healthy sync behind it.
     """
-    leases = []
-    for row in rows:
-        try:
-            leases.append(decode_lease(row, owner, expires_at, instants))
-        except CorruptStoreError as exc:  # noqa: PERF203 - rare, and must not stop the rest
-            log.error("unscheduling sync %r: %s", row[0], exc)  # noqa: TRY400 - typed, no trace needed
-            unschedule(row[0])
+    leases = [
+        lease
+        for row in rows
+        if (lease := _claimed(row, owner, expires_at, instants, unschedule)) is not None
+    ]
     leases.sort(key=lambda lease: (lease.slot, lease.sync_id))
     return leases
+
+
+def _claimed(
+    row: Sequence[Any],
+    owner: str,
+    expires_at: datetime,
+    instants: Instants,
+    unschedule: Callable[[str], object],
+) -> Lease | None:
+    """
+    The lease of one claimed row (see :func:`decode_lease`), or ``None`` for a
+    damaged one, which is taken off the schedule with *unschedule* (its id).
+    """
+    try:
+        return decode_lease(row, owner, expires_at, instants)
+    except CorruptStoreError as exc:
+        log.error("unscheduling sync %r: %s", row[0], exc)  # noqa: TRY400 - typed, no trace needed
+        unschedule(row[0])
+        return None
 
 
 def decode_claim_runs(
@@ -660,23 +677,14 @@ def decode_claim_runs(
             lease_revision,
         ) = sync_row
         delivered, version, pending, ledger, progress = row[width:]
-        try:
-            lease = decode_lease(
-                (
-                    sync_id,
-                    lease_generation,
-                    lease_slot,
-                    lease_trigger,
-                    lease_token,
-                    lease_revision,
-                ),
-                owner,
-                expires_at,
-                instants,
-            )
-        except CorruptStoreError as exc:
-            log.error("unscheduling sync %r: %s", sync_id, exc)  # noqa: TRY400 - typed, no trace needed
-            unschedule(sync_id)
+        lease = _claimed(
+            (sync_id, lease_generation, lease_slot, lease_trigger, lease_token, lease_revision),
+            owner,
+            expires_at,
+            instants,
+            unschedule,
+        )
+        if lease is None:
             continue
         record: SyncRecord | None
         try:
