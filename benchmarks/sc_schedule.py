@@ -10,7 +10,6 @@ repeat of each side (:func:`clear_caches`), inputs that do not repeat.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import random
@@ -130,6 +129,8 @@ class _Pair:
     peer: str
     goal: float = 2.0
     """The ratio to APScheduler that SPEC section 9 (or issue 17) asks for."""
+    croniter: tuple[str, str] | None = None
+    """A cron expression and zone to time croniter on too (a reported row)."""
 
 
 def _pairs() -> list[_Pair]:
@@ -258,6 +259,12 @@ def _next_run_pair(pair: _Pair, n: int, seeds: list[int], checked: dict[str, int
         "ours": _rate_side(rounds, ours, record_memo),
         "apscheduler": _rate_side(rounds, peer),
     }
+    cron_compared = 0
+    if pair.croniter is not None:
+        cron_one, cron_loop = _croniter_sides(*pair.croniter)
+        cron_compared = sum(check_same(ours_one, cron_one, r) for r in rounds)
+        checked[f"{pair.label} (croniter)"] = cron_compared
+        sides["croniter"] = _rate_side(rounds, cron_loop)
     integer_grid = pair.label == "hourly"
     if integer_grid:
 
@@ -304,6 +311,23 @@ def _next_run_pair(pair: _Pair, n: int, seeds: list[int], checked: dict[str, int
             ),
         )
     ]
+    if pair.croniter is not None:
+        rows.append(
+            Row.measured(
+                f"next run, {pair.label} vs croniter",
+                samples["ours"],
+                samples["croniter"],
+                unit="calls/s",
+                goal="report",
+                met=None,
+                note=(
+                    f"baseline: croniter {_croniter_version()} croniter({pair.croniter[0]!r}), "
+                    "set_current(after in the zone) then get_next(datetime) per input, "
+                    f"timed in the same interleaved rounds; {inputs}; "
+                    f"equal on {cron_compared:,} sampled inputs"
+                ),
+            )
+        )
     if integer_grid:
         rows.append(
             Row.measured(
@@ -326,10 +350,38 @@ def _next_run_pair(pair: _Pair, n: int, seeds: list[int], checked: dict[str, int
 
 EVERY_OFFSET = 7 * 60 + 5
 """An every(15 min) slot 7 min 5 s into each quarter hour."""
-CRON_PEERS_NOTE = (
-    "croniter, the other usual peer, is not installed here (no new dependency may be "
-    "installed to benchmark against it): no croniter row"
-)
+
+
+def _croniter_sides(
+    expression: str, zone_name: str
+) -> tuple[Callable[[datetime], datetime], Callable[[list[datetime]], None]]:
+    """
+    croniter as a host would use it for "the next run after *after*": one
+    iterator, moved to each input (in the expression's zone) and asked once.
+    Returns a one-input function (for the comparison) and the timed loop.
+    """
+    from croniter import croniter
+
+    zone = zoneinfo.ZoneInfo(zone_name)
+    it = croniter(expression, NEXT_RUN_FROM.astimezone(zone))
+
+    def one(after: datetime) -> datetime:
+        it.set_current(after.astimezone(zone), force=True)
+        return it.get_next(datetime)  # type: ignore[no-any-return]
+
+    def loop(afters: list[datetime]) -> None:
+        set_current, get_next, tz = it.set_current, it.get_next, zone
+        for a in afters:
+            set_current(a.astimezone(tz), force=True)
+            get_next(datetime)
+
+    return one, loop
+
+
+def _croniter_version() -> str:
+    from importlib.metadata import version
+
+    return version("croniter")
 
 
 def _schedule_pairs() -> list[_Pair]:
@@ -370,6 +422,7 @@ def _schedule_pairs() -> list[_Pair]:
             CronTrigger.from_crontab("0 6 * * mon-fri", timezone=new_york),
             "CronTrigger.from_crontab('0 6 * * mon-fri', America/New_York)",
             goal=5.0,
+            croniter=("0 6 * * mon-fri", new_york),
         ),
         _Pair(
             "cron '*/10 9-17 * 1-6,9-12 mon-fri' UTC",
@@ -378,6 +431,7 @@ def _schedule_pairs() -> list[_Pair]:
             CronTrigger.from_crontab("*/10 9-17 * 1-6,9-12 mon-fri", timezone=_UTC),
             "CronTrigger.from_crontab('*/10 9-17 * 1-6,9-12 mon-fri', UTC)",
             goal=5.0,
+            croniter=("*/10 9-17 * 1-6,9-12 mon-fri", "UTC"),
         ),
     ]
 
@@ -396,11 +450,7 @@ def scenario_next_run_schedules(
     rows: list[Row] = []
     for index, pair in enumerate(_schedule_pairs()):
         seeds = [10_000 + 1_000 * index + round_ for round_ in range(repeats)]
-        for row in _next_run_pair(pair, n, seeds, found):
-            cron = pair.label.startswith("cron")
-            rows.append(
-                dataclasses.replace(row, note=f"{row.note}; {CRON_PEERS_NOTE}") if cron else row
-            )
+        rows += _next_run_pair(pair, n, seeds, found)
     return rows
 
 

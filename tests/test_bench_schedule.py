@@ -70,16 +70,21 @@ class TestNextRun:
         rows = sc_schedule.scenario_next_run_schedules(n=2_000, checked=checked)
         check_rows(rows)
         per_pair = sc_schedule.CHECK_SAMPLE * rows[0].repeats
-        assert 4 == len(checked)
+        assert 6 == len(checked)
         assert all(count == per_pair for count in checked.values()), checked
         by_name = {row.scenario: row for row in rows}
         assert (
             "IntervalTrigger(minutes=15)" in by_name["next run, every 15 min (datetime API)"].note
         )
         cron = [row for row in rows if row.scenario.startswith("next run, cron")]
-        assert 2 == len(cron)
-        assert all(row.goal == ">= 5x APScheduler" for row in cron)
-        assert all("croniter" in row.note and "CronTrigger" in row.note for row in cron)
+        assert 4 == len(cron)
+        against_apscheduler = [row for row in cron if "CronTrigger" in row.note]
+        against_croniter = [row for row in cron if row.scenario.endswith("vs croniter")]
+        assert 2 == len(against_apscheduler)
+        assert all(row.goal == ">= 5x APScheduler" for row in against_apscheduler)
+        assert 2 == len(against_croniter)
+        assert all(row.goal == "report" and row.met is None for row in against_croniter)
+        assert all("croniter" in row.note for row in against_croniter)
 
     def test_inputs_differ_between_rounds_and_do_not_repeat(self) -> None:
         a = sc_schedule.random_instants(5_000, seed=0)

@@ -144,6 +144,38 @@ class TestEvery:
         assert all((r - epoch).total_seconds() % period == offset for r in runs)
         assert len(runs) - 2 == slots_between(policy, offset, runs[0], runs[-1])
 
+    @settings(max_examples=500)
+    @given(
+        policy=st.sampled_from(
+            [cs.SyncPolicy.hourly(), cs.SyncPolicy.daily(), cs.SyncPolicy.daily(at=time(23, 59))]
+            + [cs.SyncPolicy.every(timedelta(minutes=m)) for m in (1, 7, 15, 40, 60, 90, 1440)]
+            + [cs.SyncPolicy.every(timedelta(hours=h)) for h in (2, 5, 8, 12, 48)]
+        ),
+        data=st.data(),
+        day=st.dates(date(1971, 1, 1), date(2100, 12, 31)),
+        second=st.integers(0, 86_399) | st.integers(23 * 3_600, 86_399),
+        micro=st.sampled_from([0, 1, 999_999]) | st.integers(0, 999_999),
+    )
+    def test_calendar_fields_agree_with_epoch_arithmetic(
+        self,
+        policy: cs.SyncPolicy,
+        data: st.DataObject,
+        day: date,
+        second: int,
+        micro: int,
+    ) -> None:
+        """The fast paths built from calendar fields give the epoch grid's next slot."""
+        period = offset_bound(policy)
+        offset = fixed_offset(policy)
+        if offset is None:
+            offset = data.draw(st.integers(0, period - 1) | st.sampled_from([0, period - 1]))
+        after = datetime.combine(day, time(), UTC) + timedelta(seconds=second, microseconds=micro)
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        whole = (after - epoch) // timedelta(seconds=1)
+        expected = epoch + timedelta(seconds=whole - (whole - offset) % period + period)
+
+        assert expected == next_due(policy, after, offset, after)
+
     @pytest.mark.parametrize(
         ("bad", "message"),
         [

@@ -299,6 +299,35 @@ def _check_first_run(inst: SyncPolicy, _attribute: attrs.Attribute[Any], value: 
         raise ConfigurationError("first_run", value, "a one-time sync has no slot to wait for")
 
 
+def _grid_seconds(policy: SyncPolicy) -> int:
+    """
+    The policy's slot period in seconds if it is a plain UTC grid (hourly,
+    daily without a zone, every()), else 0. Runs before the validators, so
+    it must not trust the fields.
+    """
+    cadence, interval = policy.cadence, policy.interval
+    if cadence is Cadence.HOURLY:
+        return 3_600
+    if cadence is Cadence.DAILY:
+        return 86_400 if policy.timezone is None else 0
+    if cadence is Cadence.EVERY and isinstance(interval, timedelta):
+        seconds = interval.days * 86_400 + interval.seconds
+        return seconds if seconds > 0 and not interval.microseconds else 0
+    return 0
+
+
+def _hour_grid(policy: SyncPolicy) -> int:
+    """A period that divides an hour, in seconds (its grid lines up with every UTC hour), or 0."""
+    seconds = _grid_seconds(policy)
+    return seconds if seconds and not 3_600 % seconds else 0
+
+
+def _day_grid(policy: SyncPolicy) -> int:
+    """A period that divides a day but not an hour, in seconds, or 0."""
+    seconds = _grid_seconds(policy)
+    return seconds if seconds and not 86_400 % seconds and 3_600 % seconds else 0
+
+
 @attrs.frozen(kw_only=True)
 class SyncPolicy:
     """
@@ -353,6 +382,16 @@ class SyncPolicy:
     retry: RetryPolicy = attrs.field(factory=RetryPolicy, validator=v.instance_of(RetryPolicy))
     one_time_attempts: int = attrs.field(default=5, validator=v.count(1))
     rejection_attempts: int = attrs.field(default=3, validator=v.count(1))
+    # Derived from the fields above, not part of the value (no init, eq, repr
+    # or serialisation): the UTC grid next_due() builds a slot on from the
+    # calendar fields of the instant, read once per call instead of worked
+    # out from the cadence and interval on every call (the hot path).
+    _hour_grid: int = attrs.field(
+        init=False, eq=False, repr=False, default=attrs.Factory(_hour_grid, takes_self=True)
+    )
+    _day_grid: int = attrs.field(
+        init=False, eq=False, repr=False, default=attrs.Factory(_day_grid, takes_self=True)
+    )
 
     # Each named constructor spells out the options that apply to its cadence,
     # so a misspelled or misplaced option is a type error, and its signature

@@ -175,7 +175,7 @@ def next_due_ts(period_seconds: int, offset: int, after_ts: float) -> int:
     return floor - (floor - offset) % period_seconds + period_seconds
 
 
-def next_due(  # noqa: C901 - one flat branch per cadence: this is the hot path
+def next_due(  # noqa: C901, PLR0915 - flat branches, no calls: this is the hot path
     policy: SyncPolicy, anchor: datetime, offset: int, after: datetime
 ) -> datetime | None:
     """
@@ -220,75 +220,103 @@ def next_due(  # noqa: C901 - one flat branch per cadence: this is the hot path
     ):
         require_aware(anchor, "anchor")
         after = require_aware(after, "after")
-    # A UTC grid has one point per hour, day or minute, so the slot of the
-    # period *after* falls in is built from after's own calendar fields; the
-    # answer is that slot or, if it is not strictly later, the one a period on.
-    # Exact, and cheaper than going to epoch seconds and back: one datetime
-    # constructor call is most of what this function costs. The cadences are
-    # module constants because Cadence.DAILY is an enum class lookup (~0.1 us).
-    cadence = policy.cadence
-    if cadence is _DAILY:
-        if type(offset) is not int or not 0 <= offset < _DAY:
-            raise _bad_offset(cadence, offset)
-        if policy.timezone is not None:
-            return _next_local(ZoneInfo(policy.timezone), offset, after)
-        slot = datetime(
-            after.year, after.month, after.day,
-            offset // 3_600, offset // 60 % 60, offset % 60, 0, _UTC,
-        )  # fmt: skip
-        period = _ONE_DAY
-    elif cadence is _HOURLY:
-        # Only daily policies carry a time zone (SyncPolicy validates it).
-        if type(offset) is not int or not 0 <= offset < 3_600:
-            raise _bad_offset(cadence, offset)
-        slot = datetime(
-            after.year, after.month, after.day, after.hour, offset // 60, offset % 60, 0, _UTC
-        )
+    # A UTC grid whose period divides an hour (hourly, every 15 minutes) or a
+    # day (daily, every 6 hours) lines up with each UTC hour or midnight, so
+    # the next slot is built from *after*'s own calendar fields: `into` is how
+    # far into the hour (day) *after* is, in whole seconds, and `due` the
+    # first slot strictly later, counted from the same hour (day). Exact, and
+    # cheaper than going to epoch seconds and back: the datetime constructor
+    # is most of what this function costs. The policy works its grid out once
+    # (SyncPolicy._hour_grid, _day_grid); the cadences are module constants
+    # because Cadence.DAILY is an enum class lookup (~0.1 us).
+    grid = policy._hour_grid  # noqa: SLF001 - derived by SyncPolicy for this function
+    if grid:
+        if type(offset) is not int or not 0 <= offset < grid:
+            raise _bad_offset(policy.cadence, offset, policy)
+        if grid == 3_600:
+            # One slot an hour: this hour's, or the next one. A comparison of
+            # datetimes is cheaper than the seconds arithmetic below.
+            slot = datetime(
+                after.year, after.month, after.day, after.hour, offset // 60, offset % 60, 0, _UTC
+            )
+            if slot > after:
+                return slot
+            try:
+                return slot + _ONE_HOUR
+            except OverflowError:
+                raise _end_of_time() from None
+        into = after.minute * 60 + after.second
+        due = into - (into - offset) % grid + grid
+        if due < 3_600:
+            return datetime(
+                after.year, after.month, after.day, after.hour, due // 60, due % 60, 0, _UTC
+            )
+        # Due in the next hour: built directly, but for the last hour of a
+        # day (the calendar's business: a period on from this hour's slot).
+        due -= 3_600
+        hour = after.hour
+        if hour < 23:
+            return datetime(
+                after.year, after.month, after.day, hour + 1, due // 60, due % 60, 0, _UTC
+            )
+        slot = datetime(after.year, after.month, after.day, hour, due // 60, due % 60, 0, _UTC)
         period = _ONE_HOUR
-    elif cadence is _EVERY:
-        # Inlined for the common intervals: those that divide an hour (the
-        # grid lines up with each UTC hour: the slot is built from *after*'s
-        # hour, as for hourly syncs) and those that divide a day (with each
-        # UTC midnight). The others, and a slot on the next hour or day:
-        # _next_every.
-        interval = policy.interval
-        if type(offset) is int:
-            seconds = _HOUR_GRIDS.get(interval)  # type: ignore[arg-type]
-            if seconds is not None:
-                if 0 <= offset < seconds:
-                    into = after.minute * 60 + after.second
-                    due = into - (into - offset) % seconds + seconds
-                    if due < 3_600:
-                        return datetime(
-                            after.year, after.month, after.day,
-                            after.hour, due // 60, due % 60, 0, _UTC,
-                        )  # fmt: skip
-            else:
-                seconds = _DAY_GRIDS.get(interval)  # type: ignore[arg-type]
-                if seconds is not None and 0 <= offset < seconds:
-                    into = after.hour * 3_600 + after.minute * 60 + after.second
-                    due = into - (into - offset) % seconds + seconds
-                    if due < _DAY:
-                        hours, rest = divmod(due, 3_600)
-                        return datetime(
-                            after.year, after.month, after.day,
-                            hours, rest // 60, rest % 60, 0, _UTC,
-                        )  # fmt: skip
-        return _next_every(policy, offset, after)
-    elif cadence is _REALTIME:
+    elif policy._day_grid:  # noqa: SLF001 - as above
+        grid = policy._day_grid  # noqa: SLF001
+        if type(offset) is not int or not 0 <= offset < grid:
+            raise _bad_offset(policy.cadence, offset, policy)
+        if grid == _DAY:
+            # One slot a day: today's, or tomorrow's (as for hourly above).
+            slot = datetime(
+                after.year, after.month, after.day,
+                offset // 3_600, offset // 60 % 60, offset % 60, 0, _UTC,
+            )  # fmt: skip
+            if slot > after:
+                return slot
+            try:
+                return slot + _ONE_DAY
+            except OverflowError:
+                raise _end_of_time() from None
+        into = after.hour * 3_600 + after.minute * 60 + after.second
+        due = into - (into - offset) % grid + grid
+        if due < _DAY:
+            hours, rest = divmod(due, 3_600)
+            return datetime(
+                after.year, after.month, after.day, hours, rest // 60, rest % 60, 0, _UTC
+            )
+        hours, rest = divmod(due - _DAY, 3_600)
+        slot = datetime(after.year, after.month, after.day, hours, rest // 60, rest % 60, 0, _UTC)
+        period = _ONE_DAY
+    else:
+        cadence = policy.cadence
+        if cadence is not _REALTIME:
+            if cadence is _DAILY:
+                # Only a zoned daily policy has no UTC grid.
+                if type(offset) is not int or not 0 <= offset < _DAY:
+                    raise _bad_offset(cadence, offset)
+                return _next_local(ZoneInfo(policy.timezone), offset, after)  # type: ignore[arg-type]
+            if cadence is _EVERY:
+                # An interval that divides neither an hour nor a day (7
+                # minutes, 5 hours, a week): the epoch-aligned grid.
+                return _next_every(policy, offset, after)
+            return _next_other(policy, offset, after)
         # Real-time syncs are not spread: their offset is 0.
         if type(offset) is not int or offset:
             raise _bad_offset(cadence, offset)
         slot = datetime(after.year, after.month, after.day, after.hour, after.minute, 0, 0, _UTC)
         period = _ONE_MINUTE
-    else:
-        return _next_other(policy, offset, after)
+    # The slot built from *after*'s fields is not after it: the answer is a
+    # period on (hour and day grids), or the next minute.
     try:
-        return slot if slot > after else slot + period
+        return slot + period
     except OverflowError:
-        # A period past 9999-12-31 is the end of time: fail as the epoch-seconds
-        # version did (datetime.fromtimestamp), which callers already expect.
-        raise ValueError("year 10000 is out of range") from None
+        raise _end_of_time() from None
+
+
+def _end_of_time() -> ValueError:
+    # A period past 9999-12-31 is the end of time: fail as the epoch-seconds
+    # version did (datetime.fromtimestamp), which callers already expect.
+    return ValueError("year 10000 is out of range")
 
 
 def slot_of(policy: SyncPolicy, when: datetime, *, offset: int) -> datetime:
@@ -664,17 +692,6 @@ def _weekdays(policy: SyncPolicy) -> frozenset[int]:
 
 def _naive(when: datetime) -> datetime:
     return when.replace(tzinfo=None)
-
-
-_HOUR_GRIDS: dict[timedelta, int] = {
-    timedelta(minutes=m): m * 60 for m in range(1, 61) if not 60 % m
-}
-"""The every() intervals that divide an hour, in seconds."""
-_DAY_GRIDS: dict[timedelta, int] = {
-    timedelta(minutes=m): m * 60 for m in range(1, 24 * 60 + 1) if not (24 * 60) % m
-}
-"""The every() intervals that divide a day (their grid lines up with each UTC
-midnight), in seconds: :func:`next_due` builds their slot from calendar fields."""
 
 
 def _next_every(policy: SyncPolicy, offset: int, after: datetime) -> datetime:
