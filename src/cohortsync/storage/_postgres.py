@@ -59,6 +59,7 @@ from cohortsync.exceptions import (
     CorruptStoreError,
     DuplicateRunError,
     LeaseLostError,
+    StorageClosedError,
     StorageError,
     SyncNotFoundError,
 )
@@ -567,6 +568,8 @@ def _chunks(items: Sequence[_T], size: int = _CHUNK) -> Iterator[Sequence[_T]]:
 
 
 class _Connections(Protocol):
+    closed: bool
+
     def session(self) -> AbstractContextManager[_Connection]: ...
 
     def close(self) -> None: ...
@@ -585,7 +588,7 @@ class _PerThread:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: list[tuple[threading.Thread, _Connection]] = []
-        self._closed = False
+        self.closed = False
 
     @contextmanager
     def session(self) -> Iterator[_Connection]:
@@ -603,8 +606,8 @@ class _PerThread:
 
     def _connect(self) -> _Connection:
         with self._lock:
-            if self._closed:
-                raise StorageError("the PostgresStorage is closed")
+            if self.closed:
+                raise StorageClosedError("PostgresStorage")
             ended = [c for t, c in self._open if not t.is_alive()]
             self._open = [(t, c) for t, c in self._open if t.is_alive()]
         for old in ended:
@@ -625,7 +628,7 @@ class _PerThread:
 
     def close(self) -> None:
         with self._lock:
-            self._closed = True
+            self.closed = True
             conns, self._open = self._open, []
         for _, conn in conns:
             conn.close()
@@ -638,15 +641,15 @@ class _Pooled:
 
     def __init__(self, pool: ConnectionPoolLike) -> None:
         self._pool = pool
-        self._closed = False
+        self.closed = False
 
     def session(self) -> AbstractContextManager[_Connection]:
-        if self._closed:
-            raise StorageError("the PostgresStorage is closed")
+        if self.closed:
+            raise StorageClosedError("PostgresStorage")
         return self._pool.connection()
 
     def close(self) -> None:
-        self._closed = True
+        self.closed = True
 
 
 # -- the store -------------------------------------------------------------------
@@ -760,6 +763,8 @@ class PostgresStorage(StorageBase):
         A cursor on this thread's (or a borrowed) connection, inside a
         transaction when asked; driver errors become :class:`StorageError`.
         """
+        if self._connections.closed:
+            raise StorageClosedError(repr(self))
         try:
             with self._connections.session() as conn:
                 if transaction:
@@ -780,6 +785,8 @@ class PostgresStorage(StorageBase):
 
         See :func:`_together` for how statements are sent together.
         """
+        if self._connections.closed:
+            raise StorageClosedError(repr(self))
         try:
             with self._connections.session() as conn:
                 yield conn
