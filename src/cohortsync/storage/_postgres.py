@@ -65,6 +65,7 @@ from cohortsync.exceptions import (
 )
 from cohortsync.storage import _sql as q
 from cohortsync.storage._base import StorageBase, require_distinct_ids
+from cohortsync.storage._dsn import mask_dsn
 from cohortsync.storage._protocol import IssueKind, MemberIssue
 from cohortsync.storage._rules import (
     collect_holders,
@@ -528,22 +529,6 @@ class ConnectionPoolLike(Protocol):
 
 # -- secrets -------------------------------------------------------------------
 
-# libpq ends a URL's user:password at the first "@" before any "/".
-_URL_USERINFO = re.compile(r"^(?P<pre>[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)[^@/]*@")
-_URL_QUERY_PASSWORD = re.compile(r"(?P<pre>[?&]password=)[^&#]*", re.IGNORECASE)
-_KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
-def mask_dsn(dsn: str) -> str:
-    """
-    Return *dsn* (a URL or a ``key=value`` connection string) with its password
-    replaced by ``***``, for messages and ``repr``.
-    """
-    if "://" in dsn:
-        masked = _URL_USERINFO.sub(r"\g<pre>***@", dsn)
-        return _URL_QUERY_PASSWORD.sub(r"\g<pre>***", masked)
-    return _KV_PASSWORD.sub(r"\g<pre>***", dsn)
-
 
 def _scrub(message: str, secret: str | None) -> str:
     if secret:
@@ -722,12 +707,7 @@ class PostgresStorage(StorageBase):
     def _setup(
         self, connections: _Connections, schema: str, *, shown: str, secret: str | None
     ) -> None:
-        if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
-            raise ConfigurationError(
-                "schema", schema, "must match ^[a-z_][a-z0-9_]*$ (an unquoted PostgreSQL name)"
-            )
-        if len(schema) > _MAX_IDENTIFIER:
-            raise ConfigurationError("schema", schema, f"must be at most {_MAX_IDENTIFIER} bytes")
+        _check_schema(schema)
         self._connections = connections
         self._filled: set[tuple[int, int]] = set()
         self._shown = shown
@@ -1638,6 +1618,40 @@ def _one(cur: _Cursor) -> tuple[Any, ...]:
     if row is None:  # pragma: no cover - aggregate queries always return a row
         raise CorruptStoreError("a query that always returns a row returned none")
     return row
+
+
+def _check_schema(schema: object) -> None:
+    if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
+        raise ConfigurationError(
+            "schema", schema, "must match ^[a-z_][a-z0-9_]*$ (an unquoted PostgreSQL name)"
+        )
+    if len(schema) > _MAX_IDENTIFIER:
+        raise ConfigurationError("schema", schema, f"must be at most {_MAX_IDENTIFIER} bytes")
+
+
+def store_exists(dsn: str, schema: str = "cohortsync") -> bool:
+    """
+    Whether *schema* at *dsn* holds a cohortsync store, read without creating
+    anything: constructing a :class:`PostgresStorage` creates a missing
+    schema, which a command that only reads (``cohortsync syncs``) must not.
+
+    Raises:
+        ConfigurationError: An invalid schema name.
+        StorageError: The DSN does not parse, or the server cannot be reached
+            or read (the message never contains the password).
+    """
+    _check_schema(schema)
+    factory, shown, secret = _dsn_factory(dsn)
+    conn = factory()
+    try:
+        with conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".meta',))
+            return bool(_one(cur)[0])
+    except psycopg.Error as exc:
+        detail = _scrub(str(exc).strip() or type(exc).__name__, secret)
+        raise StorageError(f"reading schema {schema!r} at {shown}: {detail}") from None
+    finally:
+        conn.close()
 
 
 def _dsn_factory(dsn: str) -> tuple[Callable[[], _Connection], str, str | None]:
