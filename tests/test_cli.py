@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from datetime import time as dt_time
 from pathlib import Path
@@ -398,7 +399,11 @@ class TestWorker:
                 """
             )
         )
-        env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+        import cohortsync
+
+        # This checkout's cohortsync, not whichever one the interpreter has installed.
+        src = str(Path(cohortsync.__file__).parents[1])
+        env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{src}"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "cohortsync", "worker", "--app", "hostapp:make", "--idle", "1"],
             cwd=tmp_path,
@@ -421,6 +426,7 @@ class TestWorker:
                 proc.kill()
                 proc.communicate()
         assert 0 == proc.returncode, stderr
+        assert "received SIGTERM, stopping after the current run" in stdout
         assert "cohortsync worker stopped" in stdout
         assert "succeeded" in out
 
@@ -428,3 +434,741 @@ class TestWorker:
         """An --app that does not name a Scheduler exits 2."""
         code, _ = run_cli("worker", "--app", "json:dumps")
         assert 2 == code
+
+
+SECRET = "hunter2-Zq9"  # noqa: S105 - a made-up password the tests look for
+"""A password that must never show in what the command line prints."""
+
+
+def make_store(path: Path, sync_ids: tuple[str, ...] = ("s",)) -> Path:
+    """An SQLite store at *path* holding hourly syncs of the given ids."""
+    import cohortsync as cs
+    from cohortsync.testing import FakeClock, RecordingDestination
+
+    clock = FakeClock(datetime(2030, 3, 4, tzinfo=timezone.utc))
+    with cs.Scheduler(cs.storage.SQLiteStorage(path), clock=clock) as scheduler:
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u"]))
+        scheduler.add_destination("d", RecordingDestination())
+        for sync_id in sync_ids:
+            scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id=sync_id)
+    return path
+
+
+def run_help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """The --help text of a command (argparse prints it and exits 0)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"], out=io.StringIO())
+    assert 0 == info.value.code
+    return capsys.readouterr().out
+
+
+READ_COMMANDS = [("syncs",), ("history", "s"), ("upcoming",)]
+READ_IDS = ["syncs", "history", "upcoming"]
+
+
+class TestVersion:
+    def test_version_option(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """`cohortsync --version` prints the package's version on stdout and exits 0."""
+        import cohortsync
+
+        with pytest.raises(SystemExit) as info:
+            main(["--version"])
+
+        assert 0 == info.value.code
+        assert f"cohortsync {cohortsync.__version__}\n" == capsys.readouterr().out
+
+
+class TestStoreOptions:
+    """--db takes a file or a DSN, --dsn a DSN, and COHORTSYNC_DB is the default."""
+
+    def test_environment_names_the_store(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without --db or --dsn, COHORTSYNC_DB names the store."""
+        monkeypatch.setenv("COHORTSYNC_DB", str(make_store(tmp_path / "s.db")))
+
+        code, out = run_cli("syncs")
+
+        assert (0, True) == (code, "hourly" in out)
+
+    def test_db_wins_over_the_environment(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """--db overrides COHORTSYNC_DB (here a file that does not exist)."""
+        monkeypatch.setenv("COHORTSYNC_DB", str(tmp_path / "other.db"))
+
+        code, _ = run_cli("syncs", "--db", str(make_store(tmp_path / "s.db")))
+
+        assert 0 == code
+        assert not (tmp_path / "other.db").exists()
+
+    @pytest.mark.parametrize("command", READ_COMMANDS, ids=READ_IDS)
+    def test_no_store_given(
+        self,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+        command: tuple[str, ...],
+    ) -> None:
+        """Neither an option nor the variable: exit 2, saying each way to name a store."""
+        monkeypatch.delenv("COHORTSYNC_DB", raising=False)
+
+        code, err = run_bad(capsys, *command)
+
+        assert_usage_error(code, err, "--db", "--dsn", "COHORTSYNC_DB")
+
+    def test_db_and_dsn_together(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--db and --dsn exclude each other."""
+        code, err = run_bad(capsys, "syncs", "--db", "x.db", "--dsn", "postgresql://h/db")
+
+        assert_usage_error(code, err, "--dsn", "not allowed with argument --db")
+
+    def test_other_url_schemes_are_refused_masked(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A mysql:// URL is refused (exit 2) without its password."""
+        code, err = run_bad(capsys, "syncs", "--db", f"mysql://u:{SECRET}@h/db")
+
+        assert_usage_error(code, err, "mysql://u:***@h/db", "postgresql://")
+        assert SECRET not in err
+
+    def test_schema_is_for_postgres(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--schema with an SQLite store is a usage error, not ignored."""
+        db = str(make_store(tmp_path / "s.db"))
+
+        code, err = run_bad(capsys, "syncs", "--db", db, "--schema", "x")
+
+        assert_usage_error(code, err, "--schema applies only to a PostgreSQL store")
+
+    def test_keyword_string_that_is_also_a_file(
+        self,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A file named like a key=value DSN is ambiguous: exit 2, saying how to choose."""
+        monkeypatch.chdir(tmp_path)
+        Path("dbname=app").write_bytes(b"")
+
+        code, err = run_bad(capsys, "syncs", "--db", "dbname=app")
+
+        assert_usage_error(code, err, "./dbname=app", "--dsn")
+
+    @pytest.mark.parametrize("command", READ_COMMANDS, ids=READ_IDS)
+    def test_missing_file_is_an_error_and_stays_missing(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
+    ) -> None:
+        """Each read command refuses a path that does not exist, and creates nothing."""
+        missing = tmp_path / "typo.db"
+
+        code, err = run_bad(capsys, *command, "--db", str(missing))
+
+        assert_usage_error(code, err, "no such file", str(missing))
+        assert [] == list(tmp_path.iterdir())
+
+    @pytest.mark.parametrize("command", READ_COMMANDS, ids=READ_IDS)
+    def test_empty_file_is_not_made_a_store(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
+    ) -> None:
+        """An empty file (a fresh SQLite database) is refused, and left empty."""
+        empty = tmp_path / "empty.db"
+        empty.write_bytes(b"")
+
+        code, err = run_bad(capsys, *command, "--db", str(empty))
+
+        assert_usage_error(code, err, "is empty (no tables), not a cohortsync store")
+        assert (0, ["empty.db"]) == (empty.stat().st_size, [p.name for p in tmp_path.iterdir()])
+
+    def test_directory_is_not_a_store(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A directory given as --db is refused with exit 2."""
+        code, err = run_bad(capsys, "syncs", "--db", str(tmp_path))
+
+        assert_usage_error(code, err, "is not a file")
+
+    def test_another_applications_database_is_an_error(self, tmp_path: Path) -> None:
+        """An SQLite file of another application exits 1 and is left as it was."""
+        import sqlite3
+
+        other = tmp_path / "app.db"
+        with sqlite3.connect(other) as conn:
+            conn.execute("CREATE TABLE users (id integer)")
+        conn.close()
+        before = other.read_bytes()
+
+        code, _ = run_cli("syncs", "--db", str(other))
+
+        assert (1, before) == (code, other.read_bytes())
+
+    @pytest.mark.parametrize("command", ["syncs", "history", "upcoming"])
+    def test_help_never_shows_the_environment(
+        self,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+        command: str,
+    ) -> None:
+        """--help names COHORTSYNC_DB, never its value (a DSN with a password)."""
+        monkeypatch.setenv("COHORTSYNC_DB", f"postgresql://u:{SECRET}@db.internal/app")
+
+        text = run_help(capsys, command)
+
+        assert "COHORTSYNC_DB" in text
+        assert SECRET not in text
+        assert "db.internal" not in text
+
+    def test_every_command_has_a_description(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Each command's --help says what it does (not only its usage line)."""
+        for command in ("demo", "syncs", "history", "upcoming", "check", "worker"):
+            text = run_help(capsys, command)
+            description = text.partition("\n\n")[2]
+            assert not description.startswith("options:"), command
+
+    @pytest.mark.parametrize(
+        ("command", "default"),
+        [
+            ("demo", "(default: 24)"),
+            ("demo", "(default: 7)"),
+            ("history", "(default: 20)"),
+            ("upcoming", "(default: 24)"),
+            ("upcoming", "(default: 50)"),
+            ("upcoming", "(default: cohortsync)"),
+            ("worker", "(default: 30.0)"),
+            ("check", "(default: behavioral)"),
+        ],
+    )
+    def test_help_shows_defaults(
+        self, capsys: pytest.CaptureFixture[str], command: str, default: str
+    ) -> None:
+        """--help states each option's default."""
+        text = " ".join(run_help(capsys, command).split())
+
+        assert default in text
+        assert "(default: None)" not in text
+
+
+class TestPostgresWithoutServer:
+    """DSNs are recognised, checked and masked before any server is reached."""
+
+    @pytest.mark.parametrize(
+        "dsn",
+        [
+            f"postgresql://u:{SECRET}@127.0.0.1:1/db",
+            f"postgres://u:{SECRET}@127.0.0.1:1/db",
+            f"host=127.0.0.1 port=1 dbname=db password={SECRET}",
+        ],
+        ids=["postgresql-url", "postgres-url", "key-value"],
+    )
+    def test_missing_driver_names_the_extra(
+        self,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+        dsn: str,
+    ) -> None:
+        """Without psycopg a DSN exits 1 naming pip install 'cohortsync[postgres]', masked."""
+        monkeypatch.setitem(sys.modules, "psycopg", None)  # type: ignore[arg-type]
+        monkeypatch.delitem(sys.modules, "cohortsync.storage._postgres", raising=False)
+
+        code, err = run_bad(capsys, "syncs", "--db", dsn)
+
+        assert 1 == code
+        assert "pip install 'cohortsync[postgres]'" in err
+        assert SECRET not in err
+
+    def test_unreachable_server_is_masked(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A failed connection exits 1 and shows the DSN without its password."""
+        pytest.importorskip("psycopg")
+        code, err = run_bad(capsys, "syncs", "--db", f"postgresql://u:{SECRET}@127.0.0.1:1/db")
+
+        assert 1 == code
+        assert "cannot connect to PostgreSQL at 'postgresql://u:***@127.0.0.1:1/db'" in err
+        assert SECRET not in err
+        assert 1 == err.count("\n")  # the driver's two-line message, on one line
+
+    def test_unreachable_server_key_value_is_masked(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The same for a key=value DSN given as --db (recognised, not taken for a file)."""
+        pytest.importorskip("psycopg")
+        dsn = f"host=127.0.0.1 port=1 dbname=db user=u password='{SECRET} x'"
+
+        code, err = run_bad(capsys, "history", "s", "--db", dsn)
+
+        assert 1 == code
+        assert "password=***':" in err  # masked once, its quote intact
+        assert SECRET not in err
+
+    def test_invalid_dsn_is_a_usage_error_not_echoed(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A DSN that does not parse exits 2 without quoting it."""
+        pytest.importorskip("psycopg")
+        code, err = run_bad(capsys, "syncs", "--dsn", f"host=h password={SECRET} nonsense")
+
+        assert_usage_error(code, err, "--dsn is not a valid PostgreSQL DSN")
+        assert SECRET not in err
+
+    def test_bad_schema_name(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--schema is checked before connecting: exit 2 naming it."""
+        pytest.importorskip("psycopg")
+        code, err = run_bad(
+            capsys, "syncs", "--dsn", f"postgresql://u:{SECRET}@127.0.0.1:1/db", "--schema", "A-b"
+        )
+
+        assert_usage_error(code, err, "--schema 'A-b'", "unquoted PostgreSQL name")
+        assert SECRET not in err
+
+    def test_empty_schema_name(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--schema '' is refused, not taken as the default."""
+        pytest.importorskip("psycopg")
+        code, err = run_bad(
+            capsys, "syncs", "--dsn", "postgresql://u@127.0.0.1:1/db", "--schema", ""
+        )
+
+        assert_usage_error(code, err, "--schema ''")
+        assert SECRET not in err
+
+    def test_argparse_echo_is_masked(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A DSN typed where no argument goes is quoted by argparse: masked too."""
+        code, err = run_bad(capsys, "syncs", "--db", "x.db", f"postgresql://u:{SECRET}@h/db")
+
+        assert_usage_error(code, err, "unrecognized arguments", "postgresql://u:***@h/db")
+        assert SECRET not in err
+
+
+class TestMasking:
+    """Every form of password is masked in messages."""
+
+    @pytest.mark.parametrize(
+        ("text", "masked"),
+        [
+            ("postgresql://u:p%40ss%2Fw@h:5432/db", "postgresql://u:***@h:5432/db"),
+            ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            ("postgresql://h/db?sslmode=require&password=pw", "postgresql://h/db?sslmode=require&password=***"),
+            ("host=h password=pw dbname=d", "host=h password=*** dbname=d"),
+            ("host=h password = 'p w\\'x' dbname=d", "host=h password = *** dbname=d"),
+            ("host=h password='p w", "host=h password=***"),
+            ("host=h sslpassword=pw", "host=h sslpassword=***"),
+            ("x postgresql://u:pw@h/db, password=pw", "x postgresql://u:***@h/db, password=***"),
+            ("at 'host=h password=***': refused", "at 'host=h password=***': refused"),
+            ("at 'postgresql://h/db?password=***'", "at 'postgresql://h/db?password=***'"),
+        ],
+    )  # fmt: skip
+    def test_mask_secrets(self, text: str, masked: str) -> None:
+        """URLs (encoded, or with a raw @), query strings, key=value forms, inside any text."""
+        from cohortsync.storage._dsn import mask_secrets
+
+        assert masked == mask_secrets(text)
+
+    @pytest.mark.parametrize(
+        ("text", "keyword"),
+        [
+            ("host=db dbname=app", True),
+            (" dbname = app", True),
+            ("service=prod", True),
+            ("cohortsync.db", False),
+            ("data/host=1.db", False),
+            ("x=1", False),
+            ("postgresql://h/db", False),
+        ],
+    )
+    def test_keyword_dsn_detection(self, text: str, keyword: bool) -> None:
+        """Only a string starting with a libpq parameter and '=' is a key=value DSN."""
+        from cohortsync.storage._dsn import is_keyword_dsn
+
+        assert keyword == is_keyword_dsn(text)
+
+
+class TestValues:
+    """Every command checks its values: exit 2 with one line naming the option."""
+
+    @pytest.mark.parametrize(
+        ("hours", "words"),
+        [
+            ("0", ("not 0",)),
+            ("-3", ("not -3",)),
+            ("8785", ("8784",)),
+            ("99999999999", ("8784",)),
+            ("1.5", ("whole number",)),
+        ],
+    )
+    def test_demo_hours(
+        self, capsys: pytest.CaptureFixture[str], hours: str, words: tuple[str, ...]
+    ) -> None:
+        """demo --hours 0 or below ran nothing silently; a huge one crashed with OverflowError."""
+        code, err = run_bad(capsys, "demo", f"--hours={hours}", "--no-progress")
+
+        assert_usage_error(code, err, "--hours", *words)
+
+    def test_demo_dir_that_is_a_file(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """demo --dir naming a file crashed with FileExistsError; it is a usage error."""
+        file = tmp_path / "f"
+        file.write_text("x")
+
+        code, err = run_bad(capsys, "demo", "--dir", str(file), "--no-progress")
+
+        assert_usage_error(code, err, "--dir", "is a file")
+
+    @pytest.mark.parametrize("idle", ["0", "-1", "nan", "inf", "soon"])
+    def test_worker_idle(self, capsys: pytest.CaptureFixture[str], idle: str) -> None:
+        """worker --idle must be a finite number of seconds above 0."""
+        code, err = run_bad(capsys, "worker", "--app", "json:dumps", f"--idle={idle}")
+
+        assert_usage_error(code, err, "--idle", repr(idle))
+
+    @pytest.mark.parametrize(
+        ("at", "words"),
+        [
+            ("2030-03-04T12:00:00", ("no UTC offset", "2030-03-04T12:00:00Z")),
+            ("2030-03-04", ("no UTC offset",)),
+            ("tomorrow", ("not an ISO 8601 instant",)),
+            ("0001-01-01T00:00:00+01:00", ("outside the years 1 to 9999",)),
+        ],
+    )
+    def test_upcoming_at_must_be_aware(
+        self,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+        at: str,
+        words: tuple[str, ...],
+    ) -> None:
+        """--at without a UTC offset means a different instant on every host: exit 2."""
+        db = str(make_store(tmp_path / "s.db"))
+
+        code, err = run_bad(capsys, "upcoming", "--db", db, "--at", at)
+
+        assert_usage_error(code, err, "--at", *words)
+
+    def test_upcoming_at_near_the_end_of_time(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--at plus --hours past year 9999 says which options to change."""
+        db = str(make_store(tmp_path / "s.db"))
+
+        code, err = run_bad(capsys, "upcoming", "--db", db, "--at", "9999-12-31T00:00Z")
+
+        assert_usage_error(code, err, "--at plus --hours", "past 9999-12-31")
+
+    @pytest.mark.parametrize("sync", ["", " ", "x" * 201])
+    def test_history_sync_id(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], sync: str
+    ) -> None:
+        """An id no sync can have is a bad argument (exit 2), not an error of the store."""
+        db = str(make_store(tmp_path / "s.db"))
+
+        code, err = run_bad(capsys, "history", sync, "--db", db)
+
+        assert_usage_error(code, err, "SYNC")
+
+
+class TestUpcomingAt:
+    """upcoming --at lists from a given instant: for stores not at the present time."""
+
+    def test_lists_from_the_instant(self, tmp_path: Path) -> None:
+        """
+        From --at, the never-run sync's overdue first run, then its slots in
+        the window; the Z and +01:00 forms of one instant agree.
+        """
+        db = str(make_store(tmp_path / "s.db"))
+
+        code, out = run_cli("upcoming", "--db", db, "--at", "2030-03-04T05:00:00Z", "--hours", "2")
+        _, same = run_cli(
+            "upcoming", "--db", db, "--at", "2030-03-04T06:00:00+01:00", "--hours", "2"
+        )
+
+        assert 0 == code
+        assert out == same
+        overdue, *times = [line.split("  ")[0] for line in out.splitlines()[1:]]
+        assert "2030-03-04 00:00:00" == overdue
+        assert 2 == len(times)
+        assert all("2030-03-04 05:00:00" < t <= "2030-03-04 07:00:00" for t in times)
+
+    def test_demo_store(self, demo: tuple[Path, str]) -> None:
+        """The demo's store, whose clock is in 2030, lists its runs at 2030."""
+        directory, _ = demo
+        db = str(directory / "cohortsync.db")
+
+        code, out = run_cli("upcoming", "--db", db, "--at", "2030-03-04T10:00Z", "--hours", "1")
+
+        assert 0 == code
+        assert "power-users-hourly" in out
+        assert "newsletter-realtime" in out
+
+
+class TestColumns:
+    """Tables are as wide as what they print: long ids align, short ones leave no gap."""
+
+    def test_syncs_short_ids(self, tmp_path: Path) -> None:
+        """Short ids and names: the columns are two spaces apart, not 24 wide."""
+        db = str(make_store(tmp_path / "s.db", ("a", "b")))
+
+        _, out = run_cli("syncs", "--db", db)
+
+        assert "sync  cohort  destination  status  gen  schedule" == out.splitlines()[0]
+        assert "a     c       d            active    1  hourly" == out.splitlines()[1]
+
+    def test_syncs_long_ids_align(self, tmp_path: Path) -> None:
+        """An id longer than the old fixed width (24) keeps every column aligned."""
+        long_id = "a-very-long-sync-id-for-the-crm-" * 2
+        db = str(make_store(tmp_path / "s.db", ("s", long_id)))
+
+        _, out = run_cli("syncs", "--db", db)
+
+        lines = out.splitlines()
+        column = lines[0].index("cohort")
+        assert column == len(long_id) + 2
+        assert all(line[column:].startswith("c ") for line in lines[1:])
+
+    def test_syncs_blocks_grow(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """In blocks, a later longer id widens the columns from there on; all rows listed."""
+        import cohortsync._cli as cli
+
+        monkeypatch.setattr(cli, "_SYNCS_BLOCK", 2)
+        db = str(make_store(tmp_path / "s.db", ("a1", "a2", "b-longer-id")))
+
+        _, out = run_cli("syncs", "--db", db)
+
+        lines = out.splitlines()
+        assert 4 == len(lines)
+        assert 1 == sum(line.startswith("sync ") for line in lines)
+        assert lines[3].index("c ") > lines[1].index("c ")
+
+    def test_upcoming_long_ids_align(self, tmp_path: Path) -> None:
+        """upcoming's columns fit the longest sync id listed."""
+        long_id = "x" * 40
+        db = str(make_store(tmp_path / "s.db", ("s", long_id)))
+
+        _, out = run_cli("upcoming", "--db", db, "--at", "2030-03-04T00:30Z", "--hours", "1")
+
+        lines = out.splitlines()
+        column = lines[0].index("trigger")
+        assert all(line[column - 2 : column] == "  " for line in lines)
+        assert all(line[column] != " " for line in lines)
+
+    def test_table_layout(self) -> None:
+        """Right-aligned numbers, an unpadded last column, no trailing spaces."""
+        from cohortsync._table import table
+
+        lines = table(
+            ("id", "n", "note"), [("abc", "12345", ""), ("d", "1", "long note")], right={1}
+        )
+
+        assert ["id       n  note", "abc  12345", "d        1  long note"] == lines
+
+    def test_history_rows_align(self, demo: tuple[Path, str]) -> None:
+        """Every history row starts its status column where the header does."""
+        directory, _ = demo
+
+        _, out = run_cli("history", "churn-risk-crm", "--db", str(directory / "cohortsync.db"))
+
+        lines = out.splitlines()
+        column = lines[0].index("status")
+        assert all(line[column - 2 : column] == "  " for line in lines[2:])
+        assert all(line[column] in "sf" for line in lines[2:])
+
+
+POSTGRES_DSN = "COHORTSYNC_TEST_POSTGRES_DSN"
+
+
+@pytest.fixture(scope="module")
+def pg_dsn() -> str:
+    """The test server's DSN; skips (fails in CI) without one, as test_postgres_storage does."""
+    pytest.importorskip("psycopg")
+    value = os.environ.get(POSTGRES_DSN)
+    if not value:
+        how = (
+            f"start a throwaway server with `source .ci/postgres.sh start` or point {POSTGRES_DSN} "
+            "at a database you may create schemas in"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"{POSTGRES_DSN} is not set, and CI must run the PostgreSQL tests: {how}")
+        pytest.skip(f"no PostgreSQL server for the CLI tests: {how}")
+    return value
+
+
+@pytest.fixture
+def pg_schema(pg_dsn: str) -> Iterator[str]:
+    """A fresh schema name, dropped afterwards (so parallel runs never collide)."""
+    import secrets
+
+    import psycopg
+    from psycopg import sql
+
+    name = f"cs_cli_{secrets.token_hex(6)}"
+    yield name
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg_store(pg_dsn: str, pg_schema: str) -> str:
+    """A PostgreSQL store in a fresh schema with an hourly sync that has run once."""
+    import cohortsync as cs
+    from cohortsync.storage import PostgresStorage
+    from cohortsync.testing import FakeClock, RecordingDestination
+
+    clock = FakeClock(datetime(2030, 3, 4, tzinfo=timezone.utc))
+    with cs.Scheduler(PostgresStorage(pg_dsn, schema=pg_schema), clock=clock) as scheduler:
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u1", "u2"]))
+        scheduler.add_destination("d", RecordingDestination())
+        scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="pg-hourly")
+        scheduler.run_due()
+    return pg_schema
+
+
+def password_of(dsn: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict
+
+    return str(conninfo_to_dict(dsn).get("password") or "")
+
+
+def with_password(dsn: str, password: str) -> str:
+    """*dsn* as a URL whose password is *password*, URL-encoded."""
+    from urllib.parse import quote
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    p = conninfo_to_dict(dsn)
+    return (
+        f"postgresql://{quote(str(p['user']), safe='')}:{quote(password, safe='')}"
+        f"@{p['host']}:{p['port']}/{p['dbname']}"
+    )
+
+
+@pytest.mark.postgres
+class TestPostgres:
+    """The store commands on a real PostgreSQL server, passwords masked throughout."""
+
+    @pytest.mark.parametrize("how", ["db-url", "dsn", "env", "db-key-value"])
+    def test_every_read_command(
+        self,
+        pg_dsn: str,
+        pg_store: str,
+        monkeypatch: pytest.MonkeyPatch,
+        how: str,
+    ) -> None:
+        """syncs, history and upcoming read the store given each way; no password shows."""
+        from psycopg.conninfo import make_conninfo
+
+        options = {
+            "db-url": ["--db", pg_dsn],
+            "dsn": ["--dsn", pg_dsn],
+            "env": [],
+            "db-key-value": ["--db", make_conninfo(pg_dsn)],
+        }[how]
+        monkeypatch.setenv("COHORTSYNC_DB", pg_dsn if how == "env" else "/nonexistent.db")
+        store = [*options, "--schema", pg_store]
+
+        outputs = [
+            run_cli("syncs", *store),
+            run_cli("syncs", *store, "--json"),
+            run_cli("history", "pg-hourly", *store),
+            run_cli("upcoming", *store, "--at", "2030-03-04T00:00:01Z", "--hours", "2"),
+        ]
+
+        assert [0, 0, 0, 0] == [code for code, _ in outputs]
+        syncs, json_out, history, upcoming = (out for _, out in outputs)
+        assert "pg-hourly" in syncs
+        assert '"id": "pg-hourly"' in json_out
+        assert "succeeded" in history
+        assert "pg-hourly" in upcoming
+        secret = password_of(pg_dsn)
+        assert not secret or all(secret not in out for _, out in outputs)
+
+    def test_missing_schema_is_an_error_and_not_created(
+        self, pg_dsn: str, pg_schema: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A schema holding no store exits 2 and stays missing (never an empty store)."""
+        import psycopg
+
+        code, err = run_bad(capsys, "syncs", "--dsn", pg_dsn, "--schema", pg_schema)
+
+        assert_usage_error(code, err, "no cohortsync store in schema", pg_schema)
+        secret = password_of(pg_dsn)
+        assert not secret or secret not in err
+        with psycopg.connect(pg_dsn) as conn:
+            found = conn.execute(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (pg_schema,)
+            ).fetchone()
+        assert (0,) == found
+
+    @pytest.mark.parametrize(
+        "wrong", ["plain-wrong-pw", "w@ng/p:ss%?#word", f"{SECRET} spaced"], ids=str
+    )
+    def test_refused_password_url_is_masked(
+        self, pg_dsn: str, capsys: pytest.CaptureFixture[str], wrong: str
+    ) -> None:
+        """A refused password, URL-encoded in the DSN, shows neither encoded nor decoded."""
+        from urllib.parse import quote
+
+        code, err = run_bad(capsys, "syncs", "--db", with_password(pg_dsn, wrong))
+
+        assert 1 == code
+        assert "password authentication failed" in err
+        assert ":***@" in err
+        assert wrong not in err
+        assert quote(wrong, safe="") not in err
+
+    def test_refused_password_key_value_is_masked(
+        self, pg_dsn: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The same with a key=value DSN holding password='...'."""
+        from psycopg.conninfo import make_conninfo
+
+        wrong = f"{SECRET} it's"
+        code, err = run_bad(capsys, "syncs", "--db", make_conninfo(pg_dsn, password=wrong))
+
+        assert 1 == code
+        assert "password authentication failed" in err
+        assert "password=***" in err
+        assert SECRET not in err
+
+    def test_worker_start_line_is_masked(self, pg_dsn: str, pg_store: str, tmp_path: Path) -> None:
+        """`worker` on a PostgreSQL store prints the store masked, and signal names."""
+        (tmp_path / "pgapp.py").write_text(
+            textwrap.dedent(
+                f"""
+                import os
+                import cohortsync as cs
+                from cohortsync.storage import PostgresStorage
+                from cohortsync.testing import RecordingDestination
+
+                def make():
+                    storage = PostgresStorage(os.environ["APP_DSN"], schema={pg_store!r})
+                    scheduler = cs.Scheduler(storage)
+                    scheduler.add_destination("d", RecordingDestination())
+                    scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u1"]))
+                    return scheduler
+                """
+            )
+        )
+        import cohortsync
+
+        src = str(Path(cohortsync.__file__).parents[1])
+        env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{src}", "APP_DSN": pg_dsn}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cohortsync", "worker", "--app", "pgapp:make", "--idle", "1"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            started = proc.stdout.readline()
+            proc.send_signal(signal.SIGINT)
+            rest, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+        assert 0 == proc.returncode, stderr
+        assert "PostgresStorage(" in started
+        assert "received SIGINT" in rest
+        secret = password_of(pg_dsn)
+        assert not secret or secret not in started + rest + stderr

@@ -441,3 +441,40 @@ class TestExceptions:
             exc.SchemaVersionError(5, 4).found,
             exc.SchemaVersionError(5, 4).supported,
         )
+
+
+class TestVersion:
+    """cohortsync.__version__ comes from the installed distribution's metadata."""
+
+    def test_version_is_the_distributions(self) -> None:
+        """__version__ is what importlib.metadata says (pyproject's version once installed)."""
+        from importlib.metadata import version
+
+        assert version("cohortsync") == cohortsync.__version__
+
+    def test_version_without_metadata(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A source tree that was never installed still has a version: 0+unknown."""
+        import importlib.metadata
+
+        def missing(name: str) -> str:
+            raise importlib.metadata.PackageNotFoundError(name)
+
+        _ = cohortsync.__version__  # cached now: teardown puts the real one back
+        monkeypatch.delitem(vars(cohortsync), "__version__")
+        monkeypatch.setattr(importlib.metadata, "version", missing)
+
+        assert "0+unknown" == cohortsync.__version__
+
+    def test_version_is_read_lazily(self) -> None:
+        """Importing cohortsync does not import importlib.metadata (slow to import)."""
+        code = (
+            "import sys, cohortsync; loaded = 'importlib.metadata' in sys.modules; "
+            "v = cohortsync.__version__; sys.exit(2 * loaded + (not v))"
+        )
+
+        assert 0 == subprocess.run([sys.executable, "-c", code], check=False).returncode  # noqa: S603 - fixed code
+
+    def test_other_names_still_raise(self) -> None:
+        """The lazy __version__ leaves unknown attributes an AttributeError."""
+        with pytest.raises(AttributeError, match="Shceduler"):
+            _ = cohortsync.Shceduler  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ import pytest
 import cohortsync as cs
 from cohortsync.exceptions import (
     ConfigurationError,
+    StorageClosedError,
     SyncNotFoundError,
 )
 from cohortsync.storage import MemoryStorage, SQLiteStorage
@@ -54,6 +55,33 @@ class TestRegistration:
         with pytest.raises(ConfigurationError, match="async def add"):
             scheduler.add_destination("a", Async())
 
+    @pytest.mark.parametrize("method", ["add", "remove"])
+    def test_an_async_adapter_is_told_async_is_not_supported_yet(self, method: str) -> None:
+        """The refusal says async destinations are not supported yet, and what to do now."""
+
+        class Sync(cs.Destination):
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        async def coroutine(self: object, batch: cs.Batch) -> cs.DeliveryResult:
+            return cs.DeliveryResult.ok()
+
+        async_adapter = type("Async", (Sync,), {method: coroutine})
+        scheduler = cs.Scheduler(MemoryStorage())
+
+        with pytest.raises(ConfigurationError) as info:
+            scheduler.add_destination("a", async_adapter())
+
+        message = str(info.value)
+        assert f"async def {method}" in message
+        assert "not supported yet by the sync scheduler" in message
+        assert "planned" in message
+        assert "plain `def`" in message
+        assert "a" not in scheduler._destinations
+
     def test_a_path_is_accepted_as_storage(self, tmp_path: Path) -> None:
         """Scheduler("file.db") opens an SQLite store; other junk is refused at once."""
         with cs.Scheduler(str(tmp_path / "file.db")) as scheduler:
@@ -62,6 +90,47 @@ class TestRegistration:
             cs.Scheduler(42)  # type: ignore[arg-type]
         with pytest.raises(ConfigurationError, match="clock"):
             cs.Scheduler(MemoryStorage(), clock=datetime.now)  # type: ignore[arg-type]
+
+
+class TestClosing:
+    """A scheduler owns its store: close() and `with` close it, whoever opened it."""
+
+    @pytest.mark.parametrize("given", ["path", "store", "nothing"])
+    def test_with_closes_the_store(self, tmp_path: Path, given: str) -> None:
+        """
+        The end of a `with` block closes the store the scheduler opened (from a
+        path, or the memory default) and the one it was given.
+        """
+        storage = {
+            "path": tmp_path / "s.db",
+            "store": SQLiteStorage(tmp_path / "s.db"),
+            "nothing": None,
+        }[given]
+
+        with cs.Scheduler(storage) as scheduler:
+            assert [] == scheduler.syncs()
+
+        with pytest.raises(StorageClosedError):
+            scheduler.storage.list_syncs()
+        with pytest.raises(StorageClosedError):
+            scheduler.run_due()
+
+    def test_closing_twice_is_harmless(self) -> None:
+        """close() after the `with` block (or twice) does nothing more."""
+        with cs.Scheduler(MemoryStorage()) as scheduler:
+            pass
+
+        scheduler.close()
+        scheduler.close()
+
+    def test_the_store_closes_even_when_the_block_raises(self) -> None:
+        """An error inside the block still closes the store, then propagates."""
+        store = MemoryStorage()
+        with pytest.raises(KeyError), cs.Scheduler(store):
+            raise KeyError("boom")
+
+        with pytest.raises(StorageClosedError):
+            store.list_syncs()
 
 
 class TestUnknownSyncs:

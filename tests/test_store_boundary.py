@@ -14,6 +14,7 @@ import pytest
 import cohortsync as cs
 from cohortsync.exceptions import (
     ConfigurationError,
+    StorageClosedError,
     StorageError,
 )
 from cohortsync.storage import MemoryStorage, SQLiteStorage, Storage
@@ -91,3 +92,19 @@ class TestClosedStores:
         store.close()
         with pytest.raises(StorageError):
             store.list_syncs()
+
+    def test_run_due_after_close_is_a_typed_error(
+        self, any_store: Storage, clock: FakeClock
+    ) -> None:
+        """run_due() after Scheduler.close() raises StorageClosedError on every store."""
+        scheduler = cs.Scheduler(any_store, clock=clock)
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u"]))
+        scheduler.add_destination("d", RecordingDestination())
+        scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s")
+        scheduler.close()
+
+        with pytest.raises(StorageClosedError, match="is closed: open a new store") as info:
+            scheduler.run_due()
+
+        assert isinstance(info.value, StorageError)
+        assert repr(any_store) == info.value.store

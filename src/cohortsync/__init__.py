@@ -19,7 +19,11 @@ submodules named for their reader:
 * :mod:`cohortsync.serialization`: JSON round-trips of every value.
 * :mod:`cohortsync.exceptions`: the error tree.
 * :mod:`cohortsync.testing`: fake clocks, recording destinations, contract suites.
+
+``cohortsync.__version__`` is the installed distribution's version.
 """
+
+from typing import TYPE_CHECKING
 
 from cohortsync import exceptions
 from cohortsync._bulk import BulkFailure, BulkResult, SyncSpec
@@ -103,3 +107,23 @@ __all__ = [
     "Weekday",
     "exceptions",
 ]
+
+if TYPE_CHECKING:
+    __version__: str
+else:
+
+    def __getattr__(name: str) -> str:
+        # Read on first use: importlib.metadata costs more to import than all of
+        # cohortsync's core, and most hosts never ask for the version.
+        if name != "__version__":
+            msg = f"module {__name__!r} has no attribute {name!r}"
+            raise AttributeError(msg)
+        from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+        try:
+            found = version("cohortsync")
+        except PackageNotFoundError:
+            # A source tree on sys.path that was never installed: no metadata.
+            found = "0+unknown"
+        globals()["__version__"] = found  # read once
+        return found

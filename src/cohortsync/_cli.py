@@ -2,11 +2,14 @@
 The ``cohortsync`` command line (standard library only).
 
     cohortsync demo                      a simulated day of syncs, printed as history
-    cohortsync syncs --db FILE           the syncs in a store
-    cohortsync history SYNC --db FILE    a sync's runs, newest first
-    cohortsync upcoming --db FILE        runs due in the next hours
+    cohortsync syncs --db STORE          the syncs in a store
+    cohortsync history SYNC --db STORE   a sync's runs, newest first
+    cohortsync upcoming --db STORE       runs due in the next hours
     cohortsync check ...                 eligibility of a cohort for a destination
     cohortsync worker --app mod:attr     run a host's scheduler until SIGINT/SIGTERM
+
+A STORE is an SQLite file or a PostgreSQL DSN (``--dsn``, or ``COHORTSYNC_DB``
+in the environment). No message shows a DSN's password.
 """
 
 from __future__ import annotations
@@ -22,21 +25,24 @@ import sys
 import textwrap
 import threading
 from collections.abc import Sequence
-from datetime import date, time, timedelta
+from datetime import date, datetime, time, timedelta, timezone
 from itertools import islice
 from pathlib import Path
 from types import FrameType
 from typing import NoReturn, TextIO
 
-from cohortsync._clock import SystemClock
+from cohortsync._clock import Clock, SystemClock
 from cohortsync._cohort import Cohort, CohortType
 from cohortsync._converter import unstructure
 from cohortsync._policy import _TIMED, _ZONED, Cadence, SyncPolicy
 from cohortsync._scheduler import Scheduler
 from cohortsync._sync import Sync
+from cohortsync._table import grow, render, table
 from cohortsync.destinations import catalog
 from cohortsync.eligibility import check_eligibility
 from cohortsync.exceptions import CohortSyncError, ConfigurationError
+from cohortsync.storage._dsn import POSTGRES_SCHEMES, is_keyword_dsn, mask_secrets, url_scheme
+from cohortsync.storage._protocol import Storage
 
 __all__ = ["main"]
 
@@ -47,26 +53,172 @@ EXIT_READER_GONE = 128 + 13
 recognise a reader that stopped early (``| head``) as they do for ``cat``."""
 
 
+DB_VARIABLE = "COHORTSYNC_DB"
+"""The environment variable naming the store when neither --db nor --dsn does."""
+DEMO_MAX_HOURS = 366 * 24
+"""The longest simulation the demo runs: a year."""
+_SYNCS_BLOCK = 10_000
+"""Syncs listed per block: columns are sized to a block, and grow if a later one needs it."""
+
+
 class _CliError(Exception):
     """
-    A problem to report in one line, with a non-zero exit code.
+    A problem to report in one line, with a non-zero exit code (2 unless told).
     """
 
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
 
-def _open_store(path: str) -> Scheduler:
+
+class _FixedClock:
+    """The clock of ``upcoming --at``: always the instant asked about."""
+
+    def __init__(self, at: datetime) -> None:
+        self._at = at
+
+    def now(self) -> datetime:
+        return self._at
+
+    def sleep(self, seconds: float) -> None:
+        """Never called: the store commands do not wait."""
+
+    def __repr__(self) -> str:
+        return f"_FixedClock({self._at.isoformat()})"
+
+
+def _store_target(args: argparse.Namespace) -> tuple[str, str, bool]:
+    """
+    ``(where it came from, the value, whether it is PostgreSQL)`` of the store
+    the options (or the environment) name.
+    """
+    if args.dsn is not None:
+        return "--dsn", args.dsn, True
+    if args.db is not None:
+        source, value = "--db", args.db
+    else:
+        value = os.environ.get(DB_VARIABLE, "")
+        if not value.strip():
+            raise _CliError(
+                f"no store given: pass --db FILE (an SQLite store) or --db DSN / --dsn DSN "
+                f"(a PostgreSQL store), or set {DB_VARIABLE}"
+            )
+        source = f"${DB_VARIABLE}"
+    scheme = url_scheme(value)
+    if scheme is not None:
+        if scheme not in POSTGRES_SCHEMES:
+            raise _CliError(
+                f"{source} {mask_secrets(value)!r} is a {scheme}:// URL; a store is an "
+                "SQLite file path or a PostgreSQL DSN (postgresql://... or 'host=... dbname=...')"
+            )
+        return source, value, True
+    if is_keyword_dsn(value):
+        if Path(value).exists():
+            raise _CliError(
+                f"{source} {mask_secrets(value)!r} is both a file and a PostgreSQL "
+                f"connection string: give the file as ./{value} or the DSN with --dsn"
+            )
+        return source, value, True
+    return source, value, False
+
+
+def _open_store(args: argparse.Namespace, clock: Clock | None = None) -> Scheduler:
+    """
+    The scheduler on the store the options name, which must exist: the
+    store commands only read, so they never create an empty store where a
+    typo pointed them.
+    """
+    source, value, postgres = _store_target(args)
+    if postgres:
+        schema = "cohortsync" if args.schema is None else args.schema
+        storage = _open_postgres(source, value, schema)
+    else:
+        if args.schema is not None:
+            raise _CliError(f"--schema applies only to a PostgreSQL store, not {source} {value!r}")
+        storage = _open_sqlite(source, value)
+    return Scheduler(storage, clock=clock or SystemClock())
+
+
+def _open_sqlite(source: str, path: str) -> Storage:
+    import sqlite3  # noqa: PLC0415 - only for store commands
+
     from cohortsync.storage._sqlite import SQLiteStorage  # noqa: PLC0415 - only for store commands
 
+    if not Path(path).exists():
+        raise _CliError(
+            f"{source} {path!r}: no such file; give the SQLite file your workers use "
+            "(the store commands read a store, they never create one)"
+        )
     if not Path(path).is_file():
-        raise _CliError(f"no store at {path!r} (give an existing SQLite file with --db)")
-    return Scheduler(SQLiteStorage(path), clock=SystemClock())
+        raise _CliError(f"{source} {path!r} is not a file; give an SQLite store's file")
+    try:
+        # Read-only, to look: an empty database would otherwise become an empty store.
+        peek = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = peek.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        finally:
+            peek.close()
+    except sqlite3.Error:
+        tables = None  # not SQLite, or unreadable: SQLiteStorage says which
+    if tables == 0:
+        raise _CliError(
+            f"{source} {path!r} is empty (no tables), not a cohortsync store; "
+            "give the SQLite file your workers use"
+        )
+    return SQLiteStorage(path)
+
+
+def _open_postgres(source: str, dsn: str, schema: str) -> Storage:
+    try:
+        import psycopg  # noqa: PLC0415 - the postgres extra is optional
+        from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415 - as psycopg
+
+        from cohortsync.storage._postgres import (  # noqa: PLC0415 - the postgres extra is optional
+            PostgresStorage,
+            store_exists,
+        )
+    except ImportError as e:
+        cause = e.__cause__ or e
+        raise _CliError(
+            f"a PostgreSQL store needs psycopg 3, which is not installed ({cause}): "
+            "pip install 'cohortsync[postgres]'",
+            code=EXIT_ERROR,
+        ) from None
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.Error:
+        # The driver's message quotes the DSN, which may hold a password.
+        raise _CliError(
+            f"{source} is not a valid PostgreSQL DSN (not shown: it may hold a password); "
+            "give postgresql://user:password@host:port/dbname or 'host=... dbname=...'"
+        ) from None
+    try:
+        exists = store_exists(dsn, schema)
+    except ConfigurationError as e:
+        raise _CliError(f"--schema {schema!r}: {_reason(e)}") from None
+    if not exists:
+        raise _CliError(
+            f"no cohortsync store in schema {schema!r} of the database at "
+            f"{mask_secrets(dsn)!r} (the store commands never create one); give the "
+            "database and --schema your workers use"
+        )
+    return PostgresStorage(dsn, schema=schema)
 
 
 def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from cohortsync._demo import run_demo  # noqa: PLC0415 - the demo pulls in the adapters
 
     progress = False if args.no_progress else None
+    directory = Path(args.dir) if args.dir else None
+    if directory is not None:
+        if directory.exists() and not directory.is_dir():
+            raise _CliError(f"--dir {args.dir!r} is a file; give a directory (made if missing)")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _CliError(f"--dir {args.dir!r}: cannot create it ({e.strerror})") from None
     return run_demo(
-        directory=Path(args.dir) if args.dir else None,
+        directory=directory,
         hours=args.hours,
         seed=args.seed,
         progress=progress,
@@ -74,8 +226,11 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     )
 
 
+_SYNC_COLUMNS = ("sync", "cohort", "destination", "status", "gen", "schedule")
+
+
 def _cmd_syncs(args: argparse.Namespace, out: TextIO) -> int:
-    scheduler = _open_store(args.db)
+    scheduler = _open_store(args)
     try:
         # Streamed: the store is read a page at a time, and no further than --limit.
         syncs = islice(scheduler.iter_syncs(), args.limit)
@@ -88,38 +243,57 @@ def _cmd_syncs(args: argparse.Namespace, out: TextIO) -> int:
                 wrote = True
             out.write("\n]\n" if wrote else "]\n")
             return 0
-        print(
-            f"{'sync':<24} {'cohort':<16} {'destination':<14} {'status':<9} gen  schedule",
-            file=out,
-        )
+        # Columns fit the longest value: in blocks, so a huge store is neither
+        # held whole nor read before the first line shows.
+        widths = [len(column) for column in _SYNC_COLUMNS]
         shown = 0
-        for s in syncs:
-            shown += 1
-            print(
-                f"{s.id:<24} {s.cohort_id:<16} {s.destination_id:<14} "
-                f"{s.status.value:<9} {s.generation:<4} {_schedule_text(s)}",
-                file=out,
-            )
+        last = ""
+        while block := [_sync_row(s) for s in islice(syncs, _SYNCS_BLOCK)]:
+            widths = grow(widths, block)
+            if not shown:
+                print(render(_SYNC_COLUMNS, widths, right={4}), file=out)
+            for row in block:
+                print(render(row, widths, right={4}), file=out)
+            shown += len(block)
+            last = block[-1][0]
         if not shown:
             print("(no syncs)", file=out)
-        elif shown == args.limit and next(scheduler.iter_syncs(after=s.id), None) is not None:
-            print(f"... more after {s.id} (raise --limit)", file=out)
+        elif shown == args.limit and next(scheduler.iter_syncs(after=last), None) is not None:
+            print(f"... more after {last} (raise --limit)", file=out)
     finally:
         scheduler.close()
     return 0
 
 
+def _sync_row(s: Sync) -> tuple[str, ...]:
+    return (
+        s.id,
+        s.cohort_id,
+        s.destination_id,
+        s.status.value,
+        str(s.generation),
+        _schedule_text(s),
+    )
+
+
 def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
-    scheduler = _open_store(args.db)
+    scheduler = _open_store(args)
     try:
-        scheduler.get_sync(args.sync)
+        try:
+            scheduler.get_sync(args.sync)
+        except ConfigurationError as e:
+            raise _CliError(f"SYNC {args.sync!r}: {_reason(e)}") from None
         if args.json:
             json.dump(scheduler.export_history(args.sync)[: args.limit], out, indent=2)
             out.write("\n")
             return 0
         from cohortsync._demo import _table  # noqa: PLC0415 - shared table layout
 
-        for line in _table(scheduler.history(args.sync, args.limit)):
+        runs = scheduler.history(args.sync, args.limit)
+        if not runs:
+            print(f"(no runs of {args.sync} yet)", file=out)
+            return 0
+        for line in _table(runs, slot_format="%Y-%m-%d %H:%M:%S"):
             print(line, file=out)
     finally:
         scheduler.close()
@@ -127,27 +301,29 @@ def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_upcoming(args: argparse.Namespace, out: TextIO) -> int:
-    scheduler = _open_store(args.db)
+    at = args.at
+    scheduler = _open_store(args, _FixedClock(at) if at is not None else None)
     try:
         try:
             until = scheduler.clock.now() + timedelta(hours=args.hours)
         except OverflowError:
+            start = "--at" if at is not None else "now"
             raise _CliError(
-                f"--hours {args.hours:,.0f} reaches past {date.max:%Y-%m-%d}, "
+                f"{start} plus --hours {args.hours:,.0f} reaches past {date.max:%Y-%m-%d}, "
                 "the last date a horizon can be; give fewer hours"
             ) from None
         # One more than shown, to say whether there are more: never the whole list.
         upcoming = scheduler.upcoming(until, limit=args.limit + 1)
         schedules: dict[str, str] = {}  # one read per sync listed, not per run
+        rows = []
         for item in upcoming[: args.limit]:
             text = schedules.get(item.sync_id)
             if text is None:
                 text = schedules[item.sync_id] = _schedule_text(scheduler.get_sync(item.sync_id))
-            print(
-                f"{item.at:%Y-%m-%d %H:%M:%S} UTC  {item.sync_id:<24} {item.trigger.value:<9} "
-                f"{text}",
-                file=out,
-            )
+            rows.append((f"{item.at:%Y-%m-%d %H:%M:%S}", item.sync_id, item.trigger.value, text))
+        if rows:
+            for line in table(("at (UTC)", "sync", "trigger", "schedule"), rows):
+                print(line, file=out)
         if len(upcoming) > args.limit:
             print("... more (raise --limit or lower --hours)", file=out)
         if not upcoming:
@@ -233,12 +409,16 @@ def _check_policy(args: argparse.Namespace) -> SyncPolicy:
     )
 
 
+def _reason(e: ConfigurationError) -> str:
+    """The library's message without its ``field=value:`` prefix."""
+    return str(e).removeprefix(f"{e.field}={e.value!r}: ")
+
+
 def _option_error(e: ConfigurationError, args: argparse.Namespace) -> _CliError:
     """The library's error about a value, told as the option that gave it."""
     option, dest = _OPTION_OF_FIELD[e.field]
     given = e.value if dest is None else getattr(args, dest)
-    message = str(e).removeprefix(f"{e.field}={e.value!r}: ")
-    return _CliError(f"{option} {given!r}: {message}")
+    return _CliError(f"{option} {given!r}: {_reason(e)}")
 
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
@@ -294,7 +474,8 @@ def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
 
     def handle(signum: int, _frame: FrameType | None) -> None:
         print(
-            f"cohortsync worker: received signal {signum}, stopping after the current run", file=out
+            f"cohortsync worker: received {_signal_name(signum)}, stopping after the current run",
+            file=out,
         )
         stop.set()
 
@@ -309,6 +490,14 @@ def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
         scheduler.close()
     print("cohortsync worker stopped", file=out)
     return 0
+
+
+def _signal_name(signum: int) -> str:
+    """``SIGTERM``, not ``15``: numbers differ between systems, names are what kill takes."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _positive(text: str) -> int:
@@ -333,59 +522,276 @@ def _hours(text: str) -> float:
     return value
 
 
+def _demo_hours(text: str) -> int:
+    """Whole simulated hours, from 1 to a year (more would run for hours and say nothing new)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of hours: {text!r}") from None
+    if not 1 <= value <= DEMO_MAX_HOURS:
+        raise argparse.ArgumentTypeError(
+            f"must be from 1 to {DEMO_MAX_HOURS} (a year) hours, not {value}"
+        )
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds above 0, not {text!r}"
+        )
+    return value
+
+
+def _instant(text: str) -> datetime:
+    """An ISO 8601 instant with its UTC offset (``Z`` allowed), as aware UTC."""
+    # Python 3.10's fromisoformat does not read "Z".
+    iso = text.strip()
+    iso = iso[:-1] + "+00:00" if iso[-1:] in {"Z", "z"} else iso
+    try:
+        value = datetime.fromisoformat(iso)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 instant such as 2030-03-04T12:00:00Z: {text!r}"
+        ) from None
+    if value.utcoffset() is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no UTC offset, so it is a different instant on every host: "
+            "add one, as in 2030-03-04T12:00:00Z or 2030-03-04T13:00:00+01:00"
+        )
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is outside the years 1 to 9999 in UTC"
+        ) from None
+
+
 class _Parser(argparse.ArgumentParser):
     """Reports a bad argument in one line, as every other error is (docs/cli.md)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"cohortsync: error: {message} (see '{self.prog} --help')\n")
+        # argparse quotes what was typed ("unrecognized arguments: ..."): a DSN's too.
+        self.exit(
+            EXIT_USAGE, f"cohortsync: error: {mask_secrets(message)} (see '{self.prog} --help')\n"
+        )
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """
+    Descriptions as written, and each option's default unless it has none
+    (``None``, a flag's ``False``) or its help already says it.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Version(argparse.Action):
+    """``--version``: the version is read only when asked for (importlib.metadata is slow)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(  # argparse calls it so; only the parser is used
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,  # noqa: ARG002
+        values: object,  # noqa: ARG002
+        option_string: str | None = None,  # noqa: ARG002
+    ) -> NoReturn:
+        import cohortsync  # noqa: PLC0415 - the package, for its version
+
+        print(f"cohortsync {cohortsync.__version__}")
+        parser.exit()
+
+
+_STORE_HELP = f"""
+The store is named by --db (an SQLite file, or a PostgreSQL DSN: a
+postgresql:// or postgres:// URL, or a 'host=... dbname=...' string), by
+--dsn (a PostgreSQL DSN), or else by the {DB_VARIABLE} environment variable.
+It must exist: this command only reads. No message shows a DSN's password.
+"""
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--db",
+        metavar="FILE|DSN",
+        help=f"the store: an SQLite file or a PostgreSQL DSN (default: ${DB_VARIABLE})",
+    )
+    where.add_argument("--dsn", metavar="DSN", help="the store: a PostgreSQL DSN")
+    parser.add_argument(
+        "--schema",
+        metavar="NAME",
+        help="PostgreSQL: the schema holding the store (default: cohortsync)",
+    )
+
+
+def _command(
+    sub: argparse._SubParsersAction[_Parser],
+    name: str,
+    summary: str,
+    description: str,
+    *,
+    store: bool = False,
+) -> _Parser:
+    text = textwrap.dedent(description).strip()
+    if store:
+        text += "\n\n" + _STORE_HELP.strip()
+    return sub.add_parser(name, help=summary, description=text, formatter_class=_Help)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="cohortsync", description="Keep user cohorts in sync with third-party destinations."
+        prog="cohortsync",
+        description="Keep user cohorts in sync with third-party destinations.",
+        epilog="Exit codes: 0 success, 1 an error from cohortsync (or not eligible), "
+        "2 bad arguments or a missing store, 141 the reader closed the pipe. "
+        "See 'cohortsync COMMAND --help'.",
+        formatter_class=_Help,
     )
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run a simulated day of syncs and print the history")
-    demo.add_argument("--dir", help="where to put the store and files (default: a new temp dir)")
-    demo.add_argument("--hours", type=int, default=24, help="simulated hours (default 24)")
+    demo = _command(
+        sub,
+        "demo",
+        "run a simulated day of syncs and print the history",
+        """
+        Run a simulated day of five syncs on a fresh SQLite store, against a
+        local HTTP server and a directory of CSV files, on a fake clock (it
+        takes seconds), then print each sync's history and what was received.
+        """,
+    )
+    demo.add_argument(
+        "--dir",
+        help="where to put the store (cohortsync.db) and files; a store there is replaced "
+        "(default: a new temporary directory)",
+    )
+    demo.add_argument(
+        "--hours",
+        type=_demo_hours,
+        default=24,
+        help=f"simulated hours, from 1 to {DEMO_MAX_HOURS}",
+    )
     demo.add_argument("--seed", type=int, default=7, help="random seed of the simulated users")
     demo.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
     demo.set_defaults(func=_cmd_demo)
 
-    syncs = sub.add_parser("syncs", help="list the syncs in a store")
-    syncs.add_argument("--db", required=True, help="the SQLite store")
-    syncs.add_argument("--json", action="store_true", help="print JSON")
+    syncs = _command(
+        sub,
+        "syncs",
+        "list the syncs in a store",
+        """
+        List the syncs in a store, ordered by id: id, cohort, destination,
+        status, generation and schedule. The store is read a page at a time,
+        and no further than --limit.
+        """,
+        store=True,
+    )
+    _store_options(syncs)
+    syncs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     syncs.add_argument(
-        "--limit", type=_positive, default=None, help="most syncs to list (default: all)"
+        "--limit", type=_positive, help="most syncs to list, at least 1 (default: all)"
     )
     syncs.set_defaults(func=_cmd_syncs)
 
-    history = sub.add_parser("history", help="show a sync's runs, newest first")
-    history.add_argument("sync", help="the sync id")
-    history.add_argument("--db", required=True, help="the SQLite store")
+    history = _command(
+        sub,
+        "history",
+        "show a sync's runs, newest first",
+        """
+        Show a sync's runs, newest first: slot, trigger, status, members added,
+        removed, skipped and rejected, batches, retries, and the error or notes.
+        """,
+        store=True,
+    )
+    history.add_argument("sync", metavar="SYNC", help="the sync id")
+    _store_options(history)
     history.add_argument("--limit", type=_positive, default=20, help="most runs to show")
-    history.add_argument("--json", action="store_true", help="print JSON, with member issues")
+    history.add_argument(
+        "--json", action="store_true", help="print JSON, with the skipped and rejected members"
+    )
     history.set_defaults(func=_cmd_history)
 
-    upcoming = sub.add_parser("upcoming", help="list runs due in the next hours")
-    upcoming.add_argument("--db", required=True, help="the SQLite store")
-    upcoming.add_argument("--hours", type=_hours, default=24.0, help="how far ahead (default 24)")
+    upcoming = _command(
+        sub,
+        "upcoming",
+        "list runs due in the next hours",
+        """
+        List the runs due from now (or from --at) until --hours later,
+        earliest first, assuming each starts on time. An overdue sync is
+        listed once, at its due time: the one catch-up run it will get.
+        """,
+        store=True,
+    )
+    _store_options(upcoming)
+    upcoming.add_argument(
+        "--at",
+        type=_instant,
+        metavar="ISO-TIME",
+        help="list from this instant instead of now, with its UTC offset, e.g. "
+        "2030-03-04T12:00:00Z (for a store whose clock is not the present, as the demo's)",
+    )
+    upcoming.add_argument(
+        "--hours", type=_hours, default=24, help="how far ahead, a number above 0"
+    )
     upcoming.add_argument("--limit", type=_positive, default=50, help="most runs to list")
     upcoming.set_defaults(func=_cmd_upcoming)
 
-    check = sub.add_parser("check", help="check eligibility against a catalog destination")
-    check.add_argument("--destination", required=True, choices=sorted(catalog.PRESETS))
-    check.add_argument("--cadence", required=True, choices=[c.value for c in Cadence])
+    check = _command(
+        sub,
+        "check",
+        "check eligibility against a catalog destination",
+        """
+        Check a cohort's eligibility for a catalog destination under a
+        schedule, with the default rules, and print every reason. Exits 0 when
+        eligible (warnings allowed), 1 when a blocking reason was found.
+        """,
+    )
+    check.add_argument(
+        "--destination",
+        required=True,
+        choices=sorted(catalog.PRESETS),
+        metavar="KEY",
+        help="a catalog key: %(choices)s",
+    )
+    check.add_argument(
+        "--cadence",
+        required=True,
+        choices=[c.value for c in Cadence],
+        metavar="CADENCE",
+        help="%(choices)s",
+    )
     check.add_argument(
         "--every", default=None, help="every: the interval, e.g. 15 or 15m (minutes), 2h, 1d"
     )
     check.add_argument("--at", default=None, help="daily/weekly: the local time, e.g. 06:30")
     check.add_argument("--on", default=None, help="weekly: days, e.g. mon,wed,fri (any case)")
     check.add_argument("--cron", default=None, help="cron: a 5-field expression")
-    check.add_argument("--timezone", default=None, help="daily/weekly/cron: an IANA zone")
-    check.add_argument("--cohort-type", default="behavioral", choices=[t.value for t in CohortType])
-    check.add_argument("--size", type=int, default=None, help="the cohort's member count")
+    check.add_argument(
+        "--timezone", default=None, help="daily/weekly/cron: an IANA zone (default: UTC)"
+    )
+    check.add_argument(
+        "--cohort-type",
+        default="behavioral",
+        choices=[t.value for t in CohortType],
+        metavar="TYPE",
+        help="the cohort's type: %(choices)s",
+    )
+    check.add_argument(
+        "--size", type=int, default=None, help="the cohort's member count (default: unknown)"
+    )
     check.add_argument(
         "--identifier",
         action="append",
@@ -393,9 +799,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(func=_cmd_check)
 
-    worker = sub.add_parser("worker", help="run a host scheduler until SIGINT/SIGTERM")
+    worker = _command(
+        sub,
+        "worker",
+        "run a host scheduler until SIGINT/SIGTERM",
+        """
+        Run your scheduler's run_forever() until SIGINT or SIGTERM, then
+        finish the run in progress, close the store and exit 0. The current
+        directory is put on sys.path first.
+        """,
+    )
     worker.add_argument("--app", required=True, help="module:attribute of a Scheduler (or factory)")
-    worker.add_argument("--idle", type=float, default=30.0, help="longest sleep between polls (s)")
+    worker.add_argument(
+        "--idle", type=_seconds, default=30.0, help="longest sleep between polls, in seconds"
+    )
     worker.set_defaults(func=_cmd_worker)
     return parser
 
@@ -421,9 +838,18 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         os.close(devnull)
         return EXIT_READER_GONE
     except _CliError as e:
-        print(f"cohortsync: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        _report(e)
+        return e.code
     except CohortSyncError as e:
-        print(f"cohortsync: error: {e}", file=sys.stderr)
+        _report(e)
         return EXIT_ERROR
     return code
+
+
+def _report(error: Exception) -> None:
+    """
+    The error in one line (a driver's message may span several), masked once
+    more: a DSN may hide in any message.
+    """
+    text = re.sub(r"\s*\n\s*", " ", str(error).strip())
+    print(f"cohortsync: error: {mask_secrets(text)}", file=sys.stderr)

@@ -27,6 +27,7 @@ from cohortsync._cohort import Cohort, CohortType
 from cohortsync._policy import RetryPolicy, SyncPolicy
 from cohortsync._scheduler import Scheduler
 from cohortsync._sync import SyncRun
+from cohortsync._table import table
 from cohortsync.destinations._csvdir import CsvDirectoryDestination
 from cohortsync.destinations._webhook import WebhookDestination
 from cohortsync.storage._sqlite import SQLiteStorage
@@ -155,22 +156,24 @@ def _interesting(runs: list[SyncRun], limit: int = 12) -> list[SyncRun]:
     return [runs[i] for i in sorted(keep) if i < len(runs)][: limit + 4]
 
 
-def _table(runs: list[SyncRun]) -> list[str]:
-    header = (
-        f"  {'slot (UTC)':<16} {'trigger':<9} {'status':<9} "
-        f"{'added':>6} {'removed':>7} {'skip':>5} {'rej':>4} {'batch':>5} {'retry':>5}  note"
-    )
-    lines = [header, "  " + "-" * (len(header) - 2)]
+_RUN_COLUMNS = (
+    "slot (UTC)", "trigger", "status", "added", "removed", "skip", "rej", "batch", "retry", "note"
+)  # fmt: skip
+
+
+def _table(runs: list[SyncRun], slot_format: str = "%m-%d %H:%M:%S") -> list[str]:
+    """A history table, indented, its columns as wide as what they hold."""
+    rows = []
     for r in runs:
         note = f"{r.error_type}: {r.error_message}" if r.error_type else ", ".join(r.notes)
         if len(note) > 72:
             note = note[:69] + "..."
-        lines.append(
-            f"  {r.slot:%m-%d %H:%M:%S} {r.trigger.value:<9} {r.status.value:<9} "
-            f"{r.added:>6} {r.removed:>7} {r.skipped:>5} {r.rejected:>4} {r.batches:>5} "
-            f"{r.retries:>5}  {note}"
+        counts = (r.added, r.removed, r.skipped, r.rejected, r.batches, r.retries)
+        rows.append(
+            (f"{r.slot:{slot_format}}", r.trigger.value, r.status.value, *map(str, counts), note)
         )
-    return lines
+    header, *lines = table(_RUN_COLUMNS, rows, right=range(3, 9))
+    return [f"  {header}", "  " + "-" * len(header), *(f"  {line}" for line in lines)]
 
 
 _PLANS = [

@@ -269,7 +269,9 @@ class Scheduler:
             (``MemoryStorage()``), creates no file, and logs a warning: syncs,
             delivered state and history are then lost when the process ends
             and shared by no other worker. Pass ``MemoryStorage()`` yourself
-            to say that is what you want (tests, trying it out).
+            to say that is what you want (tests, trying it out). The
+            scheduler owns its store, given or opened: :meth:`close` and the
+            end of a ``with`` block close it.
         clock: Where time comes from (``FakeClock`` in tests).
         owner: This worker's name on leases (default: host, pid, random).
         lease_for: How long a claimed run is reserved before another worker
@@ -405,9 +407,10 @@ class Scheduler:
                 raise ConfigurationError(
                     "destination",
                     type(destination).__name__,
-                    f"defines `async def {name}`, but the Scheduler calls adapters "
-                    "synchronously (it would get a coroutine, not a result): make the "
-                    "methods plain `def` (e.g. run your async client with asyncio.run) ",
+                    f"defines `async def {name}`, but async destinations are not supported "
+                    "yet by the sync scheduler (an async API is planned): it calls adapters "
+                    "synchronously and would get a coroutine, not a result; make the "
+                    "methods plain `def` (e.g. run your async client with asyncio.run)",
                 )
         self._check_new("destination_id", destination_id, self._destinations, replace=replace)  # type: ignore[arg-type]
         self._destinations[destination_id] = destination
@@ -1610,11 +1613,24 @@ class Scheduler:
 
     def close(self) -> None:
         """
-        Close the store. The scheduler is unusable afterwards.
+        Close the store, whether the scheduler opened it (from a path, or the
+        memory default) or was given it: the scheduler owns its store, as an
+        ``httpx.Client`` owns the transport it is given, so the usual
+        ``Scheduler(SQLiteStorage(path))`` releases its file here. Closing
+        twice is harmless.
+
+        The scheduler is unusable afterwards: its store's calls raise
+        :class:`~cohortsync.exceptions.StorageClosedError`. Schedulers that
+        share one store object close with it: close the store once, when the
+        last of them is done.
         """
         self.storage.close()
 
     def __enter__(self) -> Self:
+        """
+        ``with Scheduler(...) as scheduler:`` closes the store at the end of
+        the block, as :meth:`close` does (a store passed in included).
+        """
         return self
 
     def __exit__(

@@ -21,6 +21,7 @@ never parse messages::
     ├── DuplicateRunError (RuntimeError)      .sync_id, .slot
     ├── ConflictError (RuntimeError)          .sync_id, .expected, .found
     ├── StorageError (RuntimeError)
+    │   ├── StorageClosedError                .store  (used after close())
     │   ├── SchemaVersionError                .found, .supported
     │   └── CorruptStoreError                 .detail
     └── DeliveryError (RuntimeError)          raised by Destination adapters
@@ -63,6 +64,7 @@ __all__ = [
     "RateLimitedError",
     "SchemaVersionError",
     "SourceError",
+    "StorageClosedError",
     "StorageError",
     "SyncNotFoundError",
     "TransientError",
@@ -263,6 +265,25 @@ class StorageError(CohortSyncError, RuntimeError):
     """
     The store failed or holds something cohortsync cannot use.
     """
+
+
+class StorageClosedError(StorageError):
+    """
+    A store was used after it was closed (by its own ``close()``, by
+    :meth:`cohortsync.Scheduler.close` or at the end of a ``with`` block).
+    A closed store never reopens behind the caller's back: a run that
+    carried on would hold leases nobody could complete.
+
+    Attributes:
+        store: The closed store as its ``repr`` shows it (never a password).
+    """
+
+    def __init__(self, store: str) -> None:
+        self.store = store
+        super().__init__(
+            f"{store} is closed: open a new store (and a new Scheduler on it) to carry on; "
+            "Scheduler.close() and the end of a `with Scheduler(...)` block close its store"
+        )
 
 
 class SchemaVersionError(StorageError):

@@ -490,3 +490,13 @@ lost = exceptions.LeaseLostError("s1", "worker-a", "token")
 assert_type(lost.owner, str)
 assert_type(exceptions.TransientError(retry_after=2.0).retry_after, float | None)
 assert_type(exceptions.DuplicateRunError("s1", sync.created_at).slot, datetime)
+
+try:
+    scheduler.run_due()
+except exceptions.StorageClosedError as err:
+    assert_type(err.store, str)
+
+with cohortsync.Scheduler(MemoryStorage()) as owned:
+    assert_type(owned, cohortsync.Scheduler)
+
+assert_type(cohortsync.__version__, str)

@@ -25,7 +25,7 @@ from cohortsync.exceptions import (
     ConflictError,
     DuplicateRunError,
     LeaseLostError,
-    StorageError,
+    StorageClosedError,
     SyncNotFoundError,
 )
 from cohortsync.storage._base import StorageBase, due_key, require_distinct_ids
@@ -235,7 +235,7 @@ class MemoryStorage(StorageBase):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StorageError(f"{self!r} is closed")
+            raise StorageClosedError(repr(self))
 
     def __repr__(self) -> str:
         return f"MemoryStorage(syncs={len(self._syncs)}, runs={len(self._runs)})"

@@ -59,11 +59,13 @@ from cohortsync.exceptions import (
     CorruptStoreError,
     DuplicateRunError,
     LeaseLostError,
+    StorageClosedError,
     StorageError,
     SyncNotFoundError,
 )
 from cohortsync.storage import _sql as q
 from cohortsync.storage._base import StorageBase, require_distinct_ids
+from cohortsync.storage._dsn import mask_dsn
 from cohortsync.storage._protocol import IssueKind, MemberIssue
 from cohortsync.storage._rules import (
     collect_holders,
@@ -527,22 +529,6 @@ class ConnectionPoolLike(Protocol):
 
 # -- secrets -------------------------------------------------------------------
 
-# libpq ends a URL's user:password at the first "@" before any "/".
-_URL_USERINFO = re.compile(r"^(?P<pre>[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)[^@/]*@")
-_URL_QUERY_PASSWORD = re.compile(r"(?P<pre>[?&]password=)[^&#]*", re.IGNORECASE)
-_KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
-def mask_dsn(dsn: str) -> str:
-    """
-    Return *dsn* (a URL or a ``key=value`` connection string) with its password
-    replaced by ``***``, for messages and ``repr``.
-    """
-    if "://" in dsn:
-        masked = _URL_USERINFO.sub(r"\g<pre>***@", dsn)
-        return _URL_QUERY_PASSWORD.sub(r"\g<pre>***", masked)
-    return _KV_PASSWORD.sub(r"\g<pre>***", dsn)
-
 
 def _scrub(message: str, secret: str | None) -> str:
     if secret:
@@ -567,6 +553,8 @@ def _chunks(items: Sequence[_T], size: int = _CHUNK) -> Iterator[Sequence[_T]]:
 
 
 class _Connections(Protocol):
+    closed: bool
+
     def session(self) -> AbstractContextManager[_Connection]: ...
 
     def close(self) -> None: ...
@@ -585,7 +573,7 @@ class _PerThread:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: list[tuple[threading.Thread, _Connection]] = []
-        self._closed = False
+        self.closed = False
 
     @contextmanager
     def session(self) -> Iterator[_Connection]:
@@ -603,8 +591,8 @@ class _PerThread:
 
     def _connect(self) -> _Connection:
         with self._lock:
-            if self._closed:
-                raise StorageError("the PostgresStorage is closed")
+            if self.closed:
+                raise StorageClosedError("PostgresStorage")
             ended = [c for t, c in self._open if not t.is_alive()]
             self._open = [(t, c) for t, c in self._open if t.is_alive()]
         for old in ended:
@@ -625,7 +613,7 @@ class _PerThread:
 
     def close(self) -> None:
         with self._lock:
-            self._closed = True
+            self.closed = True
             conns, self._open = self._open, []
         for _, conn in conns:
             conn.close()
@@ -638,15 +626,15 @@ class _Pooled:
 
     def __init__(self, pool: ConnectionPoolLike) -> None:
         self._pool = pool
-        self._closed = False
+        self.closed = False
 
     def session(self) -> AbstractContextManager[_Connection]:
-        if self._closed:
-            raise StorageError("the PostgresStorage is closed")
+        if self.closed:
+            raise StorageClosedError("PostgresStorage")
         return self._pool.connection()
 
     def close(self) -> None:
-        self._closed = True
+        self.closed = True
 
 
 # -- the store -------------------------------------------------------------------
@@ -719,12 +707,7 @@ class PostgresStorage(StorageBase):
     def _setup(
         self, connections: _Connections, schema: str, *, shown: str, secret: str | None
     ) -> None:
-        if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
-            raise ConfigurationError(
-                "schema", schema, "must match ^[a-z_][a-z0-9_]*$ (an unquoted PostgreSQL name)"
-            )
-        if len(schema) > _MAX_IDENTIFIER:
-            raise ConfigurationError("schema", schema, f"must be at most {_MAX_IDENTIFIER} bytes")
+        _check_schema(schema)
         self._connections = connections
         self._filled: set[tuple[int, int]] = set()
         self._shown = shown
@@ -760,6 +743,8 @@ class PostgresStorage(StorageBase):
         A cursor on this thread's (or a borrowed) connection, inside a
         transaction when asked; driver errors become :class:`StorageError`.
         """
+        if self._connections.closed:
+            raise StorageClosedError(repr(self))
         try:
             with self._connections.session() as conn:
                 if transaction:
@@ -780,6 +765,8 @@ class PostgresStorage(StorageBase):
 
         See :func:`_together` for how statements are sent together.
         """
+        if self._connections.closed:
+            raise StorageClosedError(repr(self))
         try:
             with self._connections.session() as conn:
                 yield conn
@@ -1631,6 +1618,40 @@ def _one(cur: _Cursor) -> tuple[Any, ...]:
     if row is None:  # pragma: no cover - aggregate queries always return a row
         raise CorruptStoreError("a query that always returns a row returned none")
     return row
+
+
+def _check_schema(schema: object) -> None:
+    if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
+        raise ConfigurationError(
+            "schema", schema, "must match ^[a-z_][a-z0-9_]*$ (an unquoted PostgreSQL name)"
+        )
+    if len(schema) > _MAX_IDENTIFIER:
+        raise ConfigurationError("schema", schema, f"must be at most {_MAX_IDENTIFIER} bytes")
+
+
+def store_exists(dsn: str, schema: str = "cohortsync") -> bool:
+    """
+    Whether *schema* at *dsn* holds a cohortsync store, read without creating
+    anything: constructing a :class:`PostgresStorage` creates a missing
+    schema, which a command that only reads (``cohortsync syncs``) must not.
+
+    Raises:
+        ConfigurationError: An invalid schema name.
+        StorageError: The DSN does not parse, or the server cannot be reached
+            or read (the message never contains the password).
+    """
+    _check_schema(schema)
+    factory, shown, secret = _dsn_factory(dsn)
+    conn = factory()
+    try:
+        with conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".meta',))
+            return bool(_one(cur)[0])
+    except psycopg.Error as exc:
+        detail = _scrub(str(exc).strip() or type(exc).__name__, secret)
+        raise StorageError(f"reading schema {schema!r} at {shown}: {detail}") from None
+    finally:
+        conn.close()
 
 
 def _dsn_factory(dsn: str) -> tuple[Callable[[], _Connection], str, str | None]:

@@ -38,6 +38,7 @@ from cohortsync.exceptions import (
     CorruptStoreError,
     DuplicateRunError,
     LeaseLostError,
+    StorageClosedError,
     StorageError,
     SyncNotFoundError,
 )
@@ -478,7 +479,7 @@ class SQLiteStorage(StorageBase):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StorageError(f"{self!r} is closed")
+            raise StorageClosedError(repr(self))
 
     def _forget_parent(self) -> None:
         """
