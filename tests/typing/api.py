@@ -29,6 +29,7 @@ from cohortsync.eligibility import (
     check_eligibility,
 )
 from cohortsync.events import EligibilityChanged, Event
+from cohortsync.identifiers import Bulk, BulkResolver
 from cohortsync.serialization import dumps, loads, make_converter
 from cohortsync.storage import (
     AppliedBatch,
@@ -447,6 +448,38 @@ assert_type(
     scheduler.update_sync(sync.id, cohortsync.SyncPolicy.daily(), mapping_id=None),
     cohortsync.Sync,
 )
+
+
+# -- Identifier mappings: per key, and a batch at a time ------------------------
+
+USERS = {"u1": "jane@example.com"}
+
+
+def emails_for(keys: Sequence[str]) -> dict[str, str]:
+    """
+    A host's bulk lookup: one query for the whole batch (``WHERE id IN (...)``).
+    """
+    return {key: USERS[key] for key in keys if key in USERS}
+
+
+emails_rule: BulkResolver = emails_for
+assert_type(Bulk(emails_for), Bulk)
+assert_type(Bulk(emails_for).resolver, BulkResolver)
+mixed = cohortsync.IdentifierMapping(
+    [
+        (cohortsync.IdentifierKind.EMAIL_SHA256, Bulk(emails_for)),  # primary, per batch
+        ("user_id", lambda key: key),  # fallback, per key
+    ]
+)
+assert_type(mixed, cohortsync.IdentifierMapping)
+assert_type(
+    cohortsync.IdentifierMapping.hashed_email(Bulk(emails_for)), cohortsync.IdentifierMapping
+)
+assert_type(cohortsync.IdentifierMapping.hashed_email(USERS.get), cohortsync.IdentifierMapping)
+assert_type(scheduler.add_mapping("email", mixed), cohortsync.IdentifierMapping)
+resolved, unresolved = mixed.resolve_many(["u1", "u2"])
+assert_type(resolved, list[cohortsync.Member])
+assert_type(unresolved, list[str])
 
 
 def on_event(event: Event) -> None:
