@@ -22,7 +22,7 @@ submodules named for their reader:
 """
 
 from cohortsync import exceptions
-from cohortsync._bulk import BulkFailure, BulkResult, SyncSpec
+from cohortsync._bulk import ApplyResult, BulkFailure, BulkResult, SyncSpec
 from cohortsync._clock import Clock, SystemClock
 from cohortsync._cohort import (
     CallableSource,
@@ -61,6 +61,7 @@ from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.identifiers import IdentifierMapping
 
 __all__ = [
+    "ApplyResult",
     "Batch",
     "BulkFailure",
     "BulkResult",

@@ -414,6 +414,14 @@ try:
 except cohortsync.exceptions.BulkSyncError as refused:
     assert_type(refused.failures, tuple[cohortsync.BulkFailure, ...])
     assert_type(refused.failures[0].error, cohortsync.exceptions.CohortSyncError)
+declared = [
+    cohortsync.SyncSpec("power-users", "push", cohortsync.SyncPolicy.daily(), sync_id="app:daily"),
+]
+applied = scheduler.apply_syncs(declared, prefix="app:", prune=True, dry_run=True)
+assert_type(applied, cohortsync.ApplyResult)
+assert_type(applied.deleted, tuple[str, ...])
+assert_type(applied.refused, tuple[cohortsync.BulkFailure, ...])
+assert_type(scheduler.apply_syncs(iter(declared)).unchanged, tuple[str, ...])
 assert_type(sync, cohortsync.Sync)
 assert_type(sync.id, str)
 assert_type(sync.generation, int)
