@@ -559,6 +559,29 @@ class TestBulkResolvers:
         with pytest.raises(ConfigurationError, match="must be callable"):
             Bulk({"u1": "x"})  # type: ignore[arg-type]
 
+    def test_a_batch_past_max_keys_takes_several_calls(self) -> None:
+        """A whole-file batch is looked up max_keys at a time, in order."""
+        lookup = CountingLookup({f"k{i:02d}": f"v{i}" for i in range(0, 25, 2)})
+        mapping = IdentifierMapping([(K.USER_ID, Bulk(lookup, max_keys=10))])
+        keys = [f"k{i:02d}" for i in range(25)]
+
+        members, unresolved = mapping.resolve_many(keys)
+
+        assert [10, 10, 5] == [len(c) for c in lookup.calls]
+        assert keys == [k for c in lookup.calls for k in c]
+        assert [f"k{i:02d}" for i in range(0, 25, 2)] == [m.key for m in members]
+        assert [f"k{i:02d}" for i in range(1, 25, 2)] == unresolved
+
+    def test_the_default_cap_keeps_a_database_query_small(self) -> None:
+        """By default at most 10,000 keys go to one call."""
+        assert 10_000 == Bulk(CountingLookup({})).max_keys
+
+    @pytest.mark.parametrize("bad", [0, -1, 1.5, "10", True])
+    def test_bad_max_keys(self, bad: object) -> None:
+        """max_keys is a positive int."""
+        with pytest.raises(ConfigurationError, match="max_keys"):
+            Bulk(CountingLookup({}), max_keys=bad)  # type: ignore[arg-type]
+
     def test_repr_hides_the_resolver(self) -> None:
         """The resolver may hold a connection: neither Bulk nor the mapping shows it."""
         mapping = IdentifierMapping.hashed_email(Bulk(CountingLookup({})))

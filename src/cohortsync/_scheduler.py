@@ -670,7 +670,10 @@ class Scheduler:
             upsert: A spec whose ``sync_id`` exists updates that sync as
                 :meth:`update_sync` does (a new generation, a new slot, a run
                 due now), one sync at a time; its cohort and destination must
-                be the stored ones. Without it, an existing id is refused.
+                be the stored ones. A sync another writer changes meanwhile
+                is read and compared again, so concurrent upserts of one
+                spec bump its generation once. Without it, an existing id is
+                refused.
 
         Returns:
             The ids created and updated.
@@ -715,8 +718,14 @@ class Scheduler:
         a sync: a paused sync stays paused, even when its definition
         changes (resume it with :meth:`resume_sync`), so an operator's pause
         survives every restart. A completed one-time sync is not run again
-        unless its definition changes. A sync's cohort and destination
-        cannot change under its id: declare a new id (and prune the old).
+        unless its definition changes (a completed or failed sync whose
+        definition changes is active again, as with :meth:`update_sync`). A
+        sync's cohort and destination cannot change under its id: declare a
+        new id (and prune the old).
+
+        Prune from one place (the release step), not from every process:
+        during a rolling deploy an old process would prune what the new
+        version declares, and deleted ids are never reused.
 
         Several processes may apply the same declaration at the same time:
         each sync is created once (the others find it taken and equal), and

@@ -90,6 +90,12 @@ class Bulk:
         resolver: The batch lookup. It receives the keys (a tuple of str)
             and may answer more or fewer keys than asked: only the keys
             asked are read from its answer.
+        max_keys: Most keys per call. Destination batches are 1,000 to
+            10,000 keys for most destinations, but a whole-file destination
+            (Amazon S3) takes the full audience in one batch: without a cap
+            its lookup would be one query with a million parameters, past
+            what databases accept (SQLite: 32,766, PostgreSQL: 65,535). A
+            larger batch is looked up in several calls of at most this many.
 
     Example::
 
@@ -101,6 +107,7 @@ class Bulk:
     """
 
     resolver: BulkResolver = attrs.field()
+    max_keys: int = attrs.field(default=10_000, kw_only=True, validator=v.count(1))
 
     @resolver.validator
     def _callable(self, _: object, value: object) -> None:
@@ -594,34 +601,47 @@ class IdentifierMapping:
         for kind, resolver in rules:
             if not pending:
                 break
-            if isinstance(resolver, Bulk):
-                answers = resolver.resolver(tuple(pending))
-                if not isinstance(answers, Mapping):
-                    raise ConfigurationError(
-                        "resolver",
-                        kind.value,
-                        f"a Bulk resolver returned {type(answers).__name__}; it must return "
-                        "a mapping of member key to value (str or None)",
-                    )
-                lookup: Resolver = answers.get
-            else:
-                lookup = resolver
             rest: list[str] = []
-            for key in pending:
-                raw = lookup(key)
-                if raw is None:
-                    rest.append(key)
-                    continue
-                if not isinstance(raw, str):
-                    raise _not_str(kind, raw)
-                value = self._prepare(kind, raw)
-                if value:
-                    found[key] = Identifier._trusted(kind, value)  # noqa: SLF001 - same package
-                else:
-                    rest.append(key)
+            if isinstance(resolver, Bulk):
+                size = resolver.max_keys
+                for start in range(0, len(pending), size):
+                    part = pending[start : start + size]
+                    answers = resolver.resolver(tuple(part))
+                    if not isinstance(answers, Mapping):
+                        raise ConfigurationError(
+                            "resolver",
+                            kind.value,
+                            f"a Bulk resolver returned {type(answers).__name__}; it must "
+                            "return a mapping of member key to value (str or None)",
+                        )
+                    self._take(kind, part, answers.get, found, rest)
+            else:
+                self._take(kind, pending, resolver, found, rest)
             pending = rest
         members = [Member(k, found[k]) for k in keys if k in found]
         return members, pending
+
+    def _take(
+        self,
+        kind: IdentifierKind,
+        keys: list[str],
+        lookup: Resolver,
+        found: dict[str, Identifier],
+        rest: list[str],
+    ) -> None:
+        """Look up each of *keys*: a usable value goes to *found*, the key to *rest* if none."""
+        for key in keys:
+            raw = lookup(key)
+            if raw is None:
+                rest.append(key)
+                continue
+            if not isinstance(raw, str):
+                raise _not_str(kind, raw)
+            value = self._prepare(kind, raw)
+            if value:
+                found[key] = Identifier._trusted(kind, value)  # noqa: SLF001 - same package
+            else:
+                rest.append(key)
 
     def _prepare(self, kind: IdentifierKind, raw: str) -> str | None:
         if not v.holdable(raw):
