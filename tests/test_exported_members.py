@@ -234,8 +234,9 @@ class TestAll:
     def test_top_level_is_small(self) -> None:
         """
         The top level holds what a host uses every day, not every public name
-        (42 since 0.2 added the new schedules' FirstRun and Weekday and bulk
-        creation's SyncSpec, BulkResult and BulkFailure).
+        (42 since 0.2 added the new schedules' FirstRun and Weekday, bulk
+        creation's SyncSpec, BulkResult and BulkFailure, and apply_syncs'
+        ApplyResult).
         """
         assert len(cohortsync.__all__) <= 42
 

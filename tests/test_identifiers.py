@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import cohortsync as cs
 from cohortsync._destination import Identifier, IdentifierKind, Member, identity_members
 from cohortsync.exceptions import ConfigurationError
 from cohortsync.identifiers import (
+    Bulk,
     IdentifierMapping,
     hash_email,
     hash_phone,
@@ -432,3 +434,223 @@ class TestIdentifiersNoStoreCanHold:
         (again,) = scheduler.run_due()
         assert (again.added, again.skipped) == (0, 1)
         storage.close()
+
+
+class CountingLookup:
+    """A bulk resolver over a dict that records every batch it is asked for."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+        self.calls: list[tuple[str, ...]] = []
+
+    def __call__(self, keys: Sequence[str]) -> dict[str, str]:
+        self.calls.append(tuple(keys))
+        return {k: self.values[k] for k in keys if k in self.values}
+
+
+def bulk_priority_mapping() -> tuple[IdentifierMapping, CountingLookup, CountingLookup]:
+    """priority_mapping() with its first two rules as Bulk lookups (the third stays per key)."""
+    emails, phones = CountingLookup(EMAILS), CountingLookup(PHONES)
+    mapping = IdentifierMapping(
+        [
+            (K.EMAIL_SHA256, Bulk(emails)),
+            (K.PHONE_SHA256, Bulk(phones)),
+            (K.USER_ID, lambda key: key if key.startswith("u") else None),
+        ]
+    )
+    return mapping, emails, phones
+
+
+class TestBulkResolvers:
+    def test_resolves_like_the_per_key_mapping(self) -> None:
+        """Bulk rules give the members, order and unresolved keys of the per-key rules."""
+        keys = ["u3", "x1", "u1", "x2", "u2"]
+
+        assert priority_mapping().resolve_many(keys) == bulk_priority_mapping()[0].resolve_many(
+            keys
+        )
+
+    @given(st.lists(st.sampled_from(["u1", "u2", "u3", "x1", "x2", "u9"]), max_size=10))
+    def test_any_keys_like_the_per_key_mapping(self, keys: list[str]) -> None:
+        """For any batch (repeats included), bulk and per-key resolution agree."""
+        assert priority_mapping().resolve_many(keys) == bulk_priority_mapping()[0].resolve_many(
+            keys
+        )
+
+    def test_one_call_per_rule_with_the_keys_left(self) -> None:
+        """Each bulk rule is called once per batch, with only the keys earlier rules left."""
+        mapping, emails, phones = bulk_priority_mapping()
+
+        mapping.resolve_many(["u3", "x1", "u1", "u2"])
+
+        assert [("u3", "x1", "u1", "u2")] == emails.calls
+        # u1 resolved by email; u2's email is unusable, so it falls back too.
+        assert [("u3", "x1", "u2")] == phones.calls
+
+    def test_no_call_once_every_key_is_resolved(self) -> None:
+        """A later rule is not called when nothing is left for it."""
+        mapping, emails, phones = bulk_priority_mapping()
+
+        mapping.resolve_many(["u1"])
+
+        assert ([("u1",)], []) == (emails.calls, phones.calls)
+
+    def test_accepted_kinds_skip_bulk_rules(self) -> None:
+        """A rule of a kind the destination refuses is never called."""
+        mapping, emails, _ = bulk_priority_mapping()
+
+        members, unresolved = mapping.resolve_many(["u2", "u1"], {K.PHONE_SHA256})
+
+        assert [Member("u2", Identifier(K.PHONE_SHA256, US_PHONE_SHA256))] == members
+        assert ["u1"] == unresolved
+        assert [] == emails.calls
+
+    def test_resolve_one_key(self) -> None:
+        """resolve() works on a bulk rule too (a batch of one)."""
+        mapping, emails, _ = bulk_priority_mapping()
+
+        assert Identifier(K.EMAIL_SHA256, sha256("jane@example.com")) == mapping.resolve("u1")
+        assert mapping.resolve("x9") is None
+        assert [("u1",), ("x9",)] == emails.calls
+
+    def test_named_constructors_take_bulk(self) -> None:
+        """hashed_email and hashed_phone take a Bulk lookup."""
+        by_email = IdentifierMapping.hashed_email(Bulk(CountingLookup({"a": "A@example.com"})))
+        by_phone = IdentifierMapping.hashed_phone(
+            Bulk(CountingLookup({"a": "555 123 4567"})), default_country_code="1"
+        )
+
+        assert sha256("a@example.com") == by_email.resolve_many(["a"])[0][0].identifier.value
+        assert US_PHONE_SHA256 == by_phone.resolve_many(["a"])[0][0].identifier.value
+
+    def test_answers_none_or_unusable_count_as_missing(self) -> None:
+        """None, an unusable value or a key not asked for resolve nothing."""
+        mapping = IdentifierMapping(
+            [(K.EMAIL, Bulk(lambda keys: {"a": None, "b": "no-at", "zz": "z@example.com"}))]
+        )
+
+        assert ([], ["a", "b", "c"]) == mapping.resolve_many(["a", "b", "c"])
+
+    def test_non_mapping_answer_is_a_clear_error(self) -> None:
+        """A bulk resolver answering a list is reported, naming the kind."""
+        mapping = IdentifierMapping([(K.USER_ID, Bulk(list))])  # type: ignore[arg-type]
+
+        with pytest.raises(ConfigurationError, match="must return a mapping") as info:
+            mapping.resolve_many(["u1"])
+
+        assert "user_id" == info.value.value
+
+    def test_non_str_value_is_a_clear_error(self) -> None:
+        """A bulk resolver answering a non-str value for a key is reported."""
+        mapping = IdentifierMapping([(K.USER_ID, Bulk(lambda keys: dict.fromkeys(keys, 7)))])  # type: ignore[arg-type]
+
+        with pytest.raises(ConfigurationError, match="returned int"):
+            mapping.resolve_many(["u1"])
+
+    def test_bulk_function_as_per_key_resolver_says_wrap_it(self) -> None:
+        """A batch function given as a per-key resolver fails with the fix in the message."""
+        mapping = IdentifierMapping([(K.USER_ID, CountingLookup({"u1": "x"}))])  # type: ignore[list-item]
+
+        with pytest.raises(ConfigurationError, match=r"identifiers\.Bulk"):
+            mapping.resolve_many(["u1"])
+
+    def test_not_callable_is_refused(self) -> None:
+        """Bulk validates its resolver."""
+        with pytest.raises(ConfigurationError, match="must be callable"):
+            Bulk({"u1": "x"})  # type: ignore[arg-type]
+
+    def test_a_batch_past_max_keys_takes_several_calls(self) -> None:
+        """A whole-file batch is looked up max_keys at a time, in order."""
+        lookup = CountingLookup({f"k{i:02d}": f"v{i}" for i in range(0, 25, 2)})
+        mapping = IdentifierMapping([(K.USER_ID, Bulk(lookup, max_keys=10))])
+        keys = [f"k{i:02d}" for i in range(25)]
+
+        members, unresolved = mapping.resolve_many(keys)
+
+        assert [10, 10, 5] == [len(c) for c in lookup.calls]
+        assert keys == [k for c in lookup.calls for k in c]
+        assert [f"k{i:02d}" for i in range(0, 25, 2)] == [m.key for m in members]
+        assert [f"k{i:02d}" for i in range(1, 25, 2)] == unresolved
+
+    def test_the_default_cap_keeps_a_database_query_small(self) -> None:
+        """By default at most 10,000 keys go to one call."""
+        assert 10_000 == Bulk(CountingLookup({})).max_keys
+
+    @pytest.mark.parametrize("bad", [0, -1, 1.5, "10", True])
+    def test_bad_max_keys(self, bad: object) -> None:
+        """max_keys is a positive int."""
+        with pytest.raises(ConfigurationError, match="max_keys"):
+            Bulk(CountingLookup({}), max_keys=bad)  # type: ignore[arg-type]
+
+    def test_repr_hides_the_resolver(self) -> None:
+        """The resolver may hold a connection: neither Bulk nor the mapping shows it."""
+        mapping = IdentifierMapping.hashed_email(Bulk(CountingLookup({})))
+
+        assert ("Bulk(...)", "IdentifierMapping(['email_sha256'])") == (
+            repr(mapping.rules[0][1]),
+            repr(mapping),
+        )
+
+
+class TestBulkResolversInARun:
+    """
+    A run resolves a batch at a time: a bulk rule costs one call per batch
+    (and rule), never one per member.
+    """
+
+    def test_one_call_per_batch_per_rule_on_sqlite(self, tmp_path: Path) -> None:
+        """2,500 members in batches of 1,000: three calls per rule, each a batch of keys."""
+        keys = [f"u{i:04d}" for i in range(2_500)]
+        emails = CountingLookup({k: f"{k}@example.com" for k in keys if int(k[1:]) % 5})
+        ids = CountingLookup({k: f"id-{k}" for k in keys})
+        clock = FakeClock(datetime(2030, 1, 7, 10, 50, tzinfo=timezone.utc))
+        destination = RecordingDestination(
+            cs.Capabilities(
+                max_batch_size=1_000,
+                accepted_identifiers=[K.EMAIL_SHA256, K.USER_ID],
+            )
+        )
+        with SQLiteStorage(tmp_path / "cs.db") as storage:
+            scheduler = cs.Scheduler(storage, clock=clock)
+            scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: keys))
+            scheduler.add_destination("d", destination)
+            scheduler.add_mapping(
+                "m",
+                IdentifierMapping([(K.EMAIL_SHA256, Bulk(emails)), (K.USER_ID, Bulk(ids))]),
+            )
+            scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s", mapping_id="m")
+
+            (run,) = scheduler.run_due()
+
+        assert [1_000, 1_000, 500] == [len(c) for c in emails.calls]
+        # Only the keys without an email (every fifth) reach the fallback.
+        assert [200, 200, 100] == [len(c) for c in ids.calls]
+        assert keys == [k for c in emails.calls for k in c]
+        assert (cs.RunStatus.SUCCEEDED, 2_500, 0) == (run.status, run.added, run.skipped)
+        sent = {i for b in destination.batches for i in b.identifiers}
+        assert sha256("u0001@example.com") in sent
+        assert "id-u0000" in sent
+
+    def test_unresolved_members_are_skipped(self, tmp_path: Path) -> None:
+        """Keys no bulk rule answers are skipped with unresolved_mapping, the rest delivered."""
+        keys = ["a", "b", "c"]
+        clock = FakeClock(datetime(2030, 1, 7, 10, 50, tzinfo=timezone.utc))
+        destination = RecordingDestination()
+        with SQLiteStorage(tmp_path / "cs.db") as storage:
+            scheduler = cs.Scheduler(storage, clock=clock)
+            scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: keys))
+            scheduler.add_destination("d", destination)
+            scheduler.add_mapping(
+                "m", IdentifierMapping([(K.USER_ID, Bulk(CountingLookup({"b": "B"})))])
+            )
+            scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s", mapping_id="m")
+
+            (run,) = scheduler.run_due()
+            skipped = [
+                (row["key"], row["reason"])
+                for row in scheduler.export_history("s")[0]["members"]  # type: ignore[attr-defined]
+            ]
+
+        assert (cs.RunStatus.PARTIAL, 1, 2) == (run.status, run.added, run.skipped)
+        assert {"B"} == destination.audience("s")
+        assert [("a", "unresolved_mapping"), ("c", "unresolved_mapping")] == skipped

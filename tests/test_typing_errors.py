@@ -23,6 +23,12 @@ from cohortsync.testing import MemoryStorage
 
 """
 
+BULK = """\
+from collections.abc import Sequence
+from cohortsync.identifiers import Bulk
+def emails_for(keys: Sequence[str]) -> dict[str, str]: return {}
+"""
+
 #: Case name: (code, the mypy error codes it must produce; none means it passes).
 CASES: dict[str, tuple[str, set[str]]] = {
     # SyncPolicy's named constructors.
@@ -59,6 +65,9 @@ CASES: dict[str, tuple[str, set[str]]] = {
     "identifier_kind": ('cs.Identifier("email", "a@example.com")', set()),
     "mapping_kind_typo": ('cs.IdentifierMapping(rules=[("mail", str.lower)])', {"list-item"}),
     "mapping_kind": ('cs.IdentifierMapping(rules=[("email", str.lower)])', set()),
+    # A batch lookup is a rule only inside identifiers.Bulk.
+    "bulk_unwrapped": (f'{BULK}cs.IdentifierMapping([("email", emails_for)])', {"list-item"}),
+    "bulk_wrapped": (f'{BULK}cs.IdentifierMapping([("email", Bulk(emails_for))])', set()),
     # The scheduler's slot allocation.
     "allocation_typo": ('cs.Scheduler(MemoryStorage(), slot_allocation="hashed")', {"arg-type"}),
     "allocation": ('cs.Scheduler(MemoryStorage(), slot_allocation="hash")', set()),

@@ -26,7 +26,7 @@ submodules named for their reader:
 from typing import TYPE_CHECKING
 
 from cohortsync import exceptions
-from cohortsync._bulk import BulkFailure, BulkResult, SyncSpec
+from cohortsync._bulk import ApplyResult, BulkFailure, BulkResult, SyncSpec
 from cohortsync._clock import Clock, SystemClock
 from cohortsync._cohort import (
     CallableSource,
@@ -65,6 +65,7 @@ from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.identifiers import IdentifierMapping
 
 __all__ = [
+    "ApplyResult",
     "Batch",
     "BulkFailure",
     "BulkResult",

@@ -1,22 +1,33 @@
 """
 Bulk creation: the spec of one sync to create, the answer of a bulk call, and
 the pure parts of :meth:`cohortsync.Scheduler.create_syncs` (chunking the
-input, allocating a chunk's slot buckets in memory).
+input, allocating a chunk's slot buckets in memory) and of
+:meth:`cohortsync.Scheduler.apply_syncs` (what a declaration owns and prunes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from itertools import islice
 
 import attrs
 
 from cohortsync._policy import SyncPolicy
+from cohortsync._sync import SyncStatus, Trigger
 from cohortsync.exceptions import CohortSyncError
-from cohortsync.storage._protocol import SLOT_BUCKET_SECONDS
+from cohortsync.storage._protocol import SLOT_BUCKET_SECONDS, SyncRecord
 from cohortsync.storage._rules import SlotLoad
 
-__all__ = ["BulkFailure", "BulkResult", "SlotAllocator", "SyncSpec", "chunks"]
+__all__ = [
+    "ApplyResult",
+    "BulkFailure",
+    "BulkResult",
+    "SlotAllocator",
+    "SyncSpec",
+    "chunks",
+    "is_gone",
+    "prunable",
+]
 
 
 @attrs.frozen
@@ -80,6 +91,62 @@ class BulkFailure:
     position: int
     sync_id: str | None
     error: CohortSyncError
+
+
+@attrs.frozen(kw_only=True)
+class ApplyResult:
+    """
+    What a :meth:`cohortsync.Scheduler.apply_syncs` call did, or with
+    ``dry_run=True`` would do (then nothing is written).
+
+    Attributes:
+        created: Ids of the declared syncs that did not exist, in input order.
+        updated: Ids of the existing syncs whose policy or mapping the
+            declaration changed (a new generation, a new slot), in input order.
+        unchanged: Ids of the existing syncs the declaration already
+            described, left exactly as they were (slot, generation, next
+            run, and a paused sync's pause), in input order.
+        deleted: Ids of the syncs pruned (``prune=True``): under the
+            declaration's prefix, not declared, not deleted already; deleted
+            as their policy's ``on_delete`` says. By id.
+        refused: With ``dry_run=True``, every spec a real call would refuse
+            (a real call raises :class:`~cohortsync.exceptions.BulkSyncError`
+            instead, and prunes nothing).
+        dry_run: Whether this is only the plan.
+    """
+
+    created: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    refused: tuple[BulkFailure, ...] = ()
+    dry_run: bool = False
+
+
+def is_gone(record: SyncRecord) -> bool:
+    """
+    A sync deleted, or being deleted (its removal run pending): nothing to
+    prune, and its id cannot be declared again.
+    """
+    return record.sync.status is SyncStatus.DELETED or record.next_trigger is Trigger.TEARDOWN
+
+
+def prunable(records: Iterable[SyncRecord], prefix: str, declared: Container[str]) -> Iterator[str]:
+    """
+    The ids a declaration under *prefix* prunes, from *records* in id order
+    (as stores list them): those starting with *prefix*, not *declared*,
+    not gone. In id order, no id after one that is greater than *prefix*
+    without starting with it starts with it, so the walk stops there; a
+    store ordering otherwise can only make it prune fewer, never a sync
+    outside the prefix.
+    """
+    for record in records:
+        if not record.id.startswith(prefix):
+            if record.id > prefix:
+                return
+            continue
+        if record.id not in declared and not is_gone(record):
+            yield record.id
 
 
 def chunks(items: Iterable[SyncSpec], size: int) -> Iterator[list[tuple[int, SyncSpec]]]:

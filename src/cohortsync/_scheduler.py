@@ -13,7 +13,7 @@ import random
 import secrets
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from itertools import islice
 from pathlib import PurePath
@@ -24,7 +24,16 @@ import attrs
 from typing_extensions import Self
 
 from cohortsync import _schedule
-from cohortsync._bulk import BulkFailure, BulkResult, SlotAllocator, SyncSpec, chunks
+from cohortsync._bulk import (
+    ApplyResult,
+    BulkFailure,
+    BulkResult,
+    SlotAllocator,
+    SyncSpec,
+    chunks,
+    is_gone,
+    prunable,
+)
 from cohortsync._cache import DeliveredCache
 from cohortsync._clock import Clock, SystemClock, UtcClock, add_saturating, require_aware
 from cohortsync._cohort import Cohort, has_change_feed
@@ -61,6 +70,7 @@ from cohortsync.exceptions import (
     LeaseLostError,
     SourceError,
     StorageError,
+    SyncNotFoundError,
 )
 from cohortsync.identifiers import IdentifierMapping
 from cohortsync.storage._base import (
@@ -249,6 +259,13 @@ class _BulkCall:
     failures: list[BulkFailure] = attrs.Factory(list)
     first_seen: dict[str, int] = attrs.Factory(dict)
     """The index of each explicit id, to refuse a second spec naming it."""
+    declaring: bool = False
+    """:meth:`Scheduler.apply_syncs`: every spec names its id, and an update
+    leaves a paused sync paused."""
+    prefix: str | None = None
+    """:meth:`Scheduler.apply_syncs`: the prefix every declared id starts with."""
+    dry_run: bool = False
+    """Read and decide, write nothing."""
 
 
 class Scheduler:
@@ -656,7 +673,10 @@ class Scheduler:
             upsert: A spec whose ``sync_id`` exists updates that sync as
                 :meth:`update_sync` does (a new generation, a new slot, a run
                 due now), one sync at a time; its cohort and destination must
-                be the stored ones. Without it, an existing id is refused.
+                be the stored ones. A sync another writer changes meanwhile
+                is read and compared again, so concurrent upserts of one
+                spec bump its generation once. Without it, an existing id is
+                refused.
 
         Returns:
             The ids created and updated.
@@ -670,14 +690,7 @@ class Scheduler:
         """
         check_count("chunk", chunk, minimum=1)
         call = _BulkCall()
-        for part in chunks(specs, chunk):
-            now = self._now()
-            checked = self._check_specs(part, call, now)
-            records, taken = self._write_chunk(checked, now)
-            for index, spec in part:
-                record = records.get(index)
-                if record is not None:
-                    self._settle(index, spec, record.id, taken, upsert=upsert, call=call)
+        self._write_specs(specs, chunk, upsert=upsert, call=call)
         if call.failures:
             call.failures.sort(key=lambda f: f.position)
             raise BulkSyncError(call.failures, call.created, call.updated, call.unchanged)
@@ -686,6 +699,154 @@ class Scheduler:
             updated=tuple(call.updated),
             unchanged=tuple(call.unchanged),
         )
+
+    def apply_syncs(
+        self,
+        specs: Iterable[SyncSpec],
+        *,
+        prefix: str | None = None,
+        prune: bool = False,
+        dry_run: bool = False,
+        chunk: int = 10_000,
+    ) -> ApplyResult:
+        """
+        Make the store hold the declared syncs: the idempotent call for
+        application start-up, safe in every process at once.
+
+        A declared id that does not exist is created (as :meth:`create_syncs`
+        does); one whose policy or mapping differs is updated (a new
+        generation and slot, a run due now, as :meth:`update_sync`); one the
+        spec already describes is left exactly as it is: its slot,
+        generation and next run, and its status. A declaration never resumes
+        a sync: a paused sync stays paused, even when its definition
+        changes (resume it with :meth:`resume_sync`), so an operator's pause
+        survives every restart. A completed one-time sync is not run again
+        unless its definition changes (a completed or failed sync whose
+        definition changes is active again, as with :meth:`update_sync`). A
+        sync's cohort and destination cannot change under its id: declare a
+        new id (and prune the old).
+
+        Prune from one place (the release step), not from every process:
+        during a rolling deploy an old process would prune what the new
+        version declares, and deleted ids are never reused.
+
+        Several processes may apply the same declaration at the same time:
+        each sync is created once (the others find it taken and equal), and
+        a changed definition bumps the generation once (a process whose
+        compare-and-set loses reads the sync again and finds it equal).
+
+        Args:
+            specs: The declared syncs, read lazily; every one needs a
+                ``sync_id``.
+            prefix: The id prefix this declaration owns (for example
+                ``"billing:"``): every declared id must start with it, and
+                pruning only ever looks at syncs whose id does.
+            prune: Delete the syncs under *prefix* that are not declared
+                (and not deleted already), each as its policy's
+                ``on_delete`` says. Needs *prefix*. Nothing is pruned when
+                some spec is refused.
+            dry_run: Decide everything and write nothing: the result says
+                what a real call would do, refused specs included.
+            chunk: Specs per transaction.
+
+        Returns:
+            What was (or would be) created, updated, left unchanged and
+            deleted.
+
+        Raises:
+            BulkSyncError: Some specs were refused (no id, an id outside
+                *prefix*, an id twice, an unknown cohort, destination or
+                mapping, an ineligible policy, a moved cohort or destination,
+                a deleted id); every other spec was applied, nothing pruned.
+                Never with *dry_run*.
+            ConfigurationError: *prune* without *prefix*, a bad *prefix* or
+                *chunk*.
+            StorageError: The store failed; chunks before this one are written.
+        """
+        check_count("chunk", chunk, minimum=1)
+        if prefix is not None:
+            check_id("prefix", prefix)
+        elif prune:
+            raise ConfigurationError(
+                "prune",
+                prune,
+                "needs prefix=: pruning deletes only the undeclared syncs whose id starts "
+                "with it, never the other syncs of the store",
+            )
+        call = _BulkCall(declaring=True, prefix=prefix, dry_run=bool(dry_run))
+        self._write_specs(specs, chunk, upsert=True, call=call)
+        call.failures.sort(key=lambda f: f.position)
+        if call.failures and not call.dry_run:
+            raise BulkSyncError(call.failures, call.created, call.updated, call.unchanged)
+        deleted: tuple[str, ...] = ()
+        if prune and prefix is not None and not call.failures:
+            deleted = self._prune(prefix, call.first_seen, dry_run=call.dry_run)
+        return ApplyResult(
+            created=tuple(call.created),
+            updated=tuple(call.updated),
+            unchanged=tuple(call.unchanged),
+            deleted=deleted,
+            refused=tuple(call.failures),
+            dry_run=call.dry_run,
+        )
+
+    def _prune(self, prefix: str, declared: Container[str], *, dry_run: bool) -> tuple[str, ...]:
+        """
+        Delete (or with *dry_run* list) the live syncs under *prefix* not in
+        *declared*. The walk starts just before the prefix and stops after it.
+        """
+        doomed = list(
+            prunable(iter_sync_records(self.storage, prefix[:-1] or None), prefix, declared)
+        )
+        if dry_run:
+            return tuple(doomed)
+        deleted: list[str] = []
+        for sync_id in doomed:
+            for attempt in range(_CAS_ATTEMPTS):
+                try:
+                    self.delete_sync(sync_id)
+                except SyncNotFoundError:  # noqa: PERF203 - a retry, not a hot loop
+                    break  # gone already
+                except ConflictError:
+                    if attempt + 1 == _CAS_ATTEMPTS:
+                        raise
+                else:
+                    deleted.append(sync_id)
+                    break
+        return tuple(deleted)
+
+    def _write_specs(
+        self, specs: Iterable[SyncSpec], chunk: int, *, upsert: bool, call: _BulkCall
+    ) -> None:
+        """
+        The bulk path of :meth:`create_syncs` and :meth:`apply_syncs`, a
+        chunk at a time: check, write, then settle each spec whose id was
+        taken. With ``call.dry_run`` the chunk is read, not written: an id
+        that exists counts as taken.
+        """
+        for part in chunks(specs, chunk):
+            now = self._now()
+            checked = self._check_specs(part, call, now)
+            if call.dry_run:
+                ids = {index: sync.id for index, sync in checked}
+                taken = {sync_id for sync_id in ids.values() if self._exists(sync_id)}
+            else:
+                records, taken = self._write_chunk(checked, now)
+                ids = {index: record.id for index, record in records.items()}
+            for index, spec in part:
+                sync_id = ids.get(index)
+                if sync_id is not None:
+                    self._settle(index, spec, sync_id, taken, upsert=upsert, call=call)
+
+    def _exists(self, sync_id: str) -> bool:
+        """Whether the store holds *sync_id* (a row too damaged to read counts)."""
+        try:
+            self._record(sync_id)
+        except SyncNotFoundError:
+            return False
+        except CorruptStoreError:
+            return True
+        return True
 
     def _write_chunk(
         self, checked: list[tuple[int, Sync]], now: datetime
@@ -742,9 +903,7 @@ class Scheduler:
                 record: SyncRecord | None = self._record(sync_id)
             except CorruptStoreError:
                 record = None  # taken, by a row too damaged to read: refused below
-            if record is not None and (
-                record.sync.status is SyncStatus.DELETED or record.next_trigger is Trigger.TEARDOWN
-            ):
+            if record is not None and is_gone(record):
                 raise ConfigurationError(
                     "sync_id",
                     sync_id,
@@ -756,7 +915,7 @@ class Scheduler:
                     "sync_id", sync_id, "a sync with this id already exists (upsert=False)"
                 )
             # A damaged row raises its CorruptStoreError here, as update_sync would.
-            changed = self._upsert(spec, record or self._record(sync_id))
+            changed = self._upsert(spec, record or self._record(sync_id), call)
         except (StorageError, CorruptStoreError):
             raise
         except CohortSyncError as exc:
@@ -786,15 +945,7 @@ class Scheduler:
                     raise ConfigurationError(
                         "policy", spec.policy, "must be a cohortsync.SyncPolicy"
                     )
-                if sync_id is None:
-                    sync_id = f"sync-{secrets.token_hex(6)}"
-                else:
-                    check_id("sync_id", sync_id)
-                    first = call.first_seen.setdefault(sync_id, index)
-                    if first != index:
-                        raise ConfigurationError(
-                            "sync_id", sync_id, f"given twice in this call (first at index {first})"
-                        )
+                sync_id = self._spec_id(sync_id, index, call)
                 refused = self._verdict(spec, verdicts)
                 if refused is not None:
                     call.failures.append(BulkFailure(index, spec.sync_id, refused))
@@ -815,6 +966,35 @@ class Scheduler:
             else:
                 out.append((index, sync))
         return out
+
+    @staticmethod
+    def _spec_id(sync_id: str | None, index: int, call: _BulkCall) -> str:
+        """
+        The id of the spec at *index*: checked, or made up when it has none
+        (:meth:`create_syncs` only).
+        """
+        if sync_id is None:
+            if call.declaring:
+                raise ConfigurationError(
+                    "sync_id",
+                    None,
+                    "apply_syncs needs every spec's sync_id: a declaration names "
+                    "its syncs, so that applying it again finds them",
+                )
+            return f"sync-{secrets.token_hex(6)}"
+        check_id("sync_id", sync_id)
+        if call.prefix is not None and not sync_id.startswith(call.prefix):
+            raise ConfigurationError(
+                "sync_id",
+                sync_id,
+                f"does not start with the declaration's prefix {call.prefix!r}",
+            )
+        first = call.first_seen.setdefault(sync_id, index)
+        if first != index:
+            raise ConfigurationError(
+                "sync_id", sync_id, f"given twice in this call (first at index {first})"
+            )
+        return sync_id
 
     def _verdict(
         self, spec: SyncSpec, verdicts: dict[object, CohortSyncError | None]
@@ -861,25 +1041,41 @@ class Scheduler:
             return 0, None
         return allocator.pick(*grid)
 
-    def _upsert(self, spec: SyncSpec, record: SyncRecord) -> bool:
+    def _upsert(self, spec: SyncSpec, record: SyncRecord, call: _BulkCall) -> bool:
         """
         Update the existing sync of *record* to *spec*, as :meth:`update_sync`;
         whether it changed (a spec that describes the sync as it is changes
         nothing: re-applying the same specs keeps every slot and next run).
+
+        The write is compare-and-set on the generation compared. When another
+        writer wins (another process applying the same specs), the sync is
+        read and compared again: equal now, it is unchanged, so concurrent
+        appliers bump the generation once and none fails.
         """
-        old = record.sync
-        sync_id = old.id
-        if (old.cohort_id, old.destination_id) != (spec.cohort_id, spec.destination_id):
-            raise ConfigurationError(
-                "sync_id",
-                sync_id,
-                f"exists for cohort {old.cohort_id!r} and destination {old.destination_id!r}; "
-                "an upsert cannot move a sync to another cohort or destination",
-            )
-        if (old.policy, old.mapping_id) == (spec.policy, spec.mapping_id):
-            return False
-        self.update_sync(sync_id, spec.policy, mapping_id=spec.mapping_id)
-        return True
+        for attempt in range(_CAS_ATTEMPTS):
+            old = record.sync
+            sync_id = old.id
+            if (old.cohort_id, old.destination_id) != (spec.cohort_id, spec.destination_id):
+                raise ConfigurationError(
+                    "sync_id",
+                    sync_id,
+                    f"exists for cohort {old.cohort_id!r} and destination "
+                    f"{old.destination_id!r}; an upsert cannot move a sync to another cohort "
+                    "or destination (declare a new id)",
+                )
+            if (old.policy, old.mapping_id) == (spec.policy, spec.mapping_id):
+                return False
+            if call.dry_run:
+                return True
+            try:
+                self._update(record, spec.policy, spec.mapping_id, keep_paused=call.declaring)
+            except ConflictError:
+                if attempt + 1 == _CAS_ATTEMPTS:
+                    raise
+                record = self._record(sync_id)
+            else:
+                return True
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def get_sync(self, sync_id: str) -> Sync:
         """
@@ -938,19 +1134,35 @@ class Scheduler:
         """
         record = self._record(sync_id)
         old = record.sync
-        if old.status is SyncStatus.DELETED or record.next_trigger is Trigger.TEARDOWN:
-            raise ConfigurationError("sync_id", sync_id, "a deleted sync cannot be updated")
-        policy = policy or old.policy
-        mapping_id = old.mapping_id if mapping_id is KEEP else mapping_id
+        return self._update(
+            record, policy or old.policy, old.mapping_id if mapping_id is KEEP else mapping_id
+        )
+
+    def _update(
+        self,
+        record: SyncRecord,
+        policy: SyncPolicy,
+        mapping_id: str | None,
+        *,
+        keep_paused: bool = False,
+    ) -> Sync:
+        """
+        :meth:`update_sync` of the sync as *record* read it (compare-and-set
+        on that generation). With *keep_paused*, a paused sync stays paused.
+        """
+        old = record.sync
+        if is_gone(record):
+            raise ConfigurationError("sync_id", old.id, "a deleted sync cannot be updated")
         self._require_eligible(old.cohort_id, old.destination_id, policy, mapping_id)
         now = self._now()
+        paused = keep_paused and old.status is SyncStatus.PAUSED
         sync = attrs.evolve(
             old,
             policy=policy,
             mapping_id=mapping_id,
             generation=old.generation + 1,
-            status=SyncStatus.ACTIVE,
-            status_reason=None,
+            status=SyncStatus.PAUSED if paused else SyncStatus.ACTIVE,
+            status_reason=old.status_reason if paused else None,
             effective_cadence=None,
             updated_at=now,
         )
@@ -1643,6 +1855,8 @@ class Scheduler:
 
 
 _TICK = timedelta(microseconds=1)
+_CAS_ATTEMPTS = 5
+"""Reads and compare-and-set writes of one sync before a conflict is reported."""
 _NO_PERIOD_TOLERANCE = timedelta(minutes=1)
 """How far ahead of the clock a due time without a period may be before it is recomputed."""
 _MAX_CLAIM_BATCH = 64

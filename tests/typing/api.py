@@ -29,6 +29,7 @@ from cohortsync.eligibility import (
     check_eligibility,
 )
 from cohortsync.events import EligibilityChanged, Event
+from cohortsync.identifiers import Bulk, BulkResolver
 from cohortsync.serialization import dumps, loads, make_converter
 from cohortsync.storage import (
     AppliedBatch,
@@ -413,6 +414,14 @@ try:
 except cohortsync.exceptions.BulkSyncError as refused:
     assert_type(refused.failures, tuple[cohortsync.BulkFailure, ...])
     assert_type(refused.failures[0].error, cohortsync.exceptions.CohortSyncError)
+declared = [
+    cohortsync.SyncSpec("power-users", "push", cohortsync.SyncPolicy.daily(), sync_id="app:daily"),
+]
+applied = scheduler.apply_syncs(declared, prefix="app:", prune=True, dry_run=True)
+assert_type(applied, cohortsync.ApplyResult)
+assert_type(applied.deleted, tuple[str, ...])
+assert_type(applied.refused, tuple[cohortsync.BulkFailure, ...])
+assert_type(scheduler.apply_syncs(iter(declared)).unchanged, tuple[str, ...])
 assert_type(sync, cohortsync.Sync)
 assert_type(sync.id, str)
 assert_type(sync.generation, int)
@@ -447,6 +456,38 @@ assert_type(
     scheduler.update_sync(sync.id, cohortsync.SyncPolicy.daily(), mapping_id=None),
     cohortsync.Sync,
 )
+
+
+# -- Identifier mappings: per key, and a batch at a time ------------------------
+
+USERS = {"u1": "jane@example.com"}
+
+
+def emails_for(keys: Sequence[str]) -> dict[str, str]:
+    """
+    A host's bulk lookup: one query for the whole batch (``WHERE id IN (...)``).
+    """
+    return {key: USERS[key] for key in keys if key in USERS}
+
+
+emails_rule: BulkResolver = emails_for
+assert_type(Bulk(emails_for), Bulk)
+assert_type(Bulk(emails_for).resolver, BulkResolver)
+mixed = cohortsync.IdentifierMapping(
+    [
+        (cohortsync.IdentifierKind.EMAIL_SHA256, Bulk(emails_for)),  # primary, per batch
+        ("user_id", lambda key: key),  # fallback, per key
+    ]
+)
+assert_type(mixed, cohortsync.IdentifierMapping)
+assert_type(
+    cohortsync.IdentifierMapping.hashed_email(Bulk(emails_for)), cohortsync.IdentifierMapping
+)
+assert_type(cohortsync.IdentifierMapping.hashed_email(USERS.get), cohortsync.IdentifierMapping)
+assert_type(scheduler.add_mapping("email", mixed), cohortsync.IdentifierMapping)
+resolved, unresolved = mixed.resolve_many(["u1", "u2"])
+assert_type(resolved, list[cohortsync.Member])
+assert_type(unresolved, list[str])
 
 
 def on_event(event: Event) -> None:
