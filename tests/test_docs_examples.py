@@ -215,7 +215,9 @@ class TestHostModules:
                     undefined += [
                         f"{_id(page)}:{block.line}: {line['module']}.{name}"
                         for name in (n.strip() for n in line["names"].split(","))
-                        if not re.search(rf"^(def|class) {name}\b|^{name}\b.*=", defined, re.M)
+                        if not re.search(
+                            rf"^(def|class) {name}\b|^{name}\b.*=", defined, re.MULTILINE
+                        )
                     ]
 
         assert [] == undefined
@@ -300,9 +302,7 @@ class TestExtract:
     def test_page_environment_is_restored(self, tmp_path: Path) -> None:
         """A variable a page sets is gone after it ran, so pages stay independent."""
         page = tmp_path / "page.md"
-        page.write_text(
-            "```python\nimport os\nos.environ['COHORTSYNC_DOCS_PROBE'] = '1'\n```\n"
-        )
+        page.write_text("```python\nimport os\nos.environ['COHORTSYNC_DOCS_PROBE'] = '1'\n```\n")
 
         run_page(page)
 
