@@ -128,6 +128,9 @@ class SyncRecord:
 
     @property
     def id(self) -> str:
+        """
+        The sync's id, the record's key in every store.
+        """
         return self.sync.id
 
 
