@@ -128,7 +128,7 @@ class EligibilityChanged:
 class GuardTripped:
     """
     The mass-removal guard held back removals; confirm with
-    :meth:`Scheduler.confirm_removals`.
+    :meth:`~cohortsync.Scheduler.confirm_removals`.
     """
 
     sync_id: str

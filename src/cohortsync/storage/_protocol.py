@@ -451,7 +451,7 @@ class ScheduleStore(Protocol):
         """
         Give a lease up without recording a run (the sync stays due).
         **Compare-and-set**; releasing a lease that is no longer held raises
-        :class:`LeaseLostError`.
+        :class:`~cohortsync.exceptions.LeaseLostError`.
         """
 
 
