@@ -8,6 +8,12 @@ from hypothesis import HealthCheck, settings
 
 from cohortsync.testing import FakeClock
 
+# The kit's fixtures, for the sample host project (tests/host_project). An
+# installed cohortsync loads them through its pytest11 entry point; this
+# loads them when it is not installed (PYTHONPATH=src). The entry point is
+# named after the module, so with both the plugin is registered once.
+pytest_plugins = ["cohortsync.testing.pytest_plugin"]
+
 settings.register_profile(
     "ci",
     deadline=None,

@@ -15,6 +15,7 @@ builder, which gives them the setup they expect.
 from __future__ import annotations
 
 import doctest
+import os
 import re
 import sys
 import types
@@ -72,9 +73,10 @@ def _strip_options(body: list[str]) -> tuple[int, list[str]]:
     return dropped, body[dropped:]
 
 
-def extract(text: str) -> list[Block]:
+def extract(text: str, *, no_run: bool = False) -> list[Block]:
     """
-    The runnable Python blocks of a Markdown page, in order.
+    The runnable Python blocks of a Markdown page, in order; with *no_run*,
+    also the blocks marked not to run (they must still read right).
     """
     lines = text.splitlines()
     blocks: list[Block] = []
@@ -101,7 +103,7 @@ def extract(text: str) -> list[Block]:
             i += 1
         i += 1
         language = _language(info, fence)
-        if language not in PYTHON or _marked_no_run(lines, start):
+        if language not in PYTHON or (not no_run and _marked_no_run(lines, start)):
             continue
         indent = len(opening["indent"])
         body = [text[indent:] if text[:indent].isspace() else text for text in body]
@@ -137,12 +139,15 @@ PAGES = [page for page in _pages() if extract(page.read_text(encoding="utf-8"))]
 def run_page(path: Path) -> None:
     """
     Run every block of *path* in one module namespace; a failure names the
-    page and line in its traceback.
+    page and line in its traceback. The environment variables are restored
+    afterwards: a page may set what its host code reads (embed.md's data
+    directory), and the next page must not inherit it.
     """
     name = "docs_example_" + re.sub(r"\W", "_", str(path))
     module = types.ModuleType(name)
     module.__file__ = str(path)
     sys.modules[name] = module  # dataclasses, pickling and typing look modules up here
+    environ = os.environ.copy()
     try:
         for block in extract(path.read_text(encoding="utf-8")):
             if block.doctest:
@@ -152,6 +157,8 @@ def run_page(path: Path) -> None:
                 exec(compile(padded, str(path), "exec"), module.__dict__)  # noqa: S102 - running our docs is the point
     finally:
         del sys.modules[name]
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def _run_doctest(block: Block, path: Path, namespace: dict[str, object]) -> None:
@@ -175,6 +182,55 @@ class TestDocsExamples:
     def test_testing_page_is_collected(self) -> None:
         """The testing guide is among the pages run, so its examples cannot rot."""
         assert ROOT / "docs" / "testing.md" in PAGES
+
+
+_HOST_FILE = re.compile(r"\A# (?P<module>myapp/\w+)\.py\b")
+_HOST_IMPORT = re.compile(r"^from (?P<module>myapp\.\w+) import (?P<names>[\w, ]+)$", re.MULTILINE)
+
+
+def _host_modules() -> dict[str, list[str]]:
+    """
+    The sample host's modules the pages show as files (a block starting
+    ``# myapp/name.py``), each as the blocks that make it up.
+    """
+    modules: dict[str, list[str]] = {}
+    for page in _pages():
+        for block in extract(page.read_text(encoding="utf-8"), no_run=True):
+            if (header := _HOST_FILE.match(block.source)) is not None:
+                modules.setdefault(header["module"].replace("/", "."), []).append(block.source)
+    return modules
+
+
+class TestHostModules:
+    """The sample host's files, as the pages show them, work when copied into an app."""
+
+    def test_imports_resolve(self) -> None:
+        """Every name a block imports from myapp is defined in that file's blocks."""
+        modules = _host_modules()
+        undefined: list[str] = []
+        for page in _pages():
+            for block in extract(page.read_text(encoding="utf-8"), no_run=True):
+                for line in _HOST_IMPORT.finditer(block.source):
+                    defined = "\n".join(modules.get(line["module"], []))
+                    undefined += [
+                        f"{_id(page)}:{block.line}: {line['module']}.{name}"
+                        for name in (n.strip() for n in line["names"].split(","))
+                        if not re.search(
+                            rf"^(def|class) {name}\b|^{name}\b.*=", defined, re.MULTILINE
+                        )
+                    ]
+
+        assert [] == undefined
+
+    def test_no_temporary_store(self) -> None:
+        """
+        No host file puts its store in a temporary directory: each process
+        importing it (a worker, cron) would get an empty store of its own.
+        """
+        modules = _host_modules()
+
+        assert "myapp.cohortsync_app" in modules
+        assert [] == [m for m, blocks in modules.items() if "tempfile" in "\n".join(blocks)]
 
 
 class TestExtract:
@@ -201,6 +257,12 @@ class TestExtract:
         text = "<!-- no-run -->\n\n```python\nboom()\n```\n\n```python\nok = 1\n```\n"
 
         assert ["ok = 1"] == [b.source for b in extract(text)]
+
+    def test_no_run_blocks_on_request(self) -> None:
+        """With no_run=True the blocks marked not to run are extracted too."""
+        text = "<!-- no-run -->\n\n```python\nboom()\n```\n\n```python\nok = 1\n```\n"
+
+        assert ["boom()", "ok = 1"] == [b.source for b in extract(text, no_run=True)]
 
     def test_nested_fences_are_not_blocks(self) -> None:
         """A python fence shown inside a longer Markdown fence is text, not an example."""
@@ -236,6 +298,15 @@ class TestExtract:
 
         with pytest.raises(pytest.fail.Exception, match=r"page\.md, block at line 2"):
             run_page(page)
+
+    def test_page_environment_is_restored(self, tmp_path: Path) -> None:
+        """A variable a page sets is gone after it ran, so pages stay independent."""
+        page = tmp_path / "page.md"
+        page.write_text("```python\nimport os\nos.environ['COHORTSYNC_DOCS_PROBE'] = '1'\n```\n")
+
+        run_page(page)
+
+        assert "COHORTSYNC_DOCS_PROBE" not in os.environ
 
     def test_page_shares_one_namespace(self, tmp_path: Path) -> None:
         """Later blocks see what earlier blocks defined, doctests included."""

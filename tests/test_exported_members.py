@@ -1,6 +1,7 @@
 """
 The public surface: ``__all__`` sorted and complete, every public callable
-typed, ``py.typed`` shipped, and the exception tree as documented.
+typed and documented, ``py.typed`` shipped, the API page listing every public
+name, and the exception tree as documented.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import ast
 import enum
 import importlib
 import inspect
+import itertools
+import pkgutil
 import re
 import subprocess
 import sys
@@ -30,6 +33,7 @@ import cohortsync.identifiers
 import cohortsync.serialization
 import cohortsync.storage
 import cohortsync.testing
+import cohortsync.testing.pytest_plugin
 from cohortsync.exceptions import CohortSyncError
 
 MODULES = [
@@ -53,6 +57,12 @@ GATHERING = {
     "cohortsync.testing",
 }
 MODULE_IDS = [m.__name__ for m in MODULES]
+# Every public module: the ones above, the catalog (checked on its own below)
+# and the pytest plugin (which imports pytest, so it is no module a host
+# imports by hand).
+PUBLIC_MODULES = [*MODULES, cohortsync.destinations.catalog, cohortsync.testing.pytest_plugin]
+PUBLIC_MODULE_IDS = [m.__name__ for m in PUBLIC_MODULES]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _is_constant(name: str) -> bool:
@@ -363,6 +373,189 @@ class TestTyping:
             return a
 
         assert ["a", "return"] == _unannotated(untyped)
+
+
+def _own_doc(cls: type) -> str:
+    """
+    The docstring a class defines itself: a subclass is a concept of its own,
+    and inheriting its base's words would describe the base.
+    """
+    doc = vars(cls).get("__doc__")
+    return inspect.cleandoc(doc) if isinstance(doc, str) else ""
+
+
+def _member_doc(cls: type, name: str) -> str:
+    """
+    The docstring ``help()`` and the API page show for a public member: its
+    own, or for an override that adds nothing to the contract, the one of the
+    member it overrides (a store's ``claim_due`` is the protocol's).
+    """
+    for base in cls.__mro__:
+        attr = vars(base).get(name)
+        if isinstance(attr, (staticmethod, classmethod)):
+            attr = attr.__func__
+        elif isinstance(attr, property):
+            attr = attr.fget
+        if attr is not None and (doc := inspect.getdoc(attr)):
+            return doc
+    return ""
+
+
+def _is_function(obj: object) -> bool:
+    """
+    A function of ours: a plain one, or one pytest wrapped as a fixture (not a
+    type alias such as ``Resolver``, which is callable too).
+    """
+    return inspect.isroutine(obj) or (
+        callable(obj) and getattr(obj, "__module__", "").startswith("cohortsync")
+    )
+
+
+def _undocumented(module: types.ModuleType) -> list[str]:
+    """
+    The public classes, functions, and methods and properties of public
+    classes, of *module*'s ``__all__`` that have no docstring.
+    """
+    missing: list[str] = []
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if inspect.isclass(obj):
+            if not _own_doc(obj):
+                missing.append(name)
+            missing += [f"{name}.{m}" for m, _ in _methods(obj) if m != "__init__"]
+            missing = [
+                n for n in missing if "." not in n or not _member_doc(obj, n.split(".", 1)[1])
+            ]
+        elif _is_function(obj) and not inspect.getdoc(obj):
+            missing.append(name)
+    return missing
+
+
+def _public_submodules() -> set[str]:
+    """
+    Every module of the package whose dotted name has no private part.
+    """
+    return {
+        info.name
+        for info in pkgutil.walk_packages(cohortsync.__path__, "cohortsync.")
+        if not any(part.startswith("_") for part in info.name.split("."))
+    }
+
+
+class TestDocstrings:
+    """Every public class, function, method and property says what it is for."""
+
+    def test_every_public_module_is_checked(self) -> None:
+        """A new public module joins the checks: nothing public escapes them."""
+        assert {m for m in PUBLIC_MODULE_IDS if m != "cohortsync"} == _public_submodules()
+
+    @pytest.mark.parametrize("module", PUBLIC_MODULES, ids=PUBLIC_MODULE_IDS)
+    def test_module(self, module: types.ModuleType) -> None:
+        """The module itself has a docstring."""
+        assert inspect.getdoc(module)
+
+    @pytest.mark.parametrize("module", PUBLIC_MODULES, ids=PUBLIC_MODULE_IDS)
+    def test_members(self, module: types.ModuleType) -> None:
+        """Each public class, function, method and property has a docstring."""
+        assert [] == _undocumented(module)
+
+    def test_check_finds_gaps(self) -> None:
+        """The check notices a bare class, function, method, property and classmethod."""
+
+        class Documented:
+            """Has words."""
+
+            def method(self) -> None:
+                """Has words."""
+
+        class Bare(Documented):
+            def method(self) -> None:  # inherits Documented.method's words
+                pass
+
+            def other(self) -> None:
+                pass
+
+            @property
+            def value(self) -> int:
+                return 1
+
+            @classmethod
+            def make(cls) -> Bare:
+                return cls()
+
+        def bare() -> None:
+            pass
+
+        module = types.ModuleType("probe")
+        module.__all__ = ["Bare", "Documented", "bare"]  # type: ignore[attr-defined]
+        module.Bare, module.Documented, module.bare = Bare, Documented, bare  # type: ignore[attr-defined]
+        Bare.__module__ = Documented.__module__ = "cohortsync.probe"
+        for func in (Bare.method, Bare.other, Bare.value.fget, vars(Bare)["make"].__func__):
+            func.__module__ = "cohortsync.probe"
+
+        assert ["Bare", "Bare.other", "Bare.value", "Bare.make", "bare"] == _undocumented(module)
+
+
+def _api_page() -> str:
+    return (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+
+
+def _automodules(page: str) -> set[str]:
+    """
+    Modules the page documents with ``automodule`` and ``:members:``: every
+    name in their ``__all__`` that has a docstring appears, the rest silently not.
+    """
+    found = re.finditer(r"^\.\. automodule:: (\S+)\n((?:   .*\n)*)", page, re.MULTILINE)
+    return {m[1] for m in found if re.search(r"^   :members:\s*$", m[2], re.MULTILINE)}
+
+
+def _has_doc_comment(module: types.ModuleType, name: str) -> bool:
+    """
+    Whether a module-level constant carries a docstring (a string right after
+    its assignment), which is what autodoc shows it with.
+    """
+    assert module.__file__ is not None
+    body = ast.parse(Path(module.__file__).read_text(encoding="utf-8")).body
+    for node, after in itertools.pairwise(body):
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+    return False
+
+
+class TestApiPage:
+    """docs/api.md documents every public name of every public module."""
+
+    @pytest.mark.parametrize("module", PUBLIC_MODULES, ids=PUBLIC_MODULE_IDS)
+    def test_every_name(self, module: types.ModuleType) -> None:
+        """Each name is on the page by name, or shown by its module's automodule."""
+        page = _api_page()
+        auto = module.__name__ in _automodules(page)
+        excluded = re.findall(r":exclude-members: (.*)", page)
+        missing = []
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if isinstance(obj, types.ModuleType):
+                continue  # a submodule: documented on its own
+            named = re.search(
+                rf"(:: ({re.escape(module.__name__)}\.|cohortsync\.)?{name}(\(|\n))", page
+            )
+            shown = auto and not any(name in line.split(", ") for line in excluded)
+            if named is None and not (
+                shown
+                and (inspect.getdoc(obj) if _is_function(obj) else _has_doc_comment(module, name))
+            ):
+                missing.append(name)
+
+        assert [] == missing
+
+    def test_automodule_needs_docstrings(self) -> None:
+        """The check knows automodule leaves out a constant without a docstring."""
+        catalog = cohortsync.destinations.catalog
+
+        assert _has_doc_comment(catalog, "FACEBOOK_ADS")
+        assert not _has_doc_comment(catalog, "_HASHED")
+        assert {"cohortsync.exceptions"} <= _automodules(_api_page())
 
 
 def _exception_classes() -> list[type[BaseException]]:

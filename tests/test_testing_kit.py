@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import textwrap
@@ -964,8 +965,10 @@ class TestCheckDestinationCatchesBrokenAdapters:
             ErrorCase(RuntimeError, lambda _: None)  # type: ignore[arg-type]
 
 
-# -- the opt-in pytest plugin ------------------------------------------------------
+# -- the pytest plugin ----------------------------------------------------------------
 
+
+PLUGIN = "cohortsync.testing.pytest_plugin"
 
 PLUGIN_TEST = """
 from datetime import timedelta
@@ -974,52 +977,155 @@ import cohortsync as cs
 from cohortsync.testing import simulate
 
 
-def test_fixtures(clock, storage, scheduler, recording_destination):
-    assert scheduler.clock is clock and scheduler.storage is storage
-    scheduler.add_destination("push", recording_destination)
+def test_fixtures(
+    cohortsync_clock, cohortsync_storage, cohortsync_scheduler, cohortsync_recording_destination
+):
+    scheduler, destination = cohortsync_scheduler, cohortsync_recording_destination
+    assert scheduler.clock is cohortsync_clock and scheduler.storage is cohortsync_storage
+    scheduler.add_destination("push", destination)
     scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: {"a", "b"}))
     scheduler.create_sync("c", "push", cs.SyncPolicy.daily(), sync_id="s")
     assert 3 == len(simulate(scheduler, span=timedelta(days=2)))
-    assert {"a", "b"} == recording_destination.members
+    assert {"a", "b"} == destination.members
 """
 
 
-def _pytest_in(directory: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
+def _entry_points() -> dict[str, str]:
+    """
+    The pytest11 entry points pyproject.toml declares.
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - the oldest Python we support
+        tomllib = pytest.importorskip("tomli")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return dict(project.get("entry-points", {}).get("pytest11", {}))
+
+
+def _installed(site: Path) -> Path:
+    """
+    A directory holding only the metadata an installed cohortsync carries for
+    its pytest11 entry points, as pip writes it: on ``sys.path`` it makes
+    pytest autoload the plugin as it would for a host that installed cohortsync.
+    """
+    info = site / "cohortsync_entry_points-0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cohortsync-entry-points\n")
+    lines = [f"{name} = {target}" for name, target in _entry_points().items()]
+    (info / "entry_points.txt").write_text("[pytest11]\n" + "\n".join(lines) + "\n")
+    return site
+
+
+def _pytest_in(
+    directory: Path, *args: str, site: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    # The child imports the cohortsync this process imported (a relative
+    # PYTHONPATH=src would not survive the change of directory), and with
+    # *site* it also sees that site's entry points.
+    source = str(Path(cs.__file__).resolve().parent.parent)
+    paths = [str(site)] if site is not None else []
+    paths += [source, os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    return subprocess.run(  # noqa: S603 - our own interpreter and arguments
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error", *args],
         cwd=directory,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env=env,
     )
 
 
 class TestPytestPlugin:
+    def test_entry_point(self) -> None:
+        """
+        pyproject.toml registers the plugin under its module's name, which is
+        what lets a conftest list it too without loading it twice.
+        """
+        assert {PLUGIN: PLUGIN} == _entry_points()
+
+    def test_loaded_when_installed(self, tmp_path: Path) -> None:
+        """An installed cohortsync gives a host the four fixtures with no conftest at all."""
+        (tmp_path / "host").mkdir()
+        (tmp_path / "host" / "test_host.py").write_text(PLUGIN_TEST)
+
+        result = _pytest_in(tmp_path / "host", site=_installed(tmp_path / "site"))
+
+        assert 0 == result.returncode, result.stdout + result.stderr
+        assert "1 passed" in result.stdout
+
+    def test_installed_and_listed_loads_once(self, tmp_path: Path) -> None:
+        """A root conftest that also lists the plugin (the old way) still works."""
+        (tmp_path / "host").mkdir()
+        (tmp_path / "host" / "conftest.py").write_text(f"pytest_plugins = [{PLUGIN!r}]\n")
+        (tmp_path / "host" / "test_host.py").write_text(PLUGIN_TEST)
+
+        result = _pytest_in(tmp_path / "host", site=_installed(tmp_path / "site"))
+
+        assert 0 == result.returncode, result.stdout + result.stderr
+        assert "1 passed" in result.stdout
+
     def test_enabled_by_pytest_plugins(self, tmp_path: Path) -> None:
-        """A host's root conftest with pytest_plugins gets the four fixtures."""
-        (tmp_path / "conftest.py").write_text(
-            'pytest_plugins = ["cohortsync.testing.pytest_plugin"]\n'
-        )
-        (tmp_path / "test_host.py").write_text(textwrap.dedent(PLUGIN_TEST))
+        """Without autoloading, a root conftest with pytest_plugins gets the fixtures."""
+        (tmp_path / "conftest.py").write_text(f"pytest_plugins = [{PLUGIN!r}]\n")
+        (tmp_path / "test_host.py").write_text(PLUGIN_TEST)
 
         result = _pytest_in(tmp_path)
 
         assert 0 == result.returncode, result.stdout + result.stderr
         assert "1 passed" in result.stdout
 
-    def test_not_loaded_unless_asked(self, tmp_path: Path) -> None:
-        """Without pytest_plugins the fixtures do not exist: the plugin is opt-in."""
-        (tmp_path / "test_host.py").write_text(textwrap.dedent(PLUGIN_TEST))
+    def test_host_fixtures_keep_their_names(self, tmp_path: Path) -> None:
+        """A host's own clock, storage and scheduler fixtures are not shadowed, nor shadow."""
+        (tmp_path / "host").mkdir()
+        (tmp_path / "host" / "conftest.py").write_text(
+            textwrap.dedent(
+                """
+                import pytest
 
-        result = _pytest_in(tmp_path)
+                @pytest.fixture
+                def clock():
+                    return "the host's clock"
+
+                @pytest.fixture
+                def storage():
+                    return "the host's storage"
+
+                @pytest.fixture
+                def scheduler():
+                    return "the host's scheduler"
+                """
+            )
+        )
+        (tmp_path / "host" / "test_host.py").write_text(
+            textwrap.dedent(
+                """
+                def test_both(clock, storage, scheduler, cohortsync_scheduler, cohortsync_clock):
+                    assert ("the host's clock", "the host's storage", "the host's scheduler") == (
+                        clock, storage, scheduler
+                    )
+                    assert cohortsync_scheduler.clock is cohortsync_clock
+                """
+            )
+        )
+
+        result = _pytest_in(tmp_path / "host", site=_installed(tmp_path / "site"))
+
+        assert 0 == result.returncode, result.stdout + result.stderr
+        assert "1 passed" in result.stdout
+
+    def test_turned_off(self, tmp_path: Path) -> None:
+        """-p no:<module> turns the installed plugin off: its fixtures are gone."""
+        (tmp_path / "host").mkdir()
+        (tmp_path / "host" / "test_host.py").write_text(PLUGIN_TEST)
+
+        result = _pytest_in(
+            tmp_path / "host", "-p", f"no:{PLUGIN}", site=_installed(tmp_path / "site")
+        )
 
         assert 0 != result.returncode
-        assert "fixture 'clock' not found" in result.stdout
-
-    def test_no_entry_point(self) -> None:
-        """pyproject.toml registers no pytest11 entry point, so nothing loads it by itself."""
-        assert "pytest11" not in (ROOT / "pyproject.toml").read_text()
+        assert "fixture 'cohortsync_clock' not found" in result.stdout
 
     def test_testing_package_imports_no_pytest(self) -> None:
         """cohortsync.testing itself works where pytest is not installed."""

@@ -55,9 +55,16 @@ class SystemClock:
     """
 
     def now(self) -> datetime:
+        """
+        The wall clock in UTC, aware, as every instant in cohortsync is.
+        """
         return datetime.now(timezone.utc)
 
     def sleep(self, seconds: float) -> None:
+        """
+        Block the calling thread for *seconds*; zero or less returns at once,
+        so a wait that is already over costs nothing.
+        """
         if seconds > 0:
             time.sleep(seconds)
 

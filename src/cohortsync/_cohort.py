@@ -53,7 +53,15 @@ class MembershipSource(Protocol):
     sets ``sorted_keys = True``, which lets the engine diff in bounded memory.
     """
 
-    def members(self) -> Iterable[str]: ...
+    def members(self) -> Iterable[str]:
+        """
+        Return every member key in the cohort now.
+
+        Called once per run and iterated once, so a generator or a database
+        cursor keeps a large cohort out of memory. Raising (or returning a
+        ``str``, ``bytes`` or mapping) fails the run before anything is sent.
+        """
+        ...
 
 
 @runtime_checkable
@@ -116,6 +124,9 @@ class CallableSource:
     sorted_keys: bool = False
 
     def members(self) -> Iterable[str]:
+        """
+        Call the function: each run sees the cohort as it is at that run.
+        """
         return self.func()
 
 
@@ -135,6 +146,10 @@ class StaticSource:
     sorted_keys: bool = True
 
     def members(self) -> Iterable[str]:
+        """
+        The keys in ascending order, as ``sorted_keys`` promises, so the engine
+        merge-diffs them without building a set.
+        """
         return sorted(self.keys)
 
 

@@ -128,6 +128,10 @@ class Capabilities:
     membership_ttl: timedelta | None = attrs.field(default=None, validator=v.positive_timedelta)
 
     def accepts(self, kind: IdentifierKind) -> bool:
+        """
+        Whether the destination matches on identifiers of *kind*: mappings
+        resolve only accepted kinds, so nothing is hashed or looked up in vain.
+        """
         return self.accepted_identifiers is None or kind in self.accepted_identifiers
 
     def evolve(
@@ -308,6 +312,10 @@ class Batch:
 
     @property
     def keys(self) -> list[str]:
+        """
+        The host's member keys, in batch order: for adapters that look members
+        up in the host's own data rather than send the mapped identifiers.
+        """
         return [m.key for m in self.members]
 
     def __len__(self) -> int:
@@ -350,10 +358,23 @@ class DeliveryResult:
 
     @classmethod
     def ok(cls) -> DeliveryResult:
+        """
+        The whole batch was applied: what an adapter returns when the remote
+        accepted the request (one shared value, since nothing varies).
+        """
         return _OK
 
     @classmethod
     def partial(cls, rejected: Iterable[Rejection]) -> DeliveryResult:
+        """
+        The batch was applied except for *rejected*, which go to the ledger
+        and are retried by later runs; an empty iterable means ``ok()``, so an
+        adapter can always return this with whatever the remote refused.
+
+        Args:
+            rejected: The refused members, by the identifier value sent, each
+                once, with the remote's reason.
+        """
         return cls(tuple(rejected))
 
 

@@ -34,6 +34,18 @@ log = logging.getLogger("cohortsync")
 
 @attrs.frozen(kw_only=True)
 class RunStarted:
+    """
+    A worker claimed a sync and is about to run one slot: with
+    :class:`RunFinished`, what a host needs to show runs in progress.
+
+    Args:
+        sync_id: The sync.
+        run_id: The run, as its :class:`~cohortsync.SyncRun` will carry it.
+        trigger: Why it runs (scheduled, real-time, manual, catch-up, ...).
+        slot: The scheduled instant it runs for.
+        at: When it started, on the scheduler's clock.
+    """
+
     sync_id: str
     run_id: str
     trigger: Trigger
@@ -43,6 +55,23 @@ class RunStarted:
 
 @attrs.frozen(kw_only=True)
 class BatchDelivered:
+    """
+    A batch was acknowledged by the destination and recorded in the delivered
+    state: progress for a long run, and the idempotency key to match against
+    the destination's own logs when de-duplicating. Carries counts, never
+    member keys.
+
+    Args:
+        sync_id: The sync.
+        run_id: The run delivering it.
+        operation: Add, remove or existing (full-sync-only destinations).
+        sequence: The batch's position in the run.
+        size: Members in the batch.
+        rejected: How many of them the destination refused.
+        idempotency_key: The key the batch was sent with; a batch re-sent
+            after a crash carries the same one.
+    """
+
     sync_id: str
     run_id: str
     operation: Operation
@@ -54,6 +83,14 @@ class BatchDelivered:
 
 @attrs.frozen(kw_only=True)
 class RunFinished:
+    """
+    A run was recorded: emitted only once its history record is stored, so a
+    listener that reads the history (metrics, alerts) finds it there.
+
+    Args:
+        run: The run as history holds it.
+    """
+
     run: SyncRun
 
 
@@ -91,7 +128,7 @@ class EligibilityChanged:
 class GuardTripped:
     """
     The mass-removal guard held back removals; confirm with
-    :meth:`Scheduler.confirm_removals`.
+    :meth:`~cohortsync.Scheduler.confirm_removals`.
     """
 
     sync_id: str

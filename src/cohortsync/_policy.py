@@ -174,6 +174,11 @@ class MassRemovalGuard:
 
     @classmethod
     def disabled(cls) -> MassRemovalGuard:
+        """
+        A guard that never trips, for syncs whose cohorts really do empty out
+        (a daily "signed up today" cohort): every removal is sent as computed,
+        even when the source returns nothing.
+        """
         return cls(enabled=False)
 
     def trips(self, delivered: int, removing: int, source_empty: bool) -> bool:

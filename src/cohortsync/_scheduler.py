@@ -458,6 +458,13 @@ class Scheduler:
     # The lookups validate the id only when it is not registered: a
     # registered id was validated by add_*, and a run looks them up each time.
     def cohort(self, cohort_id: str) -> Cohort:
+        """
+        The cohort registered under *cohort_id* in this scheduler.
+
+        Raises:
+            CohortNotFoundError: Not registered here: the store holds only the
+                id, so each worker must register the same cohorts.
+        """
         try:
             return self._cohorts[cohort_id]
         except (KeyError, TypeError):
@@ -465,6 +472,13 @@ class Scheduler:
             raise CohortNotFoundError(cohort_id) from None
 
     def destination(self, destination_id: str) -> Destination:
+        """
+        The destination adapter registered under *destination_id*.
+
+        Raises:
+            DestinationNotFoundError: Not registered here: each worker must
+                register the same destinations under the same ids.
+        """
         try:
             return self._destinations[destination_id]
         except (KeyError, TypeError):
@@ -472,6 +486,14 @@ class Scheduler:
             raise DestinationNotFoundError(destination_id) from None
 
     def mapping(self, mapping_id: str | None) -> IdentifierMapping:
+        """
+        The identifier mapping registered under *mapping_id*; ``None`` is the
+        identity mapping (the member key sent as a ``user_id``), which a sync
+        without a mapping uses.
+
+        Raises:
+            ConfigurationError: No mapping is registered under that id.
+        """
         if mapping_id is None:
             return _IDENTITY
         try:

@@ -179,4 +179,8 @@ class SyncRun:
 
     @property
     def duration(self) -> float:
+        """
+        Seconds from start to finish on the scheduler's clock: what one run of
+        this sync costs, for sizing leases and workers.
+        """
         return (self.finished_at - self.started_at).total_seconds()

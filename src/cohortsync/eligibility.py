@@ -62,6 +62,12 @@ REALTIME_UNSUPPORTED_TYPES = frozenset(
 
 
 class Severity(enum.Enum):
+    """
+    How much a reason weighs: a ``blocking`` one prevents creating the sync
+    (and at run time pauses it or falls back to hourly); a ``warning`` lets it
+    run and is recorded as a note on each run, so the host can show it.
+    """
+
     BLOCKING = "blocking"
     WARNING = "warning"
 
@@ -104,6 +110,9 @@ class Reason:
 
     @property
     def blocking(self) -> bool:
+        """
+        Whether this reason prevents the sync, rather than only warning.
+        """
         return self.severity is Severity.BLOCKING
 
 
@@ -128,14 +137,26 @@ class Eligibility:
 
     @property
     def blocking(self) -> tuple[Reason, ...]:
+        """
+        The reasons that prevent the sync: what a UI must show before it lets
+        the user save.
+        """
         return tuple(r for r in self.reasons if r.blocking)
 
     @property
     def warnings(self) -> tuple[Reason, ...]:
+        """
+        The reasons that let the sync run but are worth telling the user (a
+        cohort below the destination's minimum audience).
+        """
         return tuple(r for r in self.reasons if not r.blocking)
 
     @property
     def codes(self) -> frozenset[str]:
+        """
+        Every reason's code, blocking or not: stable strings to branch on,
+        where messages may change.
+        """
         return frozenset(r.code for r in self.reasons)
 
 
@@ -166,6 +187,12 @@ Rule = Callable[[EligibilityInput], Iterable[Reason]]
 
 
 def realtime_size(i: EligibilityInput) -> Iterable[Reason]:
+    """
+    A real-time sync's cohort has at most :data:`REALTIME_MAX_MEMBERS`
+    members: without a change feed it is diffed whole every minute. An
+    unknown size is not checked here; each run re-checks with the size it
+    measured.
+    """
     size = i.cohort.size
     if i.cadence is Cadence.REALTIME and size is not None and size > REALTIME_MAX_MEMBERS:
         yield Reason(
@@ -177,6 +204,11 @@ def realtime_size(i: EligibilityInput) -> Iterable[Reason]:
 
 
 def realtime_cohort_type(i: EligibilityInput) -> Iterable[Reason]:
+    """
+    A real-time sync's cohort is not of a type in
+    :data:`REALTIME_UNSUPPORTED_TYPES`: their membership cannot be recomputed
+    every minute.
+    """
     if i.cadence is Cadence.REALTIME and i.cohort.type in REALTIME_UNSUPPORTED_TYPES:
         yield Reason(
             ReasonCode.REALTIME_COHORT_TYPE,
@@ -186,6 +218,10 @@ def realtime_cohort_type(i: EligibilityInput) -> Iterable[Reason]:
 
 
 def realtime_destination(i: EligibilityInput) -> Iterable[Reason]:
+    """
+    A real-time sync goes to a destination that declares
+    ``supports_realtime``: the others take no stream of changes every minute.
+    """
     if i.cadence is Cadence.REALTIME and not i.capabilities.supports_realtime:
         yield Reason(
             ReasonCode.REALTIME_DESTINATION,
@@ -240,6 +276,11 @@ def sub_hourly_cohort_type(i: EligibilityInput) -> Iterable[Reason]:
 
 
 def min_audience(i: EligibilityInput) -> Iterable[Reason]:
+    """
+    A warning when the cohort is below the destination's
+    ``min_audience_size``: the sync may run, but the destination will not
+    serve the audience until it grows, which the user should know.
+    """
     floor = i.capabilities.min_audience_size
     size = i.cohort.size
     if floor is not None and size is not None and size < floor:
@@ -253,6 +294,11 @@ def min_audience(i: EligibilityInput) -> Iterable[Reason]:
 
 
 def identifier_compatibility(i: EligibilityInput) -> Iterable[Reason]:
+    """
+    The sync's identifier mapping produces at least one kind the destination
+    accepts: otherwise every member would be skipped as unresolved. Unknown
+    kinds on either side are not checked.
+    """
     accepted = i.capabilities.accepted_identifiers
     produced = i.identifier_kinds
     if accepted is None or produced is None or produced & accepted:
@@ -269,6 +315,11 @@ def identifier_compatibility(i: EligibilityInput) -> Iterable[Reason]:
 
 
 def removal_on_delete(i: EligibilityInput) -> Iterable[Reason]:
+    """
+    A policy that removes what it delivered on deletion goes to a destination
+    that can remove members: otherwise the promise could not be kept, and
+    refusing it up front beats a teardown that fails.
+    """
     if i.policy.on_delete is OnDelete.REMOVE_DELIVERED and not i.capabilities.supports_removals:
         yield Reason(
             ReasonCode.REMOVALS_UNSUPPORTED,
@@ -307,6 +358,10 @@ class Ruleset:
         return Ruleset({k: r for k, r in self.rules.items() if k != name})
 
     def check(self, i: EligibilityInput) -> Eligibility:
+        """
+        Run every rule, in order, and gather every reason: a UI shows all the
+        problems at once instead of one per attempt.
+        """
         return Eligibility(tuple(reason for rule in self.rules.values() for reason in rule(i)))
 
 

@@ -121,12 +121,23 @@ class NotFoundError(CohortSyncError, LookupError):
 
 
 class SyncNotFoundError(NotFoundError):
+    """
+    No sync with this id is in the store (``sync_id`` says which): deleted
+    syncs stay in the store, so this means it never existed there.
+    """
+
     def __init__(self, sync_id: str) -> None:
         self.sync_id = sync_id
         super().__init__(f"no sync with id {sync_id!r}")
 
 
 class CohortNotFoundError(NotFoundError):
+    """
+    No cohort is registered under this id (``cohort_id``) in this scheduler.
+    The store keeps only ids, so every worker must register the same cohorts;
+    a run that meets this fails and says so in its history.
+    """
+
     def __init__(self, cohort_id: str) -> None:
         self.cohort_id = cohort_id
         super().__init__(
@@ -135,6 +146,12 @@ class CohortNotFoundError(NotFoundError):
 
 
 class DestinationNotFoundError(NotFoundError):
+    """
+    No destination is registered under this id (``destination_id``) in this
+    scheduler, or no catalog preset has this key. Like cohorts, destinations
+    must be registered by every worker under the same ids.
+    """
+
     def __init__(self, destination_id: str) -> None:
         self.destination_id = destination_id
         super().__init__(
@@ -287,6 +304,12 @@ class StorageClosedError(StorageError):
 
 
 class SchemaVersionError(StorageError):
+    """
+    The store was written by a newer cohortsync (schema ``found``, this
+    version reads up to ``supported``). Refused rather than read: an older
+    version could misread or damage what it does not know.
+    """
+
     def __init__(self, found: int, supported: int) -> None:
         self.found = found
         self.supported = supported
@@ -297,6 +320,12 @@ class SchemaVersionError(StorageError):
 
 
 class CorruptStoreError(StorageError):
+    """
+    The store holds something cohortsync cannot decode, or is not a
+    cohortsync store at all (``detail`` says what). A damaged sync row fails
+    that sync's run alone; the other syncs keep running.
+    """
+
     def __init__(self, detail: str) -> None:
         self.detail = detail
         super().__init__(f"the store is corrupt or not a cohortsync store: {detail}")

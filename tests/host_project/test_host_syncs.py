@@ -103,9 +103,11 @@ class TestDictStorage:
         }
         assert 13 == len(report.derived)  # 7 queries, 2 batched runs, 2 paged reads, 2 bulk writes
 
-    def test_a_week_of_hourly_syncs(self, clock: FakeClock, push_client: FakePushClient) -> None:
+    def test_a_week_of_hourly_syncs(
+        self, cohortsync_clock: FakeClock, push_client: FakePushClient
+    ) -> None:
         """The scheduler runs on it, using the queries StorageBase derives."""
-        scheduler = cs.Scheduler(DictStorage(), clock=clock, seed=0)
+        scheduler = cs.Scheduler(DictStorage(), clock=cohortsync_clock, seed=0)
         scheduler.add_destination("push", PushAudience(push_client))
         scheduler.add_cohort(cs.Cohort(id="power-users", name="P", source=lambda: POWER_USERS))
         sync = scheduler.create_sync("power-users", "push", cs.SyncPolicy.hourly())
@@ -119,39 +121,41 @@ class TestDictStorage:
 
 class TestPowerUsersSync:
     def test_a_week_of_hourly_syncs(
-        self, scheduler: cs.Scheduler, push: PushAudience, push_client: FakePushClient
+        self, cohortsync_scheduler: cs.Scheduler, push: PushAudience, push_client: FakePushClient
     ) -> None:
         """An hourly sync runs once at creation and once an hour, and the segment matches."""
-        sync = scheduler.create_sync("power-users", "push", cs.SyncPolicy.hourly())
+        sync = cohortsync_scheduler.create_sync("power-users", "push", cs.SyncPolicy.hourly())
 
-        runs = simulate(scheduler, span=timedelta(days=7))
+        runs = simulate(cohortsync_scheduler, span=timedelta(days=7))
 
         assert 1 + 7 * 24 == len(runs)
         assert [len(POWER_USERS)] + [0] * (len(runs) - 1) == [r.added for r in runs]
         assert set(POWER_USERS) == push_client.segments["cohort-power-users"]
-        assert runs[0].id == scheduler.history(sync.id)[-1].id
+        assert runs[0].id == cohortsync_scheduler.history(sync.id)[-1].id
 
     def test_uses_the_kit_fixtures(
         self,
-        clock: FakeClock,
-        storage: Storage,
-        scheduler: cs.Scheduler,
-        recording_destination: RecordingDestination,
+        cohortsync_clock: FakeClock,
+        cohortsync_storage: Storage,
+        cohortsync_scheduler: cs.Scheduler,
+        cohortsync_recording_destination: RecordingDestination,
     ) -> None:
         """The kit's fixtures are wired together: one clock, one store."""
-        assert scheduler.clock is clock
-        assert scheduler.storage is storage
-        scheduler.add_destination("recording", recording_destination)
-        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: {"a"}))
-        scheduler.create_sync("c", "recording", cs.SyncPolicy.daily())
+        assert cohortsync_scheduler.clock is cohortsync_clock
+        assert cohortsync_scheduler.storage is cohortsync_storage
+        cohortsync_scheduler.add_destination("recording", cohortsync_recording_destination)
+        cohortsync_scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: {"a"}))
+        cohortsync_scheduler.create_sync("c", "recording", cs.SyncPolicy.daily())
 
-        assert 1 + 3 == len(simulate(scheduler, span=timedelta(days=3)))
-        assert {"a"} == recording_destination.members
+        assert 1 + 3 == len(simulate(cohortsync_scheduler, span=timedelta(days=3)))
+        assert {"a"} == cohortsync_recording_destination.members
 
-    def test_audit_trail_of_a_day(self, clock: FakeClock, push_client: FakePushClient) -> None:
+    def test_audit_trail_of_a_day(
+        self, cohortsync_clock: FakeClock, push_client: FakePushClient
+    ) -> None:
         """On the host's own store, every run leaves claim and completion in the audit."""
         storage = AuditedStorage(MemoryStorage(), tenant="acme")
-        scheduler = cs.Scheduler(storage, clock=clock, seed=0)
+        scheduler = cs.Scheduler(storage, clock=cohortsync_clock, seed=0)
         scheduler.add_destination("push", PushAudience(push_client))
         scheduler.add_cohort(cs.Cohort(id="power-users", name="P", source=lambda: POWER_USERS))
         scheduler.create_sync("power-users", "push", cs.SyncPolicy.daily(), sync_id="daily")
@@ -165,44 +169,54 @@ class TestPowerUsersSync:
 
 class TestWhenThePushProviderMisbehaves:
     @pytest.fixture
-    def faulty(self, scheduler: cs.Scheduler) -> FaultyDestination:
-        scheduler.add_cohort(cs.Cohort(id="power-users", name="P", source=lambda: POWER_USERS))
+    def faulty(self, cohortsync_scheduler: cs.Scheduler) -> FaultyDestination:
+        cohortsync_scheduler.add_cohort(
+            cs.Cohort(id="power-users", name="P", source=lambda: POWER_USERS)
+        )
         return FaultyDestination(PushAudience.capabilities)
 
-    def test_timeouts_are_retried(self, scheduler: cs.Scheduler, faulty: FaultyDestination) -> None:
+    def test_timeouts_are_retried(
+        self, cohortsync_scheduler: cs.Scheduler, faulty: FaultyDestination
+    ) -> None:
         """Two timeouts in a row cost two retries, not the run."""
         faulty.script.update({0: Fault.timeout(), 1: Fault.timeout()})
-        scheduler.add_destination("push", faulty)
-        scheduler.create_sync("power-users", "push", cs.SyncPolicy.one_time(), sync_id="once")
+        cohortsync_scheduler.add_destination("push", faulty)
+        cohortsync_scheduler.create_sync(
+            "power-users", "push", cs.SyncPolicy.one_time(), sync_id="once"
+        )
 
-        (run,) = simulate(scheduler, span=timedelta(hours=1))
+        (run,) = simulate(cohortsync_scheduler, span=timedelta(hours=1))
 
         assert (cs.RunStatus.SUCCEEDED, 2) == (run.status, run.retries)
         assert set(POWER_USERS) == faulty.audience("once")
 
     def test_revoked_credentials_pause_the_sync(
-        self, scheduler: cs.Scheduler, faulty: FaultyDestination
+        self, cohortsync_scheduler: cs.Scheduler, faulty: FaultyDestination
     ) -> None:
         """A 401 pauses the sync instead of retrying all week."""
         faulty.always = Fault.auth()
-        scheduler.add_destination("push", faulty)
-        scheduler.create_sync("power-users", "push", cs.SyncPolicy.hourly(), sync_id="hourly")
+        cohortsync_scheduler.add_destination("push", faulty)
+        cohortsync_scheduler.create_sync(
+            "power-users", "push", cs.SyncPolicy.hourly(), sync_id="hourly"
+        )
 
-        runs = simulate(scheduler, span=timedelta(days=7))
+        runs = simulate(cohortsync_scheduler, span=timedelta(days=7))
 
         assert [cs.RunStatus.FAILED] == [r.status for r in runs]
-        assert cs.SyncStatus.PAUSED == scheduler.get_sync("hourly").status
+        assert cs.SyncStatus.PAUSED == cohortsync_scheduler.get_sync("hourly").status
 
     def test_refused_devices_are_ledgered(
-        self, scheduler: cs.Scheduler, faulty: FaultyDestination
+        self, cohortsync_scheduler: cs.Scheduler, faulty: FaultyDestination
     ) -> None:
         """Members the provider refuses end up in the ledger, the rest are delivered."""
         faulty.script[0] = Fault.reject(identifiers=["u2"], reason="unknown device")
-        scheduler.add_destination("push", faulty)
-        scheduler.create_sync("power-users", "push", cs.SyncPolicy.one_time(), sync_id="once")
+        cohortsync_scheduler.add_destination("push", faulty)
+        cohortsync_scheduler.create_sync(
+            "power-users", "push", cs.SyncPolicy.one_time(), sync_id="once"
+        )
 
-        (run,) = simulate(scheduler, span=timedelta(minutes=5))
+        (run,) = simulate(cohortsync_scheduler, span=timedelta(minutes=5))
 
         assert (cs.RunStatus.PARTIAL, 3, 1) == (run.status, run.added, run.rejected)
-        assert ["u2"] == [entry.key for entry in scheduler.ledger("once")]
+        assert ["u2"] == [entry.key for entry in cohortsync_scheduler.ledger("once")]
         assert set(POWER_USERS) - {"u2"} == faulty.audience("once")

@@ -115,7 +115,21 @@ class HttpTransport(Protocol):
 
     def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
-    ) -> HttpResponse: ...
+    ) -> HttpResponse:
+        """
+        POST *body* to *url* and return the answer, whatever its status.
+
+        Args:
+            url: The webhook's URL.
+            body: The JSON batch, already encoded.
+            headers: Content type, ``Idempotency-Key`` and the host's headers
+                (credentials: keep them out of logs and errors).
+            timeout: Seconds to wait for a connection and for each read.
+
+        Raises:
+            TransientError: No answer came; the engine retries with backoff.
+        """
+        ...
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -148,6 +162,15 @@ class UrllibTransport:
     def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
     ) -> HttpResponse:
+        """
+        POST with :mod:`urllib.request`; 4xx and 5xx answers are returned,
+        not raised, so the destination alone decides what each status means.
+
+        Raises:
+            ConfigurationError: The URL is not http or https (urllib would
+                also open ``file:`` URLs).
+            TransientError: No answer came (refused, reset, timed out).
+        """
         if urllib.parse.urlsplit(url).scheme.lower() not in {"http", "https"}:
             # urllib would also open file: and ftp: URLs; a webhook never needs them.
             raise ConfigurationError("url", _safe_url(url), "must use http or https")

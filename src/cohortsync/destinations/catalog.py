@@ -84,11 +84,19 @@ HUBSPOT = Capabilities(
     supports_realtime=False,
     rate_limit=RateLimit(requests=100, per_seconds=10.0),
 )
+"""No real-time syncs; about 100 requests per 10 seconds."""
+
 QUALTRICS = Capabilities(name="Qualtrics", supports_realtime=False, supports_removals=False)
+"""No removals: members who leave are forgotten, and re-sent if they come back."""
+
 ENTERPRET = Capabilities(name="Enterpret", supports_realtime=False, supports_removals=False)
+"""No removals: members who leave are forgotten, and re-sent if they come back."""
+
 SALESFORCE_MARKETING_CLOUD = Capabilities(
     name="Salesforce Marketing Cloud", supports_realtime=False
 )
+"""No real-time syncs; otherwise the library defaults."""
+
 AMAZON_S3 = Capabilities(
     name="Amazon S3", supports_realtime=False, full_sync_only=True, max_batch_size=1_000_000
 )
@@ -106,9 +114,13 @@ BRAZE = Capabilities(name="Braze", max_batch_size=1_000)
 """Only users that already exist in Braze are added."""
 
 CUSTOMER_IO = Capabilities(name="Customer.io", max_batch_size=1_000)
+"""Real-time capable, batches of 1,000."""
+
 MARKETO = Capabilities(
     name="Marketo", max_batch_size=300, rate_limit=RateLimit(requests=100, per_seconds=20.0)
 )
+"""Batches of 300, 100 calls per 20 seconds."""
+
 WEBHOOK = Capabilities(name="Webhook", max_batch_size=1_000)
 """Batch size is configurable; one ``message_id`` per batch for de-duplication."""
 

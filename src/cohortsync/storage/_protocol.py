@@ -128,6 +128,9 @@ class SyncRecord:
 
     @property
     def id(self) -> str:
+        """
+        The sync's id, the record's key in every store.
+        """
         return self.sync.id
 
 
@@ -448,7 +451,7 @@ class ScheduleStore(Protocol):
         """
         Give a lease up without recording a run (the sync stays due).
         **Compare-and-set**; releasing a lease that is no longer held raises
-        :class:`LeaseLostError`.
+        :class:`~cohortsync.exceptions.LeaseLostError`.
         """
 
 

@@ -451,6 +451,10 @@ class SQLiteStorage(StorageBase):
 
     @property
     def path(self) -> str:
+        """
+        The database file, as given: check it when two processes should share
+        a store but one sees syncs the other does not.
+        """
         return self._path
 
     # -- connections ---------------------------------------------------------------

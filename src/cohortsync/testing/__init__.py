@@ -11,7 +11,9 @@ Helpers for testing code that uses cohortsync. Imports no pytest.
 * :func:`check_destination` with :class:`ErrorCase`: the destination
   contract suite, for any adapter.
 
-The opt-in pytest plugin is ``cohortsync.testing.pytest_plugin``.
+The pytest fixtures live in ``cohortsync.testing.pytest_plugin``, which
+installing cohortsync registers with pytest (a ``pytest11`` entry point);
+nothing here imports it.
 """
 
 from cohortsync.storage._memory import MemoryStorage

@@ -41,10 +41,18 @@ class FakeClock:
         """Every duration passed to :meth:`sleep`, in order."""
 
     def now(self) -> datetime:
+        """
+        The instant the clock stands at; it moves only when the test moves it.
+        """
         with self._lock:
             return self._now
 
     def sleep(self, seconds: float) -> None:
+        """
+        Advance by *seconds* instead of blocking, and remember the duration in
+        :attr:`slept`, so a test asserts how long the code would have waited
+        (backoff, rate limits) without waiting.
+        """
         self.slept.append(seconds)
         if seconds > 0:
             self.advance(seconds)
@@ -111,10 +119,17 @@ class SharedFakeClock:
         tmp.replace(self._path)
 
     def now(self) -> datetime:
+        """
+        The instant in the shared file: what every process on it reads now.
+        """
         (micros,) = struct.unpack("<q", self._path.read_bytes())
         return _EPOCH + timedelta(microseconds=micros)
 
     def sleep(self, seconds: float) -> None:
+        """
+        Advance the shared time by *seconds* instead of blocking, so a worker
+        that waits moves every process's clock, as real time would.
+        """
         if seconds > 0:
             self.advance(seconds)
 
@@ -130,6 +145,13 @@ class SharedFakeClock:
         return new
 
     def set(self, when: datetime, *, backwards: bool = False) -> datetime:
+        """
+        Jump every process to *when* (aware) and return it. Going backwards
+        raises unless *backwards* is true, as for :meth:`FakeClock.set`.
+
+        Raises:
+            ValueError: *when* is earlier than now and *backwards* is false.
+        """
         when = require_aware(when, "when")
         if when < self.now() and not backwards:
             raise ValueError("refusing to move the shared clock backwards; pass backwards=True")

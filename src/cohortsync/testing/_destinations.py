@@ -160,6 +160,11 @@ class RecordingDestination(Destination):
 
 
 class FaultKind(enum.Enum):
+    """
+    What a :class:`Fault` makes the destination do: one kind per error an
+    adapter raises (or answer it gives), so a test names the failure it means.
+    """
+
     TIMEOUT = "timeout"
     SERVER_ERROR = "server_error"
     RATE_LIMITED = "rate_limited"
@@ -186,14 +191,25 @@ class Fault:
 
     @classmethod
     def timeout(cls) -> Fault:
+        """
+        No answer: raises ``TransientError``, which the engine retries with backoff.
+        """
         return cls(kind=FaultKind.TIMEOUT)
 
     @classmethod
     def server_error(cls, retry_after: float | None = None) -> Fault:
+        """
+        An HTTP 503: raises ``TransientError``, with *retry_after* seconds if
+        given (the engine waits at least that long before retrying).
+        """
         return cls(kind=FaultKind.SERVER_ERROR, retry_after=retry_after)
 
     @classmethod
     def rate_limited(cls, retry_after: float | None = 1.0) -> Fault:
+        """
+        An HTTP 429: raises ``RateLimitedError`` with *retry_after*; the engine
+        waits it out without using up the retry budget.
+        """
         return cls(kind=FaultKind.RATE_LIMITED, retry_after=retry_after)
 
     @classmethod
@@ -204,6 +220,16 @@ class Fault:
         identifiers: Iterable[str] = (),
         reason: str = "rejected by test",
     ) -> Fault:
+        """
+        Accept the batch but refuse some members, as ``DeliveryResult.partial``:
+        they go to the ledger with *reason* and are retried by later runs.
+
+        Args:
+            share: The chance that each member is refused (drawn from the
+                destination's seeded random generator).
+            identifiers: Refuse exactly these identifiers instead.
+            reason: The reason recorded for each refused member.
+        """
         return cls(
             kind=FaultKind.REJECT, share=share, identifiers=frozenset(identifiers), reason=reason
         )
@@ -217,10 +243,18 @@ class Fault:
 
     @classmethod
     def auth(cls) -> Fault:
+        """
+        An HTTP 401: raises ``AuthenticationError``, which stops the run and
+        pauses the sync until the host resumes it.
+        """
         return cls(kind=FaultKind.AUTH)
 
     @classmethod
     def permanent(cls) -> Fault:
+        """
+        An HTTP 404 (the audience is gone): raises ``PermanentError``, which
+        fails the run without retrying; the next slot tries again.
+        """
         return cls(kind=FaultKind.PERMANENT)
 
     @classmethod

@@ -1,21 +1,34 @@
 """
-Opt-in pytest fixtures for testing code that uses cohortsync.
+pytest fixtures for testing code that uses cohortsync.
 
-Not loaded automatically: enable it in your project's **root** ``conftest.py``::
-
-    pytest_plugins = ["cohortsync.testing.pytest_plugin"]
+Installing cohortsync registers this module as a pytest plugin (a ``pytest11``
+entry point), so the fixtures are there in every test suite of a project that
+has cohortsync installed. Their names all start with ``cohortsync_``, so they
+never shadow a host's own ``clock``, ``storage`` or ``scheduler`` fixtures.
 
 Fixtures (each new per test):
 
-* ``clock``: a :class:`~cohortsync.testing.FakeClock` at 2030-01-01 00:00 UTC.
-* ``storage``: an empty :class:`~cohortsync.testing.MemoryStorage`.
-* ``scheduler``: a :class:`~cohortsync.Scheduler` on that storage and clock,
-  with ``seed=0`` so backoff jitter repeats from run to run.
-* ``recording_destination``: a :class:`~cohortsync.testing.RecordingDestination`
-  with default capabilities.
+* ``cohortsync_clock``: a :class:`~cohortsync.testing.FakeClock` at
+  2030-01-01 00:00 UTC.
+* ``cohortsync_storage``: an empty :class:`~cohortsync.testing.MemoryStorage`.
+* ``cohortsync_scheduler``: a :class:`~cohortsync.Scheduler` on that storage
+  and clock, with ``seed=0`` so backoff jitter repeats from run to run.
+* ``cohortsync_recording_destination``: a
+  :class:`~cohortsync.testing.RecordingDestination` with default capabilities.
 
-Override any of them in your own ``conftest.py`` (a ``clock`` starting
-elsewhere, your own store as ``storage``); the others build on what you define.
+Override any of them in your own ``conftest.py`` (a ``cohortsync_clock``
+starting elsewhere, your own store as ``cohortsync_storage``); the others
+build on what you define.
+
+Where plugin autoloading is off (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``), enable
+it with ``-p cohortsync.testing.pytest_plugin`` or in the root
+``conftest.py``::
+
+    pytest_plugins = ["cohortsync.testing.pytest_plugin"]
+
+The entry point is named after this module, so listing it there as well
+while autoloading is on loads it once, not twice. ``-p
+no:cohortsync.testing.pytest_plugin`` turns it off.
 """
 
 from __future__ import annotations
@@ -30,11 +43,16 @@ from cohortsync.storage._protocol import Storage
 from cohortsync.testing._clock import FakeClock
 from cohortsync.testing._destinations import RecordingDestination
 
-__all__ = ["clock", "recording_destination", "scheduler", "storage"]
+__all__ = [
+    "cohortsync_clock",
+    "cohortsync_recording_destination",
+    "cohortsync_scheduler",
+    "cohortsync_storage",
+]
 
 
 @pytest.fixture
-def clock() -> FakeClock:
+def cohortsync_clock() -> FakeClock:
     """
     A fake clock at 2030-01-01 00:00 UTC; move it with ``advance()`` or ``set()``.
     """
@@ -42,7 +60,7 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def storage() -> Iterator[Storage]:
+def cohortsync_storage() -> Iterator[Storage]:
     """
     An empty in-memory store, closed after the test.
     """
@@ -52,15 +70,16 @@ def storage() -> Iterator[Storage]:
 
 
 @pytest.fixture
-def scheduler(storage: Storage, clock: FakeClock) -> Scheduler:
+def cohortsync_scheduler(cohortsync_storage: Storage, cohortsync_clock: FakeClock) -> Scheduler:
     """
-    A scheduler on the ``storage`` and ``clock`` fixtures, with seeded jitter.
+    A scheduler on the ``cohortsync_storage`` and ``cohortsync_clock``
+    fixtures, with seeded jitter so a failing test fails the same way again.
     """
-    return Scheduler(storage, clock=clock, seed=0)
+    return Scheduler(cohortsync_storage, clock=cohortsync_clock, seed=0)
 
 
 @pytest.fixture
-def recording_destination() -> RecordingDestination:
+def cohortsync_recording_destination() -> RecordingDestination:
     """
     A destination that records every batch and keeps the audience per sync.
     """
