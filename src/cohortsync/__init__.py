@@ -19,7 +19,14 @@ submodules named for their reader:
 * :mod:`cohortsync.serialization`: JSON round-trips of every value.
 * :mod:`cohortsync.exceptions`: the error tree.
 * :mod:`cohortsync.testing`: fake clocks, recording destinations, contract suites.
+* :mod:`cohortsync.otel`: OpenTelemetry spans and metrics (``cohortsync[otel]``).
+
+The package logs through :mod:`logging` under ``cohortsync`` (see
+``docs/operating.md`` for the logger names and record fields) and adds only
+a :class:`logging.NullHandler`: where lines go is the host's choice.
 """
+
+import logging
 
 from cohortsync import exceptions
 from cohortsync._bulk import BulkFailure, BulkResult, SyncSpec
@@ -59,6 +66,8 @@ from cohortsync._policy import (
 from cohortsync._scheduler import Preview, Scheduler, Upcoming
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.identifiers import IdentifierMapping
+
+logging.getLogger("cohortsync").addHandler(logging.NullHandler())
 
 __all__ = [
     "Batch",
