@@ -27,6 +27,7 @@ import cohortsync.eligibility
 import cohortsync.events
 import cohortsync.exceptions
 import cohortsync.identifiers
+import cohortsync.otel
 import cohortsync.serialization
 import cohortsync.storage
 import cohortsync.testing
@@ -40,6 +41,7 @@ MODULES = [
     cohortsync.events,
     cohortsync.exceptions,
     cohortsync.identifiers,
+    cohortsync.otel,
     cohortsync.serialization,
     cohortsync.storage,
     cohortsync.testing,
@@ -275,6 +277,8 @@ class TestLazyImports:
             "concurrent.futures",
             "sqlite3",
             "psycopg",
+            "opentelemetry",
+            "cohortsync.otel",
             "cohortsync.destinations",
             "cohortsync.testing",
         ],
