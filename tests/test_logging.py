@@ -16,8 +16,9 @@ import cohortsync
 import cohortsync as cs
 from cohortsync import _delivery, _events, _run, _scheduler
 from cohortsync.destinations import _webhook
-from cohortsync.storage import _sql
+from cohortsync.storage import Lease, _sql
 from cohortsync.testing import FakeClock, Fault, FaultyDestination
+from conftest import START
 from single_sync import build, run_next
 
 DOCS = Path(__file__).parent.parent / "docs"
@@ -210,6 +211,29 @@ class TestRunLines:
             "batch 2 add: 2 sent, 0 rejected; 2/3 batches, 4/5 members",
             "batch 3 add: 1 sent, 0 rejected; 3/3 batches, 5/5 members",
         ] == debug
+
+
+class TestSchedulerLines:
+    """The scheduler's lines about a run name it too."""
+
+    def test_lost_lease(self, records: list[logging.LogRecord]) -> None:
+        """A lost lease's WARNING names the sync, run and slot, in text and fields."""
+        lease = Lease(
+            sync_id="s1",
+            generation=1,
+            slot=START,
+            trigger=cs.Trigger.SCHEDULED,
+            owner="w",
+            token="t",  # noqa: S106 - a lease token, not a password
+            expires_at=START,
+        )
+
+        _scheduler._lease_lost(lease, "r1")
+
+        (record,) = records
+        assert ("cohortsync.scheduler", logging.WARNING) == (record.name, record.levelno)
+        assert {"sync_id": "s1", "run_id": "r1", "slot": START.isoformat()} == _extra(record)
+        assert record.getMessage().startswith(f"sync s1 run r1 slot {START.isoformat()}: lost")
 
 
 class TestNoMemberKeys:
