@@ -7,7 +7,7 @@ classes, and no event built when nobody listens.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -25,8 +25,9 @@ from cohortsync.events import (
 )
 from cohortsync.exceptions import ConfigurationError
 from cohortsync.testing import FakeClock, Fault, FaultyDestination, MemoryStorage
-from conftest import START
 from single_sync import build, run_next
+
+START = datetime(2030, 1, 1, tzinfo=timezone.utc)
 
 
 def _keys(n: int) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ from cohortsync import _delivery, _events, _run, _scheduler
 from cohortsync.destinations import _webhook
 from cohortsync.storage import Lease, _sql
 from cohortsync.testing import FakeClock, Fault, FaultyDestination
-from conftest import START
 from single_sync import build, run_next
+
+START = datetime(2030, 1, 1, tzinfo=timezone.utc)
 
 DOCS = Path(__file__).parent.parent / "docs"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import sys
+from datetime import datetime, timezone
 
 import pytest
 
@@ -17,8 +18,9 @@ from cohortsync import _progress
 from cohortsync._progress import ERASE, TextProgress, bar, make_display, wanted
 from cohortsync.events import BatchDelivered, Event, RunPlanned
 from cohortsync.testing import FakeClock, FaultyDestination
-from conftest import START
 from single_sync import build, run_next
+
+START = datetime(2030, 1, 1, tzinfo=timezone.utc)
 
 
 class Terminal(io.StringIO):
