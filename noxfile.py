@@ -35,7 +35,7 @@ def tests(session: nox.Session) -> None:
     tests, under 4 minutes on 2 cores. PostgreSQL tests run when
     COHORTSYNC_TEST_POSTGRES_DSN is set; in CI they must.
     """
-    session.install("-e", ".[postgres]", *_group("tests"))
+    session.install("-e", ".[postgres,otel]", *_group("tests"))
     session.run("coverage", "erase")
     session.run(
         "coverage",
@@ -97,7 +97,7 @@ def typing(session: nox.Session) -> None:
     """
     mypy strict on the package and on tests/typing, which uses the API as a host would.
     """
-    session.install("-e", ".[postgres]", *_group("typing"))
+    session.install("-e", ".[postgres,otel]", *_group("typing"))
     session.run("mypy", "src", "tests/typing")
 
 
@@ -106,7 +106,7 @@ def docs(session: nox.Session) -> None:
     """
     Build the docs with warnings as errors, and run their code examples.
     """
-    session.install("-e", ".", *_group("docs"))
+    session.install("-e", ".[otel]", *_group("docs"))
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
     session.run(
         "sphinx-build", "-W", "--keep-going", "-b", "doctest", "docs", "docs/_build/doctest"

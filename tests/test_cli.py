@@ -5,6 +5,8 @@ The command line: the demo, the store commands, eligibility checks and the worke
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+import cohortsync
+from cohortsync import _cli
 from cohortsync._cli import main
 
 
@@ -25,6 +29,42 @@ def run_cli(*argv: str) -> tuple[int, str]:
     out = io.StringIO()
     code = main(list(argv), out=out)
     return code, out.getvalue()
+
+
+SRC = str(Path(cohortsync.__file__).parent.parent)
+"""Where the package under test lives: worker subprocesses import this copy."""
+RUN_COUNTS = ("status", "added", "removed", "skipped", "rejected", "batches", "retries")
+
+
+def _run_worker(tmp_path: Path, app: str, *flags: str) -> tuple[str, str]:
+    """
+    Run ``cohortsync worker`` on *app* in a subprocess until its sync ``s``
+    has a succeeded run, then stop it with SIGTERM; return its stdout and stderr.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])}
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "cohortsync", "worker", "--app", app, "--idle", "1", *flags],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            code, out = run_cli("history", "s", "--db", str(tmp_path / "worker.db"))
+            if code == 0 and "succeeded" in out:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert 0 == proc.returncode, stderr
+    return stdout, stderr
 
 
 def run_bad(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -399,11 +439,7 @@ class TestWorker:
                 """
             )
         )
-        import cohortsync
-
-        # This checkout's cohortsync, not whichever one the interpreter has installed.
-        src = str(Path(cohortsync.__file__).parents[1])
-        env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{src}"}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])}
         proc = subprocess.Popen(
             [sys.executable, "-m", "cohortsync", "worker", "--app", "hostapp:make", "--idle", "1"],
             cwd=tmp_path,
@@ -429,6 +465,146 @@ class TestWorker:
         assert "received SIGTERM, stopping after the current run" in stdout
         assert "cohortsync worker stopped" in stdout
         assert "succeeded" in out
+        # By default (INFO, text) each run prints its end with its counts.
+        assert "INFO cohortsync.run: sync s run " in stdout
+        assert ": succeeded +2 -0 skipped=0 rejected=0 batches=1 retries=0 in " in stdout
+
+    def test_json_logs_and_progress(self, tmp_path: Path) -> None:
+        """--log-format json prints one object per line with the run's fields; --progress draws."""
+        (tmp_path / "jsonapp.py").write_text(
+            textwrap.dedent(
+                """
+                import cohortsync as cs
+                from cohortsync.storage import SQLiteStorage
+                from cohortsync.testing import RecordingDestination
+
+                def make():
+                    scheduler = cs.Scheduler(SQLiteStorage("worker.db"))
+                    caps = cs.Capabilities(max_batch_size=2)
+                    scheduler.add_destination("rec", RecordingDestination(caps))
+                    members = [f"m{i}" for i in range(5)]
+                    scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: members))
+                    if not scheduler.syncs():
+                        scheduler.create_sync("c", "rec", cs.SyncPolicy.hourly(), sync_id="s")
+                    return scheduler
+                """
+            )
+        )
+        stdout, stderr = _run_worker(
+            tmp_path, "jsonapp:make", "--log-format", "json", "--log-level", "debug", "--progress"
+        )
+
+        lines = [json.loads(line) for line in stdout.splitlines()]
+        assert {"time", "level", "logger", "message"} <= set(lines[0])
+        (finished,) = [r for r in lines if r["logger"] == "cohortsync.run" and "status" in r]
+        assert {
+            "sync_id": "s",
+            "destination_id": "rec",
+            "status": "succeeded",
+            "added": 5,
+            "removed": 0,
+            "skipped": 0,
+            "rejected": 0,
+            "batches": 3,
+            "retries": 0,
+            "level": "INFO",
+        } == {k: finished[k] for k in (*RUN_COUNTS, "sync_id", "destination_id", "level")}
+        assert finished["message"].startswith(f"sync s run {finished['run_id']} slot ")
+        debug = [r for r in lines if r["level"] == "DEBUG" and r["logger"] == "cohortsync.run"]
+        assert [1, 2, 3] == [r["batch"] for r in debug if "batch" in r]
+        assert "cohortsync worker stopped" == lines[-1]["message"]
+        assert "  s [##############################] 100%  3/3 batches  5/5 members" in stderr
+
+    def test_log_level_warning_is_quiet(self, tmp_path: Path) -> None:
+        """--log-level warning prints no line for an ordinary run."""
+        (tmp_path / "quietapp.py").write_text(
+            textwrap.dedent(
+                """
+                import cohortsync as cs
+                from cohortsync.storage import SQLiteStorage
+                from cohortsync.testing import RecordingDestination
+
+                def make():
+                    scheduler = cs.Scheduler(SQLiteStorage("worker.db"))
+                    scheduler.add_destination("rec", RecordingDestination())
+                    scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["a"]))
+                    if not scheduler.syncs():
+                        scheduler.create_sync("c", "rec", cs.SyncPolicy.hourly(), sync_id="s")
+                    return scheduler
+                """
+            )
+        )
+
+        stdout, _ = _run_worker(tmp_path, "quietapp:make", "--log-level", "WARNING")
+
+        assert "" == stdout
+
+    def test_json_formatter(self) -> None:
+        """A record becomes one JSON object: time in UTC, level, logger, message, fields."""
+        logger = logging.getLogger("cohortsync.run")
+        record = logger.makeRecord(
+            "cohortsync.run",
+            logging.WARNING,
+            __file__,
+            1,
+            "sync %s: %d skipped",
+            ("s1", 2),
+            None,
+            extra={"sync_id": "s1", "slot": "2030-01-01T00:00:00+00:00", "added": 3},
+        )
+        record.created = 1_893_456_000.25
+
+        line = _cli._JsonFormatter().format(record)
+
+        assert "\n" not in line
+        assert {
+            "time": "2030-01-01T00:00:00.250+00:00",
+            "level": "WARNING",
+            "logger": "cohortsync.run",
+            "message": "sync s1: 2 skipped",
+            "sync_id": "s1",
+            "slot": "2030-01-01T00:00:00+00:00",
+            "added": 3,
+        } == json.loads(line)
+
+    def test_json_formatter_exception(self) -> None:
+        """A traceback travels as exc_info text inside the one line."""
+        try:
+            raise ValueError("boom")  # noqa: TRY301 - the record needs a real exception
+        except ValueError:
+            record = logging.getLogger("x").makeRecord(
+                "x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+            )
+
+        data = json.loads(_cli._JsonFormatter().format(record))
+
+        assert "ValueError: boom" in data["exc_info"]
+
+    def test_text_formatter(self) -> None:
+        """The text lines start with the UTC time, the level and the logger."""
+        record = logging.getLogger("x").makeRecord("x", logging.INFO, __file__, 1, "hi", (), None)
+        record.created = 1_893_456_000.0
+
+        assert "2030-01-01T00:00:00.000+00:00 INFO x: hi" == _cli._TextFormatter().format(record)
+
+    def test_worker_logging_is_undone(self) -> None:
+        """The worker's handler and levels are put back as they were when it stops."""
+        root, package = logging.getLogger(), logging.getLogger("cohortsync")
+        before = (list(root.handlers), root.level, package.level)
+        out = io.StringIO()
+
+        with _cli._worker_logging("DEBUG", "text", out):
+            logging.getLogger("cohortsync.run").debug("inside")
+        logging.getLogger("cohortsync.run").warning("outside")
+
+        assert before == (list(root.handlers), root.level, package.level)
+        assert ["inside"] == [line.rsplit(": ", 1)[1] for line in out.getvalue().splitlines()]
+
+    def test_bad_log_format_is_a_usage_error(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """An unknown --log-format exits 2 with the one-line error."""
+        code, err = run_bad(capsys, "worker", "--app", "x:y", "--log-format", "xml")
+
+        assert_usage_error(code, err, "--log-format", "xml")
 
     def test_bad_app_is_a_usage_error(self) -> None:
         """An --app that does not name a Scheduler exits 2."""

@@ -61,6 +61,7 @@ from cohortsync.events import (
     GuardTripped,
     Listener,
     RunFinished,
+    RunPlanned,
     RunStarted,
     SyncFailed,
 )
@@ -1797,6 +1798,7 @@ class TestHistoryAndEvents:
         kinds = {type(e) for e in events}
         assert {
             RunStarted,
+            RunPlanned,
             BatchDelivered,
             RunFinished,
             GuardTripped,
@@ -1832,7 +1834,7 @@ class TestHistoryAndEvents:
         run = h.run_now()
 
         assert (RunStatus.SUCCEEDED, 5) == (run.status, run.added)
-        assert 4 == len(seen)  # started, 2 batches, finished
+        assert 5 == len(seen)  # started, planned, 2 batches, finished
         assert "event listener" in caplog.text
 
     def test_info_logs_never_contain_member_keys(

@@ -30,6 +30,7 @@ import cohortsync.eligibility
 import cohortsync.events
 import cohortsync.exceptions
 import cohortsync.identifiers
+import cohortsync.otel
 import cohortsync.serialization
 import cohortsync.storage
 import cohortsync.testing
@@ -44,6 +45,7 @@ MODULES = [
     cohortsync.events,
     cohortsync.exceptions,
     cohortsync.identifiers,
+    cohortsync.otel,
     cohortsync.serialization,
     cohortsync.storage,
     cohortsync.testing,
@@ -286,6 +288,8 @@ class TestLazyImports:
             "concurrent.futures",
             "sqlite3",
             "psycopg",
+            "opentelemetry",
+            "cohortsync.otel",
             "cohortsync.destinations",
             "cohortsync.testing",
         ],

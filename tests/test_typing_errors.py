@@ -80,6 +80,35 @@ CASES: dict[str, tuple[str, set[str]]] = {
         "def fell_back(e: EligibilityChanged) -> bool: return e.cadence is cs.Cadence.HOURLY",
         set(),
     ),
+    # A listener typed for some event classes subscribes to those classes only.
+    "listener_for_its_events": (
+        (
+            "from cohortsync.events import RunFinished\n"
+            "def done(e: RunFinished) -> None: ...\n"
+            "cs.Scheduler(MemoryStorage()).add_listener(done, events=(RunFinished,))"
+        ),
+        set(),
+    ),
+    "listener_for_other_events": (
+        (
+            "from cohortsync.events import GuardTripped, RunFinished\n"
+            "def done(e: RunFinished) -> None: ...\n"
+            "cs.Scheduler(MemoryStorage()).add_listener(done, events=(GuardTripped,))"
+        ),
+        {"arg-type"},
+    ),
+    "narrow_listener_for_every_event": (
+        (
+            "from cohortsync.events import RunFinished\n"
+            "def done(e: RunFinished) -> None: ...\n"
+            "cs.Scheduler(MemoryStorage()).add_listener(done)"
+        ),
+        {"arg-type"},
+    ),
+    "listener_events_not_classes": (
+        "cs.Scheduler(MemoryStorage()).add_listener(print, events=(int,))",
+        {"type-var"},
+    ),
 }
 
 _ERROR = re.compile(r"^(?P<file>[^:]+\.py):\d+: error: .*\[(?P<code>[a-z-]+)\]$")

@@ -19,10 +19,16 @@ submodules named for their reader:
 * :mod:`cohortsync.serialization`: JSON round-trips of every value.
 * :mod:`cohortsync.exceptions`: the error tree.
 * :mod:`cohortsync.testing`: fake clocks, recording destinations, contract suites.
+* :mod:`cohortsync.otel`: OpenTelemetry spans and metrics (``cohortsync[otel]``).
+
+The package logs through :mod:`logging` under ``cohortsync`` (see
+``docs/operating.md`` for the logger names and record fields) and adds only
+a :class:`logging.NullHandler`: where lines go is the host's choice.
 
 ``cohortsync.__version__`` is the installed distribution's version.
 """
 
+import logging
 from typing import TYPE_CHECKING
 
 from cohortsync import exceptions
@@ -63,6 +69,8 @@ from cohortsync._policy import (
 from cohortsync._scheduler import Preview, Scheduler, Upcoming
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync.identifiers import IdentifierMapping
+
+logging.getLogger("cohortsync").addHandler(logging.NullHandler())
 
 __all__ = [
     "ApplyResult",

@@ -15,8 +15,10 @@ in the environment). No message shows a DSN's password.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import logging
 import math
 import os
 import re
@@ -24,17 +26,21 @@ import signal
 import sys
 import textwrap
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import date, datetime, time, timedelta, timezone
 from itertools import islice
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
+
+from typing_extensions import override
 
 from cohortsync._clock import Clock, SystemClock
 from cohortsync._cohort import Cohort, CohortType
 from cohortsync._converter import unstructure
+from cohortsync._events import BatchDelivered, RunFinished, RunPlanned
 from cohortsync._policy import _TIMED, _ZONED, Cadence, SyncPolicy
+from cohortsync._progress import Display, make_display, wanted
 from cohortsync._scheduler import Scheduler
 from cohortsync._sync import Sync
 from cohortsync._table import grow, render, table
@@ -467,28 +473,131 @@ def _load_app(spec: str) -> Scheduler:
     return app
 
 
+_WORKER_LOG = logging.getLogger("cohortsync.scheduler")
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+"""What every LogRecord has: the rest came in through ``extra=``."""
+
+
+def _utc(created: float) -> str:
+    return datetime.fromtimestamp(created, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+class _TextFormatter(logging.Formatter):
+    """``2030-01-01T00:00:00.000+00:00 INFO cohortsync.run: sync s1 run ...``"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    @override
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _utc(record.created)
+
+
+class _JsonFormatter(logging.Formatter):
+    """
+    One JSON object per line: ``time``, ``level``, ``logger``, ``message``,
+    then the record's ``extra=`` fields (``sync_id``, ``run_id``, ``slot``,
+    counts...) and ``exc_info`` as text when there is one.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, object] = {
+            "time": _utc(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_") and key not in data:
+                data[key] = value
+        if record.exc_info:
+            data["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            data["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(data, default=str, ensure_ascii=False)
+
+
+if TYPE_CHECKING:
+    _StreamHandler = logging.StreamHandler[TextIO]
+else:  # generic at runtime only from Python 3.11
+    _StreamHandler = logging.StreamHandler
+
+
+class _WorkerHandler(_StreamHandler):
+    """Writes records to the worker's output, stepping a progress bar aside for each."""
+
+    def __init__(self, stream: TextIO, display: Display | None) -> None:
+        super().__init__(stream)
+        self.display = display
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.display is None:
+            super().emit(record)
+            return
+        with self.display.paused():
+            super().emit(record)
+
+
+@contextlib.contextmanager
+def _worker_logging(level: str, form: str, out: TextIO) -> Iterator[_WorkerHandler]:
+    """
+    Send every record at *level* and above to *out*, formatted as *form*,
+    for as long as the worker runs (the root logger, so the host's own lines
+    come out alike; what was there before is put back).
+    """
+    handler = _WorkerHandler(out, None)
+    handler.setFormatter(_JsonFormatter() if form == "json" else _TextFormatter())
+    root = logging.getLogger()
+    package = logging.getLogger("cohortsync")
+    before = (root.level, package.level)
+    root.addHandler(handler)
+    root.setLevel(level)
+    package.setLevel(level)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(before[0])
+        package.setLevel(before[1])
+
+
 def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     sys.path.insert(0, str(Path.cwd()))
-    scheduler = _load_app(args.app)
-    stop = threading.Event()
+    with _worker_logging(args.log_level, args.log_format, out) as handler:
+        scheduler = _load_app(args.app)
+        display = None
+        if wanted(args.progress, sys.stderr):
+            # Progress goes to standard error, as tqdm's does: standard
+            # output stays one log line (one JSON object) per line.
+            display = make_display(sys.stderr)
+            handler.display = display
+            scheduler.add_listener(display, events=(RunPlanned, BatchDelivered, RunFinished))
+        stop = threading.Event()
 
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        print(
-            f"cohortsync worker: received {_signal_name(signum)}, stopping after the current run",
-            file=out,
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            _WORKER_LOG.info(
+                "cohortsync worker: received %s, stopping after the current run",
+                _signal_name(signum),
+                extra={"signal": _signal_name(signum)},
+            )
+            stop.set()
+
+        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        _WORKER_LOG.info(
+            "cohortsync worker %s started (%r)",
+            scheduler.owner,
+            scheduler.storage,
+            extra={"owner": scheduler.owner},
         )
-        stop.set()
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    print(f"cohortsync worker {scheduler.owner} started ({scheduler.storage!r})", file=out)
-    out.flush()
-    try:
-        scheduler.run_forever(stop, idle=args.idle)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        scheduler.close()
-    print("cohortsync worker stopped", file=out)
+        try:
+            scheduler.run_forever(stop, idle=args.idle)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if display is not None:
+                display.close()
+            scheduler.close()
+        _WORKER_LOG.info("cohortsync worker stopped", extra={"owner": scheduler.owner})
     return 0
 
 
@@ -812,6 +921,25 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--app", required=True, help="module:attribute of a Scheduler (or factory)")
     worker.add_argument(
         "--idle", type=_seconds, default=30.0, help="longest sleep between polls, in seconds"
+    )
+    worker.add_argument(
+        "--log-level",
+        type=str.upper,
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="least severe lines to print (default INFO: a line as each run starts and ends)",
+    )
+    worker.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text (default) or json: one object per line with the record's fields",
+    )
+    worker.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="draw a bar for long runs on standard error (default: when it is a terminal)",
     )
     worker.set_defaults(func=_cmd_worker)
     return parser

@@ -262,6 +262,8 @@ class BatchSender:
     """Called before each batch goes out (the write-ahead record); the second
     argument is the idempotency key of the batch it replaces (a split batch's
     parent), else ``None``."""
+    destination_id: str = ""
+    """For log lines: the id the destination is registered under."""
     retries: int = 0
     _lock: threading.Lock = attrs.Factory(threading.Lock)
 
@@ -346,7 +348,8 @@ class BatchSender:
                 wait_for = self._asked(e)
                 if wait_for is None:
                     wait_for = self.retry.delay(min(rate_waits - 1, 6), self.rng.random())
-                log.info("rate limited on batch %s; waiting %.1fs", batch.sequence, wait_for)
+                if log.isEnabledFor(logging.INFO):
+                    self._log(batch, "rate limited; waiting %.1fs", wait_for, wait=wait_for)
                 self._wait(wait_for)
             except TransientError as e:
                 if attempt >= self.retry.max_retries:
@@ -358,14 +361,46 @@ class BatchSender:
                 attempt += 1
                 with self._lock:
                     self.retries += 1
-                log.info(
-                    "transient error on batch %s (%s); retry %d in %.1fs",
-                    batch.sequence,
-                    type(e).__name__,
-                    attempt,
-                    delay,
-                )
+                if log.isEnabledFor(logging.INFO):
+                    self._log(
+                        batch,
+                        "transient error (%s); retry %d in %.1fs",
+                        type(e).__name__,
+                        attempt,
+                        delay,
+                        error_type=type(e).__name__,
+                        attempt=attempt,
+                        wait=delay,
+                    )
                 self._wait(delay)
+
+    def _log(self, batch: Batch, message: str, *args: object, **more: object) -> None:
+        """
+        An INFO line about *batch*, led by its sync, run, slot, destination
+        and sequence, which are record fields too.
+        """
+        context = batch.context
+        slot = None if context.slot is None else context.slot.isoformat()
+        text = "sync %s run %s slot %s destination %s batch %d: " + message
+        log.info(
+            text,
+            context.sync_id,
+            context.run_id,
+            slot,
+            self.destination_id,
+            batch.sequence,
+            *args,
+            extra={
+                "sync_id": context.sync_id,
+                "run_id": context.run_id,
+                "slot": slot,
+                "destination_id": self.destination_id,
+                "batch": batch.sequence,
+                "operation": batch.operation.value,
+                **more,
+            },
+            stacklevel=2,
+        )
 
     def send(self, batch: Batch) -> list[Acked]:
         """

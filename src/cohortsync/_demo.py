@@ -25,6 +25,7 @@ import attrs
 
 from cohortsync._cohort import Cohort, CohortType
 from cohortsync._policy import RetryPolicy, SyncPolicy
+from cohortsync._progress import bar, wanted
 from cohortsync._scheduler import Scheduler
 from cohortsync._sync import SyncRun
 from cohortsync._table import table
@@ -135,10 +136,7 @@ class _World:
 
 
 def _progress(out: TextIO, done: float, now: datetime, runs: int) -> None:
-    width = 30
-    filled = int(width * done)
-    bar = "#" * filled + "-" * (width - filled)
-    out.write(f"\r  [{bar}] {done:5.0%}  simulated {now:%H:%M} UTC  runs: {runs:5d}")
+    out.write(f"\r  [{bar(done)}] {done:5.0%}  simulated {now:%H:%M} UTC  runs: {runs:5d}")
     out.flush()
 
 
@@ -277,7 +275,7 @@ def run_demo(
     Run the demo and print what happened. Returns an exit code.
     """
     out = out or sys.stdout
-    show_progress = out.isatty() if progress is None else progress
+    show_progress = wanted(progress, out)
     workdir = directory or Path(tempfile.mkdtemp(prefix="cohortsync-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     db = workdir / "cohortsync.db"

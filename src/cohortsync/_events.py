@@ -3,20 +3,23 @@ Typed events the scheduler emits to host listeners.
 
 A listener is any callable taking an :class:`Event`. Listeners run inline, in
 the worker that emits the event; an exception in a listener is logged and
-never breaks a run. Events carry ids and counts, never member keys.
+never breaks a run. Events carry ids, counts and instants read from the
+scheduler's clock, never member keys.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
+from typing import Any, TypeVar, get_args, overload
 
 import attrs
 
 from cohortsync._destination import Operation
 from cohortsync._policy import Cadence
 from cohortsync._sync import SyncRun, SyncStatus, Trigger
+from cohortsync.exceptions import ConfigurationError
 
 __all__ = [
     "BatchDelivered",
@@ -25,11 +28,13 @@ __all__ = [
     "GuardTripped",
     "Listener",
     "RunFinished",
+    "RunPlanned",
     "RunStarted",
     "SyncFailed",
+    "subscribe",
 ]
 
-log = logging.getLogger("cohortsync")
+log = logging.getLogger("cohortsync.run")
 
 
 @attrs.frozen(kw_only=True)
@@ -37,6 +42,7 @@ class RunStarted:
     """
     A worker claimed a sync and is about to run one slot: with
     :class:`RunFinished`, what a host needs to show runs in progress.
+    ``at - slot`` is how late the run started.
 
     Args:
         sync_id: The sync.
@@ -44,6 +50,8 @@ class RunStarted:
         trigger: Why it runs (scheduled, real-time, manual, catch-up, ...).
         slot: The scheduled instant it runs for.
         at: When it started, on the scheduler's clock.
+        destination_id: The sync's destination.
+        cadence: The cadence the sync runs at now.
     """
 
     sync_id: str
@@ -51,6 +59,48 @@ class RunStarted:
     trigger: Trigger
     slot: datetime
     at: datetime
+    destination_id: str | None = None
+    """The sync's destination (``None`` only in events built by hand)."""
+    cadence: Cadence | None = None
+    """The cadence the sync runs at now (a real-time sync that fell back runs hourly)."""
+
+
+@attrs.frozen(kw_only=True)
+class RunPlanned:
+    """
+    A run read its source and diffed it against the delivered state: what it
+    is about to send, emitted once before its first batch goes out, so a
+    listener can draw progress against a total.
+
+    The figures are the plan, not the outcome: members whose identifier
+    cannot be resolved are skipped, members sharing an identifier go in one
+    request, and a batch refused for bad data is split, so the batches and
+    members delivered (see :class:`BatchDelivered`) can differ. Runs that
+    stop before sending (skipped as ineligible, a failing source) emit none.
+    """
+
+    sync_id: str
+    run_id: str
+    destination_id: str
+    slot: datetime
+    adds: int
+    """Members to add."""
+    removes: int
+    """Members to remove (0 when the guard holds removals back, or the
+    destination or policy does not take removals)."""
+    resends: int
+    """Members the destination holds already that a full send re-sends
+    (a full resync, a membership refresh, a full-sync-only destination)."""
+    batches: int
+    """Requests planned: each operation's members in batches of ``batch_size``."""
+    batch_size: int
+    full_sync: bool
+    at: datetime
+
+    @property
+    def members(self) -> int:
+        """Members to send in all: ``adds + removes + resends``."""
+        return self.adds + self.removes + self.resends
 
 
 @attrs.frozen(kw_only=True)
@@ -61,6 +111,14 @@ class BatchDelivered:
     the destination's own logs when de-duplicating. Carries counts, never
     member keys.
 
+    ``started_at`` is when the batch was recorded as in flight, just before
+    the first attempt, so ``at - started_at`` is its latency, rate-limit waits
+    and retries included. The progress fields count this run's batches and
+    members so far against its :class:`RunPlanned` totals; a total grows if
+    delivery outruns the plan (halves of a batch split for bad data each
+    count as a batch). Every field after ``idempotency_key`` is ``None`` or
+    ``0`` in events built by hand.
+
     Args:
         sync_id: The sync.
         run_id: The run delivering it.
@@ -70,6 +128,13 @@ class BatchDelivered:
         rejected: How many of them the destination refused.
         idempotency_key: The key the batch was sent with; a batch re-sent
             after a crash carries the same one.
+        destination_id: The sync's destination.
+        started_at: When the batch was recorded as in flight.
+        at: When its outcome was stored.
+        batches_done: This run's batches so far, this one included.
+        batches_total: The batches the run expects in all.
+        members_done: This run's members sent so far.
+        members_total: The members the run expects to send in all.
     """
 
     sync_id: str
@@ -79,19 +144,30 @@ class BatchDelivered:
     size: int
     rejected: int
     idempotency_key: str
+    destination_id: str | None = None
+    started_at: datetime | None = None
+    at: datetime | None = None
+    batches_done: int = 0
+    batches_total: int = 0
+    members_done: int = 0
+    members_total: int = 0
 
 
 @attrs.frozen(kw_only=True)
 class RunFinished:
     """
     A run was recorded: emitted only once its history record is stored, so a
-    listener that reads the history (metrics, alerts) finds it there.
+    listener that reads the history (metrics, alerts) finds it there; ``run``
+    carries its status, counts, retries, start and finish instants.
 
     Args:
         run: The run as history holds it.
+        destination_id: The sync's destination.
     """
 
     run: SyncRun
+    destination_id: str | None = None
+    """The sync's destination (``None`` only in events built by hand)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -139,8 +215,96 @@ class GuardTripped:
     at: datetime
 
 
-Event = RunStarted | BatchDelivered | RunFinished | SyncFailed | EligibilityChanged | GuardTripped
+Event = (
+    RunStarted
+    | RunPlanned
+    | BatchDelivered
+    | RunFinished
+    | SyncFailed
+    | EligibilityChanged
+    | GuardTripped
+)
 Listener = Callable[[Event], None]
+
+EVENT_TYPES: tuple[type[Event], ...] = get_args(Event)
+"""Every event class, in the order of :data:`Event`."""
+
+E1 = TypeVar("E1", bound=Event)
+E2 = TypeVar("E2", bound=Event)
+E3 = TypeVar("E3", bound=Event)
+
+
+def _event_types(value: object) -> tuple[type[Event], ...]:
+    """
+    The event classes *value* names: one class or an iterable of them, each
+    an event class of this module. A typo must not leave a listener silently
+    receiving nothing, so anything else is refused.
+    """
+    items = [value] if isinstance(value, type) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise ConfigurationError(
+            "events", value, "must be a tuple of event classes, e.g. (RunFinished, GuardTripped)"
+        )
+    types: list[type[Event]] = []
+    for item in items:
+        if not (isinstance(item, type) and issubclass(item, EVENT_TYPES)):
+            raise ConfigurationError(
+                "events",
+                value,
+                f"{item!r} is not an event class; use classes from cohortsync.events: "
+                + ", ".join(t.__name__ for t in EVENT_TYPES),
+            )
+        if item not in types:
+            types.append(item)
+    if not types:
+        raise ConfigurationError(
+            "events", value, "names no event class: the listener would receive nothing"
+        )
+    return tuple(types)
+
+
+@attrs.frozen
+class _Subscription:
+    """A listener that receives only events of the given classes."""
+
+    listener: Callable[[Any], None]
+    events: tuple[type[Event], ...]
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, self.events):
+            self.listener(event)
+
+
+@overload
+def subscribe(listener: Callable[[E1], None], events: tuple[type[E1]]) -> Listener: ...
+@overload
+def subscribe(
+    listener: Callable[[E1 | E2], None], events: tuple[type[E1], type[E2]]
+) -> Listener: ...
+@overload
+def subscribe(
+    listener: Callable[[E1 | E2 | E3], None], events: tuple[type[E1], type[E2], type[E3]]
+) -> Listener: ...
+@overload
+def subscribe(listener: Listener, events: Iterable[type[Event]]) -> Listener: ...
+def subscribe(listener: Callable[[Any], None], events: Iterable[type[Any]]) -> Listener:
+    """
+    A listener that calls *listener* only for events of the classes in
+    *events*, the way ``Scheduler.add_listener(listener, events=...)`` does;
+    use it to filter in ``Scheduler(listeners=[...])``. A listener typed for
+    the events it takes (``def on_done(event: RunFinished) -> None``) type-checks.
+
+    Args:
+        listener: Called with each matching event.
+        events: The event classes to receive, e.g. ``(RunFinished, GuardTripped)``.
+
+    Raises:
+        ConfigurationError: *listener* is not callable, or *events* is empty
+            or names something other than an event class of this module.
+    """
+    if not callable(listener):
+        raise ConfigurationError("listener", listener, "must be a callable taking an event")
+    return _Subscription(listener, _event_types(events))
 
 
 def emit(listeners: Sequence[Listener], event: Event) -> None:
@@ -153,4 +317,27 @@ def _call(listener: Listener, event: Event) -> None:
     try:
         listener(event)
     except Exception:
-        log.exception("event listener %r failed on %s", listener, type(event).__name__)
+        fields = _about(event)
+        log.exception(
+            "sync %s run %s: event listener %r failed on %s",
+            fields.get("sync_id"),
+            fields.get("run_id"),
+            listener,
+            type(event).__name__,
+            extra=fields,
+        )
+
+
+def _about(event: Event) -> dict[str, str]:
+    """The ids (and slot) an event names, as log record fields."""
+    if isinstance(event, RunFinished):
+        run = event.run
+        return {"sync_id": run.sync_id, "run_id": run.id, "slot": run.slot.isoformat()}
+    fields = {"sync_id": event.sync_id}
+    run_id = getattr(event, "run_id", None)
+    if run_id is not None:
+        fields["run_id"] = run_id
+    slot = getattr(event, "slot", None)
+    if isinstance(slot, datetime):
+        fields["slot"] = slot.isoformat()
+    return fields

@@ -26,7 +26,7 @@ import random
 import secrets
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import attrs
 
@@ -55,7 +55,15 @@ from cohortsync._diff import (
     has_key,
     with_keys,
 )
-from cohortsync._events import BatchDelivered, Event, Listener, RunFinished, RunStarted, emit
+from cohortsync._events import (
+    BatchDelivered,
+    Event,
+    Listener,
+    RunFinished,
+    RunPlanned,
+    RunStarted,
+    emit,
+)
 from cohortsync._plan import (
     GuardPlan,
     Outcome,
@@ -104,12 +112,28 @@ from cohortsync.storage._protocol import (
 
 __all__ = ["Completing", "RunEnvironment", "execute", "prepare"]
 
-log = logging.getLogger("cohortsync")
+log = logging.getLogger("cohortsync.run")
 
 ISSUE_CHUNK = 10_000
 
 _MAX_WAIT = 365 * 86_400.0
 """Longest wait a lease is extended for in one step (a timedelta must stay representable)."""
+
+_ABOUT = "sync %s run %s slot %s: "
+"""How every log line about a run starts (its fields are also on the record)."""
+
+
+def _fields(
+    sync_id: str, run_id: str, slot: datetime, destination_id: str, **more: object
+) -> dict[str, object]:
+    """The ``extra=`` fields of a log record about a run."""
+    return {
+        "sync_id": sync_id,
+        "run_id": run_id,
+        "slot": slot.isoformat(),
+        "destination_id": destination_id,
+        **more,
+    }
 
 
 @attrs.frozen(kw_only=True)
@@ -179,6 +203,25 @@ class _Lease:
             )
 
 
+@attrs.define
+class _Progress:
+    """
+    A run's progress against its plan, for events and DEBUG lines: counted
+    per batch, never per member.
+    """
+
+    listening: bool
+    """Someone listens: build events (and take batch start instants)."""
+    debug: bool = False
+    """DEBUG lines about this run are logged (decided once per run)."""
+    planned_batches: int = 0
+    planned_members: int = 0
+    batches_done: int = 0
+    members_done: int = 0
+    started: dict[str, datetime] = attrs.Factory(dict)
+    """When each batch in flight was recorded, by idempotency key."""
+
+
 @attrs.frozen
 class Completing:
     """
@@ -189,33 +232,77 @@ class Completing:
 
     lease: Lease
     completion: Completion
+    destination_id: str = ""
 
     @property
     def run(self) -> SyncRun:
         return self.completion.run
 
     def report(self, env: RunEnvironment) -> SyncRun:
-        """Log the stored run and emit :class:`RunFinished`; return it."""
+        """
+        Log the stored run (the one INFO line of its end, with its counts)
+        and emit :class:`RunFinished`; return it.
+        """
         run = self.completion.run
-        log.info(
-            "sync %s run %s %s: +%d -%d skipped=%d rejected=%d batches=%d",
-            run.sync_id,
-            run.id,
-            run.status.value,
-            run.added,
-            run.removed,
-            run.skipped,
-            run.rejected,
-            run.batches,
-        )
-        if run.status in (RunStatus.PARTIAL, RunStatus.FAILED) and run.skipped:
-            log.warning(
-                "sync %s run %s skipped %d member(s); see export_history for the reasons",
+        if log.isEnabledFor(logging.INFO):
+            duration = run.duration
+            text = (
+                _ABOUT + "%s +%d -%d skipped=%d rejected=%d batches=%d retries=%d in %.3fs "
+                "(%s, %s, destination %s%s)"
+            )
+            # The error's class only: its message may quote what an adapter sent.
+            error = "" if run.error_type is None else f", error {run.error_type}"
+            log.info(
+                text,
                 run.sync_id,
                 run.id,
+                run.slot.isoformat(),
+                run.status.value,
+                run.added,
+                run.removed,
                 run.skipped,
+                run.rejected,
+                run.batches,
+                run.retries,
+                duration,
+                run.trigger.value,
+                run.cadence.value,
+                self.destination_id,
+                error,
+                extra=_fields(
+                    run.sync_id,
+                    run.id,
+                    run.slot,
+                    self.destination_id,
+                    trigger=run.trigger.value,
+                    cadence=run.cadence.value,
+                    status=run.status.value,
+                    added=run.added,
+                    removed=run.removed,
+                    skipped=run.skipped,
+                    rejected=run.rejected,
+                    batches=run.batches,
+                    retries=run.retries,
+                    duration=duration,
+                    error_type=run.error_type,
+                ),
             )
-        emit(env.listeners, RunFinished(run=run))
+        if (
+            run.status in (RunStatus.PARTIAL, RunStatus.FAILED)
+            and run.skipped
+            and log.isEnabledFor(logging.WARNING)
+        ):
+            text = _ABOUT + "skipped %d member(s); see export_history for the reasons"
+            log.warning(
+                text,
+                run.sync_id,
+                run.id,
+                run.slot.isoformat(),
+                run.skipped,
+                extra=_fields(run.sync_id, run.id, run.slot, self.destination_id),
+            )
+        if env.listeners:
+            emit(env.listeners, RunFinished(run=run, destination_id=self.destination_id))
         return run
 
 
@@ -311,6 +398,7 @@ class _Run:
         self.mapping: IdentifierMapping | None = None
         self.delivered_at_start = 0
         self.teardown_error: BaseException | None = None
+        self.progress = _Progress(listening=bool(env.listeners))
 
     # -- the run ---------------------------------------------------------------
 
@@ -328,16 +416,31 @@ class _Run:
         trigger = _schedule.effective_trigger(
             lease.trigger, cadence, lease.slot, self.started, next_slot=next_slot
         )
-        emit(
-            env.listeners,
-            RunStarted(
-                sync_id=self.sync.id,
-                run_id=self.run_id,
-                trigger=trigger,
-                slot=lease.slot,
-                at=self.started,
-            ),
-        )
+        # Whether to log per-batch lines is decided once per run.
+        self.progress.debug = log.isEnabledFor(logging.DEBUG)
+        if log.isEnabledFor(logging.INFO):
+            self._log(
+                logging.INFO,
+                "started (%s, %s, destination %s)",
+                trigger.value,
+                cadence.value,
+                self.sync.destination_id,
+                trigger=trigger.value,
+                cadence=cadence.value,
+            )
+        if self.progress.listening:
+            emit(
+                env.listeners,
+                RunStarted(
+                    sync_id=self.sync.id,
+                    run_id=self.run_id,
+                    trigger=trigger,
+                    slot=lease.slot,
+                    at=self.started,
+                    destination_id=self.sync.destination_id,
+                    cadence=cadence,
+                ),
+            )
         self._take_over()
         status = RunStatus.SUCCEEDED
         error: BaseException | None = None
@@ -354,13 +457,36 @@ class _Run:
             raise
         except CohortSyncError as e:
             error = e
-        except Exception as e:  # a bug in host code must not lose the run record
-            log.exception("run %s of sync %s failed unexpectedly", self.run_id, self.sync.id)
+        except Exception as e:  # noqa: BLE001 - a bug in host code must not lose the run record
+            self._log(logging.ERROR, "failed unexpectedly", exc_info=True)
             error = e
         if error is not None:
             status, new_sync = self._failed(error)
         self._keep_state()
         return self._complete(trigger, status, error, new_sync)
+
+    def _log(
+        self, level: int, message: str, *args: object, exc_info: bool = False, **more: object
+    ) -> None:
+        """
+        Log a line about this run: its ids and slot lead the message and are
+        record fields too (with *more*), built only if the level is enabled.
+        """
+        if not log.isEnabledFor(level):
+            return
+        lease = self.lease.current
+        text = _ABOUT + message
+        log.log(
+            level,
+            text,
+            self.sync.id,
+            self.run_id,
+            lease.slot.isoformat(),
+            *args,
+            exc_info=exc_info,
+            extra=_fields(self.sync.id, self.run_id, lease.slot, self.sync.destination_id, **more),
+            stacklevel=2,
+        )
 
     def _take_over(self) -> None:
         """
@@ -566,10 +692,9 @@ class _Run:
         )
         self.notes.append("invalid_keys")
         first = diff.invalid[0][1]
-        log.warning(
-            "sync %s: the source of cohort %s yielded %d invalid member key(s), skipped "
-            "(first reason: %s)",
-            self.sync.id,
+        self._log(
+            logging.WARNING,
+            "the source of cohort %s yielded %d invalid member key(s), skipped (first reason: %s)",
             cohort.id,
             len(diff.invalid),
             first,
@@ -634,6 +759,12 @@ class _Run:
             operation=batch.operation,
             members=batch.members,
         )
+        if self.progress.listening:
+            # A split batch's first half inherits its parent's start: its
+            # latency includes the attempt that failed for bad data.
+            started = self.progress.started
+            at = None if replaces is None else started.pop(replaces, None)
+            started[batch.idempotency_key] = at or self.env.clock.now()
         if replaces is None:
             self.env.storage.begin_batch(self.lease.current, pending)
             self._supersede(batch, pending)
@@ -777,6 +908,7 @@ class _Run:
                 keep_alive=self.lease.keep_alive,
                 before_send=lambda batch, replaces: _call(begin, batch, replaces),
                 rng=self.env.rng,
+                destination_id=self.sync.destination_id,
             )
         return self.sender
 
@@ -790,6 +922,8 @@ class _Run:
         send_removals: bool,
     ) -> None:
         context = self._context()
+        if self.progress.listening or self.progress.debug:
+            self._plan(caps, diff, removes if send_removals else ())
         succeeded = False
         destination.open(context)
         if not removes and not diff.adds and not diff.existing:
@@ -825,11 +959,61 @@ class _Run:
         finally:
             self._close(destination, context, succeeded=succeeded)
 
+    def _plan(self, caps: Capabilities, diff: Diff, removes: Keys) -> None:
+        """
+        Announce what this run is about to send (:class:`RunPlanned`, a DEBUG
+        line): the totals progress is measured against.
+        """
+        size = caps.max_batch_size
+        adds = len(diff.adds)
+        removing = len(removes)
+        resends = len(diff.existing) if diff.existing else 0
+        progress = self.progress
+        # Each operation goes in batches of its own: ceilings of each.
+        progress.planned_batches = -(-removing // size) - (-adds // size) - (-resends // size)
+        progress.planned_members = adds + removing + resends
+        if progress.debug:
+            self._log(
+                logging.DEBUG,
+                "planned +%d -%d resend=%d in %d batch(es) of up to %d",
+                adds,
+                removing,
+                resends,
+                progress.planned_batches,
+                size,
+                adds=adds,
+                removes=removing,
+                resends=resends,
+                batches=progress.planned_batches,
+            )
+        if progress.listening:
+            emit(
+                self.env.listeners,
+                RunPlanned(
+                    sync_id=self.sync.id,
+                    run_id=self.run_id,
+                    destination_id=self.sync.destination_id,
+                    slot=self.lease.current.slot,
+                    adds=adds,
+                    removes=removing,
+                    resends=resends,
+                    batches=progress.planned_batches,
+                    batch_size=size,
+                    full_sync=self.full,
+                    at=self.env.clock.now(),
+                ),
+            )
+
     def _close(self, destination: Destination, context: RunContext, *, succeeded: bool) -> None:
         try:
             destination.close(context, succeeded=succeeded)
         except Exception:
-            log.exception("close() of destination %s failed", self.sync.destination_id)
+            self._log(
+                logging.ERROR,
+                "close() of destination %s failed",
+                self.sync.destination_id,
+                exc_info=True,
+            )
             if succeeded:
                 raise
 
@@ -1180,11 +1364,13 @@ class _Run:
             note = "rejections_for_unsent_members"
             if note not in self.notes:
                 self.notes.append(note)
-            log.warning(
+            self._log(
+                logging.WARNING,
                 "destination %s rejected %d identifier(s) it was not sent in batch %s; ignored",
                 self.sync.destination_id,
                 unknown,
                 batch.sequence,
+                batch=batch.sequence,
             )
         operation = batch.operation
         is_remove = operation is Operation.REMOVE
@@ -1212,18 +1398,57 @@ class _Run:
                 ),
             ),
         )
-        emit(
-            self.env.listeners,
-            BatchDelivered(
-                sync_id=self.sync.id,
-                run_id=self.run_id,
-                operation=operation,
-                sequence=batch.sequence,
-                size=len(batch.members),
-                rejected=len(rejected_ids),
-                idempotency_key=batch.idempotency_key,
-            ),
-        )
+        progress = self.progress
+        if progress.listening or progress.debug:
+            self._progressed(batch, len(rejected_ids))
+
+    def _progressed(self, batch: Batch, rejected: int) -> None:
+        """Count an answered batch against the plan; log it and emit :class:`BatchDelivered`."""
+        size = len(batch.members)
+        operation = batch.operation
+        progress = self.progress
+        progress.batches_done += 1
+        progress.members_done += size
+        # Halves of a batch split for bad data each count: never past 100 %.
+        progress.planned_batches = max(progress.planned_batches, progress.batches_done)
+        progress.planned_members = max(progress.planned_members, progress.members_done)
+        if progress.debug:
+            self._log(
+                logging.DEBUG,
+                "batch %d %s: %d sent, %d rejected; %d/%d batches, %d/%d members",
+                batch.sequence,
+                operation.value,
+                size,
+                rejected,
+                progress.batches_done,
+                progress.planned_batches,
+                progress.members_done,
+                progress.planned_members,
+                batch=batch.sequence,
+                operation=operation.value,
+                size=size,
+                rejected=rejected,
+            )
+        if progress.listening:
+            emit(
+                self.env.listeners,
+                BatchDelivered(
+                    sync_id=self.sync.id,
+                    run_id=self.run_id,
+                    operation=operation,
+                    sequence=batch.sequence,
+                    size=size,
+                    rejected=rejected,
+                    idempotency_key=batch.idempotency_key,
+                    destination_id=self.sync.destination_id,
+                    started_at=progress.started.pop(batch.idempotency_key, None),
+                    at=self.env.clock.now(),
+                    batches_done=progress.batches_done,
+                    batches_total=progress.planned_batches,
+                    members_done=progress.members_done,
+                    members_total=progress.planned_members,
+                ),
+            )
 
     def _answers(
         self, batch: Batch, rejected_ids: dict[str, str]
@@ -1370,7 +1595,7 @@ class _Run:
             try:
                 self._flush_issues()
             except CohortSyncError:
-                log.exception("could not record member issues of run %s", self.run_id)
+                self._log(logging.ERROR, "could not record its member issues", exc_info=True)
         counts = self.counts
         plan = plan_completion(
             Outcome(
@@ -1406,7 +1631,7 @@ class _Run:
             )
         )
         self._emit(plan.events)
-        return Completing(lease, plan.completion)
+        return Completing(lease, plan.completion, self.sync.destination_id)
 
 
 def _call(

@@ -13,12 +13,12 @@ import random
 import secrets
 import socket
 import threading
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from itertools import islice
 from pathlib import PurePath
 from types import TracebackType
-from typing import Literal, cast, get_args
+from typing import Any, Literal, cast, get_args, overload
 
 import attrs
 from typing_extensions import Self
@@ -41,7 +41,7 @@ from cohortsync._converter import unstructure
 from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimiter, RateLimits
 from cohortsync._destination import Capabilities, Destination
 from cohortsync._diff import diff_changes, diff_snapshot, head, with_keys
-from cohortsync._events import Listener
+from cohortsync._events import E1, E2, E3, Event, Listener, subscribe
 from cohortsync._keep import KEEP, Keep
 from cohortsync._plan import (
     ReadFacts,
@@ -93,7 +93,7 @@ from cohortsync.storage._protocol import (
 
 __all__ = ["Preview", "Scheduler", "Upcoming"]
 
-log = logging.getLogger("cohortsync")
+log = logging.getLogger("cohortsync.scheduler")
 
 
 _SlotAllocation = Literal["balanced", "hash"]
@@ -299,8 +299,9 @@ class Scheduler:
             the store so each minute of the period holds as many syncs as any
             other; ``"hash"`` derives the slot from the sync id alone.
         listeners: Callables receiving every event (``RunStarted``,
-            ``BatchDelivered``, ``RunFinished``, ``SyncFailed``,
-            ``EligibilityChanged``, ``GuardTripped``).
+            ``RunPlanned``, ``BatchDelivered``, ``RunFinished``,
+            ``SyncFailed``, ``EligibilityChanged``, ``GuardTripped``); wrap
+            one in :func:`cohortsync.events.subscribe` to give it only some.
         pause_after_failures: A sync whose runs fail this many times in a row
             with the same error (other than a transient destination or store
             outage) is paused with that error as its reason, instead of
@@ -449,10 +450,45 @@ class Scheduler:
         self._mappings[mapping_id] = mapping
         return mapping
 
-    def add_listener(self, listener: Listener) -> None:
+    @overload
+    def add_listener(self, listener: Listener, *, events: None = None) -> None: ...
+    @overload
+    def add_listener(self, listener: Callable[[E1], None], *, events: tuple[type[E1]]) -> None: ...
+    @overload
+    def add_listener(
+        self, listener: Callable[[E1 | E2], None], *, events: tuple[type[E1], type[E2]]
+    ) -> None: ...
+    @overload
+    def add_listener(
+        self,
+        listener: Callable[[E1 | E2 | E3], None],
+        *,
+        events: tuple[type[E1], type[E2], type[E3]],
+    ) -> None: ...
+    @overload
+    def add_listener(self, listener: Listener, *, events: Iterable[type[Event]]) -> None: ...
+    def add_listener(
+        self, listener: Callable[[Any], None], *, events: Iterable[type[Any]] | None = None
+    ) -> None:
         """
-        Receive every event this scheduler emits.
+        Receive the events this scheduler emits: every event, or only those
+        of the classes in *events* (as APScheduler's listener masks do), so a
+        listener for failures is not called for every batch.
+
+        Args:
+            listener: Called inline with each event; what it raises is logged.
+            events: The event classes to receive, e.g.
+                ``(RunFinished, GuardTripped)``; ``None`` for all.
+
+        Raises:
+            ConfigurationError: *listener* is not callable, or *events* is
+                empty or names something other than a class of
+                :mod:`cohortsync.events`.
         """
+        if events is not None:
+            listener = subscribe(listener, events)
+        elif not callable(listener):
+            raise ConfigurationError("listener", listener, "must be a callable taking an event")
         self._listeners.append(listener)
 
     # The lookups validate the id only when it is not registered: a
@@ -1635,10 +1671,7 @@ class Scheduler:
             if error is None:
                 runs.append(completing.report(env))
             elif isinstance(error, LeaseLostError):
-                log.warning(
-                    "lost the lease on sync %s mid-run; another worker has it",
-                    completing.lease.sync_id,
-                )
+                _lease_lost(completing.lease, completing.run.id)
             else:
                 isolated = self._isolate(completing.lease, error)
                 if isolated is not None:
@@ -1657,14 +1690,22 @@ class Scheduler:
         with its error, and take it off the schedule until its next slot.
         The other due syncs go on. Returns the failed run if it was recorded.
         """
+        run_id = secrets.token_hex(8)
         log.error(
-            "sync %s: its run of slot %s could not be completed (%s: %s); "
+            "sync %s run %s slot %s: could not be completed (%s: %s); "
             "isolated so the other syncs run",
             lease.sync_id,
+            run_id,
             lease.slot.isoformat(),
             type(error).__name__,
             error,
             exc_info=error,
+            extra={
+                "sync_id": lease.sync_id,
+                "run_id": run_id,
+                "slot": lease.slot.isoformat(),
+                "error_type": type(error).__name__,
+            },
         )
         now = self._now()
         try:
@@ -1681,7 +1722,7 @@ class Scheduler:
             anchor=record.anchor,
             offset=record.offset,
             attempts=record.attempts,
-            run_id=secrets.token_hex(8),
+            run_id=run_id,
             slot=lease.slot,
             generation=lease.generation,
             trigger=lease.trigger,
@@ -1947,9 +1988,7 @@ class _Batch:
             try:
                 self.done.append(prepare(self.env, claim))
             except LeaseLostError:
-                log.warning(
-                    "lost the lease on sync %s mid-run; another worker has it", lease.sync_id
-                )
+                _lease_lost(lease, None)
             except Exception as exc:  # noqa: BLE001 - isolated, recorded, logged
                 self.store()
                 isolated = scheduler._isolate(lease, exc)  # noqa: SLF001
@@ -1982,6 +2021,17 @@ class _Batch:
             if claim.lease.sync_id not in self.seen:
                 _release(storage, claim.lease)
         del self.claims[self.next :]
+
+
+def _lease_lost(lease: Lease, run_id: str | None) -> None:
+    """Log a run given up because another worker took its lease over."""
+    log.warning(
+        "sync %s run %s slot %s: lost the lease mid-run; another worker has it",
+        lease.sync_id,
+        run_id,
+        lease.slot.isoformat(),
+        extra={"sync_id": lease.sync_id, "run_id": run_id, "slot": lease.slot.isoformat()},
+    )
 
 
 def _release(storage: Storage, lease: Lease) -> None:

@@ -28,7 +28,16 @@ from cohortsync.eligibility import (
     available_destinations,
     check_eligibility,
 )
-from cohortsync.events import EligibilityChanged, Event
+from cohortsync.events import (
+    BatchDelivered,
+    EligibilityChanged,
+    Event,
+    GuardTripped,
+    Listener,
+    RunFinished,
+    RunPlanned,
+    subscribe,
+)
 from cohortsync.identifiers import Bulk, BulkResolver
 from cohortsync.serialization import dumps, loads, make_converter
 from cohortsync.storage import (
@@ -499,6 +508,36 @@ def on_event(event: Event) -> None:
 
 
 listening = cohortsync.Scheduler(MemoryStorage(), listeners=[on_event])
+listening.add_listener(on_event)
+
+
+def on_finished(event: RunFinished) -> None:
+    """A listener typed for the one event class it subscribes to."""
+    assert_type(event.run.status, cohortsync.RunStatus)
+    assert_type(event.destination_id, str | None)
+
+
+def on_trouble(event: RunFinished | GuardTripped) -> None:
+    """A listener for two classes."""
+
+
+def on_progress(event: RunPlanned | BatchDelivered) -> None:
+    """Progress: the plan's totals, then each batch against them."""
+    if isinstance(event, RunPlanned):
+        assert_type(event.members, int)
+    else:
+        assert_type(event.members_total, int)
+        assert_type(event.started_at, datetime | None)
+
+
+listening.add_listener(on_finished, events=(RunFinished,))
+listening.add_listener(on_trouble, events=(RunFinished, GuardTripped))
+listening.add_listener(on_progress, events=(RunPlanned, BatchDelivered))
+listening.add_listener(on_event, events=[RunFinished, GuardTripped])
+assert_type(subscribe(on_finished, (RunFinished,)), Listener)
+filtered = cohortsync.Scheduler(
+    MemoryStorage(), listeners=[subscribe(on_trouble, (GuardTripped, RunFinished))]
+)
 assert_type(recommend(sync, runs), Recommendation | None)
 
 text = dumps(sync)

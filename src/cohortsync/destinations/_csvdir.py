@@ -615,7 +615,16 @@ class CsvDirectoryDestination(Destination):
         if run is None:
             return
         if not succeeded:
-            log.debug("run %s failed; its batches stay staged for the next run", context.run_id)
+            log.debug(
+                "sync %s run %s: failed; its batches stay staged for the next run",
+                context.sync_id,
+                context.run_id,
+                extra={
+                    "sync_id": context.sync_id,
+                    "run_id": context.run_id,
+                    "slot": None if context.slot is None else context.slot.isoformat(),
+                },
+            )
             return
         final = run.sync_dir / run.name
         try:

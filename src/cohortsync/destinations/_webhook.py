@@ -407,23 +407,34 @@ class WebhookDestination(Destination):
             "Idempotency-Key": batch.idempotency_key,
         }
         safe_url = _safe_url(self.url)
-        log.debug(
-            "webhook POST %s: %s %d users, message_id=%s",
-            safe_url,
-            "in_cohort" if in_cohort else "out_of_cohort",
-            len(batch),
-            batch.idempotency_key,
-        )
+        fields = _log_fields(batch) if log.isEnabledFor(logging.DEBUG) else None
+        if fields is not None:
+            log.debug(
+                "sync %s run %s batch %d: webhook POST %s: %s %d users, message_id=%s",
+                context.sync_id,
+                context.run_id,
+                batch.sequence,
+                safe_url,
+                "in_cohort" if in_cohort else "out_of_cohort",
+                len(batch),
+                batch.idempotency_key,
+                extra=fields,
+            )
         try:
             response = self._transport.post(self.url, body, headers, self.timeout)
         except OSError as e:  # a host transport that lets socket errors escape
             raise TransientError(f"POST to {safe_url} failed: {_describe(e)}") from e
-        log.debug(
-            "webhook %s answered HTTP %d for message_id=%s",
-            safe_url,
-            response.status,
-            batch.idempotency_key,
-        )
+        if fields is not None:
+            log.debug(
+                "sync %s run %s batch %d: webhook %s answered HTTP %d for message_id=%s",
+                context.sync_id,
+                context.run_id,
+                batch.sequence,
+                safe_url,
+                response.status,
+                batch.idempotency_key,
+                extra=fields,
+            )
         return self._outcome(batch, response)
 
     def _outcome(self, batch: Batch, response: HttpResponse) -> DeliveryResult:
@@ -467,6 +478,17 @@ class WebhookDestination(Destination):
 
     def __repr__(self) -> str:
         return f"WebhookDestination({_safe_url(self.url)!r})"
+
+
+def _log_fields(batch: Batch) -> dict[str, object]:
+    """The ``extra=`` fields of a log line about *batch*: its run and sequence."""
+    context = batch.context
+    return {
+        "sync_id": context.sync_id,
+        "run_id": context.run_id,
+        "slot": None if context.slot is None else context.slot.isoformat(),
+        "batch": batch.sequence,
+    }
 
 
 def _rejections(batch: Batch, body: bytes) -> DeliveryResult:
