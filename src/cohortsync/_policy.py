@@ -322,15 +322,18 @@ def _grid_seconds(policy: SyncPolicy) -> int:
 
 
 def _hour_grid(policy: SyncPolicy) -> int:
-    """A period that divides an hour, in seconds (its grid lines up with every UTC hour), or 0."""
+    """
+    A period shorter than an hour that divides it, in seconds (its grid lines
+    up with every UTC hour), or 0.
+    """
     seconds = _grid_seconds(policy)
-    return seconds if seconds and not 3_600 % seconds else 0
+    return seconds if seconds and seconds < 3_600 and not 3_600 % seconds else 0
 
 
 def _day_grid(policy: SyncPolicy) -> int:
-    """A period that divides a day but not an hour, in seconds, or 0."""
+    """A period of an hour or more that divides a day, in seconds, or 0."""
     seconds = _grid_seconds(policy)
-    return seconds if seconds and not 86_400 % seconds and 3_600 % seconds else 0
+    return seconds if seconds >= 3_600 and not 86_400 % seconds else 0
 
 
 @attrs.frozen(kw_only=True)

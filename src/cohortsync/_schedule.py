@@ -220,8 +220,8 @@ def next_due(  # noqa: C901, PLR0915 - flat branches, no calls: this is the hot 
     ):
         require_aware(anchor, "anchor")
         after = require_aware(after, "after")
-    # A UTC grid whose period divides an hour (hourly, every 15 minutes) or a
-    # day (daily, every 6 hours) lines up with each UTC hour or midnight, so
+    # A UTC grid whose period divides an hour (every 15 minutes) or a day
+    # (hourly, daily, every 6 hours) lines up with each UTC hour or midnight, so
     # the next slot is built from *after*'s own calendar fields: `into` is how
     # far into the hour (day) *after* is, in whole seconds, and `due` the
     # first slot strictly later, counted from the same hour (day). Exact, and
@@ -233,18 +233,6 @@ def next_due(  # noqa: C901, PLR0915 - flat branches, no calls: this is the hot 
     if grid:
         if type(offset) is not int or not 0 <= offset < grid:
             raise _bad_offset(policy.cadence, offset, policy)
-        if grid == 3_600:
-            # One slot an hour: this hour's, or the next one. A comparison of
-            # datetimes is cheaper than the seconds arithmetic below.
-            slot = datetime(
-                after.year, after.month, after.day, after.hour, offset // 60, offset % 60, 0, _UTC
-            )
-            if slot > after:
-                return slot
-            try:
-                return slot + _ONE_HOUR
-            except OverflowError:
-                raise _end_of_time() from None
         into = after.minute * 60 + after.second
         due = into - (into - offset) % grid + grid
         if due < 3_600:
@@ -265,8 +253,20 @@ def next_due(  # noqa: C901, PLR0915 - flat branches, no calls: this is the hot 
         grid = policy._day_grid  # noqa: SLF001
         if type(offset) is not int or not 0 <= offset < grid:
             raise _bad_offset(policy.cadence, offset, policy)
+        if grid == 3_600:
+            # One slot an hour: this hour's, or the next one. A comparison of
+            # datetimes is cheaper than the seconds arithmetic below.
+            slot = datetime(
+                after.year, after.month, after.day, after.hour, offset // 60, offset % 60, 0, _UTC
+            )
+            if slot > after:
+                return slot
+            try:
+                return slot + _ONE_HOUR
+            except OverflowError:
+                raise _end_of_time() from None
         if grid == _DAY:
-            # One slot a day: today's, or tomorrow's (as for hourly above).
+            # One slot a day: today's, or tomorrow's, as for hourly.
             slot = datetime(
                 after.year, after.month, after.day,
                 offset // 3_600, offset // 60 % 60, offset % 60, 0, _UTC,
