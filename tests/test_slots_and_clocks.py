@@ -6,7 +6,7 @@ before 1970 and the end of year 9999.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -56,6 +56,69 @@ class TestSlotAccounting:
 
         assert before == occupied()
         assert bucket + 1 == occupied()[0]  # the sync still holds its bucket
+
+
+class TestCreatePlacedByTheStore:
+    """create_sync lets the store pick the bucket inside the write when the first run is now."""
+
+    class Counting(MemoryStorage):
+        """Counts how a create reached the store."""
+
+        picks = 0
+        placed = 0
+
+        def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
+            self.picks += 1
+            return super().least_loaded_slot(period, buckets, preferred)
+
+        def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:
+            self.placed += 1
+            return super().create_sync_least_loaded(record, buckets)
+
+    @pytest.mark.parametrize(
+        ("policy", "placed"),
+        [
+            (cs.SyncPolicy.daily(), 1),
+            (cs.SyncPolicy.hourly(), 1),
+            (cs.SyncPolicy.every(timedelta(minutes=15)), 1),
+            (cs.SyncPolicy.daily(first_run="next_slot"), 0),
+            (cs.SyncPolicy.daily(at=time(6, 0)), 0),
+            (cs.SyncPolicy.realtime(), 0),
+        ],
+        ids=["daily", "hourly", "every", "next-slot", "chosen-time", "realtime"],
+    )
+    def test_which_path(self, clock: FakeClock, policy: cs.SyncPolicy, placed: int) -> None:
+        """One store call for a spread sync due now; the pick-then-write path otherwise."""
+        storage = self.Counting()
+        scheduler = cs.Scheduler(storage, clock=clock)
+        scheduler.add_cohort(
+            cs.Cohort(id="c", name="c", type=cs.CohortType.BEHAVIORAL, source=Members(["a"]))
+        )
+        scheduler.add_destination("d", RecordingDestination())
+
+        sync = scheduler.create_sync("c", "d", policy)
+
+        assert placed == storage.placed
+        spread = policy.first_run is cs.FirstRun.NEXT_SLOT
+        assert (1 if spread else 0) == storage.picks
+        assert clock.now() == scheduler.next_run(sync.id) or spread
+
+    def test_the_same_spread_as_one_pick_at_a_time(self, clock: FakeClock) -> None:
+        """Daily syncs created through the store's pick fill the buckets as picks would."""
+        storage = MemoryStorage()
+        scheduler = cs.Scheduler(storage, clock=clock)
+        scheduler.add_cohort(
+            cs.Cohort(id="c", name="c", type=cs.CohortType.BEHAVIORAL, source=Members(["a"]))
+        )
+        scheduler.add_destination("d", RecordingDestination())
+        for i in range(3_000):
+            scheduler.create_sync("c", "d", cs.SyncPolicy.daily(), sync_id=f"s{i}")
+
+        counts = storage.slot_counts(86_400, 1_440)
+        assert 3_000 == sum(counts)
+        assert {2, 3} == set(counts)
+        offsets = [storage.get_sync(f"s{i}").offset for i in range(3_000)]
+        assert all(o // 60 == storage.get_sync(f"s{i}").slot_bucket for i, o in enumerate(offsets))
 
 
 class TestEverySlotAccountedFor:

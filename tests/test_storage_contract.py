@@ -168,6 +168,7 @@ class TestReport:
             "check_paged_reads",
             "check_create_syncs",
             "check_bulk_counts_match_one_by_one",
+            "check_create_sync_least_loaded",
         ] == [
             name.removesuffix(" (derived queries)") for name in report.passed[len(STORAGE_CHECKS) :]
         ]
@@ -185,6 +186,7 @@ class TestReport:
             "page_syncs",
             "slot_counts",
             "create_syncs",
+            "create_sync_least_loaded",
         ) == report.derived
         assert tuple(c.__name__ for c in STORAGE_CHECKS) == report.passed
 
@@ -203,10 +205,11 @@ class TestReport:
             "page_syncs",
             "slot_counts",
             "create_syncs",
+            "create_sync_least_loaded",
         } == {name for name, how in report.parts.items() if how == "absent"}
         # check_paged_reads runs once (the store has no paged reads of its own), and so
         # do the bulk checks (on the scheduler's derivation, not again on StorageBase's).
-        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 3 == len(report.passed)
+        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 4 == len(report.passed)
 
     def test_the_report_reads_as_a_table(self) -> None:
         """str() lists each part, required or optional, native or derived."""
@@ -214,10 +217,11 @@ class TestReport:
 
         assert lines[0].endswith(f"{len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 1} checks passed")
         assert ["ScheduleStore", "required", "native"] == lines[1].split()
-        assert ["dead_letters", "optional", "derived"] == lines[-7].split()
-        assert ["complete_runs", "optional", "native"] == lines[-5].split()
-        assert ["page_syncs", "optional", "native"] == lines[-3].split()
-        assert ["create_syncs", "optional", "native"] == lines[-1].split()
+        assert ["dead_letters", "optional", "derived"] == lines[-8].split()
+        assert ["complete_runs", "optional", "native"] == lines[-6].split()
+        assert ["page_syncs", "optional", "native"] == lines[-4].split()
+        assert ["create_syncs", "optional", "native"] == lines[-2].split()
+        assert ["create_sync_least_loaded", "optional", "native"] == lines[-1].split()
 
     def test_a_missing_query_names_the_base_class(self) -> None:
         """A structural store without an optional query is told to add it or use StorageBase."""

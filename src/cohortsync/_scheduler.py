@@ -692,6 +692,29 @@ class Scheduler:
             created_at=now,
             updated_at=now,
         )
+        create_placed = getattr(self.storage, "create_sync_least_loaded", None)
+        grid = self._preferred(sync.id, sync.generation, policy)
+        if (
+            grid is not None
+            and callable(create_placed)
+            and self.slot_allocation == "balanced"
+            and policy.first_run is FirstRun.NOW
+            and _schedule.fixed_offset(policy) is None
+        ):
+            # Due now whatever its slot: the store picks the bucket inside the
+            # write (one round trip on PostgreSQL instead of a read, then it).
+            period, preferred = grid
+            record = SyncRecord(
+                sync=sync,
+                next_due=now,
+                next_trigger=self._first_trigger(policy),
+                offset=preferred,
+                slot_bucket=preferred // SLOT_BUCKET_SECONDS,
+                anchor=now,
+                scheduled_from=now,
+            )
+            create_placed(record, period // SLOT_BUCKET_SECONDS)
+            return sync
         offset, bucket = self._place(sync.id, sync.generation, policy)
         first_due, first_trigger = self._first_due(policy, offset, now)
         record = SyncRecord(

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from itertools import islice
 from types import TracebackType
 
+import attrs
 from typing_extensions import Self
 
 from cohortsync._clock import require_aware
@@ -21,6 +22,7 @@ from cohortsync.exceptions import (
     SyncNotFoundError,
 )
 from cohortsync.storage._protocol import (
+    SLOT_BUCKET_SECONDS,
     BatchedRuns,
     BulkSyncWrites,
     Claim,
@@ -42,6 +44,7 @@ __all__ = [
     "StorageBase",
     "derive_claim_runs",
     "derive_complete_runs",
+    "derive_create_sync_least_loaded",
     "derive_create_syncs",
     "derive_due_between",
     "derive_page_syncs",
@@ -49,6 +52,8 @@ __all__ = [
     "due_key",
     "iter_due",
     "iter_sync_records",
+    "placed",
+    "placement_of",
     "require_distinct_ids",
 ]
 
@@ -114,6 +119,9 @@ class StorageBase(Storage, BatchedRuns, PagedReads, BulkSyncWrites):
 
     def create_syncs(self, records: Sequence[SyncRecord]) -> list[str]:
         return derive_create_syncs(self, records)
+
+    def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:
+        return derive_create_sync_least_loaded(self, record, buckets)
 
     def complete_runs(
         self, completions: Sequence[tuple[Lease, Completion]]
@@ -368,6 +376,42 @@ def derive_create_syncs(store: Storage, records: Sequence[SyncRecord]) -> list[s
                 raise  # refused for another reason than a taken id
             taken.append(record.id)
     return taken
+
+
+def placement_of(record: SyncRecord, buckets: int) -> tuple[int, int]:
+    """
+    ``(period, preferred bucket)`` of a record for
+    :meth:`~cohortsync.storage.BulkSyncWrites.create_sync_least_loaded`.
+
+    Raises:
+        ConfigurationError: *buckets* is below 1, or the record has no slot
+            bucket.
+    """
+    require_buckets(buckets)
+    slot = slot_bucket_of(record)
+    if slot is None:
+        raise ConfigurationError(
+            "slot_bucket", record.slot_bucket, "the record's policy is not spread over slots"
+        )
+    return slot[0], slot[1] % buckets
+
+
+def placed(record: SyncRecord, bucket: int) -> SyncRecord:
+    """*record* moved to *bucket*, keeping its second within the bucket."""
+    offset = bucket * SLOT_BUCKET_SECONDS + record.offset % SLOT_BUCKET_SECONDS
+    return attrs.evolve(record, offset=offset, slot_bucket=bucket)
+
+
+def derive_create_sync_least_loaded(store: Storage, record: SyncRecord, buckets: int) -> SyncRecord:
+    """
+    :meth:`~cohortsync.storage.BulkSyncWrites.create_sync_least_loaded` in two
+    steps: :meth:`~cohortsync.storage.OptionalQueries.least_loaded_slot`, then
+    :meth:`~cohortsync.storage.ScheduleStore.create_sync`.
+    """
+    period, preferred = placement_of(record, buckets)
+    stored = placed(record, store.least_loaded_slot(period, buckets, preferred))
+    store.create_sync(stored)
+    return stored
 
 
 def _exists(store: Storage, sync_id: str) -> bool:

@@ -28,7 +28,13 @@ from cohortsync.exceptions import (
     StorageClosedError,
     SyncNotFoundError,
 )
-from cohortsync.storage._base import StorageBase, due_key, require_distinct_ids
+from cohortsync.storage._base import (
+    StorageBase,
+    due_key,
+    placed,
+    placement_of,
+    require_distinct_ids,
+)
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
     AppliedBatch,
@@ -365,6 +371,18 @@ class MemoryStorage(StorageBase):
     def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
         with self._lock:
             return self._load_of(period, buckets).least(preferred)
+
+    def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:
+        period, preferred = placement_of(record, buckets)
+        with self._lock:
+            self._check_open()
+            if record.id in self._syncs:
+                raise ConfigurationError("id", record.id, "a sync with this id already exists")
+            stored = placed(record, self._load_of(period, buckets).least(preferred))
+            stored = attrs.evolve(stored, lease=None, last_slot=None, revision=0)
+            self._count_slot(None, stored)
+            self._store(stored)
+        return stored
 
     def _load_of(self, period: int, buckets: int) -> SlotLoad:
         require_buckets(buckets)

@@ -64,9 +64,9 @@ from cohortsync.exceptions import (
     SyncNotFoundError,
 )
 from cohortsync.storage import _sql as q
-from cohortsync.storage._base import StorageBase, require_distinct_ids
+from cohortsync.storage._base import StorageBase, placed, placement_of, require_distinct_ids
 from cohortsync.storage._dsn import mask_dsn
-from cohortsync.storage._protocol import IssueKind, MemberIssue
+from cohortsync.storage._protocol import SLOT_BUCKET_SECONDS, IssueKind, MemberIssue
 from cohortsync.storage._rules import (
     collect_holders,
     earliest_claimable,
@@ -369,6 +369,37 @@ _CREATE_SYNC = (
     "  ON CONFLICT (period, bucket) DO UPDATE SET syncs = {s}.slot_buckets.syncs + 1"
     ")"
     " SELECT count(*) FROM created"
+)
+# The pick of _PICK_SLOT, the sync in the picked bucket and its count, in one
+# statement (one round trip): the bucket and offset are worked out in SQL.
+_PLACED_COLUMNS = {
+    "slot_bucket": "(SELECT bucket FROM pick)",
+    "slot_offset": "(SELECT bucket FROM pick) * %(bucket_seconds)s + %(within)s",
+}
+_CREATE_SYNC_LEAST_LOADED = (
+    "WITH least AS ("  # noqa: S608 - constant columns, values are parameters
+    "  SELECT syncs FROM {s}.slot_buckets WHERE period = %(period)s AND bucket < %(buckets)s"
+    "  ORDER BY syncs LIMIT 1"
+    "), pick AS ("
+    "  (SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
+    "   AND syncs = (SELECT syncs FROM least) AND bucket >= %(preferred)s"
+    "   AND bucket < %(buckets)s ORDER BY bucket LIMIT 1)"
+    "  UNION ALL"
+    "  (SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
+    "   AND syncs = (SELECT syncs FROM least) AND bucket < %(preferred)s"
+    "   ORDER BY bucket LIMIT 1)"
+    "  LIMIT 1"
+    "), created AS ("
+    f"  INSERT INTO {{s}}.syncs (id, {', '.join(q.DEFINITION_COLUMNS)})"
+    "  SELECT %(id)s, "
+    + ", ".join(_PLACED_COLUMNS.get(c, f"%({c})s") for c in q.DEFINITION_COLUMNS)
+    + "  ON CONFLICT (id) DO NOTHING RETURNING slot_period, slot_bucket, slot_offset"
+    "), counted AS ("
+    "  INSERT INTO {s}.slot_buckets (period, bucket, syncs)"
+    "  SELECT slot_period, slot_bucket, 1 FROM created"
+    "  ON CONFLICT (period, bucket) DO UPDATE SET syncs = {s}.slot_buckets.syncs + 1"
+    ")"
+    " SELECT slot_bucket, slot_offset FROM created"
 )
 _SYNC_ARRAYS = (
     ("id", "text"),
@@ -892,6 +923,29 @@ class PostgresStorage(StorageBase):
             created = _one(cur)[0] == 1
         if not created:
             raise ConfigurationError("id", record.id, "a sync with this id already exists")
+
+    def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:
+        """
+        One statement: the pick of :meth:`least_loaded_slot`, the sync in
+        the picked bucket and its count (the period's bucket rows are made
+        once per store object, as for the pick).
+        """
+        period, preferred = placement_of(record, buckets)
+        params = q.sync_params(record, _TZ)
+        params.update(
+            period=period,
+            buckets=buckets,
+            preferred=preferred,
+            bucket_seconds=SLOT_BUCKET_SECONDS,
+            within=record.offset % SLOT_BUCKET_SECONDS,
+        )
+        with self._cursor("create_sync_least_loaded") as cur:
+            self._fill(cur, period, buckets)
+            cur.execute(self._sql(_CREATE_SYNC_LEAST_LOADED), params)
+            row = cur.fetchone()
+        if row is None:
+            raise ConfigurationError("id", record.id, "a sync with this id already exists")
+        return placed(record, row[0])
 
     def get_sync(self, sync_id: str) -> SyncRecord:
         with self._cursor("get_sync") as cur:

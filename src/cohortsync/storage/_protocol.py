@@ -814,6 +814,31 @@ class BulkSyncWrites(Protocol):
         transaction each).
         """
 
+    def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:
+        """
+        :meth:`~ScheduleStore.create_sync` of *record* in the least loaded of
+        the *buckets* slot buckets of its period, picked as
+        :meth:`~OptionalQueries.least_loaded_slot` picks with
+        ``record.slot_bucket`` as the preferred bucket: the stored record has
+        that bucket and the offset ``bucket * SLOT_BUCKET_SECONDS +
+        record.offset % SLOT_BUCKET_SECONDS``. **Atomic**, and one round trip
+        where the store can: :meth:`cohortsync.Scheduler.create_sync` uses
+        it for a sync whose first run is due now, whatever its offset.
+
+        Concurrent creators may pick the same bucket; the counts stay exact.
+
+        Returns:
+            The record as stored.
+
+        Raises:
+            ConfigurationError: The id is taken (nothing written or
+                counted), *buckets* is below 1, or the record has no slot
+                bucket (its policy is not spread).
+
+        Derived from :meth:`~OptionalQueries.least_loaded_slot` and
+        :meth:`~ScheduleStore.create_sync` (two steps).
+        """
+
 
 @runtime_checkable
 class Storage(ScheduleStore, DeliveryStore, HistoryStore, OptionalQueries, Protocol):

@@ -56,6 +56,7 @@ from cohortsync.storage._rules import (
 
 __all__ = [
     "APPLICATION",
+    "DEFINITION_COLUMNS",
     "MICROSECONDS",
     "TIMESTAMPTZ",
     "Instants",
@@ -180,7 +181,7 @@ CLAIM_RUN_COLUMNS = claim_run_columns()
 :class:`~cohortsync.storage.Claim`, read in the claim's own transaction (the
 sync row is ``syncs``)."""
 _SYNC_WIDTH = SYNC_COLUMNS.count(",") + 1
-_DEFINITION_COLUMNS = (
+DEFINITION_COLUMNS = (
     "definition",
     "generation",
     "status",
@@ -197,14 +198,14 @@ _DEFINITION_COLUMNS = (
     "slot_period",
 )
 INSERT_SYNC = (
-    f"INSERT INTO {{s}}.syncs (id, {', '.join(_DEFINITION_COLUMNS)})"  # noqa: S608 - constant
-    f" VALUES (%(id)s, {', '.join(f'%({c})s' for c in _DEFINITION_COLUMNS)})"
+    f"INSERT INTO {{s}}.syncs (id, {', '.join(DEFINITION_COLUMNS)})"  # noqa: S608 - constant
+    f" VALUES (%(id)s, {', '.join(f'%({c})s' for c in DEFINITION_COLUMNS)})"
     " ON CONFLICT (id) DO NOTHING"
 )
 """Create a sync from :func:`sync_params`; no row changes when the id is taken."""
 UPDATE_SYNC = (
     "UPDATE {s}.syncs SET"  # noqa: S608 - constant columns
-    f" {', '.join(f'{c} = %({c})s' for c in _DEFINITION_COLUMNS)}, revision = revision + 1"
+    f" {', '.join(f'{c} = %({c})s' for c in DEFINITION_COLUMNS)}, revision = revision + 1"
     " WHERE id = %(id)s"
 )
 """A host's save: the definition and schedule from :func:`sync_params`, a new revision."""

@@ -43,7 +43,7 @@ from cohortsync.exceptions import (
     SyncNotFoundError,
 )
 from cohortsync.storage import _sql as q
-from cohortsync.storage._base import StorageBase, require_distinct_ids
+from cohortsync.storage._base import StorageBase, placed, placement_of, require_distinct_ids
 from cohortsync.storage._protocol import (
     AppliedBatch,
     Claim,
@@ -743,35 +743,20 @@ class SQLiteStorage(StorageBase):
 
     def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
         require_buckets(buckets)
-        preferred %= buckets
         with self._write() as conn:
-            row = conn.execute(
-                "SELECT buckets FROM slot_periods WHERE period = ?", (period,)
-            ).fetchone()
-            known = 0 if row is None else row[0]
-            if known < buckets:
-                # Every bucket gets a row up front, so the least loaded one is
-                # always the first entry of the (period, count, bucket) index.
-                conn.executemany(
-                    "INSERT OR IGNORE INTO slots (period, bucket, count) VALUES (?, ?, 0)",
-                    ((period, b) for b in range(known, buckets)),
-                )
-                conn.execute(
-                    "INSERT INTO slot_periods (period, buckets) VALUES (?, ?) "
-                    "ON CONFLICT (period) DO UPDATE SET buckets = excluded.buckets",
-                    (period, buckets),
-                )
-            (least,) = conn.execute(
-                "SELECT count FROM slots WHERE period = ? AND bucket < ? ORDER BY count LIMIT 1",
-                (period, buckets),
-            ).fetchone()
-            pick = "SELECT bucket FROM slots WHERE period = ? AND count = ? AND bucket >= ? AND bucket < ? ORDER BY bucket LIMIT 1"  # noqa: E501 - one query reads better on one line
-            # The first bucket at or after `preferred`, else wrap around to the start.
-            row = conn.execute(pick, (period, least, preferred, buckets)).fetchone()
-            if row is None:
-                row = conn.execute(pick, (period, least, 0, preferred)).fetchone()
-            bucket: int = row[0]
-        return bucket
+            return _pick_slot(conn, period, buckets, preferred % buckets)
+
+    def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:
+        """
+        The pick, the sync and its count in one write transaction.
+        """
+        period, preferred = placement_of(record, buckets)
+        with self._write() as conn:
+            stored = placed(record, _pick_slot(conn, period, buckets, preferred))
+            if conn.execute(_INSERT_SYNC, q.sync_params(stored, _US)).rowcount != 1:
+                raise ConfigurationError("id", record.id, "a sync with this id already exists")
+            conn.execute(_COUNT_SLOT, (period, stored.slot_bucket))
+        return stored
 
     def slot_counts(self, period: int, buckets: int) -> list[int]:
         require_buckets(buckets)
@@ -1179,3 +1164,36 @@ class SQLiteStorage(StorageBase):
             conn.execute("DELETE FROM batches WHERE at < ?", cut)
             deleted: int = conn.execute("DELETE FROM runs WHERE finished_at < ?", cut).rowcount
         return deleted
+
+
+def _pick_slot(conn: sqlite3.Connection, period: int, buckets: int, preferred: int) -> int:
+    """
+    The least loaded of *buckets* buckets of *period*, inside the caller's
+    write transaction: the first at or after *preferred* holding the lowest
+    count, else the first before it.
+    """
+    row = conn.execute("SELECT buckets FROM slot_periods WHERE period = ?", (period,)).fetchone()
+    known = 0 if row is None else row[0]
+    if known < buckets:
+        # Every bucket gets a row up front, so the least loaded one is
+        # always the first entry of the (period, count, bucket) index.
+        conn.executemany(
+            "INSERT OR IGNORE INTO slots (period, bucket, count) VALUES (?, ?, 0)",
+            ((period, b) for b in range(known, buckets)),
+        )
+        conn.execute(
+            "INSERT INTO slot_periods (period, buckets) VALUES (?, ?) "
+            "ON CONFLICT (period) DO UPDATE SET buckets = excluded.buckets",
+            (period, buckets),
+        )
+    (least,) = conn.execute(
+        "SELECT count FROM slots WHERE period = ? AND bucket < ? ORDER BY count LIMIT 1",
+        (period, buckets),
+    ).fetchone()
+    pick = "SELECT bucket FROM slots WHERE period = ? AND count = ? AND bucket >= ? AND bucket < ? ORDER BY bucket LIMIT 1"  # noqa: E501 - one query reads better on one line
+    # The first bucket at or after `preferred`, else wrap around to the start.
+    row = conn.execute(pick, (period, least, preferred, buckets)).fetchone()
+    if row is None:
+        row = conn.execute(pick, (period, least, 0, preferred)).fetchone()
+    bucket: int = row[0]
+    return bucket

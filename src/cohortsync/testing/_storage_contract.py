@@ -44,6 +44,7 @@ from cohortsync.storage._base import (
     StorageBase,
     derive_claim_runs,
     derive_complete_runs,
+    derive_create_sync_least_loaded,
     derive_create_syncs,
     derive_due_between,
     derive_page_syncs,
@@ -51,6 +52,7 @@ from cohortsync.storage._base import (
     due_key,
 )
 from cohortsync.storage._protocol import (
+    SLOT_BUCKET_SECONDS,
     AppliedBatch,
     BatchedRuns,
     BulkSyncWrites,
@@ -1836,6 +1838,60 @@ def _slot_counts(store: Storage, period: int, buckets: int) -> list[int]:
     return counts
 
 
+def _create_least_loaded(store: Storage, record: SyncRecord, buckets: int) -> SyncRecord:
+    native = getattr(store, "create_sync_least_loaded", None)
+    if native is None:
+        return derive_create_sync_least_loaded(store, record, buckets)
+    stored: SyncRecord = native(record, buckets)
+    return stored
+
+
+def _in_bucket(sync_id: str, bucket: int, second: int) -> SyncRecord:
+    """An hourly sync preferring *bucket*, *second* seconds into it."""
+    return _record(sync_id, slot_bucket=bucket, offset=bucket * SLOT_BUCKET_SECONDS + second)
+
+
+def check_create_sync_least_loaded(make_storage: StorageFactory) -> None:
+    """
+    create_sync_least_loaded stores the record in the bucket least_loaded_slot
+    would pick (its own bucket preferred), keeping its second within the
+    bucket, counts it there, and answers the record as stored; a taken id is
+    refused with nothing written or counted; a record without a bucket is
+    refused.
+    """
+    period, buckets = 3600, 60
+    with _open(make_storage) as store:
+        first = _create_least_loaded(store, _in_bucket("a", 7, 13), buckets)
+        _expect(7, first.slot_bucket, "an empty period: the preferred bucket")
+        _expect(7 * 60 + 13, first.offset, "the offset kept")
+        _expect(first, store.get_sync("a"), "the answer is the stored record")
+        second = _create_least_loaded(store, _in_bucket("b", 7, 59), buckets)
+        _expect(8, second.slot_bucket, "bucket 7 taken: the next one")
+        _expect(8 * 60 + 59, second.offset, "moved with its second in the bucket")
+        _expect(second, store.get_sync("b"), "the moved record as stored")
+        _expect(9, store.least_loaded_slot(period, buckets, 7), "both counted")
+        with _raises(ConfigurationError, "a taken id"):
+            _create_least_loaded(store, _in_bucket("a", 30, 0), buckets)
+        _expect(first, store.get_sync("a"), "the taken id's record is kept")
+        _expect(30, store.least_loaded_slot(period, buckets, 30), "a refused create counts nothing")
+        wrapped = _create_least_loaded(store, _in_bucket("c", 59, 0), buckets)
+        _expect(59, wrapped.slot_bucket, "the last bucket")
+        for i in range(buckets):
+            if i not in (7, 8, 59):
+                store.create_sync(_slotted(f"fill-{i}", i))
+        tie = _create_least_loaded(store, _in_bucket("d", 59, 1), buckets)
+        _expect(59, tie.slot_bucket, "every bucket holds one: a tie keeps the preferred one")
+        wraps = _create_least_loaded(store, _in_bucket("g", 59, 2), buckets)
+        _expect(0, wraps.slot_bucket, "the preferred bucket fuller: the pick wraps to the start")
+        _expect(0 * 60 + 2, wraps.offset, "its second kept in bucket 0")
+        with _raises(ConfigurationError, "a record without a bucket"):
+            _create_least_loaded(store, _record("e", next_due=T0), buckets)
+        with _raises(SyncNotFoundError, "nothing of it written"):
+            store.get_sync("e")
+        with _raises(ConfigurationError, "no buckets"):
+            _create_least_loaded(store, _in_bucket("f", 0, 0), 0)
+
+
 def _counted(records: Sequence[SyncRecord], buckets: int) -> list[int]:
     """The counts of hourly *records* per bucket, as a store must keep them."""
     counts = [0] * buckets
@@ -1977,6 +2033,7 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_paged_reads,
     check_create_syncs,
     check_bulk_counts_match_one_by_one,
+    check_create_sync_least_loaded,
     check_closed_store_is_unusable,
 )
 """Every check, in order; each takes the factory and uses fresh stores from it."""
@@ -1999,6 +2056,7 @@ _QUERY_CHECKS: Mapping[str, tuple[Callable[[StorageFactory], None], ...]] = {
     "page_syncs": (check_paged_reads,),
     "slot_counts": (check_create_syncs, check_bulk_counts_match_one_by_one),
     "create_syncs": (check_create_syncs, check_bulk_counts_match_one_by_one),
+    "create_sync_least_loaded": (check_create_sync_least_loaded,),
 }
 """The checks that exercise each optional query."""
 
@@ -2049,7 +2107,7 @@ class StorageReport:
         required = {part.__name__ for part in _REQUIRED}
         lines = [f"{self.storage}: {len(self.passed)} checks passed"]
         lines.extend(
-            f"  {name:<20} {'required' if name in required else 'optional':<9} {how}"
+            f"  {name:<24} {'required' if name in required else 'optional':<9} {how}"
             for name, how in self.parts.items()
         )
         return "\n".join(lines)
