@@ -580,6 +580,18 @@ class TestWorker:
 
         assert "ValueError: boom" in data["exc_info"]
 
+    def test_json_formatter_non_finite_numbers(self) -> None:
+        """NaN and infinity in a host's extra= fields come out as strings: strict JSON."""
+        record = logging.getLogger("x").makeRecord(
+            "x", logging.INFO, __file__, 1, "hi", (), None, extra={"n": float("nan"), "i": 1e999}
+        )
+
+        line = _cli._JsonFormatter().format(record)
+
+        assert "NaN" not in line.replace('"nan"', "")
+        data = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+        assert ("nan", "inf") == (data["n"], data["i"])
+
     def test_text_formatter(self) -> None:
         """The text lines start with the UTC time, the level and the logger."""
         record = logging.getLogger("x").makeRecord("x", logging.INFO, __file__, 1, "hi", (), None)
@@ -976,6 +988,49 @@ class TestValues:
         code, err = run_bad(capsys, "demo", f"--hours={hours}", "--no-progress")
 
         assert_usage_error(code, err, "--hours", *words)
+
+    @pytest.mark.parametrize("command", ["syncs", "upcoming", "history"])
+    @pytest.mark.parametrize("limit", ["99999999999999999999999", "9223372036854775807"])
+    def test_huge_limits(
+        self, demo: tuple[Path, str], capsys: pytest.CaptureFixture[str], command: str, limit: str
+    ) -> None:
+        """A --limit past any store's rows crashed with a traceback; it is a usage error."""
+        directory, _ = demo
+        args = ["s"] if command == "history" else []
+
+        code, err = run_bad(
+            capsys, command, *args, "--db", str(directory / "cohortsync.db"), "--limit", limit
+        )
+
+        assert_usage_error(code, err, "--limit", "1,000,000,000")
+
+    def test_an_app_whose_store_fails_is_exit_1(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A worker app whose store refuses the password is an error (1), not bad arguments."""
+        (tmp_path / "failingapp.py").write_text(
+            "import cohortsync\n"
+            "def build():\n"
+            f"    raise cohortsync.exceptions.StorageError('password refused for {SECRET}')\n"
+        )
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.syspath_prepend(str(tmp_path))
+
+        code, err = run_bad(capsys, "worker", "--app", "failingapp:build")
+
+        assert 1 == code
+        assert err.startswith("cohortsync: error: ")
+        assert "password refused" in err
+
+    def test_a_port_that_is_no_number(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A DSN whose port is not a number does not parse: exit 2, password masked."""
+        code, err = run_bad(capsys, "syncs", "--db", f"postgresql://u:{SECRET}@127.0.0.1:x/db")
+
+        assert_usage_error(code, err, "not a valid PostgreSQL DSN")
+        assert SECRET not in err
 
     def test_demo_dir_that_is_a_file(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

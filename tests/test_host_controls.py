@@ -91,6 +91,13 @@ class TestRegistration:
         with pytest.raises(ConfigurationError, match="clock"):
             cs.Scheduler(MemoryStorage(), clock=datetime.now)  # type: ignore[arg-type]
 
+    def test_a_class_is_not_an_instance(self) -> None:
+        """Scheduler(MemoryStorage) and clock=FakeClock are refused at once, saying what to pass."""
+        with pytest.raises(ConfigurationError, match=r"pass an instance: MemoryStorage\(\.\.\.\)"):
+            cs.Scheduler(MemoryStorage)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match=r"pass an instance: FakeClock\(\.\.\.\)"):
+            cs.Scheduler(MemoryStorage(), clock=FakeClock)  # type: ignore[arg-type]
+
 
 class TestClosing:
     """A scheduler owns its store: close() and `with` close it, whoever opened it."""

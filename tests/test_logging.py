@@ -276,6 +276,90 @@ class TestNoMemberKeys:
         assert any(r.levelno >= logging.WARNING for r in loud)
 
 
+def _loud_texts(records: list[logging.LogRecord]) -> list[str]:
+    """Each INFO+ record's text, traceback and fields, as one string."""
+    return [
+        " ".join([r.getMessage(), r.exc_text or "", *map(str, _extra(r).values())])
+        for r in records
+        if r.levelno >= logging.INFO
+    ]
+
+
+class _Buggy(cs.Destination):
+    """An adapter with a bug whose message quotes the members it got."""
+
+    capabilities = cs.Capabilities(max_batch_size=10)
+
+    def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        raise ValueError(f"cannot handle {list(batch.identifiers)}")
+
+    def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return cs.DeliveryResult.ok()
+
+
+class TestForeignExceptions:
+    """An exception from host code is at ERROR by its class, its text and traceback at DEBUG."""
+
+    def test_an_adapter_bug(self, clock: FakeClock, records: list[logging.LogRecord]) -> None:
+        """One ERROR line naming the batch and the class; the members only at DEBUG."""
+        scheduler = build(clock, lambda: ["member-XYZ-1", "member-XYZ-2"], destination=_Buggy())
+
+        run = run_next(scheduler, clock)
+
+        assert cs.RunStatus.FAILED == run.status
+        errors = [r for r in records if r.levelno == logging.ERROR]
+        assert 1 == len(errors)
+        (error,) = errors
+        assert "cohortsync.delivery" == error.name
+        assert "ValueError" in error.getMessage()
+        assert "_Buggy.add()" in error.getMessage()
+        assert {
+            "sync_id": "s1",
+            "run_id": run.id,
+            "batch": 1,
+            "error_type": "ValueError",
+        }.items() <= (_extra(error).items())
+        assert error.exc_info is None
+        assert [] == [t for t in _loud_texts(records) if "member-XYZ" in t]
+        debug = [r for r in records if r.levelno == logging.DEBUG and r.exc_info]
+        assert any("member-XYZ-1" in r.getMessage() for r in debug)
+
+    def test_a_resolver_and_a_listener_that_raise(
+        self, clock: FakeClock, records: list[logging.LogRecord]
+    ) -> None:
+        """A failing bulk lookup and listener: ERROR lines with the run's fields, no member key."""
+
+        def lookup(keys: object) -> dict[str, str]:
+            raise RuntimeError(f"lookup failed for {keys}")
+
+        def listener(event: object) -> None:
+            raise RuntimeError(f"listener saw {event!r} and member-XYZ-1")
+
+        mapping = cs.IdentifierMapping(
+            rules=[(cs.IdentifierKind.USER_ID, cs.identifiers.Bulk(lookup))]
+        )
+        scheduler = build(
+            clock,
+            lambda: ["member-XYZ-1"],
+            mapping=mapping,
+            listeners=[listener],
+        )
+
+        run = run_next(scheduler, clock)
+
+        assert cs.RunStatus.FAILED == run.status
+        errors = [r for r in records if r.levelno == logging.ERROR]
+        assert {"cohortsync.run"} == {r.name for r in errors}
+        assert any(
+            "RuntimeError" in r.getMessage() and "listener" in r.getMessage() for r in errors
+        )
+        assert any("failed unexpectedly" in r.getMessage() for r in errors)
+        finished = [r for r in errors if "RunFinished" in r.getMessage()]
+        assert finished
+        assert {"slot", "destination_id"} <= set(_extra(finished[0]))
+        assert [] == [t for t in _loud_texts(records) if "member-XYZ" in t]
+
+
 class TestNothingBuiltWhenOff:
     """A level that is off costs no message and no fields."""
 

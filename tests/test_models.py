@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections.abc import AsyncIterator
 from datetime import datetime, time, timedelta, timezone
 from typing import Any, get_args
 from zoneinfo import ZoneInfo
@@ -1025,3 +1026,29 @@ class TestIssueKind:
             MemberIssue(run_id="r1", key="m1", kind="lost", reason="no")
 
         assert ("kind", "lost") == (info.value.field, info.value.value)
+
+
+class TestAsyncSources:
+    """An async source is refused when the cohort is built, not mid-run."""
+
+    def test_async_callable_and_async_members(self) -> None:
+        """async def sources, async generators and async members() are ConfigurationErrors."""
+
+        async def fetch() -> list[str]:
+            return ["a"]
+
+        async def stream() -> AsyncIterator[str]:
+            yield "a"
+
+        class AsyncMembers:
+            async def members(self) -> list[str]:
+                return ["a"]
+
+        for source in (fetch, stream, AsyncMembers()):
+            with pytest.raises(cohortsync.exceptions.ConfigurationError, match="is async"):
+                cohortsync.Cohort(id="c", name="c", source=source)  # type: ignore[arg-type]
+
+    def test_plain_sources_still_pass(self) -> None:
+        """A plain function and a members() object are accepted as before."""
+        cohortsync.Cohort(id="c", name="c", source=lambda: ["a"])
+        cohortsync.Cohort(id="c", name="c", source=cohortsync.StaticSource(["a"]))

@@ -113,6 +113,25 @@ class TestFakeClock:
             clock.advance(-1)
         assert T0 == clock.now()
 
+    @pytest.mark.parametrize(
+        ("by", "message"),
+        [
+            (float("nan"), "finite"),
+            (float("inf"), "finite"),
+            (10**20, "more seconds than a timedelta holds"),
+            (timedelta(days=999_999_999), "past year 9999"),
+            ("10", "timedelta or a number"),
+            (True, "timedelta or a number"),
+        ],
+    )
+    def test_advance_bad_amounts(self, by: object, message: str) -> None:
+        """NaN, infinity, huge amounts and non-numbers are ConfigurationErrors; time stays."""
+        clock = FakeClock(T0)
+
+        with pytest.raises(cs.exceptions.ConfigurationError, match=message):
+            clock.advance(by)  # type: ignore[arg-type]
+        assert T0 == clock.now()
+
     def test_set_forward(self) -> None:
         """set() jumps to an aware instant."""
         clock = FakeClock(T0)

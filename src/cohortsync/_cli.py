@@ -191,7 +191,12 @@ def _open_postgres(source: str, dsn: str, schema: str) -> Storage:
             code=EXIT_ERROR,
         ) from None
     try:
-        conninfo_to_dict(dsn)
+        params = conninfo_to_dict(dsn)
+        # libpq reads the port only when it connects: a port that is no
+        # number is a DSN that does not parse, not a server that fails.
+        for port in str(params.get("port") or "").split(","):
+            if port and not port.strip().isdigit():
+                raise psycopg.ProgrammingError("port")
     except psycopg.Error:
         # The driver's message quotes the DSN, which may hold a password.
         raise _CliError(
@@ -315,7 +320,7 @@ def _cmd_upcoming(args: argparse.Namespace, out: TextIO) -> int:
         except OverflowError:
             start = "--at" if at is not None else "now"
             raise _CliError(
-                f"{start} plus --hours {args.hours:,.0f} reaches past {date.max:%Y-%m-%d}, "
+                f"{start} plus --hours {args.hours:.6g} reaches past {date.max:%Y-%m-%d}, "
                 "the last date a horizon can be; give fewer hours"
             ) from None
         # One more than shown, to say whether there are more: never the whole list.
@@ -466,6 +471,8 @@ def _load_app(spec: str) -> Scheduler:
     if callable(target) and not isinstance(target, Scheduler):
         try:
             app = target()
+        except CohortSyncError:
+            raise  # the app's store failed (a refused password...): exit 1, not bad arguments
         except Exception as e:
             raise _CliError(f"calling {spec} failed: {type(e).__name__}: {e}") from e
     if not isinstance(app, Scheduler):
@@ -514,7 +521,19 @@ class _JsonFormatter(logging.Formatter):
             data["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:
             data["stack_info"] = self.formatStack(record.stack_info)
-        return json.dumps(data, default=str, ensure_ascii=False)
+        return json.dumps(
+            {key: _strict_json(value) for key, value in data.items()},
+            default=str,
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+
+
+def _strict_json(value: object) -> object:
+    """A float JSON has no number for (NaN, infinity) as its text: strict parsers refuse ``NaN``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 if TYPE_CHECKING:
@@ -615,9 +634,13 @@ def _positive(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    if not 1 <= value <= _MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be 1 to {_MAX_LIMIT:,}, not {text.strip()[:30]}")
     return value
+
+
+_MAX_LIMIT = 1_000_000_000
+"""The most rows a --limit asks for: more than any store lists, and within every integer type."""
 
 
 def _hours(text: str) -> float:
@@ -627,7 +650,9 @@ def _hours(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of hours above 0, not {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of hours above 0, not {text.strip()[:30]!r}"
+        )
     return value
 
 

@@ -5,6 +5,7 @@ Cohorts and the membership sources that say who is in them.
 from __future__ import annotations
 
 import enum
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Literal, Protocol, TypeGuard, runtime_checkable
 
@@ -180,12 +181,31 @@ def has_change_feed(source: object) -> TypeGuard[ChangeFeed]:
     )
 
 
+def _require_sync(name: str, function: object) -> None:
+    """
+    Refuse an ``async def`` where a run calls and iterates: it would only fail
+    mid-run (a coroutine is not iterable).
+    """
+    if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+        raise ConfigurationError(
+            name,
+            getattr(function, "__qualname__", function),
+            "is async; the scheduler reads sources synchronously: give a plain def that "
+            "returns or yields member keys (an async source is not supported yet)",
+        )
+
+
 def _to_source(value: object) -> MembershipSource | None:
     # A structural check, not isinstance() on the runtime-checkable protocol:
     # that inspects every protocol attribute and runs on every Cohort copy.
-    if value is None or callable(getattr(value, "members", None)):
+    if value is None:
+        return None
+    members = getattr(value, "members", None)
+    if callable(members):
+        _require_sync("source.members", members)
         return value  # type: ignore[return-value]
     if callable(value):
+        _require_sync("source", value)
         return CallableSource(value)
     raise ConfigurationError(
         "source", value, "must be a MembershipSource or a callable returning member keys"

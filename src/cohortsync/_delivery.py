@@ -30,6 +30,7 @@ from cohortsync._destination import (
     Rejection,
     RunContext,
 )
+from cohortsync._logs import log_failure
 from cohortsync._policy import RetryPolicy
 from cohortsync.exceptions import (
     BadDataError,
@@ -283,6 +284,7 @@ class BatchSender:
             raise TransientError(f"{type(e).__name__}: {e}") from e
         except Exception as e:
             # An adapter bug is not a reason to retry forever or to guess.
+            self._log_bug(batch, e)
             raise PermanentError(
                 f"{type(self.destination).__name__} raised {type(e).__name__}: {e}"
             ) from e
@@ -373,6 +375,38 @@ class BatchSender:
                         wait=delay,
                     )
                 self._wait(delay)
+
+    def _log_bug(self, batch: Batch, error: Exception) -> None:
+        """
+        ERROR: the adapter raised something that is none of the library's
+        delivery errors (a bug in it); its text and traceback at DEBUG.
+        """
+        if not log.isEnabledFor(logging.ERROR):
+            return
+        context = batch.context
+        slot = None if context.slot is None else context.slot.isoformat()
+        log_failure(
+            log,
+            "sync %s run %s slot %s destination %s batch %d: %s.%s() raised an exception"
+            " that is not a cohortsync.exceptions.DeliveryError (a bug in the adapter?);"
+            " the run fails",
+            context.sync_id,
+            context.run_id,
+            slot,
+            self.destination_id,
+            batch.sequence,
+            type(self.destination).__name__,
+            batch.operation.value,
+            error=error,
+            extra={
+                "sync_id": context.sync_id,
+                "run_id": context.run_id,
+                "slot": slot,
+                "destination_id": self.destination_id,
+                "batch": batch.sequence,
+                "operation": batch.operation.value,
+            },
+        )
 
     def _log(self, batch: Batch, message: str, *args: object, **more: object) -> None:
         """

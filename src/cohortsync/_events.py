@@ -17,6 +17,7 @@ from typing import Any, TypeVar, get_args, overload
 import attrs
 
 from cohortsync._destination import Operation
+from cohortsync._logs import log_failure
 from cohortsync._policy import Cadence
 from cohortsync._sync import SyncRun, SyncStatus, Trigger
 from cohortsync.exceptions import ConfigurationError
@@ -316,24 +317,29 @@ def _call(listener: Listener, event: Event) -> None:
     # A host's listener must never break a run: log and carry on.
     try:
         listener(event)
-    except Exception:
+    except Exception as e:  # noqa: BLE001 - a host's listener never breaks a run
         fields = _about(event)
-        log.exception(
-            "sync %s run %s: event listener %r failed on %s",
+        log_failure(
+            log,
+            "sync %s run %s slot %s: event listener %r failed on %s",
             fields.get("sync_id"),
             fields.get("run_id"),
+            fields.get("slot"),
             listener,
             type(event).__name__,
+            error=e,
             extra=fields,
         )
 
 
 def _about(event: Event) -> dict[str, str]:
     """The ids (and slot) an event names, as log record fields."""
+    destination_id = getattr(event, "destination_id", None)
+    fields = {} if destination_id is None else {"destination_id": destination_id}
     if isinstance(event, RunFinished):
         run = event.run
-        return {"sync_id": run.sync_id, "run_id": run.id, "slot": run.slot.isoformat()}
-    fields = {"sync_id": event.sync_id}
+        return {"sync_id": run.sync_id, "run_id": run.id, "slot": run.slot.isoformat(), **fields}
+    fields["sync_id"] = event.sync_id
     run_id = getattr(event, "run_id", None)
     if run_id is not None:
         fields["run_id"] = run_id

@@ -64,6 +64,7 @@ from cohortsync._events import (
     RunStarted,
     emit,
 )
+from cohortsync._logs import log_failure
 from cohortsync._plan import (
     GuardPlan,
     Outcome,
@@ -458,7 +459,7 @@ class _Run:
         except CohortSyncError as e:
             error = e
         except Exception as e:  # noqa: BLE001 - a bug in host code must not lose the run record
-            self._log(logging.ERROR, "failed unexpectedly", exc_info=True)
+            self._log_failure(e, "failed unexpectedly")
             error = e
         if error is not None:
             status, new_sync = self._failed(error)
@@ -486,6 +487,25 @@ class _Run:
             exc_info=exc_info,
             extra=_fields(self.sync.id, self.run_id, lease.slot, self.sync.destination_id, **more),
             stacklevel=2,
+        )
+
+    def _log_failure(self, error: BaseException, message: str, *args: object) -> None:
+        """
+        An exception from outside cohortsync, about this run: its class at
+        ERROR, its text and traceback at DEBUG (they may quote member keys).
+        """
+        if not log.isEnabledFor(logging.ERROR):
+            return
+        lease = self.lease.current
+        log_failure(
+            log,
+            _ABOUT + message,
+            self.sync.id,
+            self.run_id,
+            lease.slot.isoformat(),
+            *args,
+            error=error,
+            extra=_fields(self.sync.id, self.run_id, lease.slot, self.sync.destination_id),
         )
 
     def _take_over(self) -> None:
@@ -1007,13 +1027,8 @@ class _Run:
     def _close(self, destination: Destination, context: RunContext, *, succeeded: bool) -> None:
         try:
             destination.close(context, succeeded=succeeded)
-        except Exception:
-            self._log(
-                logging.ERROR,
-                "close() of destination %s failed",
-                self.sync.destination_id,
-                exc_info=True,
-            )
+        except Exception as e:
+            self._log_failure(e, "close() of destination %s failed", self.sync.destination_id)
             if succeeded:
                 raise
 
@@ -1594,8 +1609,8 @@ class _Run:
         if self.issues:
             try:
                 self._flush_issues()
-            except CohortSyncError:
-                self._log(logging.ERROR, "could not record its member issues", exc_info=True)
+            except CohortSyncError as e:
+                self._log_failure(e, "could not record its member issues")
         counts = self.counts
         plan = plan_completion(
             Outcome(

@@ -43,6 +43,7 @@ from cohortsync._destination import Capabilities, Destination
 from cohortsync._diff import diff_changes, diff_snapshot, head, with_keys
 from cohortsync._events import E1, E2, E3, Event, Listener, subscribe
 from cohortsync._keep import KEEP, Keep
+from cohortsync._logs import log_failure
 from cohortsync._plan import (
     ReadFacts,
     in_flight_members,
@@ -226,6 +227,14 @@ def _to_storage(value: object) -> Storage:
         # A path is the embedded default's file: an easy mistake to make
         # (Scheduler("cohortsync.db")), so accept it rather than fail later.
         return _sqlite(value)
+    if isinstance(value, type):
+        # The class passes the protocol check (it has the methods, unbound):
+        # Scheduler(MemoryStorage) would only fail at its first call.
+        raise ConfigurationError(
+            "storage",
+            value.__name__,
+            f"is a class; pass an instance: {value.__name__}(...)",
+        )
     if isinstance(value, Storage):
         return value
     raise ConfigurationError(
@@ -239,6 +248,10 @@ def _to_storage(value: object) -> Storage:
 def _to_clock(value: object) -> Clock:
     if value is None:
         return SystemClock()
+    if isinstance(value, type):
+        raise ConfigurationError(
+            "clock", value.__name__, f"is a class; pass an instance: {value.__name__}(...)"
+        )
     if not callable(getattr(value, "now", None)) or not callable(getattr(value, "sleep", None)):
         raise ConfigurationError(
             "clock",
@@ -1714,21 +1727,14 @@ class Scheduler:
         The other due syncs go on. Returns the failed run if it was recorded.
         """
         run_id = secrets.token_hex(8)
-        log.error(
-            "sync %s run %s slot %s: could not be completed (%s: %s); "
-            "isolated so the other syncs run",
+        log_failure(
+            log,
+            "sync %s run %s slot %s: could not be completed; isolated so the other syncs run",
             lease.sync_id,
             run_id,
             lease.slot.isoformat(),
-            type(error).__name__,
-            error,
-            exc_info=error,
-            extra={
-                "sync_id": lease.sync_id,
-                "run_id": run_id,
-                "slot": lease.slot.isoformat(),
-                "error_type": type(error).__name__,
-            },
+            error=error,
+            extra={"sync_id": lease.sync_id, "run_id": run_id, "slot": lease.slot.isoformat()},
         )
         now = self._now()
         try:
@@ -1758,8 +1764,16 @@ class Scheduler:
         )
         try:
             self.storage.complete_run(lease, completion)
-        except CohortSyncError:
-            log.exception("sync %s: could not record the isolated run either", sync.id)
+        except CohortSyncError as e:
+            log_failure(
+                log,
+                "sync %s run %s slot %s: could not record the isolated run either",
+                sync.id,
+                run_id,
+                lease.slot.isoformat(),
+                error=e,
+                extra={"sync_id": sync.id, "run_id": run_id, "slot": lease.slot.isoformat()},
+            )
             return None
         return completion.run
 

@@ -4,6 +4,7 @@ Fake clocks: time that only moves when a test moves it.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import threading
@@ -11,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cohortsync._clock import require_aware
+from cohortsync.exceptions import ConfigurationError
 
 __all__ = ["FakeClock", "SharedFakeClock"]
 
@@ -18,7 +20,31 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _as_delta(value: timedelta | float) -> timedelta:
-    return value if isinstance(value, timedelta) else timedelta(seconds=value)
+    """
+    *value* as a timedelta: seconds must be a finite number a timedelta holds.
+
+    Raises:
+        ConfigurationError: NaN, infinity, a number too large, or not a number.
+    """
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError("by", value, "must be a timedelta or a number of seconds")
+    if not math.isfinite(value):
+        raise ConfigurationError("by", value, "must be a finite number of seconds")
+    try:
+        return timedelta(seconds=value)
+    except OverflowError:
+        raise ConfigurationError("by", value, "is more seconds than a timedelta holds") from None
+
+
+def _later(now: datetime, delta: timedelta) -> datetime:
+    try:
+        return now + delta
+    except OverflowError:
+        raise ConfigurationError(
+            "by", delta, f"moves the clock from {now.isoformat()} past year 9999"
+        ) from None
 
 
 class FakeClock:
@@ -62,15 +88,16 @@ class FakeClock:
         Move forward *by* (a timedelta or seconds) and return the new instant.
 
         Raises:
-            ValueError: *by* is negative.
+            ConfigurationError: *by* is negative, NaN, infinite, or moves the
+                clock past year 9999 (a ValueError).
         """
         delta = _as_delta(by)
         if delta < timedelta(0):
-            raise ValueError(
-                f"cannot advance by a negative amount ({delta}); use set(..., backwards=True)"
+            raise ConfigurationError(
+                "by", delta, "cannot advance by a negative amount; use set(..., backwards=True)"
             )
         with self._lock:
-            self._now += delta
+            self._now = _later(self._now, delta)
             return self._now
 
     def set(self, when: datetime, *, backwards: bool = False) -> datetime:
@@ -139,8 +166,8 @@ class SharedFakeClock:
         """
         delta = _as_delta(by)
         if delta < timedelta(0):
-            raise ValueError(f"cannot advance by a negative amount ({delta})")
-        new = self.now() + delta
+            raise ConfigurationError("by", delta, "cannot advance by a negative amount")
+        new = _later(self.now(), delta)
         self._write(new)
         return new
 
