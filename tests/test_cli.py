@@ -941,6 +941,9 @@ class TestMasking:
             ("x postgresql://u:pw@h/db, password=pw", "x postgresql://u:***@h/db, password=***"),
             ("at 'host=h password=***': refused", "at 'host=h password=***': refused"),
             ("at 'postgresql://h/db?password=***'", "at 'postgresql://h/db?password=***'"),
+            ("--db 'postgresql:/u:pw@h/db': no such file", "--db 'postgresql:/u:***@h/db': no such file"),
+            ("postgres//u:pw@h/db", "postgres//u:***@h/db"),
+            ("a:b@c", "a:b@c"),
         ],
     )  # fmt: skip
     def test_mask_secrets(self, text: str, masked: str) -> None:
@@ -1024,6 +1027,16 @@ class TestValues:
         assert 1 == code
         assert err.startswith("cohortsync: error: ")
         assert "password refused" in err
+
+    @pytest.mark.parametrize("typo", ["postgresql:/u:{}@h/db", "postgres//u:{}@h/db"])
+    def test_a_mistyped_url_taken_for_a_file(
+        self, capsys: pytest.CaptureFixture[str], typo: str
+    ) -> None:
+        """A PostgreSQL URL missing a slash is a missing file, and its password stays hidden."""
+        code, err = run_bad(capsys, "syncs", "--db", typo.format(SECRET))
+
+        assert_usage_error(code, err, "no such file", ":***@h")
+        assert SECRET not in err
 
     def test_a_port_that_is_no_number(self, capsys: pytest.CaptureFixture[str]) -> None:
         """A DSN whose port is not a number does not parse: exit 2, password masked."""

@@ -24,6 +24,12 @@ _SCHEME = re.compile(r"^\s*(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 # (instead of %40) would then show its tail, so the mask runs to the last "@"
 # before the path: it may hide part of a host, never part of a password.
 _URL_USERINFO = re.compile(r"(?P<pre>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s/]*@")
+# A mistyped PostgreSQL URL (postgresql:/u:pw@h, postgres//u:pw@h) is no URL,
+# so the rule above misses it, and the CLI takes it for a file name: its
+# password must not show in "no such file" either.
+_LOOSE_USERINFO = re.compile(
+    r"(?P<pre>\bpostgres(?:ql)?[^\s/]*?[:/]+[^\s:/@]*:)(?!\*\*\*@)[^\s/@]*@", re.IGNORECASE
+)
 # A value already masked ("***" before a quote, a space or the end) is left as it
 # is, so masking a message that quotes a masked DSN changes nothing.
 _MASKED = r"\*\*\*(?=['\s&#]|$)"
@@ -103,6 +109,7 @@ def mask_secrets(text: str) -> str:
     password and every ``password=`` value replaced by ``***``.
     """
     masked = _URL_USERINFO.sub(r"\g<pre>***@", text)
+    masked = _LOOSE_USERINFO.sub(r"\g<pre>***@", masked)
     masked = _URL_QUERY_PASSWORD.sub(r"\g<pre>***", masked)
     return _KV_PASSWORD.sub(r"\g<pre>***", masked)
 
