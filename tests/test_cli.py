@@ -941,7 +941,7 @@ class TestMasking:
             ("x postgresql://u:pw@h/db, password=pw", "x postgresql://u:***@h/db, password=***"),
             ("at 'host=h password=***': refused", "at 'host=h password=***': refused"),
             ("at 'postgresql://h/db?password=***'", "at 'postgresql://h/db?password=***'"),
-            ("--db 'postgresql:/u:pw@h/db': no such file", "--db 'postgresql:/u:***@h/db': no such file"),
+            ("--db 'postgresql:/u:pw@h/db': gone", "--db 'postgresql:/u:***@h/db': gone"),
             ("postgres//u:pw@h/db", "postgres//u:***@h/db"),
             ("a:b@c", "a:b@c"),
         ],
