@@ -49,6 +49,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from common import START, Row
@@ -579,3 +580,81 @@ def scenario_claims(
             for kind in _LIBRARY
         )
     return rows
+
+
+# -- one create_sync at a time (issue 19: PostgreSQL <= 1.5x SQLite) ---------------
+
+
+def _create_one_side(kind: str, dsn: str | None, n: int) -> Callable[[], float]:
+    """
+    A side of :func:`scenario_create_one`: each call creates *n* default daily
+    syncs (first run now: the store picks the bucket in the write) one
+    ``create_sync`` at a time into a fresh store, and returns us per create.
+    """
+    from cohortsync.storage import PostgresStorage
+    from cohortsync.testing import FakeClock, RecordingDestination
+
+    def side() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            schema = new_schema()
+            store: Storage = (
+                PostgresStorage(dsn, schema=schema)
+                if kind == "postgres" and dsn
+                else SQLiteStorage(Path(tmp) / "create.db")
+            )
+            try:
+                scheduler = cs.Scheduler(store, clock=FakeClock(START), seed=0)
+                scheduler.add_cohort(cs.Cohort(id="c", name="c", source=cs.StaticSource(["a"])))
+                scheduler.add_destination("d", RecordingDestination())
+                policy = cs.SyncPolicy.daily()
+                scheduler.create_sync("c", "d", policy, sync_id="warm")  # caches, connection
+                t = time.perf_counter()
+                for i in range(n):
+                    scheduler.create_sync("c", "d", policy, sync_id=f"s{i:06d}")
+                seconds = time.perf_counter() - t
+                counted = sum(store.slot_counts(86_400, 1_440))  # type: ignore[attr-defined]
+                assert n + 1 == counted, (n, counted)
+            finally:
+                store.close()
+                if kind == "postgres" and dsn:
+                    _drop_schema(dsn, schema)
+        return seconds / n * 1e6
+
+    return side
+
+
+def scenario_create_one(n: int = 2_000, *, repeats: int = REPEATS) -> list[Row]:
+    """
+    One ``create_sync`` at a time, PostgreSQL against SQLite, interleaved, a
+    fresh store per repeat: *n* default daily syncs (the store picks the
+    least loaded bucket inside the write).
+    """
+    dsn = os.environ.get("COHORTSYNC_TEST_POSTGRES_DSN")
+    kinds = ["postgres", "sqlite"] if dsn else ["sqlite"]
+    samples = interleaved(
+        {kind: _create_one_side(kind, dsn, n) for kind in kinds}, repeats=repeats, prepare=collect
+    )
+    what = f"{n:,} default daily syncs into a fresh store per repeat, each counted in its bucket"
+    if not dsn:
+        return [
+            Row.measured(
+                "create_sync one at a time, SQLite",
+                samples["sqlite"],
+                None,
+                unit="us/create",
+                goal="report",
+                met=None,
+                note=f"{what}; {_SKIPPED}",
+            )
+        ]
+    return [
+        Row.measured(
+            "create_sync one at a time, PostgreSQL vs SQLite",
+            samples["postgres"],
+            samples["sqlite"],
+            unit="us/create",
+            goal="<= 1.5x SQLite",
+            met=lambda _o, _b, r: r is not None and r <= 1.5,
+            note=f"{what}; ratio = PostgreSQL / SQLite",
+        )
+    ]

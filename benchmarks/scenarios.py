@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from common import START, FakeClock, Noop, Row, as_dicts, machine
 from sc_members import scenario_diff, scenario_first_sync, scenario_overhead, scenario_sorted
-from sc_postgres import scenario_claims
+from sc_postgres import scenario_claims, scenario_create_one
 from sc_scale import scenario_scale
 from sc_schedule import (
     scenario_next_run,
@@ -33,6 +33,7 @@ SCENARIOS: dict[str, Callable[[], list[Row]]] = {
     "peer": scenario_peer,
     "overhead": scenario_overhead,
     "claims": scenario_claims,
+    "create_one": scenario_create_one,
     "scale": scenario_scale,
 }
 
@@ -46,6 +47,7 @@ __all__ = [
     "expected_runs",
     "machine",
     "scenario_claims",
+    "scenario_create_one",
     "scenario_diff",
     "scenario_first_sync",
     "scenario_next_run",

@@ -110,3 +110,21 @@ def test_schemas_are_dropped() -> None:
             (f"bench_claims_{os.getpid()}_%",),
         ).fetchall()
     assert left == []
+
+
+def test_create_one_counts_every_sync() -> None:
+    """The create_sync row creates and counts every sync on both stores (asserted inside)."""
+    postgres_dsn()
+    (row,) = sc_postgres.scenario_create_one(n=40)
+
+    assert "<= 1.5x SQLite" == row.goal
+    assert row.ratio is not None
+
+
+def test_create_one_without_postgres(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a server the row reports SQLite alone and says why."""
+    monkeypatch.delenv(DSN_VAR, raising=False)
+    (row,) = sc_postgres.scenario_create_one(n=40)
+
+    assert "report" == row.goal
+    assert "skipped" in row.note
