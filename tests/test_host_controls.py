@@ -91,6 +91,11 @@ class TestRegistration:
         with pytest.raises(ConfigurationError, match="clock"):
             cs.Scheduler(MemoryStorage(), clock=datetime.now)  # type: ignore[arg-type]
 
+    def test_listeners_must_be_callable(self) -> None:
+        """A listener that cannot be called is refused at construction, not logged at each event."""
+        with pytest.raises(ConfigurationError, match="listeners"):
+            cs.Scheduler(MemoryStorage(), listeners=[print, "not callable"])  # type: ignore[list-item]
+
     def test_a_class_is_not_an_instance(self) -> None:
         """Scheduler(MemoryStorage) and clock=FakeClock are refused at once, saying what to pass."""
         with pytest.raises(ConfigurationError, match=r"pass an instance: MemoryStorage\(\.\.\.\)"):

@@ -372,6 +372,9 @@ class Scheduler:
         self.retention = retention
         self.slot_allocation: _SlotAllocation = slot_allocation
         self._listeners: list[Listener] = list(listeners)
+        for listener in self._listeners:
+            if not callable(listener):
+                raise ConfigurationError("listeners", listener, "must be callables taking an event")
         self._cohorts: dict[str, Cohort] = {}
         self._destinations: dict[str, Destination] = {}
         self._mappings: dict[str, IdentifierMapping] = {}
