@@ -420,6 +420,63 @@ class TestSchedules:
 
 
 class TestWorker:
+    def test_a_second_sigterm_stops_at_once(self, tmp_path: Path) -> None:
+        """The first SIGTERM waits for the run in progress; a second one stops the worker now."""
+        (tmp_path / "slowapp.py").write_text(
+            textwrap.dedent(
+                """
+                import time
+                from pathlib import Path
+                import cohortsync as cs
+                from cohortsync.storage import SQLiteStorage
+
+                class Slow(cs.Destination):
+                    def add(self, batch):
+                        Path("started").touch()
+                        time.sleep(60)
+                        return cs.DeliveryResult.ok()
+
+                    def remove(self, batch):
+                        return cs.DeliveryResult.ok()
+
+                def make():
+                    scheduler = cs.Scheduler(SQLiteStorage("worker.db"))
+                    scheduler.add_destination("slow", Slow())
+                    scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["a"]))
+                    scheduler.create_sync("c", "slow", cs.SyncPolicy.hourly(), sync_id="s")
+                    return scheduler
+                """
+            )
+        )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cohortsync", "worker", "--app", "slowapp:make", "--idle", "1"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert (tmp_path / "started").exists()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None  # the first signal waits for the run
+            stopped_at = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            stdout, _ = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert -signal.SIGTERM == proc.returncode
+        assert time.monotonic() - stopped_at < 20
+        assert "received SIGTERM, stopping after the current run (send it again" in stdout
+        assert "received SIGTERM again, stopping now" in stdout
+
     def test_runs_a_host_scheduler_and_stops_on_sigterm(self, tmp_path: Path) -> None:
         """`worker --app` runs the host's scheduler in a loop and exits cleanly on SIGTERM."""
         (tmp_path / "hostapp.py").write_text(

@@ -594,8 +594,22 @@ def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
         stop = threading.Event()
 
         def handle(signum: int, _frame: FrameType | None) -> None:
+            if stop.is_set():
+                # A second signal: stop now, as Celery's second Ctrl-C does.
+                # The run in progress is cut short like a crashed worker's:
+                # its lease expires and its slot runs again, re-sending at
+                # most its one unacknowledged batch.
+                _WORKER_LOG.warning(
+                    "cohortsync worker: received %s again, stopping now",
+                    _signal_name(signum),
+                    extra={"signal": _signal_name(signum)},
+                )
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
             _WORKER_LOG.info(
-                "cohortsync worker: received %s, stopping after the current run",
+                "cohortsync worker: received %s, stopping after the current run "
+                "(send it again to stop now)",
                 _signal_name(signum),
                 extra={"signal": _signal_name(signum)},
             )
