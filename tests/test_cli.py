@@ -36,13 +36,10 @@ SRC = str(Path(cohortsync.__file__).parent.parent)
 RUN_COUNTS = ("status", "added", "removed", "skipped", "rejected", "batches", "retries")
 
 
-def _run_worker(tmp_path: Path, app: str, *flags: str) -> tuple[str, str]:
-    """
-    Run ``cohortsync worker`` on *app* in a subprocess until its sync ``s``
-    has a succeeded run, then stop it with SIGTERM; return its stdout and stderr.
-    """
+def _start_worker(tmp_path: Path, app: str, *flags: str) -> subprocess.Popen[str]:
+    """``cohortsync worker --app APP --idle 1`` of this checkout, in *tmp_path*."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])}
-    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+    return subprocess.Popen(  # noqa: S603 - our own interpreter and module
         [sys.executable, "-m", "cohortsync", "worker", "--app", app, "--idle", "1", *flags],
         cwd=tmp_path,
         env=env,
@@ -50,6 +47,14 @@ def _run_worker(tmp_path: Path, app: str, *flags: str) -> tuple[str, str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _run_worker(tmp_path: Path, app: str, *flags: str) -> tuple[str, str]:
+    """
+    Run ``cohortsync worker`` on *app* in a subprocess until its sync ``s``
+    has a succeeded run, then stop it with SIGTERM; return its stdout and stderr.
+    """
+    proc = _start_worker(tmp_path, app, *flags)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -448,15 +453,7 @@ class TestWorker:
                 """
             )
         )
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cohortsync", "worker", "--app", "slowapp:make", "--idle", "1"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = _start_worker(tmp_path, "slowapp:make")
         try:
             deadline = time.monotonic() + 30
             while not (tmp_path / "started").exists() and time.monotonic() < deadline:
@@ -496,29 +493,9 @@ class TestWorker:
                 """
             )
         )
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cohortsync", "worker", "--app", "hostapp:make", "--idle", "1"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                code, out = run_cli("history", "s", "--db", str(tmp_path / "worker.db"))
-                if code == 0 and "succeeded" in out:
-                    break
-                time.sleep(0.2)
-            proc.send_signal(signal.SIGTERM)
-            stdout, stderr = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        assert 0 == proc.returncode, stderr
+        stdout, _ = _run_worker(tmp_path, "hostapp:make")
+        _, out = run_cli("history", "s", "--db", str(tmp_path / "worker.db"))
+
         assert "received SIGTERM, stopping after the current run" in stdout
         assert "cohortsync worker stopped" in stdout
         assert "succeeded" in out

@@ -644,54 +644,48 @@ def _signal_name(signum: int) -> str:
 
 def _positive(text: str) -> int:
     """A count of at least 1: a limit of 0 would list nothing and say nothing true."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= _MAX_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be 1 to {_MAX_LIMIT:,}, not {text.strip()[:30]}")
-    return value
+    return _whole(text, "", _MAX_LIMIT, f"{_MAX_LIMIT:,}")
 
 
 _MAX_LIMIT = 1_000_000_000
 """The most rows a --limit asks for: more than any store lists, and within every integer type."""
 
 
-def _hours(text: str) -> float:
-    """A finite number of hours above 0 (whether it fits a date is checked against now)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(
-            f"must be a finite number of hours above 0, not {text.strip()[:30]!r}"
-        )
-    return value
-
-
 def _demo_hours(text: str) -> int:
     """Whole simulated hours, from 1 to a year (more would run for hours and say nothing new)."""
+    return _whole(text, " of hours", DEMO_MAX_HOURS, f"{DEMO_MAX_HOURS} hours (a year)")
+
+
+def _whole(text: str, of: str, most: int, most_text: str) -> int:
+    """A whole number from 1 to *most*; the message quotes at most 30 characters of *text*."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of hours: {text!r}") from None
-    if not 1 <= value <= DEMO_MAX_HOURS:
-        raise argparse.ArgumentTypeError(
-            f"must be from 1 to {DEMO_MAX_HOURS} (a year) hours, not {value}"
-        )
+        raise argparse.ArgumentTypeError(f"not a whole number{of}: {text!r}") from None
+    if not 1 <= value <= most:
+        raise argparse.ArgumentTypeError(f"must be 1 to {most_text}, not {text.strip()[:30]}")
     return value
+
+
+def _hours(text: str) -> float:
+    """A finite number of hours above 0 (whether it fits a date is checked against now)."""
+    return _above_zero(text, "hours")
 
 
 def _seconds(text: str) -> float:
     """A finite number of seconds above 0."""
+    return _above_zero(text, "seconds")
+
+
+def _above_zero(text: str, unit: str) -> float:
+    """A finite number of *unit* above 0; the message quotes at most 30 characters of *text*."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(
-            f"must be a finite number of seconds above 0, not {text!r}"
+            f"must be a finite number of {unit} above 0, not {text.strip()[:30]!r}"
         )
     return value
 

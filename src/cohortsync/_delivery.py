@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cohortsync.delivery")
 
+_BATCH_ABOUT = "sync %s run %s slot %s destination %s batch %d: "
+"""How every log line about a batch starts (its values are record fields too)."""
+
 _VALUE = attrgetter("identifier.value")
 
 MAX_RATE_LIMIT_WAITS = 1_000
@@ -376,6 +379,23 @@ class BatchSender:
                     )
                 self._wait(delay)
 
+    def _about(self, batch: Batch) -> tuple[tuple[object, ...], dict[str, object]]:
+        """
+        What leads every line about *batch* (the values of :data:`_BATCH_ABOUT`)
+        and the same values as record fields.
+        """
+        context = batch.context
+        slot = None if context.slot is None else context.slot.isoformat()
+        fields: dict[str, object] = {
+            "sync_id": context.sync_id,
+            "run_id": context.run_id,
+            "slot": slot,
+            "destination_id": self.destination_id,
+            "batch": batch.sequence,
+            "operation": batch.operation.value,
+        }
+        return (context.sync_id, context.run_id, slot, self.destination_id, batch.sequence), fields
+
     def _log_bug(self, batch: Batch, error: Exception) -> None:
         """
         ERROR: the adapter raised something that is none of the library's
@@ -383,29 +403,16 @@ class BatchSender:
         """
         if not log.isEnabledFor(logging.ERROR):
             return
-        context = batch.context
-        slot = None if context.slot is None else context.slot.isoformat()
+        about, fields = self._about(batch)
         log_failure(
             log,
-            "sync %s run %s slot %s destination %s batch %d: %s.%s() raised an exception"
-            " that is not a cohortsync.exceptions.DeliveryError (a bug in the adapter?);"
-            " the run fails",
-            context.sync_id,
-            context.run_id,
-            slot,
-            self.destination_id,
-            batch.sequence,
+            _BATCH_ABOUT + "%s.%s() raised an exception that is not a"
+            " cohortsync.exceptions.DeliveryError (a bug in the adapter?); the run fails",
+            *about,
             type(self.destination).__name__,
             batch.operation.value,
             error=error,
-            extra={
-                "sync_id": context.sync_id,
-                "run_id": context.run_id,
-                "slot": slot,
-                "destination_id": self.destination_id,
-                "batch": batch.sequence,
-                "operation": batch.operation.value,
-            },
+            extra=fields,
         )
 
     def _log(self, batch: Batch, message: str, *args: object, **more: object) -> None:
@@ -413,28 +420,9 @@ class BatchSender:
         An INFO line about *batch*, led by its sync, run, slot, destination
         and sequence, which are record fields too.
         """
-        context = batch.context
-        slot = None if context.slot is None else context.slot.isoformat()
-        text = "sync %s run %s slot %s destination %s batch %d: " + message
-        log.info(
-            text,
-            context.sync_id,
-            context.run_id,
-            slot,
-            self.destination_id,
-            batch.sequence,
-            *args,
-            extra={
-                "sync_id": context.sync_id,
-                "run_id": context.run_id,
-                "slot": slot,
-                "destination_id": self.destination_id,
-                "batch": batch.sequence,
-                "operation": batch.operation.value,
-                **more,
-            },
-            stacklevel=2,
-        )
+        about, fields = self._about(batch)
+        text = _BATCH_ABOUT + message
+        log.info(text, *about, *args, extra={**fields, **more}, stacklevel=2)
 
     def send(self, batch: Batch) -> list[Acked]:
         """

@@ -149,7 +149,7 @@ def _snapshot(source: MembershipSource, cohort_id: str) -> Iterable[object]:
         members = source.members()
     except (InvalidMemberError, SourceError):
         raise
-    except Exception as e:
+    except Exception as e:  # the host's source failed: a typed error the run records
         raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
     if isinstance(members, (str, bytes, bytearray, memoryview, Mapping)):
         raise SourceError(
@@ -187,7 +187,7 @@ def _read_set(source: MembershipSource, cohort_id: str) -> tuple[set[str], list[
                 invalid.append((f"<{kind}>", f"invalid_key: not a str ({kind})"))
     except (InvalidMemberError, SourceError):
         raise
-    except Exception as e:
+    except Exception as e:  # the host's source failed: a typed error the run records
         raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
     return current, invalid  # type: ignore[return-value]
 
@@ -205,7 +205,7 @@ def _read_keys(source: MembershipSource, cohort_id: str) -> Collection[object]:
         return list(members)
     except (InvalidMemberError, SourceError):
         raise
-    except Exception as e:
+    except Exception as e:  # the host's source failed: a typed error the run records
         raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
 
 
@@ -235,7 +235,7 @@ def _first_pass(
         return keys, into_set(keys)
     except (InvalidMemberError, SourceError):
         raise
-    except Exception as e:
+    except Exception as e:  # the host's source failed: a typed error the run records
         raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
 
 
@@ -707,7 +707,7 @@ def diff_changes(
     """
     try:
         changes = feed.changes_since(cursor)
-    except Exception as e:
+    except Exception as e:  # the host's source failed: a typed error the run records
         raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
     invalid = [
         (shown_key(k), _invalid_reason(k))

@@ -310,15 +310,16 @@ def _grid_seconds(policy: SyncPolicy) -> int:
     daily without a zone, every()), else 0. Runs before the validators, so
     it must not trust the fields.
     """
-    cadence, interval = policy.cadence, policy.interval
-    if cadence is Cadence.HOURLY:
-        return 3_600
-    if cadence is Cadence.DAILY:
-        return 86_400 if policy.timezone is None else 0
-    if cadence is Cadence.EVERY and isinstance(interval, timedelta):
-        seconds = interval.days * 86_400 + interval.seconds
-        return seconds if seconds > 0 and not interval.microseconds else 0
-    return 0
+    if policy.cadence not in _UTC_GRIDS or policy.timezone is not None:
+        return 0
+    period = policy.period
+    if not isinstance(period, timedelta) or period.microseconds or period <= timedelta(0):
+        return 0
+    return period.days * 86_400 + period.seconds
+
+
+_UTC_GRIDS = frozenset({Cadence.HOURLY, Cadence.DAILY, Cadence.EVERY})
+"""The cadences whose slots lie on a grid of fixed seconds (real-time's offset is always 0)."""
 
 
 def _hour_grid(policy: SyncPolicy) -> int:

@@ -710,6 +710,7 @@ class Scheduler:
         )
         create_placed = getattr(self.storage, "create_sync_least_loaded", None)
         grid = self._preferred(sync.id, sync.generation, policy)
+        buckets = 0  # > 0: the store places the sync, among this many buckets
         if (
             grid is not None
             and callable(create_placed)
@@ -717,21 +718,14 @@ class Scheduler:
             and policy.first_run is FirstRun.NOW
             and _schedule.fixed_offset(policy) is None
         ):
-            # Due now whatever its slot: the store picks the bucket inside the
-            # write (one round trip on PostgreSQL instead of a read, then it).
-            period, preferred = grid
-            record = SyncRecord(
-                sync=sync,
-                next_due=now,
-                next_trigger=self._first_trigger(policy),
-                offset=preferred,
-                slot_bucket=preferred // SLOT_BUCKET_SECONDS,
-                anchor=now,
-                scheduled_from=now,
-            )
-            create_placed(record, period // SLOT_BUCKET_SECONDS)
-            return sync
-        offset, bucket = self._place(sync.id, sync.generation, policy)
+            # Due now whatever its slot: the store moves it from its preferred
+            # bucket to the least loaded one inside the write (one round trip
+            # on PostgreSQL instead of a read, then the write).
+            period, offset = grid
+            bucket: int | None = offset // SLOT_BUCKET_SECONDS
+            buckets = period // SLOT_BUCKET_SECONDS
+        else:
+            offset, bucket = self._place(sync.id, sync.generation, policy)
         first_due, first_trigger = self._first_due(policy, offset, now)
         record = SyncRecord(
             sync=sync,
@@ -742,7 +736,10 @@ class Scheduler:
             anchor=now,
             scheduled_from=now,
         )
-        self.storage.create_sync(record)
+        if buckets and create_placed is not None:
+            create_placed(record, buckets)
+        else:
+            self.storage.create_sync(record)
         return sync
 
     def create_syncs(
@@ -1730,15 +1727,15 @@ class Scheduler:
         The other due syncs go on. Returns the failed run if it was recorded.
         """
         run_id = secrets.token_hex(8)
-        log_failure(
-            log,
-            "sync %s run %s slot %s: could not be completed; isolated so the other syncs run",
-            lease.sync_id,
-            run_id,
-            lease.slot.isoformat(),
-            error=error,
-            extra={"sync_id": lease.sync_id, "run_id": run_id, "slot": lease.slot.isoformat()},
-        )
+        slot = lease.slot.isoformat()
+        about = {"sync_id": lease.sync_id, "run_id": run_id, "slot": slot}
+
+        def failed(what: str, failure: BaseException) -> None:
+            log_failure(
+                log, "sync %s run %s slot %s: " + what, *about.values(), error=failure, extra=about
+            )
+
+        failed("could not be completed; isolated so the other syncs run", error)
         now = self._now()
         try:
             record = self.storage.get_sync(lease.sync_id)
@@ -1768,15 +1765,7 @@ class Scheduler:
         try:
             self.storage.complete_run(lease, completion)
         except CohortSyncError as e:
-            log_failure(
-                log,
-                "sync %s run %s slot %s: could not record the isolated run either",
-                sync.id,
-                run_id,
-                lease.slot.isoformat(),
-                error=e,
-                extra={"sync_id": sync.id, "run_id": run_id, "slot": lease.slot.isoformat()},
-            )
+            failed("could not record the isolated run either", e)
             return None
         return completion.run
 

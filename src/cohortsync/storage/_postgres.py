@@ -343,11 +343,13 @@ _FILL_SLOTS = (
 # count, then the first bucket at or after the preferred one holding it, else
 # the first one before it. Each branch reads one index entry; the second runs
 # only when the first finds nothing.
-_PICK_SLOT = (
-    "WITH least AS ("
+_LEAST_LOADED = (
+    "least AS ("
     "  SELECT syncs FROM {s}.slot_buckets WHERE period = %(period)s AND bucket < %(buckets)s"
     "  ORDER BY syncs LIMIT 1"
     ")"
+)
+_PICK_BUCKET = (
     " (SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
     "  AND syncs = (SELECT syncs FROM least) AND bucket >= %(preferred)s AND bucket < %(buckets)s"
     "  ORDER BY bucket LIMIT 1)"
@@ -357,6 +359,7 @@ _PICK_SLOT = (
     "  ORDER BY bucket LIMIT 1)"
     " LIMIT 1"
 )
+_PICK_SLOT = f"WITH {_LEAST_LOADED}{_PICK_BUCKET}"
 # A create in one statement (one round trip, atomic without an explicit
 # transaction): the sync, and its count in its bucket only if it was inserted.
 _CREATE_SYNC = (
@@ -377,19 +380,7 @@ _PLACED_COLUMNS = {
     "slot_offset": "(SELECT bucket FROM pick) * %(bucket_seconds)s + %(within)s",
 }
 _CREATE_SYNC_LEAST_LOADED = (
-    "WITH least AS ("  # noqa: S608 - constant columns, values are parameters
-    "  SELECT syncs FROM {s}.slot_buckets WHERE period = %(period)s AND bucket < %(buckets)s"
-    "  ORDER BY syncs LIMIT 1"
-    "), pick AS ("
-    "  (SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
-    "   AND syncs = (SELECT syncs FROM least) AND bucket >= %(preferred)s"
-    "   AND bucket < %(buckets)s ORDER BY bucket LIMIT 1)"
-    "  UNION ALL"
-    "  (SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
-    "   AND syncs = (SELECT syncs FROM least) AND bucket < %(preferred)s"
-    "   ORDER BY bucket LIMIT 1)"
-    "  LIMIT 1"
-    "), created AS ("
+    f"WITH {_LEAST_LOADED}, pick AS ({_PICK_BUCKET}), created AS ("  # noqa: S608 - constant columns
     f"  INSERT INTO {{s}}.syncs (id, {', '.join(q.DEFINITION_COLUMNS)})"
     "  SELECT %(id)s, "
     + ", ".join(_PLACED_COLUMNS.get(c, f"%({c})s") for c in q.DEFINITION_COLUMNS)
