@@ -35,7 +35,7 @@ def tests(session: nox.Session) -> None:
     tests, under 4 minutes on 2 cores. PostgreSQL tests run when
     COHORTSYNC_TEST_POSTGRES_DSN is set; in CI they must.
     """
-    session.install("-e", ".[postgres,otel]", *_group("tests"))
+    session.install("-e", ".[postgres,otel,httpx]", *_group("tests"))
     session.run("coverage", "erase")
     session.run(
         "coverage",
@@ -62,7 +62,7 @@ def reliability(session: nox.Session) -> None:
     benchmark smoke tests. Without coverage: much of their work happens in
     child processes, and tracing would double the rest.
     """
-    session.install("-e", ".[postgres]", *_group("tests"))
+    session.install("-e", ".[postgres,httpx]", *_group("tests"))
     session.run(
         "pytest",
         "-m",
@@ -81,7 +81,7 @@ def slow(session: nox.Session) -> None:
     unchanged cohort, a simulated day per number of workers, the simulated
     month, the long model-test profile. Opt-in, not in CI.
     """
-    session.install("-e", ".[postgres]", *_group("tests"))
+    session.install("-e", ".[postgres,httpx]", *_group("tests"))
     session.run("pytest", "-m", "slow", "-p", "no:cacheprovider", *session.posargs)
 
 
@@ -97,7 +97,7 @@ def typing(session: nox.Session) -> None:
     """
     mypy strict on the package and on tests/typing, which uses the API as a host would.
     """
-    session.install("-e", ".[postgres,otel]", *_group("typing"))
+    session.install("-e", ".[postgres,otel,httpx]", *_group("typing"))
     session.run("mypy", "src", "tests/typing")
 
 
@@ -106,7 +106,7 @@ def docs(session: nox.Session) -> None:
     """
     Build the docs with warnings as errors, and run their code examples.
     """
-    session.install("-e", ".[otel]", *_group("docs"))
+    session.install("-e", ".[otel,httpx]", *_group("docs"))
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
     session.run(
         "sphinx-build", "-W", "--keep-going", "-b", "doctest", "docs", "docs/_build/doctest"
@@ -118,5 +118,5 @@ def bench(session: nox.Session) -> None:
     """
     The benchmarks of SPEC section 9, as one table of ratios (not a test).
     """
-    session.install("-e", ".[postgres]", *_group("bench"))
+    session.install("-e", ".[postgres,httpx]", *_group("bench"))
     session.run("python", "benchmarks/run.py", *session.posargs)

@@ -56,8 +56,10 @@ class TestRegistration:
             scheduler.add_destination("a", Async())
 
     @pytest.mark.parametrize("method", ["add", "remove"])
-    def test_an_async_adapter_is_told_async_is_not_supported_yet(self, method: str) -> None:
-        """The refusal says async destinations are not supported yet, and what to do now."""
+    def test_an_async_method_on_a_destination_points_to_async_destination(
+        self, method: str
+    ) -> None:
+        """The refusal names the method and the base class to subclass instead."""
 
         class Sync(cs.Destination):
             def add(self, batch: cs.Batch) -> cs.DeliveryResult:
@@ -77,9 +79,7 @@ class TestRegistration:
 
         message = str(info.value)
         assert f"async def {method}" in message
-        assert "not supported yet by the sync scheduler" in message
-        assert "planned" in message
-        assert "plain `def`" in message
+        assert "subclass cohortsync.AsyncDestination" in message
         assert "a" not in scheduler._destinations
 
     def test_a_path_is_accepted_as_storage(self, tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ from cohortsync._cohort import (
     StaticSource,
 )
 from cohortsync._destination import (
+    AsyncDestination,
     Batch,
     Capabilities,
     DeliveryResult,
@@ -74,6 +75,8 @@ logging.getLogger("cohortsync").addHandler(logging.NullHandler())
 
 __all__ = [
     "ApplyResult",
+    "AsyncDestination",
+    "AsyncScheduler",
     "Batch",
     "BulkFailure",
     "BulkResult",
@@ -118,10 +121,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from cohortsync._async_scheduler import AsyncScheduler
+
     __version__: str
 else:
 
-    def __getattr__(name: str) -> str:
+    def __getattr__(name: str) -> object:
+        if name == "AsyncScheduler":
+            # Imported on first use: it loads asyncio, which synchronous
+            # hosts never pay for.
+            from cohortsync._async_scheduler import AsyncScheduler  # noqa: PLC0415
+
+            globals()["AsyncScheduler"] = AsyncScheduler
+            return AsyncScheduler
         # Read on first use: importlib.metadata costs more to import than all of
         # cohortsync's core, and most hosts never ask for the version.
         if name != "__version__":

@@ -13,7 +13,14 @@ from typing import Protocol, runtime_checkable
 
 from cohortsync.exceptions import ConfigurationError
 
-__all__ = ["END_OF_TIME", "Clock", "SystemClock", "add_saturating", "require_aware"]
+__all__ = [
+    "END_OF_TIME",
+    "Clock",
+    "SystemClock",
+    "add_saturating",
+    "require_aware",
+    "sleep_async",
+]
 
 END_OF_TIME = datetime.max.replace(tzinfo=timezone.utc)
 START_OF_TIME = datetime.min.replace(tzinfo=timezone.utc)
@@ -68,6 +75,16 @@ class SystemClock:
         if seconds > 0:
             time.sleep(seconds)
 
+    async def asleep(self, seconds: float) -> None:
+        """
+        Wait *seconds* on the running event loop (:func:`asyncio.sleep`),
+        cancellable like any await.
+        """
+        if seconds > 0:
+            import asyncio  # noqa: PLC0415 - only asynchronous hosts pay for it
+
+            await asyncio.sleep(seconds)
+
     def __repr__(self) -> str:
         return "SystemClock()"
 
@@ -90,8 +107,27 @@ class UtcClock:
     def sleep(self, seconds: float) -> None:
         self._clock.sleep(seconds)
 
+    async def asleep(self, seconds: float) -> None:
+        await sleep_async(self._clock, seconds)
+
     def __repr__(self) -> str:
         return f"UtcClock({self._clock!r})"
+
+
+async def sleep_async(clock: Clock, seconds: float) -> None:
+    """
+    Wait *seconds* on *clock* from a coroutine: its ``asleep`` when it has
+    one (:class:`SystemClock` and the fake clocks do), else its blocking
+    ``sleep`` in a worker thread, so a host clock written before the
+    asynchronous scheduler existed never blocks the event loop.
+    """
+    asleep = getattr(clock, "asleep", None)
+    if asleep is not None:
+        await asleep(seconds)
+    elif seconds > 0:
+        import asyncio  # noqa: PLC0415 - see SystemClock.asleep
+
+        await asyncio.to_thread(clock.sleep, seconds)
 
 
 def require_aware(value: datetime, name: str = "datetime") -> datetime:

@@ -7,23 +7,26 @@ bounded parallelism.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import random
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
 from datetime import datetime, timedelta
 from operator import attrgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 
-from cohortsync._clock import Clock, SystemClock, add_saturating
+from cohortsync._aio import Portal, RunCancelled
+from cohortsync._clock import Clock, SystemClock, add_saturating, sleep_async
 from cohortsync._destination import (
+    AnyDestination,
+    AsyncDestination,
     Batch,
     DeliveryResult,
-    Destination,
     Member,
     Operation,
     RateLimit,
@@ -46,6 +49,8 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
 log = logging.getLogger("cohortsync.delivery")
+
+T = TypeVar("T")
 
 _BATCH_ABOUT = "sync %s run %s slot %s destination %s batch %d: "
 """How every log line about a batch starts (its values are record fields too)."""
@@ -243,6 +248,43 @@ class Acked:
     result: DeliveryResult
 
 
+@attrs.frozen
+class _Attempt:
+    """Step: one request to the destination; answered with its result."""
+
+    batch: Batch
+
+
+@attrs.frozen
+class _KeepAlive:
+    """Step: renew the lease to outlast the next *seconds* (a store call)."""
+
+    seconds: float
+
+
+@attrs.frozen
+class _Sleep:
+    """Step: wait *seconds* on the clock."""
+
+    seconds: float
+
+
+@attrs.frozen
+class _BeforeSend:
+    """Step: write the ahead record of *batch*, replacing *replaces* (a store call)."""
+
+    batch: Batch
+    replaces: str | None
+
+
+_Step = _Attempt | _KeepAlive | _Sleep | _BeforeSend
+_Plan = Generator[_Step, object, T]
+"""What sending a batch does, as steps a driver performs: the retry, backoff
+and bisection rules are written once, as generators; a blocking driver
+(:meth:`BatchSender.send`) and an awaiting one (:meth:`BatchSender.asend`)
+perform the steps and send each step's answer (or throw its error) back in."""
+
+
 @attrs.define
 class BatchSender:
     """
@@ -253,9 +295,16 @@ class BatchSender:
     wait without using the retry budget; a :class:`BadDataError` splits the
     batch in halves until the bad members are isolated and rejected; anything
     else ends the run.
+
+    The rules are written once, as a plan of steps (:data:`_Plan`). A
+    :class:`~cohortsync.Destination`'s batches are sent by the blocking
+    driver, several at once on a pool of threads; an
+    :class:`~cohortsync.AsyncDestination`'s by the awaiting driver, as
+    coroutines on the *portal*'s event loop, several at once as tasks. The
+    run's thread waits for either kind the same way.
     """
 
-    destination: Destination
+    destination: AnyDestination
     retry: RetryPolicy
     clock: Clock
     limiter: RateLimiter | None
@@ -268,84 +317,42 @@ class BatchSender:
     parent), else ``None``."""
     destination_id: str = ""
     """For log lines: the id the destination is registered under."""
+    portal: Portal | None = None
+    """The event loop an asynchronous destination's requests run on; also,
+    under an asynchronous scheduler, the scope whose cancellation stops the
+    run before its next batch or wait."""
     retries: int = 0
     _lock: threading.Lock = attrs.Factory(threading.Lock)
 
-    def _attempt(self, batch: Batch) -> DeliveryResult:
-        """
-        One call to the adapter, with anything it raises mapped to the library's
-        errors: the engine never guesses from messages.
-        """
-        try:
-            if batch.operation is Operation.REMOVE:
-                result = self.destination.remove(batch)
-            else:
-                result = self.destination.add(batch)
-        except DeliveryError:
-            raise
-        except (TimeoutError, ConnectionError) as e:
-            raise TransientError(f"{type(e).__name__}: {e}") from e
-        except Exception as e:
-            # An adapter bug is not a reason to retry forever or to guess.
-            self._log_bug(batch, e)
-            raise PermanentError(
-                f"{type(self.destination).__name__} raised {type(e).__name__}: {e}"
-            ) from e
-        if not isinstance(result, DeliveryResult):
-            raise PermanentError(
-                f"{type(self.destination).__name__}.{batch.operation.value}() returned "
-                f"{type(result).__name__}, not DeliveryResult"
-            )
-        return result
+    # -- the plan: one definition of retries, waits and bisection ---------------
 
-    def _wait(self, seconds: float) -> None:
+    def _plan_wait(self, seconds: float) -> _Plan[None]:
         """
-        Sleep on the clock, first extending the lease to cover the wait: a long
+        Wait on the clock, first extending the lease to cover the wait: a long
         rate-limit pause must not let another worker take the run over.
         """
         if seconds > 0:
-            self.keep_alive(seconds)
-            self.clock.sleep(seconds)
+            yield _KeepAlive(seconds)
+            yield _Sleep(seconds)
 
-    def _asked(self, error: TransientError) -> float | None:
-        """
-        The wait a destination asked for, if it is one to honour: ``None``
-        (use the backoff) for none, zero, negative or not-a-number (a vendor
-        answering "429, retry after 0" forever must not be hammered). A wait
-        longer than an hour (or the retry policy's ``max_delay`` if that is
-        longer), or infinite, is not slept through, holding the worker: the
-        batch fails as transient, the run ends, and the sync retries later.
-        """
-        asked = error.retry_after
-        if asked is None or not isinstance(asked, (int, float)) or not asked > 0:
-            return None
-        ceiling = max(self.retry.max_delay, MAX_ASKED_WAIT)
-        if asked > ceiling:
-            raise TransientError(
-                f"{type(error).__name__}: the destination asked to wait {asked:.6g}s, longer "
-                f"than the longest wait a run sits through ({ceiling:g}s: max_delay or an "
-                "hour); the sync retries later"
-            ) from error
-        return float(asked)
-
-    def _limited_attempt(self, batch: Batch) -> DeliveryResult:
+    def _plan_limited(self, batch: Batch) -> _Plan[DeliveryResult]:
         """One request, inside the rate limit: its window place ends when it does."""
         if self.limiter is None:
-            return self._attempt(batch)
+            return cast("DeliveryResult", (yield _Attempt(batch)))
         delay, reserved = self.limiter.reserve()
         try:
-            self._wait(delay)
-            return self._attempt(batch)
+            yield from self._plan_wait(delay)
+            return cast("DeliveryResult", (yield _Attempt(batch)))
         finally:
             self.limiter.done(reserved)
 
-    def _call(self, batch: Batch) -> DeliveryResult:
+    def _plan_call(self, batch: Batch) -> _Plan[DeliveryResult]:
         attempt = 0
         rate_waits = 0
         while True:
-            self.keep_alive(0.0)
+            yield _KeepAlive(0.0)
             try:
-                return self._limited_attempt(batch)
+                return (yield from self._plan_limited(batch))
             except RateLimitedError as e:
                 rate_waits += 1
                 if rate_waits > MAX_RATE_LIMIT_WAITS:
@@ -355,7 +362,7 @@ class BatchSender:
                     wait_for = self.retry.delay(min(rate_waits - 1, 6), self.rng.random())
                 if log.isEnabledFor(logging.INFO):
                     self._log(batch, "rate limited; waiting %.1fs", wait_for, wait=wait_for)
-                self._wait(wait_for)
+                yield from self._plan_wait(wait_for)
             except TransientError as e:
                 if attempt >= self.retry.max_retries:
                     raise
@@ -377,7 +384,207 @@ class BatchSender:
                         attempt=attempt,
                         wait=delay,
                     )
-                self._wait(delay)
+                yield from self._plan_wait(delay)
+
+    def _plan_send(self, batch: Batch) -> _Plan[list[Acked]]:
+        """
+        Deliver *batch*, bisecting on :class:`BadDataError`; every acknowledged
+        (sub-)batch in order.
+        """
+        try:
+            return [Acked(batch, (yield from self._plan_call(batch)))]
+        except BadDataError as e:
+            if len(batch.members) == 1:
+                member = batch.members[0]
+                rejection = Rejection(member.identifier.value, f"bad_data: {e}")
+                return [Acked(batch, DeliveryResult.partial([rejection]))]
+            half = len(batch.members) // 2
+            ctx = batch.context
+            # Halves are keyed from their parent: as stable as it is.
+            parent = batch.idempotency_key
+            left = make_batch(ctx, batch.operation, batch.members[:half], batch.sequence, parent)
+            right = make_batch(ctx, batch.operation, batch.members[half:], batch.sequence, parent)
+            # Every batch the destination sees is covered by exactly one
+            # write-ahead record: the halves replace their parent's.
+            yield _BeforeSend(left, parent)
+            acked = yield from self._plan_send(left)
+            yield _BeforeSend(right, None)
+            return acked + (yield from self._plan_send(right))
+
+    # -- the two drivers ---------------------------------------------------------
+
+    def send(self, batch: Batch) -> list[Acked]:
+        """
+        Deliver *batch* from this thread, bisecting on :class:`BadDataError`;
+        return every acknowledged (sub-)batch in order.
+
+        Raises:
+            TransientError: Retries exhausted.
+            PermanentError: Not retryable; nothing of this batch is acknowledged.
+            AuthenticationError: Credentials refused.
+        """
+        plan = self._plan_send(batch)
+        answer: object = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = plan.send(answer) if error is None else plan.throw(error)
+            except StopIteration as done:
+                return cast("list[Acked]", done.value)
+            answer = error = None
+            try:
+                answer = self._perform(step)
+            except Exception as e:  # noqa: BLE001 - thrown into the plan, which decides
+                error = e
+
+    def _perform(self, step: _Step) -> object:
+        if isinstance(step, _Attempt):
+            return self._attempt(step.batch)
+        if isinstance(step, _KeepAlive):
+            self.keep_alive(step.seconds)
+        elif isinstance(step, _Sleep):
+            self._sleep(step.seconds)
+        else:
+            self.before_send(step.batch, step.replaces)
+        return None
+
+    def _sleep(self, seconds: float) -> None:
+        """
+        Block on the clock; under a cancellable portal, in steps of at most a
+        second, so a cancelled run does not sit out a long backoff.
+        """
+        portal = self.portal
+        if portal is None:
+            self.clock.sleep(seconds)
+            return
+        while seconds > 0:
+            portal.check()
+            step = min(seconds, 1.0)
+            self.clock.sleep(step)
+            seconds -= step
+        portal.check()
+
+    async def asend(self, batch: Batch) -> list[Acked]:
+        """
+        :meth:`send` as a coroutine on the portal's loop: requests and waits
+        are awaited (cancellable), store calls run in a worker thread.
+        """
+        import asyncio  # noqa: PLC0415 - only asynchronous destinations get here
+
+        plan = self._plan_send(batch)
+        answer: object = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = plan.send(answer) if error is None else plan.throw(error)
+            except StopIteration as done:
+                return cast("list[Acked]", done.value)
+            answer = error = None
+            try:
+                if isinstance(step, _Attempt):
+                    answer = await self._aattempt(step.batch)
+                elif isinstance(step, _Sleep):
+                    await sleep_async(self.clock, step.seconds)
+                elif isinstance(step, _KeepAlive):
+                    await asyncio.to_thread(self.keep_alive, step.seconds)
+                else:
+                    await asyncio.to_thread(self.before_send, step.batch, step.replaces)
+            except Exception as e:  # noqa: BLE001 - thrown into the plan, which decides
+                error = e
+
+    # -- one request ---------------------------------------------------------------
+
+    def _attempt(self, batch: Batch) -> DeliveryResult:
+        """
+        One call to the adapter, with anything it raises mapped to the library's
+        errors: the engine never guesses from messages.
+        """
+        destination = self.destination
+        try:
+            if isinstance(destination, AsyncDestination):
+                # A request of an asynchronous adapter from a blocking driver
+                # (a lone batch): run it on the portal's loop and wait.
+                return self._checked(
+                    batch, self._require_portal().call(_request(destination, batch))
+                )
+            if batch.operation is Operation.REMOVE:
+                result = destination.remove(batch)
+            else:
+                result = destination.add(batch)
+        except Exception as e:
+            raise self._mapped(batch, e) from e
+        return self._checked(batch, result)
+
+    async def _aattempt(self, batch: Batch) -> DeliveryResult:
+        """:meth:`_attempt` of an asynchronous adapter, awaited."""
+        destination = self.destination
+        try:
+            if isinstance(destination, AsyncDestination):
+                result = await _request(destination, batch)
+            else:
+                import asyncio  # noqa: PLC0415 - see asend
+
+                method = (
+                    destination.remove if batch.operation is Operation.REMOVE else destination.add
+                )
+                result = await asyncio.to_thread(method, batch)
+        except Exception as e:
+            raise self._mapped(batch, e) from e
+        return self._checked(batch, result)
+
+    def _mapped(self, batch: Batch, error: Exception) -> Exception:
+        """What an adapter's exception means to the engine."""
+        if isinstance(error, DeliveryError):
+            return error
+        if isinstance(error, (TimeoutError, ConnectionError)):
+            return TransientError(f"{type(error).__name__}: {error}")
+        # An adapter bug is not a reason to retry forever or to guess.
+        self._log_bug(batch, error)
+        return PermanentError(
+            f"{type(self.destination).__name__} raised {type(error).__name__}: {error}"
+        )
+
+    def _checked(self, batch: Batch, result: object) -> DeliveryResult:
+        if not isinstance(result, DeliveryResult):
+            if inspect.isawaitable(result):
+                _discard(result)
+                hint = (
+                    " (an `async def` method: subclass cohortsync.AsyncDestination, "
+                    "not cohortsync.Destination)"
+                )
+            else:
+                hint = ""
+            raise PermanentError(
+                f"{type(self.destination).__name__}.{batch.operation.value}() returned "
+                f"{type(result).__name__}, not DeliveryResult{hint}"
+            )
+        return result
+
+    def _require_portal(self) -> Portal:
+        if self.portal is None:  # pragma: no cover - the scheduler always gives one
+            raise RuntimeError("an asynchronous destination needs an event loop portal")
+        return self.portal
+
+    def _asked(self, error: TransientError) -> float | None:
+        """
+        The wait a destination asked for, if it is one to honour: ``None``
+        (use the backoff) for none, zero, negative or not-a-number (a vendor
+        answering "429, retry after 0" forever must not be hammered). A wait
+        longer than an hour (or the retry policy's ``max_delay`` if that is
+        longer), or infinite, is not slept through, holding the worker: the
+        batch fails as transient, the run ends, and the sync retries later.
+        """
+        asked = error.retry_after
+        if asked is None or not isinstance(asked, (int, float)) or not asked > 0:
+            return None
+        ceiling = max(self.retry.max_delay, MAX_ASKED_WAIT)
+        if asked > ceiling:
+            raise TransientError(
+                f"{type(error).__name__}: the destination asked to wait {asked:.6g}s, longer "
+                f"than the longest wait a run sits through ({ceiling:g}s: max_delay or an "
+                "hour); the sync retries later"
+            ) from error
+        return float(asked)
 
     def _about(self, batch: Batch) -> tuple[tuple[object, ...], dict[str, object]]:
         """
@@ -424,36 +631,6 @@ class BatchSender:
         text = _BATCH_ABOUT + message
         log.info(text, *about, *args, extra={**fields, **more}, stacklevel=2)
 
-    def send(self, batch: Batch) -> list[Acked]:
-        """
-        Deliver *batch*, bisecting on :class:`BadDataError`; return every
-        acknowledged (sub-)batch in order.
-
-        Raises:
-            TransientError: Retries exhausted.
-            PermanentError: Not retryable; nothing of this batch is acknowledged.
-            AuthenticationError: Credentials refused.
-        """
-        try:
-            return [Acked(batch, self._call(batch))]
-        except BadDataError as e:
-            if len(batch.members) == 1:
-                member = batch.members[0]
-                rejection = Rejection(member.identifier.value, f"bad_data: {e}")
-                return [Acked(batch, DeliveryResult.partial([rejection]))]
-            half = len(batch.members) // 2
-            ctx = batch.context
-            # Halves are keyed from their parent: as stable as it is.
-            parent = batch.idempotency_key
-            left = make_batch(ctx, batch.operation, batch.members[:half], batch.sequence, parent)
-            right = make_batch(ctx, batch.operation, batch.members[half:], batch.sequence, parent)
-            # Every batch the destination sees is covered by exactly one
-            # write-ahead record: the halves replace their parent's.
-            self.before_send(left, parent)
-            acked = self.send(left)
-            self.before_send(right, None)
-            return acked + self.send(right)
-
     def send_all(
         self,
         batches: Iterator[Batch],
@@ -465,10 +642,18 @@ class BatchSender:
         this thread for each acknowledgement (so state is applied serially).
 
         On the first failure, no new batch starts; batches already in flight
-        finish and are applied; then the failure is raised.
+        finish and are applied; then the failure is raised. A cancelled
+        portal (:class:`RunCancelled`) counts as a failure too, and wins.
         """
+        portal = self.portal
+        if isinstance(self.destination, AsyncDestination):
+            assert portal is not None  # noqa: S101 - the run gives async adapters a portal
+            self._send_each(batches, parallel, on_acked, lambda b: portal.submit(self.asend(b)))
+            return
         if parallel <= 1:
             for batch in batches:
+                if portal is not None:
+                    portal.check()
                 self.before_send(batch, None)
                 for acked in self.send(batch):
                     on_acked(acked)
@@ -477,18 +662,37 @@ class BatchSender:
         # `import cohortsync` does not load concurrent.futures).
         from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
-        error: BaseException | None = None
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cohortsync") as pool:
-            in_flight: set[Future[list[Acked]]] = set()
+            self._send_each(batches, parallel, on_acked, lambda b: pool.submit(self.send, b))
+
+    def _send_each(
+        self,
+        batches: Iterator[Batch],
+        parallel: int,
+        on_acked: Callable[[Acked], None],
+        start: Callable[[Batch], Future[list[Acked]]],
+    ) -> None:
+        """
+        Keep up to *parallel* batches in flight, each started by *start*
+        (on a thread pool, or as a task on the portal's loop).
+        """
+        portal = self.portal
+        error: BaseException | None = None
+        in_flight: set[Future[list[Acked]]] = set()
+        try:
             for batch in batches:
-                while len(in_flight) >= parallel:
+                while len(in_flight) >= max(parallel, 1):
                     error = self._drain(in_flight, on_acked, error)
                 if error is not None:
                     break
+                if portal is not None:
+                    portal.check()
                 self.before_send(batch, None)
-                in_flight.add(pool.submit(self.send, batch))
-            while in_flight:
-                error = self._drain(in_flight, on_acked, error)
+                in_flight.add(start(batch))
+        except BaseException as e:  # noqa: BLE001 - what is in flight is applied, then it is raised
+            error = _worse(error, e)
+        while in_flight:
+            error = self._drain(in_flight, on_acked, error)
         if error is not None:
             raise error
 
@@ -503,10 +707,39 @@ class BatchSender:
         done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
         for future in done:
             in_flight.discard(future)
+            if future.cancelled():
+                # Only a cancelled portal cancels a request: the run stops.
+                error = _worse(error, RunCancelled())
+                continue
             exc = future.exception()
             if exc is not None:
-                error = error or exc
+                error = _worse(error, exc)
                 continue
             for acked in future.result():
                 on_acked(acked)
         return error
+
+
+def _request(destination: AsyncDestination, batch: Batch) -> Coroutine[Any, Any, DeliveryResult]:
+    """The adapter's coroutine for *batch*'s operation."""
+    if batch.operation is Operation.REMOVE:
+        return destination.remove(batch)
+    return destination.add(batch)
+
+
+def _discard(awaitable: object) -> None:
+    """Close a coroutine an adapter returned by mistake (no "never awaited" warning)."""
+    close = getattr(awaitable, "close", None)
+    if callable(close):
+        close()
+
+
+def _worse(error: BaseException | None, new: BaseException) -> BaseException:
+    """
+    The failure a batch loop raises: the first one, unless a later one stops
+    the run for a reason that is not the batch's (a cancelled scheduler, an
+    interrupt), which must not be recorded as the delivery's failure.
+    """
+    if error is None or (isinstance(error, Exception) and not isinstance(new, Exception)):
+        return new
+    return error

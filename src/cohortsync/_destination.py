@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from itertools import repeat
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypeAlias
 
 import attrs
 
@@ -420,3 +420,96 @@ class Destination(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.capabilities.name!r}>"
+
+
+class AsyncDestination(ABC):
+    """
+    Base class for destination adapters written with ``async def``: the twin
+    of :class:`Destination` for hosts whose vendor clients are asynchronous
+    (``httpx.AsyncClient``, aiohttp).
+
+    Everything else is the same: the same ``capabilities``, the same
+    :class:`Batch` in and :class:`DeliveryResult` out, the same errors from
+    :mod:`cohortsync.exceptions`, and the engine around it is the same one
+    (idempotency keys, the write-ahead record before each batch, retries
+    with backoff and ``retry_after``, bisection, rate limits shared with
+    synchronous adapters of the same destination id). Under an
+    :class:`~cohortsync.AsyncScheduler` its requests run on the host's event
+    loop, up to ``capabilities.max_parallel`` of one run at once; a plain
+    :class:`~cohortsync.Scheduler` runs them on an event loop of its own in
+    one background thread, started when the first such request is made and
+    stopped by :meth:`Scheduler.close <cohortsync.Scheduler.close>`.
+    """
+
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    @abstractmethod
+    async def add(self, batch: Batch) -> DeliveryResult:
+        """
+        Add the batch's members to the remote audience (or, for ``Operation.EXISTING``
+        on full-sync-only destinations, confirm they are still in it).
+        """
+
+    @abstractmethod
+    async def remove(self, batch: Batch) -> DeliveryResult:
+        """
+        Remove the batch's members from the remote audience.
+        """
+
+    async def open(self, context: RunContext) -> None:  # noqa: B027 - optional hook
+        """
+        Called before a run sends its first batch: create the remote audience if needed.
+        """
+
+    async def close(self, context: RunContext, *, succeeded: bool) -> None:  # noqa: B027
+        """
+        Called after a run's last batch (also when the run failed).
+        """
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.capabilities.name!r}>"
+
+
+AnyDestination: TypeAlias = "Destination | AsyncDestination"
+"""A destination adapter of either kind."""
+
+
+def check_destination_kind(destination: object) -> None:
+    """
+    Refuse what is not an adapter, and adapters of one kind written like the
+    other: a :class:`Destination` with ``async def`` methods would hand the
+    engine coroutines instead of results, an :class:`AsyncDestination` with
+    plain ones would block the event loop.
+
+    Raises:
+        ConfigurationError: With what to change.
+    """
+    import inspect  # noqa: PLC0415 - registration only
+
+    if isinstance(destination, AsyncDestination):
+        for name in ("add", "remove", "open", "close"):
+            if not inspect.iscoroutinefunction(getattr(destination, name, None)):
+                raise ConfigurationError(
+                    "destination",
+                    type(destination).__name__,
+                    f"is a cohortsync.AsyncDestination, so `{name}` must be `async def` "
+                    "(a plain method would block the event loop); or subclass "
+                    "cohortsync.Destination for a synchronous adapter",
+                )
+        return
+    if not isinstance(destination, Destination):
+        raise ConfigurationError(
+            "destination",
+            destination,
+            "must be an instance of a cohortsync.Destination or cohortsync.AsyncDestination "
+            "subclass",
+        )
+    for name in ("add", "remove", "open", "close"):
+        if inspect.iscoroutinefunction(getattr(destination, name, None)):
+            raise ConfigurationError(
+                "destination",
+                type(destination).__name__,
+                f"defines `async def {name}` on a cohortsync.Destination, which the engine "
+                "calls synchronously (it would get a coroutine, not a result); subclass "
+                "cohortsync.AsyncDestination for an adapter written with async def",
+            )

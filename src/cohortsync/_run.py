@@ -25,20 +25,23 @@ import logging
 import random
 import secrets
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import attrs
 
 from cohortsync import _schedule
+from cohortsync._aio import Portal, RunCancelled
 from cohortsync._cache import DeliveredCache, DeliveredState
 from cohortsync._clock import Clock
 from cohortsync._cohort import Cohort, has_change_feed
 from cohortsync._delivery import Acked, BatchSender, RateLimiter, make_batch
 from cohortsync._destination import (
+    AnyDestination,
+    AsyncDestination,
     Batch,
     Capabilities,
-    Destination,
     Identifier,
     IdentifierKind,
     Member,
@@ -150,7 +153,7 @@ class RunEnvironment:
     rules: Ruleset
     listeners: Sequence[Listener]
     cohort: Callable[[str], Cohort]
-    destination: Callable[[str], Destination]
+    destination: Callable[[str], AnyDestination]
     mapping: Callable[[str | None], IdentifierMapping]
     limiter: Callable[[str, Capabilities], RateLimiter | None]
     rng: random.Random
@@ -160,6 +163,12 @@ class RunEnvironment:
     on_slow: Callable[[], None] | None = None
     """Called when a run is about to extend its lease (it has taken half of
     it): the scheduler stores the records waiting behind it."""
+    portal: Callable[[], Portal] | None = None
+    """The event loop an :class:`~cohortsync.AsyncDestination` runs on (a
+    synchronous scheduler starts its own on first use)."""
+    scope: Portal | None = None
+    """Under an asynchronous scheduler, the portal whose cancellation stops
+    this run at its next step, whatever kind its destination is."""
 
 
 @attrs.define
@@ -326,9 +335,17 @@ def prepare(env: RunEnvironment, claim: Claim | Lease) -> Completing:
     so an ordinary run reads nothing more; a bare :class:`Lease` makes the
     run read them.
     """
-    if isinstance(claim, Lease):
-        return _Run(env, claim, None).run()
-    return _Run(env, claim.lease, claim).run()
+    run = _Run(env, claim, None) if isinstance(claim, Lease) else _Run(env, claim.lease, claim)
+    try:
+        return run.run()
+    except RunCancelled:
+        # Cancelled by an asynchronous scheduler: nothing is recorded as
+        # failed, and the slot is given back at once (not when the lease
+        # expires) for the next run to take over; what was in flight is
+        # re-sent then under the same keys.
+        with contextlib.suppress(CohortSyncError):
+            env.storage.release_lease(run.lease.current)
+        raise
 
 
 class _Run:
@@ -592,7 +609,7 @@ class _Run:
             emit(self.env.listeners, event)
 
     def _deliver(
-        self, cohort: Cohort, destination: Destination, caps: Capabilities
+        self, cohort: Cohort, destination: AnyDestination, caps: Capabilities
     ) -> tuple[RunStatus, Sync]:
         env = self.env
         record = self.record
@@ -913,7 +930,17 @@ class _Run:
             slot=self.lease.current.slot,
         )
 
-    def _sender(self, destination: Destination, caps: Capabilities) -> BatchSender:
+    def _portal(self, destination: AnyDestination) -> Portal | None:
+        """
+        The portal a run's destination calls go through: the loop of an
+        asynchronous destination, else the scope of an asynchronous scheduler.
+        """
+        env = self.env
+        if isinstance(destination, AsyncDestination) and env.portal is not None:
+            return env.portal()
+        return env.scope
+
+    def _sender(self, destination: AnyDestination, caps: Capabilities) -> BatchSender:
         if self.sender is None:
             # The sender reaches the run through a weak reference: a run that
             # held its sender holding the run would be a reference cycle, and
@@ -929,12 +956,13 @@ class _Run:
                 before_send=lambda batch, replaces: _call(begin, batch, replaces),
                 rng=self.env.rng,
                 destination_id=self.sync.destination_id,
+                portal=self._portal(destination),
             )
         return self.sender
 
     def _send(
         self,
-        destination: Destination,
+        destination: AnyDestination,
         caps: Capabilities,
         diff: Diff,
         removes: Keys,
@@ -945,7 +973,10 @@ class _Run:
         if self.progress.listening or self.progress.debug:
             self._plan(caps, diff, removes if send_removals else ())
         succeeded = False
-        destination.open(context)
+        if isinstance(destination, AsyncDestination):
+            self._hook(destination, destination.open(context))
+        else:
+            destination.open(context)
         if not removes and not diff.adds and not diff.existing:
             # Nothing to send (the usual real-time minute): the destination
             # is still opened and closed, as every run does.
@@ -1024,9 +1055,20 @@ class _Run:
                 ),
             )
 
-    def _close(self, destination: Destination, context: RunContext, *, succeeded: bool) -> None:
+    def _hook(self, destination: AsyncDestination, call: Coroutine[Any, Any, None]) -> None:
+        """Run an asynchronous destination's ``open`` or ``close`` on its loop."""
+        portal = self._portal(destination)
+        if portal is None:  # pragma: no cover - the scheduler always gives one
+            call.close()
+            raise RuntimeError("an asynchronous destination needs an event loop portal")
+        portal.call(call)
+
+    def _close(self, destination: AnyDestination, context: RunContext, *, succeeded: bool) -> None:
         try:
-            destination.close(context, succeeded=succeeded)
+            if isinstance(destination, AsyncDestination):
+                self._hook(destination, destination.close(context, succeeded=succeeded))
+            else:
+                destination.close(context, succeeded=succeeded)
         except Exception as e:
             self._log_failure(e, "close() of destination %s failed", self.sync.destination_id)
             if succeeded:
@@ -1547,7 +1589,7 @@ class _Run:
             ),
         )
 
-    def _teardown(self, destination: Destination, caps: Capabilities) -> tuple[RunStatus, Sync]:
+    def _teardown(self, destination: AnyDestination, caps: Capabilities) -> tuple[RunStatus, Sync]:
         """
         Remove everything this sync may have delivered
         (``OnDelete.REMOVE_DELIVERED``): its delivered state plus the members

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import inspect
 import logging
 import os
 import random
@@ -18,12 +17,13 @@ from datetime import datetime, timedelta, timezone
 from itertools import islice
 from pathlib import PurePath
 from types import TracebackType
-from typing import Any, Literal, cast, get_args, overload
+from typing import Any, Literal, TypeVar, cast, get_args, overload
 
 import attrs
 from typing_extensions import Self
 
 from cohortsync import _schedule
+from cohortsync._aio import LoopThread, RunCancelled
 from cohortsync._bulk import (
     ApplyResult,
     BulkFailure,
@@ -39,7 +39,13 @@ from cohortsync._clock import Clock, SystemClock, UtcClock, add_saturating, requ
 from cohortsync._cohort import Cohort, has_change_feed
 from cohortsync._converter import unstructure
 from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimiter, RateLimits
-from cohortsync._destination import Capabilities, Destination
+from cohortsync._destination import (
+    AnyDestination,
+    AsyncDestination,
+    Capabilities,
+    Destination,
+    check_destination_kind,
+)
 from cohortsync._diff import diff_changes, diff_snapshot, head, with_keys
 from cohortsync._events import E1, E2, E3, Event, Listener, subscribe
 from cohortsync._keep import KEEP, Keep
@@ -93,6 +99,8 @@ from cohortsync.storage._protocol import (
 )
 
 __all__ = ["Preview", "Scheduler", "Upcoming"]
+
+D = TypeVar("D", bound="Destination | AsyncDestination")
 
 log = logging.getLogger("cohortsync.scheduler")
 
@@ -376,7 +384,7 @@ class Scheduler:
             if not callable(listener):
                 raise ConfigurationError("listeners", listener, "must be callables taking an event")
         self._cohorts: dict[str, Cohort] = {}
-        self._destinations: dict[str, Destination] = {}
+        self._destinations: dict[str, AnyDestination] = {}
         self._mappings: dict[str, IdentifierMapping] = {}
         self._limiters: dict[str, RateLimiter] = {}
         self._limiters_lock = threading.Lock()
@@ -384,6 +392,8 @@ class Scheduler:
         check_count("state_cache_keys", state_cache_keys)
         self._cache = DeliveredCache(state_cache_keys) if state_cache_keys else None
         self._last_purge: datetime | None = None
+        self._loop = LoopThread()
+        """The event loop of asynchronous destinations, started when first needed."""
         self._run_seconds: float | None = None
         """Recent average run duration on this scheduler's clock (sizes claim batches)."""
 
@@ -417,35 +427,24 @@ class Scheduler:
         self._cohorts[cohort.id] = cohort
         return cohort
 
-    def add_destination(
-        self, destination_id: str, destination: Destination, *, replace: bool = False
-    ) -> Destination:
+    def add_destination(self, destination_id: str, destination: D, *, replace: bool = False) -> D:
         """
-        Register a destination adapter under *destination_id*.
+        Register a destination adapter under *destination_id*: a
+        :class:`Destination` or an :class:`AsyncDestination` (whose requests
+        run on an event loop: the host's under an
+        :class:`~cohortsync.AsyncScheduler`, else one this scheduler starts
+        in a thread of its own when a run first needs it).
 
         Raises:
-            ConfigurationError: Not a :class:`Destination`, an adapter whose
-                ``add``/``remove`` are coroutine functions (the scheduler
-                calls them synchronously), or the id is registered already
-                (and *replace* is false).
+            ConfigurationError: Neither kind of adapter; a
+                :class:`Destination` whose ``add``/``remove``/``open``/``close``
+                is a coroutine function, or an :class:`AsyncDestination`
+                whose methods are not (a mix-up the scheduler would only
+                discover mid-run); or the id is registered already (and
+                *replace* is false).
         """
         check_id("destination_id", destination_id)
-        if not isinstance(destination, Destination):
-            raise ConfigurationError(
-                "destination",
-                destination,
-                "must be an instance of a cohortsync.Destination subclass",
-            )
-        for name in ("add", "remove", "open", "close"):
-            if inspect.iscoroutinefunction(getattr(destination, name, None)):
-                raise ConfigurationError(
-                    "destination",
-                    type(destination).__name__,
-                    f"defines `async def {name}`, but async destinations are not supported "
-                    "yet by the sync scheduler (an async API is planned): it calls adapters "
-                    "synchronously and would get a coroutine, not a result; make the "
-                    "methods plain `def` (e.g. run your async client with asyncio.run)",
-                )
+        check_destination_kind(destination)
         self._check_new("destination_id", destination_id, self._destinations, replace=replace)  # type: ignore[arg-type]
         self._destinations[destination_id] = destination
         return destination
@@ -523,7 +522,7 @@ class Scheduler:
             check_id("cohort_id", cohort_id)
             raise CohortNotFoundError(cohort_id) from None
 
-    def destination(self, destination_id: str) -> Destination:
+    def destination(self, destination_id: str) -> AnyDestination:
         """
         The destination adapter registered under *destination_id*.
 
@@ -1603,6 +1602,7 @@ class Scheduler:
             rng=self._rng,
             cache=self._cache,
             pause_after_failures=self.pause_after_failures,
+            portal=self._loop.portal,
         )
 
     def run_due(self, *, limit: int | None = None, claim_batch: int | None = None) -> list[SyncRun]:
@@ -2016,6 +2016,11 @@ class _Batch:
             self.seen.add(lease.sync_id)
             try:
                 self.done.append(prepare(self.env, claim))
+            except RunCancelled:
+                # The run gave its own lease back: store what finished before
+                # it, give back the claims not started, and stop.
+                self.slow()
+                raise
             except LeaseLostError:
                 _lease_lost(lease, None)
             except Exception as exc:  # noqa: BLE001 - isolated, recorded, logged

@@ -16,7 +16,7 @@ from types import MappingProxyType
 import attrs
 
 from cohortsync._cohort import Cohort, CohortType
-from cohortsync._destination import Capabilities, Destination, IdentifierKind
+from cohortsync._destination import AsyncDestination, Capabilities, Destination, IdentifierKind
 from cohortsync._policy import Cadence, OnDelete, SyncPolicy
 from cohortsync._validators import to_enum
 
@@ -380,13 +380,13 @@ DEFAULT_RULES = Ruleset(
 """The rules from the product description."""
 
 
-def _capabilities(destination: Destination | Capabilities) -> Capabilities:
+def _capabilities(destination: Destination | AsyncDestination | Capabilities) -> Capabilities:
     return destination if isinstance(destination, Capabilities) else destination.capabilities
 
 
 def check_eligibility(
     cohort: Cohort,
-    destination: Destination | Capabilities,
+    destination: Destination | AsyncDestination | Capabilities,
     policy: SyncPolicy,
     *,
     identifier_kinds: Iterable[IdentifierKind] | None = None,

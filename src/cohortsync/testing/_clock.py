@@ -83,6 +83,16 @@ class FakeClock:
         if seconds > 0:
             self.advance(seconds)
 
+    async def asleep(self, seconds: float) -> None:
+        """
+        The awaitable :meth:`sleep`: advance by *seconds* (remembered in
+        :attr:`slept`), then yield to the event loop once, so other tasks
+        run in between as they would during a real wait, and in the same
+        order every time.
+        """
+        self.sleep(seconds)
+        await _yield()
+
     def advance(self, by: timedelta | float) -> datetime:
         """
         Move forward *by* (a timedelta or seconds) and return the new instant.
@@ -160,6 +170,14 @@ class SharedFakeClock:
         if seconds > 0:
             self.advance(seconds)
 
+    async def asleep(self, seconds: float) -> None:
+        """
+        The awaitable :meth:`sleep`: advance the shared time, then yield to
+        the event loop once.
+        """
+        self.sleep(seconds)
+        await _yield()
+
     def advance(self, by: timedelta | float) -> datetime:
         """
         Move forward *by*. Not atomic across processes: let one process drive time.
@@ -187,3 +205,10 @@ class SharedFakeClock:
 
     def __repr__(self) -> str:
         return f"SharedFakeClock({str(self._path)!r}, now={self.now().isoformat()})"
+
+
+async def _yield() -> None:
+    """Let the event loop run other tasks once (what a real wait would allow)."""
+    import asyncio  # noqa: PLC0415 - synchronous tests do not load it
+
+    await asyncio.sleep(0)

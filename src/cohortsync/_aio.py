@@ -1,0 +1,189 @@
+"""
+Where the engine's threads meet an event loop.
+
+A run is driven by one thread (its store calls and source reads block); the
+requests of an :class:`~cohortsync.AsyncDestination` are coroutines that must
+run on an event loop. A :class:`Portal` hands them over: it submits a
+coroutine to its loop from the run's thread and gives back a
+:class:`concurrent.futures.Future`, so the engine waits for coroutines the way
+it waits for its own request threads. An asynchronous scheduler's portal is
+also its cancellation scope: cancelling it cancels the requests in flight and
+makes the run stop at its next step, with nothing recorded as failed.
+
+Nothing here imports :mod:`asyncio` until a portal is made: synchronous hosts
+never load it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import asyncio
+    from concurrent.futures import Future
+
+__all__ = ["LoopThread", "Portal", "RunCancelled"]
+
+T = TypeVar("T")
+
+
+class RunCancelled(BaseException):
+    """
+    The asynchronous scheduler driving this run was cancelled (shutdown,
+    ``asyncio.timeout``). A :class:`BaseException`, like
+    :class:`asyncio.CancelledError`, so that no ``except Exception`` in the
+    engine or in host code records it as the run's failure: the run stops,
+    its lease is given back, and the slot runs again (re-sending what was in
+    flight under the same idempotency keys).
+    """
+
+
+class Portal:
+    """
+    Runs coroutines on one event loop for threads that are not its own, and
+    can be cancelled as a whole.
+
+    Args:
+        loop: The event loop the coroutines run on. It must keep running
+            while anything submitted is pending.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: set[Future[Any]] = set()
+        self.cancelled = False
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """
+        Start *coro* on the loop; cancelled with the portal.
+
+        Raises:
+            RunCancelled: The portal is cancelled (*coro* is closed unrun).
+        """
+        import asyncio  # noqa: PLC0415 - loaded by whoever made the loop already
+
+        with self._lock:
+            if self.cancelled:
+                coro.close()
+                raise RunCancelled
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _forget(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """
+        Run *coro* on the loop and wait for its result, even if the portal is
+        cancelled meanwhile: for a destination's ``open`` and ``close``, which
+        must finish (``close`` tells the adapter how the run ended).
+        """
+        import asyncio  # noqa: PLC0415 - see submit
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def check(self) -> None:
+        """
+        Raises:
+            RunCancelled: The portal is cancelled: stop before the next step.
+        """
+        if self.cancelled:
+            raise RunCancelled
+
+    def cancel(self) -> None:
+        """
+        Cancel every submitted coroutine still running, and make the next
+        :meth:`submit` or :meth:`check` raise :class:`RunCancelled`. Safe from
+        any thread, and to repeat.
+        """
+        with self._lock:
+            self.cancelled = True
+            pending = list(self._pending)
+        for future in pending:
+            future.cancel()
+
+    def __repr__(self) -> str:
+        state = "cancelled" if self.cancelled else "open"
+        return f"<Portal {state}, {len(self._pending)} pending>"
+
+
+async def _wind_down() -> None:
+    """Cancel and await what still runs on this loop, then shut its executors down."""
+    import asyncio  # noqa: PLC0415 - see Portal.submit
+
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    loop = asyncio.get_running_loop()
+    await loop.shutdown_asyncgens()
+    await loop.shutdown_default_executor()
+
+
+class LoopThread:
+    """
+    An event loop in a daemon thread of its own, for a synchronous scheduler
+    that has asynchronous destinations: started by the first :meth:`portal`
+    call (never before), stopped by :meth:`stop`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._portal: Portal | None = None
+        self._thread: threading.Thread | None = None
+
+    def portal(self) -> Portal:
+        """The portal to the loop, starting the thread on first use."""
+        with self._lock:
+            if self._portal is None:
+                import asyncio  # noqa: PLC0415 - only hosts with async adapters load it
+
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def serve() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                thread = threading.Thread(target=serve, name="cohortsync-loop", daemon=True)
+                thread.start()
+                ready.wait()
+                self._thread = thread
+                self._portal = Portal(loop)
+            return self._portal
+
+    def stop(self) -> None:
+        """
+        Stop the loop and join its thread (what is still pending is
+        cancelled first); a no-op if it never started. Safe to repeat.
+        """
+        with self._lock:
+            portal, thread = self._portal, self._thread
+            self._portal = self._thread = None
+        if portal is None or thread is None:
+            return
+        portal.cancel()
+        loop = portal.loop
+        if thread.is_alive():
+            import asyncio  # noqa: PLC0415 - see portal
+
+            asyncio.run_coroutine_threadsafe(_wind_down(), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+        loop.close()
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread has been started and not stopped."""
+        return self._thread is not None
+
+    def __repr__(self) -> str:
+        return f"<LoopThread {'running' if self.running else 'not started'}>"

@@ -1,0 +1,433 @@
+"""
+The asynchronous scheduler: the same engine, driven from an event loop.
+
+:class:`AsyncScheduler` is a second driver over the engine the synchronous
+:class:`~cohortsync.Scheduler` drives, not a copy of it: it owns a
+``Scheduler`` (same store, same registrations, same decisions) and adds what
+an event loop needs:
+
+- runs of several syncs at once, each in a worker thread of its own (a run's
+  store calls and its source read block; they never block the loop), at most
+  ``max_concurrent_runs`` at a time, still one run per sync (the store's
+  leases see to that across every worker);
+- the requests of :class:`~cohortsync.AsyncDestination` adapters as
+  coroutines on the host's loop, up to the destination's ``max_parallel`` of
+  one run in flight at once, with waits (backoff, rate limits) awaited on the
+  clock;
+- cancellation (shutdown, :func:`asyncio.timeout`) that stops every run at
+  its next step, cancels what is in flight (it is re-sent under the same
+  keys), gives each lease back at once and records nothing as failed;
+- ``await``-able versions of the store-reading methods, run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+from collections.abc import Callable, Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import attrs
+from typing_extensions import Self
+
+from cohortsync._aio import Portal, RunCancelled
+from cohortsync._clock import Clock, sleep_async
+from cohortsync._cohort import Cohort
+from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimits
+from cohortsync._destination import AnyDestination, AsyncDestination, Capabilities, Destination
+from cohortsync._events import Event, Listener
+from cohortsync._run import RunEnvironment
+from cohortsync._scheduler import (
+    _MIN_SLEEP,
+    Scheduler,
+    _Batch,
+    _SlotAllocation,
+)
+from cohortsync._sync import SyncRun
+from cohortsync._validators import check_count
+from cohortsync.eligibility import DEFAULT_RULES, Ruleset
+from cohortsync.exceptions import ConfigurationError, StorageClosedError
+from cohortsync.identifiers import IdentifierMapping
+from cohortsync.storage import Storage
+
+__all__ = ["AsyncScheduler"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+D = TypeVar("D", bound="Destination | AsyncDestination")
+
+
+def _in_thread(
+    method: Callable[Concatenate[Scheduler, P], T],
+) -> Callable[Concatenate[AsyncScheduler, P], Coroutine[Any, Any, T]]:
+    """
+    The awaitable twin of a :class:`Scheduler` method: the same call, in a
+    worker thread, so its store round trips never block the event loop.
+    """
+
+    @functools.wraps(method)
+    async def call(self: AsyncScheduler, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await asyncio.to_thread(method, self.scheduler, *args, **kwargs)
+
+    call.__doc__ = (
+        f"Awaitable :meth:`Scheduler.{method.__name__} <cohortsync.Scheduler."
+        f"{method.__name__}>`: the same arguments, result and errors; it runs in a "
+        "worker thread, so the store call never blocks the event loop."
+    )
+    return call
+
+
+@attrs.define
+class _Round:
+    """One :meth:`AsyncScheduler.run_due` call, shared by its lanes."""
+
+    limit: int | None
+    started: int = 0
+    stop: bool = False
+    runs: list[SyncRun] = attrs.Factory(list)
+    seen: set[str] = attrs.Factory(set)
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+
+    def take(self) -> bool:
+        """Whether a lane may claim one more sync."""
+        with self.lock:
+            if self.stop or (self.limit is not None and self.started >= self.limit):
+                return False
+            self.started += 1
+            return True
+
+    def give_back(self) -> None:
+        """A lane found nothing to claim: its place is free again."""
+        with self.lock:
+            self.started -= 1
+
+
+class AsyncScheduler:
+    """
+    The :class:`~cohortsync.Scheduler` for asyncio hosts (FastAPI, Starlette,
+    aiohttp): ``await scheduler.run_due()``, ``await scheduler.run_forever()``,
+    ``async with``. Destinations may be :class:`~cohortsync.AsyncDestination`
+    adapters (their requests run on the host's loop) or plain
+    :class:`~cohortsync.Destination` ones (their requests run in the run's
+    worker thread), mixed freely.
+
+    It drives the same engine over the same store as the synchronous
+    scheduler, which it owns as :attr:`scheduler`: synchronous and
+    asynchronous workers may share one store, and either takes over a run the
+    other left (a crash, a cancellation). Stores stay synchronous: their calls
+    run in worker threads.
+
+    Args:
+        storage: As for :class:`~cohortsync.Scheduler`.
+        max_concurrent_runs: Most syncs this worker runs at once (each run
+            keeps up to its destination's ``max_parallel`` requests in
+            flight). One run per sync at a time always holds.
+        clock: As for :class:`~cohortsync.Scheduler`; a clock with an
+            ``asleep`` coroutine (:class:`~cohortsync.SystemClock`,
+            :class:`~cohortsync.testing.FakeClock`) is awaited, any other is
+            slept in a thread.
+        owner: As for :class:`~cohortsync.Scheduler`.
+        lease_for: As for :class:`~cohortsync.Scheduler`.
+        rules: As for :class:`~cohortsync.Scheduler`.
+        retention: As for :class:`~cohortsync.Scheduler`.
+        slot_allocation: As for :class:`~cohortsync.Scheduler`.
+        listeners: As for :class:`~cohortsync.Scheduler`. Listeners are
+            plain callables, called from the run's worker thread: keep them
+            quick, or hand the event to the loop with
+            ``loop.call_soon_threadsafe``.
+        seed: As for :class:`~cohortsync.Scheduler`.
+        state_cache_keys: As for :class:`~cohortsync.Scheduler`.
+        pause_after_failures: As for :class:`~cohortsync.Scheduler`.
+        rate_limits: As for :class:`~cohortsync.Scheduler`: by default shared
+            with every scheduler of the process, synchronous or not.
+    """
+
+    def __init__(
+        self,
+        storage: Storage | str | os.PathLike[str] | None = None,
+        *,
+        max_concurrent_runs: int = 10,
+        clock: Clock | None = None,
+        owner: str | None = None,
+        lease_for: timedelta = timedelta(minutes=5),
+        rules: Ruleset = DEFAULT_RULES,
+        retention: timedelta = timedelta(days=14),
+        slot_allocation: _SlotAllocation = "balanced",
+        listeners: Iterable[Listener] = (),
+        seed: int | None = None,
+        state_cache_keys: int = 5_000_000,
+        pause_after_failures: int = 5,
+        rate_limits: RateLimits = PROCESS_RATE_LIMITS,
+    ) -> None:
+        check_count("max_concurrent_runs", max_concurrent_runs, minimum=1)
+        if max_concurrent_runs > _MAX_CONCURRENT_RUNS:
+            raise ConfigurationError(
+                "max_concurrent_runs",
+                max_concurrent_runs,
+                f"must be at most {_MAX_CONCURRENT_RUNS:,} (each run in progress holds a thread)",
+            )
+        self.max_concurrent_runs = max_concurrent_runs
+        self.scheduler = Scheduler(
+            storage,
+            clock=clock,
+            owner=owner,
+            lease_for=lease_for,
+            rules=rules,
+            retention=retention,
+            slot_allocation=slot_allocation,
+            listeners=listeners,
+            seed=seed,
+            state_cache_keys=state_cache_keys,
+            pause_after_failures=pause_after_failures,
+            rate_limits=rate_limits,
+        )
+        """The synchronous scheduler this one drives: same store, same registrations."""
+        self._lanes: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        inner = self.scheduler
+        return (
+            f"AsyncScheduler(storage={inner.storage!r}, clock={inner.clock!r}, "
+            f"owner={inner.owner!r}, max_concurrent_runs={self.max_concurrent_runs})"
+        )
+
+    # -- registration (no I/O: plain methods) ------------------------------------
+
+    @property
+    def storage(self) -> Storage:
+        """The store (shared with :attr:`scheduler`)."""
+        return self.scheduler.storage
+
+    @property
+    def clock(self) -> Clock:
+        """The clock (shared with :attr:`scheduler`)."""
+        return self.scheduler.clock
+
+    @property
+    def owner(self) -> str:
+        """This worker's name on leases."""
+        return self.scheduler.owner
+
+    def add_cohort(self, cohort: Cohort, *, replace: bool = False) -> Cohort:
+        """As :meth:`Scheduler.add_cohort <cohortsync.Scheduler.add_cohort>`."""
+        return self.scheduler.add_cohort(cohort, replace=replace)
+
+    def add_destination(self, destination_id: str, destination: D, *, replace: bool = False) -> D:
+        """
+        As :meth:`Scheduler.add_destination <cohortsync.Scheduler.add_destination>`:
+        a :class:`~cohortsync.Destination` or an
+        :class:`~cohortsync.AsyncDestination`.
+        """
+        return self.scheduler.add_destination(destination_id, destination, replace=replace)
+
+    def add_mapping(
+        self, mapping_id: str, mapping: IdentifierMapping, *, replace: bool = False
+    ) -> IdentifierMapping:
+        """As :meth:`Scheduler.add_mapping <cohortsync.Scheduler.add_mapping>`."""
+        return self.scheduler.add_mapping(mapping_id, mapping, replace=replace)
+
+    def add_listener(
+        self, listener: Listener, *, events: Iterable[type[Event]] | None = None
+    ) -> None:
+        """
+        As :meth:`Scheduler.add_listener <cohortsync.Scheduler.add_listener>`;
+        listeners are called from the run's worker thread.
+        """
+        if events is None:
+            self.scheduler.add_listener(listener)
+        else:
+            self.scheduler.add_listener(listener, events=events)
+
+    def cohort(self, cohort_id: str) -> Cohort:
+        """As :meth:`Scheduler.cohort <cohortsync.Scheduler.cohort>`."""
+        return self.scheduler.cohort(cohort_id)
+
+    def destination(self, destination_id: str) -> AnyDestination:
+        """As :meth:`Scheduler.destination <cohortsync.Scheduler.destination>`."""
+        return self.scheduler.destination(destination_id)
+
+    def mapping(self, mapping_id: str | None) -> IdentifierMapping:
+        """As :meth:`Scheduler.mapping <cohortsync.Scheduler.mapping>`."""
+        return self.scheduler.mapping(mapping_id)
+
+    def capabilities(self, destination_id: str) -> Capabilities:
+        """The capabilities of the destination registered under *destination_id*."""
+        return self.scheduler.destination(destination_id).capabilities
+
+    # -- definitions and queries (store calls, in a thread) ----------------------
+
+    check = _in_thread(Scheduler.check)
+    create_sync = _in_thread(Scheduler.create_sync)
+    create_syncs = _in_thread(Scheduler.create_syncs)
+    apply_syncs = _in_thread(Scheduler.apply_syncs)
+    get_sync = _in_thread(Scheduler.get_sync)
+    syncs = _in_thread(Scheduler.syncs)
+    update_sync = _in_thread(Scheduler.update_sync)
+    pause_sync = _in_thread(Scheduler.pause_sync)
+    resume_sync = _in_thread(Scheduler.resume_sync)
+    sync_now = _in_thread(Scheduler.sync_now)
+    request_full_resync = _in_thread(Scheduler.request_full_resync)
+    confirm_removals = _in_thread(Scheduler.confirm_removals)
+    delete_sync = _in_thread(Scheduler.delete_sync)
+    next_run = _in_thread(Scheduler.next_run)
+    upcoming = _in_thread(Scheduler.upcoming)
+    preview = _in_thread(Scheduler.preview)
+    history = _in_thread(Scheduler.history)
+    ledger = _in_thread(Scheduler.ledger)
+    export_history = _in_thread(Scheduler.export_history)
+    recommend = _in_thread(Scheduler.recommend)
+
+    # -- running -----------------------------------------------------------------
+
+    async def run_due(self, *, limit: int | None = None) -> list[SyncRun]:
+        """
+        Claim and run every sync due now, up to ``max_concurrent_runs`` at
+        once; return the runs (:class:`~cohortsync.SyncRun`), in the order
+        they finished.
+
+        The guarantees are :meth:`Scheduler.run_due
+        <cohortsync.Scheduler.run_due>`'s: each due slot runs exactly once
+        across every worker on the store, a sync runs at most once per call,
+        and a sync that cannot be run never stops the others.
+
+        Cancelling the call (a shutdown, :func:`asyncio.timeout`) stops each
+        run at its next step: requests in flight are cancelled, the runs'
+        leases are given back at once (their slots run again, re-sending
+        what was in flight under the same idempotency keys), nothing is
+        recorded as failed, and the call returns (raising
+        :class:`asyncio.CancelledError`) only once every run has stopped, so
+        no worker thread outlives it. A run reading a large source stops when
+        the read is done.
+
+        Args:
+            limit: Run at most this many.
+        """
+        if limit is not None:
+            check_count("limit", limit)
+        inner = self.scheduler
+        portal = Portal(asyncio.get_running_loop())
+        env = attrs.evolve(inner._environment(), portal=lambda: portal, scope=portal)  # noqa: SLF001
+        await asyncio.to_thread(self._housekeeping)
+        state = _Round(limit)
+        lanes = self._lane_pool()
+        width = self.max_concurrent_runs if limit is None else min(limit, self.max_concurrent_runs)
+        waiting = [asyncio.wrap_future(lanes.submit(self._lane, env, state)) for _ in range(width)]
+        try:
+            # asyncio.wait, not gather: a cancellation must not drop the lanes
+            # (they are threads; they stop at their next step, not now).
+            await asyncio.wait(waiting)
+        except BaseException:
+            state.stop = True
+            portal.cancel()
+            await _settle(waiting)
+            raise
+        for lane in waiting:
+            error = lane.exception()
+            if error is not None:
+                raise error
+        return list(state.runs)
+
+    def _housekeeping(self) -> None:
+        inner = self.scheduler
+        inner._purge_if_due()  # noqa: SLF001 - the driver shares its scheduler's steps
+        inner._rebase_if_clock_went_back()  # noqa: SLF001
+
+    def _lane_pool(self) -> ThreadPoolExecutor:
+        if self._closed:
+            raise StorageClosedError(repr(self.scheduler.storage))
+        if self._lanes is None:
+            self._lanes = ThreadPoolExecutor(
+                max_workers=self.max_concurrent_runs, thread_name_prefix="cohortsync-run"
+            )
+        return self._lanes
+
+    def _lane(self, env: RunEnvironment, state: _Round) -> None:
+        """
+        One worker thread of a round: claim one due sync, run it, store its
+        record; again, until nothing is due (or a sync came due again).
+        """
+        inner = self.scheduler
+        while state.take():
+            claims = inner._claim_runs(inner._now(), 1)  # noqa: SLF001
+            if not claims:
+                state.give_back()
+                return
+            try:
+                repeat = _Batch(inner, env, claims, state.seen, state.runs).run()
+            except RunCancelled:
+                return
+            if repeat:
+                state.give_back()
+                return
+
+    async def run_forever(self, stop: asyncio.Event | None = None, *, idle: float = 30.0) -> None:
+        """
+        Run due syncs until *stop* is set or the task is cancelled (the
+        usual way to end it: cancel the task in your app's shutdown). Between
+        rounds it waits on the clock until the next due run, the expiry of
+        another worker's lease, or *idle* seconds, as
+        :meth:`Scheduler.run_forever <cohortsync.Scheduler.run_forever>` does.
+        """
+        stop = stop or asyncio.Event()
+        inner = self.scheduler
+        while not stop.is_set():
+            await self.run_due()
+            wake = await asyncio.to_thread(inner.storage.next_due)
+            now = inner._now()  # noqa: SLF001
+            delay = idle
+            if wake is not None:
+                delay = min(idle, max(0.0, (wake - now).total_seconds()))
+            if delay <= 0:
+                delay = _MIN_SLEEP
+            while delay > 0 and not stop.is_set():
+                step = min(delay, 1.0)
+                await sleep_async(inner.clock, step)
+                delay -= step
+
+    # -- closing -----------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """
+        Close the store (as :meth:`Scheduler.close <cohortsync.Scheduler.close>`)
+        and stop this scheduler's worker threads. Safe to repeat.
+        """
+        self._closed = True
+        lanes, self._lanes = self._lanes, None
+        if lanes is not None:
+            await asyncio.to_thread(lanes.shutdown)
+        await asyncio.to_thread(self.scheduler.close)
+
+    async def __aenter__(self) -> Self:
+        """``async with AsyncScheduler(...) as scheduler:`` closes it at the end."""
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+_MAX_CONCURRENT_RUNS = 1_000
+"""The most runs one asynchronous worker may hold at once (each holds a thread)."""
+
+
+async def _settle(waiting: list[asyncio.Future[None]]) -> None:
+    """
+    Wait until every lane has stopped, even through further cancellations
+    (they are taken as said: the caller re-raises the first one).
+    """
+    pending = {lane for lane in waiting if not lane.done()}
+    while pending:
+        try:
+            _, pending = await asyncio.wait(pending)
+        except asyncio.CancelledError:  # noqa: PERF203 - waited through, see above
+            continue
