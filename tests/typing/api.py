@@ -404,10 +404,11 @@ isolated = cohortsync.Scheduler(MemoryStorage(), rate_limits=RateLimits())
 assert_type(isolated.rate_limits, RateLimits)
 assert_type(PROCESS_RATE_LIMITS, RateLimits)
 assert_type(scheduler.add_cohort(cohort), cohortsync.Cohort)
-assert_type(scheduler.add_destination("push", PushAudience()), cohortsync.Destination)
+# Registration gives back the adapter as its own class.
+assert_type(scheduler.add_destination("push", PushAudience()), PushAudience)
 assert_type(
     scheduler.add_destination("rec", testing.RecordingDestination("braze")),
-    cohortsync.Destination,
+    testing.RecordingDestination,
 )
 
 sync = scheduler.create_sync("power-users", "push", cohortsync.SyncPolicy.hourly())
@@ -580,3 +581,36 @@ with cohortsync.Scheduler(MemoryStorage()) as owned:
     assert_type(owned, cohortsync.Scheduler)
 
 assert_type(cohortsync.__version__, str)
+
+
+class AsyncPushAudience(cohortsync.AsyncDestination):
+    """A host's adapter written with async def: the twin of PushAudience."""
+
+    capabilities = cohortsync.Capabilities(supports_realtime=True, max_parallel=4)
+
+    async def add(self, batch: cohortsync.Batch) -> cohortsync.DeliveryResult:
+        return cohortsync.DeliveryResult.ok()
+
+    async def remove(self, batch: cohortsync.Batch) -> cohortsync.DeliveryResult:
+        return cohortsync.DeliveryResult.ok()
+
+    async def open(self, context: cohortsync.RunContext) -> None:
+        assert_type(context.run_id, str)
+
+
+async def async_host() -> None:
+    async with cohortsync.AsyncScheduler(
+        MemoryStorage(), max_concurrent_runs=20, clock=testing.FakeClock()
+    ) as aio:
+        assert_type(aio, cohortsync.AsyncScheduler)
+        assert_type(aio.scheduler, cohortsync.Scheduler)
+        assert_type(aio.add_destination("apush", AsyncPushAudience()), AsyncPushAudience)
+        assert_type(aio.add_destination("push", PushAudience()), PushAudience)
+        assert_type(aio.add_cohort(cohort), cohortsync.Cohort)
+        created = await aio.create_sync("power-users", "apush", cohortsync.SyncPolicy.hourly())
+        assert_type(created, cohortsync.Sync)
+        assert_type(await aio.next_run(created.id), datetime | None)
+        assert_type(await aio.history(created.id, limit=5), list[cohortsync.SyncRun])
+        assert_type(await aio.run_due(limit=10), list[cohortsync.SyncRun])
+        await aio.run_forever(idle=5.0)
+        await aio.aclose()
