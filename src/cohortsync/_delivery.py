@@ -6,6 +6,7 @@ bounded parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -46,6 +47,7 @@ from cohortsync.exceptions import (
 __all__ = ["PROCESS_RATE_LIMITS", "BatchSender", "RateLimiter", "RateLimits", "idempotency_key"]
 
 if TYPE_CHECKING:
+    import asyncio
     from concurrent.futures import Future
 
 log = logging.getLogger("cohortsync.delivery")
@@ -143,6 +145,7 @@ class RateLimiter:
         self._window = timedelta(seconds=limit.per_seconds)
         self._sends: deque[_Send] = deque(maxlen=limit.requests)
         self._changed = threading.Condition()
+        self._waiters: list[Callable[[], None]] = []
 
     def reserve(self) -> tuple[float, _Send]:
         """
@@ -152,29 +155,52 @@ class RateLimiter:
         in flight: only parallel senders ever do.
         """
         with self._changed:
-            while len(self._sends) == self._limit.requests and self._sends[0].end is None:
+            while self._full():
                 self._changed.wait()
-            now = self._clock.now()
-            last = self._sends[-1] if self._sends else None
-            if last is not None and now < last.start - self._window:
-                self._sends.clear()  # the clock went back: forget its future
-                last = None
-            at = now
-            if len(self._sends) == self._limit.requests:
-                oldest_end = self._sends[0].end
-                assert oldest_end is not None  # noqa: S101 - waited for above
-                at = max(now, add_saturating(oldest_end, self._window))
-            if last is not None and at < last.start:
-                at = last.start  # a clock that went back: keep the order
-            send = _Send(at)
-            self._sends.append(send)
-            return max(0.0, (at - now).total_seconds()), send
+            return self._place()
+
+    def reserve_or_notify(self, wake: Callable[[], None]) -> tuple[float, _Send] | None:
+        """
+        :meth:`reserve` for an event loop, which must not block: the
+        reservation, or ``None`` if the send ``requests`` places back is still
+        in flight, in which case *wake* is called (once, from whichever thread
+        ends a send) when it is worth asking again.
+        """
+        with self._changed:
+            if self._full():
+                self._waiters.append(wake)
+                return None
+            return self._place()
+
+    def _full(self) -> bool:
+        return len(self._sends) == self._limit.requests and self._sends[0].end is None
+
+    def _place(self) -> tuple[float, _Send]:
+        """Place the next send in the window (the lock is held)."""
+        now = self._clock.now()
+        last = self._sends[-1] if self._sends else None
+        if last is not None and now < last.start - self._window:
+            self._sends.clear()  # the clock went back: forget its future
+            last = None
+        at = now
+        if len(self._sends) == self._limit.requests:
+            oldest_end = self._sends[0].end
+            assert oldest_end is not None  # noqa: S101 - waited for above
+            at = max(now, add_saturating(oldest_end, self._window))
+        if last is not None and at < last.start:
+            at = last.start  # a clock that went back: keep the order
+        send = _Send(at)
+        self._sends.append(send)
+        return max(0.0, (at - now).total_seconds()), send
 
     def done(self, send: _Send) -> None:
         """The reserved send ended (answered, failed or raised)."""
         with self._changed:
             send.end = max(self._clock.now(), send.start)
             self._changed.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for wake in waiters:
+            wake()
 
     def acquire(self) -> float:
         """
@@ -256,6 +282,13 @@ class _Attempt:
 
 
 @attrs.frozen
+class _Reserve:
+    """Step: a place in the rate limit's window; answered with ``(wait, reservation)``."""
+
+    limiter: RateLimiter
+
+
+@attrs.frozen
 class _KeepAlive:
     """Step: renew the lease to outlast the next *seconds* (a store call)."""
 
@@ -277,7 +310,7 @@ class _BeforeSend:
     replaces: str | None
 
 
-_Step = _Attempt | _KeepAlive | _Sleep | _BeforeSend
+_Step = _Attempt | _Reserve | _KeepAlive | _Sleep | _BeforeSend
 _Plan = Generator[_Step, object, T]
 """What sending a batch does, as steps a driver performs: the retry, backoff
 and bisection rules are written once, as generators; a blocking driver
@@ -311,6 +344,9 @@ class BatchSender:
     keep_alive: Callable[[float], None]
     """Renew the run's lease so it outlasts the given number of seconds."""
     rng: random.Random
+    renewal_due: Callable[[float], bool] = lambda _seconds: True
+    """Whether :attr:`keep_alive` would call the store (asked on the event
+    loop, which then calls it in a thread only when it would)."""
     before_send: Callable[[Batch, str | None], None] = lambda _batch, _replaces: None
     """Called before each batch goes out (the write-ahead record); the second
     argument is the idempotency key of the batch it replaces (a split batch's
@@ -339,7 +375,7 @@ class BatchSender:
         """One request, inside the rate limit: its window place ends when it does."""
         if self.limiter is None:
             return cast("DeliveryResult", (yield _Attempt(batch)))
-        delay, reserved = self.limiter.reserve()
+        delay, reserved = cast("tuple[float, _Send]", (yield _Reserve(self.limiter)))
         try:
             yield from self._plan_wait(delay)
             return cast("DeliveryResult", (yield _Attempt(batch)))
@@ -440,6 +476,8 @@ class BatchSender:
     def _perform(self, step: _Step) -> object:
         if isinstance(step, _Attempt):
             return self._attempt(step.batch)
+        if isinstance(step, _Reserve):
+            return step.limiter.reserve()
         if isinstance(step, _KeepAlive):
             self.keep_alive(step.seconds)
         elif isinstance(step, _Sleep):
@@ -483,10 +521,13 @@ class BatchSender:
             try:
                 if isinstance(step, _Attempt):
                     answer = await self._aattempt(step.batch)
+                elif isinstance(step, _Reserve):
+                    answer = await _areserve(step.limiter)
                 elif isinstance(step, _Sleep):
                     await sleep_async(self.clock, step.seconds)
                 elif isinstance(step, _KeepAlive):
-                    await asyncio.to_thread(self.keep_alive, step.seconds)
+                    if self.renewal_due(step.seconds):
+                        await asyncio.to_thread(self.keep_alive, step.seconds)
                 else:
                     await asyncio.to_thread(self.before_send, step.batch, step.replaces)
             except Exception as e:  # noqa: BLE001 - thrown into the plan, which decides
@@ -743,3 +784,31 @@ def _worse(error: BaseException | None, new: BaseException) -> BaseException:
     if error is None or (isinstance(error, Exception) and not isinstance(new, Exception)):
         return new
     return error
+
+
+async def _areserve(limiter: RateLimiter) -> tuple[float, _Send]:
+    """
+    :meth:`RateLimiter.reserve` without blocking the event loop: while the
+    window is full of sends in flight, wait to be woken by one ending (from
+    this loop or any thread of the process).
+    """
+    import asyncio  # noqa: PLC0415 - see BatchSender.asend
+
+    loop = asyncio.get_running_loop()
+    while True:
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def wake(woken: asyncio.Future[None] = woken) -> None:
+            # A loop closed meanwhile has nobody left to wake.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, woken)
+
+        placed = limiter.reserve_or_notify(wake)
+        if placed is not None:
+            return placed
+        await woken
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

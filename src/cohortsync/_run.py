@@ -198,6 +198,16 @@ class _Lease:
         self.env = env
         self.current = lease
 
+    def _due(self, now: datetime, needed: timedelta) -> bool:
+        return self.current.expires_at - now < self.env.lease_for / 2 + needed
+
+    def renewal_due(self, seconds: float = 0.0) -> bool:
+        """
+        Whether :meth:`keep_alive` would call the store now: an event loop
+        asks first, and leaves the loop for a thread only when it would.
+        """
+        return self._due(self.env.clock.now(), timedelta(seconds=min(seconds, _MAX_WAIT)))
+
     def keep_alive(self, seconds: float = 0.0) -> None:
         """
         Extend the lease if it would not outlast the next *seconds* plus half
@@ -205,7 +215,7 @@ class _Lease:
         """
         needed = timedelta(seconds=min(seconds, _MAX_WAIT))
         now = self.env.clock.now()
-        if self.current.expires_at - now < self.env.lease_for / 2 + needed:
+        if self._due(now, needed):
             if self.env.on_slow is not None:
                 self.env.on_slow()
             self.current = self.env.storage.extend_lease(
@@ -953,6 +963,7 @@ class _Run:
                 clock=self.env.clock,
                 limiter=self.env.limiter(self.sync.destination_id, caps),
                 keep_alive=self.lease.keep_alive,
+                renewal_due=self.lease.renewal_due,
                 before_send=lambda batch, replaces: _call(begin, batch, replaces),
                 rng=self.env.rng,
                 destination_id=self.sync.destination_id,

@@ -1927,7 +1927,12 @@ class Scheduler:
         :class:`~cohortsync.exceptions.StorageClosedError`. Schedulers that
         share one store object close with it: close the store once, when the
         last of them is done.
+
+        The event loop this scheduler started for
+        :class:`~cohortsync.AsyncDestination` adapters, if any, is stopped
+        first (its thread joined).
         """
+        self._loop.stop()
         self.storage.close()
 
     def __enter__(self) -> Self:

@@ -79,7 +79,10 @@ class Driver:
         realtime: int,
         kill_every: tuple[float, float],
         seed: int,
+        mixed: bool = False,
     ) -> None:
+        self.mixed = mixed
+        """Every other worker is an AsyncScheduler running several syncs at once."""
         self.end = T0 + timedelta(hours=hours)
         self.freeze = self.end - timedelta(hours=1)
         self.config: dict[str, Any] = {
@@ -116,8 +119,11 @@ class Driver:
 
     def _start(self) -> None:
         owner = f"worker-{self.started}"
+        kind = "async" if self.mixed and self.started % 2 else "sync"
         self.started += 1
-        self.procs[owner] = start_worker({**self.config, "owner": owner, "seed": self.started})
+        self.procs[owner] = start_worker(
+            {**self.config, "owner": owner, "seed": self.started, "kind": kind}
+        )
 
     def _kill_one(self) -> None:
         # Prefer a worker in the middle of a run: killing an idle one proves little.
@@ -260,6 +266,7 @@ def check_concurrency(
     realtime: int = 10,
     kill_every: tuple[float, float] = (0.4, 1.2),
     seed: int = 0,
+    mixed: bool = False,
 ) -> None:
     driver = Driver(
         tmp_path,
@@ -270,6 +277,7 @@ def check_concurrency(
         realtime=realtime,
         kill_every=kill_every,
         seed=seed,
+        mixed=mixed,
     )
     try:
         elapsed = driver.run()
@@ -345,6 +353,12 @@ class TestManyWorkers:
     ) -> None:
         """Two simulated hours of 40 hourly and 10 real-time syncs: none twice, none missed."""
         check_concurrency(tmp_path, store_spec, figures, workers=workers, hours=2, seed=workers)
+
+    def test_sync_and_async_workers_on_one_store(
+        self, tmp_path: Path, store_spec: str, figures: Figures
+    ) -> None:
+        """Two sync workers and two AsyncSchedulers (four runs at once each): none twice."""
+        check_concurrency(tmp_path, store_spec, figures, workers=4, hours=2, seed=44, mixed=True)
 
     def test_eight_workers_on_one_sqlite_file(self, tmp_path: Path, figures: Figures) -> None:
         """Eight workers on one SQLite file: none twice, none missed."""

@@ -99,11 +99,17 @@ def change_cohort(config: dict[str, Any], churn: str) -> list[str]:
 
 
 def crash_and_recover(
-    tmp_path: Path, store_spec: str, step: str, *, churn: str, figures: Figures
+    tmp_path: Path,
+    store_spec: str,
+    step: str,
+    *,
+    churn: str,
+    figures: Figures,
+    kind: str = "sync",
 ) -> None:
     config = setup_trial(tmp_path, store_spec)
 
-    crashed = run_worker({**config, "mode": "crash", "step": step})
+    crashed = run_worker({**config, "mode": "crash", "step": step, "kind": kind})
 
     assert -signal.SIGKILL == crashed.returncode, crashed.stdout + crashed.stderr
     before = read_lines(config["remote"])
@@ -126,7 +132,7 @@ def crash_and_recover(
     resending = [s for s in after if s["op"] == "add" and sent_before.intersection(s["ids"])]
     slots = Counter(run.slot for run in history)
     figures.record(
-        f"crash/{store_spec.partition(':')[0]}",
+        f"crash/{store_spec.partition(':')[0]}" + ("/async" if kind == "async" else ""),
         trials=1,
         faults=1,
         duplicates=sum(n - 1 for n in slots.values()),
@@ -176,3 +182,20 @@ class TestCrashAtEveryStep:
     ) -> None:
         """Killed at the step; the cohort stays; a fresh worker finishes the job."""
         crash_and_recover(tmp_path, store_spec, step, churn="none", figures=figures)
+
+
+class TestAsyncWorkerCrash:
+    """
+    An AsyncScheduler worker killed at any step of a run, with an async
+    adapter, is taken over by a synchronous worker on the same store: the
+    same guarantees as a synchronous worker's crash.
+    """
+
+    @pytest.mark.parametrize("step", STEPS)
+    def test_crash_then_a_sync_worker_takes_over(
+        self, tmp_path: Path, store_spec: str, step: str, figures: Figures
+    ) -> None:
+        """Killed at the step; delivered members leave, others join; a sync worker converges."""
+        crash_and_recover(
+            tmp_path, store_spec, step, churn="delivered", figures=figures, kind="async"
+        )

@@ -1,0 +1,630 @@
+"""
+The asynchronous scheduler and asynchronous destinations: the same engine
+driven from an event loop, runs of many syncs at once, cancellation that
+loses nothing, and async adapters under the synchronous scheduler too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Coroutine
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cohortsync as cs
+from cohortsync.destinations import RateLimits
+from cohortsync.events import RunFinished
+from cohortsync.exceptions import ConfigurationError, StorageClosedError
+from cohortsync.storage import SQLiteStorage
+from cohortsync.testing import (
+    FakeClock,
+    Fault,
+    FaultyDestination,
+    MemoryStorage,
+    RecordingDestination,
+)
+
+MEMBERS = [f"u{i:03d}" for i in range(40)]
+
+
+class AsyncOf(cs.AsyncDestination):
+    """
+    An asynchronous adapter in front of a synchronous test double: each
+    request awaits *delay* real seconds, then answers as *inner* does.
+    Counts requests in flight, overall and per sync.
+    """
+
+    def __init__(self, inner: cs.Destination, delay: float = 0.0) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.in_flight = 0
+        self.peak = 0
+        self.per_sync: Counter[str] = Counter()
+        self.peak_per_sync = 0
+        self.opened: list[str] = []
+        self.closed: list[tuple[str, bool]] = []
+        self.cancelled = 0
+
+    @property
+    def capabilities(self) -> cs.Capabilities:  # type: ignore[override]
+        return self.inner.capabilities
+
+    async def _call(self, batch: cs.Batch, method: Any) -> cs.DeliveryResult:
+        sync_id = batch.context.sync_id
+        self.in_flight += 1
+        self.per_sync[sync_id] += 1
+        self.peak = max(self.peak, self.in_flight)
+        self.peak_per_sync = max(self.peak_per_sync, self.per_sync[sync_id])
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            else:
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        else:
+            result: cs.DeliveryResult = method(batch)
+            return result
+        finally:
+            self.in_flight -= 1
+            self.per_sync[sync_id] -= 1
+
+    async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return await self._call(batch, self.inner.add)
+
+    async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return await self._call(batch, self.inner.remove)
+
+    async def open(self, context: cs.RunContext) -> None:
+        self.opened.append(context.sync_id)
+
+    async def close(self, context: cs.RunContext, *, succeeded: bool) -> None:
+        self.closed.append((context.sync_id, succeeded))
+
+
+async def within(seconds: float, work: Coroutine[Any, Any, object]) -> None:
+    """
+    Run *work* under ``asyncio.timeout`` (Python 3.11+), else ``wait_for``:
+    both cancel it when the time is up.
+    """
+    timeout = getattr(asyncio, "timeout", None)
+    if timeout is None:
+        await asyncio.wait_for(work, seconds)
+        return
+    async with timeout(seconds):
+        await work
+
+
+def caps(batch: int = 10, parallel: int = 1, **more: Any) -> cs.Capabilities:
+    return cs.Capabilities(
+        name="test", supports_realtime=True, max_batch_size=batch, max_parallel=parallel, **more
+    )
+
+
+def cohort(cohort_id: str, members: list[str] = MEMBERS) -> cs.Cohort:
+    return cs.Cohort(
+        id=cohort_id, name=cohort_id, type=cs.CohortType.STATIC, source=lambda: list(members)
+    )
+
+
+def async_scheduler(storage: Any = None, **kwargs: Any) -> cs.AsyncScheduler:
+    return cs.AsyncScheduler(
+        storage if storage is not None else MemoryStorage(),
+        clock=kwargs.pop("clock", FakeClock()),
+        seed=0,
+        rate_limits=RateLimits(),
+        **kwargs,
+    )
+
+
+async def create(scheduler: cs.AsyncScheduler, n: int, destination: str = "d") -> list[str]:
+    ids = []
+    for i in range(n):
+        scheduler.add_cohort(cohort(f"c{i}"), replace=True)
+        sync = await scheduler.create_sync(
+            f"c{i}", destination, cs.SyncPolicy.hourly(), sync_id=f"s{i}"
+        )
+        ids.append(sync.id)
+    return ids
+
+
+class TestRunDue:
+    def test_runs_every_due_sync_concurrently_within_the_bounds(self) -> None:
+        """Up to max_concurrent_runs runs at once, each with up to max_parallel requests."""
+        inner = RecordingDestination(caps(batch=10, parallel=3))
+        adapter = AsyncOf(inner, delay=0.02)
+
+        async def main() -> list[cs.SyncRun]:
+            async with async_scheduler(max_concurrent_runs=4) as scheduler:
+                scheduler.add_destination("d", adapter)
+                await create(scheduler, 12)
+                return await scheduler.run_due()
+
+        runs = asyncio.run(main())
+
+        assert 12 == len(runs)
+        assert {cs.RunStatus.SUCCEEDED} == {run.status for run in runs}
+        assert 12 == len({run.sync_id for run in runs})
+        assert 4 * 3 == adapter.peak
+        assert 3 == adapter.peak_per_sync
+        assert all(set(MEMBERS) == inner.audience(f"s{i}") for i in range(12))
+        assert 12 == len(adapter.opened) == len(adapter.closed)
+        assert all(ok for _, ok in adapter.closed)
+
+    def test_is_faster_than_one_run_at_a_time(self) -> None:
+        """Twelve runs of four 50 ms batches overlap: far under the 2.4 s of sequential runs."""
+        adapter = AsyncOf(RecordingDestination(caps(batch=10, parallel=4)), delay=0.05)
+
+        async def main() -> float:
+            async with async_scheduler(max_concurrent_runs=12) as scheduler:
+                scheduler.add_destination("d", adapter)
+                await create(scheduler, 12)
+                started = time.perf_counter()
+                await scheduler.run_due()
+                return time.perf_counter() - started
+
+        assert 1.2 > asyncio.run(main())
+
+    def test_limit_bounds_the_runs(self) -> None:
+        """limit=3 runs three syncs; the others stay due for the next call."""
+        adapter = AsyncOf(RecordingDestination(caps()))
+
+        async def main() -> tuple[int, int]:
+            async with async_scheduler(max_concurrent_runs=8) as scheduler:
+                scheduler.add_destination("d", adapter)
+                await create(scheduler, 7)
+                first = await scheduler.run_due(limit=3)
+                rest = await scheduler.run_due()
+                return len(first), len(rest)
+
+        assert (3, 4) == asyncio.run(main())
+
+    def test_a_sync_runs_once_per_call_even_when_due_again(self) -> None:
+        """A real-time sync due again at once (the clock stands) is not run twice in one call."""
+        adapter = AsyncOf(RecordingDestination(caps()))
+
+        async def main() -> list[int]:
+            async with async_scheduler(max_concurrent_runs=4) as scheduler:
+                scheduler.add_destination("d", adapter)
+                scheduler.add_cohort(cohort("c"))
+                await scheduler.create_sync("c", "d", cs.SyncPolicy.realtime(), sync_id="rt")
+                counts = []
+                for _ in range(3):
+                    counts.append(len(await scheduler.run_due()))
+                    scheduler.clock.advance(60)  # type: ignore[attr-defined]
+                return counts
+
+        assert [1, 1, 1] == asyncio.run(main())
+
+    def test_history_matches_the_synchronous_scheduler(self) -> None:
+        """Retries, backoff waits, rejections and bisection come out as the sync engine's."""
+        script = {
+            0: Fault.server_error(retry_after=3.0),
+            1: Fault.timeout(),
+            3: Fault.reject(identifiers=["u015", "u016"]),
+        }
+
+        def faulty() -> FaultyDestination:
+            return FaultyDestination(caps(batch=10), script=script, always=Fault.bad_data(["u031"]))
+
+        def sync_world() -> tuple[list[Any], list[float]]:
+            clock = FakeClock()
+            inner = faulty()
+            scheduler = cs.Scheduler(MemoryStorage(), clock=clock, seed=0, rate_limits=RateLimits())
+            scheduler.add_destination("d", inner)
+            scheduler.add_cohort(cohort("c"))
+            scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s")
+            scheduler.run_due()
+            return _comparable(scheduler.history("s")), clock.slept
+
+        def async_world() -> tuple[list[Any], list[float]]:
+            clock = FakeClock()
+            inner = faulty()
+
+            async def main() -> list[Any]:
+                async with async_scheduler(clock=clock) as scheduler:
+                    scheduler.add_destination("d", AsyncOf(inner))
+                    scheduler.add_cohort(cohort("c"))
+                    await scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s")
+                    await scheduler.run_due()
+                    return _comparable(await scheduler.history("s"))
+
+            return asyncio.run(main()), clock.slept
+
+        expected = sync_world()
+        actual = async_world()
+
+        assert expected == actual
+        assert cs.RunStatus.PARTIAL.value == expected[0][0]["status"]
+        assert expected[1]  # the backoff waits happened, on the fake clock
+
+    def test_mixed_sync_and_async_destinations(self) -> None:
+        """One scheduler, a blocking adapter and an async one: both audiences complete."""
+        blocking = RecordingDestination(caps(batch=7, parallel=2))
+        asynchronous = RecordingDestination(caps(batch=7, parallel=2))
+
+        async def main() -> list[cs.SyncRun]:
+            async with async_scheduler(max_concurrent_runs=3) as scheduler:
+                scheduler.add_destination("sync", blocking)
+                scheduler.add_destination("async", AsyncOf(asynchronous, delay=0.01))
+                scheduler.add_cohort(cohort("c"))
+                for i in range(3):
+                    await scheduler.create_sync(
+                        "c", "sync", cs.SyncPolicy.hourly(), sync_id=f"b{i}"
+                    )
+                    await scheduler.create_sync(
+                        "c", "async", cs.SyncPolicy.hourly(), sync_id=f"a{i}"
+                    )
+                return await scheduler.run_due()
+
+        runs = asyncio.run(main())
+
+        assert 6 == len(runs)
+        assert {cs.RunStatus.SUCCEEDED} == {run.status for run in runs}
+        assert all(set(MEMBERS) == blocking.audience(f"b{i}") for i in range(3))
+        assert all(set(MEMBERS) == asynchronous.audience(f"a{i}") for i in range(3))
+
+    def test_a_failing_async_adapter_is_recorded_like_a_sync_one(self) -> None:
+        """An exception that is not a DeliveryError fails the run (PermanentError), others go on."""
+
+        class Broken(cs.AsyncDestination):
+            capabilities = caps()
+
+            async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                raise KeyError("bug")
+
+            async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                raise KeyError("bug")
+
+        good = RecordingDestination(caps())
+
+        async def main() -> dict[str, cs.SyncRun]:
+            async with async_scheduler() as scheduler:
+                scheduler.add_destination("broken", Broken())
+                scheduler.add_destination("good", AsyncOf(good))
+                scheduler.add_cohort(cohort("c"))
+                await scheduler.create_sync("c", "broken", cs.SyncPolicy.hourly(), sync_id="x")
+                await scheduler.create_sync("c", "good", cs.SyncPolicy.hourly(), sync_id="y")
+                return {run.sync_id: run for run in await scheduler.run_due()}
+
+        runs = asyncio.run(main())
+
+        assert cs.RunStatus.FAILED == runs["x"].status
+        assert "PermanentError" == runs["x"].error_type
+        assert "KeyError" in (runs["x"].error_message or "")
+        assert cs.RunStatus.SUCCEEDED == runs["y"].status
+
+    def test_rate_limit_holds_across_concurrent_runs(self) -> None:
+        """Ten runs at once share one limiter: no window of 1 s holds more than 5 requests."""
+        clock = FakeClock()
+        limited = caps(batch=10, parallel=4, rate_limit=cs.RateLimit(requests=5, per_seconds=1.0))
+        inner = RecordingDestination(limited)
+        starts: list[float] = []
+
+        class Timed(AsyncOf):
+            async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                starts.append(clock.now().timestamp())
+                return await super().add(batch)
+
+        async def main() -> None:
+            async with async_scheduler(clock=clock, max_concurrent_runs=10) as scheduler:
+                scheduler.add_destination("d", Timed(inner))
+                await create(scheduler, 10)
+                await scheduler.run_due()
+
+        asyncio.run(main())
+
+        assert 40 == len(starts)
+        starts.sort()
+        assert all(starts[i + 5] - starts[i] >= 1.0 for i in range(len(starts) - 5))
+
+
+def _comparable(history: list[cs.SyncRun]) -> list[dict[str, Any]]:
+    """What two runs of the same script must agree on (not ids or durations)."""
+    return [
+        {
+            "status": run.status.value,
+            "added": run.added,
+            "rejected": run.rejected,
+            "batches": run.batches,
+            "retries": run.retries,
+            "error": run.error_type,
+            "slot": run.slot,
+            "finished": run.finished_at,
+        }
+        for run in history
+    ]
+
+
+class TestCancellation:
+    def test_cancel_mid_batch_releases_the_lease_and_records_nothing(self, tmp_path: Path) -> None:
+        """Cancelled with requests in flight: lease given back, no run recorded, then converges."""
+        path = tmp_path / "store.db"
+        inner = RecordingDestination(caps(batch=5, parallel=2))
+        adapter = AsyncOf(inner, delay=10.0)  # would take forever
+
+        async def main() -> float:
+            async with async_scheduler(SQLiteStorage(path)) as scheduler:
+                scheduler.add_destination("d", adapter)
+                await create(scheduler, 3)
+                started = time.perf_counter()
+                with pytest.raises(asyncio.TimeoutError):
+                    await within(0.3, scheduler.run_due())
+                return time.perf_counter() - started
+
+        took = asyncio.run(main())
+
+        assert 2.0 > took
+        assert 6 == adapter.cancelled  # 3 runs x 2 requests in flight
+        store = SQLiteStorage(path)
+        try:
+            for i in range(3):
+                record = store.get_sync(f"s{i}")
+                assert record.lease is None
+                assert [] == store.history(f"s{i}")
+                assert 2 == len(store.pending_batches(f"s{i}"))  # in flight: re-sent later
+        finally:
+            store.close()
+
+        # A synchronous worker on the same file takes over at once.
+        recorder = RecordingDestination(caps(batch=5, parallel=2))
+        with cs.Scheduler(SQLiteStorage(path), clock=FakeClock(), rate_limits=RateLimits()) as sync:
+            sync.add_destination("d", recorder)
+            for i in range(3):
+                sync.add_cohort(cohort(f"c{i}"))
+            runs = sync.run_due()
+            assert 3 == len(runs)
+            assert {cs.RunStatus.SUCCEEDED} == {run.status for run in runs}
+            for i in range(3):
+                assert set(MEMBERS) == recorder.audience(f"s{i}")
+
+    def test_resent_batches_keep_their_keys(self, tmp_path: Path) -> None:
+        """What was in flight when cancelled is re-sent under the same idempotency key."""
+        path = tmp_path / "store.db"
+        keys: list[str] = []
+
+        class Slow(cs.AsyncDestination):
+            capabilities = caps(batch=40)
+
+            async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                keys.append(batch.idempotency_key)
+                await asyncio.sleep(10)
+                return cs.DeliveryResult.ok()
+
+            async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        async def main() -> None:
+            async with async_scheduler(SQLiteStorage(path)) as scheduler:
+                scheduler.add_destination("d", Slow())
+                await create(scheduler, 1)
+                task = asyncio.create_task(scheduler.run_due())
+                await asyncio.sleep(0.2)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+        asyncio.run(main())
+        recorder = RecordingDestination(caps(batch=40))
+        with cs.Scheduler(SQLiteStorage(path), clock=FakeClock(), rate_limits=RateLimits()) as sync:
+            sync.add_destination("d", recorder)
+            sync.add_cohort(cohort("c0"))
+            sync.run_due()
+
+        assert keys == [call.idempotency_key for call in recorder.calls()]
+
+    @pytest.mark.parametrize("kind", ["async", "sync"])
+    def test_cancel_during_a_backoff_wait(self, kind: str) -> None:
+        """A run waiting out a long backoff stops within about a second of the cancellation."""
+        failing = FaultyDestination(caps(batch=40), always=Fault.server_error(retry_after=30.0))
+        adapter: cs.Destination | cs.AsyncDestination = (
+            AsyncOf(failing) if kind == "async" else failing
+        )
+        storage = MemoryStorage()
+
+        async def main() -> float:
+            scheduler = async_scheduler(storage, clock=cs.SystemClock())
+            scheduler.add_destination("d", adapter)
+            await create(scheduler, 1)
+            started = time.perf_counter()
+            with pytest.raises(asyncio.TimeoutError):
+                await within(0.3, scheduler.run_due())
+            return time.perf_counter() - started
+
+        took = asyncio.run(main())
+
+        assert 2.0 > took
+        assert storage.get_sync("s0").lease is None
+        assert [] == storage.history("s0")
+
+    def test_cancelling_run_forever_stops_it(self) -> None:
+        """run_forever as a task ends on cancel, its runs stopped, leases given back."""
+        storage = MemoryStorage()
+        adapter = AsyncOf(RecordingDestination(caps(batch=10)), delay=5.0)
+
+        async def main() -> None:
+            scheduler = async_scheduler(storage, clock=cs.SystemClock())
+            scheduler.add_destination("d", adapter)
+            await create(scheduler, 2)
+            task = asyncio.create_task(scheduler.run_forever(idle=0.05))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(main())
+
+        assert all(storage.get_sync(f"s{i}").lease is None for i in range(2))
+        assert 2 == adapter.cancelled
+
+    def test_run_forever_stops_when_told(self) -> None:
+        """With a stop event and a fake clock: runs the due syncs, waits, stops when set."""
+        clock = FakeClock()
+        adapter = AsyncOf(RecordingDestination(caps()))
+
+        async def main() -> int:
+            stop = asyncio.Event()
+            async with async_scheduler(clock=clock) as scheduler:
+                scheduler.add_destination("d", adapter)
+                await create(scheduler, 2)
+
+                def stop_after(event: object) -> None:
+                    if isinstance(event, RunFinished) and clock.now() > start + timedelta(hours=2):
+                        loop.call_soon_threadsafe(stop.set)
+
+                loop = asyncio.get_running_loop()
+                start = clock.now()
+                scheduler.add_listener(stop_after)
+                await asyncio.wait_for(scheduler.run_forever(stop, idle=60.0), timeout=20)
+                return len(await scheduler.history("s0"))
+
+        assert 3 <= asyncio.run(main())
+
+
+class TestSynchronousSchedulerWithAsyncAdapters:
+    def test_no_loop_thread_until_an_async_adapter_runs(self) -> None:
+        """The sync scheduler starts its loop thread on first use, and close() stops it."""
+        before = {t.name for t in threading.enumerate()}
+        scheduler = cs.Scheduler(MemoryStorage(), clock=FakeClock(), rate_limits=RateLimits())
+        scheduler.add_destination("sync", RecordingDestination(caps()))
+        scheduler.add_cohort(cohort("c"))
+        scheduler.create_sync("c", "sync", cs.SyncPolicy.hourly(), sync_id="b")
+        scheduler.run_due()
+        assert "cohortsync-loop" not in {t.name for t in threading.enumerate()} - before
+
+        inner = RecordingDestination(caps(batch=10, parallel=3))
+        adapter = AsyncOf(inner, delay=0.01)
+        scheduler.add_destination("async", adapter)
+        scheduler.create_sync("c", "async", cs.SyncPolicy.hourly(), sync_id="a")
+        runs = scheduler.run_due()
+
+        assert [cs.RunStatus.SUCCEEDED] == [run.status for run in runs]
+        assert set(MEMBERS) == inner.audience("a")
+        assert 3 == adapter.peak
+        assert "cohortsync-loop" in {t.name for t in threading.enumerate()}
+        scheduler.close()
+        assert "cohortsync-loop" not in {t.name for t in threading.enumerate()}
+
+    def test_lone_batches_and_bisection(self) -> None:
+        """max_parallel=1 and a bad member: the halves go out as coroutines too."""
+        inner = FaultyDestination(caps(batch=40), always=Fault.bad_data(["u017"]))
+        with cs.Scheduler(MemoryStorage(), clock=FakeClock(), rate_limits=RateLimits()) as sched:
+            sched.add_destination("d", AsyncOf(inner))
+            sched.add_cohort(cohort("c"))
+            sched.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s")
+            (run,) = sched.run_due()
+
+        assert cs.RunStatus.PARTIAL == run.status
+        assert 1 == run.rejected
+        assert set(MEMBERS) - {"u017"} == inner.audience("s")
+
+
+class TestRegistrationAndConfiguration:
+    def test_an_async_destination_with_plain_methods_is_refused(self) -> None:
+        """An AsyncDestination whose add is a plain def would block the loop: refused."""
+
+        class Plain(cs.AsyncDestination):
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:  # type: ignore[override]
+                return cs.DeliveryResult.ok()
+
+            async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        with pytest.raises(ConfigurationError, match="`add` must be `async def`"):
+            async_scheduler().add_destination("d", Plain())
+        with pytest.raises(ConfigurationError, match="`add` must be `async def`"):
+            cs.Scheduler(MemoryStorage()).add_destination("d", Plain())
+
+    def test_a_coroutine_returned_by_a_sync_adapter_fails_with_a_hint(self) -> None:
+        """A Destination whose add returns a coroutine (not async def) fails the run, with why."""
+
+        class Sneaky(cs.Destination):
+            capabilities = caps()
+
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return self._later()  # type: ignore[return-value]
+
+            async def _later(self) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        with cs.Scheduler(MemoryStorage(), clock=FakeClock(), rate_limits=RateLimits()) as sched:
+            sched.add_destination("d", Sneaky())
+            sched.add_cohort(cohort("c"))
+            sched.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s")
+            (run,) = sched.run_due()
+
+        assert cs.RunStatus.FAILED == run.status
+        assert "subclass cohortsync.AsyncDestination" in (run.error_message or "")
+
+    @pytest.mark.parametrize("bad", [0, -1, 1_001, 2.5, "10", True])
+    def test_max_concurrent_runs_is_validated(self, bad: Any) -> None:
+        """A bad max_concurrent_runs is a ConfigurationError naming it."""
+        with pytest.raises(ConfigurationError, match="max_concurrent_runs"):
+            cs.AsyncScheduler(MemoryStorage(), max_concurrent_runs=bad)
+
+    def test_closed_scheduler_refuses_to_run(self) -> None:
+        """After aclose, run_due raises StorageClosedError instead of running anything."""
+
+        async def main() -> None:
+            scheduler = async_scheduler()
+            await scheduler.aclose()
+            with pytest.raises(StorageClosedError):
+                await scheduler.run_due()
+            await scheduler.aclose()  # twice is harmless
+
+        asyncio.run(main())
+
+    def test_awaitable_methods_are_the_sync_ones(self) -> None:
+        """create_sync, pause_sync, next_run, ... give what the sync scheduler gives."""
+
+        async def main() -> None:
+            async with async_scheduler() as scheduler:
+                scheduler.add_destination("d", AsyncOf(RecordingDestination(caps())))
+                scheduler.add_cohort(cohort("c"))
+                sync = await scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s")
+                assert sync == await scheduler.get_sync("s")
+                assert scheduler.scheduler.next_run("s") == await scheduler.next_run("s")
+                paused = await scheduler.pause_sync("s", reason="maintenance")
+                assert cs.SyncStatus.PAUSED == paused.status
+                assert [] == await scheduler.run_due()
+                with pytest.raises(cs.exceptions.SyncNotFoundError):
+                    await scheduler.history("missing")
+
+        asyncio.run(main())
+
+    def test_repr_names_the_bounds(self) -> None:
+        """The repr shows the store, the clock and max_concurrent_runs."""
+        assert "max_concurrent_runs=7" in repr(
+            cs.AsyncScheduler(MemoryStorage(), max_concurrent_runs=7)
+        )
+
+
+class TestFakeClockAsleep:
+    def test_asleep_advances_and_yields(self) -> None:
+        """Awaiting asleep moves the fake clock and lets other tasks run in between."""
+        clock = FakeClock()
+        order: list[str] = []
+
+        async def sleeper(name: str, seconds: float) -> None:
+            await clock.asleep(seconds)
+            order.append(name)
+
+        async def main() -> None:
+            await asyncio.gather(sleeper("a", 5), sleeper("b", 1))
+
+        start = clock.now()
+        asyncio.run(main())
+
+        assert timedelta(seconds=6) == clock.now() - start
+        assert [5, 1] == clock.slept
+        assert ["a", "b"] == order
