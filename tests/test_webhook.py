@@ -12,6 +12,7 @@ import pytest
 
 from cohortsync._destination import DeliveryResult, Operation, Rejection
 from cohortsync.destinations._webhook import (
+    AsyncWebhookDestination,
     HttpResponse,
     HttpTransport,
     UrllibTransport,
@@ -39,6 +40,14 @@ from webhook_server import (
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
+
+
+# The blocking and the asyncio adapter share their settings, validation and repr.
+AnyWebhook = type[WebhookDestination] | type[AsyncWebhookDestination]
+KINDS = [
+    pytest.param(WebhookDestination, id="blocking"),
+    pytest.param(AsyncWebhookDestination, id="async"),
+]
 
 
 @pytest.fixture
@@ -261,17 +270,19 @@ class TestSecrets:
         assert any("***" in t for t in texts)  # the echo really happened and was blanked
         assert [] == [t for t in texts if "s3cr3t" in t or QUERY_TOKEN in t]
 
-    def test_bad_header_value_is_not_echoed(self) -> None:
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_bad_header_value_is_not_echoed(self, kind: AnyWebhook) -> None:
         """Refusing a header names it, never its value."""
         with pytest.raises(ConfigurationError, match="Authorization") as info:
-            WebhookDestination("https://example.com", headers={"Authorization": "s3cr3t\r\nX: 1"})
+            kind("https://example.com", headers={"Authorization": "s3cr3t\r\nX: 1"})
 
         assert "s3cr3t" not in str(info.value)
 
-    def test_url_credentials_are_refused_without_echo(self) -> None:
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_url_credentials_are_refused_without_echo(self, kind: AnyWebhook) -> None:
         """Credentials in the URL are refused, and not repeated in the error."""
         with pytest.raises(ConfigurationError, match="credentials") as info:
-            WebhookDestination("https://user:s3cr3t@example.com/hook")
+            kind("https://user:s3cr3t@example.com/hook")
 
         assert "s3cr3t" not in str(info.value)
 
@@ -379,10 +390,13 @@ class TestCustomTransport:
 
 
 class TestConfiguration:
-    def test_capabilities(self) -> None:
+    """Both webhook destinations: the same settings, checked the same way."""
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_capabilities(self, kind: AnyWebhook) -> None:
         """Real-time and removals supported; the batch size is per instance."""
-        default = WebhookDestination("https://x.example")
-        small = WebhookDestination("https://x.example", batch_size=50)
+        default = kind("https://x.example")
+        small = kind("https://x.example", batch_size=50)
 
         assert ("Webhook", True, True, 1_000) == (
             default.capabilities.name,
@@ -412,18 +426,20 @@ class TestConfiguration:
             ({"transport": object()}, "transport"),
         ],
     )
-    def test_invalid(self, kwargs: dict[str, Any], field: str) -> None:
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_invalid(self, kind: AnyWebhook, kwargs: dict[str, Any], field: str) -> None:
         """Every bad argument is a ConfigurationError naming it."""
         arguments: dict[str, Any] = {"url": "https://x.example/hook", **kwargs}
 
         with pytest.raises(ConfigurationError) as info:
-            WebhookDestination(**arguments)
+            kind(**arguments)
 
         assert field == info.value.field
 
-    def test_frozen(self) -> None:
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_frozen(self, kind: AnyWebhook) -> None:
         """Settings cannot drift from the capabilities derived from them."""
-        dest = WebhookDestination("https://x.example")
+        dest = kind("https://x.example")
 
         with pytest.raises(attrs.exceptions.FrozenInstanceError):
             dest.batch_size = 5  # type: ignore[misc]
