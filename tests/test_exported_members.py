@@ -289,6 +289,7 @@ class TestLazyImports:
             "concurrent.futures",
             "sqlite3",
             "psycopg",
+            "httpx",
             "opentelemetry",
             "cohortsync.otel",
             "cohortsync.destinations",
@@ -315,6 +316,9 @@ class TestLazyImports:
             ("cohortsync.destinations", "WebhookDestination"),
             ("cohortsync.destinations", "CsvDirectoryDestination"),
             ("cohortsync.destinations", "UrllibTransport"),
+            ("cohortsync.destinations", "AsyncWebhookDestination"),
+            ("cohortsync.destinations", "HttpxTransport"),
+            ("cohortsync.destinations", "AsyncHttpxTransport"),
         ],
     )
     def test_lazy_names_resolve(self, module: str, name: str) -> None:

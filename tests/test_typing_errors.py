@@ -29,6 +29,12 @@ from cohortsync.identifiers import Bulk
 def emails_for(keys: Sequence[str]) -> dict[str, str]: return {}
 """
 
+HTTP = """\
+from cohortsync.destinations import (
+    AsyncHttpxTransport, AsyncWebhookDestination, HttpxTransport, WebhookDestination
+)
+"""
+
 #: Case name: (code, the mypy error codes it must produce; none means it passes).
 CASES: dict[str, tuple[str, set[str]]] = {
     # SyncPolicy's named constructors.
@@ -71,6 +77,23 @@ CASES: dict[str, tuple[str, set[str]]] = {
     # The scheduler's slot allocation.
     "allocation_typo": ('cs.Scheduler(MemoryStorage(), slot_allocation="hashed")', {"arg-type"}),
     "allocation": ('cs.Scheduler(MemoryStorage(), slot_allocation="hash")', set()),
+    # A webhook destination takes a transport of its own kind.
+    "webhook_async_transport": (
+        f'{HTTP}WebhookDestination("https://x.example", transport=AsyncHttpxTransport())',
+        {"arg-type"},
+    ),
+    "webhook_transport": (
+        f'{HTTP}WebhookDestination("https://x.example", transport=HttpxTransport())',
+        set(),
+    ),
+    "async_webhook_blocking_transport": (
+        f'{HTTP}AsyncWebhookDestination("https://x.example", transport=HttpxTransport())',
+        {"arg-type"},
+    ),
+    "async_webhook_transport": (
+        f'{HTTP}AsyncWebhookDestination("https://x.example", transport=AsyncHttpxTransport())',
+        set(),
+    ),
     # An event's cadence is a Cadence, not its string value.
     "event_cadence_as_text": (
         'def fell_back(e: EligibilityChanged) -> bool: return e.cadence == "hourly"',

@@ -3,26 +3,16 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import attrs
 import pytest
 
-from cohortsync._destination import (
-    Batch,
-    DeliveryResult,
-    Identifier,
-    IdentifierKind,
-    Member,
-    Operation,
-    Rejection,
-    RunContext,
-)
+from cohortsync._destination import DeliveryResult, Operation, Rejection
 from cohortsync.destinations._webhook import (
+    AsyncWebhookDestination,
     HttpResponse,
     HttpTransport,
     UrllibTransport,
@@ -37,150 +27,33 @@ from cohortsync.exceptions import (
     RateLimitedError,
     TransientError,
 )
-
-if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
-
-SECRET = "Bearer s3cr3t-XYZ"  # noqa: S105 - a planted fake secret the tests hunt for
-QUERY_TOKEN = "tok3n-QQQ"  # noqa: S105 - same as SECRET
-FIXED_DATE = "Wed, 21 Oct 2015 07:28:00 GMT"
-COMPUTED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
-
-CONTEXT = RunContext(
-    run_id="run-1",
-    sync_id="sync-1",
-    generation=3,
-    cohort_id="power-users",
-    cohort_name="Power users",
-    computed_at=COMPUTED_AT,
-    full_sync=False,
+from webhook_server import (
+    CONTEXT,
+    FIXED_DATE,
+    QUERY_TOKEN,
+    SECRET,
+    Server,
+    chain,
+    make_batch,
+    serving,
 )
 
-
-def make_batch(
-    users: list[str],
-    operation: Operation = Operation.ADD,
-    key: str = "idem-key-0001",
-    context: RunContext = CONTEXT,
-) -> Batch:
-    members = tuple(Member(u, Identifier(IdentifierKind.USER_ID, u)) for u in users)
-    return Batch(
-        context=context, operation=operation, members=members, sequence=0, idempotency_key=key
-    )
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
 
 
-@attrs.frozen
-class Recorded:
-    path: str
-    headers: dict[str, str]
-    body: Any
-
-
-def reply(
-    handler: BaseHTTPRequestHandler,
-    status: int,
-    body: bytes = b"",
-    headers: Mapping[str, str] | None = None,
-) -> None:
-    handler.send_response(status)
-    for name, value in (headers or {}).items():
-        handler.send_header(name, value)
-    handler.send_header("Content-Length", str(len(body)))
-    handler.end_headers()
-    handler.wfile.write(body)
-
-
-def echo_request(handler: BaseHTTPRequestHandler, status: int) -> None:
-    """
-    A careless server that echoes the request, credentials included.
-    """
-    echoed = f"invalid payload; you sent {handler.path} with {dict(handler.headers.items())}"
-    reply(handler, status, echoed.encode())
-
-
-def rate_limited_with_date(handler: BaseHTTPRequestHandler) -> None:
-    # Make the response's Date header deterministic: Retry-After is 30 s after it.
-    handler.date_time_string = lambda timestamp=None: FIXED_DATE  # type: ignore[method-assign]
-    reply(handler, 429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:30 GMT"})
-
-
-def slow(handler: BaseHTTPRequestHandler) -> None:
-    # Never answer in time; the fixture releases us at teardown.
-    cast("Server", handler.server).release.wait(5)
-
-
-def rejecting(handler: BaseHTTPRequestHandler) -> None:
-    body = {
-        "rejected": [
-            {"user": "u2", "reason": "unknown user"},
-            {"user": "never-sent", "reason": "ignored"},
-            "u3",
-            {"user": "u2", "reason": "duplicate entry"},
-        ]
-    }
-    reply(handler, 200, json.dumps(body).encode(), {"Content-Type": "application/json"})
-
-
-ROUTES: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {
-    "/ok": lambda h: reply(h, 204),
-    "/ok-not-json": lambda h: reply(h, 200, b"<html>thanks</html>"),
-    "/slow": slow,
-    "/500": lambda h: reply(h, 500),
-    "/503": lambda h: reply(h, 503, headers={"Retry-After": "12"}),
-    "/408": lambda h: reply(h, 408),
-    "/429-seconds": lambda h: reply(h, 429, headers={"Retry-After": "7"}),
-    "/429-date": rate_limited_with_date,
-    "/429-bare": lambda h: reply(h, 429),
-    "/401": lambda h: echo_request(h, 401),
-    "/403": lambda h: reply(h, 403),
-    "/400": lambda h: echo_request(h, 400),
-    "/422": lambda h: reply(h, 422),
-    "/413": lambda h: reply(h, 413),
-    "/404": lambda h: reply(h, 404),
-    "/redirect": lambda h: reply(h, 302, headers={"Location": "/ok"}),
-    "/rejected": rejecting,
-}
-
-
-class Handler(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        server = cast("Server", self.server)
-        server.requests.append(
-            Recorded(path=self.path, headers=dict(self.headers.items()), body=json.loads(body))
-        )
-        ROUTES[urlsplit(self.path).path](self)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        """Keep test output quiet."""
-
-
-class Server(ThreadingHTTPServer):
-    # Join handler threads on close, so no thread outlives its test.
-    daemon_threads = False
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.requests: list[Recorded] = []
-        self.release = threading.Event()
-
-    def url(self, path: str) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}{path}"
+# The blocking and the asyncio adapter share their settings, validation and repr.
+AnyWebhook = type[WebhookDestination] | type[AsyncWebhookDestination]
+KINDS = [
+    pytest.param(WebhookDestination, id="blocking"),
+    pytest.param(AsyncWebhookDestination, id="async"),
+]
 
 
 @pytest.fixture
 def server() -> Iterator[Server]:
-    srv = Server()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with serving() as srv:
         yield srv
-    finally:
-        srv.release.set()
-        srv.shutdown()
-        srv.server_close()
-        thread.join()
 
 
 def destination(server: Server, path: str, **kwargs: Any) -> WebhookDestination:
@@ -371,13 +244,6 @@ def raise_everything(dest: WebhookDestination) -> list[BaseException]:
     return raised
 
 
-def chain(error: BaseException) -> Iterator[BaseException]:
-    seen: BaseException | None = error
-    while seen is not None:
-        yield seen
-        seen = seen.__cause__ or seen.__context__
-
-
 class TestSecrets:
     def test_repr_hides_headers_and_query(self, server: Server) -> None:
         """The repr shows where it posts, not the credentials or the query string."""
@@ -404,17 +270,19 @@ class TestSecrets:
         assert any("***" in t for t in texts)  # the echo really happened and was blanked
         assert [] == [t for t in texts if "s3cr3t" in t or QUERY_TOKEN in t]
 
-    def test_bad_header_value_is_not_echoed(self) -> None:
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_bad_header_value_is_not_echoed(self, kind: AnyWebhook) -> None:
         """Refusing a header names it, never its value."""
         with pytest.raises(ConfigurationError, match="Authorization") as info:
-            WebhookDestination("https://example.com", headers={"Authorization": "s3cr3t\r\nX: 1"})
+            kind("https://example.com", headers={"Authorization": "s3cr3t\r\nX: 1"})
 
         assert "s3cr3t" not in str(info.value)
 
-    def test_url_credentials_are_refused_without_echo(self) -> None:
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_url_credentials_are_refused_without_echo(self, kind: AnyWebhook) -> None:
         """Credentials in the URL are refused, and not repeated in the error."""
         with pytest.raises(ConfigurationError, match="credentials") as info:
-            WebhookDestination("https://user:s3cr3t@example.com/hook")
+            kind("https://user:s3cr3t@example.com/hook")
 
         assert "s3cr3t" not in str(info.value)
 
@@ -522,10 +390,13 @@ class TestCustomTransport:
 
 
 class TestConfiguration:
-    def test_capabilities(self) -> None:
+    """Both webhook destinations: the same settings, checked the same way."""
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_capabilities(self, kind: AnyWebhook) -> None:
         """Real-time and removals supported; the batch size is per instance."""
-        default = WebhookDestination("https://x.example")
-        small = WebhookDestination("https://x.example", batch_size=50)
+        default = kind("https://x.example")
+        small = kind("https://x.example", batch_size=50)
 
         assert ("Webhook", True, True, 1_000) == (
             default.capabilities.name,
@@ -555,18 +426,20 @@ class TestConfiguration:
             ({"transport": object()}, "transport"),
         ],
     )
-    def test_invalid(self, kwargs: dict[str, Any], field: str) -> None:
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_invalid(self, kind: AnyWebhook, kwargs: dict[str, Any], field: str) -> None:
         """Every bad argument is a ConfigurationError naming it."""
         arguments: dict[str, Any] = {"url": "https://x.example/hook", **kwargs}
 
         with pytest.raises(ConfigurationError) as info:
-            WebhookDestination(**arguments)
+            kind(**arguments)
 
         assert field == info.value.field
 
-    def test_frozen(self) -> None:
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_frozen(self, kind: AnyWebhook) -> None:
         """Settings cannot drift from the capabilities derived from them."""
-        dest = WebhookDestination("https://x.example")
+        dest = kind("https://x.example")
 
         with pytest.raises(attrs.exceptions.FrozenInstanceError):
             dest.batch_size = 5  # type: ignore[misc]

@@ -6,14 +6,18 @@ Ready-made destinations and what they are built from.
   them by name. No network code.
 * :class:`WebhookDestination`: JSON batches shaped like a cohort webhook,
   over a pluggable :class:`HttpTransport` (:class:`UrllibTransport`, the
-  standard library's, by default).
+  standard library's, by default); :class:`AsyncWebhookDestination` is its
+  asyncio twin, over an :class:`AsyncHttpTransport`.
+* :class:`HttpxTransport` and :class:`AsyncHttpxTransport` (``cohortsync[httpx]``):
+  the webhook over httpx, blocking and asynchronous (the latter is
+  :class:`AsyncWebhookDestination`'s default).
 * :class:`CsvDirectoryDestination`: S3-style entering/exiting/existing files
   in a directory.
 * :class:`RateLimits`: the registry of destinations' rate limiters that
   schedulers share; :data:`PROCESS_RATE_LIMITS` is the process-wide default.
 
 The adapters import on first use, so ``import cohortsync`` never loads
-``urllib`` or ``csv``.
+``urllib`` or ``csv``, and ``import cohortsync.destinations`` never loads httpx.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from cohortsync.destinations import catalog
 
 if TYPE_CHECKING:
     from cohortsync.destinations._csvdir import CsvDirectoryDestination
+    from cohortsync.destinations._httpx import AsyncHttpxTransport, HttpxTransport
     from cohortsync.destinations._webhook import (
+        AsyncHttpTransport,
+        AsyncWebhookDestination,
         HttpResponse,
         HttpTransport,
         UrllibTransport,
@@ -34,16 +41,30 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROCESS_RATE_LIMITS",
+    "AsyncHttpTransport",
+    "AsyncHttpxTransport",
+    "AsyncWebhookDestination",
     "CsvDirectoryDestination",
     "HttpResponse",
     "HttpTransport",
+    "HttpxTransport",
     "RateLimits",
     "UrllibTransport",
     "WebhookDestination",
     "catalog",
 ]
 
-_WEBHOOK = frozenset({"HttpResponse", "HttpTransport", "UrllibTransport", "WebhookDestination"})
+_WEBHOOK = frozenset(
+    {
+        "AsyncHttpTransport",
+        "AsyncWebhookDestination",
+        "HttpResponse",
+        "HttpTransport",
+        "UrllibTransport",
+        "WebhookDestination",
+    }
+)
+_HTTPX = frozenset({"AsyncHttpxTransport", "HttpxTransport"})
 
 
 def __getattr__(name: str) -> Any:
@@ -52,6 +73,11 @@ def __getattr__(name: str) -> Any:
         from cohortsync.destinations import _webhook  # noqa: PLC0415 - lazy on purpose
 
         return getattr(_webhook, name)
+    if name in _HTTPX:
+        # httpx is an optional dependency (cohortsync[httpx]); its ImportError names the extra.
+        from cohortsync.destinations import _httpx  # noqa: PLC0415 - lazy on purpose
+
+        return getattr(_httpx, name)
     if name == "CsvDirectoryDestination":
         from cohortsync.destinations._csvdir import (  # noqa: PLC0415 - lazy on purpose
             CsvDirectoryDestination,

@@ -1,14 +1,20 @@
 """
 A destination that really delivers: JSON batches POSTed to a cohort webhook.
 
-The HTTP client is pluggable (:class:`HttpTransport`) so hosts can reuse the
-client they already trust (connection pools, proxies, mTLS, tracing); the
-default :class:`UrllibTransport` needs nothing beyond the standard library.
+:class:`WebhookDestination` blocks, :class:`AsyncWebhookDestination` awaits;
+both are thin shells over one private core (``_Webhook``: settings,
+message, log lines, what each answer means), so they cannot drift apart.
+
+The HTTP client is pluggable (:class:`HttpTransport`, :class:`AsyncHttpTransport`)
+so hosts can reuse the client they already trust (connection pools, proxies,
+mTLS, tracing); the default :class:`UrllibTransport` needs nothing beyond the
+standard library, and ``cohortsync[httpx]`` adds the httpx transports.
 """
 
 from __future__ import annotations
 
 import email.utils
+import inspect
 import json
 import logging
 import math
@@ -16,17 +22,19 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from http.client import HTTPException, HTTPMessage
-from typing import IO, Any, Protocol, runtime_checkable
+from types import TracebackType
+from typing import IO, Protocol, runtime_checkable
 
 import attrs
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from cohortsync import _validators as v
 from cohortsync._clock import Clock, SystemClock, require_aware
 from cohortsync._destination import (
+    AsyncDestination,
     Batch,
     Capabilities,
     DeliveryResult,
@@ -43,7 +51,14 @@ from cohortsync.exceptions import (
     TransientError,
 )
 
-__all__ = ["HttpResponse", "HttpTransport", "UrllibTransport", "WebhookDestination"]
+__all__ = [
+    "AsyncHttpTransport",
+    "AsyncWebhookDestination",
+    "HttpResponse",
+    "HttpTransport",
+    "UrllibTransport",
+    "WebhookDestination",
+]
 
 log = logging.getLogger("cohortsync.destinations")
 
@@ -132,6 +147,38 @@ class HttpTransport(Protocol):
         ...
 
 
+@runtime_checkable
+class AsyncHttpTransport(Protocol):
+    """
+    The HTTP client an :class:`AsyncWebhookDestination` posts through: the
+    awaitable twin of :class:`HttpTransport`, with the same contract.
+
+    Return an :class:`HttpResponse` for every HTTP answer, including 4xx and
+    5xx. Raise :class:`~cohortsync.exceptions.TransientError` when no answer
+    came; an ``OSError`` or an :class:`asyncio.TimeoutError` is treated the
+    same. Never follow redirects. Let :class:`asyncio.CancelledError` through:
+    it is how the scheduler stops a run.
+    """
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+    ) -> HttpResponse:
+        """
+        POST *body* to *url* and return the answer, whatever its status.
+
+        Args:
+            url: The webhook's URL.
+            body: The JSON batch, already encoded.
+            headers: Content type, ``Idempotency-Key`` and the host's headers
+                (credentials: keep them out of logs and errors).
+            timeout: Seconds to wait for a connection and for each read.
+
+        Raises:
+            TransientError: No answer came; the engine retries with backoff.
+        """
+        ...
+
+
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     @override
     def redirect_request(
@@ -171,9 +218,7 @@ class UrllibTransport:
                 also open ``file:`` URLs).
             TransientError: No answer came (refused, reset, timed out).
         """
-        if urllib.parse.urlsplit(url).scheme.lower() not in {"http", "https"}:
-            # urllib would also open file: and ftp: URLs; a webhook never needs them.
-            raise ConfigurationError("url", _safe_url(url), "must use http or https")
+        require_http(url)
         request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")  # noqa: S310 - scheme checked just above
         try:
             with self._opener.open(request, timeout=timeout) as response:
@@ -189,12 +234,25 @@ class UrllibTransport:
                 e.close()
             return HttpResponse(e.code, dict(e.headers.items()) if e.headers else {}, error_body)
         except urllib.error.URLError as e:
-            raise TransientError(f"POST to {_safe_url(url)} failed: {_describe(e.reason)}") from e
+            raise TransientError(f"POST to {safe_url(url)} failed: {_describe(e.reason)}") from e
         except (OSError, HTTPException) as e:
-            raise TransientError(f"POST to {_safe_url(url)} failed: {_describe(e)}") from e
+            raise TransientError(f"POST to {safe_url(url)} failed: {_describe(e)}") from e
 
     def __repr__(self) -> str:
         return "UrllibTransport()"
+
+
+def require_http(url: str) -> None:
+    """
+    Refuse a URL that is not http or https before any client sees it:
+    urllib would also open ``file:`` and ``ftp:`` URLs, and a webhook never
+    needs them.
+
+    Raises:
+        ConfigurationError: Another scheme (the URL shown without its secrets).
+    """
+    if urllib.parse.urlsplit(url).scheme.lower() not in {"http", "https"}:
+        raise ConfigurationError("url", safe_url(url), "must use http or https")
 
 
 def _describe(reason: object) -> str:
@@ -206,7 +264,7 @@ def _describe(reason: object) -> str:
     return str(reason)
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """
     *url* without userinfo, query string or fragment: the parts that carry tokens.
     """
@@ -219,10 +277,11 @@ def _safe_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}{query}"
 
 
-def _check_url(_inst: object, _attribute: attrs.Attribute[Any], value: object) -> None:
+def _check_url(value: object) -> str:
+    # A converter, not a validator: the shown_url default reads the value next.
     if not isinstance(value, str):
         raise ConfigurationError("url", type(value).__name__, "must be a str")
-    shown = _safe_url(value)
+    shown = safe_url(value)
     try:
         parts = urllib.parse.urlsplit(value)
         _ = parts.port  # raises on a malformed port
@@ -238,6 +297,7 @@ def _check_url(_inst: object, _attribute: attrs.Attribute[Any], value: object) -
         )
     if any(c.isspace() or ord(c) < 32 for c in value):
         raise ConfigurationError("url", shown, "must not contain whitespace or control characters")
+    return value
 
 
 def _check_headers(value: Mapping[str, str] | None) -> dict[str, str]:
@@ -275,7 +335,45 @@ def _to_transport(value: HttpTransport | None) -> HttpTransport:
         raise ConfigurationError(
             "transport", type(value).__name__, "must have a post(url, body, headers, timeout)"
         )
+    if inspect.iscoroutinefunction(value.post):
+        # Its post() would hand back a coroutine, never awaited, instead of an answer.
+        raise ConfigurationError(
+            "transport",
+            type(value).__name__,
+            "is asynchronous (async def post): use it with AsyncWebhookDestination",
+        )
     return value
+
+
+def _to_async_transport(
+    value: AsyncHttpTransport | None,
+) -> tuple[AsyncHttpTransport, Callable[[], Awaitable[None]] | None]:
+    """
+    The transport, and how to close it when the destination made it itself.
+    """
+    if value is None:
+        try:
+            from cohortsync.destinations._httpx import (  # noqa: PLC0415 - optional dependency
+                AsyncHttpxTransport,
+            )
+        except ImportError:
+            raise ConfigurationError(
+                "transport",
+                None,
+                "defaults to AsyncHttpxTransport, which needs httpx: "
+                "pip install 'cohortsync[httpx]', or pass transport= (any AsyncHttpTransport)",
+            ) from None
+        made = AsyncHttpxTransport()
+        return made, made.aclose
+    if not isinstance(value, AsyncHttpTransport) or not inspect.iscoroutinefunction(value.post):
+        # A blocking post() would stall the event loop for every request.
+        raise ConfigurationError(
+            "transport",
+            type(value).__name__,
+            "must have an async def post(url, body, headers, timeout); "
+            "a blocking transport goes with WebhookDestination",
+        )
+    return value, None
 
 
 def _check_batch_size(value: int) -> int:
@@ -321,75 +419,46 @@ def _retry_after(response: HttpResponse, clock: Clock) -> float | None:
     return max(0.0, (when - now).total_seconds())
 
 
-@attrs.frozen(eq=False, repr=False)
-class WebhookDestination(Destination):
+@attrs.frozen
+class _Request:
+    """One batch as the webhook receives it: what either transport posts."""
+
+    body: bytes
+    headers: dict[str, str]
+    # The log lines' extra= fields, when DEBUG is on (None: do not log).
+    fields: dict[str, object] | None
+
+
+@attrs.frozen(repr=False)
+class _Webhook:
     """
-    POSTs each batch as a cohort-webhook JSON message.
-
-    The body is ``{"cohort_id", "cohort_name", "in_cohort", "computed_time",
-    "message_id", "users"}``: ``in_cohort`` is ``false`` for removals,
-    ``computed_time`` is the ISO-8601 UTC time the membership was computed and
-    ``message_id`` (also sent as the ``Idempotency-Key`` header) is the batch's
-    idempotency key, identical when a batch is re-sent after a crash, so the
-    receiver can de-duplicate.
-
-    A 2xx answer may reject members individually with a JSON body
-    ``{"rejected": [{"user": "...", "reason": "..."}]}``. Other statuses map to
-    the library's errors: 429 to ``RateLimitedError``; 408 and 5xx to
-    ``TransientError`` (both honour ``Retry-After``); 401/403 to
-    ``AuthenticationError``; 400, 413 and 422 to ``BadDataError``, so the engine
-    bisects the batch (which also cures a payload that is too large); anything
-    else, redirects included, to ``PermanentError``.
-
-    Args:
-        url: An ``http`` or ``https`` endpoint. Tokens in its query string are
-            sent but never shown.
-        headers: Extra request headers, typically ``Authorization``. They are
-            treated as secrets: never in ``repr``, logs or error messages.
-        timeout: Seconds to wait for connecting and for each read.
-        batch_size: Most users per message (becomes
-            ``capabilities.max_batch_size``).
-        transport: The HTTP client; :class:`UrllibTransport` by default.
-        clock: Reads "now" for ``Retry-After`` dates when the server sends no
-            ``Date`` header.
+    Everything the two webhook destinations share, so they cannot drift apart:
+    the settings (validated here, once), the message a batch becomes, the log
+    lines, and what each answer means. They differ only in how they call
+    their transport: :class:`WebhookDestination` blocks, and
+    :class:`AsyncWebhookDestination` awaits.
     """
 
-    url: str = attrs.field(validator=_check_url)
-    _headers: dict[str, str] = attrs.field(
-        default=None, kw_only=True, converter=_check_headers, alias="headers", repr=False
-    )
-    timeout: float = attrs.field(
-        default=10.0, kw_only=True, validator=v.number(0.0, inclusive=False)
-    )
-    # A converter, not a validator: validators run after the capabilities default
-    # below has already used the value.
-    batch_size: int = attrs.field(
-        default=WEBHOOK.max_batch_size, kw_only=True, converter=_check_batch_size
-    )
-    _transport: HttpTransport = attrs.field(
-        default=None, kw_only=True, converter=_to_transport, alias="transport"
-    )
-    _clock: Clock = attrs.field(default=None, kw_only=True, converter=_to_clock, alias="clock")
-    # Per instance because the batch size is configurable; shadows the ClassVar.
-    capabilities: Capabilities = attrs.field(init=False)  # type: ignore[misc]
+    url: str = attrs.field(converter=_check_url)
+    headers: dict[str, str] = attrs.field(converter=_check_headers)
+    timeout: float = attrs.field(validator=v.number(0.0, inclusive=False))
+    # A converter, not a validator: validators run after the capabilities
+    # default below has already used the value.
+    batch_size: int = attrs.field(converter=_check_batch_size)
+    clock: Clock = attrs.field(converter=_to_clock)
+    capabilities: Capabilities = attrs.field(init=False)
+    shown_url: str = attrs.field(init=False)
 
     @capabilities.default
     def _capabilities(self) -> Capabilities:
         return WEBHOOK.evolve(max_batch_size=self.batch_size)
 
-    def add(self, batch: Batch) -> DeliveryResult:
-        """
-        Send the batch with ``in_cohort: true`` (``ADD`` and ``EXISTING`` alike).
-        """
-        return self._send(batch, in_cohort=True)
+    @shown_url.default
+    def _shown_url(self) -> str:
+        return safe_url(self.url)
 
-    def remove(self, batch: Batch) -> DeliveryResult:
-        """
-        Send the batch with ``in_cohort: false``.
-        """
-        return self._send(batch, in_cohort=False)
-
-    def _send(self, batch: Batch, *, in_cohort: bool) -> DeliveryResult:
+    def request(self, batch: Batch, *, in_cohort: bool) -> _Request:
+        """The JSON message and headers for *batch*; logs the POST at DEBUG."""
         context = batch.context
         payload = {
             "cohort_id": context.cohort_id,
@@ -402,11 +471,10 @@ class WebhookDestination(Destination):
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         headers = {
             "User-Agent": "cohortsync",
-            **self._headers,
+            **self.headers,
             "Content-Type": "application/json",
             "Idempotency-Key": batch.idempotency_key,
         }
-        safe_url = _safe_url(self.url)
         fields = _log_fields(batch) if log.isEnabledFor(logging.DEBUG) else None
         if fields is not None:
             log.debug(
@@ -414,38 +482,52 @@ class WebhookDestination(Destination):
                 context.sync_id,
                 context.run_id,
                 batch.sequence,
-                safe_url,
+                self.shown_url,
                 "in_cohort" if in_cohort else "out_of_cohort",
                 len(batch),
                 batch.idempotency_key,
                 extra=fields,
             )
-        try:
-            response = self._transport.post(self.url, body, headers, self.timeout)
-        except OSError as e:  # a host transport that lets socket errors escape
-            raise TransientError(f"POST to {safe_url} failed: {_describe(e)}") from e
-        if fields is not None:
+        return _Request(body, headers, fields)
+
+    def no_answer(self, error: BaseException) -> TransientError:
+        """
+        The error for a transport that let a socket error or a timeout escape
+        instead of raising :class:`~cohortsync.exceptions.TransientError`.
+        """
+        return TransientError(f"POST to {self.shown_url} failed: {_describe(error)}")
+
+    def outcome(self, batch: Batch, request: _Request, response: HttpResponse) -> DeliveryResult:
+        """
+        What *response* means for *batch*: its rejections, or the error the
+        engine acts on; logs the answer at DEBUG.
+
+        Raises:
+            RateLimitedError: HTTP 429.
+            TransientError: HTTP 408 or 5xx.
+            AuthenticationError: HTTP 401 or 403.
+            BadDataError: HTTP 400, 413 or 422.
+            PermanentError: Any other status that is not 2xx, redirects included.
+        """
+        status = response.status
+        if request.fields is not None:
             log.debug(
                 "sync %s run %s batch %d: webhook %s answered HTTP %d for message_id=%s",
-                context.sync_id,
-                context.run_id,
+                batch.context.sync_id,
+                batch.context.run_id,
                 batch.sequence,
-                safe_url,
-                response.status,
+                self.shown_url,
+                status,
                 batch.idempotency_key,
-                extra=fields,
+                extra=request.fields,
             )
-        return self._outcome(batch, response)
-
-    def _outcome(self, batch: Batch, response: HttpResponse) -> DeliveryResult:
-        status = response.status
         if 200 <= status < 300:
             return _rejections(batch, response.body)
-        message = f"webhook {_safe_url(self.url)} answered HTTP {status}{self._detail(response)}"
+        message = f"webhook {self.shown_url} answered HTTP {status}{self._detail(response)}"
         if status == 429:
-            raise RateLimitedError(message, retry_after=_retry_after(response, self._clock))
+            raise RateLimitedError(message, retry_after=_retry_after(response, self.clock))
         if status == 408 or 500 <= status < 600:
-            raise TransientError(message, retry_after=_retry_after(response, self._clock))
+            raise TransientError(message, retry_after=_retry_after(response, self.clock))
         if status in {401, 403}:
             raise AuthenticationError(message)
         if status in {400, 413, 422}:
@@ -469,15 +551,234 @@ class WebhookDestination(Destination):
     def _secrets(self) -> list[str]:
         secrets: set[str] = set()
         query = urllib.parse.urlsplit(self.url).query
-        values = [*self._headers.values(), *(val for _, val in urllib.parse.parse_qsl(query))]
+        values = [*self.headers.values(), *(val for _, val in urllib.parse.parse_qsl(query))]
         for value in values:
             secrets.add(value)
             secrets.update(w for w in value.split() if len(w) >= _MIN_SECRET_WORD)
         # Longest first, so a token is not left half-replaced by a shorter match.
         return sorted((s for s in secrets if s), key=len, reverse=True)
 
+    def describe(self, kind: type[object]) -> str:
+        """The ``repr`` of a destination of class *kind*: where it posts, no secrets."""
+        return f"{kind.__name__}({self.shown_url!r})"
+
+
+@attrs.frozen(eq=False, repr=False, init=False)
+class WebhookDestination(Destination):
+    """
+    POSTs each batch as a cohort-webhook JSON message.
+
+    The body is ``{"cohort_id", "cohort_name", "in_cohort", "computed_time",
+    "message_id", "users"}``: ``in_cohort`` is ``false`` for removals,
+    ``computed_time`` is the ISO-8601 UTC time the membership was computed and
+    ``message_id`` (also sent as the ``Idempotency-Key`` header) is the batch's
+    idempotency key, identical when a batch is re-sent after a crash, so the
+    receiver can de-duplicate.
+
+    A 2xx answer may reject members individually with a JSON body
+    ``{"rejected": [{"user": "...", "reason": "..."}]}``. Other statuses map to
+    the library's errors: 429 to ``RateLimitedError``; 408 and 5xx to
+    ``TransientError`` (both honour ``Retry-After``); 401/403 to
+    ``AuthenticationError``; 400, 413 and 422 to ``BadDataError``, so the engine
+    bisects the batch (which also cures a payload that is too large); anything
+    else, redirects included, to ``PermanentError``.
+
+    :class:`AsyncWebhookDestination` is the same adapter for asyncio hosts.
+
+    Args:
+        url: An ``http`` or ``https`` endpoint. Tokens in its query string are
+            sent but never shown.
+        headers: Extra request headers, typically ``Authorization``. They are
+            treated as secrets: never in ``repr``, logs or error messages.
+        timeout: Seconds to wait for connecting and for each read.
+        batch_size: Most users per message (becomes
+            ``capabilities.max_batch_size``).
+        transport: The HTTP client; :class:`UrllibTransport` by default
+            (:class:`HttpxTransport` with ``cohortsync[httpx]``). The host
+            that passes one closes it.
+        clock: Reads "now" for ``Retry-After`` dates when the server sends no
+            ``Date`` header.
+
+    Raises:
+        ConfigurationError: A bad argument, named (never a header's value).
+    """
+
+    _webhook: _Webhook
+    _transport: HttpTransport
+    # Per instance because the batch size is configurable; shadows the ClassVar.
+    capabilities: Capabilities  # type: ignore[misc]
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+        batch_size: int = WEBHOOK.max_batch_size,
+        transport: HttpTransport | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        webhook = _Webhook(url, headers, timeout, batch_size, clock)
+        self.__attrs_init__(webhook, _to_transport(transport), webhook.capabilities)
+
+    @property
+    def url(self) -> str:
+        """The endpoint, as given (its query string may hold a token: do not log it)."""
+        return self._webhook.url
+
+    @property
+    def timeout(self) -> float:
+        """Seconds to wait for connecting and for each read."""
+        return self._webhook.timeout
+
+    @property
+    def batch_size(self) -> int:
+        """Most users per message."""
+        return self._webhook.batch_size
+
+    def add(self, batch: Batch) -> DeliveryResult:
+        """
+        Send the batch with ``in_cohort: true`` (``ADD`` and ``EXISTING`` alike).
+        """
+        return self._send(batch, in_cohort=True)
+
+    def remove(self, batch: Batch) -> DeliveryResult:
+        """
+        Send the batch with ``in_cohort: false``.
+        """
+        return self._send(batch, in_cohort=False)
+
+    def _send(self, batch: Batch, *, in_cohort: bool) -> DeliveryResult:
+        webhook = self._webhook
+        request = webhook.request(batch, in_cohort=in_cohort)
+        try:
+            response = self._transport.post(
+                webhook.url, request.body, request.headers, webhook.timeout
+            )
+        except OSError as e:  # a host transport that lets socket errors escape
+            raise webhook.no_answer(e) from e
+        return webhook.outcome(batch, request, response)
+
     def __repr__(self) -> str:
-        return f"WebhookDestination({_safe_url(self.url)!r})"
+        return self._webhook.describe(type(self))
+
+
+@attrs.frozen(eq=False, repr=False, init=False)
+class AsyncWebhookDestination(AsyncDestination):
+    """
+    :class:`WebhookDestination` for asyncio hosts: the same messages, the same
+    answers mapped to the same errors, the same validation and the same care
+    with secrets; requests are awaited on the event loop instead of blocking
+    a thread.
+
+    Under an :class:`~cohortsync.AsyncScheduler` its requests run on the
+    host's loop; a plain :class:`~cohortsync.Scheduler` runs them on a loop of
+    its own (see :class:`~cohortsync.AsyncDestination`).
+
+    The default transport, :class:`AsyncHttpxTransport`, needs httpx
+    (``pip install 'cohortsync[httpx]'``). It makes one connection pool per
+    event loop, closed when that loop shuts down (``asyncio.run`` and
+    :meth:`Scheduler.close <cohortsync.Scheduler.close>` do this) or by
+    :meth:`aclose` (also ``async with``).
+
+    Args:
+        url: As for :class:`WebhookDestination`.
+        headers: As for :class:`WebhookDestination`: secrets, never shown.
+        timeout: As for :class:`WebhookDestination`.
+        batch_size: As for :class:`WebhookDestination`.
+        transport: The HTTP client, any :class:`AsyncHttpTransport`;
+            :class:`AsyncHttpxTransport` by default. The host that passes one
+            closes it.
+        clock: As for :class:`WebhookDestination`.
+
+    Raises:
+        ConfigurationError: A bad argument, named (never a header's value); or
+            no transport given and httpx not installed.
+    """
+
+    _webhook: _Webhook
+    _transport: AsyncHttpTransport
+    # The default transport's aclose; None for the host's transport, which the host closes.
+    _close_transport: Callable[[], Awaitable[None]] | None
+    # Per instance because the batch size is configurable; shadows the ClassVar.
+    capabilities: Capabilities  # type: ignore[misc]
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+        batch_size: int = WEBHOOK.max_batch_size,
+        transport: AsyncHttpTransport | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        webhook = _Webhook(url, headers, timeout, batch_size, clock)
+        made, close = _to_async_transport(transport)
+        self.__attrs_init__(webhook, made, close, webhook.capabilities)
+
+    @property
+    def url(self) -> str:
+        """The endpoint, as given (its query string may hold a token: do not log it)."""
+        return self._webhook.url
+
+    @property
+    def timeout(self) -> float:
+        """Seconds to wait for connecting and for each read."""
+        return self._webhook.timeout
+
+    @property
+    def batch_size(self) -> int:
+        """Most users per message."""
+        return self._webhook.batch_size
+
+    async def add(self, batch: Batch) -> DeliveryResult:
+        """
+        Send the batch with ``in_cohort: true`` (``ADD`` and ``EXISTING`` alike).
+        """
+        return await self._send(batch, in_cohort=True)
+
+    async def remove(self, batch: Batch) -> DeliveryResult:
+        """
+        Send the batch with ``in_cohort: false``.
+        """
+        return await self._send(batch, in_cohort=False)
+
+    async def _send(self, batch: Batch, *, in_cohort: bool) -> DeliveryResult:
+        import asyncio  # noqa: PLC0415 - already loaded: this runs on its event loop
+
+        webhook = self._webhook
+        request = webhook.request(batch, in_cohort=in_cohort)
+        try:
+            response = await self._transport.post(
+                webhook.url, request.body, request.headers, webhook.timeout
+            )
+        # asyncio.TimeoutError is not an OSError before Python 3.11 (asyncio.wait_for).
+        except (OSError, asyncio.TimeoutError) as e:
+            raise webhook.no_answer(e) from e
+        return webhook.outcome(batch, request, response)
+
+    async def aclose(self) -> None:
+        """
+        Close the default transport's connections on the running loop; a
+        transport the host passed is the host's to close. Safe to repeat.
+        """
+        if self._close_transport is not None:
+            await self._close_transport()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return self._webhook.describe(type(self))
 
 
 def _log_fields(batch: Batch) -> dict[str, object]:
