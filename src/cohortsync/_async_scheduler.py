@@ -39,8 +39,9 @@ from cohortsync._aio import Portal, RunCancelled
 from cohortsync._clock import Clock, sleep_async
 from cohortsync._cohort import Cohort
 from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimits
-from cohortsync._destination import AnyDestination, AsyncDestination, Capabilities, Destination
+from cohortsync._destination import AnyDestination, AsyncDestination, Destination
 from cohortsync._events import Event, Listener
+from cohortsync._policy import SyncPolicy
 from cohortsync._run import RunEnvironment
 from cohortsync._scheduler import (
     _MIN_SLEEP,
@@ -50,7 +51,7 @@ from cohortsync._scheduler import (
 )
 from cohortsync._sync import SyncRun
 from cohortsync._validators import check_count
-from cohortsync.eligibility import DEFAULT_RULES, Ruleset
+from cohortsync.eligibility import DEFAULT_RULES, Eligibility, Ruleset
 from cohortsync.exceptions import ConfigurationError, StorageClosedError
 from cohortsync.identifiers import IdentifierMapping
 from cohortsync.storage import Storage
@@ -256,13 +257,19 @@ class AsyncScheduler:
         """As :meth:`Scheduler.mapping <cohortsync.Scheduler.mapping>`."""
         return self.scheduler.mapping(mapping_id)
 
-    def capabilities(self, destination_id: str) -> Capabilities:
-        """The capabilities of the destination registered under *destination_id*."""
-        return self.scheduler.destination(destination_id).capabilities
+    def check(
+        self,
+        cohort_id: str,
+        destination_id: str,
+        policy: SyncPolicy,
+        *,
+        mapping_id: str | None = None,
+    ) -> Eligibility:
+        """As :meth:`Scheduler.check <cohortsync.Scheduler.check>` (no store call)."""
+        return self.scheduler.check(cohort_id, destination_id, policy, mapping_id=mapping_id)
 
     # -- definitions and queries (store calls, in a thread) ----------------------
 
-    check = _in_thread(Scheduler.check)
     create_sync = _in_thread(Scheduler.create_sync)
     create_syncs = _in_thread(Scheduler.create_syncs)
     apply_syncs = _in_thread(Scheduler.apply_syncs)
