@@ -464,6 +464,29 @@ class TestCancellation:
         assert all(storage.get_sync(f"s{i}").lease is None for i in range(2))
         assert 2 == adapter.cancelled
 
+    def test_a_sync_created_while_run_forever_waits_runs_at_once(self) -> None:
+        """create_sync wakes run_forever (idle 30 s): the first run starts within a moment."""
+        inner = RecordingDestination(caps())
+
+        async def main() -> float:
+            async with async_scheduler(clock=cs.SystemClock()) as scheduler:
+                scheduler.add_destination("d", AsyncOf(inner))
+                scheduler.add_cohort(cohort("c"))
+                task = asyncio.create_task(scheduler.run_forever(idle=30.0))
+                await asyncio.sleep(0.2)  # waiting between rounds now
+                started = time.perf_counter()
+                await scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s")
+                while not await scheduler.history("s"):  # noqa: ASYNC110 - polls the store
+                    await asyncio.sleep(0.01)
+                took = time.perf_counter() - started
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                return took
+
+        assert 2.0 > asyncio.run(main())
+        assert set(MEMBERS) == inner.audience("s")
+
     def test_run_forever_stops_when_told(self) -> None:
         """With a stop event and a fake clock: runs the due syncs, waits, stops when set."""
         clock = FakeClock()

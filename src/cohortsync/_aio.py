@@ -54,6 +54,7 @@ class Portal:
         self.loop = loop
         self._lock = threading.Lock()
         self._pending: set[Future[Any]] = set()
+        self._cancel = threading.Event()
         self.cancelled = False
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
@@ -96,6 +97,18 @@ class Portal:
         if self.cancelled:
             raise RunCancelled
 
+    def wait(self, seconds: float) -> None:
+        """
+        Block this (non-loop) thread for *seconds* of real time, or until the
+        portal is cancelled, then :meth:`check`: a blocking adapter's backoff
+        under a cancelled scheduler ends at once.
+
+        Raises:
+            RunCancelled: The portal is (or became) cancelled.
+        """
+        self._cancel.wait(seconds)
+        self.check()
+
     def cancel(self) -> None:
         """
         Cancel every submitted coroutine still running, and make the next
@@ -104,6 +117,7 @@ class Portal:
         """
         with self._lock:
             self.cancelled = True
+            self._cancel.set()
             pending = list(self._pending)
         for future in pending:
             future.cancel()

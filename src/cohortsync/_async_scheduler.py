@@ -64,21 +64,33 @@ D = TypeVar("D", bound="Destination | AsyncDestination")
 
 
 def _in_thread(
-    method: Callable[Concatenate[Scheduler, P], T],
+    method: Callable[Concatenate[Scheduler, P], T], *, wakes: bool = False
 ) -> Callable[Concatenate[AsyncScheduler, P], Coroutine[Any, Any, T]]:
     """
     The awaitable twin of a :class:`Scheduler` method: the same call, in a
     worker thread, so its store round trips never block the event loop.
+    With *wakes*, a :meth:`AsyncScheduler.run_forever` of the same scheduler
+    waiting between rounds goes round at once (the call may have made a run
+    due now).
     """
 
     @functools.wraps(method)
     async def call(self: AsyncScheduler, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await asyncio.to_thread(method, self.scheduler, *args, **kwargs)
+        result = await asyncio.to_thread(method, self.scheduler, *args, **kwargs)
+        if wakes and self._wake is not None:
+            self._wake.set()
+        return result
 
+    note = (
+        " A :meth:`run_forever` of this scheduler waiting between rounds goes round at "
+        "once, so a run due now starts now."
+        if wakes
+        else ""
+    )
     call.__doc__ = (
         f"Awaitable :meth:`Scheduler.{method.__name__} <cohortsync.Scheduler."
         f"{method.__name__}>`: the same arguments, result and errors; it runs in a "
-        "worker thread, so the store call never blocks the event loop."
+        f"worker thread, so the store call never blocks the event loop.{note}"
     )
     return call
 
@@ -190,6 +202,8 @@ class AsyncScheduler:
         """The synchronous scheduler this one drives: same store, same registrations."""
         self._lanes: ThreadPoolExecutor | None = None
         self._closed = False
+        self._wake: asyncio.Event | None = None
+        """Set by calls that may make a run due now, while run_forever waits."""
 
     def __repr__(self) -> str:
         inner = self.scheduler
@@ -270,18 +284,18 @@ class AsyncScheduler:
 
     # -- definitions and queries (store calls, in a thread) ----------------------
 
-    create_sync = _in_thread(Scheduler.create_sync)
-    create_syncs = _in_thread(Scheduler.create_syncs)
-    apply_syncs = _in_thread(Scheduler.apply_syncs)
+    create_sync = _in_thread(Scheduler.create_sync, wakes=True)
+    create_syncs = _in_thread(Scheduler.create_syncs, wakes=True)
+    apply_syncs = _in_thread(Scheduler.apply_syncs, wakes=True)
     get_sync = _in_thread(Scheduler.get_sync)
     syncs = _in_thread(Scheduler.syncs)
-    update_sync = _in_thread(Scheduler.update_sync)
+    update_sync = _in_thread(Scheduler.update_sync, wakes=True)
     pause_sync = _in_thread(Scheduler.pause_sync)
-    resume_sync = _in_thread(Scheduler.resume_sync)
-    sync_now = _in_thread(Scheduler.sync_now)
-    request_full_resync = _in_thread(Scheduler.request_full_resync)
-    confirm_removals = _in_thread(Scheduler.confirm_removals)
-    delete_sync = _in_thread(Scheduler.delete_sync)
+    resume_sync = _in_thread(Scheduler.resume_sync, wakes=True)
+    sync_now = _in_thread(Scheduler.sync_now, wakes=True)
+    request_full_resync = _in_thread(Scheduler.request_full_resync, wakes=True)
+    confirm_removals = _in_thread(Scheduler.confirm_removals, wakes=True)
+    delete_sync = _in_thread(Scheduler.delete_sync, wakes=True)
     next_run = _in_thread(Scheduler.next_run)
     upcoming = _in_thread(Scheduler.upcoming)
     preview = _in_thread(Scheduler.preview)
@@ -379,23 +393,33 @@ class AsyncScheduler:
         usual way to end it: cancel the task in your app's shutdown). Between
         rounds it waits on the clock until the next due run, the expiry of
         another worker's lease, or *idle* seconds, as
-        :meth:`Scheduler.run_forever <cohortsync.Scheduler.run_forever>` does.
+        :meth:`Scheduler.run_forever <cohortsync.Scheduler.run_forever>` does;
+        and an awaited call of this scheduler that may make a run due now
+        (:meth:`create_sync`, :meth:`sync_now`, :meth:`resume_sync`, ...)
+        wakes it at once, so a sync created from a request handler has its
+        first run straight away.
         """
         stop = stop or asyncio.Event()
         inner = self.scheduler
-        while not stop.is_set():
-            await self.run_due()
-            wake = await asyncio.to_thread(inner.storage.next_due)
-            now = inner._now()  # noqa: SLF001
-            delay = idle
-            if wake is not None:
-                delay = min(idle, max(0.0, (wake - now).total_seconds()))
-            if delay <= 0:
-                delay = _MIN_SLEEP
-            while delay > 0 and not stop.is_set():
-                step = min(delay, 1.0)
-                await sleep_async(inner.clock, step)
-                delay -= step
+        self._wake = woken = asyncio.Event()
+        try:
+            while not stop.is_set():
+                woken.clear()
+                await self.run_due()
+                due = await asyncio.to_thread(inner.storage.next_due)
+                now = inner._now()  # noqa: SLF001
+                delay = idle
+                if due is not None:
+                    delay = min(idle, max(0.0, (due - now).total_seconds()))
+                if delay <= 0:
+                    delay = _MIN_SLEEP
+                while delay > 0 and not stop.is_set() and not woken.is_set():
+                    step = min(delay, 1.0)
+                    await _nap(inner.clock, step, woken)
+                    delay -= step
+        finally:
+            if self._wake is woken:
+                self._wake = None
 
     # -- closing -----------------------------------------------------------------
 
@@ -425,6 +449,20 @@ class AsyncScheduler:
 
 _MAX_CONCURRENT_RUNS = 1_000
 """The most runs one asynchronous worker may hold at once (each holds a thread)."""
+
+
+async def _nap(clock: Clock, seconds: float, woken: asyncio.Event) -> None:
+    """Sleep on the clock for *seconds*, or until *woken* is set."""
+    if woken.is_set():
+        return
+    sleeping = asyncio.ensure_future(sleep_async(clock, seconds))
+    waking = asyncio.ensure_future(woken.wait())
+    try:
+        await asyncio.wait((sleeping, waking), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sleeping, waking):
+            task.cancel()
+        await asyncio.gather(sleeping, waking, return_exceptions=True)
 
 
 async def _settle(waiting: list[asyncio.Future[None]]) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "Clock",
     "SystemClock",
     "add_saturating",
+    "is_system_clock",
     "require_aware",
     "sleep_async",
 ]
@@ -112,6 +113,12 @@ class UtcClock:
 
     def __repr__(self) -> str:
         return f"UtcClock({self._clock!r})"
+
+
+def is_system_clock(clock: Clock) -> bool:
+    """Whether *clock* (or the clock a :class:`UtcClock` reads) is the real one."""
+    inner = clock._clock if isinstance(clock, UtcClock) else clock  # noqa: SLF001
+    return type(inner) is SystemClock
 
 
 async def sleep_async(clock: Clock, seconds: float) -> None:

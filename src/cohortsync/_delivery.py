@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import attrs
 
 from cohortsync._aio import Portal, RunCancelled
-from cohortsync._clock import Clock, SystemClock, add_saturating, sleep_async
+from cohortsync._clock import Clock, SystemClock, add_saturating, is_system_clock, sleep_async
 from cohortsync._destination import (
     AnyDestination,
     AsyncDestination,
@@ -488,19 +488,20 @@ class BatchSender:
 
     def _sleep(self, seconds: float) -> None:
         """
-        Block on the clock; under a cancellable portal, in steps of at most a
-        second, so a cancelled run does not sit out a long backoff.
+        Block on the clock. Under a cancellable portal (an asynchronous
+        scheduler driving a blocking adapter), a wait on the real clock ends
+        as soon as the portal is cancelled; a fake clock's returns at once.
         """
         portal = self.portal
         if portal is None:
             self.clock.sleep(seconds)
             return
-        while seconds > 0:
-            portal.check()
-            step = min(seconds, 1.0)
-            self.clock.sleep(step)
-            seconds -= step
         portal.check()
+        if is_system_clock(self.clock):
+            portal.wait(seconds)
+        else:
+            self.clock.sleep(seconds)
+            portal.check()
 
     async def asend(self, batch: Batch) -> list[Acked]:
         """
