@@ -194,10 +194,11 @@ class _Suite(Generic[D]):
             raise AssertionError(str(exc)) from None
         is_async = isinstance(dest, AsyncDestination)
         if getattr(self, "is_async", is_async) != is_async:
+            kinds = ["cohortsync.Destination", "cohortsync.AsyncDestination"]
+            before, now = kinds if is_async else kinds[::-1]
             raise AssertionError(
-                "make_destination() returned adapters of both kinds (cohortsync.Destination "
-                f"and cohortsync.AsyncDestination), the last a {type(dest).__name__}; it must "
-                "build the same adapter each time"
+                f"make_destination() returned adapters of both kinds: a {before}, then a "
+                f"{now} ({type(dest).__name__}); it must build the same adapter each time"
             )
         self.is_async = is_async
         caps = dest.capabilities
