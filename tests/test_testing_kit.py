@@ -1377,6 +1377,44 @@ def test_fixtures(
 """
 
 
+PLUGIN_ASYNC_TEST = """
+import asyncio
+import threading
+from datetime import timedelta
+
+import pytest
+
+import cohortsync as cs
+from cohortsync.exceptions import StorageClosedError
+
+held = {}
+
+
+def test_async_scheduler(
+    cohortsync_async_scheduler, cohortsync_clock, cohortsync_storage,
+    cohortsync_recording_destination,
+):
+    scheduler, destination = cohortsync_async_scheduler, cohortsync_recording_destination
+    assert scheduler.clock is cohortsync_clock and scheduler.storage is cohortsync_storage
+    scheduler.add_destination("push", destination)
+    scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: {"a", "b"}))
+    asyncio.run(scheduler.create_sync("c", "push", cs.SyncPolicy.hourly(), sync_id="s"))
+    assert 1 == len(asyncio.run(scheduler.run_due()))
+    cohortsync_clock.advance(timedelta(hours=2))
+    assert 1 == len(asyncio.run(scheduler.run_due()))  # another loop, the same scheduler
+    assert {"a", "b"} == destination.members
+    held["lanes"] = [t for t in threading.enumerate() if t.name.startswith("cohortsync-run")]
+    held["scheduler"] = scheduler
+
+
+def test_closed_after_the_test():
+    assert held["lanes"]
+    assert not any(t.is_alive() for t in held["lanes"])
+    with pytest.raises(StorageClosedError):
+        asyncio.run(held["scheduler"].get_sync("s"))
+"""
+
+
 def _entry_points() -> dict[str, str]:
     """
     The pytest11 entry points pyproject.toml declares.
@@ -1501,6 +1539,19 @@ class TestPytestPlugin:
 
         assert 0 == result.returncode, result.stdout + result.stderr
         assert "1 passed" in result.stdout
+
+    def test_async_scheduler_fixture(self, tmp_path: Path) -> None:
+        """
+        cohortsync_async_scheduler runs under asyncio.run in a plain test, on
+        any number of loops, and is closed after the test: threads and store.
+        """
+        (tmp_path / "host").mkdir()
+        (tmp_path / "host" / "test_host.py").write_text(PLUGIN_ASYNC_TEST)
+
+        result = _pytest_in(tmp_path / "host", site=_installed(tmp_path / "site"))
+
+        assert 0 == result.returncode, result.stdout + result.stderr
+        assert "2 passed" in result.stdout
 
     def test_turned_off(self, tmp_path: Path) -> None:
         """-p no:<module> turns the installed plugin off: its fixtures are gone."""
