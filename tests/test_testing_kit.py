@@ -1272,6 +1272,22 @@ class TestCheckDestinationOnAsyncAdapters:
         with pytest.raises(AssertionError, match=r"subclass cohortsync\.AsyncDestination"):
             check_destination(Confused)
 
+    def test_sync_adapter_returning_a_coroutine_fails(self) -> None:
+        """A plain add() that hands back a coroutine fails: the engine would not await it."""
+
+        class Sneaky(cs.Destination):
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return self._add(batch)  # type: ignore[return-value]
+
+            async def _add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        with pytest.raises(AssertionError, match="returned coroutine, not DeliveryResult"):
+            check_destination(Sneaky)
+
     def test_factory_keeps_to_one_kind(self) -> None:
         """A factory that builds a Destination, then an AsyncDestination, fails."""
         made = itertools.count()

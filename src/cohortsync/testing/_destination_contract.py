@@ -155,8 +155,16 @@ class _Suite(Generic[D]):
         :class:`~cohortsync.AsyncDestination`, the coroutine's result, run
         on the suite's event loop. Every check calls adapters through here,
         so each check is written once for both kinds.
+
+        A synchronous adapter's answer is given back as it is, awaitable or
+        not, because the engine would not await it either.
         """
-        return self.settle(getattr(dest, method)(*args, **kwargs))
+        answer = getattr(dest, method)(*args, **kwargs)
+        if self.is_async:
+            return self.settle(answer)
+        if inspect.iscoroutine(answer):
+            answer.close()  # judged below as what it is; never awaited, never warned about
+        return answer
 
     def settle(self, value: T | Awaitable[T]) -> T:
         """

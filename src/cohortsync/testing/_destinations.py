@@ -592,9 +592,9 @@ _SCRIPT = (
     "Faults by 0-based call number; add to it between calls, e.g. "
     "``dest.script[dest.call_count] = Fault.auth()`` for the next one."
 )
-_ALWAYS = "The fault of every call not in :attr:`script` (``None``: none)."
+_ALWAYS = "The fault of every call not in :attr:`script`, or ``None`` for none."
 _RANDOM = "Faults drawn at random, ``{fault: probability}``; assign ``{}`` to stop them."
-_CALLS = "Calls received so far (retries included): the number the next call gets."
+_CALLS = "Calls received so far, retries included (the number the next call gets)."
 _INJECTED = "``(call number, kind)`` of every fault played, in order."
 
 
@@ -619,11 +619,11 @@ class FaultyDestination(RecordingDestination):
         ConfigurationError: *latency* is negative, NaN or not a number.
     """
 
-    script: _OnScript[dict[int, Fault]] = _OnScript(_SCRIPT)
-    always: _OnScript[Fault | None] = _OnScript(_ALWAYS)
-    random_faults: _OnScript[dict[Fault, float]] = _OnScript(_RANDOM)
-    call_count: _OnScript[int] = _OnScript(_CALLS, writable=False)
-    faults_injected: _OnScript[list[tuple[int, FaultKind]]] = _OnScript(_INJECTED, writable=False)
+    script = _OnScript[dict[int, Fault]](_SCRIPT)
+    always = _OnScript[Fault | None](_ALWAYS)
+    random_faults = _OnScript[dict[Fault, float]](_RANDOM)
+    call_count = _OnScript[int](_CALLS, writable=False)
+    faults_injected = _OnScript[list[tuple[int, FaultKind]]](_INJECTED, writable=False)
 
     def __init__(
         self,
@@ -663,11 +663,11 @@ class AsyncFaultyDestination(AsyncRecordingDestination):
         ConfigurationError: *latency* is negative, NaN or not a number.
     """
 
-    script: _OnScript[dict[int, Fault]] = _OnScript(_SCRIPT)
-    always: _OnScript[Fault | None] = _OnScript(_ALWAYS)
-    random_faults: _OnScript[dict[Fault, float]] = _OnScript(_RANDOM)
-    call_count: _OnScript[int] = _OnScript(_CALLS, writable=False)
-    faults_injected: _OnScript[list[tuple[int, FaultKind]]] = _OnScript(_INJECTED, writable=False)
+    script = _OnScript[dict[int, Fault]](_SCRIPT)
+    always = _OnScript[Fault | None](_ALWAYS)
+    random_faults = _OnScript[dict[Fault, float]](_RANDOM)
+    call_count = _OnScript[int](_CALLS, writable=False)
+    faults_injected = _OnScript[list[tuple[int, FaultKind]]](_INJECTED, writable=False)
 
     def __init__(
         self,
