@@ -5,13 +5,17 @@ simulate(), the destination contract suite and the opt-in pytest plugin.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -38,6 +42,8 @@ from cohortsync.exceptions import (
     TransientError,
 )
 from cohortsync.testing import (
+    AsyncFaultyDestination,
+    AsyncRecordingDestination,
     ErrorCase,
     FakeClock,
     Fault,
@@ -168,6 +174,62 @@ class TestFakeClock:
         """The repr shows the current instant."""
         assert "FakeClock(2030-01-01T00:00:00+00:00)" == repr(FakeClock(T0))
 
+    def test_asleep_advances_and_records(self) -> None:
+        """asleep() advances like sleep() and lists each duration in slept."""
+        clock = FakeClock(T0)
+
+        async def main() -> None:
+            await clock.asleep(1.5)
+            await clock.asleep(0)
+            clock.sleep(2)
+
+        asyncio.run(main())
+
+        assert T0 + timedelta(seconds=3.5) == clock.now()
+        assert [1.5, 0, 2] == clock.slept
+
+    def test_asleep_lets_other_tasks_run(self) -> None:
+        """asleep() yields to the loop once, as a real wait would: a ready task runs first."""
+        clock = FakeClock(T0)
+        order: list[str] = []
+
+        async def other() -> None:
+            order.append("other task")
+
+        async def main() -> None:
+            task = asyncio.create_task(other())
+            await clock.asleep(60)
+            order.append("after the sleep")
+            await task
+
+        asyncio.run(main())
+
+        assert ["other task", "after the sleep"] == order
+
+    def test_two_sleeping_tasks_interleave_the_same_way_every_run(self) -> None:
+        """
+        Two tasks sleeping on one fake clock take turns in a fixed order, and
+        each sleep moves the one clock both read.
+        """
+
+        def interleaving() -> list[tuple[str, float]]:
+            clock = FakeClock(T0)
+            seen: list[tuple[str, float]] = []
+
+            async def sleeper(name: str, seconds: float) -> None:
+                for _ in range(3):
+                    await clock.asleep(seconds)
+                    seen.append((name, (clock.now() - T0).total_seconds()))
+
+            async def main() -> None:
+                await asyncio.gather(sleeper("a", 1), sleeper("b", 10))
+
+            asyncio.run(main())
+            return seen
+
+        expected = [("a", 11), ("b", 12), ("a", 22), ("b", 23), ("a", 33), ("b", 33)]
+        assert [expected] * 5 == [interleaving() for _ in range(5)]
+
 
 def _shared_clock_worker(path: str, advance_minutes: int, out: Any) -> None:
     clock = SharedFakeClock(path)
@@ -209,6 +271,25 @@ class TestSharedFakeClock:
         with pytest.raises(ValueError, match="backwards"):
             clock.set(T0)
         assert T0 == clock.set(T0, backwards=True)
+
+    def test_asleep_advances_the_shared_time(self, tmp_path: Path) -> None:
+        """asleep() moves the time every clock on the file reads, then yields once."""
+        clock = SharedFakeClock(tmp_path / "clock", start=T0)
+        order: list[str] = []
+
+        async def other() -> None:
+            order.append("other task")
+
+        async def main() -> None:
+            task = asyncio.create_task(other())
+            await clock.asleep(90)
+            order.append("after the sleep")
+            await task
+
+        asyncio.run(main())
+
+        assert T0 + timedelta(seconds=90) == SharedFakeClock(tmp_path / "clock").now()
+        assert ["other task", "after the sleep"] == order
 
     def test_repr(self, tmp_path: Path) -> None:
         """The repr names the file and the current instant."""
@@ -915,17 +996,17 @@ class DeclaresTooBigABatch(PushAdapter):
         return super().send(users, add=add, key=key, batch=batch)
 
 
-def push_check(adapter: Callable[[], PushAdapter]) -> None:
-    def fail(status: int) -> Callable[[PushAdapter], None]:
-        def setup(dest: PushAdapter) -> None:
+def push_check(adapter: Callable[[], PushAdapter | AsyncPush]) -> cs.testing.DestinationReport:
+    def fail(status: int) -> Callable[[PushAdapter | AsyncPush], None]:
+        def setup(dest: PushAdapter | AsyncPush) -> None:
             dest.api.fail_with = status
 
         return setup
 
-    def reject(dest: PushAdapter, identifiers: Collection[str]) -> None:
+    def reject(dest: PushAdapter | AsyncPush, identifiers: Collection[str]) -> None:
         dest.api.refuse = set(identifiers)
 
-    check_destination(
+    return check_destination(
         adapter,
         observe=lambda dest: [len(r) for r in dest.api.requests],
         remote_members=lambda dest, _: dest.api.audience,
@@ -937,26 +1018,54 @@ def push_check(adapter: Callable[[], PushAdapter]) -> None:
     )
 
 
+class AsyncPush(cs.AsyncDestination):
+    """
+    One of the adapters above written with ``async def``: each call yields to
+    the event loop (as a request would), then does what the wrapped adapter does.
+    """
+
+    def __init__(self, adapter: PushAdapter) -> None:
+        self.adapter = adapter
+        self.capabilities = adapter.capabilities  # type: ignore[misc]
+
+    @property
+    def api(self) -> PushApi:
+        return self.adapter.api
+
+    async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        await asyncio.sleep(0)
+        return self.adapter.add(batch)
+
+    async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        await asyncio.sleep(0)
+        return self.adapter.remove(batch)
+
+    async def open(self, context: cs.RunContext) -> None:
+        await asyncio.sleep(0)
+        self.adapter.open(context)
+
+    async def close(self, context: cs.RunContext, *, succeeded: bool) -> None:
+        await asyncio.sleep(0)
+        self.adapter.close(context, succeeded=succeeded)
+
+
+BROKEN_ADAPTERS = [
+    (PostsOneAndAHalfBatches, r"batch_size: .*max_batch_size is 100.*\[150"),
+    (SendsBatchesInPairs, r"batch_size: .*max_batch_size is 100.*\[151\]"),
+    (DeclaresTooBigABatch, r"batch_size: add\(\) with a 500-member ADD batch raised BadData"),
+    (RaisesRuntimeErrorOn500, r"error_mapping\['HTTP 500'\].*bare RuntimeError"),
+    (SwallowsErrors, r"error_mapping\['HTTP 500'\].*returned normally"),
+    (EchoesAllRejections, r"not in the batch"),
+    (IgnoresIdempotencyKey, r"idempotency: sending the same batch .* twice"),
+]
+
+
 class TestCheckDestinationCatchesBrokenAdapters:
     def test_correct_adapter_passes(self) -> None:
         """The fake API's correct adapter passes, so the failures below are the bugs'."""
         push_check(PushAdapter)
 
-    @pytest.mark.parametrize(
-        ("adapter", "match"),
-        [
-            (PostsOneAndAHalfBatches, r"batch_size: .*max_batch_size is 100.*\[150"),
-            (SendsBatchesInPairs, r"batch_size: .*max_batch_size is 100.*\[151\]"),
-            (
-                DeclaresTooBigABatch,
-                r"batch_size: add\(\) with a 500-member ADD batch raised BadData",
-            ),
-            (RaisesRuntimeErrorOn500, r"error_mapping\['HTTP 500'\].*bare RuntimeError"),
-            (SwallowsErrors, r"error_mapping\['HTTP 500'\].*returned normally"),
-            (EchoesAllRejections, r"not in the batch"),
-            (IgnoresIdempotencyKey, r"idempotency: sending the same batch .* twice"),
-        ],
-    )
+    @pytest.mark.parametrize(("adapter", "match"), BROKEN_ADAPTERS)
     def test_broken_adapter_fails(self, adapter: Callable[[], PushAdapter], match: str) -> None:
         """Each classic adapter bug fails the suite with a message naming the check."""
         with pytest.raises(AssertionError, match=match):
@@ -984,6 +1093,281 @@ class TestCheckDestinationCatchesBrokenAdapters:
             ErrorCase(RuntimeError, lambda _: None)  # type: ignore[arg-type]
 
 
+def suite_failure(make: Callable[[], Any], **probes: Any) -> str:
+    """
+    The message ``check_destination`` fails with on *make*'s adapters.
+    """
+    with pytest.raises(AssertionError) as caught:
+        check_destination(make, **probes)
+    return str(caught.value)
+
+
+def push_failure(adapter: Callable[[], PushAdapter | AsyncPush]) -> str:
+    with pytest.raises(AssertionError) as caught:
+        push_check(adapter)
+    return str(caught.value)
+
+
+class ReturnsNothing(cs.Destination):
+    """Forgets to return the result."""
+
+    def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return None  # type: ignore[return-value]
+
+    def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return None  # type: ignore[return-value]
+
+
+class AsyncReturnsNothing(cs.AsyncDestination):
+    """Forgets to return the result, with ``async def``."""
+
+    async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return None  # type: ignore[return-value]
+
+    async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return None  # type: ignore[return-value]
+
+
+class RaisesBareException(cs.Destination):
+    """Lets its client's own exception out when the remote is down."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        if self.down:
+            raise Exception("connection reset by peer")  # noqa: TRY002 - the bug under test
+        return cs.DeliveryResult.ok()
+
+    def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return self.add(batch)
+
+
+class AsyncRaisesBareException(cs.AsyncDestination):
+    """Lets its client's own exception out when the remote is down, with ``async def``."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        await asyncio.sleep(0)
+        if self.down:
+            raise Exception("connection reset by peer")  # noqa: TRY002 - the bug under test
+        return cs.DeliveryResult.ok()
+
+    async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return await self.add(batch)
+
+
+def going_down(dest: RaisesBareException | AsyncRaisesBareException) -> None:
+    dest.down = True
+
+
+def loop_watching(loops: list[asyncio.AbstractEventLoop]) -> type[AsyncRecordingDestination]:
+    """
+    An AsyncRecordingDestination that notes the loop each run's ``open`` runs on.
+    """
+
+    class Watched(AsyncRecordingDestination):
+        async def open(self, context: cs.RunContext) -> None:
+            loops.append(asyncio.get_running_loop())
+            await super().open(context)
+
+    return Watched
+
+
+def loop_threads() -> set[threading.Thread]:
+    """
+    The event loop threads alive now (cohortsync's LoopThread names them).
+    """
+    return {t for t in threading.enumerate() if t.name == "cohortsync-loop"}
+
+
+RECORDING_ERRORS: Mapping[str, ErrorCase[Any]] = {
+    "timeout": ErrorCase(TransientError, scripted(Fault.timeout())),
+    "429": ErrorCase(RateLimitedError, scripted(Fault.rate_limited())),
+    "401": ErrorCase(AuthenticationError, scripted(Fault.auth())),
+    "404": ErrorCase(PermanentError, scripted(Fault.permanent())),
+}
+
+
+class TestCheckDestinationOnAsyncAdapters:
+    def test_async_faulty_destination_passes_as_its_twin(self) -> None:
+        """AsyncFaultyDestination passes the same checks as FaultyDestination."""
+        probes: dict[str, Any] = {
+            "observe": recording_requests,
+            "remote_members": recording_audience,
+            "errors": RECORDING_ERRORS,
+            "reject": recording_reject,
+        }
+
+        expected = check_destination(FaultyDestination, **probes)
+        actual = check_destination(AsyncFaultyDestination, **probes)
+
+        assert {} == dict(actual.skipped)
+        assert expected.passed == actual.passed
+        assert "<AsyncFaultyDestination 'Recording' batches=0>" == actual.destination
+
+    def test_correct_async_adapter_passes(self) -> None:
+        """The fake API's correct adapter, written with async def, passes every check."""
+        report = push_check(lambda: AsyncPush(PushAdapter()))
+
+        assert {} == dict(report.skipped)
+        assert 6 == len(report.passed)
+
+    @pytest.mark.parametrize(("adapter", "match"), BROKEN_ADAPTERS)
+    def test_broken_async_adapter_fails_as_its_sync_twin(
+        self, adapter: Callable[[], PushAdapter], match: str
+    ) -> None:
+        """Each classic adapter bug, written with async def, fails with the same message."""
+        expected = push_failure(adapter)
+
+        actual = push_failure(lambda: AsyncPush(adapter()))
+
+        assert expected == actual
+        assert re.search(match, actual)
+
+    def test_returning_none_fails_as_in_sync(self) -> None:
+        """An async add() that returns None fails with the synchronous adapter's message."""
+        expected = suite_failure(ReturnsNothing)
+
+        actual = suite_failure(AsyncReturnsNothing)
+
+        assert expected == actual
+        assert "returned NoneType, not DeliveryResult" in actual
+
+    def test_bare_exception_fails_as_in_sync(self) -> None:
+        """An async add() letting a bare Exception out fails with the synchronous message."""
+        errors = {"connection reset": ErrorCase(TransientError, going_down)}
+        expected = suite_failure(RaisesBareException, errors=errors)
+
+        actual = suite_failure(AsyncRaisesBareException, errors=errors)
+
+        assert expected == actual
+        assert "got a bare Exception: connection reset by peer" in actual
+
+    def test_plain_method_on_an_async_adapter_fails(self) -> None:
+        """An AsyncDestination with a plain add() would block the loop: the suite says so."""
+
+        class Blocking(cs.AsyncDestination):
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:  # type: ignore[override]
+                return cs.DeliveryResult.ok()
+
+            async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        with pytest.raises(AssertionError, match=r"capabilities: .*`add` must be `async def`"):
+            check_destination(Blocking)
+
+    def test_async_method_on_a_sync_adapter_fails(self) -> None:
+        """A Destination with an async def add() is told to subclass AsyncDestination."""
+
+        class Confused(cs.Destination):
+            async def add(self, batch: cs.Batch) -> cs.DeliveryResult:  # type: ignore[override]
+                return cs.DeliveryResult.ok()
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        with pytest.raises(AssertionError, match=r"subclass cohortsync\.AsyncDestination"):
+            check_destination(Confused)
+
+    def test_sync_adapter_returning_a_coroutine_fails(self) -> None:
+        """A plain add() that hands back a coroutine fails: the engine would not await it."""
+
+        class Sneaky(cs.Destination):
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return self._add(batch)  # type: ignore[return-value]
+
+            async def _add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        with pytest.raises(AssertionError, match="returned coroutine, not DeliveryResult"):
+            check_destination(Sneaky)
+
+    def test_factory_keeps_to_one_kind(self) -> None:
+        """A factory that builds a Destination, then an AsyncDestination, fails."""
+        made = itertools.count()
+
+        def make() -> RecordingDestination | AsyncRecordingDestination:
+            return AsyncRecordingDestination() if next(made) else RecordingDestination()
+
+        with pytest.raises(AssertionError, match=r"empty_run: .*adapters of both kinds"):
+            check_destination(make)
+
+    def test_async_probes_and_setups_are_awaited(self) -> None:
+        """Probes, setups and reject written with async def work as plain ones do."""
+
+        async def observe(dest: AsyncFaultyDestination) -> list[int]:
+            await asyncio.sleep(0)
+            return recording_requests(dest)  # type: ignore[arg-type]
+
+        async def remote(dest: AsyncFaultyDestination, context: cs.RunContext) -> set[str]:
+            await asyncio.sleep(0)
+            return dest.audience(context.sync_id)
+
+        async def reject(dest: AsyncFaultyDestination, identifiers: Collection[str]) -> None:
+            await asyncio.sleep(0)
+            dest.script[dest.call_count] = Fault.reject(identifiers=identifiers)
+
+        async def timing_out(dest: AsyncFaultyDestination) -> None:
+            await asyncio.sleep(0)
+            dest.script[dest.call_count] = Fault.timeout()
+
+        report = check_destination(
+            AsyncFaultyDestination,
+            observe=observe,
+            remote_members=remote,
+            errors={"timeout": ErrorCase(TransientError, timing_out)},
+            reject=reject,
+        )
+
+        assert {} == dict(report.skipped)
+        assert "rejections" in report.passed
+
+    def test_one_event_loop_for_the_whole_suite(self) -> None:
+        """Every run of the suite opens on one loop, whose thread is gone when it returns."""
+        loops: list[asyncio.AbstractEventLoop] = []
+        before = loop_threads()
+
+        check_destination(loop_watching(loops), remote_members=recording_audience)
+
+        assert 4 < len(loops)
+        assert 1 == len({id(loop) for loop in loops})
+        assert set() == loop_threads() - before
+
+    def test_called_from_inside_a_running_loop(self) -> None:
+        """Called from a coroutine, the suite runs the adapter on a loop of its own."""
+        loops: list[asyncio.AbstractEventLoop] = []
+
+        async def host_test() -> tuple[cs.testing.DestinationReport, asyncio.AbstractEventLoop]:
+            report = check_destination(loop_watching(loops), remote_members=recording_audience)
+            return report, asyncio.get_running_loop()
+
+        report, host_loop = asyncio.run(host_test())
+
+        assert ("empty_run", "batch_size", "idempotency") == report.passed
+        assert loops
+        assert host_loop not in loops
+
+    def test_sync_adapters_run_in_the_callers_thread(self) -> None:
+        """A synchronous adapter is called from the caller's thread; no loop thread starts."""
+        seen: list[tuple[threading.Thread, frozenset[threading.Thread]]] = []
+        before = loop_threads()
+
+        class Watched(RecordingDestination):
+            def open(self, context: cs.RunContext) -> None:
+                seen.append((threading.current_thread(), frozenset(loop_threads() - before)))
+                super().open(context)
+
+        check_destination(Watched, remote_members=recording_audience)
+
+        assert {(threading.current_thread(), frozenset())} == set(seen)
+
+
 # -- the pytest plugin ----------------------------------------------------------------
 
 
@@ -1006,6 +1390,44 @@ def test_fixtures(
     scheduler.create_sync("c", "push", cs.SyncPolicy.daily(), sync_id="s")
     assert 3 == len(simulate(scheduler, span=timedelta(days=2)))
     assert {"a", "b"} == destination.members
+"""
+
+
+PLUGIN_ASYNC_TEST = """
+import asyncio
+import threading
+from datetime import timedelta
+
+import pytest
+
+import cohortsync as cs
+from cohortsync.exceptions import StorageClosedError
+
+held = {}
+
+
+def test_async_scheduler(
+    cohortsync_async_scheduler, cohortsync_clock, cohortsync_storage,
+    cohortsync_recording_destination,
+):
+    scheduler, destination = cohortsync_async_scheduler, cohortsync_recording_destination
+    assert scheduler.clock is cohortsync_clock and scheduler.storage is cohortsync_storage
+    scheduler.add_destination("push", destination)
+    scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: {"a", "b"}))
+    asyncio.run(scheduler.create_sync("c", "push", cs.SyncPolicy.hourly(), sync_id="s"))
+    assert 1 == len(asyncio.run(scheduler.run_due()))
+    cohortsync_clock.advance(timedelta(hours=2))
+    assert 1 == len(asyncio.run(scheduler.run_due()))  # another loop, the same scheduler
+    assert {"a", "b"} == destination.members
+    held["lanes"] = [t for t in threading.enumerate() if t.name.startswith("cohortsync-run")]
+    held["scheduler"] = scheduler
+
+
+def test_closed_after_the_test():
+    assert held["lanes"]
+    assert not any(t.is_alive() for t in held["lanes"])
+    with pytest.raises(StorageClosedError):
+        asyncio.run(held["scheduler"].get_sync("s"))
 """
 
 
@@ -1133,6 +1555,19 @@ class TestPytestPlugin:
 
         assert 0 == result.returncode, result.stdout + result.stderr
         assert "1 passed" in result.stdout
+
+    def test_async_scheduler_fixture(self, tmp_path: Path) -> None:
+        """
+        cohortsync_async_scheduler runs under asyncio.run in a plain test, on
+        any number of loops, and is closed after the test: threads and store.
+        """
+        (tmp_path / "host").mkdir()
+        (tmp_path / "host" / "test_host.py").write_text(PLUGIN_ASYNC_TEST)
+
+        result = _pytest_in(tmp_path / "host", site=_installed(tmp_path / "site"))
+
+        assert 0 == result.returncode, result.stdout + result.stderr
+        assert "2 passed" in result.stdout
 
     def test_turned_off(self, tmp_path: Path) -> None:
         """-p no:<module> turns the installed plugin off: its fixtures are gone."""

@@ -1,12 +1,20 @@
 """
 The destination contract suite: :func:`check_destination` verifies any adapter.
 
-A host that writes a :class:`~cohortsync.Destination` calls
+A host that writes a :class:`~cohortsync.Destination` or an
+:class:`~cohortsync.AsyncDestination` calls
 ``check_destination(make_destination, ...)`` from its own tests, usually with
 the adapter wired to a fake of the remote API (a fake HTTP transport, a fake
 SDK client). cohortsync runs the same suite on its own adapters. The suite
 imports no test framework: a failed check raises :class:`AssertionError`
 naming the check and what was wrong.
+
+The checks are written once, against one way of calling the adapter
+(:meth:`_Suite.call`): a synchronous adapter's methods are called, an
+asynchronous one's coroutines are run to completion on an event loop the
+suite keeps in a thread of its own for the whole suite (one loop, so an
+adapter may keep a client bound to it from ``open`` to ``close``). That thread
+is also why the suite works when called from inside a running event loop.
 
 What the suite can verify depends on what the host lets it see, so every
 probe is optional and the returned :class:`DestinationReport` lists the
@@ -18,17 +26,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import attrs
 
+from cohortsync._aio import LoopThread
 from cohortsync._delivery import make_batch
 from cohortsync._destination import (
+    AsyncDestination,
     Batch,
     Capabilities,
     DeliveryResult,
@@ -38,12 +57,14 @@ from cohortsync._destination import (
     Member,
     Operation,
     RunContext,
+    check_destination_kind,
 )
-from cohortsync.exceptions import DeliveryError
+from cohortsync.exceptions import ConfigurationError, DeliveryError
 
 __all__ = ["DestinationReport", "ErrorCase", "check_destination"]
 
-D = TypeVar("D", bound=Destination)
+D = TypeVar("D", bound="Destination | AsyncDestination")
+T = TypeVar("T")
 
 SYNC_ID = "contract-sync"
 COHORT_ID = "contract-cohort"
@@ -74,7 +95,9 @@ class ErrorCase(Generic[D]):
             (an instance of it, so a subclass passes).
         setup: Puts a fresh adapter (usually its fake transport or client)
             into the failure, for example "answer the next request with HTTP
-            503". It is called once per adapter, before the run opens.
+            503". It is called once per adapter, before the run opens; if it
+            returns an awaitable (an ``async def`` setup), that is awaited
+            on the suite's event loop.
 
     Example::
 
@@ -106,17 +129,56 @@ class DestinationReport:
     skipped: Mapping[str, str] = attrs.field(converter=_read_only, repr=lambda m: repr(dict(m)))
 
 
+_Observe: TypeAlias = Callable[[D], Iterable[int] | Awaitable[Iterable[int]]]
+_RemoteMembers: TypeAlias = Callable[[D, RunContext], Iterable[str] | Awaitable[Iterable[str]]]
+
+
 @attrs.define
 class _Suite(Generic[D]):
     make_destination: Callable[[], D]
-    observe: Callable[[D], Iterable[int]] | None
-    remote_members: Callable[[D, RunContext], Iterable[str]] | None
+    observe: _Observe[D] | None
+    remote_members: _RemoteMembers[D] | None
     make_identifier: Callable[[int], str]
     identifier_kind: IdentifierKind
     caps: Capabilities = attrs.field(init=False)
+    is_async: bool = attrs.field(init=False)
     _runs: int = 0
     _members: list[Member] = attrs.Factory(list)
     _values: set[str] = attrs.Factory(set)
+    _loop: LoopThread = attrs.Factory(LoopThread)
+
+    # -- the one way the checks call an adapter ------------------------------
+
+    def call(self, dest: D, method: str, *args: object, **kwargs: object) -> object:
+        """
+        Call the adapter's *method* and give back its answer: for an
+        :class:`~cohortsync.AsyncDestination`, the coroutine's result, run
+        on the suite's event loop. Every check calls adapters through here,
+        so each check is written once for both kinds.
+
+        A synchronous adapter's answer is given back as it is, awaitable or
+        not, because the engine would not await it either.
+        """
+        answer = getattr(dest, method)(*args, **kwargs)
+        if self.is_async:
+            return self.settle(answer)
+        if inspect.iscoroutine(answer):
+            answer.close()  # judged below as what it is; never awaited, never warned about
+        return answer
+
+    def settle(self, value: T | Awaitable[T]) -> T:
+        """
+        *value*, or if it is awaitable (an ``async def`` adapter method,
+        setup or probe), what it resolves to on the suite's event loop.
+        """
+        if inspect.isawaitable(value):
+            result: T = self._loop.portal().call(_awaited(value))
+            return result
+        return value
+
+    def close(self) -> None:
+        """Stop the suite's event loop (if an asynchronous call started it)."""
+        self._loop.stop()
 
     @property
     def small(self) -> int:
@@ -129,10 +191,24 @@ class _Suite(Generic[D]):
 
     def new(self) -> tuple[D, Capabilities]:
         dest = self.make_destination()
-        if not isinstance(dest, Destination):
+        if not isinstance(dest, (Destination, AsyncDestination)):
             raise AssertionError(  # noqa: TRY004 - a contract failure, not a caller's type error
-                f"make_destination() returned {type(dest).__name__}, not a cohortsync.Destination"
+                f"make_destination() returned {type(dest).__name__}, not a "
+                "cohortsync.Destination or cohortsync.AsyncDestination"
             )
+        try:
+            check_destination_kind(dest)
+        except ConfigurationError as exc:
+            raise AssertionError(str(exc)) from None
+        is_async = isinstance(dest, AsyncDestination)
+        if getattr(self, "is_async", is_async) != is_async:
+            kinds = ["cohortsync.Destination", "cohortsync.AsyncDestination"]
+            before, now = kinds if is_async else kinds[::-1]
+            raise AssertionError(
+                f"make_destination() returned adapters of both kinds: a {before}, then a "
+                f"{now} ({type(dest).__name__}); it must build the same adapter each time"
+            )
+        self.is_async = is_async
         caps = dest.capabilities
         if not isinstance(caps, Capabilities):
             raise AssertionError(  # noqa: TRY004 - a contract failure, not a caller's type error
@@ -188,12 +264,12 @@ class _Suite(Generic[D]):
         call = "remove" if batch.operation is Operation.REMOVE else "add"
         what = f"{call}() with a {len(batch)}-member {batch.operation.value.upper()} batch"
         try:
-            result = dest.remove(batch) if call == "remove" else dest.add(batch)
+            answer = self.call(dest, call, batch)
         except Exception as exc:
             raise AssertionError(
                 f"{what} raised {type(exc).__name__} on a healthy remote: {exc}"
             ) from exc
-        _check_result(result, batch, what)
+        result = _check_result(answer, batch, what)
         if result.rejected and not rejections_expected:
             raise AssertionError(
                 f"{what} rejected {len(result.rejected)} member(s) on a healthy remote "
@@ -209,22 +285,24 @@ class _Suite(Generic[D]):
         With *close* false the run is abandoned, as when a worker crashes.
         """
         context = self.context(caps.full_sync_only)
-        _call(lambda: dest.open(context), "open()")
+        _call(lambda: self.call(dest, "open", context), "open()")
         yield context
         if close:
-            _call(lambda: dest.close(context, succeeded=True), "close(succeeded=True)")
+            _call(
+                lambda: self.call(dest, "close", context, succeeded=True), "close(succeeded=True)"
+            )
 
     def remote(self, dest: D, context: RunContext) -> Counter[str]:
         assert self.remote_members is not None  # noqa: S101 - callers check
         try:
-            return Counter(self.remote_members(dest, context))
+            return Counter(self.settle(self.remote_members(dest, context)))
         except Exception as exc:
             raise AssertionError(f"remote_members() raised {type(exc).__name__}: {exc}") from exc
 
     def requests(self, dest: D) -> list[int]:
         assert self.observe is not None  # noqa: S101 - callers check
         try:
-            sizes = list(self.observe(dest))
+            sizes = list(self.settle(self.observe(dest)))
         except Exception as exc:
             raise AssertionError(f"observe() raised {type(exc).__name__}: {exc}") from exc
         for size in sizes:
@@ -289,7 +367,7 @@ class _Suite(Generic[D]):
             call = "remove" if operation is Operation.REMOVE else "add"
             what = f"{name!r} on {call}()"
             try:
-                case.setup(dest)
+                self.settle(case.setup(dest))
             except Exception as exc:
                 raise AssertionError(
                     f"{what}: the case's setup raised {type(exc).__name__}: {exc}"
@@ -298,14 +376,14 @@ class _Suite(Generic[D]):
             batch = make_batch(context, operation, self.members(0, self.small), 0)
             raised: BaseException | None = None
             try:
-                dest.open(context)
-                dest.remove(batch) if operation is Operation.REMOVE else dest.add(batch)
+                self.call(dest, "open", context)
+                self.call(dest, call, batch)
             except Exception as exc:  # noqa: BLE001 - judging whatever the adapter raised
                 raised = exc
             finally:
                 # The engine only logs a failing close() of a failed run; so do we.
                 with contextlib.suppress(Exception):
-                    dest.close(context, succeeded=False)
+                    self.call(dest, "close", context, succeeded=False)
             _judge(what, case.raises, raised)
 
     def check_idempotency(self) -> None:
@@ -390,7 +468,7 @@ class _Suite(Generic[D]):
         # Every third member from the second on (the only one in a batch of one).
         refused = {m.identifier.value for m in batch_members[1::3] or batch_members}
         try:
-            reject(dest, sorted({*refused, outsider}))
+            self.settle(reject(dest, sorted({*refused, outsider})))
         except Exception as exc:
             raise AssertionError(f"reject() raised {type(exc).__name__}: {exc}") from exc
         with self.run(dest, caps) as context:
@@ -414,10 +492,10 @@ class _Suite(Generic[D]):
                 )
 
 
-def _check_result(result: object, batch: Batch, what: str) -> None:
+def _check_result(result: object, batch: Batch, what: str) -> DeliveryResult:
     """
-    Fail unless *result* is a :class:`DeliveryResult` whose rejections name
-    only members of *batch*, each once, with a reason.
+    *result*, failing unless it is a :class:`DeliveryResult` whose rejections
+    name only members of *batch*, each once, with a reason.
     """
     if not isinstance(result, DeliveryResult):
         raise AssertionError(  # noqa: TRY004 - a contract failure, not a caller's type error
@@ -439,6 +517,11 @@ def _check_result(result: object, batch: Batch, what: str) -> None:
                 f"{what} rejected {rejection.identifier!r} without a reason; the ledger shows it"
             )
         seen.add(rejection.identifier)
+    return result
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
 
 
 def _call(fn: Callable[[], object], what: str) -> None:
@@ -483,8 +566,8 @@ def _counted(counter: Counter[str]) -> str:
 def check_destination(
     make_destination: Callable[[], D],
     *,
-    observe: Callable[[D], Iterable[int]] | None = None,
-    remote_members: Callable[[D, RunContext], Iterable[str]] | None = None,
+    observe: _Observe[D] | None = None,
+    remote_members: _RemoteMembers[D] | None = None,
     errors: Mapping[str, ErrorCase[D]] | None = None,
     reject: Callable[[D, Collection[str]], object] | None = None,
     make_identifier: Callable[[int], str] = _default_identifier,
@@ -522,9 +605,22 @@ def check_destination(
     Every result of every call is also checked: a :class:`~cohortsync.DeliveryResult`
     whose rejections name members of the batch, once each, with a reason.
 
+    An :class:`~cohortsync.AsyncDestination` goes through the same checks,
+    which fail with the same messages. The suite runs its coroutines (and
+    any probe or setup written with ``async def``: what they return is
+    awaited) on an event loop of its own, in a thread, one loop for the whole
+    suite. So it is called the same way from a plain test function and from
+    inside a running event loop (an ``async def`` test); in the latter it
+    blocks that loop until it returns, so a fake remote *served by that same
+    loop* (a server started on it) could never answer: serve it from a
+    thread, or call the suite from a plain test function.
+
     Args:
-        make_destination: Returns a **new** adapter with its own, empty remote
-            (for example wired to a new fake transport) each time it is called.
+        make_destination: Returns a **new** adapter (a
+            :class:`~cohortsync.Destination` or an
+            :class:`~cohortsync.AsyncDestination`, the same kind each time)
+            with its own, empty remote (for example wired to a new fake
+            transport) each time it is called.
         observe: Returns the number of members in each request the adapter
             has sent so far, oldest first (read it from your fake transport).
             Enables the request-size half of ``batch_size``.
@@ -554,6 +650,18 @@ def check_destination(
         dest, _ = suite.new()
     except AssertionError as exc:
         raise AssertionError(f"capabilities: {exc}") from exc
+    try:
+        return _run_checks(suite, dest, errors, reject)
+    finally:
+        suite.close()
+
+
+def _run_checks(
+    suite: _Suite[D],
+    dest: D,
+    errors: Mapping[str, ErrorCase[D]] | None,
+    reject: Callable[[D, Collection[str]], object] | None,
+) -> DestinationReport:
     passed: list[str] = []
     skipped: dict[str, str] = {}
 
@@ -568,14 +676,14 @@ def check_destination(
 
     run("empty_run", suite.check_empty_run)
     run("batch_size", suite.check_batch_size)
-    if observe is None:
+    if suite.observe is None:
         skipped["batch_size.requests"] = "pass observe= to check the size of each request"
     if errors:
         for name, case in errors.items():
             run(f"error_mapping[{name!r}]", functools.partial(suite.check_error_case, name, case))
     else:
         skipped["error_mapping"] = "pass errors= with an ErrorCase per failure of your remote"
-    if remote_members is not None:
+    if suite.remote_members is not None:
         run("idempotency", suite.check_idempotency)
     else:
         skipped["idempotency"] = "pass remote_members= to compare the remote state"

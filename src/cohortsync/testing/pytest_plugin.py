@@ -13,6 +13,11 @@ Fixtures (each new per test):
 * ``cohortsync_storage``: an empty :class:`~cohortsync.testing.MemoryStorage`.
 * ``cohortsync_scheduler``: a :class:`~cohortsync.Scheduler` on that storage
   and clock, with ``seed=0`` so backoff jitter repeats from run to run.
+* ``cohortsync_async_scheduler``: an :class:`~cohortsync.AsyncScheduler` on
+  the same storage and clock, also seeded, closed after the test. It needs no
+  running loop to be built: a plain test drives it with ``asyncio.run(...)``
+  (as often as it likes), an ``async def`` test (pytest-asyncio, anyio)
+  awaits it.
 * ``cohortsync_recording_destination``: a
   :class:`~cohortsync.testing.RecordingDestination` with default capabilities.
 
@@ -34,6 +39,8 @@ no:cohortsync.testing.pytest_plugin`` turns it off.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -43,7 +50,11 @@ from cohortsync.storage._protocol import Storage
 from cohortsync.testing._clock import FakeClock
 from cohortsync.testing._destinations import RecordingDestination
 
+if TYPE_CHECKING:
+    from cohortsync._async_scheduler import AsyncScheduler
+
 __all__ = [
+    "cohortsync_async_scheduler",
     "cohortsync_clock",
     "cohortsync_recording_destination",
     "cohortsync_scheduler",
@@ -76,6 +87,35 @@ def cohortsync_scheduler(cohortsync_storage: Storage, cohortsync_clock: FakeCloc
     fixtures, with seeded jitter so a failing test fails the same way again.
     """
     return Scheduler(cohortsync_storage, clock=cohortsync_clock, seed=0)
+
+
+@pytest.fixture
+def cohortsync_async_scheduler(
+    cohortsync_storage: Storage, cohortsync_clock: FakeClock
+) -> Iterator[AsyncScheduler]:
+    """
+    An asynchronous scheduler on the ``cohortsync_storage`` and
+    ``cohortsync_clock`` fixtures, seeded like ``cohortsync_scheduler``, and
+    closed after the test so that its worker threads never outlive it.
+    """
+    # Imported here: hosts whose tests never ask for it do not load asyncio.
+    from cohortsync._async_scheduler import AsyncScheduler  # noqa: PLC0415
+
+    scheduler = AsyncScheduler(cohortsync_storage, clock=cohortsync_clock, seed=0)
+    yield scheduler
+    _close(scheduler)
+
+
+def _close(scheduler: AsyncScheduler) -> None:
+    """
+    ``await scheduler.aclose()`` from a fixture's teardown: on a loop of its
+    own in a thread of its own, which works whether or not the test's thread
+    runs an event loop (pytest-asyncio, anyio).
+    """
+    import asyncio  # noqa: PLC0415 - see cohortsync_async_scheduler
+
+    with ThreadPoolExecutor(1, thread_name_prefix="cohortsync-teardown") as pool:
+        pool.submit(asyncio.run, scheduler.aclose()).result()
 
 
 @pytest.fixture
