@@ -265,7 +265,7 @@ class TestFastAPIHost:
                 first = api.get("/syncs/pu/runs").json()
 
                 members.update(f"u{i}" for i in range(120, 320))  # 8 more batches
-                fake.delay = 2.0  # a slow vendor: 2 s per request
+                fake.delay = 3.0  # a slow vendor: 3 s per request
                 assert 202 == api.post("/syncs/pu/run-now").status_code
                 assert 404 == api.post("/syncs/nope/run-now").status_code
                 assert fake.slow_request.wait(5), "the slow round did not start"
@@ -275,7 +275,7 @@ class TestFastAPIHost:
         assert not served.thread.is_alive()
         assert [{"status": "succeeded", "trigger": "scheduled", "added": 120}] == first
         # Well under one slow answer: in-flight requests were cancelled, not awaited.
-        assert stopped_in < 1.5
+        assert stopped_in < 2.0
 
         slot, pending = _given_back(db)
         # The vendor applies them anyway (their answers are lost): the worst case.
