@@ -487,6 +487,48 @@ class TestCancellation:
         assert 2.0 > asyncio.run(main())
         assert set(MEMBERS) == inner.audience("s")
 
+    def test_aclose_waits_for_a_store_call_its_cancelled_caller_left(self, tmp_path: Path) -> None:
+        """Cancelled inside a slow store call, then closed: the call ends before the store does."""
+        store = SQLiteStorage(tmp_path / "store.db")
+        calls: list[str] = []
+        original = store.purge_history
+
+        def slow_purge(before: Any) -> int:
+            calls.append("purge starts")
+            time.sleep(0.2)
+            result = original(before)
+            calls.append("purge ends")
+            return result
+
+        store.purge_history = slow_purge  # type: ignore[method-assign]
+        original_close = store.close
+
+        def close() -> None:
+            calls.append("close")
+            original_close()
+
+        store.close = close  # type: ignore[method-assign]
+        errors: list[BaseException | None] = []
+        hook = threading.excepthook
+        threading.excepthook = lambda args: errors.append(args.exc_value)
+
+        async def main() -> None:
+            scheduler = async_scheduler(store, clock=cs.SystemClock())
+            worker = asyncio.create_task(scheduler.run_forever())
+            await asyncio.sleep(0.05)  # inside the purge now
+            worker.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await worker
+            await scheduler.aclose()
+
+        try:
+            asyncio.run(main())
+        finally:
+            threading.excepthook = hook
+
+        assert ["purge starts", "purge ends", "close"] == calls
+        assert [] == errors
+
     def test_run_forever_stops_when_told(self) -> None:
         """With a stop event and a fake clock: runs the due syncs, waits, stops when set."""
         clock = FakeClock()

@@ -16,15 +16,17 @@ never load it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import asyncio
     from concurrent.futures import Future
 
-__all__ = ["LoopThread", "Portal", "RunCancelled"]
+__all__ = ["LoopThread", "Portal", "RunCancelled", "to_thread_to_the_end"]
 
 T = TypeVar("T")
 
@@ -54,6 +56,7 @@ class Portal:
         self.loop = loop
         self._lock = threading.Lock()
         self._pending: set[Future[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._cancel = threading.Event()
         self.cancelled = False
 
@@ -70,10 +73,33 @@ class Portal:
             if self.cancelled:
                 coro.close()
                 raise RunCancelled
-            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            future = asyncio.run_coroutine_threadsafe(self._tracked(coro), self.loop)
             self._pending.add(future)
         future.add_done_callback(self._forget)
         return future
+
+    async def _tracked(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run *coro* as a task :meth:`drain` can wait for (it runs on the loop)."""
+        import asyncio  # noqa: PLC0415 - see submit
+
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101 - run_coroutine_threadsafe makes one
+        self._tasks.add(task)
+        try:
+            return await coro
+        finally:
+            self._tasks.discard(task)
+
+    async def drain(self) -> None:
+        """
+        Wait on the loop until every submitted coroutine has really ended: a
+        cancelled one may still be finishing a store call it must not leave
+        half done (see :func:`to_thread_to_the_end`).
+        """
+        import asyncio  # noqa: PLC0415 - see submit
+
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
 
     def _forget(self, future: Future[Any]) -> None:
         with self._lock:
@@ -125,6 +151,28 @@ class Portal:
     def __repr__(self) -> str:
         state = "cancelled" if self.cancelled else "open"
         return f"<Portal {state}, {len(self._pending)} pending>"
+
+
+async def to_thread_to_the_end(function: Callable[..., T], *args: object) -> T:
+    """
+    :func:`asyncio.to_thread` for a store call that must finish even if the
+    awaiting task is cancelled: the cancellation is passed on only once the
+    call has returned, so no store call outlives the run (or the close of
+    the store) that made it.
+    """
+    import asyncio  # noqa: PLC0415 - see Portal.submit
+    import contextvars  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    call = loop.run_in_executor(None, functools.partial(context.run, function, *args))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        while not call.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((call,))
+        raise
 
 
 async def _wind_down() -> None:

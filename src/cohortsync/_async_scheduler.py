@@ -23,6 +23,8 @@ an event loop needs:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
 import os
 import threading
@@ -35,7 +37,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import attrs
 from typing_extensions import Self
 
-from cohortsync._aio import Portal, RunCancelled
+from cohortsync._aio import Portal, RunCancelled, to_thread_to_the_end
 from cohortsync._clock import Clock, sleep_async
 from cohortsync._cohort import Cohort
 from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimits
@@ -76,7 +78,7 @@ def _in_thread(
 
     @functools.wraps(method)
     async def call(self: AsyncScheduler, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        result = await asyncio.to_thread(method, self.scheduler, *args, **kwargs)
+        result = await self._store_call(functools.partial(method, self.scheduler, *args, **kwargs))
         if wakes and self._wake is not None:
             self._wake.set()
         return result
@@ -201,6 +203,8 @@ class AsyncScheduler:
         )
         """The synchronous scheduler this one drives: same store, same registrations."""
         self._lanes: ThreadPoolExecutor | None = None
+        self._io: ThreadPoolExecutor | None = None
+        """Threads of the awaitable store calls: :meth:`aclose` waits for them."""
         self._closed = False
         self._wake: asyncio.Event | None = None
         """Set by calls that may make a run due now, while run_forever waits."""
@@ -334,7 +338,7 @@ class AsyncScheduler:
         inner = self.scheduler
         portal = Portal(asyncio.get_running_loop())
         env = attrs.evolve(inner._environment(), portal=lambda: portal, scope=portal)  # noqa: SLF001
-        await asyncio.to_thread(self._housekeeping)
+        await self._store_call(self._housekeeping)
         state = _Round(limit)
         lanes = self._lane_pool()
         width = self.max_concurrent_runs if limit is None else min(limit, self.max_concurrent_runs)
@@ -347,12 +351,28 @@ class AsyncScheduler:
             state.stop = True
             portal.cancel()
             await _settle(waiting)
+            await _finish(portal.drain())
             raise
         for lane in waiting:
             error = lane.exception()
             if error is not None:
                 raise error
         return list(state.runs)
+
+    async def _store_call(self, call: Callable[[], T]) -> T:
+        """
+        Run a store call in one of this scheduler's threads. A cancelled
+        caller returns at once, but the call runs to its end, and
+        :meth:`aclose` waits for it before closing the store.
+        """
+        if self._closed:
+            raise StorageClosedError(repr(self.scheduler.storage))
+        if self._io is None:
+            self._io = ThreadPoolExecutor(
+                max_workers=_STORE_THREADS, thread_name_prefix="cohortsync-store"
+            )
+        context = contextvars.copy_context()
+        return await asyncio.wrap_future(self._io.submit(context.run, call))
 
     def _housekeeping(self) -> None:
         inner = self.scheduler
@@ -406,7 +426,7 @@ class AsyncScheduler:
             while not stop.is_set():
                 woken.clear()
                 await self.run_due()
-                due = await asyncio.to_thread(inner.storage.next_due)
+                due = await self._store_call(inner.storage.next_due)
                 now = inner._now()  # noqa: SLF001
                 delay = idle
                 if due is not None:
@@ -429,10 +449,17 @@ class AsyncScheduler:
         and stop this scheduler's worker threads. Safe to repeat.
         """
         self._closed = True
-        lanes, self._lanes = self._lanes, None
-        if lanes is not None:
-            await asyncio.to_thread(lanes.shutdown)
-        await asyncio.to_thread(self.scheduler.close)
+        pools = [pool for pool in (self._lanes, self._io) if pool is not None]
+        self._lanes = self._io = None
+
+        def close() -> None:
+            # Every run and store call still going (a cancelled caller does
+            # not stop its thread) ends before the store closes under it.
+            for pool in pools:
+                pool.shutdown(wait=True)
+            self.scheduler.close()
+
+        await to_thread_to_the_end(close)
 
     async def __aenter__(self) -> Self:
         """``async with AsyncScheduler(...) as scheduler:`` closes it at the end."""
@@ -447,6 +474,8 @@ class AsyncScheduler:
         await self.aclose()
 
 
+_STORE_THREADS = 4
+"""Threads for awaitable store calls (each is short; a run has a thread of its own)."""
 _MAX_CONCURRENT_RUNS = 1_000
 """The most runs one asynchronous worker may hold at once (each holds a thread)."""
 
@@ -463,6 +492,14 @@ async def _nap(clock: Clock, seconds: float, woken: asyncio.Event) -> None:
         for task in (sleeping, waking):
             task.cancel()
         await asyncio.gather(sleeping, waking, return_exceptions=True)
+
+
+async def _finish(work: Coroutine[Any, Any, None]) -> None:
+    """Await *work* to its end through any cancellation (the caller re-raises its own)."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait((task,))
 
 
 async def _settle(waiting: list[asyncio.Future[None]]) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 
-from cohortsync._aio import Portal, RunCancelled
+from cohortsync._aio import Portal, RunCancelled, to_thread_to_the_end
 from cohortsync._clock import Clock, SystemClock, add_saturating, is_system_clock, sleep_async
 from cohortsync._destination import (
     AnyDestination,
@@ -508,7 +508,6 @@ class BatchSender:
         :meth:`send` as a coroutine on the portal's loop: requests and waits
         are awaited (cancellable), store calls run in a worker thread.
         """
-        import asyncio  # noqa: PLC0415 - only asynchronous destinations get here
 
         plan = self._plan_send(batch)
         answer: object = None
@@ -528,9 +527,9 @@ class BatchSender:
                     await sleep_async(self.clock, step.seconds)
                 elif isinstance(step, _KeepAlive):
                     if self.renewal_due(step.seconds):
-                        await asyncio.to_thread(self.keep_alive, step.seconds)
+                        await to_thread_to_the_end(self.keep_alive, step.seconds)
                 else:
-                    await asyncio.to_thread(self.before_send, step.batch, step.replaces)
+                    await to_thread_to_the_end(self.before_send, step.batch, step.replaces)
             except Exception as e:  # noqa: BLE001 - thrown into the plan, which decides
                 error = e
 
@@ -560,16 +559,9 @@ class BatchSender:
     async def _aattempt(self, batch: Batch) -> DeliveryResult:
         """:meth:`_attempt` of an asynchronous adapter, awaited."""
         destination = self.destination
+        assert isinstance(destination, AsyncDestination)  # noqa: S101 - asend's only adapters
         try:
-            if isinstance(destination, AsyncDestination):
-                result = await _request(destination, batch)
-            else:
-                import asyncio  # noqa: PLC0415 - see asend
-
-                method = (
-                    destination.remove if batch.operation is Operation.REMOVE else destination.add
-                )
-                result = await asyncio.to_thread(method, batch)
+            result = await _request(destination, batch)
         except Exception as e:
             raise self._mapped(batch, e) from e
         return self._checked(batch, result)
