@@ -1902,9 +1902,12 @@ def _save_sync_at(store: Storage, record: SyncRecord, expected_revision: int) ->
 
 
 def _native(store: Storage, name: str) -> bool:
-    """Whether *store* has its own *name* (neither absent nor StorageBase's derivation)."""
-    method = getattr(type(store), name, None)
-    return callable(method) and method is not getattr(StorageBase, name)
+    """
+    Whether *store* has its own *name*: neither absent nor StorageBase's
+    derivation (a wrapper delegating to a store counts as that store).
+    """
+    method = getattr(store, name, None)
+    return callable(method) and getattr(method, "__func__", None) is not getattr(StorageBase, name)
 
 
 def check_save_sync_at(make_storage: StorageFactory) -> None:
@@ -2283,9 +2286,10 @@ def check_storage(make_storage: StorageFactory) -> StorageReport:
     reference ``MemoryStorage``, and report which parts it implements.
 
     Each check calls *make_storage* for a store of its own and closes it, so
-    one failure does not cascade into the next. One check shares a single
-    store between eight threads: stores must be thread-safe, as the protocol
-    requires of every atomic operation.
+    one failure does not cascade into the next. Two checks share a single
+    store between threads (eight claiming, four saving with
+    ``save_sync_at``): stores must be thread-safe, as the protocol requires
+    of every atomic operation.
 
     The checks that exercise an optional query the store implements run a
     second time on the store with every optional query derived by
