@@ -34,6 +34,7 @@ import cohortsync as cs
 from cohortsync.exceptions import ConfigurationError, ConflictError
 from cohortsync.storage import MemoryStorage, SQLiteStorage, Storage, SyncRecord
 from cohortsync.testing import FakeClock, RecordingDestination
+from host_project.storage import AuditedStorage
 from single_sync import Members
 
 START = datetime(2030, 1, 7, 10, 0, tzinfo=timezone.utc)
@@ -375,6 +376,32 @@ class TestConflictsThatPersist:
         assert ("generation", 1) == (generation.counter, generation.attempts)
         assert "is at generation 2, not 1" in str(generation)
         assert "is at revision 5, not 4" in str(revision)
+
+
+class TestAStoreWrittenFor01:
+    """A store without save_sync_at still takes every host call, through save_sync."""
+
+    def test_host_calls_are_saved_with_save_sync(self, clock: FakeClock) -> None:
+        """Pause, resume, a full resync, an update and a delete: each one save_sync."""
+        storage = AuditedStorage(MemoryStorage(), tenant="t")
+        scheduler = cs.Scheduler(cast("Storage", storage), clock=clock, seed=1)
+        scheduler.add_destination("dest", RecordingDestination())
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=Members(["u1"])))
+        scheduler.create_sync("c", "dest", cs.SyncPolicy.hourly(), sync_id="s1")
+
+        scheduler.pause_sync("s1")
+        scheduler.request_full_resync("s1")
+        scheduler.resume_sync("s1")
+        scheduler.update_sync("s1", DAILY)
+        scheduler.delete_sync("s1")
+
+        assert [("save_sync", "t/s1")] * 5 == [e for e in storage.audit if e[0] == "save_sync"]
+        record = storage.get_sync("s1")
+        assert (cs.SyncStatus.DELETED, 2, True) == (
+            record.sync.status,
+            record.sync.generation,
+            record.full_resync,
+        )
 
 
 class TestClockCheck:
