@@ -291,7 +291,7 @@ class RacingStorage(MemoryStorage):
         self.conflicts: list[str] = []
         self._racing = False
 
-    def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
+    def save_sync_at(self, record: SyncRecord, *, expected_revision: int) -> None:
         if self.before_save is not None and not self._racing:
             self._racing = True
             try:
@@ -299,7 +299,7 @@ class RacingStorage(MemoryStorage):
             finally:
                 self._racing = False
         try:
-            super().save_sync(record, expected_generation=expected_generation)
+            super().save_sync_at(record, expected_revision=expected_revision)
         except ConflictError:
             self.conflicts.append(record.id)
             raise

@@ -1984,3 +1984,65 @@ class TestConcurrentSlotAllocation:
         assert expected == stores[0].slot_counts(3600, 60)
         # Concurrent picks may share a bucket; chunks allocate from a snapshot.
         assert max(expected) - min(expected) <= 4
+
+    def test_opposite_moves_neither_deadlock_nor_miscount(
+        self, open_store: Callable[..., PostgresStorage], schema: str
+    ) -> None:
+        """
+        Two savers on their own connections move two syncs between the same two
+        buckets in opposite directions: save_sync_at locks bucket rows in order.
+        """
+        open_store(schema)  # migrate once, before the race
+        stores = [open_store(schema) for _ in range(2)]
+        stores[0].create_sync(attrs.evolve(sync_record("x"), slot_bucket=3))
+        stores[0].create_sync(attrs.evolve(sync_record("y"), slot_bucket=4))
+        errors: list[BaseException] = []
+        start = threading.Barrier(2)
+
+        def move(worker: int) -> None:
+            store, sync_id = stores[worker], ("x", "y")[worker]
+            try:
+                start.wait()
+                for _ in range(150):
+                    current = store.get_sync(sync_id)
+                    other = 4 if current.slot_bucket == 3 else 3
+                    store.save_sync_at(
+                        attrs.evolve(current, slot_bucket=other),
+                        expected_revision=current.revision,
+                    )
+            except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=move, args=(w,)) for w in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        assert [] == errors
+        expected = [0] * 60
+        for record in stores[0].list_syncs():
+            assert record.slot_bucket is not None
+            expected[record.slot_bucket] += 1
+        assert expected == stores[0].slot_counts(3600, 60)
+        assert (150, 150) == tuple(stores[0].get_sync(s).revision for s in ("x", "y"))
+
+    def test_save_sync_at_is_one_round_trip(self, dsn: str, schema: str, tmp_path: Path) -> None:
+        """A save that moves a count is one round trip; a refused one reads once more."""
+        trips = RoundTrips(dsn, tmp_path)
+        store = PostgresStorage(connect=trips.connect, schema=schema)
+        try:
+            store.create_sync(attrs.evolve(sync_record("s"), slot_bucket=3))
+            current = store.get_sync("s")
+            trips.since_last()
+
+            store.save_sync_at(attrs.evolve(current, slot_bucket=5), expected_revision=0)
+            saved = trips.since_last()
+            with pytest.raises(cs.exceptions.ConflictError):
+                store.save_sync_at(current, expected_revision=0)
+            refused = trips.since_last()
+        finally:
+            store.close()
+            trips.close()
+
+        assert (1, 2) == (saved, refused)

@@ -33,10 +33,12 @@ class TestSlotAccounting:
         class Racing(MemoryStorage):
             fail_save = False
 
-            def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
+            def save_sync_at(self, record: SyncRecord, *, expected_revision: int) -> None:
                 if self.fail_save:
-                    raise cs.exceptions.ConflictError(record.id, expected_generation, 99)
-                super().save_sync(record, expected_generation=expected_generation)
+                    raise cs.exceptions.ConflictError(
+                        record.id, expected_revision, 99, counter="revision"
+                    )
+                super().save_sync_at(record, expected_revision=expected_revision)
 
         storage = Racing()
         scheduler = build(clock, Members(["a"]), storage=storage, policy=cs.SyncPolicy.daily())

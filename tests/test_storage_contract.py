@@ -16,6 +16,7 @@ import attrs
 import pytest
 
 from cohortsync._sync import SyncStatus
+from cohortsync.exceptions import ConflictError
 from cohortsync.storage import SQLiteStorage
 from cohortsync.storage._memory import MemoryStorage
 from cohortsync.storage._protocol import Completion, Lease, SyncRecord
@@ -28,6 +29,8 @@ from cohortsync.testing._storage_contract import (
     check_concurrent_claims_are_exclusive,
     check_create_syncs,
     check_paged_reads,
+    check_save_sync_at,
+    check_save_sync_at_is_atomic,
     check_storage,
 )
 from host_project.storage import AuditedStorage, DictStorage
@@ -95,6 +98,27 @@ class LeasedSyncsUnlisted(MemoryStorage):
 
     def list_syncs(self) -> list[SyncRecord]:
         return [r for r in super().list_syncs() if r.lease is None]
+
+
+class ReadThenSaveAt(MemoryStorage):
+    """
+    A broken store: save_sync_at compares the revision, lets other threads
+    run, then writes, without holding its lock across both steps.
+    """
+
+    def save_sync_at(self, record: SyncRecord, *, expected_revision: int) -> None:
+        current = self.get_sync(record.id)
+        if current.revision != expected_revision:
+            raise ConflictError(record.id, expected_revision, current.revision, counter="revision")
+        time.sleep(0)  # the race window: another thread reads the same revision
+        self.save_sync(record, expected_generation=current.sync.generation)
+
+
+class RevisionBlindSave(MemoryStorage):
+    """A broken store: save_sync_at saves whatever the stored revision."""
+
+    def save_sync_at(self, record: SyncRecord, *, expected_revision: int) -> None:
+        self.save_sync(record, expected_generation=self.get_sync(record.id).sync.generation)
 
 
 class TokenBlindCompletion(MemoryStorage):
@@ -169,6 +193,7 @@ class TestReport:
             "check_create_syncs",
             "check_bulk_counts_match_one_by_one",
             "check_create_sync_least_loaded",
+            "check_save_sync_at",
         ] == [
             name.removesuffix(" (derived queries)") for name in report.passed[len(STORAGE_CHECKS) :]
         ]
@@ -187,6 +212,7 @@ class TestReport:
             "slot_counts",
             "create_syncs",
             "create_sync_least_loaded",
+            "save_sync_at",
         ) == report.derived
         assert tuple(c.__name__ for c in STORAGE_CHECKS) == report.passed
 
@@ -206,10 +232,11 @@ class TestReport:
             "slot_counts",
             "create_syncs",
             "create_sync_least_loaded",
+            "save_sync_at",
         } == {name for name, how in report.parts.items() if how == "absent"}
         # check_paged_reads runs once (the store has no paged reads of its own), and so
         # do the bulk checks (on the scheduler's derivation, not again on StorageBase's).
-        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 4 == len(report.passed)
+        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 5 == len(report.passed)
 
     def test_the_report_reads_as_a_table(self) -> None:
         """str() lists each part, required or optional, native or derived."""
@@ -217,11 +244,12 @@ class TestReport:
 
         assert lines[0].endswith(f"{len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 1} checks passed")
         assert ["ScheduleStore", "required", "native"] == lines[1].split()
-        assert ["dead_letters", "optional", "derived"] == lines[-8].split()
-        assert ["complete_runs", "optional", "native"] == lines[-6].split()
-        assert ["page_syncs", "optional", "native"] == lines[-4].split()
-        assert ["create_syncs", "optional", "native"] == lines[-2].split()
-        assert ["create_sync_least_loaded", "optional", "native"] == lines[-1].split()
+        assert ["dead_letters", "optional", "derived"] == lines[-9].split()
+        assert ["complete_runs", "optional", "native"] == lines[-7].split()
+        assert ["page_syncs", "optional", "native"] == lines[-5].split()
+        assert ["create_syncs", "optional", "native"] == lines[-3].split()
+        assert ["create_sync_least_loaded", "optional", "native"] == lines[-2].split()
+        assert ["save_sync_at", "optional", "native"] == lines[-1].split()
 
     def test_a_missing_query_names_the_base_class(self) -> None:
         """A structural store without an optional query is told to add it or use StorageBase."""
@@ -265,6 +293,23 @@ class TestContractCatchesBrokenStores:
         """
         with pytest.raises(AssertionError, match="claimed more than once"):
             check_concurrent_claims_are_exclusive(SelectThenUpdateClaims)
+
+    def test_a_save_blind_to_the_revision_fails(self) -> None:
+        """A save_sync_at that does not compare the revision is caught."""
+        with pytest.raises(AssertionError, match="save_sync_at with a stale expected_revision"):
+            check_save_sync_at(RevisionBlindSave)
+
+    def test_a_save_that_reads_then_writes_fails_every_time(self) -> None:
+        """A save_sync_at whose check and write are apart loses increments, caught every time."""
+
+        def caught() -> bool:
+            try:
+                check_save_sync_at_is_atomic(ReadThenSaveAt)
+            except AssertionError as exc:
+                return "save_sync_at is not atomic" in str(exc)
+            return False
+
+        assert [True] * 10 == [caught() for _ in range(10)]
 
     def test_token_blind_completion_fails(self) -> None:
         """

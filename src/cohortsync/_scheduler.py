@@ -84,6 +84,7 @@ from cohortsync.storage._base import (
     derive_claim_runs,
     derive_complete_runs,
     derive_create_syncs,
+    derive_save_sync_at,
     iter_due,
     iter_sync_records,
 )
@@ -1140,35 +1141,34 @@ class Scheduler:
         whether it changed (a spec that describes the sync as it is changes
         nothing: re-applying the same specs keeps every slot and next run).
 
-        The write is compare-and-set on the generation compared. When another
-        writer wins (another process applying the same specs), the sync is
-        read and compared again: equal now, it is unchanged, so concurrent
-        appliers bump the generation once and none fails.
+        The write is compare-and-set on the revision compared. When another
+        writer wins (another process applying the same specs, or a host
+        call), the sync is read and compared again: equal now, it is
+        unchanged, so concurrent appliers bump the generation once and none
+        fails.
         """
-        for attempt in range(_CAS_ATTEMPTS):
-            old = record.sync
-            sync_id = old.id
+
+        def differs(current: SyncRecord) -> bool:
+            old = current.sync
             if (old.cohort_id, old.destination_id) != (spec.cohort_id, spec.destination_id):
                 raise ConfigurationError(
                     "sync_id",
-                    sync_id,
+                    old.id,
                     f"exists for cohort {old.cohort_id!r} and destination "
                     f"{old.destination_id!r}; an upsert cannot move a sync to another cohort "
                     "or destination (declare a new id)",
                 )
-            if (old.policy, old.mapping_id) == (spec.policy, spec.mapping_id):
-                return False
-            if call.dry_run:
-                return True
-            try:
-                self._update(record, spec.policy, spec.mapping_id, keep_paused=call.declaring)
-            except ConflictError:
-                if attempt + 1 == _CAS_ATTEMPTS:
-                    raise
-                record = self._record(sync_id)
-            else:
-                return True
-        raise AssertionError("unreachable")  # pragma: no cover
+            return (old.policy, old.mapping_id) != (spec.policy, spec.mapping_id)
+
+        if call.dry_run:
+            return differs(record)
+
+        def upsert(current: SyncRecord) -> SyncRecord | None:
+            if not differs(current):
+                return None
+            return self._updated(current, spec.policy, spec.mapping_id, keep_paused=call.declaring)
+
+        return self._rewrite(record.id, upsert, record=record)[1]
 
     def get_sync(self, sync_id: str) -> Sync:
         """
@@ -1223,25 +1223,30 @@ class Scheduler:
 
         Raises:
             IneligibleSyncError: The new definition is not eligible (nothing changes).
-            ConflictError: Someone else changed the sync at the same time.
+            ConflictError: Other writers changed the sync during every one of
+                the scheduler's attempts to write it (nothing changes; a
+                change made meanwhile is read again and updated, not lost).
         """
-        record = self._record(sync_id)
-        old = record.sync
-        return self._update(
-            record, policy or old.policy, old.mapping_id if mapping_id is KEEP else mapping_id
-        )
 
-    def _update(
+        def update(record: SyncRecord) -> SyncRecord:
+            old = record.sync
+            return self._updated(
+                record, policy or old.policy, old.mapping_id if mapping_id is KEEP else mapping_id
+            )
+
+        return self._rewrite(sync_id, update)[0]
+
+    def _updated(
         self,
         record: SyncRecord,
         policy: SyncPolicy,
         mapping_id: str | None,
         *,
         keep_paused: bool = False,
-    ) -> Sync:
+    ) -> SyncRecord:
         """
-        :meth:`update_sync` of the sync as *record* read it (compare-and-set
-        on that generation). With *keep_paused*, a paused sync stays paused.
+        The record :meth:`update_sync` makes of *record*: a new generation, a
+        new slot, a run due now. With *keep_paused*, a paused sync stays paused.
         """
         old = record.sync
         if is_gone(record):
@@ -1261,7 +1266,7 @@ class Scheduler:
         )
         offset, bucket = self._place(sync.id, sync.generation, policy)
         first_due, first_trigger = self._first_due(policy, offset, now)
-        new = attrs.evolve(
+        return attrs.evolve(
             record,
             sync=sync,
             next_due=first_due,
@@ -1272,19 +1277,77 @@ class Scheduler:
             attempts=0,
             scheduled_from=now,
         )
-        self.storage.save_sync(new, expected_generation=old.generation)
-        return sync
 
-    def _change(self, sync_id: str, **changes: object) -> Sync:
-        record = self._record(sync_id)
-        sync_changes = {k: v for k, v in changes.items() if k in _SYNC_FIELDS}
-        record_changes = {k: v for k, v in changes.items() if k not in _SYNC_FIELDS}
-        sync = attrs.evolve(record.sync, updated_at=self._now(), **sync_changes)  # type: ignore[arg-type]
-        self.storage.save_sync(
-            attrs.evolve(record, sync=sync, **record_changes),  # type: ignore[arg-type]
-            expected_generation=record.sync.generation,
-        )
-        return sync
+    def _rewrite(
+        self,
+        sync_id: str,
+        decide: Callable[[SyncRecord], SyncRecord | None],
+        *,
+        record: SyncRecord | None = None,
+    ) -> tuple[Sync, bool]:
+        """
+        Read the sync, let *decide* make the record to store of it (``None``:
+        nothing to write) and store that compare-and-set on the revision
+        read. A host call never overwrites a write made between its read and
+        its write (another request, a CLI, another process): refused, it
+        reads the sync again and decides again, so its change applies to
+        what is stored now.
+
+        Args:
+            sync_id: The sync.
+            decide: Makes the new record from the stored one; what it raises
+                refuses the call (nothing written). Called once per attempt.
+            record: The sync as the caller has just read it (the first
+                attempt uses it instead of reading again).
+
+        Returns:
+            The sync as stored by the call (or as read, when nothing was
+            written), and whether it wrote.
+
+        Raises:
+            ConflictError: Another writer won each of ``_CAS_ATTEMPTS`` attempts.
+        """
+        sync_id = check_id("sync_id", sync_id)
+        conflict: ConflictError | None = None
+        for _ in range(_CAS_ATTEMPTS):
+            current = record if record is not None else self._record(sync_id)
+            record = None
+            new = decide(current)
+            if new is None:
+                return current.sync, False
+            try:
+                _save_sync_at(self.storage, new, current.revision)
+            except ConflictError as exc:
+                conflict = exc
+                continue
+            return new.sync, True
+        assert conflict is not None  # noqa: S101 - the loop ran and every attempt conflicted
+        raise ConflictError(
+            sync_id,
+            conflict.expected,
+            conflict.found,
+            counter=conflict.counter,
+            attempts=_CAS_ATTEMPTS,
+        ) from conflict
+
+    def _change(
+        self, sync_id: str, changes_of: Callable[[SyncRecord], dict[str, object] | None]
+    ) -> Sync:
+        """
+        Apply the field changes *changes_of* decides from the stored record
+        (``None``: none), through :meth:`_rewrite`.
+        """
+
+        def decide(record: SyncRecord) -> SyncRecord | None:
+            changes = changes_of(record)
+            if changes is None:
+                return None
+            sync_changes = {k: v for k, v in changes.items() if k in _SYNC_FIELDS}
+            record_changes = {k: v for k, v in changes.items() if k not in _SYNC_FIELDS}
+            sync = attrs.evolve(record.sync, updated_at=self._now(), **sync_changes)  # type: ignore[arg-type]
+            return attrs.evolve(record, sync=sync, **record_changes)  # type: ignore[arg-type]
+
+        return self._rewrite(sync_id, decide)[0]
 
     def _due_now(self) -> dict[str, object]:
         """
@@ -1309,29 +1372,34 @@ class Scheduler:
         Stop scheduling a sync until :meth:`resume_sync`. Pausing a sync
         that is being deleted parks its removal run, and says so in the reason.
         """
-        record = self._record(sync_id)
-        text = reason or "paused"
-        if record.next_trigger is Trigger.TEARDOWN and record.sync.status is not (
-            SyncStatus.DELETED
-        ):
-            text = f"{text} (deleting: the removal run waits for resume_sync)"
-        return self._change(sync_id, status=SyncStatus.PAUSED, status_reason=text)
+
+        def pause(record: SyncRecord) -> dict[str, object]:
+            text = reason or "paused"
+            if record.next_trigger is Trigger.TEARDOWN and record.sync.status is not (
+                SyncStatus.DELETED
+            ):
+                text = f"{text} (deleting: the removal run waits for resume_sync)"
+            return {"status": SyncStatus.PAUSED, "status_reason": text}
+
+        return self._change(sync_id, pause)
 
     def resume_sync(self, sync_id: str) -> Sync:
         """
         Resume a paused (or failed) sync; it runs immediately, then on its slots.
         """
-        record = self._record(sync_id)
-        if record.sync.status is SyncStatus.DELETED:
-            raise ConfigurationError("sync_id", sync_id, "a deleted sync cannot be resumed")
-        return self._change(
-            sync_id,
-            status=SyncStatus.ACTIVE,
-            status_reason=None,
-            next_trigger=self._host_trigger(record),
-            attempts=0,
-            **self._due_now(),
-        )
+
+        def resume(record: SyncRecord) -> dict[str, object]:
+            if record.sync.status is SyncStatus.DELETED:
+                raise ConfigurationError("sync_id", sync_id, "a deleted sync cannot be resumed")
+            return {
+                "status": SyncStatus.ACTIVE,
+                "status_reason": None,
+                "next_trigger": self._host_trigger(record),
+                "attempts": 0,
+                **self._due_now(),
+            }
+
+        return self._change(sync_id, resume)
 
     def sync_now(self, sync_id: str, *, full: bool = False) -> Sync:
         """
@@ -1343,24 +1411,27 @@ class Scheduler:
                 full resync requested while paused is kept for the first run
                 after :meth:`resume_sync`).
         """
-        record = self._record(sync_id)
-        if record.sync.status is SyncStatus.DELETED:
-            raise ConfigurationError("sync_id", sync_id, "a deleted sync cannot run")
-        if record.sync.status is SyncStatus.PAUSED:
-            if not full:
-                raise ConfigurationError(
-                    "sync_id", sync_id, "a paused sync does not run: resume_sync() first"
-                )
-            # Kept for when it is resumed: the first run after it is full.
-            return self._change(sync_id, full_resync=True)
-        changes: dict[str, object] = {
-            "next_trigger": self._host_trigger(record),
-            "full_resync": full or record.full_resync,
-            **self._due_now(),
-        }
-        if record.sync.status in (SyncStatus.COMPLETED, SyncStatus.FAILED):
-            changes.update(status=SyncStatus.ACTIVE, status_reason=None, attempts=0)
-        return self._change(sync_id, **changes)
+
+        def run_now(record: SyncRecord) -> dict[str, object]:
+            if record.sync.status is SyncStatus.DELETED:
+                raise ConfigurationError("sync_id", sync_id, "a deleted sync cannot run")
+            if record.sync.status is SyncStatus.PAUSED:
+                if not full:
+                    raise ConfigurationError(
+                        "sync_id", sync_id, "a paused sync does not run: resume_sync() first"
+                    )
+                # Kept for when it is resumed: the first run after it is full.
+                return {"full_resync": True}
+            changes: dict[str, object] = {
+                "next_trigger": self._host_trigger(record),
+                "full_resync": full or record.full_resync,
+                **self._due_now(),
+            }
+            if record.sync.status in (SyncStatus.COMPLETED, SyncStatus.FAILED):
+                changes.update(status=SyncStatus.ACTIVE, status_reason=None, attempts=0)
+            return changes
+
+        return self._change(sync_id, run_now)
 
     def request_full_resync(self, sync_id: str) -> Sync:
         """
@@ -1373,12 +1444,13 @@ class Scheduler:
         Let the next run send the removals the mass-removal guard held back;
         the run happens now.
         """
-        record = self._record(sync_id)
         return self._change(
             sync_id,
-            guard_released=True,
-            next_trigger=self._host_trigger(record),
-            **self._due_now(),
+            lambda record: {
+                "guard_released": True,
+                "next_trigger": self._host_trigger(record),
+                **self._due_now(),
+            },
         )
 
     def delete_sync(self, sync_id: str) -> Sync:
@@ -1387,39 +1459,40 @@ class Scheduler:
         what it has; with ``OnDelete.REMOVE_DELIVERED`` a final run removes
         exactly what this sync delivered, then the sync is ``deleted``.
         """
-        record = self._record(sync_id)
-        if record.sync.status is SyncStatus.DELETED:
-            return record.sync
-        if record.next_trigger is Trigger.TEARDOWN and record.sync.status in (
-            SyncStatus.ACTIVE,
-            SyncStatus.PAUSED,
-        ):
-            # Already being deleted: deleting twice is one teardown, and a
-            # parked (paused) teardown stays parked until resume_sync.
-            return record.sync
-        if record.sync.policy.on_delete is OnDelete.REMOVE_DELIVERED:
-            # Always a removal run, never a decision from the delivered count
-            # now: a run holding the lease may be delivering (its first batch
-            # not applied yet), and its in-flight batches count too. The
-            # write is compare-and-set on the sync's revision, so that run's
-            # completion cannot undo it; the teardown runs after it and
-            # removes the delivered state plus every pending add.
-            return self._change(
-                sync_id,
-                status=SyncStatus.ACTIVE,
-                status_reason="deleting: removing delivered members",
-                next_trigger=Trigger.TEARDOWN,
-                slot_bucket=None,
-                attempts=0,
-                **self._due_now(),
-            )
-        return self._change(
-            sync_id,
-            status=SyncStatus.DELETED,
-            status_reason="deleted",
-            next_due=None,
-            slot_bucket=None,
-        )
+
+        def delete(record: SyncRecord) -> dict[str, object] | None:
+            if record.sync.status is SyncStatus.DELETED:
+                return None
+            if record.next_trigger is Trigger.TEARDOWN and record.sync.status in (
+                SyncStatus.ACTIVE,
+                SyncStatus.PAUSED,
+            ):
+                # Already being deleted: deleting twice is one teardown, and a
+                # parked (paused) teardown stays parked until resume_sync.
+                return None
+            if record.sync.policy.on_delete is OnDelete.REMOVE_DELIVERED:
+                # Always a removal run, never a decision from the delivered count
+                # now: a run holding the lease may be delivering (its first batch
+                # not applied yet), and its in-flight batches count too. The
+                # write is compare-and-set on the sync's revision, so that run's
+                # completion cannot undo it; the teardown runs after it and
+                # removes the delivered state plus every pending add.
+                return {
+                    "status": SyncStatus.ACTIVE,
+                    "status_reason": "deleting: removing delivered members",
+                    "next_trigger": Trigger.TEARDOWN,
+                    "slot_bucket": None,
+                    "attempts": 0,
+                    **self._due_now(),
+                }
+            return {
+                "status": SyncStatus.DELETED,
+                "status_reason": "deleted",
+                "next_due": None,
+                "slot_bucket": None,
+            }
+
+        return self._change(sync_id, delete)
 
     # -- when ------------------------------------------------------------------
 
@@ -1809,9 +1882,12 @@ class Scheduler:
                 due.isoformat() if due else None,
             )
             try:
-                self.storage.save_sync(
+                # At the revision read: a host call made since (a pause, a
+                # "sync now") is not undone; the sync is looked at next round.
+                _save_sync_at(
+                    self.storage,
                     attrs.evolve(record, next_due=due, scheduled_from=now),
-                    expected_generation=sync.generation,
+                    record.revision,
                 )
             except (ConflictError, StorageError):
                 log.warning("sync %s: rescheduling after the clock jump failed; retried", sync.id)
@@ -1949,6 +2025,19 @@ class Scheduler:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _save_sync_at(store: Storage, record: SyncRecord, expected_revision: int) -> None:
+    """
+    The store's :meth:`~cohortsync.storage.BulkSyncWrites.save_sync_at`, or
+    its derivation for a store without it (a read and ``save_sync``: not
+    atomic, the race of 0.1 on such a store).
+    """
+    native = getattr(store, "save_sync_at", None)
+    if callable(native):
+        native(record, expected_revision=expected_revision)
+    else:
+        derive_save_sync_at(store, record, expected_revision=expected_revision)
 
 
 _TICK = timedelta(microseconds=1)

@@ -19,7 +19,7 @@ never parse messages::
     ├── LeaseError (RuntimeError)
     │   └── LeaseLostError                    .sync_id, .owner, .token
     ├── DuplicateRunError (RuntimeError)      .sync_id, .slot
-    ├── ConflictError (RuntimeError)          .sync_id, .expected, .found
+    ├── ConflictError (RuntimeError)          .sync_id, .expected, .found, .counter, .attempts
     ├── StorageError (RuntimeError)
     │   ├── StorageClosedError                .store  (used after close())
     │   ├── SchemaVersionError                .found, .supported
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from cohortsync._bulk import BulkFailure
@@ -265,17 +265,49 @@ class DuplicateRunError(CohortSyncError, RuntimeError):
 
 class ConflictError(CohortSyncError, RuntimeError):
     """
-    A sync changed (its generation moved) between reading and writing it.
+    A sync changed between reading and writing it: its generation (a
+    store's ``save_sync``) or its revision (``save_sync_at``, which every
+    host call of :class:`cohortsync.Scheduler` writes with) moved.
+
+    A :class:`~cohortsync.Scheduler` call reads the sync again and re-applies
+    its change when that happens; it raises this only when another writer
+    won every one of its attempts.
+
+    Attributes:
+        sync_id: The sync.
+        expected: The generation or revision the writer read.
+        found: The one stored.
+        counter: ``"generation"`` or ``"revision"``: what the write compared.
+        attempts: Reads and writes tried before giving up (1 for a store's
+            own refusal).
     """
 
-    def __init__(self, sync_id: str, expected: int, found: int) -> None:
+    def __init__(
+        self,
+        sync_id: str,
+        expected: int,
+        found: int,
+        *,
+        counter: Literal["generation", "revision"] = "generation",
+        attempts: int = 1,
+    ) -> None:
         self.sync_id = sync_id
         self.expected = expected
         self.found = found
-        super().__init__(
-            f"sync {sync_id!r} is at generation {found}, not {expected}: "
-            "it was changed concurrently; read it again"
-        )
+        self.counter = counter
+        self.attempts = attempts
+        if attempts > 1:
+            message = (
+                f"sync {sync_id!r} was changed by another writer during each of {attempts} "
+                f"attempts to write it (last: {counter} {found}, not {expected}); "
+                "nothing was written: try again"
+            )
+        else:
+            message = (
+                f"sync {sync_id!r} is at {counter} {found}, not {expected}: "
+                "it was changed concurrently; read it again"
+            )
+        super().__init__(message)
 
 
 class StorageError(CohortSyncError, RuntimeError):

@@ -18,6 +18,7 @@ from cohortsync._destination import Identifier
 from cohortsync._sync import SyncStatus
 from cohortsync.exceptions import (
     ConfigurationError,
+    ConflictError,
     CorruptStoreError,
     SyncNotFoundError,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "derive_create_syncs",
     "derive_due_between",
     "derive_page_syncs",
+    "derive_save_sync_at",
     "derive_slot_counts",
     "due_key",
     "iter_due",
@@ -122,6 +124,9 @@ class StorageBase(Storage, BatchedRuns, PagedReads, BulkSyncWrites):
 
     def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:
         return derive_create_sync_least_loaded(self, record, buckets)
+
+    def save_sync_at(self, record: SyncRecord, *, expected_revision: int) -> None:
+        derive_save_sync_at(self, record, expected_revision=expected_revision)
 
     def complete_runs(
         self, completions: Sequence[tuple[Lease, Completion]]
@@ -412,6 +417,24 @@ def derive_create_sync_least_loaded(store: Storage, record: SyncRecord, buckets:
     stored = placed(record, store.least_loaded_slot(period, buckets, preferred))
     store.create_sync(stored)
     return stored
+
+
+def derive_save_sync_at(store: Storage, record: SyncRecord, *, expected_revision: int) -> None:
+    """
+    :meth:`~cohortsync.storage.BulkSyncWrites.save_sync_at` in two steps:
+    :meth:`~cohortsync.storage.ScheduleStore.get_sync`, then
+    :meth:`~cohortsync.storage.ScheduleStore.save_sync` compared on the
+    generation read. **Not atomic**: a write between the two is overwritten
+    (only a change of generation in between is refused).
+
+    Raises:
+        SyncNotFoundError: No such sync.
+        ConflictError: The stored revision is not *expected_revision*.
+    """
+    current = store.get_sync(record.id)
+    if current.revision != expected_revision:
+        raise ConflictError(record.id, expected_revision, current.revision, counter="revision")
+    store.save_sync(record, expected_generation=current.sync.generation)
 
 
 def _exists(store: Storage, sync_id: str) -> bool:

@@ -274,15 +274,31 @@ class MemoryStorage(StorageBase):
             current = self.get_sync(record.id)
             if current.sync.generation != expected_generation:
                 raise ConflictError(record.id, expected_generation, current.sync.generation)
-            self._count_slot(current, record)
-            self._store(
-                attrs.evolve(
-                    record,
-                    lease=current.lease,
-                    last_slot=current.last_slot,
-                    revision=current.revision + 1,
+            self._save(current, record)
+
+    def save_sync_at(self, record: SyncRecord, *, expected_revision: int) -> None:
+        with self._lock:
+            current = self.get_sync(record.id)
+            if current.revision != expected_revision:
+                raise ConflictError(
+                    record.id, expected_revision, current.revision, counter="revision"
                 )
+            self._save(current, record)
+
+    def _save(self, current: SyncRecord, record: SyncRecord) -> None:
+        """
+        Replace *current* by *record* under the lock (a save's field rules:
+        the stored lease and ``last_slot`` kept, a new revision, the count moved).
+        """
+        self._count_slot(current, record)
+        self._store(
+            attrs.evolve(
+                record,
+                lease=current.lease,
+                last_slot=current.last_slot,
+                revision=current.revision + 1,
             )
+        )
 
     def delete_sync(self, sync_id: str) -> None:
         with self._lock:

@@ -484,6 +484,39 @@ _DUE_BETWEEN_AFTER = (
 _PAGE_SYNCS = f"{q.SELECT_SYNCS} ORDER BY id LIMIT %s"
 _PAGE_SYNCS_AFTER = f"{q.SELECT_SYNCS} WHERE id > %s ORDER BY id LIMIT %s"
 _LOCK_SLOT_OF_SYNC = f"{q.SLOT_OF_SYNC} FOR UPDATE"
+# save_sync_at in one statement. The subquery locks the row and reads its
+# stored bucket (the latest version, after waiting for a concurrent writer);
+# the update applies only at the expected revision (re-checked on that
+# version); the count moves as one upsert in (period, bucket) order, so two
+# saves moving syncs between the same two buckets never deadlock. A bucket's
+# delta is -1 or +1 (an unmoved sync's cancel out and are left out); the
+# CHECK (syncs >= 0) applies to the row an upsert proposes, so the -1 is
+# proposed as 0 (a bucket row that was missing is made at 0) and the update
+# reads that 0 as -1.
+_SAVE_SYNC_AT = (
+    "WITH saved AS ("  # noqa: S608 - constant columns, values are parameters
+    "  UPDATE {s}.syncs AS s SET "
+    + ", ".join(f"{c} = %({c})s" for c in q.DEFINITION_COLUMNS)
+    + ", revision = s.revision + 1"
+    "  FROM (SELECT id AS old_id, slot_period AS old_period, slot_bucket AS old_bucket"
+    "   FROM {s}.syncs WHERE id = %(id)s FOR UPDATE) AS old"
+    "  WHERE s.id = old.old_id AND s.revision = %(expected_revision)s"
+    "  RETURNING old.old_period, old.old_bucket, s.slot_period, s.slot_bucket"
+    "), moves AS ("
+    "  SELECT old_period AS period, old_bucket AS bucket, -1 AS delta FROM saved"
+    "  WHERE old_period IS NOT NULL AND old_bucket IS NOT NULL"
+    "  UNION ALL"
+    "  SELECT slot_period, slot_bucket, 1 FROM saved"
+    "  WHERE slot_period IS NOT NULL AND slot_bucket IS NOT NULL"
+    "), counted AS ("
+    "  INSERT INTO {s}.slot_buckets AS b (period, bucket, syncs)"
+    "  SELECT period, bucket, greatest(sum(delta), 0) FROM moves GROUP BY period, bucket"
+    "  HAVING sum(delta) <> 0 ORDER BY period, bucket"
+    "  ON CONFLICT (period, bucket) DO UPDATE"
+    "  SET syncs = greatest(b.syncs + CASE WHEN EXCLUDED.syncs > 0 THEN 1 ELSE -1 END, 0)"
+    ")"
+    " SELECT count(*) FROM saved"
+)
 _DELETE_SYNC_STATE = tuple(
     f"DELETE FROM {{s}}.{table} WHERE sync_id = %s"  # noqa: S608 - constant table names
     for table in (*q.SYNC_STATE_TABLES, "delivered_versions")
@@ -970,6 +1003,24 @@ class PostgresStorage(StorageBase):
                 moves = [(old, _UNCOUNT_SLOT), (slot, _COUNT_SLOT)]
                 for bucket, statement in sorted(m for m in moves if m[0] is not None):
                     cur.execute(self._sql(statement), bucket)
+
+    def save_sync_at(self, record: SyncRecord, *, expected_revision: int) -> None:
+        """
+        One statement: the update at the expected revision and the move of
+        its count (a refused save reads the row once more, to say why).
+        """
+        params = q.sync_params(record, _TZ)
+        params["expected_revision"] = expected_revision
+        with self._cursor("save_sync_at") as cur:
+            cur.execute(self._sql(_SAVE_SYNC_AT), params)
+            row = cur.fetchone()
+            if row is not None and row[0] == 1:
+                return
+            cur.execute(self._sql(q.REVISION_OF_SYNC), (record.id,))
+            found = cur.fetchone()
+        if found is None:
+            raise SyncNotFoundError(record.id)
+        raise ConflictError(record.id, expected_revision, found[0], counter="revision")
 
     def next_due(self) -> datetime | None:
         """

@@ -106,9 +106,11 @@ class SyncRecord:
         scheduled_from: The instant ``next_due`` was computed from (when the
             last run finished). If the clock now reads earlier, the clock went
             back and the schedule is recomputed from the present.
-        revision: Bumped by the store on every :meth:`Storage.save_sync` (a
-            host's change); a run's completion changes the schedule, flags and
-            definition only if it is still the revision the lease saw.
+        revision: Bumped by the store on every :meth:`Storage.save_sync` and
+            :meth:`~BulkSyncWrites.save_sync_at` (a host's change); a run's
+            completion changes the schedule, flags and definition only if it
+            is still the revision the lease saw, and a host's write happens
+            only if it is still the revision the host read.
     """
 
     sync: Sync
@@ -771,16 +773,20 @@ class PagedReads(Protocol):
 @runtime_checkable
 class BulkSyncWrites(Protocol):
     """
-    **Optional part, added in 0.2:** many syncs created in one transaction,
-    their slot buckets allocated in memory from one read of the counts, for
-    :meth:`cohortsync.Scheduler.create_syncs`.
+    **Optional part, added in 0.2:** sync writes a store does in one
+    transaction: many syncs created at once, their slot buckets allocated in
+    memory from one read of the counts, for
+    :meth:`cohortsync.Scheduler.create_syncs`; one sync created in the least
+    loaded bucket; and one sync saved compare-and-set on its revision, for
+    every host call that changes a sync.
 
     Not part of :class:`Storage`, so a store written against the plain
     protocol still is one: the scheduler then creates the syncs one by one
     (:meth:`~OptionalQueries.least_loaded_slot` and
-    :meth:`~ScheduleStore.create_sync` each). :class:`StorageBase` derives
-    both methods from the required parts; every shipped store implements
-    them natively.
+    :meth:`~ScheduleStore.create_sync` each), and saves a sync with a read
+    and :meth:`~ScheduleStore.save_sync` (not atomic: see
+    :meth:`save_sync_at`). :class:`StorageBase` derives every method from
+    the required parts; every shipped store implements them natively.
     """
 
     __slots__ = ()
@@ -837,6 +843,40 @@ class BulkSyncWrites(Protocol):
 
         Derived from :meth:`~OptionalQueries.least_loaded_slot` and
         :meth:`~ScheduleStore.create_sync` (two steps).
+        """
+
+    def save_sync_at(self, record: SyncRecord, *, expected_revision: int) -> None:
+        """
+        :meth:`~ScheduleStore.save_sync`, compare-and-set on the stored
+        **revision** instead of the generation: replace the sync's definition
+        and schedule fields (never its lease, nor ``last_slot``), bump its
+        revision and move its count from the old slot bucket to the new one,
+        only if the stored revision is still *expected_revision*, the one
+        the caller read. **Atomic, compare-and-set:** the check and the write
+        are one transaction (for SQL, an ``UPDATE ... WHERE id = ? AND
+        revision = ?``), so of two writers that read the same revision
+        exactly one succeeds.
+
+        Every host call of :class:`cohortsync.Scheduler` that changes a sync
+        (pause, resume, sync now, a full resync, confirming removals, update,
+        delete) reads it, changes what it read and writes it with this; a
+        writer refused reads the sync again and re-applies its change. The
+        generation alone cannot protect those writes: most of them keep it,
+        so with :meth:`~ScheduleStore.save_sync` two calls at once would both
+        succeed and the second would silently undo the first (a pause lost,
+        a deletion undone).
+
+        Raises:
+            SyncNotFoundError: No such sync.
+            ConflictError: The stored revision is not *expected_revision*
+                (``counter="revision"``; nothing written or counted).
+
+        Derived from :meth:`~ScheduleStore.get_sync` and
+        :meth:`~ScheduleStore.save_sync` (a read, then a write compared on
+        the generation read): **not atomic**. A writer that comes in
+        between is overwritten, so a store without it keeps the race of
+        0.1; implement it natively on a store that several processes (or
+        threads) share.
         """
 
 

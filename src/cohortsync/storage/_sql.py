@@ -209,7 +209,10 @@ UPDATE_SYNC = (
     " WHERE id = %(id)s"
 )
 """A host's save: the definition and schedule from :func:`sync_params`, a new revision."""
+UPDATE_SYNC_AT = f"{UPDATE_SYNC} AND revision = %(expected_revision)s"
+"""A host's save compare-and-set on the revision it read (``save_sync_at``)."""
 SLOT_OF_SYNC = "SELECT generation, slot_period, slot_bucket FROM {s}.syncs WHERE id = %s"
+REVISION_OF_SYNC = "SELECT revision, slot_period, slot_bucket FROM {s}.syncs WHERE id = %s"
 DELETE_SYNC = "DELETE FROM {s}.syncs WHERE id = %s RETURNING slot_period, slot_bucket"
 SYNC_STATE_TABLES = ("delivered", "ledger", "pending", "progress")
 """Tables whose rows of a sync go with it (history stays until purged)."""

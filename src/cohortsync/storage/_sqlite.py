@@ -250,7 +250,9 @@ _MIGRATIONS: list[tuple[str, ...]] = [
 _SELECT_SYNCS = q.sqlite_text(q.SELECT_SYNCS)
 _INSERT_SYNC = q.sqlite_text(q.INSERT_SYNC)
 _UPDATE_SYNC = q.sqlite_text(q.UPDATE_SYNC)
+_UPDATE_SYNC_AT = q.sqlite_text(q.UPDATE_SYNC_AT)
 _SLOT_OF_SYNC = q.sqlite_text(q.SLOT_OF_SYNC)
+_REVISION_OF_SYNC = q.sqlite_text(q.REVISION_OF_SYNC)
 _DELETE_SYNC = q.sqlite_text(q.DELETE_SYNC)
 _DELETE_SYNC_STATE = tuple(
     f"DELETE FROM {table} WHERE sync_id = ?"  # noqa: S608 - constant table names
@@ -667,12 +669,23 @@ class SQLiteStorage(StorageBase):
             if row[0] != expected_generation:
                 raise ConflictError(record.id, expected_generation, row[0])
             conn.execute(_UPDATE_SYNC, params)
-            old = None if row[1] is None or row[2] is None else (row[1], row[2])
-            if old != slot:
-                if old is not None:
-                    conn.execute(_UNCOUNT_SLOT, old)
-                if slot is not None:
-                    conn.execute(_COUNT_SLOT, slot)
+            _move_count(conn, row[1], row[2], slot)
+
+    def save_sync_at(self, record: SyncRecord, *, expected_revision: int) -> None:
+        """
+        The read of the revision and the conditional update in one write
+        transaction, as :meth:`save_sync` (SQLite's write lock is taken first).
+        """
+        params = q.sync_params(record, _US)
+        params["expected_revision"] = expected_revision
+        slot = slot_bucket_of(record)
+        with self._write() as conn:
+            row = conn.execute(_REVISION_OF_SYNC, (record.id,)).fetchone()
+            if row is None:
+                raise SyncNotFoundError(record.id)
+            if row[0] != expected_revision or conn.execute(_UPDATE_SYNC_AT, params).rowcount != 1:
+                raise ConflictError(record.id, expected_revision, row[0], counter="revision")
+            _move_count(conn, row[1], row[2], slot)
 
     def delete_sync(self, sync_id: str) -> None:
         with self._write() as conn:
@@ -1164,6 +1177,24 @@ class SQLiteStorage(StorageBase):
             conn.execute("DELETE FROM batches WHERE at < ?", cut)
             deleted: int = conn.execute("DELETE FROM runs WHERE finished_at < ?", cut).rowcount
         return deleted
+
+
+def _move_count(
+    conn: sqlite3.Connection,
+    period: int | None,
+    bucket: int | None,
+    slot: tuple[int, int] | None,
+) -> None:
+    """
+    Move a saved sync's count from the stored ``(period, bucket)`` to *slot*
+    when they differ, inside the caller's write transaction.
+    """
+    old = None if period is None or bucket is None else (period, bucket)
+    if old != slot:
+        if old is not None:
+            conn.execute(_UNCOUNT_SLOT, old)
+        if slot is not None:
+            conn.execute(_COUNT_SLOT, slot)
 
 
 def _pick_slot(conn: sqlite3.Connection, period: int, buckets: int, preferred: int) -> int:
