@@ -32,7 +32,7 @@ import pytest
 
 import cohortsync as cs
 from cohortsync.exceptions import ConfigurationError, ConflictError
-from cohortsync.storage import MemoryStorage, SQLiteStorage, Storage, SyncRecord
+from cohortsync.storage import BulkSyncWrites, MemoryStorage, SQLiteStorage, Storage, SyncRecord
 from cohortsync.testing import FakeClock, RecordingDestination
 from host_project.storage import AuditedStorage
 from single_sync import Members
@@ -280,6 +280,39 @@ class TestTwoCallsAtOnce:
         # A declaration never resumes a sync: whichever came first, it stays paused.
         assert (cs.SyncStatus.PAUSED, 2) == (record.sync.status, record.sync.generation)
         assert [] == store.lost()
+
+
+class TestARunCompletingMeanwhile:
+    """A run that completes between a host call's read and its write is not written over."""
+
+    def test_a_write_read_before_the_completion_conflicts(
+        self, make_store: Callable[[], Storage]
+    ) -> None:
+        """The completion bumps the revision: a save at the revision read before it is refused."""
+        store = make_store()
+        clock = FakeClock(START)
+        scheduler = cs.Scheduler(store, clock=clock, seed=1)
+        try:
+            scheduler.add_destination("dest", RecordingDestination())
+            scheduler.add_cohort(cs.Cohort(id="c", name="C", source=Members(["u1"])))
+            scheduler.create_sync("c", "dest", cs.SyncPolicy.hourly(), sync_id="s1")
+            read = store.get_sync("s1")  # a host call's read ...
+            (run,) = scheduler.run_due()  # ... a run completes ...
+            completed = store.get_sync("s1")
+            paused = attrs.evolve(read, sync=attrs.evolve(read.sync, status=cs.SyncStatus.PAUSED))
+            writes: BulkSyncWrites = cast("Any", store)
+            with pytest.raises(ConflictError):  # ... and the stale write is refused
+                writes.save_sync_at(paused, expected_revision=read.revision)
+            # The scheduler's own call re-reads: the run's schedule survives the pause.
+            scheduler.pause_sync("s1")
+            after = store.get_sync("s1")
+        finally:
+            scheduler.close()
+
+        assert cs.RunStatus.SUCCEEDED == run.status
+        assert read.revision + 1 == completed.revision
+        assert completed.next_due == after.next_due != read.next_due
+        assert cs.SyncStatus.PAUSED == after.sync.status
 
 
 class TestManyCallsAtOnce:

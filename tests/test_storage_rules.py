@@ -150,6 +150,7 @@ class TestTheCompletionRule:
                 last_full_sync_at=completion.run.started_at,
                 scheduled_from=completion.scheduled_from,
                 last_slot=lease.slot,
+                revision=start.revision + 1,
             )
             == after
         )
@@ -180,9 +181,19 @@ class TestTheCompletionRule:
                 feed_cursor="cursor-2",
                 last_full_sync_at=completion.run.started_at,
                 last_slot=lease.slot,
+                revision=changed.revision + 1,
             )
             == after
         )
+
+    def test_a_completion_bumps_the_revision(self) -> None:
+        """A completion moves the revision on, so a host write computed before it conflicts."""
+        start = sync_record(next_due=T0, revision=7)
+        lease = lease_of(start)
+
+        after = apply_completion(start, lease, Completion(run=run_of(lease), next_due=None))
+
+        assert 8 == after.revision
 
     def test_a_new_generation_drops_the_runs_definition(self) -> None:
         """A definition replaced during the run is kept: the run's replacement is dropped."""

@@ -106,8 +106,9 @@ class SyncRecord:
         scheduled_from: The instant ``next_due`` was computed from (when the
             last run finished). If the clock now reads earlier, the clock went
             back and the schedule is recomputed from the present.
-        revision: Bumped by the store on every :meth:`Storage.save_sync` and
-            :meth:`~BulkSyncWrites.save_sync_at` (a host's change); a run's
+        revision: Bumped by the store on every :meth:`Storage.save_sync`,
+            :meth:`~BulkSyncWrites.save_sync_at` (a host's change) and
+            :meth:`Storage.complete_run` (a run's); a run's
             completion changes the schedule, flags and definition only if it
             is still the revision the lease saw, and a host's write happens
             only if it is still the revision the host read.
@@ -439,7 +440,8 @@ class ScheduleStore(Protocol):
         """
         Record the run and write the sync's record as :func:`apply_completion`
         gives it (the schedule advances only if nobody changed the sync during
-        the run; the lease is released), delete the pending batches named in
+        the run; the lease is released; the revision is bumped, so a host's
+        write computed from an earlier read conflicts), delete the pending batches named in
         ``completion.resolved`` and the sync's :class:`Progress`, in one
         transaction. **Atomic, compare-and-set** on the token.
 

@@ -293,6 +293,9 @@ def completion_changes(
     changes: dict[str, Any] = {
         "lease": None,
         "last_slot": slot if last_slot is None else max(last_slot, slot),
+        # A completion changes the record like a save does: a host call that
+        # read it before must not write over what the run wrote.
+        "revision": revision + 1,
     }
     unchanged = generation == lease.generation and revision == lease.revision
     advance = unchanged and next_due == lease.slot
@@ -318,8 +321,10 @@ def apply_completion(record: SyncRecord, lease: Lease, completion: Completion) -
     leaves it: the completion rule, which every store applies.
 
     The run's own facts always stand: the lease is released, ``last_slot``
-    becomes the run's slot (never moving back), a new feed cursor is kept
-    and a full sync stamps ``last_full_sync_at``. What the run decided about
+    becomes the run's slot (never moving back), the revision is bumped (a
+    host call that read the record before the run completed then conflicts
+    and re-reads, instead of writing back what it read), a new feed cursor
+    is kept and a full sync stamps ``last_full_sync_at``. What the run decided about
     the future (the next due instant and trigger, the attempt count, a
     replacement definition, clearing the full-resync request) applies only
     if nobody changed the sync meanwhile: the same generation and revision

@@ -294,10 +294,11 @@ _FIELDS: dict[str, tuple[str, int]] = {
     "last_full_sync_at": ("last_full_sync_at", _OPTIONAL_INSTANT),
     "scheduled_from": ("scheduled_from", _OPTIONAL_INSTANT),
     "last_slot": ("last_slot", _OPTIONAL_INSTANT),
+    "revision": ("revision", _PLAIN),
 }
 """The column of each stored :class:`SyncRecord` field but ``sync``, and how it is encoded."""
 
-_SAVED = ("sync", *(f for f in _FIELDS if f != "last_slot"))
+_SAVED = ("sync", *(f for f in _FIELDS if f not in ("last_slot", "revision")))
 """The fields a create or save writes (never the lease, ``last_slot`` or the revision)."""
 
 
@@ -417,6 +418,7 @@ def completion_assignments(
     }
     assignments = [
         CLEAR_LEASE,
+        "revision = revision + 1",
         # NULL compares as unknown: a first run's slot is written.
         (
             "last_slot = CASE WHEN last_slot >= %(c_last_slot)s THEN last_slot"
@@ -461,6 +463,9 @@ def _completion_outcomes(
             raise AssertionError("the completion rule always releases the lease")
         if written.pop("last_slot", None) != completion.run.slot:
             raise AssertionError("the completion rule moves last_slot to the run's slot")
+        # Bumped in every outcome from the stored value: also written by
+        # completion_assignments itself.
+        written.pop("revision")
         row: dict[str, Any] = {}
         for field, value in written.items():
             _put(row, field, value, instants)

@@ -718,11 +718,12 @@ def check_release_lease(make_storage: StorageFactory) -> None:
 
 def check_complete_run_records_and_advances(make_storage: StorageFactory) -> None:
     """
-    complete_run records the run, advances next_due/next_trigger/attempts and releases
-    the lease in one step.
+    complete_run records the run, advances next_due/next_trigger/attempts, releases
+    the lease and bumps the revision in one step.
     """
     with _open(make_storage) as store:
         store.create_sync(_record("s1"))
+        before = store.get_sync("s1").revision
         lease = _claim_one(store, T0)
         completion = _completion(lease, T0 + HOUR, next_trigger=Trigger.CATCH_UP, attempts=2)
         store.complete_run(lease, completion)
@@ -732,6 +733,9 @@ def check_complete_run_records_and_advances(make_storage: StorageFactory) -> Non
             (record.next_due, record.next_trigger, record.attempts, record.lease),
             "(next_due, next_trigger, attempts, lease) after complete_run",
         )
+        # A host's write computed from a read before the completion must
+        # conflict (save_sync_at), not put back what the run replaced.
+        _expect(before + 1, record.revision, "revision after complete_run (bumped by one)")
         _expect([completion.run], store.history("s1"), "history after complete_run")
         with _raises(LeaseLostError, "complete_run twice with the same lease"):
             store.complete_run(lease, _completion(lease, T0 + 2 * HOUR))
