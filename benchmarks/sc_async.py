@@ -45,6 +45,13 @@ creates the 200 syncs (``create_syncs``) before the timed part, then times
 and 2,000 batches. The modes run interleaved (each repeat runs every mode
 before the next repeat begins, alternating the order), at least 3 repeats.
 
+Two costs of httpx that are not the scheduler's are kept out, on both
+sides alike, and said in the notes: httpcore's pool costs grow with its
+connections, so each adapter splits its connections into clients of 10
+(:class:`Shards`); and where sniffio is missing, httpcore's async side
+searches ``sys.path`` for it on every request, so the import is made to fail
+at once (:func:`sniffio_fails_fast`).
+
 A mode cannot beat its lower bound: with R runs at once and P requests of a
 run in flight, some lane runs ``ceil(syncs / R)`` runs of
 ``ceil(batches / P)`` request waves of ``latency`` each, one after another
@@ -108,9 +115,9 @@ class Mode:
     @property
     def connections(self) -> int:
         """
-        The most requests this mode has in flight, and so the size of its
-        client's connection pool: never the bottleneck, and no connection
-        opened that the mode cannot use.
+        The most requests this mode has in flight, and so the connections
+        of its clients' pools in all: never the bottleneck, and no
+        connection opened that the mode cannot use.
         """
         return self.runs_at_once * self.max_parallel
 
@@ -475,16 +482,22 @@ def _status_value(name: str) -> int:
 
 
 class _PeakThreads:
-    """Samples the process's thread count every 10 ms while it runs (itself included)."""
+    """
+    Samples the process's thread count every 10 ms while it runs (itself
+    included). Every thread here is a Python thread (request pools, lanes,
+    host threads), so ``threading.active_count()`` counts them all, without
+    the file read of ``/proc/self/status`` (about a millisecond with 100
+    threads, too dear to repeat in the timed part).
+    """
 
     def __init__(self) -> None:
-        self.peak = _status_value("Threads") or threading.active_count()
+        self.peak = threading.active_count()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _status_value("Threads") or threading.active_count())
+            self.peak = max(self.peak, threading.active_count())
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -636,6 +649,35 @@ def _outcome(
     }
 
 
+def sniffio_fails_fast() -> bool:
+    """
+    Where sniffio is not installed, make ``import sniffio`` fail at once.
+
+    httpcore 1.0 imports sniffio inside ``current_async_library()``, called
+    for every lock, event and semaphore an ``AsyncClient`` request sets up
+    (about 6 per request), and falls back to asyncio when the import fails;
+    since anyio 4.11 stopped requiring sniffio, nothing installs it, and a
+    failed import is not cached: each one searches every ``sys.path`` entry
+    again (encode/httpcore#1103, discussion #1102). That cost lands on the
+    one thread that runs every request of the async side: 200 syncs took
+    9.0-12.1 s here without this, 5.7-6.4 s with it (the same loaded
+    machine, interleaved). ``None`` in ``sys.modules`` makes the import
+    fail without a search, which is what httpcore's fix does (importing
+    once); the outcome, asyncio, is the same. The synchronous client never
+    asks, so this changes nothing for the sync modes. A host gets the same
+    by installing ``sniffio``.
+
+    Returns:
+        Whether it did so (sniffio is missing).
+    """
+    try:
+        import sniffio  # noqa: F401
+    except ImportError:
+        sys.modules["sniffio"] = None  # type: ignore[assignment]
+        return True
+    return False
+
+
 def measure(  # noqa: PLR0917 - common.child passes a JSON list of positional arguments
     mode: str, port: int, syncs: int, batches: int, size: int, repeat: int
 ) -> dict[str, Any]:
@@ -644,12 +686,15 @@ def measure(  # noqa: PLR0917 - common.child passes a JSON list of positional ar
     on *port*, on a fresh SQLite store; what it took and what it did.
     """
     chosen = MODES[mode]
+    shortcut = sniffio_fails_fast()
     with tempfile.TemporaryDirectory(prefix="cohortsync-async-") as d:
         store = SQLiteStorage(os.path.join(d, "bench.db"))
         shape = (syncs, batches, size, repeat)
         if chosen.kind == "async":
-            return asyncio.run(_measure_async(chosen, store, port, shape))
-        return _measure_sync(chosen, store, port, shape)
+            out = asyncio.run(_measure_async(chosen, store, port, shape))
+        else:
+            out = _measure_sync(chosen, store, port, shape)
+    return {**out, "sniffio_shortcut": int(shortcut)}
 
 
 # -- the checks ----------------------------------------------------------------------
@@ -764,6 +809,7 @@ def scenario_async(
                 "threads": out["threads"],
                 "resent": delivered.resent,
                 "retries": out["retries"],
+                "sniffio_shortcut": out["sniffio_shortcut"],
             }
             for key, value in values.items():
                 found[mode].setdefault(key, []).append(float(value))
@@ -802,6 +848,8 @@ def _rows(
             + (f" ({resent} re-sent in all)" if resent else ", none re-sent")
             + f"; {MODES[mode].connections} connections, {Shards.count(MODES[mode])} httpx clients"
         )
+        if MODES[mode].kind == "async" and any(found[mode]["sniffio_shortcut"]):
+            note += "; sniffio missing: its import made to fail fast (encode/httpcore#1103)"
         rows.append(
             Row.measured(
                 f"async delivery, {mode}: {MODES[mode].label}; {what}",
@@ -865,4 +913,13 @@ def _rows(
     return rows
 
 
-__all__ = ["MODES", "Server", "check_log", "measure", "scenario_async", "serve"]
+__all__ = [
+    "MODES",
+    "Server",
+    "Shards",
+    "check_log",
+    "measure",
+    "scenario_async",
+    "serve",
+    "sniffio_fails_fast",
+]

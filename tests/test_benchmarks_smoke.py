@@ -224,3 +224,30 @@ class TestServerAndAdapters:
         with pytest.raises(RateLimitedError) as caught:
             sc_async.result_of(429, "2.5")
         assert 2.5 == caught.value.retry_after
+
+    def test_the_least_busy_client_takes_the_request(self) -> None:
+        """Requests spread over the clients: none queues while another has room."""
+        shards = sc_async.Shards(["a", "b", "c"])
+        assert [0, 1, 2, 0] == [shards.take() for _ in range(4)]
+        shards.give(1)
+        assert 1 == shards.take()
+
+    def test_a_missing_sniffio_fails_at_once_and_httpcore_picks_asyncio(self) -> None:
+        """The short-cut keeps httpcore's answer; only the search per call goes."""
+        import subprocess
+
+        code = (
+            "import sys, importlib.util; sys.path.insert(0, sys.argv[1]); import sc_async; "
+            "missing = importlib.util.find_spec('sniffio') is None; "
+            "cut = sc_async.sniffio_fails_fast(); "
+            "from httpcore._synchronization import current_async_library; "
+            "print(cut is missing is (sys.modules.get('sniffio', 0) is None), "
+            "current_async_library())"
+        )
+        out = subprocess.run(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-c", code, str(Path(sc_async.__file__).parent)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        assert "True asyncio" == out.stdout.strip()
