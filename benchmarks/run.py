@@ -29,7 +29,8 @@ def _fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
     if unit in ("calls/s", "runs/s"):
-        return f"{value:,.0f} {unit}"
+        # A rate of a few per second (delivery to a slow server) needs decimals.
+        return f"{value:,.0f} {unit}" if value >= 100 else f"{value:,.2f} {unit}"
     if unit == "x":
         return f"{value:.3f}x"
     return f"{value:,.3f} {unit}"

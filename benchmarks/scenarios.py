@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from common import START, FakeClock, Noop, Row, as_dicts, machine
+from sc_async import scenario_async
 from sc_members import scenario_diff, scenario_first_sync, scenario_overhead, scenario_sorted
 from sc_postgres import scenario_claims, scenario_create_one
 from sc_scale import scenario_scale
@@ -35,6 +36,7 @@ SCENARIOS: dict[str, Callable[[], list[Row]]] = {
     "claims": scenario_claims,
     "create_one": scenario_create_one,
     "scale": scenario_scale,
+    "async_delivery": scenario_async,
 }
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "as_dicts",
     "expected_runs",
     "machine",
+    "scenario_async",
     "scenario_claims",
     "scenario_create_one",
     "scenario_diff",
