@@ -710,47 +710,49 @@ class BatchSender:
         Keep up to *parallel* batches in flight, each started by *start*
         (on a thread pool, or as a task on the portal's loop).
         """
+        # Each request, once done, queues itself: this thread takes the next
+        # one off as it ends, without re-arming a wait on every future in flight.
+        import queue  # noqa: PLC0415 - see send_all
+
         portal = self.portal
         error: BaseException | None = None
-        in_flight: set[Future[list[Acked]]] = set()
+        finished: queue.SimpleQueue[Future[list[Acked]]] = queue.SimpleQueue()
+        in_flight = 0
         try:
             for batch in batches:
-                while len(in_flight) >= max(parallel, 1):
-                    error = self._drain(in_flight, on_acked, error)
+                while in_flight >= max(parallel, 1):
+                    error = self._settle(finished.get(), on_acked, error)
+                    in_flight -= 1
                 if error is not None:
                     break
                 if portal is not None:
                     portal.check()
                 self.before_send(batch, None)
-                in_flight.add(start(batch))
+                start(batch).add_done_callback(finished.put)
+                in_flight += 1
         except BaseException as e:  # noqa: BLE001 - what is in flight is applied, then it is raised
             error = _worse(error, e)
         while in_flight:
-            error = self._drain(in_flight, on_acked, error)
+            error = self._settle(finished.get(), on_acked, error)
+            in_flight -= 1
         if error is not None:
             raise error
 
     @staticmethod
-    def _drain(
-        in_flight: set[Future[list[Acked]]],
+    def _settle(
+        future: Future[list[Acked]],
         on_acked: Callable[[Acked], None],
         error: BaseException | None,
     ) -> BaseException | None:
-        from concurrent.futures import FIRST_COMPLETED, wait  # noqa: PLC0415 - see send_all
-
-        done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-        for future in done:
-            in_flight.discard(future)
-            if future.cancelled():
-                # Only a cancelled portal cancels a request: the run stops.
-                error = _worse(error, RunCancelled())
-                continue
-            exc = future.exception()
-            if exc is not None:
-                error = _worse(error, exc)
-                continue
-            for acked in future.result():
-                on_acked(acked)
+        """Apply a finished request's acknowledgements, or note how it failed."""
+        if future.cancelled():
+            # Only a cancelled portal cancels a request: the run stops.
+            return _worse(error, RunCancelled())
+        exc = future.exception()
+        if exc is not None:
+            return _worse(error, exc)
+        for acked in future.result():
+            on_acked(acked)
         return error
 
 

@@ -439,6 +439,8 @@ class SQLiteStorage(StorageBase):
         self._busy_timeout = busy_timeout
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._writer = threading.Lock()
+        """Held by this process's writer: see :meth:`_write`."""
         self._finalizers: list[weakref.finalize[Any, Any]] = []
         self._closed = False
         self._pid = os.getpid()
@@ -501,6 +503,7 @@ class SQLiteStorage(StorageBase):
             _inherited.append(self._local)  # dropping it would close the parent's connections
             self._finalizers = []
             self._lock = threading.Lock()
+            self._writer = threading.Lock()
             self._local = threading.local()
             self._pid = os.getpid()
 
@@ -548,20 +551,39 @@ class SQLiteStorage(StorageBase):
         so reads inside it cannot be invalidated by another writer.
         """
         conn = self._threaded().main
+        # Threads of this process queue here, first come first served, and
+        # each starts as soon as the one before commits. Left to SQLite, they
+        # would all ask for its write lock and the losers would sleep in its
+        # busy handler's growing steps (up to 100 ms) however soon the lock
+        # is free: with ten runs writing at once, a 0.5 ms write took 5 ms.
+        # Other processes still wait in SQLite's busy handler.
+        waited = (
+            self._writer.acquire(timeout=self._busy_timeout)
+            if self._busy_timeout > 0
+            else self._writer.acquire(blocking=False)
+        )
+        if not waited:
+            raise StorageError(
+                f"SQLite error on {self._path!r}: database is locked (another thread of "
+                f"this process held the write lock for {self._busy_timeout:g}s)"
+            )
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                with suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
                 raise self._error(exc) from exc
-            raise
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._error(exc) from exc
+                raise
+        finally:
+            self._writer.release()
 
     def close(self) -> None:
         """
