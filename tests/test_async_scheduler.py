@@ -19,7 +19,7 @@ import pytest
 
 import cohortsync as cs
 from cohortsync.destinations import RateLimits
-from cohortsync.events import RunFinished
+from cohortsync.events import RunFinished, RunStarted
 from cohortsync.exceptions import ConfigurationError, StorageClosedError
 from cohortsync.storage import SQLiteStorage
 from cohortsync.testing import (
@@ -693,3 +693,144 @@ class TestFakeClockAsleep:
         assert timedelta(seconds=6) == clock.now() - start
         assert [5, 1] == clock.slept
         assert ["a", "b"] == order
+
+
+class TestOutsiderFindings:
+    """Regression tests for what an outsider's attack on the asyncio support found."""
+
+    def test_a_cancelled_request_gives_its_rate_limit_place_back(self) -> None:
+        """After a cancelled round, the next run to a rate-limited destination still sends."""
+        limited = caps(batch=40, rate_limit=cs.RateLimit(requests=1, per_seconds=1.0))
+        inner = RecordingDestination(limited)
+        limits = RateLimits()
+
+        async def main() -> list[cs.SyncRun]:
+            scheduler = cs.AsyncScheduler(
+                MemoryStorage(), clock=cs.SystemClock(), rate_limits=limits, seed=0
+            )
+            scheduler.add_destination("d", AsyncOf(inner, delay=5.0))
+            await create(scheduler, 1)
+            with pytest.raises(asyncio.TimeoutError):
+                await within(0.2, scheduler.run_due())
+            # A second scheduler of the process, same destination id, same limiter.
+            again = cs.AsyncScheduler(
+                MemoryStorage(), clock=cs.SystemClock(), rate_limits=limits, seed=0
+            )
+            again.add_destination("d", AsyncOf(inner))
+            await create(again, 1)
+            return await asyncio.wait_for(again.run_due(), 10)
+
+        runs = asyncio.run(main())
+
+        assert [cs.RunStatus.SUCCEEDED] == [run.status for run in runs]
+
+    def test_a_slow_run_does_not_hold_up_a_new_sync(self) -> None:
+        """run_forever busy with a slow run: a sync created meanwhile starts at once."""
+        started: dict[str, float] = {}
+        t0 = time.monotonic()
+        slow = AsyncOf(RecordingDestination(caps(batch=1)), delay=0.5)
+        fast = AsyncOf(RecordingDestination(caps()))
+
+        async def main() -> None:
+            async with async_scheduler(clock=cs.SystemClock()) as scheduler:
+                scheduler.add_listener(
+                    lambda e: started.setdefault(e.sync_id, time.monotonic() - t0),
+                    events=(RunStarted,),
+                )
+                scheduler.add_destination("slow", slow)
+                scheduler.add_destination("fast", fast)
+                scheduler.add_cohort(cohort("c", MEMBERS[:8]))
+                worker = asyncio.create_task(scheduler.run_forever(idle=30))
+                await scheduler.create_sync("c", "slow", cs.SyncPolicy.hourly(), sync_id="long")
+                await asyncio.sleep(0.3)
+                await scheduler.create_sync("c", "fast", cs.SyncPolicy.hourly(), sync_id="quick")
+                for _ in range(200):
+                    if "quick" in started:
+                        break
+                    await asyncio.sleep(0.01)
+                worker.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await worker
+
+        asyncio.run(main())
+
+        assert started["quick"] < 1.5  # the slow run takes 4 s
+
+    @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+    def test_an_interrupt_in_an_async_adapter_reaches_the_sync_caller(
+        self, interrupt: type[BaseException]
+    ) -> None:
+        """Raised in the loop thread it would kill the loop: it is raised by run_due instead."""
+
+        class Interrupting(cs.AsyncDestination):
+            capabilities = caps()
+
+            async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                raise interrupt
+
+            async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        scheduler = cs.Scheduler(MemoryStorage(), clock=FakeClock(), rate_limits=RateLimits())
+        scheduler.add_destination("d", Interrupting())
+        scheduler.add_cohort(cohort("c"))
+        scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s")
+        with pytest.raises(interrupt):
+            scheduler.run_due()
+        scheduler.close()
+
+        assert "cohortsync-loop" not in {t.name for t in threading.enumerate()}
+
+    def test_cancelled_error_from_the_adapter_itself_is_a_failed_request(self) -> None:
+        """A client's own CancelledError is retried as transient, then recorded: never silent."""
+
+        class SelfCancelling(cs.AsyncDestination):
+            capabilities = caps()
+            calls = 0
+
+            async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                SelfCancelling.calls += 1
+                raise asyncio.CancelledError
+
+            async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        async def main() -> list[cs.SyncRun]:
+            async with async_scheduler() as scheduler:
+                scheduler.add_destination("d", SelfCancelling())
+                scheduler.add_cohort(cohort("c"))
+                await scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s")
+                return await scheduler.run_due()
+
+        (run,) = asyncio.run(main())
+
+        assert cs.RunStatus.FAILED == run.status
+        assert "TransientError" == run.error_type
+        assert "CancelledError" in (run.error_message or "")
+        assert 9 == SelfCancelling.calls  # the first try and 8 retries
+
+    def test_run_due_with_limit_zero_runs_nothing(self) -> None:
+        """limit=0 is an empty round, as for the synchronous scheduler."""
+
+        async def main() -> list[cs.SyncRun]:
+            async with async_scheduler() as scheduler:
+                scheduler.add_destination("d", AsyncOf(RecordingDestination(caps())))
+                await create(scheduler, 1)
+                return await scheduler.run_due(limit=0)
+
+        assert [] == asyncio.run(main())
+
+    def test_bad_arguments_are_configuration_errors_in_both_worlds(self) -> None:
+        """A policy that is not a SyncPolicy, a negative or string limit: ConfigurationError."""
+
+        async def main() -> None:
+            async with async_scheduler() as scheduler:
+                scheduler.add_destination("d", AsyncOf(RecordingDestination(caps())))
+                await create(scheduler, 1)
+                with pytest.raises(ConfigurationError, match="policy"):
+                    await scheduler.update_sync("s0", "daily")  # type: ignore[arg-type]
+                for bad in (-5, "3"):
+                    with pytest.raises(ConfigurationError, match="limit"):
+                        await scheduler.history("s0", limit=bad)  # type: ignore[arg-type]
+
+        asyncio.run(main())

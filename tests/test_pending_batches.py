@@ -97,3 +97,60 @@ class TestTakeoverAccounting:
         assert (6, 3) == (run.added, run.batches)
         assert any(n.startswith("takeover: includes +4") for n in run.notes)
         assert [run] == worker.history("s1")
+
+
+class TestRejectedMembersDoNotShiftResentBatches:
+    """
+    A member rejected by an interrupted attempt is owed again by the next run;
+    the batch left in flight is still re-sent whole, under its own key.
+    """
+
+    def test_in_flight_batch_keeps_its_key(self) -> None:
+        """Batch 1 rejects u005, batch 2 is cut short: batch 2 comes again under its key."""
+        import cohortsync as cs
+        from cohortsync.storage import MemoryStorage
+        from cohortsync.testing import FakeClock
+
+        class Killed(BaseException):
+            pass
+
+        class Vendor(cs.Destination):
+            capabilities = cs.Capabilities(name="vendor", max_batch_size=10)
+
+            def __init__(self) -> None:
+                self.contents: dict[str, tuple[str, ...]] = {}
+                self.die = True
+
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                seen = self.contents.setdefault(batch.idempotency_key, tuple(batch.identifiers))
+                assert seen == tuple(batch.identifiers)
+                if self.die and batch.sequence == 2:
+                    raise Killed
+                return cs.DeliveryResult.partial(
+                    cs.Rejection(i, "unknown") for i in batch.identifiers if i == "u005"
+                )
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        clock = FakeClock()
+        scheduler = cs.Scheduler(MemoryStorage(), clock=clock)
+        vendor = Vendor()
+        scheduler.add_destination("v", vendor)
+        members = [f"u{i:03d}" for i in range(30)]
+        scheduler.add_cohort(cs.Cohort(id="c", name="c", source=lambda: members))
+        scheduler.create_sync("c", "v", cs.SyncPolicy.hourly(), sync_id="x")
+        with pytest.raises(Killed):
+            scheduler.run_due()
+        vendor.die = False
+        clock.advance(timedelta(minutes=5, seconds=1))  # the dead run's lease expires
+
+        scheduler.run_due()
+
+        keys_of: dict[str, list[str]] = {}
+        for key, identifiers in vendor.contents.items():
+            for identifier in identifiers:
+                keys_of.setdefault(identifier, []).append(key)
+        twice = {i: k for i, k in keys_of.items() if len(k) > 1 and i != "u005"}
+        assert {} == twice
+        assert set(members) == set(keys_of)

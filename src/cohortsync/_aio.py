@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import asyncio
     from concurrent.futures import Future
 
-__all__ = ["LoopThread", "Portal", "RunCancelled", "to_thread_to_the_end"]
+__all__ = ["Interrupted", "LoopThread", "Portal", "RunCancelled", "to_thread_to_the_end"]
 
 T = TypeVar("T")
 
@@ -40,6 +40,26 @@ class RunCancelled(BaseException):
     its lease is given back, and the slot runs again (re-sending what was in
     flight under the same idempotency keys).
     """
+
+
+class Interrupted(Exception):  # noqa: N818 - it carries an interrupt, it is not an error
+    """
+    A ``KeyboardInterrupt`` or ``SystemExit`` raised by an asynchronous
+    adapter, carried out of its task (where it would stop the event loop: the
+    host's, or the scheduler's loop thread, leaving the run waiting forever)
+    to the run's thread, which raises :attr:`interrupt` itself.
+    """
+
+    def __init__(self, interrupt: KeyboardInterrupt | SystemExit) -> None:
+        super().__init__(f"{type(interrupt).__name__} in an asynchronous adapter")
+        self.interrupt = interrupt
+
+
+async def _guarded(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return await coro
+    except (KeyboardInterrupt, SystemExit) as e:
+        raise Interrupted(e) from e
 
 
 class Portal:
@@ -86,7 +106,7 @@ class Portal:
         assert task is not None  # noqa: S101 - run_coroutine_threadsafe makes one
         self._tasks.add(task)
         try:
-            return await coro
+            return await _guarded(coro)
         finally:
             self._tasks.discard(task)
 
@@ -113,7 +133,10 @@ class Portal:
         """
         import asyncio  # noqa: PLC0415 - see submit
 
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        try:
+            return asyncio.run_coroutine_threadsafe(_guarded(coro), self.loop).result()
+        except Interrupted as e:
+            raise e.interrupt from None
 
     def check(self) -> None:
         """

@@ -38,7 +38,7 @@ import attrs
 from typing_extensions import Self
 
 from cohortsync._aio import Portal, RunCancelled, to_thread_to_the_end
-from cohortsync._clock import Clock, sleep_async
+from cohortsync._clock import Clock, is_system_clock, sleep_async
 from cohortsync._cohort import Cohort
 from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimits
 from cohortsync._destination import AnyDestination, AsyncDestination, Destination
@@ -208,6 +208,8 @@ class AsyncScheduler:
         self._closed = False
         self._wake: asyncio.Event | None = None
         """Set by calls that may make a run due now, while run_forever waits."""
+        self._busy = 0
+        """Lanes still running (run_forever starts rounds only within the rest)."""
 
     def __repr__(self) -> str:
         inner = self.scheduler
@@ -335,14 +337,34 @@ class AsyncScheduler:
         """
         if limit is not None:
             check_count("limit", limit)
+        width = self.max_concurrent_runs if limit is None else min(limit, self.max_concurrent_runs)
+        return await self._round(limit, width)
+
+    async def _round(self, limit: int | None, width: int) -> list[SyncRun]:
+        """A :meth:`run_due` round of *width* lanes (none: nothing to do)."""
+        if width <= 0:
+            return []
         inner = self.scheduler
         portal = Portal(asyncio.get_running_loop())
         env = attrs.evolve(inner._environment(), portal=lambda: portal, scope=portal)  # noqa: SLF001
-        await self._store_call(self._housekeeping)
-        state = _Round(limit)
         lanes = self._lane_pool()
-        width = self.max_concurrent_runs if limit is None else min(limit, self.max_concurrent_runs)
+        return await self._run_round(env, portal, lanes, _Round(limit), width)
+
+    async def _run_round(
+        self,
+        env: RunEnvironment,
+        portal: Portal,
+        lanes: ThreadPoolExecutor,
+        state: _Round,
+        width: int,
+    ) -> list[SyncRun]:
+        await self._store_call(self._housekeeping)
         waiting = [asyncio.wrap_future(lanes.submit(self._lane, env, state)) for _ in range(width)]
+        # Each lane is busy until its thread ends (not until the round does):
+        # run_forever gives the lanes that found nothing to the next round.
+        self._busy += width
+        for lane in waiting:
+            lane.add_done_callback(self._lane_ended)
         try:
             # asyncio.wait, not gather: a cancellation must not drop the lanes
             # (they are threads; they stop at their next step, not now).
@@ -373,6 +395,9 @@ class AsyncScheduler:
             )
         context = contextvars.copy_context()
         return await asyncio.wrap_future(self._io.submit(context.run, call))
+
+    def _lane_ended(self, _lane: asyncio.Future[None]) -> None:
+        self._busy -= 1
 
     def _housekeeping(self) -> None:
         inner = self.scheduler
@@ -422,10 +447,18 @@ class AsyncScheduler:
         stop = stop or asyncio.Event()
         inner = self.scheduler
         self._wake = woken = asyncio.Event()
+        rounds: set[asyncio.Task[list[SyncRun]]] = set()
+        real_time = is_system_clock(inner.clock)
+        start = True
         try:
             while not stop.is_set():
                 woken.clear()
-                await self.run_due()
+                # A new round takes the lanes the rounds still running leave
+                # free: one slow run never holds up a sync that falls due (or
+                # is created) meanwhile, and max_concurrent_runs still holds.
+                free = self.max_concurrent_runs - self._busy
+                if start and free > 0:
+                    rounds.add(asyncio.ensure_future(self._round(None, free)))
                 due = await self._store_call(inner.storage.next_due)
                 now = inner._now()  # noqa: SLF001
                 delay = idle
@@ -433,13 +466,23 @@ class AsyncScheduler:
                     delay = min(idle, max(0.0, (due - now).total_seconds()))
                 if delay <= 0:
                     delay = _MIN_SLEEP
-                while delay > 0 and not stop.is_set() and not woken.is_set():
-                    step = min(delay, 1.0)
-                    await _nap(inner.clock, step, woken)
-                    delay -= step
+                why = await _until_next_round(
+                    rounds, woken, stop, inner.clock, delay, real_time=real_time
+                )
+                for ended in [r for r in rounds if r.done()]:
+                    rounds.discard(ended)
+                    ended.result()  # a store failure ends run_forever, as it does run_due
+                # A round ending frees lanes but makes nothing due: the next
+                # one starts when something may be (a wake-up, the due time,
+                # the idle poll), as the synchronous run_forever goes round.
+                start = why != "ended" or (due is not None and due <= inner._now())  # noqa: SLF001
         finally:
             if self._wake is woken:
                 self._wake = None
+            for running in rounds:
+                running.cancel()
+            if rounds:
+                await _finish(_gather_quietly(rounds))
 
     # -- closing -----------------------------------------------------------------
 
@@ -480,18 +523,65 @@ _MAX_CONCURRENT_RUNS = 1_000
 """The most runs one asynchronous worker may hold at once (each holds a thread)."""
 
 
-async def _nap(clock: Clock, seconds: float, woken: asyncio.Event) -> None:
-    """Sleep on the clock for *seconds*, or until *woken* is set."""
-    if woken.is_set():
+async def _nap(
+    clock: Clock, seconds: float, woken: asyncio.Event, ended: asyncio.Future[Any]
+) -> None:
+    """Sleep on the clock for *seconds*, or until *woken* is set or *ended* is done."""
+    if woken.is_set() or ended.done():
         return
     sleeping = asyncio.ensure_future(sleep_async(clock, seconds))
     waking = asyncio.ensure_future(woken.wait())
     try:
-        await asyncio.wait((sleeping, waking), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((sleeping, waking, ended), return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in (sleeping, waking):
             task.cancel()
         await asyncio.gather(sleeping, waking, return_exceptions=True)
+
+
+async def _until_next_round(
+    rounds: set[asyncio.Task[list[SyncRun]]],
+    woken: asyncio.Event,
+    stop: asyncio.Event,
+    clock: Clock,
+    delay: float,
+    *,
+    real_time: bool,
+) -> str:
+    """
+    Wait until the next round may be worth starting, and say why:
+    ``"woken"`` (or *stop* set), ``"ended"`` (a round ended: its lanes are
+    free) or ``"timer"`` (*delay* seconds passed). On a fake clock, time is
+    not advanced while a round runs (a run in progress would see its lease
+    expire in no real time): only its end, a wake-up or the stop count then.
+    """
+    if rounds and not real_time:
+        waiters = {asyncio.ensure_future(woken.wait()), asyncio.ensure_future(stop.wait())}
+        try:
+            await asyncio.wait({*rounds, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        return "woken" if woken.is_set() or stop.is_set() else "ended"
+    ended = asyncio.ensure_future(
+        asyncio.wait(rounds, return_when=asyncio.FIRST_COMPLETED) if rounds else stop.wait()
+    )
+    try:
+        while delay > 0 and not stop.is_set() and not woken.is_set() and not ended.done():
+            step = min(delay, 1.0)
+            await _nap(clock, step, woken, ended)
+            delay -= step
+    finally:
+        ended.cancel()
+        await asyncio.gather(ended, return_exceptions=True)
+    if woken.is_set() or stop.is_set():
+        return "woken"
+    return "timer" if delay <= 0 else "ended"
+
+
+async def _gather_quietly(tasks: set[asyncio.Task[list[SyncRun]]]) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _finish(work: Coroutine[Any, Any, None]) -> None:

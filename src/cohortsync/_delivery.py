@@ -20,8 +20,9 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
+from typing_extensions import Self
 
-from cohortsync._aio import Portal, RunCancelled, to_thread_to_the_end
+from cohortsync._aio import Interrupted, Portal, RunCancelled, to_thread_to_the_end
 from cohortsync._clock import Clock, SystemClock, add_saturating, is_system_clock, sleep_async
 from cohortsync._destination import (
     AnyDestination,
@@ -318,6 +319,36 @@ and bisection rules are written once, as generators; a blocking driver
 perform the steps and send each step's answer (or throw its error) back in."""
 
 
+class _Steps:
+    """
+    A plan being driven: each step's answer (or error) goes back in with
+    the next :meth:`next`; the plan is closed when the ``with`` block ends,
+    however it ends.
+    """
+
+    def __init__(self, plan: _Plan[list[Acked]]) -> None:
+        self.plan = plan
+        self.answer: object = None
+        self.error: Exception | None = None
+        self.result: list[Acked] = []
+
+    def next(self) -> _Step | None:
+        """The next step, or ``None`` once the plan returned (see :attr:`result`)."""
+        answer, error = self.answer, self.error
+        self.answer = self.error = None
+        try:
+            return self.plan.send(answer) if error is None else self.plan.throw(error)
+        except StopIteration as done:
+            self.result = done.value
+            return None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.plan.close()
+
+
 @attrs.define
 class BatchSender:
     """
@@ -459,19 +490,15 @@ class BatchSender:
             PermanentError: Not retryable; nothing of this batch is acknowledged.
             AuthenticationError: Credentials refused.
         """
-        plan = self._plan_send(batch)
-        answer: object = None
-        error: BaseException | None = None
-        while True:
-            try:
-                step = plan.send(answer) if error is None else plan.throw(error)
-            except StopIteration as done:
-                return cast("list[Acked]", done.value)
-            answer = error = None
-            try:
-                answer = self._perform(step)
-            except Exception as e:  # noqa: BLE001 - thrown into the plan, which decides
-                error = e
+        # Whatever ends the send (an interrupt included), the plan is closed
+        # at once: its clean-up (a rate-limit place given back) runs now.
+        with _Steps(self._plan_send(batch)) as steps:
+            while (step := steps.next()) is not None:
+                try:
+                    steps.answer = self._perform(step)
+                except Exception as e:  # noqa: BLE001, PERF203 - thrown into the plan, which decides
+                    steps.error = e
+            return steps.result
 
     def _perform(self, step: _Step) -> object:
         if isinstance(step, _Attempt):
@@ -509,29 +536,25 @@ class BatchSender:
         are awaited (cancellable), store calls run in a worker thread.
         """
 
-        plan = self._plan_send(batch)
-        answer: object = None
-        error: BaseException | None = None
-        while True:
-            try:
-                step = plan.send(answer) if error is None else plan.throw(error)
-            except StopIteration as done:
-                return cast("list[Acked]", done.value)
-            answer = error = None
-            try:
-                if isinstance(step, _Attempt):
-                    answer = await self._aattempt(step.batch)
-                elif isinstance(step, _Reserve):
-                    answer = await _areserve(step.limiter)
-                elif isinstance(step, _Sleep):
-                    await sleep_async(self.clock, step.seconds)
-                elif isinstance(step, _KeepAlive):
-                    if self.renewal_due(step.seconds):
-                        await to_thread_to_the_end(self.keep_alive, step.seconds)
-                else:
-                    await to_thread_to_the_end(self.before_send, step.batch, step.replaces)
-            except Exception as e:  # noqa: BLE001 - thrown into the plan, which decides
-                error = e
+        # A cancelled task's plan is closed too: its clean-up (a rate-limit
+        # place given back) must not wait for the garbage collector.
+        with _Steps(self._plan_send(batch)) as steps:
+            while (step := steps.next()) is not None:
+                try:
+                    if isinstance(step, _Attempt):
+                        steps.answer = await self._aattempt(step.batch)
+                    elif isinstance(step, _Reserve):
+                        steps.answer = await _areserve(step.limiter)
+                    elif isinstance(step, _Sleep):
+                        await sleep_async(self.clock, step.seconds)
+                    elif isinstance(step, _KeepAlive):
+                        if self.renewal_due(step.seconds):
+                            await to_thread_to_the_end(self.keep_alive, step.seconds)
+                    else:
+                        await to_thread_to_the_end(self.before_send, step.batch, step.replaces)
+                except Exception as e:  # noqa: BLE001, PERF203 - thrown into the plan, which decides
+                    steps.error = e
+            return steps.result
 
     # -- one request ---------------------------------------------------------------
 
@@ -560,11 +583,32 @@ class BatchSender:
         """:meth:`_attempt` of an asynchronous adapter, awaited."""
         destination = self.destination
         assert isinstance(destination, AsyncDestination)  # noqa: S101 - asend's only adapters
+        import asyncio  # noqa: PLC0415 - see asend
+
         try:
             result = await _request(destination, batch)
+        except asyncio.CancelledError as e:
+            if self._cancelled_here():
+                raise
+            # The adapter's own code raised it (some clients do on their own
+            # timeouts): a failed request, not a cancelled run.
+            raise TransientError(
+                f"{type(destination).__name__}.{batch.operation.value}() raised "
+                "CancelledError without the run being cancelled (a client's own timeout?)"
+            ) from e
         except Exception as e:
             raise self._mapped(batch, e) from e
         return self._checked(batch, result)
+
+    def _cancelled_here(self) -> bool:
+        """Whether this request's task is really being cancelled (by the run's scheduler)."""
+        import asyncio  # noqa: PLC0415 - see asend
+
+        if self.portal is not None and self.portal.cancelled:
+            return True
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+        return cancelling is not None and cancelling() > 0
 
     def _mapped(self, batch: Batch, error: Exception) -> Exception:
         """What an adapter's exception means to the engine."""
@@ -749,6 +793,8 @@ class BatchSender:
             # Only a cancelled portal cancels a request: the run stops.
             return _worse(error, RunCancelled())
         exc = future.exception()
+        if isinstance(exc, Interrupted):
+            return _worse(error, exc.interrupt)
         if exc is not None:
             return _worse(error, exc)
         for acked in future.result():

@@ -1340,7 +1340,12 @@ class _Run:
         # once, by its own member; no per-identifier bookkeeping is needed.
         self.distinct = identity and not lookups and not existing
         known = None if existing else self.resolved_adds
-        for chunk in chunks(keys, caps.max_batch_size):
+        batches = (
+            chunks(keys, caps.max_batch_size)
+            if existing or not self.pending
+            else self._pending_first(keys, caps.max_batch_size)
+        )
+        for chunk in batches:
             members = self._resolve(chunk, caps, known)
             if not members:
                 continue
@@ -1378,6 +1383,28 @@ class _Run:
                 self._ride(operation, m.identifier, groups.riders.get(m.identifier, ()))
             if send:
                 yield self._batch(context, operation, send)
+
+    def _pending_first(self, keys: Keys, size: int) -> Iterator[list[str]]:
+        """
+        The adds in batches, those of each add left in flight by an earlier
+        attempt first and whole: the same members make the same request,
+        re-sent under the same idempotency key, whatever else is owed now (a
+        member rejected earlier, sorting before them, would otherwise shift
+        every batch boundary, and a de-duplicating receiver would apply the
+        in-flight members a second time under new keys).
+        """
+        taken: set[str] = set()
+        for pending in self.pending:
+            if pending.operation is not Operation.ADD:
+                continue
+            members = [m.key for m in pending.members]
+            if not members or len(members) > size:
+                continue
+            if any(k in taken or not has_key(keys, k) for k in members):
+                continue  # part of it is not owed any more: batched as usual
+            taken.update(members)
+            yield members
+        yield from chunks((k for k in keys if k not in taken) if taken else keys, size)
 
     def _retire_changed(
         self, context: RunContext, members: list[Member], caps: Capabilities

@@ -1228,6 +1228,9 @@ class Scheduler:
                 change made meanwhile is read again and updated, not lost).
         """
 
+        if policy is not None and not isinstance(policy, SyncPolicy):
+            raise ConfigurationError("policy", policy, "must be a cohortsync.SyncPolicy or None")
+
         def update(record: SyncRecord) -> SyncRecord:
             old = record.sync
             return self._updated(
@@ -1952,7 +1955,10 @@ class Scheduler:
 
         Raises:
             SyncNotFoundError: No such sync (like :meth:`next_run`).
+            ConfigurationError: *limit* is not a whole number >= 0.
         """
+        if limit is not None:
+            check_count("limit", limit)
         self._require_known(sync_id)
         return self.storage.history(sync_id, limit)
 
