@@ -173,6 +173,7 @@ _UNCHANGED = "generation = lease_generation AND revision = lease_revision AND ne
 _RAW_RELEASE = (
     "UPDATE {s}.syncs SET lease_owner = NULL, lease_token = NULL, lease_expires = NULL,"
     " lease_slot = NULL, lease_generation = NULL, lease_trigger = NULL, lease_revision = NULL,"
+    " revision = revision + 1,"  # a completion bumps it, as the library's does
     " last_slot = GREATEST(last_slot, %(slot)s),"
     " next_due = CASE WHEN {u} THEN %(next_due)s ELSE next_due END,"
     " next_trigger = CASE WHEN {u} THEN %(next_trigger)s ELSE next_trigger END,"

@@ -834,3 +834,45 @@ class TestOutsiderFindings:
                         await scheduler.history("s0", limit=bad)  # type: ignore[arg-type]
 
         asyncio.run(main())
+
+    @pytest.mark.parametrize("idle", [0, -1.0, float("nan"), float("inf"), "30"])
+    def test_run_forever_refuses_a_bad_idle(self, idle: Any) -> None:
+        """idle 0, negative, NaN or not a number would spin: ConfigurationError, both worlds."""
+
+        async def main() -> None:
+            async with async_scheduler() as scheduler:
+                with pytest.raises(ConfigurationError, match="idle"):
+                    await scheduler.run_forever(idle=idle)
+
+        asyncio.run(main())
+        with pytest.raises(ConfigurationError, match="idle"):
+            cs.Scheduler(MemoryStorage()).run_forever(idle=idle)
+
+    def test_a_failed_poll_lets_the_runs_in_progress_finish(self) -> None:
+        """The store fails run_forever's poll mid-run: the run still completes, then it raises."""
+        failing = threading.Event()
+
+        class PollFails(MemoryStorage):
+            def next_due(self) -> Any:
+                if failing.is_set():
+                    raise cs.exceptions.StorageError("the poll failed")
+                return super().next_due()
+
+        storage = PollFails()
+        adapter = AsyncOf(RecordingDestination(caps(batch=10)), delay=0.1)
+
+        async def main() -> None:
+            scheduler = async_scheduler(storage, clock=cs.SystemClock())
+            scheduler.add_destination("d", adapter)
+            await create(scheduler, 1)
+            worker = asyncio.create_task(scheduler.run_forever(idle=0.05))
+            await asyncio.sleep(0.05)  # the run is delivering its 4 batches
+            failing.set()
+            with pytest.raises(cs.exceptions.StorageError):
+                await asyncio.wait_for(worker, 10)
+
+        asyncio.run(main())
+
+        record = storage.get_sync("s0")
+        assert record.lease is None
+        assert [cs.RunStatus.SUCCEEDED] == [run.status for run in storage.history("s0")]

@@ -52,7 +52,7 @@ from cohortsync._scheduler import (
     _SlotAllocation,
 )
 from cohortsync._sync import SyncRun
-from cohortsync._validators import check_count
+from cohortsync._validators import check_count, check_number
 from cohortsync.eligibility import DEFAULT_RULES, Eligibility, Ruleset
 from cohortsync.exceptions import ConfigurationError, StorageClosedError
 from cohortsync.identifiers import IdentifierMapping
@@ -444,6 +444,7 @@ class AsyncScheduler:
         wakes it at once, so a sync created from a request handler has its
         first run straight away.
         """
+        idle = check_number("idle", idle, minimum=0.0, inclusive=False)
         stop = stop or asyncio.Event()
         inner = self.scheduler
         self._wake = woken = asyncio.Event()
@@ -476,11 +477,17 @@ class AsyncScheduler:
                 # one starts when something may be (a wake-up, the due time,
                 # the idle poll), as the synchronous run_forever goes round.
                 start = why != "ended" or (due is not None and due <= inner._now())  # noqa: SLF001
+        except asyncio.CancelledError:
+            for running in rounds:
+                running.cancel()
+            raise
         finally:
             if self._wake is woken:
                 self._wake = None
-            for running in rounds:
-                running.cancel()
+            # Cancelled: the rounds stop at their next step. Ended by an
+            # error of its own (the store failed a poll): the runs in progress
+            # are not cut short by it; they finish, record what they can, and
+            # give their leases back before the error is raised.
             if rounds:
                 await _finish(_gather_quietly(rounds))
 

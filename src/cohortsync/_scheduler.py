@@ -62,7 +62,7 @@ from cohortsync._plan import (
 from cohortsync._policy import Cadence, FirstRun, OnDelete, SyncPolicy
 from cohortsync._run import Completing, RunEnvironment, prepare
 from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
-from cohortsync._validators import check_count, check_id
+from cohortsync._validators import check_count, check_id, check_number
 from cohortsync.advice import Recommendation, recommend
 from cohortsync.eligibility import DEFAULT_RULES, Eligibility, Ruleset, check_eligibility
 from cohortsync.exceptions import (
@@ -1930,6 +1930,7 @@ class Scheduler:
         then), and *idle* seconds (so syncs created by other processes are
         picked up). It never spins.
         """
+        idle = check_number("idle", idle, minimum=0.0, inclusive=False)
         stop = stop or threading.Event()
         while not stop.is_set():
             self.run_due()
