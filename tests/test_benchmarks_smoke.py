@@ -241,8 +241,12 @@ class TestServerAndAdapters:
             "missing = importlib.util.find_spec('sniffio') is None; "
             "cut = sc_async.sniffio_fails_fast(); "
             "from httpcore._synchronization import current_async_library; "
+            "import asyncio; "
+            # Inside a running loop, as httpcore asks (sniffio, when installed,
+            # refuses to answer outside one).
+            "async def library(): return current_async_library()\n"
             "print(cut is missing is (sys.modules.get('sniffio', 0) is None), "
-            "current_async_library())"
+            "asyncio.run(library()))"
         )
         out = subprocess.run(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-c", code, str(Path(sc_async.__file__).parent)],
