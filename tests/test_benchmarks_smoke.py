@@ -237,16 +237,18 @@ class TestServerAndAdapters:
         import subprocess
 
         code = (
-            "import sys, importlib.util; sys.path.insert(0, sys.argv[1]); import sc_async; "
-            "missing = importlib.util.find_spec('sniffio') is None; "
-            "cut = sc_async.sniffio_fails_fast(); "
-            "from httpcore._synchronization import current_async_library; "
-            "import asyncio; "
+            "import asyncio, sys, importlib.util\n"
+            "sys.path.insert(0, sys.argv[1])\n"
+            "import sc_async\n"
+            "missing = importlib.util.find_spec('sniffio') is None\n"
+            "cut = sc_async.sniffio_fails_fast()\n"
+            "from httpcore._synchronization import current_async_library\n"
             # Inside a running loop, as httpcore asks (sniffio, when installed,
             # refuses to answer outside one).
-            "async def library(): return current_async_library()\n"
+            "async def library():\n"
+            "    return current_async_library()\n"
             "print(cut is missing is (sys.modules.get('sniffio', 0) is None), "
-            "asyncio.run(library()))"
+            "asyncio.run(library()))\n"
         )
         out = subprocess.run(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-c", code, str(Path(sc_async.__file__).parent)],
