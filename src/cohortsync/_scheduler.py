@@ -896,17 +896,12 @@ class Scheduler:
             return tuple(doomed)
         deleted: list[str] = []
         for sync_id in doomed:
-            for attempt in range(_CAS_ATTEMPTS):
-                try:
-                    self.delete_sync(sync_id)
-                except SyncNotFoundError:  # noqa: PERF203 - a retry, not a hot loop
-                    break  # gone already
-                except ConflictError:
-                    if attempt + 1 == _CAS_ATTEMPTS:
-                        raise
-                else:
-                    deleted.append(sync_id)
-                    break
+            # delete_sync re-reads and retries a conflicting write itself.
+            try:
+                self.delete_sync(sync_id)
+            except SyncNotFoundError:
+                continue  # gone already
+            deleted.append(sync_id)
         return tuple(deleted)
 
     def _write_specs(
