@@ -19,14 +19,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import asyncio
     from concurrent.futures import Future
 
-__all__ = ["Interrupted", "LoopThread", "Portal", "RunCancelled", "to_thread_to_the_end"]
+__all__ = [
+    "Interrupted",
+    "LoopThread",
+    "Portal",
+    "RunCancelled",
+    "finish",
+    "to_thread_to_the_end",
+]
 
 T = TypeVar("T")
 
@@ -192,10 +199,22 @@ async def to_thread_to_the_end(function: Callable[..., T], *args: object) -> T:
     try:
         return await asyncio.shield(call)
     except asyncio.CancelledError:
-        while not call.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait((call,))
+        await finish(call)
         raise
+
+
+async def finish(work: Awaitable[object]) -> None:
+    """
+    Await *work* to its end through any cancellation of the caller (who
+    re-raises its own): what runs in threads stops at its own next step,
+    not when a task is cancelled.
+    """
+    import asyncio  # noqa: PLC0415 - see Portal.submit
+
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait((task,))
 
 
 async def _wind_down() -> None:
@@ -265,10 +284,5 @@ class LoopThread:
             thread.join()
         loop.close()
 
-    @property
-    def running(self) -> bool:
-        """Whether the thread has been started and not stopped."""
-        return self._thread is not None
-
     def __repr__(self) -> str:
-        return f"<LoopThread {'running' if self.running else 'not started'}>"
+        return f"<LoopThread {'running' if self._thread is not None else 'not started'}>"

@@ -23,7 +23,6 @@ an event loop needs:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import os
@@ -37,7 +36,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import attrs
 from typing_extensions import Self
 
-from cohortsync._aio import Portal, RunCancelled, to_thread_to_the_end
+from cohortsync._aio import Portal, RunCancelled, finish, to_thread_to_the_end
 from cohortsync._clock import Clock, is_system_clock, sleep_async
 from cohortsync._cohort import Cohort
 from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimits
@@ -46,10 +45,10 @@ from cohortsync._events import Event, Listener
 from cohortsync._policy import SyncPolicy
 from cohortsync._run import RunEnvironment
 from cohortsync._scheduler import (
-    _MIN_SLEEP,
     Scheduler,
     _Batch,
     _SlotAllocation,
+    poll_delay,
 )
 from cohortsync._sync import SyncRun
 from cohortsync._validators import check_count, check_number
@@ -348,16 +347,7 @@ class AsyncScheduler:
         portal = Portal(asyncio.get_running_loop())
         env = attrs.evolve(inner._environment(), portal=lambda: portal, scope=portal)  # noqa: SLF001
         lanes = self._lane_pool()
-        return await self._run_round(env, portal, lanes, _Round(limit), width)
-
-    async def _run_round(
-        self,
-        env: RunEnvironment,
-        portal: Portal,
-        lanes: ThreadPoolExecutor,
-        state: _Round,
-        width: int,
-    ) -> list[SyncRun]:
+        state = _Round(limit)
         await self._store_call(self._housekeeping)
         waiting = [asyncio.wrap_future(lanes.submit(self._lane, env, state)) for _ in range(width)]
         # Each lane is busy until its thread ends (not until the round does):
@@ -372,8 +362,8 @@ class AsyncScheduler:
         except BaseException:
             state.stop = True
             portal.cancel()
-            await _settle(waiting)
-            await _finish(portal.drain())
+            await finish(asyncio.wait(waiting))
+            await finish(portal.drain())
             raise
         for lane in waiting:
             error = lane.exception()
@@ -461,12 +451,7 @@ class AsyncScheduler:
                 if start and free > 0:
                     rounds.add(asyncio.ensure_future(self._round(None, free)))
                 due = await self._store_call(inner.storage.next_due)
-                now = inner._now()  # noqa: SLF001
-                delay = idle
-                if due is not None:
-                    delay = min(idle, max(0.0, (due - now).total_seconds()))
-                if delay <= 0:
-                    delay = _MIN_SLEEP
+                delay = poll_delay(due, inner._now(), idle)  # noqa: SLF001
                 why = await _until_next_round(
                     rounds, woken, stop, inner.clock, delay, real_time=real_time
                 )
@@ -489,7 +474,7 @@ class AsyncScheduler:
             # are not cut short by it; they finish, record what they can, and
             # give their leases back before the error is raised.
             if rounds:
-                await _finish(_gather_quietly(rounds))
+                await finish(asyncio.wait(rounds))
 
     # -- closing -----------------------------------------------------------------
 
@@ -585,28 +570,3 @@ async def _until_next_round(
     if woken.is_set() or stop.is_set():
         return "woken"
     return "timer" if delay <= 0 else "ended"
-
-
-async def _gather_quietly(tasks: set[asyncio.Task[list[SyncRun]]]) -> None:
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _finish(work: Coroutine[Any, Any, None]) -> None:
-    """Await *work* to its end through any cancellation (the caller re-raises its own)."""
-    task = asyncio.ensure_future(work)
-    while not task.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait((task,))
-
-
-async def _settle(waiting: list[asyncio.Future[None]]) -> None:
-    """
-    Wait until every lane has stopped, even through further cancellations
-    (they are taken as said: the caller re-raises the first one).
-    """
-    pending = {lane for lane in waiting if not lane.done()}
-    while pending:
-        try:
-            _, pending = await asyncio.wait(pending)
-        except asyncio.CancelledError:  # noqa: PERF203 - waited through, see above
-            continue

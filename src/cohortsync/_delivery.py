@@ -564,18 +564,14 @@ class BatchSender:
         errors: the engine never guesses from messages.
         """
         destination = self.destination
+        # An asynchronous adapter's requests always go through asend.
+        assert not isinstance(destination, AsyncDestination)  # noqa: S101
         try:
-            if isinstance(destination, AsyncDestination):
-                # A request of an asynchronous adapter from a blocking driver
-                # (a lone batch): run it on the portal's loop and wait.
-                return self._checked(
-                    batch, self._require_portal().call(_request(destination, batch))
-                )
             if batch.operation is Operation.REMOVE:
                 result = destination.remove(batch)
             else:
                 result = destination.add(batch)
-        except Exception as e:
+        except Exception as e:  # mapped, never swallowed: it fails or retries the batch
             raise self._mapped(batch, e) from e
         return self._checked(batch, result)
 
@@ -596,7 +592,7 @@ class BatchSender:
                 f"{type(destination).__name__}.{batch.operation.value}() raised "
                 "CancelledError without the run being cancelled (a client's own timeout?)"
             ) from e
-        except Exception as e:
+        except Exception as e:  # mapped, never swallowed: it fails or retries the batch
             raise self._mapped(batch, e) from e
         return self._checked(batch, result)
 
@@ -637,11 +633,6 @@ class BatchSender:
                 f"{type(result).__name__}, not DeliveryResult{hint}"
             )
         return result
-
-    def _require_portal(self) -> Portal:
-        if self.portal is None:  # pragma: no cover - the scheduler always gives one
-            raise RuntimeError("an asynchronous destination needs an event loop portal")
-        return self.portal
 
     def _asked(self, error: TransientError) -> float | None:
         """

@@ -1930,14 +1930,7 @@ class Scheduler:
         while not stop.is_set():
             self.run_due()
             now = self._now()
-            wake = self.storage.next_due()
-            delay = idle
-            if wake is not None:
-                delay = min(idle, max(0.0, (wake - now).total_seconds()))
-            if delay <= 0:
-                # Claimable already (a slot fell due while a run ran, a lease
-                # was released): go round after a short pause, never a spin.
-                delay = _MIN_SLEEP
+            delay = poll_delay(self.storage.next_due(), now, idle)
             while delay > 0 and not stop.is_set():
                 step = min(delay, 1.0)
                 self.clock.sleep(step)
@@ -2151,6 +2144,19 @@ class _Batch:
             if claim.lease.sync_id not in self.seen:
                 _release(storage, claim.lease)
         del self.claims[self.next :]
+
+
+def poll_delay(due: datetime | None, now: datetime, idle: float) -> float:
+    """
+    How long a ``run_forever`` waits before its next round: until *due* (the
+    store's next due instant or lease expiry), at most *idle* seconds.
+    """
+    if due is None:
+        return idle
+    delay = min(idle, (due - now).total_seconds())
+    # Claimable already (a slot fell due while a run ran, a lease was
+    # released): go round after a short pause, never a spin.
+    return delay if delay > 0 else _MIN_SLEEP
 
 
 def _lease_lost(lease: Lease, run_id: str | None) -> None:
