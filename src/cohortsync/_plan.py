@@ -760,6 +760,10 @@ def _next_on_grid(sync: Sync, o: Outcome) -> tuple[datetime | None, int, str | N
     return nxt.due, nxt.coalesced, None
 
 
+_new_run = v.trusted_maker(SyncRun)
+_new_completion = v.trusted_maker(Completion)
+
+
 def plan_completion(outcome: Outcome) -> CompletionPlan:
     """
     What comes after a run: its history record, the next due instant and
@@ -817,8 +821,7 @@ def plan_completion(outcome: Outcome) -> CompletionPlan:
     clean = o.error_type is None
     # Built without the validating constructor: every part was validated when
     # it was made; only host text (the error, the notes) goes through its converter.
-    run = v.make_trusted(
-        SyncRun,
+    run = _new_run(
         id=o.run_id,
         sync_id=o.sync.id,
         generation=o.generation,
@@ -841,7 +844,7 @@ def plan_completion(outcome: Outcome) -> CompletionPlan:
         collisions=o.tally.collisions,
         coalesced=coalesced,
     )
-    completion = Completion(
+    completion = _new_completion(
         run=run,
         next_due=next_due,
         next_trigger=next_trigger,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import secrets
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
@@ -89,6 +88,7 @@ from cohortsync._plan import (
 )
 from cohortsync._policy import Cadence
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
+from cohortsync._tokens import token_hex
 from cohortsync.eligibility import Ruleset
 from cohortsync.exceptions import (
     AuthenticationError,
@@ -336,16 +336,20 @@ def execute(env: RunEnvironment, claim: Claim | Lease) -> SyncRun:
     return done.report(env)
 
 
-def prepare(env: RunEnvironment, claim: Claim | Lease) -> Completing:
+def prepare(
+    env: RunEnvironment, claim: Claim | Lease, *, started: datetime | None = None
+) -> Completing:
     """
     Run the claimed slot up to its completion, which the caller stores (and
     then reports). Raises :class:`LeaseLostError` if the lease was lost.
 
     A :class:`Claim` carries the sync's record and its delivered-state facts,
     so an ordinary run reads nothing more; a bare :class:`Lease` makes the
-    run read them.
+    run read them. *started* is the caller's reading of the environment's
+    clock just before (else the run reads it).
     """
-    run = _Run(env, claim, None) if isinstance(claim, Lease) else _Run(env, claim.lease, claim)
+    lease, told = (claim, None) if isinstance(claim, Lease) else (claim.lease, claim)
+    run = _Run(env, lease, told, env.clock.now() if started is None else started)
     try:
         return run.run()
     except RunCancelled:
@@ -359,16 +363,18 @@ def prepare(env: RunEnvironment, claim: Claim | Lease) -> Completing:
 
 
 class _Run:
-    def __init__(self, env: RunEnvironment, lease: Lease, claim: Claim | None) -> None:
+    def __init__(
+        self, env: RunEnvironment, lease: Lease, claim: Claim | None, started: datetime
+    ) -> None:
         self.env = env
         self.lease = _Lease(env, lease)
-        self.run_id = secrets.token_hex(8)
+        self.run_id = token_hex(8)
         # The scheduled slot goes into every idempotency key: a run taking over
         # a crashed one runs the same slot and re-sends under the same keys,
         # while a member who leaves and comes back does so in a later slot and
         # gets a new key (a de-duplicating receiver would drop a repeated one).
         self.basis = lease.slot.isoformat()
-        self.started = env.clock.now()
+        self.started = started
         record = None if claim is None else claim.record
         self.record = env.storage.get_sync(lease.sync_id) if record is None else record
         # What the claim told about the delivered state (else it is read).
@@ -637,7 +643,7 @@ class _Run:
                 sync=sync,
                 slot=self.lease.current.slot,
                 last_slot=record.last_slot,
-                now=env.clock.now(),
+                now=self.started,
                 full_resync=record.full_resync,
                 last_full_sync_at=record.last_full_sync_at,
                 capabilities=caps,
@@ -665,13 +671,14 @@ class _Run:
             if diff.size is not None
             else delivered_count + len(diff.adds) - len(diff.removes)
         )
+        read_at = env.clock.now()  # the re-check and the guard decide as of now
         recheck = plan_recheck(
             sync,
             cohort.with_size(size),
             caps,
             identifier_kinds=env.mapping(sync.mapping_id).kinds,
             rules=env.rules,
-            at=env.clock.now(),
+            at=read_at,
         )
         self.notes.extend(recheck.notes)
         self._emit(recheck.events)
@@ -680,7 +687,7 @@ class _Run:
             diff.close()
             return RunStatus.SKIPPED, new_sync
 
-        guard = self._guard(diff, caps)
+        guard = self._guard(diff, caps, read_at)
         if guard.release_used:
             new_sync = attrs.evolve(new_sync, guard_released=False)
         if not plan.from_feed:
@@ -707,7 +714,7 @@ class _Run:
         self.full_done = self.full or caps.full_sync_only or delivered_count == 0
         return status, new_sync
 
-    def _guard(self, diff: Diff, caps: Capabilities) -> GuardPlan:
+    def _guard(self, diff: Diff, caps: Capabilities, at: datetime) -> GuardPlan:
         guard = plan_guard(
             self.sync,
             caps,
@@ -715,7 +722,7 @@ class _Run:
             removing=len(diff.removes),
             source_empty=diff.source_empty,
             run_id=self.run_id,
-            at=self.env.clock.now(),
+            at=at,
         )
         self.guarded = guard.guarded
         if guard.note is not None:

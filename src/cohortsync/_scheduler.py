@@ -2103,8 +2103,12 @@ class _Batch:
                 self.slow()
                 break
             self.seen.add(lease.sync_id)
+            finished: datetime | None = None
             try:
-                self.done.append(prepare(self.env, claim))
+                completing = prepare(self.env, claim, started=started)
+                self.done.append(completing)
+                # The run read the clock as it finished: no need to read it again.
+                finished = completing.completion.run.finished_at
             except RunCancelled:
                 # The run gave its own lease back: store what finished before
                 # it, give back the claims not started, and stop.
@@ -2117,7 +2121,8 @@ class _Batch:
                 isolated = scheduler._isolate(lease, exc)  # noqa: SLF001
                 if isolated is not None:
                     self.runs.append(isolated)
-            finished = scheduler._now()  # noqa: SLF001
+            if finished is None:
+                finished = scheduler._now()  # noqa: SLF001
             scheduler._timed(started, finished)  # noqa: SLF001
             since = since or started
             if self.done and finished - since >= scheduler.lease_for / 4:

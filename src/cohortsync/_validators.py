@@ -235,22 +235,28 @@ def optional_to_utc(value: datetime | None) -> datetime | None:
     return None if value is None else require_aware(value)
 
 
-_EVOLVERS: dict[type, tuple[frozenset[str], Callable[[Any, dict[str, Any]], Any]]] = {}
+_EVOLVERS: dict[tuple[type, tuple[str, ...]], Callable[..., Any]] = {}
 
 
-def _make_evolver(cls: type) -> tuple[frozenset[str], Callable[[Any, dict[str, Any]], Any]]:
+def _make_evolver(cls: type, changed: tuple[str, ...]) -> Callable[..., Any]:
     """
-    A copy function for the frozen attrs *cls*, generated as straight-line
-    code (one line per field), as attrs generates its own ``__init__``: a
-    loop over the fields with ``getattr`` cost twice as much on the hot path.
+    A copy function for the frozen attrs *cls* that replaces the fields
+    *changed*, generated as straight-line code (one line per field), as
+    attrs generates its own ``__init__``: a loop over the fields with
+    ``getattr``, or a lookup of every field in the changes, cost twice as much
+    on the hot path. Python's own argument binding refuses an unknown field.
     """
     names = tuple(a.name for a in attrs.fields(cls))
-    lines = ["def evolve(inst, changes):", "    new = new_(cls)", "    get = changes.get"]
-    lines += [f"    put(new, {n!r}, get({n!r}, inst.{n}))" for n in names]
+    unknown = sorted(set(changed) - set(names))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+    lines = [f"def evolve(inst, {', '.join(changed)}):", "    new = new_(cls)"]
+    lines += [f"    put(new, {n!r}, {n if n in changed else 'inst.' + n})" for n in names]
     lines.append("    return new")
     scope: dict[str, Any] = {"new_": object.__new__, "put": object.__setattr__, "cls": cls}
     exec("\n".join(lines), scope)  # noqa: S102 - generated from the class's own field names
-    return frozenset(names), scope["evolve"]
+    evolve: Callable[..., Any] = scope["evolve"]
+    return evolve
 
 
 def evolve_trusted(inst: A, **changes: Any) -> A:
@@ -263,19 +269,57 @@ def evolve_trusted(inst: A, **changes: Any) -> A:
     from a host always goes through the validating constructor. An unknown
     field name is still refused.
     """
-    cls = type(inst)
-    known = _EVOLVERS.get(cls)
-    if known is None:
-        known = _EVOLVERS[cls] = _make_evolver(cls)
-    allowed, evolve = known
-    if not allowed.issuperset(changes):
-        unknown = ", ".join(sorted(set(changes) - allowed))
-        raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
-    new: A = evolve(inst, changes)
+    key = (type(inst), tuple(changes))
+    evolve = _EVOLVERS.get(key)
+    if evolve is None:
+        evolve = _EVOLVERS[key] = _make_evolver(*key)
+    new: A = evolve(inst, **changes)
     return new
 
 
-_DEFAULTS: dict[type, tuple[tuple[str, ...], dict[str, Any]]] = {}
+_MAKERS: dict[type, Callable[..., Any]] = {}
+_MISSING = object()
+
+
+def _make_maker(cls: type) -> Callable[..., Any]:
+    """
+    A keyword-only constructor for the frozen attrs *cls* without converters
+    and validators, generated as straight-line code like :func:`_make_evolver`:
+    Python's own argument binding refuses an unknown or a missing field.
+    """
+    params, lines = [], []
+    scope: dict[str, Any] = {"new_": object.__new__, "put": object.__setattr__, "cls": cls}
+    scope["missing"] = _MISSING
+    for a in attrs.fields(cls):
+        n = a.name
+        if a.default is attrs.NOTHING:
+            params.append(n)
+            lines.append(f"    put(new, {n!r}, {n})")
+        elif isinstance(a.default, attrs.Factory):  # type: ignore[arg-type]
+            scope[f"factory_{n}"] = a.default.factory
+            params.append(f"{n}=missing")
+            lines.append(f"    put(new, {n!r}, factory_{n}() if {n} is missing else {n})")
+        else:
+            scope[f"default_{n}"] = a.default
+            params.append(f"{n}=default_{n}")
+            lines.append(f"    put(new, {n!r}, {n})")
+    # Named for the class: a missing or unknown field reads "Progress() missing ...".
+    name = cls.__name__
+    code = [f"def {name}(*, {', '.join(params)}):", "    new = new_(cls)", *lines, "    return new"]
+    exec("\n".join(code), scope)  # noqa: S102 - generated from the class's own field names
+    maker: Callable[..., Any] = scope[name]
+    return maker
+
+
+def trusted_maker(cls: type[A]) -> Callable[..., A]:
+    """
+    The constructor :func:`make_trusted` uses for *cls*, to call directly on
+    the hot path (one keyword binding instead of two).
+    """
+    maker = _MAKERS.get(cls)
+    if maker is None:
+        maker = _MAKERS[cls] = _make_maker(cls)
+    return maker
 
 
 def make_trusted(cls: type[A], **values: Any) -> A:
@@ -283,36 +327,6 @@ def make_trusted(cls: type[A], **values: Any) -> A:
     A frozen attrs *cls* built without converters and validators: the same
     contract as :func:`evolve_trusted`, for a value the engine assembles
     from validated parts. Fields left out take their defaults; a missing
-    required field or an unknown one is refused.
+    required field or an unknown one is refused (:class:`TypeError`).
     """
-    known = _DEFAULTS.get(cls)
-    if known is None:
-        fields = attrs.fields(cls)
-        defaults: dict[str, Any] = {}
-        for a in fields:
-            if a.default is attrs.NOTHING:
-                continue
-            if isinstance(a.default, attrs.Factory):  # type: ignore[arg-type]
-                continue  # built per instance below
-            defaults[a.name] = a.default
-        known = _DEFAULTS[cls] = (tuple(a.name for a in fields), defaults)
-    names, defaults = known
-    new = object.__new__(cls)
-    put = object.__setattr__
-    left = len(values)
-    for name in names:
-        if name in values:
-            put(new, name, values[name])
-            left -= 1
-        elif name in defaults:
-            put(new, name, defaults[name])
-        else:
-            field = getattr(attrs.fields(cls), name)
-            if isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
-                put(new, name, field.default.factory())
-            else:
-                raise TypeError(f"{cls.__name__} needs {name}")
-    if left:
-        unknown = ", ".join(sorted(set(values) - set(names)))
-        raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
-    return new
+    return trusted_maker(cls)(**values)

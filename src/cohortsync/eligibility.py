@@ -409,7 +409,15 @@ def check_eligibility(
     Returns:
         Every reason found; ``.eligible`` is true when none is blocking.
     """
-    kinds = None if identifier_kinds is None else frozenset(_to_kind(k) for k in identifier_kinds)
+    kinds: frozenset[IdentifierKind] | None
+    if identifier_kinds is None:
+        kinds = None
+    elif type(identifier_kinds) is frozenset and all(
+        type(k) is IdentifierKind for k in identifier_kinds
+    ):
+        kinds = identifier_kinds  # a mapping's own kinds: every run passes them
+    else:
+        kinds = frozenset(_to_kind(k) for k in identifier_kinds)
     caps = _capabilities(destination)
     cadence = cadence or policy.cadence
     if rules is not DEFAULT_RULES:
@@ -428,7 +436,8 @@ def check_eligibility(
     # identifier kinds, the capabilities and the policy. The last two are
     # keyed by identity (hashing them costs more than checking): the entry
     # keeps them alive, so their ids cannot be reused while it exists.
-    key = (id(caps), id(policy), cohort.size, cohort.type, cadence, kinds)
+    # Enum members are singletons: their ids hash faster than they do.
+    key = (id(caps), id(policy), cohort.size, id(cohort.type), id(cadence), kinds)
     hit = _CHECKED.get(key)
     if hit is not None and hit[0] is caps and hit[1] is policy:
         return hit[2]

@@ -459,6 +459,13 @@ class IdentifierMapping:
     default_country_code: str | None = attrs.field(
         default=None, kw_only=True, converter=_to_country_code
     )
+    _kinds: frozenset[IdentifierKind] = attrs.field(
+        init=False,
+        repr=False,
+        eq=False,
+        default=attrs.Factory(lambda self: frozenset(k for k, _ in self.rules), takes_self=True),
+    )
+    """:attr:`kinds`, made once: every run's eligibility re-check asks."""
 
     @classmethod
     def identity(cls, kind: IdentifierKind = IdentifierKind.USER_ID) -> IdentifierMapping:
@@ -495,7 +502,7 @@ class IdentifierMapping:
         Every kind this mapping can produce: eligibility checks that at least one
         is accepted by the destination.
         """
-        return frozenset(kind for kind, _ in self.rules)
+        return self._kinds
 
     def resolve(
         self, key: str, accepted: AbstractSet[IdentifierKind] | None = None

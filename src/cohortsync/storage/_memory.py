@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import secrets
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
@@ -20,6 +19,7 @@ import attrs
 from cohortsync._clock import add_saturating, require_aware
 from cohortsync._destination import Identifier, IdentifierKind, Operation
 from cohortsync._sync import SyncRun, SyncStatus
+from cohortsync._tokens import token_hex
 from cohortsync.exceptions import (
     ConfigurationError,
     ConflictError,
@@ -150,6 +150,55 @@ def _rebase_index_key(record: SyncRecord) -> tuple[datetime, str] | None:
     return record.scheduled_from, record.id
 
 
+def _moved(
+    old: SyncRecord | None,
+    new: SyncRecord | None,
+    key_of: Callable[[SyncRecord], tuple[datetime, str] | None],
+) -> tuple[str, tuple[datetime, str] | None]:
+    """A sync's id and its key in an index after a write (``None``: not in it)."""
+    if new is None:
+        assert old is not None  # noqa: S101 - a write has a before or an after
+        return old.id, None
+    return new.id, key_of(new)
+
+
+class _Lazy:
+    """
+    A sorted index of records' keys, patched when it is read: a write only
+    notes the sync's new key, so a sync run many times between two reads
+    moves its key once (the run loop reads neither index; listings do).
+    """
+
+    __slots__ = ("_keys", "_moved", "_sorted")
+
+    def __init__(self) -> None:
+        self._sorted: _Sorted[tuple[datetime, str]] = _Sorted()
+        self._keys: dict[str, tuple[datetime, str]] = {}
+        """Each indexed sync's key as it is in ``_sorted``."""
+        self._moved: dict[str, tuple[datetime, str] | None] = {}
+        """The newest key of each sync written since the last read (``None``: out)."""
+
+    def move(self, sync_id: str, key: tuple[datetime, str] | None) -> None:
+        self._moved[sync_id] = key
+
+    def current(self) -> _Sorted[tuple[datetime, str]]:
+        """The index with every move made."""
+        keys, index = self._keys, self._sorted
+        for sync_id, after in self._moved.items():
+            before = keys.get(sync_id)
+            if before == after:
+                continue
+            if before is not None:
+                index.discard(before)
+            if after is None:
+                del keys[sync_id]
+            else:
+                index.add(after)
+                keys[sync_id] = after
+        self._moved.clear()
+        return index
+
+
 @attrs.define
 class _Delivered:
     """
@@ -223,10 +272,13 @@ class MemoryStorage(StorageBase):
     _slots: dict[int, SlotLoad] = attrs.field(factory=dict, repr=False)
     _due: list[tuple[datetime, str]] = attrs.field(factory=list, repr=False)
     _ids: _Sorted[str] = attrs.field(factory=_Sorted, repr=False)
-    _by_due: _Sorted[tuple[datetime, str]] = attrs.field(factory=_Sorted, repr=False)
+    _by_due: _Lazy = attrs.field(factory=_Lazy, repr=False)
     """``(next_due, id)`` of the active scheduled syncs (due_between)."""
-    _by_from: _Sorted[tuple[datetime, str]] = attrs.field(factory=_Sorted, repr=False)
+    _by_from: _Lazy = attrs.field(factory=_Lazy, repr=False)
     """``(scheduled_from, id)`` of the active syncs (scheduled_after)."""
+    _latest_from: datetime | None = attrs.field(default=None, repr=False)
+    """At least the latest ``scheduled_from`` stored: scheduled_after's usual
+    answer (none) without patching its index."""
     _leased: set[str] = attrs.field(factory=set, repr=False)
     _delivered: dict[str, _Delivered] = attrs.field(factory=dict, repr=False)
     _ledger: dict[str, dict[str, LedgerEntry]] = attrs.field(factory=dict, repr=False)
@@ -317,25 +369,34 @@ class MemoryStorage(StorageBase):
     def next_due(self) -> datetime | None:
         with self._lock:
             self._check_open()
-            # The heap holds hints; drop stale ones from the top until it is true.
+            # The heap holds hints for syncs without a lease; drop stale ones
+            # from the top until it is true.
+            earliest: datetime | None = None
             while self._due:
                 at, sync_id = self._due[0]
                 r = self._syncs.get(sync_id)
-                if r is not None and record_claimable_at(r) == at:
-                    return at
+                if r is not None and r.lease is None and record_claimable_at(r) == at:
+                    earliest = at
+                    break
                 heapq.heappop(self._due)
-            return None
+            for sync_id in self._leased:
+                expiry = record_claimable_at(self._syncs[sync_id])
+                if expiry is not None and (earliest is None or expiry < earliest):
+                    earliest = expiry
+            return earliest
 
     def scheduled_after(self, now: datetime) -> list[SyncRecord]:
         now = require_aware(now, "now")
         with self._lock:
             self._check_open()
-            last = self._by_from.last()
+            if self._latest_from is None or self._latest_from <= now:
+                return []  # the usual answer, without patching the index
+            index = self._by_from.current()
+            last = index.last()
+            self._latest_from = None if last is None else last[0]
             if last is None or last[0] <= now:
-                return []  # the usual answer, from the index's last key
-            later = (
-                self._syncs[sync_id] for _, sync_id in self._by_from.after((now, "\U0010ffff"))
-            )
+                return []
+            later = (self._syncs[sync_id] for _, sync_id in index.after((now, "\U0010ffff")))
             return sorted(scheduled_later(later, now), key=lambda r: r.id)
 
     def due_between(
@@ -345,7 +406,7 @@ class MemoryStorage(StorageBase):
         with self._lock:
             self._check_open()
             out: list[SyncRecord] = []
-            for key in self._by_due.after(after):
+            for key in self._by_due.current().after(after):
                 if len(out) >= limit or key[0] > until:
                     break
                 out.append(self._syncs[key[1]])
@@ -429,14 +490,17 @@ class MemoryStorage(StorageBase):
     def _store(self, record: SyncRecord) -> None:
         """
         Save *record* and index when it can next be claimed. The heap holds
-        hints (possibly stale or duplicated); claims re-check the record.
+        hints (possibly stale or duplicated); claims re-check the record. A
+        leased record gets no hint: claims and :meth:`next_due` look at every
+        leased sync anyway (they are the few runs in flight), and a hint per
+        claim would double the heap's pushes and pops.
         """
         self._index(self._syncs.get(record.id), record)
         self._syncs[record.id] = record
-        if record.lease is None:
-            self._leased.discard(record.id)
-        else:
+        if record.lease is not None:
             self._leased.add(record.id)
+            return
+        self._leased.discard(record.id)
         at = record_claimable_at(record)
         if at is not None:
             heapq.heappush(self._due, (at, record.id))
@@ -447,14 +511,23 @@ class MemoryStorage(StorageBase):
             self._ids.add(new.id)
         elif new is None and old is not None:
             self._ids.discard(old.id)
-        for index, key_of in ((self._by_due, _due_index_key), (self._by_from, _rebase_index_key)):
-            before = None if old is None else key_of(old)
-            after = None if new is None else key_of(new)
-            if before != after:
-                if before is not None:
-                    index.discard(before)
-                if after is not None:
-                    index.add(after)
+        if (
+            old is None
+            or new is None
+            or old.next_due != new.next_due
+            or old.sync.status is not new.sync.status
+        ):
+            self._by_due.move(*_moved(old, new, _due_index_key))
+        if (
+            old is None
+            or new is None
+            or old.scheduled_from != new.scheduled_from
+            or old.sync.status is not new.sync.status
+        ):
+            sync_id, key = _moved(old, new, _rebase_index_key)
+            self._by_from.move(sync_id, key)
+            if key is not None and (self._latest_from is None or key[0] > self._latest_from):
+                self._latest_from = key[0]
 
     def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
         with self._lock:
@@ -464,11 +537,13 @@ class MemoryStorage(StorageBase):
         self, now: datetime, owner: str, lease_for: timedelta, limit: int
     ) -> list[Claim]:
         with self._lock:
+            delivered = self._delivered
             return [
                 Claim(
                     lease=lease,
                     record=record,
-                    delivered=len(self._state(record.id).ids),
+                    # Not _state(): a claim must not build an empty state per sync.
+                    delivered=len(delivered[record.id].ids) if record.id in delivered else 0,
                     version=self._versions.get(record.id, ""),
                     pending=bool(self._pending.get(record.id)),
                     ledger=record.id in self._ledger,
@@ -522,7 +597,7 @@ class MemoryStorage(StorageBase):
             expires_at = add_saturating(now, lease_for)
             for r in due:
                 claimed, lease = apply_claim(
-                    r, owner=owner, token=secrets.token_hex(16), expires_at=expires_at
+                    r, owner=owner, token=token_hex(16), expires_at=expires_at
                 )
                 self._store(claimed)
                 claims.append((claimed, lease))
@@ -685,7 +760,7 @@ class MemoryStorage(StorageBase):
                 if old_progress is not None:
                     tally = old_progress.tally + tally
                 self._progress[lease.sync_id] = Progress(slot=batch.slot, tally=tally)
-            version = secrets.token_hex(8)
+            version = token_hex(8)
             self._versions[lease.sync_id] = version
             return version
 

@@ -32,6 +32,7 @@ import attrs
 from cohortsync._clock import add_saturating, require_aware
 from cohortsync._destination import Identifier, IdentifierKind
 from cohortsync._sync import SyncRun, SyncStatus
+from cohortsync._tokens import token_hex
 from cohortsync.exceptions import (
     ConfigurationError,
     ConflictError,
@@ -1137,7 +1138,7 @@ class SQLiteStorage(StorageBase):
                 conn.execute(
                     _ADD_PROGRESS, q.progress_params(sync_id, batch.slot, batch.tally, _US)
                 )
-            version = secrets.token_hex(8)
+            version = token_hex(8)
             conn.execute(_MOVE_DELIVERED, (version, change, sync_id))
         return version
 
