@@ -139,6 +139,10 @@ class Diff:
                 keys.close()
 
 
+_COLLECTIONS = frozenset({list, tuple, set, frozenset})
+"""Exact types a source's snapshot is known to be fine as (no ABC check per run)."""
+
+
 def _snapshot(source: MembershipSource, cohort_id: str) -> Iterable[object]:
     """
     Call the source and check it returned a collection of keys: a ``str``
@@ -151,7 +155,9 @@ def _snapshot(source: MembershipSource, cohort_id: str) -> Iterable[object]:
         raise
     except Exception as e:  # the host's source failed: a typed error the run records
         raise SourceError(cohort_id, f"{type(e).__name__}: {e}") from e
-    if isinstance(members, (str, bytes, bytearray, memoryview, Mapping)):
+    if type(members) not in _COLLECTIONS and isinstance(
+        members, (str, bytes, bytearray, memoryview, Mapping)
+    ):
         raise SourceError(
             cohort_id,
             f"the membership source returned a {type(members).__name__}, not a collection "

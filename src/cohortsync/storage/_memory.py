@@ -495,15 +495,16 @@ class MemoryStorage(StorageBase):
         leased sync anyway (they are the few runs in flight), and a hint per
         claim would double the heap's pushes and pops.
         """
-        self._index(self._syncs.get(record.id), record)
-        self._syncs[record.id] = record
+        sync_id = record.id
+        self._index(self._syncs.get(sync_id), record)
+        self._syncs[sync_id] = record
         if record.lease is not None:
-            self._leased.add(record.id)
+            self._leased.add(sync_id)
             return
-        self._leased.discard(record.id)
+        self._leased.discard(sync_id)
         at = record_claimable_at(record)
         if at is not None:
-            heapq.heappush(self._due, (at, record.id))
+            heapq.heappush(self._due, (at, sync_id))
 
     def _index(self, old: SyncRecord | None, new: SyncRecord | None) -> None:
         """Move a sync's keys in the sorted indexes from *old* to *new*."""
@@ -537,20 +538,23 @@ class MemoryStorage(StorageBase):
         self, now: datetime, owner: str, lease_for: timedelta, limit: int
     ) -> list[Claim]:
         with self._lock:
-            delivered = self._delivered
-            return [
-                Claim(
-                    lease=lease,
-                    record=record,
-                    # Not _state(): a claim must not build an empty state per sync.
-                    delivered=len(delivered[record.id].ids) if record.id in delivered else 0,
-                    version=self._versions.get(record.id, ""),
-                    pending=bool(self._pending.get(record.id)),
-                    ledger=record.id in self._ledger,
-                    progress=record.id in self._progress,
+            delivered, versions, pending = self._delivered, self._versions, self._pending
+            claims = []
+            for record, lease in self._claim(now, owner, lease_for, limit):
+                sync_id = lease.sync_id
+                state = delivered.get(sync_id)  # not _state(): no empty state per claim
+                claims.append(
+                    Claim(
+                        lease=lease,
+                        record=record,
+                        delivered=0 if state is None else len(state.ids),
+                        version=versions.get(sync_id, ""),
+                        pending=bool(pending.get(sync_id)),
+                        ledger=sync_id in self._ledger,
+                        progress=sync_id in self._progress,
+                    )
                 )
-                for record, lease in self._claim(now, owner, lease_for, limit)
-            ]
+            return claims
 
     def _claim(
         self, now: datetime, owner: str, lease_for: timedelta, limit: int
@@ -636,10 +640,11 @@ class MemoryStorage(StorageBase):
             if (run.sync_id, run.slot) in self._runs:
                 raise DuplicateRunError(run.sync_id, run.slot)
             self._runs[run.sync_id, run.slot] = run
-            pending = self._pending.get(r.id, {})
-            for key in completion.resolved:
-                pending.pop(key, None)
-            self._progress.pop(r.id, None)
+            if completion.resolved:
+                pending = self._pending.get(lease.sync_id, {})
+                for key in completion.resolved:
+                    pending.pop(key, None)
+            self._progress.pop(lease.sync_id, None)
             self._store(apply_completion(r, lease, completion))
 
     def begin_batch(
