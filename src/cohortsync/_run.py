@@ -363,6 +363,35 @@ def prepare(
 
 
 class _Run:
+    # Facts of a run that start out empty, set as the run learns them: class
+    # attributes, so a run that learns none of them (most) never sets them.
+    full = False
+    sender: BatchSender | None = None
+    # The delivered state mirrored in memory while it is known exactly,
+    # and its version token: kept in the environment's cache after the run.
+    state: DeliveredState | None = None
+    version = ""
+    reusable: dict[str, str] | None = None
+    """Idempotency keys of pending requests, by content (see _plan.reusable_keys)."""
+    kinds: tuple[frozenset[IdentifierKind] | None, IdentifierKind | None] | None = None
+    distinct = False
+    """Adds of a first sync under the identity mapping: one member per identifier."""
+    resumed = False
+    """An earlier attempt of this slot applied batches (this run takes it over)."""
+    uncertain: frozenset[Identifier] | None = None
+    """Identifiers named in ``pending``: whether the destination holds them is unknown."""
+    pending_left: dict[str, set[str]] | None = None
+    """For each pending record, its members this run has not re-sent yet."""
+    guarded = False
+    feed_cursor: str | None = None
+    full_done = False
+    diff: Diff | None = None
+    resolved_adds: dict[str, Identifier] | None = None
+    adds_by_identifier: dict[Identifier, list[str]] | None = None
+    mapping: IdentifierMapping | None = None
+    delivered_at_start = 0
+    teardown_error: BaseException | None = None
+
     def __init__(
         self, env: RunEnvironment, lease: Lease, claim: Claim | None, started: datetime
     ) -> None:
@@ -373,47 +402,31 @@ class _Run:
         # a crashed one runs the same slot and re-sends under the same keys,
         # while a member who leaves and comes back does so in a later slot and
         # gets a new key (a de-duplicating receiver would drop a repeated one).
-        self.basis = lease.slot.isoformat()
+        self.basis: str | None = None
+        """The idempotency keys' basis when not the slot's (see _key_basis); made
+        when the first batch is (most runs send none)."""
         self.started = started
         record = None if claim is None else claim.record
         self.record = env.storage.get_sync(lease.sync_id) if record is None else record
         # What the claim told about the delivered state (else it is read).
         self.told: Claim | None = None if record is None else claim
         self.sync = self.record.sync
+        self.cohort_name = self.sync.cohort_id
+        """The cohort's name once the run has found it (for the batches' context)."""
         self.counts = _Counts()
         self.notes: list[str] = []
         self.issues: list[MemberIssue] = []
-        self.full = False
-        self.sender: BatchSender | None = None
         # The definition as the eligibility re-check left it (fallback to
         # hourly, back to real-time, paused): kept even if delivery then fails.
         self.rechecked = self.sync
-        # The delivered state mirrored in memory while it is known exactly,
-        # and its version token: kept in the environment's cache after the run.
-        self.state: DeliveredState | None = None
-        self.version = ""
         # Batches an earlier run recorded as in flight and never applied, and
         # the identifiers of members this run removes because of them.
         self.pending: list[PendingBatch] = []
-        self.reusable: dict[str, str] | None = None
-        """Idempotency keys of pending requests, by content (see _plan.reusable_keys)."""
-        self.kinds: tuple[frozenset[IdentifierKind] | None, IdentifierKind | None] | None = None
-        self.distinct = False
-        """Adds of a first sync under the identity mapping: one member per identifier."""
         self.settled: dict[Operation, dict[IdentifierKind, dict[str, str | None]]] = {}
         """Identifiers this run's requests were answered for: None (accepted) or the
         reason, by operation, kind and value (strings, which the collector skips)."""
-        self.resumed = False
-        """An earlier attempt of this slot applied batches (this run takes it over)."""
-        self.uncertain: frozenset[Identifier] | None = None
-        """Identifiers named in ``pending``: whether the destination holds them is unknown."""
-        self.pending_left: dict[str, set[str]] | None = None
-        """For each pending record, its members this run has not re-sent yet."""
         self.ledger: list[LedgerEntry] = []
         self.recovered_ids: dict[str, Identifier] = {}
-        self.guarded = False
-        self.feed_cursor: str | None = None
-        self.full_done = False
         # Members sharing one destination identifier (see _plan.group_*):
         # the keys riding with an identifier sent in a batch, identifiers
         # currently in flight, and identifiers kept because a member stays.
@@ -425,13 +438,7 @@ class _Run:
         over: removed from the delivered state in the same write that records
         the new holder, so a run cut short in between never forgets who holds it."""
         self.sent_existing: set[Identifier] = set()
-        self.diff: Diff | None = None
-        self.resolved_adds: dict[str, Identifier] | None = None
-        self.adds_by_identifier: dict[Identifier, list[str]] | None = None
         self.unresolved_adds: list[str] = []
-        self.mapping: IdentifierMapping | None = None
-        self.delivered_at_start = 0
-        self.teardown_error: BaseException | None = None
         self.progress = _Progress(listening=bool(env.listeners))
 
     # -- the run ---------------------------------------------------------------
@@ -481,6 +488,7 @@ class _Run:
         new_sync = self.sync
         try:
             cohort = env.cohort(self.sync.cohort_id)
+            self.cohort_name = cohort.name
             destination = env.destination(self.sync.destination_id)
             caps = destination.capabilities
             if trigger is Trigger.TEARDOWN:
@@ -793,6 +801,8 @@ class _Run:
         an earlier run, outcome unknown) keeps that batch's idempotency key:
         it is the same request, re-sent (see :func:`_plan.reusable_keys`).
         """
+        if self.basis is None:
+            self.basis = self.lease.current.slot.isoformat()
         batch = make_batch(context, operation, members, self._next_sequence(), self.basis)
         if self.pending:
             if self.reusable is None:
@@ -933,15 +943,12 @@ class _Run:
     # -- sending ---------------------------------------------------------------
 
     def _context(self) -> RunContext:
-        cohort_name = self.sync.cohort_id
-        with contextlib.suppress(CohortSyncError):
-            cohort_name = self.env.cohort(self.sync.cohort_id).name
         return RunContext(
             run_id=self.run_id,
             sync_id=self.sync.id,
             generation=self.sync.generation,
             cohort_id=self.sync.cohort_id,
-            cohort_name=cohort_name,
+            cohort_name=self.cohort_name,
             computed_at=self.started,
             full_sync=self.full,
             slot=self.lease.current.slot,
