@@ -738,6 +738,71 @@ class TestIssueKinds:
         assert [IssueKind, IssueKind] == [type(i.kind) for i in store.run_issues("run")]
 
 
+class TestStatementText:
+    """
+    A statement's text is worked out once per store, and sent as one prepared statement.
+    """
+
+    def test_rendered_once_as_one_literal_part(
+        self, store: PostgresStorage, admin: psycopg.Connection[Any]
+    ) -> None:
+        """
+        A template is one literal part with the schema quoted in (nothing left to
+        escape or join at each execute), the text psycopg renders with an Identifier.
+        """
+        template = "SELECT '{{1,2}}'::int[], count(*) FROM {s}.syncs, {s}.meta"
+        composed = store._sql(template)
+
+        expected = sql.SQL(template).format(s=sql.Identifier(store.schema))
+        assert [sql.SQL] == [type(part) for part in composed]
+        assert expected.as_string(admin) == composed.as_string(admin)
+        assert composed is store._sql(template)
+
+    def test_bad_schema_refused(self) -> None:
+        """The renderer refuses a name whose quoted form would need escaping."""
+        with pytest.raises(ConfigurationError, match="schema"):
+            postgres_module._Queries('a"b')
+
+    def test_create_is_one_prepared_statement(self, dsn: str, schema: str) -> None:
+        """
+        One create_sync after another reuses one server-side prepared statement and
+        its generic plan: the statement text is the same for every sync.
+        """
+
+        class Noop(cs.Destination):
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+        opened: list[psycopg.Connection[Any]] = []
+
+        def connect() -> psycopg.Connection[Any]:
+            opened.append(psycopg.connect(dsn))
+            return opened[-1]
+
+        store = PostgresStorage(connect=connect, schema=schema)
+        try:
+            scheduler = cs.Scheduler(store, clock=FakeClock(T0), seed=0)
+            scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ()))
+            scheduler.add_destination("d", Noop())
+            for i in range(20):
+                scheduler.create_sync("c", "d", SyncPolicy.daily(), sync_id=f"s{i}")
+            [conn] = opened
+            unprepared = conn.prepare_threshold or 0
+            prepared = conn.execute(
+                "SELECT generic_plans + custom_plans, generic_plans FROM pg_prepared_statements"
+                " WHERE statement LIKE '%INSERT INTO%syncs%slot_buckets%'"
+            ).fetchall()
+        finally:
+            store.close()
+
+        [(executions, generic)] = prepared
+        assert 20 - unprepared == executions
+        assert generic > 0
+
+
 class TestHostileInput:
     """
     Values are parameters, never SQL: hostile ids and keys are stored as they are.

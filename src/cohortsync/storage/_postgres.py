@@ -1656,19 +1656,31 @@ class PostgresStorage(StorageBase):
 class _Queries:
     """
     Renders SQL templates: ``{s}`` is the schema as a quoted identifier.
+
+    Each template is rendered once, to a single literal part: psycopg turns
+    a query into bytes at every ``execute``, and a template formatted with
+    an :class:`~psycopg.sql.Identifier` pays a libpq escaping call and a join
+    of all its parts each time (9 us for a ``create_sync``'s statement in a
+    hot loop, 1.4 us as one part; about 20 us of a create's client CPU when
+    the server's work has cooled the caches in between). The schema is
+    checked to be a plain lower-case name (:func:`_check_schema`), so its
+    quoted form is the same on every connection; the text is still encoded
+    per connection.
     """
 
     __slots__ = ("_cache", "_schema", "schema")
 
     def __init__(self, schema: str) -> None:
+        _check_schema(schema)
         self.schema = schema
-        self._schema = sql.Identifier(schema)
+        self._schema = sql.SQL(f'"{schema}"')
         self._cache: dict[str, sql.Composed] = {}
 
     def __call__(self, template: str) -> sql.Composed:
         composed = self._cache.get(template)
         if composed is None:
-            composed = sql.SQL(template).format(s=self._schema)
+            text = sql.SQL(template).format(s=self._schema).as_string(None)
+            composed = sql.Composed([sql.SQL(text)])
             self._cache[template] = composed
         return composed
 
