@@ -39,6 +39,7 @@ from strategies import (
     aware_datetimes,
     near_dst_transitions,
     offsets,
+    policies,
     schedules,
 )
 
@@ -1068,6 +1069,64 @@ class TestNextAfterRun:
             assert nxt.due > finished
             assert nxt.due == _schedule.next_due(policy, RUN_ANCHOR, offset, finished)
         assert slots_between(policy, offset, slot, nxt.due) == nxt.coalesced
+
+
+def _answer(call: Callable[[], object]) -> object:
+    """What *call* returns, or the type of what it raises."""
+    try:
+        return call()
+    except (OverflowError, ValueError, ConfigurationError) as error:
+        return type(error)
+
+
+class TestNextAfterRunOnUtcGrids:
+    """
+    The epoch-seconds path of next_after_run (UTC grids of whole seconds)
+    gives exactly what the general path through the slot functions gives.
+    """
+
+    @settings(max_examples=2_000)
+    @given(
+        st.data(),
+        policies(cadences=(Cadence.HOURLY, Cadence.DAILY, Cadence.EVERY, Cadence.REALTIME)),
+        aware_datetimes(max_value=datetime(9999, 12, 31, tzinfo=timezone.utc)),
+        st.booleans(),
+        st.tuples(
+            st.timedeltas(min_value=timedelta(hours=-2), max_value=timedelta(days=3)),
+            st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=3)),
+        ),
+    )
+    def test_same_as_the_general_path(
+        self,
+        data: st.DataObject,
+        policy: SyncPolicy,
+        slot: datetime,
+        on_grid: bool,
+        late_and_took: tuple[timedelta, timedelta],
+    ) -> None:
+        """Same next slot and coalesced count, or the same error at the end of time."""
+        late, took = late_and_took
+        offset = data.draw(offsets(policy))
+        if on_grid:
+            slot = _answer(lambda: _schedule.slot_of(policy, slot, offset=offset))  # type: ignore[assignment]
+            if not isinstance(slot, datetime):
+                return
+        started = _answer(lambda: slot + late)
+        finished = _answer(lambda: started + took)  # type: ignore[operator]
+        if not isinstance(started, datetime) or not isinstance(finished, datetime):
+            return
+        general = _answer(
+            lambda: _schedule._next_after_run(policy, offset, slot, started, finished)
+        )
+        assert general == _answer(lambda: next_after_run(policy, offset, slot, started, finished))
+
+    def test_the_fast_path_is_taken(self) -> None:
+        """Hourly, daily and real-time syncs take it (so the test above compares two paths)."""
+        for policy in (SyncPolicy.hourly(), SyncPolicy.daily(), SyncPolicy.realtime()):
+            grid = policy._hour_grid or policy._day_grid or 60
+            t = datetime(2030, 1, 1, 12, 0, 30, tzinfo=timezone.utc)
+            expected = _schedule._next_after_run(policy, 0, t, t, t)
+            assert expected == _schedule._next_on_utc_grid(grid, 0, t, t, t)
 
 
 class TestGridInstantCache:

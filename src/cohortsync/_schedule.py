@@ -558,6 +558,52 @@ def next_after_run(
     first one after the run finished. Either way the count of skipped slots
     is returned, so every slot is run or accounted for.
     """
+    grid = policy._hour_grid or policy._day_grid  # noqa: SLF001 - see next_due
+    if not grid and policy.cadence is _REALTIME:
+        grid = 60
+    if (
+        grid
+        and type(offset) is int
+        and 0 <= offset < grid
+        and type(slot) is datetime
+        and slot.tzinfo is _UTC
+        and type(started) is datetime
+        and started.tzinfo is _UTC
+        and type(finished) is datetime
+        and finished.tzinfo is _UTC
+    ):
+        return _next_on_utc_grid(grid, offset, slot, started, finished)
+    return _next_after_run(policy, offset, slot, started, finished)
+
+
+def _next_on_utc_grid(
+    grid: int, offset: int, slot: datetime, started: datetime, finished: datetime
+) -> NextRun:
+    """
+    :func:`next_after_run` on a UTC grid of whole seconds, in epoch seconds:
+    the same answer (a property test holds them equal) at a third of the cost,
+    which every run of an hourly, daily or real-time sync pays.
+    """
+    at = _exact_seconds(finished)
+    last = at - (at - offset) % grid  # the grid point at or before *finished*
+    # Grid points are whole seconds: "after an instant" is "after its whole second".
+    due = last if last > _exact_seconds(started) and last > _exact_seconds(slot) else last + grid
+    low = _exact_seconds(slot)
+    first = low - (low - offset) % grid + grid  # the first grid point after *slot*
+    try:
+        return NextRun(due=_EPOCH + timedelta(seconds=due), coalesced=max(0, (due - first) // grid))
+    except OverflowError:
+        raise _end_of_time() from None
+
+
+def _next_after_run(
+    policy: SyncPolicy,
+    offset: int,
+    slot: datetime,
+    started: datetime,
+    finished: datetime,
+) -> NextRun:
+    """:func:`next_after_run` on any grid, through the slot functions."""
     anchor = min(slot, started)
     try:
         last: datetime | None = slot_of(policy, finished, offset=offset)
