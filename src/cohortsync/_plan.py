@@ -339,7 +339,7 @@ def plan_recheck(
         )
 
     result = check(policy.cadence)
-    warnings = tuple(w.code for w in result.warnings)
+    warnings = tuple(w.code for w in result.warnings) if result.warnings else ()
     if result.eligible:
         if sync.effective_cadence is None:
             return Recheck(sync, proceed=True, notes=warnings, events=(), eligibility=result)
@@ -415,6 +415,14 @@ class GuardPlan:
     event: GuardTripped | None = None
 
 
+_UNGUARDED = {
+    (send, used): GuardPlan(send_removals=send, guarded=False, release_used=used)
+    for send in (False, True)
+    for used in (False, True)
+}
+"""The plans of a guard that did not trip (frozen: shared by every run)."""
+
+
 def plan_guard(
     sync: Sync,
     capabilities: Capabilities,
@@ -437,7 +445,7 @@ def plan_guard(
     )
     release_used = sync.guard_released and not trips
     if not trips:
-        return GuardPlan(send_removals=send, guarded=False, release_used=release_used)
+        return _UNGUARDED[bool(send), bool(release_used)]
     note = f"mass_removal_guard: would remove {removing} of {delivered}" + (
         " (source returned no members)" if source_empty else ""
     )

@@ -2087,6 +2087,8 @@ class _Batch:
         scheduler = self.scheduler
         repeat = False
         since: datetime | None = None
+        half_lease = scheduler.lease_for / 2
+        quarter_lease = scheduler.lease_for / 4
         while self.next < len(self.claims):
             claim = self.claims[self.next]
             self.next += 1
@@ -2097,7 +2099,7 @@ class _Batch:
                 repeat = True
                 continue
             started = scheduler._now()  # noqa: SLF001 - the scheduler's own helper
-            if self.next > 1 and started >= lease.expires_at - scheduler.lease_for / 2:
+            if self.next > 1 and started >= lease.expires_at - half_lease:
                 # Waited too long behind the others: give it and the rest back.
                 self.next -= 1
                 self.slow()
@@ -2125,7 +2127,7 @@ class _Batch:
                 finished = scheduler._now()  # noqa: SLF001
             scheduler._timed(started, finished)  # noqa: SLF001
             since = since or started
-            if self.done and finished - since >= scheduler.lease_for / 4:
+            if self.done and finished - since >= quarter_lease:
                 # Runs are taking long: record these before their leases run short.
                 self.store()
                 since = None
