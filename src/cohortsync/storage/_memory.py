@@ -562,50 +562,56 @@ class MemoryStorage(StorageBase):
         now = require_aware(now, "now")
         with self._lock:
             self._check_open()
-            due: list[SyncRecord] = []
-            seen: set[str] = set()
-            popped: set[str] = set()
-            while self._due and self._due[0][0] <= now and len(due) < limit:
-                _, sync_id = heapq.heappop(self._due)
-                r = self._syncs.get(sync_id)
-                if r is None or sync_id in seen:
-                    continue
-                at = record_claimable_at(r)
-                if at is None:
-                    continue
-                if at > now:
-                    # A stale hint: _store pushed one for the record's current
-                    # claimable time already. Re-pushing it would grow the heap
-                    # by one entry per run, and every claim would wade through them.
-                    continue
-                seen.add(sync_id)
-                popped.add(sync_id)
-                due.append(r)
-            # The heap orders by claimable time; the protocol promises earliest
-            # *due* first, which differs only for expired leases. Those can sit
-            # deeper in the heap than `limit` entries (their lease expired after
-            # others fell due), so every leased sync is considered too; leases
-            # are few (runs in flight), so this stays cheap.
-            for sync_id in self._leased - seen:
-                r = self._syncs[sync_id]
-                at = record_claimable_at(r)
-                if at is not None and at <= now:
-                    due.append(r)
-            due.sort(key=lambda r: (r.next_due, r.id))
-            for r in due[limit:]:
-                at = record_claimable_at(r)
-                if r.id in popped and at is not None:  # put back the hints not taken
-                    heapq.heappush(self._due, (at, r.id))
-            due = due[: max(limit, 0)]
             claims = []
             expires_at = add_saturating(now, lease_for)
-            for r in due:
+            for r in self._due_now(now, limit):
                 claimed, lease = apply_claim(
                     r, owner=owner, token=token_hex(16), expires_at=expires_at
                 )
                 self._store(claimed)
                 claims.append((claimed, lease))
             return claims
+
+    def _due_now(self, now: datetime, limit: int) -> list[SyncRecord]:
+        """The first *limit* syncs claimable at *now*, earliest due first."""
+        due: list[SyncRecord] = []
+        seen: set[str] = set()
+        # Popped in (claimable time, id) order, which is the promised
+        # (next_due, id) order while every hint is current and unleased.
+        in_order = True
+        while self._due and self._due[0][0] <= now and len(due) < limit:
+            hint, sync_id = heapq.heappop(self._due)
+            r = self._syncs.get(sync_id)
+            if r is None or sync_id in seen:
+                continue
+            at = record_claimable_at(r)
+            if at is None or at > now:
+                # Not claimable, or a stale hint: _store pushed one for the
+                # record's current claimable time already. Re-pushing it would
+                # grow the heap by one entry per run, and every claim would
+                # wade through them.
+                continue
+            in_order = in_order and at == hint and r.lease is None
+            seen.add(sync_id)
+            due.append(r)
+        # The heap orders by claimable time; the protocol promises earliest
+        # *due* first, which differs only for expired leases. Those can sit
+        # deeper in the heap than `limit` entries (their lease expired after
+        # others fell due), so every leased sync is considered too; leases
+        # are few (runs in flight), so this stays cheap.
+        for sync_id in self._leased - seen if self._leased else ():
+            r = self._syncs[sync_id]
+            at = record_claimable_at(r)
+            if at is not None and at <= now:
+                due.append(r)
+                in_order = False
+        if not in_order:
+            due.sort(key=lambda r: (r.next_due, r.id))
+        for r in due[limit:]:
+            at = record_claimable_at(r)
+            if r.id in seen and at is not None:  # put back the hints popped, not taken
+                heapq.heappush(self._due, (at, r.id))
+        return due[: max(limit, 0)]
 
     def _held(self, lease: Lease) -> SyncRecord:
         self._check_open()
