@@ -171,6 +171,10 @@ class RunEnvironment:
     this run at its next step, whatever kind its destination is."""
 
 
+_NOTHING_DELIVERED = Tally()
+"""The tally of most runs (frozen: shared)."""
+
+
 @attrs.define
 class _Counts:
     added: int = 0
@@ -180,6 +184,18 @@ class _Counts:
     batches: int = 0
     collisions: int = 0
     sequence: int = 0
+
+    def tally(self) -> Tally:
+        """What the run delivered, as its record tells it."""
+        if not (self.added or self.removed or self.rejected or self.batches or self.collisions):
+            return _NOTHING_DELIVERED  # most runs
+        return Tally(
+            added=self.added,
+            removed=self.removed,
+            rejected=self.rejected,
+            batches=self.batches,
+            collisions=self.collisions,
+        )
 
     def include(self, tally: Tally) -> None:
         self.added += tally.added
@@ -1721,13 +1737,7 @@ class _Run:
                 status=status,
                 error_type=None if error is None else type(error).__name__,
                 error_message=None if error is None else _message(error),
-                tally=Tally(
-                    added=counts.added,
-                    removed=counts.removed,
-                    rejected=counts.rejected,
-                    batches=counts.batches,
-                    collisions=counts.collisions,
-                ),
+                tally=counts.tally(),
                 skipped=counts.skipped,
                 retries=self.sender.retries if self.sender else 0,
                 full=self.full,
@@ -1735,7 +1745,7 @@ class _Run:
                 feed_cursor=self.feed_cursor,
                 full_done=self.full_done,
                 guarded=self.guarded,
-                pending=tuple(p.idempotency_key for p in self.pending),
+                pending=tuple(p.idempotency_key for p in self.pending) if self.pending else (),
                 jitter=env.rng.random(),
             )
         )

@@ -586,9 +586,9 @@ def _next_on_utc_grid(
     """
     at = _exact_seconds(finished)
     last = at - (at - offset) % grid  # the grid point at or before *finished*
-    # Grid points are whole seconds: "after an instant" is "after its whole second".
-    due = last if last > _exact_seconds(started) and last > _exact_seconds(slot) else last + grid
     low = _exact_seconds(slot)
+    # Grid points are whole seconds: "after an instant" is "after its whole second".
+    due = last if last > low and last > _exact_seconds(started) else last + grid
     first = low - (low - offset) % grid + grid  # the first grid point after *slot*
     try:
         return NextRun(due=_EPOCH + timedelta(seconds=due), coalesced=max(0, (due - first) // grid))
