@@ -32,6 +32,7 @@ from cohortsync.eligibility import (
     ReasonCode,
     Ruleset,
     Severity,
+    _check_measured,
     available_destinations,
     check_eligibility,
 )
@@ -673,6 +674,15 @@ class TestCachedAnswers:
         )
         assert direct == check_eligibility(cohort, caps, policy)
         assert direct == check_eligibility(cohort, caps, policy)
+
+    @given(s.cohorts(), s.capabilities(), s.sync_policies(), s.counts())
+    def test_a_measured_size_is_the_sized_cohorts_answer(
+        self, cohort: Cohort, caps: Capabilities, policy: SyncPolicy, size: int
+    ) -> None:
+        """A run's measured size, given apart from the cohort, answers as the sized cohort does."""
+        sized = check_eligibility(cohort.with_size(size), caps, policy)
+        assert sized == _check_measured(cohort, size, caps, policy)
+        assert sized == _check_measured(cohort, size, caps, policy)  # from the cache
 
     def test_the_measured_size_changes_the_answer(self) -> None:
         """The same policy and destination with a new size is a new question."""

@@ -44,7 +44,7 @@ from cohortsync._diff import Keys, has_key
 from cohortsync._events import EligibilityChanged, Event, GuardTripped, SyncFailed
 from cohortsync._policy import Cadence, OnIneligible
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
-from cohortsync.eligibility import Eligibility, Ruleset, check_eligibility
+from cohortsync.eligibility import Eligibility, Ruleset, _check_measured
 from cohortsync.exceptions import ConfigurationError
 from cohortsync.storage._protocol import Completion, PendingBatch, Tally
 
@@ -319,18 +319,21 @@ def plan_recheck(
     identifier_kinds: frozenset[IdentifierKind] | None,
     rules: Ruleset,
     at: datetime,
+    size: int | None = None,
 ) -> Recheck:
     """
-    Re-check eligibility with the measured size (*cohort* carries it); fall
-    back or pause a real-time sync that stopped being eligible, and come
-    back when it is eligible again. It never silently stops syncing: every
-    change is a note and an event.
+    Re-check eligibility with the measured *size* (by default, the size
+    *cohort* carries); fall back or pause a real-time sync that stopped being
+    eligible, and come back when it is eligible again. It never silently
+    stops syncing: every change is a note and an event.
     """
     policy = sync.policy
+    measured = cohort.size if size is None else size
 
     def check(cadence: Cadence) -> Eligibility:
-        return check_eligibility(
+        return _check_measured(
             cohort,
+            measured,
             capabilities,
             policy,
             identifier_kinds=identifier_kinds,

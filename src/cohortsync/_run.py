@@ -698,11 +698,12 @@ class _Run:
         read_at = env.clock.now()  # the re-check and the guard decide as of now
         recheck = plan_recheck(
             sync,
-            cohort.with_size(size),
+            cohort,
             caps,
             identifier_kinds=env.mapping(sync.mapping_id).kinds,
             rules=env.rules,
             at=read_at,
+            size=size,
         )
         self.notes.extend(recheck.notes)
         self._emit(recheck.events)

@@ -1616,11 +1616,12 @@ class Scheduler:
             )
             recheck = plan_recheck(
                 sync,
-                cohort.with_size(size),
+                cohort,
                 caps,
                 identifier_kinds=self.mapping(sync.mapping_id).kinds,
                 rules=self.rules,
                 at=now,
+                size=size,
             )
             notes.extend(recheck.notes)
             guard = plan_guard(

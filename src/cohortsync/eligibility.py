@@ -409,6 +409,32 @@ def check_eligibility(
     Returns:
         Every reason found; ``.eligible`` is true when none is blocking.
     """
+    return _check_measured(
+        cohort,
+        cohort.size,
+        destination,
+        policy,
+        identifier_kinds=identifier_kinds,
+        rules=rules,
+        cadence=cadence,
+    )
+
+
+def _check_measured(
+    cohort: Cohort,
+    size: int | None,
+    destination: Destination | AsyncDestination | Capabilities,
+    policy: SyncPolicy,
+    *,
+    identifier_kinds: Iterable[IdentifierKind] | None = None,
+    rules: Ruleset = DEFAULT_RULES,
+    cadence: Cadence | None = None,
+) -> Eligibility:
+    """
+    :func:`check_eligibility` of *cohort* with its size taken as *size* (the
+    size a run just measured): a check answered from the cache needs no
+    copy of the cohort with that size.
+    """
     kinds: frozenset[IdentifierKind] | None
     if identifier_kinds is None:
         kinds = None
@@ -425,7 +451,7 @@ def check_eligibility(
         # only the built-in rules, pure functions of their input, are cached.
         return rules.check(
             EligibilityInput(
-                cohort=cohort,
+                cohort=cohort if size == cohort.size else cohort.with_size(size),
                 capabilities=caps,
                 policy=policy,
                 cadence=cadence,
@@ -437,13 +463,17 @@ def check_eligibility(
     # keyed by identity (hashing them costs more than checking): the entry
     # keeps them alive, so their ids cannot be reused while it exists.
     # Enum members are singletons: their ids hash faster than they do.
-    key = (id(caps), id(policy), cohort.size, id(cohort.type), id(cadence), kinds)
+    key = (id(caps), id(policy), size, id(cohort.type), id(cadence), kinds)
     hit = _CHECKED.get(key)
     if hit is not None and hit[0] is caps and hit[1] is policy:
         return hit[2]
     result = rules.check(
         EligibilityInput(
-            cohort=cohort, capabilities=caps, policy=policy, cadence=cadence, identifier_kinds=kinds
+            cohort=cohort if size == cohort.size else cohort.with_size(size),
+            capabilities=caps,
+            policy=policy,
+            cadence=cadence,
+            identifier_kinds=kinds,
         )
     )
     if len(_CHECKED) >= _CHECKED_MAX:
