@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 import cohortsync
 import strategies as s
@@ -675,14 +676,18 @@ class TestCachedAnswers:
         assert direct == check_eligibility(cohort, caps, policy)
         assert direct == check_eligibility(cohort, caps, policy)
 
-    @given(s.cohorts(), s.capabilities(), s.sync_policies(), s.counts())
+    @given(s.cohorts(), s.capabilities(), s.sync_policies(), st.lists(s.counts(), min_size=2))
     def test_a_measured_size_is_the_sized_cohorts_answer(
-        self, cohort: Cohort, caps: Capabilities, policy: SyncPolicy, size: int
+        self, cohort: Cohort, caps: Capabilities, policy: SyncPolicy, sizes: list[int]
     ) -> None:
-        """A run's measured size, given apart from the cohort, answers as the sized cohort does."""
-        sized = check_eligibility(cohort.with_size(size), caps, policy)
-        assert sized == _check_measured(cohort, size, caps, policy)
-        assert sized == _check_measured(cohort, size, caps, policy)  # from the cache
+        """
+        A run's measured size, given apart from the cohort, answers as the
+        sized cohort does, run after run (each answer from the rules or the cache).
+        """
+        for size in sizes:
+            assert check_eligibility(cohort.with_size(size), caps, policy) == _check_measured(
+                cohort, size, caps, policy
+            )
 
     def test_the_measured_size_changes_the_answer(self) -> None:
         """The same policy and destination with a new size is a new question."""
