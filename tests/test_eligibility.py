@@ -22,6 +22,7 @@ from cohortsync import (
     IdentifierKind,
     IdentifierMapping,
     SyncPolicy,
+    eligibility,
 )
 from cohortsync.destinations import catalog
 from cohortsync.eligibility import (
@@ -688,6 +689,18 @@ class TestCachedAnswers:
             assert check_eligibility(cohort.with_size(size), caps, policy) == _check_measured(
                 cohort, size, caps, policy
             )
+
+    def test_a_full_cache_drops_its_oldest_answer_only(self) -> None:
+        """At its bound the cache forgets one answer, the oldest, never all of them."""
+        caps = catalog.PRESETS["webhook"]
+        policy = SyncPolicy.daily()
+        bound = eligibility._CHECKED_MAX
+        cohort = Cohort(id="c", name="C")
+        for size in range(bound + 10):
+            _check_measured(cohort, size, caps, policy)
+        sizes = [k[2] for k in eligibility._CHECKED if k[:2] == (id(caps), id(policy))]
+        assert bound == len(eligibility._CHECKED)
+        assert list(range(bound + 10 - len(sizes), bound + 10)) == sizes
 
     def test_the_measured_size_changes_the_answer(self) -> None:
         """The same policy and destination with a new size is a new question."""

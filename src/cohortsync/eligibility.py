@@ -477,7 +477,9 @@ def _check_measured(
         )
     )
     if len(_CHECKED) >= _CHECKED_MAX:
-        _CHECKED.clear()
+        # The oldest answer goes (dicts keep insertion order): emptying the
+        # whole cache at a bound made every sync above it ask the rules again.
+        del _CHECKED[next(iter(_CHECKED))]
     _CHECKED[key] = (caps, policy, result)
     return result
 
