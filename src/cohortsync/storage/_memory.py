@@ -576,36 +576,30 @@ class MemoryStorage(StorageBase):
         """The first *limit* syncs claimable at *now*, earliest due first."""
         due: list[SyncRecord] = []
         seen: set[str] = set()
-        # Popped in (claimable time, id) order, which is the promised
-        # (next_due, id) order while every hint is current and unleased.
-        in_order = True
         while self._due and self._due[0][0] <= now and len(due) < limit:
             hint, sync_id = heapq.heappop(self._due)
             r = self._syncs.get(sync_id)
-            if r is None or sync_id in seen:
+            if r is None or sync_id in seen or r.lease is not None:
+                continue  # gone, taken, or leased (found below)
+            if record_claimable_at(r) != hint:
+                # A stale hint (the sync was rescheduled, paused, ...): every
+                # unleased sync has a hint for its current time, which comes
+                # in its own turn. Taking the sync at a stale hint's turn
+                # would hand it out ahead of syncs due before it.
                 continue
-            at = record_claimable_at(r)
-            if at is None or at > now:
-                # Not claimable, or a stale hint: _store pushed one for the
-                # record's current claimable time already. Re-pushing it would
-                # grow the heap by one entry per run, and every claim would
-                # wade through them.
-                continue
-            in_order = in_order and at == hint and r.lease is None
+            # Unleased and current: popped in (next_due, id) order, as promised.
             seen.add(sync_id)
             due.append(r)
-        # The heap orders by claimable time; the protocol promises earliest
-        # *due* first, which differs only for expired leases. Those can sit
-        # deeper in the heap than `limit` entries (their lease expired after
-        # others fell due), so every leased sync is considered too; leases
-        # are few (runs in flight), so this stays cheap.
-        for sync_id in self._leased - seen if self._leased else ():
-            r = self._syncs[sync_id]
-            at = record_claimable_at(r)
-            if at is not None and at <= now:
-                due.append(r)
-                in_order = False
-        if not in_order:
+        # Leased syncs have no hints: one whose lease expired is claimable
+        # too, and may be due before all of those. Leases are few (runs in
+        # flight), so looking at every one stays cheap.
+        expired = [
+            r
+            for r in (self._syncs[sync_id] for sync_id in self._leased)
+            if (at := record_claimable_at(r)) is not None and at <= now
+        ]
+        if expired:
+            due += expired
             due.sort(key=lambda r: (r.next_due, r.id))
         for r in due[limit:]:
             at = record_claimable_at(r)

@@ -587,6 +587,25 @@ def check_claim_order_with_expired_leases(make_storage: StorageFactory) -> None:
         _expect(["fresh"], [x.sync_id for x in second], "next claim")
 
 
+def check_claim_order_after_a_reschedule(make_storage: StorageFactory) -> None:
+    """
+    A sync whose due time was moved later is claimed at its new turn: a store
+    that remembers where it used to be due must not hand it out ahead of a
+    sync due before its new time.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("moved", next_due=T0 - 3 * HOUR))
+        store.create_sync(_record("early", next_due=T0 - 2 * HOUR))
+        moved = store.get_sync("moved")
+        store.save_sync(
+            attrs.evolve(moved, next_due=T0 - MINUTE), expected_generation=moved.sync.generation
+        )
+        first = store.claim_due(T0, "w", LEASE, 1)
+        _expect(["early"], [x.sync_id for x in first], "claim with limit=1 (earliest due now)")
+        second = store.claim_due(T0, "w", LEASE, 1)
+        _expect(["moved"], [x.sync_id for x in second], "next claim")
+
+
 def check_lease_expiry_boundary(make_storage: StorageFactory) -> None:
     """
     At expires_at a lease still holds; one microsecond later the slot is claimable
@@ -2136,6 +2155,7 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_claim_only_active_and_due,
     check_claim_order_and_limit,
     check_claim_order_with_expired_leases,
+    check_claim_order_after_a_reschedule,
     check_lease_expiry_boundary,
     check_concurrent_claims_are_exclusive,
     check_extend_lease,
