@@ -227,13 +227,11 @@ class TestReadsDoNotGrowWithTheStore:
 
     def test_sqlite_executes_as_much_with_10_and_2000_syncs(self, tmp_path: Path) -> None:
         """
-        SQLite runs as many virtual-machine steps with 2,000 syncs as with 100
+        SQLite runs as many virtual-machine steps with 2,000 syncs as with 10
         (each statement a range of an index, never a scan of the table).
-        next_due() fetches its walk of the due index 64 rows at a time, so a
-        store of 10 runs fewer.
         """
         steps = {}
-        for n in (100, 2_000):
+        for n in (10, 2_000):
             store = SQLiteStorage(tmp_path / f"{n}.db")
             populate(store, n)
             scheduler = cs.Scheduler(store, clock=FakeClock(T0))
@@ -246,7 +244,21 @@ class TestReadsDoNotGrowWithTheStore:
             steps[n] = step.taken
             store.close()
 
-        assert steps[100] == steps[2_000]
+        assert steps[10] == steps[2_000]
+
+    def test_sqlite_idle_next_due_reads_one_row(self, tmp_path: Path) -> None:
+        """An idle next_due() on SQLite reads the first row of the due index, not a page of 64."""
+        steps = {}
+        for n in (3, 10, 200):
+            store = SQLiteStorage(tmp_path / f"{n}.db")
+            populate(store, n)
+            step = Steps()
+            store._threaded().main.set_progress_handler(step, 1)
+            assert T0 + timedelta(minutes=1) == store.next_due()
+            steps[n] = step.taken
+            store.close()
+
+        assert steps[3] == steps[10] == steps[200]
 
     def test_a_0_1_store_is_read_once_per_call(self) -> None:
         """A store without paged reads gets the same answers, from one list_syncs()."""

@@ -399,6 +399,78 @@ class TestSyncDefinitionCache:
         assert _converter.SYNC_CACHE_SIZE == _converter.load_sync.cache_info().currsize
 
 
+class TestSyncDefinitionParse:
+    """
+    A stored definition parses to the same Sync straight or through the
+    converter; policies are shared; any other shape is the converter's.
+    """
+
+    @given(s.syncs())
+    def test_direct_parse_equals_the_converter(self, sync: cohortsync.Sync) -> None:
+        """For any sync, the definition dumps writes is built directly, and equal."""
+        text = dumps(sync)
+
+        direct = _converter._load_sync_direct(text)
+
+        assert direct is not None
+        assert loads(text, cohortsync.Sync) == direct
+        assert sync == direct
+
+    def test_the_fields_are_the_sync_fields(self) -> None:
+        """The direct parse knows every field of Sync (a new field must be added there)."""
+        assert {f.name for f in attrs.fields(cohortsync.Sync)} == _converter._SYNC_FIELDS
+
+    def test_syncs_of_one_policy_share_it(self) -> None:
+        """Two definitions not in the cache: one parsed policy between them."""
+        _converter.load_sync.cache_clear()
+        _converter._load_policy.cache_clear()
+        first = _converter.load_sync(dumps(_sync()))
+        second = _converter.load_sync(dumps(attrs.evolve(_sync(), id="s2")))
+
+        assert first.policy is second.policy
+        assert (1, 1) == (
+            _converter._load_policy.cache_info().hits,
+            _converter._load_policy.cache_info().misses,
+        )
+
+    def test_the_policy_cache_is_bounded(self) -> None:
+        """At most POLICY_CACHE_SIZE policies are kept."""
+        assert _converter.POLICY_CACHE_SIZE == _converter._load_policy.cache_info().maxsize
+
+    def test_an_older_shape_loads_through_the_converter(self) -> None:
+        """A definition without a defaulted field (written before it existed) still loads."""
+        data = json.loads(dumps(_sync()))
+        del data["guard_released"]
+        text = json.dumps(data)
+
+        assert _converter._load_sync_direct(text) is None
+        assert _sync() == _converter.load_sync(text)
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("generation", "1"),
+            ("generation", True),
+            ("generation", 0),
+            ("guard_released", 1),
+            ("status_reason", 5),
+            ("status", "sleeping"),
+            ("id", ""),
+            ("created_at", "2030-01-01T00:00:00"),
+            ("policy", "daily"),
+        ],
+    )
+    def test_a_damaged_value_gets_the_converters_error(self, field: str, value: object) -> None:
+        """A value dumps would not write is left to the converter, which refuses it."""
+        data = json.loads(dumps(_sync()))
+        data[field] = value
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+        assert _converter._load_sync_direct(text) is None
+        with pytest.raises((ClassValidationError, ConfigurationError, TypeError, ValueError)):
+            _converter.load_sync(text)
+
+
 class TestRunRecordEncoding:
     """
     The hand-written run record encoder writes exactly what the converter does.
