@@ -204,6 +204,37 @@ class TestFlagsDuringARun:
         assert "full_resync" in following.notes
 
 
+class TestDeletedSyncs:
+    """A deleted sync stays deleted: no host call brings it back (outsider finding)."""
+
+    @pytest.mark.parametrize("make_storage", [MemoryStorage, "sqlite"])
+    def test_no_host_call_revives_a_deleted_sync(
+        self, tmp_path: Path, make_storage: object
+    ) -> None:
+        """pause, resume, sync_now, full resync and confirm are refused; it never runs again."""
+        clock = FakeClock(START)
+        storage = SQLiteStorage(tmp_path / "s.db") if make_storage == "sqlite" else MemoryStorage()
+        destination = RecordingDestination()
+        scheduler = build(clock, Members(["u1"]), destination=destination, storage=storage)
+        scheduler.run_due()
+        scheduler.delete_sync("s1")
+        calls = (
+            scheduler.pause_sync,
+            scheduler.resume_sync,
+            scheduler.sync_now,
+            scheduler.request_full_resync,
+            scheduler.confirm_removals,
+        )
+        for call in calls:
+            with pytest.raises(ConfigurationError, match="deleted"):
+                call("s1")
+        clock.advance(timedelta(days=2))
+        assert [] == scheduler.run_due()
+        assert cs.SyncStatus.DELETED == scheduler.get_sync("s1").status
+        assert [("s1", cs.SyncStatus.DELETED)] == [(s.id, s.status) for s in scheduler.syncs()]
+        assert 1 == len(scheduler.history("s1"))
+
+
 class TestPausedSyncs:
     """A paused sync stays visibly paused, deletions included, until resumed."""
 

@@ -1372,10 +1372,11 @@ class Scheduler:
         """
 
         def pause(record: SyncRecord) -> dict[str, object]:
+            if record.sync.status is SyncStatus.DELETED:
+                # Paused, it could be resumed: a deleted sync must stay deleted.
+                raise ConfigurationError("sync_id", sync_id, "a deleted sync cannot be paused")
             text = reason or "paused"
-            if record.next_trigger is Trigger.TEARDOWN and record.sync.status is not (
-                SyncStatus.DELETED
-            ):
+            if record.next_trigger is Trigger.TEARDOWN:
                 text = f"{text} (deleting: the removal run waits for resume_sync)"
             return {"status": SyncStatus.PAUSED, "status_reason": text}
 
@@ -1442,14 +1443,19 @@ class Scheduler:
         Let the next run send the removals the mass-removal guard held back;
         the run happens now.
         """
-        return self._change(
-            sync_id,
-            lambda record: {
+
+        def release(record: SyncRecord) -> dict[str, object]:
+            if record.sync.status is SyncStatus.DELETED:
+                raise ConfigurationError(
+                    "sync_id", sync_id, "a deleted sync has nothing to confirm"
+                )
+            return {
                 "guard_released": True,
                 "next_trigger": self._host_trigger(record),
                 **self._due_now(),
-            },
-        )
+            }
+
+        return self._change(sync_id, release)
 
     def delete_sync(self, sync_id: str) -> Sync:
         """
