@@ -329,11 +329,15 @@ def all_syncs_upcoming(records: list[SyncRecord], until: datetime, now: datetime
             if record.sync.policy.cadence is Cadence.ONE_TIME or trigger is Trigger.TEARDOWN:
                 out.append(Upcoming(at, record.id, trigger))
                 break
-            if at < now:
+            # Each run as it will be recorded: a real-time slot is a realtime
+            # run, and a missed one started now is a catch-up once the slot
+            # after it has passed (on an uneven grid: counted in slots).
+            following = None
+            if at < now and _schedule.uneven_grid(record.sync):
                 following = _schedule.next_slot_after(record.sync, record.anchor, record.offset, at)
-                trigger = _schedule.effective_trigger(
-                    trigger, record.sync.cadence, at, now, next_slot=following
-                )
+            trigger = _schedule.effective_trigger(
+                trigger, record.sync.cadence, at, max(at, now), next_slot=following
+            )
             out.append(Upcoming(at, record.id, trigger))
             at = _schedule.next_slot_after(record.sync, record.anchor, record.offset, max(at, now))
             trigger = Trigger.SCHEDULED

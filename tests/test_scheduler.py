@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo
 
 import attrs
 import pytest
@@ -23,6 +24,8 @@ from cohortsync.testing import FakeClock, MemoryStorage, RecordingDestination
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
+
+NEW_YORK = ZoneInfo("America/New_York")
 
 
 class Members:
@@ -706,3 +709,58 @@ class TestStorageDefault:
             assert isinstance(scheduler.storage, SQLiteStorage)
 
         assert (tmp_path / "here.db").exists()
+
+
+class TestTriggersOnUnevenDays:
+    """
+    A daily sync in a time zone is a catch-up when it starts after the slot
+    that follows its own, whatever the day's length at a DST change; and
+    upcoming() names each run as it will be recorded (outsider findings).
+    """
+
+    def _late_run(self, created: datetime, runs_at: datetime) -> tuple[cs.Trigger, cs.SyncRun]:
+        clock = FakeClock(created.astimezone(timezone.utc))
+        scheduler = cs.Scheduler(MemoryStorage(), clock=clock)
+        scheduler.add_destination("d", RecordingDestination())
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u1"]))
+        policy = cs.SyncPolicy.daily("America/New_York", at=time(9, 15))
+        scheduler.create_sync("c", "d", policy, sync_id="x")
+        scheduler.run_due()
+        clock.set(runs_at.astimezone(timezone.utc))
+        (listed,) = [u.trigger for u in scheduler.upcoming(clock.now()) if u.sync_id == "x"][:1]
+        (run,) = scheduler.run_due()
+        return listed, run
+
+    def test_after_the_next_slot_of_a_23_hour_day_is_a_catch_up(self) -> None:
+        """Spring: 35 minutes after the following slot, 23 h 35 min after its own."""
+        listed, run = self._late_run(
+            datetime(2030, 3, 8, 12, tzinfo=NEW_YORK), datetime(2030, 3, 10, 9, 50, tzinfo=NEW_YORK)
+        )
+        assert (cs.Trigger.CATCH_UP, cs.Trigger.CATCH_UP, 1) == (listed, run.trigger, run.coalesced)
+
+    def test_before_the_next_slot_of_a_25_hour_day_is_scheduled(self) -> None:
+        """Autumn: 25 minutes before the following slot, 24 h 35 min after its own."""
+        listed, run = self._late_run(
+            datetime(2030, 11, 1, 12, tzinfo=NEW_YORK),
+            datetime(2030, 11, 3, 8, 50, tzinfo=NEW_YORK),
+        )
+        assert (cs.Trigger.SCHEDULED, cs.Trigger.SCHEDULED, 0) == (
+            listed,
+            run.trigger,
+            run.coalesced,
+        )
+
+    def test_upcoming_names_real_time_runs_realtime(self) -> None:
+        """Every listed slot of a real-time sync is a realtime run, as its runs record."""
+        clock = FakeClock(datetime(2030, 1, 7, 10, 0, 30, tzinfo=timezone.utc))
+        scheduler = cs.Scheduler(MemoryStorage(), clock=clock)
+        scheduler.add_destination("d", RecordingDestination())
+        scheduler.add_cohort(cs.Cohort(id="c", name="C", size=10, source=lambda: ["u1"]))
+        scheduler.create_sync("c", "d", cs.SyncPolicy.realtime(), sync_id="rt")
+        scheduler.run_due()
+        listed = scheduler.upcoming(clock.now() + timedelta(minutes=3))
+        assert 3 == len(listed)
+        assert {cs.Trigger.REALTIME} == {u.trigger for u in listed}
+        clock.advance(timedelta(minutes=1))
+        (run,) = scheduler.run_due()
+        assert (listed[0].at, cs.Trigger.REALTIME) == (run.slot, run.trigger)

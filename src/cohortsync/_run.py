@@ -86,7 +86,6 @@ from cohortsync._plan import (
     run_status,
     teardown_status,
 )
-from cohortsync._policy import Cadence
 from cohortsync._sync import RunStatus, Sync, SyncRun, SyncStatus, Trigger
 from cohortsync._tokens import token_hex
 from cohortsync.eligibility import Ruleset
@@ -464,9 +463,8 @@ class _Run:
         lease = self.lease.current
         cadence = self.sync.cadence
         next_slot = None
-        if cadence.period is None and cadence is not Cadence.ONE_TIME:
-            # Every, weekly and cron grids: a catch-up is a run that starts
-            # once the slot after its own has come.
+        if _schedule.uneven_grid(self.sync):
+            # A catch-up is a run that starts once the slot after its own has come.
             next_slot = _schedule.next_slot_after(
                 self.sync, self.record.anchor, self.record.offset, lease.slot
             )

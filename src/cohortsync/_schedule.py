@@ -59,6 +59,7 @@ __all__ = [
     "spread_period",
     "spread_ratio",
     "stable_offset",
+    "uneven_grid",
 ]
 
 _UTC = timezone.utc
@@ -450,20 +451,35 @@ def effective_trigger(
     ``catch_up``; host-requested runs (manual, one-time, teardown) keep their
     trigger whatever the delay.
 
-    A cadence without a fixed period (every, weekly, cron) passes the grid's
-    slot after *slot* as *next_slot*: starting at or after it is a catch-up
-    (for a fixed period, the same rule).
+    A grid whose slots are not a fixed period apart (every, weekly, cron,
+    daily in a time zone: :func:`uneven_grid`) passes its slot after *slot*
+    as *next_slot*: starting at or after it is a catch-up (for a fixed
+    period, the same rule).
     """
     if trigger not in (Trigger.SCHEDULED, Trigger.REALTIME):
         return trigger
     if cadence is Cadence.ONE_TIME:
         return Trigger.ONE_TIME
     period = cadence.period
-    if period is not None and started - slot >= period:
-        return Trigger.CATCH_UP
-    if period is None and next_slot is not None and started >= next_slot:
+    if next_slot is not None:
+        if started >= next_slot:
+            return Trigger.CATCH_UP
+    elif period is not None and started - slot >= period:
         return Trigger.CATCH_UP
     return Trigger.REALTIME if cadence is Cadence.REALTIME else Trigger.SCHEDULED
+
+
+def uneven_grid(sync: Sync) -> bool:
+    """
+    Whether the sync's slots are not a fixed period apart (every, weekly and
+    cron grids, and daily in a time zone, whose days last 23 or 25 hours at
+    DST changes): its catch-ups are told by the slot after its own
+    (:func:`effective_trigger`'s *next_slot*).
+    """
+    cadence = sync.cadence
+    if cadence is Cadence.ONE_TIME:
+        return False
+    return cadence.period is None or (cadence is Cadence.DAILY and sync.policy.timezone is not None)
 
 
 @attrs.frozen

@@ -193,11 +193,14 @@ def _upcoming(due: Iterator[SyncRecord], until: datetime, now: datetime) -> Iter
         at, sync_id, count, trigger, record = heapq.heappop(heap)
         sync = record.sync
         recurring = sync.policy.cadence is not Cadence.ONE_TIME and trigger is not Trigger.TEARDOWN
-        if at < now and recurring:
-            # Missed slots coalesce into this one run, which starts now.
-            following = _schedule.next_slot_after(sync, record.anchor, record.offset, at)
+        if recurring:
+            # The trigger the run will record. A slot already passed starts
+            # now, and its missed slots coalesce into it.
+            following = None
+            if at < now and _schedule.uneven_grid(sync):
+                following = _schedule.next_slot_after(sync, record.anchor, record.offset, at)
             trigger = _schedule.effective_trigger(
-                trigger, sync.cadence, at, now, next_slot=following
+                trigger, sync.cadence, at, max(at, now), next_slot=following
             )
         yield Upcoming(at, sync_id, trigger)
         count += 1
