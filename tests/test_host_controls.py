@@ -5,6 +5,7 @@ resuming, deleting and requesting a full resync, during a run or not.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -299,3 +300,62 @@ class TestPausedSyncs:
         assert cs.SyncStatus.PAUSED == again.status
         assert [] == scheduler.run_due()
         assert {"u1"} == destination.audience("s1")
+
+
+class TestBadInputToHostCalls:
+    """Wrong types get a typed error before anything changes (outsider findings)."""
+
+    def test_sync_now_full_must_be_a_bool(self) -> None:
+        """full='no' is refused, not taken as a request for a full resync."""
+        clock = FakeClock(START)
+        scheduler = build(clock, Members(["u1"]))
+        scheduler.run_due()
+        with pytest.raises(ConfigurationError, match="full"):
+            scheduler.sync_now("s1", full="no")  # type: ignore[arg-type]
+        assert not scheduler.storage.get_sync("s1").full_resync
+
+    def test_run_forever_stop_must_be_an_event(self) -> None:
+        """A stop that is not an event is refused at the call, sync and async alike."""
+        import asyncio
+
+        clock = FakeClock(START)
+        scheduler = build(clock, Members(["u1"]))
+        with pytest.raises(ConfigurationError, match="stop"):
+            scheduler.run_forever("x")  # type: ignore[arg-type]
+
+        async def main() -> None:
+            async with cs.AsyncScheduler(MemoryStorage(), clock=clock) as asynchronous:
+                await asynchronous.run_forever("x")  # type: ignore[arg-type]
+
+        with pytest.raises(ConfigurationError, match="stop"):
+            asyncio.run(main())
+
+
+class TestLostLeaseLog:
+    """The WARNING of a run that lost its lease names that run (outsider finding)."""
+
+    def test_the_warning_names_the_run(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A worker whose request outlasts its lease logs its own run id, not None."""
+        clock = FakeClock(START)
+        storage = MemoryStorage()
+        lease_for = timedelta(minutes=5)
+        runs: list[str] = []
+
+        class Stalling(RecordingDestination):
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                runs.append(batch.context.run_id)
+                if len(runs) == 1:  # the lease is gone and another worker takes the slot
+                    clock.advance(lease_for + timedelta(minutes=1))
+                    other.run_due()
+                return super().add(batch)
+
+        first = build(clock, Members(["u1"]), destination=Stalling(), storage=storage,
+                      lease_for=lease_for, owner="first")  # fmt: skip
+        other = cs.Scheduler(storage, clock=clock, owner="other", lease_for=lease_for)
+        other.add_destination("dest", RecordingDestination())
+        other.add_cohort(cs.Cohort(id="c", name="C", source=Members(["u1"])))
+        with caplog.at_level(logging.WARNING, logger="cohortsync"):
+            first.run_due()
+        (lost,) = [r for r in caplog.records if "lost the lease" in r.getMessage()]
+        assert runs[0] == lost.run_id  # type: ignore[attr-defined]
+        assert f" run {runs[0]} " in lost.getMessage()

@@ -48,6 +48,7 @@ from cohortsync._scheduler import (
     Scheduler,
     _Batch,
     _SlotAllocation,
+    check_stop,
     poll_delay,
 )
 from cohortsync._sync import SyncRun
@@ -435,6 +436,7 @@ class AsyncScheduler:
         first run straight away.
         """
         idle = check_number("idle", idle, minimum=0.0, inclusive=False)
+        check_stop(stop)
         stop = stop or asyncio.Event()
         inner = self.scheduler
         self._wake = woken = asyncio.Event()

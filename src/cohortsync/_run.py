@@ -367,6 +367,9 @@ def prepare(
     run = _Run(env, lease, told, env.clock.now() if started is None else started)
     try:
         return run.run()
+    except LeaseLostError as error:
+        error.run_id = error.run_id or run.run_id  # for the caller's log line
+        raise
     except RunCancelled:
         # Cancelled by an asynchronous scheduler: nothing is recorded as
         # failed, and the slot is given back at once (not when the lease

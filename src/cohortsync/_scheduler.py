@@ -1414,6 +1414,9 @@ class Scheduler:
                 after :meth:`resume_sync`).
         """
 
+        if not isinstance(full, bool):
+            raise ConfigurationError("full", full, f"must be a bool, not {type(full).__name__}")
+
         def run_now(record: SyncRecord) -> dict[str, object]:
             if record.sync.status is SyncStatus.DELETED:
                 raise ConfigurationError("sync_id", sync_id, "a deleted sync cannot run")
@@ -1936,6 +1939,7 @@ class Scheduler:
         picked up). It never spins.
         """
         idle = check_number("idle", idle, minimum=0.0, inclusive=False)
+        check_stop(stop)
         stop = stop or threading.Event()
         while not stop.is_set():
             self.run_due()
@@ -2126,8 +2130,8 @@ class _Batch:
                 # it, give back the claims not started, and stop.
                 self.slow()
                 raise
-            except LeaseLostError:
-                _lease_lost(lease, None)
+            except LeaseLostError as lost:
+                _lease_lost(lease, lost.run_id)
             except Exception as exc:  # noqa: BLE001 - isolated, recorded, logged
                 self.store()
                 isolated = scheduler._isolate(lease, exc)  # noqa: SLF001
@@ -2161,6 +2165,17 @@ class _Batch:
             if claim.lease.sync_id not in self.seen:
                 _release(storage, claim.lease)
         del self.claims[self.next :]
+
+
+def check_stop(stop: object) -> None:
+    """
+    Refuse a ``run_forever`` *stop* that is not an event (a typo would
+    otherwise fail at its first use, deep in the loop).
+    """
+    if stop is not None and not callable(getattr(stop, "is_set", None)):
+        raise ConfigurationError(
+            "stop", stop, f"must be an event with is_set(), not {type(stop).__name__}"
+        )
 
 
 def poll_delay(due: datetime | None, now: datetime, idle: float) -> float:

@@ -243,6 +243,9 @@ class LeaseLostError(LeaseError):
     claimed by someone else, or it was already released).
     """
 
+    run_id: str | None = None
+    """The run that lost it, when a run did (set by the engine as it gives up)."""
+
     def __init__(self, sync_id: str, owner: str, token: str) -> None:
         self.sync_id = sync_id
         self.owner = owner
