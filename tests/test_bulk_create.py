@@ -260,6 +260,36 @@ class TestCreateSyncs:
             _scheduler(MemoryStorage()).create_syncs([], chunk=0)
 
 
+class TestNoFirstSlot:
+    """
+    first_run="next_slot" when no slot is left (the end of time) is a typed
+    refusal of that sync alone (outsider finding: a bare ValueError lost the batch).
+    """
+
+    def test_one_call_and_bulk(self, make_store: Callable[[], Storage]) -> None:
+        """create_sync and update_sync raise ConfigurationError; create_syncs writes the others."""
+        scheduler = _scheduler(make_store())
+        clock = scheduler.clock
+        assert isinstance(clock, FakeClock)
+        clock.set(datetime(9999, 12, 31, 22, 30, tzinfo=timezone.utc))
+        late = cs.SyncPolicy.daily(first_run="next_slot")
+        with pytest.raises(ConfigurationError, match="no first slot"):
+            scheduler.create_sync("c", "noop", late, sync_id="alone")
+        specs = [
+            cs.SyncSpec("c", "noop", cs.SyncPolicy.hourly(), sync_id="ok1"),
+            cs.SyncSpec("c", "noop", late, sync_id="bad"),
+            cs.SyncSpec("c", "noop", cs.SyncPolicy.hourly(), sync_id="ok2"),
+        ]
+        with pytest.raises(BulkSyncError) as raised:
+            scheduler.create_syncs(specs)
+        assert [(1, "bad")] == [(f.position, f.sync_id) for f in raised.value.failures]
+        assert isinstance(raised.value.failures[0].error, ConfigurationError)
+        assert ["ok1", "ok2"] == [s.id for s in scheduler.syncs()]
+        with pytest.raises(ConfigurationError, match="no first slot"):
+            scheduler.update_sync("ok1", late)
+        assert 1 == scheduler.get_sync("ok1").generation
+
+
 class TestSpread:
     @settings(max_examples=25, deadline=None)
     @given(

@@ -639,7 +639,13 @@ class Scheduler:
         ``first_run="next_slot"`` at its first slot (now, if now is one).
         """
         if policy.first_run is FirstRun.NEXT_SLOT:
-            due = _schedule.next_due(policy, now, offset, now - _TICK)
+            try:
+                due = _schedule.next_due(policy, now, offset, now - _TICK)
+            except (OverflowError, ValueError) as error:
+                # The clock is at the end (or the very beginning) of time.
+                raise ConfigurationError(
+                    "first_run", "next_slot", f"no first slot exists at {now.isoformat()}"
+                ) from error
             if due is not None:
                 realtime = policy.cadence is Cadence.REALTIME
                 return due, Trigger.REALTIME if realtime else Trigger.SCHEDULED
@@ -923,7 +929,7 @@ class Scheduler:
                 ids = {index: sync.id for index, sync in checked}
                 taken = {sync_id for sync_id in ids.values() if self._exists(sync_id)}
             else:
-                records, taken = self._write_chunk(checked, now)
+                records, taken = self._write_chunk(checked, now, call)
                 ids = {index: record.id for index, record in records.items()}
             for index, spec in part:
                 sync_id = ids.get(index)
@@ -941,15 +947,21 @@ class Scheduler:
         return True
 
     def _write_chunk(
-        self, checked: list[tuple[int, Sync]], now: datetime
+        self, checked: list[tuple[int, Sync]], now: datetime, call: _BulkCall
     ) -> tuple[dict[int, SyncRecord], set[str]]:
         """
         Slot and store the checked syncs of one chunk: the records by input
-        index, and the ids found taken (nothing of those written).
+        index, and the ids found taken (nothing of those written). A sync
+        with no first run (``first_run="next_slot"`` at the end of time) is
+        refused in *call*.
         """
 
-        def record(sync: Sync, slot: tuple[int, int | None]) -> SyncRecord:
-            first_due, first_trigger = self._first_due(sync.policy, slot[0], now)
+        def record(index: int, sync: Sync, slot: tuple[int, int | None]) -> SyncRecord | None:
+            try:
+                first_due, first_trigger = self._first_due(sync.policy, slot[0], now)
+            except ConfigurationError as exc:
+                call.failures.append(BulkFailure(index, sync.id, exc))
+                return None
             return SyncRecord(
                 sync=sync,
                 next_due=first_due,
@@ -960,18 +972,24 @@ class Scheduler:
                 scheduled_from=now,
             )
 
+        records: dict[int, SyncRecord] = {}
         create_many = getattr(self.storage, "create_syncs", None)
         slot_counts = getattr(self.storage, "slot_counts", None)
         if callable(create_many) and callable(slot_counts):
             allocator = SlotAllocator(slot_counts) if self.slot_allocation == "balanced" else None
-            records = {i: record(sync, self._bulk_slot(sync, allocator)) for i, sync in checked}
+            for i, sync in checked:
+                one = record(i, sync, self._bulk_slot(sync, allocator))
+                if one is not None:
+                    records[i] = one
             return records, set(create_many(list(records.values())))
         # A store written against the plain protocol: pick and create one by
         # one, so each pick sees the counts of the syncs created before it.
-        records, taken = {}, set()
+        taken: set[str] = set()
         for i, sync in checked:
-            records[i] = one = record(sync, self._place(sync.id, sync.generation, sync.policy))
-            taken.update(derive_create_syncs(self.storage, [one]))
+            one = record(i, sync, self._place(sync.id, sync.generation, sync.policy))
+            if one is not None:
+                records[i] = one
+                taken.update(derive_create_syncs(self.storage, [one]))
         return records, taken
 
     def _settle(
