@@ -1229,7 +1229,8 @@ class Scheduler:
     ) -> Sync:
         """
         Change a sync's policy (and mapping): a new generation, a new slot, and
-        a run due immediately.
+        a run due immediately. A paused or failed sync becomes active: a new
+        definition starts afresh (:meth:`apply_syncs` keeps a pause instead).
 
         Args:
             sync_id: The sync.
