@@ -6,6 +6,7 @@ resuming, deleting and requesting a full resync, during a run or not.
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -323,12 +324,19 @@ class TestBadInputToHostCalls:
         with pytest.raises(ConfigurationError, match="stop"):
             scheduler.run_forever("x")  # type: ignore[arg-type]
 
-        async def main() -> None:
-            async with cs.AsyncScheduler(MemoryStorage(), clock=clock) as asynchronous:
-                await asynchronous.run_forever("x")  # type: ignore[arg-type]
+        class OnlyIsSet:
+            def is_set(self) -> bool:
+                return False
 
-        with pytest.raises(ConfigurationError, match="stop"):
-            asyncio.run(main())
+        # A threading.Event would block the event loop in its wait().
+        for stop in ("x", threading.Event(), OnlyIsSet()):
+
+            async def main(stop: object = stop) -> None:
+                async with cs.AsyncScheduler(MemoryStorage(), clock=clock) as asynchronous:
+                    await asynchronous.run_forever(stop)  # type: ignore[arg-type]
+
+            with pytest.raises(ConfigurationError, match=r"asyncio\.Event"):
+                asyncio.run(main())
 
 
 class TestLostLeaseLog:
@@ -358,4 +366,5 @@ class TestLostLeaseLog:
             first.run_due()
         (lost,) = [r for r in caplog.records if "lost the lease" in r.getMessage()]
         assert runs[0] == lost.run_id  # type: ignore[attr-defined]
+        assert "dest" == lost.destination_id  # type: ignore[attr-defined]
         assert f" run {runs[0]} " in lost.getMessage()

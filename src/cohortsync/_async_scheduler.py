@@ -436,7 +436,7 @@ class AsyncScheduler:
         first run straight away.
         """
         idle = check_number("idle", idle, minimum=0.0, inclusive=False)
-        check_stop(stop)
+        check_stop(stop, awaitable=True)
         stop = stop or asyncio.Event()
         inner = self.scheduler
         self._wake = woken = asyncio.Event()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import inspect
 import logging
 import os
 import random
@@ -1810,7 +1811,7 @@ class Scheduler:
             if error is None:
                 runs.append(completing.report(env))
             elif isinstance(error, LeaseLostError):
-                _lease_lost(completing.lease, completing.run.id)
+                _lease_lost(completing.lease, completing.run.id, completing.destination_id)
             else:
                 isolated = self._isolate(completing.lease, error)
                 if isolated is not None:
@@ -2150,7 +2151,10 @@ class _Batch:
                 self.slow()
                 raise
             except LeaseLostError as lost:
-                _lease_lost(lease, lost.run_id)
+                record = claim.record if isinstance(claim, Claim) else None
+                _lease_lost(
+                    lease, lost.run_id, None if record is None else record.sync.destination_id
+                )
             except Exception as exc:  # noqa: BLE001 - isolated, recorded, logged
                 self.store()
                 isolated = scheduler._isolate(lease, exc)  # noqa: SLF001
@@ -2186,14 +2190,23 @@ class _Batch:
         del self.claims[self.next :]
 
 
-def check_stop(stop: object) -> None:
+def check_stop(stop: object, *, awaitable: bool = False) -> None:
     """
     Refuse a ``run_forever`` *stop* that is not an event (a typo would
-    otherwise fail at its first use, deep in the loop).
+    otherwise fail at its first use, deep in the loop). The asynchronous
+    scheduler awaits its ``wait()``: a ``threading.Event`` there would block
+    the event loop.
     """
-    if stop is not None and not callable(getattr(stop, "is_set", None)):
+    if stop is None:
+        return
+    if not callable(getattr(stop, "is_set", None)):
+        kind = "an asyncio.Event" if awaitable else "an event with is_set()"
+        raise ConfigurationError("stop", stop, f"must be {kind}, not {type(stop).__name__}")
+    if awaitable and not inspect.iscoroutinefunction(getattr(stop, "wait", None)):
         raise ConfigurationError(
-            "stop", stop, f"must be an event with is_set(), not {type(stop).__name__}"
+            "stop",
+            stop,
+            f"must be an asyncio.Event (its wait() awaited), not {type(stop).__name__}",
         )
 
 
@@ -2210,14 +2223,17 @@ def poll_delay(due: datetime | None, now: datetime, idle: float) -> float:
     return delay if delay > 0 else _MIN_SLEEP
 
 
-def _lease_lost(lease: Lease, run_id: str | None) -> None:
+def _lease_lost(lease: Lease, run_id: str | None, destination_id: str | None = None) -> None:
     """Log a run given up because another worker took its lease over."""
+    fields = {"sync_id": lease.sync_id, "run_id": run_id, "slot": lease.slot.isoformat()}
+    if destination_id is not None:
+        fields["destination_id"] = destination_id
     log.warning(
         "sync %s run %s slot %s: lost the lease mid-run; another worker has it",
         lease.sync_id,
         run_id,
         lease.slot.isoformat(),
-        extra={"sync_id": lease.sync_id, "run_id": run_id, "slot": lease.slot.isoformat()},
+        extra=fields,
     )
 
 
