@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import attrs
 import pytest
@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 
 import cohortsync as cs
 from cohortsync import _tokens
-from cohortsync._sync import Sync, SyncRun, SyncStatus
-from cohortsync.storage import Completion, Lease, MemoryStorage, SyncRecord
+from cohortsync._sync import SyncRun, SyncStatus
+from cohortsync.storage import Completion, Lease, MemoryStorage
 from cohortsync.storage._base import derive_due_between
 from cohortsync.storage._rules import earliest_claimable, record_claimable_at, scheduled_later
+from records import T0, sync_record
 
-T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 FAR = T0 + timedelta(days=400)
 IDS = [f"s{i}" for i in range(6)]
 MINUTE = timedelta(minutes=1)
@@ -41,18 +41,6 @@ steps = st.lists(
     ),
     max_size=40,
 )
-
-
-def _record(sync_id: str, due: datetime, scheduled_from: datetime) -> SyncRecord:
-    sync = Sync(
-        id=sync_id,
-        cohort_id="c",
-        destination_id="d",
-        policy=cs.SyncPolicy.hourly(),
-        created_at=T0,
-        updated_at=T0,
-    )
-    return SyncRecord(sync=sync, next_due=due, offset=0, anchor=T0, scheduled_from=scheduled_from)
 
 
 def _run_of(lease: Lease, at: datetime) -> SyncRun:
@@ -95,7 +83,7 @@ def _apply(store: MemoryStorage, leases: list[Lease], step: tuple[object, ...]) 
     if kind == "create":
         _, sync_id, due, scheduled_from = step
         if sync_id not in {r.id for r in store.list_syncs()}:
-            store.create_sync(_record(sync_id, due, scheduled_from))  # type: ignore[arg-type]
+            store.create_sync(sync_record(sync_id, next_due=due, scheduled_from=scheduled_from))  # type: ignore[arg-type]
     elif kind == "claim":
         _, now, limit = step
         claimable = [

@@ -576,7 +576,7 @@ def next_after_run(
     """
     grid = policy._hour_grid or policy._day_grid  # noqa: SLF001 - see next_due
     if not grid and policy.cadence is _REALTIME:
-        grid = 60
+        grid = _PERIOD_SECONDS[_REALTIME] or 0
     if (
         grid
         and type(offset) is int
@@ -605,7 +605,7 @@ def _next_on_utc_grid(
     low = _exact_seconds(slot)
     # Grid points are whole seconds: "after an instant" is "after its whole second".
     due = last if last > low and last > _exact_seconds(started) else last + grid
-    first = low - (low - offset) % grid + grid  # the first grid point after *slot*
+    first = next_due_ts(grid, offset, low)  # the first grid point after *slot*
     try:
         return NextRun(due=_EPOCH + timedelta(seconds=due), coalesced=max(0, (due - first) // grid))
     except OverflowError:

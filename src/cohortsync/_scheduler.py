@@ -2151,7 +2151,7 @@ class _Batch:
                 self.slow()
                 raise
             except LeaseLostError as lost:
-                record = claim.record if isinstance(claim, Claim) else None
+                record = claim.record
                 _lease_lost(
                     lease, lost.run_id, None if record is None else record.sync.destination_id
                 )

@@ -435,47 +435,43 @@ def _check_measured(
     size a run just measured): a check answered from the cache needs no
     copy of the cohort with that size.
     """
-    kinds: frozenset[IdentifierKind] | None
-    if identifier_kinds is None:
-        kinds = None
-    elif type(identifier_kinds) is frozenset and all(
-        type(k) is IdentifierKind for k in identifier_kinds
-    ):
-        kinds = identifier_kinds  # a mapping's own kinds: every run passes them
-    else:
-        kinds = frozenset(_to_kind(k) for k in identifier_kinds)
+    # A frozenset (a mapping's own kinds: every run passes them) keys the
+    # cache as it is; its kinds are converted, and checked, when the rules run.
+    given: frozenset[object] | None = None
+    if identifier_kinds is not None:
+        given = (
+            identifier_kinds
+            if type(identifier_kinds) is frozenset
+            else frozenset(_to_kind(k) for k in identifier_kinds)
+        )
     caps = _capabilities(destination)
     cadence = cadence or policy.cadence
-    if rules is not DEFAULT_RULES:
-        # A host rule may read anything (the time of day, a feature flag):
-        # only the built-in rules, pure functions of their input, are cached.
+
+    def ask() -> Eligibility:
         return rules.check(
             EligibilityInput(
                 cohort=cohort if size == cohort.size else cohort.with_size(size),
                 capabilities=caps,
                 policy=policy,
                 cadence=cadence,
-                identifier_kinds=kinds,
+                identifier_kinds=None if given is None else frozenset(_to_kind(k) for k in given),
             )
         )
+
+    if rules is not DEFAULT_RULES:
+        # A host rule may read anything (the time of day, a feature flag):
+        # only the built-in rules, pure functions of their input, are cached.
+        return ask()
     # The built-in rules read the cohort's size and type, the cadence, the
     # identifier kinds, the capabilities and the policy. The last two are
     # keyed by identity (hashing them costs more than checking): the entry
     # keeps them alive, so their ids cannot be reused while it exists.
     # Enum members are singletons: their ids hash faster than they do.
-    key = (id(caps), id(policy), size, id(cohort.type), id(cadence), kinds)
+    key = (id(caps), id(policy), size, id(cohort.type), id(cadence), given)
     hit = _CHECKED.get(key)
     if hit is not None and hit[0] is caps and hit[1] is policy:
         return hit[2]
-    result = rules.check(
-        EligibilityInput(
-            cohort=cohort if size == cohort.size else cohort.with_size(size),
-            capabilities=caps,
-            policy=policy,
-            cadence=cadence,
-            identifier_kinds=kinds,
-        )
-    )
+    result = ask()
     if len(_CHECKED) >= _CHECKED_MAX:
         # The oldest answer goes (dicts keep insertion order): emptying the
         # whole cache at a bound made every sync above it ask the rules again.

@@ -150,18 +150,6 @@ def _rebase_index_key(record: SyncRecord) -> tuple[datetime, str] | None:
     return record.scheduled_from, record.id
 
 
-def _moved(
-    old: SyncRecord | None,
-    new: SyncRecord | None,
-    key_of: Callable[[SyncRecord], tuple[datetime, str] | None],
-) -> tuple[str, tuple[datetime, str] | None]:
-    """A sync's id and its key in an index after a write (``None``: not in it)."""
-    if new is None:
-        assert old is not None  # noqa: S101 - a write has a before or an after
-        return old.id, None
-    return new.id, key_of(new)
-
-
 class _Lazy:
     """
     A sorted index of records' keys, patched when it is read: a write only
@@ -169,17 +157,21 @@ class _Lazy:
     moves its key once (the run loop reads neither index; listings do).
     """
 
-    __slots__ = ("_keys", "_moved", "_sorted")
+    __slots__ = ("_key_of", "_keys", "_moved", "_sorted")
 
-    def __init__(self) -> None:
+    def __init__(self, key_of: Callable[[SyncRecord], tuple[datetime, str] | None]) -> None:
+        self._key_of = key_of
         self._sorted: _Sorted[tuple[datetime, str]] = _Sorted()
         self._keys: dict[str, tuple[datetime, str]] = {}
         """Each indexed sync's key as it is in ``_sorted``."""
         self._moved: dict[str, tuple[datetime, str] | None] = {}
         """The newest key of each sync written since the last read (``None``: out)."""
 
-    def move(self, sync_id: str, key: tuple[datetime, str] | None) -> None:
+    def move(self, sync_id: str, record: SyncRecord | None) -> tuple[datetime, str] | None:
+        """Note *record* as the sync's newest (``None``: deleted); return its key."""
+        key = None if record is None else self._key_of(record)
         self._moved[sync_id] = key
+        return key
 
     def current(self) -> _Sorted[tuple[datetime, str]]:
         """The index with every move made."""
@@ -272,9 +264,9 @@ class MemoryStorage(StorageBase):
     _slots: dict[int, SlotLoad] = attrs.field(factory=dict, repr=False)
     _due: list[tuple[datetime, str]] = attrs.field(factory=list, repr=False)
     _ids: _Sorted[str] = attrs.field(factory=_Sorted, repr=False)
-    _by_due: _Lazy = attrs.field(factory=_Lazy, repr=False)
+    _by_due: _Lazy = attrs.field(factory=lambda: _Lazy(_due_index_key), repr=False)
     """``(next_due, id)`` of the active scheduled syncs (due_between)."""
-    _by_from: _Lazy = attrs.field(factory=_Lazy, repr=False)
+    _by_from: _Lazy = attrs.field(factory=lambda: _Lazy(_rebase_index_key), repr=False)
     """``(scheduled_from, id)`` of the active syncs (scheduled_after)."""
     _latest_from: datetime | None = attrs.field(default=None, repr=False)
     """At least the latest ``scheduled_from`` stored: scheduled_after's usual
@@ -512,23 +504,13 @@ class MemoryStorage(StorageBase):
             self._ids.add(new.id)
         elif new is None and old is not None:
             self._ids.discard(old.id)
-        if (
-            old is None
-            or new is None
-            or old.next_due != new.next_due
-            or old.sync.status is not new.sync.status
-        ):
-            self._by_due.move(*_moved(old, new, _due_index_key))
-        if (
-            old is None
-            or new is None
-            or old.scheduled_from != new.scheduled_from
-            or old.sync.status is not new.sync.status
-        ):
-            sync_id, key = _moved(old, new, _rebase_index_key)
-            self._by_from.move(sync_id, key)
-            if key is not None and (self._latest_from is None or key[0] > self._latest_from):
-                self._latest_from = key[0]
+        either = new or old
+        assert either is not None  # noqa: S101 - a write has a before or an after
+        sync_id = either.id
+        self._by_due.move(sync_id, new)
+        key = self._by_from.move(sync_id, new)
+        if key is not None and (self._latest_from is None or key[0] > self._latest_from):
+            self._latest_from = key[0]
 
     def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
         with self._lock:
