@@ -260,6 +260,39 @@ class TestReadsDoNotGrowWithTheStore:
 
         assert steps[3] == steps[10] == steps[200]
 
+    def test_sqlite_steady_run_reads_as_much_with_50_and_3000_delivered(
+        self, tmp_path: Path
+    ) -> None:
+        """
+        A run that adds and removes three members executes as many SQLite steps
+        whether the sync has delivered 50 members or 3,000 (the identifier
+        check reads its index, not every delivered row of the sync).
+        """
+        steps = {}
+        for n in (50, 3_000):
+            members = [f"user-{i:05}" for i in range(n)]
+            store = SQLiteStorage(tmp_path / f"{n}.db")
+            clock = FakeClock(T0)
+            scheduler = cs.Scheduler(store, clock=clock)
+            scheduler.add_destination("dest", RecordingDestination())
+            source = cs.CallableSource(members.copy)  # the list as it is at each read
+            scheduler.add_cohort(cs.Cohort(id="c", name="C", source=source))
+            scheduler.create_sync("c", "dest", cs.SyncPolicy.hourly(), sync_id="s")
+            scheduler.run_due()  # the first sync: every member
+            for generation in range(2):
+                members[:3] = [f"join-{generation}-{k}" for k in range(3)]
+                clock.advance(timedelta(seconds=1))
+                scheduler.sync_now("s")
+                step = Steps()
+                store._threaded().main.set_progress_handler(step, 1)
+                (run,) = scheduler.run_due()
+                store._threaded().main.set_progress_handler(None, 1)
+                assert (3, 3) == (run.added, run.removed)
+            steps[n] = step.taken
+            store.close()
+
+        assert steps[50] == steps[3_000]
+
     def test_a_0_1_store_is_read_once_per_call(self) -> None:
         """A store without paged reads gets the same answers, from one list_syncs()."""
         old = AuditedStorage(MemoryStorage(), tenant="t")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
 import cohortsync as cs
-from cohortsync.storage import MemoryStorage, Storage
+from cohortsync.storage import MemoryStorage, SQLiteStorage, Storage
 from cohortsync.testing import FakeClock, RecordingDestination
 from single_sync import Members, build, run_next
 
@@ -181,6 +182,40 @@ class TestSharedIdentifiers:
         assert 6 == len(sent)  # three identifiers, each sent once per run
         assert (3, 9) == (first.added, first.collisions)
         assert 3 == full.added
+
+    @pytest.mark.parametrize("store", ["memory", "sqlite"])
+    def test_identity_mapping_still_sees_an_identifier_another_member_holds(
+        self, clock: FakeClock, store: str, tmp_path: Path
+    ) -> None:
+        """
+        After a switch to the identity mapping, a joiner whose key another
+        member holds as its identifier is not sent again, and that member
+        leaving removes nothing while the joiner holds it (a steady run under
+        the identity mapping asks the store, it does not assume).
+        """
+        storage: Storage = (
+            MemoryStorage() if store == "memory" else SQLiteStorage(tmp_path / "s.db")
+        )
+        source = Members(["a", "x"])
+        dest = RecordingDestination(cs.Capabilities(max_batch_size=10))
+        alias = cs.IdentifierMapping([(cs.IdentifierKind.USER_ID, {"a": "b", "x": "x"}.get)])
+        scheduler = build(clock, source, destination=dest, mapping=alias, storage=storage)
+        run_next(scheduler, clock)
+        scheduler.update_sync("s1", mapping_id=None)
+        run_next(scheduler, clock)  # the update's run: nothing changed
+        source.keys = ["a", "b", "x", "y"]
+
+        joined = run_next(scheduler, clock)
+
+        assert [["b", "x"], ["y"]] == [sorted(b.identifiers) for b in dest.calls(cs.Operation.ADD)]
+        assert (1, 1) == (joined.added, joined.collisions)
+        source.keys = ["b", "x"]
+
+        left = run_next(scheduler, clock)
+
+        assert [["y"]] == [list(b.identifiers) for b in dest.calls(cs.Operation.REMOVE)]
+        assert {"b", "x"} == dest.audience()
+        assert 1 == left.removed
 
 
 class TestSharedIdentifiersThroughCrashes:

@@ -48,6 +48,12 @@ class IdentifierKind(enum.Enum):
     PHONE = "phone"
     PHONE_SHA256 = "phone_sha256"
 
+    # Enum's own __hash__ is Python code (it hashes the member's name); a run
+    # hashes every changed member's identifier, and so its kind, a dozen
+    # times. Members are singletons compared by identity, so the identity
+    # hash agrees with equality and runs in C. Never persisted (SPEC 4).
+    __hash__ = object.__hash__
+
 
 _IdentifierKindValue = Literal[
     "user_id",
@@ -235,13 +241,23 @@ def identity_members(kind: IdentifierKind, keys: Sequence[str]) -> list[Member]:
     """
     n = len(keys)
     new = object.__new__
-    identifiers = list(map(new, repeat(Identifier, n)))
-    deque(map(_SET_KIND, identifiers, repeat(kind, n)), maxlen=0)
-    deque(map(_SET_VALUE, identifiers, keys), maxlen=0)
+    identifiers = identity_identifiers(kind, keys)
     members = list(map(new, repeat(Member, n)))
     deque(map(_SET_KEY, members, keys), maxlen=0)
     deque(map(_SET_IDENTIFIER, members, identifiers), maxlen=0)
     return members
+
+
+def identity_identifiers(kind: IdentifierKind, keys: Sequence[str]) -> list[Identifier]:
+    """
+    ``[Identifier(kind, k) for k in keys]`` built as :func:`identity_members`
+    builds them, for a run that asks the store about them before sending.
+    """
+    n = len(keys)
+    identifiers = list(map(object.__new__, repeat(Identifier, n)))
+    deque(map(_SET_KIND, identifiers, repeat(kind, n)), maxlen=0)
+    deque(map(_SET_VALUE, identifiers, keys), maxlen=0)
+    return identifiers
 
 
 # The slot descriptors of the two frozen classes (attrs makes them slotted):

@@ -46,6 +46,8 @@ from cohortsync._destination import (
     Member,
     Operation,
     RunContext,
+    identity_identifiers,
+    identity_members,
 )
 from cohortsync._diff import (
     Diff,
@@ -394,6 +396,10 @@ class _Run:
     kinds: tuple[frozenset[IdentifierKind] | None, IdentifierKind | None] | None = None
     distinct = False
     """Adds of a first sync under the identity mapping: one member per identifier."""
+    unshared = False
+    """Every member this run sends (adds and removes) holds an identifier no
+    other member of the sync holds (see ``_unshared``): no shared-identifier
+    bookkeeping at all."""
     resumed = False
     """An earlier attempt of this slot applied batches (this run takes it over)."""
     uncertain: frozenset[Identifier] | None = None
@@ -1028,15 +1034,15 @@ class _Run:
         sender = self._sender(destination, caps)
         size = caps.max_batch_size
         self.mapping = self.env.mapping(self.sync.mapping_id)
+        self.unshared = self._unshared(removes if send_removals else (), diff)
         try:
             if removes and not send_removals:
                 # The destination cannot remove (or the policy says not to):
                 # forget the members so a later re-entry is sent again.
                 self._apply_local_removals(removes)
             elif removes:
-                sender.send_all(
-                    self._remove_batches(context, removes, size), caps.max_parallel, self._on_acked
-                )
+                batches = self._unshared_removes if self.unshared else self._remove_batches
+                sender.send_all(batches(context, removes, size), caps.max_parallel, self._on_acked)
             sender.send_all(
                 self._add_batches(context, Operation.ADD, diff.adds, caps),
                 caps.max_parallel,
@@ -1159,6 +1165,38 @@ class _Run:
         if kind is not None and self.resolved_adds is None:
             return identifier.kind is kind and has_key(diff.adds, identifier.value)
         return identifier in self._added_identifiers()
+
+    def _unshared(self, removes: Keys, diff: Diff) -> bool:
+        """
+        Whether every member this run would send holds an identifier that no
+        other member of the sync holds: under the identity mapping, each
+        leaver holds its own key (and nobody else does) and no other member
+        holds a joiner's key. That is the usual steady run, and then none of
+        the shared-identifier bookkeeping (riders, handovers, answers settled
+        for later batches) can find anything: its batches are sent and
+        settled member by member, as a first sync's are. Asked of the store's
+        identifier index once per run, a chunk at a time; anything else (another
+        mapping, a full send, batches an earlier attempt left in flight) takes
+        the general path.
+        """
+        kind = self._kinds()[1]
+        if kind is None or diff.existing or self.pending or self.recovered_ids:
+            return False
+        if self.delivered_at_start == 0 and not removes:
+            return False  # a first sync: distinct without asking (see _add_batches)
+        storage = self.env.storage
+        sync_id = self.sync.id
+        for chunk in chunks(removes, ISSUE_CHUNK):
+            ids = identity_identifiers(kind, chunk)
+            holders = storage.identifier_holders(sync_id, ids)
+            if len(holders) != len(ids) or any(holders.get(i) != [i.value] for i in ids):
+                return False
+        for chunk in chunks(diff.adds, ISSUE_CHUNK):
+            ids = identity_identifiers(kind, chunk)
+            holders = storage.identifier_holders(sync_id, ids)
+            if any(k != i.value for i, keys in holders.items() for k in keys):
+                return False
+        return True
 
     def _mapping(self) -> IdentifierMapping:
         if self.mapping is None:
@@ -1292,6 +1330,17 @@ class _Run:
                 self.handover.setdefault(m.identifier, []).append(m.key)
         self._apply_local(Operation.REMOVE, now)
 
+    def _unshared_removes(self, context: RunContext, keys: Keys, size: int) -> Iterator[Batch]:
+        """
+        The removal batches of an unshared run: each leaver holds its own key
+        as its identifier and nobody else holds it (``_unshared`` asked the
+        store), so they are sent as they are.
+        """
+        kind = self._kinds()[1]
+        assert kind is not None  # noqa: S101 - _unshared needs the identity mapping
+        for chunk in chunks(keys, size):
+            yield self._batch(context, Operation.REMOVE, identity_members(kind, chunk))
+
     def _remove_batches(self, context: RunContext, keys: Keys, size: int) -> Iterator[Batch]:
         storage = self.env.storage
         for chunk in chunks(keys, size):
@@ -1370,7 +1419,7 @@ class _Run:
         lookups = not identity or self.delivered_at_start > 0 or bool(self.pending)
         # A first sync under the identity mapping: every identifier is sent
         # once, by its own member; no per-identifier bookkeeping is needed.
-        self.distinct = identity and not lookups and not existing
+        self.distinct = identity and not existing and (not lookups or self.unshared)
         known = None if existing else self.resolved_adds
         batches = (
             chunks(keys, caps.max_batch_size)
@@ -1586,7 +1635,7 @@ class _Run:
         identifiers accepted, riders)``.
         """
         operation = batch.operation
-        distinct = self.distinct and operation is not Operation.REMOVE
+        distinct = self.unshared or (self.distinct and operation is not Operation.REMOVE)
         if distinct and not rejected_ids:
             # A first sync's batch, all accepted: every member holds its own
             # identifier, nothing rides with it, nothing to settle.

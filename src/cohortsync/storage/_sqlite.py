@@ -351,8 +351,11 @@ _IDENTIFIERS = """
     SELECT d.key, d.id_kind, d.id_value FROM delivered AS d
     WHERE d.sync_id = ? AND d.key IN (SELECT value FROM json_each(?))
 """
+# INDEXED BY: without statistics SQLite prefers the primary key's range of
+# the sync (``sync_id = ?``) to this partial index, and reads every member
+# the sync has delivered (100 ms at 1,000,000 members) to find a handful.
 _HOLDERS = """
-    SELECT d.key, d.id_kind, d.id_value FROM delivered AS d
+    SELECT d.key, d.id_kind, d.id_value FROM delivered AS d INDEXED BY delivered_by_identifier
     WHERE d.sync_id = ? AND d.id_value IS NOT NULL
         AND d.id_value IN (SELECT value FROM json_each(?))
 """
