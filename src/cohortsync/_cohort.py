@@ -42,6 +42,9 @@ class CohortType(enum.Enum):
     EVENT_WITHIN = "event_within"
     DISTINCT_INTERVAL = "distinct_interval"
 
+    # Hashed by identity, in C (see IdentifierKind): eligibility keys sets by it.
+    __hash__ = object.__hash__
+
 
 @runtime_checkable
 class MembershipSource(Protocol):

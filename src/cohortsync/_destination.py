@@ -186,8 +186,11 @@ class Capabilities:
         )
 
 
+_KIND = v.to_enum(IdentifierKind, "kind")
+
+
 def _to_kind(value: IdentifierKind | _IdentifierKindValue) -> IdentifierKind:
-    return v.to_enum(IdentifierKind, "kind")(value)
+    return _KIND(value)
 
 
 @attrs.frozen
@@ -279,6 +282,9 @@ class Operation(enum.Enum):
     ADD = "add"
     REMOVE = "remove"
     EXISTING = "existing"
+
+    # Hashed by identity, in C (see IdentifierKind): the hot path keys dicts by it.
+    __hash__ = object.__hash__
 
 
 @attrs.frozen(kw_only=True)

@@ -43,6 +43,9 @@ class Cadence(enum.Enum):
     CRON = "cron"
     """A cron expression (:meth:`SyncPolicy.cron`)."""
 
+    # Hashed by identity, in C (see IdentifierKind): the hot path keys dicts by it.
+    __hash__ = object.__hash__
+
     @property
     def period(self) -> timedelta | None:
         """

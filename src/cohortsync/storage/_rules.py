@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from cohortsync._clock import add_saturating
-from cohortsync._destination import Identifier, IdentifierKind, Member
+from cohortsync._destination import Identifier, IdentifierKind, Member, identity_identifiers
 from cohortsync._schedule import spread_period
 from cohortsync._sync import SyncStatus
 from cohortsync._validators import evolve_trusted
@@ -268,7 +268,14 @@ def collect_holders(
     for key, ident in by_value:
         if ident in wanted:
             found.setdefault(ident, set()).add(key)
-    for key in own:
+    keys = list(own)
+    if not found:
+        # The usual answer under the identity mapping: each key found holds
+        # its own identifier, and nobody else holds any of them (a store's
+        # key is unique, so each of these identifiers has one holder).
+        ids = identity_identifiers(IdentifierKind.USER_ID, keys)
+        return dict(zip(ids, ([k] for k in keys), strict=True))
+    for key in keys:
         found.setdefault(Identifier(IdentifierKind.USER_ID, key), set()).add(key)
     return {ident: sorted(keys) for ident, keys in found.items()}
 
