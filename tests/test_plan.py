@@ -276,9 +276,23 @@ class TestPlanRecovery:
         removes = (removes & held) - adds
         existing = (existing & held) - removes
         members = {k: Member(k, Identifier(IdentifierKind.USER_ID, k)) for k in sorted(in_flight)}
+        # The mapping changed for some of the in-flight members added now.
+        again = sorted(in_flight & adds)
+        remapped = set(again[::2])
+        current: dict[str, Identifier | None] = {
+            k: Identifier(IdentifierKind.USER_ID, f"new-{k}")
+            if k in remapped
+            else Identifier(IdentifierKind.USER_ID, k)
+            for k in again
+        }
 
         recovery = plan_recovery(
-            members, held, adds=sorted(adds), removes=sorted(removes), existing=sorted(existing)
+            members,
+            held,
+            adds=sorted(adds),
+            removes=sorted(removes),
+            existing=sorted(existing),
+            current=current,
         )
 
         final_adds = adds | set(recovery.adds)
@@ -286,7 +300,9 @@ class TestPlanRecovery:
         assert in_flight <= final_adds | final_removes | existing
         assert set() == set(recovery.adds) & (adds | removes | existing)
         assert set(recovery.adds) <= held
-        assert set() == set(recovery.removes) & (held | adds)
+        assert set() == set(recovery.removes) & held
+        # Added now under another identifier: the one sent earlier is removed.
+        assert remapped == set(recovery.removes) & adds
         assert {k: members[k].identifier for k in recovery.removes} == recovery.removes
         assert (recovery.note is None) == (not recovery.adds and not recovery.removes)
 

@@ -291,6 +291,71 @@ class TestSharedIdentifiersThroughCrashes:
         assert {"u0@example.com"} == dest.audience("s1")
         assert ["u0-dup"] == list(storage.iter_delivered("s1"))
 
+    @pytest.mark.parametrize("switch_to", ["identity", "alias"])
+    @pytest.mark.parametrize("store", ["memory", "sqlite"])
+    def test_an_add_lost_in_a_crash_then_a_mapping_switch_leaves_nothing_behind(
+        self, store: str, switch_to: str, tmp_path: Path
+    ) -> None:
+        """
+        The vendor applies "add u9" under one mapping and the worker dies
+        before the answer; the sync then switches mappings, and the takeover
+        adds u9 under its new identifier. The one it was sent with is
+        removed first: it used to stay at the destination for good, through
+        full resyncs and teardown (outsider attack, 2026-12-02).
+        """
+        aliases = {"u0": "u0", "u9": "u4"}
+
+        class AppliesThenDies(RecordingDestination):
+            armed = False
+
+            def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                result = super().add(batch)
+                if self.armed:
+                    self.armed = False
+                    raise Crash  # applied at the vendor, never acknowledged
+                return result
+
+        clock = FakeClock(START)
+        storage: Storage = (
+            MemoryStorage() if store == "memory" else SQLiteStorage(tmp_path / "s.db")
+        )
+        members = {"u0"}
+        dest = AppliesThenDies()
+
+        def worker() -> cs.Scheduler:
+            s = cs.Scheduler(storage, clock=clock, seed=1)
+            s.add_cohort(cs.Cohort(id="c", name="C", source=lambda: set(members)))
+            s.add_destination("d", dest)
+            s.add_mapping("alias", cs.IdentifierMapping([(cs.IdentifierKind.USER_ID, aliases.get)]))
+            return s
+
+        start, then = ("alias", None) if switch_to == "identity" else (None, "alias")
+        worker().create_sync("c", "d", TEARDOWN, sync_id="s1", mapping_id=start)
+        worker().run_due()
+        members.add("u9")
+        dest.armed = True
+        clock.advance(timedelta(hours=1))
+        with pytest.raises(Crash):
+            worker().run_due()
+        sent = "u4" if switch_to == "identity" else "u9"
+        assert {"u0", sent} == dest.audience("s1")
+
+        worker().update_sync("s1", mapping_id=then)
+        clock.advance(timedelta(minutes=10))  # the crashed lease expires
+        runs = worker().run_due()
+
+        now = "u9" if switch_to == "identity" else "u4"
+        assert {"u0", now} == dest.audience("s1")
+        assert [(1, 1, cs.RunStatus.SUCCEEDED)] == [(r.added, r.removed, r.status) for r in runs]
+        scheduler = worker()
+        scheduler.request_full_resync("s1")
+        clock.advance(timedelta(seconds=1))
+        scheduler.run_due()
+        assert {"u0", now} == dest.audience("s1")
+        scheduler.delete_sync("s1")
+        drain(scheduler, clock)
+        assert set() == dest.audience("s1")
+
     def test_a_joiner_sharing_an_address_whose_removal_was_in_flight_is_sent(self) -> None:
         """
         The vendor applies "remove u0" and the worker dies before the answer:

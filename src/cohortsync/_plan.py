@@ -215,7 +215,10 @@ class Recovery:
     Attributes:
         adds: Delivered members who stay, added again.
         removes: Members not delivered and not being added now, removed
-            with the identifier they were sent with.
+            with the identifier they were sent with; and members being
+            added now under another identifier than the one they were sent
+            with (the mapping changed in between), whose old identifier is
+            removed before the new one is added.
         note: The history note, or ``None`` when there is nothing to recover.
     """
 
@@ -231,6 +234,7 @@ def plan_recovery(
     adds: Keys,
     removes: Keys,
     existing: Keys,
+    current: Mapping[str, Identifier | None] | None = None,
 ) -> Recovery:
     """
     Reconcile batches an earlier run sent (or may have sent) without applying
@@ -242,6 +246,12 @@ def plan_recovery(
     what the cohort says now: a member who is not delivered (*held* names the
     delivered ones) and not being added now is removed; a delivered member
     who stays is added again. The ordinary diff covers everyone else.
+
+    A member the diff adds now was sent with the identifier its mapping gave
+    then; if the mapping gives another now (*current*: the identifiers of
+    the in-flight members being added, ``None`` for one that resolves to
+    nothing), the identifier it was sent with may be at the destination and
+    nothing else would ever remove it, so it is removed too, before the add.
     """
     delivered = set(held)
     extra = tuple(
@@ -252,10 +262,12 @@ def plan_recovery(
         and not has_key(existing, k)
         and not has_key(adds, k)
     )
+    now = current or {}
     recovered = {
         key: member.identifier
         for key, member in in_flight.items()
-        if key not in delivered and not has_key(adds, key)
+        if key not in delivered
+        and (not has_key(adds, key) or (key in now and now[key] != member.identifier))
     }
     note = None
     if extra or recovered:

@@ -797,8 +797,19 @@ class _Run:
         """Fold what earlier runs left in flight into the diff (see :func:`plan_recovery`)."""
         unknown = in_flight_members(self.pending)
         held = self.env.storage.filter_delivered(self.sync.id, unknown)
+        # The identifiers in-flight members being added again get now: the
+        # mapping may have changed since they were sent (see plan_recovery).
+        again = [k for k in unknown if k not in held and has_key(diff.adds, k)]
+        members, unresolved = self._mapping().resolve_many(again, self._accepted())
+        current: dict[str, Identifier | None] = dict.fromkeys(unresolved)
+        current.update((m.key, m.identifier) for m in members)
         recovery = plan_recovery(
-            unknown, held, adds=diff.adds, removes=diff.removes, existing=diff.existing or ()
+            unknown,
+            held,
+            adds=diff.adds,
+            removes=diff.removes,
+            existing=diff.existing or (),
+            current=current,
         )
         self.recovered_ids = recovery.removes
         if recovery.note is not None:
