@@ -356,6 +356,65 @@ class TestSharedIdentifiersThroughCrashes:
         drain(scheduler, clock)
         assert set() == dest.audience("s1")
 
+    @pytest.mark.parametrize("arrived", [True, False])
+    @pytest.mark.parametrize("store", ["memory", "sqlite"])
+    def test_a_removal_lost_in_a_crash_then_a_mapping_switch_keeps_the_identifier_held(
+        self, store: str, arrived: bool, tmp_path: Path
+    ) -> None:
+        """
+        "Remove u9" (sent as u4) may or may not arrive before the worker
+        dies; the sync switches to the identity mapping and u9 comes back
+        before the takeover. The takeover adds u9 again with the identifier
+        the delivered state holds (u4), as ordinary runs keep a staying
+        member's identifier: re-resolving it left u4 behind for good.
+        """
+        aliases = {"u0": "u0", "u9": "u4"}
+
+        class RemovesThenDies(RecordingDestination):
+            armed = False
+
+            def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                if not self.armed:
+                    return super().remove(batch)
+                self.armed = False
+                if arrived:
+                    super().remove(batch)
+                raise Crash
+
+        clock = FakeClock(START)
+        storage: Storage = (
+            MemoryStorage() if store == "memory" else SQLiteStorage(tmp_path / "s.db")
+        )
+        members = {"u0", "u9"}
+        dest = RemovesThenDies()
+
+        def worker() -> cs.Scheduler:
+            s = cs.Scheduler(storage, clock=clock, seed=1)
+            s.add_cohort(cs.Cohort(id="c", name="C", source=lambda: set(members)))
+            s.add_destination("d", dest)
+            s.add_mapping("alias", cs.IdentifierMapping([(cs.IdentifierKind.USER_ID, aliases.get)]))
+            return s
+
+        worker().create_sync("c", "d", TEARDOWN, sync_id="s1", mapping_id="alias")
+        worker().run_due()
+        members.discard("u9")
+        dest.armed = True
+        clock.advance(timedelta(hours=1))
+        with pytest.raises(Crash):
+            worker().run_due()
+        worker().update_sync("s1", mapping_id=None)
+        members.add("u9")
+        clock.advance(timedelta(minutes=10))  # the crashed lease expires
+
+        (run,) = worker().run_due()
+
+        assert {"u0", "u4"} == dest.audience("s1")
+        assert (1, 0) == (run.added, run.removed)
+        scheduler = worker()
+        scheduler.delete_sync("s1")
+        drain(scheduler, clock)
+        assert set() == dest.audience("s1")
+
     def test_a_joiner_sharing_an_address_whose_removal_was_in_flight_is_sent(self) -> None:
         """
         The vendor applies "remove u0" and the worker dies before the answer:

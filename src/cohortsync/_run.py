@@ -402,6 +402,11 @@ class _Run:
     bookkeeping at all."""
     resumed = False
     """An earlier attempt of this slot applied batches (this run takes it over)."""
+    readd: dict[str, Identifier] | None = None
+    """Delivered members a recovery adds again, with the identifier each holds:
+    an ordinary run does not resolve a staying member again, and re-resolving
+    one after a mapping change would forget the identifier the destination
+    may still hold (nothing would ever remove it)."""
     uncertain: frozenset[Identifier] | None = None
     """Identifiers named in ``pending``: whether the destination holds them is unknown."""
     pending_left: dict[str, set[str]] | None = None
@@ -812,6 +817,8 @@ class _Run:
             current=current,
         )
         self.recovered_ids = recovery.removes
+        if recovery.adds:
+            self.readd = self.env.storage.delivered_identifiers(self.sync.id, recovery.adds)
         if recovery.note is not None:
             self.notes.append(recovery.note)
         diff.adds = with_keys(diff.adds, recovery.adds)
@@ -1394,7 +1401,14 @@ class _Run:
         """
         Resolve member keys to identifiers (from *known* when the run resolved
         them already), recording those that resolve to nothing as skipped.
+        A delivered member added again by a recovery (see ``readd``) keeps
+        the identifier the delivered state holds for it.
         """
+        readd = self.readd
+        if readd and any(k in readd for k in chunk):
+            again = [Member(k, readd[k]) for k in chunk if k in readd]
+            rest = self._resolve([k for k in chunk if k not in readd], caps, known)
+            return sorted(again + rest, key=_member_key)
         if known is not None:
             members = [Member(k, known[k]) for k in chunk if k in known]
             unresolved = [k for k in chunk if k not in known]
@@ -1824,6 +1838,10 @@ def _call(
     bound = method()
     assert bound is not None  # noqa: S101 - the run outlives its sends
     bound(batch, replaces)
+
+
+def _member_key(member: Member) -> str:
+    return member.key
 
 
 def _already_sent(sent: set[Identifier], *, identity: bool) -> Callable[[Member], bool]:
