@@ -167,3 +167,16 @@ class TestCancel:
             portal.start(coro, lambda _outcome: None)
 
         assert inspect.CORO_CLOSED == inspect.getcoroutinestate(coro)  # never runs, nor warns
+
+    def test_a_start_on_a_closed_loop_raises_and_leaves_nothing_queued(self) -> None:
+        """A closed loop refuses each start (never a silent wait): the coroutines are closed."""
+        loop = asyncio.new_event_loop()
+        loop.close()
+        portal = Portal(loop)
+        first, second = answer(1), answer(2)
+
+        for coro in (first, second):
+            with pytest.raises(RuntimeError):
+                portal.start(coro, lambda _outcome: None)
+            assert inspect.CORO_CLOSED == inspect.getcoroutinestate(coro)
+        assert "0 pending" in repr(portal)

@@ -184,10 +184,15 @@ class Portal:
         try:
             self.loop.call_soon_threadsafe(self._start_queued)
         except BaseException:
+            # The loop is closed: nothing queued will run. The others that
+            # counted on this wake-up are told they were cancelled.
             with self._lock:
-                self._started.discard(call)
-                self._queued.remove(call)
-            coro.close()
+                stranded, self._queued = self._queued, []
+                self._started.difference_update(stranded)
+            for other in stranded:
+                other.coro.close()
+                if other is not call:
+                    other.done(_CANCELLED)
             raise
 
     def _start_queued(self) -> None:
