@@ -577,6 +577,56 @@ class TestSynchronousSchedulerWithAsyncAdapters:
         scheduler.close()
         assert "cohortsync-loop" not in {t.name for t in threading.enumerate()}
 
+    def test_the_base_no_op_hooks_never_go_to_the_loop(self) -> None:
+        """A run with nothing to send to an adapter without open/close starts no loop thread."""
+
+        class NoHooks(cs.AsyncDestination):
+            capabilities = caps()
+
+            async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                raise AssertionError("nothing to send")
+
+            async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                raise AssertionError("nothing to send")
+
+        with cs.Scheduler(MemoryStorage(), clock=FakeClock(), rate_limits=RateLimits()) as sched:
+            sched.add_destination("d", NoHooks())
+            sched.add_cohort(cohort("c", members=[]))
+            sched.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s")
+            (run,) = sched.run_due()
+
+            assert cs.RunStatus.SUCCEEDED == run.status
+            assert "cohortsync-loop" not in {t.name for t in threading.enumerate()}
+
+    def test_hooks_an_adapter_defines_still_run_on_the_loop(self) -> None:
+        """open/close written by the adapter (or set on the instance) are awaited on the loop."""
+        calls: list[tuple[str, str]] = []
+
+        class Hooks(cs.AsyncDestination):
+            capabilities = caps()
+
+            async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                raise AssertionError("nothing to send")
+
+            async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                raise AssertionError("nothing to send")
+
+            async def open(self, context: cs.RunContext) -> None:
+                calls.append(("open", threading.current_thread().name))
+
+        async def close(context: cs.RunContext, *, succeeded: bool) -> None:
+            calls.append(("close", threading.current_thread().name))
+
+        adapter = Hooks()
+        adapter.close = close  # type: ignore[method-assign]
+        with cs.Scheduler(MemoryStorage(), clock=FakeClock(), rate_limits=RateLimits()) as sched:
+            sched.add_destination("d", adapter)
+            sched.add_cohort(cohort("c", members=[]))
+            sched.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id="s")
+            sched.run_due()
+
+        assert [("open", "cohortsync-loop"), ("close", "cohortsync-loop")] == calls
+
     def test_lone_batches_and_bisection(self) -> None:
         """max_parallel=1 and a bad member: the halves go out as coroutines too."""
         inner = FaultyDestination(caps(batch=40), always=Fault.bad_data(["u017"]))

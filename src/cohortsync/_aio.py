@@ -20,7 +20,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import asyncio
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Interrupted",
     "LoopThread",
+    "Outcome",
     "Portal",
     "RunCancelled",
     "finish",
@@ -36,6 +37,52 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Outcome(Protocol[T_co]):
+    """
+    How a started coroutine (or a pool's call) ended, read by the thread that
+    waits for it: an :class:`asyncio.Task` or a
+    :class:`concurrent.futures.Future` that is done.
+    """
+
+    def cancelled(self) -> bool:
+        """Whether it was cancelled (then it has neither result nor exception)."""
+
+    def exception(self) -> BaseException | None:
+        """What it raised, if it raised."""
+
+    def result(self) -> T_co:
+        """What it returned."""
+
+
+class _Cancelled:
+    """The :class:`Outcome` of a start the portal's cancellation ended."""
+
+    def cancelled(self) -> bool:
+        return True
+
+    def exception(self) -> BaseException | None:  # pragma: no cover - cancelled() is asked first
+        raise RunCancelled
+
+    def result(self) -> Any:  # pragma: no cover - cancelled() is asked first
+        raise RunCancelled
+
+
+_CANCELLED = _Cancelled()
+
+
+class _Start:
+    """A coroutine handed to :meth:`Portal.start`, until its outcome is told."""
+
+    __slots__ = ("coro", "done")
+
+    def __init__(
+        self, coro: Coroutine[Any, Any, Any], done: Callable[[Outcome[Any]], object]
+    ) -> None:
+        self.coro = coro
+        self.done = done
 
 
 class RunCancelled(BaseException):
@@ -83,6 +130,10 @@ class Portal:
         self.loop = loop
         self._lock = threading.Lock()
         self._pending: set[Future[Any]] = set()
+        self._started: set[_Start] = set()
+        """Handed to :meth:`start`, outcome not told yet."""
+        self._queued: list[_Start] = []
+        """Handed to :meth:`start`, not made a task yet (the loop is woken once for all)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cancel = threading.Event()
         self.cancelled = False
@@ -104,6 +155,76 @@ class Portal:
             self._pending.add(future)
         future.add_done_callback(self._forget)
         return future
+
+    def start(self, coro: Coroutine[Any, Any, T], done: Callable[[Outcome[T]], object]) -> None:
+        """
+        Start *coro* on the loop and call *done* with its :class:`Outcome`
+        once it has ended (on the loop), or at once if the portal is
+        cancelled first (from the cancelling thread): exactly once either way.
+
+        :meth:`submit` for a thread that starts many coroutines and waits for
+        each in turn: no :class:`concurrent.futures.Future` per coroutine, and
+        the loop is woken once for all those started before it next runs,
+        not once each. A run sends its batches this way; every handoff the
+        loop thread makes is time the requests of every other run wait for.
+
+        Raises:
+            RunCancelled: The portal is cancelled (*coro* is closed unrun).
+        """
+        call = _Start(coro, done)
+        with self._lock:
+            if self.cancelled:
+                coro.close()
+                raise RunCancelled
+            self._started.add(call)
+            self._queued.append(call)
+            wake = len(self._queued) == 1
+        if not wake:
+            return  # the loop is woken already, and takes this one too
+        try:
+            self.loop.call_soon_threadsafe(self._start_queued)
+        except BaseException:
+            # The loop is closed: nothing queued will run. The others that
+            # counted on this wake-up are told they were cancelled.
+            with self._lock:
+                stranded, self._queued = self._queued, []
+                self._started.difference_update(stranded)
+            for other in stranded:
+                other.coro.close()
+                if other is not call:
+                    other.done(_CANCELLED)
+            raise
+
+    def _start_queued(self) -> None:
+        """On the loop: make a task of each coroutine :meth:`start` queued."""
+        with self._lock:
+            queued, self._queued = self._queued, []
+            live = [call in self._started for call in queued]
+        for call, alive in zip(queued, live, strict=True):
+            if not alive:
+                call.coro.close()  # cancelled before it ran: its outcome is told
+                continue
+            task = self.loop.create_task(_guarded(call.coro))
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._ended, call))
+
+    def _ended(self, call: _Start, task: asyncio.Task[Any]) -> None:
+        """On the loop: a started coroutine's task is done; tell its outcome."""
+        self._tasks.discard(task)
+        if task.cancelled():
+            # Cancelled before its first step, the coroutine never ran: close
+            # it, or it would warn that it was never awaited.
+            call.coro.close()
+        with self._lock:
+            if call not in self._started:
+                return  # told already: the portal was cancelled
+            self._started.discard(call)
+        call.done(task)
+
+    def _cancel_tasks(self) -> None:
+        """On the loop: cancel the tasks :meth:`start` made that still run."""
+        for task in list(self._tasks):
+            task.cancel()
 
     async def _tracked(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run *coro* as a task :meth:`drain` can wait for (it runs on the loop)."""
@@ -175,12 +296,19 @@ class Portal:
             self.cancelled = True
             self._cancel.set()
             pending = list(self._pending)
+            started = list(self._started)
+            self._started.clear()
         for future in pending:
             future.cancel()
+        for call in started:
+            call.done(_CANCELLED)
+        # The tasks stop at their next await; a loop closed meanwhile has none.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._cancel_tasks)
 
     def __repr__(self) -> str:
         state = "cancelled" if self.cancelled else "open"
-        return f"<Portal {state}, {len(self._pending)} pending>"
+        return f"<Portal {state}, {len(self._pending) + len(self._started)} pending>"
 
 
 async def to_thread_to_the_end(function: Callable[..., T], *args: object) -> T:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import attrs
 from typing_extensions import Self
 
-from cohortsync._aio import Interrupted, Portal, RunCancelled, to_thread_to_the_end
+from cohortsync._aio import Interrupted, Outcome, Portal, RunCancelled, to_thread_to_the_end
 from cohortsync._clock import Clock, SystemClock, add_saturating, is_system_clock, sleep_async
 from cohortsync._destination import (
     AnyDestination,
@@ -49,7 +49,6 @@ __all__ = ["PROCESS_RATE_LIMITS", "BatchSender", "RateLimiter", "RateLimits", "i
 
 if TYPE_CHECKING:
     import asyncio
-    from concurrent.futures import Future
 
 log = logging.getLogger("cohortsync.delivery")
 
@@ -717,7 +716,9 @@ class BatchSender:
         portal = self.portal
         if isinstance(self.destination, AsyncDestination):
             assert portal is not None  # noqa: S101 - the run gives async adapters a portal
-            self._send_each(batches, parallel, on_acked, lambda b: portal.submit(self.asend(b)))
+            self._send_each(
+                batches, parallel, on_acked, lambda b, done: portal.start(self.asend(b), done)
+            )
             return
         if parallel <= 1:
             for batch in batches:
@@ -732,18 +733,24 @@ class BatchSender:
         from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cohortsync") as pool:
-            self._send_each(batches, parallel, on_acked, lambda b: pool.submit(self.send, b))
+            self._send_each(
+                batches,
+                parallel,
+                on_acked,
+                lambda b, done: pool.submit(self.send, b).add_done_callback(done),
+            )
 
     def _send_each(
         self,
         batches: Iterator[Batch],
         parallel: int,
         on_acked: Callable[[Acked], None],
-        start: Callable[[Batch], Future[list[Acked]]],
+        start: Callable[[Batch, Callable[[Outcome[list[Acked]]], object]], None],
     ) -> None:
         """
         Keep up to *parallel* batches in flight, each started by *start*
-        (on a thread pool, or as a task on the portal's loop).
+        (on a thread pool, or as a task on the portal's loop), which calls
+        back with the request's outcome once it has ended.
         """
         # Each request, once done, queues itself: this thread takes the next
         # one off as it ends, without re-arming a wait on every future in flight.
@@ -751,7 +758,7 @@ class BatchSender:
 
         portal = self.portal
         error: BaseException | None = None
-        finished: queue.SimpleQueue[Future[list[Acked]]] = queue.SimpleQueue()
+        finished: queue.SimpleQueue[Outcome[list[Acked]]] = queue.SimpleQueue()
         in_flight = 0
         try:
             for batch in batches:
@@ -763,7 +770,7 @@ class BatchSender:
                 if portal is not None:
                     portal.check()
                 self.before_send(batch, None)
-                start(batch).add_done_callback(finished.put)
+                start(batch, finished.put)
                 in_flight += 1
         except BaseException as e:  # noqa: BLE001 - what is in flight is applied, then it is raised
             error = _worse(error, e)
@@ -775,7 +782,7 @@ class BatchSender:
 
     @staticmethod
     def _settle(
-        future: Future[list[Acked]],
+        future: Outcome[list[Acked]],
         on_acked: Callable[[Acked], None],
         error: BaseException | None,
     ) -> BaseException | None:

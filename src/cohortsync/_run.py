@@ -1123,7 +1123,16 @@ class _Run:
             )
 
     def _hook(self, destination: AsyncDestination, call: Coroutine[Any, Any, None]) -> None:
-        """Run an asynchronous destination's ``open`` or ``close`` on its loop."""
+        """
+        Run an asynchronous destination's ``open`` or ``close`` on its loop,
+        unless it is :class:`~cohortsync.AsyncDestination`'s own no-op: a
+        round trip to the loop and back for nothing would cost every run two
+        waits behind whatever the loop is busy with (the requests of the
+        other runs).
+        """
+        if getattr(call, "cr_code", None) in _NO_OP_HOOKS:
+            call.close()
+            return
         portal = self._portal(destination)
         if portal is None:  # pragma: no cover - the scheduler always gives one
             call.close()
@@ -1827,6 +1836,11 @@ class _Run:
         )
         self._emit(plan.events)
         return Completing(lease, plan.completion, self.sync.destination_id)
+
+
+_NO_OP_HOOKS = frozenset((AsyncDestination.open.__code__, AsyncDestination.close.__code__))
+"""The code of the base class's optional hooks, which do nothing: an
+adapter that does not override them is not called on its loop for them."""
 
 
 def _call(
