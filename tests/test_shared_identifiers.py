@@ -217,6 +217,48 @@ class TestSharedIdentifiers:
         assert {"b", "x"} == dest.audience()
         assert 1 == left.removed
 
+    def test_a_steady_identity_run_asks_one_question_of_the_store(self, clock: FakeClock) -> None:
+        """
+        Under the identity mapping, with no member holding another identifier,
+        a run that adds and removes members asks the store one question
+        (has_mapped_identifiers), not one per member; with a mapped member
+        delivered it asks about each.
+        """
+
+        class Counting(MemoryStorage):
+            holders_asked = 0
+
+            def identifier_holders(
+                self, sync_id: str, identifiers: Iterable[cs.Identifier]
+            ) -> dict[cs.Identifier, list[str]]:
+                self.holders_asked += 1
+                return super().identifier_holders(sync_id, identifiers)
+
+        storage = Counting()
+        source = Members(["a", "b", "c"])
+        dest = RecordingDestination(cs.Capabilities(max_batch_size=10))
+        alias = cs.IdentifierMapping([(cs.IdentifierKind.USER_ID, {"m": "a"}.get)])
+        scheduler = build(clock, source, destination=dest, storage=storage)
+        scheduler.add_mapping("alias", alias)
+        run_next(scheduler, clock)
+        source.keys = ["b", "c", "d"]
+
+        steady = run_next(scheduler, clock)
+
+        assert (1, 1, 0) == (steady.added, steady.removed, storage.holders_asked)
+        scheduler.update_sync("s1", mapping_id="alias")
+        source.keys = ["b", "c", "d", "m"]
+        run_next(scheduler, clock)  # m delivered as USER_ID(a): a mapped identifier
+        scheduler.update_sync("s1", mapping_id=None)
+        run_next(scheduler, clock)
+        source.keys = ["c", "d", "e", "m"]
+
+        mixed = run_next(scheduler, clock)
+
+        assert (1, 1) == (mixed.added, mixed.removed)
+        assert storage.holders_asked > 0
+        assert {"a", "c", "d", "e"} == dest.audience()
+
 
 class TestSharedIdentifiersThroughCrashes:
     """A crash mid-handover neither leaks nor loses an identifier members share (model test)."""

@@ -1201,8 +1201,9 @@ class _Run:
         holds a joiner's key. That is the usual steady run, and then none of
         the shared-identifier bookkeeping (riders, handovers, answers settled
         for later batches) can find anything: its batches are sent and
-        settled member by member, as a first sync's are. Asked of the store's
-        identifier index once per run, a chunk at a time; anything else (another
+        settled member by member, as a first sync's are. A store with
+        ``has_mapped_identifiers`` answers in one probe; otherwise its
+        identifier index is asked, a chunk at a time. Anything else (another
         mapping, a full send, batches an earlier attempt left in flight) takes
         the general path.
         """
@@ -1213,6 +1214,12 @@ class _Run:
             return False  # a first sync: distinct without asking (see _add_batches)
         storage = self.env.storage
         sync_id = self.sync.id
+        mapped = getattr(storage, "has_mapped_identifiers", None)
+        if kind is IdentifierKind.USER_ID and mapped is not None and not mapped(sync_id):
+            # Every delivered member holds USER_ID(its key): a leaver holds its
+            # own, nobody else does, and no joiner's is held (joiners are not
+            # delivered). One indexed probe instead of a question per member.
+            return True
         for chunk in chunks(removes, ISSUE_CHUNK):
             ids = identity_identifiers(kind, chunk)
             holders = storage.identifier_holders(sync_id, ids)

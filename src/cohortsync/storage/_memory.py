@@ -680,6 +680,18 @@ class MemoryStorage(StorageBase):
                     out[k] = ident if ident is not None else Identifier(IdentifierKind.USER_ID, k)
             return out
 
+    def has_mapped_identifiers(self, sync_id: str) -> bool:
+        """
+        Whether any member delivered to the sync holds an identifier other
+        than ``Identifier(USER_ID, key)`` (it was delivered under a mapping
+        other than the identity one). An optional fast path, not part of
+        :class:`~cohortsync.storage.Storage`: when it answers ``False``, a
+        run under the identity mapping knows without asking about each
+        member that no two members share an identifier.
+        """
+        with self._lock:
+            return bool(self._state(sync_id).holders)
+
     def identifier_holders(
         self, sync_id: str, identifiers: Iterable[Identifier]
     ) -> dict[Identifier, list[str]]:

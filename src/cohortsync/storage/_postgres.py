@@ -1430,6 +1430,25 @@ class PostgresStorage(StorageBase):
             key: q.decode_identifier(sync_id, key, *stored[key]) for key in keys if key in stored
         }
 
+    def has_mapped_identifiers(self, sync_id: str) -> bool:
+        """
+        Whether any member delivered to the sync holds an identifier other
+        than ``Identifier(USER_ID, key)`` (it was delivered under a mapping
+        other than the identity one). An optional fast path, not part of
+        :class:`~cohortsync.storage.Storage`: when it answers ``False``, a
+        run under the identity mapping knows without asking about each
+        member that no two members share an identifier.
+        """
+        with self._cursor("has_mapped_identifiers") as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT 1 FROM {s}.delivered WHERE sync_id = %s"
+                    " AND id_value IS NOT NULL LIMIT 1"
+                ),
+                (sync_id,),
+            )
+            return cur.fetchone() is not None
+
     def identifier_holders(
         self, sync_id: str, identifiers: Iterable[Identifier]
     ) -> dict[Identifier, list[str]]:

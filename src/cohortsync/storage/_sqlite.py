@@ -359,6 +359,10 @@ _HOLDERS = """
     WHERE d.sync_id = ? AND d.id_value IS NOT NULL
         AND d.id_value IN (SELECT value FROM json_each(?))
 """
+_MAPPED = """
+    SELECT 1 FROM delivered INDEXED BY delivered_by_identifier
+    WHERE sync_id = ? AND id_value IS NOT NULL LIMIT 1
+"""
 _IDENTITY_HOLDERS = """
     SELECT d.key FROM delivered AS d
     WHERE d.sync_id = ? AND d.id_kind IS NULL AND d.key IN (SELECT value FROM json_each(?))
@@ -1055,6 +1059,18 @@ class SQLiteStorage(StorageBase):
                     out[key] = q.decode_identifier(sync_id, key, kind, value)
         # Answer in the order asked, like the reference store.
         return {k: out[k] for k in keys if k in out}
+
+    def has_mapped_identifiers(self, sync_id: str) -> bool:
+        """
+        Whether any member delivered to the sync holds an identifier other
+        than ``Identifier(USER_ID, key)`` (it was delivered under a mapping
+        other than the identity one). An optional fast path, not part of
+        :class:`~cohortsync.storage.Storage`: when it answers ``False``, a
+        run under the identity mapping knows without asking about each
+        member that no two members share an identifier.
+        """
+        with self._read() as conn:
+            return conn.execute(_MAPPED, (sync_id,)).fetchone() is not None
 
     def identifier_holders(
         self, sync_id: str, identifiers: Iterable[Identifier]

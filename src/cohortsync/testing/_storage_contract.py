@@ -1495,13 +1495,24 @@ def check_identifier_holders(make_storage: StorageFactory) -> None:
     """
     identifier_holders lists, per identifier, the delivered keys behind it: members
     sharing an email, and a member under the identity mapping holding USER_ID(key).
+    A store with the optional ``has_mapped_identifiers`` says whether any member
+    holds another identifier than USER_ID(its key).
     """
     email = IdentifierKind.EMAIL_SHA256
     shared = Identifier(email, "e" * 64)
     with _open(make_storage) as store:
+        mapped = getattr(store, "has_mapped_identifiers", None)
+
+        def expect_mapped(sync_id: str, what: str, *, expected: bool) -> None:
+            if mapped is not None:
+                _expect(expected, mapped(sync_id), f"has_mapped_identifiers {what}")
+
         store.create_sync(_record("s1"))
         store.create_sync(_record("other", next_due=T0 + HOUR))
         lease = _claim_one(store, T0)
+        expect_mapped("s1", "before anything was delivered", expected=False)
+        store.apply_batch(lease, _batch(added=(_member("c"),), sequence=10))
+        expect_mapped("s1", "with only identity members delivered", expected=False)
         members = (
             _member("b", email, "e" * 64),
             _member("a", email, "e" * 64),
@@ -1522,6 +1533,8 @@ def check_identifier_holders(make_storage: StorageFactory) -> None:
             "holders of a shared email, an identity identifier and an unknown one",
         )
         _expect({}, store.identifier_holders("other", [shared]), "another sync holds nothing")
+        expect_mapped("s1", "with members holding emails", expected=True)
+        expect_mapped("other", "of another sync", expected=False)
         store.apply_batch(lease, _batch(removed=("a", "c"), sequence=1))
         _expect(
             {shared: ["b"], Identifier(IdentifierKind.USER_ID, "c"): ["d"]},
@@ -1535,6 +1548,10 @@ def check_identifier_holders(make_storage: StorageFactory) -> None:
             store.identifier_holders("s1", [shared, Identifier(email, "f" * 64)]),
             "holders after a member moved to another identifier",
         )
+        store.apply_batch(lease, _batch(removed=("d", "f"), sequence=3))
+        expect_mapped("s1", "while one member still holds an email", expected=True)
+        store.apply_batch(lease, _batch(added=(_member("b"),), sequence=4))
+        expect_mapped("s1", "once every member holds USER_ID(its key)", expected=False)
 
 
 def check_begin_batch_replaces(make_storage: StorageFactory) -> None:
