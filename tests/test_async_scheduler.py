@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import cohortsync as cs
+from cohortsync._run import CLOSE_GRACE
 from cohortsync.destinations import RateLimits
 from cohortsync.events import RunFinished, RunStarted
 from cohortsync.exceptions import ConfigurationError, StorageClosedError
@@ -441,6 +442,92 @@ class TestCancellation:
         took = asyncio.run(main())
 
         assert 2.0 > took
+        assert storage.get_sync("s0").lease is None
+        assert [] == storage.history("s0")
+
+    @pytest.mark.parametrize("hook", ["open", "close"])
+    def test_a_hook_that_hangs_does_not_hold_up_a_cancellation(self, hook: str) -> None:
+        """
+        An adapter whose open() or close() never returns: the cancelled
+        run_due() returns at once (open) or after close()'s grace, the hook is
+        cancelled and the lease given back (outsider attack: it used to wait
+        for the hook for ever).
+        """
+        seen: list[str] = []
+
+        class Hangs(cs.AsyncDestination):
+            capabilities = caps(batch=40)
+
+            async def _hang(self, name: str) -> None:
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    seen.append(f"{name} cancelled")
+                    raise
+
+            async def open(self, context: cs.RunContext) -> None:
+                if hook == "open":
+                    await self._hang("open")
+
+            async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+            async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+            async def close(self, context: cs.RunContext, *, succeeded: bool) -> None:
+                if hook == "close":
+                    await self._hang("close")
+
+        storage = MemoryStorage()
+
+        async def main() -> float:
+            scheduler = async_scheduler(storage, clock=cs.SystemClock())
+            scheduler.add_destination("d", Hangs())
+            await create(scheduler, 1)
+            started = time.perf_counter()
+            with pytest.raises(asyncio.TimeoutError):
+                await within(0.3, scheduler.run_due())
+            return time.perf_counter() - started
+
+        took = asyncio.run(main())
+
+        grace = 0.0 if hook == "open" else CLOSE_GRACE
+        assert 0.3 + grace <= took + 0.05
+        assert took < 0.3 + grace + 1.0
+        assert [f"{hook} cancelled"] == seen
+        assert storage.get_sync("s0").lease is None
+
+    def test_a_slow_close_finishes_within_its_grace(self) -> None:
+        """close() still running when the scheduler is cancelled may finish if it is quick."""
+        seen: list[str] = []
+
+        class SlowClose(cs.AsyncDestination):
+            capabilities = caps(batch=40)
+
+            async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+                await asyncio.sleep(0.5)  # cancelled: the run stops here
+                return cs.DeliveryResult.ok()
+
+            async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+                return cs.DeliveryResult.ok()
+
+            async def close(self, context: cs.RunContext, *, succeeded: bool) -> None:
+                await asyncio.sleep(CLOSE_GRACE / 4)
+                seen.append(f"closed succeeded={succeeded}")
+
+        storage = MemoryStorage()
+
+        async def main() -> None:
+            scheduler = async_scheduler(storage, clock=cs.SystemClock())
+            scheduler.add_destination("d", SlowClose())
+            await create(scheduler, 1)
+            with pytest.raises(asyncio.TimeoutError):
+                await within(0.2, scheduler.run_due())
+
+        asyncio.run(main())
+
+        assert ["closed succeeded=False"] == seen
         assert storage.get_sync("s0").lease is None
         assert [] == storage.history("s0")
 

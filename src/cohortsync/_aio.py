@@ -20,6 +20,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+_HOOK_POLL = 0.02
+"""Seconds between two looks at a portal's cancellation while a hook runs."""
 T_co = TypeVar("T_co", covariant=True)
 
 
@@ -253,18 +257,39 @@ class Portal:
         with self._lock:
             self._pending.discard(future)
 
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+    def call(self, coro: Coroutine[Any, Any, T], *, grace: float = 0.0) -> T:
         """
-        Run *coro* on the loop and wait for its result, even if the portal is
-        cancelled meanwhile: for a destination's ``open`` and ``close``, which
-        must finish (``close`` tells the adapter how the run ended).
+        Run *coro* on the loop and wait for its result: for a destination's
+        ``open`` and ``close``. Once the portal is cancelled (before *coro*
+        runs or while it does), *coro* has *grace* more seconds to finish;
+        then it is cancelled like a request and :class:`RunCancelled` is
+        raised, so a hook that hangs cannot hold up a shutdown. ``close``
+        gets a grace (it tells the adapter how the run ended and may release
+        a connection); ``open`` gets none (the run has sent nothing yet).
+
+        Raises:
+            RunCancelled: The portal was cancelled and *coro* did not finish in time.
         """
         import asyncio  # noqa: PLC0415 - see submit
 
+        # Not one of the tasks a cancel stops at once: the grace is this call's.
+        future = asyncio.run_coroutine_threadsafe(_guarded(coro), self.loop)
+        finished = threading.Event()
+        future.add_done_callback(lambda _: finished.set())
+        # Either event may come first, and a thread can wait on one only:
+        # look at the other every few milliseconds (two hooks per run).
+        while not finished.wait(_HOOK_POLL):
+            if self._cancel.is_set():
+                if not finished.wait(grace):
+                    future.cancel()
+                    raise RunCancelled
+                break
         try:
-            return asyncio.run_coroutine_threadsafe(_guarded(coro), self.loop).result()
+            return future.result()
         except Interrupted as e:
             raise e.interrupt from None
+        except CancelledError:
+            raise RunCancelled from None
 
     def check(self) -> None:
         """

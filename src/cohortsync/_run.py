@@ -121,6 +121,10 @@ log = logging.getLogger("cohortsync.run")
 
 ISSUE_CHUNK = 10_000
 
+CLOSE_GRACE = 1.0
+"""Seconds an asynchronous destination's ``close`` may still take once its
+scheduler is cancelled (shutdown, ``asyncio.timeout``); then it is cancelled."""
+
 _MAX_WAIT = 365 * 86_400.0
 """Longest wait a lease is extended for in one step (a timedelta must stay representable)."""
 
@@ -1122,7 +1126,9 @@ class _Run:
                 ),
             )
 
-    def _hook(self, destination: AsyncDestination, call: Coroutine[Any, Any, None]) -> None:
+    def _hook(
+        self, destination: AsyncDestination, call: Coroutine[Any, Any, None], *, grace: float = 0.0
+    ) -> None:
         """
         Run an asynchronous destination's ``open`` or ``close`` on its loop,
         unless it is :class:`~cohortsync.AsyncDestination`'s own no-op: a
@@ -1137,12 +1143,16 @@ class _Run:
         if portal is None:  # pragma: no cover - the scheduler always gives one
             call.close()
             raise RuntimeError("an asynchronous destination needs an event loop portal")
-        portal.call(call)
+        portal.call(call, grace=grace)
 
     def _close(self, destination: AnyDestination, context: RunContext, *, succeeded: bool) -> None:
         try:
             if isinstance(destination, AsyncDestination):
-                self._hook(destination, destination.close(context, succeeded=succeeded))
+                self._hook(
+                    destination,
+                    destination.close(context, succeeded=succeeded),
+                    grace=CLOSE_GRACE,
+                )
             else:
                 destination.close(context, succeeded=succeeded)
         except Exception as e:
