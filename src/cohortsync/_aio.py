@@ -20,7 +20,6 @@ import contextlib
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
@@ -271,6 +270,7 @@ class Portal:
             RunCancelled: The portal was cancelled and *coro* did not finish in time.
         """
         import asyncio  # noqa: PLC0415 - see submit
+        from concurrent.futures import CancelledError  # noqa: PLC0415 - loaded with asyncio
 
         # Not one of the tasks a cancel stops at once: the grace is this call's.
         future = asyncio.run_coroutine_threadsafe(_guarded(coro), self.loop)
