@@ -109,6 +109,18 @@ def caps(batch: int = 10, parallel: int = 1, **more: Any) -> cs.Capabilities:
     )
 
 
+class Accepts(cs.AsyncDestination):
+    """An asynchronous adapter that accepts every batch at once."""
+
+    capabilities = caps(batch=40)
+
+    async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return cs.DeliveryResult.ok()
+
+    async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return cs.DeliveryResult.ok()
+
+
 def cohort(cohort_id: str, members: list[str] = MEMBERS) -> cs.Cohort:
     return cs.Cohort(
         id=cohort_id, name=cohort_id, type=cs.CohortType.STATIC, source=lambda: list(members)
@@ -455,9 +467,7 @@ class TestCancellation:
         """
         seen: list[str] = []
 
-        class Hangs(cs.AsyncDestination):
-            capabilities = caps(batch=40)
-
+        class Hangs(Accepts):
             async def _hang(self, name: str) -> None:
                 try:
                     await asyncio.Event().wait()
@@ -468,12 +478,6 @@ class TestCancellation:
             async def open(self, context: cs.RunContext) -> None:
                 if hook == "open":
                     await self._hang("open")
-
-            async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
-                return cs.DeliveryResult.ok()
-
-            async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
-                return cs.DeliveryResult.ok()
 
             async def close(self, context: cs.RunContext, *, succeeded: bool) -> None:
                 if hook == "close":
@@ -502,14 +506,9 @@ class TestCancellation:
         """close() still running when the scheduler is cancelled may finish if it is quick."""
         seen: list[str] = []
 
-        class SlowClose(cs.AsyncDestination):
-            capabilities = caps(batch=40)
-
+        class SlowClose(Accepts):
             async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
                 await asyncio.sleep(0.5)  # cancelled: the run stops here
-                return cs.DeliveryResult.ok()
-
-            async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
                 return cs.DeliveryResult.ok()
 
             async def close(self, context: cs.RunContext, *, succeeded: bool) -> None:

@@ -6,6 +6,7 @@ it, through crashes and identifier changes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -50,6 +51,24 @@ def emailing(
     s.add_destination("d", dest)
     s.add_mapping("email", cs.IdentifierMapping([(cs.IdentifierKind.EMAIL, SHARED.get)]))
     return s
+
+
+ALIASES = {"u0": "u0", "u9": "u4"}
+
+
+def aliasing(
+    storage: Storage, clock: FakeClock, dest: cs.Destination, members: set[str]
+) -> cs.Scheduler:
+    """A worker syncing *members*, with an "alias" mapping that sends u9 as u4."""
+    s = cs.Scheduler(storage, clock=clock, seed=1)
+    s.add_cohort(cs.Cohort(id="c", name="C", source=lambda: set(members)))
+    s.add_destination("d", dest)
+    s.add_mapping("alias", cs.IdentifierMapping([(cs.IdentifierKind.USER_ID, ALIASES.get)]))
+    return s
+
+
+def a_store(kind: str, tmp_path: Path) -> Storage:
+    return MemoryStorage() if kind == "memory" else SQLiteStorage(tmp_path / "s.db")
 
 
 class TestSharedIdentifiers:
@@ -193,9 +212,7 @@ class TestSharedIdentifiers:
         leaving removes nothing while the joiner holds it (a steady run under
         the identity mapping asks the store, it does not assume).
         """
-        storage: Storage = (
-            MemoryStorage() if store == "memory" else SQLiteStorage(tmp_path / "s.db")
-        )
+        storage = a_store(store, tmp_path)
         source = Members(["a", "x"])
         dest = RecordingDestination(cs.Capabilities(max_batch_size=10))
         alias = cs.IdentifierMapping([(cs.IdentifierKind.USER_ID, {"a": "b", "x": "x"}.get)])
@@ -345,7 +362,6 @@ class TestSharedIdentifiersThroughCrashes:
         removed first: it used to stay at the destination for good, through
         full resyncs and teardown (outsider attack, 2026-12-02).
         """
-        aliases = {"u0": "u0", "u9": "u4"}
 
         class AppliesThenDies(RecordingDestination):
             armed = False
@@ -358,20 +374,12 @@ class TestSharedIdentifiersThroughCrashes:
                 return result
 
         clock = FakeClock(START)
-        storage: Storage = (
-            MemoryStorage() if store == "memory" else SQLiteStorage(tmp_path / "s.db")
-        )
+        storage = a_store(store, tmp_path)
         members = {"u0"}
         dest = AppliesThenDies()
 
-        def worker() -> cs.Scheduler:
-            s = cs.Scheduler(storage, clock=clock, seed=1)
-            s.add_cohort(cs.Cohort(id="c", name="C", source=lambda: set(members)))
-            s.add_destination("d", dest)
-            s.add_mapping("alias", cs.IdentifierMapping([(cs.IdentifierKind.USER_ID, aliases.get)]))
-            return s
-
         start, then = ("alias", None) if switch_to == "identity" else (None, "alias")
+        worker = functools.partial(aliasing, storage, clock, dest, members)
         worker().create_sync("c", "d", TEARDOWN, sync_id="s1", mapping_id=start)
         worker().run_due()
         members.add("u9")
@@ -410,7 +418,6 @@ class TestSharedIdentifiersThroughCrashes:
         the delivered state holds (u4), as ordinary runs keep a staying
         member's identifier: re-resolving it left u4 behind for good.
         """
-        aliases = {"u0": "u0", "u9": "u4"}
 
         class RemovesThenDies(RecordingDestination):
             armed = False
@@ -424,19 +431,11 @@ class TestSharedIdentifiersThroughCrashes:
                 raise Crash
 
         clock = FakeClock(START)
-        storage: Storage = (
-            MemoryStorage() if store == "memory" else SQLiteStorage(tmp_path / "s.db")
-        )
+        storage = a_store(store, tmp_path)
         members = {"u0", "u9"}
         dest = RemovesThenDies()
 
-        def worker() -> cs.Scheduler:
-            s = cs.Scheduler(storage, clock=clock, seed=1)
-            s.add_cohort(cs.Cohort(id="c", name="C", source=lambda: set(members)))
-            s.add_destination("d", dest)
-            s.add_mapping("alias", cs.IdentifierMapping([(cs.IdentifierKind.USER_ID, aliases.get)]))
-            return s
-
+        worker = functools.partial(aliasing, storage, clock, dest, members)
         worker().create_sync("c", "d", TEARDOWN, sync_id="s1", mapping_id="alias")
         worker().run_due()
         members.discard("u9")

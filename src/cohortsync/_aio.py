@@ -38,8 +38,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-_HOOK_POLL = 0.02
-"""Seconds between two looks at a portal's cancellation while a hook runs."""
 T_co = TypeVar("T_co", covariant=True)
 
 
@@ -139,6 +137,8 @@ class Portal:
         """Handed to :meth:`start`, not made a task yet (the loop is woken once for all)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cancel = threading.Event()
+        self._calls: set[threading.Event] = set()
+        """One per :meth:`call` waiting: set when its coroutine ends or the portal is cancelled."""
         self.cancelled = False
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
@@ -270,20 +270,24 @@ class Portal:
             RunCancelled: The portal was cancelled and *coro* did not finish in time.
         """
         import asyncio  # noqa: PLC0415 - see submit
-        from concurrent.futures import CancelledError  # noqa: PLC0415 - loaded with asyncio
+        from concurrent.futures import CancelledError, wait  # noqa: PLC0415 - loaded with asyncio
 
         # Not one of the tasks a cancel stops at once: the grace is this call's.
         future = asyncio.run_coroutine_threadsafe(_guarded(coro), self.loop)
-        finished = threading.Event()
-        future.add_done_callback(lambda _: finished.set())
-        # Either event may come first, and a thread can wait on one only:
-        # look at the other every few milliseconds (two hooks per run).
-        while not finished.wait(_HOOK_POLL):
-            if self._cancel.is_set():
-                if not finished.wait(grace):
-                    future.cancel()
-                    raise RunCancelled
-                break
+        woken = threading.Event()
+        future.add_done_callback(lambda _: woken.set())
+        with self._lock:
+            self._calls.add(woken)
+            if self.cancelled:
+                woken.set()
+        try:
+            woken.wait()
+        finally:
+            with self._lock:
+                self._calls.discard(woken)
+        if not future.done() and not wait([future], timeout=grace).done:
+            future.cancel()
+            raise RunCancelled
         try:
             return future.result()
         except Interrupted as e:
@@ -323,6 +327,9 @@ class Portal:
             pending = list(self._pending)
             started = list(self._started)
             self._started.clear()
+            calls = list(self._calls)
+        for woken in calls:
+            woken.set()
         for future in pending:
             future.cancel()
         for call in started:

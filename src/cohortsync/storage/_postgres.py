@@ -1431,14 +1431,7 @@ class PostgresStorage(StorageBase):
         }
 
     def has_mapped_identifiers(self, sync_id: str) -> bool:
-        """
-        Whether any member delivered to the sync holds an identifier other
-        than ``Identifier(USER_ID, key)`` (it was delivered under a mapping
-        other than the identity one). An optional fast path, not part of
-        :class:`~cohortsync.storage.Storage`: when it answers ``False``, a
-        run under the identity mapping knows without asking about each
-        member that no two members share an identifier.
-        """
+        """As :meth:`~cohortsync.storage.MemoryStorage.has_mapped_identifiers`, by one probe."""
         with self._cursor("has_mapped_identifiers") as cur:
             cur.execute(
                 self._sql(

@@ -1061,14 +1061,7 @@ class SQLiteStorage(StorageBase):
         return {k: out[k] for k in keys if k in out}
 
     def has_mapped_identifiers(self, sync_id: str) -> bool:
-        """
-        Whether any member delivered to the sync holds an identifier other
-        than ``Identifier(USER_ID, key)`` (it was delivered under a mapping
-        other than the identity one). An optional fast path, not part of
-        :class:`~cohortsync.storage.Storage`: when it answers ``False``, a
-        run under the identity mapping knows without asking about each
-        member that no two members share an identifier.
-        """
+        """As :meth:`~cohortsync.storage.MemoryStorage.has_mapped_identifiers`, by one probe."""
         with self._read() as conn:
             return conn.execute(_MAPPED, (sync_id,)).fetchone() is not None
 
