@@ -111,6 +111,11 @@ class Mode:
     """Runs in progress at once: host threads, or ``max_concurrent_runs``."""
     max_parallel: int
     """The destination's ``max_parallel``: requests of one run in flight."""
+    client: str = "httpx"
+    """The adapter's HTTP client: ``"httpx"`` (``httpx.Client`` or
+    ``httpx.AsyncClient``) or ``"stdlib"`` (a kept-alive
+    :class:`http.client.HTTPConnection` per request thread, or the library's
+    :class:`~cohortsync.destinations.AsyncioTransport`)."""
 
     @property
     def connections(self) -> int:
@@ -139,7 +144,25 @@ MODES: dict[str, Mode] = {
     ),
     "async": Mode("AsyncScheduler(max_concurrent_runs=10), max_parallel=10", "async", 10, 10),
     "async50": Mode("AsyncScheduler(max_concurrent_runs=50), max_parallel=10", "async", 50, 10),
+    "sequential_stdlib": Mode(
+        "sync Scheduler, max_parallel=1, http.client", "sync", 1, 1, "stdlib"
+    ),
+    "threaded_stdlib": Mode(
+        "sync Scheduler, max_parallel=10 (request threads), http.client", "sync", 1, 10, "stdlib"
+    ),
+    "async_stdlib": Mode(
+        "AsyncScheduler(max_concurrent_runs=10), max_parallel=10, AsyncioTransport",
+        "async",
+        10,
+        10,
+        "stdlib",
+    ),
 }
+FAMILIES = {
+    "httpx": ("sequential", "threaded", "async"),
+    "stdlib": tuple(f"{m}_stdlib" for m in ("sequential", "threaded", "async")),
+}
+"""The modes compared with each other: the same client family on every side."""
 
 
 # -- the server (a process of its own) ----------------------------------------------
@@ -443,6 +466,79 @@ class AsyncHttpAudience(cs.AsyncDestination):
         return await self._send(batch)
 
 
+class StdlibAudience(cs.Destination):
+    """
+    The same adapter over :mod:`http.client`: one kept-alive connection per
+    thread that sends (the engine's request threads, or the run's own).
+    """
+
+    def __init__(self, port: int, capabilities: cs.Capabilities) -> None:
+        self.port = port
+        self.capabilities = capabilities  # type: ignore[misc]
+        self.acked: list[str] = []
+        self._local = threading.local()
+        self._opened: list[http.client.HTTPConnection] = []
+
+    def _connection(self) -> http.client.HTTPConnection:
+        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            self._local.connection = connection
+            self._opened.append(connection)
+        return connection
+
+    def _send(self, batch: cs.Batch) -> cs.DeliveryResult:
+        path, headers, body = request_of(batch)
+        connection = self._connection()
+        try:
+            connection.request("POST", path, body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            self._local.connection = None
+            raise TransientError(f"{type(error).__name__}: {error}") from error
+        result = result_of(response.status, response.getheader("retry-after"))
+        self.acked.append(batch.idempotency_key)
+        return result
+
+    def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return self._send(batch)
+
+    def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return self._send(batch)
+
+    def close_connections(self) -> None:
+        """Close every connection a thread opened."""
+        for connection in self._opened:
+            connection.close()
+
+
+class AsyncStdlibAudience(cs.AsyncDestination):
+    """The same adapter over the library's :class:`~cohortsync.destinations.AsyncioTransport`."""
+
+    def __init__(self, port: int, capabilities: cs.Capabilities) -> None:
+        from cohortsync.destinations import AsyncioTransport
+
+        self.base = f"http://127.0.0.1:{port}"
+        self.transport = AsyncioTransport()
+        self.capabilities = capabilities  # type: ignore[misc]
+        self.acked: list[str] = []
+
+    async def _send(self, batch: cs.Batch) -> cs.DeliveryResult:
+        path, headers, body = request_of(batch)
+        response = await self.transport.post(self.base + path, body, headers, 30.0)
+        result = result_of(response.status, response.headers.get("retry-after"))
+        self.acked.append(batch.idempotency_key)
+        return result
+
+    async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return await self._send(batch)
+
+    async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return await self._send(batch)
+
+
 # -- one measured run (in a fresh process) -------------------------------------------
 
 
@@ -554,17 +650,23 @@ def _run_sync(mode: Mode, scheduler: cs.Scheduler) -> list[cs.SyncRun]:
 def _measure_sync(
     mode: Mode, store: SQLiteStorage, port: int, shape: tuple[int, int, int, int]
 ) -> dict[str, Any]:
-    import httpx
-
     syncs, batches, size, repeat = shape
     scheduler = cs.Scheduler(store, clock=FakeClock(START), seed=0)
-    tls = httpx.create_ssl_context()
+    capabilities = _capabilities(mode.max_parallel, size)
     with contextlib.ExitStack() as stack:
-        clients = [
-            stack.enter_context(httpx.Client(**_client_options(mode, port, tls)))
-            for _ in range(Shards.count(mode))
-        ]
-        destination = HttpAudience(Shards(clients), _capabilities(mode.max_parallel, size))
+        destination: HttpAudience | StdlibAudience
+        if mode.client == "stdlib":
+            destination = StdlibAudience(port, capabilities)
+            stack.callback(destination.close_connections)
+        else:
+            import httpx
+
+            tls = httpx.create_ssl_context()
+            clients = [
+                stack.enter_context(httpx.Client(**_client_options(mode, port, tls)))
+                for _ in range(Shards.count(mode))
+            ]
+            destination = HttpAudience(Shards(clients), capabilities)
         _prepare(scheduler, destination, syncs, batches * size, repeat)
         collect()
         ready = _status_value("VmRSS") / 1024
@@ -587,19 +689,27 @@ def _measure_sync(
 async def _measure_async(
     mode: Mode, store: SQLiteStorage, port: int, shape: tuple[int, int, int, int]
 ) -> dict[str, Any]:
-    import httpx
-
     syncs, batches, size, repeat = shape
     scheduler = cs.AsyncScheduler(
         store, max_concurrent_runs=mode.runs_at_once, clock=FakeClock(START), seed=0
     )
-    tls = httpx.create_ssl_context()
+    capabilities = _capabilities(mode.max_parallel, size)
     async with contextlib.AsyncExitStack() as stack:
-        clients = [
-            await stack.enter_async_context(httpx.AsyncClient(**_client_options(mode, port, tls)))
-            for _ in range(Shards.count(mode))
-        ]
-        destination = AsyncHttpAudience(Shards(clients), _capabilities(mode.max_parallel, size))
+        destination: AsyncHttpAudience | AsyncStdlibAudience
+        if mode.client == "stdlib":
+            destination = AsyncStdlibAudience(port, capabilities)
+            stack.push_async_callback(destination.transport.aclose)
+        else:
+            import httpx
+
+            tls = httpx.create_ssl_context()
+            clients = [
+                await stack.enter_async_context(
+                    httpx.AsyncClient(**_client_options(mode, port, tls))
+                )
+                for _ in range(Shards.count(mode))
+            ]
+            destination = AsyncHttpAudience(Shards(clients), capabilities)
         _prepare(scheduler.scheduler, destination, syncs, batches * size, repeat)
         collect()
         ready = _status_value("VmRSS") / 1024

@@ -11,11 +11,11 @@ import attrs
 import pytest
 
 from cohortsync._destination import DeliveryResult, Operation, Rejection
+from cohortsync.destinations._urllib import UrllibTransport
 from cohortsync.destinations._webhook import (
     AsyncWebhookDestination,
     HttpResponse,
     HttpTransport,
-    UrllibTransport,
     WebhookDestination,
 )
 from cohortsync.exceptions import (

@@ -28,6 +28,7 @@ from cohortsync._destination import Batch, DeliveryResult, Operation, Rejection
 from cohortsync.destinations import (
     AsyncHttpTransport,
     AsyncHttpxTransport,
+    AsyncioTransport,
     AsyncWebhookDestination,
     HttpResponse,
     HttpTransport,
@@ -98,10 +99,13 @@ def send_blocking(url: str, batch: Batch, timeout: float) -> DeliveryResult:
 
 
 def send_async(url: str, batch: Batch, timeout: float) -> DeliveryResult:
+    """Through AsyncWebhookDestination's default transport, AsyncioTransport."""
+
     async def go() -> DeliveryResult:
         async with AsyncWebhookDestination(
             url, headers={"Authorization": SECRET}, timeout=timeout
         ) as dest:
+            assert isinstance(dest._transport, AsyncioTransport)
             if batch.operation is Operation.REMOVE:
                 return await dest.remove(batch)
             return await dest.add(batch)
@@ -109,7 +113,26 @@ def send_async(url: str, batch: Batch, timeout: float) -> DeliveryResult:
     return run(go())
 
 
-KINDS = [Kind("httpx", send_blocking), Kind("async-httpx", send_async)]
+def send_async_httpx(url: str, batch: Batch, timeout: float) -> DeliveryResult:
+    async def go() -> DeliveryResult:
+        async with (
+            AsyncHttpxTransport() as transport,
+            AsyncWebhookDestination(
+                url, headers={"Authorization": SECRET}, timeout=timeout, transport=transport
+            ) as dest,
+        ):
+            if batch.operation is Operation.REMOVE:
+                return await dest.remove(batch)
+            return await dest.add(batch)
+
+    return run(go())
+
+
+KINDS = [
+    Kind("httpx", send_blocking),
+    Kind("async-asyncio", send_async),
+    Kind("async-httpx", send_async_httpx),
+]
 
 
 @pytest.fixture(params=KINDS, ids=str)
@@ -283,7 +306,8 @@ class TestSecrets:
         texts = [f"{e!s} {e!r}" for error in raised for e in chain(error)]
         texts += [r.getMessage() for r in caplog.records]
         httpx_lines = [r.getMessage() for r in caplog.records if r.name == "httpx"]
-        assert any(server.url("/ok?...") in line for line in httpx_lines)
+        if "httpx" in kind.name:  # httpx logs each URL at INFO: shown without its query
+            assert any(server.url("/ok?...") in line for line in httpx_lines)
         assert any(r.name == "cohortsync.destinations" for r in caplog.records)
         assert any("***" in t for t in texts)  # the echo really happened and was blanked
         assert [] == [t for t in texts if "s3cr3t" in t or QUERY_TOKEN in t]
@@ -782,34 +806,49 @@ class TestWithoutHttpx:
         assert 0 == result.returncode, result.stderr
 
     def test_check_notices(self) -> None:
-        """The check itself sees httpx once the async default transport is made."""
+        """The check itself sees httpx once an httpx transport is made."""
         result = python(
             """
             import sys
             import cohortsync.destinations as d
-            d.AsyncWebhookDestination("https://x.example")
+            d.AsyncHttpxTransport()
             sys.exit("httpx" in sys.modules)
             """
         )
 
         assert 1 == result.returncode, result.stderr
 
+    def test_async_default_loads_neither_httpx_nor_urllib(self) -> None:
+        """
+        The async webhook's default transport is the standard library's
+        asyncio: no httpx, and not the blocking side's urllib.request or
+        http.client either.
+        """
+        result = python(
+            """
+            import sys
+            import cohortsync.destinations as d
+            d.AsyncWebhookDestination("https://x.example")
+            loaded = {"httpx", "urllib.request", "http.client"} & set(sys.modules)
+            print(sorted(loaded))
+            """
+        )
+
+        assert 0 == result.returncode, result.stderr
+        assert "[]" == result.stdout.strip()
+
     def test_without_httpx_the_extra_is_named(self) -> None:
         """
-        With httpx blocked the blocking webhook works, the async one needs a
-        transport, and the httpx names say which extra to install.
+        With httpx blocked both webhooks work on their default transports,
+        and the httpx names say which extra to install.
         """
         result = python(
             """
             import sys
             sys.modules["httpx"] = None
             from cohortsync.destinations import AsyncWebhookDestination, WebhookDestination
-            from cohortsync.exceptions import ConfigurationError
             WebhookDestination("https://x.example")
-            try:
-                AsyncWebhookDestination("https://x.example")
-            except ConfigurationError as e:
-                print("ConfigurationError:", e.field, e)
+            print(repr(AsyncWebhookDestination("https://x.example")._transport))
             try:
                 from cohortsync.destinations import HttpxTransport
             except ImportError as e:
@@ -819,11 +858,7 @@ class TestWithoutHttpx:
 
         assert 0 == result.returncode, result.stderr
         assert [
-            (
-                "ConfigurationError: transport transport=None: defaults to AsyncHttpxTransport, "
-                "which needs httpx: pip install 'cohortsync[httpx]', or pass transport= "
-                "(any AsyncHttpTransport)"
-            ),
+            "AsyncioTransport()",
             (
                 "ImportError: cohortsync.destinations.HttpxTransport and AsyncHttpxTransport need "
                 'httpx, which is not installed: pip install "cohortsync[httpx]"'

@@ -8,9 +8,11 @@ Ready-made destinations and what they are built from.
   over a pluggable :class:`HttpTransport` (:class:`UrllibTransport`, the
   standard library's, by default); :class:`AsyncWebhookDestination` is its
   asyncio twin, over an :class:`AsyncHttpTransport`.
+* :class:`AsyncioTransport`: :class:`AsyncWebhookDestination`'s default,
+  HTTP/1.1 with keep-alive over :mod:`asyncio` streams, no dependencies.
 * :class:`HttpxTransport` and :class:`AsyncHttpxTransport` (``cohortsync[httpx]``):
-  the webhook over httpx, blocking and asynchronous (the latter is
-  :class:`AsyncWebhookDestination`'s default).
+  the webhook over httpx, blocking and asynchronous (proxies, HTTP/2, the
+  host's own client).
 * :class:`CsvDirectoryDestination`: S3-style entering/exiting/existing files
   in a directory.
 * :class:`RateLimits`: the registry of destinations' rate limiters that
@@ -28,14 +30,15 @@ from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimits
 from cohortsync.destinations import catalog
 
 if TYPE_CHECKING:
+    from cohortsync.destinations._asyncio_http import AsyncioTransport
     from cohortsync.destinations._csvdir import CsvDirectoryDestination
     from cohortsync.destinations._httpx import AsyncHttpxTransport, HttpxTransport
+    from cohortsync.destinations._urllib import UrllibTransport
     from cohortsync.destinations._webhook import (
         AsyncHttpTransport,
         AsyncWebhookDestination,
         HttpResponse,
         HttpTransport,
-        UrllibTransport,
         WebhookDestination,
     )
 
@@ -44,6 +47,7 @@ __all__ = [
     "AsyncHttpTransport",
     "AsyncHttpxTransport",
     "AsyncWebhookDestination",
+    "AsyncioTransport",
     "CsvDirectoryDestination",
     "HttpResponse",
     "HttpTransport",
@@ -60,7 +64,6 @@ _WEBHOOK = frozenset(
         "AsyncWebhookDestination",
         "HttpResponse",
         "HttpTransport",
-        "UrllibTransport",
         "WebhookDestination",
     }
 )
@@ -78,6 +81,18 @@ def __getattr__(name: str) -> Any:
         from cohortsync.destinations import _httpx  # noqa: PLC0415 - lazy on purpose
 
         return getattr(_httpx, name)
+    if name == "UrllibTransport":
+        from cohortsync.destinations._urllib import (  # noqa: PLC0415 - lazy on purpose
+            UrllibTransport,
+        )
+
+        return UrllibTransport
+    if name == "AsyncioTransport":
+        from cohortsync.destinations._asyncio_http import (  # noqa: PLC0415 - lazy on purpose
+            AsyncioTransport,
+        )
+
+        return AsyncioTransport
     if name == "CsvDirectoryDestination":
         from cohortsync.destinations._csvdir import (  # noqa: PLC0415 - lazy on purpose
             CsvDirectoryDestination,

@@ -13,23 +13,19 @@ standard library, and ``cohortsync[httpx]`` adds the httpx transports.
 
 from __future__ import annotations
 
-import email.utils
 import inspect
 import json
 import logging
 import math
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import datetime, timezone
-from http.client import HTTPException, HTTPMessage
 from types import TracebackType
-from typing import IO, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import attrs
-from typing_extensions import Self, override
+from typing_extensions import Self
 
 from cohortsync import _validators as v
 from cohortsync._clock import Clock, SystemClock, require_aware
@@ -56,7 +52,6 @@ __all__ = [
     "AsyncWebhookDestination",
     "HttpResponse",
     "HttpTransport",
-    "UrllibTransport",
     "WebhookDestination",
 ]
 
@@ -179,69 +174,6 @@ class AsyncHttpTransport(Protocol):
         ...
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    @override
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: HTTPMessage,
-        newurl: str,
-    ) -> None:
-        # urllib would re-send a POST as a bodiless GET, with our Authorization
-        # header, to wherever the server points: surface the 3xx instead.
-        return
-
-
-class UrllibTransport:
-    """
-    The default transport: :mod:`urllib.request`, no dependencies.
-
-    ``timeout`` bounds connecting and each read, as in :mod:`socket`. Proxies
-    come from the usual environment variables; redirects are not followed.
-    """
-
-    def __init__(self) -> None:
-        self._opener = urllib.request.build_opener(_NoRedirects())
-
-    def post(
-        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
-    ) -> HttpResponse:
-        """
-        POST with :mod:`urllib.request`; 4xx and 5xx answers are returned,
-        not raised, so the destination alone decides what each status means.
-
-        Raises:
-            ConfigurationError: The URL is not http or https (urllib would
-                also open ``file:`` URLs).
-            TransientError: No answer came (refused, reset, timed out).
-        """
-        require_http(url)
-        request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")  # noqa: S310 - scheme checked just above
-        try:
-            with self._opener.open(request, timeout=timeout) as response:
-                return HttpResponse(
-                    response.status, dict(response.headers.items()), response.read()
-                )
-        except urllib.error.HTTPError as e:
-            try:
-                error_body = e.read()
-            except (OSError, HTTPException):
-                error_body = b""
-            finally:
-                e.close()
-            return HttpResponse(e.code, dict(e.headers.items()) if e.headers else {}, error_body)
-        except urllib.error.URLError as e:
-            raise TransientError(f"POST to {safe_url(url)} failed: {_describe(e.reason)}") from e
-        except (OSError, HTTPException) as e:
-            raise TransientError(f"POST to {safe_url(url)} failed: {_describe(e)}") from e
-
-    def __repr__(self) -> str:
-        return "UrllibTransport()"
-
-
 def require_http(url: str) -> None:
     """
     Refuse a URL that is not http or https before any client sees it:
@@ -330,6 +262,9 @@ def _latin1(value: str) -> bool:
 
 def _to_transport(value: HttpTransport | None) -> HttpTransport:
     if value is None:
+        # urllib.request and http.client load only for the blocking default.
+        from cohortsync.destinations._urllib import UrllibTransport  # noqa: PLC0415
+
         return UrllibTransport()
     if not isinstance(value, HttpTransport):
         raise ConfigurationError(
@@ -352,18 +287,11 @@ def _to_async_transport(
     The transport, and how to close it when the destination made it itself.
     """
     if value is None:
-        try:
-            from cohortsync.destinations._httpx import (  # noqa: PLC0415 - optional dependency
-                AsyncHttpxTransport,
-            )
-        except ImportError:
-            raise ConfigurationError(
-                "transport",
-                None,
-                "defaults to AsyncHttpxTransport, which needs httpx: "
-                "pip install 'cohortsync[httpx]', or pass transport= (any AsyncHttpTransport)",
-            ) from None
-        made = AsyncHttpxTransport()
+        from cohortsync.destinations._asyncio_http import (  # noqa: PLC0415 - loads asyncio
+            AsyncioTransport,
+        )
+
+        made = AsyncioTransport()
         return made, made.aclose
     if not isinstance(value, AsyncHttpTransport) or not inspect.iscoroutinefunction(value.post):
         # A blocking post() would stall the event loop for every request.
@@ -386,6 +314,8 @@ def _to_clock(value: Clock | None) -> Clock:
 
 def _http_date(value: str) -> datetime | None:
     try:
+        import email.utils  # noqa: PLC0415 - only for a Retry-After given as a date
+
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
@@ -675,9 +605,11 @@ class AsyncWebhookDestination(AsyncDestination):
     host's loop; a plain :class:`~cohortsync.Scheduler` runs them on a loop of
     its own (see :class:`~cohortsync.AsyncDestination`).
 
-    The default transport, :class:`AsyncHttpxTransport`, needs httpx
-    (``pip install 'cohortsync[httpx]'``). It makes one connection pool per
-    event loop, closed when that loop shuts down (``asyncio.run`` and
+    The default transport, :class:`AsyncioTransport`, needs no dependency
+    (HTTP/1.1 over :mod:`asyncio` streams, no proxies); with
+    ``cohortsync[httpx]``, :class:`AsyncHttpxTransport` adds proxies and
+    HTTP/2. The default keeps one connection pool per event loop, closed
+    when that loop shuts down (``asyncio.run`` and
     :meth:`Scheduler.close <cohortsync.Scheduler.close>` do this) or by
     :meth:`aclose` (also ``async with``).
 
@@ -687,13 +619,12 @@ class AsyncWebhookDestination(AsyncDestination):
         timeout: As for :class:`WebhookDestination`.
         batch_size: As for :class:`WebhookDestination`.
         transport: The HTTP client, any :class:`AsyncHttpTransport`;
-            :class:`AsyncHttpxTransport` by default. The host that passes one
+            :class:`AsyncioTransport` by default. The host that passes one
             closes it.
         clock: As for :class:`WebhookDestination`.
 
     Raises:
-        ConfigurationError: A bad argument, named (never a header's value); or
-            no transport given and httpx not installed.
+        ConfigurationError: A bad argument, named (never a header's value).
     """
 
     _webhook: _Webhook
