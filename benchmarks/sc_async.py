@@ -975,8 +975,12 @@ def _rows(
             f"the run); peak threads {sample(mode, 'threads').median:.0f}; "
             f"{syncs * batches:,} keys, each arrived once, every repeat checked"
             + (f" ({resent} re-sent in all)" if resent else ", none re-sent")
-            + f"; connections: {MODES[mode].connections}, httpx clients: "
-            + f"{Shards.count(MODES[mode])}"
+            + f"; connections: {MODES[mode].connections}, "
+            + (
+                f"httpx clients: {Shards.count(MODES[mode])}"
+                if MODES[mode].client == "httpx"
+                else "client: http.client or AsyncioTransport"
+            )
         )
         if MODES[mode].kind == "async" and any(found[mode]["sniffio_shortcut"]):
             note += "; sniffio missing: its import made to fail fast (encode/httpcore#1103)"
