@@ -25,12 +25,14 @@ import attrs
 import pytest
 
 from cohortsync.destinations import AsyncHttpTransport, AsyncioTransport, AsyncWebhookDestination
-from cohortsync.exceptions import ConfigurationError, PermanentError, TransientError
+from cohortsync.exceptions import ConfigurationError, TransientError
 from webhook_server import make_batch
 
 T = TypeVar("T")
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+BOMB = gzip.compress(b"0" * (9 * 1024 * 1024))
+"""A small gzip body that inflates past the 8 MiB cap (found by the outsider attack)."""
 
 
 @attrs.define
@@ -40,9 +42,10 @@ class Request:
     body: bytes
 
 
-Script = Callable[[Request, int], bytes | None]
+Script = Callable[[Request, int], "bytes | list[tuple[float, bytes]] | None"]
 """What the server answers to a request (and its index on its connection):
-the bytes to write, or None to close the connection without answering."""
+the bytes to write, pieces to write each after a pause, or None to close
+the connection without answering."""
 
 
 @attrs.define
@@ -61,8 +64,12 @@ class RawServer:
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _stop: asyncio.Event | None = None
+    _tasks: set[asyncio.Task[None]] = attrs.Factory(set)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         self.opened += 1
         number = self.opened
         try:
@@ -81,15 +88,22 @@ class RawServer:
                 index += 1
                 if answer is None:
                     break
+                if isinstance(answer, list):
+                    for pause, piece in answer:
+                        await asyncio.sleep(pause)
+                        writer.write(piece)
+                        await writer.drain()
+                    break
                 writer.write(answer)
                 await writer.drain()
                 if b"Connection: close" in answer:
                     break
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             self.closed += 1
             writer.close()
+            self._tasks.discard(task)
 
     def start(self) -> None:
         started: Future[None] = Future()
@@ -101,6 +115,9 @@ class RawServer:
             started.set_result(None)
             async with server:
                 await self._stop.wait()
+                for task in list(self._tasks):  # handlers still writing or waiting
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
@@ -172,7 +189,12 @@ class TestRequests:
                 await transport.post(
                     server.url("/a/b?token=t1&x=2"),
                     b'{"users":["u1"]}',
-                    {"Authorization": "Bearer s", "Content-Length": "999", "Connection": "close"},
+                    {
+                        "Authorization": "Bearer s",
+                        "Content-Length": "999",
+                        "Connection": "close",
+                        "Accept-Encoding": "identity",
+                    },
                     2.0,
                 )
 
@@ -185,6 +207,10 @@ class TestRequests:
         assert "Authorization: Bearer s" in lines
         assert "Content-Length: 16" in lines  # ours, not the caller's
         assert not any(line.startswith("Connection") for line in lines)
+        # The caller's Accept-Encoding replaces ours (the attack found both sent).
+        assert ["Accept-Encoding: identity"] == [
+            line for line in lines if line.lower().startswith("accept-encoding")
+        ]
         assert b'{"users":["u1"]}' == request.body
 
     def test_connections_are_kept_alive(self, serve: Callable[..., RawServer]) -> None:
@@ -317,6 +343,12 @@ class TestAnswers:
                 "gzip",
             ),
             (b"HTTP/1.1 101 Switching\r\n\r\n", "switched"),
+            (b"HTTP/1.1 102 Processing\r\n\r\n" * 17 + OK, "informational"),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(BOMB), BOMB),
+                "once decompressed",
+            ),
         ],
         ids=[
             "not-http",
@@ -330,6 +362,8 @@ class TestAnswers:
             "short-body",
             "bad-gzip",
             "upgrade",
+            "endless-interim",
+            "gzip-bomb",
         ],
     )
     def test_malformed_answers_are_transient(
@@ -403,6 +437,26 @@ class TestFailures:
         assert 200 == run(go())
         assert [1, 2] == [r.connection for r in server.requests]
 
+    def test_interim_answers_do_not_extend_the_timeout(
+        self, serve: Callable[..., RawServer]
+    ) -> None:
+        """
+        A server that sends 102 Processing every 0.1 s and never the final
+        answer times out after the timeout, not never (found by the
+        outsider attack: each interim answer restarted the wait).
+        """
+        server = serve(lambda _r, _i: [(0.1, b"HTTP/1.1 102 Processing\r\n\r\n")] * 12)
+
+        async def go() -> float:
+            loop = asyncio.get_running_loop()
+            async with AsyncioTransport() as transport:
+                started = loop.time()
+                with pytest.raises(TransientError, match="timed out"):
+                    await transport.post(server.url(), b"{}", {}, 0.5)
+                return loop.time() - started
+
+        assert run(go()) < 0.9
+
     def test_connection_refused_is_transient(self) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -461,19 +515,59 @@ class TestLifecycle:
         assert [1, 1, 2, 2] == [r.connection for r in server.requests]
         server.wait_closed(2)
 
-    def test_aclose_refuses_more(self, serve: Callable[..., RawServer]) -> None:
+    def test_aclose_closes_and_a_later_post_reopens(self, serve: Callable[..., RawServer]) -> None:
+        """
+        aclose() closes the loop's connections; the transport stays usable,
+        on this loop and on another (found by the outsider attack: it
+        refused every later post, on every loop).
+        """
         server = serve(ok)
+        transport = AsyncioTransport()
 
         async def go() -> None:
-            transport = AsyncioTransport()
             await post_all(transport, server.url(), 1)
             await transport.aclose()
             await transport.aclose()  # safe to repeat
-            with pytest.raises(PermanentError, match="closed"):
-                await transport.post(server.url(), b"{}", {}, 2.0)
+            server.wait_closed(1)
+            await post_all(transport, server.url(), 1)
 
         run(go())
-        server.wait_closed(1)
+        run(post_all(transport, server.url(), 1))
+
+        assert [1, 2, 3] == [r.connection for r in server.requests]
+
+    def test_destination_reused_after_async_with(self, serve: Callable[..., RawServer]) -> None:
+        """Leaving ``async with destination`` does not retire the destination."""
+        server = serve(ok)
+        hook = AsyncWebhookDestination(server.url())
+
+        async def go() -> None:
+            async with hook:
+                await hook.add(make_batch(["u1"], key="k1"))
+            await hook.add(make_batch(["u2"], key="k2"))
+
+        run(go())
+
+        assert 2 == len(server.requests)
+
+    def test_idle_connections_are_closed_after_keepalive(
+        self, serve: Callable[..., RawServer]
+    ) -> None:
+        """
+        With nothing more to send, idle connections are closed once
+        *keepalive* has passed (found by the outsider attack: they stayed
+        open until the next post).
+        """
+        server = serve(ok)
+
+        async def go() -> None:
+            transport = AsyncioTransport(keepalive=0.2)
+            await asyncio.gather(*(transport.post(server.url(), b"{}", {}, 2.0) for _ in range(5)))
+            await asyncio.sleep(0.6)
+            assert 5 == server.closed
+            await transport.aclose()
+
+        run(go())
 
     def test_arguments_are_checked(self) -> None:
         with pytest.raises(ConfigurationError, match="max_idle"):

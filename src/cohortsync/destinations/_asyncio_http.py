@@ -33,7 +33,7 @@ from typing_extensions import Self
 
 from cohortsync import _validators as v
 from cohortsync.destinations._webhook import HttpResponse, _describe, require_http, safe_url
-from cohortsync.exceptions import ConfigurationError, PermanentError, TransientError
+from cohortsync.exceptions import ConfigurationError, TransientError
 
 if TYPE_CHECKING:
     import ssl
@@ -92,12 +92,18 @@ class _Connection:
 
 @attrs.define
 class _Pool:
-    """One event loop's idle connections, by origin; used on that loop only."""
+    """
+    One event loop's idle connections, by origin; used on that loop only.
+    A timer closes those idle for *expiry* seconds (or closed by the
+    server meanwhile) while the pool holds any.
+    """
 
+    loop: asyncio.AbstractEventLoop
     max_idle: int
     expiry: float
     idle: dict[tuple[str, str, int], list[_Connection]] = attrs.field(factory=dict)
     closed: bool = False
+    timer: asyncio.TimerHandle | None = None
     # Held here so it lives as long as the pool: the loop keeps only a weak reference.
     keeper: AsyncGenerator[None, None] | None = None
 
@@ -121,9 +127,34 @@ class _Pool:
             return
         connection.idle_since = now
         waiting.append(connection)
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.expiry, self.sweep)
+
+    def sweep(self) -> None:
+        """Close connections idle too long or closed by the server; come back for the rest."""
+        self.timer = None
+        now = self.loop.time()
+        oldest = now
+        for origin, waiting in list(self.idle.items()):
+            kept = []
+            for connection in waiting:
+                if connection.usable(now, self.expiry):
+                    kept.append(connection)
+                    oldest = min(oldest, connection.idle_since)
+                else:
+                    connection.abort()
+            if kept:
+                self.idle[origin] = kept
+            else:
+                del self.idle[origin]
+        if self.idle and not self.closed:
+            self.timer = self.loop.call_later(oldest + self.expiry - now, self.sweep)
 
     async def close(self) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         connections = [c for waiting in self.idle.values() for c in waiting]
         self.idle.clear()
         for connection in connections:
@@ -187,7 +218,8 @@ def _head(target: _Target, body: bytes, headers: Mapping[str, str]) -> bytes:
         lines.append("User-Agent: cohortsync")
     lines.extend(f"{name}: {value}" for name, value in headers.items() if name.lower() not in _OURS)
     lines.append(f"Content-Length: {len(body)}")
-    lines.append("Accept-Encoding: gzip, deflate")
+    if "accept-encoding" not in names:
+        lines.append("Accept-Encoding: gzip, deflate")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
@@ -240,35 +272,59 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
             raise _BadAnswerError("malformed chunk end")
 
 
+def _inflate(body: bytes, wbits: int) -> bytes:
+    """
+    *body* decompressed, refused past :data:`MAX_BODY` as it is inflated: a
+    few hundred kilobytes of gzip can hold gigabytes.
+    """
+    inflater = zlib.decompressobj(wbits)
+    out = inflater.decompress(body, MAX_BODY + 1)
+    if len(out) > MAX_BODY or inflater.unconsumed_tail:
+        raise _BadAnswerError(f"answer body longer than {MAX_BODY} bytes once decompressed")
+    if not inflater.eof:
+        raise zlib.error("incomplete or truncated stream")
+    return out
+
+
 def _decoded(body: bytes, encoding: str | None) -> bytes:
     if not encoding or not body:
         return body
     encoding = encoding.strip().lower()
     try:
         if encoding in {"gzip", "x-gzip"}:
-            return zlib.decompress(body, wbits=31)
+            return _inflate(body, 31)
         if encoding == "deflate":
             try:
-                return zlib.decompress(body)
+                return _inflate(body, 15)
             except zlib.error:  # raw deflate, as some servers send it
-                return zlib.decompress(body, wbits=-15)
+                return _inflate(body, -15)
     except zlib.error as e:
         raise _BadAnswerError(f"undecodable {encoding} body: {e}") from None
     return body  # identity, or a coding the caller may know
+
+
+MAX_INTERIM = 16
+"""Most informational (1xx) answers read before the final one."""
+
+
+async def _final_head(reader: asyncio.StreamReader) -> tuple[str, int, dict[str, str]]:
+    """The final answer's head, past any informational ones (100 Continue, 102 Processing)."""
+    for _ in range(MAX_INTERIM + 1):
+        version, status, headers = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+        if status >= 200:
+            return version, status, headers
+        if status == 101:
+            raise _BadAnswerError("the server switched protocols")
+    raise _BadAnswerError(f"more than {MAX_INTERIM} informational answers")
 
 
 async def _answer(reader: asyncio.StreamReader, timeout: float) -> tuple[HttpResponse, bool]:
     """
     Read one answer: the response and whether the connection may be reused.
     """
-    while True:
-        head = await _within(timeout, reader.readuntil(b"\r\n\r\n"))
-        version, status, headers = _parse_head(head)
-        if status >= 200:
-            break
-        if status == 101:
-            raise _BadAnswerError("the server switched protocols")
-        # 100 Continue and other informational answers precede the real one.
+    # One deadline for the head, informational answers included: a server
+    # that sends 102 Processing forever must not hold the request forever.
+    version, status, headers = await _within(timeout, _final_head(reader))
     connection = (_header(headers, "connection") or "").lower()
     keep = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
     coding = _header(headers, "transfer-encoding")
@@ -300,17 +356,22 @@ class AsyncioTransport:
     :mod:`asyncio` streams, no dependencies.
 
     Connections are kept alive between batches: each event loop that posts
-    gets its own pool (a connection belongs to the loop that opened it), closed
-    when that loop shuts down (``asyncio.run`` and
-    :meth:`Scheduler.close <cohortsync.Scheduler.close>` see to that) or on
-    :meth:`aclose`. A request on a kept connection that the server had closed
-    meanwhile is sent once more on a new one, with the same body and so the
-    same idempotency key.
+    gets its own pool (a connection belongs to the loop that opened it). A
+    connection idle for *keepalive* seconds, or closed by the server while
+    idle, is closed within *keepalive* seconds; the whole pool is closed when
+    its loop shuts down (``asyncio.run``, ``asyncio.Runner`` and
+    :meth:`Scheduler.close <cohortsync.Scheduler.close>` see to that; a loop
+    closed without ``loop.shutdown_asyncgens()`` leaves the sockets to the
+    garbage collector) or on :meth:`aclose`. A request on a kept connection
+    that the server had closed meanwhile is sent once more on a new one,
+    with the same body and so the same idempotency key.
 
-    ``timeout`` bounds connecting, waiting for the answer's head and reading
-    its body, each. Every answer is returned whatever its status; redirects
-    are not followed; no proxy settings are read (pass
-    :class:`AsyncHttpxTransport` for proxies or HTTP/2).
+    ``timeout`` bounds connecting, waiting for the answer's head (any
+    informational answers before it included) and reading its body, each.
+    An answer's head may hold 64 KiB and its body 8 MiB, decompressed.
+    Every answer is returned whatever its status; redirects are not
+    followed; no proxy settings are read (pass :class:`AsyncHttpxTransport`
+    for proxies or HTTP/2).
 
     Args:
         ssl_context: For https: the :class:`ssl.SSLContext` to verify servers
@@ -344,7 +405,6 @@ class AsyncioTransport:
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool] = (
             weakref.WeakKeyDictionary()
         )
-        self._closed = False
 
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
@@ -357,14 +417,13 @@ class AsyncioTransport:
             ConfigurationError: The URL is not http or https.
             TransientError: No answer came (refused, reset, timed out), or
                 what came is not HTTP/1.x.
-            PermanentError: The transport is closed.
         """
         require_http(url)
         target = _Target.of(url)
         loop = asyncio.get_running_loop()
-        pool = self._pool(loop, url)
-        if pool is None:
-            pool = await self._open_pool(loop, url)
+        pool = self._pools.get(loop)
+        if pool is None or pool.closed:
+            pool = await self._open_pool(loop)
         head = _head(target, body, headers)
         connection = pool.take(target.origin, loop.time())
         try:
@@ -436,22 +495,12 @@ class AsyncioTransport:
         )
         return _Connection(reader, writer)
 
-    def _pool(self, loop: asyncio.AbstractEventLoop, url: str) -> _Pool | None:
-        pool = self._pools.get(loop)
-        if pool is not None and not pool.closed:
-            return pool
-        if self._closed:
-            raise _closed(url)
-        return None
-
-    async def _open_pool(self, loop: asyncio.AbstractEventLoop, url: str) -> _Pool:
+    async def _open_pool(self, loop: asyncio.AbstractEventLoop) -> _Pool:
         with self._lock:
-            if self._closed:
-                raise _closed(url)
             pool = self._pools.get(loop)
             if pool is not None and not pool.closed:
                 return pool
-            pool = self._pools[loop] = _Pool(self._max_idle, self._keepalive)
+            pool = self._pools[loop] = _Pool(loop, self._max_idle, self._keepalive)
             keeper = pool.keeper = _keep_open(pool)
         # Runs to the keeper's yield at once, registering it with this loop.
         await anext(keeper)
@@ -459,11 +508,11 @@ class AsyncioTransport:
 
     async def aclose(self) -> None:
         """
-        Close the running loop's connections and open no more. Connections
-        of another loop are closed when that loop shuts down. Safe to repeat.
+        Close the running loop's connections. Connections of another loop
+        are closed when that loop shuts down. A later post opens new ones,
+        on whichever loop it runs. Safe to repeat.
         """
         with self._lock:
-            self._closed = True
             pool = self._pools.pop(asyncio.get_running_loop(), None)
         if pool is not None:
             await (pool.close() if pool.keeper is None else pool.keeper.aclose())
@@ -481,7 +530,3 @@ class AsyncioTransport:
 
     def __repr__(self) -> str:
         return "AsyncioTransport()" if self._ssl is None else "AsyncioTransport(ssl_context=...)"
-
-
-def _closed(url: str) -> PermanentError:
-    return PermanentError(f"POST to {safe_url(url)} not sent: the transport is closed")
