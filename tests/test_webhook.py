@@ -270,6 +270,35 @@ class TestSecrets:
         assert any("***" in t for t in texts)  # the echo really happened and was blanked
         assert [] == [t for t in texts if "s3cr3t" in t or QUERY_TOKEN in t]
 
+    @pytest.mark.parametrize(
+        "echo",
+        [
+            "authorization: bearer tok-abcdef-xyz",
+            "AUTHORIZATION: BEARER TOK-ABCDEF-XYZ",
+            "you sent token=q%2Fsecret%2B1 and q/secret+1 and q%2fsecret%2b1",
+        ],
+        ids=["lower", "upper", "percent-encoded"],
+    )
+    def test_echo_in_another_form_is_blanked(self, echo: str) -> None:
+        """
+        A server that echoes a secret lower-cased, upper-cased or
+        percent-encoded does not get it into the error (found by the
+        outsider attack: only the exact spelling was blanked).
+        """
+        transport = RecordingTransport(HttpResponse(500, {}, echo.encode()))
+        dest = WebhookDestination(
+            "https://hooks.example.com/h?token=q/secret+1",
+            headers={"Authorization": "Bearer Tok-ABCdef-XYZ"},
+            transport=transport,
+        )
+
+        with pytest.raises(TransientError) as info:
+            dest.add(make_batch(["u1"]))
+
+        text = str(info.value).lower()
+        assert "***" in text
+        assert [] == [s for s in ("tok-abcdef-xyz", "q/secret+1", "secret%2b1") if s in text]
+
     @pytest.mark.parametrize("kind", KINDS)
     def test_bad_header_value_is_not_echoed(self, kind: AnyWebhook) -> None:
         """Refusing a header names it, never its value."""

@@ -472,8 +472,7 @@ class _Webhook:
         text = " ".join(response.body.decode("utf-8", "replace").split())
         if not text:
             return ""
-        for secret in self._secrets():
-            text = text.replace(secret, "***")
+        text = self._secret_pattern().sub("***", text)
         if len(text) > _MAX_DETAIL:
             text = text[: _MAX_DETAIL - 3] + "..."
         return f": {text}"
@@ -487,6 +486,19 @@ class _Webhook:
             secrets.update(w for w in value.split() if len(w) >= _MIN_SECRET_WORD)
         # Longest first, so a token is not left half-replaced by a shorter match.
         return sorted((s for s in secrets if s), key=len, reverse=True)
+
+    def _secret_pattern(self) -> re.Pattern[str]:
+        """
+        Our secrets as the server may echo them: in any case (a server that
+        lower-cases headers) and percent-encoded, as they went in the query.
+        """
+        forms: set[str] = set()
+        for secret in self._secrets():
+            forms.update(
+                (secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret))
+            )
+        ordered = sorted(forms, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, ordered)) or "(?!)", re.IGNORECASE)
 
     def describe(self, kind: type[object]) -> str:
         """The ``repr`` of a destination of class *kind*: where it posts, no secrets."""
