@@ -214,9 +214,10 @@ class _LoopClient:
 class AsyncHttpxTransport:
     """
     An asynchronous transport over :class:`httpx.AsyncClient`, for
-    :class:`AsyncWebhookDestination` (its default): connections are pooled
-    and requests awaited, so one event loop keeps many webhook requests in
-    flight.
+    :class:`AsyncWebhookDestination` (pass it as ``transport=``; the default is
+    :class:`AsyncioTransport`), for proxies, HTTP/2 or a client of the host's:
+    connections are pooled and requests awaited, so one event loop keeps
+    many webhook requests in flight.
 
     Each post carries the destination's ``timeout`` and never follows
     redirects, whatever the client's own settings.
