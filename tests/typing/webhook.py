@@ -6,6 +6,7 @@ each kind, the httpx ones, and both schedulers registering the adapters.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 
 import httpx
@@ -15,6 +16,7 @@ import cohortsync
 from cohortsync.destinations import (
     AsyncHttpTransport,
     AsyncHttpxTransport,
+    AsyncioTransport,
     AsyncWebhookDestination,
     HttpResponse,
     HttpTransport,
@@ -46,6 +48,9 @@ blocking_transport: HttpTransport = HostTransport()
 async_transport: AsyncHttpTransport = AsyncHostTransport()
 httpx_transport: HttpTransport = HttpxTransport(httpx.Client(timeout=5.0))
 async_httpx_transport: AsyncHttpTransport = AsyncHttpxTransport(httpx.AsyncClient())
+stdlib_transport: AsyncHttpTransport = AsyncioTransport(
+    ssl_context=ssl.create_default_context(cafile="ca.pem"), max_idle=10, keepalive=2.5
+)
 
 hook = WebhookDestination(
     "https://hooks.example.com/c",
@@ -83,3 +88,6 @@ async def async_host(batch: cohortsync.Batch) -> None:
         response = await transport.post("https://hooks.example.com/c", b"{}", {}, 5.0)
         assert_type(response, HttpResponse)
         await transport.aclose()
+    async with AsyncioTransport() as stdlib:
+        assert_type(stdlib, AsyncioTransport)
+        assert_type(await stdlib.post("https://h.example/c", b"{}", {}, 5.0), HttpResponse)
