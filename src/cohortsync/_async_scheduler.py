@@ -104,6 +104,9 @@ class _Round:
     limit: int | None
     started: int = 0
     stop: bool = False
+    halt: asyncio.Event | None = None
+    """run_forever's stop event: read by the lanes' threads (only its flag)
+    before each claim, so a run that sets it is the last one started."""
     runs: list[SyncRun] = attrs.Factory(list)
     seen: set[str] = attrs.Factory(set)
     lock: threading.Lock = attrs.Factory(threading.Lock)
@@ -112,6 +115,8 @@ class _Round:
         """Whether a lane may claim one more sync."""
         with self.lock:
             if self.stop or (self.limit is not None and self.started >= self.limit):
+                return False
+            if self.halt is not None and self.halt.is_set():
                 return False
             self.started += 1
             return True
@@ -340,15 +345,20 @@ class AsyncScheduler:
         width = self.max_concurrent_runs if limit is None else min(limit, self.max_concurrent_runs)
         return await self._round(limit, width)
 
-    async def _round(self, limit: int | None, width: int) -> list[SyncRun]:
-        """A :meth:`run_due` round of *width* lanes (none: nothing to do)."""
+    async def _round(
+        self, limit: int | None, width: int, state: _Round | None = None
+    ) -> list[SyncRun]:
+        """
+        A :meth:`run_due` round of *width* lanes (none: nothing to do);
+        *state*'s ``stop`` ends it after the runs in progress.
+        """
         if width <= 0:
             return []
         inner = self.scheduler
         portal = Portal(asyncio.get_running_loop())
         env = attrs.evolve(inner._environment(), portal=lambda: portal, scope=portal)  # noqa: SLF001
         lanes = self._lane_pool()
-        state = _Round(limit)
+        state = _Round(limit) if state is None else state
         await self._store_call(self._housekeeping)
         waiting = [asyncio.wrap_future(lanes.submit(self._lane, env, state)) for _ in range(width)]
         # Each lane is busy until its thread ends (not until the round does):
@@ -425,8 +435,9 @@ class AsyncScheduler:
 
     async def run_forever(self, stop: asyncio.Event | None = None, *, idle: float = 30.0) -> None:
         """
-        Run due syncs until *stop* is set or the task is cancelled (the
-        usual way to end it: cancel the task in your app's shutdown). Between
+        Run due syncs until *stop* is set (the runs in progress then finish,
+        and no other sync is started) or the task is cancelled (the usual
+        way to end it: cancel the task in your app's shutdown). Between
         rounds it waits on the clock until the next due run, the expiry of
         another worker's lease, or *idle* seconds, as
         :meth:`Scheduler.run_forever <cohortsync.Scheduler.run_forever>` does;
@@ -441,6 +452,7 @@ class AsyncScheduler:
         inner = self.scheduler
         self._wake = woken = asyncio.Event()
         rounds: set[asyncio.Task[list[SyncRun]]] = set()
+        states: dict[asyncio.Task[list[SyncRun]], _Round] = {}
         real_time = is_system_clock(inner.clock)
         start = True
         try:
@@ -451,7 +463,10 @@ class AsyncScheduler:
                 # is created) meanwhile, and max_concurrent_runs still holds.
                 free = self.max_concurrent_runs - self._busy
                 if start and free > 0:
-                    rounds.add(asyncio.ensure_future(self._round(None, free)))
+                    state = _Round(None, halt=stop)
+                    task = asyncio.ensure_future(self._round(None, free, state))
+                    rounds.add(task)
+                    states[task] = state
                 due = await self._store_call(inner.storage.next_due)
                 delay = poll_delay(due, inner._now(), idle)  # noqa: SLF001
                 why = await _until_next_round(
@@ -459,6 +474,7 @@ class AsyncScheduler:
                 )
                 for ended in [r for r in rounds if r.done()]:
                     rounds.discard(ended)
+                    states.pop(ended, None)
                     ended.result()  # a store failure ends run_forever, as it does run_due
                 # A round ending frees lanes but makes nothing due: the next
                 # one starts when something may be (a wake-up, the due time,
@@ -471,10 +487,12 @@ class AsyncScheduler:
         finally:
             if self._wake is woken:
                 self._wake = None
-            # Cancelled: the rounds stop at their next step. Ended by an
-            # error of its own (the store failed a poll): the runs in progress
-            # are not cut short by it; they finish, record what they can, and
-            # give their leases back before the error is raised.
+            # Cancelled: the rounds stop at their next step. Stopped, or ended
+            # by an error of its own (the store failed a poll): the runs in
+            # progress are not cut short; they finish and record what they
+            # can, and no lane claims another sync.
+            for state in states.values():
+                state.stop = True
             if rounds:
                 await finish(asyncio.wait(rounds))
 

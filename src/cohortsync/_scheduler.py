@@ -1741,16 +1741,26 @@ class Scheduler:
                 )
         if limit is not None:
             check_count("limit", limit)
+        return self._run_due(limit, claim_batch, None)
+
+    def _run_due(
+        self, limit: int | None, claim_batch: int | None, stop: threading.Event | None
+    ) -> list[SyncRun]:
+        """
+        :meth:`run_due`, which :meth:`run_forever` also asks to stop after
+        the run in progress once *stop* is set: the claims not started yet
+        are given back at once, for other workers, not run first.
+        """
         env = self._environment()
         runs: list[SyncRun] = []
         seen: set[str] = set()
         self._purge_if_due()
         self._rebase_if_clock_went_back()
-        while limit is None or len(runs) < limit:
+        while (limit is None or len(runs) < limit) and not (stop is not None and stop.is_set()):
             size = self._claim_size() if claim_batch is None else claim_batch
             want = size if limit is None else min(size, limit - len(runs))
             claims = self._claim_runs(self._now(), want)
-            if not claims or _Batch(self, env, claims, seen, runs).run():
+            if not claims or _Batch(self, env, claims, seen, runs, stop=stop).run():
                 break
         return runs
 
@@ -1952,7 +1962,9 @@ class Scheduler:
         idle: float = 30.0,
     ) -> None:
         """
-        Run due syncs until *stop* is set. Between rounds it sleeps on the
+        Run due syncs until *stop* is set; then it returns once the run in
+        progress ends, giving back at once the syncs it had claimed but not
+        started (another worker runs them). Between rounds it sleeps on the
         clock until the earliest of: the next due run, the expiry of a lease
         another worker holds (a crashed worker's sync becomes claimable
         then), and *idle* seconds (so syncs created by other processes are
@@ -1962,7 +1974,7 @@ class Scheduler:
         check_stop(stop)
         stop = stop or threading.Event()
         while not stop.is_set():
-            self.run_due()
+            self._run_due(None, None, stop)
             now = self._now()
             delay = poll_delay(self.storage.next_due(), now, idle)
             while delay > 0 and not stop.is_set():
@@ -2098,9 +2110,14 @@ class _Batch:
         claims: list[Claim],
         seen: set[str],
         runs: list[SyncRun],
+        *,
+        stop: threading.Event | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.env = attrs.evolve(env, on_slow=self.slow)
+        self.stop = stop
+        self.stopped = False
+        """Whether *stop* ended the batch before its last claim."""
         self.claims = claims
         self.seen = seen
         self.runs = runs
@@ -2109,7 +2126,7 @@ class _Batch:
         """Index of the first claim not started yet."""
 
     def run(self) -> bool:
-        """Run the batch; return whether a sync came due again (run_due stops)."""
+        """Run the batch; return whether run_due stops (a sync came due again, or a stop)."""
         try:
             return self._run()
         finally:
@@ -2123,7 +2140,7 @@ class _Batch:
         since: datetime | None = None
         half_lease = scheduler.lease_for / 2
         quarter_lease = scheduler.lease_for / 4
-        while self.next < len(self.claims):
+        while self._more():
             claim = self.claims[self.next]
             self.next += 1
             lease = claim.lease
@@ -2169,7 +2186,20 @@ class _Batch:
                 self.store()
                 since = None
         self.store()
-        return repeat
+        return repeat or self.stopped
+
+    def _more(self) -> bool:
+        """Whether a claim is left to run; none once *stop* is set."""
+        if self.next >= len(self.claims):
+            return False
+        if self.stop is not None and self.stop.is_set():
+            # Give back what has not started, now, rather than run it first:
+            # a worker told to stop may be killed soon after, and these
+            # would then wait for their leases to expire.
+            self.give_back()
+            self.stopped = True
+            return False
+        return True
 
     def store(self) -> None:
         self.scheduler._store_runs(self.env, self.done, self.runs)  # noqa: SLF001
@@ -2179,11 +2209,15 @@ class _Batch:
         The run in progress is extending its lease: store the records waiting
         behind it and give back the claims not started yet.
         """
-        self.store()
-        storage = self.scheduler.storage
         # The first claim always runs (it has not waited), so a batch never
         # gives everything back and run_due always makes progress.
         self.next = max(self.next, 1)
+        self.give_back()
+
+    def give_back(self) -> None:
+        """Store the records waiting, and give back the claims not started yet."""
+        self.store()
+        storage = self.scheduler.storage
         for claim in self.claims[self.next :]:
             if claim.lease.sync_id not in self.seen:
                 _release(storage, claim.lease)
