@@ -167,6 +167,17 @@ def ok(_request: Request, _index: int) -> bytes:
     return OK
 
 
+def first_waits(event: threading.Event, seconds: float) -> Script:
+    """A script whose first answer on a connection waits for *event* (at most *seconds*)."""
+
+    def script(_request: Request, index: int) -> bytes:
+        if index == 0:
+            event.wait(seconds)
+        return OK
+
+    return script
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
@@ -419,13 +430,7 @@ class TestFailures:
     ) -> None:
         """No answer within the timeout: TransientError; the late answer is never read."""
         late = threading.Event()
-
-        def slow(_request: Request, index: int) -> bytes:
-            if index == 0:
-                late.wait(1.0)
-            return OK
-
-        server = serve(slow)
+        server = serve(first_waits(late, 1.0))
 
         async def go() -> int:
             async with AsyncioTransport() as transport:
@@ -472,13 +477,7 @@ class TestFailures:
     def test_cancellation_drops_the_connection(self, serve: Callable[..., RawServer]) -> None:
         """A post cancelled while it waits is cancelled, and its connection is not reused."""
         release = threading.Event()
-
-        def held(_request: Request, index: int) -> bytes:
-            if index == 0:
-                release.wait(2.0)
-            return OK
-
-        server = serve(held)
+        server = serve(first_waits(release, 2.0))
 
         async def go() -> int:
             async with AsyncioTransport() as transport:
