@@ -16,7 +16,7 @@ import attrs
 import pytest
 
 from cohortsync._sync import SyncStatus
-from cohortsync.exceptions import ConflictError
+from cohortsync.exceptions import ConflictError, LeaseLostError
 from cohortsync.storage import SQLiteStorage
 from cohortsync.storage._memory import MemoryStorage
 from cohortsync.storage._protocol import Completion, Lease, SyncRecord
@@ -28,6 +28,7 @@ from cohortsync.testing._storage_contract import (
     check_complete_run_stale_holder,
     check_concurrent_claims_are_exclusive,
     check_create_syncs,
+    check_expired_lease_still_held,
     check_paged_reads,
     check_save_sync_at,
     check_save_sync_at_is_atomic,
@@ -112,6 +113,36 @@ class ReadThenSaveAt(MemoryStorage):
             raise ConflictError(record.id, expected_revision, current.revision, counter="revision")
         time.sleep(0)  # the race window: another thread reads the same revision
         self.save_sync(record, expected_generation=current.sync.generation)
+
+
+class SplitLockSaveAt(MemoryStorage):
+    """
+    A broken store: save_sync_at compares the revision and writes under two
+    holds of its lock, with no pause between them (an outsider's mutant
+    that the suite passed before it made threads switch often).
+    """
+
+    def save_sync_at(self, record: SyncRecord, *, expected_revision: int) -> None:
+        with self._lock:
+            current = self.get_sync(record.id)
+            if current.revision != expected_revision:
+                raise ConflictError(
+                    record.id, expected_revision, current.revision, counter="revision"
+                )
+        with self._lock:
+            self._save(self.get_sync(record.id), record)
+
+
+class ExpiryIsLoss(MemoryStorage):
+    """
+    A broken store: extend_lease refuses a lease past its expiry even when
+    nobody claimed the sync since (an outsider's mutant the suite passed).
+    """
+
+    def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
+        if now > lease.expires_at:
+            raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
+        return super().extend_lease(lease, now, lease_for)
 
 
 class RevisionBlindSave(MemoryStorage):
@@ -310,6 +341,23 @@ class TestContractCatchesBrokenStores:
             return False
 
         assert [True] * 10 == [caught() for _ in range(10)]
+
+    def test_a_save_split_across_two_locks_fails(self) -> None:
+        """Even with no pause between its check and its write, a split save is caught."""
+
+        def caught() -> bool:
+            try:
+                check_save_sync_at_is_atomic(SplitLockSaveAt)
+            except AssertionError as exc:
+                return "save_sync_at is not atomic" in str(exc)
+            return False
+
+        assert [True] * 5 == [caught() for _ in range(5)]
+
+    def test_an_expired_but_unclaimed_lease_must_stay_held(self) -> None:
+        """A store that treats expiry alone as loss of the lease is caught."""
+        with pytest.raises(AssertionError, match="nobody claimed since"):
+            check_expired_lease_still_held(ExpiryIsLoss)
 
     def test_token_blind_completion_fails(self) -> None:
         """

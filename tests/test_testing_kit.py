@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -36,6 +37,7 @@ from cohortsync.events import RunFinished
 from cohortsync.exceptions import (
     AuthenticationError,
     BadDataError,
+    ConfigurationError,
     DeliveryError,
     PermanentError,
     RateLimitedError,
@@ -264,6 +266,27 @@ class TestSharedFakeClock:
 
         assert T0 + WEEK == SharedFakeClock(tmp_path / "clock").now()
 
+    def test_joining_with_the_same_start_does_not_move_time_back(self, tmp_path: Path) -> None:
+        """
+        A process that opens the file later with the same start= leaves the
+        time where the others moved it (found by an outsider attack: it reset
+        every process's clock to start).
+        """
+        first = SharedFakeClock(tmp_path / "clock", start=T0)
+        first.advance(timedelta(days=5).total_seconds())
+
+        late = SharedFakeClock(tmp_path / "clock", start=T0)
+
+        assert T0 + timedelta(days=5) == late.now() == first.now()
+        assert T0 + WEEK == SharedFakeClock(tmp_path / "clock", start=T0 + WEEK).now()
+
+    def test_a_file_that_is_not_a_clock_is_named(self, tmp_path: Path) -> None:
+        """Junk in the file is a clear ValueError, not a struct error."""
+        (tmp_path / "clock").write_bytes(b"junk")
+
+        with pytest.raises(ValueError, match="not a SharedFakeClock file"):
+            SharedFakeClock(tmp_path / "clock").now()
+
     def test_backwards_refused_unless_asked(self, tmp_path: Path) -> None:
         """The shared clock, too, only goes back when told to."""
         clock = SharedFakeClock(tmp_path / "clock", start=T0 + WEEK)
@@ -377,6 +400,47 @@ RAISING_FAULTS = [
 
 
 class TestFaultyDestination:
+    @pytest.mark.parametrize(
+        ("make", "field"),
+        [
+            (lambda: Fault.reject(1.5), "share"),
+            (lambda: Fault.reject(-0.1), "share"),
+            (lambda: Fault.reject(math.nan), "share"),
+            (lambda: Fault.drop(2), "share"),
+            (lambda: Fault.server_error(-5), "retry_after"),
+            (lambda: Fault.rate_limited(math.nan), "retry_after"),
+            (lambda: Fault.rate_limited(math.inf), "retry_after"),
+            (lambda: FaultyDestination(script={"0": Fault.timeout()}), "script"),
+            (lambda: FaultyDestination(script={-1: Fault.timeout()}), "script"),
+            (lambda: FaultyDestination(script={0: "timeout"}), "script[0]"),
+            (lambda: FaultyDestination(random_faults={Fault.timeout(): 1.2}), "random_faults"),
+        ],
+        ids=[
+            "reject-1.5",
+            "reject-negative",
+            "reject-nan",
+            "drop-2",
+            "retry-after-negative",
+            "retry-after-nan",
+            "retry-after-inf",
+            "script-str-call",
+            "script-negative-call",
+            "script-not-a-fault",
+            "random-over-1",
+        ],
+    )
+    def test_a_fault_that_could_never_happen_is_refused(
+        self, make: Callable[[], object], field: str
+    ) -> None:
+        """
+        Arguments that would make a host's test quietly test nothing are
+        refused, by name (found by an outsider attack: all were accepted).
+        """
+        with pytest.raises(ConfigurationError) as info:
+            make()
+
+        assert field == info.value.field
+
     @pytest.mark.parametrize(
         ("fault", "error", "retry_after"),
         RAISING_FAULTS,

@@ -130,6 +130,9 @@ class FakeClock:
         return f"FakeClock({self.now().isoformat()})"
 
 
+_SIZE = struct.calcsize("<q")
+
+
 class SharedFakeClock:
     """
     A fake clock several processes share through a small file, for multi-process
@@ -138,16 +141,26 @@ class SharedFakeClock:
 
     Writes are atomic (write to a temporary file, then rename), so a reader
     never sees a torn value.
+
+    Args:
+        path: The shared file; made if missing.
+        start: The first instant (aware), for a new file (2030-01-01 00:00
+            UTC by default). A file already in use keeps its time unless
+            *start* is later: a process that joins with the same *start*
+            never moves the others' clock back.
     """
 
     def __init__(self, path: str | os.PathLike[str], start: datetime | None = None) -> None:
         self._path = Path(path)
-        if start is not None or not self._path.exists():
-            self._write(
-                require_aware(start, "start")
-                if start
-                else datetime(2030, 1, 1, tzinfo=timezone.utc)
-            )
+        if start is not None:
+            start = require_aware(start, "start")
+        if not self._path.exists():
+            self._write(start or datetime(2030, 1, 1, tzinfo=timezone.utc))
+        elif start is not None and start > self.now():
+            # A file already in use keeps its time: a process joining late
+            # with the same start must not move every other process's clock
+            # back (set(..., backwards=True) does that on purpose).
+            self._write(start)
 
     def _write(self, when: datetime) -> None:
         micros = (when - _EPOCH) // timedelta(microseconds=1)
@@ -159,7 +172,10 @@ class SharedFakeClock:
         """
         The instant in the shared file: what every process on it reads now.
         """
-        (micros,) = struct.unpack("<q", self._path.read_bytes())
+        data = self._path.read_bytes()
+        if len(data) != _SIZE:
+            raise ValueError(f"{self._path} is not a SharedFakeClock file ({len(data)} bytes)")
+        (micros,) = struct.unpack("<q", data)
         return _EPOCH + timedelta(microseconds=micros)
 
     def sleep(self, seconds: float) -> None:

@@ -17,7 +17,7 @@ import enum
 import random
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
 import attrs
 
@@ -37,6 +37,7 @@ from cohortsync.destinations import catalog
 from cohortsync.exceptions import (
     AuthenticationError,
     BadDataError,
+    ConfigurationError,
     DeliveryError,
     PermanentError,
     RateLimitedError,
@@ -359,15 +360,31 @@ class FaultKind(enum.Enum):
     BAD_DATA = "bad_data"
 
 
+def _optional_seconds(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    # A host test with retry_after=-5 or NaN would test a case no server sends.
+    if value is not None:
+        check_number(attribute.name, value, minimum=0.0)
+
+
+def _check_share(field: str, value: object) -> None:
+    # A share outside 0..1 (1.5, NaN) would quietly mean "all" or "none".
+    if check_number(field, value, minimum=0.0) > 1:
+        raise ConfigurationError(field, value, "must be a share between 0 and 1")
+
+
+def _share(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    _check_share(attribute.name, value)
+
+
 @attrs.frozen(kw_only=True)
 class Fault:
     """
     One scripted misbehaviour. Build with the named constructors.
     """
 
-    kind: FaultKind
-    retry_after: float | None = None
-    share: float = 1.0
+    kind: FaultKind = attrs.field(validator=attrs.validators.instance_of(FaultKind))
+    retry_after: float | None = attrs.field(default=None, validator=_optional_seconds)
+    share: float = attrs.field(default=1.0, validator=_share)
     """For ``REJECT`` and ``DROP``: the share of the batch affected."""
     identifiers: frozenset[str] = frozenset()
     """For ``REJECT`` and ``BAD_DATA``: exactly these identifiers (overrides ``share``)."""
@@ -449,6 +466,29 @@ class Fault:
         return cls(kind=FaultKind.BAD_DATA, identifiers=frozenset(identifiers))
 
 
+def _checked_script(script: Mapping[int, Fault] | None) -> dict[int, Fault]:
+    """*script* as a dict, refused if a call number could never come (a str, a negative)."""
+    checked = dict(script or {})
+    for call, fault in checked.items():
+        if isinstance(call, bool) or not isinstance(call, int) or call < 0:
+            raise ConfigurationError("script", call, "call numbers are ints from 0")
+        if not isinstance(fault, Fault):
+            raise ConfigurationError(f"script[{call}]", type(fault).__name__, "must be a Fault")
+    return checked
+
+
+def _checked_random_faults(faults: Mapping[Fault, float] | None) -> dict[Fault, float]:
+    """*faults* as a dict, refused if a chance is not between 0 and 1."""
+    checked = dict(faults or {})
+    for fault, chance in checked.items():
+        if not isinstance(fault, Fault):
+            raise ConfigurationError("random_faults", type(fault).__name__, "keys must be Faults")
+        # Each fault is drawn in turn (the first that hits plays), so the
+        # chances need not add up to 1, but each is a chance.
+        _check_share("random_faults", chance)
+    return checked
+
+
 class _FaultScript:
     """
     The faults a faulty destination of either kind plays, and the answer each
@@ -465,9 +505,9 @@ class _FaultScript:
         random_faults: Mapping[Fault, float] | None,
         seed: int,
     ) -> None:
-        self.script = dict(script or {})
+        self.script = _checked_script(script)
         self.always = always
-        self.random_faults = dict(random_faults or {})
+        self.random_faults = _checked_random_faults(random_faults)
         self.rng = random.Random(seed)  # noqa: S311 - test data
         self.call_count = 0
         self.faults_injected: list[tuple[int, FaultKind]] = []

@@ -20,6 +20,7 @@ could drop it, and the two answers agree).
 from __future__ import annotations
 
 import random
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -631,6 +632,33 @@ def check_lease_expiry_boundary(make_storage: StorageFactory) -> None:
             store.release_lease(old)
         _expect(("s1", "old"), (caught[0].sync_id, caught[0].owner), "LeaseLostError fields")
         _expect(new, store.get_sync("s1").lease, "the new holder keeps its lease")
+
+
+def check_expired_lease_still_held(make_storage: StorageFactory) -> None:
+    """
+    A lease past its expiry that nobody claimed since is still held: its
+    holder may extend it, apply batches and complete the run (a slow but
+    live worker is not cut off for nothing); once extended, nobody else may
+    claim the sync.
+    """
+    with _open(make_storage) as store:
+        store.create_sync(_record("s1", next_due=T0))
+        lease = _claim_one(store, T0, "slow")
+        late = lease.expires_at + timedelta(minutes=1)
+        try:
+            extended = store.extend_lease(lease, late, LEASE)
+        except LeaseLostError:
+            raise AssertionError(
+                "extend_lease refused a lease past its expiry that nobody claimed since: "
+                "it is still held (only a new claim ends it)"
+            ) from None
+        _expect(late + LEASE, extended.expires_at, "expiry of the extended lease")
+        _expect([], store.claim_due(late + US, "other", LEASE, 1), "claim of an extended lease")
+        store.apply_batch(extended, _batch(added=(_member("m"),)))
+        _expect(["m"], list(store.iter_delivered("s1")), "delivered by the extended lease")
+        store.complete_run(extended, _completion(extended, T0 + timedelta(hours=1)))
+        _expect(None, store.get_sync("s1").lease, "lease after a late completion")
+        _expect(1, len(store.history("s1")), "runs recorded by a late completion")
 
 
 def check_concurrent_claims_are_exclusive(make_storage: StorageFactory) -> None:
@@ -2013,9 +2041,24 @@ def check_save_sync_at(make_storage: StorageFactory) -> None:
             store.get_sync("missing")
 
 
+@contextmanager
+def _switching_often() -> Iterator[None]:
+    """
+    Threads switch every few microseconds instead of every 5 ms, so a
+    store that checks and writes in two steps is caught between them (with
+    the default interval such a store passed a stress of hundreds of saves).
+    """
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 def check_save_sync_at_is_atomic(make_storage: StorageFactory) -> None:
     """
-    Four threads incrementing one field of one sync through save_sync_at,
+    Eight threads incrementing one field of one sync through save_sync_at,
     each reading the sync and retrying on ConflictError, lose no increment:
     of two writers that read the same revision, exactly one succeeds.
 
@@ -2023,8 +2066,8 @@ def check_save_sync_at_is_atomic(make_storage: StorageFactory) -> None:
     derives (a read, then save_sync) is not atomic, as the report's
     ``derived`` says.
     """
-    threads, increments = 4, 25
-    with _open(make_storage) as store:
+    threads, increments = 8, 100
+    with _open(make_storage) as store, _switching_often():
         if not _native(store, "save_sync_at"):
             return
         store.create_sync(_record("counter"))
@@ -2174,6 +2217,7 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_claim_order_with_expired_leases,
     check_claim_order_after_a_reschedule,
     check_lease_expiry_boundary,
+    check_expired_lease_still_held,
     check_concurrent_claims_are_exclusive,
     check_extend_lease,
     check_release_lease,
