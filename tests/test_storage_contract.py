@@ -9,7 +9,7 @@ import itertools
 import secrets
 import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import attrs
@@ -29,6 +29,7 @@ from cohortsync.testing._storage_contract import (
     check_concurrent_claims_are_exclusive,
     check_create_syncs,
     check_expired_lease_still_held,
+    check_extend_lease,
     check_paged_reads,
     check_save_sync_at,
     check_save_sync_at_is_atomic,
@@ -142,6 +143,15 @@ class ExpiryIsLoss(MemoryStorage):
     def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
         if now > lease.expires_at:
             raise LeaseLostError(lease.sync_id, lease.owner, lease.token)
+        return super().extend_lease(lease, now, lease_for)
+
+
+class NaiveTolerantExtend(MemoryStorage):
+    """A broken store: extend_lease takes a naive now as UTC (an outsider's mutant)."""
+
+    def extend_lease(self, lease: Lease, now: datetime, lease_for: timedelta) -> Lease:
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=timezone.utc)
         return super().extend_lease(lease, now, lease_for)
 
 
@@ -358,6 +368,11 @@ class TestContractCatchesBrokenStores:
         """A store that treats expiry alone as loss of the lease is caught."""
         with pytest.raises(AssertionError, match="nobody claimed since"):
             check_expired_lease_still_held(ExpiryIsLoss)
+
+    def test_a_naive_now_taken_as_utc_fails(self) -> None:
+        """A store that quietly reads a naive time as UTC is caught."""
+        with pytest.raises(AssertionError, match="extend_lease with a naive now"):
+            check_extend_lease(NaiveTolerantExtend)
 
     def test_token_blind_completion_fails(self) -> None:
         """

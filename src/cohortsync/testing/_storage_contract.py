@@ -721,7 +721,8 @@ def _claim_concurrently(store: Storage, now: datetime, threads: int) -> list[Lea
 
 def check_extend_lease(make_storage: StorageFactory) -> None:
     """
-    extend_lease moves the expiry (keeping the token) only for the current holder.
+    extend_lease moves the expiry (keeping the token) only for the current
+    holder, and refuses a naive ``now`` as every time argument is refused.
     """
     with _open(make_storage) as store:
         store.create_sync(_record("s1"))
@@ -735,6 +736,8 @@ def check_extend_lease(make_storage: StorageFactory) -> None:
             store.extend_lease(_stale(lease), T0, LEASE)
         with _raises(LeaseLostError, "extend_lease of an unknown sync"):
             store.extend_lease(attrs.evolve(lease, sync_id="missing"), T0, LEASE)
+        with _raises(TypeError, "extend_lease with a naive now"):
+            store.extend_lease(extended, T0.replace(tzinfo=None), LEASE)
         _expect(extended, store.get_sync("s1").lease, "lease after refused extends")
         store.release_lease(extended)
         with _raises(LeaseLostError, "extend_lease after release"):
