@@ -83,6 +83,7 @@ import sys
 import tempfile
 import threading
 import time
+from abc import abstractmethod
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -421,7 +422,35 @@ class Shards:
             self._busy[k] -= 1
 
 
-class HttpAudience(cs.Destination):
+class _Audience(cs.Destination):
+    """A bench adapter: adds and removes are the same request (:func:`request_of`)."""
+
+    @abstractmethod
+    def _send(self, batch: cs.Batch) -> cs.DeliveryResult:
+        """The request for *batch*, and what its answer means."""
+
+    def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return self._send(batch)
+
+    def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return self._send(batch)
+
+
+class _AsyncAudience(cs.AsyncDestination):
+    """The same, awaited."""
+
+    @abstractmethod
+    async def _send(self, batch: cs.Batch) -> cs.DeliveryResult:
+        """The request for *batch*, and what its answer means."""
+
+    async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return await self._send(batch)
+
+    async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
+        return await self._send(batch)
+
+
+class HttpAudience(_Audience):
     """A vendor adapter written directly with blocking ``httpx.Client`` objects."""
 
     def __init__(self, shards: Shards, capabilities: cs.Capabilities) -> None:
@@ -444,14 +473,8 @@ class HttpAudience(cs.Destination):
         self.acked.append(batch.idempotency_key)
         return result
 
-    def add(self, batch: cs.Batch) -> cs.DeliveryResult:
-        return self._send(batch)
 
-    def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
-        return self._send(batch)
-
-
-class AsyncHttpAudience(cs.AsyncDestination):
+class AsyncHttpAudience(_AsyncAudience):
     """The same adapter with ``httpx.AsyncClient`` objects."""
 
     def __init__(self, shards: Shards, capabilities: cs.Capabilities) -> None:
@@ -474,14 +497,8 @@ class AsyncHttpAudience(cs.AsyncDestination):
         self.acked.append(batch.idempotency_key)
         return result
 
-    async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
-        return await self._send(batch)
 
-    async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
-        return await self._send(batch)
-
-
-class StdlibAudience(cs.Destination):
+class StdlibAudience(_Audience):
     """
     The same adapter over :mod:`http.client`: one kept-alive connection per
     thread that sends (the engine's request threads, or the run's own).
@@ -521,19 +538,13 @@ class StdlibAudience(cs.Destination):
         self.acked.append(batch.idempotency_key)
         return result
 
-    def add(self, batch: cs.Batch) -> cs.DeliveryResult:
-        return self._send(batch)
-
-    def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
-        return self._send(batch)
-
     def close_connections(self) -> None:
         """Close every connection a thread opened."""
         for connection in self._opened:
             connection.close()
 
 
-class AsyncStdlibAudience(cs.AsyncDestination):
+class AsyncStdlibAudience(_AsyncAudience):
     """The same adapter over the library's :class:`~cohortsync.destinations.AsyncioTransport`."""
 
     def __init__(self, port: int, capabilities: cs.Capabilities) -> None:
@@ -550,12 +561,6 @@ class AsyncStdlibAudience(cs.AsyncDestination):
         result = result_of(response.status, response.headers.get("retry-after"))
         self.acked.append(batch.idempotency_key)
         return result
-
-    async def add(self, batch: cs.Batch) -> cs.DeliveryResult:
-        return await self._send(batch)
-
-    async def remove(self, batch: cs.Batch) -> cs.DeliveryResult:
-        return await self._send(batch)
 
 
 # -- one measured run (in a fresh process) -------------------------------------------

@@ -620,40 +620,44 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
+@pytest.fixture
+def https_server(serve: Callable[..., RawServer], certificate: tuple[Path, Path]) -> RawServer:
+    """A server answering 200 over TLS with the self-signed certificate."""
+    cert, key = certificate
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    return serve(ok, server_side)
+
+
 class TestTls:
     def test_https_with_the_hosts_context(
-        self, serve: Callable[..., RawServer], certificate: tuple[Path, Path]
+        self, https_server: RawServer, certificate: tuple[Path, Path]
     ) -> None:
         """With a context trusting the server's certificate, https works and is kept alive."""
-        cert, key = certificate
-        server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server_side.load_cert_chain(cert, key)
-        server = serve(ok, server_side)
-        trusting = ssl.create_default_context(cafile=str(cert))
+        trusting = ssl.create_default_context(cafile=str(certificate[0]))
+        transport = AsyncioTransport(ssl_context=trusting)
 
         async def go() -> list[int]:
-            async with AsyncioTransport(ssl_context=trusting) as transport:
-                return await post_all(transport, server.url(), 2)
+            async with transport:
+                return await post_all(transport, https_server.url(), 2)
 
         assert [200, 200] == run(go())
-        assert 1 == server.opened
+        assert 1 == https_server.opened
+        assert "AsyncioTransport(ssl_context=...)" == repr(transport)
 
-    def test_untrusted_certificate_is_refused(
-        self, serve: Callable[..., RawServer], certificate: tuple[Path, Path]
-    ) -> None:
+    def test_untrusted_certificate_is_refused(self, https_server: RawServer) -> None:
         """The default context verifies: a self-signed server is not posted to."""
-        cert, key = certificate
-        server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server_side.load_cert_chain(cert, key)
-        server = serve(ok, server_side)
+        transport = AsyncioTransport()
 
         async def go() -> None:
-            async with AsyncioTransport() as transport:
-                await transport.post(server.url(), b"{}", {}, 2.0)
+            async with transport:
+                await transport.post(https_server.url(), b"{}", {}, 2.0)
 
         with pytest.raises(TransientError, match="CERTIFICATE_VERIFY_FAILED"):
             run(go())
-        assert [] == server.requests
+        assert [] == https_server.requests
+        # The default context it made is not the host's: the repr still says so.
+        assert "AsyncioTransport()" == repr(transport)
 
 
 class TestUnderTheWebhook:

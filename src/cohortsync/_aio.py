@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
 T_co = TypeVar("T_co", covariant=True)
 
 

@@ -104,9 +104,9 @@ class _Round:
     limit: int | None
     started: int = 0
     stop: bool = False
-    halt: asyncio.Event | None = None
-    """run_forever's stop event: read by the lanes' threads (only its flag)
-    before each claim, so a run that sets it is the last one started."""
+    halt: Callable[[], bool] | None = None
+    """run_forever's "stopping?": asked by the lanes' threads before each
+    claim, so a run that sets the host's stop event is the last one started."""
     runs: list[SyncRun] = attrs.Factory(list)
     seen: set[str] = attrs.Factory(set)
     lock: threading.Lock = attrs.Factory(threading.Lock)
@@ -116,7 +116,7 @@ class _Round:
         with self.lock:
             if self.stop or (self.limit is not None and self.started >= self.limit):
                 return False
-            if self.halt is not None and self.halt.is_set():
+            if self.halt is not None and self.halt():
                 return False
             self.started += 1
             return True
@@ -346,11 +346,11 @@ class AsyncScheduler:
         return await self._round(limit, width)
 
     async def _round(
-        self, limit: int | None, width: int, state: _Round | None = None
+        self, limit: int | None, width: int, halt: Callable[[], bool] | None = None
     ) -> list[SyncRun]:
         """
-        A :meth:`run_due` round of *width* lanes (none: nothing to do);
-        *state*'s ``stop`` ends it after the runs in progress.
+        A :meth:`run_due` round of *width* lanes (none: nothing to do); once
+        *halt* says so, the lanes finish their runs and claim no more.
         """
         if width <= 0:
             return []
@@ -358,7 +358,7 @@ class AsyncScheduler:
         portal = Portal(asyncio.get_running_loop())
         env = attrs.evolve(inner._environment(), portal=lambda: portal, scope=portal)  # noqa: SLF001
         lanes = self._lane_pool()
-        state = _Round(limit) if state is None else state
+        state = _Round(limit, halt=halt)
         await self._store_call(self._housekeeping)
         waiting = [asyncio.wrap_future(lanes.submit(self._lane, env, state)) for _ in range(width)]
         # Each lane is busy until its thread ends (not until the round does):
@@ -452,7 +452,12 @@ class AsyncScheduler:
         inner = self.scheduler
         self._wake = woken = asyncio.Event()
         rounds: set[asyncio.Task[list[SyncRun]]] = set()
-        states: dict[asyncio.Task[list[SyncRun]], _Round] = {}
+        # Set as run_forever ends, however it ends: no lane claims again.
+        ending = threading.Event()
+
+        def halted() -> bool:
+            return stop.is_set() or ending.is_set()
+
         real_time = is_system_clock(inner.clock)
         start = True
         try:
@@ -463,10 +468,7 @@ class AsyncScheduler:
                 # is created) meanwhile, and max_concurrent_runs still holds.
                 free = self.max_concurrent_runs - self._busy
                 if start and free > 0:
-                    state = _Round(None, halt=stop)
-                    task = asyncio.ensure_future(self._round(None, free, state))
-                    rounds.add(task)
-                    states[task] = state
+                    rounds.add(asyncio.ensure_future(self._round(None, free, halted)))
                 due = await self._store_call(inner.storage.next_due)
                 delay = poll_delay(due, inner._now(), idle)  # noqa: SLF001
                 why = await _until_next_round(
@@ -474,7 +476,6 @@ class AsyncScheduler:
                 )
                 for ended in [r for r in rounds if r.done()]:
                     rounds.discard(ended)
-                    states.pop(ended, None)
                     ended.result()  # a store failure ends run_forever, as it does run_due
                 # A round ending frees lanes but makes nothing due: the next
                 # one starts when something may be (a wake-up, the due time,
@@ -491,8 +492,7 @@ class AsyncScheduler:
             # by an error of its own (the store failed a poll): the runs in
             # progress are not cut short; they finish and record what they
             # can, and no lane claims another sync.
-            for state in states.values():
-                state.stop = True
+            ending.set()
             if rounds:
                 await finish(asyncio.wait(rounds))
 

@@ -24,6 +24,7 @@ The adapters import on first use, so ``import cohortsync`` never loads
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from cohortsync._delivery import PROCESS_RATE_LIMITS, RateLimits
@@ -58,46 +59,26 @@ __all__ = [
     "catalog",
 ]
 
-_WEBHOOK = frozenset(
-    {
-        "AsyncHttpTransport",
-        "AsyncWebhookDestination",
-        "HttpResponse",
-        "HttpTransport",
-        "WebhookDestination",
-    }
-)
-_HTTPX = frozenset({"AsyncHttpxTransport", "HttpxTransport"})
+_MODULES = {
+    "AsyncHttpTransport": "_webhook",
+    "AsyncWebhookDestination": "_webhook",
+    "HttpResponse": "_webhook",
+    "HttpTransport": "_webhook",
+    "WebhookDestination": "_webhook",
+    "UrllibTransport": "_urllib",
+    "AsyncioTransport": "_asyncio_http",
+    "CsvDirectoryDestination": "_csvdir",
+    # httpx is an optional dependency (cohortsync[httpx]); its ImportError names the extra.
+    "AsyncHttpxTransport": "_httpx",
+    "HttpxTransport": "_httpx",
+}
+"""The private module of each adapter name, imported on first use."""
 
 
 def __getattr__(name: str) -> Any:
-    # The adapters load on first use: they pull in urllib, csv and threads.
-    if name in _WEBHOOK:
-        from cohortsync.destinations import _webhook  # noqa: PLC0415 - lazy on purpose
-
-        return getattr(_webhook, name)
-    if name in _HTTPX:
-        # httpx is an optional dependency (cohortsync[httpx]); its ImportError names the extra.
-        from cohortsync.destinations import _httpx  # noqa: PLC0415 - lazy on purpose
-
-        return getattr(_httpx, name)
-    if name == "UrllibTransport":
-        from cohortsync.destinations._urllib import (  # noqa: PLC0415 - lazy on purpose
-            UrllibTransport,
-        )
-
-        return UrllibTransport
-    if name == "AsyncioTransport":
-        from cohortsync.destinations._asyncio_http import (  # noqa: PLC0415 - lazy on purpose
-            AsyncioTransport,
-        )
-
-        return AsyncioTransport
-    if name == "CsvDirectoryDestination":
-        from cohortsync.destinations._csvdir import (  # noqa: PLC0415 - lazy on purpose
-            CsvDirectoryDestination,
-        )
-
-        return CsvDirectoryDestination
+    # The adapters load on first use: they pull in urllib, csv, ssl and threads.
+    module = _MODULES.get(name)
+    if module is not None:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
     msg = f"module {__name__!r} has no attribute {name!r}"
     raise AttributeError(msg)

@@ -19,6 +19,7 @@ keeps its three dependencies.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import threading
 import urllib.parse
@@ -119,9 +120,6 @@ class _Pool:
 
     def give(self, origin: tuple[str, str, int], connection: _Connection, now: float) -> None:
         waiting = self.idle.setdefault(origin, [])
-        # The oldest sit at the front: drop the expired ones as others come back.
-        while waiting and now - waiting[0].idle_since >= self.expiry:
-            waiting.pop(0).abort()
         if self.closed or len(waiting) >= self.max_idle:
             connection.abort()
             return
@@ -192,21 +190,35 @@ class _Target:
     target: str
 
     @classmethod
+    @functools.lru_cache(maxsize=256)  # a destination posts to one URL: parse it once
     def of(cls, url: str) -> _Target:
+        """
+        Raises:
+            ConfigurationError: Not an http or https URL, or no host.
+        """
+        require_http(url)
         parts = urllib.parse.urlsplit(url)
         scheme = parts.scheme.lower()
         hostname = parts.hostname
         if not hostname:
             raise ConfigurationError("url", safe_url(url), "has no host")
-        port = parts.port or (443 if scheme == "https" else 80)
+        default_port = 443 if scheme == "https" else 80
+        port = parts.port or default_port
         shown = f"[{hostname}]" if ":" in hostname else hostname.encode("idna").decode("ascii")
-        default = port == (443 if scheme == "https" else 80)
         target = parts.path or "/"
         if parts.query:
             target = f"{target}?{parts.query}"
         if not target.isascii():
             target = urllib.parse.quote(target, safe="/%:@!$&'()*+,;=?-._~")
-        return cls((scheme, hostname, port), shown if default else f"{shown}:{port}", target)
+        host = shown if port == default_port else f"{shown}:{port}"
+        return cls((scheme, hostname, port), host, target)
+
+
+def _closed_unanswered(error: BaseException) -> bool:
+    """Whether *error* says the server closed the connection before any byte of an answer."""
+    if isinstance(error, asyncio.IncompleteReadError):
+        return not error.partial
+    return isinstance(error, ConnectionError)
 
 
 def _head(target: _Target, body: bytes, headers: Mapping[str, str]) -> bytes:
@@ -418,7 +430,6 @@ class AsyncioTransport:
             TransientError: No answer came (refused, reset, timed out), or
                 what came is not HTTP/1.x.
         """
-        require_http(url)
         target = _Target.of(url)
         loop = asyncio.get_running_loop()
         pool = self._pools.get(loop)
@@ -460,17 +471,13 @@ class AsyncioTransport:
                 connection.writer.write(request)
                 await _within(timeout, connection.writer.drain())
                 response, keep = await _answer(connection.reader, timeout)
-            except (ConnectionError, asyncio.IncompleteReadError) as e:
+            except BaseException as e:
                 connection.abort()
                 # A kept connection the server closed while it was idle:
                 # nothing was answered, so send once more on a new one.
-                gone = not isinstance(e, asyncio.IncompleteReadError) or not e.partial
-                if connection.reused and gone:
+                if connection.reused and _closed_unanswered(e):
                     connection = None
                     continue
-                raise
-            except BaseException:
-                connection.abort()
                 raise
             return connection, response, keep
 
@@ -478,11 +485,7 @@ class AsyncioTransport:
         scheme, hostname, port = target.origin
         context = None
         if scheme == "https":
-            context = self._ssl
-            if context is None:
-                import ssl  # noqa: PLC0415 - only for https
-
-                context = self._ssl = ssl.create_default_context()
+            context = self._ssl or self._default_context
         reader, writer = await _within(
             timeout,
             asyncio.open_connection(
@@ -494,6 +497,13 @@ class AsyncioTransport:
             ),
         )
         return _Connection(reader, writer)
+
+    @functools.cached_property
+    def _default_context(self) -> ssl.SSLContext:
+        """The verifying context for https when the host gave none, made on first use."""
+        import ssl  # noqa: PLC0415 - only for https
+
+        return ssl.create_default_context()
 
     async def _open_pool(self, loop: asyncio.AbstractEventLoop) -> _Pool:
         with self._lock:
@@ -514,8 +524,8 @@ class AsyncioTransport:
         """
         with self._lock:
             pool = self._pools.pop(asyncio.get_running_loop(), None)
-        if pool is not None:
-            await (pool.close() if pool.keeper is None else pool.keeper.aclose())
+        if pool is not None and pool.keeper is not None:
+            await pool.keeper.aclose()  # its finally closes the pool
 
     async def __aenter__(self) -> Self:
         return self
