@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 import cohortsync as cs
-from cohortsync._trim import PROCESS_TRIM, MemoryTrim, malloc_trim
+from cohortsync._trim import (
+    PROCESS_TRIM,
+    RESIDENT_LIMIT,
+    MemoryTrim,
+    malloc_trim,
+    resident_bytes,
+)
 from cohortsync.destinations import RateLimits
 from cohortsync.exceptions import ConfigurationError
 from cohortsync.testing import FakeClock, MemoryStorage
@@ -28,11 +34,19 @@ class Ticks:
         return self.now
 
 
+SMALL = 64 * 1024 * 1024
+
+
 class TestThrottle:
     def test_trims_at_most_once_per_interval(self) -> None:
         calls: list[float] = []
         ticks = Ticks()
-        trim = MemoryTrim(every=1.0, trim=lambda: lambda: calls.append(ticks.now), monotonic=ticks)
+        trim = MemoryTrim(
+            every=1.0,
+            trim=lambda: lambda: calls.append(ticks.now),
+            resident=lambda: SMALL,
+            monotonic=ticks,
+        )
 
         assert trim()
         assert not trim()
@@ -66,7 +80,7 @@ class TestThrottle:
             inside.set()
             release.wait(5)
 
-        trim = MemoryTrim(every=0.0, trim=lambda: slow)
+        trim = MemoryTrim(every=0.0, trim=lambda: slow, resident=lambda: SMALL)
         first = threading.Thread(target=trim)
         first.start()
         assert inside.wait(5)
@@ -76,6 +90,37 @@ class TestThrottle:
             release.set()
             first.join()
         assert trim()
+
+    def test_a_large_process_is_not_trimmed(self) -> None:
+        """
+        Above the limit a trim would stall other threads' allocations for
+        tens of milliseconds (an outsider's event loop, at 1.3 GB), for a
+        few MB: it is skipped, and tried again once the process is smaller.
+        """
+        calls: list[int] = []
+        size = [RESIDENT_LIMIT + 1]
+        ticks = Ticks()
+        trim = MemoryTrim(
+            every=1.0,
+            trim=lambda: lambda: calls.append(size[0]),
+            resident=lambda: size[0],
+            monotonic=ticks,
+        )
+        assert not trim()
+        size[0] = RESIDENT_LIMIT
+        assert not trim()  # within the second of the last attempt
+        ticks.now += 1
+        assert trim()
+        size[0] = None  # type: ignore[call-overload]
+        ticks.now += 1
+        assert not trim()  # unknown: not trimmed
+        assert [RESIDENT_LIMIT] == calls
+        assert RESIDENT_LIMIT == 128 * 1024 * 1024
+
+
+@pytest.mark.skipif(resident_bytes() is None, reason="no /proc/self/statm")
+def test_reads_the_resident_size() -> None:
+    assert abs(resident_bytes() - _rss_kb() * 1024) < 4 * 1024 * 1024  # type: ignore[operator]
 
 
 def _rss_kb() -> int:
@@ -108,7 +153,7 @@ def test_gives_back_what_a_thread_freed() -> None:
     try:
         assert ready.wait(10)
         before = _rss_kb()
-        assert MemoryTrim(every=0.0)()
+        assert MemoryTrim(every=0.0, limit=2**40)()
         after = _rss_kb()
     finally:
         done.set()
