@@ -6,6 +6,7 @@ throttle, glibc's real trim, and the scheduler's use of it.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from pathlib import Path
 
@@ -214,3 +215,23 @@ def test_trim_memory_must_be_a_bool(value: object) -> None:
     """A truthy string must not switch trimming on (or a falsy one off) unnoticed."""
     with pytest.raises(ConfigurationError, match="trim_memory"):
         cs.AsyncScheduler(MemoryStorage(), trim_memory=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_child_forked_during_a_trim_can_trim() -> None:
+    """The process's trim lock is new in a child forked while a thread held it."""
+    held = PROCESS_TRIM._lock
+    assert held.acquire(timeout=5)  # as a thread in the middle of a trim holds it
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit code only
+            code = 1
+            try:
+                code = 0 if PROCESS_TRIM._lock.acquire(blocking=False) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        held.release()
+    assert 0 == os.waitstatus_to_exitcode(status)

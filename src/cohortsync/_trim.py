@@ -110,6 +110,14 @@ class MemoryTrim:
         finally:
             self._lock.release()
 
+    def _after_fork(self) -> None:
+        # A fork while another thread was trimming would leave the child's
+        # lock held by a thread it does not have: no trim there, ever.
+        self._lock = threading.Lock()
+
 
 PROCESS_TRIM = MemoryTrim()
 """One per process: every arena is the process's, whichever scheduler trims."""
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    os.register_at_fork(after_in_child=PROCESS_TRIM._after_fork)  # noqa: SLF001
