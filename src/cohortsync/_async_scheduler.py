@@ -53,7 +53,7 @@ from cohortsync._scheduler import (
 )
 from cohortsync._sync import SyncRun
 from cohortsync._trim import PROCESS_TRIM
-from cohortsync._validators import check_count, check_number
+from cohortsync._validators import check_bool, check_count, check_number
 from cohortsync.eligibility import DEFAULT_RULES, Eligibility, Ruleset
 from cohortsync.exceptions import ConfigurationError, StorageClosedError
 from cohortsync.identifiers import IdentifierMapping
@@ -193,10 +193,7 @@ class AsyncScheduler:
         trim_memory: bool = True,
     ) -> None:
         check_count("max_concurrent_runs", max_concurrent_runs, minimum=1)
-        if not isinstance(trim_memory, bool):
-            raise ConfigurationError(
-                "trim_memory", trim_memory, f"must be a bool, not {type(trim_memory).__name__}"
-            )
+        check_bool("trim_memory", trim_memory)
         if max_concurrent_runs > _MAX_CONCURRENT_RUNS:
             raise ConfigurationError(
                 "max_concurrent_runs",

@@ -63,7 +63,7 @@ from cohortsync._plan import (
 from cohortsync._policy import Cadence, FirstRun, OnDelete, SyncPolicy
 from cohortsync._run import Completing, RunEnvironment, prepare
 from cohortsync._sync import Sync, SyncRun, SyncStatus, Trigger
-from cohortsync._validators import check_count, check_id, check_number
+from cohortsync._validators import check_bool, check_count, check_id, check_number
 from cohortsync.advice import Recommendation, recommend
 from cohortsync.eligibility import DEFAULT_RULES, Eligibility, Ruleset, check_eligibility
 from cohortsync.exceptions import (
@@ -1434,8 +1434,7 @@ class Scheduler:
                 after :meth:`resume_sync`).
         """
 
-        if not isinstance(full, bool):
-            raise ConfigurationError("full", full, f"must be a bool, not {type(full).__name__}")
+        check_bool("full", full)
 
         def run_now(record: SyncRecord) -> dict[str, object]:
             if record.sync.status is SyncStatus.DELETED:

@@ -23,6 +23,7 @@ Windows) nothing is done.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -82,9 +83,7 @@ class MemoryTrim:
         self.every = every
         self.limit = limit
         self._resident = resident
-        self._find = trim
-        self._trim: Callable[[], object] | None = None
-        self._found = False
+        self._find = functools.cache(trim)  # looked up once, on the first trim
         self._monotonic = monotonic
         self._next = float("-inf")
         self._lock = threading.Lock()
@@ -98,14 +97,13 @@ class MemoryTrim:
             if now < self._next:
                 return False
             self._next = now + self.every
-            if not self._found:
-                self._trim, self._found = self._find(), True
-            if self._trim is None:
+            trim = self._find()
+            if trim is None:
                 return False
             size = self._resident()
             if size is None or size > self.limit:
                 return False
-            self._trim()
+            trim()
             return True
         finally:
             self._lock.release()

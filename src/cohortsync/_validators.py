@@ -137,6 +137,13 @@ def check_count(field: str, value: object, *, minimum: int = 0) -> int:
     return value
 
 
+def check_bool(field: str, value: object) -> bool:
+    """Return *value* if it is a ``bool``: a truthy string or a 0 is refused, not taken."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(field, value, f"must be a bool, not {type(value).__name__}")
+    return value
+
+
 def count(minimum: int = 0) -> Callable[[object, attrs.Attribute[Any], object], None]:
     def validate(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
         check_count(attribute.name, value, minimum=minimum)
