@@ -9,10 +9,12 @@ import logging
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import cohortsync as cs
+from cohortsync import events as ev
 from cohortsync.exceptions import (
     ConfigurationError,
     StorageClosedError,
@@ -314,6 +316,112 @@ class TestBadInputToHostCalls:
         with pytest.raises(ConfigurationError, match="full"):
             scheduler.sync_now("s1", full="no")  # type: ignore[arg-type]
         assert not scheduler.storage.get_sync("s1").full_resync
+
+    @pytest.mark.parametrize(
+        ("field", "call"),
+        [
+            ("prune", lambda s: s.apply_syncs([], prefix="s", prune="false")),
+            ("dry_run", lambda s: s.apply_syncs([], prefix="s", prune=True, dry_run="false")),
+            (
+                "upsert",
+                lambda s: s.create_syncs(
+                    [cs.SyncSpec("c", "dest", cs.SyncPolicy.daily(), sync_id="s1")], upsert="no"
+                ),
+            ),
+            ("members", lambda s: s.export_history("s1", members="no")),
+            ("replace", lambda s: s.add_cohort(cs.Cohort(id="c", name="C2"), replace="yes")),
+            ("replace", lambda s: s.add_destination("dest", RecordingDestination(), replace=1)),
+        ],
+        ids=["prune", "dry_run", "upsert", "members", "replace-cohort", "replace-destination"],
+    )
+    def test_flags_must_be_bools(self, field: str, call: Any) -> None:
+        """
+        A string flag is refused before anything changes: prune="false" pruned
+        (deleted s1), dry_run="false" did a dry run, upsert="no" overwrote s1's
+        policy, members="no" exported member rows (outsider findings).
+        """
+        clock = FakeClock(START)
+        scheduler = build(clock, Members(["u1"]))
+        scheduler.run_due()
+        before = scheduler.storage.get_sync("s1")
+        cohort = scheduler.cohort("c")
+
+        with pytest.raises(ConfigurationError, match=field):
+            call(scheduler)
+
+        assert before == scheduler.storage.get_sync("s1")
+        assert [before.sync.id] == [r.sync.id for r in scheduler.storage.list_syncs()]
+        assert cohort is scheduler.cohort("c")
+
+    def test_the_same_flags_are_refused_by_the_async_scheduler(self) -> None:
+        """Its awaitable twins run the same checks: upsert="no" changes nothing."""
+        import asyncio
+
+        async def main() -> None:
+            async with cs.AsyncScheduler(MemoryStorage(), clock=FakeClock(START)) as scheduler:
+                scheduler.add_destination("dest", RecordingDestination())
+                scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u1"]))
+                await scheduler.create_sync("c", "dest", cs.SyncPolicy.hourly(), sync_id="s1")
+                spec = cs.SyncSpec("c", "dest", cs.SyncPolicy.daily(), sync_id="s1")
+                with pytest.raises(ConfigurationError, match="upsert"):
+                    await scheduler.create_syncs([spec], upsert="no")  # type: ignore[arg-type]
+                with pytest.raises(ConfigurationError, match="prune"):
+                    await scheduler.apply_syncs([spec], prefix="s", prune="false")  # type: ignore[arg-type]
+                assert cs.Cadence.HOURLY == (await scheduler.get_sync("s1")).policy.cadence
+
+        asyncio.run(main())
+
+    @pytest.mark.parametrize("size", [-1, True, 2.5, "3"])
+    def test_preview_sample_size_must_be_a_count(self, size: object) -> None:
+        clock = FakeClock(START)
+        scheduler = build(clock, Members(["u1"]))
+        with pytest.raises(ConfigurationError, match="sample_size"):
+            scheduler.preview("s1", sample_size=size)  # type: ignore[arg-type]
+        assert 1 == len(scheduler.preview("s1", sample_size=0).sample_adds) + 1
+
+    def test_pause_reason_must_be_a_str(self) -> None:
+        """reason=5 was stored as '5'; now it is refused and the sync stays active."""
+        clock = FakeClock(START)
+        scheduler = build(clock, Members(["u1"]))
+        with pytest.raises(ConfigurationError, match="reason"):
+            scheduler.pause_sync("s1", reason=5)  # type: ignore[arg-type]
+        assert cs.SyncStatus.ACTIVE == scheduler.get_sync("s1").status
+        assert "maintenance" == scheduler.pause_sync("s1", reason="maintenance").status_reason
+
+    @pytest.mark.parametrize(
+        ("field", "options"),
+        [("seed", {"seed": "x"}), ("seed", {"seed": True}), ("owner", {"owner": 5})],
+    )
+    def test_scheduler_seed_and_owner_are_typed(self, field: str, options: dict[str, Any]) -> None:
+        with pytest.raises(ConfigurationError, match=field):
+            cs.Scheduler(MemoryStorage(), **options)
+        with pytest.raises(ConfigurationError, match=field):
+            cs.AsyncScheduler(MemoryStorage(), **options)
+
+    def test_an_async_listener_is_refused(self) -> None:
+        """
+        An async def listener was accepted and never ran (a coroutine nobody
+        awaited): it is refused wherever a listener is given (outsider finding).
+        """
+
+        async def on_event(event: ev.Event) -> None:
+            raise AssertionError("never called")
+
+        class AsyncCallable:
+            async def __call__(self, event: ev.Event) -> None:
+                raise AssertionError("never called")
+
+        scheduler = cs.Scheduler(MemoryStorage(), clock=FakeClock(START))
+        for listener in (on_event, AsyncCallable()):
+            with pytest.raises(ConfigurationError, match="async def listener would never run"):
+                scheduler.add_listener(listener)  # type: ignore[arg-type]
+            with pytest.raises(ConfigurationError, match="listener"):
+                scheduler.add_listener(listener, events=(ev.RunFinished,))  # type: ignore[arg-type]
+            with pytest.raises(ConfigurationError, match="listeners"):
+                cs.Scheduler(MemoryStorage(), listeners=[listener])  # type: ignore[list-item]
+            with pytest.raises(ConfigurationError, match="listener"):
+                ev.subscribe(listener, (ev.RunFinished,))  # type: ignore[arg-type]
+        scheduler.add_listener(lambda event: None)  # a plain callable is still fine
 
     def test_run_forever_stop_must_be_an_event(self) -> None:
         """A stop that is not an event is refused at the call, sync and async alike."""

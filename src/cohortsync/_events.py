@@ -9,6 +9,7 @@ scheduler's clock, never member keys.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -303,9 +304,32 @@ def subscribe(listener: Callable[[Any], None], events: Iterable[type[Any]]) -> L
         ConfigurationError: *listener* is not callable, or *events* is empty
             or names something other than an event class of this module.
     """
-    if not callable(listener):
-        raise ConfigurationError("listener", listener, "must be a callable taking an event")
+    check_listener("listener", listener)
     return _Subscription(listener, _event_types(events))
+
+
+def check_listener(field: str, listener: object) -> None:
+    """
+    Refuse what is not a plain callable taking an event: a listener is
+    called inline, so an ``async def`` one would return a coroutine nobody
+    awaits and never run.
+
+    Raises:
+        ConfigurationError: *listener* is not callable, or is a coroutine
+            function (or an object whose ``__call__`` is one).
+    """
+    if not callable(listener):
+        raise ConfigurationError(field, listener, "must be a callable taking an event")
+    if inspect.iscoroutinefunction(listener) or inspect.iscoroutinefunction(
+        getattr(listener, "__call__", None)  # noqa: B004 - an async __call__ is what is refused
+    ):
+        raise ConfigurationError(
+            field,
+            listener,
+            "must be a plain function: listeners are called inline, in the thread that "
+            "emits the event, so an async def listener would never run; hand the event "
+            "to your loop with asyncio.run_coroutine_threadsafe or loop.call_soon_threadsafe",
+        )
 
 
 def emit(listeners: Sequence[Listener], event: Event) -> None:

@@ -48,7 +48,7 @@ from cohortsync._destination import (
     check_destination_kind,
 )
 from cohortsync._diff import diff_changes, diff_snapshot, head, with_keys
-from cohortsync._events import E1, E2, E3, Event, Listener, subscribe
+from cohortsync._events import E1, E2, E3, Event, Listener, check_listener, subscribe
 from cohortsync._keep import KEEP, Keep
 from cohortsync._logs import log_failure
 from cohortsync._plan import (
@@ -371,6 +371,10 @@ class Scheduler:
         if not isinstance(retention, timedelta) or retention <= timedelta(0):
             raise ConfigurationError("retention", retention, "must be a positive timedelta")
         check_count("pause_after_failures", pause_after_failures)
+        if owner is not None and not isinstance(owner, str):
+            raise ConfigurationError("owner", owner, "must be a str or None")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigurationError("seed", seed, "must be an int or None")
         if not isinstance(rate_limits, RateLimits):
             raise ConfigurationError(
                 "rate_limits", rate_limits, "must be a cohortsync.destinations.RateLimits"
@@ -386,8 +390,7 @@ class Scheduler:
         self.slot_allocation: _SlotAllocation = slot_allocation
         self._listeners: list[Listener] = list(listeners)
         for listener in self._listeners:
-            if not callable(listener):
-                raise ConfigurationError("listeners", listener, "must be callables taking an event")
+            check_listener("listeners", listener)
         self._cohorts: dict[str, Cohort] = {}
         self._destinations: dict[str, AnyDestination] = {}
         self._mappings: dict[str, IdentifierMapping] = {}
@@ -412,6 +415,7 @@ class Scheduler:
 
     @staticmethod
     def _check_new(what: str, key: str, registry: dict[str, object], *, replace: bool) -> None:
+        check_bool("replace", replace)
         if key in registry and not replace:
             raise ConfigurationError(
                 what,
@@ -505,10 +509,9 @@ class Scheduler:
                 empty or names something other than a class of
                 :mod:`cohortsync.events`.
         """
+        check_listener("listener", listener)
         if events is not None:
             listener = subscribe(listener, events)
-        elif not callable(listener):
-            raise ConfigurationError("listener", listener, "must be a callable taking an event")
         self._listeners.append(listener)
 
     # The lookups validate the id only when it is not registered: a
@@ -793,6 +796,7 @@ class Scheduler:
             StorageError: The store failed; chunks before this one are written.
         """
         check_count("chunk", chunk, minimum=1)
+        check_bool("upsert", upsert)
         call = _BulkCall()
         self._write_specs(specs, chunk, upsert=upsert, call=call)
         if call.failures:
@@ -868,6 +872,8 @@ class Scheduler:
             StorageError: The store failed; chunks before this one are written.
         """
         check_count("chunk", chunk, minimum=1)
+        check_bool("prune", prune)
+        check_bool("dry_run", dry_run)
         if prefix is not None:
             check_id("prefix", prefix)
         elif prune:
@@ -1392,7 +1398,13 @@ class Scheduler:
         """
         Stop scheduling a sync until :meth:`resume_sync`. Pausing a sync
         that is being deleted parks its removal run, and says so in the reason.
+
+        Raises:
+            ConfigurationError: *reason* is neither a str nor ``None``, or the
+                sync was deleted.
         """
+        if reason is not None and not isinstance(reason, str):
+            raise ConfigurationError("reason", reason, "must be a str or None")
 
         def pause(record: SyncRecord) -> dict[str, object]:
             if record.sync.status is SyncStatus.DELETED:
@@ -1577,6 +1589,7 @@ class Scheduler:
         Raises:
             SourceError: The membership source failed.
         """
+        check_count("sample_size", sample_size)
         record = self._record(sync_id)
         sync = record.sync
         cohort = self.cohort(sync.cohort_id)
@@ -2013,6 +2026,7 @@ class Scheduler:
         each run of a scheduled sync lists its skipped and rejected members
         with reasons.
         """
+        check_bool("members", members)
         out: list[dict[str, object]] = []
         for run in self.history(sync_id):
             # An attrs value unstructures to a dict (see _converter.unstructure).
