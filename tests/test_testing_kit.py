@@ -157,6 +157,14 @@ class TestFakeClock:
         assert T0 == clock.set(T0, backwards=True)
         assert T0 == clock.now()
 
+    def test_set_backwards_must_be_a_bool(self) -> None:
+        """backwards="no" is refused, not taken as permission to go back."""
+        clock = FakeClock(T0 + WEEK)
+
+        with pytest.raises(ConfigurationError, match="backwards"):
+            clock.set(T0, backwards="no")  # type: ignore[arg-type]
+        assert T0 + WEEK == clock.now()
+
     def test_set_naive_refused(self) -> None:
         """set() refuses a naive datetime."""
         with pytest.raises(TypeError, match="naive"):
@@ -293,6 +301,9 @@ class TestSharedFakeClock:
 
         with pytest.raises(ValueError, match="backwards"):
             clock.set(T0)
+        with pytest.raises(ConfigurationError, match="backwards"):
+            clock.set(T0, backwards="no")  # type: ignore[arg-type]
+        assert T0 + WEEK == clock.now()
         assert T0 == clock.set(T0, backwards=True)
 
     def test_asleep_advances_the_shared_time(self, tmp_path: Path) -> None:

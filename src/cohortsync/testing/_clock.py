@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cohortsync._clock import require_aware
+from cohortsync._validators import check_bool
 from cohortsync.exceptions import ConfigurationError
 
 __all__ = ["FakeClock", "SharedFakeClock"]
@@ -117,6 +118,7 @@ class FakeClock:
         expects them to.
         """
         when = require_aware(when, "when")
+        check_bool("backwards", backwards)
         with self._lock:
             if when < self._now and not backwards:
                 raise ValueError(
@@ -214,6 +216,7 @@ class SharedFakeClock:
             ValueError: *when* is earlier than now and *backwards* is false.
         """
         when = require_aware(when, "when")
+        check_bool("backwards", backwards)
         if when < self.now() and not backwards:
             raise ValueError("refusing to move the shared clock backwards; pass backwards=True")
         self._write(when)
