@@ -484,6 +484,45 @@ class TestIterUpcoming:
         assert [(due, cs.Trigger.CATCH_UP)] == [(r.slot, r.trigger) for r in runs]
         assert listed[1].at == scheduler.next_run("s")
 
+    def test_a_sync_run_while_the_stream_is_read_is_listed_once(
+        self, make_store: StoreFactory
+    ) -> None:
+        """
+        A worker runs syncs the stream has read already: each moves to a later
+        next_due, where the store's order brings it up again. It used to be
+        listed there too (an outside test: 6,690 duplicate runs in a 3-hour
+        calendar of 20,000 hourly syncs); it shows as it was, once.
+        """
+        store, _ = make_store()
+        clock = FakeClock(T0)
+
+        def scheduler() -> cs.Scheduler:
+            made = cs.Scheduler(store, clock=clock, seed=1)
+            made.add_destination("dest", RecordingDestination())
+            made.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["u1"]))
+            return made
+
+        reader, worker = scheduler(), scheduler()
+        hourly = cs.SyncPolicy.hourly(first_run="next_slot")
+        # 2,000 slots an hour apart spread over the hour: 100 runs listed
+        # cover about 3 minutes, read in pages of 16, 32, 64 ... syncs, so
+        # most syncs are still unread when the worker runs the first 2 minutes.
+        reader.create_syncs(
+            cs.SyncSpec("c", "dest", hourly, sync_id=f"h{i:04}") for i in range(2000)
+        )
+        until = T0 + timedelta(hours=3)
+        before = reader.upcoming(until)
+
+        stream = reader.iter_upcoming(until)
+        listed = list(itertools.islice(stream, 100))
+        clock.advance(timedelta(minutes=2))
+        ran = worker.run_due()
+        listed += stream
+
+        assert ran, "the worker ran syncs the stream had read"
+        assert {r.sync_id for r in ran} <= {u.sync_id for u in listed[:100]}
+        assert before == listed
+
     def test_keeps_the_cap_per_sync(self) -> None:
         """A real-time sync lists at most MAX_UPCOMING_PER_SYNC runs, as before."""
         store = MemoryStorage()

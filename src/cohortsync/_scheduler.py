@@ -171,13 +171,20 @@ def _upcoming(due: Iterator[SyncRecord], until: datetime, now: datetime) -> Iter
     ``next_due`` and its later runs come after it, so no sync read later can
     have an earlier one. The heap holds one entry per sync read.
 
+    A sync is listed from its first read only: one that a worker runs while
+    the stream is read moves to a later ``next_due`` and comes up again
+    further on in the store's order, and listing it then too would show its
+    runs twice. So the stream keeps the ids it has read.
+
     An overdue sync (``next_due`` before *now*) is listed once at its due
     time, as the catch-up it will be if it missed a whole period, and then
     from the first slot after *now*: the slots it missed are coalesced into
     that one run, never listed.
     """
-    # (at, sync id, runs listed so far, trigger, record): one entry per sync read.
-    heap: list[tuple[datetime, str, int, Trigger, SyncRecord]] = []
+    # (at, sync id, runs listed so far, trigger, (sync, anchor, offset)): one
+    # entry per sync read, holding only what its later slots need.
+    heap: list[tuple[datetime, str, int, Trigger, tuple[Sync, datetime, int]]] = []
+    read: set[str] = set()
     last: tuple[datetime, str] | None = None  # (next_due, id) of the last sync read
     pending = True  # syncs are left to read
     while True:
@@ -188,18 +195,22 @@ def _upcoming(due: Iterator[SyncRecord], until: datetime, now: datetime) -> Iter
                 break
             assert record.next_due is not None  # noqa: S101 - iter_due's promise
             last = (record.next_due, record.id)
-            heapq.heappush(heap, (record.next_due, record.id, 0, record.next_trigger, record))
+            if record.id in read:
+                continue
+            read.add(record.id)
+            slots = (record.sync, record.anchor, record.offset)
+            heapq.heappush(heap, (record.next_due, record.id, 0, record.next_trigger, slots))
         if not heap:
             return
-        at, sync_id, count, trigger, record = heapq.heappop(heap)
-        sync = record.sync
+        at, sync_id, count, trigger, slots = heapq.heappop(heap)
+        sync, anchor, offset = slots
         recurring = sync.policy.cadence is not Cadence.ONE_TIME and trigger is not Trigger.TEARDOWN
         if recurring:
             # The trigger the run will record. A slot already passed starts
             # now, and its missed slots coalesce into it.
             following = None
             if at < now and _schedule.uneven_grid(sync):
-                following = _schedule.next_slot_after(sync, record.anchor, record.offset, at)
+                following = _schedule.next_slot_after(sync, anchor, offset, at)
             trigger = _schedule.effective_trigger(
                 trigger, sync.cadence, at, max(at, now), next_slot=following
             )
@@ -207,9 +218,9 @@ def _upcoming(due: Iterator[SyncRecord], until: datetime, now: datetime) -> Iter
         count += 1
         if count >= MAX_UPCOMING_PER_SYNC or not recurring:
             continue
-        later = _schedule.next_slot_after(sync, record.anchor, record.offset, max(at, now))
+        later = _schedule.next_slot_after(sync, anchor, offset, max(at, now))
         if later is not None and later <= until:
-            heapq.heappush(heap, (later, sync_id, count, Trigger.SCHEDULED, record))
+            heapq.heappush(heap, (later, sync_id, count, Trigger.SCHEDULED, slots))
 
 
 def _default_owner() -> str:
@@ -1554,8 +1565,11 @@ class Scheduler:
         and only as far as the runs taken need (from a store that answers
         :meth:`~cohortsync.storage.PagedReads.due_between`; a store written
         for 0.1 is read whole, once). Stop iterating when you have enough.
-        A sync changed while the stream is read may show as it was or as it
-        is, as with any paginated read.
+        A sync changed while the stream is read shows as it was when the
+        stream read it, once (a sync a worker runs meanwhile is not listed
+        again at its new time); one moved earlier than the stream has reached
+        is not listed. Memory: an entry (about 0.9 KB) per sync read that has
+        more runs before *until*.
         """
         until = require_aware(until, "until")
         return _upcoming(iter_due(self.storage, until), until, self._now())
