@@ -233,6 +233,7 @@ class TestReport:
             "check_paged_reads",
             "check_create_syncs",
             "check_bulk_counts_match_one_by_one",
+            "check_create_syncs_placed",
             "check_create_sync_least_loaded",
             "check_save_sync_at",
         ] == [
@@ -252,6 +253,7 @@ class TestReport:
             "page_syncs",
             "slot_counts",
             "create_syncs",
+            "create_syncs_placed",
             "create_sync_least_loaded",
             "save_sync_at",
         ) == report.derived
@@ -272,12 +274,13 @@ class TestReport:
             "page_syncs",
             "slot_counts",
             "create_syncs",
+            "create_syncs_placed",
             "create_sync_least_loaded",
             "save_sync_at",
         } == {name for name, how in report.parts.items() if how == "absent"}
         # check_paged_reads runs once (the store has no paged reads of its own), and so
         # do the bulk checks (on the scheduler's derivation, not again on StorageBase's).
-        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 5 == len(report.passed)
+        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 6 == len(report.passed)
 
     def test_the_report_reads_as_a_table(self) -> None:
         """str() lists each part, required or optional, native or derived."""
@@ -285,10 +288,11 @@ class TestReport:
 
         assert lines[0].endswith(f"{len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 1} checks passed")
         assert ["ScheduleStore", "required", "native"] == lines[1].split()
-        assert ["dead_letters", "optional", "derived"] == lines[-9].split()
-        assert ["complete_runs", "optional", "native"] == lines[-7].split()
-        assert ["page_syncs", "optional", "native"] == lines[-5].split()
-        assert ["create_syncs", "optional", "native"] == lines[-3].split()
+        assert ["dead_letters", "optional", "derived"] == lines[-10].split()
+        assert ["complete_runs", "optional", "native"] == lines[-8].split()
+        assert ["page_syncs", "optional", "native"] == lines[-6].split()
+        assert ["create_syncs", "optional", "native"] == lines[-4].split()
+        assert ["create_syncs_placed", "optional", "native"] == lines[-3].split()
         assert ["create_sync_least_loaded", "optional", "native"] == lines[-2].split()
         assert ["save_sync_at", "optional", "native"] == lines[-1].split()
 

@@ -964,6 +964,29 @@ class Scheduler:
             return True
         return True
 
+    def _bulk_record(
+        self, index: int, sync: Sync, slot: tuple[int, int | None], now: datetime, call: _BulkCall
+    ) -> SyncRecord | None:
+        """
+        The record of a sync created in bulk in *slot* ``(offset, bucket)``,
+        or ``None`` with the refusal in *call* (no first run before the end
+        of time).
+        """
+        try:
+            first_due, first_trigger = self._first_due(sync.policy, slot[0], now)
+        except ConfigurationError as exc:
+            call.failures.append(BulkFailure(index, sync.id, exc))
+            return None
+        return SyncRecord(
+            sync=sync,
+            next_due=first_due,
+            next_trigger=first_trigger,
+            offset=slot[0],
+            slot_bucket=slot[1],
+            anchor=now,
+            scheduled_from=now,
+        )
+
     def _write_chunk(
         self, checked: list[tuple[int, Sync]], now: datetime, call: _BulkCall
     ) -> tuple[dict[int, SyncRecord], set[str]]:
@@ -974,37 +997,40 @@ class Scheduler:
         refused in *call*.
         """
 
-        def record(index: int, sync: Sync, slot: tuple[int, int | None]) -> SyncRecord | None:
-            try:
-                first_due, first_trigger = self._first_due(sync.policy, slot[0], now)
-            except ConfigurationError as exc:
-                call.failures.append(BulkFailure(index, sync.id, exc))
-                return None
-            return SyncRecord(
-                sync=sync,
-                next_due=first_due,
-                next_trigger=first_trigger,
-                offset=slot[0],
-                slot_bucket=slot[1],
-                anchor=now,
-                scheduled_from=now,
-            )
-
         records: dict[int, SyncRecord] = {}
-        create_many = getattr(self.storage, "create_syncs", None)
-        slot_counts = getattr(self.storage, "slot_counts", None)
-        if callable(create_many) and callable(slot_counts):
-            allocator = SlotAllocator(slot_counts) if self.slot_allocation == "balanced" else None
+
+        def pick_all(allocator: SlotAllocator | None) -> list[SyncRecord]:
+            records.clear()
             for i, sync in checked:
-                one = record(i, sync, self._bulk_slot(sync, allocator))
+                one = self._bulk_record(i, sync, self._bulk_slot(sync, allocator), now, call)
                 if one is not None:
                     records[i] = one
-            return records, set(create_many(list(records.values())))
+            return list(records.values())
+
+        create_many = getattr(self.storage, "create_syncs", None)
+        slot_counts = getattr(self.storage, "slot_counts", None)
+        create_placed = getattr(self.storage, "create_syncs_placed", None)
+        if self.slot_allocation == "balanced" and callable(create_placed):
+            refused = len(call.failures)
+
+            def place(counts: Callable[[int, int], list[int]]) -> list[SyncRecord]:
+                # Inside the store's write, under its slot lock: the picks
+                # count what concurrent creators wrote before them.
+                del call.failures[refused:]
+                return pick_all(SlotAllocator(counts))
+
+            return records, set(create_placed(place)[1])
+        if callable(create_many) and callable(slot_counts):
+            balanced = self.slot_allocation == "balanced"
+            return records, set(
+                create_many(pick_all(SlotAllocator(slot_counts) if balanced else None))
+            )
         # A store written against the plain protocol: pick and create one by
         # one, so each pick sees the counts of the syncs created before it.
         taken: set[str] = set()
         for i, sync in checked:
-            one = record(i, sync, self._place(sync.id, sync.generation, sync.policy))
+            slot = self._place(sync.id, sync.generation, sync.policy)
+            one = self._bulk_record(i, sync, slot, now, call)
             if one is not None:
                 records[i] = one
                 taken.update(derive_create_syncs(self.storage, [one]))

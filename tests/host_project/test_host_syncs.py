@@ -101,7 +101,7 @@ class TestDictStorage:
         assert {"native"} == {
             report.parts[p] for p in ("ScheduleStore", "DeliveryStore", "HistoryStore")
         }
-        assert 15 == len(report.derived)  # 7 queries, 2 batched runs, 2 paged reads, 4 bulk writes
+        assert 16 == len(report.derived)  # 7 queries, 2 batched runs, 2 paged reads, 5 bulk writes
 
     def test_a_week_of_hourly_syncs(
         self, cohortsync_clock: FakeClock, push_client: FakePushClient

@@ -1105,7 +1105,32 @@ def batch_recover_mode(config: dict[str, Any]) -> None:
     scheduler.close()
 
 
+def bulk_create_mode(config: dict[str, Any]) -> None:
+    """
+    Wait for the start file, then create ``count`` hourly syncs in bulk in
+    chunks of ``chunk``, ids prefixed with ``prefix``: several of these at
+    once are creators racing for the same slot buckets.
+    """
+    start = Path(config["start"])
+    deadline = time.monotonic() + 60
+    while not start.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("no start signal")
+        time.sleep(0.005)
+    scheduler = cs.Scheduler(open_store(config["store"]), clock=FakeClock(T0))
+    scheduler.add_destination("dest", RemoteAudience(os.devnull))
+    scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ()))
+    hourly = cs.SyncPolicy.hourly(first_run="next_slot")
+    specs = (
+        cs.SyncSpec("c", "dest", hourly, sync_id=f"{config['prefix']}-{i:05d}")
+        for i in range(config["count"])
+    )
+    with scheduler:
+        scheduler.create_syncs(specs, chunk=config["chunk"])
+
+
 MODES = {
+    "bulk_create": bulk_create_mode,
     "crash": crash_mode,
     "recover": recover_mode,
     "worker": worker_mode,

@@ -380,3 +380,47 @@ class TestManyWorkers:
         """A simulated day with eight workers on one SQLite file: none twice, none missed."""
         spec = f"sqlite:{tmp_path / 'cohortsync.db'}"
         check_concurrency(tmp_path, spec, figures, workers=8, hours=24, seed=108)
+
+
+class TestConcurrentBulkCreation:
+    """Bulk creators in several processes at once keep the balanced spread."""
+
+    def test_slot_buckets_stay_even(self, tmp_path: Path, store_spec: str) -> None:
+        """
+        Three processes each create 600 hourly syncs in chunks of 150, at
+        once. Each chunk picks its buckets inside its write, from counts that
+        include the other creators' syncs, so the 60 buckets of the hour end
+        within one sync of each other, as one creator leaves them. An
+        outside test found the busiest minute at 1.15 to 1.51 times the mean
+        on PostgreSQL when each chunk picked from counts read before its
+        write (four processes; one creator: 1.008).
+        """
+        start = tmp_path / "start"
+        creators = [
+            start_worker(
+                {
+                    "mode": "bulk_create",
+                    "store": store_spec,
+                    "start": str(start),
+                    "prefix": f"p{k}",
+                    "count": 600,
+                    "chunk": 150,
+                }
+            )
+            for k in range(3)
+        ]
+        time.sleep(0.5)  # every creator imported and waiting
+        start.touch()
+        for creator in creators:
+            _, err = creator.communicate(timeout=120)
+            assert 0 == creator.returncode, err.decode()
+
+        store = open_store(store_spec)
+        try:
+            records = store.list_syncs()
+        finally:
+            store.close()
+        per_minute = Counter(r.offset // 60 for r in records)
+        assert 1_800 == len(records)
+        assert 60 == len(per_minute)
+        assert max(per_minute.values()) - min(per_minute.values()) <= 1, per_minute

@@ -30,6 +30,7 @@ from cohortsync.storage._protocol import (
     Completion,
     Lease,
     PagedReads,
+    SlotCounts,
     Storage,
     SyncRecord,
 )
@@ -121,6 +122,11 @@ class StorageBase(Storage, BatchedRuns, PagedReads, BulkSyncWrites):
 
     def create_syncs(self, records: Sequence[SyncRecord]) -> list[str]:
         return derive_create_syncs(self, records)
+
+    def create_syncs_placed(
+        self, place: Callable[[SlotCounts], Sequence[SyncRecord]]
+    ) -> tuple[list[SyncRecord], list[str]]:
+        return derive_create_syncs_placed(self, place)
 
     def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:
         return derive_create_sync_least_loaded(self, record, buckets)
@@ -381,6 +387,30 @@ def derive_create_syncs(store: Storage, records: Sequence[SyncRecord]) -> list[s
                 raise  # refused for another reason than a taken id
             taken.append(record.id)
     return taken
+
+
+def derive_create_syncs_placed(
+    store: Storage, place: Callable[[SlotCounts], Sequence[SyncRecord]]
+) -> tuple[list[SyncRecord], list[str]]:
+    """
+    :meth:`~cohortsync.storage.BulkSyncWrites.create_syncs_placed` in two
+    steps: *place* reads the counts, then :meth:`create_syncs` writes (not
+    under one lock: concurrent creators may pick from the same counts).
+    """
+    counts = getattr(store, "slot_counts", None)
+    records = list(
+        place(counts or (lambda period, buckets: derive_slot_counts(store, period, buckets)))
+    )
+    create = getattr(store, "create_syncs", None)
+    return written(records, create(records) if create else derive_create_syncs(store, records))
+
+
+def written(
+    records: Sequence[SyncRecord], taken: Sequence[str]
+) -> tuple[list[SyncRecord], list[str]]:
+    """``(records whose id was not taken, taken ids)``, as ``create_syncs_placed`` answers."""
+    skip = set(taken)
+    return [r for r in records if r.id not in skip], list(taken)
 
 
 def placement_of(record: SyncRecord, buckets: int) -> tuple[int, int]:

@@ -34,6 +34,7 @@ from cohortsync.storage._base import (
     placed,
     placement_of,
     require_distinct_ids,
+    written,
 )
 from cohortsync.storage._protocol import (
     SLOT_BUCKET_SECONDS,
@@ -46,6 +47,7 @@ from cohortsync.storage._protocol import (
     MemberIssue,
     PendingBatch,
     Progress,
+    SlotCounts,
     SyncRecord,
 )
 from cohortsync.storage._rules import (
@@ -464,6 +466,15 @@ class MemoryStorage(StorageBase):
     def slot_counts(self, period: int, buckets: int) -> list[int]:
         with self._lock:
             return list(self._load_of(period, buckets).counts)
+
+    def create_syncs_placed(
+        self, place: Callable[[SlotCounts], Sequence[SyncRecord]]
+    ) -> tuple[list[SyncRecord], list[str]]:
+        """*place* and the write under the store's lock: no creator picks in between."""
+        with self._lock:
+            self._check_open()
+            records = list(place(self.slot_counts))
+            return written(records, self.create_syncs(records))
 
     def create_syncs(self, records: Sequence[SyncRecord]) -> list[str]:
         require_distinct_ids(records)

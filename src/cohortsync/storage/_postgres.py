@@ -64,7 +64,13 @@ from cohortsync.exceptions import (
     SyncNotFoundError,
 )
 from cohortsync.storage import _sql as q
-from cohortsync.storage._base import StorageBase, placed, placement_of, require_distinct_ids
+from cohortsync.storage._base import (
+    StorageBase,
+    placed,
+    placement_of,
+    require_distinct_ids,
+    written,
+)
 from cohortsync.storage._dsn import mask_dsn
 from cohortsync.storage._protocol import SLOT_BUCKET_SECONDS, IssueKind, MemberIssue
 from cohortsync.storage._rules import (
@@ -89,6 +95,7 @@ if TYPE_CHECKING:
         LedgerEntry,
         PendingBatch,
         Progress,
+        SlotCounts,
         SyncRecord,
     )
 
@@ -1128,18 +1135,21 @@ class PostgresStorage(StorageBase):
             self._filled.add((period, buckets))
 
     def slot_counts(self, period: int, buckets: int) -> list[int]:
-        counts = [0] * buckets
         with self._cursor("slot_counts") as cur:
-            self._fill(cur, period, buckets)
-            cur.execute(
-                self._sql(
-                    "SELECT bucket, syncs FROM {s}.slot_buckets"
-                    " WHERE period = %s AND bucket >= 0 AND bucket < %s"
-                ),
-                (period, buckets),
-            )
-            for bucket, count in cur.fetchall():
-                counts[bucket] = count
+            return self._slot_counts(cur, period, buckets)
+
+    def _slot_counts(self, cur: _Cursor, period: int, buckets: int) -> list[int]:
+        counts = [0] * buckets
+        self._fill(cur, period, buckets)
+        cur.execute(
+            self._sql(
+                "SELECT bucket, syncs FROM {s}.slot_buckets"
+                " WHERE period = %s AND bucket >= 0 AND bucket < %s"
+            ),
+            (period, buckets),
+        )
+        for bucket, count in cur.fetchall():
+            counts[bucket] = count
         return counts
 
     def create_syncs(self, records: Sequence[SyncRecord]) -> list[str]:
@@ -1150,15 +1160,33 @@ class PostgresStorage(StorageBase):
         require_distinct_ids(records)
         if not records:
             return []
-        created: set[str] = set()
         with self._cursor("create_syncs", transaction=True) as cur:
-            for chunk in _chunks(records):
-                rows = [q.sync_params(record, _TZ) for record in chunk]
-                cur.execute(
-                    self._sql(_CREATE_SYNCS), {c: [r[c] for r in rows] for c, _ in _SYNC_ARRAYS}
-                )
-                created.update(row[0] for row in cur.fetchall())
+            return self._insert_syncs(cur, records)
+
+    def _insert_syncs(self, cur: _Cursor, records: Sequence[SyncRecord]) -> list[str]:
+        created: set[str] = set()
+        for chunk in _chunks(records):
+            rows = [q.sync_params(record, _TZ) for record in chunk]
+            cur.execute(
+                self._sql(_CREATE_SYNCS), {c: [r[c] for r in rows] for c, _ in _SYNC_ARRAYS}
+            )
+            created.update(row[0] for row in cur.fetchall())
         return [r.id for r in records if r.id not in created]
+
+    def create_syncs_placed(
+        self, place: Callable[[SlotCounts], Sequence[SyncRecord]]
+    ) -> tuple[list[SyncRecord], list[str]]:
+        """
+        One transaction holding a transaction-scoped advisory lock of this
+        schema's slots: *place* reads the counts inside it, so bulk creators
+        in other sessions pick in turn (one-by-one creates do not take the
+        lock: each picks and counts in one statement).
+        """
+        with self._cursor("create_syncs", transaction=True) as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("slots", self.schema),))
+            records = list(place(lambda period, buckets: self._slot_counts(cur, period, buckets)))
+            require_distinct_ids(records)
+            return written(records, self._insert_syncs(cur, records) if records else [])
 
     # -- claims and leases ---------------------------------------------------------
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from abc import abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
@@ -772,6 +772,10 @@ class PagedReads(Protocol):
         """
 
 
+SlotCounts = Callable[[int, int], list[int]]
+"""``slot_counts(period, buckets)``: how many syncs each slot bucket of a period holds."""
+
+
 @runtime_checkable
 class BulkSyncWrites(Protocol):
     """
@@ -820,6 +824,25 @@ class BulkSyncWrites(Protocol):
 
         Derived from :meth:`~ScheduleStore.create_sync`, one call each (one
         transaction each).
+        """
+
+    def create_syncs_placed(
+        self, place: Callable[[SlotCounts], Sequence[SyncRecord]]
+    ) -> tuple[list[SyncRecord], list[str]]:
+        """
+        :meth:`create_syncs` of the records *place* returns, where *place*
+        is called inside the write with a :meth:`slot_counts` that reads in
+        the same transaction, while the store holds its slot lock (SQLite's
+        write lock; a transaction-scoped advisory lock on PostgreSQL):
+        concurrent bulk creators pick their slots in turn, each from counts
+        that include the syncs the others created. Answers the records
+        written (those *place* returned whose id was not taken) and the
+        taken ids, in the order *place* returned them. **Atomic**; what
+        *place* raises rolls the write back and is raised.
+
+        Derived from :meth:`slot_counts` and :meth:`create_syncs`: *place*
+        reads the counts before the write, so concurrent creators may pick
+        from the same counts, as with :meth:`create_syncs`.
         """
 
     def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:

@@ -44,7 +44,13 @@ from cohortsync.exceptions import (
     SyncNotFoundError,
 )
 from cohortsync.storage import _sql as q
-from cohortsync.storage._base import StorageBase, placed, placement_of, require_distinct_ids
+from cohortsync.storage._base import (
+    StorageBase,
+    placed,
+    placement_of,
+    require_distinct_ids,
+    written,
+)
 from cohortsync.storage._protocol import (
     AppliedBatch,
     Claim,
@@ -55,6 +61,7 @@ from cohortsync.storage._protocol import (
     MemberIssue,
     PendingBatch,
     Progress,
+    SlotCounts,
     SyncRecord,
 )
 from cohortsync.storage._rules import (
@@ -803,16 +810,8 @@ class SQLiteStorage(StorageBase):
         return stored
 
     def slot_counts(self, period: int, buckets: int) -> list[int]:
-        require_buckets(buckets)
-        counts = [0] * buckets
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT bucket, count FROM slots WHERE period = ? AND bucket >= 0 AND bucket < ?",
-                (period, buckets),
-            ).fetchall()
-        for bucket, count in rows:
-            counts[bucket] = count
-        return counts
+            return _slot_counts(conn, period, buckets)
 
     def create_syncs(self, records: Sequence[SyncRecord]) -> list[str]:
         """
@@ -826,17 +825,21 @@ class SQLiteStorage(StorageBase):
         # Encoded before the write lock is taken: other writers wait less.
         params = [q.sync_params(record, _US) for record in records]
         with self._write() as conn:
-            found: set[str] = set()
-            for start in range(0, len(records), _IDS_PER_LOOKUP):
-                ids = [r.id for r in records[start : start + _IDS_PER_LOOKUP]]
-                marks = ", ".join("?" * len(ids))
-                lookup = f"SELECT id FROM syncs WHERE id IN ({marks})"  # noqa: S608 - placeholders
-                found.update(row[0] for row in conn.execute(lookup, ids))
-            new = [r for r in records if r.id not in found] if found else records
-            conn.executemany(_INSERT_SYNC, [p for p in params if p["id"] not in found])
-            counts = Counter(slot for slot in map(slot_bucket_of, new) if slot is not None)
-            conn.executemany(_COUNT_SLOTS, [(*slot, n) for slot, n in sorted(counts.items())])
-        return [r.id for r in records if r.id in found]
+            return _insert_syncs(conn, records, params)
+
+    def create_syncs_placed(
+        self, place: Callable[[SlotCounts], Sequence[SyncRecord]]
+    ) -> tuple[list[SyncRecord], list[str]]:
+        """
+        *place* reads the counts inside the write transaction, under
+        SQLite's write lock: creators in other threads and processes pick
+        in turn.
+        """
+        with self._write() as conn:
+            records = list(place(lambda period, buckets: _slot_counts(conn, period, buckets)))
+            require_distinct_ids(records)
+            params = [q.sync_params(record, _US) for record in records]
+            return written(records, _insert_syncs(conn, records, params) if records else [])
 
     # -- claims and leases ----------------------------------------------------------
 
@@ -1264,3 +1267,36 @@ def _pick_slot(conn: sqlite3.Connection, period: int, buckets: int, preferred: i
         row = conn.execute(pick, (period, least, 0, preferred)).fetchone()
     bucket: int = row[0]
     return bucket
+
+
+def _slot_counts(conn: sqlite3.Connection, period: int, buckets: int) -> list[int]:
+    """How many syncs each of the *buckets* slot buckets of *period* holds."""
+    require_buckets(buckets)
+    counts = [0] * buckets
+    rows = conn.execute(
+        "SELECT bucket, count FROM slots WHERE period = ? AND bucket >= 0 AND bucket < ?",
+        (period, buckets),
+    ).fetchall()
+    for bucket, count in rows:
+        counts[bucket] = count
+    return counts
+
+
+def _insert_syncs(
+    conn: sqlite3.Connection, records: Sequence[SyncRecord], params: list[dict[str, Any]]
+) -> list[str]:
+    """
+    Inside a write transaction: insert the records whose id is not taken,
+    count them in their slot buckets; the taken ids, in order.
+    """
+    found: set[str] = set()
+    for start in range(0, len(records), _IDS_PER_LOOKUP):
+        ids = [r.id for r in records[start : start + _IDS_PER_LOOKUP]]
+        marks = ", ".join("?" * len(ids))
+        lookup = f"SELECT id FROM syncs WHERE id IN ({marks})"  # noqa: S608 - placeholders
+        found.update(row[0] for row in conn.execute(lookup, ids))
+    new = [r for r in records if r.id not in found] if found else records
+    conn.executemany(_INSERT_SYNC, [p for p in params if p["id"] not in found])
+    counts = Counter(slot for slot in map(slot_bucket_of, new) if slot is not None)
+    conn.executemany(_COUNT_SLOTS, [(*slot, n) for slot, n in sorted(counts.items())])
+    return [r.id for r in records if r.id in found]

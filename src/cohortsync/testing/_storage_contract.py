@@ -47,6 +47,7 @@ from cohortsync.storage._base import (
     derive_complete_runs,
     derive_create_sync_least_loaded,
     derive_create_syncs,
+    derive_create_syncs_placed,
     derive_due_between,
     derive_page_syncs,
     derive_save_sync_at,
@@ -1964,6 +1965,56 @@ def check_create_sync_least_loaded(make_storage: StorageFactory) -> None:
             _create_least_loaded(store, _in_bucket("f", 0, 0), 0)
 
 
+def _create_placed(
+    store: Storage, place: Callable[[Callable[[int, int], list[int]]], Sequence[SyncRecord]]
+) -> tuple[list[SyncRecord], list[str]]:
+    native = getattr(store, "create_syncs_placed", None)
+    if native is None:
+        return derive_create_syncs_placed(store, place)
+    answer: tuple[list[SyncRecord], list[str]] = native(place)
+    return answer
+
+
+def check_create_syncs_placed(make_storage: StorageFactory) -> None:
+    """
+    create_syncs_placed calls *place* once with counts that include the
+    syncs already stored, writes and counts what it returns except taken
+    ids, answers (written, taken); what *place* raises, and a repeated id in
+    its records, write nothing.
+    """
+    period, buckets = 3600, 60
+    with _open(make_storage) as store:
+        store.create_sync(_in_bucket("old", 3, 0))
+        seen: list[list[int]] = []
+
+        def place(counts: Callable[[int, int], list[int]]) -> list[SyncRecord]:
+            seen.append(counts(period, buckets))
+            return [_in_bucket("a", 3, 1), _in_bucket("old", 4, 0), _in_bucket("b", 5, 2)]
+
+        written, taken = _create_placed(store, place)
+        _expect(1, len(seen), "place is called once")
+        _expect(1, seen[0][3], "the counts place reads include the stored syncs")
+        _expect(["a", "b"], [r.id for r in written], "the records written, in order")
+        _expect(["old"], taken, "the taken id answered")
+        _expect(3, store.get_sync("old").slot_bucket, "the taken id's record is kept")
+        counts = _slot_counts(store, period, buckets)
+        _expect((2, 0, 1), (counts[3], counts[4], counts[5]), "the written records counted")
+
+        def failing(counts: Callable[[int, int], list[int]]) -> list[SyncRecord]:
+            counts(period, buckets)
+            raise KeyError("the host's mistake")
+
+        with _raises(KeyError, "what place raises"):
+            _create_placed(store, failing)
+        twice = [_in_bucket("c", 9, 0), _in_bucket("c", 10, 0)]
+        with _raises(ConfigurationError, "an id twice"):
+            _create_placed(store, lambda _counts: twice)
+        with _raises(SyncNotFoundError, "nothing written by a failed call"):
+            store.get_sync("c")
+        _expect(counts, _slot_counts(store, period, buckets), "nothing counted by a failed call")
+        _expect(([], []), _create_placed(store, lambda _counts: []), "nothing to place")
+
+
 def _save_sync_at(store: Storage, record: SyncRecord, expected_revision: int) -> None:
     native = getattr(store, "save_sync_at", None)
     if native is None:
@@ -2250,6 +2301,7 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_paged_reads,
     check_create_syncs,
     check_bulk_counts_match_one_by_one,
+    check_create_syncs_placed,
     check_create_sync_least_loaded,
     check_save_sync_at,
     check_save_sync_at_is_atomic,
@@ -2275,6 +2327,7 @@ _QUERY_CHECKS: Mapping[str, tuple[Callable[[StorageFactory], None], ...]] = {
     "page_syncs": (check_paged_reads,),
     "slot_counts": (check_create_syncs, check_bulk_counts_match_one_by_one),
     "create_syncs": (check_create_syncs, check_bulk_counts_match_one_by_one),
+    "create_syncs_placed": (check_create_syncs_placed,),
     "create_sync_least_loaded": (check_create_sync_least_loaded,),
     "save_sync_at": (check_save_sync_at,),
 }
