@@ -993,6 +993,30 @@ class TestBulk:
 # -- the optional dependency -----------------------------------------------------------
 
 
+class TestPlacedBulkCreate:
+    def test_a_rolled_back_placement_forgets_the_bucket_rows_it_made(
+        self, store: PostgresStorage
+    ) -> None:
+        """
+        The bucket rows of a period are made once per store object; a
+        placement that fails rolls back the ones it made, and the store makes
+        them again for the next pick instead of trusting its note.
+        """
+
+        def failing(counts: Any) -> list[SyncRecord]:
+            assert [0] * 60 == counts(3600, 60)
+            raise KeyError("the host's mistake")
+
+        with pytest.raises(KeyError):
+            store.create_syncs_placed(failing)
+        record = attrs.evolve(sync_record("a"), slot_bucket=5, offset=5 * 60 + 7)
+
+        stored = store.create_sync_least_loaded(record, 60)
+
+        assert (5, 5 * 60 + 7) == (stored.slot_bucket, stored.offset)
+        assert 1 == store.slot_counts(3600, 60)[5]
+
+
 class TestOptionalDependency:
     """
     cohortsync works without psycopg; only cohortsync.storage needs it.

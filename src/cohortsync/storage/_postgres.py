@@ -1182,11 +1182,20 @@ class PostgresStorage(StorageBase):
         in other sessions pick in turn (one-by-one creates do not take the
         lock: each picks and counts in one statement).
         """
-        with self._cursor("create_syncs", transaction=True) as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("slots", self.schema),))
-            records = list(place(lambda period, buckets: self._slot_counts(cur, period, buckets)))
-            require_distinct_ids(records)
-            return written(records, self._insert_syncs(cur, records) if records else [])
+        filled = set(self._filled)
+        try:
+            with self._cursor("create_syncs", transaction=True) as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("slots", self.schema),))
+                records = list(
+                    place(lambda period, buckets: self._slot_counts(cur, period, buckets))
+                )
+                require_distinct_ids(records)
+                return written(records, self._insert_syncs(cur, records) if records else [])
+        except BaseException:
+            # The bucket rows this transaction made are rolled back with it:
+            # forget them, so the next pick makes them again (it is idempotent).
+            self._filled.intersection_update(filled)
+            raise
 
     # -- claims and leases ---------------------------------------------------------
 
