@@ -1003,12 +1003,13 @@ class TestPlacedBulkCreate:
         them again for the next pick instead of trusting its note.
         """
 
-        def failing(counts: Any) -> list[SyncRecord]:
+        def failing(counts: Any, taken: set[str]) -> list[SyncRecord]:
             assert [0] * 60 == counts(3600, 60)
+            assert set() == taken
             raise KeyError("the host's mistake")
 
         with pytest.raises(KeyError):
-            store.create_syncs_placed(failing)
+            store.create_syncs_placed(["a"], failing)
         record = attrs.evolve(sync_record("a"), slot_bucket=5, offset=5 * 60 + 7)
 
         stored = store.create_sync_least_loaded(record, 60)

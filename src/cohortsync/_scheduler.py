@@ -999,10 +999,14 @@ class Scheduler:
 
         records: dict[int, SyncRecord] = {}
 
-        def pick_all(allocator: SlotAllocator | None) -> list[SyncRecord]:
+        def pick_all(
+            allocator: SlotAllocator | None, taken: Container[str] = ()
+        ) -> list[SyncRecord]:
             records.clear()
             for i, sync in checked:
-                one = self._bulk_record(i, sync, self._bulk_slot(sync, allocator), now, call)
+                # A taken id's record is never written (only its id is used).
+                slot = (0, None) if sync.id in taken else self._bulk_slot(sync, allocator)
+                one = self._bulk_record(i, sync, slot, now, call)
                 if one is not None:
                     records[i] = one
             return list(records.values())
@@ -1013,13 +1017,15 @@ class Scheduler:
         if self.slot_allocation == "balanced" and callable(create_placed):
             refused = len(call.failures)
 
-            def place(counts: Callable[[int, int], list[int]]) -> list[SyncRecord]:
+            def place(counts: Callable[[int, int], list[int]], taken: set[str]) -> list[SyncRecord]:
                 # Inside the store's write, under its slot lock: the picks
-                # count what concurrent creators wrote before them.
+                # count what concurrent creators wrote before them, and a
+                # sync that exists (declared by another replica too) takes
+                # no pick: its record is only its id, never written.
                 del call.failures[refused:]
-                return pick_all(SlotAllocator(counts))
+                return pick_all(SlotAllocator(counts), taken)
 
-            return records, set(create_placed(place)[1])
+            return records, set(create_placed([sync.id for _, sync in checked], place)[1])
         if callable(create_many) and callable(slot_counts):
             balanced = self.slot_allocation == "balanced"
             return records, set(

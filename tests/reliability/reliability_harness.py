@@ -1108,8 +1108,9 @@ def batch_recover_mode(config: dict[str, Any]) -> None:
 def bulk_create_mode(config: dict[str, Any]) -> None:
     """
     Wait for the start file, then create ``count`` hourly syncs in bulk in
-    chunks of ``chunk``, ids prefixed with ``prefix``: several of these at
-    once are creators racing for the same slot buckets.
+    chunks of ``chunk``, ids prefixed with ``prefix`` and numbered from
+    ``first`` (with ``declare``, through ``apply_syncs``): several of these
+    at once are creators racing for the same slot buckets.
     """
     start = Path(config["start"])
     deadline = time.monotonic() + 60
@@ -1121,12 +1122,18 @@ def bulk_create_mode(config: dict[str, Any]) -> None:
     scheduler.add_destination("dest", RemoteAudience(os.devnull))
     scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ()))
     hourly = cs.SyncPolicy.hourly(first_run="next_slot")
+    first = config.get("first", 0)
     specs = (
         cs.SyncSpec("c", "dest", hourly, sync_id=f"{config['prefix']}-{i:05d}")
-        for i in range(config["count"])
+        for i in range(first, first + config["count"])
     )
     with scheduler:
-        scheduler.create_syncs(specs, chunk=config["chunk"])
+        if config.get("declare"):
+            # A replica declaring its syncs at start-up: other replicas
+            # declare many of the same ids at the same time.
+            scheduler.apply_syncs(specs, prefix=f"{config['prefix']}-", chunk=config["chunk"])
+        else:
+            scheduler.create_syncs(specs, chunk=config["chunk"])
 
 
 MODES = {

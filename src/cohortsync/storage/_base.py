@@ -30,7 +30,7 @@ from cohortsync.storage._protocol import (
     Completion,
     Lease,
     PagedReads,
-    SlotCounts,
+    Placement,
     Storage,
     SyncRecord,
 )
@@ -124,9 +124,9 @@ class StorageBase(Storage, BatchedRuns, PagedReads, BulkSyncWrites):
         return derive_create_syncs(self, records)
 
     def create_syncs_placed(
-        self, place: Callable[[SlotCounts], Sequence[SyncRecord]]
+        self, ids: Sequence[str], place: Placement
     ) -> tuple[list[SyncRecord], list[str]]:
-        return derive_create_syncs_placed(self, place)
+        return derive_create_syncs_placed(self, ids, place)
 
     def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:
         return derive_create_sync_least_loaded(self, record, buckets)
@@ -390,17 +390,19 @@ def derive_create_syncs(store: Storage, records: Sequence[SyncRecord]) -> list[s
 
 
 def derive_create_syncs_placed(
-    store: Storage, place: Callable[[SlotCounts], Sequence[SyncRecord]]
+    store: Storage, ids: Sequence[str], place: Placement
 ) -> tuple[list[SyncRecord], list[str]]:
     """
-    :meth:`~cohortsync.storage.BulkSyncWrites.create_syncs_placed` in two
-    steps: *place* reads the counts, then :meth:`create_syncs` writes (not
-    under one lock: concurrent creators may pick from the same counts).
+    :meth:`~cohortsync.storage.BulkSyncWrites.create_syncs_placed` in steps:
+    the taken ids and the counts are read, then :meth:`create_syncs` writes
+    (not under one lock: concurrent creators may pick from the same counts).
     """
-    counts = getattr(store, "slot_counts", None)
-    records = list(
-        place(counts or (lambda period, buckets: derive_slot_counts(store, period, buckets)))
-    )
+    native = getattr(store, "slot_counts", None)
+
+    def counts(period: int, buckets: int) -> list[int]:
+        return native(period, buckets) if native else derive_slot_counts(store, period, buckets)
+
+    records = list(place(counts, {sync_id for sync_id in ids if _exists(store, sync_id)}))
     create = getattr(store, "create_syncs", None)
     return written(records, create(records) if create else derive_create_syncs(store, records))
 

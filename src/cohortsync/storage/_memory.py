@@ -46,8 +46,8 @@ from cohortsync.storage._protocol import (
     LedgerEntry,
     MemberIssue,
     PendingBatch,
+    Placement,
     Progress,
-    SlotCounts,
     SyncRecord,
 )
 from cohortsync.storage._rules import (
@@ -468,12 +468,13 @@ class MemoryStorage(StorageBase):
             return list(self._load_of(period, buckets).counts)
 
     def create_syncs_placed(
-        self, place: Callable[[SlotCounts], Sequence[SyncRecord]]
+        self, ids: Sequence[str], place: Placement
     ) -> tuple[list[SyncRecord], list[str]]:
         """*place* and the write under the store's lock: no creator picks in between."""
         with self._lock:
             self._check_open()
-            records = list(place(self.slot_counts))
+            taken = {sync_id for sync_id in ids if sync_id in self._syncs}
+            records = list(place(self.slot_counts, taken))
             return written(records, self.create_syncs(records))
 
     def create_syncs(self, records: Sequence[SyncRecord]) -> list[str]:

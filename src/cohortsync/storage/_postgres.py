@@ -94,8 +94,8 @@ if TYPE_CHECKING:
         Lease,
         LedgerEntry,
         PendingBatch,
+        Placement,
         Progress,
-        SlotCounts,
         SyncRecord,
     )
 
@@ -1174,7 +1174,7 @@ class PostgresStorage(StorageBase):
         return [r.id for r in records if r.id not in created]
 
     def create_syncs_placed(
-        self, place: Callable[[SlotCounts], Sequence[SyncRecord]]
+        self, ids: Sequence[str], place: Placement
     ) -> tuple[list[SyncRecord], list[str]]:
         """
         One transaction holding a transaction-scoped advisory lock of this
@@ -1186,8 +1186,10 @@ class PostgresStorage(StorageBase):
         try:
             with self._cursor("create_syncs", transaction=True) as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("slots", self.schema),))
+                cur.execute(self._sql("SELECT id FROM {s}.syncs WHERE id = ANY(%s)"), (list(ids),))
+                taken = {row[0] for row in cur.fetchall()}
                 records = list(
-                    place(lambda period, buckets: self._slot_counts(cur, period, buckets))
+                    place(lambda period, buckets: self._slot_counts(cur, period, buckets), taken)
                 )
                 require_distinct_ids(records)
                 return written(records, self._insert_syncs(cur, records) if records else [])

@@ -774,6 +774,9 @@ class PagedReads(Protocol):
 
 SlotCounts = Callable[[int, int], list[int]]
 """``slot_counts(period, buckets)``: how many syncs each slot bucket of a period holds."""
+Placement = Callable[[SlotCounts, "set[str]"], Sequence["SyncRecord"]]
+"""What :meth:`BulkSyncWrites.create_syncs_placed` calls: ``place(slot_counts,
+taken_ids)``, answering the records to create."""
 
 
 @runtime_checkable
@@ -827,22 +830,25 @@ class BulkSyncWrites(Protocol):
         """
 
     def create_syncs_placed(
-        self, place: Callable[[SlotCounts], Sequence[SyncRecord]]
+        self, ids: Sequence[str], place: Placement
     ) -> tuple[list[SyncRecord], list[str]]:
         """
         :meth:`create_syncs` of the records *place* returns, where *place*
         is called inside the write with a :meth:`slot_counts` that reads in
-        the same transaction, while the store holds its slot lock (SQLite's
-        write lock; a transaction-scoped advisory lock on PostgreSQL):
-        concurrent bulk creators pick their slots in turn, each from counts
-        that include the syncs the others created. Answers the records
+        the same transaction and the set of *ids* the store holds already,
+        while the store holds its slot lock (SQLite's write lock; a
+        transaction-scoped advisory lock on PostgreSQL): concurrent bulk
+        creators pick their slots in turn, each from counts that include
+        the syncs the others created, and none picks a slot for a sync that
+        exists (declarations repeated by every replica). Answers the records
         written (those *place* returned whose id was not taken) and the
         taken ids, in the order *place* returned them. **Atomic**; what
         *place* raises rolls the write back and is raised.
 
-        Derived from :meth:`slot_counts` and :meth:`create_syncs`: *place*
-        reads the counts before the write, so concurrent creators may pick
-        from the same counts, as with :meth:`create_syncs`.
+        Derived from :meth:`slot_counts`, :meth:`~ScheduleStore.get_sync`
+        and :meth:`create_syncs`: *place* reads before the write, so
+        concurrent creators may pick from the same counts, as with
+        :meth:`create_syncs`.
         """
 
     def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:

@@ -60,8 +60,8 @@ from cohortsync.storage._protocol import (
     LedgerEntry,
     MemberIssue,
     PendingBatch,
+    Placement,
     Progress,
-    SlotCounts,
     SyncRecord,
 )
 from cohortsync.storage._rules import (
@@ -828,7 +828,7 @@ class SQLiteStorage(StorageBase):
             return _insert_syncs(conn, records, params)
 
     def create_syncs_placed(
-        self, place: Callable[[SlotCounts], Sequence[SyncRecord]]
+        self, ids: Sequence[str], place: Placement
     ) -> tuple[list[SyncRecord], list[str]]:
         """
         *place* reads the counts inside the write transaction, under
@@ -836,7 +836,10 @@ class SQLiteStorage(StorageBase):
         in turn.
         """
         with self._write() as conn:
-            records = list(place(lambda period, buckets: _slot_counts(conn, period, buckets)))
+            taken = _taken_ids(conn, ids)
+            records = list(
+                place(lambda period, buckets: _slot_counts(conn, period, buckets), taken)
+            )
             require_distinct_ids(records)
             params = [q.sync_params(record, _US) for record in records]
             return written(records, _insert_syncs(conn, records, params) if records else [])
@@ -1289,14 +1292,20 @@ def _insert_syncs(
     Inside a write transaction: insert the records whose id is not taken,
     count them in their slot buckets; the taken ids, in order.
     """
-    found: set[str] = set()
-    for start in range(0, len(records), _IDS_PER_LOOKUP):
-        ids = [r.id for r in records[start : start + _IDS_PER_LOOKUP]]
-        marks = ", ".join("?" * len(ids))
-        lookup = f"SELECT id FROM syncs WHERE id IN ({marks})"  # noqa: S608 - placeholders
-        found.update(row[0] for row in conn.execute(lookup, ids))
+    found = _taken_ids(conn, [r.id for r in records])
     new = [r for r in records if r.id not in found] if found else records
     conn.executemany(_INSERT_SYNC, [p for p in params if p["id"] not in found])
     counts = Counter(slot for slot in map(slot_bucket_of, new) if slot is not None)
     conn.executemany(_COUNT_SLOTS, [(*slot, n) for slot, n in sorted(counts.items())])
     return [r.id for r in records if r.id in found]
+
+
+def _taken_ids(conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
+    """The *ids* the store holds (looked up in groups the SQL parameter limit allows)."""
+    found: set[str] = set()
+    for start in range(0, len(ids), _IDS_PER_LOOKUP):
+        group = list(ids[start : start + _IDS_PER_LOOKUP])
+        marks = ", ".join("?" * len(group))
+        lookup = f"SELECT id FROM syncs WHERE id IN ({marks})"  # noqa: S608 - placeholders
+        found.update(row[0] for row in conn.execute(lookup, group))
+    return found

@@ -70,8 +70,10 @@ from cohortsync.storage._protocol import (
     OptionalQueries,
     PagedReads,
     PendingBatch,
+    Placement,
     Progress,
     ScheduleStore,
+    SlotCounts,
     Storage,
     SyncRecord,
     Tally,
@@ -1966,53 +1968,54 @@ def check_create_sync_least_loaded(make_storage: StorageFactory) -> None:
 
 
 def _create_placed(
-    store: Storage, place: Callable[[Callable[[int, int], list[int]]], Sequence[SyncRecord]]
+    store: Storage, ids: Sequence[str], place: Placement
 ) -> tuple[list[SyncRecord], list[str]]:
     native = getattr(store, "create_syncs_placed", None)
     if native is None:
-        return derive_create_syncs_placed(store, place)
-    answer: tuple[list[SyncRecord], list[str]] = native(place)
+        return derive_create_syncs_placed(store, ids, place)
+    answer: tuple[list[SyncRecord], list[str]] = native(ids, place)
     return answer
 
 
 def check_create_syncs_placed(make_storage: StorageFactory) -> None:
     """
-    create_syncs_placed calls *place* once with counts that include the
-    syncs already stored, writes and counts what it returns except taken
-    ids, answers (written, taken); what *place* raises, and a repeated id in
-    its records, write nothing.
+    create_syncs_placed calls *place* once, with counts that include the
+    syncs already stored and the given ids the store holds; writes and
+    counts what it returns except taken ids; answers (written, taken). What
+    *place* raises, and a repeated id in its records, write nothing.
     """
     period, buckets = 3600, 60
     with _open(make_storage) as store:
         store.create_sync(_in_bucket("old", 3, 0))
-        seen: list[list[int]] = []
+        seen: list[tuple[list[int], set[str]]] = []
 
-        def place(counts: Callable[[int, int], list[int]]) -> list[SyncRecord]:
-            seen.append(counts(period, buckets))
+        def place(counts: SlotCounts, taken: set[str]) -> list[SyncRecord]:
+            seen.append((counts(period, buckets), set(taken)))
             return [_in_bucket("a", 3, 1), _in_bucket("old", 4, 0), _in_bucket("b", 5, 2)]
 
-        written, taken = _create_placed(store, place)
+        written, taken = _create_placed(store, ["a", "old", "b", "nobody"], place)
         _expect(1, len(seen), "place is called once")
-        _expect(1, seen[0][3], "the counts place reads include the stored syncs")
+        _expect(1, seen[0][0][3], "the counts place reads include the stored syncs")
+        _expect({"old"}, seen[0][1], "place is told which of the ids the store holds")
         _expect(["a", "b"], [r.id for r in written], "the records written, in order")
         _expect(["old"], taken, "the taken id answered")
         _expect(3, store.get_sync("old").slot_bucket, "the taken id's record is kept")
         counts = _slot_counts(store, period, buckets)
         _expect((2, 0, 1), (counts[3], counts[4], counts[5]), "the written records counted")
 
-        def failing(counts: Callable[[int, int], list[int]]) -> list[SyncRecord]:
+        def failing(counts: SlotCounts, _taken: set[str]) -> list[SyncRecord]:
             counts(period, buckets)
             raise KeyError("the host's mistake")
 
         with _raises(KeyError, "what place raises"):
-            _create_placed(store, failing)
+            _create_placed(store, ["c"], failing)
         twice = [_in_bucket("c", 9, 0), _in_bucket("c", 10, 0)]
         with _raises(ConfigurationError, "an id twice"):
-            _create_placed(store, lambda _counts: twice)
+            _create_placed(store, ["c"], lambda _counts, _taken: twice)
         with _raises(SyncNotFoundError, "nothing written by a failed call"):
             store.get_sync("c")
         _expect(counts, _slot_counts(store, period, buckets), "nothing counted by a failed call")
-        _expect(([], []), _create_placed(store, lambda _counts: []), "nothing to place")
+        _expect(([], []), _create_placed(store, [], lambda _c, _t: []), "nothing to place")
 
 
 def _save_sync_at(store: Storage, record: SyncRecord, expected_revision: int) -> None:
