@@ -5,6 +5,7 @@ resuming, deleting and requesting a full resync, during a run or not.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from datetime import datetime, timedelta, timezone
@@ -411,8 +412,19 @@ class TestBadInputToHostCalls:
             async def __call__(self, event: ev.Event) -> None:
                 raise AssertionError("never called")
 
+        async def streaming(event: ev.Event) -> Any:
+            yield event
+
         scheduler = cs.Scheduler(MemoryStorage(), clock=FakeClock(START))
-        for listener in (on_event, AsyncCallable()):
+        # The second outsider's shapes too: an async generator function, and
+        # a partial of an object whose __call__ is async (or of a partial).
+        for listener in (
+            on_event,
+            AsyncCallable(),
+            streaming,
+            functools.partial(AsyncCallable()),
+            functools.partial(functools.partial(on_event)),
+        ):
             with pytest.raises(ConfigurationError, match="async def listener would never run"):
                 scheduler.add_listener(listener)  # type: ignore[arg-type]
             with pytest.raises(ConfigurationError, match="listener"):
@@ -422,6 +434,13 @@ class TestBadInputToHostCalls:
             with pytest.raises(ConfigurationError, match="listener"):
                 ev.subscribe(listener, (ev.RunFinished,))  # type: ignore[arg-type]
         scheduler.add_listener(lambda event: None)  # a plain callable is still fine
+
+    def test_the_guard_refuses_a_non_bool_source_empty(self) -> None:
+        """trips(source_empty="false") tripped the guard; it is refused now."""
+        guard = cs.MassRemovalGuard()
+        with pytest.raises(ConfigurationError, match="source_empty"):
+            guard.trips(100, 1, source_empty="false")  # type: ignore[arg-type]
+        assert not guard.trips(100, 1, source_empty=False)
 
     def test_run_forever_stop_must_be_an_event(self) -> None:
         """A stop that is not an event is refused at the call, sync and async alike."""

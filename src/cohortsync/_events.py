@@ -9,6 +9,7 @@ scheduler's clock, never member keys.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -320,8 +321,12 @@ def check_listener(field: str, listener: object) -> None:
     """
     if not callable(listener):
         raise ConfigurationError(field, listener, "must be a callable taking an event")
-    if inspect.iscoroutinefunction(listener) or inspect.iscoroutinefunction(
-        getattr(listener, "__call__", None)  # noqa: B004 - an async __call__ is what is refused
+    inner: object = listener
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    called = getattr(inner, "__call__", None)  # noqa: B004 - an async __call__ is what is refused
+    if any(
+        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (inner, called)
     ):
         raise ConfigurationError(
             field,

@@ -187,7 +187,14 @@ class MassRemovalGuard:
     def trips(self, delivered: int, removing: int, source_empty: bool) -> bool:
         """
         Whether removing *removing* of *delivered* members must wait for confirmation.
+
+        Raises:
+            ConfigurationError: *source_empty* is not a bool.
         """
+        if type(source_empty) is not bool:
+            raise ConfigurationError(
+                "source_empty", source_empty, f"must be a bool, not {type(source_empty).__name__}"
+            )
         if not self.enabled or removing == 0:
             return False
         if source_empty:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -2016,6 +2017,51 @@ def check_create_syncs_placed(make_storage: StorageFactory) -> None:
             store.get_sync("c")
         _expect(counts, _slot_counts(store, period, buckets), "nothing counted by a failed call")
         _expect(([], []), _create_placed(store, [], lambda _c, _t: []), "nothing to place")
+    if _native(store, "create_syncs_placed"):
+        _check_placements_take_turns(make_storage)
+
+
+def _check_placements_take_turns(make_storage: StorageFactory) -> None:
+    """
+    A native create_syncs_placed holds its lock from the counts it reads to
+    its write: a second creator that starts while the first is placing sees
+    the first one's sync counted (a store that reads the counts in one
+    transaction and writes in another passes every other check, and loses
+    the spread with several creators).
+    """
+    period, buckets = 3600, 60
+    with _open(make_storage) as store:
+        seen: list[int] = []
+        errors: list[BaseException] = []
+
+        def second_place(counts: SlotCounts, _taken: set[str]) -> list[SyncRecord]:
+            seen.append(counts(period, buckets)[20])
+            return [_in_bucket("second", 20, 1)]
+
+        def second() -> None:
+            try:
+                _create_placed(store, ["second"], second_place)
+            except BaseException as exc:  # noqa: BLE001 - reported by the check
+                errors.append(exc)
+
+        worker = threading.Thread(target=second)
+
+        def first_place(counts: SlotCounts, _taken: set[str]) -> list[SyncRecord]:
+            counts(period, buckets)
+            worker.start()
+            time.sleep(0.3)  # the second creator must wait for this write
+            return [_in_bucket("first", 20, 0)]
+
+        _create_placed(store, ["first"], first_place)
+        worker.join(timeout=30)
+        _require(not worker.is_alive(), "the second placement finished")
+        _expect([], errors, "the second placement raised nothing")
+        _expect(
+            [1],
+            seen,
+            "a placement that started while another was placing saw its sync counted "
+            "(create_syncs_placed must read the counts and write under one lock)",
+        )
 
 
 def _save_sync_at(store: Storage, record: SyncRecord, expected_revision: int) -> None:
