@@ -19,7 +19,7 @@ from cohortsync._sync import SyncStatus
 from cohortsync.exceptions import ConflictError, LeaseLostError
 from cohortsync.storage import SQLiteStorage
 from cohortsync.storage._memory import MemoryStorage
-from cohortsync.storage._protocol import Completion, Lease, SyncRecord
+from cohortsync.storage._protocol import Completion, Lease, Placement, SyncRecord
 from cohortsync.testing._storage_contract import (
     _QUERY_CHECKS,
     STORAGE_CHECKS,
@@ -28,6 +28,7 @@ from cohortsync.testing._storage_contract import (
     check_complete_run_stale_holder,
     check_concurrent_claims_are_exclusive,
     check_create_syncs,
+    check_create_syncs_placed,
     check_expired_lease_still_held,
     check_extend_lease,
     check_paged_reads,
@@ -114,6 +115,23 @@ class ReadThenSaveAt(MemoryStorage):
             raise ConflictError(record.id, expected_revision, current.revision, counter="revision")
         time.sleep(0)  # the race window: another thread reads the same revision
         self.save_sync(record, expected_generation=current.sync.generation)
+
+
+class PlacedOutsideItsLock(MemoryStorage):
+    """
+    A broken store: create_syncs_placed reads the counts, then writes, each
+    under its own hold of the lock, as bulk creation did before 0.2 (an
+    outsider's mutant passed every other check and lost the spread with
+    four creators).
+    """
+
+    def create_syncs_placed(
+        self, ids: Sequence[str], place: Placement
+    ) -> tuple[list[SyncRecord], list[str]]:
+        taken = {sync_id for sync_id in ids if sync_id in self._syncs}
+        records = list(place(self.slot_counts, taken))
+        taken_now = self.create_syncs(records)
+        return [r for r in records if r.id not in taken_now], taken_now
 
 
 class SplitLockSaveAt(MemoryStorage):
@@ -355,6 +373,11 @@ class TestContractCatchesBrokenStores:
             return False
 
         assert [True] * 10 == [caught() for _ in range(10)]
+
+    def test_a_placement_outside_its_lock_fails(self) -> None:
+        """A create_syncs_placed that reads its counts and writes apart is caught."""
+        with pytest.raises(AssertionError, match="must read the counts and write under one lock"):
+            check_create_syncs_placed(PlacedOutsideItsLock)
 
     def test_a_save_split_across_two_locks_fails(self) -> None:
         """Even with no pause between its check and its write, a split save is caught."""
