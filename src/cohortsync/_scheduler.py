@@ -96,6 +96,7 @@ from cohortsync.storage._protocol import (
     Completion,
     Lease,
     LedgerEntry,
+    SlotCounts,
     Storage,
     SyncRecord,
 )
@@ -520,9 +521,10 @@ class Scheduler:
                 empty or names something other than a class of
                 :mod:`cohortsync.events`.
         """
-        check_listener("listener", listener)
         if events is not None:
-            listener = subscribe(listener, events)
+            listener = subscribe(listener, events)  # checks the listener
+        else:
+            check_listener("listener", listener)
         self._listeners.append(listener)
 
     # The lookups validate the id only when it is not registered: a
@@ -998,39 +1000,28 @@ class Scheduler:
         """
 
         records: dict[int, SyncRecord] = {}
+        balanced = self.slot_allocation == "balanced"
 
-        def pick_all(
-            allocator: SlotAllocator | None, taken: Container[str] = ()
-        ) -> list[SyncRecord]:
-            records.clear()
+        def place(counts: SlotCounts, taken: Container[str] = ()) -> list[SyncRecord]:
+            # With create_syncs_placed, inside the store's write under its
+            # slot lock: the picks count what concurrent creators wrote
+            # before them. A sync that exists (declared by another replica
+            # too) takes no pick: its record only carries its id, unwritten.
+            allocator = SlotAllocator(counts) if balanced else None
             for i, sync in checked:
-                # A taken id's record is never written (only its id is used).
                 slot = (0, None) if sync.id in taken else self._bulk_slot(sync, allocator)
                 one = self._bulk_record(i, sync, slot, now, call)
                 if one is not None:
                     records[i] = one
             return list(records.values())
 
+        create_placed = getattr(self.storage, "create_syncs_placed", None)
+        if callable(create_placed):
+            return records, set(create_placed([sync.id for _, sync in checked], place)[1])
         create_many = getattr(self.storage, "create_syncs", None)
         slot_counts = getattr(self.storage, "slot_counts", None)
-        create_placed = getattr(self.storage, "create_syncs_placed", None)
-        if self.slot_allocation == "balanced" and callable(create_placed):
-            refused = len(call.failures)
-
-            def place(counts: Callable[[int, int], list[int]], taken: set[str]) -> list[SyncRecord]:
-                # Inside the store's write, under its slot lock: the picks
-                # count what concurrent creators wrote before them, and a
-                # sync that exists (declared by another replica too) takes
-                # no pick: its record is only its id, never written.
-                del call.failures[refused:]
-                return pick_all(SlotAllocator(counts), taken)
-
-            return records, set(create_placed([sync.id for _, sync in checked], place)[1])
         if callable(create_many) and callable(slot_counts):
-            balanced = self.slot_allocation == "balanced"
-            return records, set(
-                create_many(pick_all(SlotAllocator(slot_counts) if balanced else None))
-            )
+            return records, set(create_many(place(slot_counts)))
         # A store written against the plain protocol: pick and create one by
         # one, so each pick sees the counts of the syncs created before it.
         taken: set[str] = set()
