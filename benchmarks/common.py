@@ -162,10 +162,13 @@ def _run_once(scheduler: cs.Scheduler, clock: FakeClock) -> cs.SyncRun:
     return runs[0]
 
 
-def child(target: str, args: tuple[object, ...]) -> dict[str, float]:
+def child(
+    target: str, args: tuple[object, ...], *, env: dict[str, str] | None = None
+) -> dict[str, float]:
     """
     Run ``target(*args)`` (``"module.function"``) in a fresh interpreter and
     return its JSON result, so peak RSS belongs to that scenario alone.
+    *env* adds to the child's environment.
     """
     module, name = target.rsplit(".", 1)
     code = (
@@ -178,6 +181,7 @@ def child(target: str, args: tuple[object, ...]) -> dict[str, float]:
         check=True,
         capture_output=True,
         text=True,
+        env=None if env is None else {**os.environ, **env},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
