@@ -391,13 +391,28 @@ class TestBadInputToHostCalls:
 
     @pytest.mark.parametrize(
         ("field", "options"),
-        [("seed", {"seed": "x"}), ("seed", {"seed": True}), ("owner", {"owner": 5})],
+        [
+            ("seed", {"seed": "x"}),
+            ("seed", {"seed": True}),
+            ("owner", {"owner": 5}),
+            # An empty name fell back to the default owner unseen; a NUL made
+            # every claim fail on PostgreSQL, at run time.
+            ("owner", {"owner": ""}),
+            ("owner", {"owner": "   "}),
+            ("owner", {"owner": "worker\x00one"}),
+            ("owner", {"owner": "w" * 201}),
+        ],
     )
     def test_scheduler_seed_and_owner_are_typed(self, field: str, options: dict[str, Any]) -> None:
         with pytest.raises(ConfigurationError, match=field):
             cs.Scheduler(MemoryStorage(), **options)
         with pytest.raises(ConfigurationError, match=field):
             cs.AsyncScheduler(MemoryStorage(), **options)
+
+    def test_an_owner_names_the_leases(self) -> None:
+        """A valid owner is kept as given, and the default is used only without one."""
+        assert "worker one:7" == cs.Scheduler(MemoryStorage(), owner="worker one:7").owner
+        assert cs.Scheduler(MemoryStorage()).owner
 
     def test_an_async_listener_is_refused(self) -> None:
         """

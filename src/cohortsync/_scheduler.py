@@ -328,7 +328,9 @@ class Scheduler:
             scheduler owns its store, given or opened: :meth:`close` and the
             end of a ``with`` block close it.
         clock: Where time comes from (``FakeClock`` in tests).
-        owner: This worker's name on leases (default: host, pid, random).
+        owner: This worker's name on leases (default: host, pid, random):
+            a non-blank string of at most 200 characters without control
+            characters, as ids are.
         lease_for: How long a claimed run is reserved before another worker
             may take it over; extended while the run makes progress.
         rules: Eligibility rules (default: the product rules).
@@ -383,8 +385,10 @@ class Scheduler:
         if not isinstance(retention, timedelta) or retention <= timedelta(0):
             raise ConfigurationError("retention", retention, "must be a positive timedelta")
         check_count("pause_after_failures", pause_after_failures)
-        if owner is not None and not isinstance(owner, str):
-            raise ConfigurationError("owner", owner, "must be a str or None")
+        if owner is not None:
+            # Stored on every lease it takes: an empty name fell back to the
+            # default unseen, and a NUL made every claim fail on PostgreSQL.
+            check_id("owner", owner)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigurationError("seed", seed, "must be an int or None")
         if not isinstance(rate_limits, RateLimits):
