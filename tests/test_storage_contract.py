@@ -5,35 +5,42 @@ catch broken stores.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import secrets
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 
-from cohortsync._sync import SyncStatus
-from cohortsync.exceptions import ConflictError, LeaseLostError
+from cohortsync._sync import SyncRun, SyncStatus
+from cohortsync.exceptions import ConflictError, LeaseLostError, StorageError
 from cohortsync.storage import SQLiteStorage
 from cohortsync.storage._memory import MemoryStorage
-from cohortsync.storage._protocol import Completion, Lease, Placement, SyncRecord
+from cohortsync.storage._protocol import Claim, Completion, Lease, Placement, SyncRecord
 from cohortsync.testing._storage_contract import (
     _QUERY_CHECKS,
     STORAGE_CHECKS,
     StorageFactory,
     _DerivedQueries,
+    check_claim_runs,
+    check_closed_store_is_unusable,
     check_complete_run_stale_holder,
     check_concurrent_claims_are_exclusive,
     check_create_syncs,
     check_create_syncs_placed,
     check_expired_lease_still_held,
     check_extend_lease,
+    check_history_round_trip_and_order,
+    check_next_due_and_scheduled_after,
     check_paged_reads,
     check_save_sync_at,
     check_save_sync_at_is_atomic,
+    check_save_sync_is_atomic,
     check_storage,
 )
 from host_project.storage import AuditedStorage, DictStorage
@@ -115,6 +122,87 @@ class ReadThenSaveAt(MemoryStorage):
             raise ConflictError(record.id, expected_revision, current.revision, counter="revision")
         time.sleep(0)  # the race window: another thread reads the same revision
         self.save_sync(record, expected_generation=current.sync.generation)
+
+
+class ClaimRunsSelectThenLease(MemoryStorage):
+    """
+    A broken store (a third outsider's mutant): claim_runs picks the due
+    syncs in one read and leases them in another, taking over leases that
+    other claimants got meanwhile; claim_due itself is right.
+    """
+
+    def claim_runs(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Claim]:
+        picked = [
+            r.id
+            for r in self.due_between(None, now, limit)
+            if r.lease is None or r.lease.expires_at < now
+        ]
+        time.sleep(0.001)  # the race window: another claimant leases these now
+        for sync_id in picked:
+            lease = self.get_sync(sync_id).lease
+            if lease is not None and lease.expires_at >= now:  # taken meanwhile: take it over
+                with contextlib.suppress(LeaseLostError):
+                    super().release_lease(lease)
+        return super().claim_runs(now, owner, lease_for, limit)
+
+
+class SaveSyncCheckThenWrite(MemoryStorage):
+    """
+    A broken store (a third outsider's mutant): save_sync compares the
+    generation, lets other threads run, then writes.
+    """
+
+    def save_sync(self, record: SyncRecord, *, expected_generation: int) -> None:
+        current = self.get_sync(record.id)
+        if current.sync.generation != expected_generation:
+            raise ConflictError(record.id, expected_generation, current.sync.generation)
+        time.sleep(0)  # the race window: another thread reads the same generation
+        fresh = self.get_sync(record.id)
+        super().save_sync(record, expected_generation=fresh.sync.generation)
+
+
+class ScheduledAfterListsLeased(MemoryStorage):
+    """A broken store: scheduled_after lists leased syncs too (outsider's mutant)."""
+
+    def scheduled_after(self, now: datetime) -> list[SyncRecord]:
+        if now.tzinfo is None:
+            raise TypeError("naive")
+        return [
+            r
+            for r in self.list_syncs()
+            if r.scheduled_from is not None
+            and r.scheduled_from > now
+            and r.sync.status is SyncStatus.ACTIVE
+        ]
+
+
+class NaiveClaimRuns(MemoryStorage):
+    """A broken store: claim_runs reads a naive now as UTC (outsider's mutant)."""
+
+    def claim_runs(
+        self, now: datetime, owner: str, lease_for: timedelta, limit: int
+    ) -> list[Claim]:
+        return super().claim_runs(now.replace(tzinfo=timezone.utc), owner, lease_for, limit)
+
+
+class HistoryByFinish(MemoryStorage):
+    """A broken store: history newest first by finish, not start (outsider's mutant)."""
+
+    def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
+        runs = sorted(super().history(sync_id), key=lambda r: r.finished_at, reverse=True)
+        return runs if limit is None else runs[:limit]
+
+
+class HistoryAfterClose(MemoryStorage):
+    """A broken store: history answers [] once closed (outsider's mutant)."""
+
+    def history(self, sync_id: str, limit: int | None = None) -> list[SyncRun]:
+        try:
+            return super().history(sync_id, limit)
+        except StorageError:
+            return []
 
 
 class PlacedOutsideItsLock(MemoryStorage):
@@ -275,7 +363,17 @@ class TestReport:
             "create_sync_least_loaded",
             "save_sync_at",
         ) == report.derived
-        assert tuple(c.__name__ for c in STORAGE_CHECKS) == report.passed
+        assert (
+            tuple(c.__name__ for c in STORAGE_CHECKS if c is not check_save_sync_at_is_atomic)
+            == report.passed
+        )
+        # The derived save_sync_at (a read, then save_sync) makes no atomicity promise.
+        derived = (
+            "check_save_sync_at_is_atomic: save_sync_at is derived (a read, then "
+            "save_sync): not atomic"
+        )
+        assert (derived,) == report.not_applicable
+        assert str(report).endswith(report.not_applicable[0])
 
     def test_a_structural_store(self) -> None:
         """
@@ -298,7 +396,9 @@ class TestReport:
         } == {name for name, how in report.parts.items() if how == "absent"}
         # check_paged_reads runs once (the store has no paged reads of its own), and so
         # do the bulk checks (on the scheduler's derivation, not again on StorageBase's).
-        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 6 == len(report.passed)
+        # ... and check_save_sync_at_is_atomic does not apply (no save_sync_at).
+        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 7 == len(report.passed)
+        assert 1 == len(report.not_applicable)
 
     def test_the_report_reads_as_a_table(self) -> None:
         """str() lists each part, required or optional, native or derived."""
@@ -345,6 +445,19 @@ class TestReport:
             check_storage(LeasedSyncsUnlisted)
 
 
+def caught(check: Any, store: type[MemoryStorage], method: str, times: int) -> int:
+    """How many of *times* runs of a race *check* find *store*'s *method* not atomic."""
+    return sum(_finds(check, store, f"{method} is not atomic") for _ in range(times))
+
+
+def _finds(check: Any, store: type[MemoryStorage], message: str) -> bool:
+    try:
+        check(store)
+    except AssertionError as exc:
+        return message in str(exc)
+    return False
+
+
 class TestContractCatchesBrokenStores:
     """
     The suite fails stores that break the protocol's guarantees.
@@ -365,14 +478,33 @@ class TestContractCatchesBrokenStores:
     def test_a_save_that_reads_then_writes_fails_every_time(self) -> None:
         """A save_sync_at whose check and write are apart loses increments, caught every time."""
 
-        def caught() -> bool:
-            try:
-                check_save_sync_at_is_atomic(ReadThenSaveAt)
-            except AssertionError as exc:
-                return "save_sync_at is not atomic" in str(exc)
-            return False
+        assert 10 == caught(check_save_sync_at_is_atomic, ReadThenSaveAt, "save_sync_at", 10)
 
-        assert [True] * 10 == [caught() for _ in range(10)]
+    def test_a_claim_runs_that_reads_then_leases_fails(self) -> None:
+        """claim_runs is raced as claim_due is (a third outsider's mutant passed before)."""
+        with pytest.raises(AssertionError, match=r"\(claim_runs\).*claims are not atomic"):
+            check_concurrent_claims_are_exclusive(ClaimRunsSelectThenLease)
+
+    def test_a_save_sync_that_checks_then_writes_fails_every_time(self) -> None:
+        """A save_sync whose generation check and write are apart is caught."""
+
+        assert 5 == caught(check_save_sync_is_atomic, SaveSyncCheckThenWrite, "save_sync", 5)
+
+    @pytest.mark.parametrize(
+        ("store", "check", "message"),
+        [
+            (ScheduledAfterListsLeased, check_next_due_and_scheduled_after, "no leased sync"),
+            (NaiveClaimRuns, check_claim_runs, "claim_runs with a naive now"),
+            (HistoryByFinish, check_history_round_trip_and_order, "history newest first"),
+            (HistoryAfterClose, check_closed_store_is_unusable, "history on a closed store"),
+        ],
+    )
+    def test_more_outsider_mutants_fail(
+        self, store: type[MemoryStorage], check: Any, message: str
+    ) -> None:
+        """Stores breaking a documented promise that check_storage passed before."""
+        with pytest.raises(AssertionError, match=message):
+            check(store)
 
     def test_a_placement_outside_its_lock_fails(self) -> None:
         """A create_syncs_placed that reads its counts and writes apart is caught."""
@@ -382,14 +514,7 @@ class TestContractCatchesBrokenStores:
     def test_a_save_split_across_two_locks_fails(self) -> None:
         """Even with no pause between its check and its write, a split save is caught."""
 
-        def caught() -> bool:
-            try:
-                check_save_sync_at_is_atomic(SplitLockSaveAt)
-            except AssertionError as exc:
-                return "save_sync_at is not atomic" in str(exc)
-            return False
-
-        assert [True] * 5 == [caught() for _ in range(5)]
+        assert 5 == caught(check_save_sync_at_is_atomic, SplitLockSaveAt, "save_sync_at", 5)
 
     def test_an_expired_but_unclaimed_lease_must_stay_held(self) -> None:
         """A store that treats expiry alone as loss of the lease is caught."""
