@@ -125,6 +125,66 @@ class TestFile:
             "schema_version": str(len(sqlite_module._MIGRATIONS)),
         } == meta
 
+    def test_a_locked_file_is_opened_again(self, path: Path) -> None:
+        """
+        Opening a file SQLite answers "database is locked" at once (processes
+        racing to switch a new file to WAL) is tried again, not given up:
+        three processes opening one new file failed so once in CI.
+        """
+
+        class LockedTwice(SQLiteStorage):
+            attempts = 0
+
+            def _prepare_once(self, conn: sqlite3.Connection) -> None:
+                type(self).attempts += 1
+                if type(self).attempts <= 2:
+                    raise locked(self)
+                super()._prepare_once(conn)
+
+        with LockedTwice(path) as store:
+            store.create_sync(record())
+        assert 3 == LockedTwice.attempts
+
+    def test_a_file_locked_past_the_timeout_is_refused(self, path: Path) -> None:
+        """The retries end at the busy timeout, with the error SQLite gave."""
+
+        class AlwaysLocked(SQLiteStorage):
+            def _prepare_once(self, conn: sqlite3.Connection) -> None:
+                raise locked(self)
+
+        started = time.perf_counter()
+        with pytest.raises(StorageError, match="database is locked"):
+            AlwaysLocked(path, busy_timeout=0.3)
+        assert 0.2 <= time.perf_counter() - started < 2
+
+    def test_another_error_on_opening_is_not_retried(self, path: Path) -> None:
+        path.write_bytes(b"not a database, and long enough to be read as one" * 100)
+        started = time.perf_counter()
+        with pytest.raises(CorruptStoreError):
+            SQLiteStorage(path)
+        assert time.perf_counter() - started < 1
+
+    @pytest.mark.reliability
+    def test_processes_opening_a_new_file_at_once(self, tmp_path: Path) -> None:
+        """Six processes open one new file at the same instant, ten times: all open it."""
+        ctx = multiprocessing.get_context("spawn")
+        for round_ in range(10):
+            target = tmp_path / f"new-{round_}.db"
+            barrier = ctx.Barrier(6)
+            results = ctx.Queue()
+            procs = [
+                ctx.Process(target=open_at_once, args=(str(target), barrier, results))
+                for _ in range(6)
+            ]
+            for p in procs:
+                p.start()
+            answers = [results.get(timeout=60) for _ in procs]
+            for p in procs:
+                p.join(timeout=30)
+            results.close()
+            results.join_thread()
+            assert ["opened"] * 6 == answers, f"round {round_}"
+
     def test_connection_settings(self, store: SQLiteStorage) -> None:
         """
         Connections use synchronous=NORMAL and the configured busy timeout.
@@ -740,6 +800,25 @@ START = int(T0.timestamp())
 
 def offset_of(sync_id: str) -> int:
     return int(sync_id.split("-")[1]) * (HOUR // SYNCS)
+
+
+def locked(store: SQLiteStorage) -> StorageError:
+    """The error the store raises when SQLite answers "database is locked"."""
+    cause = sqlite3.OperationalError("database is locked")
+    error = store._error(cause)
+    error.__cause__ = cause
+    return error
+
+
+def open_at_once(path: str, barrier: Any, results: Any) -> None:
+    """In a spawned process: open *path* when every process is ready; report how it went."""
+    barrier.wait()
+    try:
+        with SQLiteStorage(path) as store:
+            store.list_syncs()
+        results.put("opened")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(exc).__name__}: {exc}")
 
 
 def claim_worker(path: str, nows: list[int], seed: int, barrier: Any, results: Any) -> None:

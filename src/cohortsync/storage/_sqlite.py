@@ -18,6 +18,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -613,6 +614,30 @@ class SQLiteStorage(StorageBase):
     # -- schema ----------------------------------------------------------------------
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
+        """
+        :meth:`_prepare_once`, again while the file is locked, up to the busy
+        timeout: processes opening a new file at once race to switch it to
+        WAL and migrate it, and SQLite answers some of those races with
+        "database is locked" at once instead of waiting (a test of three
+        processes opening one new file failed so once, in CI).
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.005
+        while True:
+            try:
+                self._prepare_once(conn)
+            except StorageError as exc:  # noqa: PERF203 - a retry loop: the error is the signal
+                locked = isinstance(exc.__cause__, sqlite3.OperationalError) and (
+                    "locked" in str(exc.__cause__) or "busy" in str(exc.__cause__)
+                )
+                if not locked or time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
+            else:
+                return
+
+    def _prepare_once(self, conn: sqlite3.Connection) -> None:
         """
         Check the file is ours (or empty), switch it to WAL and migrate it.
 
