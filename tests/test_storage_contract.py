@@ -374,6 +374,8 @@ class TestReport:
         )
         assert (derived,) == report.not_applicable
         assert str(report).endswith(report.not_applicable[0])
+        # Called on its own (a host's parametrized suite), the check passes it by, as before.
+        check_save_sync_at_is_atomic(DictStorage)
 
     def test_a_structural_store(self) -> None:
         """
