@@ -138,7 +138,7 @@ class TestFile:
             def _prepare_once(self, conn: sqlite3.Connection) -> None:
                 type(self).attempts += 1
                 if type(self).attempts <= 2:
-                    raise locked(self)
+                    raise locked()
                 super()._prepare_once(conn)
 
         with LockedTwice(path) as store:
@@ -150,7 +150,7 @@ class TestFile:
 
         class AlwaysLocked(SQLiteStorage):
             def _prepare_once(self, conn: sqlite3.Connection) -> None:
-                raise locked(self)
+                raise locked()
 
         started = time.perf_counter()
         with pytest.raises(StorageError, match="database is locked"):
@@ -802,12 +802,9 @@ def offset_of(sync_id: str) -> int:
     return int(sync_id.split("-")[1]) * (HOUR // SYNCS)
 
 
-def locked(store: SQLiteStorage) -> StorageError:
-    """The error the store raises when SQLite answers "database is locked"."""
-    cause = sqlite3.OperationalError("database is locked")
-    error = store._error(cause)
-    error.__cause__ = cause
-    return error
+def locked() -> sqlite3.OperationalError:
+    """What SQLite raises when it answers "database is locked"."""
+    return sqlite3.OperationalError("database is locked")
 
 
 def open_at_once(path: str, barrier: Any, results: Any) -> None:

@@ -191,10 +191,7 @@ class MassRemovalGuard:
         Raises:
             ConfigurationError: *source_empty* is not a bool.
         """
-        if type(source_empty) is not bool:
-            raise ConfigurationError(
-                "source_empty", source_empty, f"must be a bool, not {type(source_empty).__name__}"
-            )
+        v.check_bool("source_empty", source_empty)
         if not self.enabled or removing == 0:
             return False
         if source_empty:

@@ -626,12 +626,12 @@ class SQLiteStorage(StorageBase):
         while True:
             try:
                 self._prepare_once(conn)
-            except StorageError as exc:  # noqa: PERF203 - a retry loop: the error is the signal
-                locked = isinstance(exc.__cause__, sqlite3.OperationalError) and (
-                    "locked" in str(exc.__cause__) or "busy" in str(exc.__cause__)
+            except sqlite3.Error as exc:  # noqa: PERF203 - a retry loop: the error is the signal
+                locked = isinstance(exc, sqlite3.OperationalError) and (
+                    "locked" in str(exc) or "busy" in str(exc)
                 )
                 if not locked or time.monotonic() + pause > deadline:
-                    raise
+                    raise self._error(exc) from exc
                 time.sleep(pause)
                 pause = min(pause * 2, 0.1)
             else:
@@ -639,38 +639,36 @@ class SQLiteStorage(StorageBase):
 
     def _prepare_once(self, conn: sqlite3.Connection) -> None:
         """
-        Check the file is ours (or empty), switch it to WAL and migrate it.
+        Check the file is ours (or empty), switch it to WAL and migrate it;
+        SQLite's errors are :meth:`_prepare`'s to retry or report.
 
         Nothing is written to a file that is not ours: the checks come first.
         """
         supported = len(_MIGRATIONS)
-        try:
-            version = self._schema_version(conn, supported)
-            (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        version = self._schema_version(conn, supported)
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        if mode.lower() != "wal":
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode.lower() != "wal":
-                (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-                if mode.lower() != "wal":
-                    raise StorageError(f"cannot switch {self._path!r} to WAL (it is in {mode!r})")
-            if version == supported:
-                return
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # Another process may have migrated while we waited for the lock.
-                version = self._schema_version(conn, supported)
-                # executescript() is avoided on purpose: it commits first, which
-                # would let a failed step leave a half-migrated file.
-                q.migrate(
-                    lambda statement, params: conn.execute(q.sqlite_text(statement), params),
-                    _MIGRATIONS,
-                    version,
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
+                raise StorageError(f"cannot switch {self._path!r} to WAL (it is in {mode!r})")
+        if version == supported:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated while we waited for the lock.
+            version = self._schema_version(conn, supported)
+            # executescript() is avoided on purpose: it commits first, which
+            # would let a failed step leave a half-migrated file.
+            q.migrate(
+                lambda statement, params: conn.execute(q.sqlite_text(statement), params),
+                _MIGRATIONS,
+                version,
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def _schema_version(self, conn: sqlite3.Connection, supported: int) -> int:
         """
@@ -867,7 +865,8 @@ class SQLiteStorage(StorageBase):
             )
             require_distinct_ids(records)
             params = [q.sync_params(record, _US) for record in records]
-            return written(records, _insert_syncs(conn, records, params) if records else [])
+            inserted = _insert_syncs(conn, records, params, taken) if records else []
+            return written(records, inserted)
 
     # -- claims and leases ----------------------------------------------------------
 
@@ -1311,13 +1310,17 @@ def _slot_counts(conn: sqlite3.Connection, period: int, buckets: int) -> list[in
 
 
 def _insert_syncs(
-    conn: sqlite3.Connection, records: Sequence[SyncRecord], params: list[dict[str, Any]]
+    conn: sqlite3.Connection,
+    records: Sequence[SyncRecord],
+    params: list[dict[str, Any]],
+    taken: set[str] | None = None,
 ) -> list[str]:
     """
-    Inside a write transaction: insert the records whose id is not taken,
-    count them in their slot buckets; the taken ids, in order.
+    Inside a write transaction: insert the records whose id is not taken
+    (*taken*, when the transaction has looked them up already), count them
+    in their slot buckets; the taken ids, in order.
     """
-    found = _taken_ids(conn, [r.id for r in records])
+    found = _taken_ids(conn, [r.id for r in records]) if taken is None else taken
     new = [r for r in records if r.id not in found] if found else records
     conn.executemany(_INSERT_SYNC, [p for p in params if p["id"] not in found])
     counts = Counter(slot for slot in map(slot_bucket_of, new) if slot is not None)

@@ -2193,7 +2193,6 @@ def check_save_sync_at_is_atomic(make_storage: StorageFactory) -> None:
     derives (a read, then save_sync) is not atomic, and :func:`check_storage`
     reports this check as not applicable to such a store.
     """
-    threads, increments = 8, 40
     with _open(make_storage) as store, _switching_often():
         if not _native(store, "save_sync_at"):
             return  # check_storage reports it as not applicable
@@ -2202,7 +2201,14 @@ def check_save_sync_at_is_atomic(make_storage: StorageFactory) -> None:
         # round of 800 increments missed such a store 2 and 4 times in 40
         # with both cores busy; five rounds of 320 missed it 0 times in 80.
         for round_ in range(_ATOMIC_ROUNDS):
-            _increment_concurrently(store, f"counter-{round_}", threads, increments)
+            _save_concurrently(
+                store,
+                f"counter-{round_}",
+                _add_attempt,
+                lambda r: r.attempts,
+                "increments kept (fewer: two saves at one revision both succeeded, the later "
+                "overwrote the other; save_sync_at is not atomic)",
+            )
 
 
 def check_save_sync_is_atomic(make_storage: StorageFactory) -> None:
@@ -2212,75 +2218,72 @@ def check_save_sync_is_atomic(make_storage: StorageFactory) -> None:
     two writers that read the same generation, exactly one succeeds. Five
     rounds, each on a sync of its own.
     """
-    threads, increments = 8, 40
+
+    def raise_generation(store: Storage, current: SyncRecord) -> None:
+        generation = current.sync.generation
+        raised = attrs.evolve(current.sync, generation=generation + 1)
+        store.save_sync(attrs.evolve(current, sync=raised), expected_generation=generation)
+
     with _open(make_storage) as store, _switching_often():
         for round_ in range(_ATOMIC_ROUNDS):
-            _increment_concurrently(
-                store, f"generation-{round_}", threads, increments, by_generation=True
+            _save_concurrently(
+                store,
+                f"generation-{round_}",
+                raise_generation,
+                lambda r: r.sync.generation - 1,
+                "generation raises kept (fewer: two saves at one generation both "
+                "succeeded, the later overwrote the other; save_sync is not atomic)",
             )
 
 
 _ATOMIC_ROUNDS = 5
-"""Rounds of :func:`check_save_sync_at_is_atomic` (each 10 to 50 ms on a correct store)."""
+"""Rounds of the atomicity checks (each 10 to 50 ms on a correct store)."""
+_THREADS, _INCREMENTS = 8, 40
+"""Threads of one round, and the saves each makes."""
 
 
-def _increment_concurrently(
-    store: Storage, sync_id: str, threads: int, increments: int, *, by_generation: bool = False
+def _add_attempt(store: Storage, current: SyncRecord) -> None:
+    _save_sync_at(store, attrs.evolve(current, attempts=current.attempts + 1), current.revision)
+
+
+def _save_concurrently(
+    store: Storage,
+    sync_id: str,
+    save: Callable[[Storage, SyncRecord], None],
+    saves_kept: Callable[[SyncRecord], int],
+    lost: str,
 ) -> None:
     """
-    One round of :func:`check_save_sync_at_is_atomic` (attempts raised
-    through save_sync_at), or of :func:`check_save_sync_is_atomic` (the
-    generation raised through save_sync), on a sync of its own.
+    One round of an atomicity check, on a sync of its own: every thread
+    reads the sync and *save*s it changed by one, again after each
+    ConflictError, until it made its saves; the stored record must count
+    every one (*saves_kept*), else *lost* says why.
     """
     store.create_sync(_record(sync_id))
-    barrier = threading.Barrier(threads)
+    barrier = threading.Barrier(_THREADS)
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
             barrier.wait()
             done = 0
-            while done < increments:
-                current = store.get_sync(sync_id)
+            while done < _INCREMENTS:
                 try:
-                    if by_generation:
-                        generation = current.sync.generation
-                        raised = attrs.evolve(current.sync, generation=generation + 1)
-                        store.save_sync(
-                            attrs.evolve(current, sync=raised), expected_generation=generation
-                        )
-                    else:
-                        more = attrs.evolve(current, attempts=current.attempts + 1)
-                        _save_sync_at(store, more, current.revision)
+                    save(store, store.get_sync(sync_id))
                 except ConflictError:
                     continue
                 done += 1
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
-    workers = [threading.Thread(target=work) for _ in range(threads)]
+    workers = [threading.Thread(target=work) for _ in range(_THREADS)]
     for t in workers:
         t.start()
     for t in workers:
         t.join()
-    method = "save_sync" if by_generation else "save_sync_at"
     if errors:
-        raise AssertionError(f"{method} raised in a thread: {errors[0]!r}") from errors[0]
-    stored = store.get_sync(sync_id)
-    if by_generation:
-        _expect(
-            1 + threads * increments,
-            stored.sync.generation,
-            "generation after every raise (lower: two saves at one generation both "
-            "succeeded, the later overwrote the other; save_sync is not atomic)",
-        )
-        return
-    _expect(
-        threads * increments,
-        stored.attempts,
-        "increments kept (fewer: two saves at one revision both succeeded, the later "
-        "overwrote the other; save_sync_at is not atomic)",
-    )
+        raise AssertionError(f"a save raised in a thread: {errors[0]!r}") from errors[0]
+    _expect(_THREADS * _INCREMENTS, saves_kept(store.get_sync(sync_id)), lost)
 
 
 def _counted(records: Sequence[SyncRecord], buckets: int) -> list[int]:
