@@ -20,6 +20,7 @@ import pytest
 from cohortsync._sync import SyncRun, SyncStatus
 from cohortsync.exceptions import ConflictError, LeaseLostError, StorageError
 from cohortsync.storage import SQLiteStorage
+from cohortsync.storage._base import placed, placement_of
 from cohortsync.storage._memory import MemoryStorage
 from cohortsync.storage._protocol import Claim, Completion, Lease, Placement, SyncRecord
 from cohortsync.testing._storage_contract import (
@@ -31,8 +32,9 @@ from cohortsync.testing._storage_contract import (
     check_closed_store_is_unusable,
     check_complete_run_stale_holder,
     check_concurrent_claims_are_exclusive,
+    check_create_sync_least_loaded_takes_turns,
     check_create_syncs,
-    check_create_syncs_placed,
+    check_create_syncs_placed_takes_turns,
     check_expired_lease_still_held,
     check_extend_lease,
     check_history_round_trip_and_order,
@@ -222,6 +224,22 @@ class PlacedOutsideItsLock(MemoryStorage):
         return [r for r in records if r.id not in taken_now], taken_now
 
 
+class PickThenCreate(MemoryStorage):
+    """
+    A broken store (an outsider's mutant): create_sync_least_loaded picks
+    the bucket, lets other threads run, then creates the sync there; two
+    creators at once take the same bucket.
+    """
+
+    def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:
+        period, preferred = placement_of(record, buckets)
+        bucket = self.least_loaded_slot(period, buckets, preferred)
+        time.sleep(0)  # the race window: another creator picks the same bucket
+        stored = placed(record, bucket)
+        self.create_sync(stored)
+        return stored
+
+
 class SplitLockSaveAt(MemoryStorage):
     """
     A broken store: save_sync_at compares the revision and writes under two
@@ -363,19 +381,29 @@ class TestReport:
             "create_sync_least_loaded",
             "save_sync_at",
         ) == report.derived
-        assert (
-            tuple(c.__name__ for c in STORAGE_CHECKS if c is not check_save_sync_at_is_atomic)
-            == report.passed
+        native_only = (
+            check_create_syncs_placed_takes_turns,
+            check_create_sync_least_loaded_takes_turns,
+            check_save_sync_at_is_atomic,
         )
-        # The derived save_sync_at (a read, then save_sync) makes no atomicity promise.
-        derived = (
-            "check_save_sync_at_is_atomic: save_sync_at is derived (a read, then "
-            "save_sync): not atomic"
-        )
-        assert (derived,) == report.not_applicable
-        assert str(report).endswith(report.not_applicable[0])
-        # Called on its own (a host's parametrized suite), the check passes it by, as before.
-        check_save_sync_at_is_atomic(DictStorage)
+        assert tuple(c.__name__ for c in STORAGE_CHECKS if c not in native_only) == report.passed
+        # The derived versions (a read, then a write) make no promise about races.
+        why = {
+            check_create_syncs_placed_takes_turns: (
+                "create_syncs_placed is derived (a read, then a write): creators not taken in turn"
+            ),
+            check_create_sync_least_loaded_takes_turns: (
+                "create_sync_least_loaded is derived (a pick, then a create): not taken in turn"
+            ),
+            check_save_sync_at_is_atomic: (
+                "save_sync_at is derived (a read, then save_sync): not atomic"
+            ),
+        }
+        assert tuple(f"{c.__name__}: {w}" for c, w in why.items()) == report.not_applicable
+        assert str(report).endswith(report.not_applicable[-1])
+        # Called on their own (a host's parametrized suite), the checks pass it by, as before.
+        for check in native_only:
+            check(DictStorage)
 
     def test_a_structural_store(self) -> None:
         """
@@ -398,9 +426,9 @@ class TestReport:
         } == {name for name, how in report.parts.items() if how == "absent"}
         # check_paged_reads runs once (the store has no paged reads of its own), and so
         # do the bulk checks (on the scheduler's derivation, not again on StorageBase's).
-        # ... and check_save_sync_at_is_atomic does not apply (no save_sync_at).
-        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 7 == len(report.passed)
-        assert 1 == len(report.not_applicable)
+        # ... and the three race checks of parts it lacks do not apply.
+        assert len(STORAGE_CHECKS) + len(QUERY_CHECKS) - 9 == len(report.passed)
+        assert 3 == len(report.not_applicable)
 
     def test_the_report_reads_as_a_table(self) -> None:
         """str() lists each part, required or optional, native or derived."""
@@ -511,7 +539,18 @@ class TestContractCatchesBrokenStores:
     def test_a_placement_outside_its_lock_fails(self) -> None:
         """A create_syncs_placed that reads its counts and writes apart is caught."""
         with pytest.raises(AssertionError, match="must read the counts and write under one lock"):
-            check_create_syncs_placed(PlacedOutsideItsLock)
+            check_create_syncs_placed_takes_turns(PlacedOutsideItsLock)
+
+    def test_a_pick_before_the_create_fails_every_time(self) -> None:
+        """
+        A create_sync_least_loaded that picks, then creates, piles concurrent
+        creators into one bucket (the shipped PostgreSQL store did, 3 runs in 3).
+        """
+        message = "two creators picked the same bucket"
+        assert 5 == sum(
+            _finds(check_create_sync_least_loaded_takes_turns, PickThenCreate, message)
+            for _ in range(5)
+        )
 
     def test_a_save_split_across_two_locks_fails(self) -> None:
         """Even with no pause between its check and its write, a split save is caught."""

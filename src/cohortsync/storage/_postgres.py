@@ -380,25 +380,55 @@ _CREATE_SYNC = (
     ")"
     " SELECT count(*) FROM created"
 )
-# The pick of _PICK_SLOT, the sync in the picked bucket and its count, in one
-# statement (one round trip): the bucket and offset are worked out in SQL.
+# create_sync_least_loaded's pick locks the bucket row it takes, so that two
+# creators at once never take a bucket from one snapshot. A row it locks is
+# checked again on its latest version (PostgreSQL does so under READ
+# COMMITTED), so a row whose count rose since the statement's snapshot no
+# longer holds the least count and is passed over: the row taken holds the
+# least count when it is locked, and keeps it until the create commits. A
+# pick passes over rows other creators hold (SKIP LOCKED); when they hold
+# every least loaded row it takes nothing, and the next pick waits for a
+# holder instead, then the one after skips again (see _PICKS_IN_TURN). Each
+# pick locks one row, so none deadlocks.
+_PICK_LEAST_LOCKED = (
+    f"{_LEAST_LOADED}, high AS ("  # noqa: S608 - constant SQL
+    "  SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
+    "  AND syncs = (SELECT syncs FROM least) AND bucket >= %(preferred)s AND bucket < %(buckets)s"
+    "  ORDER BY bucket LIMIT 1 FOR UPDATE{skip}"
+    "), low AS ("
+    "  SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
+    "  AND syncs = (SELECT syncs FROM least) AND bucket < %(preferred)s"
+    "  ORDER BY bucket LIMIT 1 FOR UPDATE{skip}"
+    "), pick AS (SELECT bucket FROM high UNION ALL SELECT bucket FROM low LIMIT 1)"
+)
+_PICKS_IN_TURN = (
+    _PICK_LEAST_LOCKED.replace("{skip}", " SKIP LOCKED"),
+    _PICK_LEAST_LOCKED.replace("{skip}", ""),
+)
+_PICK_ATTEMPTS = 1_000
+"""Picks tried before giving up; each that takes nothing saw another create commit."""
+# One pick, the sync in the picked bucket and its count, in one statement (one
+# round trip): the bucket and offset are worked out in SQL. The answer is the
+# bucket picked (no row: nothing picked) and the offset stored (NULL: the id
+# is taken).
 _PLACED_COLUMNS = {
-    "slot_bucket": "(SELECT bucket FROM pick)",
-    "slot_offset": "(SELECT bucket FROM pick) * %(bucket_seconds)s + %(within)s",
+    "slot_bucket": "pick.bucket",
+    "slot_offset": "pick.bucket * %(bucket_seconds)s + %(within)s",
 }
-_CREATE_SYNC_LEAST_LOADED = (
-    f"WITH {_LEAST_LOADED}, pick AS ({_PICK_BUCKET}), created AS ("  # noqa: S608 - constant columns
+_CREATE_PICKED = (
+    ", created AS ("  # noqa: S608 - constant columns
     f"  INSERT INTO {{s}}.syncs (id, {', '.join(q.DEFINITION_COLUMNS)})"
     "  SELECT %(id)s, "
     + ", ".join(_PLACED_COLUMNS.get(c, f"%({c})s") for c in q.DEFINITION_COLUMNS)
-    + "  ON CONFLICT (id) DO NOTHING RETURNING slot_period, slot_bucket, slot_offset"
+    + "  FROM pick ON CONFLICT (id) DO NOTHING RETURNING slot_period, slot_bucket, slot_offset"
     "), counted AS ("
     "  INSERT INTO {s}.slot_buckets (period, bucket, syncs)"
     "  SELECT slot_period, slot_bucket, 1 FROM created"
     "  ON CONFLICT (period, bucket) DO UPDATE SET syncs = {s}.slot_buckets.syncs + 1"
     ")"
-    " SELECT slot_bucket, slot_offset FROM created"
+    " SELECT pick.bucket, created.slot_offset FROM pick LEFT JOIN created ON true"
 )
+_CREATE_SYNC_LEAST_LOADED = tuple(f"WITH {pick}{_CREATE_PICKED}" for pick in _PICKS_IN_TURN)
 _SYNC_ARRAYS = (
     ("id", "text"),
     ("definition", "text"),
@@ -959,7 +989,10 @@ class PostgresStorage(StorageBase):
         """
         One statement: the pick of :meth:`least_loaded_slot`, the sync in
         the picked bucket and its count (the period's bucket rows are made
-        once per store object, as for the pick).
+        once per store object, as for the pick). The pick locks the bucket
+        row it takes while it holds the least count, so concurrent creators
+        are placed as if they came one after another (see
+        ``_PICKS_IN_TURN``).
         """
         period, preferred = placement_of(record, buckets)
         params = q.sync_params(record, _TZ)
@@ -972,9 +1005,18 @@ class PostgresStorage(StorageBase):
         )
         with self._cursor("create_sync_least_loaded") as cur:
             self._fill(cur, period, buckets)
-            cur.execute(self._sql(_CREATE_SYNC_LEAST_LOADED), params)
-            row = cur.fetchone()
+            for attempt in range(_PICK_ATTEMPTS):
+                statement = _CREATE_SYNC_LEAST_LOADED[attempt % len(_CREATE_SYNC_LEAST_LOADED)]
+                cur.execute(self._sql(statement), params)
+                row = cur.fetchone()
+                if row is not None:
+                    break
         if row is None:
+            raise StorageError(
+                f"create_sync_least_loaded: no slot bucket of period {period} could be taken "
+                f"in {_PICK_ATTEMPTS} picks"
+            )
+        if row[1] is None:
             raise ConfigurationError("id", record.id, "a sync with this id already exists")
         return placed(record, row[0])
 

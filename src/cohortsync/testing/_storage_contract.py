@@ -1991,6 +1991,54 @@ def check_create_sync_least_loaded(make_storage: StorageFactory) -> None:
             _create_least_loaded(store, _in_bucket("f", 0, 0), 0)
 
 
+def check_create_sync_least_loaded_takes_turns(make_storage: StorageFactory) -> None:
+    """
+    create_sync_least_loaded picks inside its write: eight threads creating
+    30 syncs each into 60 buckets at once leave every bucket within one sync
+    of every other (a store that picks, then writes, puts two creators'
+    syncs in one bucket and passes every other check).
+
+    Checked on a store with its own create_sync_least_loaded only, like
+    :func:`check_create_syncs_placed_takes_turns`.
+    """
+    threads, each, buckets = 8, 30, 60
+    with _open(make_storage) as store, _switching_often():
+        if not _native(store, "create_sync_least_loaded"):
+            return  # check_storage reports it as not applicable
+        barrier = threading.Barrier(threads)
+        errors: list[BaseException] = []
+
+        def create(thread: int) -> None:
+            try:
+                barrier.wait()
+                for i in range(each):
+                    # Every creator prefers the same buckets in the same order:
+                    # the hardest case for a pick that is not taken in turn.
+                    _create_least_loaded(store, _in_bucket(f"t{thread}-{i:02d}", 0, i), buckets)
+            except BaseException as exc:  # noqa: BLE001 - reported by the check
+                errors.append(exc)
+
+        workers = [threading.Thread(target=create, args=(t,)) for t in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        _require(not any(w.is_alive() for w in workers), "every creator finished")
+        _expect([], errors, "the creators raised nothing")
+        counts = [0] * buckets
+        for record in store.list_syncs():
+            if record.slot_bucket is not None:
+                counts[record.slot_bucket] += 1
+        _expect(threads * each, sum(counts), "syncs created in a bucket")
+        _require(
+            max(counts) - min(counts) <= 1,
+            f"{threads} threads creating {threads * each} syncs at once left buckets holding "
+            f"{min(counts)} to {max(counts)}, where {threads * each // buckets} each was due: "
+            "two creators picked the same bucket (create_sync_least_loaded must pick "
+            "inside its write)",
+        )
+
+
 def _create_placed(
     store: Storage, ids: Sequence[str], place: Placement
 ) -> tuple[list[SyncRecord], list[str]]:
@@ -2040,20 +2088,25 @@ def check_create_syncs_placed(make_storage: StorageFactory) -> None:
             store.get_sync("c")
         _expect(counts, _slot_counts(store, period, buckets), "nothing counted by a failed call")
         _expect(([], []), _create_placed(store, [], lambda _c, _t: []), "nothing to place")
-    if _native(store, "create_syncs_placed"):
-        _check_placements_take_turns(make_storage)
 
 
-def _check_placements_take_turns(make_storage: StorageFactory) -> None:
+def check_create_syncs_placed_takes_turns(make_storage: StorageFactory) -> None:
     """
-    A native create_syncs_placed holds its lock from the counts it reads to
-    its write: a second creator that starts while the first is placing sees
-    the first one's sync counted (a store that reads the counts in one
+    create_syncs_placed holds its lock from the counts it reads to its
+    write: a second creator that starts while the first is placing sees the
+    first one's sync counted (a store that reads the counts in one
     transaction and writes in another passes every other check, and loses
     the spread with several creators).
+
+    Checked on a store with its own create_syncs_placed only: the one
+    StorageBase derives reads the counts, then writes, and
+    :func:`check_storage` reports this check as not applicable to such a
+    store.
     """
     period, buckets = 3600, 60
     with _open(make_storage) as store:
+        if not _native(store, "create_syncs_placed"):
+            return  # check_storage reports it as not applicable
         seen: list[int] = []
         errors: list[BaseException] = []
 
@@ -2436,7 +2489,9 @@ STORAGE_CHECKS: tuple[Callable[[StorageFactory], None], ...] = (
     check_create_syncs,
     check_bulk_counts_match_one_by_one,
     check_create_syncs_placed,
+    check_create_syncs_placed_takes_turns,
     check_create_sync_least_loaded,
+    check_create_sync_least_loaded_takes_turns,
     check_save_sync_at,
     check_save_sync_at_is_atomic,
     check_save_sync_is_atomic,
@@ -2469,6 +2524,14 @@ _QUERY_CHECKS: Mapping[str, tuple[Callable[[StorageFactory], None], ...]] = {
 """The checks that exercise each optional query."""
 
 _NATIVE_ONLY: Mapping[Callable[[StorageFactory], None], tuple[str, str]] = {
+    check_create_syncs_placed_takes_turns: (
+        "create_syncs_placed",
+        "create_syncs_placed is derived (a read, then a write): creators not taken in turn",
+    ),
+    check_create_sync_least_loaded_takes_turns: (
+        "create_sync_least_loaded",
+        "create_sync_least_loaded is derived (a pick, then a create): not taken in turn",
+    ),
     check_save_sync_at_is_atomic: (
         "save_sync_at",
         "save_sync_at is derived (a read, then save_sync): not atomic",
