@@ -31,6 +31,7 @@ from cohortsync.testing._storage_contract import (
     check_claim_runs,
     check_closed_store_is_unusable,
     check_complete_run_stale_holder,
+    check_complete_runs,
     check_concurrent_claims_are_exclusive,
     check_create_sync_least_loaded_takes_turns,
     check_create_syncs,
@@ -238,6 +239,33 @@ class PickThenCreate(MemoryStorage):
         stored = placed(record, bucket)
         self.create_sync(stored)
         return stored
+
+
+class CompleteRunsRaises(MemoryStorage):
+    """A broken store (an outsider's mutant): complete_runs raises the first refusal."""
+
+    def complete_runs(
+        self, completions: Sequence[tuple[Lease, Completion]]
+    ) -> list[Exception | None]:
+        answers = super().complete_runs(completions)
+        for answer in answers:
+            if answer is not None:
+                raise answer
+        return answers
+
+
+class ClaimByTheWallClock(MemoryStorage):
+    """A broken store (an outsider's mutant): claim_due decides as of the wall clock."""
+
+    def claim_due(self, now: datetime, owner: str, lease_for: timedelta, limit: int) -> list[Lease]:
+        return super().claim_due(datetime.now(timezone.utc), owner, lease_for, limit)
+
+
+class PageSyncsHidesLeased(MemoryStorage):
+    """A broken store (an outsider's mutant): page_syncs leaves leased syncs out."""
+
+    def page_syncs(self, after: str | None, limit: int) -> list[SyncRecord]:
+        return [r for r in super().page_syncs(after, limit) if r.lease is None]
 
 
 class SplitLockSaveAt(MemoryStorage):
@@ -551,6 +579,36 @@ class TestContractCatchesBrokenStores:
             _finds(check_create_sync_least_loaded_takes_turns, PickThenCreate, message)
             for _ in range(5)
         )
+
+    def test_failures_say_what_the_store_must_do(self) -> None:
+        """
+        An outsider found messages that named a symptom, not the rule: a
+        complete_runs that raises, and a claim that reads the wall clock.
+        """
+        with pytest.raises(AssertionError, match="must answer a refused completion as that item"):
+            check_complete_runs(CompleteRunsRaises)
+        with pytest.raises(AssertionError, match="never the wall clock or the database's clock"):
+            check_storage(ClaimByTheWallClock)
+
+    def test_a_failure_about_long_lists_reads_in_a_line(self) -> None:
+        """
+        Lists of records are shown by their ids and first difference: the
+        outsider's page_syncs mutant printed 23 KB of records.
+        """
+        with pytest.raises(AssertionError) as caught:
+            check_paged_reads(PageSyncsHidesLeased)
+        message = str(caught.value)
+        assert len(message) < 1_500, message
+        assert "first difference at item" in message
+        assert "(ids " in message
+
+    def test_the_report_names_the_class_under_test(self) -> None:
+        """str(report) of a subclass starts with the subclass's name, not MemoryStorage's."""
+
+        class Mine(MemoryStorage):
+            pass
+
+        assert str(check_storage(Mine)).startswith("Mine(syncs=0, runs=0):")
 
     def test_a_save_split_across_two_locks_fails(self) -> None:
         """Even with no pause between its check and its write, a split save is caught."""

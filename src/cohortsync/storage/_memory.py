@@ -290,7 +290,7 @@ class MemoryStorage(StorageBase):
             raise StorageClosedError(repr(self))
 
     def __repr__(self) -> str:
-        return f"MemoryStorage(syncs={len(self._syncs)}, runs={len(self._runs)})"
+        return f"{type(self).__name__}(syncs={len(self._syncs)}, runs={len(self._runs)})"
 
     # -- syncs ---------------------------------------------------------------
 

@@ -819,7 +819,7 @@ class PostgresStorage(StorageBase):
         return self._sql.schema
 
     def __repr__(self) -> str:
-        return f"PostgresStorage({self._shown}, schema={self.schema!r})"
+        return f"{type(self).__name__}({self._shown}, schema={self.schema!r})"
 
     def close(self) -> None:
         """

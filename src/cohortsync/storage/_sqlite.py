@@ -467,7 +467,7 @@ class SQLiteStorage(StorageBase):
             raise
 
     def __repr__(self) -> str:
-        return f"SQLiteStorage({self._path!r})"
+        return f"{type(self).__name__}({self._path!r})"
 
     @property
     def path(self) -> str:

@@ -99,7 +99,48 @@ LEASE = timedelta(seconds=60)
 
 def _expect(expected: object, actual: object, what: str) -> None:
     if expected != actual:
-        raise AssertionError(f"{what}: expected {expected!r}, got {actual!r}")
+        raise AssertionError(f"{what}: {_difference(expected, actual)}")
+
+
+_SHOWN = 1_000
+"""Characters of a value a failure shows whole; longer lists are shown by their ids."""
+
+
+def _difference(expected: object, actual: object) -> str:
+    """
+    Both values as they are when short; for long lists (of records, runs,
+    batches) their lengths, ids in order and the first item that differs,
+    so a failure reads in a line instead of pages.
+    """
+    shown = f"expected {expected!r}, got {actual!r}"
+    if len(shown) <= _SHOWN:
+        return shown
+    if not (isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple))):
+        return f"expected {_cut(expected)}, got {_cut(actual)}"
+    first = next(
+        (i for i, (e, a) in enumerate(zip(expected, actual, strict=False)) if e != a),
+        min(len(expected), len(actual)),
+    )
+    wanted = _cut(expected[first]) if first < len(expected) else "no item"
+    got = _cut(actual[first]) if first < len(actual) else "no item"
+    return (
+        f"expected {len(expected)} items {_ids(expected)}, got {len(actual)} {_ids(actual)}; "
+        f"first difference at item {first}: expected {wanted}, got {got}"
+    )
+
+
+def _ids(items: Sequence[object]) -> str:
+    ids = [getattr(item, "id", getattr(item, "sync_id", None)) for item in items[:20]]
+    if any(i is None for i in ids):
+        return ""
+    more = f", ... {len(items) - 20} more" if len(items) > 20 else ""
+    return f"(ids {', '.join(map(repr, ids))}{more})"
+
+
+def _cut(value: object) -> str:
+    text = repr(value)
+    half = _SHOWN // 2
+    return text if len(text) <= half else f"{text[:half]}... ({len(text):,} characters)"
 
 
 def _require(condition: bool, what: str) -> None:
@@ -229,7 +270,12 @@ def _batch(
 
 def _claim_one(store: Storage, now: datetime, owner: str = "worker") -> Lease:
     leases = store.claim_due(now, owner, LEASE, 1)
-    _expect(1, len(leases), f"number of leases claimed at {now.isoformat()}")
+    _expect(
+        1,
+        len(leases),
+        f"number of leases claimed at {now.isoformat()} (due and expiry compare with the "
+        "now passed in, never the wall clock or the database's clock)",
+    )
     return leases[0]
 
 
@@ -1685,7 +1731,13 @@ def _complete_runs(
     native = getattr(store, "complete_runs", None)
     if native is None:
         return derive_complete_runs(store, completions)
-    answers: list[Exception | None] = native(completions)
+    try:
+        answers: list[Exception | None] = native(completions)
+    except (LeaseLostError, DuplicateRunError) as exc:
+        raise AssertionError(
+            f"complete_runs raised {type(exc).__name__}: {exc}; it must answer a refused "
+            "completion as that item's error in its list, and write the others"
+        ) from exc
     return answers
 
 
