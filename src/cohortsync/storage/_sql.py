@@ -33,7 +33,7 @@ import attrs
 
 from cohortsync import _schedule
 from cohortsync._clock import require_aware
-from cohortsync._converter import dump_run, dumps, load_sync, loads
+from cohortsync._converter import dump_run, dump_sync, load_sync, loads
 from cohortsync._destination import Identifier, IdentifierKind, Member, Operation
 from cohortsync._sync import Sync, SyncRun, Trigger
 from cohortsync.exceptions import CorruptStoreError, SchemaVersionError
@@ -310,7 +310,7 @@ def _put(params: dict[str, Any], field: str, value: Any, instants: Instants) -> 
     """
     if field == "sync":
         # generation and status have columns of their own: claims read them from the index.
-        params["definition"] = dumps(value)
+        params["definition"] = dump_sync(value)
         params["generation"] = value.generation
         params["status"] = value.status.value
         return
