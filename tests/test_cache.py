@@ -15,6 +15,7 @@ import cohortsync as cs
 from cohortsync._cache import DeliveredCache
 from cohortsync.storage import AppliedBatch, Lease
 from cohortsync.testing import FakeClock, MemoryStorage, RecordingDestination
+from threads import race
 
 
 class CountingStorage(MemoryStorage):
@@ -262,3 +263,23 @@ class TestDeliveredCache:
         cache.put("a", "1", {"1", "2", "3"})
 
         assert cache.take("a", "1") is None
+
+    def test_runs_in_threads_share_it_safely(self) -> None:
+        """
+        Runs in threads (an AsyncScheduler's, host threads on one Scheduler)
+        take and put at once: no eviction fails and the key count stays the
+        sum of what is held, which steers every later eviction.
+        """
+        cache = DeliveredCache(50)
+
+        def run(thread: int) -> None:
+            for i in range(3_000):
+                sync_id = f"s{(thread * 7 + i) % 40}"
+                cache.take(sync_id, "v")
+                cache.put(sync_id, "v", {f"{sync_id}-{k}" for k in range(i % 5)})
+                if i % 11 == 0:
+                    cache.drop(f"s{i % 40}")
+
+        assert [] == race(run)
+        held = sum(len(keys) for _, keys in cache._entries.values())
+        assert held == cache._size <= cache.max_keys

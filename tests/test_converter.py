@@ -26,6 +26,7 @@ from cohortsync.events import EligibilityChanged, Event
 from cohortsync.exceptions import ConfigurationError
 from cohortsync.serialization import dumps, loads, make_converter
 from cohortsync.storage import AppliedBatch, Completion, Lease, LedgerEntry, MemberIssue, SyncRecord
+from threads import race
 
 UTC = timezone.utc
 NOW = datetime(2030, 1, 1, 12, 30, tzinfo=UTC)
@@ -498,6 +499,23 @@ class TestDefinitionEncoding:
         for policy in (whole, point, whole):
             sync = attrs.evolve(_sync(), policy=policy)
             assert dumps(sync) == dump_sync(sync)
+
+    def test_threads_evicting_at_once_lose_nothing(self) -> None:
+        """
+        Threads writing definitions of more policies than the cache holds
+        evict at once without a KeyError (7 of 8 threads raised without its lock).
+        """
+        policies = [
+            cohortsync.SyncPolicy.hourly(retry=cohortsync.RetryPolicy(max_retries=i % 50 + 1))
+            for i in range(3_000)
+        ]
+        syncs = [attrs.evolve(_sync(), policy=p) for p in policies]
+
+        def write(start: int) -> None:
+            for sync in syncs[start::2] + syncs[::3]:
+                assert dumps(sync) == dump_sync(sync)
+
+        assert [] == race(write)
 
 
 class TestRunRecordEncoding:

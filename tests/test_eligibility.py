@@ -46,6 +46,7 @@ from cohortsync.exceptions import (
 )
 from cohortsync.storage import MemoryStorage
 from cohortsync.testing import FakeClock, RecordingDestination
+from threads import race
 
 REALTIME = SyncPolicy.realtime()
 HOURLY = SyncPolicy.hourly()
@@ -701,6 +702,23 @@ class TestCachedAnswers:
         sizes = [k[2] for k in eligibility._CHECKED if k[:2] == (id(caps), id(policy))]
         assert bound == len(eligibility._CHECKED)
         assert list(range(bound + 10 - len(sizes), bound + 10)) == sizes
+
+    def test_threads_evicting_at_once_lose_nothing(self) -> None:
+        """
+        Runs in threads (max_parallel, an AsyncScheduler's run threads) fill
+        the cache at once: two evicting together raised KeyError or "changed
+        size during iteration" in 3 of 3 tries before a lock guarded it.
+        """
+        caps = catalog.PRESETS["webhook"]
+        policy = SyncPolicy.daily()
+        cohort = Cohort(id="c", name="C")
+
+        def check(start: int) -> None:
+            for size in range(start, start + 2 * eligibility._CHECKED_MAX, 3):
+                _check_measured(cohort, size, caps, policy)
+
+        assert [] == race(check)
+        assert eligibility._CHECKED_MAX == len(eligibility._CHECKED)
 
     def test_the_measured_size_changes_the_answer(self) -> None:
         """The same policy and destination with a new size is a new question."""

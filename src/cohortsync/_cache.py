@@ -10,6 +10,7 @@ so another worker's progress, a crash or a restart simply makes it miss.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from operator import attrgetter
@@ -35,6 +36,10 @@ class DeliveredCache:
         self.max_keys = max_keys
         self._entries: OrderedDict[str, tuple[str, set[str]]] = OrderedDict()
         self._size = 0
+        # Runs in threads (an AsyncScheduler's, host threads sharing one
+        # Scheduler) take and put at once: eviction and the key count must
+        # not interleave.
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
@@ -51,37 +56,40 @@ class DeliveredCache:
         The caller owns the set afterwards (a run mutates it, then :meth:`put`
         stores the new state), so a run that fails midway leaves nothing stale.
         """
-        entry = self._entries.pop(sync_id, None)
-        if entry is None:
-            self.misses += 1
-            return None
-        cached_version, keys = entry
-        self._size -= len(keys)
-        if cached_version != version:
-            self.misses += 1
-            return None
-        self.hits += 1
-        return keys
+        with self._lock:
+            entry = self._entries.pop(sync_id, None)
+            if entry is None:
+                self.misses += 1
+                return None
+            cached_version, keys = entry
+            self._size -= len(keys)
+            if cached_version != version:
+                self.misses += 1
+                return None
+            self.hits += 1
+            return keys
 
     def put(self, sync_id: str, version: str, keys: set[str]) -> None:
         """
         Remember *keys* as the delivered state of *sync_id* at *version*.
         """
-        old = self._entries.pop(sync_id, None)
-        if old is not None:
-            self._size -= len(old[1])
-        if len(keys) > self.max_keys:
-            return
-        while self._entries and self._size + len(keys) > self.max_keys:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self._size -= len(evicted)
-        self._entries[sync_id] = (version, keys)
-        self._size += len(keys)
+        with self._lock:
+            old = self._entries.pop(sync_id, None)
+            if old is not None:
+                self._size -= len(old[1])
+            if len(keys) > self.max_keys:
+                return
+            while self._entries and self._size + len(keys) > self.max_keys:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self._size -= len(evicted)
+            self._entries[sync_id] = (version, keys)
+            self._size += len(keys)
 
     def drop(self, sync_id: str) -> None:
-        old = self._entries.pop(sync_id, None)
-        if old is not None:
-            self._size -= len(old[1])
+        with self._lock:
+            old = self._entries.pop(sync_id, None)
+            if old is not None:
+                self._size -= len(old[1])
 
 
 class DeliveredState:

@@ -7,6 +7,7 @@ configuration and ours cannot interfere.
 from __future__ import annotations
 
 import json
+import threading
 from datetime import datetime, time, timedelta
 from functools import cache, lru_cache
 from json.encoder import encode_basestring_ascii as _quote
@@ -223,13 +224,15 @@ def _dump_policy(policy: SyncPolicy) -> str:
     if hit is not None and hit[0] is policy:
         return hit[1]
     text = dumps(policy)
-    if len(_POLICY_TEXT) >= POLICY_CACHE_SIZE:
-        del _POLICY_TEXT[next(iter(_POLICY_TEXT))]  # the oldest entry goes
-    _POLICY_TEXT[id(policy)] = (policy, text)
+    with _POLICY_TEXT_LOCK:  # two threads evicting at once must not pick one entry
+        if len(_POLICY_TEXT) >= POLICY_CACHE_SIZE:
+            del _POLICY_TEXT[next(iter(_POLICY_TEXT))]  # the oldest entry goes
+        _POLICY_TEXT[id(policy)] = (policy, text)
     return text
 
 
 _POLICY_TEXT: dict[int, tuple[SyncPolicy, str]] = {}
+_POLICY_TEXT_LOCK = threading.Lock()
 
 
 def loads(text: str | bytes, cls: type[T]) -> T:

@@ -10,6 +10,7 @@ codes without parsing text.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
@@ -472,11 +473,12 @@ def _check_measured(
     if hit is not None and hit[0] is caps and hit[1] is policy:
         return hit[2]
     result = ask()
-    if len(_CHECKED) >= _CHECKED_MAX:
-        # The oldest answer goes (dicts keep insertion order): emptying the
-        # whole cache at a bound made every sync above it ask the rules again.
-        del _CHECKED[next(iter(_CHECKED))]
-    _CHECKED[key] = (caps, policy, result)
+    with _CHECKED_LOCK:  # two threads evicting at once must not pick one entry
+        if len(_CHECKED) >= _CHECKED_MAX:
+            # The oldest answer goes (dicts keep insertion order): emptying the
+            # whole cache at a bound made every sync above it ask the rules again.
+            del _CHECKED[next(iter(_CHECKED))]
+        _CHECKED[key] = (caps, policy, result)
     return result
 
 
@@ -484,6 +486,7 @@ _CHECKED: dict[tuple[object, ...], tuple[Capabilities, SyncPolicy, Eligibility]]
 """Answers of the built-in rules by their whole input: every run re-checks
 eligibility, and a steady sync asks the same question each time."""
 _CHECKED_MAX = 4_096
+_CHECKED_LOCK = threading.Lock()
 
 
 def available_destinations(
