@@ -5,7 +5,7 @@ before 1970 and the end of year 9999.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 import cohortsync as cs
-from cohortsync.storage import MemoryStorage, SQLiteStorage, SyncRecord
+from cohortsync.storage import MemoryStorage, Placement, SQLiteStorage, SyncRecord
 from cohortsync.testing import FakeClock, RecordingDestination
 from single_sync import Members, build, run_next
 
@@ -68,6 +68,7 @@ class TestCreatePlacedByTheStore:
 
         picks = 0
         placed = 0
+        placed_under_lock = 0
 
         def least_loaded_slot(self, period: int, buckets: int, preferred: int) -> int:
             self.picks += 1
@@ -76,6 +77,12 @@ class TestCreatePlacedByTheStore:
         def create_sync_least_loaded(self, record: SyncRecord, buckets: int) -> SyncRecord:
             self.placed += 1
             return super().create_sync_least_loaded(record, buckets)
+
+        def create_syncs_placed(
+            self, ids: Sequence[str], place: Placement
+        ) -> tuple[list[SyncRecord], list[str]]:
+            self.placed_under_lock += 1
+            return super().create_syncs_placed(ids, place)
 
     @pytest.mark.parametrize(
         ("policy", "placed"),
@@ -90,7 +97,11 @@ class TestCreatePlacedByTheStore:
         ids=["daily", "hourly", "every", "next-slot", "chosen-time", "realtime"],
     )
     def test_which_path(self, clock: FakeClock, policy: cs.SyncPolicy, placed: int) -> None:
-        """One store call for a spread sync due now; the pick-then-write path otherwise."""
+        """
+        One store call for a spread sync due now; one placement under the
+        store's slot lock for one due at its slot (its slot decides when it
+        is due); no pick for the others.
+        """
         storage = self.Counting()
         scheduler = cs.Scheduler(storage, clock=clock)
         scheduler.add_cohort(
@@ -101,9 +112,10 @@ class TestCreatePlacedByTheStore:
         sync = scheduler.create_sync("c", "d", policy)
 
         assert placed == storage.placed
-        spread = policy.first_run is cs.FirstRun.NEXT_SLOT
-        assert (1 if spread else 0) == storage.picks
-        assert clock.now() == scheduler.next_run(sync.id) or spread
+        at_slot = policy.first_run is cs.FirstRun.NEXT_SLOT
+        assert (1 if at_slot else 0) == storage.placed_under_lock
+        assert 0 == storage.picks
+        assert clock.now() == scheduler.next_run(sync.id) or at_slot
 
     def test_the_same_spread_as_one_pick_at_a_time(self, clock: FakeClock) -> None:
         """Daily syncs created through the store's pick fill the buckets as picks would."""

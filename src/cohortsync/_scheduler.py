@@ -740,14 +740,19 @@ class Scheduler:
         )
         create_placed = getattr(self.storage, "create_sync_least_loaded", None)
         grid = self._preferred(sync.id, sync.generation, policy)
-        buckets = 0  # > 0: the store places the sync, among this many buckets
-        if (
+        placed_by_store = (
             grid is not None
-            and callable(create_placed)
             and self.slot_allocation == "balanced"
-            and policy.first_run is FirstRun.NOW
             and _schedule.fixed_offset(policy) is None
-        ):
+        )
+        place_many = getattr(self.storage, "create_syncs_placed", None)
+        if placed_by_store and policy.first_run is FirstRun.NEXT_SLOT and callable(place_many):
+            assert grid is not None  # noqa: S101 - placed_by_store says so
+            self._create_at_next_slot(sync, grid, now, place_many)
+            return sync
+        buckets = 0  # > 0: the store places the sync, among this many buckets
+        if placed_by_store and callable(create_placed) and policy.first_run is FirstRun.NOW:
+            assert grid is not None  # noqa: S101 - placed_by_store says so
             # Due now whatever its slot: the store moves it from its preferred
             # bucket to the least loaded one inside the write (one round trip
             # on PostgreSQL instead of a read, then the write).
@@ -756,21 +761,34 @@ class Scheduler:
             buckets = period // SLOT_BUCKET_SECONDS
         else:
             offset, bucket = self._place(sync.id, sync.generation, policy)
-        first_due, first_trigger = self._first_due(policy, offset, now)
-        record = SyncRecord(
-            sync=sync,
-            next_due=first_due,
-            next_trigger=first_trigger,
-            offset=offset,
-            slot_bucket=bucket,
-            anchor=now,
-            scheduled_from=now,
-        )
+        record = self._new_record(sync, (offset, bucket), now)
         if buckets and create_placed is not None:
             create_placed(record, buckets)
         else:
             self.storage.create_sync(record)
         return sync
+
+    def _create_at_next_slot(
+        self,
+        sync: Sync,
+        grid: tuple[int, int],
+        now: datetime,
+        create_placed: Callable[..., tuple[list[SyncRecord], list[str]]],
+    ) -> None:
+        """
+        Create a sync whose first run is at its slot: the slot decides when it
+        is due, so the store cannot move it after the pick; it is picked under
+        the store's slot lock instead (``create_syncs_placed``), from counts
+        that include every concurrent creator's syncs.
+        """
+
+        def place(counts: SlotCounts, taken: Container[str]) -> list[SyncRecord]:
+            if sync.id in taken:
+                return []
+            return [self._new_record(sync, SlotAllocator(counts).pick(*grid), now)]
+
+        if create_placed([sync.id], place)[1]:
+            raise ConfigurationError("id", sync.id, "a sync with this id already exists")
 
     def create_syncs(
         self, specs: Iterable[SyncSpec], *, chunk: int = 10_000, upsert: bool = False
@@ -979,10 +997,21 @@ class Scheduler:
         of time).
         """
         try:
-            first_due, first_trigger = self._first_due(sync.policy, slot[0], now)
+            return self._new_record(sync, slot, now)
         except ConfigurationError as exc:
             call.failures.append(BulkFailure(index, sync.id, exc))
             return None
+
+    def _new_record(self, sync: Sync, slot: tuple[int, int | None], now: datetime) -> SyncRecord:
+        """
+        The record of a sync created at *now* in *slot* ``(offset, bucket)``,
+        first due as :meth:`_first_due` says.
+
+        Raises:
+            ConfigurationError: No first run exists (``first_run="next_slot"``
+                at the end of time).
+        """
+        first_due, first_trigger = self._first_due(sync.policy, slot[0], now)
         return SyncRecord(
             sync=sync,
             next_due=first_due,

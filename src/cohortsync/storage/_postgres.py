@@ -32,6 +32,7 @@ import hashlib
 import re
 import secrets
 import threading
+import time
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -385,28 +386,44 @@ _CREATE_SYNC = (
 # checked again on its latest version (PostgreSQL does so under READ
 # COMMITTED), so a row whose count rose since the statement's snapshot no
 # longer holds the least count and is passed over: the row taken holds the
-# least count when it is locked, and keeps it until the create commits. A
-# pick passes over rows other creators hold (SKIP LOCKED); when they hold
-# every least loaded row it takes nothing, and the next pick waits for a
-# holder instead, then the one after skips again (see _PICKS_IN_TURN). Each
-# pick locks one row, so none deadlocks.
-_PICK_LEAST_LOCKED = (
+# least count when it is locked, and keeps it until the create commits.
+# Every pick passes over rows others hold (SKIP LOCKED) and never waits for a
+# bucket row: a pick that waited could hold a row it passed over (a lock taken
+# stays taken) while waiting for one another writer holds, and that writer
+# could be waiting for it (a deadlock an outside tester hit in 4 of 6 runs of
+# eight creators over two buckets). So the picks come in turn (see
+# _PICKS_IN_TURN): the least count; after short pauses, the same again; then
+# the least loaded row nobody holds; and when others hold every row (a bulk
+# chunk), pauses until one is free.
+_PICK_LEAST_FREE = (
     f"{_LEAST_LOADED}, high AS ("  # noqa: S608 - constant SQL
     "  SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
     "  AND syncs = (SELECT syncs FROM least) AND bucket >= %(preferred)s AND bucket < %(buckets)s"
-    "  ORDER BY bucket LIMIT 1 FOR UPDATE{skip}"
+    "  ORDER BY bucket LIMIT 1 FOR UPDATE SKIP LOCKED"
     "), low AS ("
     "  SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
     "  AND syncs = (SELECT syncs FROM least) AND bucket < %(preferred)s"
-    "  ORDER BY bucket LIMIT 1 FOR UPDATE{skip}"
+    "  ORDER BY bucket LIMIT 1 FOR UPDATE SKIP LOCKED"
     "), pick AS (SELECT bucket FROM high UNION ALL SELECT bucket FROM low LIMIT 1)"
 )
-_PICKS_IN_TURN = (
-    _PICK_LEAST_LOCKED.replace("{skip}", " SKIP LOCKED"),
-    _PICK_LEAST_LOCKED.replace("{skip}", ""),
+_PICK_ANY_FREE = (
+    "pick AS ("
+    "  SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s AND bucket < %(buckets)s"
+    "  ORDER BY syncs, bucket LIMIT 1 FOR UPDATE SKIP LOCKED"
+    ")"
 )
-_PICK_ATTEMPTS = 1_000
-"""Picks tried before giving up; each that takes nothing saw another create commit."""
+_PICKS_IN_TURN = (
+    (_PICK_LEAST_FREE, 0.0),
+    (_PICK_LEAST_FREE, 0.001),
+    (_PICK_LEAST_FREE, 0.004),
+    (_PICK_ANY_FREE, 0.0),
+)
+"""Each pick, and the pause before it: the least loaded bucket is worth a
+few milliseconds' wait for its holder to commit; a bucket one sync fuller
+is taken then rather than wait longer."""
+_PICK_PATIENCE = 60.0
+"""Seconds create_sync_least_loaded waits for a free bucket row while other
+writers hold every one, before it fails."""
 # One pick, the sync in the picked bucket and its count, in one statement (one
 # round trip): the bucket and offset are worked out in SQL. The answer is the
 # bucket picked (no row: nothing picked) and the offset stored (NULL: the id
@@ -428,7 +445,9 @@ _CREATE_PICKED = (
     ")"
     " SELECT pick.bucket, created.slot_offset FROM pick LEFT JOIN created ON true"
 )
-_CREATE_SYNC_LEAST_LOADED = tuple(f"WITH {pick}{_CREATE_PICKED}" for pick in _PICKS_IN_TURN)
+_CREATE_SYNC_LEAST_LOADED = tuple(
+    (f"WITH {pick}{_CREATE_PICKED}", pause) for pick, pause in _PICKS_IN_TURN
+)
 _SYNC_ARRAYS = (
     ("id", "text"),
     ("definition", "text"),
@@ -880,10 +899,20 @@ class PostgresStorage(StorageBase):
                 f"{self.schema!r} ({detail}); grant USAGE on the schema and SELECT, INSERT, "
                 "UPDATE, DELETE on its tables, or connect as its owner"
             )
+        if self._connections.closed:
+            # The store was closed while this call ran (its connection with it).
+            return StorageClosedError(repr(self))
+        if (exc.sqlstate or "").startswith("40"):
+            # Class 40, transaction rollback: a deadlock, a serialisation failure.
+            return StorageError(
+                f"{operation}: PostgreSQL rolled the call's transaction back [{exc.sqlstate}] "
+                f"({detail}); nothing of it was committed, and the call can be retried"
+            )
         if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
             return StorageError(
-                f"{operation}: lost or failed connection to PostgreSQL ({detail}); "
-                "nothing was committed by this call and the store reconnects on the next one"
+                f"{operation}: lost or failed connection to PostgreSQL ({detail}); a write "
+                "in flight when the connection went may or may not have been committed "
+                "(read before retrying a create), and the store reconnects on the next call"
             )
         state = f" [{exc.sqlstate}]" if exc.sqlstate else ""
         return StorageError(f"{operation}: PostgreSQL error{state}: {detail}")
@@ -991,8 +1020,8 @@ class PostgresStorage(StorageBase):
         the picked bucket and its count (the period's bucket rows are made
         once per store object, as for the pick). The pick locks the bucket
         row it takes while it holds the least count, so concurrent creators
-        are placed as if they came one after another (see
-        ``_PICKS_IN_TURN``).
+        are placed as if they came one after another; it never waits for a
+        bucket row, so it cannot deadlock (see ``_PICKS_IN_TURN``).
         """
         period, preferred = placement_of(record, buckets)
         params = q.sync_params(record, _TZ)
@@ -1003,19 +1032,28 @@ class PostgresStorage(StorageBase):
             bucket_seconds=SLOT_BUCKET_SECONDS,
             within=record.offset % SLOT_BUCKET_SECONDS,
         )
+        row = None
+        deadline = time.monotonic() + _PICK_PATIENCE
+        wait = 0.001
         with self._cursor("create_sync_least_loaded") as cur:
             self._fill(cur, period, buckets)
-            for attempt in range(_PICK_ATTEMPTS):
-                statement = _CREATE_SYNC_LEAST_LOADED[attempt % len(_CREATE_SYNC_LEAST_LOADED)]
-                cur.execute(self._sql(statement), params)
-                row = cur.fetchone()
-                if row is not None:
-                    break
-        if row is None:
-            raise StorageError(
-                f"create_sync_least_loaded: no slot bucket of period {period} could be taken "
-                f"in {_PICK_ATTEMPTS} picks"
-            )
+            while row is None:
+                for statement, pause in _CREATE_SYNC_LEAST_LOADED:
+                    if pause:
+                        time.sleep(pause)
+                    cur.execute(self._sql(statement), params)
+                    row = cur.fetchone()
+                    if row is not None:
+                        break
+                else:
+                    # Other writers hold every bucket row of the period.
+                    if time.monotonic() >= deadline:
+                        raise StorageError(
+                            f"create_sync_least_loaded: other writers held every slot bucket "
+                            f"of period {period} for {_PICK_PATIENCE:g} s; nothing was written"
+                        )
+                    time.sleep(wait)
+                    wait = min(wait * 2, 0.05)
         if row[1] is None:
             raise ConfigurationError("id", record.id, "a sync with this id already exists")
         return placed(record, row[0])

@@ -124,17 +124,17 @@ def _difference(expected: object, actual: object) -> str:
     wanted = _cut(expected[first]) if first < len(expected) else "no item"
     got = _cut(actual[first]) if first < len(actual) else "no item"
     return (
-        f"expected {len(expected)} items {_ids(expected)}, got {len(actual)} {_ids(actual)}; "
+        f"expected {len(expected)} items{_ids(expected)}, got {len(actual)}{_ids(actual)}; "
         f"first difference at item {first}: expected {wanted}, got {got}"
     )
 
 
 def _ids(items: Sequence[object]) -> str:
     ids = [getattr(item, "id", getattr(item, "sync_id", None)) for item in items[:20]]
-    if any(i is None for i in ids):
+    if not ids or any(i is None for i in ids):
         return ""
     more = f", ... {len(items) - 20} more" if len(items) > 20 else ""
-    return f"(ids {', '.join(map(repr, ids))}{more})"
+    return f" (ids {', '.join(map(repr, ids))}{more})"
 
 
 def _cut(value: object) -> str:
@@ -2048,47 +2048,79 @@ def check_create_sync_least_loaded_takes_turns(make_storage: StorageFactory) -> 
     create_sync_least_loaded picks inside its write: eight threads creating
     30 syncs each into 60 buckets at once leave every bucket within one sync
     of every other (a store that picks, then writes, puts two creators'
-    syncs in one bucket and passes every other check).
+    syncs in one bucket and passes every other check). Eight threads
+    creating into two buckets while deleting some of their syncs all finish
+    without an error, and the counts match the syncs (a pick that waits for
+    bucket rows deadlocked so).
 
     Checked on a store with its own create_sync_least_loaded only, like
     :func:`check_create_syncs_placed_takes_turns`.
     """
-    threads, each, buckets = 8, 30, 60
     with _open(make_storage) as store, _switching_often():
         if not _native(store, "create_sync_least_loaded"):
             return  # check_storage reports it as not applicable
-        barrier = threading.Barrier(threads)
-        errors: list[BaseException] = []
-
-        def create(thread: int) -> None:
-            try:
-                barrier.wait()
-                for i in range(each):
-                    # Every creator prefers the same buckets in the same order:
-                    # the hardest case for a pick that is not taken in turn.
-                    _create_least_loaded(store, _in_bucket(f"t{thread}-{i:02d}", 0, i), buckets)
-            except BaseException as exc:  # noqa: BLE001 - reported by the check
-                errors.append(exc)
-
-        workers = [threading.Thread(target=create, args=(t,)) for t in range(threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(timeout=60)
-        _require(not any(w.is_alive() for w in workers), "every creator finished")
-        _expect([], errors, "the creators raised nothing")
-        counts = [0] * buckets
-        for record in store.list_syncs():
-            if record.slot_bucket is not None:
-                counts[record.slot_bucket] += 1
-        _expect(threads * each, sum(counts), "syncs created in a bucket")
+        counts = _create_at_once(store, buckets=60, each=30, delete_every=0)
         _require(
             max(counts) - min(counts) <= 1,
-            f"{threads} threads creating {threads * each} syncs at once left buckets holding "
-            f"{min(counts)} to {max(counts)}, where {threads * each // buckets} each was due: "
-            "two creators picked the same bucket (create_sync_least_loaded must pick "
-            "inside its write)",
+            f"8 threads creating 240 syncs at once left buckets holding {min(counts)} to "
+            f"{max(counts)}, where 4 each was due: two creators picked the same bucket "
+            "(create_sync_least_loaded must pick inside its write)",
         )
+    with _open(make_storage) as store, _switching_often():
+        counts = _create_at_once(store, buckets=2, each=40, delete_every=4)
+        _expect(counts, _slot_counts(store, 120, 2), "slot counts after creates and deletes")
+
+
+_EVERY_TWO_MINUTES = SyncPolicy.every(timedelta(minutes=2))
+"""A policy whose period holds two slot buckets: creators at once contend for them."""
+
+
+def _create_at_once(store: Storage, *, buckets: int, each: int, delete_every: int) -> list[int]:
+    """
+    Eight threads each creating *each* syncs into the *buckets* of their
+    period (hourly for 60, every two minutes for 2) at once, every creator
+    preferring the same buckets in the same order (the hardest case for a
+    pick that is not taken in turn), and deleting its previous sync after
+    every *delete_every*-th create; the syncs each bucket holds.
+    """
+    threads = 8
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def create(thread: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(each):
+                record = _in_bucket(f"t{thread}-{i:02d}", 0, i)
+                if buckets == 2:
+                    # Half the creators prefer each bucket: picks that waited
+                    # for rows, taken in opposite orders, deadlocked so.
+                    record = attrs.evolve(
+                        record,
+                        sync=attrs.evolve(record.sync, policy=_EVERY_TWO_MINUTES),
+                        slot_bucket=(thread + i) % 2,
+                        offset=(thread + i) % 2 * SLOT_BUCKET_SECONDS + i,
+                    )
+                _create_least_loaded(store, record, buckets)
+                if delete_every and i % delete_every == delete_every - 1:
+                    store.delete_sync(f"t{thread}-{i - 1:02d}")
+        except BaseException as exc:  # noqa: BLE001 - reported by the check
+            errors.append(exc)
+
+    workers = [threading.Thread(target=create, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    _require(not any(w.is_alive() for w in workers), "every creator finished within 60 s")
+    _expect([], errors, f"{threads} creators at once into {buckets} buckets raised nothing")
+    counts = [0] * buckets
+    for record in store.list_syncs():
+        if record.slot_bucket is not None:
+            counts[record.slot_bucket] += 1
+    deleted = each // delete_every if delete_every else 0
+    _expect(threads * (each - deleted), sum(counts), "syncs created in a bucket")
+    return counts
 
 
 def _create_placed(
