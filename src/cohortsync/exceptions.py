@@ -324,7 +324,9 @@ class StorageClosedError(StorageError):
     A store was used after it was closed (by its own ``close()``, by
     :meth:`cohortsync.Scheduler.close` or at the end of a ``with`` block).
     A closed store never reopens behind the caller's back: a run that
-    carried on would hold leases nobody could complete.
+    carried on would hold leases nobody could complete. A call that was
+    running when the store closed raises it too; its write may or may not
+    have been committed.
 
     Attributes:
         store: The closed store as its ``repr`` shows it (never a password).
