@@ -418,6 +418,8 @@ def sync_runs() -> st.SearchStrategy[SyncRun]:
         error_type=st.none() | texts(),
         error_message=st.none() | texts(),
         notes=st.lists(texts(), max_size=3).map(tuple),
+        collisions=counts(),
+        coalesced=counts(),
     )
 
 
