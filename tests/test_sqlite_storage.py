@@ -10,6 +10,8 @@ import multiprocessing
 import os
 import random
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ from cohortsync.exceptions import (
     DuplicateRunError,
     LeaseLostError,
     SchemaVersionError,
+    StorageClosedError,
     StorageError,
 )
 from cohortsync.storage import IssueKind, MemoryStorage, SQLiteStorage
@@ -635,6 +638,60 @@ class TestConnections:
     Connections are per thread, streams have their own, and close() closes them all.
     """
 
+    def test_close_waits_for_a_call_in_flight(self, path: Path) -> None:
+        """
+        close() from one thread waits for another thread's statement to end
+        before it closes that thread's connection (closing it mid-statement
+        crashed the process with SIGSEGV); that thread's next call is refused.
+        """
+        store = SQLiteStorage(path)
+        inside, leave = threading.Event(), threading.Event()
+        raised: list[BaseException] = []
+
+        def write() -> None:
+            with store._write() as conn:
+                conn.execute("SELECT 1")
+                inside.set()
+                leave.wait()
+                conn.execute("SELECT 1")  # still open: close() is waiting
+            try:
+                store.list_syncs()
+            except StorageClosedError as exc:
+                raised.append(exc)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        inside.wait()
+        closer = threading.Thread(target=store.close)
+        closer.start()
+        closer.join(timeout=0.3)
+        assert closer.is_alive()  # waiting for the write in flight
+        leave.set()
+        closer.join(timeout=10)
+        writer.join(timeout=10)
+        assert not closer.is_alive()
+        assert 1 == len(raised)
+
+    @pytest.mark.reliability
+    def test_closing_while_another_thread_creates_never_crashes(self, tmp_path: Path) -> None:
+        """
+        A web app's shutdown: one thread creates syncs while the main thread
+        closes the scheduler, 150 times in a child process. The old code died
+        with SIGSEGV (exit 139) within 50 rounds; each creator must get
+        StorageClosedError instead.
+        """
+        script = tmp_path / "close_race.py"
+        script.write_text(_CLOSE_RACE)
+        done = subprocess.run(  # noqa: S603 - our own interpreter and script
+            [sys.executable, str(script), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert 0 == done.returncode, done.stderr[-2000:]
+        assert {"StorageClosedError"} == set(done.stdout.split())
+
     def test_close_closes_every_threads_connections(self, path: Path) -> None:
         """
         close() from one thread closes the connections other threads opened.
@@ -911,3 +968,32 @@ class TestSeveralProcesses:
         assert 0 == total["duplicates"]
         assert total["claims"] == total["runs"] + total["lost"]
         assert sum(1 for c in counts if c["runs"]) >= 2, "the workers did not overlap at all"
+
+
+_CLOSE_RACE = """
+import sys, threading, time
+from pathlib import Path
+import cohortsync as cs
+from cohortsync.storage import SQLiteStorage
+from cohortsync.testing import RecordingDestination
+
+for trial in range(150):
+    scheduler = cs.Scheduler(SQLiteStorage(Path(sys.argv[1]) / f"race-{trial}.db"))
+    scheduler.add_destination("d", RecordingDestination())
+    scheduler.add_cohort(cs.Cohort(id="c", name="C", source=lambda: ["a"]))
+
+    def create(scheduler=scheduler):
+        i = 0
+        try:
+            while True:
+                i += 1
+                scheduler.create_sync("c", "d", cs.SyncPolicy.hourly(), sync_id=f"s{i}")
+        except Exception as exc:
+            print(type(exc).__name__)
+
+    creator = threading.Thread(target=create)
+    creator.start()
+    time.sleep(0.01 + trial % 5 * 0.005)
+    scheduler.close()
+    creator.join()
+"""

@@ -397,11 +397,15 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows onl
     os.register_at_fork(after_in_child=_reset_fork_lock)
 
 
-def _close_connections(connections: list[sqlite3.Connection]) -> None:
-    for conn in list(connections):
-        with suppress(sqlite3.Error):
-            conn.close()
-    connections.clear()
+def _close_connections(connections: list[sqlite3.Connection], in_use: threading.RLock) -> None:
+    # Waits for a call in flight on these connections: closing a connection
+    # while another thread's statement runs on it crashed the process
+    # (SIGSEGV inside sqlite3), an outside tester's web-app shutdown.
+    with in_use:
+        for conn in list(connections):
+            with suppress(sqlite3.Error):
+                conn.close()
+        connections.clear()
 
 
 class _ThreadConnections:
@@ -413,13 +417,15 @@ class _ThreadConnections:
     snapshot of the delivered state while the same thread applies batches.
     """
 
-    __slots__ = ("__weakref__", "all", "ident", "main", "reader")
+    __slots__ = ("__weakref__", "all", "ident", "in_use", "main", "reader")
 
     def __init__(self, main: sqlite3.Connection) -> None:
         self.main = main
         self.reader: sqlite3.Connection | None = None
         self.all = [main]
         self.ident = threading.get_ident()
+        self.in_use = threading.RLock()
+        """Held while a statement runs on these connections; close() waits for it."""
 
 
 class SQLiteStorage(StorageBase):
@@ -532,7 +538,7 @@ class SQLiteStorage(StorageBase):
             return mine
         mine = _ThreadConnections(self._connect())
         # Closes the thread's connections when the thread ends, or on close().
-        finalizer = weakref.finalize(mine, _close_connections, mine.all)
+        finalizer = weakref.finalize(mine, _close_connections, mine.all, mine.in_use)
         finalizer.atexit = False
         with self._lock:
             self._finalizers = [f for f in self._finalizers if f.alive]
@@ -554,11 +560,13 @@ class SQLiteStorage(StorageBase):
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        conn = self._threaded().main
-        try:
-            yield conn
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
+        mine = self._threaded()
+        with mine.in_use:
+            self._check_open()  # close() may have closed it while this call waited
+            try:
+                yield mine.main
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -566,7 +574,8 @@ class SQLiteStorage(StorageBase):
         One write transaction holding SQLite's write lock from its first statement,
         so reads inside it cannot be invalidated by another writer.
         """
-        conn = self._threaded().main
+        mine = self._threaded()
+        conn = mine.main
         # Threads of this process queue here, first come first served, and
         # each starts as soon as the one before commits. Left to SQLite, they
         # would all ask for its write lock and the losers would sleep in its
@@ -584,20 +593,22 @@ class SQLiteStorage(StorageBase):
                 f"this process held the write lock for {self._busy_timeout:g}s)"
             )
         try:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise self._error(exc) from exc
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:
-                    with suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
+            with mine.in_use:
+                self._check_open()  # close() may have closed it while this call waited
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
                     raise self._error(exc) from exc
-                raise
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException as exc:
+                    if conn.in_transaction:
+                        with suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    if isinstance(exc, sqlite3.Error):
+                        raise self._error(exc) from exc
+                    raise
         finally:
             self._writer.release()
 
@@ -1045,26 +1056,36 @@ class SQLiteStorage(StorageBase):
             mine.all.append(reader)
         else:
             mine.reader = None
+        # Each statement and fetch holds the connections' in-use lock, not the
+        # whole stream: close() waits for a fetch, never for a consumer.
         try:
-            cursor = reader.execute(
-                "SELECT key FROM delivered WHERE sync_id = ? ORDER BY key", (sync_id,)
-            )
+            with mine.in_use:
+                self._check_open()
+                cursor = reader.execute(
+                    "SELECT key FROM delivered WHERE sync_id = ? ORDER BY key", (sync_id,)
+                )
             try:
-                while rows := cursor.fetchmany(_FETCH):
+                while True:
+                    with mine.in_use:
+                        self._check_open()
+                        rows = cursor.fetchmany(_FETCH)
+                    if not rows:
+                        break
                     yield from map(itemgetter(0), rows)
             finally:
-                with suppress(sqlite3.Error):
+                with mine.in_use, suppress(sqlite3.Error):
                     cursor.close()
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
         finally:
-            if mine.reader is None and not self._closed and threading.get_ident() == mine.ident:
-                mine.reader = reader
-            else:
-                with suppress(ValueError):
-                    mine.all.remove(reader)
-                with suppress(sqlite3.Error):
-                    reader.close()
+            with mine.in_use:
+                if mine.reader is None and not self._closed and threading.get_ident() == mine.ident:
+                    mine.reader = reader
+                else:
+                    with suppress(ValueError):
+                        mine.all.remove(reader)
+                    with suppress(sqlite3.Error):
+                        reader.close()
 
     def count_delivered(self, sync_id: str) -> int:
         with self._read() as conn:
