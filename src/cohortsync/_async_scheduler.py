@@ -368,9 +368,12 @@ class AsyncScheduler:
         inner = self.scheduler
         portal = Portal(asyncio.get_running_loop())
         env = attrs.evolve(inner._environment(), portal=lambda: portal, scope=portal)  # noqa: SLF001
-        lanes = self._lane_pool()
         state = _Round(limit, halt=halt)
         await self._store_call(self._housekeeping)
+        # Taken after the await, with no await before the submits: an
+        # aclose() meanwhile has shut the pool down, and a submit to it raised
+        # a bare RuntimeError (an outsider's race, 13 of 40 tries).
+        lanes = self._lane_pool()
         waiting = [asyncio.wrap_future(lanes.submit(self._lane, env, state)) for _ in range(width)]
         # Each lane is busy until its thread ends (not until the round does):
         # run_forever gives the lanes that found nothing to the next round.
