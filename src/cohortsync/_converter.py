@@ -212,7 +212,7 @@ def _dump_policy(policy: SyncPolicy) -> str:
         return hit[1]
     text = dumps(policy)
     with _POLICY_TEXT_LOCK:  # two threads evicting at once must not pick one entry
-        if len(_POLICY_TEXT) >= POLICY_CACHE_SIZE:
+        if id(policy) not in _POLICY_TEXT and len(_POLICY_TEXT) >= POLICY_CACHE_SIZE:
             del _POLICY_TEXT[next(iter(_POLICY_TEXT))]  # the oldest entry goes
         _POLICY_TEXT[id(policy)] = (policy, text)
     return text

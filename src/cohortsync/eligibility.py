@@ -474,7 +474,7 @@ def _check_measured(
         return hit[2]
     result = ask()
     with _CHECKED_LOCK:  # two threads evicting at once must not pick one entry
-        if len(_CHECKED) >= _CHECKED_MAX:
+        if key not in _CHECKED and len(_CHECKED) >= _CHECKED_MAX:
             # The oldest answer goes (dicts keep insertion order): emptying the
             # whole cache at a bound made every sync above it ask the rules again.
             del _CHECKED[next(iter(_CHECKED))]
