@@ -14,12 +14,39 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from operator import attrgetter
+from typing import TypeVar
 
 from cohortsync._destination import Member
 
-__all__ = ["DeliveredCache", "DeliveredState"]
+__all__ = ["Bounded", "DeliveredCache", "DeliveredState"]
 
 _KEY = attrgetter("key")
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class Bounded(dict[_K, _V]):
+    """
+    A dict of at most *limit* entries that, when full, forgets its oldest
+    entry to make room for a new key (never all of them: emptying a cache at
+    its bound made every key above it miss). Reads are plain dict reads;
+    :meth:`remember` is safe from several threads at once (two threads
+    evicting together raised ``KeyError`` or "changed size during
+    iteration").
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self._lock = threading.Lock()
+
+    def remember(self, key: _K, value: _V) -> None:
+        with self._lock:
+            if key not in self and len(self) >= self.limit:
+                del self[next(iter(self))]  # the oldest (dicts keep insertion order)
+            self[key] = value
 
 
 class DeliveredCache:

@@ -7,7 +7,6 @@ configuration and ours cannot interfere.
 from __future__ import annotations
 
 import json
-import threading
 from datetime import datetime, time, timedelta
 from functools import cache, lru_cache
 from json.encoder import encode_basestring_ascii as _quote
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
 
+from cohortsync._cache import Bounded
 from cohortsync._clock import require_aware
 from cohortsync._cohort import Cohort
 from cohortsync._destination import IdentifierKind
@@ -211,15 +211,8 @@ def _dump_policy(policy: SyncPolicy) -> str:
     if hit is not None and hit[0] is policy:
         return hit[1]
     text = dumps(policy)
-    with _POLICY_TEXT_LOCK:  # two threads evicting at once must not pick one entry
-        if id(policy) not in _POLICY_TEXT and len(_POLICY_TEXT) >= POLICY_CACHE_SIZE:
-            del _POLICY_TEXT[next(iter(_POLICY_TEXT))]  # the oldest entry goes
-        _POLICY_TEXT[id(policy)] = (policy, text)
+    _POLICY_TEXT.remember(id(policy), (policy, text))
     return text
-
-
-_POLICY_TEXT: dict[int, tuple[SyncPolicy, str]] = {}
-_POLICY_TEXT_LOCK = threading.Lock()
 
 
 def loads(text: str | bytes, cls: type[T]) -> T:
@@ -232,7 +225,9 @@ def loads(text: str | bytes, cls: type[T]) -> T:
 SYNC_CACHE_SIZE = 10_000
 """Most parsed sync definitions kept; the least recently used leaves first."""
 POLICY_CACHE_SIZE = 1_024
-"""Most parsed policies kept (by their JSON text); many syncs share one policy."""
+"""Most parsed policies kept (by their JSON text); many syncs share one policy.
+Also the most policy texts :func:`dump_sync` keeps (by policy object)."""
+_POLICY_TEXT: Bounded[int, tuple[SyncPolicy, str]] = Bounded(POLICY_CACHE_SIZE)
 
 
 @lru_cache(maxsize=SYNC_CACHE_SIZE)

@@ -10,12 +10,12 @@ codes without parsing text.
 from __future__ import annotations
 
 import enum
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
 import attrs
 
+from cohortsync._cache import Bounded
 from cohortsync._cohort import Cohort, CohortType
 from cohortsync._destination import AsyncDestination, Capabilities, Destination, IdentifierKind
 from cohortsync._policy import Cadence, OnDelete, SyncPolicy
@@ -473,20 +473,17 @@ def _check_measured(
     if hit is not None and hit[0] is caps and hit[1] is policy:
         return hit[2]
     result = ask()
-    with _CHECKED_LOCK:  # two threads evicting at once must not pick one entry
-        if key not in _CHECKED and len(_CHECKED) >= _CHECKED_MAX:
-            # The oldest answer goes (dicts keep insertion order): emptying the
-            # whole cache at a bound made every sync above it ask the rules again.
-            del _CHECKED[next(iter(_CHECKED))]
-        _CHECKED[key] = (caps, policy, result)
+    _CHECKED.remember(key, (caps, policy, result))
     return result
 
 
-_CHECKED: dict[tuple[object, ...], tuple[Capabilities, SyncPolicy, Eligibility]] = {}
-"""Answers of the built-in rules by their whole input: every run re-checks
-eligibility, and a steady sync asks the same question each time."""
 _CHECKED_MAX = 4_096
-_CHECKED_LOCK = threading.Lock()
+_CHECKED: Bounded[tuple[object, ...], tuple[Capabilities, SyncPolicy, Eligibility]] = Bounded(
+    _CHECKED_MAX
+)
+"""Answers of the built-in rules by their whole input (values: the
+capabilities, the policy and the answer): every run re-checks eligibility,
+and a steady sync asks the same question each time."""
 
 
 def available_destinations(

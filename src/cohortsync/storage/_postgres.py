@@ -357,16 +357,17 @@ _LEAST_LOADED = (
     "  ORDER BY syncs LIMIT 1"
     ")"
 )
-_PICK_BUCKET = (
-    " (SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
+_LEAST_AT_OR_AFTER = (
+    "SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
     "  AND syncs = (SELECT syncs FROM least) AND bucket >= %(preferred)s AND bucket < %(buckets)s"
-    "  ORDER BY bucket LIMIT 1)"
-    " UNION ALL"
-    " (SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
-    "  AND syncs = (SELECT syncs FROM least) AND bucket < %(preferred)s"
-    "  ORDER BY bucket LIMIT 1)"
-    " LIMIT 1"
+    "  ORDER BY bucket LIMIT 1"
 )
+_LEAST_BEFORE = (
+    "SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
+    "  AND syncs = (SELECT syncs FROM least) AND bucket < %(preferred)s"
+    "  ORDER BY bucket LIMIT 1"
+)
+_PICK_BUCKET = f" ({_LEAST_AT_OR_AFTER}) UNION ALL ({_LEAST_BEFORE}) LIMIT 1"
 _PICK_SLOT = f"WITH {_LEAST_LOADED}{_PICK_BUCKET}"
 # A create in one statement (one round trip, atomic without an explicit
 # transaction): the sync, and its count in its bucket only if it was inserted.
@@ -396,15 +397,9 @@ _CREATE_SYNC = (
 # the least loaded row nobody holds; and when others hold every row (a bulk
 # chunk), pauses until one is free.
 _PICK_LEAST_FREE = (
-    f"{_LEAST_LOADED}, high AS ("  # noqa: S608 - constant SQL
-    "  SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
-    "  AND syncs = (SELECT syncs FROM least) AND bucket >= %(preferred)s AND bucket < %(buckets)s"
-    "  ORDER BY bucket LIMIT 1 FOR UPDATE SKIP LOCKED"
-    "), low AS ("
-    "  SELECT bucket FROM {s}.slot_buckets WHERE period = %(period)s"
-    "  AND syncs = (SELECT syncs FROM least) AND bucket < %(preferred)s"
-    "  ORDER BY bucket LIMIT 1 FOR UPDATE SKIP LOCKED"
-    "), pick AS (SELECT bucket FROM high UNION ALL SELECT bucket FROM low LIMIT 1)"
+    f"{_LEAST_LOADED}, high AS ({_LEAST_AT_OR_AFTER} FOR UPDATE SKIP LOCKED),"  # noqa: S608 - constant SQL
+    f" low AS ({_LEAST_BEFORE} FOR UPDATE SKIP LOCKED),"
+    " pick AS (SELECT bucket FROM high UNION ALL SELECT bucket FROM low LIMIT 1)"
 )
 _PICK_ANY_FREE = (
     "pick AS ("
